@@ -1,0 +1,89 @@
+//! What a model must provide to the engine: a forward pass over a ragged batch
+//! whose keys and values live in a paged KV cache owned by the model.
+//!
+//! The engine (scheduler + block manager) decides which tokens run and where
+//! their K/V go (slots); the model only executes. Nothing here names an
+//! architecture.
+
+use candle_core::{DType, Tensor};
+
+/// Static facts about a loaded model that the engine needs for planning.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// `config.json` "architectures"[0], e.g. `LlamaForCausalLM`.
+    pub architecture: String,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    /// Longest sequence (prompt + output) the model accepts.
+    pub max_model_len: usize,
+    /// Element type of the KV cache.
+    pub kv_dtype: DType,
+}
+
+impl ModelSpec {
+    /// Bytes one KV block takes across all layers (K and V).
+    pub fn kv_block_bytes(&self, block_size: usize) -> usize {
+        2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * self.kv_dtype.size_in_bytes()
+    }
+}
+
+/// One sequence's share of a [`ForwardBatch`].
+#[derive(Debug, Clone)]
+pub struct SeqSlice {
+    /// Offset of this sequence's first new token in `ForwardBatch::input_ids`.
+    pub query_start: usize,
+    /// Number of new tokens this step (prefill chunk length, or 1 for decode).
+    pub query_len: usize,
+    /// Tokens in the KV cache for this sequence once this step's tokens are
+    /// written (cached prefix + earlier chunks + `query_len`).
+    pub context_len: usize,
+    /// Physical block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+    /// Whether the logits of this sequence's last new token are wanted
+    /// (false for a prefill chunk that does not reach the prompt's end).
+    pub needs_logits: bool,
+}
+
+/// One step's work: the new tokens of every scheduled sequence, flattened.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardBatch {
+    /// New token ids of all sequences, concatenated in `seqs` order.
+    pub input_ids: Vec<u32>,
+    /// Position of each new token within its sequence.
+    pub positions: Vec<u32>,
+    /// KV slot of each new token: `block_id * block_size + offset_in_block`.
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+    pub block_size: usize,
+}
+
+impl ForwardBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.input_ids.len()
+    }
+    /// Number of rows the forward returns.
+    pub fn num_logits(&self) -> usize {
+        self.seqs.iter().filter(|s| s.needs_logits).count()
+    }
+}
+
+/// A model the engine can drive. Implementations own their weights and the KV
+/// pool tensors; they are moved onto the engine thread.
+pub trait Model: Send {
+    fn spec(&self) -> &ModelSpec;
+    /// Preallocate the KV pool: `num_blocks` blocks of `block_size` tokens, all
+    /// layers. Called once before the first forward.
+    fn allocate_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> candle_core::Result<()>;
+    /// Write the batch's K/V into their slots, attend over each sequence's
+    /// block table, and return f32 logits `[batch.num_logits(), vocab_size]`
+    /// (one row per sequence with `needs_logits`, in `seqs` order).
+    fn forward(&mut self, batch: &ForwardBatch) -> candle_core::Result<Tensor>;
+}
+
+/// Turns token ids back into text; implemented by the models crate's tokenizer.
+pub trait TokenDecoder: Send + Sync {
+    /// Decode ids to text. `skip_special_tokens` drops control tokens.
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String>;
+}

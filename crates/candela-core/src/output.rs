@@ -43,13 +43,15 @@ pub struct Usage {
 pub enum RequestEvent {
     /// New tokens for sample `index`, with the text they complete. `text` may be
     /// empty while a multi-byte character or a possible stop string is pending.
+    /// A sample's last `Tokens` event carries any held-back text, flushed; its
+    /// `token_ids` include a final EOS / stop token, whose text is not emitted.
     Tokens {
         index: usize,
         token_ids: Vec<u32>,
         text: String,
         logprobs: Option<Vec<TokenLogprob>>,
     },
-    /// Sample `index` ended; `text` is any final flushed text.
+    /// Sample `index` ended (its final text came in the `Tokens` event before).
     Finished {
         index: usize,
         reason: FinishReason,
@@ -58,5 +60,6 @@ pub enum RequestEvent {
         usage: Usage,
     },
     /// The request failed as a whole (bad input found late, model error).
+    /// Nothing follows it; unfinished samples get no `Finished` event.
     Error { message: String },
 }

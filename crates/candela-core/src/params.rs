@@ -61,6 +61,8 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// Reject values no sampler can honour, with a message naming the field.
+    // `!(x > 0.0)` on purpose: NaN must fail too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<(), String> {
         if self.n == 0 {
             return Err("n must be at least 1".into());

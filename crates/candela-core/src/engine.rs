@@ -1,0 +1,400 @@
+//! The public engine: a handle to one engine thread that owns the model.
+//!
+//! Callers submit requests from any thread; each request gets its own tokio
+//! unbounded channel of [`RequestEvent`]s. The engine thread loops: drain the
+//! command channel (new requests, aborts, shutdown; block on it when idle) ->
+//! schedule -> one forward over the ragged batch -> sample -> detokenize ->
+//! send events -> free finished sequences.
+
+use crate::engine_core::{CoreConfig, EngineCore};
+use crate::model::{Model, ModelSpec, TokenDecoder};
+use crate::output::RequestEvent;
+use crate::scheduler::SchedulerConfig;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+pub use crate::request::{EngineRequest, MmPlaceholder};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes for the KV pool. None: min(25% of MemAvailable, 4 GiB), capped
+    /// at what `max_num_seqs` sequences of `max_model_len` tokens need.
+    pub kv_cache_bytes: Option<usize>,
+    pub max_num_seqs: usize,
+    /// Token budget of one step (all sequences together).
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// None: the model's. May not exceed the model's.
+    pub max_model_len: Option<usize>,
+    /// Token ids that end generation (unless a request sets `ignore_eos`).
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_cache_bytes: None,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            enable_prefix_caching: true,
+            max_model_len: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
+}
+
+/// A submitted request: its id (for [`Engine::abort`]) and its event stream.
+/// The stream ends (yields `None`) after the last sample's `Finished` event or
+/// after an `Error` event. Dropping the receiver aborts the request.
+#[derive(Debug)]
+pub struct RequestHandle {
+    pub id: u64,
+    pub events: UnboundedReceiver<RequestEvent>,
+}
+
+/// A snapshot of the engine's counters, refreshed on every loop turn.
+/// `running` and `waiting` count sequences (one per sample).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_free: usize,
+    /// Prompt tokens looked up in the prefix cache (at each admission).
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens served from the cache.
+    pub prefix_cache_hits: u64,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    pub preemptions: u64,
+    /// Requests that ended in any way (finished, aborted, failed).
+    pub requests_finished: u64,
+    /// Forward passes run.
+    pub steps: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request cannot be served as given (HTTP 400).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Prompt plus completion exceed the context window (HTTP 400).
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens \
+         ({prompt_tokens} in the prompt, {max_tokens} for the completion). Please reduce the length of the prompt or completion.",
+        prompt_tokens + max_tokens
+    )]
+    ContextLength { max_model_len: usize, prompt_tokens: usize, max_tokens: usize },
+    #[error("invalid engine config: {0}")]
+    InvalidConfig(String),
+    #[error("model error: {0}")]
+    Model(String),
+    #[error("the engine has shut down")]
+    Shutdown,
+}
+
+impl EngineError {
+    /// Whether the caller's request was at fault (as opposed to the engine).
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(self, EngineError::InvalidRequest(_) | EngineError::ContextLength { .. })
+    }
+}
+
+enum Command {
+    Add { id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent> },
+    Abort(u64),
+    Shutdown,
+}
+
+/// Handle to a running engine. `Send + Sync`; share it through an `Arc`.
+pub struct Engine {
+    cmd_tx: crossbeam_channel::Sender<Command>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Mutex<EngineStats>>,
+    config: EngineConfig,
+    spec: ModelSpec,
+    num_blocks: usize,
+    max_model_len: usize,
+    next_id: AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("num_blocks", &self.num_blocks)
+            .field("max_model_len", &self.max_model_len)
+            .finish_non_exhaustive()
+    }
+}
+
+const GIB: usize = 1 << 30;
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Default KV budget: a quarter of available memory, at most 4 GiB (1 GiB if
+/// the available memory cannot be read).
+pub fn default_kv_cache_bytes() -> usize {
+    mem_available_bytes().map_or(GIB, |m| (m / 4).min(4 * GIB))
+}
+
+/// How many KV blocks a config gives for a model.
+pub fn plan_num_blocks(spec: &ModelSpec, config: &EngineConfig, max_model_len: usize) -> Result<usize, EngineError> {
+    let bs = config.block_size;
+    let block_bytes = spec.kv_block_bytes(bs).max(1);
+    let needed = config.max_num_seqs.saturating_mul(max_model_len.div_ceil(bs));
+    let blocks = match config.kv_cache_bytes {
+        Some(bytes) => {
+            let b = bytes / block_bytes;
+            if b == 0 {
+                return Err(EngineError::InvalidConfig(format!(
+                    "kv_cache_bytes = {bytes} is smaller than one KV block ({block_bytes} bytes)"
+                )));
+            }
+            b
+        }
+        None => (default_kv_cache_bytes() / block_bytes).min(needed).max(1),
+    };
+    // Slots (block * block_size + offset) must fit in u32.
+    Ok(blocks.min((u32::MAX as usize - 1) / bs))
+}
+
+impl Engine {
+    /// Allocate the KV pool through `model.allocate_kv_cache` and start the
+    /// engine thread.
+    pub fn start(mut model: Box<dyn Model>, decoder: Arc<dyn TokenDecoder>, config: EngineConfig) -> Result<Engine, EngineError> {
+        let spec = model.spec().clone();
+        if config.block_size == 0 {
+            return Err(EngineError::InvalidConfig("block_size must be at least 1".into()));
+        }
+        if config.max_num_seqs == 0 {
+            return Err(EngineError::InvalidConfig("max_num_seqs must be at least 1".into()));
+        }
+        if config.max_num_batched_tokens == 0 {
+            return Err(EngineError::InvalidConfig("max_num_batched_tokens must be at least 1".into()));
+        }
+        if spec.vocab_size == 0 {
+            return Err(EngineError::InvalidConfig("the model reports a vocabulary of 0 tokens".into()));
+        }
+        let max_model_len = match config.max_model_len {
+            None => spec.max_model_len,
+            Some(m) if m > spec.max_model_len => {
+                return Err(EngineError::InvalidConfig(format!(
+                    "max_model_len = {m} exceeds the model's maximum of {}",
+                    spec.max_model_len
+                )))
+            }
+            Some(m) => m,
+        };
+        if max_model_len < 2 {
+            return Err(EngineError::InvalidConfig(format!("max_model_len = {max_model_len} leaves no room to generate")));
+        }
+        let num_blocks = plan_num_blocks(&spec, &config, max_model_len)?;
+        model.allocate_kv_cache(num_blocks, config.block_size).map_err(|e| EngineError::Model(e.to_string()))?;
+
+        let mut config = config;
+        config.max_model_len = Some(max_model_len);
+        let core = EngineCore::new(
+            model,
+            decoder,
+            CoreConfig {
+                scheduler: SchedulerConfig {
+                    num_blocks,
+                    block_size: config.block_size,
+                    max_num_seqs: config.max_num_seqs,
+                    max_num_batched_tokens: config.max_num_batched_tokens,
+                    enable_prefix_caching: config.enable_prefix_caching,
+                },
+                eos_token_ids: config.eos_token_ids.clone(),
+                max_model_len,
+                vocab_size: spec.vocab_size,
+            },
+        );
+        let stats = Arc::new(Mutex::new(core.stats()));
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("candela-engine".into())
+            .spawn(move || engine_loop(core, cmd_rx, thread_stats))
+            .map_err(|e| EngineError::InvalidConfig(format!("cannot spawn the engine thread: {e}")))?;
+        Ok(Engine {
+            cmd_tx,
+            thread: Mutex::new(Some(thread)),
+            stats,
+            config,
+            spec,
+            num_blocks,
+            max_model_len,
+            next_id: AtomicU64::new(1),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Validate and queue a request. Errors here are the caller's (bad input)
+    /// or [`EngineError::Shutdown`].
+    pub fn add_request(&self, req: EngineRequest) -> Result<RequestHandle, EngineError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(EngineError::Shutdown);
+        }
+        self.validate(&req)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, events) = unbounded_channel();
+        self.cmd_tx.send(Command::Add { id, req, tx }).map_err(|_| EngineError::Shutdown)?;
+        Ok(RequestHandle { id, events })
+    }
+
+    fn validate(&self, req: &EngineRequest) -> Result<(), EngineError> {
+        let prompt_len = req.prompt_token_ids.len();
+        if prompt_len == 0 {
+            return Err(EngineError::InvalidRequest("the prompt must contain at least one token".into()));
+        }
+        req.params.validate().map_err(EngineError::InvalidRequest)?;
+        if req.params.n > self.config.max_num_seqs {
+            return Err(EngineError::InvalidRequest(format!(
+                "n = {} exceeds the engine's max_num_seqs = {}",
+                req.params.n, self.config.max_num_seqs
+            )));
+        }
+        let vocab = self.spec.vocab_size;
+        if let Some((pos, &t)) = req.prompt_token_ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {t} at prompt position {pos} is out of range for a vocabulary of {vocab} tokens"
+            )));
+        }
+        let max_tokens = req.params.max_tokens;
+        if prompt_len >= self.max_model_len || prompt_len.saturating_add(max_tokens) > self.max_model_len {
+            return Err(EngineError::ContextLength { max_model_len: self.max_model_len, prompt_tokens: prompt_len, max_tokens });
+        }
+        let capacity = self.num_blocks * self.config.block_size;
+        if prompt_len + 1 > capacity {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {prompt_len} tokens but the KV cache holds only {capacity} tokens ({} blocks of {})",
+                self.num_blocks, self.config.block_size
+            )));
+        }
+        for m in &req.mm_items {
+            if m.length == 0 || m.offset.saturating_add(m.length) > prompt_len {
+                return Err(EngineError::InvalidRequest(format!(
+                    "media item '{}' covers prompt tokens {}..{} but the prompt has {prompt_len} tokens",
+                    m.hash,
+                    m.offset,
+                    m.offset.saturating_add(m.length)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Abort a request at any moment: its blocks go back to the pool before
+    /// the next step and each unfinished sample gets `Finished { reason: Abort }`.
+    /// Unknown or finished ids are ignored.
+    pub fn abort(&self, id: u64) {
+        let _ = self.cmd_tx.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        lock(&self.stats).clone()
+    }
+
+    /// The config in effect (`max_model_len` resolved).
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn num_kv_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    pub fn model_spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Stop the engine thread; pending requests are aborted. Idempotent; also
+    /// runs on drop. Waits for the current step to end.
+    pub fn shutdown(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let _ = self.cmd_tx.send(Command::Shutdown);
+        let handle = lock(&self.thread).take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Returns true on shutdown.
+fn handle(core: &mut EngineCore, cmd: Command) -> bool {
+    match cmd {
+        Command::Add { id, req, tx } => core.add_request(id, req, tx),
+        Command::Abort(id) => core.abort_request(id),
+        Command::Shutdown => return true,
+    }
+    false
+}
+
+fn engine_loop(mut core: EngineCore, rx: crossbeam_channel::Receiver<Command>, stats: Arc<Mutex<EngineStats>>) {
+    let mut idle_wait = false;
+    loop {
+        let mut shutdown = false;
+        if !core.has_work() {
+            match rx.recv() {
+                Ok(cmd) => shutdown |= handle(&mut core, cmd),
+                Err(_) => shutdown = true,
+            }
+        } else if idle_wait {
+            // Work is queued but nothing could be scheduled: wait a little
+            // for a command instead of spinning.
+            match rx.recv_timeout(Duration::from_millis(2)) {
+                Ok(cmd) => shutdown |= handle(&mut core, cmd),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => shutdown = true,
+            }
+        }
+        while !shutdown {
+            match rx.try_recv() {
+                Ok(cmd) => shutdown |= handle(&mut core, cmd),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => shutdown = true,
+            }
+        }
+        if shutdown {
+            core.abort_all();
+            *lock(&stats) = core.stats();
+            return;
+        }
+        *lock(&stats) = core.stats();
+        idle_wait = !core.step();
+        *lock(&stats) = core.stats();
+    }
+}

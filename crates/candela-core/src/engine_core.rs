@@ -1,0 +1,436 @@
+//! The engine's work, one step at a time, without threads: schedule, build
+//! the ragged batch, run the model, sample, detokenize, emit events, free
+//! what finished. [`crate::engine::Engine`] drives it from its thread; tests
+//! drive it directly.
+
+use crate::block_manager::SeqId;
+use crate::detokenizer::Detokenizer;
+use crate::engine::EngineStats;
+use crate::model::{ForwardBatch, Model, SeqSlice, TokenDecoder};
+use crate::output::{FinishReason, RequestEvent, Usage};
+use crate::params::SamplingParams;
+use crate::request::EngineRequest;
+use crate::sampler::{self, sample_rng, SamplingInput};
+use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
+use crate::sequence::Sequence;
+use candle_core::DType;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+
+struct RequestState {
+    params: SamplingParams,
+    tx: UnboundedSender<RequestEvent>,
+    prompt_len: usize,
+    /// Token ids that end a sample: EOS (unless ignore_eos) and stop_token_ids.
+    stop_ids: Vec<u32>,
+    /// Per sample index: finished (event sent).
+    done: Vec<bool>,
+    /// Live sequences of this request.
+    seqs: Vec<SeqId>,
+    /// Prompt tokens served from the prefix cache at first admission.
+    cached_tokens: usize,
+}
+
+pub(crate) struct CoreConfig {
+    pub scheduler: SchedulerConfig,
+    pub eos_token_ids: Vec<u32>,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+}
+
+pub(crate) struct EngineCore {
+    model: Box<dyn Model>,
+    decoder: Arc<dyn TokenDecoder>,
+    sched: Scheduler,
+    requests: HashMap<u64, RequestState>,
+    eos_token_ids: Vec<u32>,
+    max_model_len: usize,
+    vocab_size: usize,
+    next_seq_id: SeqId,
+    prompt_tokens: u64,
+    generation_tokens: u64,
+    requests_finished: u64,
+    steps: u64,
+}
+
+/// What a sample does after receiving a token.
+enum SampleEnd {
+    Continue,
+    Finished(FinishReason, Option<String>),
+}
+
+impl EngineCore {
+    pub fn new(model: Box<dyn Model>, decoder: Arc<dyn TokenDecoder>, cfg: CoreConfig) -> Self {
+        Self {
+            model,
+            decoder,
+            sched: Scheduler::new(cfg.scheduler),
+            requests: HashMap::new(),
+            eos_token_ids: cfg.eos_token_ids,
+            max_model_len: cfg.max_model_len,
+            vocab_size: cfg.vocab_size,
+            next_seq_id: 0,
+            prompt_tokens: 0,
+            generation_tokens: 0,
+            requests_finished: 0,
+            steps: 0,
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    #[cfg(test)]
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let kv = self.sched.kv();
+        EngineStats {
+            running: self.sched.num_running(),
+            waiting: self.sched.num_waiting(),
+            kv_blocks_total: kv.num_blocks(),
+            kv_blocks_used: kv.num_used_blocks(),
+            kv_blocks_free: kv.num_free_blocks(),
+            prefix_cache_queries: kv.prefix_cache_queries(),
+            prefix_cache_hits: kv.prefix_cache_hits(),
+            prompt_tokens: self.prompt_tokens,
+            generation_tokens: self.generation_tokens,
+            preemptions: self.sched.num_preemptions(),
+            requests_finished: self.requests_finished,
+            steps: self.steps,
+        }
+    }
+
+    /// Queue a request that the engine front end has already validated.
+    pub fn add_request(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent>) {
+        let EngineRequest { prompt_token_ids, params, mut mm_items } = req;
+        mm_items.sort_by_key(|m| m.offset);
+        let n = params.n.max(1);
+        let mut stop_ids: Vec<u32> = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            stop_ids.extend(self.eos_token_ids.iter().copied());
+        }
+        let seq_id = self.alloc_seq_id();
+        let seq = Sequence {
+            id: seq_id,
+            req_id: id,
+            sample_index: 0,
+            detok: Detokenizer::new(&prompt_token_ids, params.stop.clone(), params.skip_special_tokens),
+            prompt_len: prompt_token_ids.len(),
+            tokens: prompt_token_ids,
+            num_computed: 0,
+            block_hashes: Vec::new(),
+            mm_items: mm_items.into(),
+            pending_forks: n - 1,
+            rng: sample_rng(params.seed, 0),
+            num_cached_tokens: None,
+        };
+        let state = RequestState {
+            prompt_len: seq.prompt_len,
+            params,
+            tx,
+            stop_ids,
+            done: vec![false; n],
+            seqs: vec![seq_id],
+            cached_tokens: 0,
+        };
+        self.requests.insert(id, state);
+        self.sched.add(seq);
+    }
+
+    /// Abort `id`: free its blocks now and tell the caller (if still listening).
+    pub fn abort_request(&mut self, id: u64) {
+        let Some(req) = self.requests.remove(&id) else { return };
+        let mut completion: HashMap<usize, usize> = HashMap::new();
+        for &s in &req.seqs {
+            if let Some(seq) = self.sched.remove(s) {
+                completion.insert(seq.sample_index, seq.output().len());
+            }
+        }
+        for (index, done) in req.done.iter().enumerate() {
+            if !done {
+                let usage = Usage {
+                    prompt_tokens: req.prompt_len,
+                    completion_tokens: completion.get(&index).copied().unwrap_or(0),
+                    cached_tokens: req.cached_tokens,
+                };
+                let _ = req.tx.send(RequestEvent::Finished { index, reason: FinishReason::Abort, stop_reason: None, usage });
+            }
+        }
+        self.requests_finished += 1;
+    }
+
+    pub fn abort_all(&mut self) {
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.abort_request(id);
+        }
+    }
+
+    /// Drop requests whose caller went away.
+    fn reap_closed(&mut self) {
+        let closed: Vec<u64> = self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(&id, _)| id).collect();
+        for id in closed {
+            self.abort_request(id);
+        }
+    }
+
+    fn fail_request(&mut self, id: u64, message: String) {
+        let Some(req) = self.requests.remove(&id) else { return };
+        for &s in &req.seqs {
+            self.sched.remove(s);
+        }
+        let _ = req.tx.send(RequestEvent::Error { message });
+        self.requests_finished += 1;
+    }
+
+    fn alloc_seq_id(&mut self) -> SeqId {
+        let id = self.next_seq_id;
+        self.next_seq_id += 1;
+        id
+    }
+
+    /// Run one engine step. Returns false when there was nothing to run.
+    pub fn step(&mut self) -> bool {
+        self.reap_closed();
+        let out = self.sched.schedule();
+        for (_, req_id, message) in out.failed {
+            self.fail_request(req_id, message);
+        }
+        // A failure above may have removed sequences scheduled earlier in this step.
+        let scheduled: Vec<ScheduledSeq> =
+            out.scheduled.into_iter().filter(|s| self.sched.seq(s.seq_id).is_some()).collect();
+        for sc in &scheduled {
+            if let Some(seq) = self.sched.seq(sc.seq_id) {
+                if let Some(req) = self.requests.get_mut(&seq.req_id) {
+                    if seq.sample_index == 0 && seq.output().is_empty() {
+                        req.cached_tokens = seq.num_cached_tokens.unwrap_or(0);
+                    }
+                }
+            }
+        }
+        if scheduled.is_empty() {
+            return false;
+        }
+        let batch = self.build_batch(&scheduled);
+        let rows = match self.run_model(&batch) {
+            Ok(rows) => rows,
+            Err(message) => {
+                let mut reqs: Vec<u64> =
+                    scheduled.iter().filter_map(|s| self.sched.seq(s.seq_id).map(|q| q.req_id)).collect();
+                reqs.sort_unstable();
+                reqs.dedup();
+                for r in reqs {
+                    self.fail_request(r, message.clone());
+                }
+                return true;
+            }
+        };
+        self.steps += 1;
+
+        let mut with_logits = Vec::new();
+        for (sc, slice) in scheduled.iter().zip(&batch.seqs) {
+            self.sched.mark_computed(sc.seq_id, sc.num_new_tokens);
+            if slice.needs_logits {
+                with_logits.push(sc.seq_id);
+            }
+        }
+        for (seq_id, row) in with_logits.into_iter().zip(rows.chunks(self.vocab_size.max(1))) {
+            self.on_logits(seq_id, row);
+        }
+        true
+    }
+
+    fn build_batch(&self, scheduled: &[ScheduledSeq]) -> ForwardBatch {
+        let bs = self.sched.config().block_size;
+        let total: usize = scheduled.iter().map(|s| s.num_new_tokens).sum();
+        let mut batch = ForwardBatch {
+            input_ids: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            slot_mapping: Vec::with_capacity(total),
+            seqs: Vec::with_capacity(scheduled.len()),
+            block_size: bs,
+        };
+        for sc in scheduled {
+            let Some(seq) = self.sched.seq(sc.seq_id) else { continue };
+            let table = self.sched.block_table(sc.seq_id);
+            let start = seq.num_computed;
+            let end = (start + sc.num_new_tokens).min(seq.num_tokens());
+            let query_start = batch.input_ids.len();
+            for pos in start..end {
+                batch.input_ids.push(seq.tokens[pos]);
+                batch.positions.push(pos as u32);
+                let block = table.get(pos / bs).copied().unwrap_or(0);
+                batch.slot_mapping.push(block * bs as u32 + (pos % bs) as u32);
+            }
+            let used_blocks = end.div_ceil(bs).min(table.len());
+            batch.seqs.push(SeqSlice {
+                query_start,
+                query_len: end - start,
+                context_len: end,
+                block_table: table[..used_blocks].to_vec(),
+                needs_logits: end == seq.num_tokens(),
+            });
+        }
+        batch
+    }
+
+    /// Forward and fetch the logits as one flat `[rows * vocab]` vector.
+    fn run_model(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, String> {
+        let model = &mut self.model;
+        let result = catch_unwind(AssertUnwindSafe(|| model.forward(batch)));
+        let logits = match result {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(format!("model forward failed: {e}")),
+            Err(_) => return Err("model forward failed: the model panicked".into()),
+        };
+        let rows = batch.num_logits();
+        let dims = logits.dims().to_vec();
+        if dims != [rows, self.vocab_size] {
+            return Err(format!(
+                "model forward returned logits of shape {dims:?}, expected [{rows}, {}]",
+                self.vocab_size
+            ));
+        }
+        logits
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| format!("reading logits failed: {e}"))
+    }
+
+    /// Logits for the last token of `seq_id` arrived: sample its next token;
+    /// for a freshly prefilled `n > 1` request, first fork the other samples.
+    fn on_logits(&mut self, seq_id: SeqId, row: &[f32]) {
+        let Some(seq) = self.sched.seq(seq_id) else { return };
+        let req_id = seq.req_id;
+        let Some(req) = self.requests.get(&req_id) else { return };
+        if seq.sample_index == 0 && seq.output().is_empty() {
+            self.prompt_tokens += req.prompt_len as u64;
+        }
+        let mut targets = vec![seq_id];
+        let pending = seq.pending_forks;
+        if pending > 0 {
+            // n > 1: the prompt was prefilled once, by sample 0. Samples
+            // 1..n start here from the same logits (each with its own RNG)
+            // and share the prompt's full KV blocks by reference count,
+            // whether or not prefix caching is on. The prompt's partial last
+            // block cannot be shared (every sample writes its own tokens
+            // into it) and copying KV would need a model hook, so each fork
+            // recomputes those < block_size prompt tokens into a block of its
+            // own, together with its first sampled token, in the next step.
+            let seed = req.params.seed;
+            let bs = self.sched.config().block_size;
+            let ids: Vec<SeqId> = (0..pending).map(|_| self.alloc_seq_id()).collect();
+            let Some(parent) = self.sched.seq(seq_id) else { return };
+            let children: Vec<Sequence> =
+                ids.iter().enumerate().map(|(i, &id)| parent.fork(id, i + 1, sample_rng(seed, i + 1), bs)).collect();
+            if let Some(req) = self.requests.get_mut(&req_id) {
+                req.seqs.extend(&ids);
+            }
+            self.sched.fork(seq_id, children);
+            targets.extend(ids);
+        }
+        for t in targets {
+            if !self.requests.contains_key(&req_id) {
+                break; // failed or aborted meanwhile
+            }
+            self.sample_into(t, row);
+        }
+    }
+
+    /// Sample one token for `seq_id` from `row`, emit it, and finish the sample if done.
+    fn sample_into(&mut self, seq_id: SeqId, row: &[f32]) {
+        let (bs, hashing) = (self.sched.config().block_size, self.sched.config().enable_prefix_caching);
+        let decoder = self.decoder.clone();
+        let max_model_len = self.max_model_len;
+        let Some(seq) = self.sched.seq_mut(seq_id) else { return };
+        let req_id = seq.req_id;
+        let Some(req) = self.requests.get(&req_id) else { return };
+        let p = &req.params;
+        let suppressed: &[u32] = if seq.output().len() < p.min_tokens { &req.stop_ids } else { &[] };
+        let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+        let input = SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed };
+        let sampled = sampler::sample(row, &input, &mut seq.rng);
+        let token = sampled.token_id;
+        seq.append_token(token, bs, hashing);
+        self.generation_tokens += 1;
+        let index = seq.sample_index;
+        let completion_tokens = seq.output().len();
+        let (text, end) = match check_finish(seq, req, token, decoder.as_ref(), max_model_len) {
+            Ok(r) => r,
+            Err(message) => {
+                self.fail_request(req_id, message);
+                return;
+            }
+        };
+        let logprobs = sampled.logprob.map(|l| vec![l]);
+        if req.tx.send(RequestEvent::Tokens { index, token_ids: vec![token], text, logprobs }).is_err() {
+            self.abort_request(req_id);
+            return;
+        }
+        if let SampleEnd::Finished(reason, stop_reason) = end {
+            let usage = Usage { prompt_tokens: req.prompt_len, completion_tokens, cached_tokens: req.cached_tokens };
+            let _ = req.tx.send(RequestEvent::Finished { index, reason, stop_reason, usage });
+            self.finish_sample(req_id, seq_id, index);
+        }
+    }
+
+    fn finish_sample(&mut self, req_id: u64, seq_id: SeqId, index: usize) {
+        self.sched.remove(seq_id);
+        let all_done = match self.requests.get_mut(&req_id) {
+            Some(req) => {
+                req.seqs.retain(|&s| s != seq_id);
+                if let Some(d) = req.done.get_mut(index) {
+                    *d = true;
+                }
+                req.done.iter().all(|&d| d)
+            }
+            None => false,
+        };
+        if all_done {
+            self.requests.remove(&req_id);
+            self.requests_finished += 1;
+        }
+    }
+}
+
+/// Detokenize the token just appended to `seq` and decide whether the sample
+/// ends: a stop token (EOS unless ignore_eos, or stop_token_ids), a stop
+/// string (only from `min_tokens` outputs on), `max_tokens`, or the model's
+/// maximum length. Returns the text to emit now.
+fn check_finish(
+    seq: &mut Sequence,
+    req: &RequestState,
+    token: u32,
+    decoder: &dyn TokenDecoder,
+    max_model_len: usize,
+) -> Result<(String, SampleEnd), String> {
+    let p = &req.params;
+    let out_len = seq.output().len();
+    let check_stop = out_len >= p.min_tokens;
+    if req.stop_ids.contains(&token) {
+        // The stop token's own text is not part of the output; held text is flushed.
+        let reason = p.stop_token_ids.contains(&token).then(|| token.to_string());
+        let text = seq.detok.finish(decoder, false)?.text;
+        return Ok((text, SampleEnd::Finished(FinishReason::Stop, reason)));
+    }
+    let d = seq.detok.push(decoder, token, check_stop)?;
+    if let Some(s) = d.stop {
+        return Ok((d.text, SampleEnd::Finished(FinishReason::Stop, Some(s))));
+    }
+    if out_len >= p.max_tokens || seq.num_tokens() >= max_model_len {
+        let f = seq.detok.finish(decoder, check_stop)?;
+        let end = match f.stop {
+            Some(s) => SampleEnd::Finished(FinishReason::Stop, Some(s)),
+            None => SampleEnd::Finished(FinishReason::Length, None),
+        };
+        return Ok((d.text + &f.text, end));
+    }
+    Ok((d.text, SampleEnd::Continue))
+}

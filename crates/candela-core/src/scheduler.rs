@@ -1,0 +1,419 @@
+//! Continuous batching, vLLM v1 style.
+//!
+//! There are no separate prefill and decode phases: every sequence has
+//! `num_tokens` tokens of which `num_computed` have KV in the cache, and a step
+//! gives each scheduled sequence some of its uncomputed tokens. A decode is a
+//! sequence with one uncomputed token (its last sample); a prefill, possibly
+//! chunked, is one with many. Each step builds one ragged batch under a token
+//! budget:
+//!
+//! 1. Running sequences first, oldest first: each takes all its uncomputed
+//!    tokens or what is left of the budget (chunked prefill). If the pool has
+//!    no block for one, the most recently admitted running sequence is
+//!    preempted (its blocks freed, pushed to the front of the waiting queue,
+//!    recomputed later from prompt + output) until it fits, or until the
+//!    sequence itself is the one preempted.
+//! 2. Then, only if nothing was preempted, waiting sequences in FCFS order:
+//!    first their prefix-cache hit (those tokens cost nothing), then as many
+//!    tokens as the budget allows, while blocks and `max_num_seqs` seats last.
+//!    Nothing is ever preempted to admit a waiting sequence.
+//!
+//! A sequence that needs more blocks than the whole pool holds can never run;
+//! it is reported as failed instead of looping forever.
+
+use crate::block_manager::{BlockManager, SeqId};
+use crate::sequence::Sequence;
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub seq_id: SeqId,
+    pub num_new_tokens: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct SchedulerOutput {
+    /// Sequences in this step's batch, in batch order.
+    pub scheduled: Vec<ScheduledSeq>,
+    /// Sequences preempted during this schedule.
+    pub preempted: Vec<SeqId>,
+    /// Sequences that can never fit the pool: (seq, request, message). They are
+    /// out of the queues and hold no blocks; the caller removes their requests.
+    pub failed: Vec<(SeqId, u64, String)>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: BlockManager,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    /// In admission order (forks sit right after their parent).
+    running: Vec<SeqId>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let kv = BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
+        Self { cfg, kv, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), num_preemptions: 0 }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+    pub fn kv(&self) -> &BlockManager {
+        &self.kv
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+    pub fn seq(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+    pub fn seq_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
+        self.seqs.get_mut(&id)
+    }
+    pub fn block_table(&self, id: SeqId) -> &[u32] {
+        self.kv.block_table(id)
+    }
+    pub fn running(&self) -> &[SeqId] {
+        &self.running
+    }
+
+    /// Queue a new sequence (no KV yet) at the back of the waiting queue.
+    pub fn add(&mut self, mut seq: Sequence) {
+        seq.num_computed = 0;
+        if self.cfg.enable_prefix_caching {
+            seq.update_hashes(self.cfg.block_size);
+        }
+        let id = seq.id;
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+    }
+
+    /// Take `id` out of the scheduler and return its blocks to the pool.
+    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        if let Some(p) = self.running.iter().position(|&x| x == id) {
+            self.running.remove(p);
+        } else if let Some(p) = self.waiting.iter().position(|&x| x == id) {
+            self.waiting.remove(p);
+        }
+        self.kv.free(id);
+        self.seqs.remove(&id)
+    }
+
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let total_blocks = self.kv.num_blocks();
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let Some(seq) = self.seqs.get(&id) else {
+                self.running.remove(i);
+                continue;
+            };
+            let (num_computed, num_tokens, req_id) = (seq.num_computed, seq.num_tokens(), seq.req_id);
+            if num_computed >= num_tokens {
+                i += 1;
+                continue;
+            }
+            if self.kv.blocks_for(num_tokens) > total_blocks {
+                self.running.remove(i);
+                self.kv.free(id);
+                out.failed.push((id, req_id, self.capacity_message(num_tokens)));
+                continue;
+            }
+            let num_new = (num_tokens - num_computed).min(budget);
+            let mut fits = false;
+            loop {
+                if self.kv.allocate_slots(id, num_computed, num_new, &[]) {
+                    fits = true;
+                    break;
+                }
+                // Victims come from the back: sequences not scheduled yet this step.
+                let Some(victim) = self.running.pop() else { break };
+                self.preempt(victim);
+                out.preempted.push(victim);
+                if victim == id {
+                    break;
+                }
+            }
+            if !fits {
+                break;
+            }
+            out.scheduled.push(ScheduledSeq { seq_id: id, num_new_tokens: num_new });
+            budget -= num_new;
+            i += 1;
+        }
+
+        if out.preempted.is_empty() {
+            let mut seats: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(Sequence::seats).sum();
+            while budget > 0 {
+                let Some(&id) = self.waiting.front() else { break };
+                let Some(seq) = self.seqs.get(&id) else {
+                    self.waiting.pop_front();
+                    continue;
+                };
+                if seats + seq.seats() > self.cfg.max_num_seqs {
+                    break;
+                }
+                let num_tokens = seq.num_tokens();
+                if self.kv.blocks_for(num_tokens) > total_blocks {
+                    let req_id = seq.req_id;
+                    self.waiting.pop_front();
+                    out.failed.push((id, req_id, self.capacity_message(num_tokens)));
+                    continue;
+                }
+                let cached = self.kv.find_cached_prefix(&seq.block_hashes, num_tokens);
+                let num_cached = cached.len() * self.cfg.block_size;
+                let num_new = (num_tokens - num_cached).min(budget);
+                if !self.kv.allocate_slots(id, num_cached, num_new, &cached) {
+                    break;
+                }
+                self.kv.record_prefix_query(num_tokens, num_cached);
+                self.waiting.pop_front();
+                self.running.push(id);
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    seq.num_computed = num_cached;
+                    seq.num_cached_tokens.get_or_insert(num_cached.min(seq.prompt_len));
+                    seats += seq.seats();
+                }
+                out.scheduled.push(ScheduledSeq { seq_id: id, num_new_tokens: num_new });
+                budget -= num_new;
+            }
+        }
+        out
+    }
+
+    /// Record that a step computed `num_new` more tokens of `id`, and register
+    /// its newly completed full blocks in the prefix cache.
+    pub fn mark_computed(&mut self, id: SeqId, num_new: usize) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed = (seq.num_computed + num_new).min(seq.tokens.len());
+            self.kv.cache_full_blocks(id, &seq.block_hashes, seq.num_computed);
+        }
+    }
+
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        let (bs, hashing) = (self.cfg.block_size, self.cfg.enable_prefix_caching);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.append_token(token, bs, hashing);
+        }
+    }
+
+    /// Add the samples `children` of running sequence `parent`, whose prompt
+    /// is fully computed. Each child gets shared references to the prompt's
+    /// full blocks; the prompt's partial last block is never shared (the
+    /// parent keeps writing into it), so each child recomputes those few
+    /// prompt tokens into a block of its own on its next step.
+    pub fn fork(&mut self, parent: SeqId, children: Vec<Sequence>) {
+        let Some(p) = self.seqs.get_mut(&parent) else { return };
+        p.pending_forks = 0;
+        let prompt_len = p.prompt_len;
+        let pos = self.running.iter().position(|&x| x == parent).map_or(self.running.len(), |p| p + 1);
+        let mut ids = Vec::with_capacity(children.len());
+        for mut child in children {
+            child.num_computed = self.kv.fork(parent, child.id, prompt_len);
+            ids.push(child.id);
+            self.seqs.insert(child.id, child);
+        }
+        self.running.splice(pos..pos, ids);
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        self.kv.free(id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed = 0;
+        }
+        self.waiting.push_front(id);
+        self.num_preemptions += 1;
+    }
+
+    fn capacity_message(&self, num_tokens: usize) -> String {
+        format!(
+            "the sequence needs {} KV cache blocks for {} tokens but the whole pool has {} blocks ({} tokens); \
+             raise the KV cache size or shorten the request",
+            self.kv.blocks_for(num_tokens),
+            num_tokens,
+            self.kv.num_blocks(),
+            self.kv.capacity_tokens()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detokenizer::Detokenizer;
+    use crate::sampler::sample_rng;
+
+    fn seq(id: SeqId, len: usize) -> Sequence {
+        let tokens: Vec<u32> = (0..len as u32).map(|t| t + id as u32 * 1000).collect();
+        Sequence {
+            id,
+            req_id: id,
+            sample_index: 0,
+            detok: Detokenizer::new(&tokens, vec![], true),
+            tokens,
+            prompt_len: len,
+            num_computed: 0,
+            block_hashes: vec![],
+            mm_items: Vec::new().into(),
+            pending_forks: 0,
+            rng: sample_rng(Some(0), 0),
+            num_cached_tokens: None,
+        }
+    }
+
+    fn cfg(num_blocks: usize, max_seqs: usize, budget: usize) -> SchedulerConfig {
+        SchedulerConfig { num_blocks, block_size: 4, max_num_seqs: max_seqs, max_num_batched_tokens: budget, enable_prefix_caching: true }
+    }
+
+    /// Pretend the step ran: every scheduled sequence computed its tokens and,
+    /// if it reached the end, sampled `token`.
+    fn run(s: &mut Scheduler, out: &SchedulerOutput, token: u32) {
+        for sc in &out.scheduled {
+            s.mark_computed(sc.seq_id, sc.num_new_tokens);
+            let seq = s.seq(sc.seq_id).unwrap();
+            if seq.num_computed == seq.num_tokens() {
+                s.append_token(sc.seq_id, token);
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_prefill_respects_budget_and_running_goes_first() {
+        let mut s = Scheduler::new(cfg(100, 8, 10));
+        s.add(seq(1, 25));
+        s.add(seq(2, 3));
+        let o = s.schedule();
+        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 10 }]);
+        run(&mut s, &o, 7);
+        let o = s.schedule();
+        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 10 }]);
+        run(&mut s, &o, 7);
+        let o = s.schedule();
+        // 5 left for seq 1, then seq 2's whole prompt (3) fits the remaining 5.
+        assert_eq!(
+            o.scheduled,
+            vec![ScheduledSeq { seq_id: 1, num_new_tokens: 5 }, ScheduledSeq { seq_id: 2, num_new_tokens: 3 }]
+        );
+        run(&mut s, &o, 7);
+        let o = s.schedule();
+        assert_eq!(o.scheduled.iter().map(|x| x.num_new_tokens).collect::<Vec<_>>(), vec![1, 1]);
+    }
+
+    #[test]
+    fn max_num_seqs_limits_admission_counting_pending_forks() {
+        let mut s = Scheduler::new(cfg(100, 3, 100));
+        let mut a = seq(1, 4);
+        a.pending_forks = 1; // n = 2
+        s.add(a);
+        s.add(seq(2, 4));
+        s.add(seq(3, 4));
+        let o = s.schedule();
+        assert_eq!(o.scheduled.len(), 2);
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn preempts_newest_running_and_requeues_it_first() {
+        // 4 blocks of 4: two seqs of 8 tokens fill the pool.
+        let mut s = Scheduler::new(cfg(4, 8, 100));
+        s.add(seq(1, 8));
+        s.add(seq(2, 8));
+        s.add(seq(3, 2));
+        let o = s.schedule();
+        assert_eq!(o.scheduled.len(), 2);
+        assert_eq!(s.kv().num_free_blocks(), 0);
+        run(&mut s, &o, 9);
+        // Both need a 3rd block: seq 2 (newest) is preempted for seq 1.
+        let o = s.schedule();
+        assert_eq!(o.preempted, vec![2]);
+        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }]);
+        assert_eq!(s.num_preemptions(), 1);
+        // Seq 2 went to the FRONT (ahead of seq 3), keeps its sampled token, lost its KV.
+        let two = s.seq(2).unwrap();
+        assert_eq!((two.num_computed, two.num_tokens()), (0, 9));
+        assert!(s.block_table(2).is_empty());
+        run(&mut s, &o, 9);
+        // Next step: seq 2 is not re-admitted while seq 1 holds 3 of the 4 blocks.
+        let o = s.schedule();
+        assert_eq!(o.scheduled[0].seq_id, 1);
+        assert!(o.preempted.is_empty());
+        // Seq 2 needs 3 blocks; 1 free after seq 1 took 3 -> not admitted; seq 3 not either (FCFS).
+        assert_eq!(o.scheduled.len(), 1);
+        s.remove(1);
+        let o = s.schedule();
+        assert_eq!(o.scheduled[0].seq_id, 2);
+        // Its first block is still cached; its second was evicted to give seq 1 a block.
+        assert_eq!(o.scheduled[0].num_new_tokens, 5);
+        assert_eq!(s.kv().prefix_cache_hits(), 4);
+        assert_eq!(s.seq(2).unwrap().num_computed, 4);
+    }
+
+    #[test]
+    fn sequence_larger_than_pool_fails_instead_of_looping() {
+        let mut s = Scheduler::new(cfg(2, 8, 100));
+        s.add(seq(1, 9));
+        s.add(seq(2, 3));
+        let o = s.schedule();
+        assert_eq!(o.failed.len(), 1);
+        assert_eq!(o.failed[0].0, 1);
+        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 2, num_new_tokens: 3 }]);
+        // A running sequence outgrowing the pool fails too (after 8 tokens: 2 blocks).
+        let mut s = Scheduler::new(cfg(2, 8, 100));
+        s.add(seq(1, 8));
+        let o = s.schedule();
+        run(&mut s, &o, 1);
+        let o = s.schedule();
+        assert_eq!(o.failed.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1]);
+        assert!(!s.has_work());
+        assert_eq!(s.kv().num_used_blocks(), 0);
+    }
+
+    #[test]
+    fn fork_shares_prompt_blocks_and_recomputes_partial_block() {
+        let mut s = Scheduler::new(cfg(10, 8, 100));
+        let mut p = seq(1, 10);
+        p.pending_forks = 1;
+        s.add(p);
+        let o = s.schedule();
+        run(&mut s, &o, 5);
+        let child = s.seq(1).unwrap().fork(2, 1, sample_rng(Some(0), 1), 4);
+        s.fork(1, vec![child]);
+        s.append_token(2, 6);
+        assert_eq!(s.running(), &[1, 2]);
+        let c = s.seq(2).unwrap();
+        assert_eq!(c.num_computed, 8);
+        assert_eq!(s.block_table(2), &s.block_table(1)[..2]);
+        let o = s.schedule();
+        // Parent decodes 1 token; the child computes prompt tokens 8, 9 and its sample.
+        assert_eq!(
+            o.scheduled,
+            vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }, ScheduledSeq { seq_id: 2, num_new_tokens: 3 }]
+        );
+        assert_eq!(s.kv().num_used_blocks(), 4);
+    }
+}

@@ -1,0 +1,593 @@
+//! End-to-end tests of the engine against the mock model.
+
+use crate::detokenizer::tests::ByteDecoder;
+use crate::engine_core::{CoreConfig, EngineCore};
+use crate::scheduler::SchedulerConfig;
+use crate::testing::{mock_block_bytes, MockModel, VOCAB};
+use crate::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const BS: usize = 16;
+const MAX_LEN: usize = 512;
+
+#[derive(Debug, Clone, Default)]
+struct SampleOut {
+    tokens: Vec<u32>,
+    text: String,
+    pieces: Vec<String>,
+    finish: Option<FinishReason>,
+    stop_reason: Option<String>,
+    usage: Option<(usize, usize, usize)>,
+    logprobs: Vec<TokenLogprob>,
+}
+
+#[derive(Debug, Default)]
+struct ReqOut {
+    samples: Vec<SampleOut>,
+    error: Option<String>,
+}
+
+impl ReqOut {
+    fn tokens(&self) -> Vec<Vec<u32>> {
+        self.samples.iter().map(|s| s.tokens.clone()).collect()
+    }
+    fn absorb(&mut self, ev: RequestEvent) {
+        let sample = |s: &mut Vec<SampleOut>, i: usize| {
+            if s.len() <= i {
+                s.resize(i + 1, SampleOut::default());
+            }
+        };
+        match ev {
+            RequestEvent::Tokens { index, token_ids, text, logprobs } => {
+                sample(&mut self.samples, index);
+                let s = &mut self.samples[index];
+                assert!(s.finish.is_none(), "tokens after finish");
+                s.tokens.extend(token_ids);
+                s.text.push_str(&text);
+                s.pieces.push(text);
+                s.logprobs.extend(logprobs.unwrap_or_default());
+            }
+            RequestEvent::Finished { index, reason, stop_reason, usage } => {
+                sample(&mut self.samples, index);
+                let s = &mut self.samples[index];
+                assert!(s.finish.is_none(), "finished twice");
+                s.finish = Some(reason);
+                s.stop_reason = stop_reason;
+                s.usage = Some((usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens));
+            }
+            RequestEvent::Error { message } => self.error = Some(message),
+        }
+    }
+}
+
+/// Read a request's events until its stream closes.
+fn collect(rx: &mut UnboundedReceiver<RequestEvent>) -> ReqOut {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = ReqOut::default();
+    loop {
+        match rx.try_recv() {
+            Ok(ev) => out.absorb(ev),
+            Err(TryRecvError::Disconnected) => return out,
+            Err(TryRecvError::Empty) => {
+                assert!(Instant::now() < deadline, "request did not finish in time");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+fn drain(rx: &mut UnboundedReceiver<RequestEvent>, out: &mut ReqOut) {
+    while let Ok(ev) = rx.try_recv() {
+        out.absorb(ev);
+    }
+}
+
+fn config(num_blocks: usize, caching: bool) -> EngineConfig {
+    EngineConfig {
+        kv_cache_bytes: Some(num_blocks * mock_block_bytes(BS)),
+        enable_prefix_caching: caching,
+        ..EngineConfig::default()
+    }
+}
+
+fn start(cfg: EngineConfig, model: MockModel) -> Engine {
+    Engine::start(Box::new(model), Arc::new(ByteDecoder::standard()), cfg).unwrap()
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| (seed * 31 + i * 7 + i * i) % VOCAB as u32).collect()
+}
+
+/// A request run on its own in a fresh engine with a large pool and no prefix cache.
+fn alone(prompt: &[u32], params: &SamplingParams) -> ReqOut {
+    let e = start(config(1000, false), MockModel::new(MAX_LEN));
+    let mut h = e.add_request(EngineRequest::new(prompt.to_vec(), params.clone())).unwrap();
+    let out = collect(&mut h.events);
+    assert!(out.error.is_none(), "{:?}", out.error);
+    out
+}
+
+fn run_all(e: &Engine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<ReqOut> {
+    let mut handles: Vec<_> =
+        reqs.iter().map(|(p, s)| e.add_request(EngineRequest::new(p.clone(), s.clone())).unwrap()).collect();
+    handles.iter_mut().map(|h| collect(&mut h.events)).collect()
+}
+
+fn core(num_blocks: usize, budget: usize, caching: bool, model: MockModel) -> EngineCore {
+    let mut model = model;
+    model.allocate_kv_cache(num_blocks, BS).unwrap();
+    EngineCore::new(
+        Box::new(model),
+        Arc::new(ByteDecoder::standard()),
+        CoreConfig {
+            scheduler: SchedulerConfig {
+                num_blocks,
+                block_size: BS,
+                max_num_seqs: 64,
+                max_num_batched_tokens: budget,
+                enable_prefix_caching: caching,
+            },
+            eos_token_ids: vec![],
+            max_model_len: MAX_LEN,
+            vocab_size: VOCAB,
+        },
+    )
+}
+
+fn submit(core: &mut EngineCore, id: u64, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<RequestEvent> {
+    let (tx, rx) = unbounded_channel();
+    core.add_request(id, EngineRequest::new(prompt, params), tx);
+    rx
+}
+
+#[test]
+fn batched_prompts_get_the_same_tokens_as_alone_and_interleave() {
+    let lens = [1usize, 5, 15, 16, 17, 33, 50];
+    let reqs: Vec<_> = lens.iter().enumerate().map(|(i, &l)| (prompt(i as u32, l), greedy(20))).collect();
+    let expected: Vec<_> = reqs.iter().map(|(p, s)| alone(p, s).tokens()).collect();
+
+    // Step the core by hand so all requests are in one batch from the start.
+    let model = MockModel::new(MAX_LEN);
+    let log = model.log.clone();
+    let mut c = core(200, 2048, true, model);
+    let mut rxs: Vec<_> = reqs.iter().enumerate().map(|(i, (p, s))| submit(&mut c, i as u64, p.clone(), s.clone())).collect();
+    assert!(c.step());
+    // After one step every request has its first token: tokens interleave.
+    let mut outs: Vec<ReqOut> = (0..reqs.len()).map(|_| ReqOut::default()).collect();
+    for (rx, out) in rxs.iter_mut().zip(&mut outs) {
+        drain(rx, out);
+        assert_eq!(out.samples[0].tokens.len(), 1);
+    }
+    while c.step() {
+        for (rx, out) in rxs.iter_mut().zip(&mut outs) {
+            drain(rx, out);
+        }
+    }
+    for (rx, out) in rxs.iter_mut().zip(&mut outs) {
+        drain(rx, out);
+    }
+    for (i, out) in outs.iter().enumerate() {
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(out.tokens(), expected[i], "prompt {i} (len {})", lens[i]);
+        assert_eq!(out.samples[0].finish, Some(FinishReason::Length));
+        assert_eq!(out.samples[0].usage, Some((lens[i], 20, 0)));
+    }
+    // 20 steps: one prefill (+ first token) then 19 decodes, all sequences together.
+    let log = log.lock().unwrap();
+    assert_eq!(log.batch_seqs.len(), 20);
+    assert!(log.batch_seqs.iter().all(|&n| n == lens.len()));
+    assert_eq!(c.stats().kv_blocks_used, 0);
+
+    // The threaded engine gives the same.
+    let e = start(config(200, true), MockModel::new(MAX_LEN));
+    let outs = run_all(&e, &reqs);
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(out.tokens(), expected[i]);
+    }
+    // Different prompts really give different outputs (the test can fail).
+    assert_ne!(expected[0], expected[1]);
+}
+
+#[test]
+fn prefix_cache_hit_gives_same_tokens_and_counts_hits() {
+    let e = start(config(100, true), MockModel::new(MAX_LEN));
+    let p = prompt(3, 40);
+    let params = greedy(12);
+    let first = run_all(&e, &[(p.clone(), params.clone())]).remove(0);
+    let s0 = e.stats();
+    assert_eq!(s0.prefix_cache_hits, 0);
+    assert_eq!(s0.prefix_cache_queries, 40);
+    assert_eq!(first.samples[0].usage, Some((40, 12, 0)));
+
+    let second = run_all(&e, &[(p.clone(), params.clone())]).remove(0);
+    assert_eq!(second.tokens(), first.tokens());
+    let s1 = e.stats();
+    // 40 tokens: two full blocks (32 tokens) served from the cache.
+    assert_eq!(s1.prefix_cache_hits, 32);
+    assert_eq!(second.samples[0].usage, Some((40, 12, 32)));
+
+    // A prompt that is exactly two full blocks still recomputes its last token.
+    let p32: Vec<u32> = p[..32].to_vec();
+    let got = run_all(&e, &[(p32.clone(), params.clone())]).remove(0);
+    assert_eq!(got.tokens(), alone(&p32, &params).tokens());
+    assert_eq!(e.stats().prefix_cache_hits, 32 + 16);
+
+    // Same first block, different second: only one block hits.
+    let mut q = p.clone();
+    q[20] = (q[20] + 1) % VOCAB as u32;
+    let got = run_all(&e, &[(q.clone(), params.clone())]).remove(0);
+    assert_eq!(got.tokens(), alone(&q, &params).tokens());
+    assert_ne!(got.tokens(), first.tokens());
+    assert_eq!(e.stats().prefix_cache_hits, 32 + 16 + 16);
+
+    // Generated tokens are cached too: prompt + output of the first run as a new prompt.
+    let mut continued = p.clone();
+    continued.extend(&first.samples[0].tokens);
+    let before = e.stats().prefix_cache_hits;
+    let got = run_all(&e, &[(continued.clone(), params.clone())]).remove(0);
+    assert_eq!(got.tokens(), alone(&continued, &params).tokens());
+    // 52 tokens, 3 full blocks; the first run computed 40 + 11 = 51 tokens of KV -> 3 blocks cached.
+    assert_eq!(e.stats().prefix_cache_hits - before, 48);
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn multimodal_keys_separate_cache_entries() {
+    let e = start(config(100, true), MockModel::new(MAX_LEN));
+    let p = prompt(4, 40);
+    let req = |hash: &str| EngineRequest {
+        prompt_token_ids: p.clone(),
+        params: greedy(2),
+        mm_items: vec![MmPlaceholder { hash: hash.into(), offset: 18, length: 4 }],
+    };
+    for (hash, expected_hits) in [("img-a", 0u64), ("img-a", 32), ("img-b", 16)] {
+        let before = e.stats().prefix_cache_hits;
+        let mut h = e.add_request(req(hash)).unwrap();
+        let out = collect(&mut h.events);
+        assert!(out.error.is_none());
+        assert_eq!(e.stats().prefix_cache_hits - before, expected_hits, "{hash}");
+    }
+    // Out-of-range media is rejected.
+    let mut bad = req("x");
+    bad.mm_items[0].offset = 39;
+    assert!(e.add_request(bad).unwrap_err().is_invalid_request());
+}
+
+fn preemption_case(caching: bool) {
+    let reqs: Vec<_> = (0..8).map(|i| (prompt(10 + i, 18 + i as usize), greedy(40))).collect();
+    let expected: Vec<_> = reqs.iter().map(|(p, s)| alone(p, s).tokens()).collect();
+    let e = start(config(10, caching), MockModel::new(MAX_LEN));
+    assert_eq!(e.num_kv_blocks(), 10);
+    let outs = run_all(&e, &reqs);
+    for (i, out) in outs.iter().enumerate() {
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(out.tokens(), expected[i], "request {i}");
+        assert_eq!(out.samples[0].tokens.len(), 40);
+        // Output kept across preemption, never re-emitted.
+        assert_eq!(out.samples[0].usage.map(|u| u.1), Some(40));
+    }
+    let st = e.stats();
+    assert!(st.preemptions > 0, "{st:?}");
+    assert_eq!(st.kv_blocks_used, 0);
+    assert_eq!(st.requests_finished, 8);
+    assert_eq!(st.generation_tokens, 8 * 40);
+}
+
+#[test]
+fn tiny_pool_preempts_and_every_request_completes_identically() {
+    preemption_case(true);
+    preemption_case(false);
+}
+
+#[test]
+fn chunked_prefill_matches_unchunked() {
+    let p = prompt(5, 150);
+    let params = greedy(10);
+    let expected = alone(&p, &params).tokens();
+    let model = MockModel::new(MAX_LEN);
+    let log = model.log.clone();
+    let mut cfg = config(100, true);
+    cfg.max_num_batched_tokens = 32;
+    let e = start(cfg, model);
+    // Two requests so chunks of one share steps with decodes of the other.
+    let short = prompt(6, 5);
+    let outs = run_all(&e, &[(p.clone(), params.clone()), (short.clone(), greedy(30))]);
+    assert_eq!(outs[0].tokens(), expected);
+    assert_eq!(outs[1].tokens(), alone(&short, &greedy(30)).tokens());
+    let log = log.lock().unwrap();
+    assert!(log.batch_tokens.iter().all(|&t| t <= 32), "{:?}", log.batch_tokens);
+    // 150 prompt tokens in chunks of at most 32: at least 5 prefill steps.
+    assert!(log.batch_tokens.iter().filter(|&&t| t >= 30).count() >= 4);
+}
+
+#[test]
+fn abort_frees_all_blocks_and_reports_abort() {
+    let mut model = MockModel::new(MAX_LEN);
+    model.delay = Some(Duration::from_millis(2));
+    let e = start(config(100, true), model);
+    let mut h = e.add_request(EngineRequest::new(prompt(1, 60), greedy(400))).unwrap();
+    // Wait until it is generating.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = ReqOut::default();
+    while out.samples.first().map_or(0, |s| s.tokens.len()) < 3 {
+        assert!(Instant::now() < deadline);
+        drain(&mut h.events, &mut out);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(e.stats().kv_blocks_used > 0);
+    e.abort(h.id);
+    let rest = collect(&mut h.events);
+    let last = rest.samples.first().cloned().unwrap_or_default();
+    assert_eq!(last.finish, Some(FinishReason::Abort));
+    assert!(last.usage.unwrap().1 >= 3);
+    wait_for(|| e.stats().kv_blocks_used == 0 && e.stats().running == 0);
+    assert_eq!(e.stats().kv_blocks_free, e.num_kv_blocks());
+
+    // Dropping the receiver aborts too.
+    let h2 = e.add_request(EngineRequest::new(prompt(2, 60), greedy(400))).unwrap();
+    wait_for(|| e.stats().kv_blocks_used > 0);
+    drop(h2);
+    wait_for(|| e.stats().kv_blocks_used == 0 && e.stats().requests_finished == 2);
+    // Aborting an unknown id is harmless.
+    e.abort(12345);
+    let ok = run_all(&e, &[(prompt(3, 4), greedy(3))]).remove(0);
+    assert_eq!(ok.samples[0].tokens.len(), 3);
+}
+
+fn wait_for(cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "condition not reached");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn n_samples_share_prompt_blocks_and_reproduce_with_seed() {
+    let p = prompt(7, 40); // 2 full blocks + 8 tokens
+    let sampled = |seed: u64, n: usize, caching: bool| {
+        let e = start(config(100, caching), MockModel::new(MAX_LEN));
+        let params = SamplingParams { n, seed: Some(seed), max_tokens: 12, ignore_eos: true, ..SamplingParams::default() };
+        let out = run_all(&e, &[(p.clone(), params)]).remove(0);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(e.stats().kv_blocks_used, 0);
+        out.tokens()
+    };
+    for caching in [false, true] {
+        let a = sampled(42, 3, caching);
+        assert_eq!(a.len(), 3);
+        assert!(a.iter().all(|s| s.len() == 12));
+        assert_eq!(a, sampled(42, 3, caching), "same seed reproduces");
+        assert_ne!(a, sampled(43, 3, caching), "another seed differs");
+        assert!(a[0] != a[1] || a[1] != a[2], "samples differ from each other");
+        // Sample 0 of n = 3 is the n = 1 request with the same seed.
+        assert_eq!(a[0], sampled(42, 1, caching)[0]);
+    }
+
+    // Greedy samples all equal the single greedy output: the forks' shared
+    // blocks and recomputed partial block are right.
+    let expected = alone(&p, &greedy(12)).tokens().remove(0);
+    let e = start(config(100, false), MockModel::new(MAX_LEN));
+    let params = SamplingParams { n: 4, ..greedy(12) };
+    let out = run_all(&e, &[(p.clone(), params)]).remove(0);
+    assert_eq!(out.tokens(), vec![expected; 4]);
+    for s in &out.samples {
+        assert_eq!(s.finish, Some(FinishReason::Length));
+        assert_eq!(s.usage, Some((40, 12, 0)));
+    }
+}
+
+#[test]
+fn n_samples_share_blocks_in_the_pool() {
+    for caching in [false, true] {
+        let mut c = core(100, 2048, caching, MockModel::new(MAX_LEN));
+        let params = SamplingParams { n: 3, seed: Some(1), max_tokens: 20, ignore_eos: true, ..SamplingParams::default() };
+        let mut rx = submit(&mut c, 1, prompt(8, 40), params);
+        assert!(c.step()); // prefill + fork
+        assert_eq!(c.stats().running, 3);
+        assert!(c.step()); // forks recompute their 8 partial-block prompt tokens
+        // Parent: 3 blocks; each fork: the 2 shared + 1 own. Unshared would be 9.
+        assert_eq!(c.stats().kv_blocks_used, 5, "caching = {caching}");
+        let table = |i: usize| c.scheduler().block_table(c.scheduler().running()[i]).to_vec();
+        assert_eq!(table(0)[..2], table(1)[..2]);
+        assert_eq!(table(0)[..2], table(2)[..2]);
+        assert_ne!(table(1)[2], table(2)[2]);
+        while c.step() {}
+        let mut out = ReqOut::default();
+        drain(&mut rx, &mut out);
+        assert_eq!(out.samples.len(), 3);
+        assert!(out.samples.iter().all(|s| s.tokens.len() == 20 && s.finish == Some(FinishReason::Length)));
+        assert_eq!(c.stats().kv_blocks_used, 0);
+    }
+}
+
+/// Byte strings of ByteDecoder::standard: a..z = 0..25, ' ' = 26, € = 27 28 29.
+fn ids(s: &str) -> Vec<u32> {
+    let mut v = Vec::new();
+    for ch in s.chars() {
+        match ch {
+            'a'..='z' => v.push(ch as u32 - 'a' as u32),
+            ' ' => v.push(26),
+            '€' => v.extend([27, 28, 29]),
+            _ => panic!("no token for {ch}"),
+        }
+    }
+    v
+}
+
+fn scripted(prompt_len: usize, output: &[u32]) -> MockModel {
+    let mut m = MockModel::new(MAX_LEN);
+    let mut script = vec![0u32; prompt_len];
+    script.extend_from_slice(output);
+    m.script = Some(script);
+    m
+}
+
+#[test]
+fn stop_strings_are_never_emitted_nor_split() {
+    let p = prompt(9, 5);
+    let full = "price €x ok € now stop";
+    let out_ids = ids(full);
+    let cases = [("€ now", "price €x ok "), ("€", "price "), ("ok", "price €x "), ("w s", "price €x ok € no"), ("zzz", full)];
+    for (stop, expected) in cases {
+        let e = start(config(100, true), scripted(p.len(), &out_ids));
+        let params = SamplingParams { stop: vec![stop.into()], ..greedy(out_ids.len()) };
+        let out = run_all(&e, &[(p.clone(), params)]).remove(0);
+        let s = &out.samples[0];
+        assert_eq!(s.text, expected, "stop {stop:?}");
+        assert!(s.pieces.iter().all(|x| !x.contains('\u{FFFD}')), "{:?}", s.pieces);
+        if expected != full {
+            assert_eq!(s.finish, Some(FinishReason::Stop));
+            assert_eq!(s.stop_reason.as_deref(), Some(stop));
+        } else {
+            assert_eq!(s.finish, Some(FinishReason::Length));
+            assert_eq!(s.tokens, out_ids);
+        }
+    }
+}
+
+#[test]
+fn eos_stop_tokens_and_min_tokens() {
+    let p = prompt(11, 4);
+    // Script: "ab" then EOS (id 40), then "cd" then stop token 41, then "e".
+    let script = [0u32, 1, 40, 2, 3, 41, 4, 5, 6, 7];
+    let mut cfg = config(100, true);
+    cfg.eos_token_ids = vec![40];
+    let run = |params: SamplingParams| {
+        let e = start(cfg.clone(), scripted(p.len(), &script));
+        run_all(&e, &[(p.clone(), params)]).remove(0).samples.remove(0)
+    };
+    let base = SamplingParams { temperature: 0.0, max_tokens: 10, stop_token_ids: vec![41], ..SamplingParams::default() };
+    let s = run(base.clone());
+    assert_eq!(s.tokens, vec![0, 1, 40]);
+    assert_eq!(s.text, "ab");
+    assert_eq!((s.finish, s.stop_reason.clone()), (Some(FinishReason::Stop), None));
+    // ignore_eos: runs on to the stop token, reported as the stop reason.
+    let s = run(SamplingParams { ignore_eos: true, ..base.clone() });
+    assert_eq!(s.tokens, vec![0, 1, 40, 2, 3, 41]);
+    assert_eq!(s.stop_reason.as_deref(), Some("41"));
+    assert_eq!(s.usage.map(|u| u.1), Some(6));
+    // min_tokens: EOS suppressed for the first 4 outputs (another token is chosen).
+    let s = run(SamplingParams { min_tokens: 4, ..base.clone() });
+    assert_ne!(s.tokens[2], 40);
+    assert!(s.tokens.len() >= 4);
+    assert!(!s.tokens[..4].contains(&40) && !s.tokens[..4].contains(&41));
+    // max_tokens.
+    let s = run(SamplingParams { max_tokens: 2, ..base });
+    assert_eq!((s.tokens.clone(), s.finish), (vec![0, 1], Some(FinishReason::Length)));
+}
+
+#[test]
+fn logprobs_are_reported_per_token() {
+    let e = start(config(100, true), MockModel::new(MAX_LEN));
+    let params = SamplingParams { logprobs: Some(3), ..greedy(5) };
+    let out = run_all(&e, &[(prompt(12, 9), params)]).remove(0);
+    let s = &out.samples[0];
+    assert_eq!(s.logprobs.len(), 5);
+    for (lp, &t) in s.logprobs.iter().zip(&s.tokens) {
+        assert_eq!(lp.token_id, t);
+        assert_eq!(lp.top.len(), 3);
+        // Greedy: the chosen token is the top alternative.
+        assert_eq!(lp.top[0].token_id, t);
+        assert!(lp.logprob <= 0.0 && lp.logprob == lp.top[0].logprob);
+    }
+}
+
+#[test]
+fn validation_errors_are_synchronous_and_clear() {
+    let mut cfg = config(4, true); // 64 tokens of KV
+    cfg.max_model_len = Some(100);
+    let e = start(cfg, MockModel::new(MAX_LEN));
+    assert_eq!(e.max_model_len(), 100);
+    let add = |p: Vec<u32>, params: SamplingParams| e.add_request(EngineRequest::new(p, params)).unwrap_err();
+    let err = add(prompt(1, 90), greedy(20));
+    assert_eq!(
+        err.to_string(),
+        "This model's maximum context length is 100 tokens. However, you requested 110 tokens (90 in the prompt, 20 for the completion). Please reduce the length of the prompt or completion."
+    );
+    assert!(matches!(add(prompt(1, 100), greedy(1)), EngineError::ContextLength { .. }));
+    assert!(add(vec![], greedy(1)).to_string().contains("at least one token"));
+    assert!(add(vec![1, VOCAB as u32], greedy(1)).to_string().contains("out of range"));
+    assert!(add(prompt(1, 4), SamplingParams { top_p: 0.0, ..greedy(1) }).to_string().contains("topP"));
+    assert!(add(prompt(1, 4), SamplingParams { n: 65, ..greedy(1) }).to_string().contains("max_num_seqs"));
+    // Fits the context window but never the 64-token pool.
+    let err = add(prompt(1, 70), greedy(2));
+    assert!(err.is_invalid_request() && err.to_string().contains("KV cache"), "{err}");
+    // Config errors.
+    let bad = EngineConfig { max_model_len: Some(MAX_LEN + 1), ..config(4, true) };
+    assert!(matches!(Engine::start(Box::new(MockModel::new(MAX_LEN)), Arc::new(ByteDecoder::standard()), bad), Err(EngineError::InvalidConfig(_))));
+    let bad = EngineConfig { kv_cache_bytes: Some(1), ..EngineConfig::default() };
+    assert!(Engine::start(Box::new(MockModel::new(MAX_LEN)), Arc::new(ByteDecoder::standard()), bad).is_err());
+}
+
+#[test]
+fn a_sequence_outgrowing_the_pool_fails_with_an_error_event() {
+    // Bypass validation: a prompt larger than the pool, and one that outgrows it.
+    let mut c = core(2, 2048, true, MockModel::new(MAX_LEN));
+    let mut big = submit(&mut c, 1, prompt(1, 40), greedy(5));
+    let mut grows = submit(&mut c, 2, prompt(2, 30), greedy(10));
+    let mut steps = 0;
+    while c.step() {
+        steps += 1;
+        assert!(steps < 50, "looping");
+    }
+    let (mut a, mut b) = (ReqOut::default(), ReqOut::default());
+    drain(&mut big, &mut a);
+    drain(&mut grows, &mut b);
+    assert!(a.error.as_deref().unwrap_or("").contains("KV cache blocks"), "{:?}", a.error);
+    assert!(b.error.is_some());
+    // KV for 30 + 2 tokens fills both blocks; the 3rd sample then cannot be computed.
+    assert_eq!(b.samples[0].tokens.len(), 3);
+    assert_eq!(c.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn model_errors_fail_the_batch_and_the_engine_keeps_going() {
+    let mut model = MockModel::new(MAX_LEN);
+    model.fail_on_token = Some(63);
+    let e = start(config(100, true), model);
+    let mut bad_prompt = prompt(1, 10);
+    bad_prompt[3] = 63;
+    let out = run_all(&e, &[(bad_prompt, greedy(5))]).remove(0);
+    assert!(out.error.as_deref().unwrap_or("").contains("mock failure"), "{:?}", out.error);
+    assert_eq!(e.stats().kv_blocks_used, 0);
+    let p = prompt(2, 10);
+    let good = run_all(&e, &[(p.clone(), greedy(5))]).remove(0);
+    assert!(good.error.is_none());
+    assert_eq!(good.tokens(), alone(&p, &greedy(5)).tokens());
+}
+
+#[test]
+fn shutdown_aborts_pending_and_rejects_new_requests() {
+    let mut model = MockModel::new(MAX_LEN);
+    model.delay = Some(Duration::from_millis(1));
+    let e = start(config(100, true), model);
+    let mut h = e.add_request(EngineRequest::new(prompt(1, 20), greedy(480))).unwrap();
+    e.shutdown();
+    let out = collect(&mut h.events);
+    let s = &out.samples[0];
+    assert_eq!(s.finish, Some(FinishReason::Abort), "{s:?}");
+    assert!(s.tokens.len() < 480);
+    assert!(matches!(e.add_request(EngineRequest::new(prompt(1, 4), greedy(1))), Err(EngineError::Shutdown)));
+    e.shutdown(); // idempotent
+}
+
+#[test]
+fn engine_is_send_sync_and_defaults_are_sane() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+    let d = EngineConfig::default();
+    assert_eq!((d.block_size, d.max_num_seqs, d.max_num_batched_tokens, d.enable_prefix_caching), (16, 64, 2048, true));
+    // Default sizing never exceeds what max_num_seqs * max_model_len need.
+    let e = start(EngineConfig::default(), MockModel::new(MAX_LEN));
+    assert!(e.num_kv_blocks() <= 64 * MAX_LEN / 16);
+    assert!(e.num_kv_blocks() > 0);
+    assert_eq!(e.stats().kv_blocks_total, e.num_kv_blocks());
+}

@@ -1,1 +1,637 @@
+//! napi glue: a loaded model + the engine behind one JS class.
+//!
+//! The glue is thin on purpose: it converts JS objects to the core's types
+//! (tokenizing prompts and rendering chat templates on the way), hands each
+//! request to `candela_core::Engine`, and lets JS pull the request's events
+//! with `next()`, which returns everything queued since the last call.
+//! No panic crosses the boundary: every entry point runs under `guard`.
 
+mod guard;
+mod params;
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use candela_core::{Engine, EngineConfig, EngineRequest, FinishReason, ModelSpec, RequestEvent, TokenDecoder, TokenLogprob};
+use candela_models::{ChatRenderOptions, ChatTemplate, LoadOptions, Tokenizer};
+use napi::bindgen_prelude::spawn_blocking;
+use napi::Result;
+use napi_derive::napi;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::Notify;
+
+use guard::{guard, internal, invalid, panic_message};
+pub use params::NativeSamplingParams;
+use params::{to_sampling_params, Defaults};
+
+/// Options for `NativeEngine.load`.
+#[napi(object)]
+pub struct NativeLoadOptions {
+    /// A model folder (config.json + safetensors + tokenizer.json) or a .gguf file.
+    pub model: String,
+    /// "cpu" (default), "auto" (= cpu in this build) or "cuda" (not in this build).
+    pub device: Option<String>,
+    /// "auto" (default), "f32", "f16" or "bf16".
+    pub dtype: Option<String>,
+    /// A Jinja chat template that replaces the model's own.
+    pub chat_template: Option<String>,
+    /// Cap on prompt + output tokens (default: the model's own limit).
+    pub max_model_len: Option<u32>,
+    /// Tokens per KV block (default 16).
+    pub block_size: Option<u32>,
+    /// Bytes for the KV cache (default: the engine's choice).
+    pub kv_cache_bytes: Option<f64>,
+    /// Most sequences in one step (default 64).
+    pub max_num_seqs: Option<u32>,
+    /// Most tokens in one step (default 2048).
+    pub max_num_batched_tokens: Option<u32>,
+    /// Reuse KV blocks of shared prompt prefixes (default true).
+    pub enable_prefix_caching: Option<bool>,
+}
+
+/// One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`.
+#[napi(object)]
+pub struct NativeRequest {
+    pub prompt: Option<String>,
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// OpenAI-style chat messages, rendered with the model's chat template.
+    #[napi(ts_type = "Array<Record<string, unknown>>")]
+    pub messages: Option<serde_json::Value>,
+    /// Tool definitions handed to the chat template.
+    #[napi(ts_type = "Array<Record<string, unknown>>")]
+    pub tools: Option<serde_json::Value>,
+    /// Extra variables for the chat template (e.g. `{ enable_thinking: false }`).
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub chat_template_kwargs: Option<serde_json::Value>,
+    /// Append the assistant turn opener (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Add BOS etc. when tokenizing a plain `prompt` (default true).
+    pub add_special_tokens: Option<bool>,
+    pub params: Option<NativeSamplingParams>,
+    /// maxTokens when neither the params nor the model's generation config
+    /// set one (default: the rest of the context).
+    pub default_max_tokens: Option<u32>,
+}
+
+#[napi(object)]
+pub struct NativeTopLogprob {
+    pub token_id: u32,
+    pub token: String,
+    pub logprob: f64,
+}
+
+#[napi(object)]
+pub struct NativeTokenLogprob {
+    pub token_id: u32,
+    pub token: String,
+    pub logprob: f64,
+    pub top: Vec<NativeTopLogprob>,
+}
+
+#[napi(object)]
+pub struct NativeUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_tokens: u32,
+}
+
+/// One event of a request.
+#[napi(object)]
+pub struct NativeEvent {
+    #[napi(ts_type = "'tokens' | 'finished' | 'error'")]
+    pub kind: String,
+    /// Sample index (< n).
+    pub index: u32,
+    /// New token ids (`tokens` events).
+    pub token_ids: Vec<u32>,
+    /// New text (`tokens` events; may be empty while text is pending).
+    pub text: String,
+    pub logprobs: Option<Vec<NativeTokenLogprob>>,
+    #[napi(ts_type = "'stop' | 'length' | 'abort' | 'error'")]
+    pub finish_reason: Option<String>,
+    /// The stop string or stop token id that ended the sample.
+    pub stop_reason: Option<String>,
+    pub usage: Option<NativeUsage>,
+    /// Error message (`error` events).
+    pub message: Option<String>,
+}
+
+/// What `next()` returns: the events queued so far; `done` once the request is over.
+#[napi(object)]
+pub struct NativeBatch {
+    pub events: Vec<NativeEvent>,
+    pub done: bool,
+    /// True when the request ended because it was aborted.
+    pub aborted: bool,
+}
+
+#[napi(object)]
+pub struct NativeStats {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_blocks_total: u32,
+    pub kv_blocks_used: u32,
+    pub kv_blocks_free: u32,
+    pub prefix_cache_queries: f64,
+    pub prefix_cache_hits: f64,
+    pub prompt_tokens: f64,
+    pub generation_tokens: f64,
+    pub preemptions: f64,
+    pub requests_finished: f64,
+    pub steps: f64,
+}
+
+#[napi(object)]
+pub struct NativeModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub max_model_len: u32,
+    pub vocab_size: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub has_chat_template: bool,
+    pub device: String,
+}
+
+/// The per-request state `next()` reads from.
+struct ReqState {
+    rx: tokio::sync::Mutex<UnboundedReceiver<RequestEvent>>,
+    n: usize,
+    /// Samples finished so far (across `next()` calls).
+    finished: AtomicUsize,
+    aborted: AtomicBool,
+    wake: Notify,
+}
+
+struct Inner {
+    engine: Engine,
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    defaults: Defaults,
+    eos_token_ids: Vec<u32>,
+    bos_token_id: Option<u32>,
+    spec: ModelSpec,
+    model_name: String,
+    device: String,
+    requests: Mutex<HashMap<u64, Arc<ReqState>>>,
+    closed: AtomicBool,
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(invalid("the engine is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn take_request(&self, id: u64) -> Option<Arc<ReqState>> {
+        self.requests.lock().ok()?.remove(&id)
+    }
+
+    fn request(&self, id: u64) -> Option<Arc<ReqState>> {
+        self.requests.lock().ok()?.get(&id).cloned()
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        Tokenizer::decode(&self.tokenizer, &[id], false).unwrap_or_default()
+    }
+
+    fn convert_logprobs(&self, lps: Vec<TokenLogprob>) -> Vec<NativeTokenLogprob> {
+        lps.into_iter()
+            .map(|lp| NativeTokenLogprob {
+                token_id: lp.token_id,
+                token: self.token_text(lp.token_id),
+                logprob: lp.logprob as f64,
+                top: lp
+                    .top
+                    .into_iter()
+                    .map(|t| NativeTopLogprob {
+                        token_id: t.token_id,
+                        token: self.token_text(t.token_id),
+                        logprob: t.logprob as f64,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn convert_event(&self, ev: RequestEvent) -> NativeEvent {
+        let mut out = NativeEvent {
+            kind: String::new(),
+            index: 0,
+            token_ids: Vec::new(),
+            text: String::new(),
+            logprobs: None,
+            finish_reason: None,
+            stop_reason: None,
+            usage: None,
+            message: None,
+        };
+        match ev {
+            RequestEvent::Tokens { index, token_ids, text, logprobs } => {
+                out.kind = "tokens".into();
+                out.index = index as u32;
+                out.token_ids = token_ids;
+                out.text = text;
+                out.logprobs = logprobs.map(|l| self.convert_logprobs(l));
+            }
+            RequestEvent::Finished { index, reason, stop_reason, usage } => {
+                out.kind = "finished".into();
+                out.index = index as u32;
+                out.finish_reason = Some(
+                    match reason {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length => "length",
+                        FinishReason::Abort => "abort",
+                        FinishReason::Error => "error",
+                    }
+                    .into(),
+                );
+                out.stop_reason = stop_reason;
+                out.usage = Some(NativeUsage {
+                    prompt_tokens: usage.prompt_tokens as u32,
+                    completion_tokens: usage.completion_tokens as u32,
+                    cached_tokens: usage.cached_tokens as u32,
+                });
+            }
+            RequestEvent::Error { message } => {
+                out.kind = "error".into();
+                out.message = Some(message);
+            }
+        }
+        out
+    }
+
+    fn render_chat(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        tools: Option<serde_json::Value>,
+        kwargs: Option<serde_json::Value>,
+    ) -> Result<String> {
+        let tpl = self.chat_template.as_ref().ok_or_else(|| {
+            invalid(format!(
+                "model {} has no chat template; pass one with the chatTemplate load option or use a plain prompt",
+                self.model_name
+            ))
+        })?;
+        let Some(messages) = messages.as_array() else {
+            return Err(invalid("messages must be an array of { role, content } objects"));
+        };
+        if let Some((i, _)) = messages.iter().enumerate().find(|(_, m)| !m.is_object()) {
+            return Err(invalid(format!("messages[{i}] must be an object with role and content")));
+        }
+        let extra = match kwargs {
+            None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+            Some(serde_json::Value::Object(m)) => m,
+            Some(_) => return Err(invalid("chatTemplateKwargs must be an object")),
+        };
+        let opts = ChatRenderOptions { add_generation_prompt, tools, documents: None, extra };
+        tpl.render(messages, &opts).map_err(|e| invalid(e.to_string()))
+    }
+
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// A loaded model with its engine thread.
+#[napi]
+pub struct NativeEngine {
+    inner: Arc<Inner>,
+}
+
+fn num(v: Option<u32>, default: usize) -> usize {
+    v.map(|x| x as usize).unwrap_or(default)
+}
+
+fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
+    let device = match opts.device.as_deref().unwrap_or("cpu") {
+        "auto" => "cpu".to_string(),
+        d => d.to_string(),
+    };
+    let path = PathBuf::from(&opts.model);
+    if !path.exists() {
+        return Err(invalid(format!("model path does not exist: {}", opts.model)));
+    }
+    let load_opts = LoadOptions {
+        dtype: opts.dtype.clone(),
+        device: device.clone(),
+        chat_template: opts.chat_template.clone(),
+        max_model_len: opts.max_model_len.map(|x| x as usize),
+    };
+    let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;
+    let gen = loaded.generation.clone();
+    let eos_token_ids = gen.eos_token_ids.clone();
+    let config = EngineConfig {
+        block_size: num(opts.block_size, 16),
+        kv_cache_bytes: match opts.kv_cache_bytes {
+            Some(b) if !(b.is_finite() && b > 0.0) => {
+                return Err(invalid(format!("kvCacheBytes must be a positive number, got {b}")))
+            }
+            Some(b) => Some(b as usize),
+            None => None,
+        },
+        max_num_seqs: num(opts.max_num_seqs, 64),
+        max_num_batched_tokens: num(opts.max_num_batched_tokens, 2048),
+        enable_prefix_caching: opts.enable_prefix_caching.unwrap_or(true),
+        max_model_len: None,
+        eos_token_ids: eos_token_ids.clone(),
+    };
+    let tokenizer = loaded.tokenizer.clone();
+    let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();
+    let engine = Engine::start(loaded.model, decoder, config).map_err(|e| invalid(e.to_string()))?;
+    let mut spec = engine.model_spec().clone();
+    spec.max_model_len = engine.max_model_len();
+    Ok(NativeEngine {
+        inner: Arc::new(Inner {
+            engine,
+            tokenizer,
+            chat_template: loaded.chat_template,
+            defaults: Defaults {
+                temperature: gen.temperature,
+                top_p: gen.top_p,
+                top_k: gen.top_k,
+                min_p: gen.min_p,
+                repetition_penalty: gen.repetition_penalty,
+                max_new_tokens: gen.max_new_tokens,
+            },
+            eos_token_ids,
+            bos_token_id: gen.bos_token_id,
+            spec,
+            model_name: loaded.model_name,
+            device,
+            requests: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        }),
+    })
+}
+
+fn id_from_js(id: i64) -> Result<u64> {
+    u64::try_from(id).map_err(|_| invalid(format!("invalid request id {id}")))
+}
+
+#[napi]
+impl NativeEngine {
+    /// Load a model and start its engine thread. Loading runs on a worker
+    /// thread; the promise rejects with the loader's message on failure.
+    #[napi]
+    pub async fn load(options: NativeLoadOptions) -> Result<NativeEngine> {
+        let task = spawn_blocking(move || guard("load", move || load_blocking(options)));
+        match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => Err(internal(format!(
+                "internal error while loading the model (this is a bug in candela): {}",
+                panic_message(e.into_panic().as_ref())
+            ))),
+            Err(e) => Err(internal(format!("model loading was cancelled: {e}"))),
+        }
+    }
+
+    /// Queue one request; returns its id for `next` / `abort`.
+    #[napi]
+    pub fn add_request(&self, request: NativeRequest) -> Result<i64> {
+        guard("addRequest", || {
+            let inner = &self.inner;
+            inner.check_open()?;
+            let given = [request.prompt.is_some(), request.prompt_token_ids.is_some(), request.messages.is_some()]
+                .iter()
+                .filter(|x| **x)
+                .count();
+            if given != 1 {
+                return Err(invalid("a request needs exactly one of prompt, promptTokenIds or messages"));
+            }
+            let ids = if let Some(ids) = request.prompt_token_ids {
+                let vocab = inner.spec.vocab_size;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
+                }
+                ids
+            } else if let Some(prompt) = &request.prompt {
+                inner.encode(prompt, request.add_special_tokens.unwrap_or(true))?
+            } else {
+                let messages = request.messages.as_ref().expect("checked above");
+                let text = inner.render_chat(
+                    messages,
+                    request.add_generation_prompt.unwrap_or(true),
+                    request.tools.clone(),
+                    request.chat_template_kwargs.clone(),
+                )?;
+                // The template writes BOS itself where the model wants one.
+                inner.encode(&text, false)?
+            };
+            if ids.is_empty() {
+                return Err(invalid("the prompt is empty (it has no tokens)"));
+            }
+            let max_len = inner.spec.max_model_len;
+            if ids.len() >= max_len {
+                return Err(invalid(format!(
+                    "the prompt has {} tokens, but the model's maximum length is {max_len} (prompt + output)",
+                    ids.len()
+                )));
+            }
+            let p = request.params.unwrap_or_default();
+            let fallback = request.default_max_tokens.map(|m| m as usize);
+            let params = to_sampling_params(&p, &inner.defaults, max_len - ids.len(), fallback)?;
+            let n = params.n;
+            let handle = inner
+                .engine
+                .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items: Vec::new() })
+                .map_err(|e| invalid(e.to_string()))?;
+            let state = Arc::new(ReqState {
+                rx: tokio::sync::Mutex::new(handle.events),
+                n,
+                finished: AtomicUsize::new(0),
+                aborted: AtomicBool::new(false),
+                wake: Notify::new(),
+            });
+            inner
+                .requests
+                .lock()
+                .map_err(|_| internal("request table poisoned"))?
+                .insert(handle.id, state);
+            Ok(handle.id as i64)
+        })
+    }
+
+    /// Wait for the request's next events and return all that are queued.
+    /// `done` is true once every sample finished, the request failed, or it
+    /// was aborted; later calls return `{ events: [], done: true }`.
+    #[napi]
+    pub async fn next(&self, request_id: i64) -> Result<NativeBatch> {
+        let id = id_from_js(request_id)?;
+        let inner = self.inner.clone();
+        let Some(state) = inner.request(id) else {
+            return Ok(NativeBatch { events: Vec::new(), done: true, aborted: false });
+        };
+        let mut rx = state.rx.lock().await;
+        let aborted = || state.aborted.load(Ordering::Acquire);
+        let mut raw = Vec::new();
+        if !aborted() {
+            let mut woken = pin!(state.wake.notified());
+            let first = poll_fn(|cx| {
+                if let Poll::Ready(ev) = rx.poll_recv(cx) {
+                    return Poll::Ready(ev);
+                }
+                if woken.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            if let Some(ev) = first {
+                raw.push(ev);
+                loop {
+                    match rx.try_recv() {
+                        Ok(ev) => raw.push(ev),
+                        Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                    }
+                }
+            }
+        }
+        let was_aborted = aborted();
+        let channel_closed = raw.is_empty();
+        drop(rx);
+        guard("next", || {
+            let mut finished = 0usize;
+            let mut failed = false;
+            let events: Vec<NativeEvent> = raw
+                .into_iter()
+                .map(|ev| {
+                    match &ev {
+                        RequestEvent::Finished { .. } => finished += 1,
+                        RequestEvent::Error { .. } => failed = true,
+                        RequestEvent::Tokens { .. } => {}
+                    }
+                    inner.convert_event(ev)
+                })
+                .collect();
+            let total = state.finished.fetch_add(finished, Ordering::AcqRel) + finished;
+            let done = was_aborted || channel_closed || failed || total >= state.n;
+            if done {
+                inner.take_request(id);
+            }
+            Ok(NativeBatch { events: if was_aborted { Vec::new() } else { events }, done, aborted: was_aborted })
+        })
+    }
+
+    /// Abort a request: the engine frees its KV blocks, and a pending or later
+    /// `next()` returns `{ done: true, aborted: true }`. Unknown ids are ignored.
+    #[napi]
+    pub fn abort(&self, request_id: i64) -> Result<()> {
+        guard("abort", || {
+            let id = id_from_js(request_id)?;
+            if let Some(state) = self.inner.take_request(id) {
+                state.aborted.store(true, Ordering::Release);
+                state.wake.notify_one();
+                self.inner.engine.abort(id);
+            }
+            Ok(())
+        })
+    }
+
+    /// Engine counters (running / waiting requests, KV blocks, prefix cache, tokens).
+    #[napi]
+    pub fn stats(&self) -> Result<NativeStats> {
+        guard("stats", || {
+            let s = self.inner.engine.stats();
+            Ok(NativeStats {
+                running: s.running as u32,
+                waiting: s.waiting as u32,
+                kv_blocks_total: s.kv_blocks_total as u32,
+                kv_blocks_used: s.kv_blocks_used as u32,
+                kv_blocks_free: s.kv_blocks_free as u32,
+                prefix_cache_queries: s.prefix_cache_queries as f64,
+                prefix_cache_hits: s.prefix_cache_hits as f64,
+                prompt_tokens: s.prompt_tokens as f64,
+                generation_tokens: s.generation_tokens as f64,
+                preemptions: s.preemptions as f64,
+                requests_finished: s.requests_finished as f64,
+                steps: s.steps as f64,
+            })
+        })
+    }
+
+    /// Facts about the loaded model.
+    #[napi]
+    pub fn info(&self) -> NativeModelInfo {
+        let i = &self.inner;
+        NativeModelInfo {
+            name: i.model_name.clone(),
+            architecture: i.spec.architecture.clone(),
+            max_model_len: i.spec.max_model_len as u32,
+            vocab_size: i.spec.vocab_size as u32,
+            eos_token_ids: i.eos_token_ids.clone(),
+            bos_token_id: i.bos_token_id,
+            has_chat_template: i.chat_template.is_some(),
+            device: i.device.clone(),
+        }
+    }
+
+    /// Text -> token ids with the model's tokenizer.
+    #[napi]
+    pub fn tokenize(&self, text: String, add_special_tokens: Option<bool>) -> Result<Vec<u32>> {
+        guard("tokenize", || self.inner.encode(&text, add_special_tokens.unwrap_or(true)))
+    }
+
+    /// Token ids -> text.
+    #[napi]
+    pub fn detokenize(&self, token_ids: Vec<u32>, skip_special_tokens: Option<bool>) -> Result<String> {
+        guard("detokenize", || {
+            let vocab = self.inner.spec.vocab_size;
+            if let Some(bad) = token_ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
+            }
+            Tokenizer::decode(&self.inner.tokenizer, &token_ids, skip_special_tokens.unwrap_or(true))
+                .map_err(|e| invalid(e.to_string()))
+        })
+    }
+
+    /// Render chat messages with the model's chat template.
+    #[napi]
+    pub fn apply_chat_template(
+        &self,
+        #[napi(ts_arg_type = "Array<Record<string, unknown>>")] messages: serde_json::Value,
+        add_generation_prompt: Option<bool>,
+        #[napi(ts_arg_type = "Array<Record<string, unknown>>")] tools: Option<serde_json::Value>,
+        #[napi(ts_arg_type = "Record<string, unknown>")] chat_template_kwargs: Option<serde_json::Value>,
+    ) -> Result<String> {
+        guard("applyChatTemplate", || {
+            self.inner
+                .render_chat(&messages, add_generation_prompt.unwrap_or(true), tools, chat_template_kwargs)
+        })
+    }
+
+    /// Stop the engine thread. Pending `next()` calls finish with `done`;
+    /// later calls to addRequest fail with "the engine is closed".
+    #[napi]
+    pub async fn close(&self) -> Result<()> {
+        let inner = self.inner.clone();
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let pending: Vec<Arc<ReqState>> = match inner.requests.lock() {
+            Ok(mut map) => map.drain().map(|(_, v)| v).collect(),
+            Err(_) => Vec::new(),
+        };
+        for st in pending {
+            st.aborted.store(true, Ordering::Release);
+            st.wake.notify_one();
+        }
+        let task = spawn_blocking(move || guard("close", || Ok(inner.engine.shutdown())));
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(internal(format!("engine shutdown failed: {e}"))),
+        }
+    }
+}

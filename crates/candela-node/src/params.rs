@@ -1,0 +1,145 @@
+//! JS sampling parameters -> `candela_core::SamplingParams`, with the model's
+//! generation defaults filling what the caller left out.
+//!
+//! Numbers arrive as JS numbers (f64 / i64 here) so that a bad value gets a
+//! message naming the field instead of a generic conversion failure.
+
+use candela_core::params::SamplingParams;
+use napi::Result;
+use napi_derive::napi;
+
+use crate::guard::invalid;
+
+/// Sampling parameters as JS passes them (all optional, camelCase).
+#[napi(object)]
+#[derive(Default, Clone)]
+pub struct NativeSamplingParams {
+    pub n: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub max_tokens: Option<i64>,
+    pub min_tokens: Option<i64>,
+    pub stop: Option<Vec<String>>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub ignore_eos: Option<bool>,
+    /// Number of top alternatives per token; present (even 0) turns logprobs on.
+    pub logprobs: Option<i64>,
+    pub skip_special_tokens: Option<bool>,
+}
+
+/// Defaults a model ships (generation_config.json or GGUF metadata).
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+}
+
+fn count(name: &str, v: i64, min: i64) -> Result<usize> {
+    if v < min {
+        return Err(invalid(format!("{name} must be at least {min}, got {v}")));
+    }
+    usize::try_from(v).map_err(|_| invalid(format!("{name} is too large: {v}")))
+}
+
+fn float(name: &str, v: f64) -> Result<f32> {
+    if !v.is_finite() {
+        return Err(invalid(format!("{name} must be a finite number, got {v}")));
+    }
+    Ok(v as f32)
+}
+
+/// Build the core's params. `room` is how many tokens fit after the prompt
+/// (max model length - prompt length); max_tokens is capped by it. Without
+/// maxTokens: the model's max_new_tokens, else `fallback_max_tokens`, else
+/// the whole room.
+pub fn to_sampling_params(
+    p: &NativeSamplingParams,
+    d: &Defaults,
+    room: usize,
+    fallback_max_tokens: Option<usize>,
+) -> Result<SamplingParams> {
+    let mut s = SamplingParams::default();
+    if let Some(n) = p.n {
+        s.n = count("n", n, 1)?;
+    }
+    s.temperature = match p.temperature {
+        Some(t) => float("temperature", t)?,
+        None => d.temperature.unwrap_or(s.temperature),
+    };
+    s.top_p = match p.top_p {
+        Some(v) => float("topP", v)?,
+        None => d.top_p.unwrap_or(s.top_p),
+    };
+    s.top_k = match p.top_k {
+        Some(v) => i32::try_from(v).map_err(|_| invalid(format!("topK is out of range: {v}")))?,
+        None => d.top_k.unwrap_or(s.top_k),
+    };
+    s.min_p = match p.min_p {
+        Some(v) => float("minP", v)?,
+        None => d.min_p.unwrap_or(s.min_p),
+    };
+    if let Some(seed) = p.seed {
+        if seed < 0 {
+            return Err(invalid(format!("seed must be a non-negative integer, got {seed}")));
+        }
+        s.seed = Some(seed as u64);
+    }
+    s.repetition_penalty = match p.repetition_penalty {
+        Some(v) => float("repetitionPenalty", v)?,
+        None => d.repetition_penalty.unwrap_or(s.repetition_penalty),
+    };
+    if let Some(v) = p.presence_penalty {
+        s.presence_penalty = float("presencePenalty", v)?;
+    }
+    if let Some(v) = p.frequency_penalty {
+        s.frequency_penalty = float("frequencyPenalty", v)?;
+    }
+    if room == 0 {
+        return Err(invalid("the prompt leaves no room for output tokens"));
+    }
+    s.max_tokens = match p.max_tokens {
+        Some(v) => count("maxTokens", v, 1)?.min(room),
+        None => d.max_new_tokens.or(fallback_max_tokens).unwrap_or(room).clamp(1, room),
+    };
+    if let Some(v) = p.min_tokens {
+        s.min_tokens = count("minTokens", v, 0)?;
+        if s.min_tokens > s.max_tokens {
+            if p.max_tokens.is_some_and(|m| (m as usize) < s.min_tokens) {
+                return Err(invalid(format!(
+                    "minTokens ({}) must not exceed maxTokens ({})",
+                    s.min_tokens,
+                    p.max_tokens.unwrap_or_default()
+                )));
+            }
+            // Capped by the model's length: cap minTokens with it.
+            s.min_tokens = s.max_tokens;
+        }
+    }
+    if let Some(stop) = &p.stop {
+        s.stop = stop.clone();
+    }
+    if let Some(ids) = &p.stop_token_ids {
+        s.stop_token_ids = ids.clone();
+    }
+    if let Some(v) = p.ignore_eos {
+        s.ignore_eos = v;
+    }
+    if let Some(k) = p.logprobs {
+        s.logprobs = Some(count("topLogprobs", k, 0)?);
+    }
+    if let Some(v) = p.skip_special_tokens {
+        s.skip_special_tokens = v;
+    }
+    s.validate().map_err(invalid)?;
+    Ok(s)
+}

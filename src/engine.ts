@@ -1,0 +1,407 @@
+/**
+ * {@link Engine}: load a model once, then run many requests on it at the same
+ * time. Requests are batched together by the native engine (continuous
+ * batching over a paged KV cache); each call here is one or more requests.
+ */
+
+import { existsSync } from 'node:fs'
+import { basename, resolve } from 'node:path'
+
+import { ensureDefaultModel } from './default-model.js'
+import { AbortError, abortErrorFor } from './errors.js'
+import { native } from './native.js'
+import type { NativeEngine, NativeEvent, NativeRequest, NativeSamplingParams, NativeTokenLogprob } from './native.js'
+import type {
+  ChatMessage,
+  ChatParams,
+  CompletionOutput,
+  EngineStats,
+  FinishReason,
+  LoadOptions,
+  ModelInfo,
+  PromptInput,
+  SampleOutput,
+  SamplingParams,
+  StreamChunk,
+  TokenLogprob,
+  Usage,
+} from './types.js'
+import {
+  validateChatExtras,
+  validateLoadOptions,
+  validateMessages,
+  validatePrompt,
+  validatePrompts,
+  validateSamplingParams,
+} from './validate.js'
+
+/** Default maxTokens of {@link Engine.generate} and {@link Engine.generateStream}, as vLLM's. */
+export const DEFAULT_GENERATE_MAX_TOKENS = 16
+
+function convertLogprobs(lps: NativeTokenLogprob[]): TokenLogprob[] {
+  return lps.map((lp) => ({
+    tokenId: lp.tokenId,
+    token: lp.token,
+    logprob: lp.logprob,
+    topLogprobs: lp.top.map((t) => ({ tokenId: t.tokenId, token: t.token, logprob: t.logprob })),
+  }))
+}
+
+function convertUsage(u: { promptTokens: number; completionTokens: number; cachedTokens: number }): Usage {
+  return { promptTokens: u.promptTokens, completionTokens: u.completionTokens, cachedTokens: u.cachedTokens }
+}
+
+/** One running request: its event batches as an async iterable. */
+class RequestRun {
+  #done = false
+  #aborted = false
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly nativeEngine: NativeEngine,
+    readonly id: number,
+    private readonly signal: AbortSignal | undefined,
+  ) {}
+
+  /** Abort the request (idempotent; no-op once it is over). */
+  cancel(): void {
+    if (this.#done || this.#aborted) return
+    this.#aborted = true
+    try {
+      this.nativeEngine.abort(this.id)
+    } catch {
+      // The engine is gone; nothing left to free.
+    }
+  }
+
+  /** Event batches until the request is over; throws AbortError / Error. */
+  async *batches(): AsyncGenerator<NativeEvent[], void, undefined> {
+    const onAbort = (): void => this.cancel()
+    this.signal?.addEventListener('abort', onAbort, { once: true })
+    try {
+      if (this.signal?.aborted) this.cancel()
+      for (;;) {
+        const batch = await this.nativeEngine.next(this.id)
+        if (batch.aborted || this.#aborted) {
+          this.#done = true
+          if (this.signal?.aborted) throw abortErrorFor(this.signal)
+          if (this.engine.closed) throw new Error('the engine was closed while the request was running')
+          throw new AbortError('The request was aborted')
+        }
+        const failure = batch.events.find((e) => e.kind === 'error')
+        if (failure) {
+          this.#done = true
+          throw new Error(failure.message ?? 'the request failed')
+        }
+        if (batch.done) this.#done = true
+        if (batch.events.length > 0) yield batch.events
+        if (batch.done) return
+      }
+    } finally {
+      this.signal?.removeEventListener('abort', onAbort)
+      // Left early (break, throw in the consumer's loop body, error): free the request.
+      if (!this.#done) this.cancel()
+    }
+  }
+}
+
+/** Accumulates the events of one request into per-sample outputs. */
+class Collector {
+  readonly samples: Array<SampleOutput & { usage?: Usage }> = []
+  constructor(
+    n: number,
+    private readonly wantLogprobs: boolean,
+  ) {
+    for (let i = 0; i < n; i++) this.samples.push(this.#empty(i))
+  }
+
+  #empty(index: number): SampleOutput {
+    const s: SampleOutput = { index, text: '', tokenIds: [], finishReason: 'abort', stopReason: null }
+    if (this.wantLogprobs) s.logprobs = []
+    return s
+  }
+
+  add(ev: NativeEvent): void {
+    const s = (this.samples[ev.index] ??= this.#empty(ev.index))
+    if (ev.kind === 'tokens') {
+      s.text += ev.text
+      for (const t of ev.tokenIds) s.tokenIds.push(t)
+      if (ev.logprobs && s.logprobs) for (const lp of convertLogprobs(ev.logprobs)) s.logprobs.push(lp)
+    } else if (ev.kind === 'finished') {
+      s.text += ev.text
+      s.finishReason = (ev.finishReason ?? 'stop') as FinishReason
+      s.stopReason = ev.stopReason ?? null
+      if (ev.usage) s.usage = convertUsage(ev.usage)
+    }
+  }
+
+  output(): CompletionOutput {
+    const outputs: SampleOutput[] = this.samples.map(({ usage: _u, ...s }) => s)
+    const first = this.samples.find((s) => s.usage)?.usage
+    const usage: Usage = {
+      promptTokens: first?.promptTokens ?? 0,
+      completionTokens: this.samples.reduce((acc, s) => acc + s.tokenIds.length, 0),
+      cachedTokens: first?.cachedTokens ?? 0,
+    }
+    const head = outputs[0]!
+    return { ...head, usage, outputs }
+  }
+}
+
+/**
+ * A loaded model and its engine. Create one with {@link Engine.load}; many
+ * calls may run at once and are batched together. Call {@link Engine.close}
+ * when done.
+ *
+ * @example
+ * ```ts
+ * const engine = await Engine.load({ model: 'default' })
+ * const [out] = await engine.generate('The capital of France is', { maxTokens: 8, temperature: 0 })
+ * console.log(out.text)
+ * for await (const chunk of engine.chatStream([{ role: 'user', content: 'Hi!' }], { maxTokens: 64 })) {
+ *   process.stdout.write(chunk.text)
+ * }
+ * await engine.close()
+ * ```
+ */
+export class Engine {
+  readonly #native: NativeEngine
+  readonly #info: ModelInfo
+  #closed = false
+  #closing: Promise<void> | undefined
+
+  private constructor(nativeEngine: NativeEngine, path: string) {
+    this.#native = nativeEngine
+    const i = nativeEngine.info()
+    this.#info = {
+      name: i.name,
+      path,
+      architecture: i.architecture,
+      maxModelLen: i.maxModelLen,
+      vocabSize: i.vocabSize,
+      eosTokenIds: i.eosTokenIds,
+      bosTokenId: i.bosTokenId ?? null,
+      hasChatTemplate: i.hasChatTemplate,
+      device: i.device,
+    }
+  }
+
+  /**
+   * Load a model and start its engine. Loading runs off the JS thread.
+   * Without `model` (or with `'default'`) it loads SmolLM2-135M-Instruct,
+   * downloading it once into the cache dir.
+   *
+   * @throws Error with a clear message for a missing path, an unsupported
+   *   model, an unavailable device or bad options.
+   */
+  static async load(options: LoadOptions = {}): Promise<Engine> {
+    const opts = validateLoadOptions(options)
+    let path: string
+    if (opts.model === undefined || opts.model === 'default') {
+      path = await ensureDefaultModel()
+    } else {
+      path = resolve(opts.model)
+      if (!existsSync(path)) {
+        throw new Error(
+          `model path not found: ${opts.model} (give a model folder or a .gguf file, or 'default' for SmolLM2-135M-Instruct)`,
+        )
+      }
+    }
+    const binding = native()
+    const nativeEngine = await binding.NativeEngine.load({
+      model: path,
+      device: opts.device,
+      dtype: opts.dtype,
+      chatTemplate: opts.chatTemplate,
+      maxModelLen: opts.maxModelLen,
+      blockSize: opts.blockSize,
+      kvCacheBytes: opts.kvCacheBytes,
+      maxNumSeqs: opts.maxNumSeqs,
+      maxNumBatchedTokens: opts.maxNumBatchedTokens,
+      enablePrefixCaching: opts.enablePrefixCaching,
+    })
+    return new Engine(nativeEngine, path)
+  }
+
+  /** Facts about the loaded model. */
+  get info(): ModelInfo {
+    return { ...this.#info, eosTokenIds: [...this.#info.eosTokenIds] }
+  }
+
+  /** Whether {@link Engine.close} was called. */
+  get closed(): boolean {
+    return this.#closed
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new Error('the engine is closed')
+  }
+
+  /** Submit one request; throws synchronously on bad input. */
+  #start(request: NativeRequest, signal: AbortSignal | undefined): RequestRun {
+    this.#checkOpen()
+    const id = this.#native.addRequest(request)
+    return new RequestRun(this, this.#native, id, signal)
+  }
+
+  async #collect(run: RequestRun, params: NativeSamplingParams): Promise<CompletionOutput> {
+    const c = new Collector(params.n ?? 1, params.logprobs !== undefined)
+    for await (const batch of run.batches()) for (const ev of batch) c.add(ev)
+    return c.output()
+  }
+
+  async *#chunks(run: RequestRun): AsyncGenerator<StreamChunk, void, undefined> {
+    for await (const batch of run.batches()) {
+      for (const ev of batch) {
+        if (ev.kind === 'tokens') {
+          const chunk: StreamChunk = { index: ev.index, text: ev.text, tokenIds: ev.tokenIds }
+          if (ev.logprobs) chunk.logprobs = convertLogprobs(ev.logprobs)
+          yield chunk
+        } else if (ev.kind === 'finished') {
+          const chunk: StreamChunk = {
+            index: ev.index,
+            text: ev.text,
+            tokenIds: [],
+            finishReason: (ev.finishReason ?? 'stop') as FinishReason,
+            stopReason: ev.stopReason ?? null,
+          }
+          if (ev.usage) chunk.usage = convertUsage(ev.usage)
+          yield chunk
+        }
+      }
+    }
+  }
+
+  /**
+   * Complete one prompt or a batch of prompts; all of them run together.
+   * Resolves to one output per prompt, in order.
+   *
+   * @param prompts a string, `{ prompt }`, `{ promptTokenIds }`, or an array of them.
+   * @param params sampling parameters shared by all prompts (maxTokens defaults to 16).
+   */
+  async generate(prompts: PromptInput | PromptInput[], params: SamplingParams = {}): Promise<CompletionOutput[]> {
+    this.#checkOpen()
+    const requests = validatePrompts(prompts)
+    const sp = validateSamplingParams(params, { chat: false })
+    const signal = params.signal
+    if (signal?.aborted) throw abortErrorFor(signal)
+    const runs: RequestRun[] = []
+    try {
+      for (const r of requests) {
+        runs.push(this.#start({ ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, signal))
+      }
+    } catch (err) {
+      for (const run of runs) run.cancel()
+      throw err
+    }
+    try {
+      return await Promise.all(runs.map((run) => this.#collect(run, sp)))
+    } catch (err) {
+      for (const run of runs) run.cancel()
+      throw err
+    }
+  }
+
+  /**
+   * Stream the completion of one prompt, chunk by chunk. Breaking out of the
+   * loop aborts the request.
+   */
+  async *generateStream(prompt: PromptInput, params: SamplingParams = {}): AsyncGenerator<StreamChunk, void, undefined> {
+    this.#checkOpen()
+    const request = validatePrompt(prompt)
+    const sp = validateSamplingParams(params, { chat: false })
+    if (params.signal?.aborted) throw abortErrorFor(params.signal)
+    yield* this.#chunks(this.#start({ ...request, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, params.signal))
+  }
+
+  #chatRequest(messages: ChatMessage[], params: ChatParams): NativeRequest {
+    const msgs = validateMessages(messages)
+    const sp = validateSamplingParams(params, { chat: true })
+    return { messages: msgs, ...validateChatExtras(params), params: sp }
+  }
+
+  /**
+   * Answer a conversation with the model's chat template. maxTokens defaults
+   * to the rest of the context.
+   */
+  async chat(messages: ChatMessage[], params: ChatParams = {}): Promise<CompletionOutput> {
+    this.#checkOpen()
+    const request = this.#chatRequest(messages, params)
+    if (params.signal?.aborted) throw abortErrorFor(params.signal)
+    const run = this.#start(request, params.signal)
+    return this.#collect(run, request.params ?? {})
+  }
+
+  /**
+   * Stream the answer to a conversation. Breaking out of the loop (or
+   * aborting `signal`) aborts the request and frees its KV blocks.
+   *
+   * @example
+   * ```ts
+   * for await (const chunk of engine.chatStream(messages, { maxTokens: 64 })) process.stdout.write(chunk.text)
+   * ```
+   */
+  async *chatStream(messages: ChatMessage[], params: ChatParams = {}): AsyncGenerator<StreamChunk, void, undefined> {
+    this.#checkOpen()
+    const request = this.#chatRequest(messages, params)
+    if (params.signal?.aborted) throw abortErrorFor(params.signal)
+    yield* this.#chunks(this.#start(request, params.signal))
+  }
+
+  /** Token ids of `text` (with BOS etc. unless `addSpecialTokens` is false). */
+  tokenize(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    this.#checkOpen()
+    if (typeof text !== 'string') throw new TypeError('text must be a string')
+    return this.#native.tokenize(text, options.addSpecialTokens ?? true)
+  }
+
+  /** Text of `tokenIds` (special tokens dropped unless `skipSpecialTokens` is false). */
+  detokenize(tokenIds: number[], options: { skipSpecialTokens?: boolean } = {}): string {
+    this.#checkOpen()
+    if (!Array.isArray(tokenIds) || !tokenIds.every((t) => Number.isInteger(t) && t >= 0)) {
+      throw new TypeError('tokenIds must be an array of non-negative integers')
+    }
+    return this.#native.detokenize(tokenIds, options.skipSpecialTokens ?? true)
+  }
+
+  /** The prompt text the chat template makes of `messages`. */
+  applyChatTemplate(
+    messages: ChatMessage[],
+    options: Pick<ChatParams, 'chatTemplateKwargs' | 'tools' | 'addGenerationPrompt'> = {},
+  ): string {
+    this.#checkOpen()
+    const msgs = validateMessages(messages)
+    const extras = validateChatExtras(options)
+    return this.#native.applyChatTemplate(msgs, extras.addGenerationPrompt ?? true, extras.tools, extras.chatTemplateKwargs)
+  }
+
+  /** Engine counters (requests, KV blocks, prefix cache, tokens). */
+  stats(): EngineStats {
+    this.#checkOpen()
+    const s = this.#native.stats()
+    return {
+      running: s.running,
+      waiting: s.waiting,
+      kvBlocksTotal: s.kvBlocksTotal,
+      kvBlocksUsed: s.kvBlocksUsed,
+      kvBlocksFree: s.kvBlocksFree,
+      prefixCacheQueries: s.prefixCacheQueries,
+      prefixCacheHits: s.prefixCacheHits,
+      promptTokens: s.promptTokens,
+      generationTokens: s.generationTokens,
+      preemptions: s.preemptions,
+      requestsFinished: s.requestsFinished,
+      steps: s.steps,
+    }
+  }
+
+  /**
+   * Stop the engine and free the model. Requests still running end with an
+   * Error; later calls throw "the engine is closed". Safe to call twice.
+   */
+  close(): Promise<void> {
+    this.#closed = true
+    this.#closing ??= this.#native.close()
+    return this.#closing
+  }
+}

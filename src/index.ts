@@ -1,0 +1,40 @@
+/**
+ * candela: local LLM inference for Node. A Rust engine (candle tensors, paged
+ * KV cache, continuous batching, prefix caching) behind a typed API.
+ *
+ * @example
+ * ```ts
+ * import { Engine } from 'candela'
+ * const engine = await Engine.load({ model: 'default' })
+ * const res = await engine.chat([{ role: 'user', content: 'Hi' }], { maxTokens: 32 })
+ * console.log(res.text)
+ * await engine.close()
+ * ```
+ *
+ * @module
+ */
+
+export { Engine, DEFAULT_GENERATE_MAX_TOKENS } from './engine.js'
+export { AbortError, ValidationError } from './errors.js'
+export { DEFAULT_MODEL, defaultModelPath, ensureDefaultModel, modelCacheDir } from './default-model.js'
+export type { FetchOptions } from './default-model.js'
+export type {
+  ChatMessage,
+  ChatParams,
+  ChatRole,
+  CompletionOutput,
+  Device,
+  DType,
+  EngineStats,
+  FinishReason,
+  LoadOptions,
+  ModelInfo,
+  PromptInput,
+  SampleOutput,
+  SamplingParams,
+  StreamChunk,
+  TextContentPart,
+  TokenLogprob,
+  TopLogprob,
+  Usage,
+} from './types.js'

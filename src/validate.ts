@@ -1,0 +1,266 @@
+/**
+ * Input checks of the public API. Each failure throws a {@link ValidationError}
+ * whose message names the field and the value; the Rust side checks again.
+ */
+
+import { ValidationError } from './errors.js'
+import type { NativeRequest, NativeSamplingParams } from './native.js'
+import type { ChatParams, LoadOptions, PromptInput, SamplingParams } from './types.js'
+
+const fail = (msg: string): never => {
+  throw new ValidationError(msg)
+}
+
+const show = (v: unknown): string => {
+  if (typeof v === 'string') return JSON.stringify(v)
+  if (typeof v === 'number' || typeof v === 'boolean' || v === null || v === undefined) return String(v)
+  try {
+    const s = JSON.stringify(v)
+    return s === undefined ? typeof v : s.length > 60 ? `${s.slice(0, 57)}...` : s
+  } catch {
+    return typeof v
+  }
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === 'object' && v !== null && !Array.isArray(v)
+
+function checkKeys(obj: Record<string, unknown>, allowed: readonly string[], what: string): void {
+  for (const key of Object.keys(obj)) {
+    if (!allowed.includes(key)) {
+      const camel = key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase())
+      const hint = camel !== key && allowed.includes(camel) ? ` (did you mean ${camel}?)` : ''
+      fail(`unknown ${what} ${JSON.stringify(key)}${hint}`)
+    }
+  }
+}
+
+function int(name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v !== 'number' || !Number.isInteger(v)) return fail(`${name} must be an integer, got ${show(v)}`)
+  if (v < min) return fail(`${name} must be at least ${min}, got ${v}`)
+  if (v > max) return fail(`${name} must be at most ${max}, got ${v}`)
+  return v
+}
+
+function real(name: string, v: unknown, check: (x: number) => boolean, range: string): number {
+  if (typeof v !== 'number' || !Number.isFinite(v)) return fail(`${name} must be a finite number, got ${show(v)}`)
+  if (!check(v)) return fail(`${name} must be ${range}, got ${v}`)
+  return v
+}
+
+function bool(name: string, v: unknown): boolean {
+  if (typeof v !== 'boolean') return fail(`${name} must be true or false, got ${show(v)}`)
+  return v
+}
+
+const LOAD_KEYS = [
+  'model',
+  'device',
+  'dtype',
+  'maxNumSeqs',
+  'maxNumBatchedTokens',
+  'kvCacheBytes',
+  'enablePrefixCaching',
+  'blockSize',
+  'maxModelLen',
+  'chatTemplate',
+] as const
+
+/** Check {@link LoadOptions}; returns the device to use (`'auto'` resolved). */
+export function validateLoadOptions(opts: unknown): LoadOptions & { device: 'cpu' } {
+  if (opts === undefined) opts = {}
+  if (!isObject(opts)) return fail(`load options must be an object, got ${show(opts)}`)
+  checkKeys(opts, LOAD_KEYS, 'load option')
+  const o = opts as LoadOptions
+  if (o.model !== undefined && (typeof o.model !== 'string' || o.model.trim() === '')) {
+    fail(`model must be a path to a model folder or .gguf file, got ${show(o.model)}`)
+  }
+  const device = o.device ?? 'cpu'
+  if (device === 'cuda') {
+    fail("device 'cuda' is not available: this build of candela has no CUDA support (use 'cpu')")
+  }
+  if (device !== 'cpu' && device !== 'auto') fail(`device must be 'cpu', 'cuda' or 'auto', got ${show(device)}`)
+  if (o.dtype !== undefined && !['auto', 'f32', 'f16', 'bf16'].includes(o.dtype)) {
+    fail(`dtype must be 'auto', 'f32', 'f16' or 'bf16', got ${show(o.dtype)}`)
+  }
+  if (o.maxNumSeqs !== undefined) int('maxNumSeqs', o.maxNumSeqs, 1, 4096)
+  if (o.maxNumBatchedTokens !== undefined) int('maxNumBatchedTokens', o.maxNumBatchedTokens, 1, 1 << 24)
+  if (o.kvCacheBytes !== undefined) int('kvCacheBytes', o.kvCacheBytes, 1)
+  if (o.enablePrefixCaching !== undefined) bool('enablePrefixCaching', o.enablePrefixCaching)
+  if (o.blockSize !== undefined) int('blockSize', o.blockSize, 1, 1024)
+  if (o.maxModelLen !== undefined) int('maxModelLen', o.maxModelLen, 2, 1 << 24)
+  if (o.chatTemplate !== undefined && typeof o.chatTemplate !== 'string') {
+    fail(`chatTemplate must be a string, got ${show(o.chatTemplate)}`)
+  }
+  return { ...o, device: 'cpu' }
+}
+
+const SAMPLING_KEYS = [
+  'maxTokens',
+  'temperature',
+  'topP',
+  'topK',
+  'minP',
+  'seed',
+  'n',
+  'repetitionPenalty',
+  'presencePenalty',
+  'frequencyPenalty',
+  'stop',
+  'stopTokenIds',
+  'ignoreEos',
+  'logprobs',
+  'topLogprobs',
+  'minTokens',
+  'skipSpecialTokens',
+  'signal',
+] as const
+
+const CHAT_KEYS = [...SAMPLING_KEYS, 'chatTemplateKwargs', 'tools', 'addGenerationPrompt'] as const
+
+/** Check sampling params and convert them to the native shape. */
+export function validateSamplingParams(params: unknown, opts: { chat: boolean }): NativeSamplingParams {
+  if (params === undefined) params = {}
+  if (!isObject(params)) return fail(`params must be an object, got ${show(params)}`)
+  checkKeys(params, opts.chat ? CHAT_KEYS : SAMPLING_KEYS, 'parameter')
+  const p = params as SamplingParams
+  const out: NativeSamplingParams = {}
+  if (p.maxTokens !== undefined) out.maxTokens = int('maxTokens', p.maxTokens, 1)
+  if (p.temperature !== undefined) out.temperature = real('temperature', p.temperature, (x) => x >= 0, '>= 0')
+  if (p.topP !== undefined) out.topP = real('topP', p.topP, (x) => x > 0 && x <= 1, 'in (0, 1]')
+  if (p.topK !== undefined) out.topK = int('topK', p.topK, -1)
+  if (p.minP !== undefined) out.minP = real('minP', p.minP, (x) => x >= 0 && x <= 1, 'in [0, 1]')
+  if (p.seed !== undefined) out.seed = int('seed', p.seed, 0)
+  if (p.n !== undefined) out.n = int('n', p.n, 1, 256)
+  if (p.repetitionPenalty !== undefined) {
+    out.repetitionPenalty = real('repetitionPenalty', p.repetitionPenalty, (x) => x > 0, '> 0')
+  }
+  if (p.presencePenalty !== undefined) {
+    out.presencePenalty = real('presencePenalty', p.presencePenalty, (x) => x >= -2 && x <= 2, 'in [-2, 2]')
+  }
+  if (p.frequencyPenalty !== undefined) {
+    out.frequencyPenalty = real('frequencyPenalty', p.frequencyPenalty, (x) => x >= -2 && x <= 2, 'in [-2, 2]')
+  }
+  if (p.stop !== undefined) {
+    const stops = typeof p.stop === 'string' ? [p.stop] : p.stop
+    if (!Array.isArray(stops)) return fail(`stop must be a string or an array of strings, got ${show(p.stop)}`)
+    for (const s of stops) {
+      if (typeof s !== 'string' || s.length === 0) fail(`stop strings must be non-empty strings, got ${show(s)}`)
+    }
+    out.stop = [...stops]
+  }
+  if (p.stopTokenIds !== undefined) {
+    if (!Array.isArray(p.stopTokenIds)) return fail(`stopTokenIds must be an array of token ids, got ${show(p.stopTokenIds)}`)
+    out.stopTokenIds = p.stopTokenIds.map((t) => int('stopTokenIds[]', t, 0, 0xffffffff))
+  }
+  if (p.ignoreEos !== undefined) out.ignoreEos = bool('ignoreEos', p.ignoreEos)
+  if (p.logprobs !== undefined) bool('logprobs', p.logprobs)
+  if (p.topLogprobs !== undefined) {
+    int('topLogprobs', p.topLogprobs, 0, 20)
+    if (p.logprobs === false) fail('topLogprobs needs logprobs: true')
+  }
+  if (p.logprobs === true || p.topLogprobs !== undefined) out.logprobs = p.topLogprobs ?? 0
+  if (p.minTokens !== undefined) {
+    out.minTokens = int('minTokens', p.minTokens, 0)
+    if (out.maxTokens !== undefined && out.minTokens > out.maxTokens) {
+      fail(`minTokens (${out.minTokens}) must not exceed maxTokens (${out.maxTokens})`)
+    }
+  }
+  if (p.skipSpecialTokens !== undefined) out.skipSpecialTokens = bool('skipSpecialTokens', p.skipSpecialTokens)
+  if (p.signal !== undefined && !(p.signal instanceof AbortSignal)) {
+    fail(`signal must be an AbortSignal, got ${show(p.signal)}`)
+  }
+  return out
+}
+
+/** Check one prompt of {@link Engine.generate} and convert it to a native request. */
+export function validatePrompt(input: unknown, where = 'prompt'): NativeRequest {
+  if (typeof input === 'string') return { prompt: input }
+  if (!isObject(input)) return fail(`${where} must be a string, { prompt } or { promptTokenIds }, got ${show(input)}`)
+  if ('prompt' in input && 'promptTokenIds' in input) fail(`${where} must have prompt or promptTokenIds, not both`)
+  if ('prompt' in input) {
+    checkKeys(input, ['prompt'], `key in ${where}`)
+    if (typeof input.prompt !== 'string') return fail(`${where}.prompt must be a string, got ${show(input.prompt)}`)
+    return { prompt: input.prompt }
+  }
+  if ('promptTokenIds' in input) {
+    checkKeys(input, ['promptTokenIds'], `key in ${where}`)
+    const ids = input.promptTokenIds
+    if (!Array.isArray(ids) || ids.length === 0) {
+      return fail(`${where}.promptTokenIds must be a non-empty array of token ids, got ${show(ids)}`)
+    }
+    return { promptTokenIds: ids.map((t) => int(`${where}.promptTokenIds[]`, t, 0, 0xffffffff)) }
+  }
+  return fail(`${where} must be a string, { prompt } or { promptTokenIds }, got ${show(input)}`)
+}
+
+/** Normalise a list of prompts (one prompt or an array). */
+export function validatePrompts(prompts: unknown): NativeRequest[] {
+  if (Array.isArray(prompts)) {
+    if (prompts.length === 0) fail('prompts must not be empty')
+    return prompts.map((p, i) => validatePrompt(p, `prompts[${i}]`))
+  }
+  return [validatePrompt(prompts as PromptInput)]
+}
+
+const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'] as const
+
+/**
+ * Check chat messages; text-part arrays are joined into one string (the form
+ * every text-only chat template accepts).
+ */
+export function validateMessages(messages: unknown): Array<Record<string, unknown>> {
+  if (!Array.isArray(messages)) return fail(`messages must be an array of { role, content }, got ${show(messages)}`)
+  if (messages.length === 0) fail('messages must not be empty')
+  return messages.map((m: unknown, i) => {
+    const at = `messages[${i}]`
+    if (!isObject(m)) return fail(`${at} must be an object with role and content, got ${show(m)}`)
+    if (!('role' in m)) fail(`${at} has no role`)
+    if (typeof m.role !== 'string' || !(ROLES as readonly string[]).includes(m.role)) {
+      fail(`${at}.role must be one of ${ROLES.join(', ')}; got ${show(m.role)}`)
+    }
+    const msg: Record<string, unknown> = { ...m }
+    const content = m.content
+    const hasToolCalls = Array.isArray(m.tool_calls) && m.tool_calls.length > 0
+    if (content === undefined || content === null) {
+      if (!(m.role === 'assistant' && hasToolCalls)) fail(`${at} has no content`)
+      msg.content = null
+    } else if (typeof content === 'string') {
+      // as is
+    } else if (Array.isArray(content)) {
+      const texts = content.map((part: unknown, j) => {
+        const pat = `${at}.content[${j}]`
+        if (!isObject(part) || typeof part.type !== 'string') return fail(`${pat} must be a { type, ... } content part`)
+        if (part.type !== 'text') {
+          return fail(`${pat}: content type ${show(part.type)} is not supported yet (text only)`)
+        }
+        if (typeof part.text !== 'string') return fail(`${pat}.text must be a string`)
+        return part.text
+      })
+      msg.content = texts.join('\n')
+    } else {
+      fail(`${at}.content must be a string or an array of text parts, got ${show(content)}`)
+    }
+    if (m.name !== undefined && typeof m.name !== 'string') fail(`${at}.name must be a string`)
+    return msg
+  })
+}
+
+/** Check the chat-only fields of {@link ChatParams}. */
+export function validateChatExtras(params: ChatParams | undefined): Pick<
+  NativeRequest,
+  'chatTemplateKwargs' | 'tools' | 'addGenerationPrompt'
+> {
+  const out: Pick<NativeRequest, 'chatTemplateKwargs' | 'tools' | 'addGenerationPrompt'> = {}
+  if (!params) return out
+  if (params.chatTemplateKwargs !== undefined) {
+    if (!isObject(params.chatTemplateKwargs)) fail(`chatTemplateKwargs must be an object, got ${show(params.chatTemplateKwargs)}`)
+    out.chatTemplateKwargs = params.chatTemplateKwargs
+  }
+  if (params.tools !== undefined) {
+    if (!Array.isArray(params.tools) || !params.tools.every(isObject)) fail('tools must be an array of objects')
+    out.tools = params.tools
+  }
+  if (params.addGenerationPrompt !== undefined) out.addGenerationPrompt = bool('addGenerationPrompt', params.addGenerationPrompt)
+  return out
+}

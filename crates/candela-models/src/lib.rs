@@ -1,1 +1,28 @@
+//! Model forward passes on candle for candela: llama-family decoders
+//! (llama, qwen2, qwen3) over a paged KV cache, weight loading
+//! (safetensors, GGUF), tokenizers and chat templates.
+//!
+//! Entry point: [`load`] a model folder or `.gguf` file into a
+//! [`LoadedModel`]; its `model` implements [`candela_core::model::Model`].
 
+pub mod chat_template;
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod llama;
+pub mod loader;
+pub mod paged_attention;
+pub mod quant;
+pub mod qwen2;
+pub mod qwen3;
+pub mod registry;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat_template::{ChatRenderOptions, ChatTemplate};
+pub use error::ModelError;
+pub use layers::{DecoderConfig, DecoderLm};
+pub use loader::{load, GenerationDefaults, LoadOptions, LoadedModel};
+pub use tokenizer::Tokenizer;
+pub use weights::{Embedding, Linear, QuantWeight, Weights};

@@ -1,0 +1,78 @@
+//! The crate's error type. Every failure that can come from user input (a
+//! path, a config file, a checkpoint, a template) is a variant here with a
+//! message that says what went wrong and where.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model path does not exist: {0}")]
+    MissingPath(PathBuf),
+
+    #[error("missing {file} in model folder {dir}")]
+    MissingFile { dir: PathBuf, file: &'static str },
+
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid {what} ({path}): {message}")]
+    InvalidJson {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+
+    #[error("unsupported architecture {name:?}; supported: {supported}")]
+    UnsupportedArchitecture { name: String, supported: String },
+
+    #[error("invalid model config: {0}")]
+    Config(String),
+
+    #[error("cannot load weights from {path}: {message}")]
+    Weights { path: PathBuf, message: String },
+
+    #[error("missing tensor {0:?} in checkpoint")]
+    MissingTensor(String),
+
+    #[error("invalid GGUF file {path}: {message}")]
+    Gguf { path: PathBuf, message: String },
+
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template error: {0}")]
+    ChatTemplate(String),
+
+    /// Raised by a template through `raise_exception(msg)`; carries msg as is.
+    #[error("chat template raised an exception: {0}")]
+    TemplateException(String),
+
+    #[error(
+        "unsupported dtype {0:?}; use one of auto, f32, float32, bf16, bfloat16, f16, float16"
+    )]
+    UnsupportedDType(String),
+
+    #[error("unsupported device {0:?}: this build has no CUDA support (use \"cpu\")")]
+    NoCuda(String),
+
+    #[error("unsupported device {0:?}; supported: cpu")]
+    UnsupportedDevice(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

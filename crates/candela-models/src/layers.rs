@@ -1,0 +1,633 @@
+//! Building blocks shared by the llama-family decoders (llama, qwen2,
+//! qwen3) and the decoder itself, parameterised by [`DecoderConfig`].
+//!
+//! The whole ragged batch runs as one `[num_tokens, hidden]` matrix; only
+//! attention looks at sequence boundaries, through the paged KV cache.
+
+use std::sync::Arc;
+
+use candela_core::model::{ForwardBatch, Model, ModelSpec};
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::error::ModelError;
+
+type MResult<T> = std::result::Result<T, ModelError>;
+use crate::paged_attention::{alloc_kv_pool, paged_attention, write_kv, AttentionMetadata};
+use crate::rope::{RopeConfig, RotaryEmbedding};
+use crate::weights::{Embedding, Linear, MultiLinear, Weights};
+
+/// Everything that distinguishes one llama-family checkpoint from another.
+#[derive(Debug, Clone)]
+pub struct DecoderConfig {
+    /// Reported as `ModelSpec::architecture`.
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    /// `rope.max_positions` is the longest sequence accepted.
+    pub rope: RopeConfig,
+    /// Bias on q/k/v projections (qwen2; llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (llama with `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (llama with `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Per-head RMSNorm of q and k before rope (qwen3).
+    pub qk_norm: bool,
+    /// Use the embedding matrix as the output projection.
+    pub tie_word_embeddings: bool,
+}
+
+impl DecoderConfig {
+    pub fn max_model_len(&self) -> usize {
+        self.rope.max_positions
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> MResult<Self> {
+        Ok(Self {
+            weight: w.tensor(&format!("{name}.weight"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// gate and up, stacked when possible.
+    gate_up: MultiLinear,
+    down: Linear,
+}
+
+impl Mlp {
+    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig) -> MResult<Self> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let gate = w.linear(&format!("{prefix}.gate_proj"), h, i, b)?;
+        let up = w.linear(&format!("{prefix}.up_proj"), h, i, b)?;
+        Ok(Self {
+            gate_up: MultiLinear::new(vec![gate, up])?,
+            down: w.linear(&format!("{prefix}.down_proj"), i, h, b)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        let (g, u) = match gu.as_slice() {
+            [g, u] => (g, u),
+            _ => bail!("mlp: expected gate and up outputs"),
+        };
+        self.down.forward(&(g.silu()? * u)?)
+    }
+}
+
+/// What every layer's attention needs from the batch, computed once per forward.
+pub struct StepContext {
+    pub meta: Arc<AttentionMetadata>,
+    pub slots: Tensor,
+    pub rope_rows: crate::rope::RopeRows,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// q, k and v, stacked when possible.
+    qkv: MultiLinear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl Attention {
+    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig) -> MResult<Self> {
+        let (h, nh, nkv, hd) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(RmsNorm::load(
+                    w,
+                    &format!("{prefix}.q_norm"),
+                    hd,
+                    cfg.rms_norm_eps,
+                )?),
+                Some(RmsNorm::load(
+                    w,
+                    &format!("{prefix}.k_norm"),
+                    hd,
+                    cfg.rms_norm_eps,
+                )?),
+            )
+        } else {
+            (None, None)
+        };
+        let q = w.linear(&format!("{prefix}.q_proj"), h, nh * hd, cfg.qkv_bias)?;
+        let k = w.linear(&format!("{prefix}.k_proj"), h, nkv * hd, cfg.qkv_bias)?;
+        let v = w.linear(&format!("{prefix}.v_proj"), h, nkv * hd, cfg.qkv_bias)?;
+        Ok(Self {
+            qkv: MultiLinear::new(vec![q, k, v])?,
+            o_proj: w.linear(&format!("{prefix}.o_proj"), nh * hd, h, cfg.o_bias)?,
+            q_norm,
+            k_norm,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        ctx: &StepContext,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let qkv = self.qkv.forward(x)?;
+        let [q, k, v] = qkv.as_slice() else {
+            bail!("attention: expected q, k and v outputs");
+        };
+        let q = q.reshape((t, self.num_heads, self.head_dim))?;
+        let k = k.reshape((t, self.num_kv_heads, self.head_dim))?;
+        let v = v.reshape((t, self.num_kv_heads, self.head_dim))?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
+        let q = rope.apply(&q, &ctx.rope_rows)?;
+        let k = rope.apply(&k, &ctx.rope_rows)?;
+        write_kv(k_cache, v_cache, &k, &v, &ctx.slots)?;
+        let o = paged_attention(&q, k_cache, v_cache, &ctx.meta, self.scale)?;
+        self.o_proj
+            .forward(&o.reshape((t, self.num_heads * self.head_dim))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn load(w: &Weights, i: usize, cfg: &DecoderConfig) -> MResult<Self> {
+        let p = format!("model.layers.{i}");
+        Ok(Self {
+            input_norm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_attn_norm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        ctx: &StepContext,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward(&self.input_norm.forward(x)?, rope, ctx, k_cache, v_cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?)?;
+        x + h
+    }
+}
+
+/// One layer's KV pool.
+#[derive(Debug, Clone)]
+pub struct KvPool {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// A llama-family causal LM over a paged KV cache.
+pub struct DecoderLm {
+    cfg: DecoderConfig,
+    spec: ModelSpec,
+    embed: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    kv: Vec<KvPool>,
+    /// `(num_blocks, block_size)` once the pool is allocated.
+    pool_shape: Option<(usize, usize)>,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for DecoderLm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderLm")
+            .field("spec", &self.spec)
+            .field("dtype", &self.dtype)
+            .field("pool_shape", &self.pool_shape)
+            .finish()
+    }
+}
+
+impl DecoderLm {
+    /// Build the model from Hugging Face-named weights.
+    pub fn load(cfg: DecoderConfig, w: &Weights) -> MResult<Self> {
+        let dtype = w.dtype();
+        let device = w.device().clone();
+        let embed = w.embedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(w, i, &cfg))
+            .collect::<MResult<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let tie = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
+        let lm_head = if tie {
+            embed.as_linear()
+        } else {
+            w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let rope = RotaryEmbedding::new(&cfg.rope, dtype, &device)?;
+        let spec = ModelSpec {
+            architecture: cfg.architecture.clone(),
+            num_layers: cfg.num_layers,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            vocab_size: cfg.vocab_size,
+            max_model_len: cfg.max_model_len(),
+            kv_dtype: dtype,
+        };
+        Ok(Self {
+            cfg,
+            spec,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            kv: Vec::new(),
+            pool_shape: None,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn check_batch(&self, batch: &ForwardBatch) -> Result<()> {
+        let Some((_, block_size)) = self.pool_shape else {
+            bail!("forward called before allocate_kv_cache");
+        };
+        if batch.block_size != block_size {
+            bail!(
+                "batch block_size {} differs from the allocated pool's {block_size}",
+                batch.block_size
+            );
+        }
+        let n = batch.num_tokens();
+        if batch.positions.len() != n || batch.slot_mapping.len() != n {
+            bail!(
+                "batch has {n} input ids, {} positions and {} slots",
+                batch.positions.len(),
+                batch.slot_mapping.len()
+            );
+        }
+        if let Some(&id) = batch
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            bail!(
+                "token id {id} out of range (vocab size {})",
+                self.cfg.vocab_size
+            );
+        }
+        let max_pos = self.rope.max_positions();
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
+            bail!("position {p} beyond the model's maximum length {max_pos}");
+        }
+        for (i, s) in batch.seqs.iter().enumerate() {
+            if s.needs_logits && s.query_len == 0 {
+                bail!("sequence {i} asks for logits but has no new tokens");
+            }
+            if s.context_len > max_pos {
+                bail!(
+                    "sequence {i} context {} beyond the model's maximum length {max_pos}",
+                    s.context_len
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Model for DecoderLm {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn allocate_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
+        if block_size == 0 {
+            bail!("block_size must be positive");
+        }
+        // Drop any previous pool before allocating the new one.
+        self.kv.clear();
+        self.pool_shape = None;
+        let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        for _ in 0..self.cfg.num_layers {
+            self.kv.push(KvPool {
+                k: alloc_kv_pool(num_blocks, block_size, nkv, hd, self.dtype, &self.device)?,
+                v: alloc_kv_pool(num_blocks, block_size, nkv, hd, self.dtype, &self.device)?,
+            });
+        }
+        self.pool_shape = Some((num_blocks, block_size));
+        Ok(())
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Tensor> {
+        self.run(batch, LogitRows::LastOfSeqs)
+    }
+}
+
+/// Which hidden rows go through the LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogitRows {
+    /// The last new token of each sequence with `needs_logits` (the engine's contract).
+    LastOfSeqs,
+    /// Every new token of the batch (prompt logprobs, parity checks).
+    All,
+}
+
+impl DecoderLm {
+    /// Like [`Model::forward`], but returns f32 logits for every token of
+    /// the batch, `[num_tokens, vocab_size]` in batch order.
+    pub fn forward_all_logits(&mut self, batch: &ForwardBatch) -> Result<Tensor> {
+        self.run(batch, LogitRows::All)
+    }
+
+    fn run(&mut self, batch: &ForwardBatch, which: LogitRows) -> Result<Tensor> {
+        self.check_batch(batch)?;
+        let n = batch.num_tokens();
+        let rows: Vec<u32> = match which {
+            LogitRows::All => (0..n as u32).collect(),
+            LogitRows::LastOfSeqs => batch
+                .seqs
+                .iter()
+                .filter(|s| s.needs_logits)
+                .map(|s| (s.query_start + s.query_len - 1) as u32)
+                .collect(),
+        };
+        if n == 0 {
+            return Tensor::zeros((rows.len(), self.cfg.vocab_size), DType::F32, &self.device);
+        }
+        let meta = Arc::new(AttentionMetadata::from_batch(batch)?);
+        let dev = &self.device;
+        let positions = Tensor::from_slice(&batch.positions, n, dev)?;
+        let ctx = StepContext {
+            meta,
+            slots: Tensor::from_slice(&batch.slot_mapping, n, dev)?,
+            rope_rows: self.rope.rows(&positions)?,
+        };
+        let mut x = self.embed.forward(&batch.input_ids, dev)?;
+        for (layer, pool) in self.layers.iter().zip(&self.kv) {
+            x = layer.forward(&x, &self.rope, &ctx, &pool.k, &pool.v)?;
+        }
+        if rows.is_empty() {
+            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
+        }
+        let x = if which == LogitRows::All {
+            x
+        } else {
+            let nrows = rows.len();
+            x.index_select(&Tensor::from_vec(rows, nrows, dev)?, 0)?
+        };
+        let x = self.norm.forward(&x)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+}
+
+/// Resolve the served length: the user's request, capped by what the
+/// checkpoint supports.
+pub fn resolve_max_len(requested: Option<usize>, model_max: usize) -> MResult<usize> {
+    match requested {
+        None => Ok(model_max),
+        Some(0) => Err(ModelError::Config("max_model_len must be positive".into())),
+        Some(m) if m > model_max => Err(ModelError::Config(format!(
+            "max_model_len {m} is larger than the model's maximum of {model_max} positions"
+        ))),
+        Some(m) => Ok(m),
+    }
+}
+
+/// The llama-family hyperparameters of a Hugging Face config; the
+/// architecture files adjust biases, norms and rope from here.
+pub fn hf_base_config(
+    cfg: &crate::config::HfConfig,
+    architecture: &str,
+    max_model_len: Option<usize>,
+) -> MResult<DecoderConfig> {
+    use crate::rope::{RopeScaling, RopeStyle};
+    let scaling = match cfg.rope_scaling() {
+        None => RopeScaling::None,
+        Some(s) => {
+            let kind = s.rope_type.as_deref().unwrap_or("default");
+            let factor = s.factor.map(|f| f as f32);
+            match kind {
+                "linear" => RopeScaling::Linear {
+                    factor: factor.ok_or_else(|| {
+                        ModelError::Config("linear rope_scaling needs factor".into())
+                    })?,
+                },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: factor.ok_or_else(|| {
+                        ModelError::Config("llama3 rope_scaling needs factor".into())
+                    })?,
+                    low_freq_factor: s.low_freq_factor.unwrap_or(1.0) as f32,
+                    high_freq_factor: s.high_freq_factor.unwrap_or(4.0) as f32,
+                    original_max_position_embeddings: s
+                        .original_max_position_embeddings
+                        .unwrap_or(8192),
+                },
+                other => return Err(ModelError::Config(format!(
+                    "unsupported rope_scaling type {other:?} (supported: default, linear, llama3)"
+                ))),
+            }
+        }
+    };
+    if let RopeScaling::Llama3 {
+        low_freq_factor,
+        high_freq_factor,
+        ..
+    } = &scaling
+    {
+        if high_freq_factor <= low_freq_factor {
+            return Err(ModelError::Config(
+                "llama3 rope_scaling needs high_freq_factor > low_freq_factor".into(),
+            ));
+        }
+    }
+    let max_len = resolve_max_len(max_model_len, cfg.max_position_embeddings)?;
+    Ok(DecoderConfig {
+        architecture: architecture.to_string(),
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_layers: cfg.num_hidden_layers,
+        num_heads: cfg.num_attention_heads,
+        num_kv_heads: cfg.num_kv_heads(),
+        head_dim: cfg.head_dim(),
+        vocab_size: cfg.vocab_size,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope: RopeConfig {
+            theta: cfg.rope_theta() as f32,
+            head_dim: cfg.head_dim(),
+            max_positions: max_len,
+            scaling,
+            style: RopeStyle::Neox,
+        },
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        qk_norm: false,
+        tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+    })
+}
+
+/// The llama-family hyperparameters of a GGUF file (`{arch}.*` metadata).
+pub fn gguf_base_config(
+    g: &crate::weights::GgufWeights,
+    arch: &str,
+    architecture: &str,
+    max_model_len: Option<usize>,
+) -> MResult<DecoderConfig> {
+    use crate::rope::{RopeScaling, RopeStyle};
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = g.meta_usize(&key("embedding_length"))?;
+    let heads = g.meta_usize(&key("attention.head_count"))?;
+    let kv_heads = g
+        .meta_usize_opt(&key("attention.head_count_kv"))?
+        .unwrap_or(heads);
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(ModelError::Config(format!(
+            "GGUF head counts {heads}/{kv_heads} are not valid for grouped-query attention"
+        )));
+    }
+    let head_dim = match g.meta_usize_opt(&key("attention.key_length"))? {
+        Some(d) => d,
+        None => hidden / heads,
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(ModelError::Config(format!(
+            "GGUF head_dim {head_dim} must be even and positive"
+        )));
+    }
+    if let Some(rd) = g.meta_usize_opt(&key("rope.dimension_count"))? {
+        if rd != head_dim {
+            return Err(ModelError::Config(format!(
+                "partial rotary embeddings (rope.dimension_count {rd} < head_dim {head_dim}) are not supported"
+            )));
+        }
+    }
+    let vocab = match g.meta_usize_opt(&key("vocab_size"))? {
+        Some(v) => v,
+        None => g
+            .shape_of("model.embed_tokens.weight")
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?,
+    };
+    let ctx = g.meta_usize_opt(&key("context_length"))?.unwrap_or(2048);
+    let scaling = if g.has_raw("rope_freqs.weight") {
+        let f = g
+            .qtensor_raw("rope_freqs.weight")?
+            .dequantize(&candle_core::Device::Cpu)?;
+        RopeScaling::FreqFactors(f.flatten_all()?.to_vec1::<f32>()?)
+    } else {
+        match g.meta_str_opt(&key("rope.scaling.type")) {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => match g.meta_f64_opt(&key("rope.scaling.factor"))? {
+                Some(f) if f > 0.0 => RopeScaling::Linear { factor: f as f32 },
+                _ => RopeScaling::None,
+            },
+            Some(other) => {
+                return Err(ModelError::Config(format!(
+                    "unsupported GGUF rope scaling {other:?} (supported: none, linear, rope_freqs)"
+                )))
+            }
+        }
+    };
+    let style = if arch == "llama" {
+        RopeStyle::Interleaved
+    } else {
+        RopeStyle::Neox
+    };
+    Ok(DecoderConfig {
+        architecture: architecture.to_string(),
+        hidden_size: hidden,
+        intermediate_size: g.meta_usize(&key("feed_forward_length"))?,
+        num_layers: g.meta_usize(&key("block_count"))?,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        vocab_size: vocab,
+        rms_norm_eps: g
+            .meta_f64_opt(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
+        rope: RopeConfig {
+            theta: g.meta_f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0) as f32,
+            head_dim,
+            max_positions: resolve_max_len(max_model_len, ctx)?,
+            scaling,
+            style,
+        },
+        qkv_bias: g.has_raw("blk.0.attn_q.bias"),
+        o_bias: g.has_raw("blk.0.attn_output.bias"),
+        mlp_bias: g.has_raw("blk.0.ffn_up.bias"),
+        qk_norm: false,
+        tie_word_embeddings: !g.has_raw("output.weight"),
+    })
+}

@@ -1,0 +1,53 @@
+//! Llama (1/2/3.x) and llama-shaped checkpoints such as SmolLM.
+//!
+//! `attention_bias` puts biases on q/k/v/o, `mlp_bias` on the MLP; rope may
+//! carry Llama 3 or linear scaling. GGUF files (`general.architecture =
+//! "llama"`) store Q/K permuted by llama.cpp's converter, so they run with
+//! interleaved rope instead of being un-permuted.
+
+use candela_core::model::Model;
+
+use crate::config::HfConfig;
+use crate::error::Result;
+use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig, DecoderLm};
+use crate::weights::{GgufWeights, Weights};
+
+pub const HF_ARCHITECTURE: &str = "LlamaForCausalLM";
+pub const GGUF_ARCHITECTURE: &str = "llama";
+
+pub fn config_from_hf(cfg: &HfConfig, max_model_len: Option<usize>) -> Result<DecoderConfig> {
+    let mut c = hf_base_config(cfg, HF_ARCHITECTURE, max_model_len)?;
+    let bias = cfg.attention_bias.unwrap_or(false);
+    c.qkv_bias = bias;
+    c.o_bias = bias;
+    c.mlp_bias = cfg.mlp_bias.unwrap_or(false);
+    Ok(c)
+}
+
+pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result<DecoderConfig> {
+    gguf_base_config(g, GGUF_ARCHITECTURE, HF_ARCHITECTURE, max_model_len)
+}
+
+/// Build from a model folder's config and safetensors.
+pub fn build_hf(
+    cfg: &HfConfig,
+    weights: &Weights,
+    max_model_len: Option<usize>,
+) -> Result<Box<dyn Model>> {
+    Ok(Box::new(DecoderLm::load(
+        config_from_hf(cfg, max_model_len)?,
+        weights,
+    )?))
+}
+
+/// Build from a GGUF file's metadata and tensors.
+pub fn build_gguf(
+    gguf: &GgufWeights,
+    weights: &Weights,
+    max_model_len: Option<usize>,
+) -> Result<Box<dyn Model>> {
+    Ok(Box::new(DecoderLm::load(
+        config_from_gguf(gguf, max_model_len)?,
+        weights,
+    )?))
+}

@@ -1,0 +1,904 @@
+//! Paged attention on CPU, architecture-neutral.
+//!
+//! The KV pool of one layer is two preallocated tensors (K and V) of shape
+//! `[num_blocks * block_size, num_kv_heads, head_dim]` in the model dtype;
+//! slot `s` is row `s`. Two entry points, kept as plain functions so a CUDA
+//! build can swap the kernels behind them:
+//!
+//! - [`write_kv`] copies the step's new K/V rows into their slots, in place.
+//! - [`paged_attention`] lets each new query token (at causal position `p`
+//!   in its sequence) attend over keys `0..=p` of its sequence, found
+//!   through the sequence's block table. Decode, chunked prefill and prefill
+//!   on a cached prefix are the same computation.
+
+use std::sync::Arc;
+
+use candela_core::model::ForwardBatch;
+use candle_core::{
+    backend::BackendStorage, bail, CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape,
+    Tensor,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// One sequence's share of the attention call.
+#[derive(Debug, Clone)]
+pub struct AttentionSeq {
+    pub query_start: usize,
+    pub query_len: usize,
+    /// Keys in the cache for this sequence once this step's K/V are written.
+    pub context_len: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// Batch layout shared by every layer's attention in one forward.
+#[derive(Debug, Clone)]
+pub struct AttentionMetadata {
+    pub seqs: Vec<AttentionSeq>,
+    pub block_size: usize,
+    pub num_tokens: usize,
+    /// For each query token: index of its sequence in `seqs`.
+    token_seq: Vec<u32>,
+    /// For each query token: its causal position (it sees keys `0..=pos`).
+    token_pos: Vec<u32>,
+}
+
+impl AttentionMetadata {
+    /// Check a batch's layout and derive per-token sequence and position.
+    /// The causal position of the `j`-th new token of a sequence is
+    /// `context_len - query_len + j`.
+    pub fn new(seqs: Vec<AttentionSeq>, block_size: usize, num_tokens: usize) -> Result<Self> {
+        if block_size == 0 {
+            bail!("paged attention: block_size must be positive");
+        }
+        let mut token_seq = vec![0u32; num_tokens];
+        let mut token_pos = vec![0u32; num_tokens];
+        let mut next = 0usize;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.query_start != next {
+                bail!(
+                    "paged attention: sequence {i} starts at token {} but the previous one ends at {next}",
+                    s.query_start
+                );
+            }
+            if s.query_len > s.context_len {
+                bail!(
+                    "paged attention: sequence {i} has {} new tokens but a context of {}",
+                    s.query_len,
+                    s.context_len
+                );
+            }
+            let blocks_needed = s.context_len.div_ceil(block_size);
+            if s.block_table.len() < blocks_needed {
+                bail!(
+                    "paged attention: sequence {i} needs {blocks_needed} blocks for {} tokens, its block table has {}",
+                    s.context_len,
+                    s.block_table.len()
+                );
+            }
+            let end = s.query_start + s.query_len;
+            if end > num_tokens {
+                bail!("paged attention: sequence {i} ends at token {end}, batch has {num_tokens}");
+            }
+            let first_pos = s.context_len - s.query_len;
+            for j in 0..s.query_len {
+                token_seq[s.query_start + j] = i as u32;
+                token_pos[s.query_start + j] = (first_pos + j) as u32;
+            }
+            next = end;
+        }
+        if next != num_tokens {
+            bail!("paged attention: sequences cover {next} tokens, batch has {num_tokens}");
+        }
+        Ok(Self {
+            seqs,
+            block_size,
+            num_tokens,
+            token_seq,
+            token_pos,
+        })
+    }
+
+    pub fn from_batch(batch: &ForwardBatch) -> Result<Self> {
+        let seqs = batch
+            .seqs
+            .iter()
+            .map(|s| AttentionSeq {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: s.block_table.clone(),
+            })
+            .collect();
+        Self::new(seqs, batch.block_size, batch.num_tokens())
+    }
+
+    /// Largest block id referenced by the used part of any block table.
+    fn max_block(&self) -> Option<u32> {
+        self.seqs
+            .iter()
+            .flat_map(|s| {
+                s.block_table[..s.context_len.div_ceil(self.block_size)]
+                    .iter()
+                    .copied()
+            })
+            .max()
+    }
+}
+
+/// Allocate one layer's K (or V) pool.
+pub fn alloc_kv_pool(
+    num_blocks: usize,
+    block_size: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    Tensor::zeros(
+        (num_blocks * block_size, num_kv_heads, head_dim),
+        dtype,
+        device,
+    )
+}
+
+/// Element types the kernels read and write; arithmetic is f32.
+trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    /// `q . k` in f32. `F`: the caller runs with AVX2+FMA+F16C enabled.
+    fn dot<const F: bool>(q: &[f32], k: &[Self]) -> f32;
+}
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn dot<const F: bool>(q: &[f32], k: &[Self]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if F {
+            // SAFETY: F is only set on paths compiled for and checked to run with AVX2+FMA.
+            return unsafe { simd::dot(q, k, |p| std::arch::x86_64::_mm256_loadu_ps(p)) };
+        }
+        dot_kv::<Self, F>(q, k)
+    }
+}
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn dot<const F: bool>(q: &[f32], k: &[Self]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if F {
+            // SAFETY: as for f32; bf16 widens exactly by a 16-bit shift.
+            return unsafe { simd::dot(q, k, |p| simd::load_bf16(p)) };
+        }
+        dot_kv::<Self, F>(q, k)
+    }
+}
+impl KvElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn dot<const F: bool>(q: &[f32], k: &[Self]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if F {
+            // SAFETY: as for f32; F also implies F16C.
+            return unsafe { simd::dot(q, k, |p| simd::load_f16(p)) };
+        }
+        dot_kv::<Self, F>(q, k)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// 8 bf16 values at `p` widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn load_bf16(p: *const half::bf16) -> __m256 {
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+
+    /// 8 f16 values at `p` widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn load_f16(p: *const half::f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// `q . k` with 2 x 8 FMA lanes; `load` widens 8 elements of `k`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot<T: super::KvElem>(
+        q: &[f32],
+        k: &[T],
+        load: impl Fn(*const T) -> __m256,
+    ) -> f32 {
+        let n = q.len().min(k.len());
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), load(kp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i + 8)), load(kp.add(i + 8)), a1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), load(kp.add(i)), a0);
+            i += 8;
+        }
+        let a = _mm256_add_ps(a0, a1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        let mut r = _mm_cvtss_f32(s);
+        while i < n {
+            r += q[i] * k[i].to_f32();
+            i += 1;
+        }
+        r
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("paged attention: {what} must be contiguous"),
+    }
+}
+
+// ---------------------------------------------------------------- write_kv
+
+struct WriteKv;
+
+impl WriteKv {
+    fn write<T: Copy>(
+        cache: &mut [T],
+        cache_l: &Layout,
+        src: &[T],
+        src_l: &Layout,
+        slots: &[u32],
+    ) -> Result<()> {
+        let (c0, c1) = match cache_l.contiguous_offsets() {
+            Some(o) => o,
+            None => bail!("write_kv: cache must be contiguous"),
+        };
+        let cache = &mut cache[c0..c1];
+        let src = contiguous(src, src_l, "new keys/values")?;
+        let (num_slots, ch, cd) = cache_l.shape().dims3()?;
+        let (n, sh, sd) = src_l.shape().dims3()?;
+        if (ch, cd) != (sh, sd) {
+            bail!("write_kv: cache rows are [{ch}, {cd}], new rows are [{sh}, {sd}]");
+        }
+        if slots.len() != n {
+            bail!("write_kv: {n} new rows but {} slots", slots.len());
+        }
+        let row = ch * cd;
+        for (i, &slot) in slots.iter().enumerate() {
+            let slot = slot as usize;
+            if slot >= num_slots {
+                bail!("write_kv: slot {slot} out of range (pool has {num_slots} slots)");
+            }
+            cache[slot * row..(slot + 1) * row].copy_from_slice(&src[i * row..(i + 1) * row]);
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for WriteKv {
+    fn name(&self) -> &'static str {
+        "candela-write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+        slots: &CpuStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        let slots = match slots {
+            CpuStorage::U32(s) => contiguous(s, slots_l, "slot mapping")?,
+            _ => bail!("write_kv: slot mapping must be u32"),
+        };
+        match (cache, src) {
+            (CpuStorage::F32(c), CpuStorage::F32(s)) => Self::write(c, cache_l, s, src_l, slots),
+            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => Self::write(c, cache_l, s, src_l, slots),
+            (CpuStorage::F16(c), CpuStorage::F16(s)) => Self::write(c, cache_l, s, src_l, slots),
+            (c, s) => bail!(
+                "write_kv: cache dtype {:?} and new rows dtype {:?} must match (f32, bf16 or f16)",
+                c.dtype(),
+                s.dtype()
+            ),
+        }
+    }
+}
+
+/// Write `k`, `v` (`[tokens, num_kv_heads, head_dim]`) into rows
+/// `slot_mapping` (`[tokens]`, u32) of the pools, in place.
+pub fn write_kv(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    k_cache.inplace_op3(&k, slot_mapping, &WriteKv)?;
+    v_cache.inplace_op3(&v, slot_mapping, &WriteKv)?;
+    Ok(())
+}
+
+// --------------------------------------------------------- paged attention
+
+struct PagedAttention {
+    meta: Arc<AttentionMetadata>,
+    scale: f32,
+}
+
+/// One (query token, head) of the attention: the inputs of the inner loop.
+struct AttnRow<'a, T> {
+    q: &'a [T],
+    kc: &'a [T],
+    vc: &'a [T],
+    block_table: &'a [u32],
+    n_ctx: usize,
+    block_size: usize,
+    /// Elements per cache slot (num_kv_heads * head_dim).
+    slot_stride: usize,
+    /// Offset of this kv head inside a slot.
+    head_off: usize,
+    scale: f32,
+}
+
+/// `a * b + c`, fused when the caller is compiled with FMA (`F`).
+#[inline(always)]
+fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// f32 dot product of an f32 row and a stored row, 2 x 8 independent lanes.
+#[inline(always)]
+fn dot_kv<T: KvElem, const F: bool>(q: &[f32], k: &[T]) -> f32 {
+    let mut a0 = [0f32; 8];
+    let mut a1 = [0f32; 8];
+    let (qc, kc) = (q.chunks_exact(16), k.chunks_exact(16));
+    let (qr, kr) = (qc.remainder(), kc.remainder());
+    for (x, y) in qc.zip(kc) {
+        for i in 0..8 {
+            a0[i] = madd::<F>(x[i], y[i].to_f32(), a0[i]);
+            a1[i] = madd::<F>(x[i + 8], y[i + 8].to_f32(), a1[i]);
+        }
+    }
+    for i in 0..8 {
+        a0[i] += a1[i];
+    }
+    let mut s = ((a0[0] + a0[4]) + (a0[1] + a0[5])) + ((a0[2] + a0[6]) + (a0[3] + a0[7]));
+    for (x, y) in qr.iter().zip(kr) {
+        s += x * y.to_f32();
+    }
+    s
+}
+
+impl<T: KvElem> AttnRow<'_, T> {
+    /// Cache offsets of positions `0..n_ctx`, block by block.
+    #[inline(always)]
+    fn for_each_key(&self, mut f: impl FnMut(usize, usize)) {
+        let bs = self.block_size;
+        let mut p = 0;
+        for &block in self.block_table {
+            if p >= self.n_ctx {
+                break;
+            }
+            let base = block as usize * bs;
+            let n = bs.min(self.n_ctx - p);
+            for j in 0..n {
+                f(p + j, (base + j) * self.slot_stride + self.head_off);
+            }
+            p += n;
+        }
+    }
+
+    /// Softmax-weighted sum of values into `out`; `qf`, `acc`, `scores`
+    /// are scratch (head_dim, head_dim, any).
+    #[inline(always)]
+    fn run<const F: bool>(
+        &self,
+        out: &mut [T],
+        qf: &mut [f32],
+        acc: &mut [f32],
+        scores: &mut Vec<f32>,
+    ) {
+        let d = out.len();
+        for (f, x) in qf.iter_mut().zip(self.q) {
+            *f = x.to_f32() * self.scale;
+        }
+        scores.clear();
+        scores.resize(self.n_ctx, 0.0);
+        let mut max = f32::NEG_INFINITY;
+        self.for_each_key(|p, off| {
+            let s = T::dot::<F>(qf, &self.kc[off..off + d]);
+            max = max.max(s);
+            scores[p] = s;
+        });
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        self.for_each_key(|p, off| {
+            let w = scores[p];
+            for (a, v) in acc.iter_mut().zip(&self.vc[off..off + d]) {
+                *a = madd::<F>(w, v.to_f32(), *a);
+            }
+        });
+        let inv = 1.0 / sum;
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            *o = T::from_f32(a * inv);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<T: KvElem>(
+    row: &AttnRow<'_, T>,
+    out: &mut [T],
+    qf: &mut [f32],
+    acc: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    row.run::<true>(out, qf, acc, scores)
+}
+
+fn attend<T: KvElem>(
+    row: &AttnRow<'_, T>,
+    out: &mut [T],
+    qf: &mut [f32],
+    acc: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        if *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }) {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+            unsafe { attend_avx2(row, out, qf, acc, scores) };
+            return;
+        }
+    }
+    row.run::<false>(out, qf, acc, scores)
+}
+
+impl PagedAttention {
+    fn run<T: KvElem>(
+        &self,
+        q: &[T],
+        q_l: &Layout,
+        kc: &[T],
+        kc_l: &Layout,
+        vc: &[T],
+        vc_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        Vec<T>: IntoCpuStorage,
+    {
+        let q = contiguous(q, q_l, "query")?;
+        let kc = contiguous(kc, kc_l, "key cache")?;
+        let vc = contiguous(vc, vc_l, "value cache")?;
+        let (n_tok, n_heads, d) = q_l.shape().dims3()?;
+        let (num_slots, n_kv, dk) = kc_l.shape().dims3()?;
+        if vc_l.shape().dims3()? != (num_slots, n_kv, dk) {
+            bail!("paged attention: key and value caches differ in shape");
+        }
+        if dk != d {
+            bail!("paged attention: query head_dim {d} vs cache head_dim {dk}");
+        }
+        if n_kv == 0 || n_heads % n_kv != 0 {
+            bail!("paged attention: {n_heads} query heads are not a multiple of {n_kv} kv heads");
+        }
+        let meta = &*self.meta;
+        if meta.num_tokens != n_tok {
+            bail!(
+                "paged attention: query has {n_tok} tokens, metadata {}",
+                meta.num_tokens
+            );
+        }
+        let bs = meta.block_size;
+        if let Some(max_block) = meta.max_block() {
+            if (max_block as usize + 1) * bs > num_slots {
+                bail!(
+                    "paged attention: block {max_block} out of range (pool has {} blocks of {bs})",
+                    num_slots / bs
+                );
+            }
+        }
+        let group = n_heads / n_kv;
+        let row = n_kv * d;
+        let scale = self.scale;
+
+        let mut out = vec![T::from_f32(0.0); n_tok * n_heads * d];
+        if d > 0 {
+            out.par_chunks_mut(d).enumerate().for_each_init(
+                || (vec![0f32; d], vec![0f32; d], Vec::<f32>::new()),
+                |(qf, acc, scores), (idx, o)| {
+                    let t = idx / n_heads;
+                    let h = idx % n_heads;
+                    let seq = &meta.seqs[meta.token_seq[t] as usize];
+                    let attn_row = AttnRow {
+                        q: &q[idx * d..(idx + 1) * d],
+                        kc,
+                        vc,
+                        block_table: &seq.block_table,
+                        n_ctx: meta.token_pos[t] as usize + 1,
+                        block_size: bs,
+                        slot_stride: row,
+                        head_off: (h / group) * d,
+                        scale,
+                    };
+                    attend(&attn_row, o, qf, acc, scores);
+                },
+            );
+        }
+        Ok((out.into_cpu_storage(), Shape::from((n_tok, n_heads, d))))
+    }
+}
+
+trait IntoCpuStorage {
+    fn into_cpu_storage(self) -> CpuStorage;
+}
+impl IntoCpuStorage for Vec<f32> {
+    fn into_cpu_storage(self) -> CpuStorage {
+        CpuStorage::F32(self)
+    }
+}
+impl IntoCpuStorage for Vec<bf16> {
+    fn into_cpu_storage(self) -> CpuStorage {
+        CpuStorage::BF16(self)
+    }
+}
+impl IntoCpuStorage for Vec<f16> {
+    fn into_cpu_storage(self) -> CpuStorage {
+        CpuStorage::F16(self)
+    }
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "candela-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.run(q, q_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.run(q, q_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.run(q, q_l, k, k_l, v, v_l)
+            }
+            (q, k, v) => bail!(
+                "paged attention: query/key/value dtypes {:?}/{:?}/{:?} must match (f32, bf16 or f16)",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            ),
+        }
+    }
+}
+
+/// Attention of `q` (`[tokens, num_heads, head_dim]`) over the paged caches,
+/// returning `[tokens, num_heads, head_dim]` in `q`'s dtype. Softmax and
+/// accumulation run in f32. Query head `h` reads kv head
+/// `h / (num_heads / num_kv_heads)`.
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &Arc<AttentionMetadata>,
+    scale: f32,
+) -> Result<Tensor> {
+    let q = q.contiguous()?;
+    q.apply_op3_no_bwd(
+        k_cache,
+        v_cache,
+        &PagedAttention {
+            meta: meta.clone(),
+            scale,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// xorshift64*: deterministic test data without a rand dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn uniform(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.uniform()).collect()
+        }
+        fn shuffle<T>(&mut self, v: &mut [T]) {
+            for i in (1..v.len()).rev() {
+                let j = (self.next() % (i as u64 + 1)) as usize;
+                v.swap(i, j);
+            }
+        }
+    }
+
+    /// Dense causal attention of one sequence: q `[n, H, D]` at positions
+    /// `ctx - n ..ctx`, keys/values `[ctx, KVH, D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        ctx: usize,
+        h: usize,
+        kvh: usize,
+        d: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; n * h * d];
+        for t in 0..n {
+            let pos = ctx - n + t;
+            for head in 0..h {
+                let kh = head / (h / kvh);
+                let qrow = &q[(t * h + head) * d..][..d];
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|p| {
+                        let krow = &k[(p * kvh + kh) * d..][..d];
+                        qrow.iter()
+                            .zip(krow)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for j in 0..d {
+                    let mut acc = 0f64;
+                    for p in 0..=pos {
+                        acc += e[p] * v[(p * kvh + kh) * d + j] as f64;
+                    }
+                    out[(t * h + head) * d + j] = (acc / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    struct Case {
+        ctx: usize,
+        cached: usize,
+    }
+
+    fn check(dtype: DType, tol: f32) -> Result<()> {
+        let dev = Device::Cpu;
+        // head_dim 44 = 2 x 16 + 8 + 4: every branch of the SIMD dot product.
+        let (h, kvh, d, bs) = (6usize, 2usize, 44usize, 4usize);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut rng = Rng(0x1234_5678_9abc_def1 ^ dtype.size_in_bytes() as u64);
+        // Sequences: a decode (long cached prefix), a full prefill, a chunk on a
+        // cached prefix, a prefill shorter than one block.
+        let cases = [
+            Case {
+                ctx: 13,
+                cached: 12,
+            },
+            Case { ctx: 9, cached: 0 },
+            Case {
+                ctx: 21,
+                cached: 10,
+            },
+            Case { ctx: 3, cached: 0 },
+        ];
+        let total_blocks: usize = cases.iter().map(|c| c.ctx.div_ceil(bs)).sum();
+        let num_blocks = total_blocks + 5;
+        let mut block_ids: Vec<u32> = (0..num_blocks as u32).collect();
+        rng.shuffle(&mut block_ids);
+        let k_cache = alloc_kv_pool(num_blocks, bs, kvh, d, dtype, &dev)?;
+        let v_cache = alloc_kv_pool(num_blocks, bs, kvh, d, dtype, &dev)?;
+
+        let mut next_block = 0;
+        let mut seqs = Vec::new();
+        let mut all_q = Vec::new();
+        let mut expected = Vec::new();
+        let mut new_k = Vec::new();
+        let mut new_v = Vec::new();
+        let mut new_slots = Vec::new();
+        let mut query_start = 0;
+        for c in &cases {
+            let nb = c.ctx.div_ceil(bs);
+            let table: Vec<u32> = block_ids[next_block..next_block + nb].to_vec();
+            next_block += nb;
+            // Round through the storage dtype so the reference sees the same values.
+            let round = |x: Vec<f32>| -> Vec<f32> {
+                Tensor::from_vec(x.clone(), x.len(), &dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.to_vec1())
+                    .unwrap()
+            };
+            let k = round(rng.vec(c.ctx * kvh * d));
+            let v = round(rng.vec(c.ctx * kvh * d));
+            let n = c.ctx - c.cached;
+            let q = round(rng.vec(n * h * d));
+            let slot = |p: usize| table[p / bs] * bs as u32 + (p % bs) as u32;
+            // The cached prefix was written by an earlier step.
+            if c.cached > 0 {
+                let slots: Vec<u32> = (0..c.cached).map(slot).collect();
+                let kt = Tensor::from_slice(&k[..c.cached * kvh * d], (c.cached, kvh, d), &dev)?
+                    .to_dtype(dtype)?;
+                let vt = Tensor::from_slice(&v[..c.cached * kvh * d], (c.cached, kvh, d), &dev)?
+                    .to_dtype(dtype)?;
+                let st = Tensor::from_slice(&slots, c.cached, &dev)?;
+                write_kv(&k_cache, &v_cache, &kt, &vt, &st)?;
+            }
+            new_k.extend_from_slice(&k[c.cached * kvh * d..]);
+            new_v.extend_from_slice(&v[c.cached * kvh * d..]);
+            new_slots.extend((c.cached..c.ctx).map(slot));
+            expected.extend(naive(&q, &k, &v, n, c.ctx, h, kvh, d, scale));
+            all_q.extend(q);
+            seqs.push(AttentionSeq {
+                query_start,
+                query_len: n,
+                context_len: c.ctx,
+                block_table: table,
+            });
+            query_start += n;
+        }
+        let n_tok = query_start;
+        let kt = Tensor::from_vec(new_k, (n_tok, kvh, d), &dev)?.to_dtype(dtype)?;
+        let vt = Tensor::from_vec(new_v, (n_tok, kvh, d), &dev)?.to_dtype(dtype)?;
+        let st = Tensor::from_vec(new_slots, n_tok, &dev)?;
+        write_kv(&k_cache, &v_cache, &kt, &vt, &st)?;
+        let meta = Arc::new(AttentionMetadata::new(seqs, bs, n_tok)?);
+        let q = Tensor::from_vec(all_q, (n_tok, h, d), &dev)?.to_dtype(dtype)?;
+        let out = paged_attention(&q, &k_cache, &v_cache, &meta, scale)?;
+        assert_eq!(out.dims(), &[n_tok, h, d]);
+        assert_eq!(out.dtype(), dtype);
+        let got = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let max = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= tol, "{dtype:?}: max abs diff {max} > {tol}");
+        Ok(())
+    }
+
+    #[test]
+    fn matches_dense_causal_attention_f32() -> Result<()> {
+        check(DType::F32, 1e-5)
+    }
+
+    #[test]
+    fn matches_dense_causal_attention_bf16() -> Result<()> {
+        check(DType::BF16, 2e-2)
+    }
+
+    #[test]
+    fn matches_dense_causal_attention_f16() -> Result<()> {
+        check(DType::F16, 3e-3)
+    }
+
+    #[test]
+    fn write_kv_is_in_place_and_checks_slots() -> Result<()> {
+        let dev = Device::Cpu;
+        let cache = alloc_kv_pool(2, 4, 1, 2, DType::F32, &dev)?;
+        let alias = cache.clone();
+        let k = Tensor::new(&[[[1f32, 2.]], [[3., 4.]]], &dev)?;
+        let slots = Tensor::new(&[5u32, 0], &dev)?;
+        write_kv(&cache, &cache.clone(), &k, &k, &slots)?;
+        let rows = alias.to_vec3::<f32>()?;
+        assert_eq!(rows[5][0], vec![1., 2.]);
+        assert_eq!(rows[0][0], vec![3., 4.]);
+        assert_eq!(rows[1][0], vec![0., 0.]);
+        let bad = Tensor::new(&[8u32, 0], &dev)?;
+        let err = write_kv(&cache, &alias, &k, &k, &bad).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn metadata_rejects_bad_layouts() {
+        let seq = |qs, ql, ctx, bt: Vec<u32>| AttentionSeq {
+            query_start: qs,
+            query_len: ql,
+            context_len: ctx,
+            block_table: bt,
+        };
+        assert!(AttentionMetadata::new(vec![seq(0, 3, 3, vec![0])], 4, 3).is_ok());
+        // Block table too short.
+        assert!(AttentionMetadata::new(vec![seq(0, 3, 5, vec![0])], 4, 3).is_err());
+        // More new tokens than context.
+        assert!(AttentionMetadata::new(vec![seq(0, 3, 2, vec![0])], 4, 3).is_err());
+        // Gap between sequences.
+        assert!(
+            AttentionMetadata::new(vec![seq(0, 1, 1, vec![0]), seq(2, 1, 1, vec![1])], 4, 3)
+                .is_err()
+        );
+        // Tokens not covered.
+        assert!(AttentionMetadata::new(vec![seq(0, 2, 2, vec![0])], 4, 3).is_err());
+    }
+
+    #[test]
+    fn out_of_range_block_is_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let kc = alloc_kv_pool(2, 4, 1, 2, DType::F32, &dev)?;
+        let vc = kc.zeros_like()?;
+        let meta = Arc::new(AttentionMetadata::new(
+            vec![AttentionSeq {
+                query_start: 0,
+                query_len: 1,
+                context_len: 1,
+                block_table: vec![7],
+            }],
+            4,
+            1,
+        )?);
+        let q = Tensor::zeros((1, 1, 2), DType::F32, &dev)?;
+        let err = paged_attention(&q, &kc, &vc, &meta, 1.0).unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,762 @@
+//! Block-quantized (GGUF) matrices on CPU.
+//!
+//! The matrix stays in its GGUF block format (copied once, 8-aligned).
+//! Products with few input rows (decode: up to 4) take f32 dot products
+//! straight off the blocks for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K; larger
+//! products and the other types (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K) decode
+//! L2-sized tiles of weight rows and run the f32 GEMM of the `gemm` crate
+//! (the one candle uses) on them.
+//!
+//! Unlike ggml's (and candle's) kernels the activations are not quantized
+//! to 8 bits, which keeps small quantized models (SmolLM2-135M Q4_1) on the
+//! same greedy path as their dequantized weights. Inner loops are compiled
+//! twice, for the baseline target and for AVX2+FMA+F16C (picked at run
+//! time), so release builds without `-C target-cpu` still use wide vectors.
+//! k-quant rows are decoded by candle's block decoders.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// Input rows up to which Q4_0/Q4_1/Q8_0/Q4_K/Q6_K products take dot products
+/// straight off the blocks; above (and for other types), weight tiles are
+/// decoded for a GEMM.
+const FUSED_MAX_M: usize = 4;
+/// f32 elements of one dequantized weight tile (256 KiB, about L2).
+const TILE_ELEMS: usize = 64 << 10;
+
+/// The output pointer shared by tasks writing disjoint column ranges.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint parts of the buffer and the owner waits for all of them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A `[n, k]` weight matrix in a GGUF block format.
+pub struct BlockMatrix {
+    dtype: GgmlDType,
+    n: usize,
+    k: usize,
+    row_bytes: usize,
+    /// Raw blocks, row after row; u64 storage keeps block structs aligned.
+    data: Vec<u64>,
+}
+
+impl std::fmt::Debug for BlockMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockMatrix")
+            .field("dtype", &self.dtype)
+            .field("shape", &(self.n, self.k))
+            .finish()
+    }
+}
+
+fn supported(dtype: GgmlDType) -> bool {
+    use GgmlDType as G;
+    matches!(
+        dtype,
+        G::Q4_0
+            | G::Q4_1
+            | G::Q5_0
+            | G::Q5_1
+            | G::Q8_0
+            | G::Q2K
+            | G::Q3K
+            | G::Q4K
+            | G::Q5K
+            | G::Q6K
+    )
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Decode one row of legacy 32-element blocks into `out` (k floats).
+#[inline(always)]
+fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
+    match dtype {
+        GgmlDType::Q4_0 => {
+            for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(blk, 0);
+                let qs = &blk[2..18];
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    lo[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
+                    hi[j] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        GgmlDType::Q4_1 => {
+            for (blk, o) in row.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                let qs = &blk[4..20];
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    lo[j] = (qs[j] & 0x0F) as f32 * d + m;
+                    hi[j] = (qs[j] >> 4) as f32 * d + m;
+                }
+            }
+        }
+        GgmlDType::Q5_0 => {
+            for (blk, o) in row.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(blk, 0);
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let qs = &blk[6..22];
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    lo[j] = (((qs[j] & 0x0F) | h0) as i32 - 16) as f32 * d;
+                    hi[j] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
+                }
+            }
+        }
+        GgmlDType::Q5_1 => {
+            for (blk, o) in row.chunks_exact(24).zip(out.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                let qs = &blk[8..24];
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    lo[j] = ((qs[j] & 0x0F) | h0) as f32 * d + m;
+                    hi[j] = ((qs[j] >> 4) | h1) as f32 * d + m;
+                }
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for (blk, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(blk, 0);
+                for (o, &q) in o.iter_mut().zip(&blk[2..34]) {
+                    *o = (q as i8) as f32 * d;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Decode a row of k-quant blocks with candle's decoders.
+///
+/// # Safety
+/// `row` must hold whole `B` blocks and be aligned for `B` (2 bytes).
+unsafe fn decode_kquant<B: GgmlType>(row: &[u8], out: &mut [f32]) {
+    let n = row.len() / std::mem::size_of::<B>();
+    let blocks = std::slice::from_raw_parts(row.as_ptr() as *const B, n);
+    B::to_float(blocks, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Sums of each 32-element block of `x` (for the offset terms of Q4_0/Q4_1).
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks(32).map(|c| c.iter().sum()).collect()
+}
+
+/// One row of Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks dotted with `x`, without
+/// materialising the row: `sum_b d_b * sum_j q_bj x_bj + offset_b * sum_j x_bj`.
+#[inline(always)]
+fn fused_row_dot(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut offs = 0f32;
+    match dtype {
+        GgmlDType::Q4_1 => {
+            for ((blk, xb), xs) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(xsum) {
+                let (Ok(qs), Ok(xb)) = (
+                    <&[u8; 16]>::try_from(&blk[4..20]),
+                    <&[f32; 32]>::try_from(xb),
+                ) else {
+                    continue;
+                };
+                let d = f16_at(blk, 0);
+                for j in 0..16 {
+                    acc[j] += (qs[j] & 0x0F) as f32 * (xb[j] * d)
+                        + (qs[j] >> 4) as f32 * (xb[j + 16] * d);
+                }
+                offs += f16_at(blk, 2) * xs;
+            }
+        }
+        GgmlDType::Q4_0 => {
+            for ((blk, xb), xs) in row.chunks_exact(18).zip(x.chunks_exact(32)).zip(xsum) {
+                let (Ok(qs), Ok(xb)) = (
+                    <&[u8; 16]>::try_from(&blk[2..18]),
+                    <&[f32; 32]>::try_from(xb),
+                ) else {
+                    continue;
+                };
+                let d = f16_at(blk, 0);
+                for j in 0..16 {
+                    acc[j] += (qs[j] & 0x0F) as f32 * (xb[j] * d)
+                        + (qs[j] >> 4) as f32 * (xb[j + 16] * d);
+                }
+                offs -= 8.0 * d * xs;
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+                let (Ok(qs), Ok(xb)) = (
+                    <&[u8; 32]>::try_from(&blk[2..34]),
+                    <&[f32; 32]>::try_from(xb),
+                ) else {
+                    continue;
+                };
+                let d = f16_at(blk, 0);
+                for j in 0..16 {
+                    acc[j] += (qs[j] as i8) as f32 * (xb[j] * d)
+                        + (qs[j + 16] as i8) as f32 * (xb[j + 16] * d);
+                }
+            }
+        }
+        GgmlDType::Q4K => return fused_q4k(row, x, xsum),
+        GgmlDType::Q6K => return fused_q6k(row, x),
+        _ => {}
+    }
+    let mut s = 0f32;
+    for a in acc {
+        s += a;
+    }
+    s + offs
+}
+
+/// Scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (f32, f32) {
+    if j < 4 {
+        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+    } else {
+        (
+            ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)) as f32,
+            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as f32,
+        )
+    }
+}
+
+/// A row of Q4_K super-blocks (256 values: 8 sub-blocks of 32 with 6-bit
+/// scales and mins) dotted with `x`.
+#[inline(always)]
+fn fused_q4k(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let mut offs = 0f32;
+    for ((blk, xb), xs) in row
+        .chunks_exact(144)
+        .zip(x.chunks_exact(256))
+        .zip(xsum.chunks_exact(8))
+    {
+        let (Ok(scales), Ok(qs)) = (
+            <&[u8; 12]>::try_from(&blk[4..16]),
+            <&[u8; 128]>::try_from(&blk[16..144]),
+        ) else {
+            continue;
+        };
+        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        for c in 0..4 {
+            let (sc1, m1) = scale_min_k4(2 * c, scales);
+            let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+            let (d1, d2) = (d * sc1, d * sc2);
+            let (Ok(q), Ok(x0), Ok(x1)) = (
+                <&[u8; 32]>::try_from(&qs[32 * c..32 * c + 32]),
+                <&[f32; 32]>::try_from(&xb[64 * c..64 * c + 32]),
+                <&[f32; 32]>::try_from(&xb[64 * c + 32..64 * c + 64]),
+            ) else {
+                continue;
+            };
+            for l in 0..32 {
+                acc[l] += (q[l] & 0x0F) as f32 * (x0[l] * d1) + (q[l] >> 4) as f32 * (x1[l] * d2);
+            }
+            offs -= dmin * (m1 * xs[2 * c] + m2 * xs[2 * c + 1]);
+        }
+    }
+    let mut s = 0f32;
+    for a in acc {
+        s += a;
+    }
+    s + offs
+}
+
+/// A row of Q6_K super-blocks (256 values: 16 sub-blocks of 16 with i8
+/// scales, 6-bit quants split in low nibbles and high 2-bit pairs) dotted
+/// with `x`.
+#[inline(always)]
+fn fused_q6k(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (blk, xb) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+        let d = f16_at(blk, 208);
+        for half in 0..2 {
+            let ql = &blk[64 * half..64 * half + 64];
+            let qh = &blk[128 + 32 * half..128 + 32 * half + 32];
+            let sc = &blk[192 + 8 * half..192 + 8 * half + 8];
+            let xh = &xb[128 * half..128 * half + 128];
+            for g in 0..2 {
+                let s = |i: usize| d * (sc[g + i] as i8) as f32;
+                let (s0, s2, s4, s6) = (s(0), s(2), s(4), s(6));
+                let (Ok(qa), Ok(qb), Ok(h)) = (
+                    <&[u8; 16]>::try_from(&ql[16 * g..16 * g + 16]),
+                    <&[u8; 16]>::try_from(&ql[32 + 16 * g..32 + 16 * g + 16]),
+                    <&[u8; 16]>::try_from(&qh[16 * g..16 * g + 16]),
+                ) else {
+                    continue;
+                };
+                let (Ok(x0), Ok(x1), Ok(x2), Ok(x3)) = (
+                    <&[f32; 16]>::try_from(&xh[16 * g..16 * g + 16]),
+                    <&[f32; 16]>::try_from(&xh[32 + 16 * g..32 + 16 * g + 16]),
+                    <&[f32; 16]>::try_from(&xh[64 + 16 * g..64 + 16 * g + 16]),
+                    <&[f32; 16]>::try_from(&xh[96 + 16 * g..96 + 16 * g + 16]),
+                ) else {
+                    continue;
+                };
+                for l in 0..16 {
+                    let q1 = ((qa[l] & 0x0F) | ((h[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((qb[l] & 0x0F) | (((h[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((qa[l] >> 4) | (((h[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((qb[l] >> 4) | (((h[l] >> 6) & 3) << 4)) as i32 - 32;
+                    acc[l] += q1 as f32 * (x0[l] * s0)
+                        + q2 as f32 * (x1[l] * s2)
+                        + q3 as f32 * (x2[l] * s4)
+                        + q4 as f32 * (x3[l] * s6);
+                }
+            }
+        }
+    }
+    let mut s = 0f32;
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+fn has_fused(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K
+    )
+}
+
+/// Weight rows `r0..r0 + nr` dotted with each of the `m` rows of `x` (for
+/// fused types): writes `dst[i * n + r]`. A weight row stays in L1 while it
+/// meets every input row.
+#[inline(always)]
+fn rows_dot_fused(
+    mat: &BlockMatrix,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    xsum: &[f32],
+    m: usize,
+    dst: SendPtr,
+) {
+    let bytes = mat.bytes();
+    let (k, n) = (mat.k, mat.n);
+    let nb = xsum.len() / m.max(1);
+    for r in r0..r0 + nr {
+        let row = &bytes[r * mat.row_bytes..(r + 1) * mat.row_bytes];
+        for i in 0..m {
+            let v = fused_row_dot(
+                mat.dtype,
+                row,
+                &x[i * k..(i + 1) * k],
+                &xsum[i * nb..(i + 1) * nb],
+            );
+            // SAFETY: i < m and r < n index the [m, n] output; each task owns its rows r.
+            unsafe { *dst.get().add(i * n + r) = v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_dot_fused_avx2(
+    mat: &BlockMatrix,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    xsum: &[f32],
+    m: usize,
+    dst: SendPtr,
+) {
+    rows_dot_fused(mat, r0, nr, x, xsum, m, dst)
+}
+
+fn rows_dot_fused_dispatch(
+    mat: &BlockMatrix,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    xsum: &[f32],
+    m: usize,
+    dst: SendPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+        unsafe { rows_dot_fused_avx2(mat, r0, nr, x, xsum, m, dst) };
+        return;
+    }
+    rows_dot_fused(mat, r0, nr, x, xsum, m, dst)
+}
+
+#[inline(always)]
+fn decode_rows(mat: &BlockMatrix, r0: usize, out: &mut [f32]) {
+    for (i, o) in out.chunks_exact_mut(mat.k).enumerate() {
+        mat.decode_row_inline(r0 + i, o);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_rows_avx2(mat: &BlockMatrix, r0: usize, out: &mut [f32]) {
+    decode_rows(mat, r0, out)
+}
+
+fn decode_rows_dispatch(mat: &BlockMatrix, r0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+        unsafe { decode_rows_avx2(mat, r0, out) };
+        return;
+    }
+    decode_rows(mat, r0, out)
+}
+
+impl BlockMatrix {
+    /// Copy a 2-D GGUF tensor's blocks; `None` for types decoded elsewhere
+    /// (floats, or types without a decoder here).
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        let dtype = q.dtype();
+        if !supported(dtype) {
+            return Ok(None);
+        }
+        let (n, k) = q.shape().dims2()?;
+        if k % dtype.block_size() != 0 {
+            bail!("{dtype:?} matrix with {k} columns is not made of whole blocks");
+        }
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let bytes = q.data()?;
+        if bytes.len() != row_bytes * n {
+            bail!(
+                "{dtype:?} matrix [{n}, {k}] has {} bytes, expected {}",
+                bytes.len(),
+                row_bytes * n
+            );
+        }
+        let mut data = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `data` has at least bytes.len() bytes; u8 has no alignment needs.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                data.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            );
+        }
+        Ok(Some(Self {
+            dtype,
+            n,
+            k,
+            row_bytes,
+            data,
+        }))
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// Stack matrices with the same type and input width into one whose
+    /// rows are theirs in order (e.g. q, k and v as one projection).
+    pub fn stack(parts: &[&BlockMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.dtype != first.dtype || p.k != first.k)
+        {
+            return None;
+        }
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let total = n * first.row_bytes;
+        let mut data = vec![0u64; total.div_ceil(8)];
+        let mut off = 0usize;
+        for p in parts {
+            let b = p.bytes();
+            // SAFETY: `data` holds `total` bytes and the parts' bytes sum to `total`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    b.as_ptr(),
+                    (data.as_mut_ptr() as *mut u8).add(off),
+                    b.len(),
+                );
+            }
+            off += b.len();
+        }
+        Some(Self {
+            dtype: first.dtype,
+            n,
+            k: first.k,
+            row_bytes: first.row_bytes,
+            data,
+        })
+    }
+
+    /// `(n, k)`: output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the u64 buffer holds `n * row_bytes` initialised bytes.
+        unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.n * self.row_bytes)
+        }
+    }
+
+    #[inline(always)]
+    fn decode_row_inline(&self, r: usize, out: &mut [f32]) {
+        let row = &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes];
+        let out = &mut out[..self.k];
+        // SAFETY (k-quants): rows start at multiples of row_bytes, an even
+        // number, in an 8-aligned buffer, and hold whole blocks.
+        unsafe {
+            match self.dtype {
+                GgmlDType::Q2K => decode_kquant::<BlockQ2K>(row, out),
+                GgmlDType::Q3K => decode_kquant::<BlockQ3K>(row, out),
+                GgmlDType::Q4K => decode_kquant::<BlockQ4K>(row, out),
+                GgmlDType::Q5K => decode_kquant::<BlockQ5K>(row, out),
+                GgmlDType::Q6K => decode_kquant::<BlockQ6K>(row, out),
+                d => decode_legacy(d, row, out),
+            }
+        }
+    }
+
+    /// Dequantize row `r` into `out[..k]`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.n || out.len() < self.k {
+            bail!(
+                "dequantize_row: row {r} of {} into a buffer of {}",
+                self.n,
+                out.len()
+            );
+        }
+        self.decode_row_inline(r, out);
+        Ok(())
+    }
+
+    /// Rows `ids` as an f32 tensor `[ids.len(), k]` (embedding lookup).
+    pub fn embedding(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.n) {
+            bail!("token id {bad} out of range (vocab size {})", self.n);
+        }
+        let mut out = vec![0f32; ids.len() * self.k];
+        out.par_chunks_mut(self.k.max(1))
+            .zip(ids.par_iter())
+            .for_each(|(o, &id)| self.decode_row_inline(id as usize, o));
+        Tensor::from_vec(out, (ids.len(), self.k), device)
+    }
+
+    /// `x` (`[m, k]` row-major f32) times the matrix transposed: `[m, n]`.
+    pub fn matmul_f32(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        if x.len() != m * k {
+            bail!(
+                "quantized matmul: input has {} elements, expected {m} x {k}",
+                x.len()
+            );
+        }
+        let mut out = vec![0f32; m * n];
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(out);
+        }
+        let threads = rayon::current_num_threads();
+        let dst = SendPtr(out.as_mut_ptr());
+        if m <= FUSED_MAX_M && has_fused(self.dtype) {
+            // Decode (one or a few sequences): dot products straight off
+            // the blocks; the weights are read once from memory.
+            let rows_per_task = (n / (threads * 8)).clamp(1, 64);
+            let xsum = block_sums(x);
+            (0..n.div_ceil(rows_per_task))
+                .into_par_iter()
+                .for_each(|t| {
+                    let r0 = t * rows_per_task;
+                    rows_dot_fused_dispatch(self, r0, rows_per_task.min(n - r0), x, &xsum, m, dst);
+                });
+            return Ok(out);
+        }
+        // Several rows: per task, decode a tile of weight rows into an
+        // L2-sized buffer and multiply it with all of x (f32 GEMM), writing
+        // the tile's output columns.
+        let tile = (TILE_ELEMS / k)
+            .clamp(8, 256)
+            .min(n.div_ceil(threads).max(1));
+        let tiles = n.div_ceil(tile);
+        (0..tiles).into_par_iter().for_each_init(
+            || vec![0f32; tile * k],
+            |buf, t| {
+                let r0 = t * tile;
+                let nr = tile.min(n - r0);
+                decode_rows_dispatch(self, r0, &mut buf[..nr * k]);
+                // SAFETY: x is [m, k] row-major, buf holds nr decoded rows of
+                // k (read as a [k, nr] matrix with column stride k), and dst
+                // columns r0..r0+nr of the [m, n] output belong to this tile
+                // alone; every pointer stays inside its buffer.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        nr,
+                        k,
+                        dst.get().add(r0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        buf.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok(out)
+    }
+
+    /// `x` `[tokens, k]` (f32, bf16 or f16) -> `[tokens, n]` in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            bail!(
+                "quantized matmul: input has {k} features, matrix expects {}",
+                self.k
+            );
+        }
+        let in_dtype = x.dtype();
+        let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.matmul_f32(&xv, m)?;
+        Tensor::from_vec(y, (m, self.n), x.device())?.to_dtype(in_dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(dtype: GgmlDType) -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k) = (72usize, 512usize);
+        let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? + 0.3)?;
+        let q = QTensor::quantize(&w, dtype)?;
+        let wd = q.dequantize(&dev)?;
+        let bm = BlockMatrix::from_qtensor(&q)?.expect("supported type");
+        for m in [1usize, 2, 3, 7, 37] {
+            let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? + 0.5)?;
+            let want = x.matmul(&wd.t()?)?;
+            let got = bm.forward(&x)?;
+            let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-3, "{dtype:?} m={m}: max diff {d}");
+        }
+        // Rows decode to exactly candle's dequantization.
+        let ids = [5u32, 0, 71];
+        let e = bm.embedding(&ids, &dev)?;
+        let want = wd.index_select(&Tensor::new(&ids, &dev)?, 0)?;
+        assert_eq!(e.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        assert!(bm.embedding(&[72], &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn legacy_types_match_dequantized_matmul() -> Result<()> {
+        for d in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
+            check(d)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn k_quants_match_dequantized_matmul() -> Result<()> {
+        for d in [
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            check(d)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn stacked_rows_match_parts() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = BlockMatrix::from_qtensor(&QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (8, 64), &dev)?,
+            GgmlDType::Q4_1,
+        )?)?
+        .unwrap();
+        let b = BlockMatrix::from_qtensor(&QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (4, 64), &dev)?,
+            GgmlDType::Q4_1,
+        )?)?
+        .unwrap();
+        let c = BlockMatrix::from_qtensor(&QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (4, 64), &dev)?,
+            GgmlDType::Q8_0,
+        )?)?
+        .unwrap();
+        assert!(BlockMatrix::stack(&[&a, &c]).is_none());
+        let ab = BlockMatrix::stack(&[&a, &b]).unwrap();
+        assert_eq!(ab.dims(), (12, 64));
+        let x = Tensor::randn(0f32, 1.0, (1, 64), &dev)?;
+        let y = ab.forward(&x)?.to_vec2::<f32>()?;
+        let ya = a.forward(&x)?.to_vec2::<f32>()?;
+        let yb = b.forward(&x)?.to_vec2::<f32>()?;
+        assert_eq!(y[0][..8], ya[0][..]);
+        assert_eq!(y[0][8..], yb[0][..]);
+        Ok(())
+    }
+
+    #[test]
+    fn half_inputs_round_trip() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 64), &dev)?;
+        let bm = BlockMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0)?)?.unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 64), &dev)?.to_dtype(DType::BF16)?;
+        let y = bm.forward(&x)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        assert_eq!(y.dims(), &[2, 8]);
+        assert!(bm
+            .forward(&Tensor::zeros((1, 63), DType::F32, &dev)?)
+            .is_err());
+        Ok(())
+    }
+}

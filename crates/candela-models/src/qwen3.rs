@@ -1,0 +1,51 @@
+//! Qwen3 (dense): explicit `head_dim`, per-head RMSNorm of q and k before
+//! rope, no q/k/v bias unless `attention_bias`; neox rope, also in GGUF.
+
+use candela_core::model::Model;
+
+use crate::config::HfConfig;
+use crate::error::Result;
+use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig, DecoderLm};
+use crate::weights::{GgufWeights, Weights};
+
+pub const HF_ARCHITECTURE: &str = "Qwen3ForCausalLM";
+pub const GGUF_ARCHITECTURE: &str = "qwen3";
+
+pub fn config_from_hf(cfg: &HfConfig, max_model_len: Option<usize>) -> Result<DecoderConfig> {
+    let mut c = hf_base_config(cfg, HF_ARCHITECTURE, max_model_len)?;
+    let bias = cfg.attention_bias.unwrap_or(false);
+    c.qkv_bias = bias;
+    c.o_bias = bias;
+    c.qk_norm = true;
+    Ok(c)
+}
+
+pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result<DecoderConfig> {
+    let mut c = gguf_base_config(g, GGUF_ARCHITECTURE, HF_ARCHITECTURE, max_model_len)?;
+    c.qk_norm = true;
+    Ok(c)
+}
+
+/// Build from a model folder's config and safetensors.
+pub fn build_hf(
+    cfg: &HfConfig,
+    weights: &Weights,
+    max_model_len: Option<usize>,
+) -> Result<Box<dyn Model>> {
+    Ok(Box::new(DecoderLm::load(
+        config_from_hf(cfg, max_model_len)?,
+        weights,
+    )?))
+}
+
+/// Build from a GGUF file's metadata and tensors.
+pub fn build_gguf(
+    gguf: &GgufWeights,
+    weights: &Weights,
+    max_model_len: Option<usize>,
+) -> Result<Box<dyn Model>> {
+    Ok(Box::new(DecoderLm::load(
+        config_from_gguf(gguf, max_model_len)?,
+        weights,
+    )?))
+}

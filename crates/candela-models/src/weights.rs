@@ -1,0 +1,760 @@
+//! Where a model's tensors come from: a folder of safetensors (one file or
+//! shards listed by `model.safetensors.index.json`) or one GGUF file.
+//!
+//! Model code asks for tensors by their Hugging Face names
+//! (`model.layers.3.self_attn.q_proj`); the GGUF source maps them to
+//! llama.cpp's names (`blk.3.attn_q`). Dense tensors come back in the model
+//! dtype; GGUF matrices stay quantized inside [`Linear::Quantized`].
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{ModelError, Result};
+use crate::quant::BlockMatrix;
+
+/// A GGUF block-quantized matrix: decoded by our own kernels where we
+/// have them ([`BlockMatrix`]), else by candle's `QMatMul`.
+#[derive(Debug, Clone)]
+pub enum QuantWeight {
+    Blocks(Arc<BlockMatrix>),
+    Candle(QMatMul),
+}
+
+impl QuantWeight {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Blocks(b) => b.forward(x),
+            Self::Candle(q) => q.forward(x),
+        }
+    }
+
+    pub fn out_dim(&self) -> candle_core::Result<usize> {
+        match self {
+            Self::Blocks(b) => Ok(b.dims().0),
+            Self::Candle(QMatMul::QTensor(q)) => q.shape().dims2().map(|d| d.0),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dim(0),
+        }
+    }
+}
+
+/// A projection `[tokens, in] -> [tokens, out]`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// `weight` is `[out, in]` in the model dtype.
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// A GGUF block-quantized matrix, multiplied without dequantizing it as a whole.
+    Quantized {
+        weight: QuantWeight,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (y, bias) = match self {
+            Self::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
+            Self::Quantized { weight, bias } => (weight.forward(x)?, bias),
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> candle_core::Result<usize> {
+        match self {
+            Self::Dense { weight, .. } => weight.dim(0),
+            Self::Quantized { weight, .. } => weight.out_dim(),
+        }
+    }
+
+    /// One projection computing all of `parts` (same input), their outputs
+    /// side by side; `None` when they cannot be stacked (mixed kinds or
+    /// quantization types, some with bias and some without).
+    pub fn stack(parts: &[&Linear]) -> candle_core::Result<Option<Linear>> {
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let biases: Vec<Option<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Dense { bias, .. } | Self::Quantized { bias, .. } => bias.as_ref(),
+            })
+            .collect();
+        let bias = if biases.iter().all(|b| b.is_some()) {
+            let bs: Vec<&Tensor> = biases.iter().flatten().copied().collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else if biases.iter().all(|b| b.is_none()) {
+            None
+        } else {
+            return Ok(None);
+        };
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Dense { weight, .. } => Some(weight),
+                _ => None,
+            })
+            .collect();
+        if let Some(ws) = dense {
+            return Ok(Some(Self::Dense {
+                weight: Tensor::cat(&ws, 0)?,
+                bias,
+            }));
+        }
+        let blocks: Option<Vec<&BlockMatrix>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Quantized {
+                    weight: QuantWeight::Blocks(b),
+                    ..
+                } => Some(b.as_ref()),
+                _ => None,
+            })
+            .collect();
+        Ok(blocks
+            .and_then(|bs| BlockMatrix::stack(&bs))
+            .map(|b| Self::Quantized {
+                weight: QuantWeight::Blocks(Arc::new(b)),
+                bias,
+            }))
+    }
+}
+
+/// Projections of one input (q/k/v, gate/up) run as a single matmul when
+/// their weights stack, else one by one.
+#[derive(Debug, Clone)]
+pub enum MultiLinear {
+    Fused { linear: Linear, sizes: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl MultiLinear {
+    pub fn new(parts: Vec<Linear>) -> candle_core::Result<Self> {
+        let refs: Vec<&Linear> = parts.iter().collect();
+        match Linear::stack(&refs)? {
+            Some(linear) => {
+                let sizes = parts
+                    .iter()
+                    .map(|p| p.out_dim())
+                    .collect::<candle_core::Result<_>>()?;
+                Ok(Self::Fused { linear, sizes })
+            }
+            None => Ok(Self::Separate(parts)),
+        }
+    }
+
+    /// One `[tokens, out_i]` output per part.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Fused { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let mut off = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(1, off, n);
+                        off += n;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Token embeddings: a dense table, or GGUF blocks decoded per looked-up row.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Blocks {
+        table: Arc<BlockMatrix>,
+        dtype: DType,
+    },
+}
+
+impl Embedding {
+    /// Rows of `ids` (u32 `[tokens]`) as `[tokens, hidden]` in the model dtype.
+    pub fn forward(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(t) => t.index_select(&Tensor::from_slice(ids, ids.len(), device)?, 0),
+            Self::Blocks { table, dtype } => table.embedding(ids, device)?.to_dtype(*dtype),
+        }
+    }
+
+    /// The same matrix as an output projection (tied embeddings).
+    pub fn as_linear(&self) -> Linear {
+        match self {
+            Self::Dense(t) => Linear::Dense {
+                weight: t.clone(),
+                bias: None,
+            },
+            Self::Blocks { table, .. } => Linear::Quantized {
+                weight: QuantWeight::Blocks(table.clone()),
+                bias: None,
+            },
+        }
+    }
+}
+
+/// A source of named tensors.
+pub enum Weights {
+    Safetensors {
+        vb: VarBuilder<'static>,
+        files: Vec<PathBuf>,
+    },
+    Gguf(GgufWeights),
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Safetensors { files, vb } => f
+                .debug_struct("Safetensors")
+                .field("files", files)
+                .field("dtype", &vb.dtype())
+                .finish(),
+            Self::Gguf(g) => f
+                .debug_struct("Gguf")
+                .field("path", &g.path)
+                .field("dtype", &g.dtype)
+                .finish(),
+        }
+    }
+}
+
+/// The safetensors files of a model folder: the shards named by
+/// `model.safetensors.index.json`, else `model.safetensors`, else every
+/// `model*.safetensors` (sorted).
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::InvalidJson {
+                what: "safetensors index",
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::InvalidJson {
+                what: "safetensors index",
+                path: index.clone(),
+                message: "no weight_map object".into(),
+            })?;
+        let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let mut files = Vec::new();
+        for name in names {
+            // Shard names come from the file: keep them inside the folder.
+            if name.contains('/') || name.contains('\\') || name.starts_with("..") {
+                return Err(ModelError::InvalidJson {
+                    what: "safetensors index",
+                    path: index.clone(),
+                    message: format!("shard name {name:?} is not a plain file name"),
+                });
+            }
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Err(ModelError::Weights {
+                    path: p,
+                    message: "shard listed in model.safetensors.index.json is missing".into(),
+                });
+            }
+            files.push(p);
+        }
+        if files.is_empty() {
+            return Err(ModelError::InvalidJson {
+                what: "safetensors index",
+                path: index,
+                message: "weight_map lists no files".into(),
+            });
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("model") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::MissingFile {
+            dir: dir.to_path_buf(),
+            file: "model.safetensors",
+        });
+    }
+    Ok(files)
+}
+
+impl Weights {
+    /// Memory-map the safetensors of a model folder; tensors are cast to
+    /// `dtype` when fetched.
+    pub fn from_safetensors_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        Self::from_safetensors_files(files, dtype, device)
+    }
+
+    pub fn from_safetensors_files(
+        files: Vec<PathBuf>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        // SAFETY: the files are mapped read-only; like every mmap-based
+        // loader we assume nobody truncates them while the model is alive.
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
+                ModelError::Weights {
+                    path: files.first().cloned().unwrap_or_default(),
+                    message: format!("not a valid safetensors file: {e}"),
+                }
+            })?;
+        Ok(Self::Safetensors { vb, files })
+    }
+
+    pub fn from_gguf(gguf: GgufWeights) -> Self {
+        Self::Gguf(gguf)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Safetensors { vb, .. } => vb.dtype(),
+            Self::Gguf(g) => g.dtype,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Safetensors { vb, .. } => vb.device(),
+            Self::Gguf(g) => &g.device,
+        }
+    }
+
+    /// Whether a tensor with this Hugging Face name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Self::Safetensors { vb, .. } => vb.contains_tensor(name),
+            Self::Gguf(g) => g.lookup(name).is_some(),
+        }
+    }
+
+    /// A dense tensor in the model dtype, checked against `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Self::Safetensors { vb, files } => {
+                if !vb.contains_tensor(name) {
+                    return Err(ModelError::MissingTensor(name.to_string()));
+                }
+                vb.get(shape, name).map_err(|e| ModelError::Weights {
+                    path: files.first().cloned().unwrap_or_default(),
+                    message: format!("{name}: {e}"),
+                })
+            }
+            Self::Gguf(g) => {
+                let q = g.qtensor(name)?;
+                g.check_shape(name, &q, shape)?;
+                Ok(q.dequantize(&g.device)?.to_dtype(g.dtype)?)
+            }
+        }
+    }
+
+    /// The token embedding table `name` (`[vocab, hidden]`).
+    pub fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        if let Self::Gguf(g) = self {
+            let q = g.qtensor(name)?;
+            g.check_shape(name, &q, &[vocab, hidden])?;
+            if let Some(b) = BlockMatrix::from_qtensor(&q)? {
+                return Ok(Embedding::Blocks {
+                    table: Arc::new(b),
+                    dtype: g.dtype,
+                });
+            }
+            return Ok(Embedding::Dense(
+                q.dequantize(&g.device)?.to_dtype(g.dtype)?,
+            ));
+        }
+        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden])?))
+    }
+
+    /// The projection `{prefix}.weight` (`[out, in]`) with an optional
+    /// `{prefix}.bias` (`[out]`).
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let wname = format!("{prefix}.weight");
+        let bias = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        match self {
+            Self::Safetensors { .. } => Ok(Linear::Dense {
+                weight: self.tensor(&wname, &[out_dim, in_dim])?,
+                bias,
+            }),
+            Self::Gguf(g) => {
+                let q = g.qtensor(&wname)?;
+                g.check_shape(&wname, &q, &[out_dim, in_dim])?;
+                Ok(g.linear_from_qtensor(q, bias)?)
+            }
+        }
+    }
+}
+
+/// A parsed GGUF file with lazy tensor reads.
+pub struct GgufWeights {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    file: Mutex<File>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl GgufWeights {
+    /// Parse the header and metadata of a GGUF file; tensors are read when asked for.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Gguf {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(file),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn metadata(&self) -> &std::collections::HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    /// The GGUF name for a Hugging Face tensor name, if it exists in the file.
+    fn lookup(&self, hf_name: &str) -> Option<String> {
+        let name = gguf_tensor_name(hf_name)?;
+        self.content
+            .tensor_infos
+            .contains_key(&name)
+            .then_some(name)
+    }
+
+    /// The shape of a tensor (Hugging Face name), without reading it.
+    pub fn shape_of(&self, hf_name: &str) -> Option<Vec<usize>> {
+        let name = self.lookup(hf_name)?;
+        self.content
+            .tensor_infos
+            .get(&name)
+            .map(|i| i.shape.dims().to_vec())
+    }
+
+    /// Read one tensor by its Hugging Face name.
+    pub fn qtensor(&self, hf_name: &str) -> Result<Arc<QTensor>> {
+        let name = self
+            .lookup(hf_name)
+            .ok_or_else(|| ModelError::MissingTensor(hf_name.to_string()))?;
+        self.qtensor_raw(&name)
+    }
+
+    /// Read one tensor by its GGUF name.
+    pub fn qtensor_raw(&self, gguf_name: &str) -> Result<Arc<QTensor>> {
+        let mut file = self.file.lock().map_err(|_| ModelError::Gguf {
+            path: self.path.clone(),
+            message: "file handle poisoned".into(),
+        })?;
+        let q = self
+            .content
+            .tensor(&mut *file, gguf_name, &self.device)
+            .map_err(|e| ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!("{gguf_name}: {e}"),
+            })?;
+        Ok(Arc::new(q))
+    }
+
+    fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!("missing metadata key {key}"),
+            })
+    }
+
+    fn bad_meta(&self, key: &str, e: candle_core::Error) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.clone(),
+            message: format!("metadata {key}: {e}"),
+        }
+    }
+
+    /// An integer metadata value (any integer width).
+    pub fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta(key)?;
+        let n = match v {
+            gguf_file::Value::U8(x) => *x as i128,
+            gguf_file::Value::I8(x) => *x as i128,
+            gguf_file::Value::U16(x) => *x as i128,
+            gguf_file::Value::I16(x) => *x as i128,
+            gguf_file::Value::U32(x) => *x as i128,
+            gguf_file::Value::I32(x) => *x as i128,
+            gguf_file::Value::U64(x) => *x as i128,
+            gguf_file::Value::I64(x) => *x as i128,
+            _ => {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!("metadata {key} is not an integer"),
+                })
+            }
+        };
+        usize::try_from(n).map_err(|_| ModelError::Gguf {
+            path: self.path.clone(),
+            message: format!("metadata {key} = {n} is out of range"),
+        })
+    }
+
+    pub fn meta_usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        if self.content.metadata.contains_key(key) {
+            self.meta_usize(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn meta_f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.content.metadata.get(key) else {
+            return Ok(None);
+        };
+        let x = match v {
+            gguf_file::Value::F32(x) => *x as f64,
+            gguf_file::Value::F64(x) => *x,
+            _ => self.meta_usize(key)? as f64,
+        };
+        Ok(Some(x))
+    }
+
+    pub fn meta_str(&self, key: &str) -> Result<&str> {
+        self.meta(key)?
+            .to_string()
+            .map(|s| s.as_str())
+            .map_err(|e| self.bad_meta(key, e))
+    }
+
+    pub fn meta_str_opt(&self, key: &str) -> Option<&str> {
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
+    }
+
+    pub fn meta_bool_opt(&self, key: &str) -> Option<bool> {
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_bool().ok())
+    }
+
+    /// `general.architecture`, e.g. `llama`.
+    pub fn architecture(&self) -> Result<&str> {
+        self.meta_str("general.architecture")
+    }
+
+    pub fn has_raw(&self, gguf_name: &str) -> bool {
+        self.content.tensor_infos.contains_key(gguf_name)
+    }
+
+    fn check_shape(&self, name: &str, q: &QTensor, shape: &[usize]) -> Result<()> {
+        if q.shape().dims() != shape {
+            return Err(ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor {name} has shape {:?}, expected {shape:?}",
+                    q.shape().dims()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A projection from a GGUF matrix: block-quantized types stay quantized,
+    /// float types become dense tensors in the model dtype.
+    pub fn linear_from_qtensor(&self, q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Linear> {
+        match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Linear::Dense {
+                weight: q.dequantize(&self.device)?.to_dtype(self.dtype)?,
+                bias,
+            }),
+            _ => {
+                let weight = match BlockMatrix::from_qtensor(&q)? {
+                    Some(b) => QuantWeight::Blocks(Arc::new(b)),
+                    None => QuantWeight::Candle(QMatMul::QTensor(q)),
+                };
+                Ok(Linear::Quantized { weight, bias })
+            }
+        }
+    }
+}
+
+/// llama.cpp's tensor name for a Hugging Face decoder tensor name.
+pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let gg = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{gg}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_hf_names_to_gguf() {
+        assert_eq!(
+            gguf_tensor_name("model.embed_tokens.weight").unwrap(),
+            "token_embd.weight"
+        );
+        assert_eq!(
+            gguf_tensor_name("model.layers.12.self_attn.q_proj.bias").unwrap(),
+            "blk.12.attn_q.bias"
+        );
+        assert_eq!(
+            gguf_tensor_name("model.layers.0.mlp.down_proj.weight").unwrap(),
+            "blk.0.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_tensor_name("model.layers.3.self_attn.k_norm.weight").unwrap(),
+            "blk.3.attn_k_norm.weight"
+        );
+        assert!(gguf_tensor_name("model.layers.x.mlp.up_proj.weight").is_none());
+        assert!(gguf_tensor_name("something.else").is_none());
+    }
+
+    #[test]
+    fn dense_quantized_and_stacked_linears_agree() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 64, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (5, 256), &dev)?;
+        let dense = Linear::Dense {
+            weight: w.clone(),
+            bias: Some(b.clone()),
+        };
+        // Reference: explicit sum.
+        let (xv, wv, bv) = (
+            x.to_vec2::<f32>()?,
+            w.to_vec2::<f32>()?,
+            b.to_vec1::<f32>()?,
+        );
+        let y = dense.forward(&x)?;
+        let expect: f32 = (0..256).map(|k| xv[2][k] * wv[7][k]).sum::<f32>() + bv[7];
+        assert!((y.to_vec2::<f32>()?[2][7] - expect).abs() < 1e-3);
+
+        // The same weights quantized: candle's kernel and ours against the dequantized matrix.
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let wd = Linear::Dense {
+            weight: q.dequantize(&dev)?,
+            bias: Some(b.clone()),
+        };
+        let ours = Linear::Quantized {
+            weight: QuantWeight::Blocks(Arc::new(BlockMatrix::from_qtensor(&q)?.expect("q8_0"))),
+            bias: Some(b.clone()),
+        };
+        let candle = Linear::Quantized {
+            weight: QuantWeight::Candle(QMatMul::from_qtensor(q)?),
+            bias: Some(b.clone()),
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        let yd = wd.forward(&x)?;
+        assert_eq!(ours.out_dim()?, 64);
+        assert!(max_diff(&ours.forward(&x)?, &yd)? < 1e-4);
+        // candle quantizes the activations too: close, not equal.
+        assert!(max_diff(&candle.forward(&x)?, &yd)? < 0.5);
+
+        // Stacking: one fused projection gives the parts side by side.
+        let w2 = Tensor::randn(0f32, 1.0, (16, 256), &dev)?;
+        let b2 = Tensor::randn(0f32, 1.0, 16, &dev)?;
+        let second = Linear::Dense {
+            weight: w2,
+            bias: Some(b2),
+        };
+        let multi = MultiLinear::new(vec![dense.clone(), second.clone()])?;
+        assert!(matches!(multi, MultiLinear::Fused { .. }));
+        let outs = multi.forward(&x)?;
+        // (GEMM blocking differs with the width: a few ulps on values ~30.)
+        let d0 = max_diff(&outs[0], &dense.forward(&x)?)?;
+        let d1 = max_diff(&outs[1], &second.forward(&x)?)?;
+        assert!(
+            d0 < 1e-4 && d1 < 1e-4,
+            "stacked outputs differ by {d0}, {d1}"
+        );
+        // Mixed kinds stay separate.
+        assert!(matches!(
+            MultiLinear::new(vec![dense, ours])?,
+            MultiLinear::Separate(_)
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn missing_folder_files_are_reported() {
+        let dir =
+            std::env::temp_dir().join(format!("candela-weights-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = safetensors_files(&dir).unwrap_err();
+        assert!(err.to_string().contains("model.safetensors"), "{err}");
+        std::fs::write(dir.join("model.safetensors"), b"garbage!garbage!").unwrap();
+        let err = Weights::from_safetensors_dir(&dir, DType::F32, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("not a valid safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

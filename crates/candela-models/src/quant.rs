@@ -25,7 +25,10 @@ use rayon::prelude::*;
 /// Input rows up to which Q4_0/Q4_1/Q8_0/Q4_K/Q6_K products take dot products
 /// straight off the blocks; above (and for other types), weight tiles are
 /// decoded for a GEMM.
-const FUSED_MAX_M: usize = 4;
+const FUSED_MAX_M: usize = 2;
+/// Up to this many input rows, each weight row is decoded once into an L1
+/// buffer and dotted with every input row; beyond it, tiles + GEMM win.
+const ROW_DECODE_MAX_M: usize = 16;
 /// f32 elements of one dequantized weight tile (256 KiB, about L2).
 const TILE_ELEMS: usize = 64 << 10;
 
@@ -415,6 +418,100 @@ fn rows_dot_fused_dispatch(
     rows_dot_fused(mat, r0, nr, x, xsum, m, dst)
 }
 
+/// Weight rows `r0..r0+nr`, decoded once into `buf` (L1/L2-sized) in groups
+/// of [`ROW_GROUP`], each group dotted with all `m` rows of `x`. Grouping
+/// reads every `x` row once per group and gives the FMA units independent
+/// accumulator chains.
+#[inline(always)]
+fn rows_dot_decoded(mat: &BlockMatrix, r0: usize, nr: usize, x: &[f32], m: usize, buf: &mut [f32], dst: SendPtr) {
+    let (k, n) = (mat.k, mat.n);
+    let mut r = r0;
+    while r < r0 + nr {
+        let g = ROW_GROUP.min(r0 + nr - r);
+        for j in 0..g {
+            mat.decode_row_inline(r + j, &mut buf[j * k..(j + 1) * k]);
+        }
+        for (i, xi) in x.chunks_exact(k).take(m).enumerate() {
+            let dots = if g == ROW_GROUP {
+                dot_group(&buf[..ROW_GROUP * k], xi)
+            } else {
+                let mut d = [0f32; ROW_GROUP];
+                for (j, dj) in d.iter_mut().enumerate().take(g) {
+                    *dj = dot_group_one(&buf[j * k..(j + 1) * k], xi);
+                }
+                d
+            };
+            for (j, v) in dots.iter().enumerate().take(g) {
+                // SAFETY: i < m and r + j < n index the [m, n] output; each task owns its rows.
+                unsafe { *dst.get().add(i * n + r + j) = *v };
+            }
+        }
+        r += g;
+    }
+}
+
+const ROW_GROUP: usize = 4;
+const LANES: usize = 16;
+
+/// Dot products of `ROW_GROUP` consecutive rows of `w` (each `x.len()` long)
+/// with `x`, lane-wise so it vectorises without reassociation.
+#[inline(always)]
+fn dot_group(w: &[f32], x: &[f32]) -> [f32; ROW_GROUP] {
+    let k = x.len();
+    let mut acc = [[0f32; LANES]; ROW_GROUP];
+    let full = k / LANES * LANES;
+    for c in (0..full).step_by(LANES) {
+        let xv = &x[c..c + LANES];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let wv = &w[r * k + c..r * k + c + LANES];
+            for j in 0..LANES {
+                a[j] = wv[j].mul_add(xv[j], a[j]);
+            }
+        }
+    }
+    let mut out = [0f32; ROW_GROUP];
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut t = acc[r].iter().sum::<f32>();
+        for c in full..k {
+            t = w[r * k + c].mul_add(x[c], t);
+        }
+        *o = t;
+    }
+    out
+}
+
+#[inline(always)]
+fn dot_group_one(w: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let full = x.len() / LANES * LANES;
+    for c in (0..full).step_by(LANES) {
+        for j in 0..LANES {
+            acc[j] = w[c + j].mul_add(x[c + j], acc[j]);
+        }
+    }
+    let mut t = acc.iter().sum::<f32>();
+    for c in full..x.len() {
+        t = w[c].mul_add(x[c], t);
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_dot_decoded_avx2(mat: &BlockMatrix, r0: usize, nr: usize, x: &[f32], m: usize, buf: &mut [f32], dst: SendPtr) {
+    rows_dot_decoded(mat, r0, nr, x, m, buf, dst)
+}
+
+fn rows_dot_decoded_dispatch(mat: &BlockMatrix, r0: usize, nr: usize, x: &[f32], m: usize, buf: &mut [f32], dst: SendPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
+        unsafe { rows_dot_decoded_avx2(mat, r0, nr, x, m, buf, dst) };
+        return;
+    }
+    rows_dot_decoded(mat, r0, nr, x, m, buf, dst)
+}
+
 #[inline(always)]
 fn decode_rows(mat: &BlockMatrix, r0: usize, out: &mut [f32]) {
     for (i, o) in out.chunks_exact_mut(mat.k).enumerate() {
@@ -599,6 +696,20 @@ impl BlockMatrix {
                 });
             return Ok(out);
         }
+        if m <= ROW_DECODE_MAX_M {
+            // A few sequences (batched decode): decoding each weight row once
+            // per step and reusing it for all m inputs keeps the cost of
+            // dequantisation independent of m, without GEMM packing overhead.
+            let rows_per_task = (n / (threads * 8)).clamp(1, 64);
+            (0..n.div_ceil(rows_per_task)).into_par_iter().for_each_init(
+                || vec![0f32; ROW_GROUP * k],
+                |buf, t| {
+                    let r0 = t * rows_per_task;
+                    rows_dot_decoded_dispatch(self, r0, rows_per_task.min(n - r0), x, m, buf, dst);
+                },
+            );
+            return Ok(out);
+        }
         // Several rows: per task, decode a tile of weight rows into an
         // L2-sized buffer and multiply it with all of x (f32 GEMM), writing
         // the tile's output columns.
@@ -666,12 +777,12 @@ mod tests {
 
     fn check(dtype: GgmlDType) -> Result<()> {
         let dev = Device::Cpu;
-        let (n, k) = (72usize, 512usize);
+        let (n, k) = (75usize, 512usize); // n not a multiple of the row group
         let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? + 0.3)?;
         let q = QTensor::quantize(&w, dtype)?;
         let wd = q.dequantize(&dev)?;
         let bm = BlockMatrix::from_qtensor(&q)?.expect("supported type");
-        for m in [1usize, 2, 3, 7, 37] {
+        for m in [1usize, 2, 3, 7, 16, 37] {
             let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? + 0.5)?;
             let want = x.matmul(&wd.t()?)?;
             let got = bm.forward(&x)?;
@@ -683,7 +794,7 @@ mod tests {
         let e = bm.embedding(&ids, &dev)?;
         let want = wd.index_select(&Tensor::new(&ids, &dev)?, 0)?;
         assert_eq!(e.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
-        assert!(bm.embedding(&[72], &dev).is_err());
+        assert!(bm.embedding(&[75], &dev).is_err());
         Ok(())
     }
 

@@ -472,7 +472,10 @@ impl NativeEngine {
         let id = id_from_js(request_id)?;
         let inner = self.inner.clone();
         let Some(state) = inner.request(id) else {
-            return Ok(NativeBatch { events: Vec::new(), done: true, aborted: false });
+            // Gone from the map: finished earlier, or swept up by close() between
+            // two next() calls; the latter must read as aborted, not as done.
+            let aborted = inner.closed.load(Ordering::Acquire);
+            return Ok(NativeBatch { events: Vec::new(), done: true, aborted });
         };
         let mut rx = state.rx.lock().await;
         let aborted = || state.aborted.load(Ordering::Acquire);

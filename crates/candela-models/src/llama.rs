@@ -5,12 +5,11 @@
 //! "llama"`) store Q/K permuted by llama.cpp's converter, so they run with
 //! interleaved rope instead of being un-permuted.
 
-use candela_core::model::Model;
 
 use crate::config::HfConfig;
 use crate::error::Result;
-use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig, DecoderLm};
-use crate::weights::{GgufWeights, Weights};
+use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig};
+use crate::weights::GgufWeights;
 
 pub const HF_ARCHITECTURE: &str = "LlamaForCausalLM";
 pub const GGUF_ARCHITECTURE: &str = "llama";
@@ -26,28 +25,4 @@ pub fn config_from_hf(cfg: &HfConfig, max_model_len: Option<usize>) -> Result<De
 
 pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result<DecoderConfig> {
     gguf_base_config(g, GGUF_ARCHITECTURE, HF_ARCHITECTURE, max_model_len)
-}
-
-/// Build from a model folder's config and safetensors.
-pub fn build_hf(
-    cfg: &HfConfig,
-    weights: &Weights,
-    max_model_len: Option<usize>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(
-        config_from_hf(cfg, max_model_len)?,
-        weights,
-    )?))
-}
-
-/// Build from a GGUF file's metadata and tensors.
-pub fn build_gguf(
-    gguf: &GgufWeights,
-    weights: &Weights,
-    max_model_len: Option<usize>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(
-        config_from_gguf(gguf, max_model_len)?,
-        weights,
-    )?))
 }

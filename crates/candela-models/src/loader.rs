@@ -203,7 +203,7 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         .transpose()?;
 
     let weights = Weights::from_safetensors_dir(dir, dtype, device)?;
-    let model = (arch.build_hf)(&cfg, &weights, opts.max_model_len)?;
+    let model = arch.build_hf(&cfg, &weights, opts.max_model_len)?;
     let spec = model.spec().clone();
 
     let mut eos = Vec::new();
@@ -291,7 +291,7 @@ fn load_gguf(
     let Weights::Gguf(g) = &weights else {
         return Err(ModelError::Config("internal: GGUF weights expected".into()));
     };
-    let model = (arch.build_gguf)(g, &weights, opts.max_model_len)?;
+    let model = arch.build_gguf(g, &weights, opts.max_model_len)?;
     let spec = model.spec().clone();
     Ok(LoadedModel {
         model,

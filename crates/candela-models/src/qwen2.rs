@@ -1,12 +1,11 @@
 //! Qwen2 / Qwen2.5: the llama block with biases on q/k/v (never on o) and
 //! neox rope, also in GGUF files.
 
-use candela_core::model::Model;
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig, DecoderLm};
-use crate::weights::{GgufWeights, Weights};
+use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig};
+use crate::weights::GgufWeights;
 
 pub const HF_ARCHITECTURE: &str = "Qwen2ForCausalLM";
 pub const GGUF_ARCHITECTURE: &str = "qwen2";
@@ -27,28 +26,4 @@ pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result
     c.qkv_bias = true;
     c.o_bias = false;
     Ok(c)
-}
-
-/// Build from a model folder's config and safetensors.
-pub fn build_hf(
-    cfg: &HfConfig,
-    weights: &Weights,
-    max_model_len: Option<usize>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(
-        config_from_hf(cfg, max_model_len)?,
-        weights,
-    )?))
-}
-
-/// Build from a GGUF file's metadata and tensors.
-pub fn build_gguf(
-    gguf: &GgufWeights,
-    weights: &Weights,
-    max_model_len: Option<usize>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(
-        config_from_gguf(gguf, max_model_len)?,
-        weights,
-    )?))
 }

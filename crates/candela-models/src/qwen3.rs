@@ -1,12 +1,11 @@
 //! Qwen3 (dense): explicit `head_dim`, per-head RMSNorm of q and k before
 //! rope, no q/k/v bias unless `attention_bias`; neox rope, also in GGUF.
 
-use candela_core::model::Model;
 
 use crate::config::HfConfig;
 use crate::error::Result;
-use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig, DecoderLm};
-use crate::weights::{GgufWeights, Weights};
+use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig};
+use crate::weights::GgufWeights;
 
 pub const HF_ARCHITECTURE: &str = "Qwen3ForCausalLM";
 pub const GGUF_ARCHITECTURE: &str = "qwen3";
@@ -24,28 +23,4 @@ pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result
     let mut c = gguf_base_config(g, GGUF_ARCHITECTURE, HF_ARCHITECTURE, max_model_len)?;
     c.qk_norm = true;
     Ok(c)
-}
-
-/// Build from a model folder's config and safetensors.
-pub fn build_hf(
-    cfg: &HfConfig,
-    weights: &Weights,
-    max_model_len: Option<usize>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(
-        config_from_hf(cfg, max_model_len)?,
-        weights,
-    )?))
-}
-
-/// Build from a GGUF file's metadata and tensors.
-pub fn build_gguf(
-    gguf: &GgufWeights,
-    weights: &Weights,
-    max_model_len: Option<usize>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(
-        config_from_gguf(gguf, max_model_len)?,
-        weights,
-    )?))
 }

@@ -5,11 +5,14 @@ use candela_core::model::Model;
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
+use crate::layers::{DecoderConfig, DecoderLm};
 use crate::weights::{GgufWeights, Weights};
 use crate::{llama, qwen2, qwen3};
 
-pub type HfBuilder = fn(&HfConfig, &Weights, Option<usize>) -> Result<Box<dyn Model>>;
-pub type GgufBuilder = fn(&GgufWeights, &Weights, Option<usize>) -> Result<Box<dyn Model>>;
+/// Maps a folder's `config.json` (or a GGUF file's metadata) to the shared
+/// decoder's configuration; the max model length caps the served context.
+pub type HfConfigFn = fn(&HfConfig, Option<usize>) -> Result<DecoderConfig>;
+pub type GgufConfigFn = fn(&GgufWeights, Option<usize>) -> Result<DecoderConfig>;
 
 /// One supported architecture.
 #[derive(Debug)]
@@ -18,28 +21,40 @@ pub struct Architecture {
     pub hf_name: &'static str,
     /// GGUF `general.architecture`, e.g. `llama`.
     pub gguf_name: &'static str,
-    pub build_hf: HfBuilder,
-    pub build_gguf: GgufBuilder,
+    pub config_from_hf: HfConfigFn,
+    pub config_from_gguf: GgufConfigFn,
+}
+
+impl Architecture {
+    /// Build from a model folder's config and safetensors.
+    pub fn build_hf(&self, cfg: &HfConfig, weights: &Weights, max_model_len: Option<usize>) -> Result<Box<dyn Model>> {
+        Ok(Box::new(DecoderLm::load((self.config_from_hf)(cfg, max_model_len)?, weights)?))
+    }
+
+    /// Build from a GGUF file's metadata and tensors.
+    pub fn build_gguf(&self, gguf: &GgufWeights, weights: &Weights, max_model_len: Option<usize>) -> Result<Box<dyn Model>> {
+        Ok(Box::new(DecoderLm::load((self.config_from_gguf)(gguf, max_model_len)?, weights)?))
+    }
 }
 
 pub const ARCHITECTURES: &[Architecture] = &[
     Architecture {
         hf_name: llama::HF_ARCHITECTURE,
         gguf_name: llama::GGUF_ARCHITECTURE,
-        build_hf: llama::build_hf,
-        build_gguf: llama::build_gguf,
+        config_from_hf: llama::config_from_hf,
+        config_from_gguf: llama::config_from_gguf,
     },
     Architecture {
         hf_name: qwen2::HF_ARCHITECTURE,
         gguf_name: qwen2::GGUF_ARCHITECTURE,
-        build_hf: qwen2::build_hf,
-        build_gguf: qwen2::build_gguf,
+        config_from_hf: qwen2::config_from_hf,
+        config_from_gguf: qwen2::config_from_gguf,
     },
     Architecture {
         hf_name: qwen3::HF_ARCHITECTURE,
         gguf_name: qwen3::GGUF_ARCHITECTURE,
-        build_hf: qwen3::build_hf,
-        build_gguf: qwen3::build_gguf,
+        config_from_hf: qwen3::config_from_hf,
+        config_from_gguf: qwen3::config_from_gguf,
     },
 ];
 

@@ -62,8 +62,17 @@ pub enum ModelError {
     #[error("unsupported device {0:?}; supported: cpu")]
     UnsupportedDevice(String),
 
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle attaches when
+/// RUST_BACKTRACE is set: users get one clear line, not a stack dump.
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

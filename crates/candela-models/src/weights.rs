@@ -15,7 +15,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::error::{ModelError, Result};
+use crate::error::{candle_message, ModelError, Result};
 use crate::quant::BlockMatrix;
 
 /// A GGUF block-quantized matrix: decoded by our own kernels where we
@@ -326,7 +326,7 @@ impl Weights {
             unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
                 ModelError::Weights {
                     path: files.first().cloned().unwrap_or_default(),
-                    message: format!("not a valid safetensors file: {e}"),
+                    message: format!("not a valid safetensors file: {}", candle_message(&e)),
                 }
             })?;
         Ok(Self::Safetensors { vb, files })
@@ -367,7 +367,7 @@ impl Weights {
                 }
                 vb.get(shape, name).map_err(|e| ModelError::Weights {
                     path: files.first().cloned().unwrap_or_default(),
-                    message: format!("{name}: {e}"),
+                    message: format!("{name}: {}", candle_message(&e)),
                 })
             }
             Self::Gguf(g) => {
@@ -440,7 +440,7 @@ impl GgufWeights {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Gguf {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: candle_message(&e),
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -492,7 +492,7 @@ impl GgufWeights {
             .tensor(&mut *file, gguf_name, &self.device)
             .map_err(|e| ModelError::Gguf {
                 path: self.path.clone(),
-                message: format!("{gguf_name}: {e}"),
+                message: format!("{gguf_name}: {}", candle_message(&e)),
             })?;
         Ok(Arc::new(q))
     }
@@ -510,7 +510,7 @@ impl GgufWeights {
     fn bad_meta(&self, key: &str, e: candle_core::Error) -> ModelError {
         ModelError::Gguf {
             path: self.path.clone(),
-            message: format!("metadata {key}: {e}"),
+            message: format!("metadata {key}: {}", candle_message(&e)),
         }
     }
 

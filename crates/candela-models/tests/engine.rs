@@ -46,6 +46,19 @@ fn run_all(engine: &Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<
         .collect()
 }
 
+/// Stats once the engine thread has published the step that finished the
+/// last request (events reach the caller just before the snapshot updates).
+fn settled_stats(engine: &Engine) -> candela_core::EngineStats {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let s = engine.stats();
+        if (s.running == 0 && s.waiting == 0) || std::time::Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn prompts(tok: &candela_models::Tokenizer) -> Vec<Vec<u32>> {
     [
         "The capital of France is",
@@ -116,7 +129,7 @@ fn preemption_completes_every_request_with_its_solo_tokens() {
     assert_eq!(engine.num_kv_blocks(), 12);
     let ps = prompts(&tok);
     let squeezed = run_all(&engine, &ps, 40);
-    let stats = engine.stats();
+    let stats = settled_stats(&engine);
     assert!(stats.preemptions > 0, "the pool was never exhausted: {stats:?}");
     assert_eq!(stats.kv_blocks_used, 0, "blocks leaked: {stats:?}");
     assert_eq!(squeezed, alone(EngineConfig::default(), &ps, 40));

@@ -1,0 +1,73 @@
+//! Loading a checkpoint sharded the way `save_pretrained` shards big models
+//! (several safetensors files + model.safetensors.index.json) gives the same
+//! model as the single file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candela_core::model::{ForwardBatch, SeqSlice};
+use candela_models::{load, LoadOptions};
+use candle_core::{Device, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+/// Last-token logits of one prefill of `ids`.
+fn last_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let mut loaded = load(dir, &LoadOptions::default()).expect("load");
+    let bs = 16;
+    let blocks = ids.len().div_ceil(bs) as u32;
+    loaded.model.allocate_kv_cache(blocks as usize, bs).unwrap();
+    let batch = ForwardBatch {
+        input_ids: ids.to_vec(),
+        positions: (0..ids.len() as u32).collect(),
+        slot_mapping: (0..ids.len() as u32).collect(),
+        seqs: vec![SeqSlice {
+            query_start: 0,
+            query_len: ids.len(),
+            context_len: ids.len(),
+            block_table: (0..blocks).collect(),
+            needs_logits: true,
+        }],
+        block_size: bs,
+    };
+    loaded.model.forward(&batch).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn sharded_safetensors_with_an_index_load_like_one_file() {
+    let src = fixture("llama-tiny");
+    let dir = std::env::temp_dir().join(format!("candela-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let s = i % 2;
+        shards[s].insert((*name).clone(), tensors[*name].clone());
+        weight_map.insert((*name).clone(), format!("model-0000{}-of-00002.safetensors", s + 1).into());
+    }
+    for (s, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.join(format!("model-0000{}-of-00002.safetensors", s + 1))).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let ids = [504u32, 3575, 282, 4649, 314];
+    let (a, b) = (last_logits(&src, &ids), last_logits(&dir, &ids));
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a, b, "sharded and single-file checkpoints disagree");
+
+    // A shard named in the index but missing is a clear error, not a panic.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load(&dir, &LoadOptions::default()).err().expect("missing shard must fail").to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

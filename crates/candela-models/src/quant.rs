@@ -454,7 +454,71 @@ unsafe fn rows_dot_fused_avx2(
     m: usize,
     dst: SendPtr,
 ) {
-    rows_dot_fused(mat, r0, nr, x, xsum, m, dst)
+    if !matches!(mat.dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return rows_dot_fused(mat, r0, nr, x, xsum, m, dst);
+    }
+    let bytes = mat.bytes();
+    let (k, n) = (mat.k, mat.n);
+    let nb = k / 32;
+    for r in r0..r0 + nr {
+        let row = &bytes[r * mat.row_bytes..(r + 1) * mat.row_bytes];
+        for i in 0..m {
+            let v = legacy_row_dot_avx2(mat.dtype, row, &x[i * k..(i + 1) * k], &xsum[i * nb..(i + 1) * nb]);
+            // SAFETY: i < m and r < n index the [m, n] output; each task owns its rows r.
+            *dst.get().add(i * n + r) = v;
+        }
+    }
+}
+
+/// One Q4_0 / Q4_1 / Q8_0 row dotted with `x` in AVX2: each block's quants
+/// widen to f32 lanes in registers, are dotted with x, and the block sum is
+/// scaled by d once (plus Q4_1's offset times the block's x sum).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn widen_u8(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+    let mut acc = _mm256_setzero_ps();
+    let mut offs = 0f32;
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
+            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 { (18, 2) } else { (20, 4) };
+            let mask = _mm_set1_epi8(0x0F);
+            for ((blk, xb), xs) in row.chunks_exact(bsz).zip(x.chunks_exact(32)).zip(xsum) {
+                let q = _mm_loadu_si128(blk[qoff..qoff + 16].as_ptr() as *const __m128i);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let xp = xb.as_ptr();
+                let mut b = _mm256_mul_ps(widen_u8(lo), _mm256_loadu_ps(xp));
+                b = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8)), b);
+                b = _mm256_fmadd_ps(widen_u8(hi), _mm256_loadu_ps(xp.add(16)), b);
+                b = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24)), b);
+                let d = f16_at(blk, 0);
+                acc = _mm256_fmadd_ps(b, _mm256_set1_ps(d), acc);
+                // Q4_0 decodes as (q - 8) d, Q4_1 as q d + m.
+                offs += if dtype == GgmlDType::Q4_0 { -8.0 * d * xs } else { f16_at(blk, 2) * xs };
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+                let xp = xb.as_ptr();
+                let mut b = _mm256_setzero_ps();
+                for i in 0..4 {
+                    let q = _mm_loadl_epi64(blk[2 + i * 8..].as_ptr() as *const __m128i);
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    b = _mm256_fmadd_ps(f, _mm256_loadu_ps(xp.add(i * 8)), b);
+                }
+                acc = _mm256_fmadd_ps(b, _mm256_set1_ps(f16_at(blk, 0)), acc);
+            }
+        }
+        _ => {}
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes.iter().sum::<f32>() + offs
 }
 
 fn rows_dot_fused_dispatch(

@@ -391,7 +391,11 @@ impl Model for DecoderLm {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Tensor> {
-        self.run(batch, LogitRows::LastOfSeqs)
+        // Run the whole step inside the rayon pool: the engine thread is not
+        // a pool worker, and handing each of the ~200 parallel ops of a step
+        // to the pool separately costs a wake-up and a context switch each.
+        // `rayon::scope` called from outside the pool runs its body on a worker.
+        rayon::scope(|_| self.run(batch, LogitRows::LastOfSeqs))
     }
 }
 

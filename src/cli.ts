@@ -18,7 +18,7 @@ import type { ParseArgsConfig } from 'node:util'
 
 import { Engine } from './engine.js'
 import { AbortError } from './errors.js'
-import type { ChatMessage, ChatParams, DType, LoadOptions, SamplingParams } from './types.js'
+import type { ChatMessage, ChatParams, DType, LoadOptions, SamplingParams, StreamChunk } from './types.js'
 
 /** A mistake in the command line: printed with a pointer to --help, exit code 2. */
 class UsageError extends Error {}
@@ -129,24 +129,13 @@ ${SAMPLING_HELP}`,
   async run(positionals, values) {
     if (typeof values.prompt !== 'string') throw new UsageError('generate needs --prompt TEXT')
     const params = samplingParams(values, { maxTokens: 128 })
+    const prompt = values.prompt
     const engine = await Engine.load(loadOptions(positionals, values))
-    const ac = new AbortController()
-    const onSigint = (): void => ac.abort()
-    process.once('SIGINT', onSigint)
     try {
-      for await (const chunk of engine.generateStream(values.prompt, { ...params, signal: ac.signal })) {
-        process.stdout.write(chunk.text)
-      }
-      process.stdout.write('\n')
-    } catch (err) {
-      if (!(err instanceof AbortError)) throw err
-      process.stdout.write('\n')
-      return 130
+      return await printStream((signal) => engine.generateStream(prompt, { ...params, signal }))
     } finally {
-      process.off('SIGINT', onSigint)
       await engine.close()
     }
-    return 0
   },
 }
 
@@ -187,13 +176,19 @@ ${SAMPLING_HELP}`,
 }
 
 async function oneShot(engine: Engine, messages: ChatMessage[], params: ChatParams): Promise<number> {
+  return printStream((signal) => engine.chatStream(messages, { ...params, signal }))
+}
+
+/**
+ * Write a stream's text to stdout; Ctrl-C stops it (exit code 130) and frees
+ * the request instead of killing the process mid-write.
+ */
+async function printStream(open: (signal: AbortSignal) => AsyncIterable<StreamChunk>): Promise<number> {
   const ac = new AbortController()
   const onSigint = (): void => ac.abort()
   process.once('SIGINT', onSigint)
   try {
-    for await (const chunk of engine.chatStream(messages, { ...params, signal: ac.signal })) {
-      process.stdout.write(chunk.text)
-    }
+    for await (const chunk of open(ac.signal)) process.stdout.write(chunk.text)
     process.stdout.write('\n')
     return 0
   } catch (err) {

@@ -28,7 +28,8 @@ use tokio::sync::Notify;
 
 use guard::{guard, internal, invalid, panic_message};
 pub use params::NativeSamplingParams;
-use params::{to_sampling_params, Defaults};
+use candela_models::GenerationDefaults;
+use params::to_sampling_params;
 
 /// Options for `NativeEngine.load`.
 #[napi(object)]
@@ -173,9 +174,8 @@ struct Inner {
     engine: Engine,
     tokenizer: Arc<Tokenizer>,
     chat_template: Option<ChatTemplate>,
-    defaults: Defaults,
-    eos_token_ids: Vec<u32>,
-    bos_token_id: Option<u32>,
+    /// The model's generation_config defaults and EOS / BOS ids.
+    generation: GenerationDefaults,
     spec: ModelSpec,
     model_name: String,
     device: String,
@@ -331,8 +331,6 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         max_model_len: opts.max_model_len.map(|x| x as usize),
     };
     let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;
-    let gen = loaded.generation.clone();
-    let eos_token_ids = gen.eos_token_ids.clone();
     let config = EngineConfig {
         block_size: num(opts.block_size, 16),
         kv_cache_bytes: match opts.kv_cache_bytes {
@@ -346,7 +344,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         max_num_batched_tokens: num(opts.max_num_batched_tokens, 2048),
         enable_prefix_caching: opts.enable_prefix_caching.unwrap_or(true),
         max_model_len: None,
-        eos_token_ids: eos_token_ids.clone(),
+        eos_token_ids: loaded.generation.eos_token_ids.clone(),
     };
     let tokenizer = loaded.tokenizer.clone();
     let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();
@@ -358,16 +356,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             engine,
             tokenizer,
             chat_template: loaded.chat_template,
-            defaults: Defaults {
-                temperature: gen.temperature,
-                top_p: gen.top_p,
-                top_k: gen.top_k,
-                min_p: gen.min_p,
-                repetition_penalty: gen.repetition_penalty,
-                max_new_tokens: gen.max_new_tokens,
-            },
-            eos_token_ids,
-            bos_token_id: gen.bos_token_id,
+            generation: loaded.generation,
             spec,
             model_name: loaded.model_name,
             device,
@@ -442,7 +431,7 @@ impl NativeEngine {
             }
             let p = request.params.unwrap_or_default();
             let fallback = request.default_max_tokens.map(|m| m as usize);
-            let params = to_sampling_params(&p, &inner.defaults, max_len - ids.len(), fallback)?;
+            let params = to_sampling_params(&p, &inner.generation, max_len - ids.len(), fallback)?;
             let n = params.n;
             let handle = inner
                 .engine
@@ -574,8 +563,8 @@ impl NativeEngine {
             architecture: i.spec.architecture.clone(),
             max_model_len: i.spec.max_model_len as u32,
             vocab_size: i.spec.vocab_size as u32,
-            eos_token_ids: i.eos_token_ids.clone(),
-            bos_token_id: i.bos_token_id,
+            eos_token_ids: i.generation.eos_token_ids.clone(),
+            bos_token_id: i.generation.bos_token_id,
             has_chat_template: i.chat_template.is_some(),
             device: i.device.clone(),
         }

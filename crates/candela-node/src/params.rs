@@ -5,6 +5,7 @@
 //! message naming the field instead of a generic conversion failure.
 
 use candela_core::params::SamplingParams;
+use candela_models::GenerationDefaults;
 use napi::Result;
 use napi_derive::napi;
 
@@ -33,17 +34,6 @@ pub struct NativeSamplingParams {
     pub skip_special_tokens: Option<bool>,
 }
 
-/// Defaults a model ships (generation_config.json or GGUF metadata).
-#[derive(Debug, Clone, Default)]
-pub struct Defaults {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i32>,
-    pub min_p: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub max_new_tokens: Option<usize>,
-}
-
 fn count(name: &str, v: i64, min: i64) -> Result<usize> {
     if v < min {
         return Err(invalid(format!("{name} must be at least {min}, got {v}")));
@@ -64,7 +54,7 @@ fn float(name: &str, v: f64) -> Result<f32> {
 /// the whole room.
 pub fn to_sampling_params(
     p: &NativeSamplingParams,
-    d: &Defaults,
+    d: &GenerationDefaults,
     room: usize,
     fallback_max_tokens: Option<usize>,
 ) -> Result<SamplingParams> {

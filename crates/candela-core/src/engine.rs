@@ -6,6 +6,7 @@
 //! schedule -> one forward over the ragged batch -> sample -> detokenize ->
 //! send events -> free finished sequences.
 
+use crate::encoder_cache::EncoderCache;
 use crate::engine_core::{CoreConfig, EngineCore};
 use crate::model::{Model, ModelSpec, TokenDecoder};
 use crate::output::RequestEvent;
@@ -17,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-pub use crate::request::{EngineRequest, MmPlaceholder};
+pub use crate::request::{EngineRequest, MmInput, MmItem, MmPlaceholder};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -35,6 +36,8 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     /// Token ids that end generation (unless a request sets `ignore_eos`).
     pub eos_token_ids: Vec<u32>,
+    /// Media embedding rows the encoder cache may hold (0: no encoder cache).
+    pub encoder_cache_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +50,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             max_model_len: None,
             eos_token_ids: Vec::new(),
+            encoder_cache_tokens: 16384,
         }
     }
 }
@@ -80,6 +84,14 @@ pub struct EngineStats {
     pub requests_finished: u64,
     /// Forward passes run.
     pub steps: u64,
+    /// Media items run through the model's encoder (cache misses).
+    pub encoder_runs: u64,
+    /// Encoder cache lookups and hits (one per media item needing embeddings).
+    pub encoder_cache_queries: u64,
+    pub encoder_cache_hits: u64,
+    /// Embedding rows and items the encoder cache holds.
+    pub encoder_cache_tokens: usize,
+    pub encoder_cache_items: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +132,7 @@ pub struct Engine {
     cmd_tx: crossbeam_channel::Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Mutex<EngineStats>>,
+    encoder_cache: Arc<Mutex<EncoderCache>>,
     config: EngineConfig,
     spec: ModelSpec,
     num_blocks: usize,
@@ -210,6 +223,7 @@ impl Engine {
 
         let mut config = config;
         config.max_model_len = Some(max_model_len);
+        let encoder_cache = Arc::new(Mutex::new(EncoderCache::new(config.encoder_cache_tokens)));
         let core = EngineCore::new(
             model,
             decoder,
@@ -224,6 +238,8 @@ impl Engine {
                 eos_token_ids: config.eos_token_ids.clone(),
                 max_model_len,
                 vocab_size: spec.vocab_size,
+                hidden_size: spec.hidden_size,
+                encoder_cache: encoder_cache.clone(),
             },
         );
         let stats = Arc::new(Mutex::new(core.stats()));
@@ -237,6 +253,7 @@ impl Engine {
             cmd_tx,
             thread: Mutex::new(Some(thread)),
             stats,
+            encoder_cache,
             config,
             spec,
             num_blocks,
@@ -253,6 +270,7 @@ impl Engine {
             return Err(EngineError::Shutdown);
         }
         self.validate(&req)?;
+        let req = self.resolve_cached_media(req)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = unbounded_channel();
         self.cmd_tx.send(Command::Add { id, req, tx }).map_err(|_| EngineError::Shutdown)?;
@@ -288,7 +306,29 @@ impl Engine {
                 self.num_blocks, self.config.block_size
             )));
         }
-        for m in &req.mm_items {
+        let mut items: Vec<&MmPlaceholder> = req.mm_items.iter().map(|m| &m.placeholder).collect();
+        items.sort_by_key(|m| m.offset);
+        for pair in items.windows(2) {
+            if pair[0].offset + pair[0].length > pair[1].offset {
+                return Err(EngineError::InvalidRequest(format!(
+                    "media items '{}' and '{}' overlap in the prompt",
+                    pair[0].hash, pair[1].hash
+                )));
+            }
+        }
+        for item in &req.mm_items {
+            if let MmInput::Embeddings(t) = &item.input {
+                let (length, hidden) = (item.placeholder.length, self.spec.hidden_size);
+                if t.dims() != [length, hidden] {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "embeddings for media item '{}' must have shape [{length}, {hidden}] (placeholder tokens, hidden size), got {:?}",
+                        item.placeholder.hash,
+                        t.dims()
+                    )));
+                }
+            }
+        }
+        for m in items {
             if m.length == 0 || m.offset.saturating_add(m.length) > prompt_len {
                 return Err(EngineError::InvalidRequest(format!(
                     "media item '{}' covers prompt tokens {}..{} but the prompt has {prompt_len} tokens",
@@ -299,6 +339,31 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Replace each data-less media item by the encoder cache's embeddings
+    /// (taken now, so a later eviction cannot strand the request).
+    fn resolve_cached_media(&self, mut req: EngineRequest) -> Result<EngineRequest, EngineError> {
+        for item in &mut req.mm_items {
+            if matches!(item.input, MmInput::Cached) {
+                let hit = lock(&self.encoder_cache).get(&item.placeholder.hash);
+                match hit {
+                    Some(t) => item.input = MmInput::Embeddings(t),
+                    None => {
+                        return Err(EngineError::InvalidRequest(format!(
+                            "media item '{}' was sent without data and is not in the encoder cache",
+                            item.placeholder.hash
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(req)
+    }
+
+    /// Whether the encoder cache holds this media item's output.
+    pub fn encoder_cache_contains(&self, hash: &str) -> bool {
+        lock(&self.encoder_cache).contains(hash)
     }
 
     /// Abort a request at any moment: its blocks go back to the pool before

@@ -5,18 +5,19 @@
 
 use crate::block_manager::SeqId;
 use crate::detokenizer::Detokenizer;
+use crate::encoder_cache::EncoderCache;
 use crate::engine::EngineStats;
-use crate::model::{ForwardBatch, Model, SeqSlice, TokenDecoder};
+use crate::model::{ForwardBatch, MmEmbedSpan, Model, SeqSlice, TokenDecoder};
 use crate::output::{FinishReason, RequestEvent, Usage};
 use crate::params::SamplingParams;
-use crate::request::EngineRequest;
+use crate::request::{EngineRequest, MmInput, MmItem, MmPlaceholder};
 use crate::sampler::{self, sample_rng, SamplingInput};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::Sequence;
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedSender;
 
 struct RequestState {
@@ -31,6 +32,15 @@ struct RequestState {
     seqs: Vec<SeqId>,
     /// Prompt tokens served from the prefix cache at first admission.
     cached_tokens: usize,
+    /// The request's media items (sorted by offset) and, once known, their
+    /// embeddings; kept for the request's life so a preempted sequence
+    /// recomputes without re-encoding.
+    mm: Vec<MmSlot>,
+}
+
+struct MmSlot {
+    item: MmItem,
+    embeds: Option<Tensor>,
 }
 
 pub(crate) struct CoreConfig {
@@ -38,6 +48,8 @@ pub(crate) struct CoreConfig {
     pub eos_token_ids: Vec<u32>,
     pub max_model_len: usize,
     pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub encoder_cache: Arc<Mutex<EncoderCache>>,
 }
 
 pub(crate) struct EngineCore {
@@ -48,6 +60,10 @@ pub(crate) struct EngineCore {
     eos_token_ids: Vec<u32>,
     max_model_len: usize,
     vocab_size: usize,
+    hidden_size: usize,
+    encoder_cache: Arc<Mutex<EncoderCache>>,
+    /// Media items run through the model's encoder.
+    encoder_runs: u64,
     next_seq_id: SeqId,
     prompt_tokens: u64,
     generation_tokens: u64,
@@ -71,6 +87,9 @@ impl EngineCore {
             eos_token_ids: cfg.eos_token_ids,
             max_model_len: cfg.max_model_len,
             vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            encoder_cache: cfg.encoder_cache,
+            encoder_runs: 0,
             next_seq_id: 0,
             prompt_tokens: 0,
             generation_tokens: 0,
@@ -90,6 +109,7 @@ impl EngineCore {
 
     pub fn stats(&self) -> EngineStats {
         let kv = self.sched.kv();
+        let enc = self.encoder_cache.lock().map(|c| c.stats()).unwrap_or_default();
         EngineStats {
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),
@@ -103,13 +123,20 @@ impl EngineCore {
             preemptions: self.sched.num_preemptions(),
             requests_finished: self.requests_finished,
             steps: self.steps,
+            encoder_runs: self.encoder_runs,
+            encoder_cache_queries: enc.queries,
+            encoder_cache_hits: enc.hits,
+            encoder_cache_tokens: enc.tokens,
+            encoder_cache_items: enc.items,
         }
     }
 
     /// Queue a request that the engine front end has already validated.
     pub fn add_request(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent>) {
         let EngineRequest { prompt_token_ids, params, mut mm_items } = req;
-        mm_items.sort_by_key(|m| m.offset);
+        mm_items.sort_by_key(|m| m.placeholder.offset);
+        let placeholders: Vec<MmPlaceholder> = mm_items.iter().map(|m| m.placeholder.clone()).collect();
+        let mm = mm_items.into_iter().map(|item| MmSlot { item, embeds: None }).collect();
         let n = params.n.max(1);
         let mut stop_ids: Vec<u32> = params.stop_token_ids.clone();
         if !params.ignore_eos {
@@ -125,7 +152,7 @@ impl EngineCore {
             tokens: prompt_token_ids,
             num_computed: 0,
             block_hashes: Vec::new(),
-            mm_items: mm_items.into(),
+            mm_items: placeholders.into(),
             pending_forks: n - 1,
             rng: sample_rng(params.seed, 0),
             num_cached_tokens: None,
@@ -138,6 +165,7 @@ impl EngineCore {
             done: vec![false; n],
             seqs: vec![seq_id],
             cached_tokens: 0,
+            mm,
         };
         self.requests.insert(id, state);
         self.sched.add(seq);
@@ -217,6 +245,13 @@ impl EngineCore {
         if scheduled.is_empty() {
             return false;
         }
+        self.encode_media(&scheduled);
+        // Encoding may have failed requests (and removed their sequences).
+        let scheduled: Vec<ScheduledSeq> =
+            scheduled.into_iter().filter(|s| self.sched.seq(s.seq_id).is_some()).collect();
+        if scheduled.is_empty() {
+            return true;
+        }
         let batch = self.build_batch(&scheduled);
         let rows = match self.run_model(&batch) {
             Ok(rows) => rows,
@@ -246,6 +281,73 @@ impl EngineCore {
         true
     }
 
+    /// Make sure every media item overlapping this step's tokens has its
+    /// embeddings: from the request, the encoder cache, or the encoder.
+    fn encode_media(&mut self, scheduled: &[ScheduledSeq]) {
+        for sc in scheduled {
+            let Some(seq) = self.sched.seq(sc.seq_id) else { continue };
+            let (req_id, start) = (seq.req_id, seq.num_computed);
+            let end = (start + sc.num_new_tokens).min(seq.prompt_len);
+            let Some(req) = self.requests.get(&req_id) else { continue };
+            let missing: Vec<usize> = (0..req.mm.len())
+                .filter(|&i| {
+                    let p = &req.mm[i].item.placeholder;
+                    req.mm[i].embeds.is_none() && p.offset < end && p.offset + p.length > start
+                })
+                .collect();
+            for i in missing {
+                if let Err(message) = self.encode_item(req_id, i) {
+                    self.fail_request(req_id, message);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn encode_item(&mut self, req_id: u64, i: usize) -> Result<(), String> {
+        let Some(req) = self.requests.get(&req_id) else { return Ok(()) };
+        let slot = &req.mm[i];
+        let hash = slot.item.placeholder.hash.clone();
+        let length = slot.item.placeholder.length;
+        let embeds = match &slot.item.input {
+            MmInput::Embeddings(t) => t.clone(),
+            MmInput::Cached => {
+                return Err(format!("media item '{hash}' has no data and is not in the encoder cache"));
+            }
+            MmInput::Features(features) => {
+                let features = features.clone();
+                let cached = self.encoder_cache.lock().ok().and_then(|mut c| c.get(&hash));
+                match cached {
+                    Some(t) => t,
+                    None => {
+                        let model = &mut self.model;
+                        let out = match catch_unwind(AssertUnwindSafe(|| model.encode(&features))) {
+                            Ok(Ok(t)) => t,
+                            Ok(Err(e)) => return Err(format!("media encoder failed: {e}")),
+                            Err(_) => return Err("media encoder failed: the model panicked".into()),
+                        };
+                        self.encoder_runs += 1;
+                        if let Ok(mut c) = self.encoder_cache.lock() {
+                            c.insert(&hash, out.clone());
+                        }
+                        out
+                    }
+                }
+            }
+        };
+        if embeds.dims() != [length, self.hidden_size] {
+            return Err(format!(
+                "media item '{hash}' has embeddings of shape {:?}, expected [{length}, {}] (one row per placeholder token)",
+                embeds.dims(),
+                self.hidden_size
+            ));
+        }
+        if let Some(req) = self.requests.get_mut(&req_id) {
+            req.mm[i].embeds = Some(embeds);
+        }
+        Ok(())
+    }
+
     fn build_batch(&self, scheduled: &[ScheduledSeq]) -> ForwardBatch {
         let bs = self.sched.config().block_size;
         let total: usize = scheduled.iter().map(|s| s.num_new_tokens).sum();
@@ -255,6 +357,7 @@ impl EngineCore {
             slot_mapping: Vec::with_capacity(total),
             seqs: Vec::with_capacity(scheduled.len()),
             block_size: bs,
+            mm_embeds: Vec::new(),
         };
         for sc in scheduled {
             let Some(seq) = self.sched.seq(sc.seq_id) else { continue };
@@ -262,6 +365,22 @@ impl EngineCore {
             let start = seq.num_computed;
             let end = (start + sc.num_new_tokens).min(seq.num_tokens());
             let query_start = batch.input_ids.len();
+            if let Some(req) = self.requests.get(&seq.req_id) {
+                for slot in &req.mm {
+                    let p = &slot.item.placeholder;
+                    let (lo, hi) = (p.offset.max(start), (p.offset + p.length).min(end));
+                    if lo >= hi {
+                        continue;
+                    }
+                    // encode_media ran for every overlapping item; a missing
+                    // one failed its request, which is then not scheduled.
+                    if let Some(e) = &slot.embeds {
+                        if let Ok(rows) = e.narrow(0, lo - p.offset, hi - lo) {
+                            batch.mm_embeds.push(MmEmbedSpan { start: query_start + lo - start, embeds: rows });
+                        }
+                    }
+                }
+            }
             for pos in start..end {
                 batch.input_ids.push(seq.tokens[pos]);
                 batch.positions.push(pos as u32);

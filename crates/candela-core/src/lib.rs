@@ -5,6 +5,7 @@
 pub mod block_manager;
 pub mod block_pool;
 pub mod detokenizer;
+pub mod encoder_cache;
 pub mod engine;
 mod engine_core;
 pub mod model;
@@ -22,7 +23,7 @@ mod testing;
 mod tests;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RequestHandle};
-pub use model::{ForwardBatch, Model, ModelSpec, SeqSlice, TokenDecoder};
+pub use model::{ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice, TokenDecoder};
 pub use output::{FinishReason, RequestEvent, TokenLogprob, TopLogprob, Usage};
 pub use params::SamplingParams;
-pub use request::{EngineRequest, MmPlaceholder};
+pub use request::{EngineRequest, MmFeatures, MmInput, MmItem, MmPlaceholder};

@@ -5,6 +5,7 @@
 //! their K/V go (slots); the model only executes. Nothing here names an
 //! architecture.
 
+use crate::request::MmFeatures;
 use candle_core::{DType, Tensor};
 
 /// Static facts about a loaded model that the engine needs for planning.
@@ -16,6 +17,8 @@ pub struct ModelSpec {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// Width of the token embeddings (and of media embeddings that replace them).
+    pub hidden_size: usize,
     /// Longest sequence (prompt + output) the model accepts.
     pub max_model_len: usize,
     /// Element type of the KV cache.
@@ -46,6 +49,16 @@ pub struct SeqSlice {
     pub needs_logits: bool,
 }
 
+/// Media embeddings that replace the token embeddings of a run of batch
+/// tokens (a media item's placeholders, or the part of them in this chunk).
+#[derive(Debug, Clone)]
+pub struct MmEmbedSpan {
+    /// Index into `ForwardBatch::input_ids` of the first replaced token.
+    pub start: usize,
+    /// `[n, hidden_size]`: row `i` replaces token `start + i`.
+    pub embeds: Tensor,
+}
+
 /// One step's work: the new tokens of every scheduled sequence, flattened.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardBatch {
@@ -57,6 +70,8 @@ pub struct ForwardBatch {
     pub slot_mapping: Vec<u32>,
     pub seqs: Vec<SeqSlice>,
     pub block_size: usize,
+    /// Media embeddings to splice in, in increasing `start` order, non-overlapping.
+    pub mm_embeds: Vec<MmEmbedSpan>,
 }
 
 impl ForwardBatch {
@@ -80,6 +95,13 @@ pub trait Model: Send {
     /// block table, and return f32 logits `[batch.num_logits(), vocab_size]`
     /// (one row per sequence with `needs_logits`, in `seqs` order).
     fn forward(&mut self, batch: &ForwardBatch) -> candle_core::Result<Tensor>;
+    /// Run the media encoder (vision / audio tower + projector) on one item's
+    /// preprocessed tensors, returning `[num_placeholder_tokens, hidden_size]`.
+    /// Text-only models keep this default.
+    fn encode(&mut self, features: &MmFeatures) -> candle_core::Result<Tensor> {
+        let names: Vec<&str> = features.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        candle_core::bail!("{} takes no media input (got {names:?})", self.spec().architecture)
+    }
 }
 
 /// Turns token ids back into text; implemented by the models crate's tokenizer.

@@ -14,6 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 
 pub const VOCAB: usize = 64;
+/// Width of the mock's media embeddings.
+pub const MOCK_HIDDEN: usize = 2;
 
 #[derive(Debug, Default, Clone)]
 pub struct MockLog {
@@ -21,6 +23,8 @@ pub struct MockLog {
     pub batch_tokens: Vec<usize>,
     /// Sequences per forward.
     pub batch_seqs: Vec<usize>,
+    /// Calls of `encode`.
+    pub encodes: usize,
 }
 
 pub struct MockModel {
@@ -55,6 +59,7 @@ impl MockModel {
                 num_kv_heads: 1,
                 head_dim: 1,
                 vocab_size: VOCAB,
+                hidden_size: MOCK_HIDDEN,
                 max_model_len,
                 kv_dtype: DType::F32,
             },
@@ -85,6 +90,17 @@ impl MockModel {
         let n = b.input_ids.len();
         if b.positions.len() != n || b.slot_mapping.len() != n {
             return Err("ragged arrays disagree".into());
+        }
+        // A media embedding row stands in for its placeholder token: the
+        // chain mixes a value derived from the row instead of the token id,
+        // so different media (or misplaced rows) change what follows.
+        let mut media: Vec<Option<u32>> = vec![None; n];
+        for span in &b.mm_embeds {
+            let rows = span.embeds.to_vec2::<f32>().map_err(|e| e.to_string())?;
+            for (i, r) in rows.iter().enumerate() {
+                let slot = media.get_mut(span.start + i).ok_or("media span beyond the batch")?;
+                *slot = Some(0x8000_0000 | (r[0] as u32));
+            }
         }
         let mut logits = Vec::new();
         let mut expect_start = 0;
@@ -117,7 +133,7 @@ impl MockModel {
                 if b.slot_mapping[idx] as usize != slot {
                     return Err(format!("slot_mapping {} != block table slot {slot}", b.slot_mapping[idx]));
                 }
-                let tok = b.input_ids[idx];
+                let tok = media[idx].unwrap_or(b.input_ids[idx]);
                 if Some(tok) == self.fail_on_token {
                     return Err(format!("mock failure on token {tok}"));
                 }
@@ -163,6 +179,15 @@ impl Model for MockModel {
         let rows = batch.num_logits();
         let logits = self.check_and_run(batch).map_err(candle_core::Error::Msg)?;
         Tensor::from_vec(logits, (rows, VOCAB), &Device::Cpu)
+    }
+
+    /// The mock's "encoder" returns its `mock_media` tensor (`[len, MOCK_HIDDEN]`) as is.
+    fn encode(&mut self, features: &crate::request::MmFeatures) -> candle_core::Result<Tensor> {
+        self.log.lock().unwrap().encodes += 1;
+        match features.get("mock_media") {
+            Some(t) => Ok(t.clone()),
+            None => candle_core::bail!("mock encoder needs a mock_media tensor"),
+        }
     }
 }
 

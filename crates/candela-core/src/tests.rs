@@ -137,6 +137,8 @@ fn core(num_blocks: usize, budget: usize, caching: bool, model: MockModel) -> En
             eos_token_ids: vec![],
             max_model_len: MAX_LEN,
             vocab_size: VOCAB,
+            hidden_size: crate::testing::MOCK_HIDDEN,
+            encoder_cache: Arc::new(std::sync::Mutex::new(crate::encoder_cache::EncoderCache::new(1024))),
         },
     )
 }
@@ -245,7 +247,7 @@ fn multimodal_keys_separate_cache_entries() {
     let req = |hash: &str| EngineRequest {
         prompt_token_ids: p.clone(),
         params: greedy(2),
-        mm_items: vec![MmPlaceholder { hash: hash.into(), offset: 18, length: 4 }],
+        mm_items: vec![item(hash, 18, 4, MmInput::Features(media(hash.len() as f32, 4)))],
     };
     for (hash, expected_hits) in [("img-a", 0u64), ("img-a", 32), ("img-b", 16)] {
         let before = e.stats().prefix_cache_hits;
@@ -256,7 +258,7 @@ fn multimodal_keys_separate_cache_entries() {
     }
     // Out-of-range media is rejected.
     let mut bad = req("x");
-    bad.mm_items[0].offset = 39;
+    bad.mm_items[0].placeholder.offset = 39;
     assert!(e.add_request(bad).unwrap_err().is_invalid_request());
 }
 
@@ -590,4 +592,108 @@ fn engine_is_send_sync_and_defaults_are_sane() {
     assert!(e.num_kv_blocks() <= 64 * MAX_LEN / 16);
     assert!(e.num_kv_blocks() > 0);
     assert_eq!(e.stats().kv_blocks_total, e.num_kv_blocks());
+}
+
+// ---- media items ---------------------------------------------------------
+
+/// Mock media: `len` embedding rows whose first column encodes `value`.
+fn media(value: f32, len: usize) -> Arc<MmFeatures> {
+    let rows: Vec<f32> = (0..len).flat_map(|i| [value + i as f32, 0.0]).collect();
+    let t = candle_core::Tensor::from_vec(rows, (len, crate::testing::MOCK_HIDDEN), &candle_core::Device::Cpu).unwrap();
+    Arc::new(MmFeatures { tensors: vec![("mock_media".into(), t)] })
+}
+
+fn item(hash: &str, offset: usize, length: usize, input: MmInput) -> MmItem {
+    MmItem { placeholder: MmPlaceholder { hash: hash.into(), offset, length }, input }
+}
+
+fn with_media(prompt: &[u32], items: Vec<MmItem>) -> EngineRequest {
+    EngineRequest { prompt_token_ids: prompt.to_vec(), params: greedy(12), mm_items: items }
+}
+
+fn run_one(e: &Engine, req: EngineRequest) -> ReqOut {
+    let mut h = e.add_request(req).unwrap();
+    let out = collect(&mut h.events);
+    assert!(out.error.is_none(), "{:?}", out.error);
+    out
+}
+
+#[test]
+fn media_embeddings_reach_the_model_and_the_encoder_cache_skips_the_encoder() {
+    let model = MockModel::new(MAX_LEN);
+    let log = model.log.clone();
+    let e = start(config(200, true), model);
+    let p = prompt(3, 40);
+    let a = run_one(&e, with_media(&p, vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))]));
+    assert_eq!(log.lock().unwrap().encodes, 1);
+    // The same item again: the prefix cache and the encoder cache both hit.
+    let again = run_one(&e, with_media(&p, vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))]));
+    assert_eq!(again.tokens(), a.tokens());
+    assert_eq!(log.lock().unwrap().encodes, 1, "a known item must not be encoded again");
+    // Other text before the same image: the prefix cache misses, the encoder cache hits.
+    let mut p2 = p.clone();
+    p2[0] = (p2[0] + 1) % VOCAB as u32;
+    run_one(&e, with_media(&p2, vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))]));
+    assert_eq!(log.lock().unwrap().encodes, 1);
+    assert_eq!((e.stats().encoder_cache_queries, e.stats().encoder_cache_hits), (2, 1));
+    // Same text, different image: different output, and no KV reuse past the image.
+    let b = run_one(&e, with_media(&p, vec![item("img-b", 5, 20, MmInput::Features(media(9.0, 20)))]));
+    assert_ne!(b.tokens(), a.tokens());
+    assert_eq!(log.lock().unwrap().encodes, 2);
+    assert_eq!(b.samples[0].usage.unwrap().2, 0, "the first block already holds media: nothing to reuse");
+    // Text alone differs from text with media.
+    let plain = run_one(&e, EngineRequest::new(p.clone(), greedy(12)));
+    assert_ne!(plain.tokens(), a.tokens());
+    let st = e.stats();
+    assert_eq!((st.encoder_runs, st.encoder_cache_items, st.encoder_cache_tokens), (2, 2, 40));
+    assert_eq!((st.encoder_cache_queries, st.encoder_cache_hits), (3, 1), "{st:?}");
+}
+
+#[test]
+fn a_reference_only_item_reuses_the_cached_output_or_is_refused() {
+    let e = start(config(200, false), MockModel::new(MAX_LEN));
+    let p = prompt(4, 30);
+    let full = run_one(&e, with_media(&p, vec![item("sku-1", 2, 10, MmInput::Features(media(3.0, 10)))]));
+    let by_ref = run_one(&e, with_media(&p, vec![item("sku-1", 2, 10, MmInput::Cached)]));
+    assert_eq!(by_ref.tokens(), full.tokens());
+    let err = e.add_request(with_media(&p, vec![item("sku-2", 2, 10, MmInput::Cached)])).unwrap_err();
+    assert!(err.is_invalid_request() && err.to_string().contains("sku-2"), "{err}");
+}
+
+#[test]
+fn chunked_prefill_splits_an_item_without_changing_the_result() {
+    let p = prompt(5, 60);
+    let req = || with_media(&p, vec![item("m", 3, 40, MmInput::Features(media(2.0, 40))), item("n", 50, 6, MmInput::Features(media(7.0, 6)))]);
+    let whole = run_one(&start(config(200, false), MockModel::new(MAX_LEN)), req());
+    let cfg = EngineConfig { max_num_batched_tokens: 7, ..config(200, false) };
+    let model = MockModel::new(MAX_LEN);
+    let log = model.log.clone();
+    let chunked = run_one(&start(cfg, model), req());
+    assert_eq!(chunked.tokens(), whole.tokens());
+    assert!(log.lock().unwrap().batch_tokens.iter().all(|&n| n <= 7));
+    assert_eq!(log.lock().unwrap().encodes, 2);
+}
+
+#[test]
+fn bad_media_items_are_refused_or_fail_only_their_request() {
+    let e = start(config(200, false), MockModel::new(MAX_LEN));
+    let p = prompt(6, 20);
+    let wrong = candle_core::Tensor::zeros((4, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let err = e.add_request(with_media(&p, vec![item("e", 0, 5, MmInput::Embeddings(wrong))])).unwrap_err();
+    assert!(err.to_string().contains("[5, 2]") && err.to_string().contains("[4, 3]"), "{err}");
+    let err = e
+        .add_request(with_media(&p, vec![item("a", 0, 5, MmInput::Cached), item("b", 4, 2, MmInput::Cached)]))
+        .unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+    // An encoder error (the mock wants a mock_media tensor) fails that request only.
+    let bad = Arc::new(MmFeatures { tensors: vec![] });
+    let mut h = e.add_request(with_media(&p, vec![item("x", 1, 3, MmInput::Features(bad))])).unwrap();
+    let out = collect(&mut h.events);
+    assert!(out.error.as_deref().unwrap_or("").contains("media encoder failed"), "{:?}", out.error);
+    run_one(&e, EngineRequest::new(p.clone(), greedy(4)));
+    // Precomputed embeddings of the right shape work like encoded ones.
+    let emb = media(3.0, 5).get("mock_media").unwrap().clone();
+    let direct = run_one(&e, with_media(&p, vec![item("e2", 0, 5, MmInput::Embeddings(emb))]));
+    let encoded = run_one(&e, with_media(&p, vec![item("e3", 0, 5, MmInput::Features(media(3.0, 5)))]));
+    assert_eq!(direct.tokens(), encoded.tokens());
 }

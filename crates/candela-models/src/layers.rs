@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use candela_core::model::{ForwardBatch, Model, ModelSpec};
+use candela_core::model::{ForwardBatch, MmEmbedSpan, Model, ModelSpec};
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::error::ModelError;
@@ -294,6 +294,7 @@ impl DecoderLm {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
             max_model_len: cfg.max_model_len(),
             kv_dtype: dtype,
         };
@@ -438,7 +439,7 @@ impl DecoderLm {
             slots: Tensor::from_slice(&batch.slot_mapping, n, dev)?,
             rope_rows: self.rope.rows(&positions)?,
         };
-        let mut x = self.embed.forward(&batch.input_ids, dev)?;
+        let mut x = splice_embeds(self.embed.forward(&batch.input_ids, dev)?, &batch.mm_embeds)?;
         for (layer, pool) in self.layers.iter().zip(&self.kv) {
             x = layer.forward(&x, &self.rope, &ctx, &pool.k, &pool.v)?;
         }
@@ -454,6 +455,32 @@ impl DecoderLm {
         let x = self.norm.forward(&x)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
+}
+
+/// Replace the token embeddings of media placeholders by the media's
+/// embeddings (`spans` sorted by start, non-overlapping).
+pub fn splice_embeds(x: Tensor, spans: &[MmEmbedSpan]) -> Result<Tensor> {
+    if spans.is_empty() {
+        return Ok(x);
+    }
+    let n = x.dim(0)?;
+    let mut parts = Vec::with_capacity(2 * spans.len() + 1);
+    let mut at = 0;
+    for s in spans {
+        let len = s.embeds.dim(0)?;
+        if s.start < at || s.start + len > n {
+            bail!("media embeddings for tokens {}..{} do not fit a batch of {n} tokens", s.start, s.start + len);
+        }
+        if s.start > at {
+            parts.push(x.narrow(0, at, s.start - at)?);
+        }
+        parts.push(s.embeds.to_dtype(x.dtype())?.to_device(x.device())?);
+        at = s.start + len;
+    }
+    if at < n {
+        parts.push(x.narrow(0, at, n - at)?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Resolve the served length: the user's request, capped by what the

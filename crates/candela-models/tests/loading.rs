@@ -31,6 +31,7 @@ fn last_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
             needs_logits: true,
         }],
         block_size: bs,
+        mm_embeds: Vec::new(),
     };
     loaded.model.forward(&batch).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }

@@ -47,6 +47,10 @@ pub enum ModelError {
     #[error("chat template error: {0}")]
     ChatTemplate(String),
 
+    /// A media item cannot be used as given (bad data, wrong count).
+    #[error("{0}")]
+    Media(String),
+
     /// Raised by a template through `raise_exception(msg)`; carries msg as is.
     #[error("chat template raised an exception: {0}")]
     TemplateException(String),
@@ -59,8 +63,12 @@ pub enum ModelError {
     #[error("unsupported device {0:?}: this build has no CUDA support (use \"cpu\")")]
     NoCuda(String),
 
-    #[error("unsupported device {0:?}; supported: cpu")]
+    #[error("unsupported device {0:?}; supported: cpu, cuda, cuda:N")]
     UnsupportedDevice(String),
+
+    /// A CUDA build found no usable GPU (no driver, no device, bad ordinal).
+    #[error("no CUDA GPU was found for device {device:?} ({message})")]
+    NoGpu { device: String, message: String },
 
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),

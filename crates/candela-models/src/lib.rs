@@ -5,15 +5,19 @@
 //! Entry point: [`load`] a model folder or `.gguf` file into a
 //! [`LoadedModel`]; its `model` implements [`candela_core::model::Model`].
 
+pub mod audio_encoder;
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod gpu;
 pub mod layers;
 pub mod llama;
 pub mod loader;
 pub mod paged_attention;
+pub mod processor;
 pub mod quant;
 pub mod qwen2;
+pub mod qwen2_audio;
 pub mod qwen3;
 pub mod registry;
 pub mod rope;

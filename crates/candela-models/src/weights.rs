@@ -4,7 +4,8 @@
 //! Model code asks for tensors by their Hugging Face names
 //! (`model.layers.3.self_attn.q_proj`); the GGUF source maps them to
 //! llama.cpp's names (`blk.3.attn_q`). Dense tensors come back in the model
-//! dtype; GGUF matrices stay quantized inside [`Linear::Quantized`].
+//! dtype; GGUF matrices stay quantized inside [`Linear::Quantized`] on the
+//! CPU and are dequantized to the model dtype on a GPU.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -350,6 +351,27 @@ impl Weights {
         }
     }
 
+    /// The same safetensors with every name looked up as `rename(name)`
+    /// (a multimodal checkpoint's language model under its own prefix).
+    pub fn renamed(&self, rename: impl Fn(&str) -> String + Send + Sync + 'static) -> Result<Self> {
+        match self {
+            Self::Safetensors { vb, files } => Ok(Self::Safetensors {
+                vb: vb.clone().rename_f(move |n: &str| rename(n)),
+                files: files.clone(),
+            }),
+            Self::Gguf(_) => Err(ModelError::Config("multimodal GGUF checkpoints are not supported".into())),
+        }
+    }
+
+    /// Dense `{prefix}.weight` and `{prefix}.bias` of a layer norm (`[dim]` each).
+    pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+        Ok(candle_nn::LayerNorm::new(
+            self.tensor(&format!("{prefix}.weight"), &[dim])?,
+            self.tensor(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        ))
+    }
+
     /// Whether a tensor with this Hugging Face name exists.
     pub fn contains(&self, name: &str) -> bool {
         match self {
@@ -383,6 +405,10 @@ impl Weights {
         if let Self::Gguf(g) = self {
             let q = g.qtensor(name)?;
             g.check_shape(name, &q, &[vocab, hidden])?;
+            // Our block kernels are CPU code; on a GPU the table is dequantized.
+            if !g.device.is_cpu() {
+                return Ok(Embedding::Dense(q.dequantize(&g.device)?.to_dtype(g.dtype)?));
+            }
             if let Some(b) = BlockMatrix::from_qtensor(&q)? {
                 return Ok(Embedding::Blocks {
                     table: Arc::new(b),
@@ -603,10 +629,17 @@ impl GgufWeights {
         Ok(())
     }
 
-    /// A projection from a GGUF matrix: block-quantized types stay quantized,
-    /// float types become dense tensors in the model dtype.
+    /// A projection from a GGUF matrix: block-quantized types stay quantized
+    /// on the CPU, float types become dense tensors in the model dtype. On a
+    /// GPU every type is dequantized at load (weights take f16 / bf16 size;
+    /// cuBLAS GEMMs instead of candle's quantized CUDA kernels, whose
+    /// prebuilt part targets one GPU generation only).
     pub fn linear_from_qtensor(&self, q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Linear> {
         match q.dtype() {
+            _ if !self.device.is_cpu() => Ok(Linear::Dense {
+                weight: q.dequantize(&self.device)?.to_dtype(self.dtype)?,
+                bias,
+            }),
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Linear::Dense {
                 weight: q.dequantize(&self.device)?.to_dtype(self.dtype)?,
                 bias,

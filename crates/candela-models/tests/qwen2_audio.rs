@@ -1,0 +1,166 @@
+//! Qwen2-Audio against transformers on the qwen2-audio-tiny fixture
+//! (scripts/make_qwen2_audio_fixture.py): chat template with audio parts,
+//! placeholder expansion, log-mel features, encoder + projector + LM logits,
+//! and greedy tokens through the engine (two audio items, multi-turn).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
+use candela_core::request::{MmFeatures, MmInput, MmItem, MmPlaceholder};
+use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+use candela_models::processor::{expand_placeholders, ProcessedItem};
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+const ATOL: f32 = 1e-4;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-audio-tiny")
+}
+
+struct Fixture {
+    reference: Value,
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+fn fixture() -> Fixture {
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir().join("reference.safetensors"), &Device::Cpu).unwrap();
+    Fixture { reference, tensors }
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Our processor on the fixture's WAV files.
+fn process_clips(loaded: &LoadedModel, f: &Fixture) -> Vec<ProcessedItem> {
+    let audio = loaded.processor.as_ref().and_then(|p| p.audio.as_ref()).expect("an audio processor");
+    f.reference["clips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let bytes = std::fs::read(dir().join(c.as_str().unwrap())).unwrap();
+            let samples = candela_media::audio::decode_to_mono(&bytes, Some("wav"), audio.sampling_rate()).unwrap();
+            audio.process(&samples).unwrap()
+        })
+        .collect()
+}
+
+/// The prompt as our chat template renders it, with each `<|AUDIO|>` expanded.
+fn prompt(loaded: &LoadedModel, f: &Fixture, items: &[ProcessedItem]) -> (Vec<u32>, Vec<(usize, usize)>) {
+    let messages = f.reference["messages"].as_array().unwrap().clone();
+    let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
+    let rendered = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
+    assert_eq!(rendered, f.reference["rendered"].as_str().unwrap());
+    let ids = loaded.tokenizer.encode(&rendered, false).unwrap();
+    let token = f.reference["audio_token_id"].as_u64().unwrap() as u32;
+    let counts: Vec<usize> = items.iter().map(|i| i.num_tokens).collect();
+    let (ids, ranges) = expand_placeholders(&ids, token, &counts, "audio").unwrap();
+    (ids, ranges.iter().map(|r| (r.offset, r.length)).collect())
+}
+
+/// Logits of the last token of `ids[..len]`, media spliced in, on a fresh KV pool.
+fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)]) -> Tensor {
+    let bs = 16;
+    let blocks = ids.len().div_ceil(bs);
+    loaded.model.allocate_kv_cache(blocks, bs).unwrap();
+    let n = ids.len();
+    let batch = ForwardBatch {
+        input_ids: ids.to_vec(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as u32).collect(),
+        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
+        block_size: bs,
+        mm_embeds: spans
+            .iter()
+            .filter(|(start, _)| *start < n)
+            .map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.narrow(0, 0, e.dim(0).unwrap().min(n - start)).unwrap() })
+            .collect(),
+    };
+    loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
+}
+
+#[test]
+fn features_prompt_logits_and_greedy_tokens_match_transformers() {
+    let f = fixture();
+    let mut loaded = load(&dir(), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap();
+    assert_eq!(loaded.spec.architecture, "Qwen2AudioForConditionalGeneration");
+    let items = process_clips(&loaded, &f);
+
+    // Features: ours vs the reference's (the frames we keep).
+    let ref_features = &f.tensors["input_features"];
+    for (i, item) in items.iter().enumerate() {
+        let ours = item.features.get("input_features").unwrap();
+        let keep = ours.dim(1).unwrap();
+        let theirs = ref_features.get(i).unwrap().narrow(1, 0, keep).unwrap();
+        let d = max_diff(ours, &theirs);
+        assert!(d <= ATOL, "clip {i}: log-mel features differ by {d}");
+    }
+
+    // Prompt: template + expansion give transformers' input ids.
+    let (ids, ranges) = prompt(&loaded, &f, &items);
+    assert_eq!(ids, ids_of(&f.reference["input_ids"]));
+    let counts: Vec<usize> = ranges.iter().map(|r| r.1).collect();
+    assert_eq!(counts, ids_of(&f.reference["num_audio_tokens"]).iter().map(|&c| c as usize).collect::<Vec<_>>());
+
+    // Logits from the reference's own features (isolates the model) and from ours.
+    let ref_items: Vec<Arc<MmFeatures>> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| {
+            let keep = it.features.get("input_features").unwrap().dim(1).unwrap();
+            let x = ref_features.get(i).unwrap().narrow(1, 0, keep).unwrap();
+            let frames = it.features.get("feature_frames").unwrap().clone();
+            Arc::new(MmFeatures { tensors: vec![("input_features".into(), x), ("feature_frames".into(), frames)] })
+        })
+        .collect();
+    for (what, feats) in [("reference features", ref_items.clone()), ("our features", items.iter().map(|i| i.features.clone()).collect())] {
+        let spans: Vec<(usize, Tensor)> =
+            ranges.iter().zip(&feats).map(|(r, x)| (r.0, loaded.model.encode(x).unwrap())).collect();
+        for (i, (_, e)) in spans.iter().enumerate() {
+            let d = max_diff(e, &f.tensors[&format!("audio_embeds.{i}")]);
+            assert!(d <= ATOL, "{what}: audio embeddings of clip {i} differ by {d}");
+        }
+        let last = last_logits(&mut loaded, &ids, &spans);
+        let d = max_diff(&last, &f.tensors["last_logits"]);
+        assert!(d <= ATOL, "{what}: last-position logits differ by {d}");
+        let audio_pos = ids.iter().rposition(|&t| t == f.reference["audio_token_id"].as_u64().unwrap() as u32).unwrap();
+        let at_audio = last_logits(&mut loaded, &ids[..=audio_pos], &spans);
+        let d = max_diff(&at_audio, &f.tensors["audio_logits"]);
+        assert!(d <= ATOL, "{what}: logits at the last audio token differ by {d}");
+    }
+
+    // Greedy tokens through the engine (encoder run by the engine, KV paged).
+    let LoadedModel { model, tokenizer, generation, .. } = loaded;
+    let cfg = EngineConfig { eos_token_ids: generation.eos_token_ids, max_num_batched_tokens: 48, ..Default::default() };
+    let engine = Engine::start(model, tokenizer, cfg).unwrap();
+    let mm_items: Vec<MmItem> = ranges
+        .iter()
+        .zip(&items)
+        .enumerate()
+        .map(|(i, (r, it))| MmItem {
+            placeholder: MmPlaceholder { hash: format!("clip{i}"), offset: r.0, length: r.1 },
+            input: MmInput::Features(it.features.clone()),
+        })
+        .collect();
+    let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let mut h = engine.add_request(EngineRequest { prompt_token_ids: ids.clone(), params, mm_items }).unwrap();
+    let mut got = Vec::new();
+    while let Some(ev) = h.events.blocking_recv() {
+        match ev {
+            RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
+            RequestEvent::Error { message } => panic!("{message}"),
+            RequestEvent::Finished { .. } => {}
+        }
+    }
+    assert_eq!(got, ids_of(&f.reference["greedy_ids"]));
+    assert_eq!(engine.stats().encoder_runs, 2);
+}

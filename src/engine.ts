@@ -8,9 +8,11 @@ import { existsSync } from 'node:fs'
 import { basename, resolve } from 'node:path'
 
 import { ensureDefaultModel } from './default-model.js'
-import { AbortError, abortErrorFor } from './errors.js'
-import { native } from './native.js'
-import type { NativeEngine, NativeEvent, NativeRequest, NativeSamplingParams, NativeTokenLogprob } from './native.js'
+import { AbortError, ValidationError, abortErrorFor, fromNativeError } from './errors.js'
+import { partModality, resolveParts, templatePart } from './media/index.js'
+import type { MediaPolicy, Modality, PendingPart, ResolvedMedia } from './media/index.js'
+import { bindingFor } from './native.js'
+import type { NativeEngine, NativeEvent, NativeMediaItem, NativeRequest, NativeSamplingParams, NativeTokenLogprob } from './native.js'
 import type {
   ChatMessage,
   ChatParams,
@@ -31,6 +33,7 @@ import {
   validateLoadOptions,
   validateMessages,
   validatePrompt,
+  validatePromptMedia,
   validatePrompts,
   validateSamplingParams,
 } from './validate.js'
@@ -45,6 +48,17 @@ function convertLogprobs(lps: NativeTokenLogprob[]): TokenLogprob[] {
     logprob: lp.logprob,
     topLogprobs: lp.top.map((t) => ({ tokenId: t.tokenId, token: t.token, logprob: t.logprob })),
   }))
+}
+
+function toNativeMedia(m: ResolvedMedia): NativeMediaItem {
+  return {
+    modality: m.modality,
+    data: m.data,
+    samples: m.samples,
+    sampleRate: m.sampleRate,
+    format: m.format,
+    uuid: m.uuid,
+  }
 }
 
 function convertUsage(u: { promptTokens: number; completionTokens: number; cachedTokens: number }): Usage {
@@ -167,12 +181,19 @@ class Collector {
 export class Engine {
   readonly #native: NativeEngine
   readonly #info: ModelInfo
+  readonly #media: MediaPolicy
   #closed = false
   #closing: Promise<void> | undefined
 
-  private constructor(nativeEngine: NativeEngine, path: string) {
+  private constructor(nativeEngine: NativeEngine, path: string, opts: LoadOptions) {
     this.#native = nativeEngine
     const i = nativeEngine.info()
+    const modalities = i.modalities as Modality[]
+    this.#media = {
+      accepts: new Set(modalities),
+      limitMmPerPrompt: opts.limitMmPerPrompt,
+      allowedLocalMediaPath: opts.allowedLocalMediaPath,
+    }
     this.#info = {
       name: i.name,
       path,
@@ -183,6 +204,7 @@ export class Engine {
       bosTokenId: i.bosTokenId ?? null,
       hasChatTemplate: i.hasChatTemplate,
       device: i.device,
+      modalities,
     }
   }
 
@@ -207,20 +229,23 @@ export class Engine {
         )
       }
     }
-    const binding = native()
+    const { binding, device } = bindingFor(opts.device)
     const nativeEngine = await binding.NativeEngine.load({
       model: path,
-      device: opts.device,
+      device,
       dtype: opts.dtype,
       chatTemplate: opts.chatTemplate,
       maxModelLen: opts.maxModelLen,
       blockSize: opts.blockSize,
       kvCacheBytes: opts.kvCacheBytes,
+      gpuMemoryUtilization: opts.gpuMemoryUtilization,
       maxNumSeqs: opts.maxNumSeqs,
       maxNumBatchedTokens: opts.maxNumBatchedTokens,
       enablePrefixCaching: opts.enablePrefixCaching,
+      mmProcessorCacheGb: opts.mmProcessorCacheGb,
+      encoderCacheTokens: opts.encoderCacheTokens,
     })
-    return new Engine(nativeEngine, path)
+    return new Engine(nativeEngine, path, opts)
   }
 
   /** Facts about the loaded model. */
@@ -237,10 +262,29 @@ export class Engine {
     if (this.#closed) throw new Error('the engine is closed')
   }
 
-  /** Submit one request; throws synchronously on bad input. */
+  /** Submit one text-only request; throws synchronously on bad input. */
   #start(request: NativeRequest, signal: AbortSignal | undefined): RequestRun {
     this.#checkOpen()
     const id = this.#native.addRequest(request)
+    return new RequestRun(this, this.#native, id, signal)
+  }
+
+  /**
+   * Submit a request with media parts: resolve them (URLs, base64, raw
+   * samples), then let the native side decode and preprocess them off the
+   * JS thread. Bad media rejects with a MediaError.
+   */
+  async #startWithMedia(request: NativeRequest, parts: PendingPart[], signal: AbortSignal | undefined): Promise<RequestRun> {
+    if (parts.length === 0) return this.#start(request, signal)
+    const media = await resolveParts(parts, this.#media)
+    if (signal?.aborted) throw abortErrorFor(signal)
+    this.#checkOpen()
+    let id: number
+    try {
+      id = await this.#native.addMediaRequest(request, media.map(toNativeMedia))
+    } catch (err) {
+      throw fromNativeError(err)
+    }
     return new RequestRun(this, this.#native, id, signal)
   }
 
@@ -282,13 +326,16 @@ export class Engine {
   async generate(prompts: PromptInput | PromptInput[], params: SamplingParams = {}): Promise<CompletionOutput[]> {
     this.#checkOpen()
     const requests = validatePrompts(prompts)
+    const list = Array.isArray(prompts) ? prompts : [prompts]
+    const media = list.map((p, i) => validatePromptMedia(p, Array.isArray(prompts) ? `prompts[${i}]` : 'prompt'))
     const sp = validateSamplingParams(params, { chat: false })
     const signal = params.signal
     if (signal?.aborted) throw abortErrorFor(signal)
     const runs: RequestRun[] = []
     try {
-      for (const r of requests) {
-        runs.push(this.#start({ ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, signal))
+      for (const [i, r] of requests.entries()) {
+        const req = { ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
+        runs.push(await this.#startWithMedia(req, media[i] ?? [], signal))
       }
     } catch (err) {
       for (const run of runs) run.cancel()
@@ -309,15 +356,24 @@ export class Engine {
   async *generateStream(prompt: PromptInput, params: SamplingParams = {}): AsyncGenerator<StreamChunk, void, undefined> {
     this.#checkOpen()
     const request = validatePrompt(prompt)
+    const media = validatePromptMedia(prompt)
     const sp = validateSamplingParams(params, { chat: false })
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    yield* this.#chunks(this.#start({ ...request, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, params.signal))
+    const req = { ...request, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
+    yield* this.#chunks(await this.#startWithMedia(req, media, params.signal))
   }
 
-  #chatRequest(messages: ChatMessage[], params: ChatParams): NativeRequest {
-    const msgs = validateMessages(messages)
+  /** The native request of a chat, and its media parts in prompt order. */
+  #chatRequest(messages: ChatMessage[], params: ChatParams): { request: NativeRequest; parts: PendingPart[] } {
+    const parts: PendingPart[] = []
+    const msgs = validateMessages(messages, (part, path) => {
+      const modality = partModality(part.type as string)
+      if (modality === undefined) throw new ValidationError(`${path}: unknown content part type ${JSON.stringify(part.type)}`)
+      parts.push({ part, path, modality })
+      return templatePart(modality)
+    })
     const sp = validateSamplingParams(params, { chat: true })
-    return { messages: msgs, ...validateChatExtras(params), params: sp }
+    return { request: { messages: msgs, ...validateChatExtras(params), params: sp }, parts }
   }
 
   /**
@@ -326,9 +382,9 @@ export class Engine {
    */
   async chat(messages: ChatMessage[], params: ChatParams = {}): Promise<CompletionOutput> {
     this.#checkOpen()
-    const request = this.#chatRequest(messages, params)
+    const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    const run = this.#start(request, params.signal)
+    const run = await this.#startWithMedia(request, parts, params.signal)
     return this.#collect(run, request.params ?? {})
   }
 
@@ -343,9 +399,9 @@ export class Engine {
    */
   async *chatStream(messages: ChatMessage[], params: ChatParams = {}): AsyncGenerator<StreamChunk, void, undefined> {
     this.#checkOpen()
-    const request = this.#chatRequest(messages, params)
+    const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    yield* this.#chunks(this.#start(request, params.signal))
+    yield* this.#chunks(await this.#startWithMedia(request, parts, params.signal))
   }
 
   /** Token ids of `text` (with BOS etc. unless `addSpecialTokens` is false). */
@@ -370,7 +426,11 @@ export class Engine {
     options: Pick<ChatParams, 'chatTemplateKwargs' | 'tools' | 'addGenerationPrompt'> = {},
   ): string {
     this.#checkOpen()
-    const msgs = validateMessages(messages)
+    const msgs = validateMessages(messages, (part, path) => {
+      const modality = partModality(part.type as string)
+      if (modality === undefined) throw new ValidationError(`${path}: unknown content part type ${JSON.stringify(part.type)}`)
+      return templatePart(modality)
+    })
     const extras = validateChatExtras(options)
     return this.#native.applyChatTemplate(msgs, extras.addGenerationPrompt ?? true, extras.tools, extras.chatTemplateKwargs)
   }
@@ -392,6 +452,15 @@ export class Engine {
       preemptions: s.preemptions,
       requestsFinished: s.requestsFinished,
       steps: s.steps,
+      encoderRuns: s.encoderRuns,
+      encoderCacheQueries: s.encoderCacheQueries,
+      encoderCacheHits: s.encoderCacheHits,
+      encoderCacheTokens: s.encoderCacheTokens,
+      encoderCacheItems: s.encoderCacheItems,
+      processorCacheQueries: s.processorCacheQueries,
+      processorCacheHits: s.processorCacheHits,
+      processorCacheBytes: s.processorCacheBytes,
+      processorCacheItems: s.processorCacheItems,
     }
   }
 

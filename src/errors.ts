@@ -22,3 +22,28 @@ export class ValidationError extends Error {
 export function abortErrorFor(signal: AbortSignal | undefined): AbortError {
   return new AbortError('The request was aborted', { cause: signal?.reason })
 }
+
+/**
+ * A media item that cannot be used: bad or unsupported data, an unreachable
+ * or refused URL. `status` is the HTTP status the server answers with
+ * (400 bad input, 413 too large, 422 cannot fetch or decode, 502 / 504
+ * upstream failure or timeout); `param` names the request field when known.
+ */
+export class MediaError extends Error {
+  override name = 'MediaError'
+  constructor(
+    message: string,
+    readonly status: number = 422,
+    readonly param?: string,
+  ) {
+    super(message)
+  }
+}
+
+/** Native media errors arrive as `[media:STATUS] message`; make them MediaErrors. */
+export function fromNativeError(err: unknown): unknown {
+  if (!(err instanceof Error)) return err
+  const m = /^\[media:(\d{3})\] ([\s\S]*)$/.exec(err.message)
+  if (m) return new MediaError(m[2]!, Number(m[1]))
+  return err
+}

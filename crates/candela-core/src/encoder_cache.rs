@@ -65,6 +65,11 @@ impl EncoderCache {
         self.entries.contains_key(hash)
     }
 
+    /// Rows (placeholder tokens) of a held item.
+    pub fn tokens_of(&self, hash: &str) -> Option<usize> {
+        self.entries.get(hash).map(|e| e.tokens)
+    }
+
     /// Keep `embeds` (`[tokens, hidden]`) under `hash`, evicting the least
     /// recently used entries to make room. Items larger than the whole
     /// cache are not kept.

@@ -8,7 +8,7 @@
 
 use crate::encoder_cache::EncoderCache;
 use crate::engine_core::{CoreConfig, EngineCore};
-use crate::model::{Model, ModelSpec, TokenDecoder};
+use crate::model::{DeviceMemory, Model, ModelSpec, TokenDecoder};
 use crate::output::RequestEvent;
 use crate::scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
@@ -25,9 +25,13 @@ pub use crate::request::{EngineRequest, MmInput, MmItem, MmPlaceholder};
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Bytes for the KV pool. None: min(25% of MemAvailable, 4 GiB), capped
-    /// at what `max_num_seqs` sequences of `max_model_len` tokens need.
+    /// Bytes for the KV pool. None: min(25% of MemAvailable, 4 GiB) on the
+    /// CPU, `gpu_memory_utilization` of the GPU on CUDA; either way capped at
+    /// what `max_num_seqs` sequences of `max_model_len` tokens need.
     pub kv_cache_bytes: Option<usize>,
+    /// Fraction of the GPU's memory the engine may use in all (weights,
+    /// activations, KV cache) when `kv_cache_bytes` is None; in (0, 1].
+    pub gpu_memory_utilization: f32,
     pub max_num_seqs: usize,
     /// Token budget of one step (all sequences together).
     pub max_num_batched_tokens: usize,
@@ -45,6 +49,7 @@ impl Default for EngineConfig {
         Self {
             block_size: 16,
             kv_cache_bytes: None,
+            gpu_memory_utilization: 0.9,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             enable_prefix_caching: true,
@@ -167,8 +172,22 @@ pub fn default_kv_cache_bytes() -> usize {
     mem_available_bytes().map_or(GIB, |m| (m / 4).min(4 * GIB))
 }
 
-/// How many KV blocks a config gives for a model.
-pub fn plan_num_blocks(spec: &ModelSpec, config: &EngineConfig, max_model_len: usize) -> Result<usize, EngineError> {
+/// KV bytes left on a GPU: `utilization` of its memory, less what is in use
+/// (weights, the CUDA context) and a step's activations.
+pub fn gpu_kv_budget(mem: &DeviceMemory, utilization: f32) -> usize {
+    let allowed = (mem.total_bytes as f64 * utilization as f64) as usize;
+    let used = mem.total_bytes.saturating_sub(mem.free_bytes);
+    allowed.saturating_sub(used).saturating_sub(mem.activation_bytes)
+}
+
+/// How many KV blocks a config gives for a model. `device`: the memory of
+/// the model's GPU, whose budget replaces system memory's (None on CPU).
+pub fn plan_num_blocks(
+    spec: &ModelSpec,
+    config: &EngineConfig,
+    max_model_len: usize,
+    device: Option<&DeviceMemory>,
+) -> Result<usize, EngineError> {
     let bs = config.block_size;
     let block_bytes = spec.kv_block_bytes(bs).max(1);
     let needed = config.max_num_seqs.saturating_mul(max_model_len.div_ceil(bs));
@@ -182,7 +201,25 @@ pub fn plan_num_blocks(spec: &ModelSpec, config: &EngineConfig, max_model_len: u
             }
             b
         }
-        None => (default_kv_cache_bytes() / block_bytes).min(needed).max(1),
+        None => match device {
+            None => (default_kv_cache_bytes() / block_bytes).min(needed).max(1),
+            Some(mem) => {
+                let u = config.gpu_memory_utilization;
+                let b = gpu_kv_budget(mem, u) / block_bytes;
+                if b == 0 {
+                    const MIB: usize = 1 << 20;
+                    return Err(EngineError::InvalidConfig(format!(
+                        "gpu_memory_utilization = {u} leaves no room for the KV cache: {} MiB of the GPU's {} MiB \
+                         are in use after loading the model and a step needs about {} MiB more (raise it, or lower \
+                         max_num_batched_tokens / max_num_seqs)",
+                        mem.total_bytes.saturating_sub(mem.free_bytes) / MIB,
+                        mem.total_bytes / MIB,
+                        mem.activation_bytes / MIB
+                    )));
+                }
+                b.min(needed).max(1)
+            }
+        },
     };
     // Slots (block * block_size + offset) must fit in u32.
     Ok(blocks.min((u32::MAX as usize - 1) / bs))
@@ -202,6 +239,10 @@ impl Engine {
         if config.max_num_batched_tokens == 0 {
             return Err(EngineError::InvalidConfig("max_num_batched_tokens must be at least 1".into()));
         }
+        let u = config.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(EngineError::InvalidConfig(format!("gpu_memory_utilization must be in (0, 1], got {u}")));
+        }
         if spec.vocab_size == 0 {
             return Err(EngineError::InvalidConfig("the model reports a vocabulary of 0 tokens".into()));
         }
@@ -218,7 +259,8 @@ impl Engine {
         if max_model_len < 2 {
             return Err(EngineError::InvalidConfig(format!("max_model_len = {max_model_len} leaves no room to generate")));
         }
-        let num_blocks = plan_num_blocks(&spec, &config, max_model_len)?;
+        let device_memory = model.device_memory(config.max_num_batched_tokens, config.max_num_seqs);
+        let num_blocks = plan_num_blocks(&spec, &config, max_model_len, device_memory.as_ref())?;
         model.allocate_kv_cache(num_blocks, config.block_size).map_err(|e| EngineError::Model(e.to_string()))?;
 
         let mut config = config;
@@ -361,9 +403,15 @@ impl Engine {
         Ok(req)
     }
 
-    /// Whether the encoder cache holds this media item's output.
-    pub fn encoder_cache_contains(&self, hash: &str) -> bool {
-        lock(&self.encoder_cache).contains(hash)
+    /// Placeholder tokens of a media item the encoder cache holds (so a
+    /// caller can lay out a prompt for an item sent by reference only).
+    pub fn encoder_cache_tokens(&self, hash: &str) -> Option<usize> {
+        lock(&self.encoder_cache).tokens_of(hash)
+    }
+
+    /// Whether the encoder cache is on.
+    pub fn encoder_cache_enabled(&self) -> bool {
+        lock(&self.encoder_cache).enabled()
     }
 
     /// Abort a request at any moment: its blocks go back to the pool before
@@ -461,5 +509,49 @@ fn engine_loop(mut core: EngineCore, rx: crossbeam_channel::Receiver<Command>, s
         *lock(&stats) = core.stats();
         idle_wait = !core.step();
         *lock(&stats) = core.stats();
+    }
+}
+
+#[cfg(test)]
+mod gpu_budget_tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            architecture: "Test".into(),
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 64,
+            vocab_size: 100,
+            hidden_size: 128,
+            max_model_len: 1024,
+            kv_dtype: DType::BF16,
+        }
+    }
+
+    #[test]
+    fn gpu_budget_is_utilization_less_used_and_activations() {
+        const GIB: usize = 1 << 30;
+        let mem = DeviceMemory { free_bytes: 70 * GIB, total_bytes: 80 * GIB, activation_bytes: 2 * GIB };
+        // 0.9 * 80 = 72 GiB allowed, 10 in use, 2 for activations.
+        assert_eq!(gpu_kv_budget(&mem, 0.9), 60 * GIB);
+        assert_eq!(gpu_kv_budget(&mem, 0.1), 0);
+        let spec = spec();
+        let block = spec.kv_block_bytes(16);
+        // Enough memory: capped at what max_num_seqs full sequences need.
+        let cfg = EngineConfig { max_num_seqs: 4, ..EngineConfig::default() };
+        assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap(), 4 * 1024 / 16);
+        // Little memory: the budget decides.
+        let tight = DeviceMemory { free_bytes: 10 * block + GIB, total_bytes: 10 * block + GIB, activation_bytes: GIB };
+        let cfg = EngineConfig { gpu_memory_utilization: 1.0, ..EngineConfig::default() };
+        assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&tight)).unwrap(), 10);
+        // No room at all is a clear error.
+        let cfg = EngineConfig { gpu_memory_utilization: 0.1, ..EngineConfig::default() };
+        let err = plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap_err().to_string();
+        assert!(err.contains("gpu_memory_utilization = 0.1"), "{err}");
+        // An explicit kv_cache_bytes wins over the GPU budget.
+        let cfg = EngineConfig { kv_cache_bytes: Some(3 * block), ..EngineConfig::default() };
+        assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap(), 3);
     }
 }

@@ -7,14 +7,15 @@ use crate::block_manager::SeqId;
 use crate::detokenizer::Detokenizer;
 use crate::encoder_cache::EncoderCache;
 use crate::engine::EngineStats;
-use crate::model::{ForwardBatch, MmEmbedSpan, Model, SeqSlice, TokenDecoder};
+use crate::model::{DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, SeqSlice, TokenDecoder};
 use crate::output::{FinishReason, RequestEvent, Usage};
 use crate::params::SamplingParams;
 use crate::request::{EngineRequest, MmInput, MmItem, MmPlaceholder};
-use crate::sampler::{self, sample_rng, SamplingInput};
+use crate::sampler::{self, sample_rng, SamplingInput, SAMPLING_EPS};
 use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 use crate::sequence::Sequence;
 use candle_core::{DType, Tensor};
+use rand::RngExt;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -69,6 +70,21 @@ pub(crate) struct EngineCore {
     generation_tokens: u64,
     requests_finished: u64,
     steps: u64,
+}
+
+/// Where a sequence's next token comes from this step.
+enum Pick {
+    /// Index of its logits row among the rows copied to the host.
+    Row(usize),
+    /// The token sampled on the model's device.
+    Token(u32),
+}
+
+/// What [`EngineCore::sample_into`] samples from.
+#[derive(Clone, Copy)]
+enum Choice<'a> {
+    Row(&'a [f32]),
+    Token(u32),
 }
 
 /// What a sample does after receiving a token.
@@ -253,8 +269,8 @@ impl EngineCore {
             return true;
         }
         let batch = self.build_batch(&scheduled);
-        let rows = match self.run_model(&batch) {
-            Ok(rows) => rows,
+        let logits = match self.run_model(&batch) {
+            Ok(logits) => logits,
             Err(message) => {
                 let mut reqs: Vec<u64> =
                     scheduled.iter().filter_map(|s| self.sched.seq(s.seq_id).map(|q| q.req_id)).collect();
@@ -275,10 +291,105 @@ impl EngineCore {
                 with_logits.push(sc.seq_id);
             }
         }
-        for (seq_id, row) in with_logits.into_iter().zip(rows.chunks(self.vocab_size.max(1))) {
-            self.on_logits(seq_id, row);
+        let (rows, picks) = match self.pick(&logits, &with_logits) {
+            Ok(r) => r,
+            Err(message) => {
+                let mut reqs: Vec<u64> =
+                    with_logits.iter().filter_map(|&s| self.sched.seq(s).map(|q| q.req_id)).collect();
+                reqs.sort_unstable();
+                reqs.dedup();
+                for r in reqs {
+                    self.fail_request(r, message.clone());
+                }
+                return true;
+            }
+        };
+        let vocab = self.vocab_size.max(1);
+        for (seq_id, pick) in with_logits.into_iter().zip(picks) {
+            match pick {
+                Pick::Row(i) => self.on_logits(seq_id, Choice::Row(&rows[i * vocab..(i + 1) * vocab])),
+                Pick::Token(t) => self.on_logits(seq_id, Choice::Token(t)),
+            }
         }
         true
+    }
+
+    /// Sample on the model's device the rows that allow it (no penalties,
+    /// logprobs, suppressed tokens or forks; the model must support it) and
+    /// copy the other rows to the host as one flat `[rows * vocab]` vector.
+    /// On the CPU every row is copied, as before device sampling existed.
+    fn pick(&mut self, logits: &Tensor, seqs: &[SeqId]) -> Result<(Vec<f32>, Vec<Pick>), String> {
+        let on_device = !logits.device().is_cpu() && self.model.sample_on_device(logits, &[]).is_some();
+        let mut picks = Vec::with_capacity(seqs.len());
+        let mut device_rows = Vec::new();
+        let mut host_rows = Vec::new();
+        for (i, &seq_id) in seqs.iter().enumerate() {
+            match on_device.then(|| self.device_sample_row(seq_id, i as u32)).flatten() {
+                Some(r) => {
+                    picks.push(Pick::Token(device_rows.len() as u32));
+                    device_rows.push(r);
+                }
+                None => {
+                    picks.push(Pick::Row(host_rows.len()));
+                    host_rows.push(i as u32);
+                }
+            }
+        }
+        if !device_rows.is_empty() {
+            let tokens = match self.model.sample_on_device(logits, &device_rows) {
+                Some(Ok(t)) if t.len() == device_rows.len() => t,
+                Some(Ok(t)) => return Err(format!("sampling on the device returned {} tokens for {} rows", t.len(), device_rows.len())),
+                Some(Err(e)) => return Err(format!("sampling on the device failed: {e}")),
+                None => return Err("the model stopped sampling on its device".into()),
+            };
+            for p in picks.iter_mut() {
+                if let Pick::Token(k) = p {
+                    *p = Pick::Token(tokens[*k as usize]);
+                }
+            }
+        }
+        let host = if host_rows.is_empty() {
+            Ok(Vec::new())
+        } else if host_rows.len() == seqs.len() {
+            logits.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>())
+        } else {
+            let n = host_rows.len();
+            Tensor::from_vec(host_rows, n, logits.device())
+                .and_then(|idx| logits.index_select(&idx, 0))
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+        };
+        let host = host.map_err(|e| format!("reading logits failed: {e}"))?;
+        Ok((host, picks))
+    }
+
+    /// The device-sampling request for `seq_id`'s next token from logits row
+    /// `row`, drawing its uniform from the sequence's generator exactly when
+    /// the host sampler would; None when the host sampler is needed.
+    fn device_sample_row(&mut self, seq_id: SeqId, row: u32) -> Option<DeviceSampleRow> {
+        let seq = self.sched.seq_mut(seq_id)?;
+        let req = self.requests.get(&seq.req_id)?;
+        let p = &req.params;
+        let suppressing = seq.output().len() < p.min_tokens && !req.stop_ids.is_empty();
+        if seq.pending_forks > 0
+            || p.logprobs.is_some()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || suppressing
+        {
+            return None;
+        }
+        let uniform = if p.temperature < SAMPLING_EPS { 0.0 } else { seq.rng.random::<f64>() as f32 };
+        Some(DeviceSampleRow {
+            row,
+            temperature: p.temperature,
+            top_k: if p.top_k > 0 { p.top_k as u32 } else { 0 },
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform,
+        })
     }
 
     /// Make sure every media item overlapping this step's tokens has its
@@ -399,8 +510,8 @@ impl EngineCore {
         batch
     }
 
-    /// Forward and fetch the logits as one flat `[rows * vocab]` vector.
-    fn run_model(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, String> {
+    /// Forward; the logits `[rows, vocab]` stay where the model made them.
+    fn run_model(&mut self, batch: &ForwardBatch) -> Result<Tensor, String> {
         let model = &mut self.model;
         let result = catch_unwind(AssertUnwindSafe(|| model.forward(batch)));
         let logits = match result {
@@ -416,16 +527,12 @@ impl EngineCore {
                 self.vocab_size
             ));
         }
-        logits
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("reading logits failed: {e}"))
+        Ok(logits)
     }
 
     /// Logits for the last token of `seq_id` arrived: sample its next token;
     /// for a freshly prefilled `n > 1` request, first fork the other samples.
-    fn on_logits(&mut self, seq_id: SeqId, row: &[f32]) {
+    fn on_logits(&mut self, seq_id: SeqId, row: Choice<'_>) {
         let Some(seq) = self.sched.seq(seq_id) else { return };
         let req_id = seq.req_id;
         let Some(req) = self.requests.get(&req_id) else { return };
@@ -463,8 +570,9 @@ impl EngineCore {
         }
     }
 
-    /// Sample one token for `seq_id` from `row`, emit it, and finish the sample if done.
-    fn sample_into(&mut self, seq_id: SeqId, row: &[f32]) {
+    /// Sample one token for `seq_id` from `row` (or take the one sampled on
+    /// the device), emit it, and finish the sample if done.
+    fn sample_into(&mut self, seq_id: SeqId, row: Choice<'_>) {
         let (bs, hashing) = (self.sched.config().block_size, self.sched.config().enable_prefix_caching);
         let decoder = self.decoder.clone();
         let max_model_len = self.max_model_len;
@@ -475,7 +583,10 @@ impl EngineCore {
         let suppressed: &[u32] = if seq.output().len() < p.min_tokens { &req.stop_ids } else { &[] };
         let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
         let input = SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed };
-        let sampled = sampler::sample(row, &input, &mut seq.rng);
+        let sampled = match row {
+            Choice::Row(row) => sampler::sample(row, &input, &mut seq.rng),
+            Choice::Token(token_id) => sampler::Sampled { token_id, logprob: None },
+        };
         let token = sampled.token_id;
         seq.append_token(token, bs, hashing);
         self.generation_tokens += 1;

@@ -23,7 +23,7 @@ mod testing;
 mod tests;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RequestHandle};
-pub use model::{ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice, TokenDecoder};
+pub use model::{DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice, TokenDecoder};
 pub use output::{FinishReason, RequestEvent, TokenLogprob, TopLogprob, Usage};
 pub use params::SamplingParams;
 pub use request::{EngineRequest, MmFeatures, MmInput, MmItem, MmPlaceholder};

@@ -102,6 +102,44 @@ pub trait Model: Send {
         let names: Vec<&str> = features.tensors.iter().map(|(n, _)| n.as_str()).collect();
         candle_core::bail!("{} takes no media input (got {names:?})", self.spec().architecture)
     }
+    /// Memory of the device the model runs on, read after its weights were
+    /// loaded, with its estimate of the activations of a step of
+    /// `max_num_batched_tokens` tokens and `max_num_seqs` logits rows. None on
+    /// the CPU, where the KV budget comes from system memory instead.
+    fn device_memory(&self, _max_num_batched_tokens: usize, _max_num_seqs: usize) -> Option<DeviceMemory> {
+        None
+    }
+    /// Sample one token per entry of `rows` from `logits` (this model's
+    /// forward output) on its device, returning only the ids. None when the
+    /// model cannot (CPU models): the engine copies the rows and samples them.
+    fn sample_on_device(&mut self, _logits: &Tensor, _rows: &[DeviceSampleRow]) -> Option<candle_core::Result<Vec<u32>>> {
+        None
+    }
+}
+
+/// See [`Model::device_memory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free_bytes: usize,
+    pub total_bytes: usize,
+    /// Bytes a step's activations need on top of weights and KV cache.
+    pub activation_bytes: usize,
+}
+
+/// One row sampled by [`Model::sample_on_device`]: greedy below
+/// [`crate::sampler::SAMPLING_EPS`], else temperature, min_p, top_k and top_p
+/// (the host sampler's order) and a draw with `uniform`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSampleRow {
+    /// Row of the logits tensor.
+    pub row: u32,
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// The sequence's uniform draw in [0, 1).
+    pub uniform: f32,
 }
 
 /// Turns token ids back into text; implemented by the models crate's tokenizer.

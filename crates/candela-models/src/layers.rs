@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use candela_core::model::{ForwardBatch, MmEmbedSpan, Model, ModelSpec};
+use candela_core::model::{DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec};
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::error::ModelError;
@@ -397,6 +397,15 @@ impl Model for DecoderLm {
         // to the pool separately costs a wake-up and a context switch each.
         // `rayon::scope` called from outside the pool runs its body on a worker.
         rayon::scope(|_| self.run(batch, LogitRows::LastOfSeqs))
+    }
+
+    fn device_memory(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<DeviceMemory> {
+        let act = crate::gpu::decoder_activation_bytes(&self.cfg, self.dtype, max_num_batched_tokens, max_num_seqs);
+        crate::gpu::device_memory(&self.device, act)
+    }
+
+    fn sample_on_device(&mut self, logits: &Tensor, rows: &[DeviceSampleRow]) -> Option<Result<Vec<u32>>> {
+        crate::gpu::sample_on_device(logits, rows)
     }
 }
 

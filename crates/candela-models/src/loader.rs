@@ -13,6 +13,8 @@ use serde_json::Value;
 
 use crate::chat_template::{resolve_template_source, ChatTemplate};
 use crate::config::{GenerationConfig, HfConfig};
+use crate::processor::{AudioProcessor, MmProcessor};
+use crate::qwen2_audio::{self, Qwen2Audio, Qwen2AudioConfig};
 use crate::error::{ModelError, Result};
 use crate::registry;
 use crate::tokenizer::{read_json, Tokenizer};
@@ -22,7 +24,7 @@ use crate::weights::{GgufWeights, Weights};
 pub struct LoadOptions {
     /// "auto" (f32 on CPU), "f32"/"float32", "bf16"/"bfloat16", "f16"/"float16".
     pub dtype: Option<String>,
-    /// "cpu" (CUDA builds will also accept "cuda").
+    /// "cpu", or (CUDA builds) "cuda" / "cuda:N".
     pub device: String,
     /// A template file path or the template text; overrides the model's.
     pub chat_template: Option<String>,
@@ -65,6 +67,8 @@ pub struct LoadedModel {
     pub generation: GenerationDefaults,
     pub spec: ModelSpec,
     pub model_name: String,
+    /// Media preprocessing, for models that take more than text.
+    pub processor: Option<Arc<MmProcessor>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -105,16 +109,36 @@ pub fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType> {
     })
 }
 
-/// Parse a device name. This build runs on CPU only.
+/// Parse a device name: "cpu", or "cuda" / "gpu" / "cuda:N" (GPU N, default
+/// 0), which needs a build with the `cuda` feature and a GPU.
 pub fn parse_device(name: &str) -> Result<Device> {
     let n = name.trim().to_ascii_lowercase();
     if n.is_empty() || n == "cpu" {
-        Ok(Device::Cpu)
-    } else if n == "cuda" || n.starts_with("cuda:") || n == "gpu" {
-        Err(ModelError::NoCuda(name.to_string()))
-    } else {
-        Err(ModelError::UnsupportedDevice(name.to_string()))
+        return Ok(Device::Cpu);
     }
+    let ordinal = match n.as_str() {
+        "cuda" | "gpu" => 0,
+        _ => match n.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => i,
+            _ => return Err(ModelError::UnsupportedDevice(name.to_string())),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(ModelError::NoCuda(name.to_string()));
+    }
+    // One stream of its own rather than the per-thread default stream: the
+    // forward runs on a rayon worker and sampling on the engine thread, and
+    // their work must stay ordered on the GPU.
+    Device::new_cuda_with_stream(ordinal).map_err(|e| ModelError::NoGpu {
+        device: name.to_string(),
+        message: crate::error::candle_message(&e),
+    })
+}
+
+/// Why `device` cannot be used, or None when it can: the cheap probe behind
+/// `device: 'auto'` (a CUDA context is created and dropped).
+pub fn device_unavailable(device: &str) -> Option<String> {
+    parse_device(device).err().map(|e| e.to_string())
 }
 
 /// Load a model folder or a `.gguf` file.
@@ -162,13 +186,24 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
             file: "config.json",
         });
     }
-    let cfg = HfConfig::from_file(&cfg_path)?;
-    let arch_name = cfg.architecture().ok_or_else(|| ModelError::InvalidJson {
-        what: "config.json",
-        path: cfg_path.clone(),
-        message: "no \"architectures\" entry".into(),
-    })?;
-    let arch = registry::by_hf_name(arch_name)?;
+    let raw: Value = read_json(&cfg_path, "config.json")?;
+    // Multimodal checkpoints nest the language model's config (text_config).
+    let audio_cfg = if qwen2_audio::matches(&raw) { Some(Qwen2AudioConfig::from_json(&raw)?) } else { None };
+    let cfg = match &audio_cfg {
+        Some(a) => a.text.clone(),
+        None => HfConfig::from_file(&cfg_path)?,
+    };
+    let arch = match &audio_cfg {
+        Some(_) => None,
+        None => {
+            let arch_name = cfg.architecture().ok_or_else(|| ModelError::InvalidJson {
+                what: "config.json",
+                path: cfg_path.clone(),
+                message: "no \"architectures\" entry".into(),
+            })?;
+            Some(registry::by_hf_name(arch_name)?)
+        }
+    };
 
     let tok_cfg_path = dir.join("tokenizer_config.json");
     let tok_cfg: Option<Value> = if tok_cfg_path.is_file() {
@@ -203,7 +238,34 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         .transpose()?;
 
     let weights = Weights::from_safetensors_dir(dir, dtype, device)?;
-    let model = arch.build_hf(&cfg, &weights, opts.max_model_len)?;
+    let (model, processor): (Box<dyn Model>, Option<Arc<MmProcessor>>) = match (&audio_cfg, arch) {
+        (Some(a), _) => {
+            let m = Qwen2Audio::load(a, &weights, opts.max_model_len)?;
+            let pp = dir.join("preprocessor_config.json");
+            if !pp.is_file() {
+                return Err(ModelError::MissingFile { dir: dir.to_path_buf(), file: "preprocessor_config.json" });
+            }
+            let text = std::fs::read_to_string(&pp).map_err(|e| ModelError::io(&pp, e))?;
+            let extractor = candela_media::audio::WhisperFeatureExtractor::from_preprocessor_config(&text)
+                .map_err(|e| ModelError::InvalidJson { what: "preprocessor_config.json", path: pp.clone(), message: e.to_string() })?;
+            if extractor.n_mels() != a.audio.num_mel_bins {
+                return Err(ModelError::Config(format!(
+                    "preprocessor_config.json has {} mel bins but the audio encoder takes {}",
+                    extractor.n_mels(),
+                    a.audio.num_mel_bins
+                )));
+            }
+            let audio = AudioProcessor {
+                extractor,
+                placeholder_token: a.audio_token_id,
+                pooled: true,
+                max_source_positions: a.audio.max_source_positions,
+            };
+            (Box::new(m), Some(Arc::new(MmProcessor { audio: Some(audio) })))
+        }
+        (None, Some(arch)) => (arch.build_hf(&cfg, &weights, opts.max_model_len)?, None),
+        (None, None) => return Err(ModelError::Config("internal: no architecture".into())),
+    };
     let spec = model.spec().clone();
 
     let mut eos = Vec::new();
@@ -241,6 +303,7 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         generation,
         spec,
         model_name: name_of(dir),
+        processor,
     })
 }
 
@@ -304,6 +367,7 @@ fn load_gguf(
         },
         spec,
         model_name: name_of(path),
+        processor: None,
     })
 }
 
@@ -324,15 +388,25 @@ mod tests {
             .to_string()
             .contains("int8"));
         assert!(parse_device("cpu").is_ok());
-        assert!(parse_device("cuda")
-            .unwrap_err()
-            .to_string()
-            .contains("this build has no CUDA support"));
-        assert!(parse_device("cuda:1")
-            .unwrap_err()
-            .to_string()
-            .contains("no CUDA support"));
+        if cfg!(feature = "cuda") {
+            // A CUDA build: either a GPU is there or the error says none was found.
+            if let Err(e) = parse_device("cuda:1000") {
+                assert!(e.to_string().contains("no CUDA GPU was found"), "{e}");
+            }
+        } else {
+            assert!(parse_device("cuda")
+                .unwrap_err()
+                .to_string()
+                .contains("this build has no CUDA support"));
+            assert!(parse_device("cuda:1")
+                .unwrap_err()
+                .to_string()
+                .contains("no CUDA support"));
+            assert!(device_unavailable("gpu").unwrap().contains("no CUDA support"));
+        }
+        assert!(device_unavailable("cpu").is_none());
         assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
     }
 
     #[test]
@@ -366,7 +440,9 @@ mod tests {
             ..Default::default()
         };
         let err = load(&dir, &opts).unwrap_err().to_string();
-        assert!(err.contains("no CUDA support"), "{err}");
+        if !cfg!(feature = "cuda") {
+            assert!(err.contains("no CUDA support"), "{err}");
+        }
 
         let bogus = dir.join("model.gguf");
         std::fs::write(&bogus, b"GGUFnonsense").unwrap();

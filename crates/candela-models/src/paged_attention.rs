@@ -1,4 +1,5 @@
-//! Paged attention on CPU, architecture-neutral.
+//! Paged attention, architecture-neutral: CPU kernels here, CUDA kernels in
+//! candela-kernels (feature `cuda`) behind the same two ops.
 //!
 //! The KV pool of one layer is two preallocated tensors (K and V) of shape
 //! `[num_blocks * block_size, num_kv_heads, head_dim]` in the model dtype;
@@ -10,6 +11,11 @@
 //!   in its sequence) attend over keys `0..=p` of its sequence, found
 //!   through the sequence's block table. Decode, chunked prefill and prefill
 //!   on a cached prefix are the same computation.
+//!
+//! On CUDA, the batch layout is planned and uploaded once per forward (the
+//! metadata caches it for every layer). Out-of-range slots are an error on
+//! the CPU; the CUDA kernel skips them (checking would cost a device sync per
+//! layer), which cannot happen with slots from the engine's block manager.
 
 use std::sync::Arc;
 
@@ -41,6 +47,9 @@ pub struct AttentionMetadata {
     token_seq: Vec<u32>,
     /// For each query token: its causal position (it sees keys `0..=pos`).
     token_pos: Vec<u32>,
+    /// The CUDA kernels' plan, uploaded by the first layer that needs it.
+    #[cfg(feature = "cuda")]
+    device_plan: Arc<std::sync::Mutex<Option<Arc<candela_kernels::cuda::DeviceAttentionPlan>>>>,
 }
 
 impl AttentionMetadata {
@@ -96,7 +105,37 @@ impl AttentionMetadata {
             num_tokens,
             token_seq,
             token_pos,
+            #[cfg(feature = "cuda")]
+            device_plan: Default::default(),
         })
+    }
+
+    /// The batch planned for the CUDA kernels and uploaded to `dev` (once).
+    #[cfg(feature = "cuda")]
+    fn device_plan(
+        &self,
+        dev: &candle_core::CudaDevice,
+    ) -> Result<Arc<candela_kernels::cuda::DeviceAttentionPlan>> {
+        use candela_kernels::plan::{AttentionPlan, PlanSeq};
+        let mut cached = self.device_plan.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cached.as_ref() {
+            return Ok(p.clone());
+        }
+        let seqs: Vec<PlanSeq<'_>> = self
+            .seqs
+            .iter()
+            .map(|s| PlanSeq {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect();
+        let plan = AttentionPlan::new(&seqs, self.block_size, self.num_tokens)
+            .map_err(candle_core::Error::wrap)?;
+        let p = Arc::new(candela_kernels::cuda::DeviceAttentionPlan::upload(plan, dev)?);
+        *cached = Some(p.clone());
+        Ok(p)
     }
 
     pub fn from_batch(batch: &ForwardBatch) -> Result<Self> {
@@ -335,6 +374,22 @@ impl InplaceOp3 for WriteKv {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cache_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+        slots: &candle_core::CudaStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        if slots.dtype() != DType::U32 {
+            bail!("write_kv: slot mapping must be u32");
+        }
+        candela_kernels::cuda::write_rows(cache, cache_l, src, src_l, slots, slots_l)
+    }
 }
 
 /// Write `k`, `v` (`[tokens, num_kv_heads, head_dim]`) into rows
@@ -505,21 +560,14 @@ fn attend<T: KvElem>(
 }
 
 impl PagedAttention {
-    fn run<T: KvElem>(
+    /// Shapes of query and caches checked against each other and the batch:
+    /// `(tokens, heads, head_dim, kv_heads)`.
+    fn check_dims(
         &self,
-        q: &[T],
         q_l: &Layout,
-        kc: &[T],
         kc_l: &Layout,
-        vc: &[T],
         vc_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)>
-    where
-        Vec<T>: IntoCpuStorage,
-    {
-        let q = contiguous(q, q_l, "query")?;
-        let kc = contiguous(kc, kc_l, "key cache")?;
-        let vc = contiguous(vc, vc_l, "value cache")?;
+    ) -> Result<(usize, usize, usize, usize)> {
         let (n_tok, n_heads, d) = q_l.shape().dims3()?;
         let (num_slots, n_kv, dk) = kc_l.shape().dims3()?;
         if vc_l.shape().dims3()? != (num_slots, n_kv, dk) {
@@ -547,6 +595,27 @@ impl PagedAttention {
                 );
             }
         }
+        Ok((n_tok, n_heads, d, n_kv))
+    }
+
+    fn run<T: KvElem>(
+        &self,
+        q: &[T],
+        q_l: &Layout,
+        kc: &[T],
+        kc_l: &Layout,
+        vc: &[T],
+        vc_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        Vec<T>: IntoCpuStorage,
+    {
+        let q = contiguous(q, q_l, "query")?;
+        let kc = contiguous(kc, kc_l, "key cache")?;
+        let vc = contiguous(vc, vc_l, "value cache")?;
+        let (n_tok, n_heads, d, n_kv) = self.check_dims(q_l, kc_l, vc_l)?;
+        let meta = &*self.meta;
+        let bs = meta.block_size;
         let group = n_heads / n_kv;
         let row = n_kv * d;
         let scale = self.scale;
@@ -628,6 +697,25 @@ impl CustomOp3 for PagedAttention {
                 v.dtype()
             ),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n_tok, n_heads, d, n_kv) = self.check_dims(q_l, k_l, v_l)?;
+        let heads = candela_kernels::plan::HeadLayout::new(n_heads, n_kv, d)
+            .map_err(candle_core::Error::wrap)?;
+        let plan = self.meta.device_plan(&q.device)?;
+        let out =
+            candela_kernels::cuda::paged_attention(q, q_l, k, k_l, v, v_l, &plan, &heads, self.scale)?;
+        Ok((out, Shape::from((n_tok, n_heads, d))))
     }
 }
 

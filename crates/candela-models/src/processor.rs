@@ -106,6 +106,66 @@ pub struct MmProcessor {
     pub audio: Option<AudioProcessor>,
 }
 
+/// Processor cache: `mm_hash -> preprocessed item`, bounded in bytes, least
+/// recently used out first. A repeated item skips decoding and feature
+/// extraction.
+#[derive(Debug)]
+pub struct ProcessorCache {
+    capacity_bytes: usize,
+    used_bytes: usize,
+    entries: std::collections::HashMap<String, (ProcessedItem, usize, u64)>,
+    clock: u64,
+    pub queries: u64,
+    pub hits: u64,
+}
+
+impl ProcessorCache {
+    /// A cache of at most `capacity_bytes`; 0 disables it.
+    pub fn new(capacity_bytes: usize) -> Self {
+        Self { capacity_bytes, used_bytes: 0, entries: Default::default(), clock: 0, queries: 0, hits: 0 }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.capacity_bytes > 0
+    }
+
+    pub fn get(&mut self, hash: &str) -> Option<ProcessedItem> {
+        if !self.enabled() {
+            return None;
+        }
+        self.queries += 1;
+        self.clock += 1;
+        let e = self.entries.get_mut(hash)?;
+        e.2 = self.clock;
+        self.hits += 1;
+        Some(e.0.clone())
+    }
+
+    pub fn insert(&mut self, hash: &str, item: ProcessedItem) {
+        let bytes = item.features.num_bytes();
+        if !self.enabled() || bytes > self.capacity_bytes {
+            return;
+        }
+        if let Some(old) = self.entries.remove(hash) {
+            self.used_bytes -= old.1;
+        }
+        while self.used_bytes + bytes > self.capacity_bytes {
+            let Some(k) = self.entries.iter().min_by_key(|(_, e)| e.2).map(|(k, _)| k.clone()) else { break };
+            if let Some(e) = self.entries.remove(&k) {
+                self.used_bytes -= e.1;
+            }
+        }
+        self.clock += 1;
+        self.used_bytes += bytes;
+        self.entries.insert(hash.to_string(), (item, bytes, self.clock));
+    }
+
+    /// `(items, bytes)` held.
+    pub fn usage(&self) -> (usize, usize) {
+        (self.entries.len(), self.used_bytes)
+    }
+}
+
 /// Where one item's placeholders landed in an expanded prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlaceholderRange {
@@ -141,6 +201,25 @@ pub fn expand_placeholders(ids: &[u32], token: u32, counts: &[usize], what: &str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn item(bytes: usize) -> ProcessedItem {
+        let t = Tensor::zeros(bytes / 4, candle_core::DType::F32, &Device::Cpu).unwrap();
+        ProcessedItem { features: Arc::new(MmFeatures { tensors: vec![("x".into(), t)] }), num_tokens: 1 }
+    }
+
+    #[test]
+    fn processor_cache_is_bounded_in_bytes_lru_first() {
+        let mut c = ProcessorCache::new(100);
+        c.insert("a", item(40));
+        c.insert("b", item(40));
+        assert!(c.get("a").is_some());
+        c.insert("c", item(40));
+        assert!(c.get("b").is_none() && c.get("a").is_some() && c.get("c").is_some());
+        assert_eq!(c.usage(), (2, 80));
+        assert_eq!((c.queries, c.hits), (4, 3));
+        c.insert("huge", item(400));
+        assert_eq!(c.usage(), (2, 80));
+    }
 
     #[test]
     fn placeholders_expand_in_order() {

@@ -6,7 +6,9 @@
 //! with `next()`, which returns everything queued since the last call.
 //! No panic crosses the boundary: every entry point runs under `guard`.
 
+mod audio;
 mod guard;
+mod media;
 mod params;
 
 use std::collections::HashMap;
@@ -36,7 +38,8 @@ use params::to_sampling_params;
 pub struct NativeLoadOptions {
     /// A model folder (config.json + safetensors + tokenizer.json) or a .gguf file.
     pub model: String,
-    /// "cpu" (default), "auto" (= cpu in this build) or "cuda" (not in this build).
+    /// "cpu" (default), "cuda" / "cuda:N" (CUDA builds), or "auto": cuda when
+    /// this build has CUDA and finds a GPU, else cpu.
     pub device: Option<String>,
     /// "auto" (default), "f32", "f16" or "bf16".
     pub dtype: Option<String>,
@@ -54,6 +57,22 @@ pub struct NativeLoadOptions {
     pub max_num_batched_tokens: Option<u32>,
     /// Reuse KV blocks of shared prompt prefixes (default true).
     pub enable_prefix_caching: Option<bool>,
+    /// Fraction of the GPU's memory for weights, activations and KV cache
+    /// when kvCacheBytes is not given (CUDA only; default 0.9).
+    pub gpu_memory_utilization: Option<f64>,
+    /// Bytes of preprocessed media kept for reuse, in GiB (default 4; 0 = off).
+    pub mm_processor_cache_gb: Option<f64>,
+    /// Media embedding rows (tokens) kept by the encoder cache (default 16384; 0 = off).
+    pub encoder_cache_tokens: Option<u32>,
+}
+
+/// Why this addon cannot run on `device` ("cuda" when omitted), or null when
+/// it can: what `device: 'auto'` asks before choosing.
+#[napi]
+pub fn device_unavailable(device: Option<String>) -> Option<String> {
+    let device = device.unwrap_or_else(|| "cuda".into());
+    guard("deviceUnavailable", || Ok(candela_models::loader::device_unavailable(&device)))
+        .unwrap_or_else(|e| Some(e.reason.clone()))
 }
 
 /// One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`.
@@ -146,6 +165,16 @@ pub struct NativeStats {
     pub preemptions: f64,
     pub requests_finished: f64,
     pub steps: f64,
+    /// Media items run through the model's encoder.
+    pub encoder_runs: f64,
+    pub encoder_cache_queries: f64,
+    pub encoder_cache_hits: f64,
+    pub encoder_cache_tokens: f64,
+    pub encoder_cache_items: f64,
+    pub processor_cache_queries: f64,
+    pub processor_cache_hits: f64,
+    pub processor_cache_bytes: f64,
+    pub processor_cache_items: f64,
 }
 
 #[napi(object)]
@@ -158,6 +187,8 @@ pub struct NativeModelInfo {
     pub bos_token_id: Option<u32>,
     pub has_chat_template: bool,
     pub device: String,
+    /// Media the model takes besides text ("audio", "image", "video").
+    pub modalities: Vec<String>,
 }
 
 /// The per-request state `next()` reads from.
@@ -181,6 +212,7 @@ struct Inner {
     device: String,
     requests: Mutex<HashMap<u64, Arc<ReqState>>>,
     closed: AtomicBool,
+    media: media::MediaContext,
 }
 
 impl Inner {
@@ -317,6 +349,7 @@ fn num(v: Option<u32>, default: usize) -> usize {
 
 fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     let device = match opts.device.as_deref().unwrap_or("cpu") {
+        "auto" if candela_models::loader::device_unavailable("cuda").is_none() => "cuda".to_string(),
         "auto" => "cpu".to_string(),
         d => d.to_string(),
     };
@@ -343,8 +376,28 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         max_num_seqs: num(opts.max_num_seqs, 64),
         max_num_batched_tokens: num(opts.max_num_batched_tokens, 2048),
         enable_prefix_caching: opts.enable_prefix_caching.unwrap_or(true),
+        gpu_memory_utilization: match opts.gpu_memory_utilization {
+            Some(u) if !(u > 0.0 && u <= 1.0) => {
+                return Err(invalid(format!("gpuMemoryUtilization must be in (0, 1], got {u}")))
+            }
+            Some(u) => u as f32,
+            None => 0.9,
+        },
         max_model_len: None,
         eos_token_ids: loaded.generation.eos_token_ids.clone(),
+        encoder_cache_tokens: num(opts.encoder_cache_tokens, 16384),
+        ..EngineConfig::default()
+    };
+    let processor_cache_bytes = match opts.mm_processor_cache_gb {
+        Some(g) if !(g.is_finite() && g >= 0.0) => {
+            return Err(invalid(format!("mmProcessorCacheGb must be a number >= 0, got {g}")))
+        }
+        Some(g) => (g * (1u64 << 30) as f64) as usize,
+        None => 4 << 30,
+    };
+    let media = media::MediaContext {
+        processor: loaded.processor.clone(),
+        cache: Mutex::new(candela_models::processor::ProcessorCache::new(processor_cache_bytes)),
     };
     let tokenizer = loaded.tokenizer.clone();
     let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();
@@ -362,6 +415,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             device,
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            media,
         }),
     })
 }
@@ -387,71 +441,120 @@ impl NativeEngine {
         }
     }
 
-    /// Queue one request; returns its id for `next` / `abort`.
+    /// Queue one text-only request; returns its id for `next` / `abort`.
     #[napi]
     pub fn add_request(&self, request: NativeRequest) -> Result<i64> {
         guard("addRequest", || {
             let inner = &self.inner;
             inner.check_open()?;
-            let given = [request.prompt.is_some(), request.prompt_token_ids.is_some(), request.messages.is_some()]
-                .iter()
-                .filter(|x| **x)
-                .count();
-            if given != 1 {
-                return Err(invalid("a request needs exactly one of prompt, promptTokenIds or messages"));
-            }
-            let ids = if let Some(ids) = request.prompt_token_ids {
-                let vocab = inner.spec.vocab_size;
-                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
-                }
-                ids
-            } else if let Some(prompt) = &request.prompt {
-                inner.encode(prompt, request.add_special_tokens.unwrap_or(true))?
-            } else {
-                let messages = request.messages.as_ref().expect("checked above");
-                let text = inner.render_chat(
-                    messages,
-                    request.add_generation_prompt.unwrap_or(true),
-                    request.tools.clone(),
-                    request.chat_template_kwargs.clone(),
-                )?;
-                // The template writes BOS itself where the model wants one.
-                inner.encode(&text, false)?
-            };
-            if ids.is_empty() {
-                return Err(invalid("the prompt is empty (it has no tokens)"));
-            }
-            let max_len = inner.spec.max_model_len;
-            if ids.len() >= max_len {
-                return Err(invalid(format!(
-                    "the prompt has {} tokens, but the model's maximum length is {max_len} (prompt + output)",
-                    ids.len()
-                )));
-            }
-            let p = request.params.unwrap_or_default();
-            let fallback = request.default_max_tokens.map(|m| m as usize);
-            let params = to_sampling_params(&p, &inner.generation, max_len - ids.len(), fallback)?;
-            let n = params.n;
-            let handle = inner
-                .engine
-                .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items: Vec::new() })
-                .map_err(|e| invalid(e.to_string()))?;
-            let state = Arc::new(ReqState {
-                rx: tokio::sync::Mutex::new(handle.events),
-                n,
-                finished: AtomicUsize::new(0),
-                aborted: AtomicBool::new(false),
-                wake: Notify::new(),
-            });
-            inner
-                .requests
-                .lock()
-                .map_err(|_| internal("request table poisoned"))?
-                .insert(handle.id, state);
-            Ok(handle.id as i64)
+            let ids = inner.prompt_ids(&request)?;
+            inner.submit(ids, Vec::new(), request.params, request.default_max_tokens)
         })
     }
+
+    /// Queue a request with media items (in prompt order: the k-th
+    /// placeholder of a modality is its k-th item). Decoding and
+    /// preprocessing run on a worker thread; resolves to the request id.
+    #[napi]
+    pub async fn add_media_request(&self, request: NativeRequest, media: Vec<media::NativeMediaItem>) -> Result<i64> {
+        let (ids, inputs) = guard("addMediaRequest", || {
+            self.inner.check_open()?;
+            let inputs = media.into_iter().map(media::MediaInput::from_js).collect::<Result<Vec<_>>>()?;
+            Ok((self.inner.prompt_ids(&request)?, inputs))
+        })?;
+        let inner = self.inner.clone();
+        let (params, default_max) = (request.params, request.default_max_tokens);
+        let task = spawn_blocking(move || {
+            guard("addMediaRequest", move || {
+                let (ids, items) = inner.media.prepare(&inner.engine, ids, inputs)?;
+                inner.submit(ids, items, params, default_max)
+            })
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(internal(format!("media preprocessing failed: {e}"))),
+        }
+    }
+}
+
+impl Inner {
+    /// The request's prompt as token ids (template rendered, tokenized).
+    fn prompt_ids(&self, request: &NativeRequest) -> Result<Vec<u32>> {
+        let inner = self;
+        let given = [request.prompt.is_some(), request.prompt_token_ids.is_some(), request.messages.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
+        if given != 1 {
+            return Err(invalid("a request needs exactly one of prompt, promptTokenIds or messages"));
+        }
+        let ids = if let Some(ids) = request.prompt_token_ids.clone() {
+            let vocab = inner.spec.vocab_size;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
+            }
+            ids
+        } else if let Some(prompt) = &request.prompt {
+            inner.encode(prompt, request.add_special_tokens.unwrap_or(true))?
+        } else {
+            let messages = request.messages.as_ref().expect("checked above");
+            let text = inner.render_chat(
+                messages,
+                request.add_generation_prompt.unwrap_or(true),
+                request.tools.clone(),
+                request.chat_template_kwargs.clone(),
+            )?;
+            // The template writes BOS itself where the model wants one.
+            inner.encode(&text, false)?
+        };
+        Ok(ids)
+    }
+
+    /// Validate and queue a tokenized prompt with its media items.
+    fn submit(
+        &self,
+        ids: Vec<u32>,
+        mm_items: Vec<candela_core::request::MmItem>,
+        params: Option<NativeSamplingParams>,
+        default_max_tokens: Option<u32>,
+    ) -> Result<i64> {
+        let inner = self;
+        if ids.is_empty() {
+            return Err(invalid("the prompt is empty (it has no tokens)"));
+        }
+        let max_len = inner.spec.max_model_len;
+        if ids.len() >= max_len {
+            return Err(invalid(format!(
+                "the prompt has {} tokens, but the model's maximum length is {max_len} (prompt + output)",
+                ids.len()
+            )));
+        }
+        let p = params.unwrap_or_default();
+        let fallback = default_max_tokens.map(|m| m as usize);
+        let params = to_sampling_params(&p, &inner.generation, max_len - ids.len(), fallback)?;
+        let n = params.n;
+        let handle = inner
+            .engine
+            .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items })
+            .map_err(|e| invalid(e.to_string()))?;
+        let state = Arc::new(ReqState {
+            rx: tokio::sync::Mutex::new(handle.events),
+            n,
+            finished: AtomicUsize::new(0),
+            aborted: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        inner
+            .requests
+            .lock()
+            .map_err(|_| internal("request table poisoned"))?
+            .insert(handle.id, state);
+        Ok(handle.id as i64)
+    }
+}
+
+#[napi]
+impl NativeEngine {
 
     /// Wait for the request's next events and return all that are queued.
     /// `done` is true once every sample finished, the request failed, or it
@@ -537,6 +640,13 @@ impl NativeEngine {
     pub fn stats(&self) -> Result<NativeStats> {
         guard("stats", || {
             let s = self.inner.engine.stats();
+            let pc = self
+                .inner
+                .media
+                .cache
+                .lock()
+                .map(|c| (c.queries, c.hits, c.usage().0, c.usage().1))
+                .unwrap_or_default();
             Ok(NativeStats {
                 running: s.running as u32,
                 waiting: s.waiting as u32,
@@ -550,6 +660,15 @@ impl NativeEngine {
                 preemptions: s.preemptions as f64,
                 requests_finished: s.requests_finished as f64,
                 steps: s.steps as f64,
+                encoder_runs: s.encoder_runs as f64,
+                encoder_cache_queries: s.encoder_cache_queries as f64,
+                encoder_cache_hits: s.encoder_cache_hits as f64,
+                encoder_cache_tokens: s.encoder_cache_tokens as f64,
+                encoder_cache_items: s.encoder_cache_items as f64,
+                processor_cache_queries: pc.0 as f64,
+                processor_cache_hits: pc.1 as f64,
+                processor_cache_bytes: pc.3 as f64,
+                processor_cache_items: pc.2 as f64,
             })
         })
     }
@@ -567,6 +686,12 @@ impl NativeEngine {
             bos_token_id: i.generation.bos_token_id,
             has_chat_template: i.chat_template.is_some(),
             device: i.device.clone(),
+            modalities: i
+                .media
+                .processor
+                .as_ref()
+                .map(|p| p.audio.iter().map(|_| "audio".to_string()).collect())
+                .unwrap_or_default(),
         }
     }
 

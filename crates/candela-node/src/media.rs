@@ -1,0 +1,244 @@
+//! Media items of a request, from what JS sends to what the engine takes:
+//! hash (uuid or content), processor cache, decode + preprocess, and the
+//! expansion of each item's placeholder token in the tokenized prompt.
+//!
+//! Runs on a worker thread (never the JS thread): decoding and log-mel
+//! features take milliseconds to seconds.
+
+use std::sync::{Arc, Mutex};
+
+use candela_core::request::{MmInput, MmItem, MmPlaceholder};
+use candela_core::Engine;
+use candela_media::audio::{decode_to_mono, mono_from_channels, resample};
+use candela_media::{mm_hash, MediaError, Modality};
+use candela_models::processor::{MmProcessor, ProcessedItem, ProcessorCache};
+use napi::bindgen_prelude::{Buffer, Float32Array};
+use napi_derive::napi;
+
+use crate::guard::invalid;
+
+/// One media item as JS sends it, in prompt order.
+#[napi(object)]
+pub struct NativeMediaItem {
+    #[napi(ts_type = "'image' | 'video' | 'audio'")]
+    pub modality: String,
+    /// Encoded file bytes (WAV, MP3, FLAC, OGG; PNG, JPEG, ...).
+    pub data: Option<Buffer>,
+    /// Raw audio samples, one array per channel (with `sampleRate`).
+    pub samples: Option<Vec<Float32Array>>,
+    pub sample_rate: Option<u32>,
+    /// Container / codec hint ("wav", "mp3", a MIME type).
+    pub format: Option<String>,
+    /// The caller's cache key for the item (vLLM's multi_modal_uuids).
+    pub uuid: Option<String>,
+}
+
+/// Owned copy of a [`NativeMediaItem`] that can move to a worker thread.
+pub struct MediaInput {
+    modality: Modality,
+    modality_name: String,
+    data: Option<Vec<u8>>,
+    samples: Option<(Vec<Vec<f32>>, u32)>,
+    format: Option<String>,
+    uuid: Option<String>,
+}
+
+/// The prefix JS uses to tell media failures (HTTP 400 / 422) from other errors.
+pub fn media_error(e: &MediaError) -> napi::Error {
+    invalid(format!("[media:{}] {}", e.http_status(), e.message()))
+}
+
+fn media_invalid(msg: impl Into<String>) -> napi::Error {
+    invalid(format!("[media:400] {}", msg.into()))
+}
+
+impl MediaInput {
+    pub fn from_js(item: NativeMediaItem) -> napi::Result<Self> {
+        let modality = match item.modality.as_str() {
+            "image" => Modality::Image,
+            "video" => Modality::Video,
+            "audio" => Modality::Audio,
+            other => return Err(invalid(format!("unknown media modality {other:?} (image, video or audio)"))),
+        };
+        let samples = match (item.samples, item.sample_rate) {
+            (Some(ch), Some(sr)) => Some((ch.iter().map(|c| c.to_vec()).collect(), sr)),
+            (Some(_), None) => return Err(media_invalid("raw audio samples need a sampleRate")),
+            _ => None,
+        };
+        Ok(Self {
+            modality,
+            modality_name: item.modality,
+            data: item.data.map(|b| b.to_vec()),
+            samples,
+            format: item.format,
+            uuid: item.uuid,
+        })
+    }
+
+    /// Bytes that identify the content (for hashing when there is no uuid).
+    fn content_bytes(&self) -> Vec<u8> {
+        if let Some(d) = &self.data {
+            return d.clone();
+        }
+        let mut out = Vec::new();
+        if let Some((channels, sr)) = &self.samples {
+            out.extend_from_slice(&sr.to_le_bytes());
+            for c in channels {
+                out.extend_from_slice(&(c.len() as u64).to_le_bytes());
+                for v in c {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    fn has_data(&self) -> bool {
+        self.data.is_some() || self.samples.is_some()
+    }
+}
+
+/// The model's media side: its processor plus the processor cache.
+pub struct MediaContext {
+    pub processor: Option<Arc<MmProcessor>>,
+    pub cache: Mutex<ProcessorCache>,
+}
+
+impl MediaContext {
+    fn process(&self, item: &MediaInput) -> napi::Result<ProcessedItem> {
+        let processor = self.processor.as_ref();
+        match item.modality {
+            Modality::Audio => {
+                let audio = processor.and_then(|p| p.audio.as_ref()).ok_or_else(|| {
+                    media_invalid("this model does not accept audio input")
+                })?;
+                let rate = audio.sampling_rate();
+                let mono = if let Some(bytes) = &item.data {
+                    decode_to_mono(bytes, item.format.as_deref(), rate).map_err(|e| media_error(&e))?
+                } else if let Some((channels, sr)) = &item.samples {
+                    let m = mono_from_channels(channels).map_err(|e| media_error(&e))?;
+                    resample(&m, *sr, rate).map_err(|e| media_error(&e))?
+                } else {
+                    return Err(media_invalid("an audio item needs data or samples"));
+                };
+                if mono.is_empty() {
+                    return Err(media_error(&MediaError::Empty("the audio has no samples".into())));
+                }
+                audio.process(&mono).map_err(|e| media_invalid(e.to_string()))
+            }
+            Modality::Image | Modality::Video => Err(media_invalid(format!(
+                "this model does not accept {} input",
+                item.modality_name
+            ))),
+        }
+    }
+
+    fn placeholder_token(&self, modality: Modality) -> Option<u32> {
+        let p = self.processor.as_ref()?;
+        match modality {
+            Modality::Audio => p.audio.as_ref().map(|a| a.placeholder_token),
+            _ => None,
+        }
+    }
+
+    /// Turn `items` (in prompt order) into engine media items and expand
+    /// their placeholders in `ids`.
+    pub fn prepare(&self, engine: &Engine, ids: Vec<u32>, items: Vec<MediaInput>) -> napi::Result<(Vec<u32>, Vec<MmItem>)> {
+        if items.is_empty() {
+            return Ok((ids, Vec::new()));
+        }
+        let caching = self.cache.lock().map(|c| c.enabled()).unwrap_or(false)
+            || engine.encoder_cache_enabled()
+            || engine.config().enable_prefix_caching;
+        // Per item: hash, placeholder count, engine input.
+        let mut prepared: Vec<(Modality, String, usize, MmInput)> = Vec::with_capacity(items.len());
+        for item in &items {
+            // uuids only mean something while some cache can use them.
+            let uuid = item.uuid.as_deref().filter(|_| caching);
+            let bytes = if uuid.is_some() { Vec::new() } else { item.content_bytes() };
+            let hash = mm_hash(item.modality, uuid, &bytes, "{}").to_string();
+            let cached = self.cache.lock().ok().and_then(|mut c| c.get(&hash));
+            let (count, input) = match cached {
+                Some(p) => (p.num_tokens, MmInput::Features(p.features)),
+                None if item.has_data() => {
+                    let p = self.process(item)?;
+                    if let Ok(mut c) = self.cache.lock() {
+                        c.insert(&hash, p.clone());
+                    }
+                    (p.num_tokens, MmInput::Features(p.features))
+                }
+                None => match (item.uuid.as_deref(), uuid.and_then(|_| engine.encoder_cache_tokens(&hash))) {
+                    (Some(_), Some(n)) => (n, MmInput::Cached),
+                    (Some(u), None) if caching => {
+                        return Err(media_invalid(format!(
+                            "media uuid '{u}' was sent without data and is in no cache; send the {} itself",
+                            item.modality_name
+                        )))
+                    }
+                    (Some(u), None) => {
+                        return Err(media_invalid(format!(
+                            "media uuid '{u}' was sent without data, but caching is off (processor, encoder and prefix caches), so uuids are ignored; send the {} itself",
+                            item.modality_name
+                        )))
+                    }
+                    (None, _) => return Err(media_invalid(format!("a {} item needs its data", item.modality_name))),
+                },
+            };
+            prepared.push((item.modality, hash, count, input));
+        }
+        // One pass over the prompt: the k-th placeholder token of a modality
+        // becomes the k-th item of that modality, repeated to its length.
+        let mut tokens: Vec<(Modality, u32)> = Vec::new();
+        for (m, ..) in &prepared {
+            if !tokens.iter().any(|(t, _)| t == m) {
+                let name = modality_name(*m);
+                let token = self
+                    .placeholder_token(*m)
+                    .ok_or_else(|| media_invalid(format!("this model does not accept {name} input")))?;
+                tokens.push((*m, token));
+            }
+        }
+        let mut queues: Vec<std::collections::VecDeque<usize>> = tokens
+            .iter()
+            .map(|(m, _)| (0..prepared.len()).filter(|&i| prepared[i].0 == *m).collect())
+            .collect();
+        let mut out = Vec::with_capacity(ids.len() + prepared.iter().map(|p| p.2).sum::<usize>());
+        let mut placed: Vec<Option<MmItem>> = (0..prepared.len()).map(|_| None).collect();
+        for t in ids {
+            let Some(q) = tokens.iter().position(|&(_, tok)| tok == t) else {
+                out.push(t);
+                continue;
+            };
+            let Some(i) = queues[q].pop_front() else {
+                let name = modality_name(tokens[q].0);
+                return Err(media_invalid(format!(
+                    "the prompt has more {name} placeholders than {name} items ({} given)",
+                    prepared.iter().filter(|p| p.0 == tokens[q].0).count()
+                )));
+            };
+            let (_, hash, count, input) = &prepared[i];
+            placed[i] = Some(MmItem {
+                placeholder: MmPlaceholder { hash: hash.clone(), offset: out.len(), length: *count },
+                input: input.clone(),
+            });
+            out.extend(std::iter::repeat_n(t, *count));
+        }
+        if let Some(q) = queues.iter().position(|q| !q.is_empty()) {
+            let name = modality_name(tokens[q].0);
+            return Err(media_invalid(format!(
+                "{} {name} item(s) were given but the prompt has only {} {name} placeholder(s)",
+                prepared.iter().filter(|p| p.0 == tokens[q].0).count(),
+                prepared.iter().filter(|p| p.0 == tokens[q].0).count() - queues[q].len()
+            )));
+        }
+        Ok((out, placed.into_iter().flatten().collect()))
+    }
+}
+
+fn modality_name(m: Modality) -> &'static str {
+    match m {
+        Modality::Image => "image",
+        Modality::Video => "video",
+        Modality::Audio => "audio",
+    }
+}

@@ -1,0 +1,196 @@
+/**
+ * Content parts -> media items. Every media part of a chat message (or a
+ * prompt's `multiModalData`) passes through here, for the library and the
+ * HTTP server alike: its modality is checked against what the model accepts
+ * and the per-prompt limits, its URL or payload becomes bytes (or raw
+ * samples), and the chat template gets a placeholder part in its place.
+ */
+
+import { MediaError } from '../errors.js'
+import { decodeBase64, loadUrl } from './source.js'
+import type { SourceOptions } from './source.js'
+import type { AudioSamples, Modality, ResolvedMedia } from './types.js'
+import { MODALITIES } from './types.js'
+
+export type { AudioSamples, Modality, ResolvedMedia } from './types.js'
+export { MODALITIES } from './types.js'
+
+/** What the engine allows, from its load options and the model. */
+export interface MediaPolicy extends SourceOptions {
+  /** Modalities the model takes. */
+  accepts: ReadonlySet<Modality>
+  /** Most items of each modality in one prompt (0 disables it). */
+  limitMmPerPrompt?: Partial<Record<Modality, number>>
+}
+
+/** A media part waiting to be resolved, with where it stood. */
+export interface PendingPart {
+  part: Record<string, unknown>
+  /** e.g. `messages[2].content[0]`. */
+  path: string
+  modality: Modality
+}
+
+/** Part type -> modality. */
+const PART_MODALITY: Record<string, Modality> = {
+  image_url: 'image',
+  image: 'image',
+  image_embeds: 'image',
+  image_pil: 'image',
+  video_url: 'video',
+  video: 'video',
+  input_audio: 'audio',
+  audio_url: 'audio',
+  audio: 'audio',
+}
+
+/** The modality of a media part type, or undefined for text and unknown types. */
+export function partModality(type: string): Modality | undefined {
+  return PART_MODALITY[type]
+}
+
+/**
+ * What the chat template sees for a media part: `{ type: 'audio', audio: '<audio>' }`.
+ * Templates test `content['type']` or `'audio' in content` (Qwen2-Audio,
+ * Qwen2-VL); both hold.
+ */
+export function templatePart(modality: Modality): Record<string, unknown> {
+  return { type: modality, [modality]: `<${modality}>` }
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
+}
+
+function isSamples(v: unknown): v is AudioSamples {
+  return isObject(v) && 'samples' in v && 'sampleRate' in v
+}
+
+function uuidOf(part: Record<string, unknown>, path: string): string | undefined {
+  const u = part.uuid
+  if (u === undefined || u === null) return undefined
+  if (typeof u !== 'string' || u.length === 0) throw new MediaError(`${path}.uuid must be a non-empty string`, 400, `${path}.uuid`)
+  return u
+}
+
+/** Audio format hint from a MIME type or OpenAI's input_audio.format. */
+function formatHint(mime: string | undefined): string | undefined {
+  return mime?.split(';')[0]?.trim() || undefined
+}
+
+function samplesItem(v: AudioSamples, path: string): ResolvedMedia {
+  const channels = Array.isArray(v.samples) ? v.samples : [v.samples]
+  if (channels.length === 0 || !channels.every((c) => c instanceof Float32Array)) {
+    throw new MediaError(`${path}.samples must be a Float32Array or one Float32Array per channel`, 400, path)
+  }
+  if (!Number.isInteger(v.sampleRate) || v.sampleRate <= 0) {
+    throw new MediaError(`${path}.sampleRate must be a positive integer (Hz)`, 400, path)
+  }
+  if (channels.some((c) => c.length !== channels[0]!.length)) {
+    throw new MediaError(`${path}: every channel must have the same number of samples`, 400, path)
+  }
+  return { modality: 'audio', samples: channels, sampleRate: v.sampleRate }
+}
+
+/** A URL-ish field: `{ url }`, a plain string, or null (uuid-only reference). */
+function urlOf(v: unknown, path: string): string | null {
+  if (v === null || v === undefined) return null
+  if (typeof v === 'string') return v
+  if (isObject(v) && typeof v.url === 'string') return v.url
+  if (isObject(v) && (v.url === null || v.url === undefined)) return null
+  throw new MediaError(`${path} must be { url: string }`, 400, path)
+}
+
+/** Resolve one pending part to a media item. */
+async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<ResolvedMedia> {
+  const { part, path, modality } = p
+  const uuid = uuidOf(part, path)
+  const type = part.type as string
+  const withUuid = (m: ResolvedMedia): ResolvedMedia => (uuid === undefined ? m : { ...m, uuid })
+  const fromUrl = async (field: unknown, fieldPath: string): Promise<ResolvedMedia> => {
+    const url = urlOf(field, fieldPath)
+    if (url === null) {
+      if (uuid === undefined) throw new MediaError(`${fieldPath}: a media part needs data, or a uuid of an item sent before`, 400, fieldPath)
+      return { modality, uuid }
+    }
+    const got = await loadUrl(url, modality, opts, `${fieldPath}.url`)
+    return withUuid({ modality, data: got.data, format: formatHint(got.mimeType) })
+  }
+  switch (type) {
+    case 'input_audio': {
+      const ia = part.input_audio
+      if (ia === null || ia === undefined) {
+        if (uuid === undefined) throw new MediaError(`${path}.input_audio is required`, 400, `${path}.input_audio`)
+        return { modality, uuid }
+      }
+      if (!isObject(ia) || typeof ia.data !== 'string') {
+        throw new MediaError(`${path}.input_audio must be { data: base64, format }`, 400, `${path}.input_audio`)
+      }
+      const format = typeof ia.format === 'string' ? ia.format : undefined
+      return withUuid({ modality, data: decodeBase64(ia.data, `${path}.input_audio.data`), format })
+    }
+    case 'audio_url':
+      return fromUrl(part.audio_url, `${path}.audio_url`)
+    case 'image_url':
+      return fromUrl(part.image_url, `${path}.image_url`)
+    case 'video_url':
+      return fromUrl(part.video_url, `${path}.video_url`)
+    case 'audio': {
+      // Xinference's { type: 'audio', audio_url: '...' } or the library's raw forms.
+      if (part.audio_url !== undefined) return fromUrl(part.audio_url, `${path}.audio_url`)
+      const a = part.audio
+      if (isSamples(a)) return withUuid(samplesItem(a, `${path}.audio`))
+      if (a instanceof Uint8Array) return withUuid({ modality, data: Buffer.from(a.buffer, a.byteOffset, a.byteLength) })
+      if (a === null || a === undefined) {
+        if (uuid === undefined) throw new MediaError(`${path}.audio is required`, 400, `${path}.audio`)
+        return { modality, uuid }
+      }
+      throw new MediaError(`${path}.audio must be file bytes or { samples, sampleRate }`, 400, `${path}.audio`)
+    }
+    default: {
+      const v = part[type]
+      if (v instanceof Uint8Array) return withUuid({ modality, data: Buffer.from(v.buffer, v.byteOffset, v.byteLength) })
+      throw new MediaError(`${path}: ${type} parts are not supported by this model`, 400, path)
+    }
+  }
+}
+
+/** Check modalities and limits, then resolve every part (in parallel, order kept). */
+export async function resolveParts(parts: PendingPart[], policy: MediaPolicy): Promise<ResolvedMedia[]> {
+  const counts: Partial<Record<Modality, number>> = {}
+  for (const p of parts) {
+    const limit = policy.limitMmPerPrompt?.[p.modality]
+    if (limit === 0 || !policy.accepts.has(p.modality)) {
+      throw new MediaError(`${p.path}: this model does not accept ${p.modality} input`, 400, p.path)
+    }
+    counts[p.modality] = (counts[p.modality] ?? 0) + 1
+  }
+  for (const m of MODALITIES) {
+    const limit = policy.limitMmPerPrompt?.[m]
+    const n = counts[m] ?? 0
+    if (limit !== undefined && n > limit) {
+      throw new MediaError(`At most ${limit} ${m}(s) may be provided in one prompt.`, 400, 'messages')
+    }
+  }
+  return Promise.all(parts.map((p) => resolvePart(p, policy)))
+}
+
+/** Items of `generate`'s `multiModalData` as pending parts (prompt order = array order). */
+export function pendingFromData(
+  data: Partial<Record<Modality, unknown>>,
+  uuids: Partial<Record<Modality, Array<string | null>>> | undefined,
+): PendingPart[] {
+  const out: PendingPart[] = []
+  for (const m of MODALITIES) {
+    const v = data[m]
+    if (v === undefined) continue
+    const list = Array.isArray(v) ? v : [v]
+    const ids = uuids?.[m] ?? []
+    list.forEach((item, i) => {
+      const path = `multiModalData.${m}[${i}]`
+      const uuid = ids[i] ?? undefined
+      out.push({ part: { type: m, [m]: item ?? null, ...(uuid ? { uuid } : {}) }, path, modality: m })
+    })
+  }
+  return out
+}

@@ -1,0 +1,20 @@
+/** Media kinds a prompt can carry. */
+export type Modality = 'image' | 'video' | 'audio'
+
+export const MODALITIES: readonly Modality[] = ['image', 'video', 'audio']
+
+/** Raw audio as vLLM's `(array, sampling_rate)`: one array, or one per channel. */
+export interface AudioSamples {
+  samples: Float32Array | Float32Array[]
+  sampleRate: number
+}
+
+/** One media item ready for the native layer, in prompt order. */
+export interface ResolvedMedia {
+  modality: Modality
+  data?: Buffer
+  samples?: Float32Array[]
+  sampleRate?: number
+  format?: string
+  uuid?: string
+}

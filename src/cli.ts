@@ -2,40 +2,32 @@
 /**
  * The `candela` command line.
  *
+ *   candela serve [MODEL] [flags]             OpenAI-compatible HTTP server
  *   candela generate [MODEL] --prompt "..."   print the completion of a prompt
  *   candela chat [MODEL]                      interactive chat (streams; /exit quits)
  *   candela chat [MODEL] --message "..."      one question, one answer
  *
  * MODEL is a model folder or a .gguf file; without it the default model
  * (SmolLM2-135M-Instruct) is used. Each subcommand is one entry of
- * `COMMANDS`, so new ones (serve, bench) slot in the same way.
+ * `COMMANDS`, so new ones (bench) slot in the same way. Every failure is
+ * one line on stderr and a non-zero exit code.
  */
 
 import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
-import type { ParseArgsConfig } from 'node:util'
 
+import { serveCommand } from './cli/serve.js'
+import { UsageError, chatTemplateValue } from './cli/usage.js'
+import type { Command, Options, Values } from './cli/usage.js'
 import { Engine } from './engine.js'
 import { AbortError } from './errors.js'
 import type { ChatMessage, ChatParams, DType, LoadOptions, SamplingParams, StreamChunk } from './types.js'
 
-/** A mistake in the command line: printed with a pointer to --help, exit code 2. */
-class UsageError extends Error {}
-
-type Options = NonNullable<ParseArgsConfig['options']>
-type Values = Record<string, string | boolean | string[] | undefined>
-
-interface Command {
-  summary: string
-  usage: string
-  options: Options
-  run(positionals: string[], values: Values): Promise<number>
-}
-
 const LOAD_OPTIONS: Options = {
   device: { type: 'string' },
   dtype: { type: 'string' },
+  'gpu-memory-utilization': { type: 'string' },
   'max-model-len': { type: 'string' },
   'chat-template': { type: 'string' },
 }
@@ -53,10 +45,11 @@ const SAMPLING_OPTIONS: Options = {
 }
 
 const LOAD_HELP = `Model options:
-  --device cpu|auto          where to run (default cpu)
+  --device cpu|cuda|auto     where to run (default cpu)
+  --gpu-memory-utilization F  CUDA: fraction of GPU memory for weights + activations + KV cache (default 0.9)
   --dtype auto|f32|f16|bf16  weight dtype (default auto)
   --max-model-len N          cap on prompt + output tokens
-  --chat-template FILE       a Jinja chat template replacing the model's`
+  --chat-template FILE|TEMPLATE  a Jinja chat template (file or inline) replacing the model's`
 
 const SAMPLING_HELP = `Sampling options (defaults: temperature 0.2, top-p 0.9):
   --max-tokens N             most tokens to generate (generate: 128, chat: 512)
@@ -81,15 +74,11 @@ function loadOptions(positionals: string[], values: Values): LoadOptions {
   const opts: LoadOptions = { model: positionals[0] ?? 'default' }
   if (values.device !== undefined) opts.device = values.device as LoadOptions['device']
   if (values.dtype !== undefined) opts.dtype = values.dtype as DType
+  const gpuMemoryUtilization = num(values, 'gpu-memory-utilization')
+  if (gpuMemoryUtilization !== undefined) opts.gpuMemoryUtilization = gpuMemoryUtilization
   const maxModelLen = num(values, 'max-model-len', true)
   if (maxModelLen !== undefined) opts.maxModelLen = maxModelLen
-  if (typeof values['chat-template'] === 'string') {
-    try {
-      opts.chatTemplate = readFileSync(values['chat-template'], 'utf8')
-    } catch (err) {
-      throw new UsageError(`cannot read --chat-template ${values['chat-template']}: ${(err as Error).message}`)
-    }
-  }
+  if (typeof values['chat-template'] === 'string') opts.chatTemplate = chatTemplateValue('chat-template', values['chat-template'])
   return opts
 }
 
@@ -259,7 +248,7 @@ async function interactive(engine: Engine, start: ChatMessage[], params: ChatPar
   return 0
 }
 
-const COMMANDS: Record<string, Command> = { generate, chat }
+const COMMANDS: Record<string, Command> = { serve: serveCommand, generate, chat }
 
 function version(): string {
   try {
@@ -297,24 +286,34 @@ export async function main(argv: string[]): Promise<number> {
     return 0
   }
   const cmd = COMMANDS[name]
-  if (!cmd) throw new UsageError(`unknown command ${JSON.stringify(name)} (commands: ${Object.keys(COMMANDS).join(', ')})`)
-  let parsed: { values: Values; positionals: string[] }
+  if (!cmd) {
+    throw new UsageError(`unknown command ${JSON.stringify(name)} (commands: ${Object.keys(COMMANDS).join(', ')}; see 'candela --help')`)
+  }
   try {
-    parsed = parseArgs({
-      args: rest,
-      options: { ...cmd.options, help: { type: 'boolean', short: 'h' } },
-      allowPositionals: true,
-      strict: true,
-    }) as { values: Values; positionals: string[] }
+    let parsed: { values: Values; positionals: string[] }
+    try {
+      parsed = parseArgs({
+        args: rest,
+        options: { ...cmd.options, help: { type: 'boolean', short: 'h' } } satisfies Options,
+        allowPositionals: true,
+        strict: true,
+      }) as { values: Values; positionals: string[] }
+    } catch (err) {
+      throw new UsageError((err as Error).message)
+    }
+    if (parsed.values.help) {
+      process.stdout.write(`${cmd.usage}\n`)
+      return 0
+    }
+    return await cmd.run(parsed.positionals, parsed.values)
   } catch (err) {
-    throw new UsageError((err as Error).message.replace(/\s*\n\s*/g, ' '))
+    if (err instanceof UsageError) err.message += ` (see 'candela ${name} --help')`
+    throw err
   }
-  if (parsed.values.help) {
-    process.stdout.write(`${cmd.usage}\n`)
-    return 0
-  }
-  return cmd.run(parsed.positionals, parsed.values)
 }
+
+/** One line, whatever the error: multi-line messages are joined. */
+const oneLine = (msg: string): string => msg.replace(/\s*\n\s*/g, ' ').trim()
 
 main(process.argv.slice(2)).then(
   (code) => {
@@ -322,8 +321,9 @@ main(process.argv.slice(2)).then(
   },
   (err: unknown) => {
     const msg = err instanceof Error ? err.message : String(err)
-    process.stderr.write(`candela: ${msg}\n`)
-    if (err instanceof UsageError) process.stderr.write("Run 'candela --help' for usage.\n")
+    process.stderr.write(`candela: ${oneLine(msg)}\n`)
+    // A stack trace only on request: it is noise for a bad flag or a wrong path.
+    if (process.env.CANDELA_DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`)
     process.exitCode = err instanceof UsageError ? 2 : 1
   },
 )

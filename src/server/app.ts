@@ -1,0 +1,53 @@
+/**
+ * The Express app of the OpenAI-compatible API. Middleware order matters:
+ * the request log sees every request; the API key is checked before a body
+ * is read; the body parser only runs on routes that take one; the error
+ * handler turns everything (bad JSON, a body over the limit, unknown paths)
+ * into OpenAI's error shape.
+ */
+
+import express from 'express'
+import type { Express } from 'express'
+
+import type { AppContext } from './context.js'
+import { bearerAuth } from './auth.js'
+import { errorHandler, notFound } from './errors.js'
+import { locals, requestLog } from './request-log.js'
+import { chatCompletions } from './routes/chat.js'
+import { completions } from './routes/completions.js'
+import { listModels, retrieveModel } from './routes/models.js'
+import { health, metrics, version } from './routes/system.js'
+
+export function createApp(ctx: AppContext): Express {
+  const app = express()
+  app.disable('x-powered-by')
+  app.set('etag', false)
+  app.use(requestLog(ctx.log, ctx.metrics, ctx.logRequests))
+
+  app.get('/health', health(ctx))
+  app.get('/version', version(ctx))
+  app.get('/metrics', metrics(ctx))
+
+  const v1 = express.Router()
+  if (ctx.apiKey !== undefined) v1.use(bearerAuth(ctx.apiKey))
+  // Any content type is read as JSON: `curl -d '{...}'` sends form encoding by default.
+  const json = express.json({ limit: ctx.maxBodyBytes, type: () => true })
+  v1.get('/models', listModels(ctx))
+  v1.get('/models/:model', retrieveModel(ctx))
+  v1.post('/chat/completions', json, chatCompletions(ctx))
+  v1.post('/completions', json, completions(ctx))
+  app.use('/v1', v1)
+
+  app.use(notFound)
+  app.use(
+    errorHandler((err, req) => {
+      const res = req.res
+      ctx.log.error('internal error', {
+        id: res ? locals(res).requestId : undefined,
+        route: req.originalUrl,
+        error: err instanceof Error ? (err.stack ?? err.message) : String(err),
+      })
+    }),
+  )
+  return app
+}

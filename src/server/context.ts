@@ -1,0 +1,92 @@
+/**
+ * What the routes share: the model host, metrics, the log and the server's
+ * settings; plus the life of one generation request (its abort signal tied
+ * to the client's connection, its token tally).
+ */
+
+import type { Request, Response } from 'express'
+import type { ZodType } from 'zod'
+
+import { badRequest, fromZodError, toApiError } from './errors.js'
+import type { Logger } from './log.js'
+import type { ServerMetrics } from './metrics.js'
+import type { ModelHost } from './model-host.js'
+import { locals, routeLabel } from './request-log.js'
+import { UsageTally } from './runs.js'
+
+export interface AppContext {
+  host: ModelHost
+  metrics: ServerMetrics
+  log: Logger
+  /** Require `Authorization: Bearer <apiKey>` on /v1 routes. */
+  apiKey: string | undefined
+  /** Largest request body, bytes. */
+  maxBodyBytes: number
+  /** An SSE comment after this many ms without a chunk (0: never). */
+  keepAliveMs: number
+  /** Log one line per request. */
+  logRequests: boolean
+  version: string
+}
+
+/** Validate a body against its schema; a 400 naming the first bad field otherwise. */
+export function parseBody<T>(schema: ZodType<T>, body: unknown): T {
+  if (body === undefined || body === null || typeof body !== 'object' || Array.isArray(body)) {
+    throw badRequest('the request body must be a JSON object')
+  }
+  const r = schema.safeParse(body)
+  if (!r.success) throw fromZodError(r.error)
+  return r.data
+}
+
+/** One generation request in flight. */
+export class Run {
+  readonly #ac = new AbortController()
+  readonly tally: UsageTally
+  readonly created = Math.floor(Date.now() / 1000)
+  #clientGone = false
+
+  constructor(
+    private readonly ctx: AppContext,
+    req: Request,
+    private readonly res: Response,
+    /** `messages` or `prompt`: the field the engine's prompt errors are about. */
+    readonly promptParam: string,
+  ) {
+    const route = routeLabel(req.baseUrl + req.path)
+    this.tally = new UsageTally(performance.now(), (ms) => ctx.metrics.ttft.observe({ route }, ms / 1000))
+    ;(res.locals as { promptParam?: string }).promptParam = promptParam
+    // The client went away before its answer was complete: stop generating at once.
+    res.on('close', () => {
+      if (!res.writableFinished) {
+        this.#clientGone = true
+        this.#ac.abort(new Error('the client closed the connection'))
+      }
+    })
+  }
+
+  get signal(): AbortSignal {
+    return this.#ac.signal
+  }
+
+  get clientGone(): boolean {
+    return this.#clientGone
+  }
+
+  /** End every engine stream of the request (early exit or a failure in one of them). */
+  cancel(): void {
+    this.#ac.abort(new Error('the request ended'))
+  }
+
+  /** Report the token counts to the request log. */
+  settle(): void {
+    locals(this.res).usage = { promptTokens: this.tally.promptTokens, completionTokens: this.tally.completionTokens }
+  }
+
+  /** An error after the stream opened, as OpenAI's SSE error event body. */
+  errorEvent(err: unknown): object {
+    const api = toApiError(err, this.promptParam)
+    if (api.status >= 500) this.ctx.log.error('request failed', { id: locals(this.res).requestId, error: api.message })
+    return api.toJSON()
+  }
+}

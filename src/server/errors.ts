@@ -1,0 +1,200 @@
+/**
+ * Errors of the HTTP API, always in OpenAI's shape
+ * `{"error":{"message","type","param","code"}}`, so clients written for
+ * OpenAI (or vLLM) surface them as they would there.
+ */
+
+import type { ErrorRequestHandler, Request, RequestHandler, Response } from 'express'
+import type { ZodError } from 'zod'
+
+import { AbortError, MediaError, ValidationError } from '../errors.js'
+
+/** The body of every error response. */
+export interface OpenAIErrorBody {
+  error: { message: string; type: string; param: string | null; code: string | null }
+}
+
+/** An error with the HTTP status and OpenAI fields it is answered with. */
+export class ApiError extends Error {
+  override name = 'ApiError'
+  readonly param: string | null
+  readonly code: string | null
+  readonly type: string
+
+  constructor(
+    readonly status: number,
+    message: string,
+    fields: { param?: string | null; code?: string | null; type?: string } = {},
+  ) {
+    super(message)
+    this.param = fields.param ?? null
+    this.code = fields.code ?? null
+    this.type = fields.type ?? (status >= 500 ? 'server_error' : 'invalid_request_error')
+  }
+
+  toJSON(): OpenAIErrorBody {
+    return { error: { message: this.message, type: this.type, param: this.param, code: this.code } }
+  }
+}
+
+export const badRequest = (message: string, param: string | null = null, code: string | null = null): ApiError =>
+  new ApiError(400, message, { param, code })
+
+/** `["messages", 0, "content"]` -> `messages[0].content`. */
+export function paramPath(path: ReadonlyArray<PropertyKey>): string {
+  let out = ''
+  for (const key of path) {
+    if (typeof key === 'number') out += `[${key}]`
+    else out += out === '' ? String(key) : `.${String(key)}`
+  }
+  return out
+}
+
+interface IssueLike {
+  code?: string
+  path: ReadonlyArray<PropertyKey>
+  message: string
+  errors?: IssueLike[][]
+  note?: string
+  options?: unknown[]
+}
+
+/**
+ * The issue that explains a failure best. A union reports one issue list
+ * per branch; the branch that got deepest into the value is the one the
+ * caller meant (an array of parts with one bad part, not "not a string").
+ */
+function bestIssue(issue: IssueLike, prefix: ReadonlyArray<PropertyKey>): { path: PropertyKey[]; message: string } {
+  const path = [...prefix, ...issue.path]
+  if (issue.code === 'invalid_union' && issue.errors && issue.errors.length > 0) {
+    let best: { path: PropertyKey[]; message: string } | undefined
+    for (const branch of issue.errors) {
+      for (const sub of branch) {
+        const cand = bestIssue(sub, path)
+        if (!best || cand.path.length > best.path.length) best = cand
+      }
+    }
+    if (best && best.path.length > path.length) return best
+  }
+  if (issue.note === 'No matching discriminator' && Array.isArray(issue.options)) {
+    return { path, message: `must be one of ${issue.options.map((o) => JSON.stringify(o)).join(', ')}` }
+  }
+  return { path, message: issue.message.replace(/^Invalid input: /, '') }
+}
+
+/** A failed request schema as a 400 naming the first bad field. */
+export function fromZodError(err: ZodError): ApiError {
+  const first = err.issues[0] as IssueLike | undefined
+  if (!first) return badRequest('invalid request body')
+  const { path, message } = bestIssue(first, [])
+  const param = paramPath(path)
+  if (param === '') return badRequest(`request body: ${message}`)
+  return badRequest(`${param}: ${message}`, param)
+}
+
+/** Engine (camelCase) parameter names as the HTTP API spells them. */
+const SNAKE: Record<string, string> = {
+  maxTokens: 'max_tokens',
+  topP: 'top_p',
+  topK: 'top_k',
+  minP: 'min_p',
+  repetitionPenalty: 'repetition_penalty',
+  presencePenalty: 'presence_penalty',
+  frequencyPenalty: 'frequency_penalty',
+  stopTokenIds: 'stop_token_ids',
+  ignoreEos: 'ignore_eos',
+  topLogprobs: 'top_logprobs',
+  minTokens: 'min_tokens',
+  skipSpecialTokens: 'skip_special_tokens',
+  chatTemplateKwargs: 'chat_template_kwargs',
+  addGenerationPrompt: 'add_generation_prompt',
+}
+const PLAIN = new Set(['temperature', 'seed', 'n', 'stop', 'logprobs', 'tools', 'messages', 'prompt'])
+
+/**
+ * The field an engine error message is about. The library's messages start
+ * with the field (`messages[0].content[1]: ...`, `maxTokens must be ...`);
+ * only names we know are taken, so prose never becomes a param.
+ */
+export function paramOfMessage(message: string, promptParam: string | null): string | null {
+  if (/^(the prompt\b|chat template|token id)/.test(message)) return promptParam
+  const m = /^([A-Za-z_]\w*)((?:\[\d+\]|\.[A-Za-z_]\w*)*)/.exec(message)
+  if (!m) return null
+  const head = m[1]!
+  const name = SNAKE[head] ?? (PLAIN.has(head) ? head : undefined)
+  if (name === undefined) return null
+  return name + m[2]!
+}
+
+/** Errors raised by body-parser carry a `type` and an HTTP status. */
+interface HttpishError {
+  type?: string
+  status?: number
+  statusCode?: number
+  expose?: boolean
+  limit?: number
+  message?: string
+  code?: string
+}
+
+/**
+ * Any error as an {@link ApiError}. `promptParam` names the request's prompt
+ * field (`messages` or `prompt`) for the engine's prompt-length errors.
+ */
+export function toApiError(err: unknown, promptParam: string | null = null): ApiError {
+  if (err instanceof ApiError) return err
+  if (err instanceof ValidationError) return badRequest(err.message, paramOfMessage(err.message, promptParam))
+  // Media that cannot be used carries its own status (400, 413, 422, 502, 504).
+  if (err instanceof MediaError) {
+    return new ApiError(err.status, err.message, { param: err.param ?? paramOfMessage(err.message, promptParam), code: 'invalid_media' })
+  }
+  if (err instanceof AbortError) return new ApiError(503, 'the request was aborted', { code: 'aborted' })
+  const e = (typeof err === 'object' && err !== null ? err : {}) as HttpishError
+  if (e.type === 'entity.parse.failed') {
+    return badRequest(`the request body is not valid JSON: ${e.message ?? 'parse error'}`, null, 'invalid_json')
+  }
+  if (e.type === 'entity.too.large') {
+    return new ApiError(413, `the request body is larger than the limit of ${e.limit ?? '?'} bytes`, {
+      code: 'request_too_large',
+    })
+  }
+  const status = e.status ?? e.statusCode
+  if (typeof status === 'number' && status >= 400 && status < 500 && e.expose !== false) {
+    return new ApiError(status, e.message ?? 'bad request')
+  }
+  const message = err instanceof Error ? err.message : String(err)
+  // The addon marks the caller's mistakes InvalidArg; everything else is ours.
+  if (e.code === 'InvalidArg') {
+    if (message === 'the engine is closed') return new ApiError(503, 'the server is shutting down', { code: 'shutting_down' })
+    return badRequest(message, paramOfMessage(message, promptParam))
+  }
+  if (/engine (is|was) closed/.test(message)) return new ApiError(503, message, { code: 'shutting_down' })
+  return new ApiError(500, `internal error: ${message}`)
+}
+
+/** Send `err` as an OpenAI error response. */
+export function sendError(res: Response, err: ApiError): void {
+  if (err.status === 401) res.set('WWW-Authenticate', 'Bearer')
+  res.status(err.status).json(err.toJSON())
+}
+
+/** 404 for any path no route answers (JSON, never Express's HTML page). */
+export const notFound: RequestHandler = (req, _res, next) => {
+  next(new ApiError(404, `no route for ${req.method} ${req.path}`, { code: 'not_found' }))
+}
+
+/**
+ * The last middleware: every error becomes an OpenAI error response. An
+ * error on a response already under way (a stream) can only end it.
+ */
+export function errorHandler(onServerError: (err: unknown, req: Request) => void): ErrorRequestHandler {
+  return (err: unknown, req, res, _next) => {
+    const api = toApiError(err, (res.locals as { promptParam?: string }).promptParam ?? null)
+    if (api.status >= 500) onServerError(err, req)
+    if (res.headersSent) {
+      res.end()
+      return
+    }
+    sendError(res, api)
+  }
+}

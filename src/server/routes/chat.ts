@@ -1,0 +1,115 @@
+/** POST /v1/chat/completions */
+
+import type { RequestHandler, Response } from 'express'
+
+import { toEngineMessages } from '../content.js'
+import { Run, parseBody } from '../context.js'
+import type { AppContext } from '../context.js'
+import { chatLogprobs, responseId } from '../openai.js'
+import { chatParams } from '../params.js'
+import { collectChoices, mergeStreams } from '../runs.js'
+import type { ChoiceEvent } from '../runs.js'
+import { ChatCompletionRequest } from '../schemas.js'
+import { SseStream } from '../sse.js'
+
+export function chatCompletions(ctx: AppContext): RequestHandler {
+  return async (req, res) => {
+    const body = parseBody(ChatCompletionRequest, req.body)
+    const model = ctx.host.resolveModel(body.model)
+    const engine = ctx.host.engine()
+    const params = chatParams(body)
+    const messages = toEngineMessages(body.messages)
+    const n = params.n ?? 1
+    const run = new Run(ctx, req, res, 'messages')
+    const events = mergeStreams([engine.chatStream(messages, { ...params, signal: run.signal })], n)
+    const id = responseId('chatcmpl')
+    const wantLogprobs = body.logprobs === true
+    try {
+      if (body.stream === true) {
+        const head = { id, object: 'chat.completion.chunk', created: run.created, model, system_fingerprint: null }
+        await stream(ctx, res, run, events, head, n, wantLogprobs, body.stream_options?.include_usage === true)
+        return
+      }
+      const choices = await collectChoices(events, run.tally, Array<string>(n).fill(''))
+      res.json({
+        id,
+        object: 'chat.completion',
+        created: run.created,
+        model,
+        system_fingerprint: null,
+        choices: choices.map((c, index) => ({
+          index,
+          message: { role: 'assistant', content: c.text, refusal: null },
+          logprobs: wantLogprobs ? chatLogprobs(c.logprobs) : null,
+          finish_reason: c.finishReason,
+          stop_reason: c.stopReason,
+        })),
+        usage: run.tally.usage(),
+      })
+    } catch (err) {
+      // Nobody left to answer: the abort already freed the request.
+      if (run.clientGone) return
+      throw err
+    } finally {
+      run.cancel()
+      run.settle()
+    }
+  }
+}
+
+async function stream(
+  ctx: AppContext,
+  res: Response,
+  run: Run,
+  events: AsyncIterable<ChoiceEvent>,
+  head: object,
+  n: number,
+  wantLogprobs: boolean,
+  includeUsage: boolean,
+): Promise<void> {
+  const sse = new SseStream(res, ctx.keepAliveMs)
+  sse.startKeepAlive()
+  // With include_usage every chunk carries `usage: null` but the last, as OpenAI sends them.
+  const chunk = (choices: object[]): object => ({
+    ...head,
+    choices,
+    ...(includeUsage ? { usage: null } : {}),
+  })
+  let started = false
+  try {
+    for await (const ev of events) {
+      run.tally.add(ev)
+      if (!started) {
+        started = true
+        for (let index = 0; index < n; index++) {
+          await sse.send(chunk([{ index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]))
+        }
+      }
+      const c = ev.chunk
+      const logprobs = wantLogprobs && c.logprobs && c.logprobs.length > 0 ? chatLogprobs(c.logprobs) : null
+      if (c.text !== '' || logprobs) {
+        await sse.send(chunk([{ index: ev.choice, delta: { content: c.text }, logprobs, finish_reason: null }]))
+      }
+      if (c.finishReason) {
+        await sse.send(
+          chunk([
+            {
+              index: ev.choice,
+              delta: {},
+              logprobs: null,
+              finish_reason: c.finishReason,
+              stop_reason: c.stopReason ?? null,
+            },
+          ]),
+        )
+      }
+    }
+    if (includeUsage) await sse.send({ ...head, choices: [], usage: run.tally.usage() })
+  } catch (err) {
+    if (run.clientGone) return
+    // Before anything was sent the error still gets its status and JSON body.
+    if (!sse.opened) throw err
+    await sse.send(run.errorEvent(err))
+  }
+  sse.end()
+}

@@ -1,0 +1,148 @@
+/**
+ * zod schemas of the request bodies, in OpenAI's snake_case. Objects strip
+ * keys they do not know: an OpenAI field candela has no use for (`store`,
+ * `metadata`, `parallel_tool_calls`, ...) is ignored, not rejected. Optional
+ * fields accept `null` as "not given", as OpenAI does.
+ */
+
+import { z } from 'zod'
+
+const int = () => z.number().int()
+const opt = <T extends z.ZodType>(schema: T) => schema.nullish()
+
+/** A uuid names a media item for the caches; with no data it must hit a cache. */
+const uuid = opt(z.string().min(1))
+
+/**
+ * A media part carries its payload under the key named like its type
+ * (`image_url: { url }`), or only a `uuid` that refers to an item sent before.
+ */
+const hasData = (key: string) => (p: Record<string, unknown>) => p[key] != null || p.uuid != null
+const needsData = (key: string) => ({ message: `a ${key} part needs ${key} data or a uuid`, path: [key] })
+
+export const TextPart = z.object({ type: z.literal('text'), text: z.string() })
+/** An assistant's refusal, sent back in the history; the template sees it as text. */
+export const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() })
+export const ImageUrlPart = z
+  .object({
+    type: z.literal('image_url'),
+    image_url: opt(z.object({ url: z.string().min(1), detail: opt(z.enum(['auto', 'low', 'high'])) })),
+    uuid,
+  })
+  .refine(hasData('image_url'), needsData('image_url'))
+/** Precomputed image embeddings: a base64 tensor, or a dict of named base64 tensors. */
+export const ImageEmbedsPart = z
+  .object({ type: z.literal('image_embeds'), image_embeds: opt(z.union([z.string(), z.record(z.string(), z.string())])), uuid })
+  .refine(hasData('image_embeds'), needsData('image_embeds'))
+export const InputAudioPart = z
+  .object({ type: z.literal('input_audio'), input_audio: opt(z.object({ data: z.string().min(1), format: z.string().min(1) })), uuid })
+  .refine(hasData('input_audio'), needsData('input_audio'))
+export const AudioUrlPart = z
+  .object({ type: z.literal('audio_url'), audio_url: opt(z.object({ url: z.string().min(1) })), uuid })
+  .refine(hasData('audio_url'), needsData('audio_url'))
+/** Xinference's form: `{ type: 'audio', audio_url: 'https://…' }`. */
+export const AudioPart = z
+  .object({ type: z.literal('audio'), audio_url: opt(z.string().min(1)), uuid })
+  .refine(hasData('audio_url'), needsData('audio_url'))
+export const VideoUrlPart = z
+  .object({ type: z.literal('video_url'), video_url: opt(z.object({ url: z.string().min(1) })), uuid })
+  .refine(hasData('video_url'), needsData('video_url'))
+
+/** Every part a user message may hold, told apart by `type`. */
+export const UserContentPart = z.discriminatedUnion('type', [
+  TextPart,
+  ImageUrlPart,
+  ImageEmbedsPart,
+  InputAudioPart,
+  AudioUrlPart,
+  AudioPart,
+  VideoUrlPart,
+])
+export type UserContentPart = z.infer<typeof UserContentPart>
+export type MediaContentPart = Exclude<UserContentPart, { type: 'text' }>
+
+const AssistantContentPart = z.discriminatedUnion('type', [TextPart, RefusalPart])
+
+const textContent = z.union([z.string(), z.array(TextPart)], { error: 'must be a string or an array of text parts' })
+const name = opt(z.string())
+
+export const ChatMessage = z.discriminatedUnion('role', [
+  z.object({ role: z.literal('system'), content: textContent, name }),
+  z.object({ role: z.literal('developer'), content: textContent, name }),
+  z.object({
+    role: z.literal('user'),
+    content: z.union([z.string(), z.array(UserContentPart)], { error: 'must be a string or an array of content parts' }),
+    name,
+  }),
+  z
+    .object({
+      role: z.literal('assistant'),
+      content: opt(z.union([z.string(), z.array(AssistantContentPart)], { error: 'must be a string, an array of parts or null' })),
+      name,
+      refusal: opt(z.string()),
+      tool_calls: opt(z.array(z.looseObject({}))),
+    })
+    .refine((m) => m.content != null || (m.tool_calls?.length ?? 0) > 0 || m.refusal != null, {
+      message: 'an assistant message needs content or tool_calls',
+      path: ['content'],
+    }),
+  z.object({ role: z.literal('tool'), content: textContent, tool_call_id: z.string() }),
+])
+export type ChatMessage = z.infer<typeof ChatMessage>
+
+const stop = opt(
+  z.union([z.string().min(1), z.array(z.string().min(1)).max(64)], { error: 'must be a non-empty string or an array of them' }),
+)
+
+/** Fields shared by both completion endpoints (vLLM's extras included). */
+const common = {
+  model: opt(z.string()),
+  max_tokens: opt(int().min(1)),
+  temperature: opt(z.number().min(0)),
+  top_p: opt(z.number().gt(0).max(1)),
+  top_k: opt(int().min(-1)),
+  min_p: opt(z.number().min(0).max(1)),
+  n: opt(int().min(1).max(128)),
+  seed: opt(int().min(0)),
+  stop,
+  stop_token_ids: opt(z.array(int().min(0))),
+  presence_penalty: opt(z.number().min(-2).max(2)),
+  frequency_penalty: opt(z.number().min(-2).max(2)),
+  repetition_penalty: opt(z.number().gt(0)),
+  min_tokens: opt(int().min(0)),
+  ignore_eos: opt(z.boolean()),
+  skip_special_tokens: opt(z.boolean()),
+  stream: opt(z.boolean()),
+  stream_options: opt(z.object({ include_usage: opt(z.boolean()) })),
+  user: opt(z.string()),
+  /** Changes the sampled tokens; rejected rather than silently ignored. */
+  logit_bias: opt(z.record(z.string(), z.number())),
+}
+
+export const ChatCompletionRequest = z.object({
+  ...common,
+  messages: z.array(ChatMessage).min(1),
+  max_completion_tokens: opt(int().min(1)),
+  logprobs: opt(z.boolean()),
+  top_logprobs: opt(int().min(0).max(20)),
+  response_format: opt(z.looseObject({ type: z.string() })),
+  tools: opt(z.array(z.looseObject({ type: z.string() }))),
+  tool_choice: opt(z.union([z.string(), z.looseObject({})])),
+  chat_template_kwargs: opt(z.record(z.string(), z.unknown())),
+  add_generation_prompt: opt(z.boolean()),
+})
+export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>
+
+const tokenIds = z.array(int().min(0)).min(1)
+
+export const CompletionRequest = z.object({
+  ...common,
+  prompt: z.union([z.string(), z.array(z.string()).min(1), tokenIds, z.array(tokenIds).min(1)], {
+    error: 'must be a string, an array of strings, an array of token ids or an array of those',
+  }),
+  logprobs: opt(int().min(0).max(20)),
+  echo: opt(z.boolean()),
+  suffix: opt(z.string()),
+  best_of: opt(int().min(1)),
+})
+export type CompletionRequest = z.infer<typeof CompletionRequest>

@@ -1,0 +1,208 @@
+/**
+ * {@link startServer}: listen first, then load the model. While it loads,
+ * /health and /v1 answer 503, so orchestrators can tell "starting" from
+ * "down", and a port that is taken fails at once rather than after a long
+ * load.
+ */
+
+import { existsSync, readFileSync } from 'node:fs'
+import { createServer } from 'node:http'
+import type { Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { resolve } from 'node:path'
+
+import type { Express } from 'express'
+
+import { ensureDefaultModel } from '../default-model.js'
+import { Engine } from '../engine.js'
+import type { LoadOptions } from '../types.js'
+import { validateLoadOptions } from '../validate.js'
+import { createApp } from './app.js'
+import type { AppContext } from './context.js'
+import { createLogger, silentLogger } from './log.js'
+import type { Logger } from './log.js'
+import { ServerMetrics } from './metrics.js'
+import { ModelHost } from './model-host.js'
+
+/** Default body limit: 50 MiB, room for a few inline images. */
+export const DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
+/** Default SSE keep-alive: a comment after 15 s without a chunk. */
+export const DEFAULT_KEEP_ALIVE_MS = 15_000
+
+export interface ServerOptions {
+  /** How to load the model (`model` defaults to the built-in default). Ignored with `engine`. */
+  load?: LoadOptions
+  /** Serve an engine that is already loaded; the caller keeps ownership and closes it. */
+  engine?: Engine
+  /** Names clients use in `model` (default: the model argument as given, else the model's name). */
+  servedModelName?: string | string[]
+  /** Interface to listen on (default `127.0.0.1`). */
+  host?: string
+  /** Port (default 8000; 0 picks a free one). */
+  port?: number
+  /** Require `Authorization: Bearer <apiKey>` on every /v1 route. */
+  apiKey?: string
+  /** Largest request body in bytes (default 50 MiB); larger ones get 413. */
+  maxBodyBytes?: number
+  /** Send an SSE keep-alive comment after this many ms without a chunk (default 15000; 0 = never). */
+  keepAliveMs?: number
+  /** Where log lines go (default: stdout, JSON when it is not a TTY); `false` for none. */
+  logger?: Logger | false
+  /** One log line per request (default true). */
+  logRequests?: boolean
+  /** Progress lines while the model is fetched / loaded (default: the logger). */
+  onLoadProgress?: (line: string) => void
+}
+
+export interface CandelaServer {
+  /** `http://host:port`; the OpenAI base URL is this plus `/v1`. */
+  readonly url: string
+  readonly host: string
+  readonly port: number
+  readonly httpServer: Server
+  readonly app: Express
+  /** Resolves with the engine once the model is loaded; rejects when loading fails. */
+  readonly ready: Promise<Engine>
+  /** The engine, once loaded. */
+  readonly engine: Engine | undefined
+  /** The names the model is served under (empty until it is loaded). */
+  readonly modelNames: readonly string[]
+  /** Stop listening, drop open connections (their requests are aborted) and close an engine this server loaded. */
+  close(): Promise<void>
+}
+
+function packageVersion(): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: string }
+    return pkg.version ?? 'unknown'
+  } catch {
+    return 'unknown'
+  }
+}
+
+function listenError(err: NodeJS.ErrnoException, host: string, port: number): Error {
+  const where = `${host}:${port}`
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return new Error(`cannot listen on ${where}: the port is already in use (pick another with --port)`)
+    case 'EACCES':
+      return new Error(`cannot listen on ${where}: permission denied (ports below 1024 need privileges)`)
+    case 'EADDRNOTAVAIL':
+    case 'ENOTFOUND':
+      return new Error(`cannot listen on ${where}: no such address on this machine`)
+    default:
+      return new Error(`cannot listen on ${where}: ${err.message}`)
+  }
+}
+
+function checkPort(port: number): number {
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`port must be an integer in 0-65535, got ${port}`)
+  return port
+}
+
+/** Load `load.model` (fetching the default model first when it is the default). */
+async function loadEngine(load: LoadOptions, progress: (line: string) => void): Promise<Engine> {
+  if (load.model === undefined || load.model === 'default') {
+    const path = await ensureDefaultModel({ log: progress })
+    return Engine.load({ ...load, model: path })
+  }
+  return Engine.load(load)
+}
+
+/**
+ * Start the OpenAI-compatible server. Resolves once it listens; the model
+ * loads in the background (`ready`).
+ *
+ * @example
+ * ```ts
+ * const server = await startServer({ load: { model: 'default' }, port: 8000 })
+ * await server.ready
+ * // POST http://127.0.0.1:8000/v1/chat/completions
+ * await server.close()
+ * ```
+ */
+export async function startServer(options: ServerOptions = {}): Promise<CandelaServer> {
+  const load = options.load ?? {}
+  // Bad load options and a missing model fail here, before the port is taken.
+  if (!options.engine) {
+    validateLoadOptions(load)
+    if (load.model !== undefined && load.model !== 'default' && !existsSync(resolve(load.model))) {
+      throw new Error(`model path not found: ${load.model} (give a model folder or a .gguf file)`)
+    }
+  }
+  const hostName = options.host ?? '127.0.0.1'
+  const port = checkPort(options.port ?? 8000)
+  const log = options.logger === false ? silentLogger : (options.logger ?? createLogger())
+  const host = new ModelHost()
+  const metrics = new ServerMetrics(() => {
+    const e = host.loaded
+    return e && !e.closed ? e.stats() : undefined
+  })
+  const ctx: AppContext = {
+    host,
+    metrics,
+    log,
+    apiKey: options.apiKey,
+    maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
+    keepAliveMs: options.keepAliveMs ?? DEFAULT_KEEP_ALIVE_MS,
+    logRequests: options.logRequests ?? true,
+    version: packageVersion(),
+  }
+  const app = createApp(ctx)
+  const httpServer = createServer(app)
+  await new Promise<void>((resolve, reject) => {
+    httpServer.once('error', (err) => reject(listenError(err, hostName, port)))
+    httpServer.listen(port, hostName, () => resolve())
+  })
+  const bound = (httpServer.address() as AddressInfo).port
+  const urlHost = hostName.includes(':') ? `[${hostName}]` : hostName
+
+  const names = (engine: Engine): string[] => {
+    const given = options.servedModelName
+    if (given !== undefined && given.length > 0) return typeof given === 'string' ? [given] : [...given]
+    const arg = options.load?.model
+    return [arg !== undefined && arg !== 'default' ? arg : engine.info.name]
+  }
+  const ready = (options.engine ? Promise.resolve(options.engine) : loadEngine(load, options.onLoadProgress ?? ((l) => log.info(l))))
+    .then((engine) => {
+      host.setReady(engine, names(engine))
+      return engine
+    })
+    .catch((err: unknown) => {
+      host.setFailed(err)
+      throw err
+    })
+  // A caller that never awaits `ready` still sees the failure on /health; no unhandled rejection.
+  ready.catch(() => {})
+
+  let closing: Promise<void> | undefined
+  return {
+    url: `http://${urlHost}:${bound}`,
+    host: hostName,
+    port: bound,
+    httpServer,
+    app,
+    ready,
+    get engine() {
+      return host.loaded
+    },
+    get modelNames() {
+      return host.names
+    },
+    close() {
+      closing ??= (async () => {
+        host.setClosed()
+        await new Promise<void>((resolve) => {
+          httpServer.close(() => resolve())
+          // Open streams end now; their requests abort and free their KV blocks.
+          httpServer.closeAllConnections()
+        })
+        if (!options.engine) {
+          const engine = await ready.catch(() => undefined)
+          await engine?.close()
+        }
+      })()
+      return closing
+    },
+  }
+}

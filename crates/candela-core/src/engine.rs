@@ -370,6 +370,14 @@ impl Engine {
                 }
             }
         }
+        if let Some(m) = &req.mrope {
+            if m.prompt.len() != prompt_len {
+                return Err(EngineError::InvalidRequest(format!(
+                    "M-RoPE positions cover {} tokens but the prompt has {prompt_len}",
+                    m.prompt.len()
+                )));
+            }
+        }
         for m in items {
             if m.length == 0 || m.offset.saturating_add(m.length) > prompt_len {
                 return Err(EngineError::InvalidRequest(format!(

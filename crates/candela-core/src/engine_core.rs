@@ -37,6 +37,7 @@ struct RequestState {
     /// embeddings; kept for the request's life so a preempted sequence
     /// recomputes without re-encoding.
     mm: Vec<MmSlot>,
+    mrope: Option<crate::request::MropePositions>,
 }
 
 struct MmSlot {
@@ -149,7 +150,7 @@ impl EngineCore {
 
     /// Queue a request that the engine front end has already validated.
     pub fn add_request(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent>) {
-        let EngineRequest { prompt_token_ids, params, mut mm_items } = req;
+        let EngineRequest { prompt_token_ids, params, mut mm_items, mrope } = req;
         mm_items.sort_by_key(|m| m.placeholder.offset);
         let placeholders: Vec<MmPlaceholder> = mm_items.iter().map(|m| m.placeholder.clone()).collect();
         let mm = mm_items.into_iter().map(|item| MmSlot { item, embeds: None }).collect();
@@ -182,6 +183,7 @@ impl EngineCore {
             seqs: vec![seq_id],
             cached_tokens: 0,
             mm,
+            mrope,
         };
         self.requests.insert(id, state);
         self.sched.add(seq);
@@ -469,7 +471,12 @@ impl EngineCore {
             seqs: Vec::with_capacity(scheduled.len()),
             block_size: bs,
             mm_embeds: Vec::new(),
+            mrope_positions: None,
         };
+        let any_mrope = scheduled
+            .iter()
+            .any(|sc| self.sched.seq(sc.seq_id).and_then(|q| self.requests.get(&q.req_id)).is_some_and(|r| r.mrope.is_some()));
+        let mut mrope: Vec<[u32; 3]> = Vec::new();
         for sc in scheduled {
             let Some(seq) = self.sched.seq(sc.seq_id) else { continue };
             let table = self.sched.block_table(sc.seq_id);
@@ -492,6 +499,13 @@ impl EngineCore {
                     }
                 }
             }
+            if any_mrope {
+                let m = self.requests.get(&seq.req_id).and_then(|r| r.mrope.as_ref());
+                mrope.extend((start..end).map(|pos| match m {
+                    Some(m) => m.at(pos),
+                    None => [pos as u32; 3],
+                }));
+            }
             for pos in start..end {
                 batch.input_ids.push(seq.tokens[pos]);
                 batch.positions.push(pos as u32);
@@ -506,6 +520,9 @@ impl EngineCore {
                 block_table: table[..used_blocks].to_vec(),
                 needs_logits: end == seq.num_tokens(),
             });
+        }
+        if any_mrope {
+            batch.mrope_positions = Some(mrope);
         }
         batch
     }

@@ -72,6 +72,10 @@ pub struct ForwardBatch {
     pub block_size: usize,
     /// Media embeddings to splice in, in increasing `start` order, non-overlapping.
     pub mm_embeds: Vec<MmEmbedSpan>,
+    /// (temporal, height, width) rotary position of each new token when a
+    /// sequence of the batch has M-RoPE positions (others get `[p, p, p]`);
+    /// None otherwise.
+    pub mrope_positions: Option<Vec<[u32; 3]>>,
 }
 
 impl ForwardBatch {

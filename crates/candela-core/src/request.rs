@@ -58,6 +58,32 @@ pub struct MmItem {
     pub input: MmInput,
 }
 
+/// Multimodal rotary positions (Qwen2-VL's M-RoPE): a (temporal, height,
+/// width) position per prompt token, laid out by the model's processor from
+/// the media grids. Generated tokens continue at `index + delta` on all
+/// three axes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MropePositions {
+    /// One entry per prompt token.
+    pub prompt: Arc<[[u32; 3]]>,
+    /// Position of token `i >= prompt.len()` is `i + delta` (negative when
+    /// media compressed the position range).
+    pub delta: i64,
+}
+
+impl MropePositions {
+    /// The 3-D position of token `index` of the sequence.
+    pub fn at(&self, index: usize) -> [u32; 3] {
+        match self.prompt.get(index) {
+            Some(p) => *p,
+            None => {
+                let p = (index as i64 + self.delta).max(0) as u32;
+                [p, p, p]
+            }
+        }
+    }
+}
+
 /// One generation request: a tokenized prompt, how to sample, and the media
 /// items it carries.
 #[derive(Debug, Clone, Default)]
@@ -65,11 +91,13 @@ pub struct EngineRequest {
     pub prompt_token_ids: Vec<u32>,
     pub params: SamplingParams,
     pub mm_items: Vec<MmItem>,
+    /// 3-D rotary positions, for models with M-RoPE (else None).
+    pub mrope: Option<MropePositions>,
 }
 
 impl EngineRequest {
     /// A text-only request.
     pub fn new(prompt_token_ids: Vec<u32>, params: SamplingParams) -> Self {
-        Self { prompt_token_ids, params, mm_items: Vec::new() }
+        Self { prompt_token_ids, params, mm_items: Vec::new(), mrope: None }
     }
 }

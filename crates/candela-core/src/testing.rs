@@ -25,6 +25,8 @@ pub struct MockLog {
     pub batch_seqs: Vec<usize>,
     /// Calls of `encode`.
     pub encodes: usize,
+    /// M-RoPE position of each token run, in order (when the batch has them).
+    pub mrope: Vec<[u32; 3]>,
 }
 
 pub struct MockModel {
@@ -103,6 +105,7 @@ impl MockModel {
             }
         }
         let mut logits = Vec::new();
+        let mut mrope_seen = Vec::new();
         let mut expect_start = 0;
         for s in &b.seqs {
             if s.query_start != expect_start || s.query_len == 0 || s.context_len < s.query_len {
@@ -133,7 +136,13 @@ impl MockModel {
                 if b.slot_mapping[idx] as usize != slot {
                     return Err(format!("slot_mapping {} != block table slot {slot}", b.slot_mapping[idx]));
                 }
-                let tok = media[idx].unwrap_or(b.input_ids[idx]);
+                let mut tok = media[idx].unwrap_or(b.input_ids[idx]);
+                if let Some(m) = &b.mrope_positions {
+                    // 3-D positions feed the chain as RoPE feeds attention.
+                    let [t, h, w] = *m.get(idx).ok_or("mrope_positions shorter than the batch")?;
+                    tok ^= (t << 8) ^ (h << 16) ^ (w << 24);
+                    mrope_seen.push([t, h, w]);
+                }
                 if Some(tok) == self.fail_on_token {
                     return Err(format!("mock failure on token {tok}"));
                 }
@@ -157,6 +166,7 @@ impl MockModel {
         let mut log = self.log.lock().unwrap();
         log.batch_tokens.push(n);
         log.batch_seqs.push(b.seqs.len());
+        log.mrope.extend(mrope_seen);
         Ok(logits)
     }
 }

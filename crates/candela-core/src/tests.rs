@@ -248,6 +248,7 @@ fn multimodal_keys_separate_cache_entries() {
         prompt_token_ids: p.clone(),
         params: greedy(2),
         mm_items: vec![item(hash, 18, 4, MmInput::Features(media(hash.len() as f32, 4)))],
+        mrope: None,
     };
     for (hash, expected_hits) in [("img-a", 0u64), ("img-a", 32), ("img-b", 16)] {
         let before = e.stats().prefix_cache_hits;
@@ -608,7 +609,7 @@ fn item(hash: &str, offset: usize, length: usize, input: MmInput) -> MmItem {
 }
 
 fn with_media(prompt: &[u32], items: Vec<MmItem>) -> EngineRequest {
-    EngineRequest { prompt_token_ids: prompt.to_vec(), params: greedy(12), mm_items: items }
+    EngineRequest { prompt_token_ids: prompt.to_vec(), params: greedy(12), mm_items: items, mrope: None }
 }
 
 fn run_one(e: &Engine, req: EngineRequest) -> ReqOut {
@@ -696,4 +697,33 @@ fn bad_media_items_are_refused_or_fail_only_their_request() {
     let direct = run_one(&e, with_media(&p, vec![item("e2", 0, 5, MmInput::Embeddings(emb))]));
     let encoded = run_one(&e, with_media(&p, vec![item("e3", 0, 5, MmInput::Features(media(3.0, 5)))]));
     assert_eq!(direct.tokens(), encoded.tokens());
+}
+
+#[test]
+fn mrope_positions_reach_the_model_and_continue_at_index_plus_delta() {
+    let model = MockModel::new(MAX_LEN);
+    let log = model.log.clone();
+    let e = start(config(100, false), model);
+    let p = prompt(7, 10);
+    // Tokens 3..7 form a 2x2 "image" at temporal 3: positions compress by 2.
+    let mut pos: Vec<[u32; 3]> = (0..3).map(|i| [i, i, i]).collect();
+    pos.extend([[3, 3, 3], [3, 3, 4], [3, 4, 3], [3, 4, 4]]);
+    pos.extend((5..8).map(|i| [i, i, i]));
+    let delta = 8 - 10;
+    let req = |pos: Vec<[u32; 3]>| EngineRequest {
+        prompt_token_ids: p.clone(),
+        params: greedy(3),
+        mm_items: vec![],
+        mrope: Some(crate::request::MropePositions { prompt: pos.into(), delta }),
+    };
+    let a = run_one(&e, req(pos.clone()));
+    let seen = log.lock().unwrap().mrope.clone();
+    assert_eq!(&seen[..10], &pos[..]);
+    // Decode steps: the 2 sampled tokens fed back sit at index + delta = 8, 9.
+    assert_eq!(&seen[10..], &[[8, 8, 8], [9, 9, 9]]);
+    let mut other = pos.clone();
+    other[4] = [3, 9, 9];
+    assert_ne!(run_one(&e, req(other)).tokens(), a.tokens(), "positions change the result");
+    let err = e.add_request(req(pos[..9].to_vec())).unwrap_err();
+    assert!(err.to_string().contains("M-RoPE positions cover 9 tokens"), "{err}");
 }

@@ -152,7 +152,7 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
         })
         .collect();
     let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
-    let mut h = engine.add_request(EngineRequest { prompt_token_ids: ids.clone(), params, mm_items }).unwrap();
+    let mut h = engine.add_request(EngineRequest { prompt_token_ids: ids.clone(), params, mm_items, mrope: None }).unwrap();
     let mut got = Vec::new();
     while let Some(ev) = h.events.blocking_recv() {
         match ev {

@@ -535,7 +535,7 @@ impl Inner {
         let n = params.n;
         let handle = inner
             .engine
-            .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items })
+            .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope: None })
             .map_err(|e| invalid(e.to_string()))?;
         let state = Arc::new(ReqState {
             rx: tokio::sync::Mutex::new(handle.events),

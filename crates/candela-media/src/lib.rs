@@ -1,11 +1,15 @@
 //! Media decoding and preprocessing for multimodal models.
 //!
 //! Plain Rust on purpose (no candle): `mm_hash`, the identity of a media item
-//! that the prefix, processor and encoder caches key on, and audio decoding,
-//! resampling, Whisper log-mel features and splitting. Callers turn the plain
-//! `Vec<f32>` outputs into tensors.
+//! that the prefix, processor and encoder caches key on; audio decoding,
+//! resampling, Whisper log-mel features and splitting; image decoding and the
+//! Qwen2-VL image processor; video frame sampling, the Qwen2-VL video processor
+//! and video file decoding. Callers turn the plain `Vec<f32>` outputs into
+//! tensors.
 
 pub mod audio;
+pub mod image;
+pub mod video;
 mod error;
 mod hash;
 

@@ -17,6 +17,7 @@
 export { Engine, DEFAULT_GENERATE_MAX_TOKENS } from './engine.js'
 export { AbortError, MediaError, ValidationError } from './errors.js'
 export { splitAudio, type SplitAudioOptions } from './audio.js'
+export { Transcriber, isWhisperModel, type TranscriptionAudio, type TranscribeOptions, type Transcription, type TranscriptionSegment, type TranscriberInfo, type TranscriberLoadOptions } from './transcriber.js'
 export { DEFAULT_MODEL, defaultModelPath, ensureDefaultModel, modelCacheDir } from './default-model.js'
 export type { FetchOptions } from './default-model.js'
 export type {
@@ -33,6 +34,7 @@ export type {
   EngineStats,
   FinishReason,
   LoadOptions,
+  MmProcessorKwargs,
   ModelInfo,
   PromptInput,
   PromptMedia,
@@ -43,4 +45,6 @@ export type {
   TokenLogprob,
   TopLogprob,
   Usage,
+  VideoInput,
+  VisionContentPart,
 } from './types.js'

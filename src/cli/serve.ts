@@ -268,7 +268,7 @@ async function serve(positionals: string[], values: Values): Promise<number> {
   const stopped = new Promise<void>((resolve) => (stop = resolve))
   const onSignal = (): void => {
     // Loading cannot be interrupted half-way, and a second signal means "now".
-    if (stopping || server.engine === undefined) process.exit(130)
+    if (stopping || (server.engine ?? server.transcriber) === undefined) process.exit(130)
     stopping = true
     stop()
   }
@@ -288,7 +288,7 @@ async function serve(positionals: string[], values: Values): Promise<number> {
     log.info(`serving ${server.modelNames.join(', ')} at ${server.url}/v1`, {
       architecture: info.architecture,
       device: info.device,
-      max_model_len: info.maxModelLen,
+      max_model_len: 'maxModelLen' in info ? info.maxModelLen : info.maxTargetPositions,
       load_s: Number(((performance.now() - t0) / 1000).toFixed(2)),
     })
     await stopped

@@ -108,6 +108,7 @@ const SNAKE: Record<string, string> = {
   skipSpecialTokens: 'skip_special_tokens',
   chatTemplateKwargs: 'chat_template_kwargs',
   addGenerationPrompt: 'add_generation_prompt',
+  mmProcessorKwargs: 'mm_processor_kwargs',
 }
 const PLAIN = new Set(['temperature', 'seed', 'n', 'stop', 'logprobs', 'tools', 'messages', 'prompt'])
 

@@ -5,6 +5,7 @@
  */
 
 import type { Engine } from '../engine.js'
+import type { Transcriber } from '../transcriber.js'
 import { ApiError } from './errors.js'
 
 export type HostState = 'loading' | 'ready' | 'failed' | 'closed'
@@ -12,6 +13,8 @@ export type HostState = 'loading' | 'ready' | 'failed' | 'closed'
 export class ModelHost {
   #state: HostState = 'loading'
   #engine: Engine | undefined
+  /** Set instead of the engine when the served model is a Whisper model. */
+  #transcriber: Transcriber | undefined
   #names: string[] = []
   #failure = ''
   readonly createdAt = Math.floor(Date.now() / 1000)
@@ -35,6 +38,32 @@ export class ModelHost {
     this.#engine = engine
     this.#names = names
     this.#state = 'ready'
+  }
+
+  /** Serve a Whisper model: /v1/audio/transcriptions answers, text routes refuse. */
+  setReadyTranscriber(transcriber: Transcriber, names: string[]): void {
+    if (this.#state === 'closed') return
+    this.#transcriber = transcriber
+    this.#names = names
+    this.#state = 'ready'
+  }
+
+  /** The Whisper model once loaded, else undefined. */
+  get loadedTranscriber(): Transcriber | undefined {
+    return this.#transcriber
+  }
+
+  /** The Whisper model, or the 503 / 400 that explains why there is none. */
+  transcriber(): Transcriber {
+    const err = this.unavailable()
+    if (err) throw err
+    if (!this.#transcriber) {
+      throw new ApiError(400, `the model ${this.#names[0]} does not transcribe audio (serve a Whisper model for /v1/audio/*)`, {
+        param: 'model',
+        code: 'model_not_supported',
+      })
+    }
+    return this.#transcriber
   }
 
   setFailed(err: unknown): void {
@@ -65,12 +94,19 @@ export class ModelHost {
   engine(): Engine {
     const err = this.unavailable()
     if (err) throw err
+    if (this.#transcriber) {
+      throw new ApiError(400, `the model ${this.#names[0]} is a speech-recognition (Whisper) model; use POST /v1/audio/transcriptions`, {
+        param: 'model',
+        code: 'model_not_supported',
+      })
+    }
     return this.#engine!
   }
 
   /** The served name a request's `model` addresses (the first one when it names none); 404 otherwise. */
   resolveModel(requested: string | null | undefined): string {
-    this.engine()
+    const unavailable = this.unavailable()
+    if (unavailable) throw unavailable
     if (requested === null || requested === undefined || requested === '') return this.#names[0]!
     if (this.#names.includes(requested)) return requested
     throw new ApiError(404, `The model \`${requested}\` does not exist. Served: ${this.#names.join(', ')}`, {

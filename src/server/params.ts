@@ -33,6 +33,7 @@ function sampling(body: Common, maxTokens: number | null | undefined): SamplingP
   set('minTokens', body.min_tokens)
   set('ignoreEos', body.ignore_eos)
   set('skipSpecialTokens', body.skip_special_tokens)
+  set('mmProcessorKwargs', body.mm_processor_kwargs)
   if (p.minTokens !== undefined && p.maxTokens !== undefined && p.minTokens > p.maxTokens) {
     throw badRequest(`min_tokens (${p.minTokens}) must not exceed max_tokens (${p.maxTokens})`, 'min_tokens')
   }

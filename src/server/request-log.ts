@@ -24,7 +24,16 @@ export interface RequestLocals {
 
 export const locals = (res: Response): RequestLocals => res.locals as RequestLocals
 
-const ROUTES = new Set(['/v1/chat/completions', '/v1/completions', '/v1/models', '/health', '/metrics', '/version'])
+const ROUTES = new Set([
+  '/v1/chat/completions',
+  '/v1/completions',
+  '/v1/models',
+  '/v1/audio/transcriptions',
+  '/v1/audio/translations',
+  '/health',
+  '/metrics',
+  '/version',
+])
 
 /** A bounded set of route labels: unknown paths must not grow the metrics without limit. */
 export function routeLabel(path: string): string {

@@ -117,6 +117,8 @@ const common = {
   user: opt(z.string()),
   /** Changes the sampled tokens; rejected rather than silently ignored. */
   logit_bias: opt(z.record(z.string(), z.number())),
+  /** vLLM's image / video processor options (min_pixels, max_pixels, fps, ...). */
+  mm_processor_kwargs: opt(z.record(z.string(), z.unknown())),
 }
 
 export const ChatCompletionRequest = z.object({

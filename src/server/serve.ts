@@ -15,6 +15,7 @@ import type { Express } from 'express'
 
 import { ensureDefaultModel } from '../default-model.js'
 import { Engine } from '../engine.js'
+import { isWhisperModel, Transcriber } from '../transcriber.js'
 import type { LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
 import { createApp } from './app.js'
@@ -61,10 +62,12 @@ export interface CandelaServer {
   readonly port: number
   readonly httpServer: Server
   readonly app: Express
-  /** Resolves with the engine once the model is loaded; rejects when loading fails. */
-  readonly ready: Promise<Engine>
+  /** Resolves with the engine (a Transcriber for a Whisper model) once loaded; rejects when loading fails. */
+  readonly ready: Promise<Engine | Transcriber>
   /** The engine, once loaded. */
   readonly engine: Engine | undefined
+  /** The Whisper model, once loaded, when the served model is one (/v1/audio/transcriptions). */
+  readonly transcriber: Transcriber | undefined
   /** The names the model is served under (empty until it is loaded). */
   readonly modelNames: readonly string[]
   /** Stop listening, drop open connections (their requests are aborted) and close an engine this server loaded. */
@@ -100,12 +103,13 @@ function checkPort(port: number): number {
   return port
 }
 
-/** Load `load.model` (fetching the default model first when it is the default). */
-async function loadEngine(load: LoadOptions, progress: (line: string) => void): Promise<Engine> {
+/** Load `load.model` (fetching the default model first when it is the default); a Whisper folder becomes a Transcriber. */
+async function loadEngine(load: LoadOptions, progress: (line: string) => void): Promise<Engine | Transcriber> {
   if (load.model === undefined || load.model === 'default') {
     const path = await ensureDefaultModel({ log: progress })
     return Engine.load({ ...load, model: path })
   }
+  if (isWhisperModel(load.model)) return Transcriber.load({ model: load.model, device: load.device, dtype: load.dtype })
   return Engine.load(load)
 }
 
@@ -157,7 +161,7 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   const bound = (httpServer.address() as AddressInfo).port
   const urlHost = hostName.includes(':') ? `[${hostName}]` : hostName
 
-  const names = (engine: Engine): string[] => {
+  const names = (engine: Engine | Transcriber): string[] => {
     const given = options.servedModelName
     if (given !== undefined && given.length > 0) return typeof given === 'string' ? [given] : [...given]
     const arg = options.load?.model
@@ -165,7 +169,8 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   }
   const ready = (options.engine ? Promise.resolve(options.engine) : loadEngine(load, options.onLoadProgress ?? ((l) => log.info(l))))
     .then((engine) => {
-      host.setReady(engine, names(engine))
+      if (engine instanceof Transcriber) host.setReadyTranscriber(engine, names(engine))
+      else host.setReady(engine, names(engine))
       return engine
     })
     .catch((err: unknown) => {
@@ -185,6 +190,9 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     ready,
     get engine() {
       return host.loaded
+    },
+    get transcriber() {
+      return host.loadedTranscriber
     },
     get modelNames() {
       return host.names

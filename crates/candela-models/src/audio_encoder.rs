@@ -156,11 +156,43 @@ impl AudioEncoder {
         if valid_frames == 0 || valid_frames > frames || frames > self.cfg.num_frames() {
             bail!("audio features: {valid_frames} valid of {frames} frames (at most {})", self.cfg.num_frames());
         }
-        let dtype = self.conv1_w.dtype();
         let keep = Self::conv_output_len(valid_frames);
         // conv2 row keep-1 reads conv1 rows up to 2*keep-1, which read frames
         // up to 2*keep: run the convolutions over just those frames (plus one).
         let take = (2 * keep + 2).min(frames);
+        let mut h = self.layers_forward(features, take, keep)?;
+        if self.pool {
+            let n = self.output_len(valid_frames);
+            let d = self.cfg.d_model;
+            let pairs = h.narrow(0, 0, 2 * n)?.reshape((n, 2, d))?;
+            h = (pairs.sum(1)? * 0.5)?;
+        }
+        self.final_norm.forward(&h)
+    }
+
+    /// Whisper's encoder: the full padded window (`[num_mel_bins,
+    /// num_frames()]`) with every position attending to every other, padding
+    /// included — the reference takes no mask, and its outputs depend on the
+    /// padded positions. Returns `[max_source_positions, d_model]`.
+    pub fn forward_unmasked(&self, features: &Tensor) -> Result<Tensor> {
+        let (mels, frames) = features.dims2()?;
+        if mels != self.cfg.num_mel_bins {
+            bail!("audio features have {mels} mel bins, the encoder wants {}", self.cfg.num_mel_bins);
+        }
+        if frames != self.cfg.num_frames() {
+            bail!("audio features have {frames} frames, the encoder wants exactly {} (a padded 30 s window)", self.cfg.num_frames());
+        }
+        if self.pool {
+            bail!("forward_unmasked is Whisper's encoder, which has no pooling");
+        }
+        let h = self.layers_forward(features, frames, self.cfg.max_source_positions)?;
+        self.final_norm.forward(&h)
+    }
+
+    /// Convolutions over the first `take` frames, the first `keep` positions
+    /// of their output plus learned positions, then the transformer layers.
+    fn layers_forward(&self, features: &Tensor, take: usize, keep: usize) -> Result<Tensor> {
+        let dtype = self.conv1_w.dtype();
         let x = features.narrow(1, 0, take)?.to_dtype(dtype)?.unsqueeze(0)?;
         let x = x.conv1d(&self.conv1_w, 1, 1, 1, 1)?.broadcast_add(&self.conv1_b.reshape((1, (), 1))?)?.gelu_erf()?;
         let x = x.conv1d(&self.conv2_w, 1, 2, 1, 1)?.broadcast_add(&self.conv2_b.reshape((1, (), 1))?)?.gelu_erf()?;
@@ -174,13 +206,7 @@ impl AudioEncoder {
         for layer in &self.layers {
             h = self.layer_forward(layer, &h)?;
         }
-        if self.pool {
-            let n = self.output_len(valid_frames);
-            let d = self.cfg.d_model;
-            let pairs = h.narrow(0, 0, 2 * n)?.reshape((n, 2, d))?;
-            h = (pairs.sum(1)? * 0.5)?;
-        }
-        self.final_norm.forward(&h)
+        Ok(h)
     }
 
     fn layer_forward(&self, l: &EncoderLayer, x: &Tensor) -> Result<Tensor> {

@@ -18,11 +18,14 @@ pub mod processor;
 pub mod quant;
 pub mod qwen2;
 pub mod qwen2_audio;
+pub mod qwen2_vl;
 pub mod qwen3;
 pub mod registry;
 pub mod rope;
 pub mod tokenizer;
+pub mod transcribe;
 pub mod weights;
+pub mod whisper;
 
 pub use chat_template::{ChatRenderOptions, ChatTemplate};
 pub use error::ModelError;

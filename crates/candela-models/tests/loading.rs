@@ -32,6 +32,7 @@ fn last_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
         }],
         block_size: bs,
         mm_embeds: Vec::new(),
+        mrope_positions: None,
     };
     loaded.model.forward(&batch).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }

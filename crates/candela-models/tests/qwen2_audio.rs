@@ -84,6 +84,7 @@ fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)])
             .filter(|(start, _)| *start < n)
             .map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.narrow(0, 0, e.dim(0).unwrap().min(n - start)).unwrap() })
             .collect(),
+        mrope_positions: None,
     };
     loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
 }

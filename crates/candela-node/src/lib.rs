@@ -10,6 +10,7 @@ mod audio;
 mod guard;
 mod media;
 mod params;
+mod transcribe;
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -398,6 +399,9 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     let media = media::MediaContext {
         processor: loaded.processor.clone(),
         cache: Mutex::new(candela_models::processor::ProcessorCache::new(processor_cache_bytes)),
+        image_options: Default::default(),
+        video_options: Default::default(),
+        grids: Default::default(),
     };
     let tokenizer = loaded.tokenizer.clone();
     let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();
@@ -448,7 +452,7 @@ impl NativeEngine {
             let inner = &self.inner;
             inner.check_open()?;
             let ids = inner.prompt_ids(&request)?;
-            inner.submit(ids, Vec::new(), request.params, request.default_max_tokens)
+            inner.submit(ids, Vec::new(), None, request.params, request.default_max_tokens)
         })
     }
 
@@ -466,8 +470,8 @@ impl NativeEngine {
         let (params, default_max) = (request.params, request.default_max_tokens);
         let task = spawn_blocking(move || {
             guard("addMediaRequest", move || {
-                let (ids, items) = inner.media.prepare(&inner.engine, ids, inputs)?;
-                inner.submit(ids, items, params, default_max)
+                let (ids, items, mrope) = inner.media.prepare(&inner.engine, ids, inputs)?;
+                inner.submit(ids, items, mrope, params, default_max)
             })
         });
         match task.await {
@@ -515,6 +519,7 @@ impl Inner {
         &self,
         ids: Vec<u32>,
         mm_items: Vec<candela_core::request::MmItem>,
+        mrope: Option<candela_core::request::MropePositions>,
         params: Option<NativeSamplingParams>,
         default_max_tokens: Option<u32>,
     ) -> Result<i64> {
@@ -535,7 +540,7 @@ impl Inner {
         let n = params.n;
         let handle = inner
             .engine
-            .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope: None })
+            .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope })
             .map_err(|e| invalid(e.to_string()))?;
         let state = Arc::new(ReqState {
             rx: tokio::sync::Mutex::new(handle.events),
@@ -690,7 +695,13 @@ impl NativeEngine {
                 .media
                 .processor
                 .as_ref()
-                .map(|p| p.audio.iter().map(|_| "audio".to_string()).collect())
+                .map(|p| {
+                    let mut m: Vec<String> = p.audio.iter().map(|_| "audio".to_string()).collect();
+                    if p.vision.is_some() {
+                        m.extend(["image".to_string(), "video".to_string()]);
+                    }
+                    m
+                })
                 .unwrap_or_default(),
         }
     }

@@ -836,3 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeEngine = nativeBinding.NativeEngine
+module.exports.NativeTranscriber = nativeBinding.NativeTranscriber
+module.exports.deviceUnavailable = nativeBinding.deviceUnavailable
+module.exports.isWhisperModel = nativeBinding.isWhisperModel
+module.exports.splitAudioBounds = nativeBinding.splitAudioBounds

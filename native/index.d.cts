@@ -16,8 +16,14 @@ export declare class NativeEngine {
    * thread; the promise rejects with the loader's message on failure.
    */
   static load(options: NativeLoadOptions): Promise<NativeEngine>
-  /** Queue one request; returns its id for `next` / `abort`. */
+  /** Queue one text-only request; returns its id for `next` / `abort`. */
   addRequest(request: NativeRequest): number
+  /**
+   * Queue a request with media items (in prompt order: the k-th
+   * placeholder of a modality is its k-th item). Decoding and
+   * preprocessing run on a worker thread; resolves to the request id.
+   */
+  addMediaRequest(request: NativeRequest, media: Array<NativeMediaItem>): Promise<number>
   /**
    * Wait for the request's next events and return all that are queued.
    * `done` is true once every sample finished, the request failed, or it
@@ -45,6 +51,39 @@ export declare class NativeEngine {
    */
   close(): Promise<void>
 }
+
+/** A loaded Whisper model with its decoding thread. */
+export declare class NativeTranscriber {
+  /** Load a Whisper folder and start its decoding thread (on a worker thread). */
+  static load(options: NativeTranscriberLoadOptions): Promise<NativeTranscriber>
+  /** Transcribe one audio input. Resolves when every 30 s window is done. */
+  transcribe(request: NativeTranscribeRequest): Promise<NativeTranscription>
+  /**
+   * Give up the request with this id: its queued windows are dropped and
+   * active ones leave the batch at the next step; its promise rejects.
+   * Unknown ids are ignored.
+   */
+  cancel(id: number): void
+  info(): NativeTranscriberInfo
+  stats(): NativeTranscriberStats
+  /**
+   * Stop the decoding thread once the windows it holds are done; later
+   * calls reject. Idempotent.
+   */
+  close(): Promise<void>
+}
+
+/**
+ * Why this addon cannot run on `device` ("cuda" when omitted), or null when
+ * it can: what `device: 'auto'` asks before choosing.
+ */
+export declare function deviceUnavailable(device?: string | undefined | null): string | null
+
+/**
+ * Whether `path` is a Whisper model folder (for `candela serve` to pick
+ * the transcriber instead of the engine).
+ */
+export declare function isWhisperModel(path: string): boolean
 
 /** What `next()` returns: the events queued so far; `done` once the request is over. */
 export interface NativeBatch {
@@ -76,7 +115,10 @@ export interface NativeEvent {
 export interface NativeLoadOptions {
   /** A model folder (config.json + safetensors + tokenizer.json) or a .gguf file. */
   model: string
-  /** "cpu" (default), "auto" (= cpu in this build) or "cuda" (not in this build). */
+  /**
+   * "cpu" (default), "cuda" / "cuda:N" (CUDA builds), or "auto": cuda when
+   * this build has CUDA and finds a GPU, else cpu.
+   */
   device?: string
   /** "auto" (default), "f32", "f16" or "bf16". */
   dtype?: string
@@ -94,6 +136,36 @@ export interface NativeLoadOptions {
   maxNumBatchedTokens?: number
   /** Reuse KV blocks of shared prompt prefixes (default true). */
   enablePrefixCaching?: boolean
+  /**
+   * Fraction of the GPU's memory for weights, activations and KV cache
+   * when kvCacheBytes is not given (CUDA only; default 0.9).
+   */
+  gpuMemoryUtilization?: number
+  /** Bytes of preprocessed media kept for reuse, in GiB (default 4; 0 = off). */
+  mmProcessorCacheGb?: number
+  /** Media embedding rows (tokens) kept by the encoder cache (default 16384; 0 = off). */
+  encoderCacheTokens?: number
+}
+
+/** One media item as JS sends it, in prompt order. */
+export interface NativeMediaItem {
+  modality: 'image' | 'video' | 'audio'
+  /** Encoded file bytes (WAV, MP3, FLAC, OGG; PNG, JPEG, ...; MP4, WebM). */
+  data?: Buffer
+  /** A video as its frames, each an encoded image. */
+  frames?: Array<Buffer>
+  /**
+   * Image / video processor options: min_pixels, max_pixels, and for
+   * video total_pixels, fps, max_frames (vLLM's mm_processor_kwargs).
+   */
+  kwargs?: Record<string, unknown>
+  /** Raw audio samples, one array per channel (with `sampleRate`). */
+  samples?: Array<Float32Array>
+  sampleRate?: number
+  /** Container / codec hint ("wav", "mp3", a MIME type). */
+  format?: string
+  /** The caller's cache key for the item (vLLM's multi_modal_uuids). */
+  uuid?: string
 }
 
 export interface NativeModelInfo {
@@ -105,6 +177,8 @@ export interface NativeModelInfo {
   bosTokenId?: number
   hasChatTemplate: boolean
   device: string
+  /** Media the model takes besides text ("audio", "image", "video"). */
+  modalities: Array<string>
 }
 
 /** One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`. */
@@ -150,6 +224,26 @@ export interface NativeSamplingParams {
   skipSpecialTokens?: boolean
 }
 
+export interface NativeSegment {
+  id: number
+  start: number
+  end: number
+  text: string
+  tokens: Array<number>
+  avgLogprob: number
+  temperature: number
+}
+
+/**
+ * `splitAudio` options as JS passes them (all optional; numbers arrive as f64
+ * so a bad value gets a message naming it).
+ */
+export interface NativeSplitOptions {
+  maxClipDurationS?: number
+  overlapDurationS?: number
+  minEnergyWindowSize?: number
+}
+
 export interface NativeStats {
   running: number
   waiting: number
@@ -163,6 +257,16 @@ export interface NativeStats {
   preemptions: number
   requestsFinished: number
   steps: number
+  /** Media items run through the model's encoder. */
+  encoderRuns: number
+  encoderCacheQueries: number
+  encoderCacheHits: number
+  encoderCacheTokens: number
+  encoderCacheItems: number
+  processorCacheQueries: number
+  processorCacheHits: number
+  processorCacheBytes: number
+  processorCacheItems: number
 }
 
 export interface NativeTokenLogprob {
@@ -178,8 +282,78 @@ export interface NativeTopLogprob {
   logprob: number
 }
 
+/** One transcription: `audio` (file bytes) or `samples` + `sampleRate`. */
+export interface NativeTranscribeRequest {
+  /** An audio file: WAV, FLAC, MP3 or OGG/Vorbis. */
+  audio?: Buffer
+  /** Container hint for `audio` ("wav", "mp3", a MIME type). */
+  format?: string
+  /** Raw samples, one array per channel (averaged to mono). */
+  samples?: Array<Float32Array>
+  sampleRate?: number
+  /** ISO-639-1 code or English name; omitted: detected. */
+  language?: string
+  /** Text that conditions the decoder (names, spellings, style). */
+  prompt?: string
+  /** 0 (default): greedy. */
+  temperature?: number
+  task?: 'transcribe' | 'translate'
+  seed?: number
+  /** Most tokens per 30 s window. */
+  maxNewTokens?: number
+  /** A caller-chosen id that `cancel(id)` refers to. */
+  id?: number
+}
+
+export interface NativeTranscriberInfo {
+  name: string
+  architecture: string
+  multilingual: boolean
+  /** Language codes the model knows (empty for English-only models). */
+  languages: Array<string>
+  samplingRate: number
+  maxTargetPositions: number
+  device: string
+}
+
+/** Options of `NativeTranscriber.load`. */
+export interface NativeTranscriberLoadOptions {
+  /** A Whisper model folder (config.json, model.safetensors, tokenizer.json, ...). */
+  model: string
+  /** "cpu" (default), "cuda" / "cuda:N" (CUDA builds) or "auto". */
+  device?: string
+  /** "auto" (default), "f32", "f16" or "bf16". */
+  dtype?: string
+  /** Most 30 s windows decoded together (default 16). */
+  maxBatch?: number
+}
+
+export interface NativeTranscriberStats {
+  encoderRuns: number
+  steps: number
+  /** Most windows decoded together in one step so far. */
+  maxBatch: number
+  chunksFinished: number
+}
+
+export interface NativeTranscription {
+  text: string
+  /** Language code ("en"). */
+  language?: string
+  /** Its English name ("english"), as OpenAI's verbose_json reports it. */
+  languageName?: string
+  duration: number
+  segments: Array<NativeSegment>
+}
+
 export interface NativeUsage {
   promptTokens: number
   completionTokens: number
   cachedTokens: number
 }
+
+/**
+ * Where `splitAudio` cuts: the end index of every chunk, in order (the last
+ * is `samples.length`; none for empty input).
+ */
+export declare function splitAudioBounds(samples: Float32Array, sampleRate: number, options?: NativeSplitOptions | undefined | null): Array<number>

@@ -50,15 +50,23 @@ function convertLogprobs(lps: NativeTokenLogprob[]): TokenLogprob[] {
   }))
 }
 
-function toNativeMedia(m: ResolvedMedia): NativeMediaItem {
+function toNativeMedia(m: ResolvedMedia, requestKwargs: Record<string, unknown> | undefined): NativeMediaItem {
+  const kwargs = requestKwargs === undefined && m.kwargs === undefined ? undefined : { ...requestKwargs, ...m.kwargs }
   return {
     modality: m.modality,
     data: m.data,
+    frames: m.frames,
+    kwargs: m.modality === 'audio' ? undefined : kwargs,
     samples: m.samples,
     sampleRate: m.sampleRate,
     format: m.format,
     uuid: m.uuid,
   }
+}
+
+/** The request-level processor options (validated with the sampling params). */
+function mmKwargsOf(params: SamplingParams): Record<string, unknown> | undefined {
+  return params.mmProcessorKwargs as Record<string, unknown> | undefined
 }
 
 function convertUsage(u: { promptTokens: number; completionTokens: number; cachedTokens: number }): Usage {
@@ -274,14 +282,19 @@ export class Engine {
    * samples), then let the native side decode and preprocess them off the
    * JS thread. Bad media rejects with a MediaError.
    */
-  async #startWithMedia(request: NativeRequest, parts: PendingPart[], signal: AbortSignal | undefined): Promise<RequestRun> {
+  async #startWithMedia(
+    request: NativeRequest,
+    parts: PendingPart[],
+    signal: AbortSignal | undefined,
+    mmKwargs?: Record<string, unknown>,
+  ): Promise<RequestRun> {
     if (parts.length === 0) return this.#start(request, signal)
     const media = await resolveParts(parts, this.#media)
     if (signal?.aborted) throw abortErrorFor(signal)
     this.#checkOpen()
     let id: number
     try {
-      id = await this.#native.addMediaRequest(request, media.map(toNativeMedia))
+      id = await this.#native.addMediaRequest(request, media.map((m) => toNativeMedia(m, mmKwargs)))
     } catch (err) {
       throw fromNativeError(err)
     }
@@ -335,7 +348,7 @@ export class Engine {
     try {
       for (const [i, r] of requests.entries()) {
         const req = { ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
-        runs.push(await this.#startWithMedia(req, media[i] ?? [], signal))
+        runs.push(await this.#startWithMedia(req, media[i] ?? [], signal, mmKwargsOf(params)))
       }
     } catch (err) {
       for (const run of runs) run.cancel()
@@ -360,7 +373,7 @@ export class Engine {
     const sp = validateSamplingParams(params, { chat: false })
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
     const req = { ...request, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
-    yield* this.#chunks(await this.#startWithMedia(req, media, params.signal))
+    yield* this.#chunks(await this.#startWithMedia(req, media, params.signal, mmKwargsOf(params)))
   }
 
   /** The native request of a chat, and its media parts in prompt order. */
@@ -384,7 +397,7 @@ export class Engine {
     this.#checkOpen()
     const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    const run = await this.#startWithMedia(request, parts, params.signal)
+    const run = await this.#startWithMedia(request, parts, params.signal, mmKwargsOf(params))
     return this.#collect(run, request.params ?? {})
   }
 
@@ -401,7 +414,7 @@ export class Engine {
     this.#checkOpen()
     const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    yield* this.#chunks(await this.#startWithMedia(request, parts, params.signal))
+    yield* this.#chunks(await this.#startWithMedia(request, parts, params.signal, mmKwargsOf(params)))
   }
 
   /** Token ids of `text` (with BOS etc. unless `addSpecialTokens` is false). */

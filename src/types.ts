@@ -111,6 +111,28 @@ export interface SamplingParams {
    * {@link AbortError} and the request's KV blocks are freed at once.
    */
   signal?: AbortSignal
+  /**
+   * Image / video preprocessing options for this request's media (vLLM's
+   * `mm_processor_kwargs`); a media part's own keys of the same names win.
+   */
+  mmProcessorKwargs?: MmProcessorKwargs
+}
+
+/**
+ * Image / video processor options (Qwen2-VL's). Items processed with
+ * different options are different items to the caches.
+ */
+export interface MmProcessorKwargs {
+  /** Resize images / frames to at least this many pixels. */
+  min_pixels?: number
+  /** Resize images / frames to at most this many pixels. */
+  max_pixels?: number
+  /** Video: pixel budget over all frames (caps each frame's size). */
+  total_pixels?: number
+  /** Video: frames per second to sample from a file; for a list of frames, their rate (default 2). */
+  fps?: number
+  /** Video: most frames to keep. */
+  max_frames?: number
 }
 
 /** Extra parameters for the chat methods. */
@@ -144,8 +166,29 @@ export type AudioContentPart =
   | { type: 'audio_url'; audio_url: { url: string } | null; uuid?: string }
   | { type: 'audio'; audio_url?: string | null; audio?: AudioInput | null; uuid?: string }
 
+/**
+ * An image or video part. Images: `image_url` (http(s), data: or file:
+ * under `allowedLocalMediaPath`) or `{ type: 'image', image: bytes }` (PNG,
+ * JPEG, WebP, GIF, BMP, TIFF). Videos: `video_url` (MP4 / WebM), or
+ * `{ type: 'video', video: bytes | frames }` where frames is an array of
+ * encoded images. Processor options (see {@link MmProcessorKwargs}) may sit
+ * on the part itself, as qwen-vl-utils writes them.
+ */
+export type VisionContentPart =
+  | ({ type: 'image_url'; image_url: { url: string } | null; uuid?: string } & MmProcessorKwargs)
+  | ({ type: 'image'; image: Uint8Array | null; uuid?: string } & MmProcessorKwargs)
+  | ({ type: 'video_url'; video_url: { url: string } | null; uuid?: string } & MmProcessorKwargs)
+  | ({ type: 'video'; video: VideoInput | null; uuid?: string } & MmProcessorKwargs)
+
+/** A video: file bytes (MP4, WebM), or its frames as encoded images. */
+export type VideoInput = Uint8Array | Uint8Array[]
+
 /** Any content part: text, or a media part. */
-export type ContentPart = TextContentPart | AudioContentPart | { type: string; uuid?: string; [key: string]: unknown }
+export type ContentPart =
+  | TextContentPart
+  | AudioContentPart
+  | VisionContentPart
+  | { type: string; uuid?: string; [key: string]: unknown }
 
 /** One chat message. Content is a string or a list of parts. */
 export interface ChatMessage {
@@ -181,8 +224,17 @@ export type AudioInput = Uint8Array | AudioSamples
  * `null` to reuse what was cached under its uuid.
  */
 export interface PromptMedia {
-  multiModalData?: { audio?: AudioInput | Array<AudioInput | null>; image?: Uint8Array | Array<Uint8Array | null> }
-  multiModalUuids?: { audio?: Array<string | null>; image?: Array<string | null> }
+  /**
+   * Items per modality: one item or an array of items. A video is file bytes
+   * or an array of frames, so a single video given as frames must be wrapped
+   * (`video: [[frame1, frame2]]`).
+   */
+  multiModalData?: {
+    audio?: AudioInput | Array<AudioInput | null>
+    image?: Uint8Array | Array<Uint8Array | null>
+    video?: Uint8Array | Array<VideoInput | null>
+  }
+  multiModalUuids?: { audio?: Array<string | null>; image?: Array<string | null>; video?: Array<string | null> }
 }
 
 /** Why a sample ended. */

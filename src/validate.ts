@@ -138,6 +138,7 @@ const SAMPLING_KEYS = [
   'minTokens',
   'skipSpecialTokens',
   'signal',
+  'mmProcessorKwargs',
 ] as const
 
 const CHAT_KEYS = [...SAMPLING_KEYS, 'chatTemplateKwargs', 'tools', 'addGenerationPrompt'] as const
@@ -193,6 +194,10 @@ export function validateSamplingParams(params: unknown, opts: { chat: boolean })
   if (p.skipSpecialTokens !== undefined) out.skipSpecialTokens = bool('skipSpecialTokens', p.skipSpecialTokens)
   if (p.signal !== undefined && !(p.signal instanceof AbortSignal)) {
     fail(`signal must be an AbortSignal, got ${show(p.signal)}`)
+  }
+  // Checked by the native processor (names and ranges); here only the shape.
+  if (p.mmProcessorKwargs !== undefined && !isObject(p.mmProcessorKwargs)) {
+    fail(`mmProcessorKwargs must be an object like { max_pixels: 1003520 }, got ${show(p.mmProcessorKwargs)}`)
   }
   return out
 }

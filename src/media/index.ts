@@ -92,6 +92,19 @@ function samplesItem(v: AudioSamples, path: string): ResolvedMedia {
   return { modality: 'audio', samples: channels, sampleRate: v.sampleRate }
 }
 
+/** Processor options a media part may carry itself (qwen-vl-utils style). */
+const PART_KWARGS = ['min_pixels', 'max_pixels', 'total_pixels', 'fps', 'max_frames'] as const
+
+function partKwargs(part: Record<string, unknown>): Record<string, unknown> | undefined {
+  const out: Record<string, unknown> = {}
+  for (const k of PART_KWARGS) if (part[k] !== undefined && part[k] !== null) out[k] = part[k]
+  return Object.keys(out).length > 0 ? out : undefined
+}
+
+function toBuffer(v: Uint8Array): Buffer {
+  return Buffer.from(v.buffer, v.byteOffset, v.byteLength)
+}
+
 /** A URL-ish field: `{ url }`, a plain string, or null (uuid-only reference). */
 function urlOf(v: unknown, path: string): string | null {
   if (v === null || v === undefined) return null
@@ -106,12 +119,16 @@ async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<Resolve
   const { part, path, modality } = p
   const uuid = uuidOf(part, path)
   const type = part.type as string
-  const withUuid = (m: ResolvedMedia): ResolvedMedia => (uuid === undefined ? m : { ...m, uuid })
+  const kwargs = modality === 'audio' ? undefined : partKwargs(part)
+  const withUuid = (m: ResolvedMedia): ResolvedMedia => {
+    const k = kwargs === undefined ? m : { ...m, kwargs }
+    return uuid === undefined ? k : { ...k, uuid }
+  }
   const fromUrl = async (field: unknown, fieldPath: string): Promise<ResolvedMedia> => {
     const url = urlOf(field, fieldPath)
     if (url === null) {
       if (uuid === undefined) throw new MediaError(`${fieldPath}: a media part needs data, or a uuid of an item sent before`, 400, fieldPath)
-      return { modality, uuid }
+      return withUuid({ modality })
     }
     const got = await loadUrl(url, modality, opts, `${fieldPath}.url`)
     return withUuid({ modality, data: got.data, format: formatHint(got.mimeType) })
@@ -147,9 +164,25 @@ async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<Resolve
       }
       throw new MediaError(`${path}.audio must be file bytes or { samples, sampleRate }`, 400, `${path}.audio`)
     }
+    case 'video': {
+      const v = part.video
+      if (v instanceof Uint8Array) return withUuid({ modality, data: toBuffer(v) })
+      if (Array.isArray(v)) {
+        if (v.length === 0 || !v.every((f) => f instanceof Uint8Array)) {
+          throw new MediaError(`${path}.video must be file bytes or a non-empty array of encoded frames`, 400, `${path}.video`)
+        }
+        return withUuid({ modality, frames: v.map(toBuffer) })
+      }
+      if (v === null || v === undefined) {
+        if (uuid === undefined) throw new MediaError(`${path}.video is required`, 400, `${path}.video`)
+        return withUuid({ modality })
+      }
+      throw new MediaError(`${path}.video must be file bytes or an array of encoded frames`, 400, `${path}.video`)
+    }
     default: {
       const v = part[type]
-      if (v instanceof Uint8Array) return withUuid({ modality, data: Buffer.from(v.buffer, v.byteOffset, v.byteLength) })
+      if (v instanceof Uint8Array) return withUuid({ modality, data: toBuffer(v) })
+      if ((v === null || v === undefined) && uuid !== undefined) return withUuid({ modality })
       throw new MediaError(`${path}: ${type} parts are not supported by this model`, 400, path)
     }
   }

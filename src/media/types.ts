@@ -13,6 +13,10 @@ export interface AudioSamples {
 export interface ResolvedMedia {
   modality: Modality
   data?: Buffer
+  /** A video given as its frames (encoded images). */
+  frames?: Buffer[]
+  /** Image / video processor options (snake_case, as the model's processor names them). */
+  kwargs?: Record<string, unknown>
   samples?: Float32Array[]
   sampleRate?: number
   format?: string

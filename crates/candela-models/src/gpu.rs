@@ -12,7 +12,12 @@ use crate::layers::DecoderConfig;
 /// (residual, norms, q/k/v and their rotated copies, attention output, the
 /// MLP's gate/up/product), twice for temporaries, the logits in the model
 /// dtype and f32, and 64 MiB for cuBLAS workspaces.
-pub fn decoder_activation_bytes(cfg: &DecoderConfig, dtype: DType, tokens: usize, seqs: usize) -> usize {
+pub fn decoder_activation_bytes(
+    cfg: &DecoderConfig,
+    dtype: DType,
+    tokens: usize,
+    seqs: usize,
+) -> usize {
     let e = dtype.size_in_bytes();
     let qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
     let per_token = e * (6 * cfg.hidden_size + 3 * qkv + 4 * cfg.intermediate_size);

@@ -41,6 +41,9 @@ pub struct DecoderConfig {
     pub qk_norm: bool,
     /// Use the embedding matrix as the output projection.
     pub tie_word_embeddings: bool,
+    /// M-RoPE (Qwen2-VL): rotary frequencies per (temporal, height, width)
+    /// axis, summing to `head_dim / 2`; used when a batch carries 3-D positions.
+    pub mrope_section: Option<[usize; 3]>,
 }
 
 impl DecoderConfig {
@@ -443,10 +446,21 @@ impl DecoderLm {
         let meta = Arc::new(AttentionMetadata::from_batch(batch)?);
         let dev = &self.device;
         let positions = Tensor::from_slice(&batch.positions, n, dev)?;
+        // 3-D positions only matter to an M-RoPE model; text-only batches
+        // keep the 1-D table lookup.
+        let rope_rows = match (&batch.mrope_positions, self.cfg.mrope_section) {
+            (Some(p), Some(section)) => {
+                if p.len() != n {
+                    bail!("batch has {n} input ids but {} M-RoPE positions", p.len());
+                }
+                self.rope.mrope_rows(p, section, dev)?
+            }
+            _ => self.rope.rows(&positions)?,
+        };
         let ctx = StepContext {
             meta,
             slots: Tensor::from_slice(&batch.slot_mapping, n, dev)?,
-            rope_rows: self.rope.rows(&positions)?,
+            rope_rows,
         };
         let mut x = splice_embeds(self.embed.forward(&batch.input_ids, dev)?, &batch.mm_embeds)?;
         for (layer, pool) in self.layers.iter().zip(&self.kv) {
@@ -575,6 +589,7 @@ pub fn hf_base_config(
         mlp_bias: false,
         qk_norm: false,
         tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+        mrope_section: None,
     })
 }
 
@@ -669,5 +684,6 @@ pub fn gguf_base_config(
         mlp_bias: g.has_raw("blk.0.ffn_up.bias"),
         qk_norm: false,
         tie_word_embeddings: !g.has_raw("output.weight"),
+        mrope_section: None,
     })
 }

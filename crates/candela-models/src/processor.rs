@@ -8,8 +8,11 @@
 
 use std::sync::Arc;
 
-use candela_core::request::MmFeatures;
+use candela_core::request::{MmFeatures, MropePositions};
 use candela_media::audio::{Padding, WhisperFeatureExtractor};
+use candela_media::image::{DecodedImage, ImageOverrides, ProcessedVision, Qwen2VlProcessorConfig};
+use candela_media::video::{decode_video, ProcessedVideo, Qwen2VlVideoConfig, VideoDecodeOptions, VideoOverrides};
+use candela_media::{MediaError, Modality};
 use candle_core::{Device, Tensor};
 
 use crate::audio_encoder::AudioEncoder;
@@ -100,10 +103,215 @@ impl std::fmt::Debug for AudioProcessor {
     }
 }
 
+/// Per-request image / video options (vLLM's `mm_processor_kwargs`, and
+/// qwen-vl-utils' per-item keys). They change the item's tensors, so the
+/// ones that apply to a modality are part of its `mm_hash`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VisionKwargs {
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    /// Video: pixel budget over all frames.
+    pub total_pixels: Option<u64>,
+    /// Video: frames per second to sample (for a list of frames: their rate).
+    pub fps: Option<f64>,
+    /// Video: most frames to keep.
+    pub max_frames: Option<usize>,
+}
+
+impl VisionKwargs {
+    /// Parse a JSON object; unknown keys and bad values are errors.
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<Self, MediaError> {
+        let bad = |m: String| MediaError::Invalid(m);
+        let Some(obj) = v.as_object() else {
+            return Err(bad(format!("processor kwargs must be an object, got {v}")));
+        };
+        let mut k = Self::default();
+        for (name, val) in obj {
+            if val.is_null() {
+                continue;
+            }
+            let pos_int = || {
+                val.as_u64()
+                    .filter(|&x| x > 0)
+                    .ok_or_else(|| bad(format!("{name} must be a positive integer, got {val}")))
+            };
+            match name.as_str() {
+                "min_pixels" => k.min_pixels = Some(pos_int()?),
+                "max_pixels" => k.max_pixels = Some(pos_int()?),
+                "total_pixels" => k.total_pixels = Some(pos_int()?),
+                "max_frames" => k.max_frames = Some(pos_int()? as usize),
+                "fps" => {
+                    let f = val.as_f64().filter(|f| f.is_finite() && *f > 0.0);
+                    k.fps = Some(f.ok_or_else(|| bad(format!("fps must be a positive number, got {val}")))?);
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown processor kwarg {other:?} (min_pixels, max_pixels, total_pixels, fps, max_frames)"
+                    )))
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    /// The kwargs that shape `modality`'s tensors, as a stable string for
+    /// `mm_hash` (`{}` when none).
+    pub fn canonical(&self, modality: Modality) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let video = modality == Modality::Video;
+        if video {
+            if let Some(f) = self.fps {
+                parts.push(format!("\"fps\":{f}"));
+            }
+            if let Some(m) = self.max_frames {
+                parts.push(format!("\"max_frames\":{m}"));
+            }
+        }
+        if let Some(m) = self.max_pixels {
+            parts.push(format!("\"max_pixels\":{m}"));
+        }
+        if let Some(m) = self.min_pixels {
+            parts.push(format!("\"min_pixels\":{m}"));
+        }
+        if video {
+            if let Some(t) = self.total_pixels {
+                parts.push(format!("\"total_pixels\":{t}"));
+            }
+        }
+        format!("{{{}}}", parts.join(","))
+    }
+
+    fn image(&self) -> ImageOverrides {
+        ImageOverrides { min_pixels: self.min_pixels, max_pixels: self.max_pixels }
+    }
+
+    fn video(&self) -> VideoOverrides {
+        VideoOverrides {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            total_pixels: self.total_pixels,
+            fps: self.fps,
+            max_frames: self.max_frames,
+        }
+    }
+}
+
+/// Image and video preprocessing of a Qwen2-VL-style model, plus the
+/// prompt's M-RoPE positions (which depend on each item's grid).
+#[derive(Debug, Clone)]
+pub struct VisionProcessor {
+    pub image: Qwen2VlProcessorConfig,
+    pub video: Qwen2VlVideoConfig,
+    /// `<|image_pad|>`: written once per image by the chat template.
+    pub image_token: u32,
+    /// `<|video_pad|>`.
+    pub video_token: u32,
+    /// Qwen2.5-VL: M-RoPE time positions per second of video. None
+    /// (Qwen2-VL): one per temporal patch.
+    pub tokens_per_second: Option<f64>,
+}
+
+impl VisionProcessor {
+    pub fn merge_size(&self) -> usize {
+        self.image.merge_size
+    }
+
+    /// One decoded image -> `pixel_values` + `image_grid_thw`.
+    pub fn process_image(&self, img: &DecodedImage, kw: &VisionKwargs) -> std::result::Result<ProcessedItem, MediaError> {
+        let v = self.image.process_image(img, &kw.image())?;
+        self.item(v, crate::qwen2_vl::IMAGE_GRID_THW, None)
+    }
+
+    /// A video given as its frames. Their rate is `kw.fps` (else the
+    /// processor's default, 2, as qwen-vl-utils assumes); all are kept
+    /// unless there are more than `max_frames`.
+    pub fn process_frames(&self, frames: &[DecodedImage], kw: &VisionKwargs) -> std::result::Result<ProcessedItem, MediaError> {
+        let fps = kw.fps.unwrap_or(self.video.fps);
+        let ov = VideoOverrides { fps: Some(fps), ..kw.video() };
+        let max_frames = kw.max_frames.unwrap_or(self.video.max_frames);
+        let v = if frames.len() <= max_frames {
+            let all: Vec<&DecodedImage> = frames.iter().collect();
+            self.video.process_sampled(&all, (0..frames.len()).collect(), frames.len(), Some(fps), &ov)?
+        } else {
+            self.video.process_video(frames, Some(fps), &ov)?
+        };
+        self.video_item(v)
+    }
+
+    /// A video file (MP4 / WebM): frames sampled at `kw.fps` (default 2) from
+    /// the container's timing, decoded, processed.
+    pub fn process_video_file(
+        &self,
+        bytes: &[u8],
+        opts: &VideoDecodeOptions,
+        kw: &VisionKwargs,
+    ) -> std::result::Result<ProcessedItem, MediaError> {
+        let ov = kw.video();
+        let d = decode_video(bytes, opts, |total, fps| self.video.sample_indices(total, fps, &ov))?;
+        if d.frames.is_empty() {
+            return Err(MediaError::Corrupt("no frame of the video could be decoded".into()));
+        }
+        let frames: Vec<&DecodedImage> = d.frames.iter().collect();
+        let v = self.video.process_sampled(&frames, d.frame_indices.clone(), d.total_frames, d.source_fps, &ov)?;
+        self.video_item(v)
+    }
+
+    fn video_item(&self, v: ProcessedVideo) -> std::result::Result<ProcessedItem, MediaError> {
+        self.item(v.vision, crate::qwen2_vl::VIDEO_GRID_THW, Some(v.second_per_grid_t))
+    }
+
+    fn item(
+        &self,
+        v: ProcessedVision,
+        grid_name: &str,
+        second_per_grid_t: Option<f64>,
+    ) -> std::result::Result<ProcessedItem, MediaError> {
+        let num_tokens = self.image.num_placeholder_tokens(v.grid_thw);
+        let dev = Device::Cpu;
+        let grid: Vec<u32> = v.grid_thw.iter().map(|&x| x as u32).collect();
+        let t = |r: candle_core::Result<Tensor>| r.map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")));
+        let mut tensors = vec![
+            (crate::qwen2_vl::PIXEL_VALUES.to_string(), t(Tensor::from_vec(v.pixel_values, (v.rows, v.cols), &dev))?),
+            (grid_name.to_string(), t(Tensor::from_vec(grid, 3, &dev))?),
+        ];
+        if let Some(s) = second_per_grid_t {
+            tensors.push((crate::qwen2_vl::SECOND_PER_GRID_T.into(), t(Tensor::from_vec(vec![s as f32], 1, &dev))?));
+        }
+        Ok(ProcessedItem { features: Arc::new(MmFeatures { tensors }), num_tokens })
+    }
+
+    /// Where an item with these features sits for M-RoPE (its placeholders
+    /// start at `offset`).
+    pub fn span_of(&self, offset: usize, features: &MmFeatures) -> Result<crate::qwen2_vl::MediaSpan> {
+        let grid_thw = crate::qwen2_vl::grid_of(features)?;
+        let video = features.get(crate::qwen2_vl::VIDEO_GRID_THW).is_some();
+        let time_interval = match (video, self.tokens_per_second) {
+            (true, Some(tps)) => {
+                let spg = match features.get(crate::qwen2_vl::SECOND_PER_GRID_T) {
+                    Some(t) => t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.first().copied().unwrap_or(1.0),
+                    None => 1.0,
+                };
+                // f32, as torch multiplies tokens_per_second by the tensor.
+                ((tps as f32) * spg) as f64
+            }
+            _ => 1.0,
+        };
+        Ok(crate::qwen2_vl::MediaSpan { offset, grid_thw, time_interval })
+    }
+
+    /// The 3-D positions of a `num_tokens` prompt with these media spans
+    /// (sorted by offset).
+    pub fn mrope_positions(&self, num_tokens: usize, spans: &[crate::qwen2_vl::MediaSpan]) -> Result<MropePositions> {
+        crate::qwen2_vl::mrope_positions(num_tokens, spans, self.merge_size())
+    }
+}
+
 /// What a loaded model accepts besides text.
 #[derive(Debug, Default)]
 pub struct MmProcessor {
     pub audio: Option<AudioProcessor>,
+    /// Images and videos (Qwen2-VL family).
+    pub vision: Option<VisionProcessor>,
 }
 
 /// Processor cache: `mm_hash -> preprocessed item`, bounded in bytes, least
@@ -219,6 +427,18 @@ mod tests {
         assert_eq!((c.queries, c.hits), (4, 3));
         c.insert("huge", item(400));
         assert_eq!(c.usage(), (2, 80));
+    }
+
+    #[test]
+    fn vision_kwargs_parse_and_hash_per_modality() {
+        let k = VisionKwargs::from_json(&serde_json::json!({"max_pixels": 1000, "fps": 1.5, "min_pixels": null})).unwrap();
+        assert_eq!((k.max_pixels, k.fps, k.min_pixels), (Some(1000), Some(1.5), None));
+        assert_eq!(k.canonical(Modality::Image), r#"{"max_pixels":1000}"#);
+        assert_eq!(k.canonical(Modality::Video), r#"{"fps":1.5,"max_pixels":1000}"#);
+        assert_eq!(VisionKwargs::default().canonical(Modality::Image), "{}");
+        for bad in [serde_json::json!({"max_pixels": -1}), serde_json::json!({"fps": 0}), serde_json::json!({"size": 3}), serde_json::json!(3)] {
+            assert!(matches!(VisionKwargs::from_json(&bad), Err(MediaError::Invalid(_))), "{bad}");
+        }
     }
 
     #[test]

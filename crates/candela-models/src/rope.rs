@@ -103,6 +103,8 @@ pub struct RotaryEmbedding {
     sin: Tensor,
     style: RopeStyle,
     max_positions: usize,
+    /// Kept for M-RoPE rows, which mix positions per frequency.
+    inv_freq: Vec<f32>,
 }
 
 /// The cos/sin rows of one batch's positions, `[tokens, 1, head_dim / 2]`.
@@ -138,6 +140,7 @@ impl RotaryEmbedding {
             sin,
             style: cfg.style,
             max_positions: n,
+            inv_freq: inv,
         })
     }
 
@@ -155,6 +158,36 @@ impl RotaryEmbedding {
         let half = self.cos.dim(1)?;
         let cos = self.cos.index_select(positions, 0)?.reshape((n, 1, half))?;
         let sin = self.sin.index_select(positions, 0)?.reshape((n, 1, half))?;
+        Ok(RopeRows { cos, sin })
+    }
+
+    /// Rows for 3-D positions (Qwen2-VL's M-RoPE, HF's
+    /// `apply_multimodal_rotary_pos_emb`): the first `section[0]` frequencies
+    /// rotate by the temporal position, the next `section[1]` by the height
+    /// one, the rest by the width one. Computed here rather than gathered:
+    /// video time positions may lie past the table. Values equal the table's
+    /// for equal positions (same f32 angle, cos/sin rounded from f64).
+    pub fn mrope_rows(&self, positions: &[[u32; 3]], section: [usize; 3], device: &Device) -> Result<RopeRows> {
+        let half = self.inv_freq.len();
+        if section.iter().sum::<usize>() != half {
+            candle_core::bail!("mrope_section {section:?} must sum to head_dim / 2 = {half}");
+        }
+        let axis: Vec<usize> = (0..half)
+            .map(|j| if j < section[0] { 0 } else if j < section[0] + section[1] { 1 } else { 2 })
+            .collect();
+        let n = positions.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in positions {
+            for (j, &f) in self.inv_freq.iter().enumerate() {
+                let a = (p[axis[j]] as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let dtype = self.cos.dtype();
+        let cos = Tensor::from_vec(cos, (n, 1, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let sin = Tensor::from_vec(sin, (n, 1, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
         Ok(RopeRows { cos, sin })
     }
 
@@ -273,6 +306,25 @@ mod tests {
             assert!((yp[2 * i] - y[i]).abs() < 1e-6);
             assert!((yp[2 * i + 1] - y[i + d / 2]).abs() < 1e-6);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn mrope_rows_take_each_frequency_from_its_axis() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = cfg(RopeStyle::Neox, RopeScaling::None);
+        let rope = RotaryEmbedding::new(&c, DType::F32, &dev)?;
+        // Equal positions on all axes: exactly the 1-D table rows.
+        let flat = rope.mrope_rows(&[[5, 5, 5], [0, 0, 0]], [1, 1, 2], &dev)?;
+        let table = rope.rows(&Tensor::new(&[5u32, 0], &dev)?)?;
+        assert_eq!(flat.cos.flatten_all()?.to_vec1::<f32>()?, table.cos.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(flat.sin.flatten_all()?.to_vec1::<f32>()?, table.sin.flatten_all()?.to_vec1::<f32>()?);
+        // Mixed: frequency 0 from t, 1 from h, 2..4 from w.
+        let mixed = rope.mrope_rows(&[[3, 7, 11]], [1, 1, 2], &dev)?.cos.flatten_all()?.to_vec1::<f32>()?;
+        let rows = |p: u32| rope.rows(&Tensor::new(&[p], &dev).unwrap()).unwrap().cos.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (t, h, w) = (rows(3), rows(7), rows(11));
+        assert_eq!(mixed, vec![t[0], h[1], w[2], w[3]]);
+        assert!(rope.mrope_rows(&[[0, 0, 0]], [1, 1, 1], &dev).is_err());
         Ok(())
     }
 

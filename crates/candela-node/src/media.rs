@@ -7,11 +7,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use candela_core::request::{MmInput, MmItem, MmPlaceholder};
+use candela_core::request::{MmInput, MmItem, MmPlaceholder, MropePositions};
 use candela_core::Engine;
 use candela_media::audio::{decode_to_mono, mono_from_channels, resample};
+use candela_media::image::{decode_image, DecodedImage, ImageOptions};
+use candela_media::video::VideoDecodeOptions;
 use candela_media::{mm_hash, MediaError, Modality};
-use candela_models::processor::{MmProcessor, ProcessedItem, ProcessorCache};
+use candela_models::processor::{MmProcessor, ProcessedItem, ProcessorCache, VisionKwargs};
+use candela_models::qwen2_vl::MediaSpan;
 use napi::bindgen_prelude::{Buffer, Float32Array};
 use napi_derive::napi;
 
@@ -22,8 +25,14 @@ use crate::guard::invalid;
 pub struct NativeMediaItem {
     #[napi(ts_type = "'image' | 'video' | 'audio'")]
     pub modality: String,
-    /// Encoded file bytes (WAV, MP3, FLAC, OGG; PNG, JPEG, ...).
+    /// Encoded file bytes (WAV, MP3, FLAC, OGG; PNG, JPEG, ...; MP4, WebM).
     pub data: Option<Buffer>,
+    /// A video as its frames, each an encoded image.
+    pub frames: Option<Vec<Buffer>>,
+    /// Image / video processor options: min_pixels, max_pixels, and for
+    /// video total_pixels, fps, max_frames (vLLM's mm_processor_kwargs).
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub kwargs: Option<serde_json::Value>,
     /// Raw audio samples, one array per channel (with `sampleRate`).
     pub samples: Option<Vec<Float32Array>>,
     pub sample_rate: Option<u32>,
@@ -38,9 +47,11 @@ pub struct MediaInput {
     modality: Modality,
     modality_name: String,
     data: Option<Vec<u8>>,
+    frames: Option<Vec<Vec<u8>>>,
     samples: Option<(Vec<Vec<f32>>, u32)>,
     format: Option<String>,
     uuid: Option<String>,
+    kwargs: VisionKwargs,
 }
 
 /// The prefix JS uses to tell media failures (HTTP 400 / 422) from other errors.
@@ -65,14 +76,34 @@ impl MediaInput {
             (Some(_), None) => return Err(media_invalid("raw audio samples need a sampleRate")),
             _ => None,
         };
+        if item.frames.is_some() && (modality != Modality::Video || item.data.is_some()) {
+            return Err(media_invalid("frames are a video's, given instead of its file data"));
+        }
+        if item.frames.as_ref().is_some_and(|f| f.is_empty()) {
+            return Err(media_invalid("a video given as frames needs at least one frame"));
+        }
+        let kwargs = match &item.kwargs {
+            Some(k) => VisionKwargs::from_json(k).map_err(|e| media_error(&e))?,
+            None => VisionKwargs::default(),
+        };
         Ok(Self {
             modality,
             modality_name: item.modality,
             data: item.data.map(|b| b.to_vec()),
+            frames: item.frames.map(|f| f.iter().map(|b| b.to_vec()).collect()),
             samples,
             format: item.format,
             uuid: item.uuid,
+            kwargs,
         })
+    }
+
+    /// Processor options as they enter the item's hash.
+    fn kwargs_key(&self) -> String {
+        match self.modality {
+            Modality::Image | Modality::Video => self.kwargs.canonical(self.modality),
+            Modality::Audio => "{}".into(),
+        }
     }
 
     /// Bytes that identify the content (for hashing when there is no uuid).
@@ -81,6 +112,13 @@ impl MediaInput {
             return d.clone();
         }
         let mut out = Vec::new();
+        if let Some(frames) = &self.frames {
+            // Length-prefixed so that frame boundaries count.
+            for f in frames {
+                out.extend_from_slice(&(f.len() as u64).to_le_bytes());
+                out.extend_from_slice(f);
+            }
+        }
         if let Some((channels, sr)) = &self.samples {
             out.extend_from_slice(&sr.to_le_bytes());
             for c in channels {
@@ -94,7 +132,7 @@ impl MediaInput {
     }
 
     fn has_data(&self) -> bool {
-        self.data.is_some() || self.samples.is_some()
+        self.data.is_some() || self.samples.is_some() || self.frames.is_some()
     }
 }
 
@@ -102,6 +140,21 @@ impl MediaInput {
 pub struct MediaContext {
     pub processor: Option<Arc<MmProcessor>>,
     pub cache: Mutex<ProcessorCache>,
+    /// How image files become RGB (alpha background, size limit).
+    pub image_options: ImageOptions,
+    /// How video files are decoded (frame recovery, limits).
+    pub video_options: VideoDecodeOptions,
+    /// Grid (and time step) of vision items seen, by hash: M-RoPE positions
+    /// of an item sent later by uuid only, whose tensors may have left the
+    /// processor cache while its embeddings stay in the encoder cache.
+    pub grids: Mutex<std::collections::HashMap<String, MediaSpan>>,
+}
+
+/// Entries of [`MediaContext::grids`] before it starts over (a few MB).
+const MAX_REMEMBERED_GRIDS: usize = 1 << 16;
+
+fn decode_img(bytes: &[u8], opts: &ImageOptions) -> napi::Result<DecodedImage> {
+    decode_image(bytes, opts).map_err(|e| media_error(&e))
 }
 
 impl MediaContext {
@@ -126,10 +179,25 @@ impl MediaContext {
                 }
                 audio.process(&mono).map_err(|e| media_invalid(e.to_string()))
             }
-            Modality::Image | Modality::Video => Err(media_invalid(format!(
-                "this model does not accept {} input",
-                item.modality_name
-            ))),
+            Modality::Image | Modality::Video => {
+                let vision = processor.and_then(|p| p.vision.as_ref()).ok_or_else(|| {
+                    media_invalid(format!("this model does not accept {} input", item.modality_name))
+                })?;
+                let kw = &item.kwargs;
+                let out = match (item.modality, &item.data, &item.frames) {
+                    (Modality::Image, Some(bytes), _) => {
+                        vision.process_image(&decode_img(bytes, &self.image_options)?, kw)
+                    }
+                    (Modality::Video, None, Some(frames)) => {
+                        let frames =
+                            frames.iter().map(|f| decode_img(f, &self.image_options)).collect::<napi::Result<Vec<_>>>()?;
+                        vision.process_frames(&frames, kw)
+                    }
+                    (Modality::Video, Some(bytes), None) => vision.process_video_file(bytes, &self.video_options, kw),
+                    _ => return Err(media_invalid(format!("a {} item needs its data", item.modality_name))),
+                };
+                out.map_err(|e| media_error(&e))
+            }
         }
     }
 
@@ -137,15 +205,66 @@ impl MediaContext {
         let p = self.processor.as_ref()?;
         match modality {
             Modality::Audio => p.audio.as_ref().map(|a| a.placeholder_token),
-            _ => None,
+            Modality::Image => p.vision.as_ref().map(|v| v.image_token),
+            Modality::Video => p.vision.as_ref().map(|v| v.video_token),
         }
     }
 
-    /// Turn `items` (in prompt order) into engine media items and expand
-    /// their placeholders in `ids`.
-    pub fn prepare(&self, engine: &Engine, ids: Vec<u32>, items: Vec<MediaInput>) -> napi::Result<(Vec<u32>, Vec<MmItem>)> {
+    /// M-RoPE positions of the expanded prompt `ids` (models with a vision
+    /// processor; None for the others and for prompts without media).
+    fn mrope(&self, ids: &[u32], items: &[MmItem], modalities: &[Modality]) -> napi::Result<Option<MropePositions>> {
+        let Some(vision) = self.processor.as_ref().and_then(|p| p.vision.as_ref()) else { return Ok(None) };
+        let mut spans = Vec::new();
+        for (item, m) in items.iter().zip(modalities) {
+            if !matches!(m, Modality::Image | Modality::Video) {
+                continue;
+            }
+            let p = &item.placeholder;
+            let span = match &item.input {
+                MmInput::Features(f) => {
+                    let s = vision.span_of(p.offset, f).map_err(|e| media_invalid(e.to_string()))?;
+                    if let Ok(mut g) = self.grids.lock() {
+                        if g.len() >= MAX_REMEMBERED_GRIDS {
+                            g.clear();
+                        }
+                        g.insert(p.hash.clone(), s);
+                    }
+                    s
+                }
+                _ => {
+                    let known = self.grids.lock().ok().and_then(|g| g.get(&p.hash).copied());
+                    let s = known.ok_or_else(|| {
+                        media_invalid(format!("the layout of cached media item {} is unknown; send its data again", p.hash))
+                    })?;
+                    MediaSpan { offset: p.offset, ..s }
+                }
+            };
+            if span.len(vision.merge_size()) != p.length {
+                return Err(media_invalid(format!(
+                    "media item {} has {} placeholder tokens but its grid gives {}",
+                    p.hash,
+                    p.length,
+                    span.len(vision.merge_size())
+                )));
+            }
+            spans.push(span);
+        }
+        // Items arrive grouped by modality, not necessarily in prompt order.
+        spans.sort_by_key(|s| s.offset);
+        vision.mrope_positions(ids.len(), &spans).map(Some).map_err(|e| media_invalid(e.to_string()))
+    }
+
+    /// Turn `items` (in prompt order) into engine media items, expand their
+    /// placeholders in `ids`, and lay out M-RoPE positions where the model
+    /// has them.
+    pub fn prepare(
+        &self,
+        engine: &Engine,
+        ids: Vec<u32>,
+        items: Vec<MediaInput>,
+    ) -> napi::Result<(Vec<u32>, Vec<MmItem>, Option<MropePositions>)> {
         if items.is_empty() {
-            return Ok((ids, Vec::new()));
+            return Ok((ids, Vec::new(), None));
         }
         let caching = self.cache.lock().map(|c| c.enabled()).unwrap_or(false)
             || engine.encoder_cache_enabled()
@@ -156,7 +275,7 @@ impl MediaContext {
             // uuids only mean something while some cache can use them.
             let uuid = item.uuid.as_deref().filter(|_| caching);
             let bytes = if uuid.is_some() { Vec::new() } else { item.content_bytes() };
-            let hash = mm_hash(item.modality, uuid, &bytes, "{}").to_string();
+            let hash = mm_hash(item.modality, uuid, &bytes, &item.kwargs_key()).to_string();
             let cached = self.cache.lock().ok().and_then(|mut c| c.get(&hash));
             let (count, input) = match cached {
                 Some(p) => (p.num_tokens, MmInput::Features(p.features)),
@@ -231,7 +350,11 @@ impl MediaContext {
                 prepared.iter().filter(|p| p.0 == tokens[q].0).count() - queues[q].len()
             )));
         }
-        Ok((out, placed.into_iter().flatten().collect()))
+        let modalities: Vec<Modality> =
+            placed.iter().zip(&prepared).filter(|(p, _)| p.is_some()).map(|(_, q)| q.0).collect();
+        let placed: Vec<MmItem> = placed.into_iter().flatten().collect();
+        let mrope = self.mrope(&out, &placed, &modalities)?;
+        Ok((out, placed, mrope))
     }
 }
 

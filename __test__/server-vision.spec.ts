@@ -1,0 +1,109 @@
+/**
+ * Images and video through the HTTP API with the official `openai` client, on
+ * the qwen2-vl-tiny fixture: image_url parts (data: URLs, interleaved, also
+ * streamed), video_url, uuids, mm_processor_kwargs, media errors in OpenAI's
+ * error shape, and the media cache metrics.
+ */
+
+import test from 'ava'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import OpenAI from 'openai'
+
+import { FIXTURES, fixture } from './helpers.js'
+import { extra, parsePrometheus, startTestServer } from './server-helpers.js'
+import type { TestServer } from './server-helpers.js'
+
+interface Case {
+  input_ids: number[]
+  greedy_ids: number[]
+}
+const dir = fixture('qwen2-vl-tiny')
+const ref = JSON.parse(readFileSync(join(dir, 'reference.json'), 'utf8')) as { cases: Record<'one_image' | 'two_images', Case> }
+const png = (f: string): string => `data:image/png;base64,${readFileSync(join(dir, f)).toString('base64')}`
+const imageA = png('image_a.png')
+const imageB = png('image_b.png')
+
+type Part = OpenAI.Chat.Completions.ChatCompletionContentPart
+type Message = OpenAI.Chat.Completions.ChatCompletionMessageParam
+
+const image = (url: string | null, uuid?: string): Part =>
+  ({ type: 'image_url', image_url: url === null ? null : { url }, ...(uuid ? { uuid } : {}) }) as Part
+const oneImage = (p: Part): Message[] => [{ role: 'user', content: [p, { type: 'text', text: 'Describe this image.' }] }]
+const twoImages = (a: Part, b: Part): Message[] => [
+  { role: 'user', content: [{ type: 'text', text: 'Compare' }, a, { type: 'text', text: 'with' }, b, { type: 'text', text: 'Which one is brighter?' }] },
+]
+const params = extra({ model: 'tiny-vl', max_tokens: 8, temperature: 0, ignore_eos: true })
+
+let s: TestServer
+let expected: { one: string; two: string }
+test.before(async () => {
+  s = await startTestServer({ load: { model: dir, dtype: 'f32', maxModelLen: 512, limitMmPerPrompt: { image: 2, video: 1 } }, servedModelName: 'tiny-vl' })
+  const engine = s.server.engine!
+  expected = { one: engine.detokenize(ref.cases.one_image.greedy_ids), two: engine.detokenize(ref.cases.two_images.greedy_ids) }
+})
+test.after.always(async () => {
+  await s?.server.close()
+})
+
+test.serial('image_url parts answer transformers\' greedy text, interleaved and streamed', async (t) => {
+  const res = await s.client.chat.completions.create({ ...params, messages: oneImage(image(imageA)) })
+  t.is(res.choices[0]!.message.content, expected.one)
+  t.is(res.usage!.prompt_tokens, ref.cases.one_image.input_ids.length)
+  const two = await s.client.chat.completions.create({ ...params, messages: twoImages(image(imageA), image(imageB)) })
+  t.is(two.choices[0]!.message.content, expected.two)
+  const stream = await s.client.chat.completions.create({ ...params, messages: twoImages(image(imageA), image(imageB)), stream: true })
+  let text = ''
+  for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? ''
+  t.is(text, expected.two)
+})
+
+test.serial('a video_url (MP4 data: URL) runs; mm_processor_kwargs shape the media', async (t) => {
+  const mp4 = readFileSync(join(FIXTURES, 'vision', 'clip_h264.mp4')).toString('base64')
+  const video = { type: 'video_url', video_url: { url: `data:video/mp4;base64,${mp4}` } } as unknown as Part
+  const res = await s.client.chat.completions.create(
+    extra({ ...params, messages: [{ role: 'user', content: [video, { type: 'text', text: 'What happens?' }] }], mm_processor_kwargs: { max_pixels: 28 * 28 * 8 } }),
+  )
+  t.is(res.choices[0]!.finish_reason, 'length')
+  t.true(res.usage!.prompt_tokens > 30)
+  const small = await s.client.chat.completions.create(extra({ ...params, messages: oneImage(image(imageA)), mm_processor_kwargs: { max_pixels: 28 * 28 * 4 } }))
+  t.is(small.usage!.prompt_tokens, ref.cases.one_image.input_ids.length - 10)
+  const bad = await t.throwsAsync(s.client.chat.completions.create(extra({ ...params, messages: oneImage(image(imageA)), mm_processor_kwargs: { fps: 'fast' } })))
+  t.true(bad instanceof OpenAI.BadRequestError)
+  t.regex((bad as InstanceType<typeof OpenAI.APIError>).message, /fps/)
+})
+
+test.serial('a uuid alone reuses an image; an unknown uuid is a 400 naming it; metrics count the media caches', async (t) => {
+  const before = parsePrometheus(await (await fetch(`${s.base}/metrics`)).text())
+  const value = (m: ReturnType<typeof parsePrometheus>, name: string) => m.samples.find((x) => x.name === name)?.value ?? 0
+  await s.client.chat.completions.create({ ...params, messages: oneImage(image(imageB, 'img-b')) })
+  const res = await s.client.chat.completions.create({ ...params, messages: oneImage(image(null, 'img-b')) })
+  const direct = await s.client.chat.completions.create({ ...params, messages: oneImage(image(imageB)) })
+  t.is(res.choices[0]!.message.content, direct.choices[0]!.message.content)
+  const err = await t.throwsAsync(s.client.chat.completions.create({ ...params, messages: oneImage(image(null, 'nobody-sent-this')) }))
+  t.true(err instanceof OpenAI.BadRequestError)
+  t.regex((err as InstanceType<typeof OpenAI.APIError>).message, /nobody-sent-this/)
+  const after = parsePrometheus(await (await fetch(`${s.base}/metrics`)).text())
+  t.true(value(after, 'candela_processor_cache_hits_total') >= value(before, 'candela_processor_cache_hits_total') + 1)
+  // img-b (uuid-keyed) once; the same bytes without a uuid were encoded by an earlier test.
+  t.is(value(after, 'candela_encoder_runs_total') - value(before, 'candela_encoder_runs_total'), 1)
+})
+
+test.serial('a corrupt image is a 422, too many images a 400, in OpenAI\'s shape', async (t) => {
+  const post = async (messages: unknown) => {
+    const r = await fetch(`${s.base}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'tiny-vl', max_tokens: 2, messages }),
+    })
+    return { status: r.status, body: (await r.json()) as { error: { message: string; type: string } } }
+  }
+  const corrupt = await post(oneImage(image(`data:image/png;base64,${Buffer.from('\x89PNG\r\n\x1a\nbroken').toString('base64')}`)))
+  t.is(corrupt.status, 422, corrupt.body.error.message)
+  t.truthy(corrupt.body.error.type)
+  const three = await post([{ role: 'user', content: [image(imageA), image(imageA), image(imageB)] }])
+  t.is(three.status, 400)
+  t.is(three.body.error.message, 'At most 2 image(s) may be provided in one prompt.')
+  const ok = await s.client.chat.completions.create({ ...params, messages: oneImage(image(imageA)) })
+  t.is(ok.choices[0]!.message.content, expected.one)
+})

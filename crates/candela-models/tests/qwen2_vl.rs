@@ -1,0 +1,272 @@
+//! Qwen2-VL and Qwen2.5-VL against transformers on the qwen2-vl-tiny and
+//! qwen2_5-vl-tiny fixtures (scripts/make_qwen2_vl_fixtures.py), for a
+//! one-image, a two-image interleaved and a video prompt: pixel values, chat
+//! template + placeholder expansion, M-RoPE positions, vision embeddings,
+//! last-position logits, and greedy tokens through the engine with prefill
+//! chunks that split the media.
+
+use std::path::{Path, PathBuf};
+
+use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
+use candela_core::request::{MmFeatures, MmInput, MmItem, MmPlaceholder, MropePositions};
+use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+use candela_media::image::{decode_image, DecodedImage, ImageOptions};
+use candela_models::processor::{expand_placeholders, ProcessedItem, VisionKwargs, VisionProcessor};
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+const ATOL: f32 = 1e-4;
+const PIXEL_ATOL: f32 = 1e-5;
+
+fn dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+struct Fixture {
+    name: &'static str,
+    reference: Value,
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+fn fixture(name: &'static str) -> Fixture {
+    let d = dir(name);
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(d.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Fixture { name, reference, tensors }
+}
+
+impl Fixture {
+    fn image(&self, file: &str) -> DecodedImage {
+        decode_image(&std::fs::read(dir(self.name).join(file)).unwrap(), &ImageOptions::default()).unwrap()
+    }
+
+    /// Reference pixel values of item `i` of `case` (image_a is stored once).
+    fn ref_pixels(&self, case: &str, i: usize) -> &Tensor {
+        let key = format!("{case}.item{i}.pixel_values");
+        self.tensors.get(&key).unwrap_or_else(|| &self.tensors["one_image.item0.pixel_values"])
+    }
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn vision(loaded: &LoadedModel) -> &VisionProcessor {
+    loaded.processor.as_ref().and_then(|p| p.vision.as_ref()).expect("a vision processor")
+}
+
+/// Our processor on the case's media files.
+fn process_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> Vec<ProcessedItem> {
+    let vp = vision(loaded);
+    case["media"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(file) => vp.process_image(&f.image(file), &VisionKwargs::default()).unwrap(),
+            Value::Array(frames) => {
+                let frames: Vec<DecodedImage> = frames.iter().map(|x| f.image(x.as_str().unwrap())).collect();
+                let kw = VisionKwargs { fps: f.reference["frame_fps"].as_f64(), ..Default::default() };
+                vp.process_frames(&frames, &kw).unwrap()
+            }
+            other => panic!("bad media entry {other}"),
+        })
+        .collect()
+}
+
+/// Rendered + tokenized + expanded prompt, with each item's placeholder offset.
+fn prompt(loaded: &LoadedModel, case: &Value, items: &[ProcessedItem]) -> (Vec<u32>, Vec<usize>) {
+    let messages = case["messages"].as_array().unwrap().clone();
+    let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
+    let rendered = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
+    assert_eq!(rendered, case["rendered"].as_str().unwrap());
+    let ids = loaded.tokenizer.encode(&rendered, false).unwrap();
+    let vp = vision(loaded);
+    let video = case["kinds"][0] == "video";
+    let token = if video { vp.video_token } else { vp.image_token };
+    let counts: Vec<usize> = items.iter().map(|i| i.num_tokens).collect();
+    let (ids, ranges) = expand_placeholders(&ids, token, &counts, "media").unwrap();
+    (ids, ranges.iter().map(|r| r.offset).collect())
+}
+
+fn positions_of(loaded: &LoadedModel, n: usize, offsets: &[usize], items: &[ProcessedItem]) -> MropePositions {
+    let vp = vision(loaded);
+    let spans: Vec<_> = offsets.iter().zip(items).map(|(&o, it)| vp.span_of(o, &it.features).unwrap()).collect();
+    vp.mrope_positions(n, &spans).unwrap()
+}
+
+/// Logits of the last token of `ids`, media spliced in, on a fresh KV pool.
+fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)], mrope: Option<&MropePositions>) -> Tensor {
+    let bs = 16;
+    let blocks = ids.len().div_ceil(bs);
+    loaded.model.allocate_kv_cache(blocks, bs).unwrap();
+    let n = ids.len();
+    let batch = ForwardBatch {
+        input_ids: ids.to_vec(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as u32).collect(),
+        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
+        block_size: bs,
+        mm_embeds: spans.iter().map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.clone() }).collect(),
+        mrope_positions: mrope.map(|m| (0..n).map(|i| m.at(i)).collect()),
+    };
+    loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
+}
+
+fn run_engine(loaded: LoadedModel, ids: &[u32], offsets: &[usize], items: &[ProcessedItem], mrope: MropePositions, chunk: usize) -> (Vec<u32>, u64) {
+    let LoadedModel { model, tokenizer, generation, .. } = loaded;
+    let cfg = EngineConfig {
+        eos_token_ids: generation.eos_token_ids,
+        max_num_batched_tokens: chunk,
+        max_model_len: Some(256),
+        ..Default::default()
+    };
+    let engine = Engine::start(model, tokenizer, cfg).unwrap();
+    let mm_items: Vec<MmItem> = offsets
+        .iter()
+        .zip(items)
+        .enumerate()
+        .map(|(i, (&o, it))| MmItem {
+            placeholder: MmPlaceholder { hash: format!("item{i}"), offset: o, length: it.num_tokens },
+            input: MmInput::Features(it.features.clone()),
+        })
+        .collect();
+    let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let req = EngineRequest { prompt_token_ids: ids.to_vec(), params, mm_items, mrope: Some(mrope) };
+    let mut h = engine.add_request(req).unwrap();
+    let mut got = Vec::new();
+    while let Some(ev) = h.events.blocking_recv() {
+        match ev {
+            RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
+            RequestEvent::Error { message } => panic!("{message}"),
+            RequestEvent::Finished { .. } => {}
+        }
+    }
+    (got, engine.stats().encoder_runs)
+}
+
+fn load_f32(name: &str) -> LoadedModel {
+    load(&dir(name), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap()
+}
+
+fn check_fixture(name: &'static str, architecture: &str) {
+    let f = fixture(name);
+    let mut loaded = load_f32(name);
+    assert_eq!(loaded.spec.architecture, architecture);
+    let cases = f.reference["cases"].as_object().unwrap().clone();
+    let mut worst = (0f32, 0f32, 0f32);
+    for (case_name, case) in &cases {
+        let items = process_case(&loaded, &f, case);
+
+        // Pixels and grids: our processor vs transformers' slow processor.
+        let grids: Vec<Vec<u32>> = case["grid_thw"].as_array().unwrap().iter().map(ids_of).collect();
+        for (i, it) in items.iter().enumerate() {
+            let grid = candela_models::qwen2_vl::grid_of(&it.features).unwrap();
+            assert_eq!(grid.map(|x| x as u32).to_vec(), grids[i], "{name} {case_name} item {i} grid");
+            let d = max_diff(it.features.get("pixel_values").unwrap(), f.ref_pixels(case_name, i));
+            assert!(d <= PIXEL_ATOL, "{name} {case_name} item {i}: pixel values differ by {d}");
+            worst.0 = worst.0.max(d);
+        }
+
+        // Prompt and 3-D positions.
+        let (ids, offsets) = prompt(&loaded, case, &items);
+        assert_eq!(ids, ids_of(&case["input_ids"]), "{name} {case_name}: input ids");
+        let mrope = positions_of(&loaded, ids.len(), &offsets, &items);
+        let ref_pos: Vec<Vec<u32>> = case["position_ids"].as_array().unwrap().iter().map(ids_of).collect();
+        for (axis, want) in ref_pos.iter().enumerate() {
+            let got: Vec<u32> = mrope.prompt.iter().map(|p| p[axis]).collect();
+            assert_eq!(&got, want, "{name} {case_name}: positions on axis {axis}");
+        }
+        assert_eq!(mrope.delta, case["rope_delta"].as_i64().unwrap(), "{name} {case_name}: rope delta");
+
+        // Vision embeddings from the reference's pixels and from ours, then logits.
+        let ref_feats: Vec<MmFeatures> = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let mut t = it.features.tensors.clone();
+                t[0].1 = f.ref_pixels(case_name, i).clone();
+                MmFeatures { tensors: t }
+            })
+            .collect();
+        let our_feats: Vec<MmFeatures> = items.iter().map(|it| (*it.features).clone()).collect();
+        for (what, feats) in [("reference pixels", ref_feats), ("our pixels", our_feats)] {
+            let spans: Vec<(usize, Tensor)> =
+                offsets.iter().zip(&feats).map(|(&o, x)| (o, loaded.model.encode(x).unwrap())).collect();
+            for (i, (_, e)) in spans.iter().enumerate() {
+                let d = max_diff(e, &f.tensors[&format!("{case_name}.item{i}.embeds")]);
+                assert!(d <= ATOL, "{name} {case_name} {what}: embeddings of item {i} differ by {d}");
+                worst.1 = worst.1.max(d);
+            }
+            let last = last_logits(&mut loaded, &ids, &spans, Some(&mrope));
+            let d = max_diff(&last, &f.tensors[&format!("{case_name}.last_logits")]);
+            assert!(d <= ATOL, "{name} {case_name} {what}: last-position logits differ by {d}");
+            worst.2 = worst.2.max(d);
+        }
+    }
+    eprintln!("{name}: max |diff| pixels {:.2e}, embeddings {:.2e}, logits {:.2e}", worst.0, worst.1, worst.2);
+
+    // Greedy tokens through the engine, prefill in chunks of 7 tokens (every
+    // media item is split across steps), for each case.
+    drop(loaded);
+    for (case_name, case) in &cases {
+        let loaded = load_f32(name);
+        let items = process_case(&loaded, &f, case);
+        let (ids, offsets) = prompt(&loaded, case, &items);
+        let mrope = positions_of(&loaded, ids.len(), &offsets, &items);
+        let (got, encoder_runs) = run_engine(loaded, &ids, &offsets, &items, mrope, 7);
+        assert_eq!(got, ids_of(&case["greedy_ids"]), "{name} {case_name}: greedy ids");
+        assert_eq!(encoder_runs, items.len() as u64);
+    }
+}
+
+#[test]
+fn qwen2_vl_matches_transformers() {
+    check_fixture("qwen2-vl-tiny", "Qwen2VLForConditionalGeneration");
+}
+
+#[test]
+fn qwen2_5_vl_matches_transformers() {
+    check_fixture("qwen2_5-vl-tiny", "Qwen2_5_VLForConditionalGeneration");
+}
+
+#[test]
+fn text_positions_equal_plain_rope() {
+    // Text alone: 3-D positions (p, p, p) rotate exactly like 1-D positions.
+    let mut loaded = load_f32("qwen2-vl-tiny");
+    let ids = loaded.tokenizer.encode("A plain text prompt, no media at all.", false).unwrap();
+    let n = ids.len();
+    let flat = MropePositions { prompt: (0..n as u32).map(|p| [p; 3]).collect::<Vec<_>>().into(), delta: 0 };
+    let a = last_logits(&mut loaded, &ids, &[], None);
+    let b = last_logits(&mut loaded, &ids, &[], Some(&flat));
+    assert_eq!(max_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn different_images_give_different_logits_and_bad_features_are_errors() {
+    let f = fixture("qwen2_5-vl-tiny");
+    let mut loaded = load_f32("qwen2_5-vl-tiny");
+    let case = &f.reference["cases"]["one_image"];
+    let items = process_case(&loaded, &f, case);
+    let (ids, offsets) = prompt(&loaded, case, &items);
+    let mrope = positions_of(&loaded, ids.len(), &offsets, &items);
+    let e = loaded.model.encode(&items[0].features).unwrap();
+    let a = last_logits(&mut loaded, &ids, &[(offsets[0], e.clone())], Some(&mrope));
+    // The same grid with other pixels.
+    let mut other = (*items[0].features).clone();
+    other.tensors[0].1 = (other.tensors[0].1.clone() * -1.0).unwrap();
+    let e2 = loaded.model.encode(&other).unwrap();
+    let b = last_logits(&mut loaded, &ids, &[(offsets[0], e2)], Some(&mrope));
+    assert!(max_diff(&a, &b) > 1e-3);
+    // A grid that does not fit the pixels is an error, not a panic.
+    let mut bad = (*items[0].features).clone();
+    bad.tensors[1].1 = Tensor::new(&[1u32, 4, 4], &Device::Cpu).unwrap();
+    let err = loaded.model.encode(&bad).unwrap_err().to_string();
+    assert!(err.contains("grid_thw"), "{err}");
+}

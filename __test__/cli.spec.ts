@@ -85,8 +85,14 @@ test('bad flag values and commands are usage errors', async (t) => {
   t.is(r.code, 1)
   t.is(r.stderr, 'candela: maxTokens must be at least 1, got -4\n')
   r = await run(['chat', fixture('llama-tiny'), '--device', 'cuda', '--message', 'x'])
+  // Where the CUDA addon and a GPU are both there, this simply answers.
+  if (r.code !== 0) {
+    t.is(r.code, 1)
+    t.regex(r.stderr, /^candela: device 'cuda' is not available/)
+  }
+  r = await run(['chat', fixture('llama-tiny'), '--gpu-memory-utilization', '2', '--message', 'x'])
   t.is(r.code, 1)
-  t.regex(r.stderr, /^candela: device 'cuda' is not available/)
+  t.regex(r.stderr, /gpuMemoryUtilization must be a number in \(0, 1\]/)
 })
 
 test('--help lists the commands', async (t) => {
@@ -255,4 +261,32 @@ test('serve: listens, logs JSON lines off a TTY, needs the key from CANDELA_API_
   t.is(await exited, 0, stderr)
   t.is(stderr, '')
   t.is(lines().at(-1)!.msg, 'shutting down')
+})
+
+test('serve: --media-io-kwargs (vLLM snake_case JSON) and --enable-mm-embeds', async (t) => {
+  const parse = (args: string[]) => {
+    const { values, positionals } = parseArgs({ args, options: serveCommand.options, allowPositionals: true, strict: true })
+    return serveConfig(positionals, values as Parameters<typeof serveConfig>[1], {})
+  }
+  t.deepEqual(parse(['--media-io-kwargs', '{"image":{"rgba_background_color":[0,0,0]},"video":{"frame_recovery":true}}', '--enable-mm-embeds']).load, {
+    mediaIoKwargs: { image: { rgbaBackgroundColor: [0, 0, 0] }, video: { frameRecovery: true } },
+    enableMmEmbeds: true,
+  })
+  t.deepEqual(parse(['--media-io-kwargs', '{"video":{"frame_recovery":false}}']).load, { mediaIoKwargs: { video: { frameRecovery: false } } })
+  t.is(parse([]).load.enableMmEmbeds, undefined, 'off by default')
+  t.throws(() => parse(['--media-io-kwargs', '{image:']), { message: /^--media-io-kwargs expects JSON like '\{"image":\{"rgba_background_color":\[0,0,0\]\}\}', got "\{image:"$/ })
+  t.throws(() => parse(['--media-io-kwargs', '{"image":{"rgba_background_color":[0,0,256]}}']), {
+    message: '--media-io-kwargs: image.rgba_background_color must be [r, g, b] with integers 0..255, got [0,0,256]',
+  })
+  t.throws(() => parse(['--media-io-kwargs', '{"image":{"rgba_background_color":[-1,0,0]}}']), { message: /integers 0\.\.255/ })
+  t.throws(() => parse(['--media-io-kwargs', '{"image":{"rgba_background_color":"black"}}']), { message: /integers 0\.\.255/ })
+  t.throws(() => parse(['--media-io-kwargs', '{"audio":{}}']), { message: /unknown key "audio" \(image, video\)/ })
+  t.throws(() => parse(['--media-io-kwargs', '{"video":{"frame_recovery":1}}']), { message: /frame_recovery must be true or false/ })
+  // Through the binary: one usage line, before any model loads.
+  const r = await run(['serve', fixture('qwen2-vl-tiny'), '--port', '0', '--media-io-kwargs', '{"image":{"rgba_background_color":[0,0,300]}}'])
+  t.is(r.code, 2)
+  t.regex(r.stderr, /^candela: --media-io-kwargs: image\.rgba_background_color must be \[r, g, b\] with integers 0\.\.255, got \[0,0,300\] \(see 'candela serve --help'\)\n$/)
+  const help = await run(['serve', '--help'])
+  t.regex(help.stdout, /--media-io-kwargs JSON +how media files are read/)
+  t.regex(help.stdout, /--enable-mm-embeds +accept image_embeds parts/)
 })

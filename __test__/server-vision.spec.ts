@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 
-import { FIXTURES, fixture } from './helpers.js'
+import { FIXTURES, fixture, readF32, writeSafetensors } from './helpers.js'
 import { extra, parsePrometheus, startTestServer } from './server-helpers.js'
 import type { TestServer } from './server-helpers.js'
 
@@ -106,4 +106,41 @@ test.serial('a corrupt image is a 422, too many images a 400, in OpenAI\'s shape
   t.is(three.body.error.message, 'At most 2 image(s) may be provided in one prompt.')
   const ok = await s.client.chat.completions.create({ ...params, messages: oneImage(image(imageA)) })
   t.is(ok.choices[0]!.message.content, expected.one)
+})
+
+test('image_embeds: base64 safetensors over HTTP give the image\'s text; bad ones and the flag off are 400s', async (t) => {
+  const { data } = readF32(join(dir, 'reference.safetensors'), 'one_image.item0.embeds')
+  const f32 = new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+  const grid = new Uint8Array(BigInt64Array.from([1n, 6n, 8n]).buffer)
+  const b64 = (tensors: Parameters<typeof writeSafetensors>[0]) => writeSafetensors(tensors).toString('base64')
+  const withGrid = b64({ image_embeds: { dtype: 'F32', shape: [12, 16], data: f32 }, image_grid_thw: { dtype: 'I64', shape: [3], data: grid } })
+  const bare = b64({ image_embeds: { dtype: 'F32', shape: [12, 16], data: f32 } })
+  const embeds = (image_embeds: string, more: Record<string, unknown> = {}): Part => ({ type: 'image_embeds', image_embeds, ...more }) as unknown as Part
+  const badRequest = async (server: TestServer, p: Part, re: RegExp) => {
+    const err = await t.throwsAsync(server.client.chat.completions.create({ ...params, messages: oneImage(p) }))
+    t.true(err instanceof OpenAI.BadRequestError, err?.message)
+    t.is((err as InstanceType<typeof OpenAI.APIError>).status, 400)
+    t.regex(err!.message, re)
+  }
+  // The shared server was started without --enable-mm-embeds.
+  await badRequest(s, embeds(withGrid), /image_embeds parts are disabled.*--enable-mm-embeds/)
+  const on = await startTestServer({ load: { model: dir, dtype: 'f32', maxModelLen: 512, enableMmEmbeds: true }, servedModelName: 'tiny-vl' })
+  try {
+    const a = await on.client.chat.completions.create({ ...params, messages: oneImage(embeds(withGrid)) })
+    t.is(a.choices[0]!.message.content, expected.one)
+    t.is(a.usage!.prompt_tokens, ref.cases.one_image.input_ids.length)
+    // The grid beside the blob, as [[t, h, w]].
+    const b = await on.client.chat.completions.create({ ...params, messages: oneImage(embeds(bare, { image_grid_thw: [[1, 6, 8]] })) })
+    t.is(b.choices[0]!.message.content, expected.one)
+    await badRequest(on, embeds(bare, { image_grid_thw: [1, 4, 8] }), /12 feature tokens but image_grid_thw \[1, 4, 8\] gives 8/)
+    const narrow = b64({ image_embeds: { dtype: 'BF16', shape: [12, 8], data: new Uint8Array(12 * 8 * 2) }, image_grid_thw: { dtype: 'I64', shape: [3], data: grid } })
+    await badRequest(on, embeds(narrow), /hidden size 8 but the model's hidden size is 16/)
+    const ints = b64({ image_embeds: { dtype: 'I64', shape: [12, 16], data: new Uint8Array(12 * 16 * 8) } })
+    await badRequest(on, embeds(ints, { image_grid_thw: [1, 6, 8] }), /float tensor.*got dtype I64/)
+    await badRequest(on, embeds('%%% not base64'), /image_embeds is not valid base64/)
+    const ok = await on.client.chat.completions.create({ ...params, messages: oneImage(image(imageA)) })
+    t.is(ok.choices[0]!.message.content, expected.one)
+  } finally {
+    await on.server.close()
+  }
 })

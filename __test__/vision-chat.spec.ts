@@ -12,9 +12,9 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
-import { Engine, MediaError } from '../src/index.js'
+import { Engine, MediaError, ValidationError } from '../src/index.js'
 import type { ChatMessage } from '../src/index.js'
-import { FIXTURES, fixture } from './helpers.js'
+import { FIXTURES, fixture, readF32, writeSafetensors } from './helpers.js'
 
 interface Case {
   media: Array<string | string[]>
@@ -145,7 +145,7 @@ test.serial('processor options change the item (and its hash); bad ones are a 40
   t.true(bad instanceof MediaError)
   t.is((bad as MediaError).status, 400)
   t.regex(bad!.message, /max_pixels/)
-  const unknown = await t.throwsAsync(engine.chat(messages(one, () => ({ type: 'image', image: imageA })), { ...greedy, mmProcessorKwargs: { size: 3 } }))
+  const unknown = await t.throwsAsync(engine.chat(messages(one, () => ({ type: 'image', image: imageA })), { ...greedy, mmProcessorKwargs: { size: 3 } as never }))
   t.regex(unknown!.message, /unknown processor kwarg "size"/)
 })
 
@@ -210,4 +210,137 @@ test('a text-only model refuses images with a 400 naming the part', async (t) =>
   } finally {
     await text.close()
   }
+})
+
+test('mediaIoKwargs: transparent pixels are composited over the configured colour', async (t) => {
+  // 45x37 RGBA with transparent and half-transparent pixels.
+  const rgba = readFileSync(join(FIXTURES, 'vision', 'rgba_alpha.png'))
+  const ask = (e: Engine) =>
+    e.chat([{ role: 'user', content: [{ type: 'image', image: rgba }, { type: 'text', text: 'Describe this image.' }] }], {
+      maxTokens: 3,
+      temperature: 0,
+      ignoreEos: true,
+      logprobs: true,
+    })
+  const black = await Engine.load({ model: dir, dtype: 'f32', maxModelLen: 512, mediaIoKwargs: { image: { rgbaBackgroundColor: [0, 0, 0] }, video: { frameRecovery: true } } })
+  const white = await Engine.load({ model: dir, dtype: 'f32', maxModelLen: 512, mediaIoKwargs: { image: { rgbaBackgroundColor: [255, 255, 255] } } })
+  try {
+    const [b, w, d] = await Promise.all([ask(black), ask(white), ask(engine)])
+    const gap = (x: typeof b, y: typeof b) => Math.max(...x.logprobs!.map((l, i) => Math.abs(l.logprob - y.logprobs![i]!.logprob)))
+    t.log(`black vs white logprob gap ${gap(b, w)}`)
+    t.true(gap(b, w) > 1e-3, `black and white backgrounds give different pixels (logprob gap ${gap(b, w)})`)
+    // White is the default (the shared engine chunks prefill differently: float noise only).
+    t.deepEqual(d.tokenIds, w.tokenIds)
+    t.true(gap(d, w) < 1e-4, `default vs white gap ${gap(d, w)}`)
+    // An opaque image does not care.
+    const one = ref.cases.one_image
+    const opaque = await black.chat(messages(one, () => ({ type: 'image', image: imageA })), greedy)
+    t.deepEqual(opaque.tokenIds, one.greedy_ids)
+  } finally {
+    await Promise.all([black.close(), white.close()])
+  }
+  const load = (mediaIoKwargs: unknown) => Engine.load({ model: dir, mediaIoKwargs } as never)
+  for (const [kw, msg] of [
+    [{ image: { rgbaBackgroundColor: [0, 0, 256] } }, /^mediaIoKwargs\.image\.rgbaBackgroundColor\[2\] must be at most 255, got 256$/],
+    [{ image: { rgbaBackgroundColor: [-1, 0, 0] } }, /^mediaIoKwargs\.image\.rgbaBackgroundColor\[0\] must be at least 0, got -1$/],
+    [{ image: { rgbaBackgroundColor: [0.5, 0, 0] } }, /rgbaBackgroundColor\[0\] must be an integer/],
+    [{ image: { rgbaBackgroundColor: [0, 0] } }, /rgbaBackgroundColor must be \[r, g, b\], got \[0,0\]/],
+    [{ image: { rgba_background_color: [0, 0, 0] } }, /unknown mediaIoKwargs\.image key "rgba_background_color" \(did you mean rgbaBackgroundColor\?\)/],
+    [{ video: { frameRecovery: 'yes' } }, /mediaIoKwargs\.video\.frameRecovery must be true or false/],
+    [{ audio: {} }, /unknown mediaIoKwargs key "audio"/],
+  ] as Array<[unknown, RegExp]>) {
+    const err = await t.throwsAsync(load(kw), { instanceOf: ValidationError })
+    t.regex(err!.message, msg)
+  }
+})
+
+const refEmbeds = join(dir, 'reference.safetensors')
+/** transformers' vision-tower output for image_a (grid 1x6x8) and image_b (grid 1x8x4). */
+const embedsA = readF32(refEmbeds, 'one_image.item0.embeds')
+const embedsB = readF32(refEmbeds, 'two_images.item1.embeds')
+const gridA: [number, number, number] = [1, 6, 8]
+const gridB: [number, number, number] = [1, 8, 4]
+const f32Bytes = (a: Float32Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength)
+const i64Bytes = (v: number[]): Uint8Array => new Uint8Array(BigInt64Array.from(v.map(BigInt)).buffer)
+
+test('image_embeds: precomputed vision embeddings give the same greedy tokens as the image', async (t) => {
+  const e = await Engine.load({ model: dir, dtype: 'f32', maxModelLen: 512, enableMmEmbeds: true })
+  try {
+    const one = ref.cases.one_image
+    t.deepEqual(embedsA.shape, [12, 16])
+    const runs = e.stats().encoderRuns
+    const direct = await e.chat(
+      messages(one, () => ({ type: 'image_embeds', image_embeds: { data: embedsA.data, shape: [12, 16] }, image_grid_thw: gridA })),
+      greedy,
+    )
+    t.deepEqual(direct.tokenIds, one.greedy_ids)
+    t.is(direct.usage.promptTokens, one.input_ids.length)
+    // A safetensors blob holding the grid too ((1, 3) int64), as bytes.
+    const blob = writeSafetensors({
+      image_embeds: { dtype: 'F32', shape: [12, 16], data: f32Bytes(embedsA.data) },
+      image_grid_thw: { dtype: 'I64', shape: [1, 3], data: i64Bytes(gridA) },
+    })
+    const fromBlob = await e.chat(messages(one, () => ({ type: 'image_embeds', image_embeds: blob })), greedy)
+    t.deepEqual(fromBlob.tokenIds, one.greedy_ids)
+    t.is(e.stats().encoderRuns, runs, 'the vision tower never ran')
+    // Mixed with an image, each in its place: embeddings for the second image.
+    const two = ref.cases.two_images
+    const mixed = await e.chat(
+      messages(two, (k) =>
+        k === 0
+          ? { type: 'image', image: imageA }
+          : { type: 'image_embeds', image_embeds: { data: embedsB.data, shape: [8, 16] }, image_grid_thw: gridB },
+      ),
+      greedy,
+    )
+    t.deepEqual(mixed.tokenIds, two.greedy_ids)
+    // The same as the engine gets from the image itself.
+    const image = await e.chat(messages(one, () => ({ type: 'image', image: imageA })), greedy)
+    t.deepEqual(image.tokenIds, direct.tokenIds)
+  } finally {
+    await e.close()
+  }
+})
+
+test('image_embeds: wrong shapes, dtypes or grids are 400s naming expected vs got; off is a 400 naming the option', async (t) => {
+  const e = await Engine.load({ model: dir, dtype: 'f32', maxModelLen: 512, enableMmEmbeds: true })
+  const one = ref.cases.one_image
+  const ask = (part: Part, on: Engine = e) => on.chat(messages(one, () => part), greedy)
+  const rejects = async (p: Promise<unknown>, re: RegExp) => {
+    const err = await t.throwsAsync(p)
+    t.true(err instanceof MediaError, err?.message)
+    t.is((err as MediaError).status, 400, err?.message)
+    t.regex(err!.message, re)
+  }
+  try {
+    const floats = (shape: [number, number], grid: number[]) =>
+      ({ type: 'image_embeds', image_embeds: { data: new Float32Array(shape[0] * shape[1]), shape }, image_grid_thw: grid })
+    // 12 rows, but a 1x6x4 grid makes 6 tokens.
+    await rejects(ask(floats([12, 16], [1, 6, 4])), /image_embeds has 12 feature tokens but image_grid_thw \[1, 6, 4\] gives 6/)
+    await rejects(ask(floats([12, 8], gridA)), /hidden size 8 but the model's hidden size is 16 \(expected shape \(12, 16\)\)/)
+    const intBlob = writeSafetensors({ image_embeds: { dtype: 'I32', shape: [12, 16], data: new Uint8Array(12 * 16 * 4) } })
+    await rejects(ask({ type: 'image_embeds', image_embeds: intBlob, image_grid_thw: gridA }), /must be a float tensor \(F32, F16 or BF16\), got dtype I32/)
+    const f16Wrong = writeSafetensors({ image_embeds: { dtype: 'F16', shape: [10, 16], data: new Uint8Array(10 * 16 * 2) } })
+    await rejects(ask({ type: 'image_embeds', image_embeds: f16Wrong, image_grid_thw: gridA }), /10 feature tokens but image_grid_thw \[1, 6, 8\] gives 12/)
+    const noGrid = writeSafetensors({ image_embeds: { dtype: 'F32', shape: [12, 16], data: f32Bytes(embedsA.data) } })
+    await rejects(ask({ type: 'image_embeds', image_embeds: noGrid }), /needs image_grid_thw/)
+    await rejects(ask({ type: 'image_embeds', image_embeds: Buffer.from('not safetensors') , image_grid_thw: gridA }), /not a valid safetensors blob/)
+    const misnamed = writeSafetensors({ embeds: { dtype: 'F32', shape: [12, 16], data: f32Bytes(embedsA.data) } })
+    await rejects(ask({ type: 'image_embeds', image_embeds: misnamed, image_grid_thw: gridA }), /no tensor named "image_embeds"/)
+    await rejects(ask(floats([12, 16], [1, 6])), /image_grid_thw must be three positive integers/)
+    // The part's grid wins over the blob's: here the part's is wrong.
+    const withGrid = writeSafetensors({
+      image_embeds: { dtype: 'F32', shape: [12, 16], data: f32Bytes(embedsA.data) },
+      image_grid_thw: { dtype: 'I64', shape: [3], data: i64Bytes(gridA) },
+    })
+    await rejects(ask({ type: 'image_embeds', image_embeds: withGrid, image_grid_thw: gridB }), /12 feature tokens but image_grid_thw \[1, 8, 4\] gives 8/)
+    // Off (the shared engine has no enableMmEmbeds).
+    await rejects(ask(floats([12, 16], gridA), engine), /image_embeds parts are disabled; load the engine with enableMmEmbeds: true \(candela serve --enable-mm-embeds\)/)
+    // None of that hurt the engine.
+    const ok = await ask({ type: 'image_embeds', image_embeds: withGrid })
+    t.deepEqual(ok.tokenIds, one.greedy_ids)
+  } finally {
+    await e.close()
+  }
+  await t.throwsAsync(Engine.load({ model: dir, enableMmEmbeds: 'yes' } as never), { message: /enableMmEmbeds must be true or false/ })
 })

@@ -111,6 +111,11 @@ export interface NativeEvent {
   message?: string
 }
 
+export interface NativeImageIoKwargs {
+  /** [r, g, b], each 0..=255: what transparent pixels are composited over (default white). */
+  rgbaBackgroundColor?: Array<number>
+}
+
 /** Options for `NativeEngine.load`. */
 export interface NativeLoadOptions {
   /** A model folder (config.json + safetensors + tokenizer.json) or a .gguf file. */
@@ -145,6 +150,16 @@ export interface NativeLoadOptions {
   mmProcessorCacheGb?: number
   /** Media embedding rows (tokens) kept by the encoder cache (default 16384; 0 = off). */
   encoderCacheTokens?: number
+  /** How media files are read (vLLM's media_io_kwargs). */
+  mediaIoKwargs?: NativeMediaIoKwargs
+  /** Accept precomputed image embeddings (default false). */
+  enableMmEmbeds?: boolean
+}
+
+/** `mediaIoKwargs`: options of the image and video readers. */
+export interface NativeMediaIoKwargs {
+  image?: NativeImageIoKwargs
+  video?: NativeVideoIoKwargs
 }
 
 /** One media item as JS sends it, in prompt order. */
@@ -166,6 +181,20 @@ export interface NativeMediaItem {
   format?: string
   /** The caller's cache key for the item (vLLM's multi_modal_uuids). */
   uuid?: string
+  /** Precomputed image embeddings (row-major, `embedsShape` = [tokens, hidden]). */
+  embeds?: Float32Array
+  embedsShape?: Array<number>
+  /**
+   * Precomputed image embeddings as a safetensors blob: tensor
+   * `image_embeds` (F32 / F16 / BF16, (tokens, hidden)) and optionally
+   * `image_grid_thw` (ints, (3,) or (1, 3)).
+   */
+  embedsSafetensors?: Buffer
+  /**
+   * The (t, h, w) patch grid of precomputed embeddings; wins over a grid
+   * inside the safetensors blob.
+   */
+  gridThw?: Array<number>
 }
 
 export interface NativeModelInfo {
@@ -350,6 +379,11 @@ export interface NativeUsage {
   promptTokens: number
   completionTokens: number
   cachedTokens: number
+}
+
+export interface NativeVideoIoKwargs {
+  /** Replace a frame that fails to decode by the next good one (default false). */
+  frameRecovery?: boolean
 }
 
 /**

@@ -61,6 +61,10 @@ function toNativeMedia(m: ResolvedMedia, requestKwargs: Record<string, unknown> 
     sampleRate: m.sampleRate,
     format: m.format,
     uuid: m.uuid,
+    embeds: m.embeds,
+    embedsShape: m.embedsShape,
+    embedsSafetensors: m.embedsSafetensors,
+    gridThw: m.gridThw,
   }
 }
 
@@ -201,6 +205,7 @@ export class Engine {
       accepts: new Set(modalities),
       limitMmPerPrompt: opts.limitMmPerPrompt,
       allowedLocalMediaPath: opts.allowedLocalMediaPath,
+      enableMmEmbeds: opts.enableMmEmbeds,
     }
     this.#info = {
       name: i.name,
@@ -252,6 +257,8 @@ export class Engine {
       enablePrefixCaching: opts.enablePrefixCaching,
       mmProcessorCacheGb: opts.mmProcessorCacheGb,
       encoderCacheTokens: opts.encoderCacheTokens,
+      mediaIoKwargs: opts.mediaIoKwargs,
+      enableMmEmbeds: opts.enableMmEmbeds,
     })
     return new Engine(nativeEngine, path, opts)
   }

@@ -59,6 +59,25 @@ export interface LoadOptions {
   mmProcessorCacheGb?: number
   /** Media embedding rows kept by the encoder cache (default 16384; 0 = off). */
   encoderCacheTokens?: number
+  /** How media files are read (vLLM's `media_io_kwargs`). */
+  mediaIoKwargs?: MediaIoKwargs
+  /**
+   * Accept `image_embeds` parts: precomputed vision-tower outputs that skip
+   * the encoder (vLLM's `enable_mm_embeds`; default `false`).
+   */
+  enableMmEmbeds?: boolean
+}
+
+/** Options of the image and video readers ({@link LoadOptions.mediaIoKwargs}). */
+export interface MediaIoKwargs {
+  image?: {
+    /** What transparent pixels (RGBA, LA, palette) are composited over: [r, g, b], each 0..255 (default white). */
+    rgbaBackgroundColor?: [number, number, number]
+  }
+  video?: {
+    /** A frame that fails to decode is replaced by the next good one before the next sampled frame (default `false`). */
+    frameRecovery?: boolean
+  }
 }
 
 /**
@@ -179,6 +198,22 @@ export type VisionContentPart =
   | ({ type: 'image'; image: Uint8Array | null; uuid?: string } & MmProcessorKwargs)
   | ({ type: 'video_url'; video_url: { url: string } | null; uuid?: string } & MmProcessorKwargs)
   | ({ type: 'video'; video: VideoInput | null; uuid?: string } & MmProcessorKwargs)
+  | ImageEmbedsContentPart
+
+/**
+ * Precomputed image embeddings (needs {@link LoadOptions.enableMmEmbeds}):
+ * the vision tower's output for one image, shape `(feature_tokens, hidden)`
+ * with `feature_tokens = t*h*w / merge²`, and the image's patch grid
+ * `image_grid_thw: [t, h, w]`. `image_embeds` is `{ data, shape }` or a
+ * safetensors blob (tensor `image_embeds`, F32 / F16 / BF16, and optionally
+ * `image_grid_thw`); a grid given on the part wins over one in the blob.
+ */
+export interface ImageEmbedsContentPart {
+  type: 'image_embeds'
+  image_embeds: { data: Float32Array; shape: [number, number] } | Uint8Array | null
+  image_grid_thw?: [number, number, number]
+  uuid?: string
+}
 
 /** A video: file bytes (MP4, WebM), or its frames as encoded images. */
 export type VideoInput = Uint8Array | Uint8Array[]

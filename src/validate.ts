@@ -71,6 +71,8 @@ const LOAD_KEYS = [
   'allowedLocalMediaPath',
   'mmProcessorCacheGb',
   'encoderCacheTokens',
+  'mediaIoKwargs',
+  'enableMmEmbeds',
 ] as const
 
 /** Check {@link LoadOptions}; the device defaults to `'cpu'`. */
@@ -116,7 +118,33 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
     fail(`mmProcessorCacheGb must be a number >= 0, got ${show(o.mmProcessorCacheGb)}`)
   }
   if (o.encoderCacheTokens !== undefined) int('encoderCacheTokens', o.encoderCacheTokens, 0)
+  if (o.mediaIoKwargs !== undefined) validateMediaIoKwargs(o.mediaIoKwargs)
+  if (o.enableMmEmbeds !== undefined) bool('enableMmEmbeds', o.enableMmEmbeds)
   return { ...o, device }
+}
+
+/** `mediaIoKwargs`: `{ image?: { rgbaBackgroundColor? }, video?: { frameRecovery? } }`. */
+function validateMediaIoKwargs(kw: unknown): void {
+  if (!isObject(kw)) return fail(`mediaIoKwargs must be an object like { image: { rgbaBackgroundColor: [0, 0, 0] } }, got ${show(kw)}`)
+  checkKeys(kw, ['image', 'video'], 'mediaIoKwargs key')
+  if (kw.image !== undefined) {
+    if (!isObject(kw.image)) fail(`mediaIoKwargs.image must be an object, got ${show(kw.image)}`)
+    const image = kw.image as Record<string, unknown>
+    checkKeys(image, ['rgbaBackgroundColor'], 'mediaIoKwargs.image key')
+    const c = image.rgbaBackgroundColor
+    if (c !== undefined) {
+      if (!Array.isArray(c) || c.length !== 3) {
+        fail(`mediaIoKwargs.image.rgbaBackgroundColor must be [r, g, b], got ${show(c)}`)
+      }
+      ;(c as unknown[]).forEach((v, i) => int(`mediaIoKwargs.image.rgbaBackgroundColor[${i}]`, v, 0, 255))
+    }
+  }
+  if (kw.video !== undefined) {
+    if (!isObject(kw.video)) fail(`mediaIoKwargs.video must be an object, got ${show(kw.video)}`)
+    const video = kw.video as Record<string, unknown>
+    checkKeys(video, ['frameRecovery'], 'mediaIoKwargs.video key')
+    if (video.frameRecovery !== undefined) bool('mediaIoKwargs.video.frameRecovery', video.frameRecovery)
+  }
 }
 
 const SAMPLING_KEYS = [

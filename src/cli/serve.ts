@@ -78,11 +78,46 @@ const DTYPES: Record<string, DType> = {
   bfloat16: 'bf16',
 }
 
+/** `--media-io-kwargs` JSON (snake_case, as vLLM's) -> {@link LoadOptions.mediaIoKwargs}. */
+function mediaIoKwargsValue(v: string): NonNullable<LoadOptions['mediaIoKwargs']> {
+  const bad = (why: string): never => {
+    throw new UsageError(`--media-io-kwargs${why}`)
+  }
+  const isObj = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x)
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(v)
+  } catch {
+    return bad(` expects JSON like '{"image":{"rgba_background_color":[0,0,0]}}', got ${JSON.stringify(v)}`)
+  }
+  if (!isObj(parsed)) return bad(` expects a JSON object like '{"image":{"rgba_background_color":[0,0,0]}}'`)
+  const out: NonNullable<LoadOptions['mediaIoKwargs']> = {}
+  for (const [k, val] of Object.entries(parsed)) {
+    if (k !== 'image' && k !== 'video') bad(`: unknown key ${JSON.stringify(k)} (image, video)`)
+    if (!isObj(val)) bad(`: ${k} must be an object`)
+  }
+  const image = parsed.image as Record<string, unknown> | undefined
+  for (const k of Object.keys(image ?? {})) if (k !== 'rgba_background_color') bad(`: unknown image option ${JSON.stringify(k)} (rgba_background_color)`)
+  if (image?.rgba_background_color !== undefined) {
+    const c = image.rgba_background_color
+    if (!Array.isArray(c) || c.length !== 3 || !c.every((x) => Number.isInteger(x) && x >= 0 && x <= 255)) {
+      bad(`: image.rgba_background_color must be [r, g, b] with integers 0..255, got ${JSON.stringify(c)}`)
+    }
+    out.image = { rgbaBackgroundColor: c as [number, number, number] }
+  }
+  const video = parsed.video as Record<string, unknown> | undefined
+  for (const k of Object.keys(video ?? {})) if (k !== 'frame_recovery') bad(`: unknown video option ${JSON.stringify(k)} (frame_recovery)`)
+  if (video?.frame_recovery !== undefined) {
+    if (typeof video.frame_recovery !== 'boolean') bad(`: video.frame_recovery must be true or false, got ${JSON.stringify(video.frame_recovery)}`)
+    out.video = { frameRecovery: video.frame_recovery as boolean }
+  }
+  return out
+}
+
 /**
- * The serve flags by group, in help order. Multimodal flags that the media
- * work adds later (--allowed-media-domains, --media-io-kwargs,
- * --enable-mm-embeds) go in the "Multimodal" group; their `apply` writes
- * into `cfg.load` (what the engine enforces) or `cfg.server`.
+ * The serve flags by group, in help order. Multimodal flags go in the
+ * "Multimodal" group; their `apply` writes into `cfg.load` (what the engine
+ * enforces) or `cfg.server`.
  */
 export const SERVE_FLAGS: FlagGroup[] = [
   {
@@ -200,6 +235,17 @@ export const SERVE_FLAGS: FlagGroup[] = [
       }),
       option('encoder-cache-tokens', 'N', 'media embedding rows the encoder cache keeps (default 16384; 0 = off)', (c, v) => {
         c.load.encoderCacheTokens = intValue('encoder-cache-tokens', v, 0)
+      }),
+      option(
+        'media-io-kwargs',
+        'JSON',
+        'how media files are read, e.g. \'{"image":{"rgba_background_color":[0,0,0]},"video":{"frame_recovery":true}}\'',
+        (c, v) => {
+          c.load.mediaIoKwargs = mediaIoKwargsValue(v)
+        },
+      ),
+      toggle('enable-mm-embeds', 'accept image_embeds parts (precomputed vision embeddings, base64 safetensors); off by default', (c) => {
+        c.load.enableMmEmbeds = true
       }),
     ],
   },

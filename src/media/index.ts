@@ -21,6 +21,8 @@ export interface MediaPolicy extends SourceOptions {
   accepts: ReadonlySet<Modality>
   /** Most items of each modality in one prompt (0 disables it). */
   limitMmPerPrompt?: Partial<Record<Modality, number>>
+  /** Accept `image_embeds` parts. */
+  enableMmEmbeds?: boolean
 }
 
 /** A media part waiting to be resolved, with where it stood. */
@@ -114,6 +116,41 @@ function urlOf(v: unknown, path: string): string | null {
   throw new MediaError(`${path} must be { url: string }`, 400, path)
 }
 
+/** `image_grid_thw`: [t, h, w] or [[t, h, w]], positive integers. */
+function gridOf(v: unknown, path: string): number[] | undefined {
+  if (v === undefined || v === null) return undefined
+  const flat = Array.isArray(v) && v.length === 1 && Array.isArray(v[0]) ? (v[0] as unknown[]) : v
+  if (!Array.isArray(flat) || flat.length !== 3 || !flat.every((x) => Number.isInteger(x) && (x as number) > 0)) {
+    throw new MediaError(`${path} must be three positive integers [t, h, w], got ${JSON.stringify(v)}`, 400, path)
+  }
+  return flat as number[]
+}
+
+/** An `image_embeds` part: `{ data, shape }`, safetensors bytes, or base64 of them. */
+function embedsItem(part: Record<string, unknown>, path: string, uuid: string | undefined): ResolvedMedia {
+  const at = `${path}.image_embeds`
+  const gridThw = gridOf(part.image_grid_thw, `${path}.image_grid_thw`)
+  const base: ResolvedMedia = { modality: 'image', ...(gridThw ? { gridThw } : {}), ...(uuid === undefined ? {} : { uuid }) }
+  const v = part.image_embeds
+  if (v === null || v === undefined) {
+    if (uuid === undefined) throw new MediaError(`${at} is required`, 400, at)
+    return { modality: 'image', uuid }
+  }
+  if (typeof v === 'string') return { ...base, embedsSafetensors: decodeBase64(v, at) }
+  if (v instanceof Uint8Array) return { ...base, embedsSafetensors: toBuffer(v) }
+  if (isObject(v) && v.data instanceof Float32Array) {
+    const shape = v.shape
+    if (!Array.isArray(shape) || shape.length !== 2 || !shape.every((d) => Number.isInteger(d) && d > 0)) {
+      throw new MediaError(`${at}.shape must be [feature_tokens, hidden], got ${JSON.stringify(shape)}`, 400, `${at}.shape`)
+    }
+    if (shape[0] * shape[1] !== v.data.length) {
+      throw new MediaError(`${at}: shape ${JSON.stringify(shape)} needs ${shape[0] * shape[1]} values, got ${v.data.length}`, 400, at)
+    }
+    return { ...base, embeds: v.data, embedsShape: shape as number[] }
+  }
+  throw new MediaError(`${at} must be { data: Float32Array, shape: [tokens, hidden] }, safetensors bytes, or a base64 string of them`, 400, at)
+}
+
 /** Resolve one pending part to a media item. */
 async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<ResolvedMedia> {
   const { part, path, modality } = p
@@ -164,6 +201,8 @@ async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<Resolve
       }
       throw new MediaError(`${path}.audio must be file bytes or { samples, sampleRate }`, 400, `${path}.audio`)
     }
+    case 'image_embeds':
+      return embedsItem(part, path, uuid)
     case 'video': {
       const v = part.video
       if (v instanceof Uint8Array) return withUuid({ modality, data: toBuffer(v) })
@@ -195,6 +234,13 @@ export async function resolveParts(parts: PendingPart[], policy: MediaPolicy): P
     const limit = policy.limitMmPerPrompt?.[p.modality]
     if (limit === 0 || !policy.accepts.has(p.modality)) {
       throw new MediaError(`${p.path}: this model does not accept ${p.modality} input`, 400, p.path)
+    }
+    if (p.part.type === 'image_embeds' && policy.enableMmEmbeds !== true) {
+      throw new MediaError(
+        `${p.path}: image_embeds parts are disabled; load the engine with enableMmEmbeds: true (candela serve --enable-mm-embeds) to send precomputed embeddings`,
+        400,
+        p.path,
+      )
     }
     counts[p.modality] = (counts[p.modality] ?? 0) + 1
   }

@@ -21,4 +21,11 @@ export interface ResolvedMedia {
   sampleRate?: number
   format?: string
   uuid?: string
+  /** Precomputed image embeddings, row-major, with their [tokens, hidden] shape. */
+  embeds?: Float32Array
+  embedsShape?: number[]
+  /** Precomputed image embeddings as a safetensors blob. */
+  embedsSafetensors?: Buffer
+  /** The embeddings' (t, h, w) patch grid. */
+  gridThw?: number[]
 }

@@ -30,9 +30,15 @@ export const ImageUrlPart = z
     uuid,
   })
   .refine(hasData('image_url'), needsData('image_url'))
-/** Precomputed image embeddings: a base64 tensor, or a dict of named base64 tensors. */
+/**
+ * Precomputed image embeddings (server started with --enable-mm-embeds):
+ * base64 of a safetensors blob holding `image_embeds` (F32 / F16 / BF16,
+ * (feature_tokens, hidden)) and optionally `image_grid_thw`; a grid given
+ * here beside it wins over the blob's.
+ */
+const gridThw = z.union([z.array(int()).length(3), z.array(z.array(int()).length(3)).length(1)])
 export const ImageEmbedsPart = z
-  .object({ type: z.literal('image_embeds'), image_embeds: opt(z.union([z.string(), z.record(z.string(), z.string())])), uuid })
+  .object({ type: z.literal('image_embeds'), image_embeds: opt(z.string().min(1)), image_grid_thw: opt(gridThw), uuid })
   .refine(hasData('image_embeds'), needsData('image_embeds'))
 export const InputAudioPart = z
   .object({ type: z.literal('input_audio'), input_audio: opt(z.object({ data: z.string().min(1), format: z.string().min(1) })), uuid })

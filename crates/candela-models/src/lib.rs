@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod layers;
 pub mod llama;
 pub mod loader;
+pub mod mm_embeds;
 pub mod paged_attention;
 pub mod processor;
 pub mod quant;

@@ -65,6 +65,51 @@ pub struct NativeLoadOptions {
     pub mm_processor_cache_gb: Option<f64>,
     /// Media embedding rows (tokens) kept by the encoder cache (default 16384; 0 = off).
     pub encoder_cache_tokens: Option<u32>,
+    /// How media files are read (vLLM's media_io_kwargs).
+    pub media_io_kwargs: Option<NativeMediaIoKwargs>,
+    /// Accept precomputed image embeddings (default false).
+    pub enable_mm_embeds: Option<bool>,
+}
+
+/// `mediaIoKwargs`: options of the image and video readers.
+#[napi(object)]
+pub struct NativeMediaIoKwargs {
+    pub image: Option<NativeImageIoKwargs>,
+    pub video: Option<NativeVideoIoKwargs>,
+}
+
+#[napi(object)]
+pub struct NativeImageIoKwargs {
+    /// [r, g, b], each 0..=255: what transparent pixels are composited over (default white).
+    pub rgba_background_color: Option<Vec<f64>>,
+}
+
+#[napi(object)]
+pub struct NativeVideoIoKwargs {
+    /// Replace a frame that fails to decode by the next good one (default false).
+    pub frame_recovery: Option<bool>,
+}
+
+/// The image and video reader options of `mediaIoKwargs`.
+fn media_io_options(
+    kw: Option<NativeMediaIoKwargs>,
+) -> Result<(candela_media::image::ImageOptions, candela_media::video::VideoDecodeOptions)> {
+    let mut image = candela_media::image::ImageOptions::default();
+    let mut video = candela_media::video::VideoDecodeOptions::default();
+    let Some(kw) = kw else { return Ok((image, video)) };
+    if let Some(c) = kw.image.and_then(|i| i.rgba_background_color) {
+        let ok = c.len() == 3 && c.iter().all(|v| v.fract() == 0.0 && (0.0..=255.0).contains(v));
+        if !ok {
+            return Err(invalid(format!(
+                "mediaIoKwargs.image.rgbaBackgroundColor must be [r, g, b] with integers 0..255, got {c:?}"
+            )));
+        }
+        image.rgba_background_color = [c[0] as u8, c[1] as u8, c[2] as u8];
+    }
+    if let Some(r) = kw.video.and_then(|v| v.frame_recovery) {
+        video.frame_recovery = r;
+    }
+    Ok((image, video))
 }
 
 /// Why this addon cannot run on `device` ("cuda" when omitted), or null when
@@ -358,6 +403,8 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     if !path.exists() {
         return Err(invalid(format!("model path does not exist: {}", opts.model)));
     }
+    // Checked before the (slow) load.
+    let (image_options, video_options) = media_io_options(opts.media_io_kwargs)?;
     let load_opts = LoadOptions {
         dtype: opts.dtype.clone(),
         device: device.clone(),
@@ -399,9 +446,10 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     let media = media::MediaContext {
         processor: loaded.processor.clone(),
         cache: Mutex::new(candela_models::processor::ProcessorCache::new(processor_cache_bytes)),
-        image_options: Default::default(),
-        video_options: Default::default(),
+        image_options,
+        video_options,
         grids: Default::default(),
+        enable_mm_embeds: opts.enable_mm_embeds.unwrap_or(false),
     };
     let tokenizer = loaded.tokenizer.clone();
     let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();

@@ -14,6 +14,7 @@ use candela_media::image::{decode_image, DecodedImage, ImageOptions};
 use candela_media::video::VideoDecodeOptions;
 use candela_media::{mm_hash, MediaError, Modality};
 use candela_models::processor::{MmProcessor, ProcessedItem, ProcessorCache, VisionKwargs};
+use candela_models::mm_embeds as embeds;
 use candela_models::qwen2_vl::MediaSpan;
 use napi::bindgen_prelude::{Buffer, Float32Array};
 use napi_derive::napi;
@@ -40,6 +41,27 @@ pub struct NativeMediaItem {
     pub format: Option<String>,
     /// The caller's cache key for the item (vLLM's multi_modal_uuids).
     pub uuid: Option<String>,
+    /// Precomputed image embeddings (row-major, `embedsShape` = [tokens, hidden]).
+    pub embeds: Option<Float32Array>,
+    pub embeds_shape: Option<Vec<u32>>,
+    /// Precomputed image embeddings as a safetensors blob: tensor
+    /// `image_embeds` (F32 / F16 / BF16, (tokens, hidden)) and optionally
+    /// `image_grid_thw` (ints, (3,) or (1, 3)).
+    pub embeds_safetensors: Option<Buffer>,
+    /// The (t, h, w) patch grid of precomputed embeddings; wins over a grid
+    /// inside the safetensors blob.
+    pub grid_thw: Option<Vec<u32>>,
+}
+
+/// Where an item's precomputed embeddings come from.
+enum EmbedsSource {
+    Floats(Vec<f32>, Vec<usize>),
+    Safetensors(Vec<u8>),
+}
+
+struct EmbedsInput {
+    source: EmbedsSource,
+    grid_thw: Option<Vec<u32>>,
 }
 
 /// Owned copy of a [`NativeMediaItem`] that can move to a worker thread.
@@ -52,6 +74,7 @@ pub struct MediaInput {
     format: Option<String>,
     uuid: Option<String>,
     kwargs: VisionKwargs,
+    embeds: Option<EmbedsInput>,
 }
 
 /// The prefix JS uses to tell media failures (HTTP 400 / 422) from other errors.
@@ -82,6 +105,19 @@ impl MediaInput {
         if item.frames.as_ref().is_some_and(|f| f.is_empty()) {
             return Err(media_invalid("a video given as frames needs at least one frame"));
         }
+        let embeds = match (item.embeds, item.embeds_safetensors) {
+            (Some(_), Some(_)) => return Err(media_invalid("give image embeddings as floats or as a safetensors blob, not both")),
+            (Some(f), None) => {
+                let shape = item.embeds_shape.unwrap_or_default().into_iter().map(|d| d as usize).collect();
+                Some(EmbedsSource::Floats(f.to_vec(), shape))
+            }
+            (None, Some(b)) => Some(EmbedsSource::Safetensors(b.to_vec())),
+            (None, None) => None,
+        };
+        if embeds.is_some() && (modality != Modality::Image || item.data.is_some() || item.frames.is_some()) {
+            return Err(media_invalid("precomputed embeddings are an image item's, given instead of its data"));
+        }
+        let embeds = embeds.map(|source| EmbedsInput { source, grid_thw: item.grid_thw });
         let kwargs = match &item.kwargs {
             Some(k) => VisionKwargs::from_json(k).map_err(|e| media_error(&e))?,
             None => VisionKwargs::default(),
@@ -95,6 +131,7 @@ impl MediaInput {
             format: item.format,
             uuid: item.uuid,
             kwargs,
+            embeds,
         })
     }
 
@@ -148,6 +185,8 @@ pub struct MediaContext {
     /// of an item sent later by uuid only, whose tensors may have left the
     /// processor cache while its embeddings stay in the encoder cache.
     pub grids: Mutex<std::collections::HashMap<String, MediaSpan>>,
+    /// Accept precomputed image embeddings (`enableMmEmbeds`).
+    pub enable_mm_embeds: bool,
 }
 
 /// Entries of [`MediaContext::grids`] before it starts over (a few MB).
@@ -212,7 +251,13 @@ impl MediaContext {
 
     /// M-RoPE positions of the expanded prompt `ids` (models with a vision
     /// processor; None for the others and for prompts without media).
-    fn mrope(&self, ids: &[u32], items: &[MmItem], modalities: &[Modality]) -> napi::Result<Option<MropePositions>> {
+    fn mrope(
+        &self,
+        ids: &[u32],
+        items: &[MmItem],
+        modalities: &[Modality],
+        known: &std::collections::HashMap<String, MediaSpan>,
+    ) -> napi::Result<Option<MropePositions>> {
         let Some(vision) = self.processor.as_ref().and_then(|p| p.vision.as_ref()) else { return Ok(None) };
         let mut spans = Vec::new();
         for (item, m) in items.iter().zip(modalities) {
@@ -232,7 +277,7 @@ impl MediaContext {
                     s
                 }
                 _ => {
-                    let known = self.grids.lock().ok().and_then(|g| g.get(&p.hash).copied());
+                    let known = known.get(&p.hash).copied().or_else(|| self.grids.lock().ok().and_then(|g| g.get(&p.hash).copied()));
                     let s = known.ok_or_else(|| {
                         media_invalid(format!("the layout of cached media item {} is unknown; send its data again", p.hash))
                     })?;
@@ -271,9 +316,17 @@ impl MediaContext {
             || engine.config().enable_prefix_caching;
         // Per item: hash, placeholder count, engine input.
         let mut prepared: Vec<(Modality, String, usize, MmInput)> = Vec::with_capacity(items.len());
+        // Grids of precomputed embeddings, by hash (for M-RoPE positions).
+        let mut embed_spans = std::collections::HashMap::new();
         for item in &items {
             // uuids only mean something while some cache can use them.
             let uuid = item.uuid.as_deref().filter(|_| caching);
+            if let Some(e) = &item.embeds {
+                let (hash, count, input, span) = self.prepare_embeds(engine, e, uuid)?;
+                embed_spans.insert(hash.clone(), span);
+                prepared.push((item.modality, hash, count, input));
+                continue;
+            }
             let bytes = if uuid.is_some() { Vec::new() } else { item.content_bytes() };
             let hash = mm_hash(item.modality, uuid, &bytes, &item.kwargs_key()).to_string();
             let cached = self.cache.lock().ok().and_then(|mut c| c.get(&hash));
@@ -353,8 +406,56 @@ impl MediaContext {
         let modalities: Vec<Modality> =
             placed.iter().zip(&prepared).filter(|(p, _)| p.is_some()).map(|(_, q)| q.0).collect();
         let placed: Vec<MmItem> = placed.into_iter().flatten().collect();
-        let mrope = self.mrope(&out, &placed, &modalities)?;
+        let mrope = self.mrope(&out, &placed, &modalities, &embed_spans)?;
         Ok((out, placed, mrope))
+    }
+}
+
+impl MediaContext {
+    /// Check precomputed image embeddings against their grid and the model
+    /// and turn them into an engine input: (hash, placeholder tokens, input, span).
+    fn prepare_embeds(
+        &self,
+        engine: &Engine,
+        e: &EmbedsInput,
+        uuid: Option<&str>,
+    ) -> napi::Result<(String, usize, MmInput, MediaSpan)> {
+        if !self.enable_mm_embeds {
+            return Err(media_invalid(
+                "image_embeds parts are disabled: load the engine with enableMmEmbeds: true (candela serve --enable-mm-embeds) to accept precomputed embeddings",
+            ));
+        }
+        let vision = self
+            .processor
+            .as_ref()
+            .and_then(|p| p.vision.as_ref())
+            .ok_or_else(|| media_invalid("this model does not accept image embeddings"))?;
+        let bad = |err: MediaError| media_error(&err);
+        let (data, shape, inner_grid, bytes) = match &e.source {
+            EmbedsSource::Floats(data, shape) => {
+                let bytes: Vec<u8> = if uuid.is_some() { Vec::new() } else { data.iter().flat_map(|v| v.to_le_bytes()).collect() };
+                (data.clone(), shape.clone(), None, bytes)
+            }
+            EmbedsSource::Safetensors(blob) => {
+                let p = embeds::parse_safetensors(blob).map_err(bad)?;
+                (p.data, p.shape, p.grid_thw, if uuid.is_some() { Vec::new() } else { blob.clone() })
+            }
+        };
+        let grid = match &e.grid_thw {
+            Some(g) => embeds::grid_from(&g.iter().map(|&v| v as i64).collect::<Vec<_>>()).map_err(bad)?,
+            None => inner_grid.ok_or_else(|| {
+                media_invalid("image_embeds needs image_grid_thw [t, h, w] (beside it in the part, or as a tensor in the safetensors blob)")
+            })?,
+        };
+        let spec = engine.model_spec();
+        // The model's activations are in its KV dtype; splicing converts again if not.
+        let tensor = embeds::embeddings_tensor(data, &shape, grid, vision.merge_size(), spec.hidden_size, spec.kv_dtype)
+            .map_err(bad)?;
+        let count = tensor.dims()[0];
+        let key = format!("embeds:{}x{}x{}", grid[0], grid[1], grid[2]);
+        let hash = mm_hash(Modality::Image, uuid, &bytes, &key).to_string();
+        let span = MediaSpan { offset: 0, grid_thw: grid, time_interval: 1.0 };
+        Ok((hash, count, MmInput::Embeddings(tensor), span))
     }
 }
 

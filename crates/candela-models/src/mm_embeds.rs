@@ -1,0 +1,182 @@
+//! Precomputed image embeddings sent by the caller (vLLM's `image_embeds`):
+//! the vision tower's output for one item, `(feature_tokens, hidden)`, with
+//! the item's `(t, h, w)` patch grid so its M-RoPE positions can be laid out.
+//!
+//! Every check here is on caller data: a mismatch is a [`MediaError::Invalid`]
+//! (HTTP 400) naming what was expected and what came, never a panic.
+
+use candela_media::MediaError;
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, SafeTensors};
+
+/// Tensor names inside a safetensors blob of image embeddings.
+pub const EMBEDS_KEY: &str = "image_embeds";
+pub const GRID_KEY: &str = "image_grid_thw";
+
+fn invalid(msg: impl Into<String>) -> MediaError {
+    MediaError::Invalid(msg.into())
+}
+
+/// Embeddings (f32, CPU) and the grid, if the blob holds one.
+pub struct ParsedEmbeds {
+    pub data: Vec<f32>,
+    pub shape: Vec<usize>,
+    pub grid_thw: Option<[usize; 3]>,
+}
+
+fn floats(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, MediaError> {
+    let chunks = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::F32 => chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => chunks(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(invalid(format!(
+                "image_embeds must be a float tensor (F32, F16 or BF16), got dtype {other:?}"
+            )))
+        }
+    })
+}
+
+fn ints(dtype: Dtype, bytes: &[u8]) -> Result<Vec<i64>, MediaError> {
+    let chunks = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::I64 => chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+        Dtype::U64 => chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as i64).collect(),
+        Dtype::I32 => chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
+        Dtype::U32 => chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
+        Dtype::I16 => chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64).collect(),
+        Dtype::U16 => chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i64).collect(),
+        Dtype::I8 => bytes.iter().map(|&b| b as i8 as i64).collect(),
+        Dtype::U8 => bytes.iter().map(|&b| b as i64).collect(),
+        other => return Err(invalid(format!("image_grid_thw must be an integer tensor, got dtype {other:?}"))),
+    })
+}
+
+/// A grid given as numbers: exactly three positive integers.
+pub fn grid_from(values: &[i64]) -> Result<[usize; 3], MediaError> {
+    match values {
+        &[t, h, w] if t > 0 && h > 0 && w > 0 => Ok([t as usize, h as usize, w as usize]),
+        _ => Err(invalid(format!("image_grid_thw must be three positive integers [t, h, w], got {values:?}"))),
+    }
+}
+
+/// Read `image_embeds` (and `image_grid_thw` if there) from a safetensors blob.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<ParsedEmbeds, MediaError> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| invalid(format!("image_embeds is not a valid safetensors blob: {e}")))?;
+    let t = st.tensor(EMBEDS_KEY).map_err(|_| {
+        let names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+        invalid(format!("the safetensors blob has no tensor named {EMBEDS_KEY:?} (it holds {names:?})"))
+    })?;
+    let data = floats(t.dtype(), t.data())?;
+    let grid_thw = match st.tensor(GRID_KEY) {
+        Ok(g) => {
+            if !matches!(g.shape(), [3] | [1, 3]) {
+                return Err(invalid(format!("image_grid_thw must have shape (3,) or (1, 3), got {:?}", g.shape())));
+            }
+            Some(grid_from(&ints(g.dtype(), g.data())?)?)
+        }
+        Err(_) => None,
+    };
+    Ok(ParsedEmbeds { data, shape: t.shape().to_vec(), grid_thw })
+}
+
+/// Check `(tokens, hidden)` against the grid and the model, and build the
+/// tensor in the model's dtype. `merge` is the vision tower's spatial merge.
+pub fn embeddings_tensor(
+    data: Vec<f32>,
+    shape: &[usize],
+    grid_thw: [usize; 3],
+    merge: usize,
+    hidden: usize,
+    dtype: DType,
+) -> Result<Tensor, MediaError> {
+    let [rows, cols] = match shape {
+        &[r, c] => [r, c],
+        &[1, r, c] => [r, c],
+        _ => {
+            return Err(invalid(format!(
+                "image_embeds must have shape (feature_tokens, hidden) = (n, {hidden}), got {shape:?}"
+            )))
+        }
+    };
+    if rows.checked_mul(cols) != Some(data.len()) {
+        return Err(invalid(format!(
+            "image_embeds holds {} values but its shape {shape:?} needs {}",
+            data.len(),
+            rows.saturating_mul(cols)
+        )));
+    }
+    let [t, h, w] = grid_thw;
+    if merge == 0 || h % merge != 0 || w % merge != 0 {
+        return Err(invalid(format!(
+            "image_grid_thw {grid_thw:?}: h and w must be multiples of the spatial merge size {merge}"
+        )));
+    }
+    let expected = t * (h / merge) * (w / merge);
+    if rows != expected {
+        return Err(invalid(format!(
+            "image_embeds has {rows} feature tokens but image_grid_thw {grid_thw:?} gives {expected} (t*h*w/{})",
+            merge * merge
+        )));
+    }
+    if cols != hidden {
+        return Err(invalid(format!(
+            "image_embeds has hidden size {cols} but the model's hidden size is {hidden} (expected shape ({expected}, {hidden}))"
+        )));
+    }
+    if data.iter().any(|v| !v.is_finite()) {
+        return Err(invalid("image_embeds holds NaN or infinite values"));
+    }
+    Tensor::from_vec(data, (rows, cols), &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(|e| invalid(format!("image_embeds: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dtype, shape, bytes) in tensors {
+            header.insert(
+                name.to_string(),
+                serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()] }),
+            );
+            data.extend_from_slice(bytes);
+        }
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn reads_f16_embeds_and_an_int_grid() {
+        let e: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let g: Vec<u8> = [1i64, 2, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = parse_safetensors(&blob(&[("image_embeds", "F16", vec![1, 4], e), ("image_grid_thw", "I64", vec![1, 3], g)])).unwrap();
+        assert_eq!(p.data, vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(p.grid_thw, Some([1, 2, 2]));
+        let t = embeddings_tensor(p.data, &p.shape, [1, 2, 2], 2, 4, DType::F32).unwrap();
+        assert_eq!(t.dims(), [1, 4]);
+    }
+
+    #[test]
+    fn mismatches_name_expected_and_got() {
+        let e = parse_safetensors(&blob(&[("image_embeds", "I32", vec![1], vec![0; 4])])).err().unwrap();
+        assert!(e.message().contains("float tensor"), "{}", e.message());
+        let e = embeddings_tensor(vec![0.0; 8], &[2, 4], [1, 2, 2], 2, 4, DType::F32).err().unwrap();
+        assert!(e.message().contains("2 feature tokens") && e.message().contains("gives 1"), "{}", e.message());
+        let e = embeddings_tensor(vec![0.0; 8], &[1, 8], [1, 2, 2], 2, 4, DType::F32).err().unwrap();
+        assert!(e.message().contains("hidden size 8") && e.message().contains("is 4"), "{}", e.message());
+        assert!(parse_safetensors(b"nonsense").is_err());
+    }
+}

@@ -542,8 +542,8 @@ mod gpu_budget_tests {
     fn gpu_budget_is_utilization_less_used_and_activations() {
         const GIB: usize = 1 << 30;
         let mem = DeviceMemory { free_bytes: 70 * GIB, total_bytes: 80 * GIB, activation_bytes: 2 * GIB };
-        // 0.9 * 80 = 72 GiB allowed, 10 in use, 2 for activations.
-        assert_eq!(gpu_kv_budget(&mem, 0.9), 60 * GIB);
+        // 0.75 * 80 = 60 GiB allowed, 10 in use, 2 for activations.
+        assert_eq!(gpu_kv_budget(&mem, 0.75), 48 * GIB);
         assert_eq!(gpu_kv_budget(&mem, 0.1), 0);
         let spec = spec();
         let block = spec.kv_block_bytes(16);

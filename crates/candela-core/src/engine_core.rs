@@ -317,11 +317,12 @@ impl EngineCore {
     }
 
     /// Sample on the model's device the rows that allow it (no penalties,
-    /// logprobs, suppressed tokens or forks; the model must support it) and
-    /// copy the other rows to the host as one flat `[rows * vocab]` vector.
-    /// On the CPU every row is copied, as before device sampling existed.
+    /// logprobs, suppressed tokens or forks) when the model can (an empty
+    /// request answers whether it can), and copy the other rows to the host
+    /// as one flat `[rows * vocab]` vector. Models on the CPU cannot: every
+    /// row is copied, as before device sampling existed.
     fn pick(&mut self, logits: &Tensor, seqs: &[SeqId]) -> Result<(Vec<f32>, Vec<Pick>), String> {
-        let on_device = !logits.device().is_cpu() && self.model.sample_on_device(logits, &[]).is_some();
+        let on_device = self.model.sample_on_device(logits, &[]).is_some();
         let mut picks = Vec::with_capacity(seqs.len());
         let mut device_rows = Vec::new();
         let mut host_rows = Vec::new();

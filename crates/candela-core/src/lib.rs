@@ -21,6 +21,8 @@ pub mod sequence;
 mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod device_sampling_tests;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RequestHandle};
 pub use model::{DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice, TokenDecoder};

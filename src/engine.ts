@@ -34,6 +34,7 @@ import {
   validateMessages,
   validatePrompt,
   validatePromptMedia,
+  type MediaPartHook,
   validatePrompts,
   validateSamplingParams,
 } from './validate.js'
@@ -71,6 +72,19 @@ function toNativeMedia(m: ResolvedMedia, requestKwargs: Record<string, unknown> 
 /** The request-level processor options (validated with the sampling params). */
 function mmKwargsOf(params: SamplingParams): Record<string, unknown> | undefined {
   return params.mmProcessorKwargs as Record<string, unknown> | undefined
+}
+
+/**
+ * The validator hook for media parts: the template gets a placeholder part;
+ * the part itself (with where it stood) is collected into `into`.
+ */
+function mediaPlaceholder(into?: PendingPart[]): MediaPartHook {
+  return (part, path) => {
+    const modality = partModality(part.type as string)
+    if (modality === undefined) throw new ValidationError(`${path}: unknown content part type ${JSON.stringify(part.type)}`)
+    into?.push({ part, path, modality })
+    return templatePart(modality)
+  }
 }
 
 function convertUsage(u: { promptTokens: number; completionTokens: number; cachedTokens: number }): Usage {
@@ -386,12 +400,7 @@ export class Engine {
   /** The native request of a chat, and its media parts in prompt order. */
   #chatRequest(messages: ChatMessage[], params: ChatParams): { request: NativeRequest; parts: PendingPart[] } {
     const parts: PendingPart[] = []
-    const msgs = validateMessages(messages, (part, path) => {
-      const modality = partModality(part.type as string)
-      if (modality === undefined) throw new ValidationError(`${path}: unknown content part type ${JSON.stringify(part.type)}`)
-      parts.push({ part, path, modality })
-      return templatePart(modality)
-    })
+    const msgs = validateMessages(messages, mediaPlaceholder(parts))
     const sp = validateSamplingParams(params, { chat: true })
     return { request: { messages: msgs, ...validateChatExtras(params), params: sp }, parts }
   }
@@ -446,11 +455,7 @@ export class Engine {
     options: Pick<ChatParams, 'chatTemplateKwargs' | 'tools' | 'addGenerationPrompt'> = {},
   ): string {
     this.#checkOpen()
-    const msgs = validateMessages(messages, (part, path) => {
-      const modality = partModality(part.type as string)
-      if (modality === undefined) throw new ValidationError(`${path}: unknown content part type ${JSON.stringify(part.type)}`)
-      return templatePart(modality)
-    })
+    const msgs = validateMessages(messages, mediaPlaceholder())
     const extras = validateChatExtras(options)
     return this.#native.applyChatTemplate(msgs, extras.addGenerationPrompt ?? true, extras.tools, extras.chatTemplateKwargs)
   }

@@ -13,6 +13,8 @@ import type { ServerMetrics } from './metrics.js'
 import type { ModelHost } from './model-host.js'
 import { locals, routeLabel } from './request-log.js'
 import { UsageTally } from './runs.js'
+import type { ChoiceEvent } from './runs.js'
+import { SseStream } from './sse.js'
 
 export interface AppContext {
   host: ModelHost
@@ -81,6 +83,51 @@ export class Run {
   /** Report the token counts to the request log. */
   settle(): void {
     locals(this.res).usage = { promptTokens: this.tally.promptTokens, completionTokens: this.tally.completionTokens }
+  }
+
+  /**
+   * Run a route's answer: a client that went away is answered by nobody
+   * (the abort already freed its request); the engine streams always end
+   * and the token counts reach the log.
+   */
+  async answer(work: () => Promise<void>): Promise<void> {
+    try {
+      await work()
+    } catch (err) {
+      if (this.clientGone) return
+      throw err
+    } finally {
+      this.cancel()
+      this.settle()
+    }
+  }
+
+  /**
+   * Stream `events` as SSE: `onEvent` sends each event's chunks, then the
+   * usage chunk (`includeUsage`), then `[DONE]`. An error before anything
+   * was sent keeps its status and JSON body; later it becomes an error event.
+   */
+  async streamEvents(
+    events: AsyncIterable<ChoiceEvent>,
+    head: object,
+    includeUsage: boolean,
+    onEvent: (ev: ChoiceEvent, send: (data: object) => Promise<void>) => Promise<void>,
+  ): Promise<void> {
+    const sse = new SseStream(this.res, this.ctx.keepAliveMs)
+    sse.startKeepAlive()
+    const send = (data: object): Promise<void> => sse.send(data)
+    try {
+      for await (const ev of events) {
+        this.tally.add(ev)
+        await onEvent(ev, send)
+      }
+      if (includeUsage) await sse.send({ ...head, choices: [], usage: this.tally.usage() })
+    } catch (err) {
+      if (this.clientGone) return
+      if (!sse.opened) throw err
+      await sse.send(this.errorEvent(err))
+    }
+    sse.end()
   }
 
   /** An error after the stream opened, as OpenAI's SSE error event body. */

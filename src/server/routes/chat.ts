@@ -1,6 +1,6 @@
 /** POST /v1/chat/completions */
 
-import type { RequestHandler, Response } from 'express'
+import type { RequestHandler } from 'express'
 
 import { toEngineMessages } from '../content.js'
 import { Run, parseBody } from '../context.js'
@@ -10,7 +10,6 @@ import { chatParams } from '../params.js'
 import { collectChoices, mergeStreams } from '../runs.js'
 import type { ChoiceEvent } from '../runs.js'
 import { ChatCompletionRequest } from '../schemas.js'
-import { SseStream } from '../sse.js'
 
 export function chatCompletions(ctx: AppContext): RequestHandler {
   return async (req, res) => {
@@ -24,10 +23,10 @@ export function chatCompletions(ctx: AppContext): RequestHandler {
     const events = mergeStreams([engine.chatStream(messages, { ...params, signal: run.signal })], n)
     const id = responseId('chatcmpl')
     const wantLogprobs = body.logprobs === true
-    try {
+    await run.answer(async () => {
       if (body.stream === true) {
         const head = { id, object: 'chat.completion.chunk', created: run.created, model, system_fingerprint: null }
-        await stream(ctx, res, run, events, head, n, wantLogprobs, body.stream_options?.include_usage === true)
+        await stream(run, events, head, n, wantLogprobs, body.stream_options?.include_usage === true)
         return
       }
       const choices = await collectChoices(events, run.tally, Array<string>(n).fill(''))
@@ -46,20 +45,11 @@ export function chatCompletions(ctx: AppContext): RequestHandler {
         })),
         usage: run.tally.usage(),
       })
-    } catch (err) {
-      // Nobody left to answer: the abort already freed the request.
-      if (run.clientGone) return
-      throw err
-    } finally {
-      run.cancel()
-      run.settle()
-    }
+    })
   }
 }
 
 async function stream(
-  ctx: AppContext,
-  res: Response,
   run: Run,
   events: AsyncIterable<ChoiceEvent>,
   head: object,
@@ -67,8 +57,6 @@ async function stream(
   wantLogprobs: boolean,
   includeUsage: boolean,
 ): Promise<void> {
-  const sse = new SseStream(res, ctx.keepAliveMs)
-  sse.startKeepAlive()
   // With include_usage every chunk carries `usage: null` but the last, as OpenAI sends them.
   const chunk = (choices: object[]): object => ({
     ...head,
@@ -76,40 +64,22 @@ async function stream(
     ...(includeUsage ? { usage: null } : {}),
   })
   let started = false
-  try {
-    for await (const ev of events) {
-      run.tally.add(ev)
-      if (!started) {
-        started = true
-        for (let index = 0; index < n; index++) {
-          await sse.send(chunk([{ index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]))
-        }
-      }
-      const c = ev.chunk
-      const logprobs = wantLogprobs && c.logprobs && c.logprobs.length > 0 ? chatLogprobs(c.logprobs) : null
-      if (c.text !== '' || logprobs) {
-        await sse.send(chunk([{ index: ev.choice, delta: { content: c.text }, logprobs, finish_reason: null }]))
-      }
-      if (c.finishReason) {
-        await sse.send(
-          chunk([
-            {
-              index: ev.choice,
-              delta: {},
-              logprobs: null,
-              finish_reason: c.finishReason,
-              stop_reason: c.stopReason ?? null,
-            },
-          ]),
-        )
+  await run.streamEvents(events, head, includeUsage, async (ev, send) => {
+    if (!started) {
+      started = true
+      for (let index = 0; index < n; index++) {
+        await send(chunk([{ index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }]))
       }
     }
-    if (includeUsage) await sse.send({ ...head, choices: [], usage: run.tally.usage() })
-  } catch (err) {
-    if (run.clientGone) return
-    // Before anything was sent the error still gets its status and JSON body.
-    if (!sse.opened) throw err
-    await sse.send(run.errorEvent(err))
-  }
-  sse.end()
+    const c = ev.chunk
+    const logprobs = wantLogprobs && c.logprobs && c.logprobs.length > 0 ? chatLogprobs(c.logprobs) : null
+    if (c.text !== '' || logprobs) {
+      await send(chunk([{ index: ev.choice, delta: { content: c.text }, logprobs, finish_reason: null }]))
+    }
+    if (c.finishReason) {
+      await send(
+        chunk([{ index: ev.choice, delta: {}, logprobs: null, finish_reason: c.finishReason, stop_reason: c.stopReason ?? null }]),
+      )
+    }
+  })
 }

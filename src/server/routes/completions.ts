@@ -1,6 +1,6 @@
 /** POST /v1/completions (the legacy text completion API). */
 
-import type { RequestHandler, Response } from 'express'
+import type { RequestHandler } from 'express'
 
 import type { Engine } from '../../engine.js'
 import type { PromptInput } from '../../types.js'
@@ -12,7 +12,6 @@ import { completionParams } from '../params.js'
 import { collectChoices, mergeStreams } from '../runs.js'
 import type { ChoiceEvent } from '../runs.js'
 import { CompletionRequest } from '../schemas.js'
-import { SseStream } from '../sse.js'
 
 /** The request's prompts: one string, strings, token ids, or lists of token ids. */
 function promptsOf(prompt: CompletionRequest['prompt']): PromptInput[] {
@@ -43,9 +42,9 @@ export function completions(ctx: AppContext): RequestHandler {
     )
     const head = { id: responseId('cmpl'), object: 'text_completion', created: run.created, model, system_fingerprint: null }
     const wantLogprobs = params.logprobs === true
-    try {
+    await run.answer(async () => {
       if (body.stream === true) {
-        await stream(ctx, res, run, events, head, { echo, n, wantLogprobs, includeUsage: body.stream_options?.include_usage === true })
+        await stream(run, events, head, { echo, n, wantLogprobs, includeUsage: body.stream_options?.include_usage === true })
         return
       }
       const prefixes = Array.from({ length: prompts.length * n }, (_, i) => echo?.[Math.floor(i / n)] ?? '')
@@ -61,56 +60,35 @@ export function completions(ctx: AppContext): RequestHandler {
         })),
         usage: run.tally.usage(),
       })
-    } catch (err) {
-      if (run.clientGone) return
-      throw err
-    } finally {
-      run.cancel()
-      run.settle()
-    }
+    })
   }
 }
 
 async function stream(
-  ctx: AppContext,
-  res: Response,
   run: Run,
   events: AsyncIterable<ChoiceEvent>,
   head: object,
   o: { echo: string[] | undefined; n: number; wantLogprobs: boolean; includeUsage: boolean },
 ): Promise<void> {
-  const sse = new SseStream(res, ctx.keepAliveMs)
-  sse.startKeepAlive()
   const chunk = (choice: object): object => ({ ...head, choices: [choice], ...(o.includeUsage ? { usage: null } : {}) })
   // Characters sent per choice so far: the logprobs' text_offset.
   const sent = new Map<number, number>()
-  try {
-    for await (const ev of events) {
-      run.tally.add(ev)
-      const index = ev.choice
-      if (!sent.has(index)) {
-        const prefix = o.echo?.[ev.prompt] ?? ''
-        sent.set(index, prefix.length)
-        if (prefix !== '') await sse.send(chunk({ index, text: prefix, logprobs: null, finish_reason: null }))
-      }
-      const c = ev.chunk
-      const at = sent.get(index)!
-      const logprobs = o.wantLogprobs && c.logprobs && c.logprobs.length > 0 ? completionLogprobs(c.logprobs, at) : null
-      if (c.text !== '' || logprobs) {
-        sent.set(index, at + c.text.length)
-        await sse.send(chunk({ index, text: c.text, logprobs, finish_reason: null }))
-      }
-      if (c.finishReason) {
-        await sse.send(
-          chunk({ index, text: '', logprobs: null, finish_reason: c.finishReason, stop_reason: c.stopReason ?? null }),
-        )
-      }
+  await run.streamEvents(events, head, o.includeUsage, async (ev, send) => {
+    const index = ev.choice
+    if (!sent.has(index)) {
+      const prefix = o.echo?.[ev.prompt] ?? ''
+      sent.set(index, prefix.length)
+      if (prefix !== '') await send(chunk({ index, text: prefix, logprobs: null, finish_reason: null }))
     }
-    if (o.includeUsage) await sse.send({ ...head, choices: [], usage: run.tally.usage() })
-  } catch (err) {
-    if (run.clientGone) return
-    if (!sse.opened) throw err
-    await sse.send(run.errorEvent(err))
-  }
-  sse.end()
+    const c = ev.chunk
+    const at = sent.get(index)!
+    const logprobs = o.wantLogprobs && c.logprobs && c.logprobs.length > 0 ? completionLogprobs(c.logprobs, at) : null
+    if (c.text !== '' || logprobs) {
+      sent.set(index, at + c.text.length)
+      await send(chunk({ index, text: c.text, logprobs, finish_reason: null }))
+    }
+    if (c.finishReason) {
+      await send(chunk({ index, text: '', logprobs: null, finish_reason: c.finishReason, stop_reason: c.stopReason ?? null }))
+    }
+  })
 }

@@ -65,7 +65,7 @@ export function audioTranscriptions(ctx: AppContext, task: 'transcribe' | 'trans
     const hint = ext ?? (file.contentType?.startsWith('audio/') ? file.contentType : undefined)
 
     const run = new Run(ctx, req, res, 'file')
-    try {
+    await run.answer(async () => {
       let result: Transcription
       try {
         result = await transcriber.transcribe(file.data, { language, prompt, temperature, task, format: hint, signal: run.signal })
@@ -77,12 +77,7 @@ export function audioTranscriptions(ctx: AppContext, task: 'transcribe' | 'trans
         throw err
       }
       send(res, format, result, task)
-    } catch (err) {
-      if (run.clientGone) return
-      throw err
-    } finally {
-      run.settle()
-    }
+    })
   }
 }
 

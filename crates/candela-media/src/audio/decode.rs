@@ -6,7 +6,6 @@
 //! the samples before the cut; only input that yields nothing is an error.
 
 use std::io::Cursor;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use symphonia::core::codecs::audio::AudioDecoderOptions;
 use symphonia::core::errors::Error as SymError;
@@ -50,19 +49,7 @@ pub fn decode_audio(bytes: &[u8], format_hint: Option<&str>) -> Result<DecodedAu
         return Err(MediaError::Empty("audio input is empty (0 bytes)".into()));
     }
     let hint = format_hint.and_then(normalize_hint);
-    match catch_unwind(AssertUnwindSafe(|| decode_inner(bytes, hint))) {
-        Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(MediaError::Corrupt(format!(
-                "audio decoder failed on malformed input: {msg}"
-            )))
-        }
-    }
+    crate::error::guard_codec("audio decoder", || decode_inner(bytes, hint))
 }
 
 /// Map the many spellings of our formats to the extension symphonia's probe knows.

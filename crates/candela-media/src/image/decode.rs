@@ -8,7 +8,6 @@
 //! against `max_pixels` before any pixel buffer exists (decompression bombs).
 
 use std::io::Cursor;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ::image::error::{ImageError, LimitErrorKind};
 use ::image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
@@ -82,19 +81,7 @@ pub fn decode_image(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, M
     if bytes.is_empty() {
         return Err(MediaError::Empty("image input is empty (0 bytes)".into()));
     }
-    match catch_unwind(AssertUnwindSafe(|| decode_inner(bytes, opts))) {
-        Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(MediaError::Corrupt(format!(
-                "image decoder failed on malformed input: {msg}"
-            )))
-        }
-    }
+    crate::error::guard_codec("image decoder", || decode_inner(bytes, opts))
 }
 
 /// The formats this build decodes, by name.

@@ -210,9 +210,8 @@ mod imp {
 #[cfg(feature = "video-files")]
 mod imp {
     use std::io::Cursor;
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-
     use super::*;
+    use crate::error::guard_codec;
     use crate::video::yuv::{yuv_to_rgb8, YuvPlanes};
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,13 +243,6 @@ mod imp {
         pub display_order: Option<Vec<usize>>,
     }
 
-    fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-        p.downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into())
-    }
-
     pub(super) fn decode<F>(
         bytes: &[u8],
         c: Container,
@@ -264,13 +256,10 @@ mod imp {
             Container::Mp4 => "MP4",
             Container::WebM => "WebM",
         };
-        let demuxed = catch_unwind(AssertUnwindSafe(|| match c {
+        let demuxed = guard_codec(&format!("{name} demuxer"), || match c {
             Container::Mp4 => demux_mp4(bytes, opts),
             Container::WebM => demux_webm(bytes, opts),
-        }))
-        .map_err(|p| {
-            MediaError::Corrupt(format!("{name} demuxer failed: {}", panic_message(p)))
-        })??;
+        })?;
         if let Some((w, h)) = demuxed.declared {
             check_pixels(w, h, opts.max_pixels)?;
         }
@@ -295,16 +284,9 @@ mod imp {
                 )));
             }
         }
-        let (frames, indices) =
-            catch_unwind(AssertUnwindSafe(|| run_decoder(&demuxed, &targets, opts))).map_err(
-                |p| {
-                    MediaError::Corrupt(format!(
-                        "{} decoder failed on malformed input: {}",
-                        demuxed.codec.name(),
-                        panic_message(p)
-                    ))
-                },
-            )??;
+        let (frames, indices) = guard_codec(&format!("{} decoder", demuxed.codec.name()), || {
+            run_decoder(&demuxed, &targets, opts)
+        })?;
         if frames.is_empty() {
             return Err(MediaError::Corrupt(format!(
                 "no frame of the {name}/{} video could be decoded",

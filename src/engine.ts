@@ -365,15 +365,17 @@ export class Engine {
     const sp = validateSamplingParams(params, { chat: false })
     const signal = params.signal
     if (signal?.aborted) throw abortErrorFor(signal)
-    const runs: RequestRun[] = []
-    try {
-      for (const [i, r] of requests.entries()) {
-        const req = { ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
-        runs.push(await this.#startWithMedia(req, media[i] ?? [], signal, mmKwargsOf(params)))
-      }
-    } catch (err) {
+    // Prompts' media are fetched and preprocessed side by side, not one after another.
+    const started = await Promise.allSettled(
+      requests.map((r, i) =>
+        this.#startWithMedia({ ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, media[i] ?? [], signal, mmKwargsOf(params)),
+      ),
+    )
+    const runs = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []))
+    const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected')
+    if (failed) {
       for (const run of runs) run.cancel()
-      throw err
+      throw failed.reason
     }
     try {
       return await Promise.all(runs.map((run) => this.#collect(run, sp)))

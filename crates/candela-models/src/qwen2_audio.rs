@@ -8,7 +8,7 @@
 //! `model.audio_tower.*`, `model.language_model.*`, `lm_head.*` (as newer
 //! transformers lays out the modules); both load.
 
-use candela_core::model::{ForwardBatch, Model, ModelSpec};
+use candela_core::model::{DeviceMemory, DeviceSampleRow, ForwardBatch, Model, ModelSpec};
 use candela_core::request::MmFeatures;
 use candle_core::{bail, Result, Tensor};
 use serde::Deserialize;
@@ -150,6 +150,16 @@ impl Model for Qwen2Audio {
             let h = self.encoder.forward(x, frames as usize)?;
             self.projector.forward(&h)?.to_dtype(dtype)
         })
+    }
+
+    // The language model owns the KV pool and the logits: GPU sizing and
+    // sampling are its, as for Qwen2-VL.
+    fn device_memory(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<DeviceMemory> {
+        self.lm.device_memory(max_num_batched_tokens, max_num_seqs)
+    }
+
+    fn sample_on_device(&mut self, logits: &Tensor, rows: &[DeviceSampleRow]) -> Option<Result<Vec<u32>>> {
+        self.lm.sample_on_device(logits, rows)
     }
 }
 

@@ -7,7 +7,7 @@ import { parseArgs } from 'node:util'
 
 import test from 'ava'
 
-import { SERVE_FLAGS, serveCommand, serveConfig } from '../dist/cli/serve.js'
+import { SERVE_FLAGS, rewriteServeArgs, serveCommand, serveConfig } from '../dist/cli/serve.js'
 import { fixture, reference, ROOT } from './helpers.js'
 
 const CLI = join(ROOT, 'dist', 'cli.js')
@@ -289,4 +289,19 @@ test('serve: --media-io-kwargs (vLLM snake_case JSON) and --enable-mm-embeds', a
   const help = await run(['serve', '--help'])
   t.regex(help.stdout, /--media-io-kwargs JSON +how media files are read/)
   t.regex(help.stdout, /--enable-mm-embeds +accept image_embeds parts/)
+})
+
+test('media fetching flags: --allowed-media-domains takes several hosts (vLLM style), --allow-private-media-urls', (t) => {
+  const parse = (args: string[], files: string[] = []) => {
+    const { values, positionals } = parseArgs({ args: rewriteServeArgs(args, (p) => files.includes(p)), options: serveCommand.options, allowPositionals: true, strict: true })
+    return serveConfig(positionals, values as Parameters<typeof serveConfig>[1], {})
+  }
+  t.deepEqual(parse(['m.gguf', '--allowed-media-domains', 'upload.wikimedia.org', 'cdn.example.com', '--port', '1'], ['m.gguf']).load, {
+    model: 'm.gguf',
+    allowedMediaDomains: ['upload.wikimedia.org', 'cdn.example.com'],
+  })
+  // A model file after the hosts stays the model; commas and repeats work too.
+  const cfg = parse(['--allowed-media-domains', 'a.com,b.org', 'localhost', 'model.gguf', '--allowed-media-domains', 'c.net', '--allow-private-media-urls'], ['model.gguf'])
+  t.deepEqual(cfg.load, { model: 'model.gguf', allowedMediaDomains: ['a.com', 'b.org', 'localhost', 'c.net'], allowPrivateMediaUrls: true })
+  t.throws(() => parse(['--allowed-media-domains', 'http://a.com/']), { message: /--allowed-media-domains expects host names/ })
 })

@@ -158,3 +158,11 @@ test('closing an engine ends its running requests with an Error', async (t) => {
   await e.close()
   await t.throwsAsync(pending, { message: /closed/ })
 })
+
+test('media fetching load options are checked', async (t) => {
+  const model = fixture('llama-tiny')
+  await t.throwsAsync(Engine.load({ model, allowedMediaDomains: 'a.com' as never }), { instanceOf: ValidationError, message: /allowedMediaDomains must be an array of host names/ })
+  await t.throwsAsync(Engine.load({ model, allowedMediaDomains: ['https://a.com/'] }), { instanceOf: ValidationError, message: /allowedMediaDomains/ })
+  await t.throwsAsync(Engine.load({ model, allowPrivateMediaUrls: 'yes' as never }), { instanceOf: ValidationError, message: /allowPrivateMediaUrls/ })
+  await t.throwsAsync(Engine.load({ model, resolveMediaHost: {} as never }), { instanceOf: ValidationError, message: /resolveMediaHost must be a function/ })
+})

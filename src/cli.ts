@@ -293,7 +293,7 @@ export async function main(argv: string[]): Promise<number> {
     let parsed: { values: Values; positionals: string[] }
     try {
       parsed = parseArgs({
-        args: rest,
+        args: cmd.rewriteArgs ? cmd.rewriteArgs(rest) : rest,
         options: { ...cmd.options, help: { type: 'boolean', short: 'h' } } satisfies Options,
         allowPositionals: true,
         strict: true,

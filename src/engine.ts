@@ -9,7 +9,7 @@ import { basename, resolve } from 'node:path'
 
 import { ensureDefaultModel } from './default-model.js'
 import { AbortError, ValidationError, abortErrorFor, fromNativeError } from './errors.js'
-import { partModality, resolveParts, templatePart } from './media/index.js'
+import { isUuidMiss, loadDeferred, partModality, resolveParts, templatePart } from './media/index.js'
 import type { MediaPolicy, Modality, PendingPart, ResolvedMedia } from './media/index.js'
 import { bindingFor } from './native.js'
 import type { NativeEngine, NativeEvent, NativeMediaItem, NativeRequest, NativeSamplingParams, NativeTokenLogprob } from './native.js'
@@ -220,6 +220,9 @@ export class Engine {
       limitMmPerPrompt: opts.limitMmPerPrompt,
       allowedLocalMediaPath: opts.allowedLocalMediaPath,
       enableMmEmbeds: opts.enableMmEmbeds,
+      allowedMediaDomains: opts.allowedMediaDomains,
+      allowPrivateMediaUrls: opts.allowPrivateMediaUrls,
+      resolveMediaHost: opts.resolveMediaHost,
     }
     this.#info = {
       name: i.name,
@@ -310,14 +313,30 @@ export class Engine {
     mmKwargs?: Record<string, unknown>,
   ): Promise<RequestRun> {
     if (parts.length === 0) return this.#start(request, signal)
-    const media = await resolveParts(parts, this.#media)
-    if (signal?.aborted) throw abortErrorFor(signal)
-    this.#checkOpen()
+    let media: ResolvedMedia[]
+    try {
+      media = await resolveParts(parts, { ...this.#media, deferUuidFetches: true, ...(signal ? { signal } : {}) })
+    } catch (err) {
+      if (signal?.aborted) throw abortErrorFor(signal)
+      throw err
+    }
+    const add = async (items: ResolvedMedia[]): Promise<number> => {
+      if (signal?.aborted) throw abortErrorFor(signal)
+      this.#checkOpen()
+      try {
+        return await this.#native.addMediaRequest(request, items.map((m) => toNativeMedia(m, mmKwargs)))
+      } catch (err) {
+        throw fromNativeError(err)
+      }
+    }
     let id: number
     try {
-      id = await this.#native.addMediaRequest(request, media.map((m) => toNativeMedia(m, mmKwargs)))
+      id = await add(media)
     } catch (err) {
-      throw fromNativeError(err)
+      // URL items with a uuid went without their bytes; the caches no longer
+      // hold one of them, so fetch them now and try once more.
+      if (!media.some((m) => m.load) || !isUuidMiss(err)) throw err
+      id = await add(await loadDeferred(media))
     }
     return new RequestRun(this, this.#native, id, signal)
   }

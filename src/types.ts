@@ -55,6 +55,23 @@ export interface LoadOptions {
   limitMmPerPrompt?: { image?: number; video?: number; audio?: number }
   /** Directory `file:` media URLs may read from (after symlinks); unset refuses `file:`. */
   allowedLocalMediaPath?: string
+  /**
+   * Exact host names http(s) media may be fetched from, checked again on
+   * every redirect hop (vLLM's `allowed_media_domains`). Unset: any host.
+   */
+  allowedMediaDomains?: string[]
+  /**
+   * Let media URLs reach loopback, private, link-local, CGNAT and other
+   * non-public addresses (default `false`: refused, see the README's
+   * security section). For trusted deployments and local tests.
+   */
+  allowPrivateMediaUrls?: boolean
+  /**
+   * Resolve media host names with this instead of the system resolver
+   * (`dns.lookup`): custom DNS, or tests. Every address it returns is
+   * checked, and the fetch connects to the first one.
+   */
+  resolveMediaHost?: (hostname: string) => Promise<Array<{ address: string; family: number }>>
   /** GiB of preprocessed media kept for reuse (processor cache; default 4, 0 = off). */
   mmProcessorCacheGb?: number
   /** Media embedding rows kept by the encoder cache (default 16384; 0 = off). */

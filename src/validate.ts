@@ -69,6 +69,9 @@ const LOAD_KEYS = [
   'chatTemplate',
   'limitMmPerPrompt',
   'allowedLocalMediaPath',
+  'allowedMediaDomains',
+  'allowPrivateMediaUrls',
+  'resolveMediaHost',
   'mmProcessorCacheGb',
   'encoderCacheTokens',
   'mediaIoKwargs',
@@ -113,6 +116,16 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
   }
   if (o.allowedLocalMediaPath !== undefined && (typeof o.allowedLocalMediaPath !== 'string' || o.allowedLocalMediaPath === '')) {
     fail(`allowedLocalMediaPath must be a directory path, got ${show(o.allowedLocalMediaPath)}`)
+  }
+  if (o.allowedMediaDomains !== undefined) {
+    const d = o.allowedMediaDomains
+    if (!Array.isArray(d) || !d.every((h) => typeof h === 'string' && /^[A-Za-z0-9.:_-]+$/.test(h))) {
+      fail(`allowedMediaDomains must be an array of host names like ['upload.wikimedia.org'], got ${show(d)}`)
+    }
+  }
+  if (o.allowPrivateMediaUrls !== undefined) bool('allowPrivateMediaUrls', o.allowPrivateMediaUrls)
+  if (o.resolveMediaHost !== undefined && typeof o.resolveMediaHost !== 'function') {
+    fail(`resolveMediaHost must be a function (hostname) => Promise<{ address, family }[]>, got ${show(o.resolveMediaHost)}`)
   }
   if (o.mmProcessorCacheGb !== undefined && !(typeof o.mmProcessorCacheGb === 'number' && o.mmProcessorCacheGb >= 0)) {
     fail(`mmProcessorCacheGb must be a number >= 0, got ${show(o.mmProcessorCacheGb)}`)

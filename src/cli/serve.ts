@@ -5,6 +5,8 @@
  * that row, so a new flag is one new row.
  */
 
+import { existsSync } from 'node:fs'
+
 import type { DType, LoadOptions } from '../types.js'
 import { createLogger } from '../server/log.js'
 import type { Logger } from '../server/log.js'
@@ -228,6 +230,15 @@ export const SERVE_FLAGS: FlagGroup[] = [
       option('allowed-local-media-path', 'DIR', 'let file:// media URLs read files under DIR (after symlinks); off by default', (c, v) => {
         c.load.allowedLocalMediaPath = v
       }),
+      list('allowed-media-domains', 'HOST...', 'fetch http(s) media only from these exact hosts, checked on every redirect (space- or comma-separated, repeatable; default: any public host)', (c, v) => {
+        const hosts = v.flatMap((x) => x.split(',')).map((h) => h.trim()).filter((h) => h !== '')
+        const bad = hosts.find((h) => !/^[A-Za-z0-9.:_-]+$/.test(h))
+        if (bad !== undefined || hosts.length === 0) throw new UsageError(`--allowed-media-domains expects host names like upload.wikimedia.org, got ${JSON.stringify(bad ?? v.join(' '))}`)
+        c.load.allowedMediaDomains = hosts
+      }),
+      toggle('allow-private-media-urls', 'let media URLs reach loopback, private, link-local and other non-public addresses (refused by default)', (c) => {
+        c.load.allowPrivateMediaUrls = true
+      }),
       option('mm-processor-cache-gb', 'GIB', 'memory for preprocessed media kept for reuse (default 4; 0 = off)', (c, v) => {
         const g = Number(v)
         if (v.trim() === '' || !(g >= 0)) throw new UsageError(`--mm-processor-cache-gb expects a number >= 0, got ${JSON.stringify(v)}`)
@@ -347,9 +358,29 @@ async function serve(positionals: string[], values: Values): Promise<number> {
   }
 }
 
+/**
+ * vLLM spells `--allowed-media-domains a.com b.org` (several values after
+ * one flag); the parser wants one value per flag. Values that follow are
+ * taken while they look like host names and are not files (so a MODEL given
+ * after the flag, e.g. `model.gguf`, stays the model).
+ */
+export function rewriteServeArgs(args: string[], isFile: (p: string) => boolean = existsSync): string[] {
+  const out: string[] = []
+  for (let i = 0; i < args.length; i++) {
+    out.push(args[i]!)
+    if (args[i] !== '--allowed-media-domains') continue
+    if (i + 1 < args.length) out.push(args[++i]!)
+    while (i + 1 < args.length && /^([A-Za-z0-9][A-Za-z0-9_-]*[.:,][A-Za-z0-9.:_,-]*|localhost)$/.test(args[i + 1]!) && !isFile(args[i + 1]!)) {
+      out.push('--allowed-media-domains', args[++i]!)
+    }
+  }
+  return out
+}
+
 export const serveCommand: Command = {
   summary: 'serve a model over an OpenAI-compatible HTTP API',
   usage: helpText(),
   options: parseOptions(),
+  rewriteArgs: (args) => rewriteServeArgs(args),
   run: serve,
 }

@@ -70,5 +70,7 @@ export interface Command {
   summary: string
   usage: string
   options: Options
+  /** Rewrite the arguments before parsing (e.g. flags that take several values). */
+  rewriteArgs?(args: string[]): string[]
   run(positionals: string[], values: Values): Promise<number>
 }

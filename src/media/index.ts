@@ -23,6 +23,11 @@ export interface MediaPolicy extends SourceOptions {
   limitMmPerPrompt?: Partial<Record<Modality, number>>
   /** Accept `image_embeds` parts. */
   enableMmEmbeds?: boolean
+  /**
+   * Leave URL items that carry a uuid unfetched (with a `load` to fetch them
+   * later), for a caller that first tries the engine's caches by uuid.
+   */
+  deferUuidFetches?: boolean
 }
 
 /** A media part waiting to be resolved, with where it stood. */
@@ -152,7 +157,7 @@ function embedsItem(part: Record<string, unknown>, path: string, uuid: string | 
 }
 
 /** Resolve one pending part to a media item. */
-async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<ResolvedMedia> {
+async function resolvePart(p: PendingPart, opts: MediaPolicy): Promise<ResolvedMedia> {
   const { part, path, modality } = p
   const uuid = uuidOf(part, path)
   const type = part.type as string
@@ -167,8 +172,15 @@ async function resolvePart(p: PendingPart, opts: SourceOptions): Promise<Resolve
       if (uuid === undefined) throw new MediaError(`${fieldPath}: a media part needs data, or a uuid of an item sent before`, 400, fieldPath)
       return withUuid({ modality })
     }
-    const got = await loadUrl(url, modality, opts, `${fieldPath}.url`)
-    return withUuid({ modality, data: got.data, format: formatHint(got.mimeType) })
+    const load = async (): Promise<ResolvedMedia> => {
+      const got = await loadUrl(url, modality, opts, `${fieldPath}.url`)
+      return withUuid({ modality, data: got.data, format: formatHint(got.mimeType) })
+    }
+    // A caller-given uuid names the content, so the URL need not be fetched
+    // while the engine's caches hold that uuid; without one, a URL says
+    // nothing about what it serves today: fetch it and key it by content.
+    if (uuid !== undefined && opts.deferUuidFetches === true && !url.startsWith('data:')) return withUuid({ modality, load })
+    return load()
   }
   switch (type) {
     case 'input_audio': {
@@ -272,4 +284,14 @@ export function pendingFromData(
     })
   }
   return out
+}
+
+/** Does a native error say a uuid-only item was in no cache? (candela-node media.rs words it so.) */
+export function isUuidMiss(err: unknown): boolean {
+  return err instanceof MediaError && err.message.includes('was sent without data')
+}
+
+/** Fetch the items {@link resolveParts} deferred (see `deferUuidFetches`), in parallel. */
+export async function loadDeferred(media: ResolvedMedia[]): Promise<ResolvedMedia[]> {
+  return Promise.all(media.map((m) => (m.load ? m.load() : m)))
 }

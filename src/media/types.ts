@@ -28,4 +28,6 @@ export interface ResolvedMedia {
   embedsSafetensors?: Buffer
   /** The embeddings' (t, h, w) patch grid. */
   gridThw?: number[]
+  /** A URL item left unfetched because it has a uuid: fetches it. */
+  load?: () => Promise<ResolvedMedia>
 }

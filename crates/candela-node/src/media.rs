@@ -339,6 +339,8 @@ impl MediaContext {
                     }
                     (p.num_tokens, MmInput::Features(p.features))
                 }
+                // Both uuid misses say "was sent without data": the TS side
+                // (src/media isUuidMiss) then fetches the URL and retries.
                 None => match (item.uuid.as_deref(), uuid.and_then(|_| engine.encoder_cache_tokens(&hash))) {
                     (Some(_), Some(n)) => (n, MmInput::Cached),
                     (Some(u), None) if caching => {

@@ -246,3 +246,13 @@ test('blockedReason: any address in 10/8, 127/8 or 192.168/16 is blocked in ever
   )
   t.pass()
 })
+
+test.serial('a resolver that never answers is cut off by the same deadline', async (t) => {
+  process.env.CANDELA_AUDIO_FETCH_TIMEOUT = '0.2'
+  try {
+    const never = () => new Promise<Array<{ address: string; family: number }>>(() => {})
+    await refused(t, loadUrl('http://stuck.test/a.wav', 'audio', { resolveMediaHost: never }, 'p'), 504, /audio from stuck\.test timed out after 0\.2 s \(CANDELA_AUDIO_FETCH_TIMEOUT\)/)
+  } finally {
+    delete process.env.CANDELA_AUDIO_FETCH_TIMEOUT
+  }
+})

@@ -80,7 +80,7 @@ function hostOf(url: URL): string {
  * or a MediaError saying why nowhere. Names are resolved here, once per hop,
  * even with the protection off, so the hook is the only resolver.
  */
-async function checkedAddress(url: URL, opts: FetchOptions, param: string, via: string): Promise<ResolvedAddress | undefined> {
+async function checkedAddress(url: URL, opts: FetchOptions, param: string, via: string, signal: AbortSignal): Promise<ResolvedAddress | undefined> {
   const host = hostOf(url)
   const allowed = opts.allowedMediaDomains
   if (allowed !== undefined && !allowed.some((d) => d.replace(/\.$/, '').toLowerCase() === host)) {
@@ -94,8 +94,9 @@ async function checkedAddress(url: URL, opts: FetchOptions, param: string, via: 
   }
   let addresses: ResolvedAddress[]
   try {
-    addresses = await (opts.resolveMediaHost ?? ((h) => dnsLookup(h, { all: true, verbatim: true })))(host)
-  } catch {
+    addresses = await untilAborted((opts.resolveMediaHost ?? ((h) => dnsLookup(h, { all: true, verbatim: true })))(host), signal)
+  } catch (err) {
+    if (signal.aborted) throw err
     throw new MediaError(`${param}: cannot resolve media host ${host}${via}`, 422, param)
   }
   if (addresses.length === 0) throw new MediaError(`${param}: cannot resolve media host ${host}${via}`, 422, param)
@@ -106,6 +107,16 @@ async function checkedAddress(url: URL, opts: FetchOptions, param: string, via: 
     if (why) throw blockedError(host, why, via, param)
   }
   return addresses[0]
+}
+
+/** `p`, or a rejection as soon as `signal` aborts (a resolver that hangs must not outlive the deadline). */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const abort = (): void => reject(signal.reason)
+    if (signal.aborted) return abort()
+    signal.addEventListener('abort', abort, { once: true })
+    p.then(resolve, reject).finally(() => signal.removeEventListener('abort', abort))
+  })
 }
 
 function blockedError(host: string, why: string, via: string, param: string): MediaError {
@@ -172,7 +183,13 @@ export async function fetchHttp(
       throw new MediaError(`${param}: media host ${from} redirected to a ${url.protocol} URL; only http and https are followed`, 400, param)
     }
     const via = from === undefined ? '' : ` (redirected from ${from})`
-    const pinned = await checkedAddress(url, opts, param, via)
+    let pinned: ResolvedAddress | undefined
+    try {
+      pinned = await checkedAddress(url, opts, param, via, signal)
+    } catch (err) {
+      if (signal.aborted) throw timedOut(host)
+      throw err
+    }
     let res: IncomingMessage
     try {
       res = await get(url, pinned, signal)

@@ -1,11 +1,11 @@
 //! Block-quantized (GGUF) matrices on CPU.
 //!
 //! The matrix stays in its GGUF block format (copied once, 8-aligned).
-//! Products with few input rows (decode: up to 4) take f32 dot products
-//! straight off the blocks for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K; larger
-//! products and the other types (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K) decode
-//! L2-sized tiles of weight rows and run the f32 GEMM of the `gemm` crate
-//! (the one candle uses) on them.
+//! Products with one or two input rows (decode) take f32 dot products
+//! straight off the blocks for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K; up to
+//! eight rows (batched decode) decode each weight row once and dot it with
+//! every input row; larger products decode L2-sized tiles of weight rows and
+//! run the f32 GEMM of the `gemm` crate (the one candle uses) on them.
 //!
 //! Unlike ggml's (and candle's) kernels the activations are not quantized
 //! to 8 bits, which keeps small quantized models (SmolLM2-135M Q4_1) on the
@@ -28,7 +28,10 @@ use rayon::prelude::*;
 const FUSED_MAX_M: usize = 2;
 /// Up to this many input rows, each weight row is decoded once into an L1
 /// buffer and dotted with every input row; beyond it, tiles + GEMM win.
-const ROW_DECODE_MAX_M: usize = 16;
+/// Measured with `npm run bench -- profile --batches 4,8,16` on 2 cores:
+/// row decoding leads at 4 rows, ties at 8 and trails by 10-25 % at 16
+/// (SmolLM2 Q4_1 and the 0.5B Q8_0 alike).
+const ROW_DECODE_MAX_M: usize = 8;
 /// f32 elements of one dequantized weight tile (256 KiB, about L2).
 const TILE_ELEMS: usize = 64 << 10;
 

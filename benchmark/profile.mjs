@@ -5,8 +5,10 @@
 //
 //   npm run bench -- profile [--quick] [--no-perf] [--batches 1,4,16,64] [--models smollm2,qwen05b-q8_0,qwen05b-f32]
 //
-// Writes benchmark/results/profile.json. The analysis that goes with it is in
-// benchmark/profile-notes.md (embedded in RESULTS.md by report.mjs).
+// Writes benchmark/results/profile.json (a run narrowed by --batches, --models
+// or --no-perf: profile-partial.json, so it never replaces the full one). The
+// analysis that goes with it is in benchmark/profile-notes.md (embedded in
+// RESULTS.md by report.mjs).
 import { spawn, spawnSync } from 'node:child_process'
 import { mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
@@ -220,6 +222,9 @@ console.log(
     runs.map((r) => [r.model, r.batch, r.prefillTokS, r.decodeTokS, r.stepMs, r.weightMiB, r.weightStreamGBs]),
   )}`,
 )
-const file = join(RESULTS_DIR, `profile${QUICK ? '-quick' : ''}.json`)
+// Only the default run replaces profile.json (RESULTS.md reads it); a run
+// narrowed by --batches / --models / --no-perf is written beside it.
+const partial = opt.batches || opt.models || opt['no-perf']
+const file = join(RESULTS_DIR, `profile${QUICK ? '-quick' : partial ? '-partial' : ''}.json`)
 writeFileSync(file, `${JSON.stringify({ command: `npm run bench -- profile ${process.argv.slice(2).join(' ')}`.trim(), machine: machineInfo(), memBandwidthGBs: bw, perf: perfOk, threads: Number(opt.threads), runs }, null, 2)}\n`)
 console.log(`wrote ${file.replace(`${ROOT}/`, '')}`)

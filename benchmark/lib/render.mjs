@@ -27,6 +27,22 @@ function split(metrics) {
   return { levels, flat }
 }
 
+/**
+ * One row per (item, concurrency level): the item's name and its flat
+ * metrics only on its first row, the per-level metrics on every row.
+ */
+function pivotRows(items, levels, flat, name, value) {
+  const rows = []
+  for (const it of items) {
+    let first = true
+    for (const [lv, ms] of levels) {
+      rows.push([first ? name(it) : '', lv, ...ms.map((m) => value(it, m)), ...flat.map((m) => (first ? value(it, m) : ''))])
+      first = false
+    }
+  }
+  return rows
+}
+
 export function casesTable(r) {
   const { levels, flat } = split(r.metrics)
   if (levels.size === 0) {
@@ -35,20 +51,8 @@ export function casesTable(r) {
       r.cases.map((c) => [c.id, ...r.metrics.map((m) => cell(r.summary[c.id][m.key])), cell(r.summary[c.id].loadS, 2)]),
     )
   }
+  const rows = pivotRows(r.cases, levels, flat, (c) => c.id, (c, m) => cell(r.summary[c.id][m.key]))
   const subs = [...levels.values()][0]
-  const rows = []
-  for (const c of r.cases) {
-    let first = true
-    for (const [lv, ms] of levels) {
-      rows.push([
-        first ? c.id : '',
-        lv,
-        ...ms.map((m) => cell(r.summary[c.id][m.key])),
-        ...flat.map((m) => (first ? cell(r.summary[c.id][m.key]) : '')),
-      ])
-      first = false
-    }
-  }
   return table(['case', 'concurrency', ...subs.map((m) => `${m.subLabel} (${m.unit})`), ...flat.map((m) => `${m.label} (${m.unit})`)], rows)
 }
 
@@ -62,20 +66,8 @@ export function ratiosTable(r) {
       r.ratios.map((x) => [x.candela, x.peer, ...r.metrics.map((m) => cell(x.metrics[m.key], 2))]),
     )
   }
+  const rows = pivotRows(r.ratios, levels, flat, (x) => `${x.candela} ÷ ${x.peer}`, (x, m) => cell(x.metrics[m.key], 2))
   const subs = [...levels.values()][0]
-  const rows = []
-  for (const x of r.ratios) {
-    let first = true
-    for (const [lv, ms] of levels) {
-      rows.push([
-        first ? `${x.candela} ÷ ${x.peer}` : '',
-        lv,
-        ...ms.map((m) => cell(x.metrics[m.key], 2)),
-        ...flat.map((m) => (first ? cell(x.metrics[m.key], 2) : '')),
-      ])
-      first = false
-    }
-  }
   return table(['candela ÷ peer', 'concurrency', ...subs.map((m) => `${m.subLabel} ${arrow(m)}`), ...flat.map((m) => `${m.label} ${arrow(m)}`)], rows)
 }
 

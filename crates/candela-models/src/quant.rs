@@ -28,7 +28,8 @@ use rayon::prelude::*;
 const FUSED_MAX_M: usize = 2;
 /// Up to this many input rows, each weight row is decoded once into an L1
 /// buffer and dotted with every input row; beyond it, tiles + GEMM win.
-/// Measured with `npm run bench -- profile --batches 4,8,16` on 2 cores:
+/// Measured on 2 cores with each path forced (`npm run bench -- profile
+/// --no-perf --batches 4,8,16`, threshold overridden for the A/B):
 /// row decoding leads at 4 rows, ties at 8 and trails by 10-25 % at 16
 /// (SmolLM2 Q4_1 and the 0.5B Q8_0 alike).
 const ROW_DECODE_MAX_M: usize = 8;

@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null; then
-  eval "$(bash scripts/install-cuda-toolkit.sh)"
+  cuda_env=$(bash scripts/install-cuda-toolkit.sh) # assigned first so a failed install stops here
+  eval "$cuda_env"
 fi
 # candle's kernels: PTX for compute_80, which the driver JITs for newer GPUs.
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"

@@ -10,7 +10,9 @@ start=$(date +%s)
 stamp() { echo "[ci-cuda] $(($(date +%s) - start))s: $*"; }
 
 stamp "CUDA toolkit"
-eval "$(bash scripts/install-cuda-toolkit.sh)"
+# Assign first: `eval "$(…)"` would hide the installer's exit status.
+cuda_env=$(bash scripts/install-cuda-toolkit.sh)
+eval "$cuda_env"
 nvcc --version | tail -1
 stamp "CUDA addon (napi build --features cuda)"
 bash scripts/build-native-cuda.sh

@@ -178,7 +178,9 @@ EOF
 {
   grep -ohE '\bcu[A-Z][A-Za-z0-9_]*' "$R/include/cuda.h"
   for f in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs; do
-    [ -f "$f" ] && grep -ohE 'pub unsafe fn cu[A-Z][A-Za-z0-9_]*' "$f" | sed 's/pub unsafe fn //'
+    # `if`, not `[ ] &&`: an unmatched glob must not end the group with status 1
+    # (under pipefail that silently aborted the whole install on a fresh machine).
+    if [ -f "$f" ]; then grep -ohE 'pub unsafe fn cu[A-Z][A-Za-z0-9_]*' "$f" | sed 's/pub unsafe fn //'; fi
   done
 } | sort -u | awk '{ printf "void %s(void) {}\n", $1 }' >"$STAGE/cuda_stub.c"
 gcc -shared -fPIC -o "$R/lib64/stubs/libcuda.so" -Wl,-soname,libcuda.so.1 "$STAGE/cuda_stub.c" ||

@@ -219,7 +219,7 @@ impl AudioEncoder {
         let k = split(l.k.forward(&h)?)?;
         let v = split(l.v.forward(&h)?)?;
         let scores = q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let a = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
         let x = (x + l.o.forward(&a)?)?;
         let h = l.ffn_norm.forward(&x)?;

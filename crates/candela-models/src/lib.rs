@@ -8,6 +8,7 @@
 pub mod audio_encoder;
 pub mod chat_template;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod gpu;
 pub mod layers;
@@ -23,6 +24,7 @@ pub mod qwen2_vl;
 pub mod qwen3;
 pub mod registry;
 pub mod rope;
+pub mod softmax;
 pub mod tokenizer;
 pub mod transcribe;
 pub mod weights;

@@ -166,15 +166,7 @@ unsafe fn decode_kquant<B: GgmlType>(row: &[u8], out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    use std::sync::OnceLock;
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
-}
+use crate::cpu::has_avx2;
 
 /// AVX2 decode of Q4_0 / Q4_1 / Q8_0 rows: bytes widen straight to f32 lanes
 /// (8 at a time) instead of element by element; bit-identical to

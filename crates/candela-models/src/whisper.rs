@@ -384,6 +384,6 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<T
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     probs.matmul(v)?.transpose(0, 1)?.reshape((n, heads * hd))
 }

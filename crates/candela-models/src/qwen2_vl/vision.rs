@@ -376,7 +376,7 @@ fn segment_attention_within(q: &Tensor, k: &Tensor, v: &Tensor, segs: &Segments,
         let mut parts = Vec::with_capacity(len.div_ceil(chunk));
         for q0 in (0..len).step_by(chunk) {
             let qc = qs.narrow(2, q0, chunk.min(len - q0))?;
-            let probs = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+            let probs = crate::softmax::softmax_last_dim(&qc.matmul(&kt)?)?;
             parts.push(probs.matmul(&vs)?);
         }
         let o = Tensor::cat(&parts, 2)?.transpose(1, 2)?.reshape((runs * len, heads, hd))?;

@@ -12,6 +12,9 @@
 //!   through the sequence's block table. Decode, chunked prefill and prefill
 //!   on a cached prefix are the same computation.
 //!
+//! On the CPU, decodes and short chunks run one (token, head) row at a time;
+//! sequences with longer chunks go through [`prefill`]'s tiles.
+//!
 //! On CUDA, the batch layout is planned and uploaded once per forward (the
 //! metadata caches it for every layer). Out-of-range slots are an error on
 //! the CPU; the CUDA kernel skips them (checking would cost a device sync per
@@ -26,6 +29,8 @@ use candle_core::{
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+mod prefill;
 
 /// One sequence's share of the attention call.
 #[derive(Debug, Clone)]
@@ -504,11 +509,7 @@ impl<T: KvElem> AttnRow<'_, T> {
             max = max.max(s);
             scores[p] = s;
         });
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        let sum = crate::softmax::exp_shifted_sum(scores, max);
         acc.iter_mut().for_each(|a| *a = 0.0);
         self.for_each_key(|p, off| {
             let w = scores[p];
@@ -544,13 +545,7 @@ fn attend<T: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        if *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        }) {
+        if crate::cpu::has_avx2() {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
             unsafe { attend_avx2(row, out, qf, acc, scores) };
             return;
@@ -622,12 +617,16 @@ impl PagedAttention {
 
         let mut out = vec![T::from_f32(0.0); n_tok * n_heads * d];
         if d > 0 {
+            // Decodes and short chunks row by row; longer prefills in tiles.
             out.par_chunks_mut(d).enumerate().for_each_init(
                 || (vec![0f32; d], vec![0f32; d], Vec::<f32>::new()),
                 |(qf, acc, scores), (idx, o)| {
                     let t = idx / n_heads;
                     let h = idx % n_heads;
                     let seq = &meta.seqs[meta.token_seq[t] as usize];
+                    if seq.query_len >= prefill::MIN_QUERY_LEN {
+                        return;
+                    }
                     let attn_row = AttnRow {
                         q: &q[idx * d..(idx + 1) * d],
                         kc,
@@ -642,6 +641,8 @@ impl PagedAttention {
                     attend(&attn_row, o, qf, acc, scores);
                 },
             );
+            let heads = prefill::Heads { n_heads, head_dim: d, group, slot_stride: row, scale };
+            prefill::attend_tiled(q, kc, vc, meta, &heads, &mut out);
         }
         Ok((out.into_cpu_storage(), Shape::from((n_tok, n_heads, d))))
     }
@@ -838,6 +839,13 @@ mod tests {
                 cached: 10,
             },
             Case { ctx: 3, cached: 0 },
+            // Tiled prefills over several tiles, the last one partial: on a
+            // cached prefix and from scratch.
+            Case {
+                ctx: 70,
+                cached: 20,
+            },
+            Case { ctx: 45, cached: 0 },
         ];
         let total_blocks: usize = cases.iter().map(|c| c.ctx.div_ceil(bs)).sum();
         let num_blocks = total_blocks + 5;

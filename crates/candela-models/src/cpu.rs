@@ -1,5 +1,6 @@
-//! CPU features the hand-vectorised kernels pick at run time, so release
-//! builds without `-C target-cpu` still use wide vectors.
+//! What the hand-written CPU kernels share: the features they pick at run
+//! time (so release builds without `-C target-cpu` still use wide vectors)
+//! and the f32 GEMM they call.
 
 /// AVX2 + FMA + F16C (x86-64-v3 minus BMI/LZCNT/MOVBE, which no kernel here uses).
 #[cfg(target_arch = "x86_64")]
@@ -11,4 +12,44 @@ pub fn has_avx2() -> bool {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     })
+}
+
+/// `dst = lhs . rhs` in f32 with the `gemm` crate, on the calling thread:
+/// `dst` is `[m, n]` and `lhs` `[m, k]`, both with unit column stride and the
+/// given row strides; `rhs` is `[k, n]` with the given row and column strides.
+///
+/// # Safety
+/// Each pointer with its extent and strides must stay inside its buffer, and
+/// `dst` must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }

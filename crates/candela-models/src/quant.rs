@@ -849,27 +849,7 @@ impl BlockMatrix {
                 // columns r0..r0+nr of the [m, n] output belong to this tile
                 // alone; every pointer stays inside its buffer.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        nr,
-                        k,
-                        dst.get().add(r0),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        buf.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    crate::cpu::gemm_f32((m, nr, k), dst.get().add(r0), n, x.as_ptr(), k, buf.as_ptr(), (1, k));
                 }
             },
         );

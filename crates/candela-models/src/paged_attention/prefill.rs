@@ -149,26 +149,14 @@ fn attend_tile<T: KvElem>(
     s.resize(rows * n_ctx, 0.0);
     // SAFETY: every pointer, extent and stride describes a buffer sized above.
     unsafe {
-        gemm::gemm(
-            rows,
-            n_ctx,
-            d,
+        crate::cpu::gemm_f32(
+            (rows, n_ctx, d),
             s.as_mut_ptr(),
-            1,
-            n_ctx as isize,
-            false,
+            n_ctx,
             qs.as_ptr(),
-            1,
-            d as isize,
+            d,
             k.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            (1, d),
         );
     }
     // Causal softmax: token t0 + ti sees keys 0..=its position.
@@ -184,26 +172,14 @@ fn attend_tile<T: KvElem>(
     let mut o = vec![0f32; rows * d];
     // SAFETY: as above.
     unsafe {
-        gemm::gemm(
-            rows,
-            d,
-            n_ctx,
+        crate::cpu::gemm_f32(
+            (rows, d, n_ctx),
             o.as_mut_ptr(),
-            1,
-            d as isize,
-            false,
+            d,
             s.as_ptr(),
-            1,
-            n_ctx as isize,
+            n_ctx,
             v.as_ptr(),
-            1,
-            d as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            (d, 1),
         );
     }
     o

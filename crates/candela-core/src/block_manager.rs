@@ -56,9 +56,6 @@ impl BlockManager {
     pub fn num_used_blocks(&self) -> usize {
         self.pool.num_used()
     }
-    pub fn caching_enabled(&self) -> bool {
-        self.enable_caching
-    }
     /// Prompt tokens looked up in the prefix cache.
     pub fn prefix_cache_queries(&self) -> u64 {
         self.prefix_queries
@@ -179,14 +176,6 @@ impl BlockManager {
             for &b in t.blocks.iter().rev() {
                 self.pool.release(b);
             }
-        }
-    }
-
-    /// Drop every cached hash (blocks in use keep their content).
-    pub fn reset_prefix_cache(&mut self) {
-        self.pool.reset_cache();
-        for t in self.tables.values_mut() {
-            t.num_hashed = 0;
         }
     }
 }

@@ -143,14 +143,6 @@ impl BlockPool {
         true
     }
 
-    /// Forget every cached hash (free blocks then carry nothing).
-    pub fn reset_cache(&mut self) {
-        self.cached.clear();
-        for b in &mut self.blocks {
-            b.hash = None;
-        }
-    }
-
     /// Free-list order, head (next to be evicted) first. For tests and debugging.
     pub fn free_list(&self) -> Vec<BlockId> {
         let mut out = Vec::with_capacity(self.num_free);

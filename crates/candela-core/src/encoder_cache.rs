@@ -7,14 +7,8 @@
 //! running request keeps its embeddings alive even after eviction here.
 
 use candle_core::Tensor;
-use std::collections::HashMap;
 
-#[derive(Debug)]
-struct Entry {
-    embeds: Tensor,
-    tokens: usize,
-    last_use: u64,
-}
+use crate::lru::WeightedLru;
 
 /// Counters of the encoder cache, as reported in engine stats.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,47 +21,33 @@ pub struct EncoderCacheStats {
     pub capacity_tokens: usize,
 }
 
+/// Encoder outputs by `mm_hash`, weighted by their rows.
 #[derive(Debug)]
-pub struct EncoderCache {
-    capacity_tokens: usize,
-    used_tokens: usize,
-    entries: HashMap<String, Entry>,
-    clock: u64,
-    queries: u64,
-    hits: u64,
-}
+pub struct EncoderCache(WeightedLru<Tensor>);
 
 impl EncoderCache {
     /// A cache of at most `capacity_tokens` rows; 0 disables it.
     pub fn new(capacity_tokens: usize) -> Self {
-        Self { capacity_tokens, used_tokens: 0, entries: HashMap::new(), clock: 0, queries: 0, hits: 0 }
+        Self(WeightedLru::new(capacity_tokens))
     }
 
     pub fn enabled(&self) -> bool {
-        self.capacity_tokens > 0
+        self.0.enabled()
     }
 
     /// Look up an item's output, counting the query.
     pub fn get(&mut self, hash: &str) -> Option<Tensor> {
-        if !self.enabled() {
-            return None;
-        }
-        self.queries += 1;
-        self.clock += 1;
-        let e = self.entries.get_mut(hash)?;
-        e.last_use = self.clock;
-        self.hits += 1;
-        Some(e.embeds.clone())
+        self.0.get(hash).cloned()
     }
 
     /// Whether the item is held (no counting, no recency change).
     pub fn contains(&self, hash: &str) -> bool {
-        self.entries.contains_key(hash)
+        self.0.contains(hash)
     }
 
     /// Rows (placeholder tokens) of a held item.
     pub fn tokens_of(&self, hash: &str) -> Option<usize> {
-        self.entries.get(hash).map(|e| e.tokens)
+        self.0.weight_of(hash)
     }
 
     /// Keep `embeds` (`[tokens, hidden]`) under `hash`, evicting the least
@@ -75,32 +55,17 @@ impl EncoderCache {
     /// cache are not kept.
     pub fn insert(&mut self, hash: &str, embeds: Tensor) {
         let tokens = embeds.dims().first().copied().unwrap_or(0);
-        if !self.enabled() || tokens > self.capacity_tokens {
-            return;
-        }
-        if let Some(old) = self.entries.remove(hash) {
-            self.used_tokens -= old.tokens;
-        }
-        while self.used_tokens + tokens > self.capacity_tokens {
-            let Some(victim) = self.entries.iter().min_by_key(|(_, e)| e.last_use).map(|(k, _)| k.clone()) else {
-                break;
-            };
-            if let Some(e) = self.entries.remove(&victim) {
-                self.used_tokens -= e.tokens;
-            }
-        }
-        self.clock += 1;
-        self.used_tokens += tokens;
-        self.entries.insert(hash.to_string(), Entry { embeds, tokens, last_use: self.clock });
+        self.0.insert(hash, embeds, tokens);
     }
 
     pub fn stats(&self) -> EncoderCacheStats {
+        let (queries, hits) = self.0.counters();
         EncoderCacheStats {
-            queries: self.queries,
-            hits: self.hits,
-            tokens: self.used_tokens,
-            items: self.entries.len(),
-            capacity_tokens: self.capacity_tokens,
+            queries,
+            hits,
+            tokens: self.0.used(),
+            items: self.0.len(),
+            capacity_tokens: self.0.capacity(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod detokenizer;
 pub mod encoder_cache;
 pub mod engine;
 mod engine_core;
+pub mod lru;
 pub mod model;
 pub mod output;
 pub mod params;

@@ -42,10 +42,6 @@ impl Sequence {
     pub fn output(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
     }
-    /// Tokens still to run through the model before the next sample.
-    pub fn num_uncomputed(&self) -> usize {
-        self.tokens.len().saturating_sub(self.num_computed)
-    }
     /// Seats this sequence takes against `max_num_seqs`.
     pub fn seats(&self) -> usize {
         1 + self.pending_forks

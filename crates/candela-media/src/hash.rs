@@ -14,6 +14,20 @@ pub enum Modality {
 }
 
 impl Modality {
+    /// `image`, `video` or `audio`, as the APIs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Modality::Image => "image",
+            Modality::Video => "video",
+            Modality::Audio => "audio",
+        }
+    }
+
+    /// The modality named `name` (see [`Self::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Modality::Image, Modality::Video, Modality::Audio].into_iter().find(|m| m.name() == name)
+    }
+
     fn tag(self) -> &'static [u8] {
         match self {
             Modality::Image => b"image",

@@ -5,7 +5,7 @@
 use candela_core::model::{DeviceMemory, DeviceSampleRow};
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::layers::DecoderConfig;
+use crate::nn::decoder::DecoderConfig;
 
 /// Rough peak activation bytes of a decoder step of `tokens` tokens and
 /// `seqs` logits rows: the per-token intermediates that can be alive at once

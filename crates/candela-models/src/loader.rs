@@ -12,18 +12,17 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use crate::chat_template::{resolve_template_source, ChatTemplate};
-use crate::config::{GenerationConfig, HfConfig};
-use crate::processor::{AudioProcessor, MmProcessor, VisionProcessor};
-use crate::qwen2_vl::{self, Qwen2Vl, Qwen2VlConfig};
-use crate::qwen2_audio::{self, Qwen2Audio, Qwen2AudioConfig};
+use crate::config::GenerationConfig;
 use crate::error::{ModelError, Result};
-use crate::registry;
+use crate::families::{self, Checkpoint};
+use crate::processor::MmProcessor;
 use crate::tokenizer::{read_json, Tokenizer};
 use crate::weights::{GgufWeights, Weights};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// "auto" (f32 on CPU), "f32"/"float32", "bf16"/"bfloat16", "f16"/"float16".
+    /// "auto" (f32 on the CPU, bf16 on CUDA: not the checkpoint's own dtype
+    /// yet), "f32"/"float32", "bf16"/"bfloat16", "f16"/"float16".
     pub dtype: Option<String>,
     /// "cpu", or (CUDA builds) "cuda" / "cuda:N".
     pub device: String,
@@ -69,7 +68,7 @@ pub struct LoadedModel {
     pub spec: ModelSpec,
     pub model_name: String,
     /// Media preprocessing, for models that take more than text.
-    pub processor: Option<Arc<MmProcessor>>,
+    pub processor: Option<Arc<dyn MmProcessor>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -188,32 +187,12 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         });
     }
     let raw: Value = read_json(&cfg_path, "config.json")?;
-    if crate::whisper::matches(&raw) {
-        // An encoder-decoder for speech: not an engine model (see crate::transcribe).
-        return Err(ModelError::Config(format!(
-            "{} is a Whisper speech-recognition model; load it with candela_models::transcribe::Transcriber::load (JS: Transcriber.load)",
-            dir.display()
-        )));
-    }
-    // Multimodal checkpoints nest the language model's config (text_config).
-    let audio_cfg = if qwen2_audio::matches(&raw) { Some(Qwen2AudioConfig::from_json(&raw)?) } else { None };
-    let vl_cfg = if qwen2_vl::matches(&raw) { Some(Qwen2VlConfig::from_json(&raw)?) } else { None };
-    let cfg = match (&audio_cfg, &vl_cfg) {
-        (Some(a), _) => a.text.clone(),
-        (None, Some(v)) => v.text.clone(),
-        (None, None) => HfConfig::from_file(&cfg_path)?,
-    };
-    let arch = match (&audio_cfg, &vl_cfg) {
-        (Some(_), _) | (_, Some(_)) => None,
-        (None, None) => {
-            let arch_name = cfg.architecture().ok_or_else(|| ModelError::InvalidJson {
-                what: "config.json",
-                path: cfg_path.clone(),
-                message: "no \"architectures\" entry".into(),
-            })?;
-            Some(registry::by_hf_name(arch_name)?)
-        }
-    };
+    let arch_name = raw.pointer("/architectures/0").and_then(Value::as_str).ok_or_else(|| ModelError::InvalidJson {
+        what: "config.json",
+        path: cfg_path.clone(),
+        message: "no \"architectures\" entry".into(),
+    })?;
+    let family = families::by_hf_architecture(arch_name)?;
 
     let tok_cfg_path = dir.join("tokenizer_config.json");
     let tok_cfg: Option<Value> = if tok_cfg_path.is_file() {
@@ -247,41 +226,8 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         .map(|src| make_template(src, &tokenizer))
         .transpose()?;
 
-    let weights = Weights::from_safetensors_dir(dir, dtype, device)?;
-    let (model, processor): (Box<dyn Model>, Option<Arc<MmProcessor>>) = match (&audio_cfg, arch) {
-        (None, None) if vl_cfg.is_some() => {
-            let v = vl_cfg.as_ref().ok_or_else(|| ModelError::Config("internal: no Qwen2-VL config".into()))?;
-            let m = Qwen2Vl::load(v, &weights, opts.max_model_len)?;
-            let vision = vision_processor(dir, v)?;
-            (Box::new(m), Some(Arc::new(MmProcessor { vision: Some(vision), ..Default::default() })))
-        }
-        (Some(a), _) => {
-            let m = Qwen2Audio::load(a, &weights, opts.max_model_len)?;
-            let pp = dir.join("preprocessor_config.json");
-            if !pp.is_file() {
-                return Err(ModelError::MissingFile { dir: dir.to_path_buf(), file: "preprocessor_config.json" });
-            }
-            let text = std::fs::read_to_string(&pp).map_err(|e| ModelError::io(&pp, e))?;
-            let extractor = candela_media::audio::WhisperFeatureExtractor::from_preprocessor_config(&text)
-                .map_err(|e| ModelError::InvalidJson { what: "preprocessor_config.json", path: pp.clone(), message: e.to_string() })?;
-            if extractor.n_mels() != a.audio.num_mel_bins {
-                return Err(ModelError::Config(format!(
-                    "preprocessor_config.json has {} mel bins but the audio encoder takes {}",
-                    extractor.n_mels(),
-                    a.audio.num_mel_bins
-                )));
-            }
-            let audio = AudioProcessor {
-                extractor,
-                placeholder_token: a.audio_token_id,
-                pooled: true,
-                max_source_positions: a.audio.max_source_positions,
-            };
-            (Box::new(m), Some(Arc::new(MmProcessor { audio: Some(audio), ..Default::default() })))
-        }
-        (None, Some(arch)) => (arch.build_hf(&cfg, &weights, opts.max_model_len)?, None),
-        (None, None) => return Err(ModelError::Config("internal: no architecture".into())),
-    };
+    let ck = Checkpoint { dir, config: &raw, dtype, device, max_model_len: opts.max_model_len };
+    let families::Built { model, processor, text: cfg } = (family.load_folder)(&ck)?;
     let spec = model.spec().clone();
 
     let mut eos = Vec::new();
@@ -323,54 +269,6 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
     })
 }
 
-/// The image / video processor of a Qwen2-VL checkpoint: preprocessor_config.json
-/// (and video_preprocessor_config.json when present, as transformers reads
-/// them), checked against the vision tower's patch geometry.
-fn vision_processor(dir: &Path, v: &Qwen2VlConfig) -> Result<VisionProcessor> {
-    let read = |file: &'static str| -> Result<Option<(PathBuf, String)>> {
-        let p = dir.join(file);
-        if !p.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
-        Ok(Some((p, text)))
-    };
-    let (pp, image_text) = read("preprocessor_config.json")?
-        .ok_or_else(|| ModelError::MissingFile { dir: dir.to_path_buf(), file: "preprocessor_config.json" })?;
-    let invalid = |path: &Path, e: candela_media::MediaError| ModelError::InvalidJson {
-        what: "preprocessor config",
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let image = candela_media::image::Qwen2VlProcessorConfig::from_preprocessor_config(&image_text)
-        .map_err(|e| invalid(&pp, e))?;
-    let (vp, video_text) = read("video_preprocessor_config.json")?.unwrap_or((pp.clone(), image_text));
-    let video = candela_media::video::Qwen2VlVideoConfig::from_preprocessor_config(&video_text)
-        .map_err(|e| invalid(&vp, e))?;
-    let vc = &v.vision;
-    if vc.in_channels != 3 {
-        return Err(ModelError::Config(format!("the vision tower takes {} channels; images are RGB (3)", vc.in_channels)));
-    }
-    for (what, img, vid, tower) in [
-        ("patch_size", image.patch_size, video.base.patch_size, vc.patch_size),
-        ("merge_size", image.merge_size, video.base.merge_size, vc.spatial_merge_size),
-        ("temporal_patch_size", image.temporal_patch_size, video.base.temporal_patch_size, vc.temporal_patch_size),
-    ] {
-        if img != tower || vid != tower {
-            return Err(ModelError::Config(format!(
-                "the preprocessor configs have {what} {img} (image) / {vid} (video) but the vision tower has {tower}"
-            )));
-        }
-    }
-    Ok(VisionProcessor {
-        image,
-        video,
-        image_token: v.image_token_id,
-        video_token: v.video_token_id,
-        tokens_per_second: (vc.variant == qwen2_vl::Variant::Qwen25Vl).then_some(vc.tokens_per_second),
-    })
-}
-
 fn make_template(src: String, tok: &Tokenizer) -> Result<ChatTemplate> {
     Ok(ChatTemplate::new(
         src,
@@ -388,7 +286,10 @@ fn load_gguf(
     opts: &LoadOptions,
 ) -> Result<LoadedModel> {
     let gguf = GgufWeights::open(path, dtype, device)?;
-    let arch = registry::by_gguf_name(gguf.architecture()?)?;
+    let family = families::by_gguf_architecture(gguf.architecture()?)?;
+    let load_gguf = family
+        .load_gguf
+        .ok_or_else(|| ModelError::Config(format!("internal: family {} has no GGUF loader", family.name)))?;
     let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
     let template_src = resolve_template_source(
         opts.chat_template.as_deref(),
@@ -418,7 +319,7 @@ fn load_gguf(
     let Weights::Gguf(g) = &weights else {
         return Err(ModelError::Config("internal: GGUF weights expected".into()));
     };
-    let model = arch.build_gguf(g, &weights, opts.max_model_len)?;
+    let model = load_gguf(g, &weights, opts.max_model_len)?;
     let spec = model.spec().clone();
     Ok(LoadedModel {
         model,

@@ -85,16 +85,9 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<ParsedEmbeds, MediaError> {
     Ok(ParsedEmbeds { data, shape: t.shape().to_vec(), grid_thw })
 }
 
-/// Check `(tokens, hidden)` against the grid and the model, and build the
-/// tensor in the model's dtype. `merge` is the vision tower's spatial merge.
-pub fn embeddings_tensor(
-    data: Vec<f32>,
-    shape: &[usize],
-    grid_thw: [usize; 3],
-    merge: usize,
-    hidden: usize,
-    dtype: DType,
-) -> Result<Tensor, MediaError> {
+/// Check `(tokens, hidden)` against the model and build the tensor in the
+/// model's dtype. (The family's processor checks the rows against the grid.)
+pub fn embeddings_tensor(data: Vec<f32>, shape: &[usize], hidden: usize, dtype: DType) -> Result<Tensor, MediaError> {
     let [rows, cols] = match shape {
         &[r, c] => [r, c],
         &[1, r, c] => [r, c],
@@ -111,22 +104,9 @@ pub fn embeddings_tensor(
             rows.saturating_mul(cols)
         )));
     }
-    let [t, h, w] = grid_thw;
-    if merge == 0 || h % merge != 0 || w % merge != 0 {
-        return Err(invalid(format!(
-            "image_grid_thw {grid_thw:?}: h and w must be multiples of the spatial merge size {merge}"
-        )));
-    }
-    let expected = t * (h / merge) * (w / merge);
-    if rows != expected {
-        return Err(invalid(format!(
-            "image_embeds has {rows} feature tokens but image_grid_thw {grid_thw:?} gives {expected} (t*h*w/{})",
-            merge * merge
-        )));
-    }
     if cols != hidden {
         return Err(invalid(format!(
-            "image_embeds has hidden size {cols} but the model's hidden size is {hidden} (expected shape ({expected}, {hidden}))"
+            "image_embeds has hidden size {cols} but the model's hidden size is {hidden} (expected shape ({rows}, {hidden}))"
         )));
     }
     if data.iter().any(|v| !v.is_finite()) {
@@ -165,7 +145,7 @@ mod tests {
         let p = parse_safetensors(&blob(&[("image_embeds", "F16", vec![1, 4], e), ("image_grid_thw", "I64", vec![1, 3], g)])).unwrap();
         assert_eq!(p.data, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(p.grid_thw, Some([1, 2, 2]));
-        let t = embeddings_tensor(p.data, &p.shape, [1, 2, 2], 2, 4, DType::F32).unwrap();
+        let t = embeddings_tensor(p.data, &p.shape, 4, DType::F32).unwrap();
         assert_eq!(t.dims(), [1, 4]);
     }
 
@@ -173,10 +153,10 @@ mod tests {
     fn mismatches_name_expected_and_got() {
         let e = parse_safetensors(&blob(&[("image_embeds", "I32", vec![1], vec![0; 4])])).err().unwrap();
         assert!(e.message().contains("float tensor"), "{}", e.message());
-        let e = embeddings_tensor(vec![0.0; 8], &[2, 4], [1, 2, 2], 2, 4, DType::F32).err().unwrap();
-        assert!(e.message().contains("2 feature tokens") && e.message().contains("gives 1"), "{}", e.message());
-        let e = embeddings_tensor(vec![0.0; 8], &[1, 8], [1, 2, 2], 2, 4, DType::F32).err().unwrap();
+        let e = embeddings_tensor(vec![0.0; 8], &[1, 8], 4, DType::F32).err().unwrap();
         assert!(e.message().contains("hidden size 8") && e.message().contains("is 4"), "{}", e.message());
+        let e = embeddings_tensor(vec![0.0; 6], &[2, 4], 4, DType::F32).err().unwrap();
+        assert!(e.message().contains("holds 6 values"), "{}", e.message());
         assert!(parse_safetensors(b"nonsense").is_err());
     }
 }

@@ -600,13 +600,6 @@ impl GgufWeights {
             .map(|s| s.as_str())
     }
 
-    pub fn meta_bool_opt(&self, key: &str) -> Option<bool> {
-        self.content
-            .metadata
-            .get(key)
-            .and_then(|v| v.to_bool().ok())
-    }
-
     /// `general.architecture`, e.g. `llama`.
     pub fn architecture(&self) -> Result<&str> {
         self.meta_str("general.architecture")

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candela_core::model::{ForwardBatch, Model, SeqSlice};
 use candela_models::config::HfConfig;
-use candela_models::layers::{DecoderConfig, DecoderLm};
+use candela_models::nn::decoder::{DecoderConfig, DecoderLm};
 use candela_models::{llama, load, qwen2, qwen3, ChatRenderOptions, LoadOptions, Weights};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;

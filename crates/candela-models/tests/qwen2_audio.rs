@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
-use candela_core::request::{MmFeatures, MmInput, MmItem, MmPlaceholder};
+use candela_core::request::{MmFeatures, MmInput};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
-use candela_models::processor::{expand_placeholders, ProcessedItem};
+use candela_media::Modality;
+use candela_models::input::{EngineCaches, InputPreparer, MediaInput, PreparedPrompt};
+use candela_models::processor::{DecodeOptions, MediaData};
 use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -39,32 +41,43 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// Our processor on the fixture's WAV files.
-fn process_clips(loaded: &LoadedModel, f: &Fixture) -> Vec<ProcessedItem> {
-    let audio = loaded.processor.as_ref().and_then(|p| p.audio.as_ref()).expect("an audio processor");
-    f.reference["clips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let bytes = std::fs::read(dir().join(c.as_str().unwrap())).unwrap();
-            let samples = candela_media::audio::decode_to_mono(&bytes, Some("wav"), audio.sampling_rate()).unwrap();
-            audio.process(&samples).unwrap()
-        })
-        .collect()
+/// No engine caches: every clip is processed from its data.
+struct NoCaches;
+
+impl EngineCaches for NoCaches {
+    fn caching(&self) -> bool {
+        false
+    }
+    fn encoder_rows(&self, _: &str) -> Option<usize> {
+        None
+    }
+    fn embedding_shape(&self) -> (usize, DType) {
+        (0, DType::F32)
+    }
 }
 
-/// The prompt as our chat template renders it, with each `<|AUDIO|>` expanded.
-fn prompt(loaded: &LoadedModel, f: &Fixture, items: &[ProcessedItem]) -> (Vec<u32>, Vec<(usize, usize)>) {
+/// The prompt as production prepares it: the chat template rendered and
+/// tokenized, the WAV files decoded and processed, each `<|AUDIO|>` expanded.
+fn prepare(loaded: &LoadedModel, f: &Fixture) -> PreparedPrompt {
     let messages = f.reference["messages"].as_array().unwrap().clone();
     let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
     let rendered = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
     assert_eq!(rendered, f.reference["rendered"].as_str().unwrap());
     let ids = loaded.tokenizer.encode(&rendered, false).unwrap();
-    let token = f.reference["audio_token_id"].as_u64().unwrap() as u32;
-    let counts: Vec<usize> = items.iter().map(|i| i.num_tokens).collect();
-    let (ids, ranges) = expand_placeholders(&ids, token, &counts, "audio").unwrap();
-    (ids, ranges.iter().map(|r| (r.offset, r.length)).collect())
+    let clips: Vec<MediaInput> = f.reference["clips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| MediaInput {
+            modality: Modality::Audio,
+            data: Some(MediaData::Encoded { bytes: std::fs::read(dir().join(c.as_str().unwrap())).unwrap(), format: Some("wav".into()) }),
+            uuid: None,
+            kwargs: Value::Null,
+            embeds: None,
+        })
+        .collect();
+    let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
+    prep.prepare(&NoCaches, ids, &clips).unwrap()
 }
 
 /// Logits of the last token of `ids[..len]`, media spliced in, on a fresh KV pool.
@@ -94,12 +107,21 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
     let f = fixture();
     let mut loaded = load(&dir(), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap();
     assert_eq!(loaded.spec.architecture, "Qwen2AudioForConditionalGeneration");
-    let items = process_clips(&loaded, &f);
+    let prepared = prepare(&loaded, &f);
+    let items: Vec<Arc<MmFeatures>> = prepared
+        .items
+        .iter()
+        .map(|m| match &m.input {
+            MmInput::Features(x) => x.clone(),
+            other => panic!("features expected, got {other:?}"),
+        })
+        .collect();
+    let ranges: Vec<(usize, usize)> = prepared.items.iter().map(|m| (m.placeholder.offset, m.placeholder.length)).collect();
 
     // Features: ours vs the reference's (the frames we keep).
     let ref_features = &f.tensors["input_features"];
     for (i, item) in items.iter().enumerate() {
-        let ours = item.features.get("input_features").unwrap();
+        let ours = item.get("input_features").unwrap();
         let keep = ours.dim(1).unwrap();
         let theirs = ref_features.get(i).unwrap().narrow(1, 0, keep).unwrap();
         let d = max_diff(ours, &theirs);
@@ -107,8 +129,9 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
     }
 
     // Prompt: template + expansion give transformers' input ids.
-    let (ids, ranges) = prompt(&loaded, &f, &items);
+    let ids = prepared.ids.clone();
     assert_eq!(ids, ids_of(&f.reference["input_ids"]));
+    assert!(prepared.mrope.is_none());
     let counts: Vec<usize> = ranges.iter().map(|r| r.1).collect();
     assert_eq!(counts, ids_of(&f.reference["num_audio_tokens"]).iter().map(|&c| c as usize).collect::<Vec<_>>());
 
@@ -117,13 +140,13 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
         .iter()
         .enumerate()
         .map(|(i, it)| {
-            let keep = it.features.get("input_features").unwrap().dim(1).unwrap();
+            let keep = it.get("input_features").unwrap().dim(1).unwrap();
             let x = ref_features.get(i).unwrap().narrow(1, 0, keep).unwrap();
-            let frames = it.features.get("feature_frames").unwrap().clone();
+            let frames = it.get("feature_frames").unwrap().clone();
             Arc::new(MmFeatures { tensors: vec![("input_features".into(), x), ("feature_frames".into(), frames)] })
         })
         .collect();
-    for (what, feats) in [("reference features", ref_items.clone()), ("our features", items.iter().map(|i| i.features.clone()).collect())] {
+    for (what, feats) in [("reference features", ref_items.clone()), ("our features", items.clone())] {
         let spans: Vec<(usize, Tensor)> =
             ranges.iter().zip(&feats).map(|(r, x)| (r.0, loaded.model.encode(x).unwrap())).collect();
         for (i, (_, e)) in spans.iter().enumerate() {
@@ -143,15 +166,7 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
     let LoadedModel { model, tokenizer, generation, .. } = loaded;
     let cfg = EngineConfig { eos_token_ids: generation.eos_token_ids, max_num_batched_tokens: 48, ..Default::default() };
     let engine = Engine::start(model, tokenizer, cfg).unwrap();
-    let mm_items: Vec<MmItem> = ranges
-        .iter()
-        .zip(&items)
-        .enumerate()
-        .map(|(i, (r, it))| MmItem {
-            placeholder: MmPlaceholder { hash: format!("clip{i}"), offset: r.0, length: r.1 },
-            input: MmInput::Features(it.features.clone()),
-        })
-        .collect();
+    let mm_items = prepared.items;
     let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
     let mut h = engine.add_request(EngineRequest { prompt_token_ids: ids.clone(), params, mm_items, mrope: None }).unwrap();
     let mut got = Vec::new();

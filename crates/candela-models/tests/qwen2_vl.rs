@@ -8,12 +8,15 @@
 use std::path::{Path, PathBuf};
 
 use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
-use candela_core::request::{MmFeatures, MmInput, MmItem, MmPlaceholder, MropePositions};
+use std::sync::Arc;
+
+use candela_core::request::{MmFeatures, MmInput, MropePositions};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
-use candela_media::image::{decode_image, DecodedImage, ImageOptions};
-use candela_models::processor::{expand_placeholders, ProcessedItem, VisionKwargs, VisionProcessor};
+use candela_media::Modality;
+use candela_models::input::{EngineCaches, InputPreparer, MediaInput, PreparedPrompt};
+use candela_models::processor::{DecodeOptions, MediaData};
 use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -37,8 +40,8 @@ fn fixture(name: &'static str) -> Fixture {
 }
 
 impl Fixture {
-    fn image(&self, file: &str) -> DecodedImage {
-        decode_image(&std::fs::read(dir(self.name).join(file)).unwrap(), &ImageOptions::default()).unwrap()
+    fn file(&self, file: &str) -> Vec<u8> {
+        std::fs::read(dir(self.name).join(file)).unwrap()
     }
 
     /// Reference pixel values of item `i` of `case` (image_a is stored once).
@@ -57,48 +60,65 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn vision(loaded: &LoadedModel) -> &VisionProcessor {
-    loaded.processor.as_ref().and_then(|p| p.vision.as_ref()).expect("a vision processor")
+/// No engine caches: every item is processed from its data.
+struct NoCaches;
+
+impl EngineCaches for NoCaches {
+    fn caching(&self) -> bool {
+        false
+    }
+    fn encoder_rows(&self, _: &str) -> Option<usize> {
+        None
+    }
+    fn embedding_shape(&self) -> (usize, DType) {
+        (0, DType::F32)
+    }
 }
 
-/// Our processor on the case's media files.
-fn process_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> Vec<ProcessedItem> {
-    let vp = vision(loaded);
-    case["media"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            Value::String(file) => vp.process_image(&f.image(file), &VisionKwargs::default()).unwrap(),
-            Value::Array(frames) => {
-                let frames: Vec<DecodedImage> = frames.iter().map(|x| f.image(x.as_str().unwrap())).collect();
-                let kw = VisionKwargs { fps: f.reference["frame_fps"].as_f64(), ..Default::default() };
-                vp.process_frames(&frames, &kw).unwrap()
-            }
-            other => panic!("bad media entry {other}"),
-        })
-        .collect()
-}
-
-/// Rendered + tokenized + expanded prompt, with each item's placeholder offset.
-fn prompt(loaded: &LoadedModel, case: &Value, items: &[ProcessedItem]) -> (Vec<u32>, Vec<usize>) {
+/// The case's prompt as production prepares it: template rendered and
+/// tokenized, media decoded and processed, placeholders expanded, M-RoPE
+/// positions laid out.
+fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedPrompt {
     let messages = case["messages"].as_array().unwrap().clone();
     let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
     let rendered = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
     assert_eq!(rendered, case["rendered"].as_str().unwrap());
     let ids = loaded.tokenizer.encode(&rendered, false).unwrap();
-    let vp = vision(loaded);
-    let video = case["kinds"][0] == "video";
-    let token = if video { vp.video_token } else { vp.image_token };
-    let counts: Vec<usize> = items.iter().map(|i| i.num_tokens).collect();
-    let (ids, ranges) = expand_placeholders(&ids, token, &counts, "media").unwrap();
-    (ids, ranges.iter().map(|r| r.offset).collect())
+    let inputs: Vec<MediaInput> = case["media"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(file) => MediaInput {
+                modality: Modality::Image,
+                data: Some(MediaData::Encoded { bytes: f.file(file), format: None }),
+                uuid: None,
+                kwargs: Value::Null,
+                embeds: None,
+            },
+            Value::Array(frames) => MediaInput {
+                modality: Modality::Video,
+                data: Some(MediaData::Frames(frames.iter().map(|x| f.file(x.as_str().unwrap())).collect())),
+                uuid: None,
+                kwargs: serde_json::json!({ "fps": f.reference["frame_fps"] }),
+                embeds: None,
+            },
+            other => panic!("bad media entry {other}"),
+        })
+        .collect();
+    let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
+    prep.prepare(&NoCaches, ids, &inputs).unwrap()
 }
 
-fn positions_of(loaded: &LoadedModel, n: usize, offsets: &[usize], items: &[ProcessedItem]) -> MropePositions {
-    let vp = vision(loaded);
-    let spans: Vec<_> = offsets.iter().zip(items).map(|(&o, it)| vp.span_of(o, &it.features).unwrap()).collect();
-    vp.mrope_positions(n, &spans).unwrap()
+/// Each item's features and offset.
+fn features(p: &PreparedPrompt) -> Vec<(usize, Arc<MmFeatures>)> {
+    p.items
+        .iter()
+        .map(|m| match &m.input {
+            MmInput::Features(f) => (m.placeholder.offset, f.clone()),
+            other => panic!("features expected, got {other:?}"),
+        })
+        .collect()
 }
 
 /// Logits of the last token of `ids`, media spliced in, on a fresh KV pool.
@@ -119,7 +139,7 @@ fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)],
     loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
 }
 
-fn run_engine(loaded: LoadedModel, ids: &[u32], offsets: &[usize], items: &[ProcessedItem], mrope: MropePositions, chunk: usize) -> (Vec<u32>, u64) {
+fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (Vec<u32>, u64) {
     let LoadedModel { model, tokenizer, generation, .. } = loaded;
     let cfg = EngineConfig {
         eos_token_ids: generation.eos_token_ids,
@@ -128,17 +148,9 @@ fn run_engine(loaded: LoadedModel, ids: &[u32], offsets: &[usize], items: &[Proc
         ..Default::default()
     };
     let engine = Engine::start(model, tokenizer, cfg).unwrap();
-    let mm_items: Vec<MmItem> = offsets
-        .iter()
-        .zip(items)
-        .enumerate()
-        .map(|(i, (&o, it))| MmItem {
-            placeholder: MmPlaceholder { hash: format!("item{i}"), offset: o, length: it.num_tokens },
-            input: MmInput::Features(it.features.clone()),
-        })
-        .collect();
+    let PreparedPrompt { ids, items: mm_items, mrope } = prepared;
     let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
-    let req = EngineRequest { prompt_token_ids: ids.to_vec(), params, mm_items, mrope: Some(mrope) };
+    let req = EngineRequest { prompt_token_ids: ids, params, mm_items, mrope };
     let mut h = engine.add_request(req).unwrap();
     let mut got = Vec::new();
     while let Some(ev) = h.events.blocking_recv() {
@@ -162,22 +174,24 @@ fn check_fixture(name: &'static str, architecture: &str) {
     let cases = f.reference["cases"].as_object().unwrap().clone();
     let mut worst = (0f32, 0f32, 0f32);
     for (case_name, case) in &cases {
-        let items = process_case(&loaded, &f, case);
+        let prepared = prepare_case(&loaded, &f, case);
+        let items = features(&prepared);
+        let offsets: Vec<usize> = items.iter().map(|(o, _)| *o).collect();
 
         // Pixels and grids: our processor vs transformers' slow processor.
         let grids: Vec<Vec<u32>> = case["grid_thw"].as_array().unwrap().iter().map(ids_of).collect();
-        for (i, it) in items.iter().enumerate() {
-            let grid = candela_models::qwen2_vl::grid_of(&it.features).unwrap();
+        for (i, (_, it)) in items.iter().enumerate() {
+            let grid = candela_models::qwen2_vl::grid_of(it).unwrap();
             assert_eq!(grid.map(|x| x as u32).to_vec(), grids[i], "{name} {case_name} item {i} grid");
-            let d = max_diff(it.features.get("pixel_values").unwrap(), f.ref_pixels(case_name, i));
+            let d = max_diff(it.get("pixel_values").unwrap(), f.ref_pixels(case_name, i));
             assert!(d <= PIXEL_ATOL, "{name} {case_name} item {i}: pixel values differ by {d}");
             worst.0 = worst.0.max(d);
         }
 
         // Prompt and 3-D positions.
-        let (ids, offsets) = prompt(&loaded, case, &items);
+        let ids = prepared.ids.clone();
         assert_eq!(ids, ids_of(&case["input_ids"]), "{name} {case_name}: input ids");
-        let mrope = positions_of(&loaded, ids.len(), &offsets, &items);
+        let mrope = prepared.mrope.clone().expect("M-RoPE positions");
         let ref_pos: Vec<Vec<u32>> = case["position_ids"].as_array().unwrap().iter().map(ids_of).collect();
         for (axis, want) in ref_pos.iter().enumerate() {
             let got: Vec<u32> = mrope.prompt.iter().map(|p| p[axis]).collect();
@@ -189,13 +203,13 @@ fn check_fixture(name: &'static str, architecture: &str) {
         let ref_feats: Vec<MmFeatures> = items
             .iter()
             .enumerate()
-            .map(|(i, it)| {
-                let mut t = it.features.tensors.clone();
+            .map(|(i, (_, it))| {
+                let mut t = it.tensors.clone();
                 t[0].1 = f.ref_pixels(case_name, i).clone();
                 MmFeatures { tensors: t }
             })
             .collect();
-        let our_feats: Vec<MmFeatures> = items.iter().map(|it| (*it.features).clone()).collect();
+        let our_feats: Vec<MmFeatures> = items.iter().map(|(_, it)| (**it).clone()).collect();
         for (what, feats) in [("reference pixels", ref_feats), ("our pixels", our_feats)] {
             let spans: Vec<(usize, Tensor)> =
                 offsets.iter().zip(&feats).map(|(&o, x)| (o, loaded.model.encode(x).unwrap())).collect();
@@ -217,12 +231,11 @@ fn check_fixture(name: &'static str, architecture: &str) {
     drop(loaded);
     for (case_name, case) in &cases {
         let loaded = load_f32(name);
-        let items = process_case(&loaded, &f, case);
-        let (ids, offsets) = prompt(&loaded, case, &items);
-        let mrope = positions_of(&loaded, ids.len(), &offsets, &items);
-        let (got, encoder_runs) = run_engine(loaded, &ids, &offsets, &items, mrope, 7);
+        let prepared = prepare_case(&loaded, &f, case);
+        let n = prepared.items.len() as u64;
+        let (got, encoder_runs) = run_engine(loaded, prepared, 7);
         assert_eq!(got, ids_of(&case["greedy_ids"]), "{name} {case_name}: greedy ids");
-        assert_eq!(encoder_runs, items.len() as u64);
+        assert_eq!(encoder_runs, n);
     }
 }
 
@@ -253,19 +266,20 @@ fn different_images_give_different_logits_and_bad_features_are_errors() {
     let f = fixture("qwen2_5-vl-tiny");
     let mut loaded = load_f32("qwen2_5-vl-tiny");
     let case = &f.reference["cases"]["one_image"];
-    let items = process_case(&loaded, &f, case);
-    let (ids, offsets) = prompt(&loaded, case, &items);
-    let mrope = positions_of(&loaded, ids.len(), &offsets, &items);
-    let e = loaded.model.encode(&items[0].features).unwrap();
-    let a = last_logits(&mut loaded, &ids, &[(offsets[0], e.clone())], Some(&mrope));
+    let prepared = prepare_case(&loaded, &f, case);
+    let (ids, mrope) = (prepared.ids.clone(), prepared.mrope.clone().unwrap());
+    let items = features(&prepared);
+    let (offset, feats) = (items[0].0, items[0].1.clone());
+    let e = loaded.model.encode(&feats).unwrap();
+    let a = last_logits(&mut loaded, &ids, &[(offset, e.clone())], Some(&mrope));
     // The same grid with other pixels.
-    let mut other = (*items[0].features).clone();
+    let mut other = (*feats).clone();
     other.tensors[0].1 = (other.tensors[0].1.clone() * -1.0).unwrap();
     let e2 = loaded.model.encode(&other).unwrap();
-    let b = last_logits(&mut loaded, &ids, &[(offsets[0], e2)], Some(&mrope));
+    let b = last_logits(&mut loaded, &ids, &[(offset, e2)], Some(&mrope));
     assert!(max_diff(&a, &b) > 1e-3);
     // A grid that does not fit the pixels is an error, not a panic.
-    let mut bad = (*items[0].features).clone();
+    let mut bad = (*feats).clone();
     bad.tensors[1].1 = Tensor::new(&[1u32, 4, 4], &Device::Cpu).unwrap();
     let err = loaded.model.encode(&bad).unwrap_err().to_string();
     assert!(err.contains("grid_thw"), "{err}");

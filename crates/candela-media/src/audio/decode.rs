@@ -29,15 +29,6 @@ impl DecodedAudio {
     pub fn frames(&self) -> usize {
         self.channels.first().map_or(0, Vec::len)
     }
-
-    /// Length in seconds.
-    pub fn duration_s(&self) -> f64 {
-        if self.sample_rate == 0 {
-            0.0
-        } else {
-            self.frames() as f64 / self.sample_rate as f64
-        }
-    }
 }
 
 /// Decode an audio file. `format_hint` is an extension or MIME type ("wav",

@@ -1,14 +1,23 @@
 //! Qwen2 / Qwen2.5: the llama block with biases on q/k/v (never on o) and
 //! neox rope, also in GGUF files.
 
-
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig};
+use crate::nn::decoder::{gguf_base_config, hf_base_config, DecoderConfig};
 use crate::weights::GgufWeights;
+
+use super::Family;
 
 pub const HF_ARCHITECTURE: &str = "Qwen2ForCausalLM";
 pub const GGUF_ARCHITECTURE: &str = "qwen2";
+
+pub const FAMILY: Family = Family {
+    name: "qwen2",
+    hf_architectures: &[HF_ARCHITECTURE],
+    gguf_architectures: &[GGUF_ARCHITECTURE],
+    load_folder: |ck| super::text_folder(ck, config_from_hf),
+    load_gguf: Some(|g, w, max_len| super::text_gguf(g, w, max_len, config_from_gguf)),
+};
 
 pub fn config_from_hf(cfg: &HfConfig, max_model_len: Option<usize>) -> Result<DecoderConfig> {
     if cfg.use_sliding_window == Some(true) {

@@ -1,5 +1,5 @@
 //! Whisper (`WhisperForConditionalGeneration`): the audio encoder of
-//! [`crate::audio_encoder`] over a full padded 30 s window, and a text
+//! [`crate::nn::whisper_encoder`] over a full padded 30 s window, and a text
 //! decoder — token embeddings (tied to `proj_out`), learned positions,
 //! pre-LN layers with causal self-attention, cross-attention over the
 //! encoder output and a GELU FFN, then a final layer norm.
@@ -9,7 +9,7 @@
 //! sequence against its own cache ([`DecoderState`]): self-attention K/V grow
 //! by the tokens fed, cross-attention K/V are computed once per audio item
 //! ([`CrossKv`]). Transcription (prompt tokens, suppression, batching) lives
-//! in [`crate::transcribe`].
+//! in [`super::transcribe`].
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use candle_nn::LayerNorm;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::audio_encoder::{AudioEncoder, AudioEncoderConfig};
+use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
 use crate::error::{ModelError, Result as MResult};
 use crate::weights::{Linear, Weights};
 

@@ -15,7 +15,7 @@ use candle_nn::LayerNorm;
 
 use super::config::{Variant, VisionConfig};
 use crate::error::Result as MResult;
-use crate::layers::RmsNorm;
+use crate::nn::decoder::RmsNorm;
 use crate::weights::{Linear, Weights};
 
 const NORM_EPS: f64 = 1e-6;

@@ -22,7 +22,7 @@ use candela_core::sampler::{draw, greedy, suppress, SAMPLING_EPS};
 use candle_core::Tensor;
 
 use super::tokens::WhisperTokens;
-use crate::whisper::{DecoderState, Whisper};
+use crate::families::whisper::{DecoderState, Whisper};
 
 /// One 30 s window to decode.
 pub(crate) struct Job {

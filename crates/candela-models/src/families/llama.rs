@@ -5,14 +5,23 @@
 //! "llama"`) store Q/K permuted by llama.cpp's converter, so they run with
 //! interleaved rope instead of being un-permuted.
 
-
 use crate::config::HfConfig;
 use crate::error::Result;
-use crate::layers::{gguf_base_config, hf_base_config, DecoderConfig};
+use crate::nn::decoder::{gguf_base_config, hf_base_config, DecoderConfig};
 use crate::weights::GgufWeights;
+
+use super::Family;
 
 pub const HF_ARCHITECTURE: &str = "LlamaForCausalLM";
 pub const GGUF_ARCHITECTURE: &str = "llama";
+
+pub const FAMILY: Family = Family {
+    name: "llama",
+    hf_architectures: &[HF_ARCHITECTURE],
+    gguf_architectures: &[GGUF_ARCHITECTURE],
+    load_folder: |ck| super::text_folder(ck, config_from_hf),
+    load_gguf: Some(|g, w, max_len| super::text_gguf(g, w, max_len, config_from_gguf)),
+};
 
 pub fn config_from_hf(cfg: &HfConfig, max_model_len: Option<usize>) -> Result<DecoderConfig> {
     let mut c = hf_base_config(cfg, HF_ARCHITECTURE, max_model_len)?;

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
-use crate::whisper::WhisperConfig;
+use crate::families::whisper::WhisperConfig;
 
 /// What to do with the speech.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

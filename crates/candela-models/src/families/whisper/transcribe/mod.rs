@@ -37,7 +37,7 @@ use crate::error::{ModelError, Result as MResult};
 use crate::loader::{parse_device, parse_dtype, LoadOptions};
 use crate::tokenizer::{read_json, Tokenizer};
 use crate::weights::Weights;
-use crate::whisper::{self, Whisper, WhisperConfig};
+use crate::families::whisper::{self, Whisper, WhisperConfig};
 
 pub use runner::{ChunkOutput, RunnerStats};
 pub use tokens::{language_name, Task, WhisperTokens, LANGUAGES};

@@ -1,0 +1,159 @@
+//! Model families, one module each (config, towers, projector, processor,
+//! weight names), and the one table that finds a checkpoint's family: by a
+//! folder's `config.json` `architectures`, or a GGUF file's
+//! `general.architecture`. Adding a family = its module + one line in
+//! [`FAMILIES`].
+
+pub mod llama;
+pub mod qwen2;
+pub mod qwen2_audio;
+pub mod qwen2_vl;
+pub mod qwen3;
+pub mod whisper;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candela_core::model::Model;
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use crate::config::HfConfig;
+use crate::error::{ModelError, Result};
+use crate::nn::decoder::{DecoderConfig, DecoderLm};
+use crate::processor::MmProcessor;
+use crate::weights::{GgufWeights, Weights};
+
+/// Every family candela loads, text-only first.
+pub const FAMILIES: &[Family] = &[
+    llama::FAMILY,
+    qwen2::FAMILY,
+    qwen3::FAMILY,
+    qwen2_vl::FAMILY,
+    qwen2_audio::FAMILY,
+    whisper::FAMILY,
+];
+
+/// One family: the names it is found by and how it loads.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    /// `config.json` `architectures` names, e.g. `LlamaForCausalLM`.
+    pub hf_architectures: &'static [&'static str],
+    /// GGUF `general.architecture` names, e.g. `llama`.
+    pub gguf_architectures: &'static [&'static str],
+    pub load_folder: fn(&Checkpoint) -> Result<Built>,
+    /// A GGUF file's model (weights and metadata in one file).
+    pub load_gguf: Option<fn(&GgufWeights, &Weights, Option<usize>) -> Result<Box<dyn Model>>>,
+}
+
+/// A model folder being loaded.
+pub struct Checkpoint<'a> {
+    pub dir: &'a Path,
+    /// `config.json`, parsed.
+    pub config: &'a Value,
+    pub dtype: DType,
+    pub device: &'a Device,
+    /// Serve at most this many positions.
+    pub max_model_len: Option<usize>,
+}
+
+impl Checkpoint<'_> {
+    /// The folder's safetensors.
+    pub fn weights(&self) -> Result<Weights> {
+        Weights::from_safetensors_dir(self.dir, self.dtype, self.device)
+    }
+
+    /// A JSON file of the folder as text, when present.
+    pub fn read_optional(&self, file: &str) -> Result<Option<(PathBuf, String)>> {
+        let p = self.dir.join(file);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
+        Ok(Some((p, text)))
+    }
+
+    /// A file the family needs, or a clear error naming it.
+    pub fn read_required(&self, file: &'static str) -> Result<(PathBuf, String)> {
+        self.read_optional(file)?.ok_or_else(|| ModelError::MissingFile { dir: self.dir.to_path_buf(), file })
+    }
+}
+
+/// What a family's loader returns.
+pub struct Built {
+    pub model: Box<dyn Model>,
+    /// Media preprocessing, for models that take more than text.
+    pub processor: Option<Arc<dyn MmProcessor>>,
+    /// The language model's config (special tokens, generation defaults).
+    pub text: HfConfig,
+}
+
+/// The family of a folder whose `config.json` names `architecture`.
+pub fn by_hf_architecture(architecture: &str) -> Result<&'static Family> {
+    FAMILIES.iter().find(|f| f.hf_architectures.contains(&architecture)).ok_or_else(|| {
+        ModelError::UnsupportedArchitecture {
+            name: architecture.to_string(),
+            supported: FAMILIES.iter().flat_map(|f| f.hf_architectures.iter().copied()).collect::<Vec<_>>().join(", "),
+        }
+    })
+}
+
+/// The family of a GGUF file whose `general.architecture` is `name`.
+pub fn by_gguf_architecture(name: &str) -> Result<&'static Family> {
+    FAMILIES
+        .iter()
+        .find(|f| f.load_gguf.is_some() && f.gguf_architectures.contains(&name))
+        .ok_or_else(|| ModelError::UnsupportedArchitecture {
+            name: name.to_string(),
+            supported: format!(
+                "{} (GGUF general.architecture)",
+                FAMILIES.iter().flat_map(|f| f.gguf_architectures.iter().copied()).collect::<Vec<_>>().join(", ")
+            ),
+        })
+}
+
+/// A text-only decoder from a folder: `config.json` as the LM's config.
+fn text_folder(ck: &Checkpoint, config: fn(&HfConfig, Option<usize>) -> Result<DecoderConfig>) -> Result<Built> {
+    let text = HfConfig::from_json_str(&ck.config.to_string())?;
+    let model = DecoderLm::load(config(&text, ck.max_model_len)?, &ck.weights()?)?;
+    Ok(Built { model: Box::new(model), processor: None, text })
+}
+
+/// A text-only decoder from a GGUF file.
+fn text_gguf(
+    g: &GgufWeights,
+    w: &Weights,
+    max_model_len: Option<usize>,
+    config: fn(&GgufWeights, Option<usize>) -> Result<DecoderConfig>,
+) -> Result<Box<dyn Model>> {
+    Ok(Box::new(DecoderLm::load(config(g, max_model_len)?, w)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups() {
+        assert_eq!(by_hf_architecture("Qwen3ForCausalLM").unwrap().name, "qwen3");
+        assert_eq!(by_hf_architecture("Qwen2_5_VLForConditionalGeneration").unwrap().name, "qwen2_vl");
+        assert_eq!(by_gguf_architecture("llama").unwrap().name, "llama");
+        let err = by_hf_architecture("MambaForCausalLM").unwrap_err().to_string();
+        assert!(
+            err.contains("MambaForCausalLM") && err.contains("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+            "{err}"
+        );
+        assert!(by_gguf_architecture("gemma3").unwrap_err().to_string().contains("llama, qwen2, qwen3"));
+    }
+
+    #[test]
+    fn every_name_belongs_to_one_family() {
+        let mut seen = std::collections::HashSet::new();
+        for f in FAMILIES {
+            for n in f.hf_architectures.iter().chain(f.gguf_architectures) {
+                assert!(seen.insert(*n), "{n} is registered twice");
+            }
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! Preparing a prompt's media for the engine, for every family alike: each
+//! item's identity (`mm_hash`: uuid or content + processor kwargs), the
+//! processor cache, decoding and preprocessing through the family's
+//! processor, the expansion of each placeholder token into the item's
+//! replacement, and the prompt's positions where the family lays them out.
+//!
+//! Runs on a worker thread, never the JS thread: decoding and features take
+//! milliseconds to seconds.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use candela_core::lru::WeightedLru;
+use candela_core::request::{MmInput, MmItem, MmPlaceholder, MropePositions};
+use candela_core::Engine;
+use candela_media::{mm_hash, MediaError, Modality};
+use candle_core::DType;
+use serde_json::Value;
+
+use crate::mm_embeds;
+use crate::processor::{DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache};
+
+/// Layouts remembered for uuid-only items whose tensors left the processor
+/// cache while their embeddings stay in the encoder cache (a few MB).
+const MAX_REMEMBERED_LAYOUTS: usize = 1 << 16;
+
+/// One media item of a request, in prompt order.
+#[derive(Debug, Clone)]
+pub struct MediaInput {
+    pub modality: Modality,
+    /// None: a reference to a cached item by `uuid`.
+    pub data: Option<MediaData>,
+    /// The caller's cache key (vLLM's `multi_modal_uuids`).
+    pub uuid: Option<String>,
+    /// Per-item processor options (`Null`: none).
+    pub kwargs: Value,
+    /// Precomputed embeddings instead of data.
+    pub embeds: Option<EmbedsInput>,
+}
+
+/// Precomputed embeddings of one item (vLLM's `image_embeds`).
+#[derive(Debug, Clone)]
+pub struct EmbedsInput {
+    pub source: EmbedsSource,
+    /// The item's (t, h, w) grid; wins over one inside a safetensors blob.
+    pub grid_thw: Option<[usize; 3]>,
+}
+
+#[derive(Debug, Clone)]
+pub enum EmbedsSource {
+    /// Row-major floats of `shape` (`[rows, hidden]`).
+    Floats { data: Vec<f32>, shape: Vec<usize> },
+    /// A safetensors blob with `image_embeds` (and optionally `image_grid_thw`).
+    Safetensors(Vec<u8>),
+}
+
+/// Why a request's media cannot be used. Each kind has its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// Bad request shape (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The item's data itself (its status: 400, 413, 422).
+    #[error("{}", .0.message())]
+    Media(MediaError),
+    /// A uuid-only item that no cache holds: the caller must send its data.
+    #[error("media uuid '{uuid}' was sent without data and is in no cache; send the {} itself", .modality.name())]
+    UuidMiss { uuid: String, modality: Modality },
+}
+
+impl InputError {
+    pub fn status(&self) -> u16 {
+        match self {
+            InputError::Media(e) => e.http_status(),
+            InputError::Invalid(_) | InputError::UuidMiss { .. } => 400,
+        }
+    }
+}
+
+impl From<MediaError> for InputError {
+    fn from(e: MediaError) -> Self {
+        InputError::Media(e)
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> InputError {
+    InputError::Invalid(msg.into())
+}
+
+/// A prompt ready for the engine.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    /// Token ids with every placeholder expanded.
+    pub ids: Vec<u32>,
+    pub items: Vec<MmItem>,
+    pub mrope: Option<MropePositions>,
+}
+
+/// One item after hashing and processing, before placement.
+struct Resolved {
+    modality: Modality,
+    hash: String,
+    layout: ItemLayout,
+    input: MmInput,
+}
+
+/// A uuid-only item asked about by [`InputPreparer::uncached`].
+#[derive(Debug, Clone)]
+pub struct UuidRef {
+    pub modality: Modality,
+    pub uuid: String,
+    pub kwargs: Value,
+}
+
+/// What preparation asks of the engine (an [`Engine`], or a stand-in in tests).
+pub trait EngineCaches {
+    /// Whether the prefix or encoder cache is on (uuids then identify items).
+    fn caching(&self) -> bool;
+    /// Rows of an item's output held by the encoder cache.
+    fn encoder_rows(&self, hash: &str) -> Option<usize>;
+    /// Width and dtype that precomputed embeddings are given.
+    fn embedding_shape(&self) -> (usize, DType);
+}
+
+impl EngineCaches for Engine {
+    fn caching(&self) -> bool {
+        self.encoder_cache_enabled() || self.config().enable_prefix_caching
+    }
+    fn encoder_rows(&self, hash: &str) -> Option<usize> {
+        self.encoder_cache_tokens(hash)
+    }
+    fn embedding_shape(&self) -> (usize, DType) {
+        // The model's activations are in its KV dtype; splicing converts again if not.
+        (self.model_spec().hidden_size, self.model_spec().kv_dtype)
+    }
+}
+
+/// A model's media side: its processor, the processor cache and the
+/// layouts of items seen.
+pub struct InputPreparer {
+    processor: Option<Arc<dyn MmProcessor>>,
+    cache: Mutex<ProcessorCache>,
+    layouts: Mutex<WeightedLru<ItemLayout>>,
+    decode: DecodeOptions,
+    /// Accept precomputed embeddings (`enableMmEmbeds`).
+    enable_mm_embeds: bool,
+}
+
+impl InputPreparer {
+    pub fn new(
+        processor: Option<Arc<dyn MmProcessor>>,
+        processor_cache_bytes: usize,
+        decode: DecodeOptions,
+        enable_mm_embeds: bool,
+    ) -> Self {
+        Self {
+            processor,
+            cache: Mutex::new(ProcessorCache::new(processor_cache_bytes)),
+            layouts: Mutex::new(WeightedLru::new(MAX_REMEMBERED_LAYOUTS)),
+            decode,
+            enable_mm_embeds,
+        }
+    }
+
+    /// The modalities the model takes (none for text-only models).
+    pub fn modalities(&self) -> Vec<Modality> {
+        self.processor.as_ref().map(|p| p.modalities().to_vec()).unwrap_or_default()
+    }
+
+    /// Processor cache `(queries, hits, items, bytes)`.
+    pub fn cache_stats(&self) -> (u64, u64, usize, usize) {
+        self.cache
+            .lock()
+            .map(|c| {
+                let ((q, h), (n, b)) = (c.counters(), c.usage());
+                (q, h, n, b)
+            })
+            .unwrap_or_default()
+    }
+
+    /// uuids only mean something while some cache can use them.
+    fn caching(&self, engine: &dyn EngineCaches) -> bool {
+        self.cache.lock().map(|c| c.enabled()).unwrap_or(false) || engine.caching()
+    }
+
+    fn processor(&self, modality: Modality) -> Result<&Arc<dyn MmProcessor>, InputError> {
+        self.processor
+            .as_ref()
+            .filter(|p| p.modalities().contains(&modality))
+            .ok_or_else(|| invalid(format!("this model does not accept {} input", modality.name())))
+    }
+
+    fn remember(&self, hash: &str, layout: ItemLayout) {
+        if let Ok(mut l) = self.layouts.lock() {
+            l.insert(hash, layout, 1);
+        }
+    }
+
+    /// An item known by hash alone: from the processor cache, or from the
+    /// encoder cache with its remembered layout.
+    fn lookup(&self, engine: &dyn EngineCaches, hash: &str) -> Option<(ItemLayout, MmInput)> {
+        if let Some(p) = self.cache.lock().ok().and_then(|mut c| c.get(hash)) {
+            return Some((p.layout, MmInput::Features(p.features)));
+        }
+        let rows = engine.encoder_rows(hash)?;
+        let layout = self.layouts.lock().ok().and_then(|l| l.peek(hash).copied())?;
+        (layout.embeds == rows).then_some((layout, MmInput::Cached))
+    }
+
+    fn hash(&self, modality: Modality, uuid: Option<&str>, data: Option<&MediaData>, kwargs: &Value) -> Result<String, InputError> {
+        let key = self.processor(modality)?.kwargs_key(modality, kwargs)?;
+        let bytes = match (uuid, data) {
+            (None, Some(d)) => d.content_bytes(),
+            _ => Vec::new(),
+        };
+        Ok(mm_hash(modality, uuid, &bytes, &key).to_string())
+    }
+
+    /// For each uuid-only item, whether no cache holds it (so the caller
+    /// must send its data). With every cache off, all are uncached.
+    pub fn uncached(&self, engine: &dyn EngineCaches, items: &[UuidRef]) -> Result<Vec<bool>, InputError> {
+        let caching = self.caching(engine);
+        items
+            .iter()
+            .map(|i| {
+                if !caching {
+                    return Ok(true);
+                }
+                let hash = self.hash(i.modality, Some(&i.uuid), None, &i.kwargs)?;
+                let held = self.cache.lock().map(|c| c.contains(&hash)).unwrap_or(false)
+                    || (engine.encoder_rows(&hash).is_some()
+                        && self.layouts.lock().map(|l| l.contains(&hash)).unwrap_or(false));
+                Ok(!held)
+            })
+            .collect()
+    }
+
+    fn resolve(&self, engine: &dyn EngineCaches, item: &MediaInput, caching: bool) -> Result<Resolved, InputError> {
+        let uuid = item.uuid.as_deref().filter(|_| caching);
+        if let Some(e) = &item.embeds {
+            return self.resolve_embeds(engine, item.modality, e, uuid);
+        }
+        let hash = self.hash(item.modality, uuid, item.data.as_ref(), &item.kwargs)?;
+        if let Some((layout, input)) = self.lookup(engine, &hash) {
+            return Ok(Resolved { modality: item.modality, hash, layout, input });
+        }
+        let Some(data) = &item.data else {
+            return Err(match (&item.uuid, caching) {
+                (Some(u), true) => InputError::UuidMiss { uuid: u.clone(), modality: item.modality },
+                (Some(u), false) => invalid(format!(
+                    "media uuid '{u}' was sent without data, but caching is off (processor, encoder and prefix caches), so uuids are ignored; send the {} itself",
+                    item.modality.name()
+                )),
+                (None, _) => invalid(format!("a {} item needs its data (or a uuid of a cached one)", item.modality.name())),
+            });
+        };
+        let processed = self.processor(item.modality)?.process(item.modality, data, &item.kwargs, &self.decode)?;
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(&hash, processed.clone());
+        }
+        self.remember(&hash, processed.layout);
+        Ok(Resolved { modality: item.modality, hash, layout: processed.layout, input: MmInput::Features(processed.features) })
+    }
+
+    fn resolve_embeds(
+        &self,
+        engine: &dyn EngineCaches,
+        modality: Modality,
+        e: &EmbedsInput,
+        uuid: Option<&str>,
+    ) -> Result<Resolved, InputError> {
+        if !self.enable_mm_embeds {
+            return Err(invalid(format!(
+                "{}_embeds parts are disabled: load the engine with enableMmEmbeds: true (candela serve --enable-mm-embeds) to accept precomputed embeddings",
+                modality.name()
+            )));
+        }
+        let processor = self.processor(modality)?;
+        let (data, shape, inner_grid, bytes) = match &e.source {
+            EmbedsSource::Floats { data, shape } => {
+                let bytes: Vec<u8> = if uuid.is_some() { Vec::new() } else { data.iter().flat_map(|v| v.to_le_bytes()).collect() };
+                (data.clone(), shape.clone(), None, bytes)
+            }
+            EmbedsSource::Safetensors(blob) => {
+                let p = mm_embeds::parse_safetensors(blob)?;
+                (p.data, p.shape, p.grid_thw, if uuid.is_some() { Vec::new() } else { blob.clone() })
+            }
+        };
+        let (hidden, dtype) = engine.embedding_shape();
+        let tensor = mm_embeds::embeddings_tensor(data, &shape, hidden, dtype)?;
+        let grid = e.grid_thw.or(inner_grid);
+        let layout = processor.embeddings_layout(modality, tensor.dims()[0], grid)?;
+        let key = match grid {
+            Some([t, h, w]) => format!("embeds:{t}x{h}x{w}"),
+            None => format!("embeds:{}", layout.embeds),
+        };
+        let hash = mm_hash(modality, uuid, &bytes, &key).to_string();
+        self.remember(&hash, layout);
+        Ok(Resolved { modality, hash, layout, input: MmInput::Embeddings(tensor) })
+    }
+
+    /// Turn `items` (in prompt order: the k-th placeholder token of a
+    /// modality is its k-th item) into engine items, expand their
+    /// placeholders in `ids`, and lay out positions where the family has
+    /// its own.
+    pub fn prepare(&self, engine: &dyn EngineCaches, ids: Vec<u32>, items: &[MediaInput]) -> Result<PreparedPrompt, InputError> {
+        if items.is_empty() {
+            return Ok(PreparedPrompt { ids, items: Vec::new(), mrope: None });
+        }
+        let caching = self.caching(engine);
+        let resolved = items.iter().map(|i| self.resolve(engine, i, caching)).collect::<Result<Vec<_>, _>>()?;
+        self.expand(ids, resolved)
+    }
+
+    fn expand(&self, ids: Vec<u32>, resolved: Vec<Resolved>) -> Result<PreparedPrompt, InputError> {
+        // The placeholder token of each modality present, with its queue of items.
+        let mut queues: Vec<(Modality, u32, VecDeque<usize>)> = Vec::new();
+        for (i, r) in resolved.iter().enumerate() {
+            match queues.iter_mut().find(|q| q.0 == r.modality) {
+                Some(q) => q.2.push_back(i),
+                None => {
+                    let p = self.processor(r.modality)?;
+                    let token = p
+                        .placeholder_token(r.modality)
+                        .ok_or_else(|| invalid(format!("this model does not accept {} input", r.modality.name())))?;
+                    queues.push((r.modality, token, VecDeque::from([i])));
+                }
+            }
+        }
+        let count = |m: Modality| resolved.iter().filter(|r| r.modality == m).count();
+        let mut out = Vec::with_capacity(ids.len() + resolved.iter().map(|r| r.layout.embeds).sum::<usize>());
+        let mut placed: Vec<(usize, MmItem)> = Vec::with_capacity(resolved.len());
+        for t in ids {
+            let Some(q) = queues.iter_mut().find(|q| q.1 == t) else {
+                out.push(t);
+                continue;
+            };
+            let Some(i) = q.2.pop_front() else {
+                let name = q.0.name();
+                return Err(invalid(format!(
+                    "the prompt has more {name} placeholders than {name} items ({} given)",
+                    count(q.0)
+                )));
+            };
+            let r = &resolved[i];
+            let rep = self.processor(r.modality)?.replacement(r.modality, &r.layout)?;
+            if rep.embeds.len() != r.layout.embeds || rep.embeds.end > rep.tokens.len() {
+                return Err(invalid(format!(
+                    "internal: a {} item's replacement takes {} embeddings, its encoder gives {}",
+                    r.modality.name(),
+                    rep.embeds.len(),
+                    r.layout.embeds
+                )));
+            }
+            let offset = out.len() + rep.embeds.start;
+            out.extend_from_slice(&rep.tokens);
+            placed.push((
+                i,
+                MmItem {
+                    placeholder: MmPlaceholder { hash: r.hash.clone(), offset, length: r.layout.embeds },
+                    input: r.input.clone(),
+                },
+            ));
+        }
+        if let Some(q) = queues.iter().find(|q| !q.2.is_empty()) {
+            let name = q.0.name();
+            let n = count(q.0);
+            return Err(invalid(format!(
+                "{n} {name} item(s) were given but the prompt has only {} {name} placeholder(s)",
+                n - q.2.len()
+            )));
+        }
+        let mrope = match &self.processor {
+            Some(p) => {
+                let layout: Vec<PlacedItem> = placed
+                    .iter()
+                    .map(|(i, m)| PlacedItem { modality: resolved[*i].modality, offset: m.placeholder.offset, layout: resolved[*i].layout })
+                    .collect();
+                p.positions(out.len(), &layout)?
+            }
+            None => None,
+        };
+        Ok(PreparedPrompt { ids: out, items: placed.into_iter().map(|(_, m)| m).collect(), mrope })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::{ProcessedItem, Replacement};
+    use candela_core::request::MmFeatures;
+    use candle_core::{Device, Tensor};
+
+    /// A family whose images are `n` bytes giving `n` embeddings, wrapped in
+    /// begin (100) / end (101) text tokens, as Gemma 3 wraps its images.
+    #[derive(Debug)]
+    struct Wrapping;
+
+    impl MmProcessor for Wrapping {
+        fn modalities(&self) -> &[Modality] {
+            &[Modality::Image]
+        }
+        fn placeholder_token(&self, m: Modality) -> Option<u32> {
+            (m == Modality::Image).then_some(9)
+        }
+        fn kwargs_key(&self, _: Modality, kwargs: &Value) -> Result<String, MediaError> {
+            match kwargs {
+                Value::Null => Ok("{}".into()),
+                _ => Err(MediaError::Invalid("no kwargs".into())),
+            }
+        }
+        fn process(&self, _: Modality, data: &MediaData, _: &Value, _: &DecodeOptions) -> Result<ProcessedItem, MediaError> {
+            let MediaData::Encoded { bytes, .. } = data else { return Err(MediaError::Invalid("bytes".into())) };
+            if bytes.is_empty() {
+                return Err(MediaError::Empty("empty".into()));
+            }
+            let t = Tensor::zeros((bytes.len(), 4), candle_core::DType::F32, &Device::Cpu).map_err(|e| MediaError::Invalid(e.to_string()))?;
+            Ok(ProcessedItem { features: Arc::new(MmFeatures { tensors: vec![("x".into(), t)] }), layout: ItemLayout::rows(bytes.len()) })
+        }
+        fn replacement(&self, _: Modality, layout: &ItemLayout) -> Result<Replacement, MediaError> {
+            let mut tokens = vec![100];
+            tokens.extend(std::iter::repeat_n(9, layout.embeds));
+            tokens.push(101);
+            Ok(Replacement { tokens, embeds: 1..1 + layout.embeds })
+        }
+    }
+
+    /// The caches of an engine, without one.
+    struct Caches {
+        on: bool,
+        encoder: std::collections::HashMap<String, usize>,
+    }
+
+    impl EngineCaches for Caches {
+        fn caching(&self) -> bool {
+            self.on
+        }
+        fn encoder_rows(&self, hash: &str) -> Option<usize> {
+            self.encoder.get(hash).copied()
+        }
+        fn embedding_shape(&self) -> (usize, DType) {
+            (4, DType::F32)
+        }
+    }
+
+    fn engine(on: bool) -> Caches {
+        Caches { on, encoder: Default::default() }
+    }
+
+    fn image(bytes: &[u8], uuid: Option<&str>) -> MediaInput {
+        MediaInput {
+            modality: Modality::Image,
+            data: Some(MediaData::Encoded { bytes: bytes.to_vec(), format: None }),
+            uuid: uuid.map(str::to_string),
+            kwargs: Value::Null,
+            embeds: None,
+        }
+    }
+
+    fn by_uuid(uuid: &str) -> MediaInput {
+        MediaInput { data: None, ..image(&[], Some(uuid)) }
+    }
+
+    #[test]
+    fn replacements_keep_wrappers_as_text() {
+        let e = engine(true);
+        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 1 << 20, DecodeOptions::default(), false);
+        let p = prep.prepare(&e, vec![1, 9, 2, 9, 3], &[image(&[0; 3], None), image(&[1; 2], None)]).unwrap();
+        assert_eq!(p.ids, vec![1, 100, 9, 9, 9, 101, 2, 100, 9, 9, 101, 3]);
+        let spans: Vec<(usize, usize)> = p.items.iter().map(|m| (m.placeholder.offset, m.placeholder.length)).collect();
+        assert_eq!(spans, vec![(2, 3), (8, 2)]);
+        assert!(p.mrope.is_none());
+        // Same bytes, same hash; different bytes, different hash.
+        let again = prep.prepare(&e, vec![9], &[image(&[0; 3], None)]).unwrap();
+        assert_eq!(again.items[0].placeholder.hash, p.items[0].placeholder.hash);
+        assert_ne!(p.items[0].placeholder.hash, p.items[1].placeholder.hash);
+        assert_eq!(prep.cache_stats().0, 3);
+        assert_eq!(prep.cache_stats().1, 1);
+    }
+
+    #[test]
+    fn counts_must_match_and_modalities_must_be_taken() {
+        let e = engine(true);
+        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 1 << 20, DecodeOptions::default(), false);
+        let err = prep.prepare(&e, vec![9, 9], &[image(&[0; 1], None)]).unwrap_err().to_string();
+        assert!(err.contains("more image placeholders than image items (1 given)"), "{err}");
+        let err = prep.prepare(&e, vec![1], &[image(&[0; 1], None)]).unwrap_err().to_string();
+        assert!(err.contains("1 image item(s) were given but the prompt has only 0 image placeholder(s)"), "{err}");
+        let audio = MediaInput { modality: Modality::Audio, ..image(&[0; 1], None) };
+        let err = prep.prepare(&e, vec![9], &[audio]).unwrap_err();
+        assert!(matches!(err, InputError::Invalid(_)) && err.to_string().contains("does not accept audio"), "{err}");
+        let err = prep.prepare(&e, vec![9], &[image(&[], None)]).unwrap_err();
+        assert!(matches!(err, InputError::Media(MediaError::Empty(_))), "{err}");
+        let text_only = InputPreparer::new(None, 0, DecodeOptions::default(), false);
+        assert!(text_only.prepare(&e, vec![9], &[image(&[1], None)]).unwrap_err().to_string().contains("does not accept image"));
+        assert_eq!(text_only.prepare(&e, vec![9], &[]).unwrap().ids, vec![9]);
+    }
+
+    #[test]
+    fn uuids_hit_the_caches_and_misses_are_typed() {
+        let e = engine(true);
+        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 1 << 20, DecodeOptions::default(), false);
+        let q = |u: &str| UuidRef { modality: Modality::Image, uuid: u.into(), kwargs: Value::Null };
+        assert_eq!(prep.uncached(&e, &[q("cat")]).unwrap(), vec![true]);
+        let err = prep.prepare(&e, vec![9], &[by_uuid("cat")]).unwrap_err();
+        assert!(matches!(&err, InputError::UuidMiss { uuid, .. } if uuid == "cat"), "{err}");
+        // Sent once with data under the uuid: later the uuid alone suffices,
+        // and its hash ignores the bytes.
+        let first = prep.prepare(&e, vec![9], &[image(&[5; 2], Some("cat"))]).unwrap();
+        assert_eq!(prep.uncached(&e, &[q("cat"), q("dog")]).unwrap(), vec![false, true]);
+        let second = prep.prepare(&e, vec![9], &[by_uuid("cat")]).unwrap();
+        assert_eq!(second.ids, first.ids);
+        assert_eq!(second.items[0].placeholder, first.items[0].placeholder);
+        // With every cache off, uuids mean nothing: a uuid-only item is refused.
+        let off = engine(false);
+        let cold = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
+        assert_eq!(cold.uncached(&off, &[q("cat")]).unwrap(), vec![true]);
+        let err = cold.prepare(&off, vec![9], &[by_uuid("cat")]).unwrap_err().to_string();
+        assert!(err.contains("caching is off"), "{err}");
+        // Processor cache off, encoder cache holding the item: the uuid
+        // resolves to the cached embeddings with the layout seen before.
+        let mut enc = engine(true);
+        let lean = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
+        let sent = lean.prepare(&enc, vec![9], &[image(&[5; 2], Some("owl"))]).unwrap();
+        assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![true]);
+        enc.encoder.insert(sent.items[0].placeholder.hash.clone(), 2);
+        assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![false]);
+        let hit = lean.prepare(&enc, vec![9], &[by_uuid("owl")]).unwrap();
+        assert!(matches!(hit.items[0].input, MmInput::Cached));
+        assert_eq!(hit.ids, sent.ids);
+        // Kwargs are checked by the family.
+        let bad = MediaInput { kwargs: serde_json::json!({"x": 1}), ..image(&[1], None) };
+        assert!(prep.prepare(&e, vec![9], &[bad]).unwrap_err().to_string().contains("no kwargs"));
+    }
+}

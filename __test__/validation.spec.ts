@@ -99,20 +99,30 @@ test('a prompt longer than the maximum model length rejects', async (t) => {
   t.is(out!.finishReason, 'length')
 })
 
-test('the Rust side validates too', async (t) => {
+test('the Rust side validates too, and refusals are typed', async (t) => {
   // Straight to the addon, past the TS checks.
   const ne = await native().NativeEngine.load({ model: fixture('llama-tiny') })
+  const refused = async (request: Parameters<typeof ne.addRequest>[0], message: RegExp, code = 'invalid'): Promise<void> => {
+    const r = await ne.addRequest(request)
+    t.is(r.requestId ?? null, null)
+    t.like(r.error, { code, status: 400 })
+    t.regex(r.error?.message ?? '', message)
+  }
   try {
-    t.throws(() => ne.addRequest({ prompt: 'Hi', params: { maxTokens: -3 } }), { message: /maxTokens must be at least 1, got -3/ })
-    t.throws(() => ne.addRequest({ prompt: 'Hi', params: { topP: 1.5 } }), { message: /topP must be in \(0, 1\]/ })
-    t.throws(() => ne.addRequest({ prompt: 'Hi', params: { temperature: -1 } }), { message: /temperature/ })
-    t.throws(() => ne.addRequest({ prompt: 'Hi', params: { seed: -1 } }), { message: /seed/ })
-    t.throws(() => ne.addRequest({}), { message: /exactly one of prompt, promptTokenIds or messages/ })
-    t.throws(() => ne.addRequest({ prompt: 'Hi', promptTokenIds: [1] }), { message: /exactly one/ })
-    t.throws(() => ne.addRequest({ messages: 'nope' as never }), { message: /messages must be an array/ })
-    t.throws(() => ne.addRequest({ messages: [{ role: 'user', content: 'x' }], chatTemplateKwargs: 3 as never }), {
-      message: /chatTemplateKwargs must be an object/,
-    })
+    await refused({ prompt: 'Hi', params: { maxTokens: -3 } }, /maxTokens must be at least 1, got -3/)
+    await refused({ prompt: 'Hi', params: { topP: 1.5 } }, /topP must be in \(0, 1\]/)
+    await refused({ prompt: 'Hi', params: { temperature: -1 } }, /temperature/)
+    await refused({ prompt: 'Hi', params: { seed: -1 } }, /seed/)
+    await refused({}, /exactly one of prompt, promptTokenIds or messages/)
+    await refused({ prompt: 'Hi', promptTokenIds: [1] }, /exactly one/)
+    await refused({ messages: 'nope' as never }, /messages must be an array/)
+    await refused({ messages: [{ role: 'user', content: 'x' }], chatTemplateKwargs: 3 as never }, /chatTemplateKwargs must be an object/)
+    await refused({ promptTokenIds: Array(5000).fill(1) }, /the prompt has 5000 tokens, but the model's maximum length is/, 'context_length')
+    // Text that cannot fit is refused from its size alone, before the template and tokenizer run.
+    await refused({ messages: [{ role: 'user', content: 'x'.repeat(10 << 20) }] }, /bytes of text are at least \d+ tokens/, 'context_length')
+    const withImage = await ne.addRequest({ prompt: 'Hi' }, [{ modality: 'image', data: Buffer.from('x') }])
+    t.like(withImage.error, { code: 'invalid', status: 400 })
+    t.regex(withImage.error?.message ?? '', /does not accept image input/)
     t.throws(() => ne.detokenize([99_999_999]), { message: /out of range/ })
     // Unknown ids are harmless.
     t.notThrows(() => ne.abort(123456))
@@ -120,7 +130,21 @@ test('the Rust side validates too', async (t) => {
   } finally {
     await ne.close()
   }
-  t.throws(() => ne.addRequest({ prompt: 'Hi' }), { message: /the engine is closed/ })
+  await t.throwsAsync(ne.addRequest({ prompt: 'Hi' }), { message: /the engine is closed/ })
+})
+
+test('a prompt far over the context is a ValidationError without tokenizing it', async (t) => {
+  const engine = await Engine.load({ model: fixture('llama-tiny') })
+  try {
+    const err = await t.throwsAsync(engine.chat([{ role: 'user', content: 'word '.repeat(4 << 20) }], { maxTokens: 1 }), {
+      instanceOf: ValidationError,
+    })
+    t.regex(err.message, /at least \d+ tokens, but the model's maximum length is \d+/)
+    // The engine still answers.
+    t.truthy((await engine.generate('Hi', { maxTokens: 2, temperature: 0 }))[0]?.finishReason)
+  } finally {
+    await engine.close()
+  }
 })
 
 test('bad load options reject', async (t) => {

@@ -8,11 +8,19 @@ import { existsSync } from 'node:fs'
 import { basename, resolve } from 'node:path'
 
 import { ensureDefaultModel } from './default-model.js'
-import { AbortError, ValidationError, abortErrorFor, fromNativeError } from './errors.js'
-import { isUuidMiss, loadDeferred, partModality, resolveParts, templatePart } from './media/index.js'
+import { AbortError, ValidationError, abortErrorFor, inputError } from './errors.js'
+import { loadDeferred, partModality, resolveParts, templatePart } from './media/index.js'
 import type { MediaPolicy, Modality, PendingPart, ResolvedMedia } from './media/index.js'
 import { bindingFor } from './native.js'
-import type { NativeEngine, NativeEvent, NativeMediaItem, NativeRequest, NativeSamplingParams, NativeTokenLogprob } from './native.js'
+import type {
+  NativeEngine,
+  NativeEvent,
+  NativeMediaItem,
+  NativeRequest,
+  NativeSamplingParams,
+  NativeSubmitted,
+  NativeTokenLogprob,
+} from './native.js'
 import type {
   ChatMessage,
   ChatParams,
@@ -294,51 +302,53 @@ export class Engine {
     if (this.#closed) throw new Error('the engine is closed')
   }
 
-  /** Submit one text-only request; throws synchronously on bad input. */
-  #start(request: NativeRequest, signal: AbortSignal | undefined): RequestRun {
-    this.#checkOpen()
-    const id = this.#native.addRequest(request)
-    return new RequestRun(this, this.#native, id, signal)
-  }
-
   /**
-   * Submit a request with media parts: resolve them (URLs, base64, raw
-   * samples), then let the native side decode and preprocess them off the
-   * JS thread. Bad media rejects with a MediaError.
+   * Submit a request. Its media parts are resolved first (URLs, base64, raw
+   * samples); the native side then renders and tokenizes the prompt and
+   * decodes and preprocesses the media off the JS thread. Bad input rejects
+   * with a ValidationError or a MediaError.
    */
-  async #startWithMedia(
+  async #start(
     request: NativeRequest,
     parts: PendingPart[],
     signal: AbortSignal | undefined,
     mmKwargs?: Record<string, unknown>,
   ): Promise<RequestRun> {
-    if (parts.length === 0) return this.#start(request, signal)
-    let media: ResolvedMedia[]
-    try {
-      media = await resolveParts(parts, { ...this.#media, deferUuidFetches: true, ...(signal ? { signal } : {}) })
-    } catch (err) {
-      if (signal?.aborted) throw abortErrorFor(signal)
-      throw err
-    }
-    const add = async (items: ResolvedMedia[]): Promise<number> => {
-      if (signal?.aborted) throw abortErrorFor(signal)
-      this.#checkOpen()
+    let media: ResolvedMedia[] = []
+    if (parts.length > 0) {
       try {
-        return await this.#native.addMediaRequest(request, items.map((m) => toNativeMedia(m, mmKwargs)))
+        media = await resolveParts(parts, { ...this.#media, deferUuidFetches: true, ...(signal ? { signal } : {}) })
+        // URL items with a uuid went unfetched: fetch only those no cache holds.
+        media = await this.#loadUncached(media, mmKwargs)
       } catch (err) {
-        throw fromNativeError(err)
+        if (signal?.aborted) throw abortErrorFor(signal)
+        throw err
       }
     }
-    let id: number
-    try {
-      id = await add(media)
-    } catch (err) {
-      // URL items with a uuid went without their bytes; the caches no longer
-      // hold one of them, so fetch them now and try once more.
-      if (!media.some((m) => m.load) || !isUuidMiss(err)) throw err
-      id = await add(await loadDeferred(media))
+    const submit = async (items: ResolvedMedia[]): Promise<NativeSubmitted> => {
+      if (signal?.aborted) throw abortErrorFor(signal)
+      this.#checkOpen()
+      return this.#native.addRequest(request, items.length > 0 ? items.map((m) => toNativeMedia(m, mmKwargs)) : null)
     }
-    return new RequestRun(this, this.#native, id, signal)
+    let r = await submit(media)
+    // A cache evicted a deferred item between the query and the submission.
+    if (r.error?.code === 'uuid_miss' && media.some((m) => m.load)) r = await submit(await loadDeferred(media))
+    if (r.error) throw inputError(r.error)
+    return new RequestRun(this, this.#native, r.requestId!, signal)
+  }
+
+  /** Fetch the deferred items that no cache holds (one native query for all). */
+  async #loadUncached(media: ResolvedMedia[], mmKwargs: Record<string, unknown> | undefined): Promise<ResolvedMedia[]> {
+    const deferred = media.filter((m) => m.load)
+    if (deferred.length === 0) return media
+    const uncached = this.#native.uncachedUuids(
+      deferred.map((m) => {
+        const n = toNativeMedia(m, mmKwargs)
+        return { modality: n.modality, uuid: m.uuid!, kwargs: n.kwargs }
+      }),
+    )
+    const fetch = new Set(deferred.filter((_, i) => uncached[i]))
+    return Promise.all(media.map((m) => (fetch.has(m) ? m.load!() : m)))
   }
 
   async #collect(run: RequestRun, params: NativeSamplingParams): Promise<CompletionOutput> {
@@ -387,7 +397,7 @@ export class Engine {
     // Prompts' media are fetched and preprocessed side by side, not one after another.
     const started = await Promise.allSettled(
       requests.map((r, i) =>
-        this.#startWithMedia({ ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, media[i] ?? [], signal, mmKwargsOf(params)),
+        this.#start({ ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, media[i] ?? [], signal, mmKwargsOf(params)),
       ),
     )
     const runs = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []))
@@ -415,7 +425,7 @@ export class Engine {
     const sp = validateSamplingParams(params, { chat: false })
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
     const req = { ...request, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
-    yield* this.#chunks(await this.#startWithMedia(req, media, params.signal, mmKwargsOf(params)))
+    yield* this.#chunks(await this.#start(req, media, params.signal, mmKwargsOf(params)))
   }
 
   /** The native request of a chat, and its media parts in prompt order. */
@@ -434,7 +444,7 @@ export class Engine {
     this.#checkOpen()
     const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    const run = await this.#startWithMedia(request, parts, params.signal, mmKwargsOf(params))
+    const run = await this.#start(request, parts, params.signal, mmKwargsOf(params))
     return this.#collect(run, request.params ?? {})
   }
 
@@ -451,7 +461,7 @@ export class Engine {
     this.#checkOpen()
     const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    yield* this.#chunks(await this.#startWithMedia(request, parts, params.signal, mmKwargsOf(params)))
+    yield* this.#chunks(await this.#start(request, parts, params.signal, mmKwargsOf(params)))
   }
 
   /** Token ids of `text` (with BOS etc. unless `addSpecialTokens` is false). */

@@ -40,7 +40,19 @@ export class MediaError extends Error {
   }
 }
 
-/** Native media errors arrive as `[media:STATUS] message`; make them MediaErrors. */
+/** Why the native side refused a request (see `NativeSubmitted`). */
+export interface NativeInputErrorLike {
+  code: string
+  status: number
+  message: string
+}
+
+/** The typed error for a refused request: media problems are MediaErrors, the rest ValidationErrors. */
+export function inputError(e: NativeInputErrorLike): Error {
+  return e.code === 'media' || e.code === 'uuid_miss' ? new MediaError(e.message, e.status) : new ValidationError(e.message)
+}
+
+/** The transcriber's native media errors arrive as `[media:STATUS] message`; make them MediaErrors. */
 export function fromNativeError(err: unknown): unknown {
   if (!(err instanceof Error)) return err
   const m = /^\[media:(\d{3})\] ([\s\S]*)$/.exec(err.message)

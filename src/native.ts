@@ -28,6 +28,7 @@ export type {
   NativeRequest,
   NativeSamplingParams,
   NativeStats,
+  NativeSubmitted,
   NativeTokenLogprob,
 } from '../native/index.cjs'
 

@@ -286,11 +286,6 @@ export function pendingFromData(
   return out
 }
 
-/** Does a native error say a uuid-only item was in no cache? (candela-node media.rs words it so.) */
-export function isUuidMiss(err: unknown): boolean {
-  return err instanceof MediaError && err.message.includes('was sent without data')
-}
-
 /** Fetch the items {@link resolveParts} deferred (see `deferUuidFetches`), in parallel. */
 export async function loadDeferred(media: ResolvedMedia[]): Promise<ResolvedMedia[]> {
   return Promise.all(media.map((m) => (m.load ? m.load() : m)))

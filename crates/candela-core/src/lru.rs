@@ -171,8 +171,8 @@ mod tests {
         assert_eq!(c.remove("a"), Some('y'));
         assert_eq!((c.used(), c.len()), (0, 0));
         // Many entries of weight 1: the order map never outgrows the entries.
-        for i in 0..100 {
-            c.insert(&i.to_string(), i, 1);
+        for i in 0..100u32 {
+            c.insert(&i.to_string(), char::from_digit(i % 10, 10).unwrap(), 1);
         }
         assert_eq!((c.len(), c.order.len()), (8, 8));
         assert!(c.contains("99") && !c.contains("91"));

@@ -25,6 +25,13 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     pad_token: Option<String>,
     unk_token: Option<String>,
+    /// Longest vocabulary entry in UTF-8 bytes: no token stands for more
+    /// text than this (byte-level and SentencePiece spellings only inflate).
+    max_token_bytes: usize,
+}
+
+fn longest_token(inner: &tokenizers::Tokenizer) -> usize {
+    inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -131,6 +138,7 @@ impl Tokenizer {
             }
         }
         Ok(Self {
+            max_token_bytes: longest_token(&inner),
             inner,
             bos_token,
             eos_token,
@@ -249,6 +257,7 @@ impl Tokenizer {
             inner.with_post_processor(Some(pp));
         }
         Ok(Self {
+            max_token_bytes: longest_token(&inner),
             inner,
             bos_token: bos.map(|b| b.0),
             eos_token: eos.map(|e| e.0),
@@ -283,6 +292,20 @@ impl Tokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Bytes of text a single token can stand for, at most (see
+    /// [`Self::min_tokens`]).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// A lower bound on the tokens of `bytes` bytes of text, known before
+    /// tokenizing it: a prompt longer than the context is refused without
+    /// the work (normalizers can shrink text, by at most ~3x for NFKC
+    /// ligatures; the bound allows 4x).
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes / (4 * self.max_token_bytes)
     }
 
     pub fn bos_token(&self) -> Option<&str> {

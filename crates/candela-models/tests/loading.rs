@@ -73,3 +73,31 @@ fn sharded_safetensors_with_an_index_load_like_one_file() {
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn min_tokens_never_exceeds_the_real_count() {
+    // Byte-level BPE (qwen2, llama 3), SentencePiece with byte fallback
+    // (llama-tiny) and a GGUF-built tokenizer, on ASCII, CJK, emoji, NFKC
+    // ligatures and long runs that merge into few tokens.
+    let texts = [
+        "The quick brown fox jumps over the lazy dog. ".repeat(50),
+        "東京は日本の首都です。".repeat(40),
+        "🙂🚀👩‍👩‍👧 ".repeat(40),
+        "ﬁﬂﬃ ㍿ ".repeat(60),
+        "=".repeat(4000),
+        " ".repeat(4000),
+        "a".repeat(4000),
+    ];
+    for name in ["qwen2-tiny", "llama3-tiny", "llama-tiny", "llama-tiny.gguf"] {
+        let loaded = load(&fixture(name), &LoadOptions::default()).unwrap();
+        let tok = &loaded.tokenizer;
+        assert!(tok.max_token_bytes() >= 1, "{name}");
+        for t in &texts {
+            let n = tok.encode(t, false).unwrap().len();
+            let least = tok.min_tokens(t.len());
+            assert!(least <= n, "{name}: {least} > {n} tokens for {:?}", t.chars().take(10).collect::<String>());
+        }
+        // A 10 MB prompt is known to overflow an 8k context before tokenizing.
+        assert!(tok.min_tokens(10 << 20) > 8192, "{name}: {}", tok.min_tokens(10 << 20));
+    }
+}

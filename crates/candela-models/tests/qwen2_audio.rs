@@ -180,3 +180,26 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
     assert_eq!(got, ids_of(&f.reference["greedy_ids"]));
     assert_eq!(engine.stats().encoder_runs, 2);
 }
+
+#[test]
+fn clips_too_short_for_one_audio_token_are_a_clear_400() {
+    let loaded = load(&dir(), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap();
+    let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
+    let clip = |n: usize| MediaInput {
+        modality: Modality::Audio,
+        data: Some(MediaData::Samples { channels: vec![vec![0.0; n]], rate: 16000 }),
+        uuid: None,
+        kwargs: Value::Null,
+        embeds: None,
+    };
+    let audio = fixture().reference["audio_token_id"].as_u64().unwrap() as u32;
+    for n in [1, 160, 320] {
+        let err = prep.prepare(&NoCaches, vec![audio], &[clip(n)]).unwrap_err();
+        assert_eq!(err.status(), 400, "{n} samples: {err}");
+        assert!(err.to_string().contains("too short") && err.to_string().contains("321"), "{n} samples: {err}");
+    }
+    // transformers: (3 - 1) // 2 + 1 = 2 conv frames, (2 - 2) // 2 + 1 = 1 token.
+    let ok = prep.prepare(&NoCaches, vec![audio], &[clip(321)]).unwrap();
+    assert_eq!(ok.items[0].placeholder.length, 1);
+    assert_eq!(ok.ids, vec![audio]);
+}

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use candela_core::{Engine, EngineConfig, EngineRequest, FinishReason, ModelSpec, RequestEvent, TokenDecoder, TokenLogprob};
+use candela_models::input::InputPreparer;
+use candela_models::processor::DecodeOptions;
 use candela_models::{ChatRenderOptions, ChatTemplate, LoadOptions, Tokenizer};
 use napi::bindgen_prelude::spawn_blocking;
 use napi::Result;
@@ -32,6 +34,7 @@ use tokio::sync::Notify;
 use guard::{guard, internal, invalid, panic_message};
 pub use params::NativeSamplingParams;
 use candela_models::GenerationDefaults;
+use media::NativeInputError;
 use params::to_sampling_params;
 
 /// Options for `NativeEngine.load`.
@@ -258,7 +261,7 @@ struct Inner {
     device: String,
     requests: Mutex<HashMap<u64, Arc<ReqState>>>,
     closed: AtomicBool,
-    media: media::MediaContext,
+    input: InputPreparer,
 }
 
 impl Inner {
@@ -443,14 +446,12 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         Some(g) => (g * (1u64 << 30) as f64) as usize,
         None => 4 << 30,
     };
-    let media = media::MediaContext {
-        processor: loaded.processor.clone(),
-        cache: Mutex::new(candela_models::processor::ProcessorCache::new(processor_cache_bytes)),
-        image_options,
-        video_options,
-        grids: Default::default(),
-        enable_mm_embeds: opts.enable_mm_embeds.unwrap_or(false),
-    };
+    let input = InputPreparer::new(
+        loaded.processor.clone(),
+        processor_cache_bytes,
+        DecodeOptions { image: image_options, video: video_options },
+        opts.enable_mm_embeds.unwrap_or(false),
+    );
     let tokenizer = loaded.tokenizer.clone();
     let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();
     let engine = Engine::start(loaded.model, decoder, config).map_err(|e| invalid(e.to_string()))?;
@@ -467,7 +468,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             device,
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
-            media,
+            input,
         }),
     })
 }
@@ -493,73 +494,115 @@ impl NativeEngine {
         }
     }
 
-    /// Queue one text-only request; returns its id for `next` / `abort`.
+    /// Queue a request: its prompt rendered and tokenized and its media
+    /// items (in prompt order: the k-th placeholder of a modality is its
+    /// k-th item) decoded, preprocessed and placed on a worker thread, never
+    /// the JS thread. Resolves to the request id, or to the typed reason the
+    /// input was refused.
     #[napi]
-    pub fn add_request(&self, request: NativeRequest) -> Result<i64> {
-        guard("addRequest", || {
-            let inner = &self.inner;
-            inner.check_open()?;
-            let ids = inner.prompt_ids(&request)?;
-            inner.submit(ids, Vec::new(), None, request.params, request.default_max_tokens)
-        })
-    }
-
-    /// Queue a request with media items (in prompt order: the k-th
-    /// placeholder of a modality is its k-th item). Decoding and
-    /// preprocessing run on a worker thread; resolves to the request id.
-    #[napi]
-    pub async fn add_media_request(&self, request: NativeRequest, media: Vec<media::NativeMediaItem>) -> Result<i64> {
-        let (ids, inputs) = guard("addMediaRequest", || {
-            self.inner.check_open()?;
-            let inputs = media.into_iter().map(media::MediaInput::from_js).collect::<Result<Vec<_>>>()?;
-            Ok((self.inner.prompt_ids(&request)?, inputs))
-        })?;
+    pub async fn add_request(&self, request: NativeRequest, media: Option<Vec<media::NativeMediaItem>>) -> Result<NativeSubmitted> {
+        self.inner.check_open()?;
+        let inputs = match media.unwrap_or_default().into_iter().map(media::media_input).collect::<std::result::Result<Vec<_>, _>>() {
+            Ok(i) => i,
+            Err(e) => return Ok(NativeSubmitted::refused(e)),
+        };
         let inner = self.inner.clone();
-        let (params, default_max) = (request.params, request.default_max_tokens);
-        let task = spawn_blocking(move || {
-            guard("addMediaRequest", move || {
-                let (ids, items, mrope) = inner.media.prepare(&inner.engine, ids, inputs)?;
-                inner.submit(ids, items, mrope, params, default_max)
-            })
-        });
+        let task = spawn_blocking(move || guard("addRequest", move || inner.prepare_and_submit(request, inputs)));
         match task.await {
             Ok(r) => r,
-            Err(e) => Err(internal(format!("media preprocessing failed: {e}"))),
+            Err(e) => Err(internal(format!("request preparation failed: {e}"))),
         }
+    }
+
+    /// For each uuid-only media item, whether no cache holds it (its data
+    /// must then be sent).
+    #[napi]
+    pub fn uncached_uuids(&self, items: Vec<media::NativeUuidRef>) -> Result<Vec<bool>> {
+        guard("uncachedUuids", || {
+            let refs = items
+                .into_iter()
+                .map(|i| i.into_ref())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| invalid(e.message))?;
+            self.inner.input.uncached(&self.inner.engine, &refs).map_err(|e| invalid(e.to_string()))
+        })
+    }
+}
+
+/// What `addRequest` resolves to: the request id, or why it was refused.
+#[napi(object)]
+pub struct NativeSubmitted {
+    pub request_id: Option<i64>,
+    pub error: Option<media::NativeInputError>,
+}
+
+impl NativeSubmitted {
+    fn refused(e: media::NativeInputError) -> Self {
+        Self { request_id: None, error: Some(e) }
+    }
+}
+
+impl Inner {
+    /// Render + tokenize, prepare media, queue. Input mistakes come back as
+    /// a refusal; only failures of ours are errors.
+    fn prepare_and_submit(&self, request: NativeRequest, inputs: Vec<candela_models::input::MediaInput>) -> Result<NativeSubmitted> {
+        let ids = match self.prompt_ids(&request) {
+            Ok(ids) => ids,
+            Err(e) => return Ok(NativeSubmitted::refused(e)),
+        };
+        let prepared = match self.input.prepare(&self.engine, ids, &inputs) {
+            Ok(p) => p,
+            Err(e) => return Ok(NativeSubmitted::refused(e.into())),
+        };
+        let (params, default_max) = (request.params, request.default_max_tokens);
+        self.submit(prepared.ids, prepared.items, prepared.mrope, params, default_max)
     }
 }
 
 impl Inner {
     /// The request's prompt as token ids (template rendered, tokenized).
-    fn prompt_ids(&self, request: &NativeRequest) -> Result<Vec<u32>> {
-        let inner = self;
+    /// Text that cannot fit the context is refused before that work.
+    fn prompt_ids(&self, request: &NativeRequest) -> std::result::Result<Vec<u32>, NativeInputError> {
         let given = [request.prompt.is_some(), request.prompt_token_ids.is_some(), request.messages.is_some()]
             .iter()
             .filter(|x| **x)
             .count();
         if given != 1 {
-            return Err(invalid("a request needs exactly one of prompt, promptTokenIds or messages"));
+            return Err(NativeInputError::invalid("a request needs exactly one of prompt, promptTokenIds or messages"));
         }
-        let ids = if let Some(ids) = request.prompt_token_ids.clone() {
-            let vocab = inner.spec.vocab_size;
+        let refused = |e: napi::Error| NativeInputError::invalid(e.reason.clone());
+        if let Some(ids) = request.prompt_token_ids.clone() {
+            let vocab = self.spec.vocab_size;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
+                return Err(NativeInputError::invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
             }
-            ids
-        } else if let Some(prompt) = &request.prompt {
-            inner.encode(prompt, request.add_special_tokens.unwrap_or(true))?
-        } else {
-            let messages = request.messages.as_ref().expect("checked above");
-            let text = inner.render_chat(
+            return Ok(ids);
+        }
+        let bytes = match (&request.prompt, &request.messages) {
+            (Some(p), _) => p.len(),
+            (None, Some(m)) => message_text_bytes(m),
+            (None, None) => 0,
+        };
+        let (least, max_len) = (self.tokenizer.min_tokens(bytes), self.spec.max_model_len);
+        if least >= max_len {
+            return Err(NativeInputError::context_length(format!(
+                "the prompt's {bytes} bytes of text are at least {least} tokens, but the model's maximum length is {max_len} (prompt + output)"
+            )));
+        }
+        if let Some(prompt) = &request.prompt {
+            return self.encode(prompt, request.add_special_tokens.unwrap_or(true)).map_err(refused);
+        }
+        let messages = request.messages.as_ref().expect("checked above");
+        let text = self
+            .render_chat(
                 messages,
                 request.add_generation_prompt.unwrap_or(true),
                 request.tools.clone(),
                 request.chat_template_kwargs.clone(),
-            )?;
-            // The template writes BOS itself where the model wants one.
-            inner.encode(&text, false)?
-        };
-        Ok(ids)
+            )
+            .map_err(refused)?;
+        // The template writes BOS itself where the model wants one.
+        self.encode(&text, false).map_err(refused)
     }
 
     /// Validate and queue a tokenized prompt with its media items.
@@ -570,26 +613,30 @@ impl Inner {
         mrope: Option<candela_core::request::MropePositions>,
         params: Option<NativeSamplingParams>,
         default_max_tokens: Option<u32>,
-    ) -> Result<i64> {
-        let inner = self;
+    ) -> Result<NativeSubmitted> {
+        let refuse = |e: NativeInputError| Ok(NativeSubmitted::refused(e));
         if ids.is_empty() {
-            return Err(invalid("the prompt is empty (it has no tokens)"));
+            return refuse(NativeInputError::invalid("the prompt is empty (it has no tokens)"));
         }
-        let max_len = inner.spec.max_model_len;
+        let max_len = self.spec.max_model_len;
         if ids.len() >= max_len {
-            return Err(invalid(format!(
+            return refuse(NativeInputError::context_length(format!(
                 "the prompt has {} tokens, but the model's maximum length is {max_len} (prompt + output)",
                 ids.len()
             )));
         }
         let p = params.unwrap_or_default();
         let fallback = default_max_tokens.map(|m| m as usize);
-        let params = to_sampling_params(&p, &inner.generation, max_len - ids.len(), fallback)?;
+        let params = match to_sampling_params(&p, &self.generation, max_len - ids.len(), fallback) {
+            Ok(p) => p,
+            Err(e) => return refuse(NativeInputError::invalid(e.reason)),
+        };
         let n = params.n;
-        let handle = inner
-            .engine
-            .add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope })
-            .map_err(|e| invalid(e.to_string()))?;
+        let handle = match self.engine.add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope }) {
+            Ok(h) => h,
+            Err(e) if e.is_invalid_request() => return refuse(NativeInputError::invalid(e.to_string())),
+            Err(e) => return Err(internal(e.to_string())),
+        };
         let state = Arc::new(ReqState {
             rx: tokio::sync::Mutex::new(handle.events),
             n,
@@ -597,13 +644,22 @@ impl Inner {
             aborted: AtomicBool::new(false),
             wake: Notify::new(),
         });
-        inner
-            .requests
+        self.requests
             .lock()
             .map_err(|_| internal("request table poisoned"))?
             .insert(handle.id, state);
-        Ok(handle.id as i64)
+        Ok(NativeSubmitted { request_id: Some(handle.id as i64), error: None })
     }
+}
+
+/// Bytes of text in chat messages' contents (strings and text parts).
+fn message_text_bytes(messages: &serde_json::Value) -> usize {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.len(),
+        serde_json::Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).map(str::len).sum(),
+        _ => 0,
+    };
+    messages.as_array().map(|m| m.iter().filter_map(|x| x.get("content")).map(text).sum()).unwrap_or(0)
 }
 
 #[napi]
@@ -693,13 +749,7 @@ impl NativeEngine {
     pub fn stats(&self) -> Result<NativeStats> {
         guard("stats", || {
             let s = self.inner.engine.stats();
-            let pc = self
-                .inner
-                .media
-                .cache
-                .lock()
-                .map(|c| (c.queries, c.hits, c.usage().0, c.usage().1))
-                .unwrap_or_default();
+            let pc = self.inner.input.cache_stats();
             Ok(NativeStats {
                 running: s.running as u32,
                 waiting: s.waiting as u32,
@@ -739,18 +789,7 @@ impl NativeEngine {
             bos_token_id: i.generation.bos_token_id,
             has_chat_template: i.chat_template.is_some(),
             device: i.device.clone(),
-            modalities: i
-                .media
-                .processor
-                .as_ref()
-                .map(|p| {
-                    let mut m: Vec<String> = p.audio.iter().map(|_| "audio".to_string()).collect();
-                    if p.vision.is_some() {
-                        m.extend(["image".to_string(), "video".to_string()]);
-                    }
-                    m
-                })
-                .unwrap_or_default(),
+            modalities: i.input.modalities().into_iter().map(|m| m.name().to_string()).collect(),
         }
     }
 

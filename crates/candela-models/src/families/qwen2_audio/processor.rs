@@ -53,15 +53,16 @@ impl AudioProcessor {
         let tokens = self.num_tokens(frames);
         if tokens == 0 {
             // The reference gives such a clip no audio token at all, and its
-            // placeholder then has nothing to take: refuse it instead.
-            let hop = samples.len().div_ceil(frames.max(1));
+            // placeholder then has nothing to take: refuse it instead. Three
+            // mel frames (one pooled position) need more than two hops.
+            let least = 2 * self.extractor.config().hop_length + 1;
+            let rate = self.sampling_rate() as f64;
             return Err(MediaError::Invalid(format!(
-                "the audio is too short: {} samples ({:.3} s) give {frames} mel frame(s); the encoder needs at least 3 (about {} samples, {:.3} s at {} Hz)",
+                "the audio is too short: {} samples ({:.4} s) at {} Hz; the audio encoder needs at least {least} ({:.4} s)",
                 samples.len(),
-                samples.len() as f64 / self.sampling_rate() as f64,
-                3 * hop.max(1),
-                (3 * hop.max(1)) as f64 / self.sampling_rate() as f64,
-                self.sampling_rate()
+                samples.len() as f64 / rate,
+                self.sampling_rate(),
+                least as f64 / rate
             )));
         }
         if f.frames > 2 * self.max_source_positions {

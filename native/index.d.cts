@@ -16,14 +16,19 @@ export declare class NativeEngine {
    * thread; the promise rejects with the loader's message on failure.
    */
   static load(options: NativeLoadOptions): Promise<NativeEngine>
-  /** Queue one text-only request; returns its id for `next` / `abort`. */
-  addRequest(request: NativeRequest): number
   /**
-   * Queue a request with media items (in prompt order: the k-th
-   * placeholder of a modality is its k-th item). Decoding and
-   * preprocessing run on a worker thread; resolves to the request id.
+   * Queue a request: its prompt rendered and tokenized and its media
+   * items (in prompt order: the k-th placeholder of a modality is its
+   * k-th item) decoded, preprocessed and placed on a worker thread, never
+   * the JS thread. Resolves to the request id, or to the typed reason the
+   * input was refused.
    */
-  addMediaRequest(request: NativeRequest, media: Array<NativeMediaItem>): Promise<number>
+  addRequest(request: NativeRequest, media?: Array<NativeMediaItem> | undefined | null): Promise<NativeSubmitted>
+  /**
+   * For each uuid-only media item, whether no cache holds it (its data
+   * must then be sent).
+   */
+  uncachedUuids(items: Array<NativeUuidRef>): Array<boolean>
   /**
    * Wait for the request's next events and return all that are queued.
    * `done` is true once every sample finished, the request failed, or it
@@ -114,6 +119,18 @@ export interface NativeEvent {
 export interface NativeImageIoKwargs {
   /** [r, g, b], each 0..=255: what transparent pixels are composited over (default white). */
   rgbaBackgroundColor?: Array<number>
+}
+
+/**
+ * Why a request was not queued: `code` says what kind of mistake it is,
+ * `status` the HTTP status the server answers with.
+ */
+export interface NativeInputError {
+  code: 'invalid' | 'media' | 'uuid_miss' | 'context_length'
+  status: number
+  message: string
+  /** The uuid of a `uuid_miss`. */
+  uuid?: string
 }
 
 /** Options for `NativeEngine.load`. */
@@ -298,6 +315,12 @@ export interface NativeStats {
   processorCacheItems: number
 }
 
+/** What `addRequest` resolves to: the request id, or why it was refused. */
+export interface NativeSubmitted {
+  requestId?: number
+  error?: NativeInputError
+}
+
 export interface NativeTokenLogprob {
   tokenId: number
   token: string
@@ -379,6 +402,13 @@ export interface NativeUsage {
   promptTokens: number
   completionTokens: number
   cachedTokens: number
+}
+
+/** A uuid-only item asked about by `uncachedUuids`. */
+export interface NativeUuidRef {
+  modality: 'image' | 'video' | 'audio'
+  uuid: string
+  kwargs?: Record<string, unknown>
 }
 
 export interface NativeVideoIoKwargs {

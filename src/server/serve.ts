@@ -5,16 +5,16 @@
  * load.
  */
 
-import { existsSync, readFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import type { Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { resolve } from 'node:path'
 
 import type { Express } from 'express'
 
-import { ensureDefaultModel } from '../default-model.js'
 import { Engine } from '../engine.js'
+import { progressLines } from '../hub/index.js'
+import { isModelArgument, locateModel, modelNotFound } from '../model-source.js'
 import { isWhisperModel, Transcriber } from '../transcriber.js'
 import type { LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
@@ -103,14 +103,12 @@ function checkPort(port: number): number {
   return port
 }
 
-/** Load `load.model` (fetching the default model first when it is the default); a Whisper folder becomes a Transcriber. */
+/** Load `load.model` (fetching the default model or a hub repo first); a Whisper folder becomes a Transcriber. */
 async function loadEngine(load: LoadOptions, progress: (line: string) => void): Promise<Engine | Transcriber> {
-  if (load.model === undefined || load.model === 'default') {
-    const path = await ensureDefaultModel({ log: progress })
-    return Engine.load({ ...load, model: path })
-  }
-  if (isWhisperModel(load.model)) return Transcriber.load({ model: load.model, device: load.device, dtype: load.dtype })
-  return Engine.load(load)
+  const source = await locateModel(load.model, { log: progress, onDownloadProgress: load.onDownloadProgress ?? progressLines(progress) })
+  if (isWhisperModel(source.path)) return Transcriber.load({ model: source.path, device: load.device, dtype: load.dtype })
+  // A hub model is complete in the cache now: Engine.load finds it there without a request.
+  return Engine.load({ ...load, model: source.repo ? load.model : source.path })
 }
 
 /**
@@ -130,9 +128,7 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   // Bad load options and a missing model fail here, before the port is taken.
   if (!options.engine) {
     validateLoadOptions(load)
-    if (load.model !== undefined && load.model !== 'default' && !existsSync(resolve(load.model))) {
-      throw new Error(`model path not found: ${load.model} (give a model folder or a .gguf file)`)
-    }
+    if (!isModelArgument(load.model)) throw modelNotFound(load.model!)
   }
   const hostName = options.host ?? '127.0.0.1'
   const port = checkPort(options.port ?? 8000)

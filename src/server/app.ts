@@ -15,6 +15,7 @@ import { errorHandler, notFound } from './errors.js'
 import { locals, requestLog } from './request-log.js'
 import { chatCompletions } from './routes/chat.js'
 import { completions } from './routes/completions.js'
+import { describeInstance, launchInstance, listInstances, terminateInstance } from './routes/instances.js'
 import { listModels, retrieveModel } from './routes/models.js'
 import { audioTranscriptions, multipartBody } from './routes/transcriptions.js'
 import { health, metrics, version } from './routes/system.js'
@@ -35,6 +36,10 @@ export function createApp(ctx: AppContext): Express {
   const json = express.json({ limit: ctx.maxBodyBytes, type: () => true })
   v1.get('/models', listModels(ctx))
   v1.get('/models/:model', retrieveModel(ctx))
+  v1.post('/instances', json, launchInstance(ctx))
+  v1.get('/instances', listInstances(ctx))
+  v1.get('/instances/:uid', describeInstance(ctx))
+  v1.delete('/instances/:uid', terminateInstance(ctx))
   v1.post('/chat/completions', json, chatCompletions(ctx))
   v1.post('/completions', json, completions(ctx))
   v1.post('/audio/transcriptions', multipartBody(ctx), audioTranscriptions(ctx))

@@ -36,6 +36,8 @@ export interface MockHub {
   commitOf(repo: string): string
   /** Drop the next `times` CDN downloads of `file` of `repo` after `bytes` bytes. */
   dropAfter(repo: string, file: string, bytes: number, times?: number): void
+  /** Send the next CDN download of `file` up to `bytes` bytes, the rest once the returned function is called. */
+  hold(repo: string, file: string, bytes: number): () => void
   close(): Promise<void>
 }
 
@@ -53,6 +55,7 @@ const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex
 export async function startMockHub(repos: Record<string, MockRepo>, pageSize = 4): Promise<MockHub> {
   const log: Logged[] = []
   const drops = new Map<string, { bytes: number; times: number }>()
+  const holds = new Map<string, { bytes: number; released: Promise<void> }>()
   const commits = new Map(Object.keys(repos).map((r) => [r, createHash('sha1').update(`commit:${r}`).digest('hex')]))
   const blobs = new Map<string, Buffer>()
   for (const repo of Object.values(repos)) for (const b of Object.values(repo.files)) blobs.set(sha256(b), b)
@@ -195,6 +198,13 @@ export async function startMockHub(repos: Record<string, MockRepo>, pageSize = 4
       return
     }
     const key = `${url.searchParams.get('repo')}/${url.searchParams.get('file')}`
+    const held = holds.get(key)
+    if (held) {
+      holds.delete(key)
+      res.write(part.subarray(0, held.bytes))
+      void held.released.then(() => res.end(part.subarray(held.bytes)))
+      return
+    }
     const drop = drops.get(key)
     if (drop && drop.times > 0) {
       drop.times--
@@ -215,6 +225,11 @@ export async function startMockHub(repos: Record<string, MockRepo>, pageSize = 4
     commitOf: (repo) => commits.get(repo)!,
     dropAfter(repo, file, bytes, times = 1) {
       drops.set(`${repo}/${file}`, { bytes, times })
+    },
+    hold(repo, file, bytes) {
+      let release: () => void = () => {}
+      holds.set(`${repo}/${file}`, { bytes, released: new Promise<void>((r) => (release = r)) })
+      return () => release()
     },
     async close() {
       for (const s of [hub, cdn]) {

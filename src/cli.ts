@@ -7,6 +7,7 @@
  *   candela chat [MODEL]                      interactive chat (streams; /exit quits)
  *   candela chat [MODEL] --message "..."      one question, one answer
  *   candela pull org/name[:revision]          fetch a model from the Hugging Face hub
+ *   candela launch | list | terminate         models of a running server, by uid
  *
  * MODEL is a model folder, a .gguf file or a Hugging Face repo id (fetched
  * into the shared HF cache on first use); without it the default model
@@ -19,6 +20,7 @@ import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
+import { launchCommand, listCommand, terminateCommand } from './cli/instances.js'
 import { pullCommand } from './cli/pull.js'
 import { serveCommand } from './cli/serve.js'
 import { UsageError, chatTemplateValue } from './cli/usage.js'
@@ -251,7 +253,15 @@ async function interactive(engine: Engine, start: ChatMessage[], params: ChatPar
   return 0
 }
 
-const COMMANDS: Record<string, Command> = { serve: serveCommand, pull: pullCommand, generate, chat }
+const COMMANDS: Record<string, Command> = {
+  serve: serveCommand,
+  pull: pullCommand,
+  launch: launchCommand,
+  list: listCommand,
+  terminate: terminateCommand,
+  generate,
+  chat,
+}
 
 function version(): string {
   try {

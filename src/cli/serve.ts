@@ -26,7 +26,7 @@ export interface ServeConfig {
   noModel?: boolean
 }
 
-interface Flag {
+export interface Flag {
   /** Long name, without the dashes. */
   name: string
   /** Placeholder for the value in the help; a flag without one is a switch. */
@@ -291,7 +291,7 @@ export const SERVE_FLAGS: FlagGroup[] = [
 const ALL_FLAGS = SERVE_FLAGS.flatMap((g) => g.flags)
 
 /** The flags that say how one model is loaded: per model in `--model` and in launches at run time. */
-const MODEL_FLAGS = SERVE_FLAGS.filter((g) => ['Model', 'Engine', 'Multimodal'].includes(g.title)).flatMap((g) => g.flags)
+export const MODEL_FLAGS: readonly Flag[] = SERVE_FLAGS.filter((g) => ['Model', 'Engine', 'Multimodal'].includes(g.title)).flatMap((g) => g.flags)
 
 /**
  * Load options from (flag name, value) pairs, as the flags would set them.

@@ -57,7 +57,7 @@ export interface FitCheck {
 /** Why `need` does not fit, with the numbers; undefined when it does. */
 export function doesNotFit(what: string, c: FitCheck): string | undefined {
   if (c.weights + c.kv <= c.available) return undefined
-  const g = (n: number): string => `${(n / GIB).toFixed(2)} GiB`
+  const g = (n: number): string => (n >= GIB ? `${(n / GIB).toFixed(2)} GiB` : `${(n / 2 ** 20).toFixed(1)} MiB`)
   return (
     `${what} does not fit: its weights (${g(c.weights)}) and KV cache (${g(c.kv)}) need ${g(c.weights + c.kv)}, ` +
     `but ${g(c.available)} is available (terminate a model, or pass a smaller kv_cache_memory)`

@@ -1,10 +1,8 @@
 // Models from the Hugging Face hub, against a mock of its HTTP API on 127.0.0.1.
-import { execFile, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { promisify } from 'node:util'
 
 import test from 'ava'
 
@@ -12,6 +10,7 @@ import { HubError, UnsupportedRepoError, findModel, parseHubReference, pullModel
 import type { DownloadProgress, HubOptions } from '../src/hub/index.js'
 import { fixture } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
+import { python, runPython, venvPython } from './python-venv.js'
 import type { MockHub } from './mock-hub.js'
 
 const LLAMA = 'candela-test/llama-tiny'
@@ -222,28 +221,11 @@ test.serial('a download that does not match its sha256 is thrown away, not cache
   t.is(sha256(join(m.path, 'model.safetensors')), etag)
 })
 
-// Cross-check with the real huggingface_hub from PyPI, in a venv made once per machine.
-const execFileP = promisify(execFile)
-const python = ['python3', 'python'].find((p) => spawnSync(p, ['--version']).status === 0)
+// Cross-check with the real huggingface_hub from PyPI.
 const pyTest = python ? test.serial : test.serial.skip
 
-async function hfPython(script: string, env: Record<string, string>): Promise<string> {
-  const venv = join(tmpdir(), 'candela-hf-venv')
-  const py = join(venv, 'bin', 'python')
-  if (spawnSync(py, ['-c', 'import huggingface_hub']).status !== 0) {
-    const mk = spawnSync(python!, ['-m', 'venv', venv], { encoding: 'utf8' })
-    if (mk.status !== 0) throw new Error(`python -m venv failed: ${mk.stderr}`)
-    const pip = spawnSync(py, ['-m', 'pip', 'install', '-q', 'huggingface_hub'], { encoding: 'utf8', timeout: 300_000 })
-    if (pip.status !== 0) throw new Error(`pip install huggingface_hub failed: ${pip.stderr}`)
-  }
-  // Asynchronous: the mock hub answers from this very process.
-  const { stdout } = await execFileP(py, ['-c', script], {
-    encoding: 'utf8',
-    timeout: 120_000,
-    env: { PATH: process.env.PATH ?? '', HOME: tmpdir(), HF_HUB_DISABLE_TELEMETRY: '1', HF_HUB_DISABLE_XET: '1', ...env },
-  })
-  return stdout
-}
+const hfPython = (script: string, env: Record<string, string>): Promise<string> =>
+  runPython(venvPython(['huggingface_hub'], ['huggingface_hub']), script, { HF_HUB_DISABLE_TELEMETRY: '1', HF_HUB_DISABLE_XET: '1', ...env })
 
 pyTest('a model huggingface_hub downloaded is used by candela with no request', async (t) => {
   t.timeout(360_000)

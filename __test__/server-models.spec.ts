@@ -92,7 +92,7 @@ test('a launch returns at once; the model downloads in the background with progr
     t.is(launch.status, 202, launch.text)
     t.is(launch.json.uid, 'hubbed')
     // The weights' download has started and is held part-way.
-    t.true(await until(async () => (await get(`${s.base}/v1/instances/hubbed`)).json.download?.total_bytes >= 3185032))
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/hubbed`)).json.download?.total_bytes >= 3185032, 60_000))
     const loading = await get(`${s.base}/v1/instances/hubbed`)
     t.is(loading.json.status, 'downloading')
     t.true(loading.json.download.downloaded_bytes < loading.json.download.total_bytes)
@@ -133,7 +133,7 @@ test('bad launches are 4xx naming the problem; terminate frees the uid', async (
     // A launch that loads and then fails: described with the reason, chat is 503.
     r = await launch({ model: fixture('README.md'), uid: 'broken' })
     t.is(r.status, 202)
-    t.true(await until(async () => (await get(`${s.base}/v1/instances/broken`)).json.status === 'failed', 30_000))
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/broken`)).json.status === 'failed', 60_000))
     t.regex((await get(`${s.base}/v1/instances/broken`)).json.error, /.+/)
     t.is((await complete(s.base, 'broken', 'x', 1)).json.error.code, 'model_load_failed')
 
@@ -173,7 +173,7 @@ test('--max-loaded-models: a launch evicts the least recently used idle model', 
     t.is((await complete(s.base, 'a', 'x', 1)).status, 200)
     t.is((await complete(s.base, 'b', 'x', 1)).status, 200)
     t.is((await post(`${s.base}/v1/instances`, { model: fixture('llama-tiny'), uid: 'c' })).status, 202)
-    t.true(await until(async () => (await get(`${s.base}/v1/instances/c`)).json.status === 'ready', 30_000))
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/c`)).json.status === 'ready', 60_000))
     t.deepEqual(
       (await get(`${s.base}/v1/instances`)).json.data.map((i: { uid: string }) => i.uid),
       ['b', 'c'],

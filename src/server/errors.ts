@@ -180,7 +180,8 @@ export function toApiError(err: unknown, promptParam: string | null = null): Api
 export function sendError(res: Response, err: ApiError): void {
   if (err.status === 401) res.set('WWW-Authenticate', 'Bearer')
   if (err.retryAfter !== undefined) res.set('Retry-After', String(err.retryAfter))
-  res.status(err.status).json(err.toJSON())
+  // `detail` beside OpenAI's `error`: where Xinference's client reads the message.
+  res.status(err.status).json({ ...err.toJSON(), detail: err.message })
 }
 
 /** 404 for any path no route answers (JSON, never Express's HTML page). */

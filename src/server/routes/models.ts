@@ -8,14 +8,27 @@ import type { ModelHost } from '../model-host.js'
 function card(host: ModelHost, id: string): object {
   const whisper = host.loadedTranscriber
   const info = whisper ? undefined : host.engine().info
+  const path = whisper ? whisper.info.path : info!.path
   return {
     id,
     object: 'model',
     created: host.createdAt,
     owned_by: 'candela',
-    root: whisper ? whisper.info.path : info!.path,
+    root: path,
     parent: null,
     max_model_len: whisper ? whisper.info.maxTargetPositions : info!.maxModelLen,
+    // Xinference's description fields: its client picks a chat or generate handle from them.
+    model_type: whisper ? 'audio' : 'LLM',
+    model_ability: whisper
+      ? ['audio2text']
+      : [
+          'generate',
+          ...(info!.hasChatTemplate ? ['chat'] : []),
+          ...(info!.modalities.some((m) => m === 'image' || m === 'video') ? ['vision'] : []),
+          ...(info!.modalities.includes('audio') ? ['audio'] : []),
+        ],
+    model_name: host.model,
+    model_format: path.endsWith('.gguf') ? 'ggufv2' : 'pytorch',
   }
 }
 

@@ -265,3 +265,16 @@ print(json.dumps({"repos": repos, "warnings": [str(w) for w in info.warnings], "
   t.deepEqual(got.repos, [{ repo_id: LLAMA, size: m.bytes, revisions: [{ commit: m.commit, refs: ['main'], files: [...m.files].sort() }] }])
   for (const f of m.files) t.is(got.paths[f], join(m.path, f))
 })
+
+test.serial('repo paths that would leave the cache are refused', async (t) => {
+  const evil = await startMockHub({ 'candela-test/evil': { files: { 'x/../../../escape-Q4_K_M.gguf': Buffer.from('GGUF') } } })
+  try {
+    const cacheDir = mkdtempSync(join(tmpdir(), 'candela-hub-'))
+    const err = await t.throwsAsync(pullModel('hf:candela-test/evil', { settings: { endpoint: evil.endpoint, cacheDir, token: undefined, offline: false } }))
+    t.regex(err.message, /refusing the repo path "x\/\.\.\/\.\.\/\.\.\/escape-Q4_K_M\.gguf"/)
+    t.false(existsSync(join(cacheDir, 'escape-Q4_K_M.gguf')))
+    t.false(existsSync(join(cacheDir, '..', 'escape-Q4_K_M.gguf')))
+  } finally {
+    await evil.close()
+  }
+})

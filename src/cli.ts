@@ -21,12 +21,13 @@ import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
 import { launchCommand, listCommand, terminateCommand } from './cli/instances.js'
-import { pullCommand } from './cli/pull.js'
+import { progressBar, pullCommand } from './cli/pull.js'
 import { serveCommand } from './cli/serve.js'
 import { UsageError, chatTemplateValue } from './cli/usage.js'
 import type { Command, Options, Values } from './cli/usage.js'
 import { Engine } from './engine.js'
 import { AbortError } from './errors.js'
+import { progressLines } from './hub/index.js'
 import type { ChatMessage, ChatParams, DType, LoadOptions, SamplingParams, StreamChunk } from './types.js'
 
 const LOAD_OPTIONS: Options = {
@@ -76,7 +77,7 @@ function num(values: Values, flag: string, integer = false): number | undefined 
 
 function loadOptions(positionals: string[], values: Values): LoadOptions {
   if (positionals.length > 1) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[1])}`)
-  const opts: LoadOptions = { model: positionals[0] ?? 'default' }
+  const opts: LoadOptions = { model: positionals[0] ?? 'default', onDownloadProgress: downloadProgress() }
   if (values.device !== undefined) opts.device = values.device as LoadOptions['device']
   if (values.dtype !== undefined) opts.dtype = values.dtype as DType
   const gpuMemoryUtilization = num(values, 'gpu-memory-utilization')
@@ -85,6 +86,12 @@ function loadOptions(positionals: string[], values: Values): LoadOptions {
   if (maxModelLen !== undefined) opts.maxModelLen = maxModelLen
   if (typeof values['chat-template'] === 'string') opts.chatTemplate = chatTemplateValue('chat-template', values['chat-template'])
   return opts
+}
+
+/** A hub model's download on stderr: a bar on a terminal, a line per file otherwise. */
+function downloadProgress(): NonNullable<LoadOptions['onDownloadProgress']> {
+  if (process.stderr.isTTY) return progressBar(process.stderr).update
+  return progressLines((l) => process.stderr.write(`candela: ${l}\n`))
 }
 
 /** SmolLM2's suggested settings; flags override them. */

@@ -13,7 +13,7 @@ import type { Command } from './usage.js'
 const mb = (n: number): string => (n / 1e6).toFixed(1)
 
 /** One redrawn line per file: name, bar, percent, MB. */
-function progressBar(out: NodeJS.WriteStream): { update: (p: DownloadProgress) => void; end: () => void } {
+export function progressBar(out: NodeJS.WriteStream): { update: (p: DownloadProgress) => void; end: () => void } {
   let current = ''
   let lastDraw = 0
   const draw = (p: DownloadProgress): void => {
@@ -35,9 +35,15 @@ function progressBar(out: NodeJS.WriteStream): { update: (p: DownloadProgress) =
       }
       lastDraw = now
       draw(p)
+      // A finished file keeps its line; what is written next starts below it.
+      if (done) {
+        out.write('\n')
+        current = ''
+      }
     },
     end() {
       if (current !== '') out.write('\n')
+      current = ''
     },
   }
 }

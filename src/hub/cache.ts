@@ -24,6 +24,8 @@ export interface TreeEntry {
 export type Tree = Record<string, TreeEntry>
 
 export const COMMIT_RE = /^[0-9a-f]{40}$/
+/** Blob names: git blob sha1 or LFS sha256. */
+export const ETAG_RE = /^(?:[0-9a-f]{40}|[0-9a-f]{64})$/
 
 /** The blob name of a file: its LFS sha256, else its git blob id (the hub's ETag). */
 export const etagOf = (e: TreeEntry): string => e.lfs_sha256 ?? e.blob_id
@@ -87,9 +89,13 @@ export class RepoCache {
     return join(this.root, 'snapshots', commit)
   }
 
-  /** Path of `file` in the snapshot (it may not exist). */
+  /** Path of `file` in the snapshot (it may not exist). Names come from the hub: none may leave the folder. */
   snapshotFile(commit: string, file: string): string {
-    return join(this.snapshotDir(commit), ...file.split('/'))
+    const parts = file.split('/')
+    if (parts.some((p) => p === '' || p === '.' || p === '..' || p.includes('\\')) || file.includes('\0')) {
+      throw new Error(`${this.repo}: refusing the repo path ${JSON.stringify(file)}`)
+    }
+    return join(this.snapshotDir(commit), ...parts)
   }
 
   /** Whether the snapshot holds `file` with its blob behind it (a dangling link does not count). */
@@ -118,6 +124,7 @@ export class RepoCache {
   }
 
   blobPath(etag: string): string {
+    if (!ETAG_RE.test(etag)) throw new Error(`${this.repo}: unexpected blob id ${JSON.stringify(etag)} (want a git sha1 or sha256)`)
     return join(this.root, 'blobs', etag)
   }
 

@@ -6,7 +6,7 @@ import { join } from 'node:path'
 
 import test from 'ava'
 
-import { HubError, UnsupportedRepoError, findModel, parseHubReference, pullModel } from '../src/hub/index.js'
+import { HubError, UnsupportedRepoError, findModel, hubSettings, parseHubReference, pullModel } from '../src/hub/index.js'
 import type { DownloadProgress, HubOptions } from '../src/hub/index.js'
 import { fixture } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
@@ -277,4 +277,27 @@ test.serial('repo paths that would leave the cache are refused', async (t) => {
   } finally {
     await evil.close()
   }
+})
+
+test.serial('a file the hub resolves differently from the listing is refused', async (t) => {
+  const { opts } = setup()
+  hub.lieAbout(GGUF, 'tiny-Q8_0.gguf')
+  const err = await t.throwsAsync(pullModel(`hf:${GGUF}:Q8_0`, opts()), { instanceOf: HubError })
+  t.is(err.code, 'checksum')
+  t.regex(err.message, /tiny-Q8_0\.gguf: the hub's ETag 0{64} differs from the listing's [0-9a-f]{64}/)
+})
+
+test('settings come from the environment as huggingface_hub reads it', (t) => {
+  const home = mkdtempSync(join(tmpdir(), 'candela-hf-home-'))
+  writeFileSync(join(home, 'token'), 'hf_from_file\n')
+  t.deepEqual(hubSettings({ HF_HOME: home }), { endpoint: 'https://huggingface.co', token: 'hf_from_file', offline: false, cacheDir: join(home, 'hub') })
+  t.deepEqual(hubSettings({ HF_HOME: home, HF_HUB_CACHE: '/c', HF_TOKEN: 'hf_env', HF_ENDPOINT: 'http://127.0.0.1:1/', HF_HUB_OFFLINE: 'yes' }), {
+    endpoint: 'http://127.0.0.1:1',
+    token: 'hf_env',
+    offline: true,
+    cacheDir: '/c',
+  })
+  t.is(hubSettings({ XDG_CACHE_HOME: '/x', HF_TOKEN_PATH: '/nonexistent' }).cacheDir, '/x/huggingface/hub')
+  t.false(hubSettings({ HF_HUB_OFFLINE: '0', HF_TOKEN_PATH: '/nonexistent' }).offline)
+  t.is(hubSettings({ HF_TOKEN_PATH: '/nonexistent' }).token, undefined)
 })

@@ -38,6 +38,8 @@ export interface MockHub {
   dropAfter(repo: string, file: string, bytes: number, times?: number): void
   /** Send the next CDN download of `file` up to `bytes` bytes, the rest once the returned function is called. */
   hold(repo: string, file: string, bytes: number): () => void
+  /** Make resolve report another etag for `file` than the listing (a repo that changed under a commit). */
+  lieAbout(repo: string, file: string): void
   close(): Promise<void>
 }
 
@@ -56,6 +58,7 @@ export async function startMockHub(repos: Record<string, MockRepo>, pageSize = 4
   const log: Logged[] = []
   const drops = new Map<string, { bytes: number; times: number }>()
   const holds = new Map<string, { bytes: number; released: Promise<void> }>()
+  const lies = new Set<string>()
   const commits = new Map(Object.keys(repos).map((r) => [r, createHash('sha1').update(`commit:${r}`).digest('hex')]))
   const blobs = new Map<string, Buffer>()
   for (const repo of Object.values(repos)) for (const b of Object.values(repo.files)) blobs.set(sha256(b), b)
@@ -157,7 +160,7 @@ export async function startMockHub(repos: Record<string, MockRepo>, pageSize = 4
           ...common,
           location: `${cdnBase}/blobs/${sha256(body)}?repo=${encodeURIComponent(repo)}&file=${encodeURIComponent(file)}`,
           etag: `"${gitOid(Buffer.from(`lfs pointer ${sha256(body)}`))}"`,
-          'x-linked-etag': `"${sha256(body)}"`,
+          'x-linked-etag': `"${lies.has(`${repo}/${file}`) ? '0'.repeat(64) : sha256(body)}"`,
           'x-linked-size': String(body.length),
           'content-length': '0',
         })
@@ -225,6 +228,9 @@ export async function startMockHub(repos: Record<string, MockRepo>, pageSize = 4
     commitOf: (repo) => commits.get(repo)!,
     dropAfter(repo, file, bytes, times = 1) {
       drops.set(`${repo}/${file}`, { bytes, times })
+    },
+    lieAbout(repo, file) {
+      lies.add(`${repo}/${file}`)
     },
     hold(repo, file, bytes) {
       let release: () => void = () => {}

@@ -12,7 +12,7 @@ import { parseModelFlag, serveConfig, serverOptionsOf } from '../dist/cli/serve.
 import { fixture, reference, ROOT } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
 import type { MockHub } from './mock-hub.js'
-import { post, startTestServer, until } from './server-helpers.js'
+import { metricsText, post, sample, startTestServer, until } from './server-helpers.js'
 import type { TestServer } from './server-helpers.js'
 
 const llamaRef = reference('llama-tiny').prompts[0]!
@@ -71,13 +71,19 @@ test('requests are routed by `model` to each model\'s own engine', async (t) => 
     t.is(missing.status, 404)
     t.is(missing.json.error.code, 'model_not_found')
     t.regex(missing.json.error.message, /Served: llama, qwen/)
+    // /metrics adds up the engines, and a terminated model's counts stay counted.
+    const generated = async () => sample(await metricsText(s.base), 'candela_generation_tokens_total')!
+    const before = await generated()
+    t.true(before >= llamaRef.greedy_ids.length + qwenRef.greedy_ids.length + 2, String(before))
+    t.is((await complete(s.base, 'qwen', qwenRef.text, 3)).status, 200)
+    t.is(await generated(), before + 3)
+    t.is((await del(`${s.base}/v1/instances/qwen`)).status, 200)
+    t.is((await complete(s.base, 'llama', llamaRef.text, 2)).status, 200)
+    t.is(await generated(), before + 5)
     const list = await get(`${s.base}/v1/instances`)
     t.deepEqual(
       list.json.data.map((i: { uid: string; status: string; max_model_len: number }) => [i.uid, i.status, i.max_model_len]),
-      [
-        ['llama', 'ready', 2048],
-        ['qwen', 'ready', 256],
-      ],
+      [['llama', 'ready', 2048]],
     )
   } finally {
     await s.server.close()

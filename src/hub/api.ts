@@ -19,6 +19,10 @@ export interface OpenedFile {
   response: Response
   /** `X-Linked-Etag` or `ETag`, unquoted. */
   etag: string | undefined
+  /** `X-Linked-Size` (an LFS file's size, on the hub's redirect). */
+  linkedSize: number | undefined
+  /** `X-Repo-Commit`: the commit the hub resolved the file at. */
+  repoCommit: string | undefined
   /** Bytes the body starts at (0 when the server ignored the Range). */
   start: number
 }
@@ -110,9 +114,18 @@ export class HubClient {
     const extra: Record<string, string> = { 'accept-encoding': 'identity' }
     if (start > 0) extra.range = `bytes=${start}-`
     let etag: string | undefined
+    let linkedSize: number | undefined
+    let repoCommit: string | undefined
     for (let hop = 0; hop <= MAX_REDIRECTS; hop++) {
       const res = await this.#get(url, repo, file, extra, 'manual')
-      etag ??= unquote(res.headers.get('x-linked-etag') ?? res.headers.get('etag'))
+      // The hub's answers describe the file (the last one on its origin wins, as in
+      // huggingface_hub, which follows relative redirects); a CDN's headers are its own.
+      if (new URL(url).origin === this.#origin) {
+        etag = unquote(res.headers.get('x-linked-etag') ?? res.headers.get('etag')) ?? etag
+        const size = res.headers.get('x-linked-size')
+        if (size !== null) linkedSize = Number(size)
+        repoCommit = res.headers.get('x-repo-commit') ?? repoCommit
+      }
       const location = res.headers.get('location')
       if (res.status >= 300 && res.status < 400 && location) {
         await res.body?.cancel()
@@ -120,7 +133,7 @@ export class HubClient {
         continue
       }
       if (res.status >= 300) throw new HubError('network', `${url} answered ${res.status} without a Location`)
-      return { response: res, etag, start: res.status === 206 ? start : 0 }
+      return { response: res, etag, linkedSize, repoCommit, start: res.status === 206 ? start : 0 }
     }
     throw new HubError('network', `too many redirects fetching ${file} of ${repo}`)
   }

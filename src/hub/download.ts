@@ -116,10 +116,19 @@ async function receive(
   opts: BlobOptions,
 ): Promise<void> {
   const opened = await client.open(req.repo, req.commit, req.file, have)
-  // Mirrors may answer with ETags of their own; a hash-shaped one must be the file's.
-  if (opened.etag !== undefined && ETAG_RE.test(opened.etag) && opened.etag !== etag) {
+  // The file the hub resolves must be the one the listing named. Mirrors may
+  // answer with ETags of their own; a hash-shaped one must be the file's.
+  const mismatch =
+    opened.repoCommit !== undefined && opened.repoCommit !== req.commit
+      ? `the hub resolved it at commit ${opened.repoCommit}, not ${req.commit}`
+      : opened.etag !== undefined && ETAG_RE.test(opened.etag) && opened.etag !== etag
+        ? `the hub's ETag ${opened.etag} differs from the listing's ${etag}`
+        : opened.linkedSize !== undefined && opened.linkedSize !== total
+          ? `the hub's size ${opened.linkedSize} differs from the listing's ${total}`
+          : undefined
+  if (mismatch) {
     await opened.response.body?.cancel()
-    throw new HubError('checksum', `${req.repo}/${req.file}: the hub's ETag ${opened.etag} differs from the listing's ${etag}`)
+    throw new HubError('checksum', `${req.repo}/${req.file}: ${mismatch}`)
   }
   const body = opened.response.body
   if (!body) throw new HubError('network', `${req.repo}/${req.file}: empty response`)

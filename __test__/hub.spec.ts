@@ -1,4 +1,5 @@
 // Models from the Hugging Face hub, against a mock of its HTTP API on 127.0.0.1.
+import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -8,7 +9,7 @@ import test from 'ava'
 
 import { HubError, UnsupportedRepoError, findModel, hubSettings, parseHubReference, pullModel } from '../src/hub/index.js'
 import type { DownloadProgress, HubOptions } from '../src/hub/index.js'
-import { fixture } from './helpers.js'
+import { eventually, fixture } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
 import { python, runPython, venvPython } from './python-venv.js'
 import type { MockHub } from './mock-hub.js'
@@ -300,4 +301,30 @@ test('settings come from the environment as huggingface_hub reads it', (t) => {
   t.is(hubSettings({ XDG_CACHE_HOME: '/x', HF_TOKEN_PATH: '/nonexistent' }).cacheDir, '/x/huggingface/hub')
   t.false(hubSettings({ HF_HUB_OFFLINE: '0', HF_TOKEN_PATH: '/nonexistent' }).offline)
   t.is(hubSettings({ HF_TOKEN_PATH: '/nonexistent' }).token, undefined)
+})
+
+test.serial('one downloader per blob across processes: a live lock is waited for, a stale one taken over', async (t) => {
+  const { cacheDir, opts } = setup()
+  const etag = sha256(fixture('llama-tiny/model.safetensors'))
+  const blobs = join(cacheDir, 'models--candela-test--llama-tiny', 'blobs')
+  const lock = join(blobs, `${etag}.incomplete.lock`)
+  mkdirSync(blobs, { recursive: true })
+  // Another live process holds the blob's lock.
+  const other = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' })
+  writeFileSync(lock, String(other.pid))
+  const before = hub.log.length
+  const pulled = pullModel(LLAMA, opts())
+  t.true(await eventually(() => hub.log.slice(before).some((l) => l.path.endsWith('/tokenizer_config.json')), 30_000))
+  await new Promise((r) => setTimeout(r, 300))
+  t.false(hub.log.slice(before).some((l) => l.path.endsWith('/model.safetensors')), 'no download while another process holds the lock')
+  other.kill()
+  const m = await pulled
+  t.is(sha256(join(m.path, 'model.safetensors')), etag)
+  t.false(existsSync(lock))
+  // A lock whose owner is gone does not block.
+  const again = setup()
+  const blobs2 = join(again.cacheDir, 'models--candela-test--llama-tiny', 'blobs')
+  mkdirSync(blobs2, { recursive: true })
+  writeFileSync(join(blobs2, `${etag}.incomplete.lock`), '2147483646')
+  t.is(sha256(join((await pullModel(LLAMA, again.opts())).path, 'model.safetensors')), etag)
 })

@@ -17,6 +17,7 @@ import type { HubClient } from './api.js'
 import { ETAG_RE, etagOf, sizeOf } from './cache.js'
 import type { RepoCache, TreeEntry } from './cache.js'
 import { HubError } from './errors.js'
+import { acquireLock } from './lock.js'
 
 /** Progress of one file's download. */
 export interface DownloadProgress {
@@ -74,9 +75,22 @@ export function fetchBlob(client: HubClient, cache: RepoCache, req: BlobRequest,
 
 async function download(client: HubClient, cache: RepoCache, req: BlobRequest, opts: BlobOptions): Promise<void> {
   const etag = etagOf(req.entry)
-  const total = sizeOf(req.entry)
   const part = cache.incompletePath(etag)
   await mkdir(dirname(part), { recursive: true })
+  const release = await acquireLock(`${part}.lock`)
+  try {
+    // Another process may have finished it while this one waited.
+    if (fileSize(cache.blobPath(etag)) === sizeOf(req.entry) && existsSync(cache.blobPath(etag))) return
+    await downloadLocked(client, cache, req, opts)
+  } finally {
+    await release()
+  }
+}
+
+async function downloadLocked(client: HubClient, cache: RepoCache, req: BlobRequest, opts: BlobOptions): Promise<void> {
+  const etag = etagOf(req.entry)
+  const total = sizeOf(req.entry)
+  const part = cache.incompletePath(etag)
   const retries = opts.retries ?? 3
   for (let attempt = 0; ; attempt++) {
     let have = fileSize(part)

@@ -328,3 +328,18 @@ test.serial('one downloader per blob across processes: a live lock is waited for
   writeFileSync(join(blobs2, `${etag}.incomplete.lock`), '2147483646')
   t.is(sha256(join((await pullModel(LLAMA, again.opts())).path, 'model.safetensors')), etag)
 })
+
+test('the terminal progress bar: one line per file, redrawn in place, ended when the file is', async (t) => {
+  const { progressBar } = await import('../src/cli/pull.js')
+  let out = ''
+  const bar = progressBar({ write: (s: string) => ((out += s), true) } as unknown as NodeJS.WriteStream)
+  bar.update({ repo: LLAMA, file: 'config.json', downloaded: 0, total: 2_000_000 })
+  bar.update({ repo: LLAMA, file: 'config.json', downloaded: 2_000_000, total: 2_000_000 })
+  bar.update({ repo: LLAMA, file: 'model.safetensors', downloaded: 0, total: 4_000_000 })
+  bar.end()
+  const lines = out.split('\n')
+  t.is(lines.length, 3)
+  t.regex(lines[0]!, /\r\x1b\[2Kconfig\.json ░{24}   0% 0\.0\/2\.0 MB\r\x1b\[2Kconfig\.json █{24} 100% 2\.0\/2\.0 MB$/)
+  t.regex(lines[1]!, /^\r\x1b\[2Kmodel\.safetensors ░{24}   0% 0\.0\/4\.0 MB$/)
+  t.is(lines[2], '')
+})

@@ -117,7 +117,9 @@ export class ModelPool {
     const taken = this.#find(uid) ?? spec.servedModelName?.map((n) => this.#find(n)).find((h) => h !== undefined)
     if (taken) throw badLaunch(`a model is already launched as ${JSON.stringify(uid)} (uid ${taken.uid}); terminate it first or pick another uid`, 'model_exists', 'uid')
     const kv = this.#kvBytes(load)
-    if (weights !== undefined) this.#checkFit(uid, weights, kv.bytes, kv.available)
+    // In system memory only: on a GPU the engine sizes its KV cache from the device's free memory and refuses itself.
+    const inRam = (load.device ?? 'cpu') === 'cpu'
+    if (weights !== undefined && inRam) this.#checkFit(uid, weights, kv.bytes, kv.available)
     this.#makeRoom(uid)
 
     const host = new ModelHost(uid, model, load)
@@ -125,7 +127,7 @@ export class ModelPool {
     this.#hosts.set(uid, host)
     if (startup) this.#startup.add(uid)
     const names = (fallback: string): string[] => spec.servedModelName ?? [spec.uid ?? (model === 'default' ? fallback : model)]
-    const ready = (spec.engine ? Promise.resolve(spec.engine) : this.#load(host, load, weights === undefined))
+    const ready = (spec.engine ? Promise.resolve(spec.engine) : this.#load(host, load, weights === undefined && inRam))
       .then((engine) => {
         if (host.state === 'closed') {
           // Terminated while it loaded.

@@ -9,7 +9,6 @@
 import type { Engine } from '../engine.js'
 import type { DownloadProgress } from '../hub/index.js'
 import type { Transcriber } from '../transcriber.js'
-import type { LoadOptions } from '../types.js'
 import { ApiError } from './errors.js'
 
 export type HostState = 'loading' | 'ready' | 'failed' | 'closed'
@@ -34,11 +33,9 @@ export class ModelHost {
 
   constructor(
     /** The id the model is launched, described and terminated by. */
-    readonly uid: string = '',
+    readonly uid: string,
     /** The model argument as given (path, repo id or 'default'). */
-    readonly model: string = 'default',
-    /** How it is loaded. */
-    readonly load: LoadOptions = {},
+    readonly model: string,
   ) {}
 
   /** A request chose this model. */
@@ -152,7 +149,7 @@ export class ModelHost {
       case 'ready':
         return undefined
       case 'loading':
-        return new ApiError(503, `the model${this.uid ? ` ${this.uid}` : ''} is still loading; try again shortly`, {
+        return new ApiError(503, `the model ${this.uid} is still loading; try again shortly`, {
           code: 'model_loading',
           retryAfter: RETRY_AFTER_S,
         })

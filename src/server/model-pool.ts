@@ -122,7 +122,7 @@ export class ModelPool {
     if (weights !== undefined && inRam) this.#checkFit(uid, weights, kv.bytes, kv.available)
     this.#makeRoom(uid)
 
-    const host = new ModelHost(uid, model, load)
+    const host = new ModelHost(uid, model)
     if (weights !== undefined) host.estimateBytes = weights + kv.bytes
     this.#hosts.set(uid, host)
     if (startup) this.#startup.add(uid)

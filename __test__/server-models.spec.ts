@@ -2,7 +2,8 @@
 // terminated by uid over REST and the CLI, loading in the background (503 +
 // Retry-After meanwhile), refused when they cannot fit, evicted LRU-first.
 import { spawn } from 'node:child_process'
-import { mkdtempSync } from 'node:fs'
+import { createHash } from 'node:crypto'
+import { existsSync, mkdtempSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -18,10 +19,11 @@ import type { TestServer } from './server-helpers.js'
 const llamaRef = reference('llama-tiny').prompts[0]!
 const qwenRef = reference('qwen2-tiny').prompts[0]!
 const HUB_REPO = 'candela-test/llama-tiny'
+const HUB_REPO_2 = 'candela-test/llama-tiny-again'
 
 let hub: MockHub
 test.before(async () => {
-  hub = await startMockHub({ [HUB_REPO]: repoFromDir(fixture('llama-tiny')) })
+  hub = await startMockHub({ [HUB_REPO]: repoFromDir(fixture('llama-tiny')), [HUB_REPO_2]: repoFromDir(fixture('llama-tiny')) })
   process.env.HF_ENDPOINT = hub.endpoint
   process.env.HF_HUB_CACHE = mkdtempSync(join(tmpdir(), 'candela-models-'))
 })
@@ -112,6 +114,28 @@ test('a launch returns at once; the model downloads in the background with progr
     t.is(ok.status, 200, ok.text)
     t.is(ok.json.choices[0].text, llamaRef.greedy_text)
     t.is((await get(`${s.base}/v1/instances/hubbed`)).json.max_model_len, 32)
+  } finally {
+    await s.server.close()
+  }
+})
+
+test('terminating a model mid-download stops the download; launching it again resumes it', async (t) => {
+  const s = await startTestServer({ models: [] })
+  try {
+    const blobs = join(process.env.HF_HUB_CACHE!, 'models--candela-test--llama-tiny-again', 'blobs')
+    const part = join(blobs, `${createHash('sha256').update(readFileSync(fixture('llama-tiny/model.safetensors'))).digest('hex')}.incomplete`)
+    const release = hub.hold(HUB_REPO_2, 'model.safetensors', 100_000)
+    t.is((await post(`${s.base}/v1/instances`, { model: HUB_REPO_2, uid: 'stopme' })).status, 202)
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/stopme`)).json.download?.total_bytes >= 3185032, 60_000))
+    t.is((await del(`${s.base}/v1/instances/stopme`)).status, 200)
+    // The download stops (its lock goes) and keeps what arrived.
+    t.true(await until(async () => existsSync(part) && !existsSync(`${part}.lock`), 60_000))
+    const kept = statSync(part).size
+    t.true(kept > 0 && kept < 3185032, String(kept))
+    release()
+    t.is((await post(`${s.base}/v1/instances`, { model: HUB_REPO_2, uid: 'again' })).status, 202)
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/again`)).json.status === 'ready', 60_000))
+    t.true(hub.log.some((l) => l.server === 'cdn' && l.range === `bytes=${kept}-`))
   } finally {
     await s.server.close()
   }

@@ -26,6 +26,8 @@ export interface LocateOptions {
   onDownloadProgress?: (p: DownloadProgress) => void
   /** Lines about fetching the default model. */
   log?: (line: string) => void
+  /** Stops a hub download. */
+  signal?: AbortSignal
 }
 
 /** Whether `model` can name a model without touching the network: 'default', an existing path or a repo id. */
@@ -44,6 +46,9 @@ export async function locateModel(model: string | undefined, options: LocateOpti
   const local = resolve(model)
   if (existsSync(local)) return { path: local }
   if (!isHubReference(model)) throw modelNotFound(model)
-  const m = await findModel(model, options.onDownloadProgress ? { onProgress: options.onDownloadProgress } : {})
+  const m = await findModel(model, {
+    ...(options.onDownloadProgress ? { onProgress: options.onDownloadProgress } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+  })
   return { path: m.path, repo: m.repo, ...(m.mmproj ? { mmproj: m.mmproj } : {}) }
 }

@@ -39,6 +39,8 @@ export interface BlobOptions {
   onProgress?: (p: DownloadProgress) => void
   /** Extra attempts after a dropped connection, each resuming where the last stopped (default 3). */
   retries?: number
+  /** Stops the download (what arrived stays for the next attempt). */
+  signal?: AbortSignal
 }
 
 /** Hashes the file must match: the etag is an LFS sha256 (64 hex) or a git blob sha1 (40 hex) of the contents. */
@@ -77,7 +79,7 @@ async function download(client: HubClient, cache: RepoCache, req: BlobRequest, o
   const etag = etagOf(req.entry)
   const part = cache.incompletePath(etag)
   await mkdir(dirname(part), { recursive: true })
-  const release = await acquireLock(`${part}.lock`)
+  const release = await acquireLock(`${part}.lock`, opts.signal)
   try {
     // Another process may have finished it while this one waited.
     if (fileSize(cache.blobPath(etag)) === sizeOf(req.entry) && existsSync(cache.blobPath(etag))) return
@@ -103,7 +105,7 @@ async function downloadLocked(client: HubClient, cache: RepoCache, req: BlobRequ
       break
     } catch (err) {
       // A dropped connection keeps what arrived; the next attempt (or the next pull) resumes there.
-      if (err instanceof HubError || attempt >= retries) throw err
+      if (err instanceof HubError || attempt >= retries || opts.signal?.aborted) throw err
     }
   }
   const check = verifier(etag, total)

@@ -30,6 +30,8 @@ export class ModelHost {
   lastUsed = Date.now()
   /** Estimated bytes the model takes (weights + KV budget), once known. */
   estimateBytes: number | undefined
+  /** Aborted when the model is terminated: stops its download. */
+  readonly #terminated = new AbortController()
 
   constructor(
     /** The id the model is launched, described and terminated by. */
@@ -141,6 +143,12 @@ export class ModelHost {
 
   setClosed(): void {
     this.#state = 'closed'
+    this.#terminated.abort(new Error(`model ${this.uid} was terminated`))
+  }
+
+  /** Aborted once the model is closed. */
+  get closedSignal(): AbortSignal {
+    return this.#terminated.signal
   }
 
   /** 503 unless the model is ready to take requests. */

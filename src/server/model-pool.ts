@@ -141,6 +141,7 @@ export class ModelPool {
         return engine
       })
       .catch((err: unknown) => {
+        if (host.state === 'closed') throw err
         host.setFailed(err)
         this.opts.log.error(`model ${uid} failed to load`, { model, error: err instanceof Error ? err.message : String(err) })
         throw err
@@ -153,6 +154,7 @@ export class ModelPool {
     const lines = progressLines(this.opts.progress)
     const source = await locateModel(load.model, {
       log: this.opts.progress,
+      signal: host.closedSignal,
       onDownloadProgress: (p) => {
         host.onDownload(p)
         load.onDownloadProgress?.(p)

@@ -121,8 +121,10 @@ function checkPort(port: number): number {
 }
 
 /**
- * Start the OpenAI-compatible server. Resolves once it listens; the model
- * loads in the background (`ready`).
+ * Start the OpenAI-compatible server. Resolves once it listens; the models
+ * load in the background (`ready`). `load` (or the default model) and
+ * `models` are hosted from the start; more can be launched at run time
+ * (`server.models.launch`, POST /v1/instances).
  *
  * @example
  * ```ts
@@ -137,8 +139,10 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   const startup: LaunchSpec[] = []
   const servedModelName = typeof options.servedModelName === 'string' ? [options.servedModelName] : options.servedModelName
   const names = servedModelName !== undefined && servedModelName.length > 0 ? servedModelName : undefined
-  if (options.engine) startup.push({ engine: options.engine, servedModelName: names })
-  else if (options.load !== undefined || options.models === undefined) {
+  if (options.engine) {
+    const given = options.load?.model
+    startup.push({ engine: options.engine, servedModelName: names ?? (given !== undefined && given !== 'default' ? [given] : undefined) })
+  } else if (options.load !== undefined || options.models === undefined) {
     const { model, ...load } = options.load ?? {}
     startup.push({ model: model ?? 'default', load, servedModelName: names })
   }

@@ -116,13 +116,24 @@ test.serial('a complete cached model is found with no request; pull asks only fo
 })
 
 test.serial('HF_HUB_OFFLINE: the cache answers, a missing model is a clear error, nothing is sent', async (t) => {
-  const { opts } = setup()
+  const { cacheDir, opts } = setup()
   await pullModel(LLAMA, opts())
   const offline = await requests(() => findModel(LLAMA, opts({ settings: { offline: true } })))
   t.is(offline.log.length, 0)
   t.is(offline.value.commit, hub.commitOf(LLAMA))
   const pulled = await requests(() => pullModel(LLAMA, opts({ settings: { offline: true } })))
   t.is(pulled.log.length, 0)
+  // A cache written without tree listings (older huggingface_hub): offline, the snapshot's files stand in.
+  rmSync(join(cacheDir, 'models--candela-test--llama-tiny', 'trees'), { recursive: true })
+  const untreed = await requests(() => findModel(LLAMA, opts({ settings: { offline: true } })))
+  t.is(untreed.log.length, 0)
+  t.deepEqual([...untreed.value.files].sort(), [...offline.value.files].sort())
+  // Online, it asks for the commit and the listing, and downloads nothing.
+  const relisted = await requests(() => findModel(LLAMA, opts()))
+  t.deepEqual(
+    relisted.log.map((l) => l.path.replace(/\/tree\/.*/, '/tree')),
+    [`/api/models/${LLAMA}/revision/main`, `/api/models/${LLAMA}/tree`, `/api/models/${LLAMA}/tree`],
+  )
   const before = hub.log.length
   const err = await t.throwsAsync(findModel(GGUF, opts({ settings: { offline: true } })), { instanceOf: HubError })
   t.is(err.code, 'offline')

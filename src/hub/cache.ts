@@ -9,7 +9,7 @@
  *     trees/<commit>.json          the repo's file listing at that commit
  */
 
-import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { dirname, join, relative } from 'node:path'
 
 /** One file of a repo's tree listing (the /tree endpoint's fields, as huggingface_hub caches them). */
@@ -115,8 +115,10 @@ export class RepoCache {
       }
       for (const n of names) {
         const p = join(dir, n)
-        if (existsSync(join(p, '.'))) walk(p, `${prefix}${n}/`)
-        else if (existsSync(p)) out.push(`${prefix}${n}`)
+        // statSync follows the links; a dangling one is no file.
+        const st = statSync(p, { throwIfNoEntry: false })
+        if (st?.isDirectory()) walk(p, `${prefix}${n}/`)
+        else if (st?.isFile()) out.push(`${prefix}${n}`)
       }
     }
     walk(this.snapshotDir(commit), '')

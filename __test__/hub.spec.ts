@@ -18,6 +18,11 @@ const LLAMA = 'candela-test/llama-tiny'
 const GGUF = 'candela-test/tiny-gguf'
 const GATED = 'candela-test/gated-llama'
 const PT_ONLY = 'candela-test/pytorch-only'
+const SHARDED = 'candela-test/sharded'
+const shardIndex = {
+  metadata: { total_size: 8 },
+  weight_map: { 'a.weight': 'model-00001-of-00002.safetensors', 'b.weight': 'model-00002-of-00002.safetensors', 'c.weight': 'model-00002-of-00002.safetensors' },
+}
 const gguf = readFileSync(fixture('llama-tiny.gguf'))
 const mmproj = Buffer.from('GGUF mmproj stand-in: only its bytes matter here')
 
@@ -36,6 +41,17 @@ test.before(async () => {
     },
     [GATED]: { ...repoFromDir(fixture('llama-tiny')), gatedToken: 'hf_right' },
     [PT_ONLY]: { files: { 'config.json': Buffer.from('{}'), 'pytorch_model.bin': Buffer.from('x') } },
+    [SHARDED]: {
+      files: {
+        'config.json': Buffer.from('{}'),
+        'tokenizer.json': Buffer.from('{"model": {}}'),
+        'model.safetensors.index.json': Buffer.from(JSON.stringify(shardIndex)),
+        'model-00001-of-00002.safetensors': Buffer.from('shard one'),
+        'model-00002-of-00002.safetensors': Buffer.from('shard two'),
+        'consolidated.safetensors': Buffer.from('another layout of the same weights'),
+        'pytorch_model.bin': Buffer.from('and another'),
+      },
+    },
   })
 })
 test.after.always(async () => {
@@ -353,4 +369,18 @@ test('the terminal progress bar: one line per file, redrawn in place, ended when
   t.regex(lines[0]!, /\r\x1b\[2Kconfig\.json ░{24}   0% 0\.0\/2\.0 MB\r\x1b\[2Kconfig\.json █{24} 100% 2\.0\/2\.0 MB$/)
   t.regex(lines[1]!, /^\r\x1b\[2Kmodel\.safetensors ░{24}   0% 0\.0\/4\.0 MB$/)
   t.is(lines[2], '')
+})
+
+test.serial('a sharded checkpoint: the index, then the shards it names, nothing else', async (t) => {
+  const { opts } = setup()
+  const { value: m, log } = await requests(() => pullModel(SHARDED, opts()))
+  t.deepEqual([...m.files].sort(), ['config.json', 'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json', 'tokenizer.json'])
+  t.deepEqual(
+    log.filter((l) => l.path.includes('/resolve/')).map((l) => l.path.split('/').pop()).sort(),
+    [...m.files].sort(),
+  )
+  t.is(readFileSync(join(m.path, 'model-00002-of-00002.safetensors'), 'utf8'), 'shard two')
+  const again = await requests(() => findModel(SHARDED, opts()))
+  t.is(again.log.length, 0)
+  t.deepEqual([...again.value.files].sort(), [...m.files].sort())
 })

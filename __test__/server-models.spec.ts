@@ -20,10 +20,16 @@ const llamaRef = reference('llama-tiny').prompts[0]!
 const qwenRef = reference('qwen2-tiny').prompts[0]!
 const HUB_REPO = 'candela-test/llama-tiny'
 const HUB_REPO_2 = 'candela-test/llama-tiny-again'
+const GGUF_REPO = 'candela-test/tiny-gguf'
 
 let hub: MockHub
 test.before(async () => {
-  hub = await startMockHub({ [HUB_REPO]: repoFromDir(fixture('llama-tiny')), [HUB_REPO_2]: repoFromDir(fixture('llama-tiny')) })
+  const gguf = readFileSync(fixture('llama-tiny.gguf'))
+  hub = await startMockHub({
+    [HUB_REPO]: repoFromDir(fixture('llama-tiny')),
+    [HUB_REPO_2]: repoFromDir(fixture('llama-tiny')),
+    [GGUF_REPO]: { files: { 'tiny-Q4_K_M.gguf': gguf, 'tiny-Q8_0.gguf': gguf } },
+  })
   process.env.HF_ENDPOINT = hub.endpoint
   process.env.HF_HUB_CACHE = mkdtempSync(join(tmpdir(), 'candela-models-'))
 })
@@ -160,6 +166,18 @@ test('bad launches are 4xx naming the problem; terminate frees the uid', async (
     r = await launch({ uid: 'x' })
     t.is(r.status, 400)
     t.is(r.json.error.param, 'model')
+    r = await launch({ model: fixture('llama-tiny'), uid: 'x', quantization: 'Q4_K_M' })
+    t.is(r.status, 400)
+    t.is(r.json.error.param, 'quantization')
+    r = await launch({ model: fixture('llama-tiny'), uid: 'x', format: 'gguf' })
+    t.is(r.status, 400)
+    t.regex(r.json.error.message, /is not a GGUF file, not format "gguf"/)
+    // A GGUF repo's quantization picks its file.
+    r = await launch({ model: GGUF_REPO, uid: 'q8', quantization: 'Q8_0' })
+    t.is(r.status, 202, r.text)
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/q8`)).json.status === 'ready', 60_000))
+    t.true((await get(`${s.base}/v1/instances/q8`)).json.path.endsWith('tiny-Q8_0.gguf'))
+    t.is((await get(`${s.base}/v1/instances/q8`)).json.model, `hf:${GGUF_REPO}:Q8_0`)
     // A launch that loads and then fails: described with the reason, chat is 503.
     r = await launch({ model: fixture('README.md'), uid: 'broken' })
     t.is(r.status, 202)

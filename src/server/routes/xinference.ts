@@ -18,11 +18,11 @@ import type { RequestHandler } from 'express'
 
 import { modelLoadOptions } from '../../cli/serve.js'
 import { UsageError } from '../../cli/usage.js'
-import { isHubReference } from '../../hub/index.js'
 import type { LoadOptions } from '../../types.js'
 import type { AppContext } from '../context.js'
 import { badRequest } from '../errors.js'
 import type { LaunchSpec } from '../model-pool.js'
+import { modelFor } from './instances.js'
 
 /** Cluster placement and packaging: no meaning in one candela process, no effect on results. */
 const IGNORED = new Set([
@@ -39,7 +39,8 @@ const IGNORED = new Set([
   'wait_ready',
 ])
 
-const FORMATS = new Set(['pytorch', 'safetensors', 'ggufv2', 'gguf'])
+/** Xinference's model formats -> candela's. */
+const FORMATS: Record<string, 'safetensors' | 'gguf'> = { pytorch: 'safetensors', safetensors: 'safetensors', ggufv2: 'gguf', gguf: 'gguf' }
 
 const isSet = (v: unknown): boolean => v !== undefined && v !== null
 
@@ -53,18 +54,13 @@ export function xinferenceLaunchSpec(body: Record<string, unknown>): LaunchSpec 
   }
   const modelType = str('model_type') ?? 'LLM'
   if (modelType !== 'LLM') throw badRequest(`model_type ${JSON.stringify(modelType)}: candela hosts LLMs (model_type "LLM")`, 'model_type')
-  let model = str('model_path') ?? str('model_name')
-  if (!model) throw badRequest('model_name (a model folder, .gguf file or Hugging Face repo id) or model_path is required', 'model_name')
+  const given = str('model_path') ?? str('model_name')
+  if (!given) throw badRequest('model_name (a model folder, .gguf file or Hugging Face repo id) or model_path is required', 'model_name')
   const format = str('model_format')
-  if (format !== undefined && !FORMATS.has(format)) {
+  if (format !== undefined && !(format in FORMATS)) {
     throw badRequest(`model_format ${JSON.stringify(format)} is not supported (candela loads safetensors / pytorch folders and GGUF files)`, 'model_format')
   }
-  const quant = str('quantization')
-  if (quant !== undefined && quant.toLowerCase() !== 'none') {
-    // A GGUF repo holds one file per quantization: pick it. Anything else would be a re-quantization candela does not do.
-    if ((format === 'ggufv2' || format === 'gguf') && isHubReference(model) && !model.startsWith('hf:')) model = `hf:${model.replace(/:.*$/, '')}:${quant}`
-    else throw badRequest(`quantization ${JSON.stringify(quant)}: candela runs a checkpoint's own weights (give a GGUF repo with model_format "ggufv2" to pick a quantized file)`, 'quantization')
-  }
+  const model = modelFor(given, format === undefined ? undefined : FORMATS[format], str('quantization'))
   for (const [k, ok] of [
     ['replica', (v: unknown) => v === 1],
     ['n_worker', (v: unknown) => v === 1],
@@ -90,8 +86,7 @@ export function xinferenceLaunchSpec(body: Record<string, unknown>): LaunchSpec 
     if (!(err instanceof UsageError)) throw err
     throw badRequest(err.message.replace(/--([a-z-]+)/g, (_m, f: string) => f.replace(/-/g, '_')), null, 'invalid_option')
   }
-  const uid = str('model_uid')
-  return { model, load, ...(uid !== undefined ? { uid } : {}) }
+  return { model, load, uid: str('model_uid') ?? given }
 }
 
 export function clusterAuth(ctx: AppContext): RequestHandler {

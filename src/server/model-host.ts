@@ -1,23 +1,92 @@
 /**
- * The model behind the server and its life: loading (the server already
- * listens and answers 503), ready, failed, closed. Routes ask it for the
- * engine and for the served name a request's `model` field refers to.
+ * One model the server hosts and its life: loading (downloading its files,
+ * then loading them; the server already listens and answers 503 with
+ * Retry-After), ready, failed, closed. Routes ask it for the engine and for
+ * the served name a request's `model` field refers to. A server hosts one
+ * or several (see ModelPool), each known by its uid.
  */
 
 import type { Engine } from '../engine.js'
+import type { DownloadProgress } from '../hub/index.js'
 import type { Transcriber } from '../transcriber.js'
 import { ApiError } from './errors.js'
 
 export type HostState = 'loading' | 'ready' | 'failed' | 'closed'
 
+/** Seconds a client is asked to wait before retrying a model that is still loading. */
+const RETRY_AFTER_S = 2
+
 export class ModelHost {
   #state: HostState = 'loading'
+  #phase: 'downloading' | 'loading' = 'loading'
   #engine: Engine | undefined
   /** Set instead of the engine when the served model is a Whisper model. */
   #transcriber: Transcriber | undefined
   #names: string[] = []
   #failure = ''
+  readonly #files = new Map<string, { downloaded: number; total: number }>()
   readonly createdAt = Math.floor(Date.now() / 1000)
+  /** When a request last used the model (ms since epoch): the LRU order of eviction. */
+  lastUsed = Date.now()
+  /** Estimated bytes the model takes (weights + KV budget), once known. */
+  estimateBytes: number | undefined
+  /** Aborted when the model is terminated: stops its download. */
+  readonly #terminated = new AbortController()
+
+  constructor(
+    /** The id the model is launched, described and terminated by. */
+    readonly uid: string,
+    /** The model argument as given (path, repo id or 'default'). */
+    readonly model: string,
+  ) {}
+
+  /** A request chose this model. */
+  touch(): void {
+    this.lastUsed = Date.now()
+  }
+
+  /** No request running or waiting: it may be evicted. */
+  get idle(): boolean {
+    const s = this.#engine && !this.#engine.closed ? this.#engine.stats() : undefined
+    return !s || s.running + s.waiting === 0
+  }
+
+  /** A hub download's progress (the pool feeds it). */
+  onDownload(p: DownloadProgress): void {
+    this.#phase = 'downloading'
+    this.#files.set(p.file, { downloaded: p.downloaded, total: p.total })
+  }
+
+  /** Files are local; the weights are being read. */
+  setLoadingWeights(): void {
+    this.#phase = 'loading'
+  }
+
+  /** The control plane's view of the model (GET /v1/instances/:uid). */
+  describe(): Record<string, unknown> {
+    let downloaded = 0
+    let total = 0
+    for (const f of this.#files.values()) {
+      downloaded += f.downloaded
+      total += f.total
+    }
+    const info = this.#engine?.info
+    return {
+      uid: this.uid,
+      model: this.model,
+      status: this.#state === 'loading' ? this.#phase : this.#state,
+      served_model_names: this.#names.length > 0 ? [...this.#names] : [this.uid],
+      created: this.createdAt,
+      last_used: Math.floor(this.lastUsed / 1000),
+      ...(this.#files.size > 0 ? { download: { downloaded_bytes: downloaded, total_bytes: total, files: this.#files.size } } : {}),
+      ...(this.estimateBytes !== undefined ? { estimated_bytes: this.estimateBytes } : {}),
+      ...(this.#state === 'failed' ? { error: this.#failure } : {}),
+      ...(info
+        ? { path: info.path, architecture: info.architecture, device: info.device, max_model_len: info.maxModelLen, modalities: info.modalities }
+        : {}),
+      ...(this.#transcriber ? { path: this.#transcriber.info.path, task: 'transcription' } : {}),
+    }
+  }
 
   get state(): HostState {
     return this.#state
@@ -74,6 +143,12 @@ export class ModelHost {
 
   setClosed(): void {
     this.#state = 'closed'
+    this.#terminated.abort(new Error(`model ${this.uid} was terminated`))
+  }
+
+  /** Aborted once the model is closed. */
+  get closedSignal(): AbortSignal {
+    return this.#terminated.signal
   }
 
   /** 503 unless the model is ready to take requests. */
@@ -82,7 +157,10 @@ export class ModelHost {
       case 'ready':
         return undefined
       case 'loading':
-        return new ApiError(503, 'the model is still loading; try again shortly', { code: 'model_loading' })
+        return new ApiError(503, `the model ${this.uid} is still loading; try again shortly`, {
+          code: 'model_loading',
+          retryAfter: RETRY_AFTER_S,
+        })
       case 'failed':
         return new ApiError(503, `the model failed to load: ${this.#failure}`, { code: 'model_load_failed' })
       case 'closed':
@@ -109,6 +187,7 @@ export class ModelHost {
     if (unavailable) throw unavailable
     if (requested === null || requested === undefined || requested === '') return this.#names[0]!
     if (this.#names.includes(requested)) return requested
+    if (requested === this.uid) return this.#names[0]!
     throw new ApiError(404, `The model \`${requested}\` does not exist. Served: ${this.#names.join(', ')}`, {
       param: 'model',
       code: 'model_not_found',

@@ -5,17 +5,16 @@
  * load.
  */
 
-import { existsSync, readFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import type { Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { resolve } from 'node:path'
 
 import type { Express } from 'express'
 
-import { ensureDefaultModel } from '../default-model.js'
-import { Engine } from '../engine.js'
-import { isWhisperModel, Transcriber } from '../transcriber.js'
+import type { Engine } from '../engine.js'
+import { isModelArgument, modelNotFound } from '../model-source.js'
+import type { Transcriber } from '../transcriber.js'
 import type { LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
 import { createApp } from './app.js'
@@ -23,7 +22,10 @@ import type { AppContext } from './context.js'
 import { createLogger, silentLogger } from './log.js'
 import type { Logger } from './log.js'
 import { ServerMetrics } from './metrics.js'
-import { ModelHost } from './model-host.js'
+import { ApiError } from './errors.js'
+import type { ModelHost } from './model-host.js'
+import { ModelPool } from './model-pool.js'
+import type { LaunchSpec } from './model-pool.js'
 
 /** Default body limit: 50 MiB, room for a few inline images. */
 export const DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
@@ -31,8 +33,17 @@ export const DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
 export const DEFAULT_KEEP_ALIVE_MS = 15_000
 
 export interface ServerOptions {
-  /** How to load the model (`model` defaults to the built-in default). Ignored with `engine`. */
+  /**
+   * How to load the model (`model` defaults to the built-in default). Ignored
+   * with `engine`. Left out with `models` given: only those are hosted.
+   */
   load?: LoadOptions
+  /** More models to host from the start, each its own engine, addressed by uid or served name. */
+  models?: LaunchSpec[]
+  /** Most models hosted at once; launching one more evicts the least recently used idle model. */
+  maxLoadedModels?: number
+  /** Bytes all hosted models may take (weights + KV budget); default: the memory available at each launch. */
+  memoryBudgetBytes?: number
   /** Serve an engine that is already loaded; the caller keeps ownership and closes it. */
   engine?: Engine
   /** Names clients use in `model` (default: the model argument as given, else the model's name). */
@@ -62,15 +73,21 @@ export interface CandelaServer {
   readonly port: number
   readonly httpServer: Server
   readonly app: Express
-  /** Resolves with the engine (a Transcriber for a Whisper model) once loaded; rejects when loading fails. */
-  readonly ready: Promise<Engine | Transcriber>
-  /** The engine, once loaded. */
+  /**
+   * Resolves with the first model's engine (a Transcriber for a Whisper
+   * model; undefined with no model) once every model launched with the
+   * server is loaded; rejects when one fails.
+   */
+  readonly ready: Promise<Engine | Transcriber | undefined>
+  /** The hosted models: launch, list, terminate. */
+  readonly models: ModelPool
+  /** The (first) engine, once loaded. */
   readonly engine: Engine | undefined
   /** The Whisper model, once loaded, when the served model is one (/v1/audio/transcriptions). */
   readonly transcriber: Transcriber | undefined
   /** The names the model is served under (empty until it is loaded). */
   readonly modelNames: readonly string[]
-  /** Stop listening, drop open connections (their requests are aborted) and close an engine this server loaded. */
+  /** Stop listening, drop open connections (their requests are aborted) and close the engines this server loaded. */
   close(): Promise<void>
 }
 
@@ -103,19 +120,11 @@ function checkPort(port: number): number {
   return port
 }
 
-/** Load `load.model` (fetching the default model first when it is the default); a Whisper folder becomes a Transcriber. */
-async function loadEngine(load: LoadOptions, progress: (line: string) => void): Promise<Engine | Transcriber> {
-  if (load.model === undefined || load.model === 'default') {
-    const path = await ensureDefaultModel({ log: progress })
-    return Engine.load({ ...load, model: path })
-  }
-  if (isWhisperModel(load.model)) return Transcriber.load({ model: load.model, device: load.device, dtype: load.dtype })
-  return Engine.load(load)
-}
-
 /**
- * Start the OpenAI-compatible server. Resolves once it listens; the model
- * loads in the background (`ready`).
+ * Start the OpenAI-compatible server. Resolves once it listens; the models
+ * load in the background (`ready`). `load` (or the default model) and
+ * `models` are hosted from the start; more can be launched at run time
+ * (`server.models.launch`, POST /v1/instances).
  *
  * @example
  * ```ts
@@ -126,24 +135,36 @@ async function loadEngine(load: LoadOptions, progress: (line: string) => void): 
  * ```
  */
 export async function startServer(options: ServerOptions = {}): Promise<CandelaServer> {
-  const load = options.load ?? {}
+  // The model of `load` (or `engine`) comes first; without it, `models` alone (none at all is allowed).
+  const startup: LaunchSpec[] = []
+  const servedModelName = typeof options.servedModelName === 'string' ? [options.servedModelName] : options.servedModelName
+  const names = servedModelName !== undefined && servedModelName.length > 0 ? servedModelName : undefined
+  if (options.engine) {
+    const given = options.load?.model
+    startup.push({ engine: options.engine, servedModelName: names ?? (given !== undefined && given !== 'default' ? [given] : undefined) })
+  } else if (options.load !== undefined || options.models === undefined) {
+    const { model, ...load } = options.load ?? {}
+    startup.push({ model: model ?? 'default', load, servedModelName: names })
+  }
+  startup.push(...(options.models ?? []))
   // Bad load options and a missing model fail here, before the port is taken.
-  if (!options.engine) {
-    validateLoadOptions(load)
-    if (load.model !== undefined && load.model !== 'default' && !existsSync(resolve(load.model))) {
-      throw new Error(`model path not found: ${load.model} (give a model folder or a .gguf file)`)
-    }
+  for (const spec of startup) {
+    if (spec.engine) continue
+    validateLoadOptions({ ...spec.load, model: spec.model })
+    if (!isModelArgument(spec.model)) throw modelNotFound(spec.model!)
   }
   const hostName = options.host ?? '127.0.0.1'
   const port = checkPort(options.port ?? 8000)
   const log = options.logger === false ? silentLogger : (options.logger ?? createLogger())
-  const host = new ModelHost()
-  const metrics = new ServerMetrics(() => {
-    const e = host.loaded
-    return e && !e.closed ? e.stats() : undefined
+  const models = new ModelPool({
+    log,
+    progress: options.onLoadProgress ?? ((l) => log.info(l)),
+    maxLoadedModels: options.maxLoadedModels,
+    memoryBudgetBytes: options.memoryBudgetBytes,
   })
+  const metrics = new ServerMetrics(() => models.stats())
   const ctx: AppContext = {
-    host,
+    models,
     metrics,
     log,
     apiKey: options.apiKey,
@@ -161,22 +182,18 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   const bound = (httpServer.address() as AddressInfo).port
   const urlHost = hostName.includes(':') ? `[${hostName}]` : hostName
 
-  const names = (engine: Engine | Transcriber): string[] => {
-    const given = options.servedModelName
-    if (given !== undefined && given.length > 0) return typeof given === 'string' ? [given] : [...given]
-    const arg = options.load?.model
-    return [arg !== undefined && arg !== 'default' ? arg : engine.info.name]
+  let launched: Array<{ host: ModelHost; ready: Promise<Engine | Transcriber> }>
+  try {
+    launched = []
+    for (const spec of startup) launched.push(await models.launch(spec, true))
+  } catch (err) {
+    await models.close()
+    await new Promise<void>((resolve) => httpServer.close(() => resolve()))
+    throw err instanceof ApiError ? new Error(err.message) : err
   }
-  const ready = (options.engine ? Promise.resolve(options.engine) : loadEngine(load, options.onLoadProgress ?? ((l) => log.info(l))))
-    .then((engine) => {
-      if (engine instanceof Transcriber) host.setReadyTranscriber(engine, names(engine))
-      else host.setReady(engine, names(engine))
-      return engine
-    })
-    .catch((err: unknown) => {
-      host.setFailed(err)
-      throw err
-    })
+  const first = launched[0]
+  // Settles once every model launched here has; resolves with the first one's engine.
+  const ready = Promise.all(launched.map((l) => l.ready)).then((engines) => engines[0])
   // A caller that never awaits `ready` still sees the failure on /health; no unhandled rejection.
   ready.catch(() => {})
 
@@ -188,27 +205,26 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     httpServer,
     app,
     ready,
+    models,
     get engine() {
-      return host.loaded
+      return first?.host.loaded
     },
     get transcriber() {
-      return host.loadedTranscriber
+      return first?.host.loadedTranscriber
     },
     get modelNames() {
-      return host.names
+      return first?.host.names ?? []
     },
     close() {
       closing ??= (async () => {
-        host.setClosed()
+        const pending = models.close()
         await new Promise<void>((resolve) => {
           httpServer.close(() => resolve())
           // Open streams end now; their requests abort and free their KV blocks.
           httpServer.closeAllConnections()
         })
-        if (!options.engine) {
-          const engine = await ready.catch(() => undefined)
-          await engine?.close()
-        }
+        await pending
+        await Promise.allSettled(launched.map((l) => l.ready))
       })()
       return closing
     },

@@ -14,8 +14,9 @@ import { ChatCompletionRequest } from '../schemas.js'
 export function chatCompletions(ctx: AppContext): RequestHandler {
   return async (req, res) => {
     const body = parseBody(ChatCompletionRequest, req.body)
-    const model = ctx.host.resolveModel(body.model)
-    const engine = ctx.host.engine()
+    const host = ctx.models.select(body.model)
+    const model = host.resolveModel(body.model)
+    const engine = host.engine()
     const params = chatParams(body)
     const messages = toEngineMessages(body.messages)
     const n = params.n ?? 1

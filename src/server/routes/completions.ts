@@ -26,8 +26,9 @@ const promptText = (engine: Engine, p: PromptInput): string =>
 export function completions(ctx: AppContext): RequestHandler {
   return async (req, res) => {
     const body = parseBody(CompletionRequest, req.body)
-    const model = ctx.host.resolveModel(body.model)
-    const engine = ctx.host.engine()
+    const host = ctx.models.select(body.model)
+    const model = host.resolveModel(body.model)
+    const engine = host.engine()
     const params = completionParams(body)
     if (body.echo === true && params.logprobs) {
       throw badRequest('echo with logprobs is not supported (prompt logprobs are not available)', 'echo', 'unsupported_parameter')

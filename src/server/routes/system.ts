@@ -5,10 +5,10 @@ import type { RequestHandler } from 'express'
 import type { AppContext } from '../context.js'
 import { sendError } from '../errors.js'
 
-/** 200 `{"status":"ok"}` once the model is ready; 503 with the reason before (loading) and after. */
+/** 200 `{"status":"ok"}` once the models launched with the server are ready; 503 with the reason before (loading) and after. */
 export function health(ctx: AppContext): RequestHandler {
   return (_req, res) => {
-    const err = ctx.host.unavailable()
+    const err = ctx.models.unavailable()
     if (err) sendError(res, err)
     else res.json({ status: 'ok' })
   }

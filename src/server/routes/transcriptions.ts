@@ -40,8 +40,9 @@ export function audioTranscriptions(ctx: AppContext, task: 'transcribe' | 'trans
     }
     const body = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0)
     const form = parseMultipart(body, boundary)
-    ctx.host.resolveModel(field(form.fields, 'model'))
-    const transcriber = ctx.host.transcriber()
+    const host = ctx.models.select(field(form.fields, 'model'))
+    host.resolveModel(field(form.fields, 'model'))
+    const transcriber = host.transcriber()
     const file = form.files.get('file')
     if (!file) throw badRequest('file: an audio file is required (a multipart file part named "file")', 'file')
 

@@ -1,0 +1,54 @@
+/**
+ * What a model argument names: the built-in default model, a local folder or
+ * `.gguf` file, or a Hugging Face repo (`org/name[:revision]`,
+ * `hf:org/name[:quant]`) found in or fetched into the shared HF cache. A
+ * local path wins over a repo id that happens to have the same spelling.
+ */
+
+import { existsSync } from 'node:fs'
+import { resolve } from 'node:path'
+
+import { ensureDefaultModel } from './default-model.js'
+import { findModel, isHubReference } from './hub/index.js'
+import type { DownloadProgress } from './hub/index.js'
+
+export interface ModelSource {
+  /** The folder or `.gguf` file to load. */
+  path: string
+  /** The repo id, for a model from the hub. */
+  repo?: string
+  /** The GGUF's multimodal projector from the same repo, when it has one. */
+  mmproj?: string
+}
+
+export interface LocateOptions {
+  /** Download progress of a hub model's files. */
+  onDownloadProgress?: (p: DownloadProgress) => void
+  /** Lines about fetching the default model. */
+  log?: (line: string) => void
+  /** Stops a hub download. */
+  signal?: AbortSignal
+}
+
+/** Whether `model` can name a model without touching the network: 'default', an existing path or a repo id. */
+export function isModelArgument(model: string | undefined): boolean {
+  return model === undefined || model === 'default' || existsSync(resolve(model)) || isHubReference(model)
+}
+
+export function modelNotFound(model: string): Error {
+  return new Error(
+    `model path not found: ${model} (give a model folder, a .gguf file, a Hugging Face repo id like org/name, or 'default' for SmolLM2-135M-Instruct)`,
+  )
+}
+
+export async function locateModel(model: string | undefined, options: LocateOptions = {}): Promise<ModelSource> {
+  if (model === undefined || model === 'default') return { path: await ensureDefaultModel(options.log ? { log: options.log } : {}) }
+  const local = resolve(model)
+  if (existsSync(local)) return { path: local }
+  if (!isHubReference(model)) throw modelNotFound(model)
+  const m = await findModel(model, {
+    ...(options.onDownloadProgress ? { onProgress: options.onDownloadProgress } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+  })
+  return { path: m.path, repo: m.repo, ...(m.mmproj ? { mmproj: m.mmproj } : {}) }
+}

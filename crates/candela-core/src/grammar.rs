@@ -29,11 +29,11 @@ pub enum GrammarSpec {
     Lark(String),
 }
 
-/// Whitespace a JSON output may put between two tokens. llguidance allows
-/// any amount by default; a small or confused model then writes newlines
-/// until `max_tokens`. A bounded run keeps pretty-printed JSON possible
-/// (indentation up to 64 characters) and the output finite.
-const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,64}";
+/// Whitespace a JSON output may put between two tokens: one space, or a
+/// line break and an indent of up to 48 spaces / tabs (pretty-printed
+/// JSON). llguidance allows any run by default, and a small or confused
+/// model then writes blank lines until `max_tokens`.
+const JSON_WHITESPACE: &str = r"\x20|\r?\n[\x20\x09]{0,48}";
 
 /// Compiles grammars for one vocabulary. Cheap to clone (shared state).
 #[derive(Clone)]
@@ -113,6 +113,19 @@ impl GrammarCompiler {
             }
             GrammarSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
         };
+        match self.try_compile(grammar) {
+            Ok(g) => Ok(g),
+            Err(e) => match spec {
+                GrammarSpec::JsonSchema(schema) => match self.locate(schema, schema, String::new(), 0) {
+                    Some((at, why)) => Err(format!("the JSON schema cannot be used at {at}: {why}")),
+                    None => Err(format!("the JSON schema cannot be used: {e}")),
+                },
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn try_compile(&self, grammar: TopLevelGrammar) -> Result<Grammar, String> {
         let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         match matcher.get_error() {
@@ -120,6 +133,54 @@ impl GrammarCompiler {
             None => Ok(Grammar { matcher }),
         }
     }
+
+    /// The deepest subschema (a JSON pointer) that fails to compile on its
+    /// own (with the root's definitions in reach), and why; llguidance's
+    /// own messages say what, not where.
+    fn locate(&self, root: &Value, node: &Value, at: String, depth: usize) -> Option<(String, String)> {
+        let Value::Object(map) = node else { return None };
+        let with_defs = |v: &Value| -> Value {
+            let mut v = v.clone();
+            if let (Value::Object(m), Value::Object(r)) = (&mut v, root) {
+                for k in ["$defs", "definitions"] {
+                    if let Some(d) = r.get(k) {
+                        m.entry(k).or_insert_with(|| d.clone());
+                    }
+                }
+            }
+            v
+        };
+        let why = self.try_compile(TopLevelGrammar::from_json_schema(with_json_options(&with_defs(node)))).err()?;
+        if depth < 32 {
+            let mut children: Vec<(String, &Value)> = Vec::new();
+            for (k, v) in map {
+                let key = escape_pointer(k);
+                match (k.as_str(), v) {
+                    ("properties" | "patternProperties" | "$defs" | "definitions", Value::Object(m)) => {
+                        children.extend(m.iter().map(|(name, s)| (format!("{at}/{key}/{}", escape_pointer(name)), s)))
+                    }
+                    ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => {
+                        children.extend(a.iter().enumerate().map(|(i, s)| (format!("{at}/{key}/{i}"), s)))
+                    }
+                    ("items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains", Value::Object(_)) => {
+                        children.push((format!("{at}/{key}"), v))
+                    }
+                    _ => {}
+                }
+            }
+            for (path, child) in children {
+                if let Some(found) = self.locate(root, child, path, depth + 1) {
+                    return Some(found);
+                }
+            }
+        }
+        Some((if at.is_empty() { "/".into() } else { at }, why))
+    }
+}
+
+/// A JSON pointer segment (RFC 6901).
+fn escape_pointer(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
 }
 
 fn unused_token(id: usize) -> Vec<u8> {
@@ -252,7 +313,13 @@ mod tests {
         let e = c.compile(&GrammarSpec::Lark("start: foo".into())).unwrap_err();
         assert!(e.contains("foo"), "{e}");
         let e = c.compile(&GrammarSpec::JsonSchema(json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}))).unwrap_err();
-        assert!(e.contains("missing"), "{e}");
+        assert!(e.starts_with("the JSON schema cannot be used at /properties/a: ") && e.contains("missing"), "{e}");
+        let deep = json!({"type": "object", "$defs": {"p": {"type": "string"}}, "properties": {"ok": {"$ref": "#/$defs/p"},
+            "list": {"type": "array", "items": {"type": "object", "properties": {"x/y": {"type": "strange"}}}}}});
+        let e = c.compile(&GrammarSpec::JsonSchema(deep)).unwrap_err();
+        assert!(e.starts_with("the JSON schema cannot be used at /properties/list/items/properties/x~1y: "), "{e}");
+        let e = c.compile(&GrammarSpec::JsonSchema(json!({"type": "strange"}))).unwrap_err();
+        assert!(e.starts_with("the JSON schema cannot be used at /: "), "{e}");
         assert!(c.compile(&GrammarSpec::Choice(vec![])).is_err());
         assert!(c.compile(&GrammarSpec::Regex("(".into())).is_err());
     }

@@ -28,6 +28,7 @@ export type {
   NativeRequest,
   NativeSamplingParams,
   NativeStats,
+  NativeStructuredOutputs,
   NativeTokenLogprob,
 } from '../native/index.cjs'
 

@@ -12,12 +12,14 @@ import type { Express } from 'express'
 import type { AppContext } from './context.js'
 import { bearerAuth } from './auth.js'
 import { errorHandler, notFound } from './errors.js'
+import { openApiDocument } from './openapi.js'
 import { locals, requestLog } from './request-log.js'
 import { chatCompletions } from './routes/chat.js'
 import { completions } from './routes/completions.js'
 import { listModels, retrieveModel } from './routes/models.js'
 import { audioTranscriptions, multipartBody } from './routes/transcriptions.js'
 import { health, metrics, version } from './routes/system.js'
+import { detokenize, tokenize } from './routes/tokenize.js'
 
 export function createApp(ctx: AppContext): Express {
   const app = express()
@@ -28,11 +30,18 @@ export function createApp(ctx: AppContext): Express {
   app.get('/health', health(ctx))
   app.get('/version', version(ctx))
   app.get('/metrics', metrics(ctx))
+  let openapi: object | undefined
+  app.get('/openapi.json', (_req, res) => {
+    res.json((openapi ??= openApiDocument(ctx.version)))
+  })
+  // vLLM's utility routes live outside /v1 (and outside its API key).
+  const json = express.json({ limit: ctx.maxBodyBytes, type: () => true })
+  app.post('/tokenize', json, tokenize(ctx))
+  app.post('/detokenize', json, detokenize(ctx))
 
   const v1 = express.Router()
   if (ctx.apiKey !== undefined) v1.use(bearerAuth(ctx.apiKey))
   // Any content type is read as JSON: `curl -d '{...}'` sends form encoding by default.
-  const json = express.json({ limit: ctx.maxBodyBytes, type: () => true })
   v1.get('/models', listModels(ctx))
   v1.get('/models/:model', retrieveModel(ctx))
   v1.post('/chat/completions', json, chatCompletions(ctx))

@@ -100,6 +100,34 @@ const stop = opt(
   z.union([z.string().min(1), z.array(z.string().min(1)).max(64)], { error: 'must be a non-empty string or an array of them' }),
 )
 
+const jsonSchema = z.record(z.string(), z.unknown())
+
+/** vLLM's structured outputs: exactly one constraint (checked in ./params). */
+export const StructuredOutputs = z.object({
+  json: opt(z.union([jsonSchema, z.string()], { error: 'must be a JSON Schema object or its JSON text' })),
+  json_object: opt(z.boolean()),
+  regex: opt(z.string().min(1)),
+  choice: opt(z.array(z.string()).min(1)),
+  grammar: opt(z.string().min(1)),
+})
+export type StructuredOutputs = z.infer<typeof StructuredOutputs>
+
+/** OpenAI's `response_format`. */
+export const ResponseFormat = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('text') }),
+  z.object({ type: z.literal('json_object') }),
+  z.object({
+    type: z.literal('json_schema'),
+    json_schema: z.object({
+      name: z.string().min(1),
+      description: opt(z.string()),
+      schema: jsonSchema,
+      strict: opt(z.boolean()),
+    }),
+  }),
+])
+export type ResponseFormat = z.infer<typeof ResponseFormat>
+
 /** Fields shared by both completion endpoints (vLLM's extras included). */
 const common = {
   model: opt(z.string()),
@@ -125,7 +153,25 @@ const common = {
   logit_bias: opt(z.record(z.string(), z.number())),
   /** vLLM's image / video processor options (min_pixels, max_pixels, fps, ...). */
   mm_processor_kwargs: opt(z.record(z.string(), z.unknown())),
+  structured_outputs: opt(StructuredOutputs),
+  response_format: opt(ResponseFormat),
 }
+
+/** A function the model may call (OpenAI's only tool type). */
+export const FunctionTool = z.object({
+  type: z.literal('function'),
+  function: z.object({
+    name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, { error: 'must be 1-64 letters, digits, _ or -' }),
+    description: opt(z.string()),
+    parameters: opt(z.record(z.string(), z.unknown())),
+    strict: opt(z.boolean()),
+  }),
+})
+
+export const ToolChoice = z.union(
+  [z.enum(['none', 'auto', 'required']), z.object({ type: z.literal('function'), function: z.object({ name: z.string() }) })],
+  { error: 'must be "none", "auto", "required" or { type: "function", function: { name } }' },
+)
 
 export const ChatCompletionRequest = z.object({
   ...common,
@@ -133,9 +179,9 @@ export const ChatCompletionRequest = z.object({
   max_completion_tokens: opt(int().min(1)),
   logprobs: opt(z.boolean()),
   top_logprobs: opt(int().min(0).max(20)),
-  response_format: opt(z.looseObject({ type: z.string() })),
-  tools: opt(z.array(z.looseObject({ type: z.string() }))),
-  tool_choice: opt(z.union([z.string(), z.looseObject({})])),
+  tools: opt(z.array(FunctionTool)),
+  tool_choice: opt(ToolChoice),
+  parallel_tool_calls: opt(z.boolean()),
   chat_template_kwargs: opt(z.record(z.string(), z.unknown())),
   add_generation_prompt: opt(z.boolean()),
 })
@@ -154,3 +200,28 @@ export const CompletionRequest = z.object({
   best_of: opt(int().min(1)),
 })
 export type CompletionRequest = z.infer<typeof CompletionRequest>
+
+/** vLLM's /tokenize: a prompt, or chat messages rendered with the template. */
+export const TokenizeRequest = z.union(
+  [
+    z.object({
+      model: opt(z.string()),
+      prompt: z.string(),
+      add_special_tokens: opt(z.boolean()),
+      return_token_strs: opt(z.boolean()),
+    }),
+    z.object({
+      model: opt(z.string()),
+      messages: z.array(ChatMessage).min(1),
+      add_generation_prompt: opt(z.boolean()),
+      add_special_tokens: opt(z.boolean()),
+      chat_template_kwargs: opt(z.record(z.string(), z.unknown())),
+      tools: opt(z.array(FunctionTool)),
+      return_token_strs: opt(z.boolean()),
+    }),
+  ],
+  { error: 'must have prompt (a string) or messages' },
+)
+export type TokenizeRequest = z.infer<typeof TokenizeRequest>
+
+export const DetokenizeRequest = z.object({ model: opt(z.string()), tokens: z.array(int().min(0)) })

@@ -24,6 +24,7 @@ import { createLogger, silentLogger } from './log.js'
 import type { Logger } from './log.js'
 import { ServerMetrics } from './metrics.js'
 import { ModelHost } from './model-host.js'
+import type { ToolCallParserName } from './tools.js'
 
 /** Default body limit: 50 MiB, room for a few inline images. */
 export const DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
@@ -51,6 +52,8 @@ export interface ServerOptions {
   logger?: Logger | false
   /** One log line per request (default true). */
   logRequests?: boolean
+  /** The format the model writes tool calls in (default: read off its chat template). */
+  toolCallParser?: ToolCallParserName
   /** Progress lines while the model is fetched / loaded (default: the logger). */
   onLoadProgress?: (line: string) => void
 }
@@ -150,6 +153,7 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
     keepAliveMs: options.keepAliveMs ?? DEFAULT_KEEP_ALIVE_MS,
     logRequests: options.logRequests ?? true,
+    toolCallParser: options.toolCallParser,
     version: packageVersion(),
   }
   const app = createApp(ctx)

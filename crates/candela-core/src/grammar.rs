@@ -30,10 +30,11 @@ pub enum GrammarSpec {
 }
 
 /// Whitespace a JSON output may put between two tokens: one space, or a
-/// line break and an indent of up to 48 spaces / tabs (pretty-printed
-/// JSON). llguidance allows any run by default, and a small or confused
-/// model then writes blank lines until `max_tokens`.
-const JSON_WHITESPACE: &str = r"\x20|\r?\n[\x20\x09]{0,48}";
+/// line break and an indent of up to 20 spaces / tabs (pretty-printed JSON,
+/// as llama.cpp's JSON grammars allow). llguidance allows any run by
+/// default, and a small or confused model then writes blank lines until
+/// `max_tokens`.
+const JSON_WHITESPACE: &str = r"\x20|\r?\n[\x20\x09]{0,20}";
 
 /// Compiles grammars for one vocabulary. Cheap to clone (shared state).
 #[derive(Clone)]

@@ -285,6 +285,13 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The tokenizer as `tokenizer.json` would hold it (for readers of the
+    /// vocabulary such as the structured-output grammar compiler).
+    pub fn to_json(&self) -> Result<Value> {
+        let text = self.inner.to_string(false).map_err(tok_err)?;
+        serde_json::from_str(&text).map_err(tok_err)
+    }
+
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }

@@ -16,6 +16,7 @@ import { openApiDocument } from './openapi.js'
 import { locals, requestLog } from './request-log.js'
 import { chatCompletions } from './routes/chat.js'
 import { completions } from './routes/completions.js'
+import { ResponseStore, createResponse, retrieveResponse } from './routes/responses.js'
 import { listModels, retrieveModel } from './routes/models.js'
 import { audioTranscriptions, multipartBody } from './routes/transcriptions.js'
 import { health, metrics, version } from './routes/system.js'
@@ -46,6 +47,9 @@ export function createApp(ctx: AppContext): Express {
   v1.get('/models/:model', retrieveModel(ctx))
   v1.post('/chat/completions', json, chatCompletions(ctx))
   v1.post('/completions', json, completions(ctx))
+  const responses = new ResponseStore()
+  v1.post('/responses', json, createResponse(ctx, responses))
+  v1.get('/responses/:id', retrieveResponse(ctx, responses))
   v1.post('/audio/transcriptions', multipartBody(ctx), audioTranscriptions(ctx))
   v1.post('/audio/translations', multipartBody(ctx), audioTranscriptions(ctx, 'translate'))
   app.use('/v1', v1)

@@ -7,7 +7,7 @@
 import { toJSONSchema } from 'zod'
 import type { ZodType } from 'zod'
 
-import { ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest } from './schemas.js'
+import { ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest, TokenizeRequest } from './schemas.js'
 
 /** A request body as JSON Schema (draft 2020-12, which OpenAPI 3.1 uses). */
 function body(schema: ZodType): object {
@@ -31,6 +31,10 @@ export function openApiDocument(version: string): object {
     paths: {
       '/v1/chat/completions': post('Chat completion (stream: true for server-sent events)', ChatCompletionRequest, 'A chat.completion object, or chat.completion.chunk events'),
       '/v1/completions': post('Text completion (stream: true for server-sent events)', CompletionRequest, 'A text_completion object, or its chunk events'),
+      '/v1/responses': post("OpenAI's Responses API (stream: true for typed server-sent events)", ResponsesRequest, 'A response object, or its events'),
+      '/v1/responses/{id}': {
+        get: { summary: 'A stored response', parameters: [{ name: 'id', in: 'path', required: true, schema: { type: 'string' } }], responses: { '200': json('A response object'), '404': error } },
+      },
       '/tokenize': post('Token ids of a prompt or of chat messages rendered with the chat template', TokenizeRequest, '{ count, max_model_len, tokens, token_strs }'),
       '/detokenize': post('Text of token ids', DetokenizeRequest, '{ prompt }'),
       '/v1/audio/transcriptions': { post: { summary: 'Speech to text (Whisper models; multipart/form-data)', responses: { '200': json('The transcription'), '400': error } } },

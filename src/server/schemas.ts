@@ -225,3 +225,57 @@ export const TokenizeRequest = z.union(
 export type TokenizeRequest = z.infer<typeof TokenizeRequest>
 
 export const DetokenizeRequest = z.object({ model: opt(z.string()), tokens: z.array(int().min(0)) })
+
+/** OpenAI's Responses API (POST /v1/responses): the parts candela serves. */
+const ResponseInputContent = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('input_text'), text: z.string() }),
+  z.object({ type: z.literal('output_text'), text: z.string() }),
+  z.object({ type: z.literal('refusal'), refusal: z.string() }),
+  z.object({ type: z.literal('input_image'), image_url: z.string().min(1), detail: opt(z.enum(['auto', 'low', 'high'])) }),
+])
+export const ResponseInputItem = z.union(
+  [
+    z.object({
+      type: opt(z.literal('message')),
+      role: z.enum(['user', 'system', 'developer', 'assistant']),
+      content: z.union([z.string(), z.array(ResponseInputContent)]),
+    }),
+    z.object({ type: z.literal('function_call'), call_id: z.string().min(1), name: z.string().min(1), arguments: z.string() }),
+    z.object({ type: z.literal('function_call_output'), call_id: z.string().min(1), output: z.string() }),
+  ],
+  { error: 'must be a message, a function_call or a function_call_output item' },
+)
+export type ResponseInputItem = z.infer<typeof ResponseInputItem>
+
+export const ResponsesRequest = z.object({
+  model: opt(z.string()),
+  input: z.union([z.string(), z.array(ResponseInputItem).min(1)], { error: 'must be a string or a list of input items' }),
+  instructions: opt(z.string()),
+  previous_response_id: opt(z.string()),
+  max_output_tokens: opt(int().min(1)),
+  temperature: opt(z.number().min(0)),
+  top_p: opt(z.number().gt(0).max(1)),
+  stream: opt(z.boolean()),
+  store: opt(z.boolean()),
+  metadata: opt(z.record(z.string(), z.string())),
+  user: opt(z.string()),
+  text: opt(
+    z.object({
+      format: opt(
+        z.discriminatedUnion('type', [
+          z.object({ type: z.literal('text') }),
+          z.object({ type: z.literal('json_object') }),
+          z.object({ type: z.literal('json_schema'), name: z.string().min(1), schema: jsonSchema, description: opt(z.string()), strict: opt(z.boolean()) }),
+        ]),
+      ),
+    }),
+  ),
+  tools: opt(
+    z.array(
+      z.object({ type: z.literal('function'), name: z.string(), description: opt(z.string()), parameters: opt(z.record(z.string(), z.unknown())), strict: opt(z.boolean()) }),
+    ),
+  ),
+  tool_choice: opt(z.union([z.enum(['none', 'auto', 'required']), z.object({ type: z.literal('function'), name: z.string() })])),
+  parallel_tool_calls: opt(z.boolean()),
+})
+export type ResponsesRequest = z.infer<typeof ResponsesRequest>

@@ -206,6 +206,8 @@ test('serve flags become load and server options', (t) => {
   t.throws(() => parse(['--chat-template', 'no/such/template.jinja']), { message: /no such file "no\/such\/template.jinja"/ })
   t.throws(() => parse(['--enable-prefix-caching', '--no-enable-prefix-caching']), { message: /not both/ })
   t.throws(() => parse(['a', 'b']), { message: 'unexpected argument "b"' })
+  t.is(parse(['--tool-call-parser', 'mistral']).server.toolCallParser, 'mistral')
+  t.throws(() => parse(['--tool-call-parser', 'pythonic']), { message: /--tool-call-parser must be one of hermes, llama3_json, mistral, got "pythonic"/ })
 })
 
 test('serve: listens, logs JSON lines off a TTY, needs the key from CANDELA_API_KEY, stops on SIGTERM', async (t) => {

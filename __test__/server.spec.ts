@@ -377,7 +377,7 @@ test('bad requests: OpenAI errors with the offending param', async (t) => {
     [{ ...ok, messages: [{ role: 'user', content: [{ type: 'text', text: 7 }] }] }, 400, 'messages[0].content[0].text', /string/],
     [{ ...ok, messages: [{ role: 'user', content: [{ type: 'hologram' }] }] }, 400, 'messages[0].content[0].type', /image_url/],
     [{ ...ok, messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }, 400, 'messages[0].content[0].image_url', /uuid/],
-    [{ ...ok, response_format: { type: 'json_object' } }, 400, 'response_format', /not supported/],
+    [{ ...ok, response_format: { type: 'json_schema', json_schema: { name: 'x' } } }, 400, 'response_format.json_schema.schema', /./],
     [{ ...ok, logit_bias: { '1': 5 } }, 400, 'logit_bias', /not supported/],
     [{ ...ok, top_logprobs: 2 }, 400, 'top_logprobs', /logprobs/],
     [{ ...ok, min_tokens: 5, max_tokens: 2 }, 400, 'min_tokens', /max_tokens/],
@@ -477,4 +477,52 @@ test('32 concurrent streaming requests all complete', async (t) => {
     t.is(r.finish, 'length')
     t.true(r.text.length > 0)
   }
+})
+
+test('a max_tokens above what the context leaves is a 400 worded as vLLM words it, for chat and completions', async (t) => {
+  const chat = await post(`${t0.base}/v1/chat/completions`, { model: MODEL, messages: user('Hi'), max_completion_tokens: 10 ** 9 })
+  t.is(chat.status, 400)
+  t.regex(
+    chat.json.error.message,
+    /^'max_tokens' or 'max_completion_tokens' is too large: 1000000000\. This model's maximum context length is 2048 tokens and your request has (\d+) input tokens \(1000000000 > 2048 - \1\)\.$/,
+  )
+  t.is(chat.json.error.param, 'max_tokens')
+  const err = await t.throwsAsync(t0.client.completions.create({ model: MODEL, prompt: 'Hello there', max_tokens: 2047 }))
+  t.true(err instanceof OpenAI.BadRequestError)
+  t.regex(err!.message, /'max_tokens' or 'max_completion_tokens' is too large: 2047\. .* \(2047 > 2048 - \d+\)\./)
+  // What fits still runs.
+  const ok = await t0.client.completions.create({ model: MODEL, prompt: 'Hello there', max_tokens: 3, ...greedy })
+  t.is(ok.usage?.completion_tokens, 3)
+})
+
+test('/tokenize and /detokenize answer in vLLM shapes, with the tokens transformers gives', async (t) => {
+  const p = ref.prompts[0]!
+  const a = await post(`${t0.base}/tokenize`, { model: MODEL, prompt: p.text })
+  t.is(a.status, 200)
+  t.deepEqual(a.json, { count: p.input_ids.length, max_model_len: 2048, tokens: p.input_ids, token_strs: null })
+  const chat = await post(`${t0.base}/tokenize`, { messages: ref.chat.messages, return_token_strs: true })
+  t.deepEqual(chat.json.tokens, ref.chat.input_ids)
+  t.is(chat.json.count, ref.chat.input_ids.length)
+  t.is(chat.json.token_strs.join(''), ref.chat.rendered)
+  const d = await post(`${t0.base}/detokenize`, { model: MODEL, tokens: p.input_ids })
+  t.deepEqual(d.json, { prompt: p.text })
+  const bad = await post(`${t0.base}/detokenize`, { tokens: [10 ** 8] })
+  t.is(bad.status, 400)
+  t.regex(bad.json.error.message, /out of range/)
+  t.is((await post(`${t0.base}/tokenize`, { text: 'x' })).status, 400)
+  t.is((await post(`${t0.base}/tokenize`, { model: 'other', prompt: 'x' })).status, 404)
+})
+
+test('/openapi.json describes the routes with the request schemas the server validates with', async (t) => {
+  const res = await fetch(`${t0.base}/openapi.json`)
+  t.is(res.status, 200)
+  const doc = (await res.json()) as any
+  t.is(doc.openapi, '3.1.0')
+  for (const path of ['/v1/chat/completions', '/v1/completions', '/tokenize', '/detokenize', '/v1/models', '/health', '/metrics']) t.truthy(doc.paths[path], path)
+  const chat = doc.paths['/v1/chat/completions'].post.requestBody.content['application/json'].schema
+  t.deepEqual(chat.required, ['messages'])
+  for (const field of ['messages', 'max_completion_tokens', 'response_format', 'structured_outputs', 'tools', 'tool_choice', 'parallel_tool_calls']) {
+    t.truthy(chat.properties[field], field)
+  }
+  t.truthy(doc.paths['/v1/completions'].post.requestBody.content['application/json'].schema.properties.prompt)
 })

@@ -93,10 +93,16 @@ test('a prompt longer than the maximum model length rejects', async (t) => {
   const max = engine.info.maxModelLen
   const ids = Array.from({ length: max }, (_, i) => 100 + (i % 1000))
   await t.throwsAsync(engine.generate({ promptTokenIds: ids }), { message: new RegExp(`${max} tokens.*maximum length is ${max}`) })
-  // Exactly one token of room: generation is capped at it rather than refused.
-  const [out] = await engine.generate({ promptTokenIds: ids.slice(1) }, { maxTokens: 50, ignoreEos: true })
+  // Exactly one token of room: more is refused as vLLM refuses it, one runs.
+  await t.throwsAsync(engine.generate({ promptTokenIds: ids.slice(1) }, { maxTokens: 50, ignoreEos: true }), {
+    message: `'max_tokens' or 'max_completion_tokens' is too large: 50. This model's maximum context length is ${max} tokens and your request has ${max - 1} input tokens (50 > ${max} - ${max - 1}).`,
+  })
+  const [out] = await engine.generate({ promptTokenIds: ids.slice(1) }, { maxTokens: 1, ignoreEos: true })
   t.is(out!.tokenIds.length, 1)
   t.is(out!.finishReason, 'length')
+  // Without maxTokens the default is capped by the room instead.
+  const [dflt] = await engine.generate({ promptTokenIds: ids.slice(1) }, { ignoreEos: true })
+  t.is(dflt!.tokenIds.length, 1)
 })
 
 test('the Rust side validates too, and refusals are typed', async (t) => {

@@ -222,6 +222,8 @@ export interface NativeModelInfo {
   eosTokenIds: Array<number>
   bosTokenId?: number
   hasChatTemplate: boolean
+  /** The chat template's source (the tool-call format is read off it). */
+  chatTemplate?: string
   device: string
   /** Media the model takes besides text ("audio", "image", "video"). */
   modalities: Array<string>
@@ -268,6 +270,8 @@ export interface NativeSamplingParams {
   /** Number of top alternatives per token; present (even 0) turns logprobs on. */
   logprobs?: number
   skipSpecialTokens?: boolean
+  /** What the output must match (structured outputs). */
+  structuredOutputs?: NativeStructuredOutputs
 }
 
 export interface NativeSegment {
@@ -313,6 +317,26 @@ export interface NativeStats {
   processorCacheHits: number
   processorCacheBytes: number
   processorCacheItems: number
+}
+
+/**
+ * A structured-output constraint: exactly one of its fields (vLLM's
+ * `structured_outputs`; OpenAI's `response_format` maps onto `json`).
+ */
+export interface NativeStructuredOutputs {
+  /** A JSON Schema (`{ type: 'object' }` for any JSON object). */
+  json?: Record<string, unknown>
+  /** A regular expression the whole output matches. */
+  regex?: string
+  /** The output is exactly one of these strings. */
+  choice?: Array<string>
+  /** A grammar in Lark syntax (llguidance's dialect). */
+  grammar?: string
+  /**
+   * How the caller named the field, for error messages (e.g.
+   * `responseFormat.jsonSchema.schema`); default `structuredOutputs.<field>`.
+   */
+  param?: string
 }
 
 /** What `addRequest` resolves to: the request id, or why it was refused. */

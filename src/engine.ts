@@ -239,6 +239,7 @@ export class Engine {
       eosTokenIds: i.eosTokenIds,
       bosTokenId: i.bosTokenId ?? null,
       hasChatTemplate: i.hasChatTemplate,
+      chatTemplate: i.chatTemplate ?? null,
       device: i.device,
       modalities,
     }

@@ -28,6 +28,7 @@ export type {
   NativeRequest,
   NativeSamplingParams,
   NativeStats,
+  NativeStructuredOutputs,
   NativeSubmitted,
   NativeTokenLogprob,
 } from '../native/index.cjs'

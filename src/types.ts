@@ -115,8 +115,9 @@ export interface SamplingParams {
   /**
    * Most tokens to generate. Default: the model's `max_new_tokens`
    * (generation config), else 16 for {@link Engine.generate} (as vLLM) and
-   * the rest of the context for {@link Engine.chat}. Always capped by the
-   * model's maximum length.
+   * the rest of the context for {@link Engine.chat}; defaults are capped by
+   * what the context leaves after the prompt. A maxTokens above that is
+   * refused (as vLLM refuses it), not cut short.
    */
   maxTokens?: number
   /** Softmax temperature; 0 is greedy (default 1, or the model's generation config). */
@@ -161,7 +162,49 @@ export interface SamplingParams {
    * `mm_processor_kwargs`); a media part's own keys of the same names win.
    */
   mmProcessorKwargs?: MmProcessorKwargs
+  /**
+   * Constrain the output to a grammar (vLLM's `structured_outputs`): every
+   * token is sampled from those that keep the output inside it, and the
+   * output ends (finish reason `stop`) when the grammar is complete.
+   * Give exactly one field.
+   */
+  structuredOutputs?: StructuredOutputs
 }
+
+/** A JSON Schema, as a plain object. */
+export type JsonSchema = Record<string, unknown>
+
+/** A zod 4 schema (`z.object({...})`); converted with zod's `toJSONSchema`. */
+export interface ZodSchema {
+  _zod: unknown
+}
+
+/** What {@link SamplingParams.structuredOutputs} can ask for (one of them). */
+export interface StructuredOutputs {
+  /** The output is JSON matching this schema (a JSON Schema or a zod schema). */
+  json?: JsonSchema | ZodSchema
+  /** The output is any JSON object. */
+  jsonObject?: boolean
+  /** The whole output matches this regular expression (Rust `regex` syntax). */
+  regex?: string
+  /** The output is exactly one of these strings. */
+  choice?: string[]
+  /** The output matches this context-free grammar (Lark syntax, llguidance's dialect). */
+  grammar?: string
+}
+
+/**
+ * OpenAI's `response_format`, camelCase: plain text, any JSON object, or
+ * JSON matching a schema. `jsonSchema.schema` (or `jsonSchema` itself) may
+ * be a zod 4 schema.
+ */
+export type ResponseFormat =
+  | { type: 'text' }
+  | { type: 'json_object' }
+  | {
+      type: 'json_schema'
+      jsonSchema: { name?: string; description?: string; schema: JsonSchema | ZodSchema; strict?: boolean } | ZodSchema
+    }
 
 /**
  * Image / video processor options (Qwen2-VL's). Items processed with
@@ -188,6 +231,17 @@ export interface ChatParams extends SamplingParams {
   tools?: Array<Record<string, unknown>>
   /** Append the assistant turn opener to the prompt (default `true`). */
   addGenerationPrompt?: boolean
+  /**
+   * The answer's format (OpenAI's `response_format`), enforced while
+   * sampling; a zod schema may stand for the whole format.
+   *
+   * @example
+   * ```ts
+   * const out = await engine.chat(messages, { responseFormat: { type: 'json_schema', jsonSchema: { name: 'person', schema } } })
+   * const person = JSON.parse(out.text)
+   * ```
+   */
+  responseFormat?: ResponseFormat | ZodSchema
 }
 
 /** A role in a chat. */
@@ -423,6 +477,8 @@ export interface ModelInfo {
   eosTokenIds: number[]
   bosTokenId: number | null
   hasChatTemplate: boolean
+  /** The chat template's Jinja source, when the model has one. */
+  chatTemplate: string | null
   device: string
   /** Media the model takes besides text, e.g. `['audio']`. */
   modalities: Array<'image' | 'video' | 'audio'>

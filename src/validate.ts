@@ -3,10 +3,12 @@
  * whose message names the field and the value; the Rust side checks again.
  */
 
+import { toJSONSchema } from 'zod'
+
 import { ValidationError } from './errors.js'
 import { MODALITIES, pendingFromData } from './media/index.js'
 import type { Modality, PendingPart } from './media/index.js'
-import type { NativeRequest, NativeSamplingParams } from './native.js'
+import type { NativeRequest, NativeSamplingParams, NativeStructuredOutputs } from './native.js'
 import type { ChatParams, Device, LoadOptions, PromptInput, SamplingParams } from './types.js'
 
 const fail = (msg: string): never => {
@@ -184,9 +186,10 @@ const SAMPLING_KEYS = [
   'skipSpecialTokens',
   'signal',
   'mmProcessorKwargs',
+  'structuredOutputs',
 ] as const
 
-const CHAT_KEYS = [...SAMPLING_KEYS, 'chatTemplateKwargs', 'tools', 'addGenerationPrompt'] as const
+const CHAT_KEYS = [...SAMPLING_KEYS, 'chatTemplateKwargs', 'tools', 'addGenerationPrompt', 'responseFormat'] as const
 
 /** Check sampling params and convert them to the native shape. */
 export function validateSamplingParams(params: unknown, opts: { chat: boolean }): NativeSamplingParams {
@@ -244,7 +247,82 @@ export function validateSamplingParams(params: unknown, opts: { chat: boolean })
   if (p.mmProcessorKwargs !== undefined && !isObject(p.mmProcessorKwargs)) {
     fail(`mmProcessorKwargs must be an object like { max_pixels: 1003520 }, got ${show(p.mmProcessorKwargs)}`)
   }
+  const structured = structuredOutputsOf(p, opts.chat ? (params as ChatParams).responseFormat : undefined)
+  if (structured) out.structuredOutputs = structured
   return out
+}
+
+const isZod = (v: unknown): boolean => isObject(v) && '_zod' in v
+
+/** A JSON schema given as an object or a zod 4 schema, as a plain JSON Schema. */
+function jsonSchemaOf(v: unknown, name: string): Record<string, unknown> {
+  if (isZod(v)) {
+    try {
+      return toJSONSchema(v as Parameters<typeof toJSONSchema>[0]) as Record<string, unknown>
+    } catch (err) {
+      return fail(`${name}: the zod schema cannot be converted to JSON Schema: ${(err as Error).message}`)
+    }
+  }
+  if (isObject(v) && '_def' in v && typeof (v as { parse?: unknown }).parse === 'function') {
+    return fail(`${name}: zod 3 schemas are not supported; use zod 4 or a JSON Schema object`)
+  }
+  if (!isObject(v)) return fail(`${name} must be a JSON Schema object or a zod schema, got ${show(v)}`)
+  return v
+}
+
+const STRUCTURED_KEYS = ['json', 'jsonObject', 'regex', 'choice', 'grammar'] as const
+
+/**
+ * The native constraint of `structuredOutputs` or `responseFormat` (at most
+ * one of them), with the field name its compile errors should carry.
+ */
+function structuredOutputsOf(p: SamplingParams, rf: ChatParams['responseFormat']): NativeStructuredOutputs | undefined {
+  const so = p.structuredOutputs
+  if (so !== undefined && rf !== undefined) fail('give structuredOutputs or responseFormat, not both')
+  if (so !== undefined) {
+    if (!isObject(so)) return fail(`structuredOutputs must be an object like { regex: '[0-9]+' }, got ${show(so)}`)
+    checkKeys(so, STRUCTURED_KEYS, 'structuredOutputs key')
+    const given = STRUCTURED_KEYS.filter((k) => so[k] !== undefined && so[k] !== false)
+    if (given.length !== 1) fail(`structuredOutputs needs exactly one of ${STRUCTURED_KEYS.join(', ')}`)
+    const key = given[0]!
+    const param = `structuredOutputs.${key}`
+    const v = so[key]
+    switch (key) {
+      case 'json':
+        return { json: jsonSchemaOf(v, param), param }
+      case 'jsonObject':
+        if (v !== true) fail(`${param} must be true`)
+        return { json: { type: 'object' }, param }
+      case 'regex':
+      case 'grammar':
+        if (typeof v !== 'string' || v === '') fail(`${param} must be a non-empty string, got ${show(v)}`)
+        return key === 'regex' ? { regex: v as string, param } : { grammar: v as string, param }
+      case 'choice':
+        if (!Array.isArray(v) || v.length === 0 || !v.every((c) => typeof c === 'string')) {
+          fail(`${param} must be a non-empty array of strings, got ${show(v)}`)
+        }
+        return { choice: [...(v as string[])], param }
+    }
+  }
+  if (rf === undefined) return undefined
+  if (isZod(rf)) return { json: jsonSchemaOf(rf, 'responseFormat'), param: 'responseFormat' }
+  if (!isObject(rf)) return fail(`responseFormat must be { type: 'text' | 'json_object' | 'json_schema', ... }, got ${show(rf)}`)
+  switch (rf.type) {
+    case 'text':
+      return undefined
+    case 'json_object':
+      return { json: { type: 'object' }, param: 'responseFormat' }
+    case 'json_schema': {
+      const js = (rf as { jsonSchema?: unknown }).jsonSchema
+      if (isZod(js)) return { json: jsonSchemaOf(js, 'responseFormat.jsonSchema'), param: 'responseFormat.jsonSchema' }
+      if (!isObject(js)) return fail(`responseFormat.jsonSchema must be { name, schema, strict? } or a zod schema, got ${show(js)}`)
+      checkKeys(js, ['name', 'description', 'schema', 'strict'], 'responseFormat.jsonSchema key')
+      if (js.schema === undefined) fail('responseFormat.jsonSchema.schema is required')
+      return { json: jsonSchemaOf(js.schema, 'responseFormat.jsonSchema.schema'), param: 'responseFormat.jsonSchema.schema' }
+    }
+    default:
+      return fail(`responseFormat.type must be 'text', 'json_object' or 'json_schema', got ${show((rf as { type?: unknown }).type)}`)
+  }
 }
 
 /** Check one prompt of {@link Engine.generate} and convert it to a native request. */
@@ -346,8 +424,24 @@ export function validateMessages(messages: unknown, onMedia?: MediaPartHook): Ar
       fail(`${at}.content must be a string or an array of text parts, got ${show(content)}`)
     }
     if (m.name !== undefined && typeof m.name !== 'string') fail(`${at}.name must be a string`)
+    if (hasToolCalls) msg.tool_calls = (m.tool_calls as unknown[]).map(withParsedArguments)
     return msg
   })
+}
+
+/**
+ * OpenAI sends a tool call's `function.arguments` as JSON text; chat
+ * templates (Qwen, Llama 3.x, Mistral) expect the object, as transformers
+ * and vLLM hand it to them. Text that is not a JSON object stays as it is.
+ */
+function withParsedArguments(call: unknown): unknown {
+  if (!isObject(call) || !isObject(call.function) || typeof call.function.arguments !== 'string') return call
+  try {
+    const args: unknown = JSON.parse(call.function.arguments)
+    return isObject(args) ? { ...call, function: { ...call.function, arguments: args } } : call
+  } catch {
+    return call
+  }
 }
 
 /** Check the chat-only fields of {@link ChatParams}. */

@@ -13,6 +13,8 @@ import type { Logger } from '../server/log.js'
 import { startServer } from '../server/serve.js'
 import type { CandelaServer, ServerOptions } from '../server/serve.js'
 import { Progress } from './progress.js'
+import { TOOL_CALL_PARSERS } from '../server/tools.js'
+import type { ToolCallParserName } from '../server/tools.js'
 import { UsageError, bytesValue, chatTemplateValue, intValue } from './usage.js'
 import type { Command, Options, Values } from './usage.js'
 
@@ -189,6 +191,17 @@ export const SERVE_FLAGS: FlagGroup[] = [
         if (!d) throw new UsageError(`--dtype must be one of auto, f32, f16, bf16, got ${JSON.stringify(v)}`)
         c.load.dtype = d
       }),
+      option(
+        'tool-call-parser',
+        'NAME',
+        `how the model writes tool calls: ${TOOL_CALL_PARSERS.join(', ')} (default: read off the chat template)`,
+        (c, v) => {
+          if (!(TOOL_CALL_PARSERS as readonly string[]).includes(v)) {
+            throw new UsageError(`--tool-call-parser must be one of ${TOOL_CALL_PARSERS.join(', ')}, got ${JSON.stringify(v)}`)
+          }
+          c.server.toolCallParser = v as ToolCallParserName
+        },
+      ),
       option('chat-template', 'FILE|TEMPLATE', "a Jinja chat template (file or inline) replacing the model's", (c, v) => {
         c.load.chatTemplate = chatTemplateValue('chat-template', v)
       }),

@@ -15,6 +15,7 @@ import { locals, routeLabel } from './request-log.js'
 import { UsageTally } from './runs.js'
 import type { ChoiceEvent } from './runs.js'
 import { SseStream } from './sse.js'
+import type { ToolCallParserName } from './tools.js'
 
 export interface AppContext {
   /** The hosted models; a request's `model` field picks one. */
@@ -29,6 +30,8 @@ export interface AppContext {
   keepAliveMs: number
   /** Log one line per request. */
   logRequests: boolean
+  /** The served model's tool-call format, when set by the operator (else read off the chat template). */
+  toolCallParser: ToolCallParserName | undefined
   version: string
 }
 

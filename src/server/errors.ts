@@ -112,6 +112,8 @@ const SNAKE: Record<string, string> = {
   chatTemplateKwargs: 'chat_template_kwargs',
   addGenerationPrompt: 'add_generation_prompt',
   mmProcessorKwargs: 'mm_processor_kwargs',
+  structuredOutputs: 'structured_outputs',
+  responseFormat: 'response_format',
 }
 const PLAIN = new Set(['temperature', 'seed', 'n', 'stop', 'logprobs', 'tools', 'messages', 'prompt'])
 
@@ -121,13 +123,15 @@ const PLAIN = new Set(['temperature', 'seed', 'n', 'stop', 'logprobs', 'tools', 
  * only names we know are taken, so prose never becomes a param.
  */
 export function paramOfMessage(message: string, promptParam: string | null): string | null {
+  if (message.startsWith("'max_tokens' or 'max_completion_tokens'")) return 'max_tokens'
   if (/^(the prompt\b|chat template|token id)/.test(message)) return promptParam
   const m = /^([A-Za-z_]\w*)((?:\[\d+\]|\.[A-Za-z_]\w*)*)/.exec(message)
   if (!m) return null
   const head = m[1]!
   const name = SNAKE[head] ?? (PLAIN.has(head) ? head : undefined)
   if (name === undefined) return null
-  return name + m[2]!
+  // Nested names are camelCase in the library (`responseFormat.jsonSchema.schema`).
+  return name + m[2]!.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)
 }
 
 /** Errors raised by body-parser carry a `type` and an HTTP status. */

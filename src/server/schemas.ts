@@ -100,6 +100,34 @@ const stop = opt(
   z.union([z.string().min(1), z.array(z.string().min(1)).max(64)], { error: 'must be a non-empty string or an array of them' }),
 )
 
+const jsonSchema = z.record(z.string(), z.unknown())
+
+/** vLLM's structured outputs: exactly one constraint (checked in ./params). */
+export const StructuredOutputs = z.object({
+  json: opt(z.union([jsonSchema, z.string()], { error: 'must be a JSON Schema object or its JSON text' })),
+  json_object: opt(z.boolean()),
+  regex: opt(z.string().min(1)),
+  choice: opt(z.array(z.string()).min(1)),
+  grammar: opt(z.string().min(1)),
+})
+export type StructuredOutputs = z.infer<typeof StructuredOutputs>
+
+/** OpenAI's `response_format`. */
+export const ResponseFormat = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('text') }),
+  z.object({ type: z.literal('json_object') }),
+  z.object({
+    type: z.literal('json_schema'),
+    json_schema: z.object({
+      name: z.string().min(1),
+      description: opt(z.string()),
+      schema: jsonSchema,
+      strict: opt(z.boolean()),
+    }),
+  }),
+])
+export type ResponseFormat = z.infer<typeof ResponseFormat>
+
 /** Fields shared by both completion endpoints (vLLM's extras included). */
 const common = {
   model: opt(z.string()),
@@ -125,7 +153,25 @@ const common = {
   logit_bias: opt(z.record(z.string(), z.number())),
   /** vLLM's image / video processor options (min_pixels, max_pixels, fps, ...). */
   mm_processor_kwargs: opt(z.record(z.string(), z.unknown())),
+  structured_outputs: opt(StructuredOutputs),
+  response_format: opt(ResponseFormat),
 }
+
+/** A function the model may call (OpenAI's only tool type). */
+export const FunctionTool = z.object({
+  type: z.literal('function'),
+  function: z.object({
+    name: z.string().regex(/^[a-zA-Z0-9_-]{1,64}$/, { error: 'must be 1-64 letters, digits, _ or -' }),
+    description: opt(z.string()),
+    parameters: opt(z.record(z.string(), z.unknown())),
+    strict: opt(z.boolean()),
+  }),
+})
+
+export const ToolChoice = z.union(
+  [z.enum(['none', 'auto', 'required']), z.object({ type: z.literal('function'), function: z.object({ name: z.string() }) })],
+  { error: 'must be "none", "auto", "required" or { type: "function", function: { name } }' },
+)
 
 export const ChatCompletionRequest = z.object({
   ...common,
@@ -133,9 +179,9 @@ export const ChatCompletionRequest = z.object({
   max_completion_tokens: opt(int().min(1)),
   logprobs: opt(z.boolean()),
   top_logprobs: opt(int().min(0).max(20)),
-  response_format: opt(z.looseObject({ type: z.string() })),
-  tools: opt(z.array(z.looseObject({ type: z.string() }))),
-  tool_choice: opt(z.union([z.string(), z.looseObject({})])),
+  tools: opt(z.array(FunctionTool)),
+  tool_choice: opt(ToolChoice),
+  parallel_tool_calls: opt(z.boolean()),
   chat_template_kwargs: opt(z.record(z.string(), z.unknown())),
   add_generation_prompt: opt(z.boolean()),
 })
@@ -154,3 +200,82 @@ export const CompletionRequest = z.object({
   best_of: opt(int().min(1)),
 })
 export type CompletionRequest = z.infer<typeof CompletionRequest>
+
+/** vLLM's /tokenize: a prompt, or chat messages rendered with the template. */
+export const TokenizeRequest = z.union(
+  [
+    z.object({
+      model: opt(z.string()),
+      prompt: z.string(),
+      add_special_tokens: opt(z.boolean()),
+      return_token_strs: opt(z.boolean()),
+    }),
+    z.object({
+      model: opt(z.string()),
+      messages: z.array(ChatMessage).min(1),
+      add_generation_prompt: opt(z.boolean()),
+      add_special_tokens: opt(z.boolean()),
+      chat_template_kwargs: opt(z.record(z.string(), z.unknown())),
+      tools: opt(z.array(FunctionTool)),
+      return_token_strs: opt(z.boolean()),
+    }),
+  ],
+  { error: 'must have prompt (a string) or messages' },
+)
+export type TokenizeRequest = z.infer<typeof TokenizeRequest>
+
+export const DetokenizeRequest = z.object({ model: opt(z.string()), tokens: z.array(int().min(0)) })
+
+/** OpenAI's Responses API (POST /v1/responses): the parts candela serves. */
+const ResponseInputContent = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('input_text'), text: z.string() }),
+  z.object({ type: z.literal('output_text'), text: z.string() }),
+  z.object({ type: z.literal('refusal'), refusal: z.string() }),
+  z.object({ type: z.literal('input_image'), image_url: z.string().min(1), detail: opt(z.enum(['auto', 'low', 'high'])) }),
+])
+export const ResponseInputItem = z.union(
+  [
+    z.object({
+      type: opt(z.literal('message')),
+      role: z.enum(['user', 'system', 'developer', 'assistant']),
+      content: z.union([z.string(), z.array(ResponseInputContent)]),
+    }),
+    z.object({ type: z.literal('function_call'), call_id: z.string().min(1), name: z.string().min(1), arguments: z.string() }),
+    z.object({ type: z.literal('function_call_output'), call_id: z.string().min(1), output: z.string() }),
+  ],
+  { error: 'must be a message, a function_call or a function_call_output item' },
+)
+export type ResponseInputItem = z.infer<typeof ResponseInputItem>
+
+export const ResponsesRequest = z.object({
+  model: opt(z.string()),
+  input: z.union([z.string(), z.array(ResponseInputItem).min(1)], { error: 'must be a string or a list of input items' }),
+  instructions: opt(z.string()),
+  previous_response_id: opt(z.string()),
+  max_output_tokens: opt(int().min(1)),
+  temperature: opt(z.number().min(0)),
+  top_p: opt(z.number().gt(0).max(1)),
+  stream: opt(z.boolean()),
+  store: opt(z.boolean()),
+  metadata: opt(z.record(z.string(), z.string())),
+  user: opt(z.string()),
+  text: opt(
+    z.object({
+      format: opt(
+        z.discriminatedUnion('type', [
+          z.object({ type: z.literal('text') }),
+          z.object({ type: z.literal('json_object') }),
+          z.object({ type: z.literal('json_schema'), name: z.string().min(1), schema: jsonSchema, description: opt(z.string()), strict: opt(z.boolean()) }),
+        ]),
+      ),
+    }),
+  ),
+  tools: opt(
+    z.array(
+      z.object({ type: z.literal('function'), name: z.string(), description: opt(z.string()), parameters: opt(z.record(z.string(), z.unknown())), strict: opt(z.boolean()) }),
+    ),
+  ),
+  tool_choice: opt(z.union([z.enum(['none', 'auto', 'required']), z.object({ type: z.literal('function'), name: z.string() })])),
+  parallel_tool_calls: opt(z.boolean()),
+})
+export type ResponsesRequest = z.infer<typeof ResponsesRequest>

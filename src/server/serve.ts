@@ -26,6 +26,7 @@ import { ApiError } from './errors.js'
 import type { ModelHost } from './model-host.js'
 import { ModelPool } from './model-pool.js'
 import type { LaunchSpec } from './model-pool.js'
+import type { ToolCallParserName } from './tools.js'
 
 /** Default body limit: 50 MiB, room for a few inline images. */
 export const DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
@@ -62,6 +63,8 @@ export interface ServerOptions {
   logger?: Logger | false
   /** One log line per request (default true). */
   logRequests?: boolean
+  /** The format the model writes tool calls in (default: read off its chat template). */
+  toolCallParser?: ToolCallParserName
   /** Progress lines while the model is fetched / loaded (default: the logger). */
   onLoadProgress?: (line: string) => void
 }
@@ -171,6 +174,7 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
     keepAliveMs: options.keepAliveMs ?? DEFAULT_KEEP_ALIVE_MS,
     logRequests: options.logRequests ?? true,
+    toolCallParser: options.toolCallParser,
     version: packageVersion(),
   }
   const app = createApp(ctx)

@@ -7,6 +7,7 @@ use crate::block_manager::SeqId;
 use crate::detokenizer::Detokenizer;
 use crate::encoder_cache::EncoderCache;
 use crate::engine::EngineStats;
+use crate::grammar::{Grammar, TokenMask};
 use crate::model::{DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, SeqSlice, TokenDecoder};
 use crate::output::{FinishReason, RequestEvent, Usage};
 use crate::params::SamplingParams;
@@ -150,7 +151,8 @@ impl EngineCore {
 
     /// Queue a request that the engine front end has already validated.
     pub fn add_request(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent>) {
-        let EngineRequest { prompt_token_ids, params, mut mm_items, mrope } = req;
+        let EngineRequest { prompt_token_ids, mut params, mut mm_items, mrope } = req;
+        let grammar = params.grammar.take();
         mm_items.sort_by_key(|m| m.placeholder.offset);
         let placeholders: Vec<MmPlaceholder> = mm_items.iter().map(|m| m.placeholder.clone()).collect();
         let mm = mm_items.into_iter().map(|item| MmSlot { item, embeds: None }).collect();
@@ -173,6 +175,7 @@ impl EngineCore {
             pending_forks: n - 1,
             rng: sample_rng(params.seed, 0),
             num_cached_tokens: None,
+            grammar,
         };
         let state = RequestState {
             prompt_len: seq.prompt_len,
@@ -271,7 +274,12 @@ impl EngineCore {
             return true;
         }
         let batch = self.build_batch(&scheduled);
-        let logits = match self.run_model(&batch) {
+        // The grammars' masks for this step's samples are computed on the
+        // rayon pool while the model runs.
+        let masks = MaskJob::start(&mut self.sched, &scheduled, &batch);
+        let logits = self.run_model(&batch);
+        let masks = masks.finish(&mut self.sched);
+        let logits = match logits {
             Ok(logits) => logits,
             Err(message) => {
                 let mut reqs: Vec<u64> =
@@ -308,9 +316,19 @@ impl EngineCore {
         };
         let vocab = self.vocab_size.max(1);
         for (seq_id, pick) in with_logits.into_iter().zip(picks) {
+            let mask = match masks.get(&seq_id) {
+                None => None,
+                Some(Ok(m)) => Some(m),
+                Some(Err(message)) => {
+                    if let Some(req_id) = self.sched.seq(seq_id).map(|s| s.req_id) {
+                        self.fail_request(req_id, format!("structured output failed: {message}"));
+                    }
+                    continue;
+                }
+            };
             match pick {
-                Pick::Row(i) => self.on_logits(seq_id, Choice::Row(&rows[i * vocab..(i + 1) * vocab])),
-                Pick::Token(t) => self.on_logits(seq_id, Choice::Token(t)),
+                Pick::Row(i) => self.on_logits(seq_id, Choice::Row(&rows[i * vocab..(i + 1) * vocab]), mask),
+                Pick::Token(t) => self.on_logits(seq_id, Choice::Token(t), mask),
             }
         }
         true
@@ -376,6 +394,7 @@ impl EngineCore {
         let p = &req.params;
         let suppressing = seq.output().len() < p.min_tokens && !req.stop_ids.is_empty();
         if seq.pending_forks > 0
+            || seq.grammar.is_some()
             || p.logprobs.is_some()
             || p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
@@ -550,7 +569,7 @@ impl EngineCore {
 
     /// Logits for the last token of `seq_id` arrived: sample its next token;
     /// for a freshly prefilled `n > 1` request, first fork the other samples.
-    fn on_logits(&mut self, seq_id: SeqId, row: Choice<'_>) {
+    fn on_logits(&mut self, seq_id: SeqId, row: Choice<'_>, mask: Option<&TokenMask>) {
         let Some(seq) = self.sched.seq(seq_id) else { return };
         let req_id = seq.req_id;
         let Some(req) = self.requests.get(&req_id) else { return };
@@ -584,13 +603,14 @@ impl EngineCore {
             if !self.requests.contains_key(&req_id) {
                 break; // failed or aborted meanwhile
             }
-            self.sample_into(t, row);
+            // Forks start where the parent stands in its grammar: same mask.
+            self.sample_into(t, row, mask);
         }
     }
 
     /// Sample one token for `seq_id` from `row` (or take the one sampled on
     /// the device), emit it, and finish the sample if done.
-    fn sample_into(&mut self, seq_id: SeqId, row: Choice<'_>) {
+    fn sample_into(&mut self, seq_id: SeqId, row: Choice<'_>, mask: Option<&TokenMask>) {
         let (bs, hashing) = (self.sched.config().block_size, self.sched.config().enable_prefix_caching);
         let decoder = self.decoder.clone();
         let max_model_len = self.max_model_len;
@@ -600,12 +620,19 @@ impl EngineCore {
         let p = &req.params;
         let suppressed: &[u32] = if seq.output().len() < p.min_tokens { &req.stop_ids } else { &[] };
         let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
-        let input = SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed };
+        let allowed = mask.map(TokenMask::words);
+        let input = SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed, allowed };
         let sampled = match row {
             Choice::Row(row) => sampler::sample(row, &input, &mut seq.rng),
             Choice::Token(token_id) => sampler::Sampled { token_id, logprob: None },
         };
         let token = sampled.token_id;
+        if let Some(g) = seq.grammar.as_mut() {
+            if let Err(e) = g.consume(token) {
+                self.fail_request(req_id, format!("structured output failed: {e}"));
+                return;
+            }
+        }
         seq.append_token(token, bs, hashing);
         self.generation_tokens += 1;
         let index = seq.sample_index;
@@ -650,8 +677,8 @@ impl EngineCore {
 
 /// Detokenize the token just appended to `seq` and decide whether the sample
 /// ends: a stop token (EOS unless ignore_eos, or stop_token_ids), a stop
-/// string (only from `min_tokens` outputs on), `max_tokens`, or the model's
-/// maximum length. Returns the text to emit now.
+/// string (only from `min_tokens` outputs on), a complete grammar,
+/// `max_tokens`, or the model's maximum length. Returns the text to emit now.
 fn check_finish(
     seq: &mut Sequence,
     req: &RequestState,
@@ -672,13 +699,78 @@ fn check_finish(
     if let Some(s) = d.stop {
         return Ok((d.text, SampleEnd::Finished(FinishReason::Stop, Some(s))));
     }
-    if out_len >= p.max_tokens || seq.num_tokens() >= max_model_len {
+    // A grammar that cannot be extended ends the output (no EOS needed).
+    let grammar_done = seq.grammar.as_ref().is_some_and(Grammar::is_stopped);
+    if grammar_done || out_len >= p.max_tokens || seq.num_tokens() >= max_model_len {
         let f = seq.detok.finish(decoder, check_stop)?;
         let end = match f.stop {
             Some(s) => SampleEnd::Finished(FinishReason::Stop, Some(s)),
+            None if grammar_done => SampleEnd::Finished(FinishReason::Stop, None),
             None => SampleEnd::Finished(FinishReason::Length, None),
         };
         return Ok((d.text + &f.text, end));
     }
     Ok((d.text, SampleEnd::Continue))
+}
+
+/// This step's grammar masks, computed on the rayon pool while the forward
+/// runs. The sequences' grammars travel with the job and come back in
+/// [`MaskJob::finish`], before anything samples.
+struct MaskJob {
+    /// Sequences whose grammar went with the job.
+    seqs: Vec<SeqId>,
+    rx: Option<std::sync::mpsc::Receiver<Vec<MaskResult>>>,
+}
+
+type MaskResult = (SeqId, Grammar, Result<TokenMask, String>);
+
+impl MaskJob {
+    /// Start computing the masks of the batch's sequences that sample this
+    /// step and follow a grammar.
+    fn start(sched: &mut Scheduler, scheduled: &[ScheduledSeq], batch: &ForwardBatch) -> MaskJob {
+        let mut work: Vec<(SeqId, Grammar)> = Vec::new();
+        for (sc, slice) in scheduled.iter().zip(&batch.seqs) {
+            if !slice.needs_logits {
+                continue;
+            }
+            if let Some(g) = sched.seq_mut(sc.seq_id).and_then(|s| s.grammar.take()) {
+                work.push((sc.seq_id, g));
+            }
+        }
+        if work.is_empty() {
+            return MaskJob { seqs: Vec::new(), rx: None };
+        }
+        let seqs = work.iter().map(|(id, _)| *id).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        rayon::spawn(move || {
+            use rayon::prelude::*;
+            let out: Vec<MaskResult> = work
+                .into_par_iter()
+                .map(|(id, mut g)| {
+                    let m = g.compute_mask();
+                    (id, g, m)
+                })
+                .collect();
+            let _ = tx.send(out);
+        });
+        MaskJob { seqs, rx: Some(rx) }
+    }
+
+    /// Wait for the masks and give the grammars back to their sequences.
+    fn finish(self, sched: &mut Scheduler) -> HashMap<SeqId, Result<TokenMask, String>> {
+        let Some(rx) = self.rx else { return HashMap::new() };
+        match rx.recv() {
+            Ok(results) => results
+                .into_iter()
+                .map(|(id, g, m)| {
+                    if let Some(seq) = sched.seq_mut(id) {
+                        seq.grammar = Some(g);
+                    }
+                    (id, m)
+                })
+                .collect(),
+            // The job died (a panic in the grammar code): its grammars are lost.
+            Err(_) => self.seqs.into_iter().map(|id| (id, Err("the grammar failed to compute a mask".to_string()))).collect(),
+        }
+    }
 }

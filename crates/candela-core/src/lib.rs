@@ -8,6 +8,7 @@ pub mod detokenizer;
 pub mod encoder_cache;
 pub mod engine;
 mod engine_core;
+pub mod grammar;
 pub mod lru;
 pub mod model;
 pub mod output;
@@ -24,9 +25,12 @@ mod testing;
 mod tests;
 #[cfg(test)]
 mod device_sampling_tests;
+#[cfg(test)]
+mod grammar_tests;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RequestHandle};
 pub use model::{DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice, TokenDecoder};
 pub use output::{FinishReason, RequestEvent, TokenLogprob, TopLogprob, Usage};
+pub use grammar::{Grammar, GrammarCompiler, GrammarSpec};
 pub use params::SamplingParams;
 pub use request::{EngineRequest, MmFeatures, MmInput, MmItem, MmPlaceholder};

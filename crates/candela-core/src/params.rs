@@ -1,5 +1,6 @@
 //! Per-request sampling parameters (vLLM's SamplingParams, camel-free Rust side).
 
+use crate::grammar::Grammar;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +35,10 @@ pub struct SamplingParams {
     /// Number of top logprobs to return per generated token (None: no logprobs).
     pub logprobs: Option<usize>,
     pub skip_special_tokens: bool,
+    /// The grammar every sample's output must match (structured outputs),
+    /// compiled by a [`crate::GrammarCompiler`].
+    #[serde(skip)]
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -55,6 +60,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             skip_special_tokens: true,
+            grammar: None,
         }
     }
 }

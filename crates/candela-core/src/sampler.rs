@@ -1,6 +1,7 @@
 //! Turning one row of logits into one token.
 //!
-//! Order of operations (as vLLM v1): min-tokens suppression, repetition /
+//! Order of operations (as vLLM v1): the grammar's mask (structured
+//! outputs), min-tokens suppression, repetition /
 //! presence / frequency penalties, then either greedy argmax (temperature 0)
 //! or temperature scaling -> min_p -> top_k -> top_p -> a draw from the
 //! sequence's own RNG.
@@ -8,6 +9,7 @@
 //! Logprobs are "raw": `log_softmax` of the model's logits before any penalty,
 //! temperature or truncation (vLLM's default `logprobs_mode = raw_logprobs`).
 
+use crate::grammar::mask_allows;
 use crate::output::{TokenLogprob, TopLogprob};
 use crate::params::SamplingParams;
 use rand::rngs::Xoshiro256PlusPlus;
@@ -46,6 +48,9 @@ pub struct SamplingInput<'a> {
     /// Token ids that must not be chosen now (EOS and stop tokens before
     /// `min_tokens` outputs).
     pub suppressed: &'a [u32],
+    /// The grammar's allowed tokens, one bit per id (structured outputs):
+    /// the sample is always one of them.
+    pub allowed: Option<&'a [u32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,15 +64,32 @@ pub struct Sampled {
 pub fn sample(raw: &[f32], input: &SamplingInput<'_>, rng: &mut SampleRng) -> Sampled {
     let p = input.params;
     let mut logits: Vec<f32> = raw.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
-    suppress(&mut logits, input.suppressed);
+    if let Some(words) = input.allowed {
+        apply_allowed(&mut logits, words);
+    }
+    // Where the grammar leaves only tokens min_tokens holds back (it is
+    // complete and only EOS remains), the grammar wins.
+    if input.allowed.is_none() || !only_suppressed_left(&logits, input.suppressed) {
+        suppress(&mut logits, input.suppressed);
+    }
     if p.repetition_penalty != 1.0 {
         apply_repetition_penalty(&mut logits, input.prompt_tokens.iter().chain(input.output_tokens), p.repetition_penalty);
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
         apply_presence_frequency_penalties(&mut logits, input.output_tokens, p.presence_penalty, p.frequency_penalty);
     }
+    // With every logit -inf (a grammar's tokens the model rules out), the
+    // grammar's first token, else the raw argmax.
+    let fallback = || match input.allowed {
+        Some(words) => (0..raw.len()).find(|&i| mask_allows(words, i)).map_or(0, |i| i as u32),
+        None => greedy(raw),
+    };
     let token_id = if p.temperature < SAMPLING_EPS {
-        greedy(&logits)
+        if logits.iter().any(|l| l.is_finite()) {
+            greedy(&logits)
+        } else {
+            fallback()
+        }
     } else {
         let t = p.temperature;
         for l in logits.iter_mut() {
@@ -83,7 +105,7 @@ pub fn sample(raw: &[f32], input: &SamplingInput<'_>, rng: &mut SampleRng) -> Sa
             apply_top_p(&mut logits, p.top_p);
         }
         let u: f64 = rng.random();
-        draw(&logits, u).unwrap_or_else(|| greedy(raw))
+        draw(&logits, u).unwrap_or_else(fallback)
     };
     let logprob = p.logprobs.map(|k| {
         let lp = log_softmax(raw);
@@ -94,6 +116,26 @@ pub fn sample(raw: &[f32], input: &SamplingInput<'_>, rng: &mut SampleRng) -> Sa
         }
     });
     Sampled { token_id, logprob }
+}
+
+/// Set the logits of tokens the mask does not allow to -inf.
+pub fn apply_allowed(logits: &mut [f32], words: &[u32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits >> b & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// Whether every finite logit belongs to one of `ids`.
+fn only_suppressed_left(logits: &[f32], ids: &[u32]) -> bool {
+    logits.iter().enumerate().all(|(i, l)| !l.is_finite() || ids.contains(&(i as u32)))
 }
 
 /// Set the logits of `ids` to -inf.
@@ -291,7 +333,7 @@ mod tests {
     }
 
     fn input<'a>(p: &'a SamplingParams, prompt: &'a [u32], output: &'a [u32]) -> SamplingInput<'a> {
-        SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed: &[] }
+        SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed: &[], allowed: None }
     }
 
     #[test]
@@ -410,8 +452,36 @@ mod tests {
     fn suppressed_tokens_are_never_chosen() {
         let mut p = params();
         p.temperature = 0.0;
-        let inp = SamplingInput { params: &p, prompt_tokens: &[], output_tokens: &[], suppressed: &[2] };
+        let inp = SamplingInput { params: &p, prompt_tokens: &[], output_tokens: &[], suppressed: &[2], allowed: None };
         assert_eq!(sample(&[0.0, 1.0, 9.0], &inp, &mut sample_rng(Some(1), 0)).token_id, 1);
+    }
+
+    #[test]
+    fn a_grammar_mask_holds_for_greedy_and_random_draws_and_beats_min_tokens() {
+        // 40 tokens; the mask allows ids 3 and 35 (second word) only.
+        let row: Vec<f32> = (0..40).map(|i| i as f32 * 0.1).collect();
+        let words = [1u32 << 3, 1u32 << 3];
+        let mut p = params();
+        p.temperature = 0.0;
+        fn inp<'a>(p: &'a SamplingParams, suppressed: &'a [u32], words: &'a [u32]) -> SamplingInput<'a> {
+            SamplingInput { params: p, prompt_tokens: &[], output_tokens: &[], suppressed, allowed: Some(words) }
+        }
+        assert_eq!(sample(&row, &inp(&p, &[], &words), &mut sample_rng(Some(0), 0)).token_id, 35);
+        // min_tokens holds 35 back: 3 is still allowed, so it is chosen.
+        assert_eq!(sample(&row, &inp(&p, &[35], &words), &mut sample_rng(Some(0), 0)).token_id, 3);
+        // Both held back: the grammar wins over min_tokens.
+        assert!([3, 35].contains(&sample(&row, &inp(&p, &[3, 35], &words), &mut sample_rng(Some(0), 0)).token_id));
+        let mut q = params();
+        q.temperature = 5.0;
+        let mut rng = sample_rng(Some(3), 0);
+        let mut seen = HashSet::new();
+        for _ in 0..300 {
+            seen.insert(sample(&row, &inp(&q, &[], &words), &mut rng).token_id);
+        }
+        assert_eq!(seen, HashSet::from([3, 35]));
+        // Every allowed logit -inf: still an allowed token.
+        let dead = vec![NEG; 40];
+        assert_eq!(sample(&dead, &inp(&q, &[], &words), &mut rng).token_id, 3);
     }
 
     #[test]

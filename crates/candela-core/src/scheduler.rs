@@ -283,6 +283,7 @@ mod tests {
             pending_forks: 0,
             rng: sample_rng(Some(0), 0),
             num_cached_tokens: None,
+            grammar: None,
         }
     }
 

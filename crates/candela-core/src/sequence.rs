@@ -3,6 +3,7 @@
 
 use crate::block_manager::SeqId;
 use crate::detokenizer::Detokenizer;
+use crate::grammar::Grammar;
 use crate::prefix_cache::{extend_block_hashes, BlockHash};
 use crate::request::MmPlaceholder;
 use crate::sampler::SampleRng;
@@ -30,6 +31,8 @@ pub struct Sequence {
     pub detok: Detokenizer,
     /// Prompt tokens served from the prefix cache when first admitted.
     pub num_cached_tokens: Option<usize>,
+    /// Where the output stands in the request's grammar (structured outputs).
+    pub grammar: Option<Grammar>,
 }
 
 impl Sequence {
@@ -72,6 +75,7 @@ impl Sequence {
             rng,
             detok: self.detok.clone(),
             num_cached_tokens: self.num_cached_tokens,
+            grammar: self.grammar.clone(),
         }
     }
 }

@@ -308,6 +308,13 @@ impl Tokenizer {
         bytes / (4 * self.max_token_bytes)
     }
 
+    /// The tokenizer as `tokenizer.json` would hold it (for readers of the
+    /// vocabulary such as the structured-output grammar compiler).
+    pub fn to_json(&self) -> Result<Value> {
+        let text = self.inner.to_string(false).map_err(tok_err)?;
+        serde_json::from_str(&text).map_err(tok_err)
+    }
+
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }

@@ -7,6 +7,7 @@
 //! No panic crosses the boundary: every entry point runs under `guard`.
 
 mod audio;
+mod grammar;
 mod guard;
 mod media;
 mod params;
@@ -235,6 +236,8 @@ pub struct NativeModelInfo {
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     pub has_chat_template: bool,
+    /// The chat template's source (the tool-call format is read off it).
+    pub chat_template: Option<String>,
     pub device: String,
     /// Media the model takes besides text ("audio", "image", "video").
     pub modalities: Vec<String>,
@@ -262,6 +265,7 @@ struct Inner {
     requests: Mutex<HashMap<u64, Arc<ReqState>>>,
     closed: AtomicBool,
     input: InputPreparer,
+    grammars: grammar::Grammars,
 }
 
 impl Inner {
@@ -457,6 +461,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     let engine = Engine::start(loaded.model, decoder, config).map_err(|e| invalid(e.to_string()))?;
     let mut spec = engine.model_spec().clone();
     spec.max_model_len = engine.max_model_len();
+    let grammars = grammar::Grammars::new(tokenizer.clone(), spec.vocab_size, loaded.generation.eos_token_ids.clone());
     Ok(NativeEngine {
         inner: Arc::new(Inner {
             engine,
@@ -469,6 +474,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             input,
+            grammars,
         }),
     })
 }
@@ -627,10 +633,16 @@ impl Inner {
         }
         let p = params.unwrap_or_default();
         let fallback = default_max_tokens.map(|m| m as usize);
-        let params = match to_sampling_params(&p, &self.generation, max_len - ids.len(), fallback) {
+        let mut params = match to_sampling_params(&p, &self.generation, ids.len(), max_len, fallback) {
             Ok(p) => p,
             Err(e) => return refuse(NativeInputError::invalid(e.reason)),
         };
+        if let Some(s) = &p.structured_outputs {
+            params.grammar = match self.grammars.compile(s) {
+                Ok(g) => Some(g),
+                Err(e) => return refuse(NativeInputError::invalid(e.reason)),
+            };
+        }
         let n = params.n;
         let handle = match self.engine.add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope }) {
             Ok(h) => h,
@@ -788,6 +800,7 @@ impl NativeEngine {
             eos_token_ids: i.generation.eos_token_ids.clone(),
             bos_token_id: i.generation.bos_token_id,
             has_chat_template: i.chat_template.is_some(),
+            chat_template: i.chat_template.as_ref().map(|t| t.source().to_string()),
             device: i.device.clone(),
             modalities: i.input.modalities().into_iter().map(|m| m.name().to_string()).collect(),
         }

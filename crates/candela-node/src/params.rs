@@ -5,6 +5,7 @@
 //! message naming the field instead of a generic conversion failure.
 
 use candela_core::params::SamplingParams;
+use candela_core::GrammarSpec;
 use candela_models::GenerationDefaults;
 use napi::Result;
 use napi_derive::napi;
@@ -32,6 +33,59 @@ pub struct NativeSamplingParams {
     /// Number of top alternatives per token; present (even 0) turns logprobs on.
     pub logprobs: Option<i64>,
     pub skip_special_tokens: Option<bool>,
+    /// What the output must match (structured outputs).
+    pub structured_outputs: Option<NativeStructuredOutputs>,
+}
+
+/// A structured-output constraint: exactly one of its fields (vLLM's
+/// `structured_outputs`; OpenAI's `response_format` maps onto `json`).
+#[napi(object)]
+#[derive(Default, Clone)]
+pub struct NativeStructuredOutputs {
+    /// A JSON Schema (`{ type: 'object' }` for any JSON object).
+    #[napi(ts_type = "Record<string, unknown>")]
+    pub json: Option<serde_json::Value>,
+    /// A regular expression the whole output matches.
+    pub regex: Option<String>,
+    /// The output is exactly one of these strings.
+    pub choice: Option<Vec<String>>,
+    /// A grammar in Lark syntax (llguidance's dialect).
+    pub grammar: Option<String>,
+    /// How the caller named the field, for error messages (e.g.
+    /// `responseFormat.jsonSchema.schema`); default `structuredOutputs.<field>`.
+    pub param: Option<String>,
+}
+
+/// The grammar spec of a constraint, and the name its errors start with.
+pub fn grammar_spec(s: &NativeStructuredOutputs) -> Result<(GrammarSpec, String)> {
+    let mut given = Vec::new();
+    if let Some(v) = &s.json {
+        if !v.is_object() {
+            return Err(invalid(format!("{}: a JSON schema must be an object", param_of(s, "json"))));
+        }
+        given.push(("json", GrammarSpec::JsonSchema(v.clone())));
+    }
+    if let Some(v) = &s.regex {
+        given.push(("regex", GrammarSpec::Regex(v.clone())));
+    }
+    if let Some(v) = &s.choice {
+        if v.is_empty() {
+            return Err(invalid(format!("{}: must list at least one string", param_of(s, "choice"))));
+        }
+        given.push(("choice", GrammarSpec::Choice(v.clone())));
+    }
+    if let Some(v) = &s.grammar {
+        given.push(("grammar", GrammarSpec::Lark(v.clone())));
+    }
+    if given.len() != 1 {
+        return Err(invalid("structuredOutputs needs exactly one of json, regex, choice or grammar"));
+    }
+    let (field, spec) = given.remove(0);
+    Ok((spec, param_of(s, field)))
+}
+
+fn param_of(s: &NativeStructuredOutputs, field: &str) -> String {
+    s.param.clone().unwrap_or_else(|| format!("structuredOutputs.{field}"))
 }
 
 fn count(name: &str, v: i64, min: i64) -> Result<usize> {
@@ -48,16 +102,18 @@ fn float(name: &str, v: f64) -> Result<f32> {
     Ok(v as f32)
 }
 
-/// Build the core's params. `room` is how many tokens fit after the prompt
-/// (max model length - prompt length); max_tokens is capped by it. Without
-/// maxTokens: the model's max_new_tokens, else `fallback_max_tokens`, else
-/// the whole room.
+/// Build the core's params. `prompt_len` and `max_model_len` give the room
+/// after the prompt: a maxTokens above it is refused as vLLM refuses it.
+/// Without maxTokens: the model's max_new_tokens, else
+/// `fallback_max_tokens`, else the whole room, each capped by the room.
 pub fn to_sampling_params(
     p: &NativeSamplingParams,
     d: &GenerationDefaults,
-    room: usize,
+    prompt_len: usize,
+    max_model_len: usize,
     fallback_max_tokens: Option<usize>,
 ) -> Result<SamplingParams> {
+    let room = max_model_len.saturating_sub(prompt_len);
     let mut s = SamplingParams::default();
     if let Some(n) = p.n {
         s.n = count("n", n, 1)?;
@@ -98,7 +154,16 @@ pub fn to_sampling_params(
         return Err(invalid("the prompt leaves no room for output tokens"));
     }
     s.max_tokens = match p.max_tokens {
-        Some(v) => count("maxTokens", v, 1)?.min(room),
+        Some(v) => {
+            let m = count("maxTokens", v, 1)?;
+            if m > room {
+                return Err(invalid(format!(
+                    "'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum context length is \
+                     {max_model_len} tokens and your request has {prompt_len} input tokens ({m} > {max_model_len} - {prompt_len})."
+                )));
+            }
+            m
+        }
         None => d.max_new_tokens.or(fallback_max_tokens).unwrap_or(room).clamp(1, room),
     };
     if let Some(v) = p.min_tokens {

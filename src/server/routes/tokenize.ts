@@ -1,0 +1,44 @@
+/**
+ * POST /tokenize and POST /detokenize, in vLLM's shapes. A chat is rendered
+ * with the model's template first; media parts count as the template's
+ * placeholder text, not as the feature tokens a request would expand them to.
+ */
+
+import type { RequestHandler } from 'express'
+
+import { toEngineMessages } from '../content.js'
+import { parseBody } from '../context.js'
+import type { AppContext } from '../context.js'
+import { DetokenizeRequest, TokenizeRequest } from '../schemas.js'
+
+export function tokenize(ctx: AppContext): RequestHandler {
+  return (req, res) => {
+    const body = parseBody(TokenizeRequest, req.body)
+    const host = ctx.models.select(body.model)
+    host.resolveModel(body.model)
+    const engine = host.engine()
+    let tokens: number[]
+    if ('messages' in body) {
+      const text = engine.applyChatTemplate(toEngineMessages(body.messages), {
+        addGenerationPrompt: body.add_generation_prompt ?? true,
+        ...(body.tools != null ? { tools: body.tools } : {}),
+        ...(body.chat_template_kwargs != null ? { chatTemplateKwargs: body.chat_template_kwargs } : {}),
+      })
+      // The template writes BOS itself where the model wants one.
+      tokens = engine.tokenize(text, { addSpecialTokens: body.add_special_tokens ?? false })
+    } else {
+      tokens = engine.tokenize(body.prompt, { addSpecialTokens: body.add_special_tokens ?? true })
+    }
+    const tokenStrs = body.return_token_strs === true ? tokens.map((id) => engine.detokenize([id], { skipSpecialTokens: false })) : null
+    res.json({ count: tokens.length, max_model_len: engine.info.maxModelLen, tokens, token_strs: tokenStrs })
+  }
+}
+
+export function detokenize(ctx: AppContext): RequestHandler {
+  return (req, res) => {
+    const body = parseBody(DetokenizeRequest, req.body)
+    const host = ctx.models.select(body.model)
+    host.resolveModel(body.model)
+    res.json({ prompt: host.engine().detokenize(body.tokens) })
+  }
+}

@@ -13,7 +13,7 @@
 //! memory as RGB.
 
 use crate::image::{check_pixels, DecodedImage};
-use crate::MediaError;
+use crate::{MediaBudget, MediaError, Reservation};
 
 /// How to decode a video file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +30,9 @@ pub struct VideoDecodeOptions {
     /// Most bytes of RGB the picked frames may take together (frames are
     /// kept at their decoded size until the processor resizes them).
     pub max_output_bytes: u64,
+    /// Memory the picked frames are reserved from before decoding (default:
+    /// the process's [`MediaBudget::global`]); each kept frame holds its share.
+    pub budget: MediaBudget,
 }
 
 impl Default for VideoDecodeOptions {
@@ -39,6 +42,7 @@ impl Default for VideoDecodeOptions {
             max_pixels: 8192 * 8192,
             max_total_frames: 1 << 20,
             max_output_bytes: 2 << 30,
+            budget: MediaBudget::global().clone(),
         }
     }
 }
@@ -112,6 +116,8 @@ struct Picker<'a> {
     indices: Vec<usize>,
     /// Output frames seen so far (decoded or failed).
     seen: usize,
+    /// What is left of the reservation for the picked frames.
+    memory: Option<Reservation>,
 }
 
 #[cfg_attr(not(feature = "video-files"), allow(dead_code))]
@@ -128,7 +134,21 @@ impl<'a> Picker<'a> {
             frames: Vec::new(),
             indices: Vec::new(),
             seen: 0,
+            memory: None,
         }
+    }
+
+    /// A kept frame, holding its share of the reservation.
+    fn keep(&mut self, img: DecodedImage, index: usize) {
+        let img = match self.memory.as_mut() {
+            Some(m) => {
+                let share = m.split_off(img.rgb.len() as u64);
+                img.holding(share)
+            }
+            None => img,
+        };
+        self.frames.push(img);
+        self.indices.push(index);
     }
 
     fn done(&self) -> bool {
@@ -162,11 +182,9 @@ impl<'a> Picker<'a> {
                     )));
                 }
                 if is_target {
-                    self.frames.push(img);
-                    self.indices.push(k);
+                    self.keep(img, k);
                 } else if let Some(slot) = self.waiting.take() {
-                    self.frames.push(img);
-                    self.indices.push(slot);
+                    self.keep(img, slot);
                 }
             }
             Ok(None) => {}
@@ -273,6 +291,7 @@ mod imp {
         targets.sort_unstable();
         targets.dedup();
         targets.retain(|&i| i < total);
+        let mut memory = None;
         if let Some((w, h)) = demuxed.declared {
             let need = targets.len() as u64 * w as u64 * h as u64 * 3;
             if need > opts.max_output_bytes {
@@ -283,9 +302,11 @@ mod imp {
                     opts.max_output_bytes
                 )));
             }
+            let what = format!("the {w}x{h} {name} video ({} frames picked)", targets.len());
+            memory = Some(opts.budget.reserve(need, &what)?);
         }
         let (frames, indices) = guard_codec(&format!("{} decoder", demuxed.codec.name()), || {
-            run_decoder(&demuxed, &targets, opts)
+            run_decoder(&demuxed, &targets, opts, memory)
         })?;
         if frames.is_empty() {
             return Err(MediaError::Corrupt(format!(
@@ -307,8 +328,10 @@ mod imp {
         d: &Demuxed,
         targets: &[usize],
         opts: &VideoDecodeOptions,
+        memory: Option<Reservation>,
     ) -> Result<(Vec<DecodedImage>, Vec<usize>), MediaError> {
         let mut picker = Picker::new(targets, opts);
+        picker.memory = memory;
         match d.codec {
             Codec::H264 => decode_h264(&d.packets, d.display_order.as_deref(), &mut picker)?,
             Codec::Vp9 => decode_vp9(&d.packets, &mut picker)?,

@@ -1,7 +1,7 @@
 // Hostile and ordinary-but-unexpected input (issue 18): files that are not
 // files, shutdown under load, small messages for empty or missing media.
 import { execFileSync, spawn } from 'node:child_process'
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -249,11 +249,16 @@ async function zeroPng(w: number, h: number, bitDepth = 16, colorType = 6): Prom
 }
 
 /** `candela serve MODEL ...flags` on a free port; resolves once it serves. */
-async function spawnServer(model: string, flags: string[]): Promise<{ base: string; pid: number; stop: () => Promise<number | null>; log: () => string }> {
+async function spawnServer(
+  model: string,
+  flags: string[],
+  extraEnv: NodeJS.ProcessEnv = {},
+): Promise<{ base: string; pid: number; stop: () => Promise<number | null>; log: () => string }> {
   const port = await freePort()
   const env: NodeJS.ProcessEnv = { ...process.env, CANDELA_CACHE_DIR: join(ROOT, '.cache', 'cli-test-no-download') }
   delete env.CANDELA_API_KEY
   delete env.CANDELA_MEDIA_MEMORY_BUDGET
+  Object.assign(env, extraEnv)
   const child = spawn(process.execPath, [CLI, 'serve', model, '--port', String(port), ...flags], { env, stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   child.stdout.on('data', (d: Buffer) => (out += d.toString()))
@@ -308,5 +313,50 @@ test.serial('huge 16-bit PNGs: decoded within the media memory budget (peak RSS 
     )
   } finally {
     t.is(await server.stop(), 0, server.log())
+  }
+})
+
+/** A 6 s clip of ffmpeg's test pattern, encoded by Debian's ffmpeg with `codec` args. */
+function clip(codec: string[], ext = 'mp4'): Buffer {
+  const dir = mkdtempSync(join(tmpdir(), 'candela-clip-'))
+  const out = join(dir, `clip.${ext}`)
+  execFileSync('ffmpeg', ['-v', 'error', '-y', '-f', 'lavfi', '-i', 'testsrc2=size=128x96:rate=10:duration=6', ...codec, '-pix_fmt', 'yuv420p', out])
+  return readFileSync(out)
+}
+
+const videoChat = (mp4: Buffer, mime = 'video/mp4'): string =>
+  JSON.stringify({
+    messages: [{ role: 'user', content: [{ type: 'video_url', video_url: { url: `data:${mime};base64,${mp4.toString('base64')}` } }, { type: 'text', text: 'What happens?' }] }],
+    max_tokens: 2,
+  })
+
+test.serial('an H.264 High MP4 with B-frames as libx264 writes it keeps every sampled frame; without ffmpeg, HEVC is a 422 naming the codec', async (t) => {
+  const high = clip(['-c:v', 'libx264'])
+  const baseline = clip(['-c:v', 'libx264', '-profile:v', 'baseline'])
+  const hevc = clip(['-c:v', 'libx265', '-x265-params', 'log-level=error', '-tag:v', 'hvc1'])
+  const server = await spawnServer(fixture('qwen2-vl-tiny'), [])
+  try {
+    const tokens: number[] = []
+    for (const mp4 of [high, baseline, hevc]) {
+      const r = await fetch(`${server.base}/v1/chat/completions`, { method: 'POST', body: videoChat(mp4) })
+      const body = (await r.json()) as { usage?: { prompt_tokens: number }; error?: { message: string } }
+      t.is(r.status, 200, body.error?.message)
+      tokens.push(body.usage!.prompt_tokens)
+    }
+    // The same 12 sampled frames (6 s at 2 fps) whatever the codec: once a B-frame clip kept one.
+    t.is(tokens[0], tokens[1])
+    t.is(tokens[2], tokens[1])
+  } finally {
+    t.is(await server.stop(), 0, server.log())
+  }
+  const bare = await spawnServer(fixture('qwen2-vl-tiny'), [], { CANDELA_FFMPEG: '/nonexistent/ffmpeg' })
+  try {
+    const r = await fetch(`${bare.base}/v1/chat/completions`, { method: 'POST', body: videoChat(hevc) })
+    t.is(r.status, 422)
+    const { error } = (await r.json()) as { error: { message: string } }
+    t.regex(error.message, /^HEVC video \(MP4 codec 'hvc1'\) is not supported by the built-in decoders/)
+    t.regex(error.message, /this machine has no ffmpeg, which decodes every common video \(install ffmpeg, or set CANDELA_FFMPEG to its path\)$/)
+  } finally {
+    t.is(await bare.stop(), 0, bare.log())
   }
 })

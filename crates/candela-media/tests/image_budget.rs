@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use candela_media::image::{decode_image, over_background, ImageOptions};
 use candela_media::MediaBudget;
+use proptest::prelude::*;
 
 struct Counting;
 
@@ -197,4 +198,36 @@ fn a_16_bit_rgba_png_costs_about_its_rgb8_output() {
     // The output plus decoder buffers of a few rows; a full 16-bit RGBA
     // frame (48 MB here) would come on top of the 18 MB output.
     assert!(grew < out + (2 << 20), "allocated {grew} bytes for an {out}-byte output");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+    /// The row decoder on damaged PNGs of every layout: an image or a 4xx,
+    /// and the reservation always given back.
+    #[test]
+    fn mutated_pngs_decode_or_fail_cleanly_and_free_their_reservation(
+        layout in 0usize..5,
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..16),
+        cut in proptest::option::of(any::<usize>()),
+    ) {
+        use png::{BitDepth as D, ColorType as C};
+        let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let (color, depth, bpp) = [(C::Rgba, D::Sixteen, 8), (C::Rgb, D::Eight, 3), (C::GrayscaleAlpha, D::Eight, 2), (C::Grayscale, D::Sixteen, 2), (C::Rgb, D::Sixteen, 6)][layout];
+        let mut bytes = encode(33, 17, &Png { color, depth, palette: None, trns: None }, &noise(33 * 17 * bpp, layout as u32));
+        let n = bytes.len();
+        for (at, v) in edits {
+            bytes[at % n] ^= v | 1;
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c % n + 1);
+        }
+        let budget = MediaBudget::new(1 << 20, 1 << 20, 1, Duration::from_millis(10));
+        let opts = ImageOptions { budget: budget.clone(), ..Default::default() };
+        match decode_image(&bytes, &opts) {
+            Ok(img) => prop_assert_eq!(img.rgb.len(), img.width as usize * img.height as usize * 3),
+            Err(e) => prop_assert!((400..500).contains(&e.http_status()), "{e:?}"),
+        }
+        prop_assert_eq!(budget.in_use(), 0);
+    }
 }

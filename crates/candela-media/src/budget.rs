@@ -69,6 +69,14 @@ impl Reservation {
         Reservation { inner: Arc::clone(&self.inner), bytes }
     }
 
+    /// Hold `more` bytes too, for an item whose size shows while it decodes
+    /// (audio): the per-item limit applies to the total.
+    pub fn grow(&mut self, more: u64, what: &str) -> Result<(), MediaError> {
+        self.inner.take(more, self.bytes + more, what)?;
+        self.bytes += more;
+        Ok(())
+    }
+
     /// Give back all but `bytes` (a decoder's buffers are gone, its output stays).
     pub fn shrink_to(&mut self, bytes: u64) {
         if bytes < self.bytes {
@@ -145,12 +153,21 @@ impl MediaBudget {
     /// Reserve `bytes` for `what` (e.g. "the 13000x13000 PNG image"), waiting
     /// for room if the budget is busy.
     pub fn reserve(&self, bytes: u64, what: &str) -> Result<Reservation, MediaError> {
-        let i = &self.inner;
-        if bytes > i.per_item {
+        self.inner.take(bytes, bytes, what)?;
+        Ok(Reservation { inner: Arc::clone(&self.inner), bytes })
+    }
+}
+
+impl Inner {
+    /// Add `bytes` to what is in use for an item that will then hold `item`
+    /// bytes in all, waiting for room.
+    fn take(&self, bytes: u64, item: u64, what: &str) -> Result<(), MediaError> {
+        let i = self;
+        if item > i.per_item {
             return Err(MediaError::TooLarge(format!(
                 "{what} needs {} to decode, above the per-item media memory limit of {} \
                  (half of --media-memory-budget); send it smaller",
-                mib(bytes),
+                mib(item),
                 mib(i.per_item)
             )));
         }
@@ -172,7 +189,7 @@ impl MediaBudget {
             s.waiting -= 1;
         }
         s.in_use += bytes;
-        Ok(Reservation { inner: Arc::clone(&self.inner), bytes })
+        Ok(())
     }
 }
 
@@ -251,6 +268,18 @@ mod tests {
         assert_eq!(b.in_use(), 80);
         drop(held);
         assert_eq!(t.join().unwrap().unwrap(), 50);
+    }
+
+    #[test]
+    fn a_growing_reservation_is_held_to_the_item_limit_in_total() {
+        let b = MediaBudget::new(1000, 100, 4, Duration::from_millis(10));
+        let mut r = b.reserve(60, "a").unwrap();
+        r.grow(40, "a").unwrap();
+        assert_eq!((r.bytes(), b.in_use()), (100, 100));
+        assert_eq!(r.grow(1, "the audio").unwrap_err().http_status(), 413);
+        assert_eq!(b.in_use(), 100);
+        drop(r);
+        assert_eq!(b.in_use(), 0);
     }
 
     #[test]

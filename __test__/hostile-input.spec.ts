@@ -2,6 +2,7 @@
 // files, shutdown under load, small messages for empty or missing media.
 import { execFileSync, spawn } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { createServer as createHttpServer } from 'node:http'
 import { createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -14,7 +15,6 @@ import { MediaError } from '../dist/errors.js'
 import { Slots } from '../dist/media/slots.js'
 import { loadUrl } from '../dist/media/source.js'
 import { fixture, ROOT } from './helpers.js'
-import { serve, startMediaServer } from './media-server.js'
 
 const CLI = join(ROOT, 'dist', 'cli.js')
 const PNG = Buffer.from('89504e470d0a1a0a0000000d4948445200000001000000010806000000', 'hex')
@@ -41,13 +41,17 @@ test('file: a FIFO or a directory under the allowed path is refused at once, and
     t.is(err.message, 'p: the local media path is not a regular file')
   }
   await refused(t, loadUrl(pathToFileURL(join(root, 'dir.jpg')).href, 'image', opts, 'p'), 400, /not a regular file/)
-  // `localhost` goes through dns.lookup, on the same thread pool.
-  const media = await startMediaServer({ '/a.png': serve(PNG, 'image/png') })
+  // `localhost` goes through dns.lookup, on the same thread pool; it may
+  // answer ::1 or 127.0.0.1 first, so the server listens on both.
+  const media = createHttpServer((_req, res) => res.writeHead(200, { 'content-type': 'image/png' }).end(PNG))
+  await new Promise<void>((r) => media.listen(0, r))
   try {
-    const got = await loadUrl(`http://localhost:${media.port}/a.png`, 'image', { allowPrivateMediaUrls: true }, 'p')
+    const port = (media.address() as AddressInfo).port
+    const got = await loadUrl(`http://localhost:${port}/a.png`, 'image', { allowPrivateMediaUrls: true }, 'p')
     t.deepEqual(got.data, PNG)
   } finally {
-    await media.close()
+    media.closeAllConnections()
+    await new Promise((r) => media.close(r))
   }
 })
 

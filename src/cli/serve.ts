@@ -248,7 +248,7 @@ export const SERVE_FLAGS: FlagGroup[] = [
   {
     title: 'Multimodal',
     flags: [
-      option('limit-mm-per-prompt', 'JSON', 'most media items per prompt, e.g. \'{"audio":2,"image":4}\' (0 disables a modality)', (c, v) => {
+      option('limit-mm-per-prompt', 'JSON', 'most media items per prompt, e.g. \'{"audio":2,"image":4}\' (default {"image":10,"video":2,"audio":5}; 0 disables a modality)', (c, v) => {
         let parsed: unknown
         try {
           parsed = JSON.parse(v)
@@ -265,6 +265,9 @@ export const SERVE_FLAGS: FlagGroup[] = [
           limits[k] = n as number
         }
         c.load.limitMmPerPrompt = limits
+      }),
+      option('media-memory-budget', 'SIZE', 'memory for media being decoded, all requests together (default: a quarter of RAM, 512MiB..16GiB); one item may take half; over it, items wait up to 30 s, then 503', (c, v) => {
+        c.server.mediaMemoryBudget = bytesValue('media-memory-budget', v)
       }),
       option('allowed-local-media-path', 'DIR', 'let file:// media URLs read files under DIR (after symlinks); off by default', (c, v) => {
         c.load.allowedLocalMediaPath = v
@@ -419,6 +422,9 @@ export function serverOptionsOf(cfg: ServeConfig): Pick<ServerOptions, 'load' | 
   return { ...cfg.server, ...(withMain ? { load: cfg.load } : {}), models }
 }
 
+/** SIGINT / SIGTERM stop the process within this long, gracefully or not. */
+const SHUTDOWN_LIMIT_MS = 10_000
+
 /** Run the server until SIGINT / SIGTERM. */
 async function serve(positionals: string[], values: Values): Promise<number> {
   const cfg = serveConfig(positionals, values)
@@ -445,6 +451,9 @@ async function serve(positionals: string[], values: Values): Promise<number> {
     if (stopping || !loaded) process.exit(130)
     stopping = true
     stop()
+    // Whatever still holds the process (a file call stuck on a dead disk)
+    // cannot keep it from stopping.
+    setTimeout(() => process.exit(1), SHUTDOWN_LIMIT_MS).unref()
   }
   process.on('SIGINT', onSignal)
   process.on('SIGTERM', onSignal)

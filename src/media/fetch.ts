@@ -43,6 +43,37 @@ export interface FetchOptions {
   resolveMediaHost?: MediaHostResolver
   /** Aborts the fetch (the request was cancelled). */
   signal?: AbortSignal
+  /** The request's running total of fetched bytes (one per request). */
+  requestBytes?: RequestBytes
+}
+
+/** Default of the per-request total of fetched media bytes (CANDELA_MAX_REQUEST_MEDIA_BYTES). */
+export const DEFAULT_MAX_REQUEST_MEDIA_BYTES = 256e6
+
+/**
+ * What one request's media URLs have fetched so far: many small requests'
+ * worth of downloads must not arrive in one request (20 image URLs x 20 MB).
+ */
+export class RequestBytes {
+  #used = 0
+  readonly limit: number
+
+  constructor(limit?: number) {
+    const env = Number(process.env.CANDELA_MAX_REQUEST_MEDIA_BYTES)
+    this.limit = limit ?? (Number.isFinite(env) && env > 0 ? env : DEFAULT_MAX_REQUEST_MEDIA_BYTES)
+  }
+
+  /** Count `n` more bytes; past the limit, a 413 with both numbers. */
+  add(n: number, param: string): void {
+    this.#used += n
+    if (this.#used > this.limit) {
+      throw new MediaError(
+        `${param}: the request's media URLs add up to more than ${this.limit / 1e6} MB (the per-request limit, CANDELA_MAX_REQUEST_MEDIA_BYTES); send fewer or smaller items`,
+        413,
+        param,
+      )
+    }
+  }
 }
 
 export const MAX_REDIRECTS = 5
@@ -110,7 +141,7 @@ async function checkedAddress(url: URL, opts: FetchOptions, param: string, via: 
 }
 
 /** `p`, or a rejection as soon as `signal` aborts (a resolver that hangs must not outlive the deadline). */
-function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+export function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     const abort = (): void => reject(signal.reason)
     if (signal.aborted) return abort()
@@ -236,6 +267,12 @@ export async function fetchHttp(
         if (size > cap) {
           res.destroy()
           throw tooLarge(modality, host, cap, param)
+        }
+        try {
+          opts.requestBytes?.add(chunk.byteLength, param)
+        } catch (err) {
+          res.destroy()
+          throw err
         }
         chunks.push(chunk)
       }

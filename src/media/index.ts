@@ -7,6 +7,7 @@
  */
 
 import { MediaError } from '../errors.js'
+import { RequestBytes } from './fetch.js'
 import { decodeBase64, loadUrl } from './source.js'
 import type { SourceOptions } from './source.js'
 import type { AudioSamples, Modality, ResolvedMedia } from './types.js'
@@ -233,7 +234,11 @@ async function resolvePart(p: PendingPart, opts: MediaPolicy): Promise<ResolvedM
     default: {
       const v = part[type]
       if (v instanceof Uint8Array) return withUuid({ modality, data: toBuffer(v) })
-      if ((v === null || v === undefined) && uuid !== undefined) return withUuid({ modality })
+      if (v === null || v === undefined) {
+        if (uuid !== undefined) return withUuid({ modality })
+        const uuidField = path.startsWith('multiModalData.') ? path.replace('multiModalData.', 'multiModalUuids.') : `${path}.uuid`
+        throw new MediaError(`${path} is empty and has no uuid: give its data, or in ${uuidField} the uuid of an item sent before`, 400, path)
+      }
       throw new MediaError(`${path}: ${type} parts are not supported by this model`, 400, path)
     }
   }
@@ -263,7 +268,9 @@ export async function resolveParts(parts: PendingPart[], policy: MediaPolicy): P
       throw new MediaError(`At most ${limit} ${m}(s) may be provided in one prompt.`, 400, 'messages')
     }
   }
-  return Promise.all(parts.map((p) => resolvePart(p, policy)))
+  // One running total of fetched bytes per request (its fetches run in parallel).
+  const opts: MediaPolicy = { ...policy, requestBytes: new RequestBytes() }
+  return Promise.all(parts.map((p) => resolvePart(p, opts)))
 }
 
 /** Items of `generate`'s `multiModalData` as pending parts (prompt order = array order). */

@@ -7,7 +7,7 @@
 import type { Request, Response } from 'express'
 import type { ZodType } from 'zod'
 
-import { badRequest, fromZodError, toApiError } from './errors.js'
+import { ApiError, badRequest, fromZodError, toApiError } from './errors.js'
 import type { Logger } from './log.js'
 import type { ServerMetrics } from './metrics.js'
 import type { ModelPool } from './model-pool.js'
@@ -33,7 +33,12 @@ export interface AppContext {
   /** The served model's tool-call format, when set by the operator (else read off the chat template). */
   toolCallParser: ToolCallParserName | undefined
   version: string
+  /** Aborted when the server starts closing: every request in flight ends with a 503. */
+  stopping: AbortSignal
 }
+
+/** What a request in flight is answered when the server closes under it. */
+export const shuttingDown = (): ApiError => new ApiError(503, 'the server is shutting down', { code: 'shutting_down' })
 
 /** Validate a body against its schema; a 400 naming the first bad field otherwise. */
 export function parseBody<T>(schema: ZodType<T>, body: unknown): T {
@@ -64,11 +69,20 @@ export class Run {
     ;(res.locals as { promptParam?: string }).promptParam = promptParam
     // The client went away before its answer was complete: stop generating at once.
     res.on('close', () => {
+      ctx.stopping.removeEventListener('abort', onStop)
       if (!res.writableFinished) {
         this.#clientGone = true
         this.#ac.abort(new Error('the client closed the connection'))
       }
     })
+    const onStop = (): void => this.#ac.abort(shuttingDown())
+    if (ctx.stopping.aborted) onStop()
+    else ctx.stopping.addEventListener('abort', onStop, { once: true })
+  }
+
+  /** The error to answer with: the shutdown's own when the server is closing. */
+  #reason(err: unknown): unknown {
+    return this.ctx.stopping.aborted ? shuttingDown() : err
   }
 
   get signal(): AbortSignal {
@@ -99,7 +113,7 @@ export class Run {
       await work()
     } catch (err) {
       if (this.clientGone) return
-      throw err
+      throw this.#reason(err)
     } finally {
       this.cancel()
       this.settle()
@@ -128,8 +142,8 @@ export class Run {
       if (includeUsage) await sse.send({ ...head, choices: [], usage: this.tally.usage() })
     } catch (err) {
       if (this.clientGone) return
-      if (!sse.opened) throw err
-      await sse.send(this.errorEvent(err))
+      if (!sse.opened) throw this.#reason(err)
+      await sse.send(this.errorEvent(this.#reason(err)))
     }
     sse.end()
   }

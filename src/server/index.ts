@@ -10,7 +10,7 @@
  * @module
  */
 
-export { startServer, DEFAULT_KEEP_ALIVE_MS, DEFAULT_MAX_BODY_BYTES } from './serve.js'
+export { startServer, DEFAULT_KEEP_ALIVE_MS, DEFAULT_LIMIT_MM_PER_PROMPT, DEFAULT_MAX_BODY_BYTES } from './serve.js'
 export type { CandelaServer, ServerOptions } from './serve.js'
 export type { LaunchSpec, ModelPool } from './model-pool.js'
 export type { ModelHost, HostState } from './model-host.js'

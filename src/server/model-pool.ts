@@ -24,6 +24,13 @@ import { availableMemory, checkpointBytes, defaultKvBytes, doesNotFit } from './
 import { ModelHost } from './model-host.js'
 
 /** What to launch. */
+/**
+ * Most media items per prompt of a served model unless its
+ * `limitMmPerPrompt` says otherwise (the library has no default): each item
+ * may cost its decoded size in memory.
+ */
+export const DEFAULT_LIMIT_MM_PER_PROMPT = { image: 10, video: 2, audio: 5 } as const
+
 export interface LaunchSpec {
   /** A model folder, `.gguf` file, Hugging Face repo id, or 'default' (the default). */
   model?: string
@@ -99,7 +106,11 @@ export class ModelPool {
    */
   async launch(spec: LaunchSpec, startup = false): Promise<{ host: ModelHost; ready: Promise<Engine | Transcriber> }> {
     const model = spec.model ?? 'default'
-    const load = { ...spec.load, model } as LoadOptions
+    const load = {
+      ...spec.load,
+      limitMmPerPrompt: { ...DEFAULT_LIMIT_MM_PER_PROMPT, ...spec.load?.limitMmPerPrompt },
+      model,
+    } as LoadOptions
     if (!spec.engine) {
       try {
         validateLoadOptions(load)

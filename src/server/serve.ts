@@ -5,10 +5,12 @@
  * load.
  */
 
+import { setMaxListeners } from 'node:events'
 import { readFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import type { Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
+import type { Duplex } from 'node:stream'
 
 import type { Express } from 'express'
 
@@ -19,10 +21,10 @@ import type { LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
 import { createApp } from './app.js'
 import type { AppContext } from './context.js'
+import { ApiError } from './errors.js'
 import { createLogger, silentLogger } from './log.js'
 import type { Logger } from './log.js'
 import { ServerMetrics } from './metrics.js'
-import { ApiError } from './errors.js'
 import type { ModelHost } from './model-host.js'
 import { ModelPool } from './model-pool.js'
 import type { LaunchSpec } from './model-pool.js'
@@ -32,6 +34,12 @@ import type { ToolCallParserName } from './tools.js'
 export const DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
 /** Default SSE keep-alive: a comment after 15 s without a chunk. */
 export const DEFAULT_KEEP_ALIVE_MS = 15_000
+export { DEFAULT_LIMIT_MM_PER_PROMPT } from './model-pool.js'
+/** Slow clients (slowloris): headers within 20 s, the body within 2 min. */
+export const DEFAULT_HEADERS_TIMEOUT_MS = 20_000
+export const DEFAULT_REQUEST_TIMEOUT_MS = 120_000
+/** On close, requests in flight get this long to send their 503 before every connection is dropped. */
+const CLOSE_GRACE_MS = 2_000
 
 export interface ServerOptions {
   /**
@@ -57,6 +65,16 @@ export interface ServerOptions {
   apiKey?: string
   /** Largest request body in bytes (default 50 MiB); larger ones get 413. */
   maxBodyBytes?: number
+  /**
+   * Bytes of decoded media (pixels, samples) all requests may hold at once;
+   * one item may take half. Process-wide (it sets CANDELA_MEDIA_MEMORY_BUDGET),
+   * read by the first media decode. Default: a quarter of RAM within 512 MiB..16 GiB.
+   */
+  mediaMemoryBudget?: number
+  /** A client must send its request headers within this many ms (default 20000), else 408 and the connection closes. */
+  headersTimeoutMs?: number
+  /** ... and its whole request, body included, within this many ms (default 120000); responses are not limited. */
+  requestTimeoutMs?: number
   /** Send an SSE keep-alive comment after this many ms without a chunk (default 15000; 0 = never). */
   keepAliveMs?: number
   /** Where log lines go (default: stdout, JSON when it is not a TTY); `false` for none. */
@@ -90,7 +108,7 @@ export interface CandelaServer {
   readonly transcriber: Transcriber | undefined
   /** The names the model is served under (empty until it is loaded). */
   readonly modelNames: readonly string[]
-  /** Stop listening, drop open connections (their requests are aborted) and close the engines this server loaded. */
+  /** Stop listening, end requests in flight with a 503 (or an error event on a stream), drop the connections left and close the engines this server loaded. */
   close(): Promise<void>
 }
 
@@ -116,6 +134,31 @@ function listenError(err: NodeJS.ErrnoException, host: string, port: number): Er
     default:
       return new Error(`cannot listen on ${where}: ${err.message}`)
   }
+}
+
+/**
+ * A request the HTTP parser refused (headers over Node's 16 KiB, a client
+ * too slow, bytes that are not HTTP) gets a status in OpenAI's error shape;
+ * the rest of what the client sends is read and dropped for a moment, so
+ * closing does not reset the connection before the client reads the answer.
+ */
+function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (!socket.writable) {
+    socket.destroy()
+    return
+  }
+  const [status, reason, message] =
+    err.code === 'HPE_HEADER_OVERFLOW'
+      ? [431, 'Request Header Fields Too Large', 'the request headers are larger than the server accepts (16 KiB)']
+      : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? [408, 'Request Timeout', 'the request was not received in time']
+        : [400, 'Bad Request', 'the request is not valid HTTP']
+  const body = JSON.stringify(new ApiError(status, message).toJSON())
+  socket.end(
+    `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  )
+  socket.resume()
+  setTimeout(() => socket.destroy(), 1000).unref()
 }
 
 function checkPort(port: number): number {
@@ -156,6 +199,12 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     validateLoadOptions({ ...spec.load, model: spec.model })
     if (!isModelArgument(spec.model)) throw modelNotFound(spec.model!)
   }
+  if (options.mediaMemoryBudget !== undefined) {
+    if (!Number.isSafeInteger(options.mediaMemoryBudget) || options.mediaMemoryBudget <= 0) {
+      throw new Error(`mediaMemoryBudget must be a positive number of bytes, got ${options.mediaMemoryBudget}`)
+    }
+    process.env.CANDELA_MEDIA_MEMORY_BUDGET = String(options.mediaMemoryBudget)
+  }
   const hostName = options.host ?? '127.0.0.1'
   const port = checkPort(options.port ?? 8000)
   const log = options.logger === false ? silentLogger : (options.logger ?? createLogger())
@@ -166,6 +215,9 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     memoryBudgetBytes: options.memoryBudgetBytes,
   })
   const metrics = new ServerMetrics(() => models.stats())
+  const stopping = new AbortController()
+  // Every request in flight listens for the shutdown.
+  setMaxListeners(0, stopping.signal)
   const ctx: AppContext = {
     models,
     metrics,
@@ -176,9 +228,17 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     logRequests: options.logRequests ?? true,
     toolCallParser: options.toolCallParser,
     version: packageVersion(),
+    stopping: stopping.signal,
   }
   const app = createApp(ctx)
-  const httpServer = createServer(app)
+  const requestTimeout = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS
+  const headersTimeout = Math.min(options.headersTimeoutMs ?? DEFAULT_HEADERS_TIMEOUT_MS, requestTimeout)
+  const httpServer = createServer(
+    // Node checks the timeouts every connectionsCheckingInterval ms (30 s by default).
+    { headersTimeout, requestTimeout, connectionsCheckingInterval: Math.min(1000, headersTimeout) },
+    app,
+  )
+  httpServer.on('clientError', answerClientError)
   await new Promise<void>((resolve, reject) => {
     httpServer.once('error', (err) => reject(listenError(err, hostName, port)))
     httpServer.listen(port, hostName, () => resolve())
@@ -224,8 +284,12 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
         const pending = models.close()
         await new Promise<void>((resolve) => {
           httpServer.close(() => resolve())
-          // Open streams end now; their requests abort and free their KV blocks.
-          httpServer.closeAllConnections()
+          // Requests in flight abort now (freeing their KV blocks) and answer
+          // 503 or, on an open stream, an error event; whatever is still open
+          // after the grace (a client that sends nothing) is dropped.
+          stopping.abort()
+          httpServer.closeIdleConnections()
+          setTimeout(() => httpServer.closeAllConnections(), CLOSE_GRACE_MS).unref()
         })
         await pending
         await Promise.allSettled(launched.map((l) => l.ready))

@@ -16,6 +16,12 @@ pub enum MediaError {
     /// A caller-given option or parameter is out of range (HTTP 400).
     #[error("{0}")]
     Invalid(String),
+    /// Decoding would take more memory than one item may (HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The media memory budget stayed full while the item waited (HTTP 503).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl MediaError {
@@ -24,6 +30,8 @@ impl MediaError {
         match self {
             MediaError::Empty(_) | MediaError::Invalid(_) => 400,
             MediaError::Corrupt(_) | MediaError::Unsupported(_) => 422,
+            MediaError::TooLarge(_) => 413,
+            MediaError::Busy(_) => 503,
         }
     }
 
@@ -34,6 +42,8 @@ impl MediaError {
             MediaError::Corrupt(_) => "corrupt",
             MediaError::Unsupported(_) => "unsupported",
             MediaError::Invalid(_) => "invalid",
+            MediaError::TooLarge(_) => "too_large",
+            MediaError::Busy(_) => "busy",
         }
     }
 
@@ -43,7 +53,9 @@ impl MediaError {
             MediaError::Empty(m)
             | MediaError::Corrupt(m)
             | MediaError::Unsupported(m)
-            | MediaError::Invalid(m) => m,
+            | MediaError::Invalid(m)
+            | MediaError::TooLarge(m)
+            | MediaError::Busy(m) => m,
         }
     }
 }

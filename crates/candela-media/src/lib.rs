@@ -8,10 +8,12 @@
 //! tensors.
 
 pub mod audio;
+pub mod budget;
 pub mod image;
 pub mod video;
 mod error;
 mod hash;
 
+pub use budget::{MediaBudget, Reservation};
 pub use error::MediaError;
 pub use hash::{mm_hash, MmHash, Modality};

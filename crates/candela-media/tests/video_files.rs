@@ -1,12 +1,14 @@
 //! Video files (fixtures/vision, made by scripts/make_vision_fixtures.py):
 //! MP4/H.264 and WebM/VP9/VP8 decode to ffmpeg's frames in display order,
-//! sampling while decoding, frame recovery, limits, hostile bytes.
+//! sampling while decoding, frame recovery, limits, hostile bytes. The
+//! built-in decoders are named explicitly where a test is about them; the
+//! default (ffmpeg when found, see video_ffmpeg.rs) elsewhere.
 #![cfg(feature = "video-files")]
 
 use std::path::PathBuf;
 
 use candela_media::image::DecodedImage;
-use candela_media::video::{decode_video, Qwen2VlVideoConfig, VideoDecodeOptions, VideoOverrides};
+use candela_media::video::{decode_video, Qwen2VlVideoConfig, VideoDecodeOptions, VideoDecoder, VideoOverrides};
 use candela_media::MediaError;
 use safetensors::SafeTensors;
 
@@ -41,14 +43,18 @@ fn all(n: usize, _fps: Option<f64>) -> Result<Vec<usize>, MediaError> {
 /// a different YUV -> RGB conversion.
 #[test]
 fn video_files_match_ffmpeg() {
-    for (clip, codec) in [
-        ("clip_h264.mp4", "H.264"),
-        ("clip_h264_high.mp4", "H.264"),
-        ("clip_vp9.webm", "VP9"),
-        ("clip_vp8_key.webm", "VP8"),
+    for (clip, codec, decoder) in [
+        ("clip_h264.mp4", "H.264", VideoDecoder::BuiltIn),
+        ("clip_h264_high.mp4", "H.264", VideoDecoder::BuiltIn),
+        ("clip_vp9.webm", "VP9", VideoDecoder::BuiltIn),
+        ("clip_vp8_key.webm", "VP8", VideoDecoder::BuiltIn),
+        ("clip_h264.mp4", "H.264", VideoDecoder::Auto),
+        ("clip_h264_high.mp4", "H.264", VideoDecoder::Auto),
+        ("clip_vp9.webm", "VP9", VideoDecoder::Auto),
+        ("clip_vp8_key.webm", "VP8", VideoDecoder::Auto),
     ] {
-        let v = decode_video(&fixture(clip), &VideoDecodeOptions::default(), all)
-            .unwrap_or_else(|e| panic!("{clip}: {e}"));
+        let opts = VideoDecodeOptions { decoder: decoder.clone(), ..Default::default() };
+        let v = decode_video(&fixture(clip), &opts, all).unwrap_or_else(|e| panic!("{clip}: {e}"));
         assert_eq!(v.codec, codec);
         assert_eq!(v.total_frames, 10, "{clip}");
         let fps = v.source_fps.unwrap();
@@ -80,7 +86,7 @@ fn video_files_match_ffmpeg() {
                     "{clip} frame {i}: {mean} vs next {other}"
                 );
             }
-            eprintln!("{clip} frame {i}: mean |diff| {mean:.3}, max {max}");
+            eprintln!("{clip} ({decoder:?}) frame {i}: mean |diff| {mean:.3}, max {max}");
             assert!(
                 mean < 2.0 && max <= 48,
                 "{clip} frame {i}: mean {mean}, max {max}"
@@ -126,22 +132,13 @@ fn video_file_sampling_and_processing() {
 }
 
 #[test]
-fn vp8_inter_frames_are_refused_clearly() {
-    let err = decode_video(
-        &fixture("clip_vp8.webm"),
-        &VideoDecodeOptions::default(),
-        all,
-    )
-    .unwrap_err();
+fn vp8_inter_frames_are_refused_clearly_by_the_built_in_decoder() {
+    let builtin = VideoDecodeOptions { decoder: VideoDecoder::BuiltIn, ..Default::default() };
+    let err = decode_video(&fixture("clip_vp8.webm"), &builtin, all).unwrap_err();
     assert!(matches!(err, MediaError::Unsupported(_)), "{err:?}");
     assert!(err.message().contains("VP8"), "{err}");
     // Its first frame is a key frame, so picking only that one works.
-    let v = decode_video(
-        &fixture("clip_vp8.webm"),
-        &VideoDecodeOptions::default(),
-        |_, _| Ok(vec![0]),
-    )
-    .unwrap();
+    let v = decode_video(&fixture("clip_vp8.webm"), &builtin, |_, _| Ok(vec![0])).unwrap();
     assert_eq!(v.frames.len(), 1);
 }
 
@@ -161,17 +158,36 @@ fn corrupt_video_frames_and_recovery() {
     assert_eq!(starts.len(), 10, "key frame start codes");
     let mut broken = bytes.clone();
     broken[starts[3]] = 0x00;
-    let err = decode_video(&broken, &VideoDecodeOptions::default(), all).unwrap_err();
+    let builtin = VideoDecodeOptions { decoder: VideoDecoder::BuiltIn, ..Default::default() };
+    let err = decode_video(&broken, &builtin, all).unwrap_err();
     assert!(matches!(err, MediaError::Corrupt(_)), "{err:?}");
-    let rec = VideoDecodeOptions {
-        frame_recovery: true,
-        ..Default::default()
-    };
+    let rec = VideoDecodeOptions { frame_recovery: true, ..builtin.clone() };
     let v = decode_video(&broken, &rec, |_, _| Ok(vec![0, 3, 6])).unwrap();
-    let full = decode_video(&bytes, &VideoDecodeOptions::default(), all).unwrap();
+    let full = decode_video(&bytes, &builtin, all).unwrap();
     assert_eq!(v.frame_indices, vec![0, 3, 6]);
     assert_eq!(v.frames[1], full.frames[4], "frame 3 replaced by frame 4");
     assert_eq!(v.frames[2], full.frames[6]);
+    assert_eq!((v.recovered, v.dropped), (1, 0));
+    // Frame 9 has no later frame to stand in: dropped, and counted.
+    let mut last = bytes.clone();
+    last[starts[9]] = 0x00;
+    let v = decode_video(&last, &rec, |_, _| Ok(vec![0, 9])).unwrap();
+    assert_eq!((v.frame_indices.clone(), v.recovered, v.dropped), (vec![0], 0, 1));
+
+    // Losing more than half of the picked frames is an error, not a quiet answer.
+    let mut ruined = bytes.clone();
+    for &i in &starts[..6] {
+        ruined[i] = 0x00;
+    }
+    for opts in [rec.clone(), VideoDecodeOptions { frame_recovery: true, ..Default::default() }] {
+        let err = decode_video(&ruined, &opts, |_, _| Ok(vec![0, 2, 4, 6, 8])).unwrap_err();
+        assert!(err.message().starts_with("only 2 of the 5 sampled frames"), "{:?}: {err}", opts.decoder);
+    }
+    // ffmpeg (the default here) drops the broken frame and says how many.
+    let v = decode_video(&broken, &VideoDecodeOptions { frame_recovery: true, ..Default::default() }, all).unwrap();
+    assert_eq!((v.frames.len(), v.dropped), (9, 1));
+    let err = decode_video(&broken, &VideoDecodeOptions::default(), all).unwrap_err();
+    assert!(err.message().starts_with("1 of the 10 picked frames of the VP8 video cannot be decoded"), "{err}");
 }
 
 #[test]
@@ -186,6 +202,7 @@ fn truncated_and_garbage_videos_are_errors_not_panics() {
         for cut in [16, 64, bytes.len() / 3, bytes.len() / 2, bytes.len() - 7] {
             match decode_video(&bytes[..cut], &VideoDecodeOptions::default(), all) {
                 Ok(v) => assert!(!v.frames.is_empty()),
+                Err(e) if e.message().contains("None") => panic!("{clip}[..{cut}]: {e}"),
                 Err(e) => assert!(
                     matches!(
                         e,

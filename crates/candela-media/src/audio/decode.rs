@@ -4,6 +4,7 @@
 //! FLAC, MP3 and OGG/Vorbis; any number of channels. Decoding is lenient the way
 //! ffmpeg is: a packet that fails to decode is skipped and a truncated file gives
 //! the samples before the cut; only input that yields nothing is an error.
+//! The samples are counted against the media budget while they decode.
 
 use std::io::Cursor;
 
@@ -14,7 +15,10 @@ use symphonia::core::formats::{FormatOptions, TrackType};
 use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 
-use crate::MediaError;
+use crate::{MediaBudget, MediaError};
+
+/// Audio grows its media-budget reservation at least this much at a time.
+const AUDIO_STEP: u64 = 8 << 20;
 
 /// Decoded audio: one sample vector per channel (all the same length), in [-1, 1]
 /// for integer sources.
@@ -148,6 +152,11 @@ fn decode_inner(bytes: &[u8], hint_ext: Option<&'static str>) -> Result<DecodedA
     let codec = codec_name.unwrap_or("audio");
     let what = format!("{container}/{codec}");
 
+    // Decoded samples are reserved from the media budget as they grow (a
+    // small compressed file can hold hours): past the per-item share a 413.
+    let budget = MediaBudget::global();
+    let label = format!("the {what} audio");
+    let mut memory = budget.reserve(0, &label)?;
     let mut channels: Vec<Vec<f32>> = Vec::new();
     let mut sample_rate = 0u32;
     let mut plane_buf: Vec<Vec<f32>> = Vec::new();
@@ -211,6 +220,12 @@ fn decode_inner(bytes: &[u8], hint_ext: Option<&'static str>) -> Result<DecodedA
                 "{what}: decoder returned {} planes for {n_ch} channels",
                 plane_buf.len()
             )));
+        }
+        let held: u64 = channels.iter().map(|c| (c.len() + buf.frames()) as u64 * 4).sum();
+        if held > memory.bytes() {
+            // In steps of 8 MiB (or a quarter of what is held), not per packet.
+            let step = (held - memory.bytes()).max(AUDIO_STEP).max(memory.bytes() / 4);
+            memory.grow(step, &label)?;
         }
         for (dst, src) in channels.iter_mut().zip(&plane_buf) {
             dst.extend_from_slice(src);

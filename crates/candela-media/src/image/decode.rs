@@ -5,15 +5,18 @@
 //! unpackers do), and alpha (RGBA, LA, palette with transparency) is composited
 //! over a background colour with PIL's `Image.paste(..., mask=alpha)` rounding,
 //! which is what vLLM does for RGBA. The header's width x height is checked
-//! against `max_pixels` before any pixel buffer exists (decompression bombs).
+//! against `max_pixels`, and the decoded size reserved from the media budget,
+//! before any pixel buffer exists (decompression bombs). PNG goes row by row
+//! (png.rs).
 
 use std::io::Cursor;
 
 use ::image::error::{ImageError, LimitErrorKind};
-use ::image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use ::image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use std::sync::Arc;
 
 use super::composite::over_background;
-use crate::MediaError;
+use crate::{MediaBudget, MediaError, Reservation};
 
 /// PIL's `Image.MAX_IMAGE_PIXELS * 2`, the size above which PIL raises
 /// `DecompressionBombError` instead of warning.
@@ -31,6 +34,9 @@ pub struct ImageOptions {
     /// `ImageOps.exif_transpose`. Off by default: Hugging Face's Qwen2-VL image
     /// processor and vLLM's image loader take pixels as stored.
     pub apply_exif_orientation: bool,
+    /// Memory the decoded image is reserved from, before its buffers exist
+    /// (default: the process's [`MediaBudget::global`]).
+    pub budget: MediaBudget,
 }
 
 impl Default for ImageOptions {
@@ -39,17 +45,27 @@ impl Default for ImageOptions {
             rgba_background_color: [255, 255, 255],
             max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
             apply_exif_orientation: false,
+            budget: MediaBudget::global().clone(),
         }
     }
 }
 
 /// A decoded image: interleaved RGB8, row-major, `width * height * 3` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A decoded file holds its pixels' share of the media budget until dropped.
+#[derive(Debug, Clone)]
 pub struct DecodedImage {
     pub width: u32,
     pub height: u32,
     pub rgb: Vec<u8>,
+    memory: Option<Arc<Reservation>>,
 }
+
+impl PartialEq for DecodedImage {
+    fn eq(&self, o: &Self) -> bool {
+        (self.width, self.height) == (o.width, o.height) && self.rgb == o.rgb
+    }
+}
+impl Eq for DecodedImage {}
 
 impl DecodedImage {
     /// Wrap raw RGB8 pixels (e.g. a decoded video frame), checking the length.
@@ -66,7 +82,13 @@ impl DecodedImage {
                 rgb.len()
             )));
         }
-        Ok(DecodedImage { width, height, rgb })
+        Ok(DecodedImage { width, height, rgb, memory: None })
+    }
+
+    /// Keep `r` reserved for as long as these pixels live.
+    pub(crate) fn holding(mut self, r: Reservation) -> Self {
+        self.memory = Some(Arc::new(r));
+        self
     }
 
     /// Width x height.
@@ -109,6 +131,10 @@ fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, Media
         ))
     })?;
 
+    // PNG row by row, straight to RGB8 (EXIF orientation, rare in PNGs, goes the general way).
+    if format == ImageFormat::Png && !opts.apply_exif_orientation {
+        return super::png::decode_png(bytes, opts);
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(decoder_limits(opts.max_pixels));
     let mut decoder = reader
@@ -118,6 +144,10 @@ fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, Media
     // The header alone: refuse a bomb before the decoder allocates its output.
     let (w, h) = decoder.dimensions();
     check_pixels(w, h, opts.max_pixels)?;
+    // The decoder's buffer, plus the RGB8 copy unless the decoder writes RGB8.
+    let out = w as u64 * h as u64 * 3;
+    let cost = if decoder.color_type() == ColorType::Rgb8 { out } else { decoder.total_bytes().saturating_add(out) };
+    let mut reservation = opts.budget.reserve(cost, &format!("the {w}x{h} {name} image"))?;
 
     let orientation = if opts.apply_exif_orientation {
         decoder.orientation().ok()
@@ -128,7 +158,9 @@ fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, Media
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    to_rgb8(img, opts.rgba_background_color)
+    let rgb = to_rgb8(img, opts.rgba_background_color)?;
+    reservation.shrink_to(out);
+    Ok(rgb.holding(reservation))
 }
 
 /// Allocation limits for the decoder: the pixel cap turned into bytes for the

@@ -3,6 +3,7 @@
 
 mod composite;
 mod decode;
+mod png;
 mod qwen2_vl;
 mod resize;
 

@@ -1,5 +1,6 @@
-//! Video file bytes -> the RGB8 frames a processor samples, with decoders
-//! linked into the binary (no system library, no external program):
+//! Video file bytes -> the RGB8 frames a processor samples. With an `ffmpeg`
+//! on the machine (ffmpeg.rs) every common codec and container decodes
+//! through it; without one, through decoders linked into the binary:
 //!
 //! - MP4 (`mp4` demuxer): H.264 through OpenH264 (built from its bundled
 //!   source), VP9 through `rusty_vp9` (pure Rust).
@@ -12,8 +13,11 @@
 //! only the picked ones are converted to RGB: a long video never sits in
 //! memory as RGB.
 
+use std::time::Duration;
+
+use super::ffmpeg::{FfmpegTools, FFMPEG_ENV};
 use crate::image::{check_pixels, DecodedImage};
-use crate::MediaError;
+use crate::{MediaBudget, MediaError, Reservation};
 
 /// How to decode a video file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +34,25 @@ pub struct VideoDecodeOptions {
     /// Most bytes of RGB the picked frames may take together (frames are
     /// kept at their decoded size until the processor resizes them).
     pub max_output_bytes: u64,
+    /// Memory the picked frames are reserved from before decoding (default:
+    /// the process's [`MediaBudget::global`]); each kept frame holds its share.
+    pub budget: MediaBudget,
+    /// Which decoders to use (default: ffmpeg when found, else the built-in ones).
+    pub decoder: VideoDecoder,
+    /// Longest one ffmpeg run may take before it is stopped.
+    pub ffmpeg_timeout: Duration,
+}
+
+/// Where video files are decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VideoDecoder {
+    /// ffmpeg when [`FfmpegTools::find`] finds it, else the built-in decoders.
+    Auto,
+    /// The decoders linked into the binary: H.264 without B-frames (OpenH264),
+    /// VP9, VP8 key frames; MP4 and WebM.
+    BuiltIn,
+    /// This ffmpeg.
+    Ffmpeg(FfmpegTools),
 }
 
 impl Default for VideoDecodeOptions {
@@ -39,6 +62,9 @@ impl Default for VideoDecodeOptions {
             max_pixels: 8192 * 8192,
             max_total_frames: 1 << 20,
             max_output_bytes: 2 << 30,
+            budget: MediaBudget::global().clone(),
+            decoder: VideoDecoder::Auto,
+            ffmpeg_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -56,8 +82,29 @@ pub struct DecodedVideo {
     pub source_fps: Option<f64>,
     /// "MP4" or "WebM".
     pub container: &'static str,
-    /// "H.264", "VP9" or "VP8".
+    /// "H.264", "HEVC", "VP9", "VP8", "AV1", ...
     pub codec: &'static str,
+    /// Picked frames that failed and were replaced by a later frame (`frame_recovery`).
+    pub recovered: usize,
+    /// Picked frames that failed and were left out (`frame_recovery`).
+    pub dropped: usize,
+}
+
+/// The last check of every decode: frames came, and frame recovery did not
+/// lose more than half of the picked ones (a quiet answer about almost
+/// nothing is worse than an error).
+pub(super) fn finish(v: DecodedVideo, _opts: &VideoDecodeOptions) -> Result<DecodedVideo, MediaError> {
+    let picked = v.frames.len() + v.dropped;
+    if v.frames.is_empty() || v.dropped * 2 > picked {
+        return Err(MediaError::Corrupt(format!(
+            "only {} of the {picked} sampled frames of the {}/{} video could be decoded \
+             (frame_recovery gives up when more than half are lost)",
+            v.frames.len(),
+            v.container,
+            v.codec
+        )));
+    }
+    Ok(v)
 }
 
 /// Decode the frames `select(total_frames, source_fps)` picks (sorted
@@ -75,9 +122,30 @@ where
         return Err(MediaError::Empty("video input is empty (0 bytes)".into()));
     }
     let container = sniff(bytes).ok_or_else(|| {
-        MediaError::Unsupported("not a video file: no MP4 or WebM/Matroska signature found".into())
+        MediaError::Unsupported("not a video file: no MP4 / MOV or WebM / Matroska signature found".into())
     })?;
-    imp::decode(bytes, container, opts, select)
+    let tools = match &opts.decoder {
+        VideoDecoder::BuiltIn => None,
+        VideoDecoder::Ffmpeg(t) => Some(t.clone()),
+        VideoDecoder::Auto => FfmpegTools::find(),
+    };
+    match tools {
+        Some(t) => super::ffmpeg::decode(&t, bytes, opts, select),
+        None if opts.decoder == VideoDecoder::Auto => imp::decode(bytes, container, opts, select).map_err(|e| {
+            // What the built-in decoders cannot do (another codec, H.264 with
+            // B-frames, VP8 inter frames), ffmpeg can: say so.
+            let hint = format!(
+                "; this machine has no ffmpeg, which decodes every common video \
+                 (install ffmpeg, or set {FFMPEG_ENV} to its path)"
+            );
+            match e {
+                MediaError::Unsupported(m) => MediaError::Unsupported(m + &hint),
+                MediaError::Corrupt(m) if m.starts_with("video frame") => MediaError::Unsupported(m + &hint),
+                e => e,
+            }
+        }),
+        None => imp::decode(bytes, container, opts, select),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +180,10 @@ struct Picker<'a> {
     indices: Vec<usize>,
     /// Output frames seen so far (decoded or failed).
     seen: usize,
+    /// What is left of the reservation for the picked frames.
+    memory: Option<Reservation>,
+    /// Failed picks replaced by a later frame.
+    recovered: usize,
 }
 
 #[cfg_attr(not(feature = "video-files"), allow(dead_code))]
@@ -128,7 +200,22 @@ impl<'a> Picker<'a> {
             frames: Vec::new(),
             indices: Vec::new(),
             seen: 0,
+            memory: None,
+            recovered: 0,
         }
+    }
+
+    /// A kept frame, holding its share of the reservation.
+    fn keep(&mut self, img: DecodedImage, index: usize) {
+        let img = match self.memory.as_mut() {
+            Some(m) => {
+                let share = m.split_off(img.rgb.len() as u64);
+                img.holding(share)
+            }
+            None => img,
+        };
+        self.frames.push(img);
+        self.indices.push(index);
     }
 
     fn done(&self) -> bool {
@@ -162,11 +249,10 @@ impl<'a> Picker<'a> {
                     )));
                 }
                 if is_target {
-                    self.frames.push(img);
-                    self.indices.push(k);
+                    self.keep(img, k);
                 } else if let Some(slot) = self.waiting.take() {
-                    self.frames.push(img);
-                    self.indices.push(slot);
+                    self.recovered += 1;
+                    self.keep(img, slot);
                 }
             }
             Ok(None) => {}
@@ -273,6 +359,7 @@ mod imp {
         targets.sort_unstable();
         targets.dedup();
         targets.retain(|&i| i < total);
+        let mut memory = None;
         if let Some((w, h)) = demuxed.declared {
             let need = targets.len() as u64 * w as u64 * h as u64 * 3;
             if need > opts.max_output_bytes {
@@ -283,32 +370,36 @@ mod imp {
                     opts.max_output_bytes
                 )));
             }
+            let what = format!("the {w}x{h} {name} video ({} frames picked)", targets.len());
+            memory = Some(opts.budget.reserve(need, &what)?);
         }
-        let (frames, indices) = guard_codec(&format!("{} decoder", demuxed.codec.name()), || {
-            run_decoder(&demuxed, &targets, opts)
+        let (frames, indices, recovered) = guard_codec(&format!("{} decoder", demuxed.codec.name()), || {
+            run_decoder(&demuxed, &targets, opts, memory)
         })?;
-        if frames.is_empty() {
-            return Err(MediaError::Corrupt(format!(
-                "no frame of the {name}/{} video could be decoded",
-                demuxed.codec.name()
-            )));
-        }
-        Ok(DecodedVideo {
-            frames,
-            frame_indices: indices,
-            total_frames: total,
-            source_fps: demuxed.fps,
-            container: name,
-            codec: demuxed.codec.name(),
-        })
+        let dropped = targets.len() - indices.len();
+        finish(
+            DecodedVideo {
+                frames,
+                frame_indices: indices,
+                total_frames: total,
+                source_fps: demuxed.fps,
+                container: name,
+                codec: demuxed.codec.name(),
+                recovered,
+                dropped,
+            },
+            opts,
+        )
     }
 
     fn run_decoder(
         d: &Demuxed,
         targets: &[usize],
         opts: &VideoDecodeOptions,
-    ) -> Result<(Vec<DecodedImage>, Vec<usize>), MediaError> {
+        memory: Option<Reservation>,
+    ) -> Result<(Vec<DecodedImage>, Vec<usize>, usize), MediaError> {
         let mut picker = Picker::new(targets, opts);
+        picker.memory = memory;
         match d.codec {
             Codec::H264 => decode_h264(&d.packets, d.display_order.as_deref(), &mut picker)?,
             Codec::Vp9 => decode_vp9(&d.packets, &mut picker)?,
@@ -320,7 +411,7 @@ mod imp {
                 picker.seen, targets[picker.next]
             )));
         }
-        Ok((picker.frames, picker.indices))
+        Ok((picker.frames, picker.indices, picker.recovered))
     }
 
     fn rgb_of(p: &YuvPlanes) -> Result<Option<DecodedImage>, String> {
@@ -346,10 +437,7 @@ mod imp {
             if !matches!(t.track_type(), Ok(TrackType::Video)) {
                 continue;
             }
-            let fourcc = t
-                .box_type()
-                .map(|b| b.to_string())
-                .unwrap_or_else(|_| "?".into());
+            let fourcc = t.box_type().map(|b| b.to_string()).ok().or_else(|| video_fourcc(bytes)).unwrap_or_else(|| "?".into());
             match t.media_type() {
                 Ok(MediaType::H264) | Ok(MediaType::VP9) if pick.is_none() => pick = Some(id),
                 _ => video.push((id, fourcc)),
@@ -358,7 +446,8 @@ mod imp {
         let Some(id) = pick else {
             return Err(match video.first() {
                 Some((_, f)) => MediaError::Unsupported(format!(
-                    "MP4 video codec '{f}' is not supported (accepted: H.264, VP9)"
+                    "{} video (MP4 codec '{f}') is not supported by the built-in decoders (accepted: H.264, VP9)",
+                    codec_of_fourcc(f)
                 )),
                 None => MediaError::Unsupported("MP4 file has no video track".into()),
             });
@@ -471,13 +560,53 @@ mod imp {
         }
     }
 
+    /// The sample entry type of a video track, read from the first `stsd`
+    /// box that has one the mp4 crate does not parse (hvc1, av01, ...).
+    fn video_fourcc(bytes: &[u8]) -> Option<String> {
+        bytes.windows(4).enumerate().filter(|(_, w)| *w == b"stsd").find_map(|(i, _)| {
+            // stsd: type, version + flags, entry count, then the entry's size and type.
+            let f = bytes.get(i + 16..i + 20)?;
+            let f = std::str::from_utf8(f).ok()?;
+            (codec_of_fourcc(f) != "an unknown codec's").then(|| f.to_string())
+        })
+    }
+
+    fn codec_of_fourcc(f: &str) -> &'static str {
+        match f {
+            "hvc1" | "hev1" => "HEVC",
+            "av01" => "AV1",
+            "vp08" => "VP8",
+            "vp09" => "VP9",
+            "avc1" | "avc3" => "H.264",
+            "mp4v" => "MPEG-4 Part 2",
+            "jpeg" | "mjpa" => "Motion JPEG",
+            "apch" | "apcn" | "apcs" | "apco" | "ap4h" => "ProRes",
+            _ => "an unknown codec's",
+        }
+    }
+
     // ---- WebM ---------------------------------------------------------------
+
+    /// The demuxer's error in words: its Display of an I/O error is the
+    /// error's `source()`, usually "None".
+    fn webm_error(e: matroska_demuxer::DemuxError) -> MediaError {
+        use matroska_demuxer::DemuxError as E;
+        MediaError::Corrupt(match e {
+            E::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                "WebM file is truncated: it ends in the middle of an element".into()
+            }
+            E::IoError(io) => format!("WebM file cannot be read: {io}"),
+            E::ElementSizeExceedsStream { declared, available } => format!(
+                "WebM file is truncated: an element declares {declared} bytes and only {available} remain"
+            ),
+            E::CantFindCluster => "WebM file is truncated or damaged: it has no cluster of frames".into(),
+            other => format!("WebM file is malformed: {other}"),
+        })
+    }
 
     fn demux_webm(bytes: &[u8], opts: &VideoDecodeOptions) -> Result<Demuxed, MediaError> {
         use matroska_demuxer::{Frame, MatroskaFile, TrackType};
-        let corrupt = |e: matroska_demuxer::DemuxError| {
-            MediaError::Corrupt(format!("WebM file is malformed: {e}"))
-        };
+        let corrupt = webm_error;
         let mut file = MatroskaFile::open(Cursor::new(bytes)).map_err(corrupt)?;
         let track = file
             .tracks()
@@ -488,9 +617,15 @@ mod imp {
             "V_VP9" => Codec::Vp9,
             "V_VP8" => Codec::Vp8,
             other => {
+                let name = match other {
+                    "V_AV1" => "AV1",
+                    "V_MPEGH/ISO/HEVC" => "HEVC",
+                    "V_MPEG4/ISO/AVC" => "H.264",
+                    _ => "this codec's",
+                };
                 return Err(MediaError::Unsupported(format!(
-                    "WebM video codec '{other}' is not supported (accepted: VP9, VP8 key frames)"
-                )))
+                    "{name} video (Matroska codec '{other}') is not supported by the built-in decoders (accepted: VP9, VP8 key frames)"
+                )));
             }
         };
         if track.content_encodings().is_some_and(|c| !c.is_empty()) {

@@ -15,7 +15,11 @@ import type { DownloadProgress } from './hub/download.js'
  */
 export type Device = 'cpu' | 'cuda' | 'auto'
 
-/** Element type for weights and the KV cache. `'auto'` uses the checkpoint's own. */
+/**
+ * Element type for weights and the KV cache. `'auto'` is f32 on the CPU and
+ * bf16 on CUDA (not yet the checkpoint's own dtype). GGUF files keep their
+ * quantized weights quantized whatever this says.
+ */
 export type DType = 'auto' | 'f32' | 'f16' | 'bf16'
 
 /** Options for {@link Engine.load}. */

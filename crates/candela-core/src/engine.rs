@@ -276,6 +276,8 @@ impl Engine {
                     max_num_seqs: config.max_num_seqs,
                     max_num_batched_tokens: config.max_num_batched_tokens,
                     enable_prefix_caching: config.enable_prefix_caching,
+                    // vLLM's encoder compute budget: a step's worth of tokens.
+                    encoder_budget: config.max_num_batched_tokens,
                 },
                 eos_token_ids: config.eos_token_ids.clone(),
                 max_model_len,

@@ -247,7 +247,15 @@ impl EngineCore {
     /// Run one engine step. Returns false when there was nothing to run.
     pub fn step(&mut self) -> bool {
         self.reap_closed();
-        let out = self.sched.schedule();
+        let (requests, encoder_cache) = (&self.requests, &self.encoder_cache);
+        let needs_encoder = |req_id: u64, i: usize| {
+            requests.get(&req_id).and_then(|r| r.mm.get(i)).is_some_and(|m| {
+                m.embeds.is_none()
+                    && matches!(m.item.input, MmInput::Features(_))
+                    && !encoder_cache.lock().is_ok_and(|c| c.contains(&m.item.placeholder.hash))
+            })
+        };
+        let out = self.sched.schedule_with(&needs_encoder);
         for (_, req_id, message) in out.failed {
             self.fail_request(req_id, message);
         }

@@ -20,6 +20,12 @@
 //!
 //! A sequence that needs more blocks than the whole pool holds can never run;
 //! it is reported as failed instead of looping forever.
+//!
+//! Media encoders run for the items a step's chunks reach (vLLM's encoder
+//! compute budget): at most `encoder_budget` embedding rows of items that
+//! still need their encoder per step, the first such item always admitted so
+//! a large one still makes progress. A chunk that would reach an item past
+//! the budget stops just before it; the item is encoded in a later step.
 
 use crate::block_manager::{BlockManager, SeqId};
 use crate::sequence::Sequence;
@@ -32,7 +38,13 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub enable_prefix_caching: bool,
+    /// Embedding rows of media items to encode per step (see the module doc).
+    pub encoder_budget: usize,
 }
+
+/// Whether item `i` (in placeholder order) of request `req_id` still needs
+/// its encoder run (no embeddings given, computed or cached).
+pub type NeedsEncoder<'a> = &'a dyn Fn(u64, usize) -> bool;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScheduledSeq {
@@ -121,9 +133,36 @@ impl Scheduler {
         self.seqs.remove(&id)
     }
 
+    /// Cut the chunk of `num_new` tokens from `start` so that the media
+    /// items it reaches which still need their encoder fit what is left of
+    /// the step's encoder budget (`encoded`: rows admitted so far).
+    fn fit_encoder_budget(&self, seq: &Sequence, start: usize, num_new: usize, encoded: &mut usize, needs: NeedsEncoder) -> usize {
+        let end = start + num_new;
+        for (i, p) in seq.mm_items.iter().enumerate() {
+            if p.offset >= end {
+                break;
+            }
+            if p.offset + p.length <= start || !needs(seq.req_id, i) {
+                continue;
+            }
+            if *encoded > 0 && *encoded + p.length > self.cfg.encoder_budget {
+                // An item that started before `start` was encoded with its first chunk.
+                return p.offset.saturating_sub(start);
+            }
+            *encoded += p.length;
+        }
+        num_new
+    }
+
+    /// Schedule one step with no encoder budget to keep (text-only work).
     pub fn schedule(&mut self) -> SchedulerOutput {
+        self.schedule_with(&|_, _| false)
+    }
+
+    pub fn schedule_with(&mut self, needs_encoder: NeedsEncoder) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        let mut encoded = 0;
         let total_blocks = self.kv.num_blocks();
 
         let mut i = 0;
@@ -145,6 +184,11 @@ impl Scheduler {
                 continue;
             }
             let num_new = (num_tokens - num_computed).min(budget);
+            let num_new = self.fit_encoder_budget(seq, num_computed, num_new, &mut encoded, needs_encoder);
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
             let mut fits = false;
             loop {
                 if self.kv.allocate_slots(id, num_computed, num_new, &[]) {
@@ -188,7 +232,8 @@ impl Scheduler {
                 let cached = self.kv.find_cached_prefix(&seq.block_hashes, num_tokens);
                 let num_cached = cached.len() * self.cfg.block_size;
                 let num_new = (num_tokens - num_cached).min(budget);
-                if !self.kv.allocate_slots(id, num_cached, num_new, &cached) {
+                let num_new = self.fit_encoder_budget(seq, num_cached, num_new, &mut encoded, needs_encoder);
+                if num_new == 0 || !self.kv.allocate_slots(id, num_cached, num_new, &cached) {
                     break;
                 }
                 self.kv.record_prefix_query(num_tokens, num_cached);
@@ -288,7 +333,14 @@ mod tests {
     }
 
     fn cfg(num_blocks: usize, max_seqs: usize, budget: usize) -> SchedulerConfig {
-        SchedulerConfig { num_blocks, block_size: 4, max_num_seqs: max_seqs, max_num_batched_tokens: budget, enable_prefix_caching: true }
+        SchedulerConfig {
+            num_blocks,
+            block_size: 4,
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: budget,
+            enable_prefix_caching: true,
+            encoder_budget: budget,
+        }
     }
 
     /// Pretend the step ran: every scheduled sequence computed its tokens and,
@@ -301,6 +353,41 @@ mod tests {
                 s.append_token(sc.seq_id, token);
             }
         }
+    }
+
+    #[test]
+    fn encoder_budget_stops_chunks_before_items_it_cannot_encode() {
+        use crate::request::MmPlaceholder;
+        let mut c = cfg(64, 8, 64);
+        c.encoder_budget = 12;
+        let mut s = Scheduler::new(c);
+        // Items of 10 rows at 2..12 and 20..30, and one of 30 rows at 34..64.
+        let items = [(2, 10), (20, 10), (34, 30)];
+        let mut q = seq(1, 70);
+        q.mm_items = items.iter().map(|&(offset, length)| MmPlaceholder { hash: format!("h{offset}"), offset, length }).collect();
+        s.add(q);
+        let encoded = std::cell::RefCell::new(std::collections::HashSet::new());
+        let needs = |_: u64, i: usize| !encoded.borrow().contains(&i);
+        let mut chunks = Vec::new();
+        for _ in 0..10 {
+            let out = s.schedule_with(&needs);
+            let Some(sc) = out.scheduled.first().copied() else { break };
+            let start = s.seq(sc.seq_id).unwrap().num_computed;
+            let end = start + sc.num_new_tokens;
+            // What the engine would encode this step, within the budget but for a lone first item.
+            let step: Vec<usize> = (0..items.len()).filter(|&i| items[i].0 < end && items[i].0 + items[i].1 > start && needs(1, i)).collect();
+            let rows: usize = step.iter().map(|&i| items[i].1).sum();
+            assert!(rows <= 12 || step.len() == 1, "step {start}..{end} encodes {rows} rows");
+            encoded.borrow_mut().extend(step);
+            chunks.push((start, end));
+            s.mark_computed(sc.seq_id, sc.num_new_tokens);
+            if end == 70 {
+                break;
+            }
+        }
+        // The first chunk stops before the second item, the second before the
+        // third; the 30-row item, larger than the budget, still runs alone.
+        assert_eq!(chunks, vec![(0, 20), (20, 34), (34, 70)]);
     }
 
     #[test]

@@ -174,6 +174,7 @@ test('serve flags become load and server options', (t) => {
       '--max-num-batched-tokens', '512',
       '--kv-cache-memory', '4GiB',
       '--block-size', '32',
+      '--threads', '3',
       '--no-enable-prefix-caching',
       '--dtype', 'bfloat16',
       '--device', 'cpu',
@@ -191,6 +192,7 @@ test('serve flags become load and server options', (t) => {
       maxNumBatchedTokens: 512,
       kvCacheBytes: 4 * 2 ** 30,
       blockSize: 32,
+      threads: 3,
       enablePrefixCaching: false,
       dtype: 'bf16',
       device: 'cpu',
@@ -201,6 +203,7 @@ test('serve flags become load and server options', (t) => {
   t.is(parse(['--api-key', 'flag'], { CANDELA_API_KEY: 'env' }).server.apiKey, 'flag', 'the flag wins over the environment')
   t.is(parse(['--kv-cache-memory', '1073741824']).load.kvCacheBytes, 2 ** 30)
   t.is(parse(['--enable-prefix-caching']).load.enablePrefixCaching, true)
+  t.throws(() => parse(['--threads', '0']), { message: /--threads/ })
   t.throws(() => parse(['--port', '70000']), { message: '--port must be between 0 and 65535, got 70000' })
   t.throws(() => parse(['--dtype', 'int3']), { message: /--dtype must be one of auto, f32, f16, bf16/ })
   t.throws(() => parse(['--chat-template', 'no/such/template.jinja']), { message: /no such file "no\/such\/template.jinja"/ })

@@ -1,6 +1,7 @@
 // Bad input is rejected with an Error that says what is wrong, in TS first
 // and again in Rust; nothing crashes the process or leaks a rejection.
 import test from 'ava'
+import { availableParallelism } from 'node:os'
 
 import { Engine, ValidationError } from '../dist/index.js'
 import { native } from '../dist/native.js'
@@ -166,11 +167,25 @@ test('bad load options reject', async (t) => {
   })
   await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), device: 'tpu' as never }), { message: /device must be/ })
   await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), maxNumSeqs: 0 }), { message: /maxNumSeqs must be at least 1/ })
+  await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), threads: 0 }), { message: /threads must be at least 1/ })
+  await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), threads: 1.5 }), { message: /threads must be an integer/ })
+  await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), threads: 4096 }), { message: /threads must be at most 1024/ })
   await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), dtype: 'int3' as never }), { message: /dtype/ })
   await t.throwsAsync(Engine.load({ model: fixture('llama-tiny'), kvCacheBytes: 10 }), { message: /kv_cache_bytes|KV block/ })
   await t.throwsAsync(Engine.load({ modle: 'x' } as never), { message: /unknown load option "modle"/ })
   await t.throwsAsync(Engine.load({ model: fixture('llama-tiny', ) + '/config.json' }), { message: /neither a model folder nor a .gguf/ })
   await t.throwsAsync(Engine.load({ model: fixture('') }), { message: /config\.json/ })
+})
+
+test('threads reach the engine: the option, else the physical cores', async (t) => {
+  const one = await Engine.load({ model: fixture('llama-tiny'), threads: 1 })
+  t.is(one.info.threads, 1)
+  const [out] = await one.generate('Hi', { maxTokens: 2, temperature: 0, ignoreEos: true })
+  t.is(out!.tokenIds.length, 2)
+  await one.close()
+  const auto = await Engine.load({ model: fixture('llama-tiny') })
+  t.true(auto.info.threads >= 1 && auto.info.threads <= availableParallelism(), `${auto.info.threads}`)
+  await auto.close()
 })
 
 test('a closed engine refuses work', async (t) => {

@@ -142,7 +142,7 @@ function categorize(dso, sym) {
 
 async function runOne(key, batch) {
   const m = MODELS[key]
-  const spec = { model: m.model, load: { maxNumSeqs: Math.max(64, batch), enablePrefixCaching: false, ...(m.load ?? {}) }, batch, promptTokens: 32, maxTokens: QUICK ? 16 : batch >= 16 ? 32 : 64 }
+  const spec = { model: m.model, load: { maxNumSeqs: Math.max(64, batch), enablePrefixCaching: false, threads: Number(opt.threads), ...(m.load ?? {}) }, batch, promptTokens: 32, maxTokens: QUICK ? 16 : batch >= 16 ? 32 : 64 }
   const child = spawn(process.execPath, [join(BENCH_DIR, 'profile.mjs'), '--child', JSON.stringify(spec)], { cwd: ROOT, env, stdio: ['pipe', 'pipe', 'inherit'] })
   const out = createInterface({ input: child.stdout })[Symbol.asyncIterator]()
   const next = async () => (await out.next()).value

@@ -154,6 +154,8 @@ export interface NativeLoadOptions {
   kvCacheBytes?: number
   /** Most sequences in one step (default 64). */
   maxNumSeqs?: number
+  /** CPU threads the engine computes on (default: the physical cores). */
+  threads?: number
   /** Most tokens in one step (default 2048). */
   maxNumBatchedTokens?: number
   /** Reuse KV blocks of shared prompt prefixes (default true). */
@@ -225,6 +227,8 @@ export interface NativeModelInfo {
   /** The chat template's source (the tool-call format is read off it). */
   chatTemplate?: string
   device: string
+  /** CPU threads the engine computes on. */
+  threads: number
   /** Media the model takes besides text ("audio", "image", "video"). */
   modalities: Array<string>
 }

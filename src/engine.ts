@@ -241,6 +241,7 @@ export class Engine {
       hasChatTemplate: i.hasChatTemplate,
       chatTemplate: i.chatTemplate ?? null,
       device: i.device,
+      threads: i.threads,
       modalities,
     }
   }
@@ -268,6 +269,7 @@ export class Engine {
       kvCacheBytes: opts.kvCacheBytes,
       gpuMemoryUtilization: opts.gpuMemoryUtilization,
       maxNumSeqs: opts.maxNumSeqs,
+      threads: opts.threads,
       maxNumBatchedTokens: opts.maxNumBatchedTokens,
       enablePrefixCaching: opts.enablePrefixCaching,
       mmProcessorCacheGb: opts.mmProcessorCacheGb,

@@ -43,6 +43,11 @@ export interface LoadOptions {
   dtype?: DType
   /** Most sequences scheduled in one engine step (default 64). */
   maxNumSeqs?: number
+  /**
+   * CPU threads the engine computes on (default: the machine's physical
+   * cores, not counting hyperthread siblings); see `info.threads`.
+   */
+  threads?: number
   /** Most tokens (prefill + decode) processed in one engine step (default 2048). */
   maxNumBatchedTokens?: number
   /** Bytes reserved for the paged KV cache (default: the engine's choice). */
@@ -484,6 +489,8 @@ export interface ModelInfo {
   /** The chat template's Jinja source, when the model has one. */
   chatTemplate: string | null
   device: string
+  /** CPU threads the engine computes on ({@link LoadOptions.threads}). */
+  threads: number
   /** Media the model takes besides text, e.g. `['audio']`. */
   modalities: Array<'image' | 'video' | 'audio'>
 }

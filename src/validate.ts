@@ -63,6 +63,7 @@ const LOAD_KEYS = [
   'device',
   'dtype',
   'maxNumSeqs',
+  'threads',
   'maxNumBatchedTokens',
   'kvCacheBytes',
   'gpuMemoryUtilization',
@@ -105,6 +106,7 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
     fail(`dtype must be 'auto', 'f32', 'f16' or 'bf16', got ${show(o.dtype)}`)
   }
   if (o.maxNumSeqs !== undefined) int('maxNumSeqs', o.maxNumSeqs, 1, 4096)
+  if (o.threads !== undefined) int('threads', o.threads, 1, 1024)
   if (o.maxNumBatchedTokens !== undefined) int('maxNumBatchedTokens', o.maxNumBatchedTokens, 1, 1 << 24)
   if (o.kvCacheBytes !== undefined) int('kvCacheBytes', o.kvCacheBytes, 1)
   if (o.enablePrefixCaching !== undefined) bool('enablePrefixCaching', o.enablePrefixCaching)

@@ -13,7 +13,7 @@ const [spec, write] = workerIo()
 const greedy = (maxTokens) => ({ maxTokens, temperature: 0, ignoreEos: true })
 
 const t0 = performance.now()
-const engine = await Engine.load({ model: spec.model, device: spec.device ?? 'cpu', ...spec.load })
+const engine = await Engine.load({ model: spec.model, device: spec.device ?? 'cpu', threads: spec.threads, ...spec.load })
 const loadS = (performance.now() - t0) / 1000
 
 /** Stream one token-id prompt; returns its Rec. */

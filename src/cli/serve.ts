@@ -216,6 +216,9 @@ export const SERVE_FLAGS: FlagGroup[] = [
       option('max-num-seqs', 'N', 'most sequences batched in one engine step (default 64)', (c, v) => {
         c.load.maxNumSeqs = intValue('max-num-seqs', v, 1)
       }),
+      option('threads', 'N', 'CPU threads the engine computes on (default: the physical cores)', (c, v) => {
+        c.load.threads = intValue('threads', v, 1, 1024)
+      }),
       option('max-num-batched-tokens', 'N', 'most tokens (prefill + decode) in one engine step (default 2048)', (c, v) => {
         c.load.maxNumBatchedTokens = intValue('max-num-batched-tokens', v, 1)
       }),

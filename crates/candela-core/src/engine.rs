@@ -42,7 +42,14 @@ pub struct EngineConfig {
     pub eos_token_ids: Vec<u32>,
     /// Media embedding rows the encoder cache may hold (0: no encoder cache).
     pub encoder_cache_tokens: usize,
+    /// Compute threads of the engine's own pool. None: the machine's
+    /// physical cores ([`crate::threads::physical_cores`]).
+    pub threads: Option<usize>,
 }
+
+/// Most compute threads one engine may ask for.
+pub const MAX_THREADS: usize = 1024;
+const MAX_THREADS_PLUS_ONE: usize = MAX_THREADS + 1;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -56,6 +63,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             eos_token_ids: Vec::new(),
             encoder_cache_tokens: 16384,
+            threads: None,
         }
     }
 }
@@ -239,6 +247,9 @@ impl Engine {
         if config.max_num_batched_tokens == 0 {
             return Err(EngineError::InvalidConfig("max_num_batched_tokens must be at least 1".into()));
         }
+        if let Some(t @ (0 | MAX_THREADS_PLUS_ONE..)) = config.threads {
+            return Err(EngineError::InvalidConfig(format!("threads must be in 1..={MAX_THREADS}, got {t}")));
+        }
         let u = config.gpu_memory_utilization;
         if !(u > 0.0 && u <= 1.0) {
             return Err(EngineError::InvalidConfig(format!("gpu_memory_utilization must be in (0, 1], got {u}")));
@@ -265,6 +276,12 @@ impl Engine {
 
         let mut config = config;
         config.max_model_len = Some(max_model_len);
+        let threads = *config.threads.get_or_insert_with(crate::threads::physical_cores);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("candela-compute-{i}"))
+            .build()
+            .map_err(|e| EngineError::InvalidConfig(format!("cannot start {threads} compute threads: {e}")))?;
         let encoder_cache = Arc::new(Mutex::new(EncoderCache::new(config.encoder_cache_tokens)));
         let core = EngineCore::new(
             model,
@@ -291,7 +308,7 @@ impl Engine {
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("candela-engine".into())
-            .spawn(move || engine_loop(core, cmd_rx, thread_stats))
+            .spawn(move || pool.install(|| engine_loop(core, cmd_rx, thread_stats)))
             .map_err(|e| EngineError::InvalidConfig(format!("cannot spawn the engine thread: {e}")))?;
         Ok(Engine {
             cmd_tx,
@@ -450,6 +467,11 @@ impl Engine {
 
     pub fn model_spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// Compute threads the engine's steps run on.
+    pub fn threads(&self) -> usize {
+        self.config.threads.unwrap_or(1)
     }
 
     /// Stop the engine thread; pending requests are aborted. Idempotent; also

@@ -18,6 +18,7 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod threads;
 
 #[cfg(test)]
 mod testing;

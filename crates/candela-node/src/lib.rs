@@ -58,6 +58,8 @@ pub struct NativeLoadOptions {
     pub kv_cache_bytes: Option<f64>,
     /// Most sequences in one step (default 64).
     pub max_num_seqs: Option<u32>,
+    /// CPU threads the engine computes on (default: the physical cores).
+    pub threads: Option<u32>,
     /// Most tokens in one step (default 2048).
     pub max_num_batched_tokens: Option<u32>,
     /// Reuse KV blocks of shared prompt prefixes (default true).
@@ -239,6 +241,8 @@ pub struct NativeModelInfo {
     /// The chat template's source (the tool-call format is read off it).
     pub chat_template: Option<String>,
     pub device: String,
+    /// CPU threads the engine computes on.
+    pub threads: u32,
     /// Media the model takes besides text ("audio", "image", "video").
     pub modalities: Vec<String>,
 }
@@ -441,6 +445,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         max_model_len: None,
         eos_token_ids: loaded.generation.eos_token_ids.clone(),
         encoder_cache_tokens: num(opts.encoder_cache_tokens, 16384),
+        threads: opts.threads.map(|t| t as usize),
         ..EngineConfig::default()
     };
     let processor_cache_bytes = match opts.mm_processor_cache_gb {
@@ -802,6 +807,7 @@ impl NativeEngine {
             has_chat_template: i.chat_template.is_some(),
             chat_template: i.chat_template.as_ref().map(|t| t.source().to_string()),
             device: i.device.clone(),
+            threads: i.engine.threads() as u32,
             modalities: i.input.modalities().into_iter().map(|m| m.name().to_string()).collect(),
         }
     }

@@ -3,6 +3,8 @@
 //! placeholder expansion, log-mel features, encoder + projector + LM logits,
 //! and greedy tokens through the engine (two audio items, multi-turn).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,10 +12,10 @@ use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
 use candela_core::request::{MmFeatures, MmInput};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
-use candela_models::input::{EngineCaches, InputPreparer, MediaInput, PreparedPrompt};
+use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
 use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -41,21 +43,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// No engine caches: every clip is processed from its data.
-struct NoCaches;
-
-impl EngineCaches for NoCaches {
-    fn caching(&self) -> bool {
-        false
-    }
-    fn encoder_rows(&self, _: &str) -> Option<usize> {
-        None
-    }
-    fn embedding_shape(&self) -> (usize, DType) {
-        (0, DType::F32)
-    }
-}
-
 /// The prompt as production prepares it: the chat template rendered and
 /// tokenized, the WAV files decoded and processed, each `<|AUDIO|>` expanded.
 fn prepare(loaded: &LoadedModel, f: &Fixture) -> PreparedPrompt {
@@ -77,7 +64,7 @@ fn prepare(loaded: &LoadedModel, f: &Fixture) -> PreparedPrompt {
         })
         .collect();
     let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
-    prep.prepare(&NoCaches, ids, &clips).unwrap()
+    prep.prepare(&common::NoCaches, ids, &clips).unwrap()
 }
 
 /// Logits of the last token of `ids[..len]`, media spliced in, on a fresh KV pool.
@@ -194,12 +181,12 @@ fn clips_too_short_for_one_audio_token_are_a_clear_400() {
     };
     let audio = fixture().reference["audio_token_id"].as_u64().unwrap() as u32;
     for n in [1, 160, 320] {
-        let err = prep.prepare(&NoCaches, vec![audio], &[clip(n)]).unwrap_err();
+        let err = prep.prepare(&common::NoCaches, vec![audio], &[clip(n)]).unwrap_err();
         assert_eq!(err.status(), 400, "{n} samples: {err}");
         assert!(err.to_string().contains("too short") && err.to_string().contains("321"), "{n} samples: {err}");
     }
     // transformers: (3 - 1) // 2 + 1 = 2 conv frames, (2 - 2) // 2 + 1 = 1 token.
-    let ok = prep.prepare(&NoCaches, vec![audio], &[clip(321)]).unwrap();
+    let ok = prep.prepare(&common::NoCaches, vec![audio], &[clip(321)]).unwrap();
     assert_eq!(ok.items[0].placeholder.length, 1);
     assert_eq!(ok.ids, vec![audio]);
 }

@@ -5,6 +5,8 @@
 //! last-position logits, and greedy tokens through the engine with prefill
 //! chunks that split the media.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
@@ -13,10 +15,10 @@ use std::sync::Arc;
 use candela_core::request::{MmFeatures, MmInput, MropePositions};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
-use candela_models::input::{EngineCaches, InputPreparer, MediaInput, PreparedPrompt};
+use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
 use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -60,21 +62,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// No engine caches: every item is processed from its data.
-struct NoCaches;
-
-impl EngineCaches for NoCaches {
-    fn caching(&self) -> bool {
-        false
-    }
-    fn encoder_rows(&self, _: &str) -> Option<usize> {
-        None
-    }
-    fn embedding_shape(&self) -> (usize, DType) {
-        (0, DType::F32)
-    }
-}
-
 /// The case's prompt as production prepares it: template rendered and
 /// tokenized, media decoded and processed, placeholders expanded, M-RoPE
 /// positions laid out.
@@ -107,7 +94,7 @@ fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedProm
         })
         .collect();
     let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
-    prep.prepare(&NoCaches, ids, &inputs).unwrap()
+    prep.prepare(&common::NoCaches, ids, &inputs).unwrap()
 }
 
 /// Each item's features and offset.

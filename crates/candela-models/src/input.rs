@@ -196,11 +196,16 @@ impl InputPreparer {
         }
     }
 
-    /// An item known by hash alone: from the processor cache, or from the
-    /// encoder cache with its remembered layout.
-    fn lookup(&self, engine: &dyn EngineCaches, hash: &str) -> Option<(ItemLayout, MmInput)> {
+    /// An item known by its hash: from the processor cache, or (for an item
+    /// sent without data) from the encoder cache with its remembered layout.
+    /// An item with data never leans on the encoder cache alone, which may
+    /// evict it before the engine runs it.
+    fn lookup(&self, engine: &dyn EngineCaches, hash: &str, has_data: bool) -> Option<(ItemLayout, MmInput)> {
         if let Some(p) = self.cache.lock().ok().and_then(|mut c| c.get(hash)) {
             return Some((p.layout, MmInput::Features(p.features)));
+        }
+        if has_data {
+            return None;
         }
         let rows = engine.encoder_rows(hash)?;
         let layout = self.layouts.lock().ok().and_then(|l| l.peek(hash).copied())?;
@@ -241,7 +246,7 @@ impl InputPreparer {
             return self.resolve_embeds(engine, item.modality, e, uuid);
         }
         let hash = self.hash(item.modality, uuid, item.data.as_ref(), &item.kwargs)?;
-        if let Some((layout, input)) = self.lookup(engine, &hash) {
+        if let Some((layout, input)) = self.lookup(engine, &hash, item.data.is_some()) {
             return Ok(Resolved { modality: item.modality, hash, layout, input });
         }
         let Some(data) = &item.data else {

@@ -29,7 +29,9 @@ in float32 with eager attention.
 Cases (CLIPImageProcessorPil, the PIL processor, as the pixel reference):
   * one_image: one image (120x90 RGB PNG) and a question;
 The prompts are tokenized by the processor, with the tokenizer's special
-tokens (BOS), as a plain-prompt request is; the chat template has no BOS.
+tokens (BOS), as a plain-prompt request is; the chat template has no BOS, and
+the chat form (apply_chat_template's tokenization, vLLM's and candela's chat
+route: no special tokens added) is recorded as chat_greedy_ids.
 
   * two_images: two images (the second a 64x100 RGBA PNG with transparency,
     composited over white) in one user message.
@@ -242,8 +244,17 @@ def main() -> None:
         for i in range(len(images)):
             tensors[f"{case}.item{i}.pixel_values"] = inputs["pixel_values"][i].float().contiguous()
             tensors[f"{case}.item{i}.embeds"] = feats[i].float().contiguous()
+        # The chat form: transformers' apply_chat_template (and vLLM's chat
+        # route) tokenize the rendered template without adding special tokens.
+        chat = processor(text=[rendered], images=images, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            chat_gen = ref.generate(**chat, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                    pad_token_id=32001, num_beams=1)
+        chat_ids = chat["input_ids"][0].tolist()
+        assert input_ids == [1] + chat_ids
         cases[case] = {"messages": spec["messages"], "media": spec["media"], "rendered": rendered,
-                       "input_ids": input_ids, "greedy_ids": greedy}
+                       "input_ids": input_ids, "greedy_ids": greedy,
+                       "chat_greedy_ids": chat_gen[0, len(chat_ids):].tolist()}
         mf.log(f"{NAME} {case}: {len(input_ids)} tokens, greedy {greedy}")
     save_file(tensors, str(out / "reference.safetensors"), metadata={"format": "pt"})
     mf.write_json(out / "reference.json", {

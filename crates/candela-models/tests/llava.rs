@@ -189,3 +189,47 @@ fn llava_matches_transformers() {
     let batched = run_engine(prepared.into_iter().map(|(_, p)| p).collect(), 7);
     assert_eq!(batched, want, "greedy ids batched");
 }
+
+/// The fixture's weights under other names transformers writes: as 4.5x saved
+/// LLaVA (`model.language_model.*`, `model.vision_tower.vision_model.*`,
+/// `model.multi_modal_projector.*`, `lm_head.*`) and as 5.x saves it (the
+/// released names, but the tower as `vision_tower.*`). Same logits.
+#[test]
+fn other_weight_layouts_load() {
+    let f = fixture();
+    let src = dir();
+    let stored = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let layouts: [(&str, fn(&str) -> String); 2] = [
+        ("transformers 4.5x", |k| {
+            if let Some(r) = k.strip_prefix("language_model.model.") {
+                format!("model.language_model.{r}")
+            } else if let Some(r) = k.strip_prefix("language_model.") {
+                r.to_string()
+            } else {
+                format!("model.{k}")
+            }
+        }),
+        ("transformers 5", |k| k.replace("vision_tower.vision_model.", "vision_tower.")),
+    ];
+    let case = &f.reference["cases"]["one_image"];
+    for (what, rename) in layouts {
+        let tmp = std::env::temp_dir().join(format!("llava-tiny-{}-{}", what.replace(' ', "-"), std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() != "model.safetensors" {
+                std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let renamed: std::collections::HashMap<String, Tensor> =
+            stored.iter().map(|(k, v)| (rename(k), v.clone())).collect();
+        candle_core::safetensors::save(&renamed, tmp.join("model.safetensors")).unwrap();
+        let mut loaded = load(&tmp, &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap();
+        let p = prepare_case(&loaded, case);
+        let spans: Vec<(usize, Tensor)> =
+            features(&p).iter().map(|(o, x)| (*o, loaded.model.encode(x).unwrap())).collect();
+        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans), &f.tensors["one_image.last_logits"]);
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(d <= ATOL, "{what} names: last-position logits differ by {d}");
+    }
+}

@@ -199,7 +199,8 @@ fn other_weight_layouts_load() {
     let f = fixture();
     let src = dir();
     let stored = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    let layouts: [(&str, fn(&str) -> String); 2] = [
+    type Rename = fn(&str) -> String;
+    let layouts: [(&str, Rename); 2] = [
         ("transformers 4.5x", |k| {
             if let Some(r) = k.strip_prefix("language_model.model.") {
                 format!("model.language_model.{r}")

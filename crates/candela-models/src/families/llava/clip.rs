@@ -44,10 +44,10 @@ impl Default for ClipVisionConfig {
 impl ClipVisionConfig {
     pub fn validate(&self) -> MResult<()> {
         let bad = |m: String| Err(ModelError::Config(format!("vision_config: {m}")));
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!("hidden_size {} is not a multiple of {} heads", self.hidden_size, self.num_attention_heads));
         }
         if self.num_channels != 3 {

@@ -66,6 +66,40 @@ fn template_error(e: JError) -> ModelError {
     ModelError::ChatTemplate(msg)
 }
 
+/// transformers' `{% generation %}...{% endgeneration %}` extension (it
+/// marks assistant tokens for training masks and renders its body as is),
+/// which minijinja does not know: each tag becomes `{% if true %}` /
+/// `{% endif %}` with the tag's own whitespace control kept.
+fn generation_blocks_as_ifs(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (left, body) = match inner.strip_prefix(['-', '+']) {
+            Some(b) => (&inner[..1], b),
+            None => ("", inner),
+        };
+        let (body, right) = match body.strip_suffix(['-', '+']) {
+            Some(b) => (b, &body[b.len()..]),
+            None => (body, ""),
+        };
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{left} if true {right}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{left} endif {right}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 impl ChatTemplate {
     /// Compile `source`. Syntax errors are reported here, not at render time.
     pub fn new(
@@ -99,7 +133,7 @@ impl ChatTemplate {
                 Ok(JValue::from(strftime_utc(&fmt, now_unix())))
             },
         );
-        env.add_template_owned(TEMPLATE_NAME, source.clone())
+        env.add_template_owned(TEMPLATE_NAME, generation_blocks_as_ifs(&source))
             .map_err(template_error)?;
         Ok(Self {
             env,
@@ -594,5 +628,21 @@ mod tests {
             "Friday July 26, 13:05:09 PM 208 %"
         );
         assert_eq!(strftime_utc("%Y-%m-%d", 0), "1970-01-01");
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        assert_eq!(
+            generation_blocks_as_ifs("a{% generation %}{{ x }}{%- endgeneration -%} b {% if y %}{% endif %}"),
+            "a{% if true %}{{ x }}{%- endif -%} b {% if y %}{% endif %}"
+        );
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% generation %}{{ m['content'] + ' ' }}{% endgeneration %}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let msgs = [serde_json::json!({"role": "assistant", "content": "hi"})];
+        assert_eq!(t.render(&msgs, &ChatRenderOptions::default()).unwrap(), "hi ");
     }
 }

@@ -5,6 +5,7 @@
 //! [`FAMILIES`].
 
 pub mod llama;
+pub mod llava;
 pub mod qwen2;
 pub mod qwen2_audio;
 pub mod qwen2_vl;
@@ -31,6 +32,7 @@ pub const FAMILIES: &[Family] = &[
     qwen3::FAMILY,
     qwen2_vl::FAMILY,
     qwen2_audio::FAMILY,
+    llava::FAMILY,
     whisper::FAMILY,
 ];
 

@@ -1,0 +1,208 @@
+//! The CLIP vision transformer (`CLIPVisionModel`) as LLaVA uses it: patch
+//! convolution without bias, a class token, learned position embeddings,
+//! `pre_layrnorm`, pre-LN encoder layers; the hidden states of one layer are
+//! the features (the post layer norm and any later layers are not run).
+
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::LayerNorm;
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result as MResult};
+use crate::weights::{Linear, Weights};
+
+/// `CLIPVisionConfig` (defaults as transformers has them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    pub fn validate(&self) -> MResult<()> {
+        let bad = |m: String| Err(ModelError::Config(format!("vision_config: {m}")));
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+            return bad(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+        }
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return bad(format!("hidden_size {} is not a multiple of {} heads", self.hidden_size, self.num_attention_heads));
+        }
+        if self.num_channels != 3 {
+            return bad(format!("the tower takes {} channels; images are RGB (3)", self.num_channels));
+        }
+        Act::parse(&self.hidden_act).map(|_| ())
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+}
+
+/// The activations CLIP towers and LLaVA projectors are configured with.
+#[derive(Debug, Clone, Copy)]
+pub enum Act {
+    QuickGelu,
+    GeluErf,
+    GeluTanh,
+}
+
+impl Act {
+    pub fn parse(name: &str) -> MResult<Self> {
+        match name {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::GeluErf),
+            "gelu_pytorch_tanh" | "gelu_new" => Ok(Self::GeluTanh),
+            other => Err(ModelError::Config(format!(
+                "unsupported activation {other:?} (quick_gelu, gelu, gelu_pytorch_tanh, gelu_new)"
+            ))),
+        }
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+        }
+    }
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct ClipVision {
+    cfg: ClipVisionConfig,
+    act: Act,
+    /// `[hidden, channels * patch^2]`: the convolution as one matmul.
+    patch_embed: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl ClipVision {
+    /// The tower under `prefix`, with only the first `num_layers` encoder
+    /// layers (those the selected features need).
+    pub fn load(cfg: ClipVisionConfig, w: &Weights, prefix: &str, num_layers: usize) -> MResult<Self> {
+        cfg.validate()?;
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let eps = cfg.layer_norm_eps;
+        let emb = format!("{prefix}.embeddings");
+        let patch_embed = w.tensor(&format!("{emb}.patch_embedding.weight"), &[d, c, p, p])?.reshape((d, c * p * p))?;
+        let positions = cfg.grid() * cfg.grid() + 1;
+        let mut layers = Vec::with_capacity(num_layers);
+        for i in 0..num_layers {
+            let l = format!("{prefix}.encoder.layers.{i}");
+            let lin = |name: &str, i, o| w.linear(&format!("{l}.{name}"), i, o, true);
+            layers.push(Layer {
+                ln1: w.layer_norm(&format!("{l}.layer_norm1"), d, eps)?,
+                q: lin("self_attn.q_proj", d, d)?,
+                k: lin("self_attn.k_proj", d, d)?,
+                v: lin("self_attn.v_proj", d, d)?,
+                out: lin("self_attn.out_proj", d, d)?,
+                ln2: w.layer_norm(&format!("{l}.layer_norm2"), d, eps)?,
+                fc1: lin("mlp.fc1", d, cfg.intermediate_size)?,
+                fc2: lin("mlp.fc2", cfg.intermediate_size, d)?,
+            });
+        }
+        Ok(Self {
+            act: Act::parse(&cfg.hidden_act)?,
+            patch_embed,
+            class_embedding: w.tensor(&format!("{emb}.class_embedding"), &[d])?,
+            position_embedding: w.tensor(&format!("{emb}.position_embedding.weight"), &[positions, d])?,
+            pre_norm: w.layer_norm(&format!("{prefix}.pre_layrnorm"), d, eps)?,
+            layers,
+            cfg,
+        })
+    }
+
+    /// One image `[channels, size, size]` (or `[1, ...]`) -> the loaded
+    /// layers' output `[1 + patches, hidden]` (class token first).
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (s, p, c) = (self.cfg.image_size, self.cfg.patch_size, self.cfg.num_channels);
+        let pixels = if pixels.rank() == 4 { pixels.squeeze(0)? } else { pixels.clone() };
+        if pixels.dims() != [c, s, s] {
+            bail!("pixel_values must be [{c}, {s}, {s}] for this vision tower, got {:?}", pixels.dims());
+        }
+        let g = s / p;
+        let dtype = self.patch_embed.dtype();
+        let patches = pixels
+            .to_dtype(dtype)?
+            .reshape((c, g, p, g, p))?
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((g * g, c * p * p))?;
+        let x = patches.matmul(&self.patch_embed.t()?)?;
+        let x = Tensor::cat(&[self.class_embedding.unsqueeze(0)?, x], 0)?;
+        let mut x = self.pre_norm.forward(&(x + &self.position_embedding)?)?;
+        for l in &self.layers {
+            x = (&x + self.attention(l, &l.ln1.forward(&x)?)?)?;
+            let h = l.fc2.forward(&self.act.forward(&l.fc1.forward(&l.ln2.forward(&x)?)?)?)?;
+            x = (x + h)?;
+        }
+        Ok(x)
+    }
+
+    fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
+        let (n, d) = x.dims2()?;
+        let heads = self.cfg.num_attention_heads;
+        let hd = d / heads;
+        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous();
+        let q = split(l.q.forward(x)?)?;
+        let k = split(l.k.forward(x)?)?;
+        let v = split(l.v.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+        // Softmax in f32, as transformers' eager attention does.
+        let probs = crate::softmax::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let o = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
+        l.out.forward(&o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_checks() {
+        let ok = ClipVisionConfig { image_size: 336, patch_size: 14, ..Default::default() };
+        ok.validate().unwrap();
+        assert_eq!(ok.grid(), 24);
+        let bad = ClipVisionConfig { image_size: 100, patch_size: 14, ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("multiple of patch_size"));
+        let act = ClipVisionConfig { hidden_act: "relu6".into(), ..Default::default() };
+        assert!(act.validate().unwrap_err().to_string().contains("relu6"));
+    }
+}

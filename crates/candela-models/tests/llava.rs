@@ -5,6 +5,8 @@
 //! features, last-position logits, and greedy tokens through the engine with
 //! prefill chunks that split the images, alone and batched.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,10 +14,10 @@ use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
 use candela_core::request::{MmFeatures, MmInput};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
-use candela_models::input::{EngineCaches, InputPreparer, MediaInput, PreparedPrompt};
+use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
 use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -45,20 +47,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-struct NoCaches;
-
-impl EngineCaches for NoCaches {
-    fn caching(&self) -> bool {
-        false
-    }
-    fn encoder_rows(&self, _: &str) -> Option<usize> {
-        None
-    }
-    fn embedding_shape(&self) -> (usize, DType) {
-        (0, DType::F32)
-    }
-}
-
 /// The case's prompt as production prepares it.
 fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
     let messages = case["messages"].as_array().unwrap().clone();
@@ -80,7 +68,7 @@ fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
         })
         .collect();
     let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
-    prep.prepare(&NoCaches, ids, &inputs).unwrap()
+    prep.prepare(&common::NoCaches, ids, &inputs).unwrap()
 }
 
 fn features(p: &PreparedPrompt) -> Vec<(usize, Arc<MmFeatures>)> {

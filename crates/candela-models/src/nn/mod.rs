@@ -1,6 +1,7 @@
 //! Building blocks shared by the families: the decoder language model over
-//! the paged KV cache, and the Whisper audio encoder (Whisper and
-//! Qwen2-Audio).
+//! the paged KV cache, the Whisper audio encoder (Whisper and Qwen2-Audio),
+//! and the towers' activations.
 
+pub mod activation;
 pub mod decoder;
 pub mod whisper_encoder;

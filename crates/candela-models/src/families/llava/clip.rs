@@ -8,6 +8,7 @@ use candle_nn::LayerNorm;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result as MResult};
+use crate::nn::activation::Activation;
 use crate::weights::{Linear, Weights};
 
 /// `CLIPVisionConfig` (defaults as transformers has them).
@@ -53,41 +54,12 @@ impl ClipVisionConfig {
         if self.num_channels != 3 {
             return bad(format!("the tower takes {} channels; images are RGB (3)", self.num_channels));
         }
-        Act::parse(&self.hidden_act).map(|_| ())
+        Activation::parse(&self.hidden_act).map(|_| ())
     }
 
     /// Patches per side.
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
-    }
-}
-
-/// The activations CLIP towers and LLaVA projectors are configured with.
-#[derive(Debug, Clone, Copy)]
-pub enum Act {
-    QuickGelu,
-    GeluErf,
-    GeluTanh,
-}
-
-impl Act {
-    pub fn parse(name: &str) -> MResult<Self> {
-        match name {
-            "quick_gelu" => Ok(Self::QuickGelu),
-            "gelu" => Ok(Self::GeluErf),
-            "gelu_pytorch_tanh" | "gelu_new" => Ok(Self::GeluTanh),
-            other => Err(ModelError::Config(format!(
-                "unsupported activation {other:?} (quick_gelu, gelu, gelu_pytorch_tanh, gelu_new)"
-            ))),
-        }
-    }
-
-    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-        }
     }
 }
 
@@ -104,7 +76,7 @@ struct Layer {
 
 pub struct ClipVision {
     cfg: ClipVisionConfig,
-    act: Act,
+    act: Activation,
     /// `[hidden, channels * patch^2]`: the convolution as one matmul.
     patch_embed: Tensor,
     class_embedding: Tensor,
@@ -139,7 +111,7 @@ impl ClipVision {
             });
         }
         Ok(Self {
-            act: Act::parse(&cfg.hidden_act)?,
+            act: Activation::parse(&cfg.hidden_act)?,
             patch_embed,
             class_embedding: w.tensor(&format!("{emb}.class_embedding"), &[d])?,
             position_embedding: w.tensor(&format!("{emb}.position_embedding.weight"), &[positions, d])?,

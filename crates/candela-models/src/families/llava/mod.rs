@@ -27,6 +27,7 @@ use super::{Built, Checkpoint, Family};
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result as MResult};
 use crate::multimodal::{MediaEncoder, MultimodalLm};
+use crate::nn::activation::Activation;
 use crate::nn::decoder::DecoderLm;
 use crate::weights::{Linear, Weights};
 
@@ -74,7 +75,7 @@ pub struct LlavaConfig {
     pub text: HfConfig,
     pub vision: ClipVisionConfig,
     pub image_token_id: u32,
-    pub projector_act: clip::Act,
+    pub projector_act: Activation,
     pub projector_bias: bool,
     /// Encoder layers to run: the features are their output.
     pub feature_layers: usize,
@@ -119,7 +120,7 @@ impl LlavaConfig {
         Ok(Self {
             text,
             image_token_id: r.image_token_index.unwrap_or(32000),
-            projector_act: clip::Act::parse(r.projector_hidden_act.as_deref().unwrap_or("gelu"))?,
+            projector_act: Activation::parse(r.projector_hidden_act.as_deref().unwrap_or("gelu"))?,
             projector_bias: r.multimodal_projector_bias.unwrap_or(true),
             feature_layers,
             keep_class_token,
@@ -183,7 +184,7 @@ struct Encoder {
     vision: ClipVision,
     keep_class_token: bool,
     linear_1: Linear,
-    act: clip::Act,
+    act: Activation,
     linear_2: Linear,
 }
 

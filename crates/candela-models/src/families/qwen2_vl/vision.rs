@@ -15,39 +15,11 @@ use candle_nn::LayerNorm;
 
 use super::config::{Variant, VisionConfig};
 use crate::error::Result as MResult;
+use crate::nn::activation::Activation;
 use crate::nn::decoder::RmsNorm;
 use crate::weights::{Linear, Weights};
 
 const NORM_EPS: f64 = 1e-6;
-
-#[derive(Debug, Clone, Copy)]
-enum Act {
-    QuickGelu,
-    GeluErf,
-    GeluTanh,
-    Silu,
-}
-
-impl Act {
-    fn parse(name: &str) -> Self {
-        // Names were validated with the config.
-        match name {
-            "quick_gelu" => Self::QuickGelu,
-            "gelu" => Self::GeluErf,
-            "gelu_pytorch_tanh" => Self::GeluTanh,
-            _ => Self::Silu,
-        }
-    }
-
-    fn forward(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Self::GeluErf => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-            Self::Silu => x.silu(),
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Norm {
@@ -100,7 +72,7 @@ pub struct VisionTower {
     merger_norm: Norm,
     merger_fc1: Linear,
     merger_fc2: Linear,
-    act: Act,
+    act: Activation,
     /// `head_dim / 4` rotary frequencies, shared by the row and column axes.
     inv_freq: Vec<f32>,
 }
@@ -152,7 +124,7 @@ impl VisionTower {
             merger_norm: Norm::load(w, &p("merger.ln_q"), d, cfg.variant)?,
             merger_fc1: w.linear(&p("merger.mlp.0"), d * m2, d * m2, true)?,
             merger_fc2: w.linear(&p("merger.mlp.2"), d * m2, cfg.out_dim, true)?,
-            act: Act::parse(&cfg.hidden_act),
+            act: Activation::parse(&cfg.hidden_act)?,
             patch_embed,
             blocks,
             inv_freq,

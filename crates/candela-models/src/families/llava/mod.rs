@@ -228,7 +228,7 @@ mod tests {
             serde_json::json!({"vision_feature_layer": -26}),
             serde_json::json!({"vision_feature_layer": [-2, -5]}),
             serde_json::json!({"vision_feature_select_strategy": "cls"}),
-            serde_json::json!({"projector_hidden_act": "swish"}),
+            serde_json::json!({"projector_hidden_act": "relu6"}),
         ] {
             assert!(config(bad.clone()).is_err(), "{bad}");
         }

@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use common::{features, fixture_dir, ids_of, last_logits, max_diff, reference};
 
-use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
-use candela_core::request::{MmFeatures, MmInput};
+use std::path::PathBuf;
+
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
@@ -23,7 +22,7 @@ use serde_json::Value;
 const ATOL: f32 = 1e-4;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/llava-tiny")
+    fixture_dir("llava-tiny")
 }
 
 struct Fixture {
@@ -32,19 +31,8 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let d = dir();
-    let reference = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(d.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let (reference, tensors) = reference(&dir());
     Fixture { reference, tensors }
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// The case's prompt as production prepares it.
@@ -69,33 +57,6 @@ fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
         .collect();
     let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
     prep.prepare(&common::NoCaches, ids, &inputs).unwrap()
-}
-
-fn features(p: &PreparedPrompt) -> Vec<(usize, Arc<MmFeatures>)> {
-    p.items
-        .iter()
-        .map(|m| match &m.input {
-            MmInput::Features(f) => (m.placeholder.offset, f.clone()),
-            other => panic!("features expected, got {other:?}"),
-        })
-        .collect()
-}
-
-fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)]) -> Tensor {
-    let bs = 16;
-    let blocks = ids.len().div_ceil(bs);
-    loaded.model.allocate_kv_cache(blocks, bs).unwrap();
-    let n = ids.len();
-    let batch = ForwardBatch {
-        input_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as u32).collect(),
-        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
-        block_size: bs,
-        mm_embeds: spans.iter().map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.clone() }).collect(),
-        mrope_positions: None,
-    };
-    loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
 }
 
 fn load_f32() -> LoadedModel {
@@ -160,7 +121,7 @@ fn llava_matches_transformers() {
             assert!(d <= ATOL, "{name}: image features of item {i} differ by {d}");
             worst.1 = worst.1.max(d);
         }
-        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans), &f.tensors[&format!("{name}.last_logits")]);
+        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans, None), &f.tensors[&format!("{name}.last_logits")]);
         assert!(d <= ATOL, "{name}: last-position logits differ by {d}");
         worst.2 = worst.2.max(d);
         prepared.push((name.clone(), p));
@@ -217,7 +178,7 @@ fn other_weight_layouts_load() {
         let p = prepare_case(&loaded, case);
         let spans: Vec<(usize, Tensor)> =
             features(&p).iter().map(|(o, x)| (*o, loaded.model.encode(x).unwrap())).collect();
-        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans), &f.tensors["one_image.last_logits"]);
+        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans, None), &f.tensors["one_image.last_logits"]);
         std::fs::remove_dir_all(&tmp).unwrap();
         assert!(d <= ATOL, "{what} names: last-position logits differ by {d}");
     }

@@ -5,23 +5,24 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{fixture_dir, ids_of, last_logits, max_diff, reference};
+
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
 use candela_core::request::{MmFeatures, MmInput};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
 use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-audio-tiny")
+    fixture_dir("qwen2-audio-tiny")
 }
 
 struct Fixture {
@@ -30,17 +31,8 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir().join("reference.safetensors"), &Device::Cpu).unwrap();
+    let (reference, tensors) = reference(&dir());
     Fixture { reference, tensors }
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// The prompt as production prepares it: the chat template rendered and
@@ -65,28 +57,6 @@ fn prepare(loaded: &LoadedModel, f: &Fixture) -> PreparedPrompt {
         .collect();
     let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
     prep.prepare(&common::NoCaches, ids, &clips).unwrap()
-}
-
-/// Logits of the last token of `ids[..len]`, media spliced in, on a fresh KV pool.
-fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)]) -> Tensor {
-    let bs = 16;
-    let blocks = ids.len().div_ceil(bs);
-    loaded.model.allocate_kv_cache(blocks, bs).unwrap();
-    let n = ids.len();
-    let batch = ForwardBatch {
-        input_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as u32).collect(),
-        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
-        block_size: bs,
-        mm_embeds: spans
-            .iter()
-            .filter(|(start, _)| *start < n)
-            .map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.narrow(0, 0, e.dim(0).unwrap().min(n - start)).unwrap() })
-            .collect(),
-        mrope_positions: None,
-    };
-    loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
 }
 
 #[test]
@@ -140,11 +110,11 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
             let d = max_diff(e, &f.tensors[&format!("audio_embeds.{i}")]);
             assert!(d <= ATOL, "{what}: audio embeddings of clip {i} differ by {d}");
         }
-        let last = last_logits(&mut loaded, &ids, &spans);
+        let last = last_logits(&mut loaded, &ids, &spans, None);
         let d = max_diff(&last, &f.tensors["last_logits"]);
         assert!(d <= ATOL, "{what}: last-position logits differ by {d}");
         let audio_pos = ids.iter().rposition(|&t| t == f.reference["audio_token_id"].as_u64().unwrap() as u32).unwrap();
-        let at_audio = last_logits(&mut loaded, &ids[..=audio_pos], &spans);
+        let at_audio = last_logits(&mut loaded, &ids[..=audio_pos], &spans, None);
         let d = max_diff(&at_audio, &f.tensors["audio_logits"]);
         assert!(d <= ATOL, "{what}: logits at the last audio token differ by {d}");
     }

@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{features, fixture_dir, ids_of, last_logits, max_diff, reference};
 
-use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
-use std::sync::Arc;
 
-use candela_core::request::{MmFeatures, MmInput, MropePositions};
+
+use candela_core::request::{MmFeatures, MropePositions};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
@@ -24,10 +23,6 @@ use serde_json::Value;
 const ATOL: f32 = 1e-4;
 const PIXEL_ATOL: f32 = 1e-5;
 
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
-}
-
 struct Fixture {
     name: &'static str,
     reference: Value,
@@ -35,15 +30,13 @@ struct Fixture {
 }
 
 fn fixture(name: &'static str) -> Fixture {
-    let d = dir(name);
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(d.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let (reference, tensors) = reference(&fixture_dir(name));
     Fixture { name, reference, tensors }
 }
 
 impl Fixture {
     fn file(&self, file: &str) -> Vec<u8> {
-        std::fs::read(dir(self.name).join(file)).unwrap()
+        std::fs::read(fixture_dir(self.name).join(file)).unwrap()
     }
 
     /// Reference pixel values of item `i` of `case` (image_a is stored once).
@@ -51,15 +44,6 @@ impl Fixture {
         let key = format!("{case}.item{i}.pixel_values");
         self.tensors.get(&key).unwrap_or_else(|| &self.tensors["one_image.item0.pixel_values"])
     }
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// The case's prompt as production prepares it: template rendered and
@@ -98,34 +82,6 @@ fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedProm
 }
 
 /// Each item's features and offset.
-fn features(p: &PreparedPrompt) -> Vec<(usize, Arc<MmFeatures>)> {
-    p.items
-        .iter()
-        .map(|m| match &m.input {
-            MmInput::Features(f) => (m.placeholder.offset, f.clone()),
-            other => panic!("features expected, got {other:?}"),
-        })
-        .collect()
-}
-
-/// Logits of the last token of `ids`, media spliced in, on a fresh KV pool.
-fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)], mrope: Option<&MropePositions>) -> Tensor {
-    let bs = 16;
-    let blocks = ids.len().div_ceil(bs);
-    loaded.model.allocate_kv_cache(blocks, bs).unwrap();
-    let n = ids.len();
-    let batch = ForwardBatch {
-        input_ids: ids.to_vec(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n as u32).collect(),
-        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
-        block_size: bs,
-        mm_embeds: spans.iter().map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.clone() }).collect(),
-        mrope_positions: mrope.map(|m| (0..n).map(|i| m.at(i)).collect()),
-    };
-    loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
-}
-
 fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (Vec<u32>, u64) {
     let LoadedModel { model, tokenizer, generation, .. } = loaded;
     let cfg = EngineConfig {
@@ -151,7 +107,7 @@ fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (V
 }
 
 fn load_f32(name: &str) -> LoadedModel {
-    load(&dir(name), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap()
+    load(&fixture_dir(name), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap()
 }
 
 fn check_fixture(name: &'static str, architecture: &str) {

@@ -1,7 +1,16 @@
-//! Shared by the multimodal parity tests.
+//! Shared by the multimodal parity tests (each test binary uses a part).
+#![allow(dead_code)]
 
-use candela_models::input::EngineCaches;
-use candle_core::DType;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
+use candela_core::request::{MmFeatures, MmInput, MropePositions};
+use candela_models::input::{EngineCaches, PreparedPrompt};
+use candela_models::LoadedModel;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
 
 /// No engine and no caches: every item is processed from its data, as on a
 /// first request.
@@ -17,4 +26,58 @@ impl EngineCaches for NoCaches {
     fn embedding_shape(&self) -> (usize, DType) {
         (0, DType::F32)
     }
+}
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+/// A fixture's `reference.json` and `reference.safetensors`.
+pub fn reference(dir: &Path) -> (Value, HashMap<String, Tensor>) {
+    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    (json, tensors)
+}
+
+pub fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Each prepared item's offset and features.
+pub fn features(p: &PreparedPrompt) -> Vec<(usize, Arc<MmFeatures>)> {
+    p.items
+        .iter()
+        .map(|m| match &m.input {
+            MmInput::Features(f) => (m.placeholder.offset, f.clone()),
+            other => panic!("features expected, got {other:?}"),
+        })
+        .collect()
+}
+
+/// Logits of the last token of `ids`, media spliced in (spans cut at the
+/// end of `ids`), on a fresh KV pool.
+pub fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)], mrope: Option<&MropePositions>) -> Tensor {
+    let bs = 16;
+    let blocks = ids.len().div_ceil(bs);
+    loaded.model.allocate_kv_cache(blocks, bs).unwrap();
+    let n = ids.len();
+    let batch = ForwardBatch {
+        input_ids: ids.to_vec(),
+        positions: (0..n as u32).collect(),
+        slot_mapping: (0..n as u32).collect(),
+        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
+        block_size: bs,
+        mm_embeds: spans
+            .iter()
+            .filter(|(start, _)| *start < n)
+            .map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.narrow(0, 0, e.dim(0).unwrap().min(n - start)).unwrap() })
+            .collect(),
+        mrope_positions: mrope.map(|m| (0..n).map(|i| m.at(i)).collect()),
+    };
+    loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
 }

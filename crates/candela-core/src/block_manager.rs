@@ -92,7 +92,11 @@ impl BlockManager {
             return Vec::new();
         }
         let max_blocks = (num_tokens - 1) / self.block_size;
-        hashes.iter().take(max_blocks).map_while(|h| self.pool.lookup(h)).collect()
+        hashes
+            .iter()
+            .take(max_blocks)
+            .map_while(|h| self.pool.lookup(h))
+            .collect()
     }
 
     /// Count one prefix-cache lookup of `queried` tokens of which `hit` were cached.
@@ -108,7 +112,13 @@ impl BlockManager {
     /// no blocks yet; `num_computed` then already counts their tokens), then
     /// fresh blocks. All or nothing: returns false, changing nothing, if the
     /// pool cannot supply enough blocks.
-    pub fn allocate_slots(&mut self, seq: SeqId, num_computed: usize, num_new: usize, cached: &[BlockId]) -> bool {
+    pub fn allocate_slots(
+        &mut self,
+        seq: SeqId,
+        num_computed: usize,
+        num_new: usize,
+        cached: &[BlockId],
+    ) -> bool {
         let table_len = self.tables.get(&seq).map_or(0, |t| t.blocks.len());
         let cached = if table_len == 0 { cached } else { &[] };
         let needed = self.blocks_for(num_computed + num_new);
@@ -142,10 +152,17 @@ impl BlockManager {
         if !self.enable_caching {
             return;
         }
-        let Some(t) = self.tables.get_mut(&seq) else { return };
-        let full = (num_computed / self.block_size).min(hashes.len()).min(t.blocks.len());
+        let Some(t) = self.tables.get_mut(&seq) else {
+            return;
+        };
+        let full = (num_computed / self.block_size)
+            .min(hashes.len())
+            .min(t.blocks.len());
         if t.num_hashed < full {
-            for (&b, &h) in t.blocks[t.num_hashed..full].iter().zip(&hashes[t.num_hashed..full]) {
+            for (&b, &h) in t.blocks[t.num_hashed..full]
+                .iter()
+                .zip(&hashes[t.num_hashed..full])
+            {
                 self.pool.set_hash(b, h);
             }
         }
@@ -156,7 +173,9 @@ impl BlockManager {
     /// covering at most `num_tokens` tokens. Returns the number of tokens
     /// shared (a multiple of the block size).
     pub fn fork(&mut self, parent: SeqId, child: SeqId, num_tokens: usize) -> usize {
-        let Some(p) = self.tables.get(&parent) else { return 0 };
+        let Some(p) = self.tables.get(&parent) else {
+            return 0;
+        };
         let k = (num_tokens / self.block_size).min(p.blocks.len());
         let shared: Vec<BlockId> = p.blocks[..k].to_vec();
         let num_hashed = p.num_hashed.min(k);
@@ -164,7 +183,13 @@ impl BlockManager {
         for &b in &shared {
             self.pool.touch(b);
         }
-        self.tables.insert(child, SeqBlocks { blocks: shared, num_hashed });
+        self.tables.insert(
+            child,
+            SeqBlocks {
+                blocks: shared,
+                num_hashed,
+            },
+        );
         k * self.block_size
     }
 

@@ -45,7 +45,13 @@ impl BlockPool {
             cached: HashMap::new(),
         };
         for _ in 0..n {
-            pool.blocks.push(BlockMeta { ref_cnt: 0, hash: None, prev: NIL, next: NIL, in_free_list: false });
+            pool.blocks.push(BlockMeta {
+                ref_cnt: 0,
+                hash: None,
+                prev: NIL,
+                next: NIL,
+                in_free_list: false,
+            });
         }
         for id in 0..n as u32 {
             pool.push_back(id);
@@ -105,7 +111,9 @@ impl BlockPool {
     /// Add an owner to `id` (a cache hit or a fork), resurrecting it from the
     /// free list if it had none.
     pub fn touch(&mut self, id: BlockId) {
-        let Some(meta) = self.blocks.get(id as usize) else { return };
+        let Some(meta) = self.blocks.get(id as usize) else {
+            return;
+        };
         if meta.in_free_list {
             self.unlink(id);
         }
@@ -116,7 +124,9 @@ impl BlockPool {
     /// Drop one owner of `id`; with none left the block becomes free (and
     /// stays in the cache if it carries a hash).
     pub fn release(&mut self, id: BlockId) {
-        let Some(meta) = self.blocks.get_mut(id as usize) else { return };
+        let Some(meta) = self.blocks.get_mut(id as usize) else {
+            return;
+        };
         if meta.ref_cnt == 0 {
             return;
         }
@@ -134,7 +144,9 @@ impl BlockPool {
     /// nothing) if the block already has a hash or another block already holds
     /// that content (the duplicate then simply stays uncached).
     pub fn set_hash(&mut self, id: BlockId, hash: BlockHash) -> bool {
-        let Some(meta) = self.blocks.get_mut(id as usize) else { return false };
+        let Some(meta) = self.blocks.get_mut(id as usize) else {
+            return false;
+        };
         if meta.hash.is_some() || self.cached.contains_key(&hash) {
             return false;
         }

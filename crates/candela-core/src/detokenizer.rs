@@ -46,7 +46,15 @@ impl Detokenizer {
         let start = prompt.len().saturating_sub(PROMPT_CONTEXT_TOKENS);
         let ids = prompt[start..].to_vec();
         let read_offset = ids.len();
-        Self { ids, prefix_offset: 0, read_offset, skip_special_tokens, text: String::new(), emitted: 0, stop }
+        Self {
+            ids,
+            prefix_offset: 0,
+            read_offset,
+            skip_special_tokens,
+            text: String::new(),
+            emitted: 0,
+            stop,
+        }
     }
 
     /// Text handed out so far.
@@ -56,7 +64,12 @@ impl Detokenizer {
 
     /// Add one generated token. `check_stop` is false while stop strings must
     /// not end generation yet (before `min_tokens`).
-    pub fn push(&mut self, decoder: &dyn TokenDecoder, token: u32, check_stop: bool) -> Result<DetokOutput, String> {
+    pub fn push(
+        &mut self,
+        decoder: &dyn TokenDecoder,
+        token: u32,
+        check_stop: bool,
+    ) -> Result<DetokOutput, String> {
         self.ids.push(token);
         let prefix = self.decode(decoder, self.prefix_offset, self.read_offset)?;
         let full = self.decode(decoder, self.prefix_offset, self.ids.len())?;
@@ -70,7 +83,11 @@ impl Detokenizer {
 
     /// The sample ended for another reason than a stop string: decode any
     /// pending bytes (even an incomplete character) and release held text.
-    pub fn finish(&mut self, decoder: &dyn TokenDecoder, check_stop: bool) -> Result<DetokOutput, String> {
+    pub fn finish(
+        &mut self,
+        decoder: &dyn TokenDecoder,
+        check_stop: bool,
+    ) -> Result<DetokOutput, String> {
         if self.read_offset < self.ids.len() {
             let prefix = self.decode(decoder, self.prefix_offset, self.read_offset)?;
             let full = self.decode(decoder, self.prefix_offset, self.ids.len())?;
@@ -214,7 +231,10 @@ pub(crate) mod tests {
         let (pieces, all, stop) = run(&[0, 27, 28, 29, 1, 32, 33], &[]);
         assert_eq!(all, "a€b😀");
         assert_eq!(stop, None);
-        assert_eq!(pieces[..7], ["a", "", "", "€", "b", "", "😀"].map(String::from));
+        assert_eq!(
+            pieces[..7],
+            ["a", "", "", "€", "b", "", "😀"].map(String::from)
+        );
         for p in &pieces {
             assert!(!p.contains('\u{FFFD}'));
         }
@@ -223,7 +243,10 @@ pub(crate) mod tests {
     #[test]
     fn stop_string_is_cut_and_never_emitted() {
         // "hello world" with stop "lo w": emitted "hel".
-        let hello: Vec<u32> = "hello world".bytes().map(|b| if b == b' ' { 26 } else { (b - b'a') as u32 }).collect();
+        let hello: Vec<u32> = "hello world"
+            .bytes()
+            .map(|b| if b == b' ' { 26 } else { (b - b'a') as u32 })
+            .collect();
         let (pieces, all, stop) = run(&hello, &["lo w"]);
         assert_eq!(all, "hel");
         assert_eq!(stop.as_deref(), Some("lo w"));
@@ -245,7 +268,13 @@ pub(crate) mod tests {
         assert_eq!(d.push(&dec, 23, true).unwrap().text, "lx");
         assert_eq!(d.push(&dec, 11, true).unwrap().text, "");
         let fin = d.finish(&dec, true).unwrap();
-        assert_eq!(fin, DetokOutput { text: "l".into(), stop: None });
+        assert_eq!(
+            fin,
+            DetokOutput {
+                text: "l".into(),
+                stop: None
+            }
+        );
         assert_eq!(d.emitted_text(), "hellxl");
     }
 
@@ -255,7 +284,9 @@ pub(crate) mod tests {
         let (pieces, all, stop) = run(&[0, 27, 28, 29, 1], &["€"]);
         assert_eq!(all, "a");
         assert_eq!(stop.as_deref(), Some("€"));
-        assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}') && !p.contains('€')));
+        assert!(pieces
+            .iter()
+            .all(|p| !p.contains('\u{FFFD}') && !p.contains('€')));
         // Stop string that starts with a multibyte char followed by ascii.
         let (_, all2, stop2) = run(&[0, 30, 30, 1, 2], &["éb"]);
         assert_eq!(all2, "aé");
@@ -275,7 +306,13 @@ pub(crate) mod tests {
         let dec = ByteDecoder::standard();
         let mut d = Detokenizer::new(&[0], vec!["b".into()], true);
         let o = d.push(&dec, 1, false).unwrap();
-        assert_eq!(o, DetokOutput { text: "b".into(), stop: None });
+        assert_eq!(
+            o,
+            DetokOutput {
+                text: "b".into(),
+                stop: None
+            }
+        );
         let o = d.push(&dec, 27, true).unwrap();
         assert_eq!(o.text, "");
         // Ends mid-character: flushed as U+FFFD, the same as decoding everything.

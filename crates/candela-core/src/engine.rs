@@ -118,7 +118,11 @@ pub enum EngineError {
          ({prompt_tokens} in the prompt, {max_tokens} for the completion). Please reduce the length of the prompt or completion.",
         prompt_tokens + max_tokens
     )]
-    ContextLength { max_model_len: usize, prompt_tokens: usize, max_tokens: usize },
+    ContextLength {
+        max_model_len: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    },
     #[error("invalid engine config: {0}")]
     InvalidConfig(String),
     #[error("model error: {0}")]
@@ -130,12 +134,19 @@ pub enum EngineError {
 impl EngineError {
     /// Whether the caller's request was at fault (as opposed to the engine).
     pub fn is_invalid_request(&self) -> bool {
-        matches!(self, EngineError::InvalidRequest(_) | EngineError::ContextLength { .. })
+        matches!(
+            self,
+            EngineError::InvalidRequest(_) | EngineError::ContextLength { .. }
+        )
     }
 }
 
 enum Command {
-    Add { id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent> },
+    Add {
+        id: u64,
+        req: EngineRequest,
+        tx: UnboundedSender<RequestEvent>,
+    },
     Abort(u64),
     Shutdown,
 }
@@ -185,7 +196,9 @@ pub fn default_kv_cache_bytes() -> usize {
 pub fn gpu_kv_budget(mem: &DeviceMemory, utilization: f32) -> usize {
     let allowed = (mem.total_bytes as f64 * utilization as f64) as usize;
     let used = mem.total_bytes.saturating_sub(mem.free_bytes);
-    allowed.saturating_sub(used).saturating_sub(mem.activation_bytes)
+    allowed
+        .saturating_sub(used)
+        .saturating_sub(mem.activation_bytes)
 }
 
 /// How many KV blocks a config gives for a model. `device`: the memory of
@@ -198,7 +211,9 @@ pub fn plan_num_blocks(
 ) -> Result<usize, EngineError> {
     let bs = config.block_size;
     let block_bytes = spec.kv_block_bytes(bs).max(1);
-    let needed = config.max_num_seqs.saturating_mul(max_model_len.div_ceil(bs));
+    let needed = config
+        .max_num_seqs
+        .saturating_mul(max_model_len.div_ceil(bs));
     let blocks = match config.kv_cache_bytes {
         Some(bytes) => {
             let b = bytes / block_bytes;
@@ -236,26 +251,42 @@ pub fn plan_num_blocks(
 impl Engine {
     /// Allocate the KV pool through `model.allocate_kv_cache` and start the
     /// engine thread.
-    pub fn start(mut model: Box<dyn Model>, decoder: Arc<dyn TokenDecoder>, config: EngineConfig) -> Result<Engine, EngineError> {
+    pub fn start(
+        mut model: Box<dyn Model>,
+        decoder: Arc<dyn TokenDecoder>,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
         let spec = model.spec().clone();
         if config.block_size == 0 {
-            return Err(EngineError::InvalidConfig("block_size must be at least 1".into()));
+            return Err(EngineError::InvalidConfig(
+                "block_size must be at least 1".into(),
+            ));
         }
         if config.max_num_seqs == 0 {
-            return Err(EngineError::InvalidConfig("max_num_seqs must be at least 1".into()));
+            return Err(EngineError::InvalidConfig(
+                "max_num_seqs must be at least 1".into(),
+            ));
         }
         if config.max_num_batched_tokens == 0 {
-            return Err(EngineError::InvalidConfig("max_num_batched_tokens must be at least 1".into()));
+            return Err(EngineError::InvalidConfig(
+                "max_num_batched_tokens must be at least 1".into(),
+            ));
         }
         if let Some(t @ (0 | MAX_THREADS_PLUS_ONE..)) = config.threads {
-            return Err(EngineError::InvalidConfig(format!("threads must be in 1..={MAX_THREADS}, got {t}")));
+            return Err(EngineError::InvalidConfig(format!(
+                "threads must be in 1..={MAX_THREADS}, got {t}"
+            )));
         }
         let u = config.gpu_memory_utilization;
         if !(u > 0.0 && u <= 1.0) {
-            return Err(EngineError::InvalidConfig(format!("gpu_memory_utilization must be in (0, 1], got {u}")));
+            return Err(EngineError::InvalidConfig(format!(
+                "gpu_memory_utilization must be in (0, 1], got {u}"
+            )));
         }
         if spec.vocab_size == 0 {
-            return Err(EngineError::InvalidConfig("the model reports a vocabulary of 0 tokens".into()));
+            return Err(EngineError::InvalidConfig(
+                "the model reports a vocabulary of 0 tokens".into(),
+            ));
         }
         let max_model_len = match config.max_model_len {
             None => spec.max_model_len,
@@ -268,20 +299,28 @@ impl Engine {
             Some(m) => m,
         };
         if max_model_len < 2 {
-            return Err(EngineError::InvalidConfig(format!("max_model_len = {max_model_len} leaves no room to generate")));
+            return Err(EngineError::InvalidConfig(format!(
+                "max_model_len = {max_model_len} leaves no room to generate"
+            )));
         }
         let device_memory = model.device_memory(config.max_num_batched_tokens, config.max_num_seqs);
         let num_blocks = plan_num_blocks(&spec, &config, max_model_len, device_memory.as_ref())?;
-        model.allocate_kv_cache(num_blocks, config.block_size).map_err(|e| EngineError::Model(e.to_string()))?;
+        model
+            .allocate_kv_cache(num_blocks, config.block_size)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
 
         let mut config = config;
         config.max_model_len = Some(max_model_len);
-        let threads = *config.threads.get_or_insert_with(crate::threads::physical_cores);
+        let threads = *config
+            .threads
+            .get_or_insert_with(crate::threads::physical_cores);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("candela-compute-{i}"))
             .build()
-            .map_err(|e| EngineError::InvalidConfig(format!("cannot start {threads} compute threads: {e}")))?;
+            .map_err(|e| {
+                EngineError::InvalidConfig(format!("cannot start {threads} compute threads: {e}"))
+            })?;
         let encoder_cache = Arc::new(Mutex::new(EncoderCache::new(config.encoder_cache_tokens)));
         let core = EngineCore::new(
             model,
@@ -309,7 +348,9 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("candela-engine".into())
             .spawn(move || pool.install(|| engine_loop(core, cmd_rx, thread_stats)))
-            .map_err(|e| EngineError::InvalidConfig(format!("cannot spawn the engine thread: {e}")))?;
+            .map_err(|e| {
+                EngineError::InvalidConfig(format!("cannot spawn the engine thread: {e}"))
+            })?;
         Ok(Engine {
             cmd_tx,
             thread: Mutex::new(Some(thread)),
@@ -334,14 +375,18 @@ impl Engine {
         let req = self.resolve_cached_media(req)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = unbounded_channel();
-        self.cmd_tx.send(Command::Add { id, req, tx }).map_err(|_| EngineError::Shutdown)?;
+        self.cmd_tx
+            .send(Command::Add { id, req, tx })
+            .map_err(|_| EngineError::Shutdown)?;
         Ok(RequestHandle { id, events })
     }
 
     fn validate(&self, req: &EngineRequest) -> Result<(), EngineError> {
         let prompt_len = req.prompt_token_ids.len();
         if prompt_len == 0 {
-            return Err(EngineError::InvalidRequest("the prompt must contain at least one token".into()));
+            return Err(EngineError::InvalidRequest(
+                "the prompt must contain at least one token".into(),
+            ));
         }
         req.params.validate().map_err(EngineError::InvalidRequest)?;
         if req.params.n > self.config.max_num_seqs {
@@ -351,14 +396,25 @@ impl Engine {
             )));
         }
         let vocab = self.spec.vocab_size;
-        if let Some((pos, &t)) = req.prompt_token_ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        if let Some((pos, &t)) = req
+            .prompt_token_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {t} at prompt position {pos} is out of range for a vocabulary of {vocab} tokens"
             )));
         }
         let max_tokens = req.params.max_tokens;
-        if prompt_len >= self.max_model_len || prompt_len.saturating_add(max_tokens) > self.max_model_len {
-            return Err(EngineError::ContextLength { max_model_len: self.max_model_len, prompt_tokens: prompt_len, max_tokens });
+        if prompt_len >= self.max_model_len
+            || prompt_len.saturating_add(max_tokens) > self.max_model_len
+        {
+            return Err(EngineError::ContextLength {
+                max_model_len: self.max_model_len,
+                prompt_tokens: prompt_len,
+                max_tokens,
+            });
         }
         let capacity = self.num_blocks * self.config.block_size;
         if prompt_len + 1 > capacity {
@@ -508,7 +564,11 @@ fn handle(core: &mut EngineCore, cmd: Command) -> bool {
     false
 }
 
-fn engine_loop(mut core: EngineCore, rx: crossbeam_channel::Receiver<Command>, stats: Arc<Mutex<EngineStats>>) {
+fn engine_loop(
+    mut core: EngineCore,
+    rx: crossbeam_channel::Receiver<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+) {
     let mut idle_wait = false;
     loop {
         let mut shutdown = false;
@@ -565,25 +625,53 @@ mod gpu_budget_tests {
     #[test]
     fn gpu_budget_is_utilization_less_used_and_activations() {
         const GIB: usize = 1 << 30;
-        let mem = DeviceMemory { free_bytes: 70 * GIB, total_bytes: 80 * GIB, activation_bytes: 2 * GIB };
+        let mem = DeviceMemory {
+            free_bytes: 70 * GIB,
+            total_bytes: 80 * GIB,
+            activation_bytes: 2 * GIB,
+        };
         // 0.75 * 80 = 60 GiB allowed, 10 in use, 2 for activations.
         assert_eq!(gpu_kv_budget(&mem, 0.75), 48 * GIB);
         assert_eq!(gpu_kv_budget(&mem, 0.1), 0);
         let spec = spec();
         let block = spec.kv_block_bytes(16);
         // Enough memory: capped at what max_num_seqs full sequences need.
-        let cfg = EngineConfig { max_num_seqs: 4, ..EngineConfig::default() };
-        assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap(), 4 * 1024 / 16);
+        let cfg = EngineConfig {
+            max_num_seqs: 4,
+            ..EngineConfig::default()
+        };
+        assert_eq!(
+            plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap(),
+            4 * 1024 / 16
+        );
         // Little memory: the budget decides.
-        let tight = DeviceMemory { free_bytes: 10 * block + GIB, total_bytes: 10 * block + GIB, activation_bytes: GIB };
-        let cfg = EngineConfig { gpu_memory_utilization: 1.0, ..EngineConfig::default() };
-        assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&tight)).unwrap(), 10);
+        let tight = DeviceMemory {
+            free_bytes: 10 * block + GIB,
+            total_bytes: 10 * block + GIB,
+            activation_bytes: GIB,
+        };
+        let cfg = EngineConfig {
+            gpu_memory_utilization: 1.0,
+            ..EngineConfig::default()
+        };
+        assert_eq!(
+            plan_num_blocks(&spec, &cfg, 1024, Some(&tight)).unwrap(),
+            10
+        );
         // No room at all is a clear error.
-        let cfg = EngineConfig { gpu_memory_utilization: 0.1, ..EngineConfig::default() };
-        let err = plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap_err().to_string();
+        let cfg = EngineConfig {
+            gpu_memory_utilization: 0.1,
+            ..EngineConfig::default()
+        };
+        let err = plan_num_blocks(&spec, &cfg, 1024, Some(&mem))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gpu_memory_utilization = 0.1"), "{err}");
         // An explicit kv_cache_bytes wins over the GPU budget.
-        let cfg = EngineConfig { kv_cache_bytes: Some(3 * block), ..EngineConfig::default() };
+        let cfg = EngineConfig {
+            kv_cache_bytes: Some(3 * block),
+            ..EngineConfig::default()
+        };
         assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap(), 3);
     }
 }

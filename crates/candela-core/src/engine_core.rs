@@ -127,7 +127,11 @@ impl EngineCore {
 
     pub fn stats(&self) -> EngineStats {
         let kv = self.sched.kv();
-        let enc = self.encoder_cache.lock().map(|c| c.stats()).unwrap_or_default();
+        let enc = self
+            .encoder_cache
+            .lock()
+            .map(|c| c.stats())
+            .unwrap_or_default();
         EngineStats {
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),
@@ -151,11 +155,20 @@ impl EngineCore {
 
     /// Queue a request that the engine front end has already validated.
     pub fn add_request(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<RequestEvent>) {
-        let EngineRequest { prompt_token_ids, mut params, mut mm_items, mrope } = req;
+        let EngineRequest {
+            prompt_token_ids,
+            mut params,
+            mut mm_items,
+            mrope,
+        } = req;
         let grammar = params.grammar.take();
         mm_items.sort_by_key(|m| m.placeholder.offset);
-        let placeholders: Vec<MmPlaceholder> = mm_items.iter().map(|m| m.placeholder.clone()).collect();
-        let mm = mm_items.into_iter().map(|item| MmSlot { item, embeds: None }).collect();
+        let placeholders: Vec<MmPlaceholder> =
+            mm_items.iter().map(|m| m.placeholder.clone()).collect();
+        let mm = mm_items
+            .into_iter()
+            .map(|item| MmSlot { item, embeds: None })
+            .collect();
         let n = params.n.max(1);
         let mut stop_ids: Vec<u32> = params.stop_token_ids.clone();
         if !params.ignore_eos {
@@ -166,7 +179,11 @@ impl EngineCore {
             id: seq_id,
             req_id: id,
             sample_index: 0,
-            detok: Detokenizer::new(&prompt_token_ids, params.stop.clone(), params.skip_special_tokens),
+            detok: Detokenizer::new(
+                &prompt_token_ids,
+                params.stop.clone(),
+                params.skip_special_tokens,
+            ),
             prompt_len: prompt_token_ids.len(),
             tokens: prompt_token_ids,
             num_computed: 0,
@@ -194,7 +211,9 @@ impl EngineCore {
 
     /// Abort `id`: free its blocks now and tell the caller (if still listening).
     pub fn abort_request(&mut self, id: u64) {
-        let Some(req) = self.requests.remove(&id) else { return };
+        let Some(req) = self.requests.remove(&id) else {
+            return;
+        };
         let mut completion: HashMap<usize, usize> = HashMap::new();
         for &s in &req.seqs {
             if let Some(seq) = self.sched.remove(s) {
@@ -208,7 +227,12 @@ impl EngineCore {
                     completion_tokens: completion.get(&index).copied().unwrap_or(0),
                     cached_tokens: req.cached_tokens,
                 };
-                let _ = req.tx.send(RequestEvent::Finished { index, reason: FinishReason::Abort, stop_reason: None, usage });
+                let _ = req.tx.send(RequestEvent::Finished {
+                    index,
+                    reason: FinishReason::Abort,
+                    stop_reason: None,
+                    usage,
+                });
             }
         }
         self.requests_finished += 1;
@@ -223,14 +247,21 @@ impl EngineCore {
 
     /// Drop requests whose caller went away.
     fn reap_closed(&mut self) {
-        let closed: Vec<u64> = self.requests.iter().filter(|(_, r)| r.tx.is_closed()).map(|(&id, _)| id).collect();
+        let closed: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
         for id in closed {
             self.abort_request(id);
         }
     }
 
     fn fail_request(&mut self, id: u64, message: String) {
-        let Some(req) = self.requests.remove(&id) else { return };
+        let Some(req) = self.requests.remove(&id) else {
+            return;
+        };
         for &s in &req.seqs {
             self.sched.remove(s);
         }
@@ -249,19 +280,27 @@ impl EngineCore {
         self.reap_closed();
         let (requests, encoder_cache) = (&self.requests, &self.encoder_cache);
         let needs_encoder = |req_id: u64, i: usize| {
-            requests.get(&req_id).and_then(|r| r.mm.get(i)).is_some_and(|m| {
-                m.embeds.is_none()
-                    && matches!(m.item.input, MmInput::Features(_))
-                    && !encoder_cache.lock().is_ok_and(|c| c.contains(&m.item.placeholder.hash))
-            })
+            requests
+                .get(&req_id)
+                .and_then(|r| r.mm.get(i))
+                .is_some_and(|m| {
+                    m.embeds.is_none()
+                        && matches!(m.item.input, MmInput::Features(_))
+                        && !encoder_cache
+                            .lock()
+                            .is_ok_and(|c| c.contains(&m.item.placeholder.hash))
+                })
         };
         let out = self.sched.schedule_with(&needs_encoder);
         for (_, req_id, message) in out.failed {
             self.fail_request(req_id, message);
         }
         // A failure above may have removed sequences scheduled earlier in this step.
-        let scheduled: Vec<ScheduledSeq> =
-            out.scheduled.into_iter().filter(|s| self.sched.seq(s.seq_id).is_some()).collect();
+        let scheduled: Vec<ScheduledSeq> = out
+            .scheduled
+            .into_iter()
+            .filter(|s| self.sched.seq(s.seq_id).is_some())
+            .collect();
         for sc in &scheduled {
             if let Some(seq) = self.sched.seq(sc.seq_id) {
                 if let Some(req) = self.requests.get_mut(&seq.req_id) {
@@ -276,8 +315,10 @@ impl EngineCore {
         }
         self.encode_media(&scheduled);
         // Encoding may have failed requests (and removed their sequences).
-        let scheduled: Vec<ScheduledSeq> =
-            scheduled.into_iter().filter(|s| self.sched.seq(s.seq_id).is_some()).collect();
+        let scheduled: Vec<ScheduledSeq> = scheduled
+            .into_iter()
+            .filter(|s| self.sched.seq(s.seq_id).is_some())
+            .collect();
         if scheduled.is_empty() {
             return true;
         }
@@ -290,8 +331,10 @@ impl EngineCore {
         let logits = match logits {
             Ok(logits) => logits,
             Err(message) => {
-                let mut reqs: Vec<u64> =
-                    scheduled.iter().filter_map(|s| self.sched.seq(s.seq_id).map(|q| q.req_id)).collect();
+                let mut reqs: Vec<u64> = scheduled
+                    .iter()
+                    .filter_map(|s| self.sched.seq(s.seq_id).map(|q| q.req_id))
+                    .collect();
                 reqs.sort_unstable();
                 reqs.dedup();
                 for r in reqs {
@@ -312,8 +355,10 @@ impl EngineCore {
         let (rows, picks) = match self.pick(&logits, &with_logits) {
             Ok(r) => r,
             Err(message) => {
-                let mut reqs: Vec<u64> =
-                    with_logits.iter().filter_map(|&s| self.sched.seq(s).map(|q| q.req_id)).collect();
+                let mut reqs: Vec<u64> = with_logits
+                    .iter()
+                    .filter_map(|&s| self.sched.seq(s).map(|q| q.req_id))
+                    .collect();
                 reqs.sort_unstable();
                 reqs.dedup();
                 for r in reqs {
@@ -335,7 +380,9 @@ impl EngineCore {
                 }
             };
             match pick {
-                Pick::Row(i) => self.on_logits(seq_id, Choice::Row(&rows[i * vocab..(i + 1) * vocab]), mask),
+                Pick::Row(i) => {
+                    self.on_logits(seq_id, Choice::Row(&rows[i * vocab..(i + 1) * vocab]), mask)
+                }
                 Pick::Token(t) => self.on_logits(seq_id, Choice::Token(t), mask),
             }
         }
@@ -353,7 +400,10 @@ impl EngineCore {
         let mut device_rows = Vec::new();
         let mut host_rows = Vec::new();
         for (i, &seq_id) in seqs.iter().enumerate() {
-            match on_device.then(|| self.device_sample_row(seq_id, i as u32)).flatten() {
+            match on_device
+                .then(|| self.device_sample_row(seq_id, i as u32))
+                .flatten()
+            {
                 Some(r) => {
                     picks.push(Pick::Token(device_rows.len() as u32));
                     device_rows.push(r);
@@ -367,7 +417,13 @@ impl EngineCore {
         if !device_rows.is_empty() {
             let tokens = match self.model.sample_on_device(logits, &device_rows) {
                 Some(Ok(t)) if t.len() == device_rows.len() => t,
-                Some(Ok(t)) => return Err(format!("sampling on the device returned {} tokens for {} rows", t.len(), device_rows.len())),
+                Some(Ok(t)) => {
+                    return Err(format!(
+                        "sampling on the device returned {} tokens for {} rows",
+                        t.len(),
+                        device_rows.len()
+                    ))
+                }
                 Some(Err(e)) => return Err(format!("sampling on the device failed: {e}")),
                 None => return Err("the model stopped sampling on its device".into()),
             };
@@ -380,7 +436,10 @@ impl EngineCore {
         let host = if host_rows.is_empty() {
             Ok(Vec::new())
         } else if host_rows.len() == seqs.len() {
-            logits.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>())
+            logits
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
         } else {
             let n = host_rows.len();
             Tensor::from_vec(host_rows, n, logits.device())
@@ -411,7 +470,11 @@ impl EngineCore {
         {
             return None;
         }
-        let uniform = if p.temperature < SAMPLING_EPS { 0.0 } else { seq.rng.random::<f64>() as f32 };
+        let uniform = if p.temperature < SAMPLING_EPS {
+            0.0
+        } else {
+            seq.rng.random::<f64>() as f32
+        };
         Some(DeviceSampleRow {
             row,
             temperature: p.temperature,
@@ -426,10 +489,14 @@ impl EngineCore {
     /// embeddings: from the request, the encoder cache, or the encoder.
     fn encode_media(&mut self, scheduled: &[ScheduledSeq]) {
         for sc in scheduled {
-            let Some(seq) = self.sched.seq(sc.seq_id) else { continue };
+            let Some(seq) = self.sched.seq(sc.seq_id) else {
+                continue;
+            };
             let (req_id, start) = (seq.req_id, seq.num_computed);
             let end = (start + sc.num_new_tokens).min(seq.prompt_len);
-            let Some(req) = self.requests.get(&req_id) else { continue };
+            let Some(req) = self.requests.get(&req_id) else {
+                continue;
+            };
             let missing: Vec<usize> = (0..req.mm.len())
                 .filter(|&i| {
                     let p = &req.mm[i].item.placeholder;
@@ -446,18 +513,26 @@ impl EngineCore {
     }
 
     fn encode_item(&mut self, req_id: u64, i: usize) -> Result<(), String> {
-        let Some(req) = self.requests.get(&req_id) else { return Ok(()) };
+        let Some(req) = self.requests.get(&req_id) else {
+            return Ok(());
+        };
         let slot = &req.mm[i];
         let hash = slot.item.placeholder.hash.clone();
         let length = slot.item.placeholder.length;
         let embeds = match &slot.item.input {
             MmInput::Embeddings(t) => t.clone(),
             MmInput::Cached => {
-                return Err(format!("media item '{hash}' has no data and is not in the encoder cache"));
+                return Err(format!(
+                    "media item '{hash}' has no data and is not in the encoder cache"
+                ));
             }
             MmInput::Features(features) => {
                 let features = features.clone();
-                let cached = self.encoder_cache.lock().ok().and_then(|mut c| c.get(&hash));
+                let cached = self
+                    .encoder_cache
+                    .lock()
+                    .ok()
+                    .and_then(|mut c| c.get(&hash));
                 match cached {
                     Some(t) => t,
                     None => {
@@ -501,12 +576,17 @@ impl EngineCore {
             mm_embeds: Vec::new(),
             mrope_positions: None,
         };
-        let any_mrope = scheduled
-            .iter()
-            .any(|sc| self.sched.seq(sc.seq_id).and_then(|q| self.requests.get(&q.req_id)).is_some_and(|r| r.mrope.is_some()));
+        let any_mrope = scheduled.iter().any(|sc| {
+            self.sched
+                .seq(sc.seq_id)
+                .and_then(|q| self.requests.get(&q.req_id))
+                .is_some_and(|r| r.mrope.is_some())
+        });
         let mut mrope: Vec<[u32; 3]> = Vec::new();
         for sc in scheduled {
-            let Some(seq) = self.sched.seq(sc.seq_id) else { continue };
+            let Some(seq) = self.sched.seq(sc.seq_id) else {
+                continue;
+            };
             let table = self.sched.block_table(sc.seq_id);
             let start = seq.num_computed;
             let end = (start + sc.num_new_tokens).min(seq.num_tokens());
@@ -522,13 +602,19 @@ impl EngineCore {
                     // one failed its request, which is then not scheduled.
                     if let Some(e) = &slot.embeds {
                         if let Ok(rows) = e.narrow(0, lo - p.offset, hi - lo) {
-                            batch.mm_embeds.push(MmEmbedSpan { start: query_start + lo - start, embeds: rows });
+                            batch.mm_embeds.push(MmEmbedSpan {
+                                start: query_start + lo - start,
+                                embeds: rows,
+                            });
                         }
                     }
                 }
             }
             if any_mrope {
-                let m = self.requests.get(&seq.req_id).and_then(|r| r.mrope.as_ref());
+                let m = self
+                    .requests
+                    .get(&seq.req_id)
+                    .and_then(|r| r.mrope.as_ref());
                 mrope.extend((start..end).map(|pos| match m {
                     Some(m) => m.at(pos),
                     None => [pos as u32; 3],
@@ -538,7 +624,9 @@ impl EngineCore {
                 batch.input_ids.push(seq.tokens[pos]);
                 batch.positions.push(pos as u32);
                 let block = table.get(pos / bs).copied().unwrap_or(0);
-                batch.slot_mapping.push(block * bs as u32 + (pos % bs) as u32);
+                batch
+                    .slot_mapping
+                    .push(block * bs as u32 + (pos % bs) as u32);
             }
             let used_blocks = end.div_ceil(bs).min(table.len());
             batch.seqs.push(SeqSlice {
@@ -578,9 +666,13 @@ impl EngineCore {
     /// Logits for the last token of `seq_id` arrived: sample its next token;
     /// for a freshly prefilled `n > 1` request, first fork the other samples.
     fn on_logits(&mut self, seq_id: SeqId, row: Choice<'_>, mask: Option<&TokenMask>) {
-        let Some(seq) = self.sched.seq(seq_id) else { return };
+        let Some(seq) = self.sched.seq(seq_id) else {
+            return;
+        };
         let req_id = seq.req_id;
-        let Some(req) = self.requests.get(&req_id) else { return };
+        let Some(req) = self.requests.get(&req_id) else {
+            return;
+        };
         if seq.sample_index == 0 && seq.output().is_empty() {
             self.prompt_tokens += req.prompt_len as u64;
         }
@@ -598,9 +690,14 @@ impl EngineCore {
             let seed = req.params.seed;
             let bs = self.sched.config().block_size;
             let ids: Vec<SeqId> = (0..pending).map(|_| self.alloc_seq_id()).collect();
-            let Some(parent) = self.sched.seq(seq_id) else { return };
-            let children: Vec<Sequence> =
-                ids.iter().enumerate().map(|(i, &id)| parent.fork(id, i + 1, sample_rng(seed, i + 1), bs)).collect();
+            let Some(parent) = self.sched.seq(seq_id) else {
+                return;
+            };
+            let children: Vec<Sequence> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| parent.fork(id, i + 1, sample_rng(seed, i + 1), bs))
+                .collect();
             if let Some(req) = self.requests.get_mut(&req_id) {
                 req.seqs.extend(&ids);
             }
@@ -619,20 +716,40 @@ impl EngineCore {
     /// Sample one token for `seq_id` from `row` (or take the one sampled on
     /// the device), emit it, and finish the sample if done.
     fn sample_into(&mut self, seq_id: SeqId, row: Choice<'_>, mask: Option<&TokenMask>) {
-        let (bs, hashing) = (self.sched.config().block_size, self.sched.config().enable_prefix_caching);
+        let (bs, hashing) = (
+            self.sched.config().block_size,
+            self.sched.config().enable_prefix_caching,
+        );
         let decoder = self.decoder.clone();
         let max_model_len = self.max_model_len;
-        let Some(seq) = self.sched.seq_mut(seq_id) else { return };
+        let Some(seq) = self.sched.seq_mut(seq_id) else {
+            return;
+        };
         let req_id = seq.req_id;
-        let Some(req) = self.requests.get(&req_id) else { return };
+        let Some(req) = self.requests.get(&req_id) else {
+            return;
+        };
         let p = &req.params;
-        let suppressed: &[u32] = if seq.output().len() < p.min_tokens { &req.stop_ids } else { &[] };
+        let suppressed: &[u32] = if seq.output().len() < p.min_tokens {
+            &req.stop_ids
+        } else {
+            &[]
+        };
         let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
         let allowed = mask.map(TokenMask::words);
-        let input = SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed, allowed };
+        let input = SamplingInput {
+            params: p,
+            prompt_tokens: prompt,
+            output_tokens: output,
+            suppressed,
+            allowed,
+        };
         let sampled = match row {
             Choice::Row(row) => sampler::sample(row, &input, &mut seq.rng),
-            Choice::Token(token_id) => sampler::Sampled { token_id, logprob: None },
+            Choice::Token(token_id) => sampler::Sampled {
+                token_id,
+                logprob: None,
+            },
         };
         let token = sampled.token_id;
         if let Some(g) = seq.grammar.as_mut() {
@@ -653,13 +770,31 @@ impl EngineCore {
             }
         };
         let logprobs = sampled.logprob.map(|l| vec![l]);
-        if req.tx.send(RequestEvent::Tokens { index, token_ids: vec![token], text, logprobs }).is_err() {
+        if req
+            .tx
+            .send(RequestEvent::Tokens {
+                index,
+                token_ids: vec![token],
+                text,
+                logprobs,
+            })
+            .is_err()
+        {
             self.abort_request(req_id);
             return;
         }
         if let SampleEnd::Finished(reason, stop_reason) = end {
-            let usage = Usage { prompt_tokens: req.prompt_len, completion_tokens, cached_tokens: req.cached_tokens };
-            let _ = req.tx.send(RequestEvent::Finished { index, reason, stop_reason, usage });
+            let usage = Usage {
+                prompt_tokens: req.prompt_len,
+                completion_tokens,
+                cached_tokens: req.cached_tokens,
+            };
+            let _ = req.tx.send(RequestEvent::Finished {
+                index,
+                reason,
+                stop_reason,
+                usage,
+            });
             self.finish_sample(req_id, seq_id, index);
         }
     }
@@ -746,7 +881,10 @@ impl MaskJob {
             }
         }
         if work.is_empty() {
-            return MaskJob { seqs: Vec::new(), rx: None };
+            return MaskJob {
+                seqs: Vec::new(),
+                rx: None,
+            };
         }
         let seqs = work.iter().map(|(id, _)| *id).collect();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -766,7 +904,9 @@ impl MaskJob {
 
     /// Wait for the masks and give the grammars back to their sequences.
     fn finish(self, sched: &mut Scheduler) -> HashMap<SeqId, Result<TokenMask, String>> {
-        let Some(rx) = self.rx else { return HashMap::new() };
+        let Some(rx) = self.rx else {
+            return HashMap::new();
+        };
         match rx.recv() {
             Ok(results) => results
                 .into_iter()
@@ -778,7 +918,11 @@ impl MaskJob {
                 })
                 .collect(),
             // The job died (a panic in the grammar code): its grammars are lost.
-            Err(_) => self.seqs.into_iter().map(|id| (id, Err("the grammar failed to compute a mask".to_string()))).collect(),
+            Err(_) => self
+                .seqs
+                .into_iter()
+                .map(|id| (id, Err("the grammar failed to compute a mask".to_string())))
+                .collect(),
         }
     }
 }

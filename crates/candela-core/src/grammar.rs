@@ -53,7 +53,11 @@ impl GrammarCompiler {
     /// start with [`TokTrie::SPECIAL_TOKEN_MARKER`]). `vocab_size` is the
     /// model's logits width: ids the tokenizer does not define are never
     /// allowed. `eos_token_ids` are what the grammar allows once it accepts.
-    pub fn new(mut token_bytes: Vec<Vec<u8>>, vocab_size: usize, eos_token_ids: &[u32]) -> Result<Self, String> {
+    pub fn new(
+        mut token_bytes: Vec<Vec<u8>>,
+        vocab_size: usize,
+        eos_token_ids: &[u32],
+    ) -> Result<Self, String> {
         if vocab_size == 0 {
             return Err("the vocabulary is empty".into());
         }
@@ -68,7 +72,11 @@ impl GrammarCompiler {
         while token_bytes.len() < vocab_size {
             token_bytes.push(unused_token(token_bytes.len()));
         }
-        let mut eos: Vec<u32> = eos_token_ids.iter().copied().filter(|&t| (t as usize) < vocab_size).collect();
+        let mut eos: Vec<u32> = eos_token_ids
+            .iter()
+            .copied()
+            .filter(|&t| (t as usize) < vocab_size)
+            .collect();
         if eos.is_empty() {
             // A model without EOS: a token past the logits stands for it, so
             // no real token is allowed as "the end"; a complete grammar
@@ -84,17 +92,24 @@ impl GrammarCompiler {
         let env: llguidance::toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
-        Ok(Self { factory: Arc::new(factory) })
+        Ok(Self {
+            factory: Arc::new(factory),
+        })
     }
 
     /// From a Hugging Face `tokenizer.json` (byte-level BPE or byte-fallback
     /// vocabularies).
-    pub fn from_tokenizer_json(tokenizer: &Value, vocab_size: usize, eos_token_ids: &[u32]) -> Result<Self, String> {
+    pub fn from_tokenizer_json(
+        tokenizer: &Value,
+        vocab_size: usize,
+        eos_token_ids: &[u32],
+    ) -> Result<Self, String> {
         // llguidance's reader asserts on malformed byte tokens; keep a panic
         // from a strange vocabulary out of the caller.
-        let bytes = std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(tokenizer))
-            .map_err(|_| "the tokenizer's vocabulary could not be read".to_string())?
-            .map_err(|e| e.to_string())?;
+        let bytes =
+            std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(tokenizer))
+                .map_err(|_| "the tokenizer's vocabulary could not be read".to_string())?
+                .map_err(|e| e.to_string())?;
         Self::new(bytes, vocab_size, eos_token_ids)
     }
 
@@ -102,14 +117,18 @@ impl GrammarCompiler {
     /// could not compile (for a JSON schema, the keyword and where it is).
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Grammar, String> {
         let grammar = match spec {
-            GrammarSpec::JsonSchema(schema) => TopLevelGrammar::from_json_schema(with_json_options(schema)),
+            GrammarSpec::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(with_json_options(schema))
+            }
             GrammarSpec::Regex(rx) => TopLevelGrammar::from_regex(rx),
             GrammarSpec::Choice(choices) => {
                 if choices.is_empty() {
                     return Err("choice must list at least one string".into());
                 }
-                let alts: Vec<String> =
-                    choices.iter().map(|c| serde_json::to_string(c).unwrap_or_default()).collect();
+                let alts: Vec<String> = choices
+                    .iter()
+                    .map(|c| serde_json::to_string(c).unwrap_or_default())
+                    .collect();
                 TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
             }
             GrammarSpec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
@@ -117,17 +136,24 @@ impl GrammarCompiler {
         match self.try_compile(grammar) {
             Ok(g) => Ok(g),
             Err(e) => match spec {
-                GrammarSpec::JsonSchema(schema) => match self.locate(schema, schema, String::new(), 0) {
-                    Some((at, why)) => Err(format!("the JSON schema cannot be used at {at}: {why}")),
-                    None => Err(format!("the JSON schema cannot be used: {e}")),
-                },
+                GrammarSpec::JsonSchema(schema) => {
+                    match self.locate(schema, schema, String::new(), 0) {
+                        Some((at, why)) => {
+                            Err(format!("the JSON schema cannot be used at {at}: {why}"))
+                        }
+                        None => Err(format!("the JSON schema cannot be used: {e}")),
+                    }
+                }
                 _ => Err(e),
             },
         }
     }
 
     fn try_compile(&self, grammar: TopLevelGrammar) -> Result<Grammar, String> {
-        let parser = self.factory.create_parser(grammar).map_err(|e| e.to_string())?;
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         match matcher.get_error() {
             Some(e) => Err(e),
@@ -138,8 +164,16 @@ impl GrammarCompiler {
     /// The deepest subschema (a JSON pointer) that fails to compile on its
     /// own (with the root's definitions in reach), and why; llguidance's
     /// own messages say what, not where.
-    fn locate(&self, root: &Value, node: &Value, at: String, depth: usize) -> Option<(String, String)> {
-        let Value::Object(map) = node else { return None };
+    fn locate(
+        &self,
+        root: &Value,
+        node: &Value,
+        at: String,
+        depth: usize,
+    ) -> Option<(String, String)> {
+        let Value::Object(map) = node else {
+            return None;
+        };
         let with_defs = |v: &Value| -> Value {
             let mut v = v.clone();
             if let (Value::Object(m), Value::Object(r)) = (&mut v, root) {
@@ -151,21 +185,40 @@ impl GrammarCompiler {
             }
             v
         };
-        let why = self.try_compile(TopLevelGrammar::from_json_schema(with_json_options(&with_defs(node)))).err()?;
+        let why = self
+            .try_compile(TopLevelGrammar::from_json_schema(with_json_options(
+                &with_defs(node),
+            )))
+            .err()?;
         if depth < 32 {
             let mut children: Vec<(String, &Value)> = Vec::new();
             for (k, v) in map {
                 let key = escape_pointer(k);
                 match (k.as_str(), v) {
-                    ("properties" | "patternProperties" | "$defs" | "definitions", Value::Object(m)) => {
-                        children.extend(m.iter().map(|(name, s)| (format!("{at}/{key}/{}", escape_pointer(name)), s)))
-                    }
+                    (
+                        "properties" | "patternProperties" | "$defs" | "definitions",
+                        Value::Object(m),
+                    ) => children.extend(
+                        m.iter()
+                            .map(|(name, s)| (format!("{at}/{key}/{}", escape_pointer(name)), s)),
+                    ),
                     ("anyOf" | "oneOf" | "allOf" | "prefixItems" | "items", Value::Array(a)) => {
-                        children.extend(a.iter().enumerate().map(|(i, s)| (format!("{at}/{key}/{i}"), s)))
+                        children.extend(
+                            a.iter()
+                                .enumerate()
+                                .map(|(i, s)| (format!("{at}/{key}/{i}"), s)),
+                        )
                     }
-                    ("items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains", Value::Object(_)) => {
-                        children.push((format!("{at}/{key}"), v))
-                    }
+                    (
+                        "items"
+                        | "additionalProperties"
+                        | "not"
+                        | "if"
+                        | "then"
+                        | "else"
+                        | "contains",
+                        Value::Object(_),
+                    ) => children.push((format!("{at}/{key}"), v)),
                     _ => {}
                 }
             }
@@ -195,7 +248,8 @@ fn unused_token(id: usize) -> Vec<u8> {
 fn with_json_options(schema: &Value) -> Value {
     let mut schema = schema.clone();
     if let Value::Object(map) = &mut schema {
-        map.entry("x-guidance").or_insert_with(|| json!({ "whitespace_pattern": JSON_WHITESPACE }));
+        map.entry("x-guidance")
+            .or_insert_with(|| json!({ "whitespace_pattern": JSON_WHITESPACE }));
     }
     schema
 }
@@ -208,13 +262,17 @@ pub struct Grammar {
 impl Clone for Grammar {
     /// An independent copy (its own parser state and lexer caches).
     fn clone(&self) -> Self {
-        Self { matcher: self.matcher.deep_clone() }
+        Self {
+            matcher: self.matcher.deep_clone(),
+        }
     }
 }
 
 impl std::fmt::Debug for Grammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Grammar").field("stopped", &self.matcher.is_stopped()).finish()
+        f.debug_struct("Grammar")
+            .field("stopped", &self.matcher.is_stopped())
+            .finish()
     }
 }
 
@@ -264,11 +322,17 @@ mod tests {
         let mut words: Vec<Vec<u8>> = (0x20u8..0x7f).map(|b| vec![b]).collect();
         words.push(b"\xFF<eos>".to_vec());
         let eos = words.len() as u32 - 1;
-        (GrammarCompiler::new(words.clone(), words.len() + 3, &[eos]).unwrap(), words)
+        (
+            GrammarCompiler::new(words.clone(), words.len() + 3, &[eos]).unwrap(),
+            words,
+        )
     }
 
     fn allowed(mask: &TokenMask, words: &[Vec<u8>]) -> Vec<String> {
-        (0..words.len()).filter(|&i| mask_allows(mask.words(), i)).map(|i| String::from_utf8_lossy(&words[i]).into_owned()).collect()
+        (0..words.len())
+            .filter(|&i| mask_allows(mask.words(), i))
+            .map(|i| String::from_utf8_lossy(&words[i]).into_owned())
+            .collect()
     }
 
     fn id(words: &[Vec<u8>], s: &str) -> u32 {
@@ -278,7 +342,12 @@ mod tests {
     #[test]
     fn choice_allows_only_the_choices_and_stops_at_the_end() {
         let (c, words) = ascii();
-        let mut g = c.compile(&GrammarSpec::Choice(vec!["yes".into(), "no \"way\"".into()])).unwrap();
+        let mut g = c
+            .compile(&GrammarSpec::Choice(vec![
+                "yes".into(),
+                "no \"way\"".into(),
+            ]))
+            .unwrap();
         let m = g.compute_mask().unwrap();
         assert_eq!(allowed(&m, &words), vec!["n", "y"]);
         for ch in ["n", "o", " ", "\"", "w", "a", "y", "\""] {
@@ -311,16 +380,36 @@ mod tests {
     #[test]
     fn bad_grammars_are_errors_that_say_why() {
         let (c, _) = ascii();
-        let e = c.compile(&GrammarSpec::Lark("start: foo".into())).unwrap_err();
+        let e = c
+            .compile(&GrammarSpec::Lark("start: foo".into()))
+            .unwrap_err();
         assert!(e.contains("foo"), "{e}");
-        let e = c.compile(&GrammarSpec::JsonSchema(json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}))).unwrap_err();
-        assert!(e.starts_with("the JSON schema cannot be used at /properties/a: ") && e.contains("missing"), "{e}");
+        let e = c
+            .compile(&GrammarSpec::JsonSchema(
+                json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}),
+            ))
+            .unwrap_err();
+        assert!(
+            e.starts_with("the JSON schema cannot be used at /properties/a: ")
+                && e.contains("missing"),
+            "{e}"
+        );
         let deep = json!({"type": "object", "$defs": {"p": {"type": "string"}}, "properties": {"ok": {"$ref": "#/$defs/p"},
             "list": {"type": "array", "items": {"type": "object", "properties": {"x/y": {"type": "strange"}}}}}});
         let e = c.compile(&GrammarSpec::JsonSchema(deep)).unwrap_err();
-        assert!(e.starts_with("the JSON schema cannot be used at /properties/list/items/properties/x~1y: "), "{e}");
-        let e = c.compile(&GrammarSpec::JsonSchema(json!({"type": "strange"}))).unwrap_err();
-        assert!(e.starts_with("the JSON schema cannot be used at /: "), "{e}");
+        assert!(
+            e.starts_with(
+                "the JSON schema cannot be used at /properties/list/items/properties/x~1y: "
+            ),
+            "{e}"
+        );
+        let e = c
+            .compile(&GrammarSpec::JsonSchema(json!({"type": "strange"})))
+            .unwrap_err();
+        assert!(
+            e.starts_with("the JSON schema cannot be used at /: "),
+            "{e}"
+        );
         assert!(c.compile(&GrammarSpec::Choice(vec![])).is_err());
         assert!(c.compile(&GrammarSpec::Regex("(".into())).is_err());
     }

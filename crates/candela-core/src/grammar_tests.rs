@@ -16,8 +16,9 @@ const EOS: u32 = VOCAB as u32 - 1;
 /// 63 tokens of JSON pieces (some spanning several lexemes) and EOS.
 fn vocab() -> Vec<Vec<u8>> {
     let mut v: Vec<Vec<u8>> = [
-        "{", "}", "[", "]", "\"", ":", ",", " ", "\n", "-", ".", "+", "\\", "true", "false", "null", "{\"", "\":",
-        "\",", "\"}", " \"", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "12", "0.5", "E",
+        "{", "}", "[", "]", "\"", ":", ",", " ", "\n", "-", ".", "+", "\\", "true", "false",
+        "null", "{\"", "\":", "\",", "\"}", " \"", "0", "1", "2", "3", "4", "5", "6", "7", "8",
+        "9", "12", "0.5", "E",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
@@ -42,11 +43,18 @@ fn engine(num_blocks: usize, caching: bool) -> Engine {
         eos_token_ids: vec![EOS],
         ..EngineConfig::default()
     };
-    Engine::start(Box::new(MockModel::new(512)), Arc::new(ByteDecoder(vocab())), cfg).unwrap()
+    Engine::start(
+        Box::new(MockModel::new(512)),
+        Arc::new(ByteDecoder(vocab())),
+        cfg,
+    )
+    .unwrap()
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| (seed * 31 + i * 7 + i * i) % (VOCAB as u32 - 1)).collect()
+    (0..len as u32)
+        .map(|i| (seed * 31 + i * 7 + i * i) % (VOCAB as u32 - 1))
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -61,9 +69,18 @@ fn collect(h: &mut RequestHandle) -> Result<Vec<Sample>, String> {
     let mut out: Vec<Sample> = Vec::new();
     loop {
         match h.events.try_recv() {
-            Ok(RequestEvent::Tokens { index, token_ids, text, .. }) => {
+            Ok(RequestEvent::Tokens {
+                index,
+                token_ids,
+                text,
+                ..
+            }) => {
                 while out.len() <= index {
-                    out.push(Sample { tokens: vec![], text: String::new(), finish: None });
+                    out.push(Sample {
+                        tokens: vec![],
+                        text: String::new(),
+                        finish: None,
+                    });
                 }
                 out[index].tokens.extend(token_ids);
                 out[index].text.push_str(&text);
@@ -107,7 +124,8 @@ fn schema() -> Value {
 
 /// Checks `schema()` by hand (the core has no JSON Schema validator).
 fn check(text: &str) {
-    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    let v: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
     let o = v.as_object().unwrap();
     let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
     keys.sort();
@@ -115,7 +133,10 @@ fn check(text: &str) {
     assert!(o["name"].as_str().unwrap().chars().count() <= 6);
     assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{text}");
     let tags = o["tags"].as_array().unwrap();
-    assert!(tags.len() <= 3 && tags.iter().all(|t| t == "x" || t == "yz"), "{text}");
+    assert!(
+        tags.len() <= 3 && tags.iter().all(|t| t == "x" || t == "yz"),
+        "{text}"
+    );
     assert!(o["ok"].is_boolean());
     assert_eq!(o["inner"], json!({"v": null}));
 }
@@ -124,8 +145,15 @@ fn check(text: &str) {
 fn json_schema_holds_for_every_sample_and_ends_with_stop() {
     let e = engine(200, true);
     let spec = GrammarSpec::JsonSchema(schema());
-    let mut handles: Vec<_> =
-        (0..4).map(|i| e.add_request(EngineRequest::new(prompt(i, 20), params(&spec, i as u64, 3))).unwrap()).collect();
+    let mut handles: Vec<_> = (0..4)
+        .map(|i| {
+            e.add_request(EngineRequest::new(
+                prompt(i, 20),
+                params(&spec, i as u64, 3),
+            ))
+            .unwrap()
+        })
+        .collect();
     for h in &mut handles {
         let samples = collect(h).unwrap();
         assert_eq!(samples.len(), 3);
@@ -135,8 +163,13 @@ fn json_schema_holds_for_every_sample_and_ends_with_stop() {
         }
     }
     // The unconstrained output of the same requests is not JSON at all.
-    let free = SamplingParams { grammar: None, ..params(&spec, 0, 1) };
-    let mut h = e.add_request(EngineRequest::new(prompt(0, 20), free)).unwrap();
+    let free = SamplingParams {
+        grammar: None,
+        ..params(&spec, 0, 1)
+    };
+    let mut h = e
+        .add_request(EngineRequest::new(prompt(0, 20), free))
+        .unwrap();
     let text = &collect(&mut h).unwrap()[0].text;
     assert!(serde_json::from_str::<Value>(text).is_err(), "{text}");
 }
@@ -146,18 +179,37 @@ fn regex_and_choice_hold_and_stop_without_eos() {
     let e = engine(200, true);
     for seed in 0..6 {
         let spec = GrammarSpec::Choice(vec!["alpha".into(), "xyz".into(), "q\"uote".into()]);
-        let mut h = e.add_request(EngineRequest::new(prompt(seed, 9), params(&spec, seed as u64, 1))).unwrap();
+        let mut h = e
+            .add_request(EngineRequest::new(
+                prompt(seed, 9),
+                params(&spec, seed as u64, 1),
+            ))
+            .unwrap();
         let s = collect(&mut h).unwrap().remove(0);
-        assert!(["alpha", "xyz", "q\"uote"].contains(&s.text.as_str()), "{s:?}");
+        assert!(
+            ["alpha", "xyz", "q\"uote"].contains(&s.text.as_str()),
+            "{s:?}"
+        );
         assert_eq!(s.finish, Some(FinishReason::Stop));
         assert!(!s.tokens.contains(&EOS));
         let spec = GrammarSpec::Regex("[a-c]{2,4}-[0-9]{3}".into());
-        let mut h = e.add_request(EngineRequest::new(prompt(seed, 9), params(&spec, seed as u64, 1))).unwrap();
+        let mut h = e
+            .add_request(EngineRequest::new(
+                prompt(seed, 9),
+                params(&spec, seed as u64, 1),
+            ))
+            .unwrap();
         let s = collect(&mut h).unwrap().remove(0);
         let b = s.text.as_bytes();
         let dash = s.text.find('-').unwrap_or_else(|| panic!("{s:?}"));
-        assert!((2..=4).contains(&dash) && b[..dash].iter().all(|c| (b'a'..=b'c').contains(c)), "{s:?}");
-        assert!(b.len() == dash + 4 && b[dash + 1..].iter().all(u8::is_ascii_digit), "{s:?}");
+        assert!(
+            (2..=4).contains(&dash) && b[..dash].iter().all(|c| (b'a'..=b'c').contains(c)),
+            "{s:?}"
+        );
+        assert!(
+            b.len() == dash + 4 && b[dash + 1..].iter().all(u8::is_ascii_digit),
+            "{s:?}"
+        );
         assert_eq!(s.finish, Some(FinishReason::Stop));
     }
 }
@@ -165,20 +217,29 @@ fn regex_and_choice_hold_and_stop_without_eos() {
 #[test]
 fn preemption_and_prefix_caching_keep_each_grammar_in_step() {
     let spec = GrammarSpec::JsonSchema(schema());
-    let reqs: Vec<(Vec<u32>, u64)> = (0..8).map(|i| (prompt(40 + i, 18 + i as usize), i as u64)).collect();
+    let reqs: Vec<(Vec<u32>, u64)> = (0..8)
+        .map(|i| (prompt(40 + i, 18 + i as usize), i as u64))
+        .collect();
     let alone: Vec<Vec<Sample>> = reqs
         .iter()
         .map(|(p, seed)| {
             let e = engine(1000, false);
-            let mut h = e.add_request(EngineRequest::new(p.clone(), params(&spec, *seed, 2))).unwrap();
+            let mut h = e
+                .add_request(EngineRequest::new(p.clone(), params(&spec, *seed, 2)))
+                .unwrap();
             collect(&mut h).unwrap()
         })
         .collect();
     for caching in [false, true] {
         // 12 blocks of 16 tokens for 8 requests of 2 samples: they preempt each other.
         let e = engine(12, caching);
-        let mut handles: Vec<_> =
-            reqs.iter().map(|(p, seed)| e.add_request(EngineRequest::new(p.clone(), params(&spec, *seed, 2))).unwrap()).collect();
+        let mut handles: Vec<_> = reqs
+            .iter()
+            .map(|(p, seed)| {
+                e.add_request(EngineRequest::new(p.clone(), params(&spec, *seed, 2)))
+                    .unwrap()
+            })
+            .collect();
         for (i, h) in handles.iter_mut().enumerate() {
             let samples = collect(h).unwrap();
             for s in &samples {

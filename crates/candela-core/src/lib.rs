@@ -21,17 +21,20 @@ pub mod sequence;
 pub mod threads;
 
 #[cfg(test)]
-mod testing;
-#[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod device_sampling_tests;
 #[cfg(test)]
 mod grammar_tests;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineStats, RequestHandle};
-pub use model::{DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice, TokenDecoder};
-pub use output::{FinishReason, RequestEvent, TokenLogprob, TopLogprob, Usage};
 pub use grammar::{Grammar, GrammarCompiler, GrammarSpec};
+pub use model::{
+    DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec, SeqSlice,
+    TokenDecoder,
+};
+pub use output::{FinishReason, RequestEvent, TokenLogprob, TopLogprob, Usage};
 pub use params::SamplingParams;
 pub use request::{EngineRequest, MmFeatures, MmInput, MmItem, MmPlaceholder};

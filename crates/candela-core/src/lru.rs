@@ -88,7 +88,9 @@ impl<V> WeightedLru<V> {
         }
         self.remove(key);
         while self.used + weight > self.capacity {
-            let Some((_, victim)) = self.order.pop_first() else { break };
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
             if let Some(e) = self.entries.remove(&victim) {
                 self.used -= e.weight;
             }
@@ -96,7 +98,14 @@ impl<V> WeightedLru<V> {
         self.clock += 1;
         self.used += weight;
         self.order.insert(self.clock, key.to_string());
-        self.entries.insert(key.to_string(), Entry { value, weight, tick: self.clock });
+        self.entries.insert(
+            key.to_string(),
+            Entry {
+                value,
+                weight,
+                tick: self.clock,
+            },
+        );
     }
 
     pub fn remove(&mut self, key: &str) -> Option<V> {

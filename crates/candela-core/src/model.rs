@@ -28,7 +28,11 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// Bytes one KV block takes across all layers (K and V).
     pub fn kv_block_bytes(&self, block_size: usize) -> usize {
-        2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * self.kv_dtype.size_in_bytes()
+        2 * self.num_layers
+            * block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * self.kv_dtype.size_in_bytes()
     }
 }
 
@@ -94,7 +98,11 @@ pub trait Model: Send {
     fn spec(&self) -> &ModelSpec;
     /// Preallocate the KV pool: `num_blocks` blocks of `block_size` tokens, all
     /// layers. Called once before the first forward.
-    fn allocate_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> candle_core::Result<()>;
+    fn allocate_kv_cache(
+        &mut self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> candle_core::Result<()>;
     /// Write the batch's K/V into their slots, attend over each sequence's
     /// block table, and return f32 logits `[batch.num_logits(), vocab_size]`
     /// (one row per sequence with `needs_logits`, in `seqs` order).
@@ -104,19 +112,30 @@ pub trait Model: Send {
     /// Text-only models keep this default.
     fn encode(&mut self, features: &MmFeatures) -> candle_core::Result<Tensor> {
         let names: Vec<&str> = features.tensors.iter().map(|(n, _)| n.as_str()).collect();
-        candle_core::bail!("{} takes no media input (got {names:?})", self.spec().architecture)
+        candle_core::bail!(
+            "{} takes no media input (got {names:?})",
+            self.spec().architecture
+        )
     }
     /// Memory of the device the model runs on, read after its weights were
     /// loaded, with its estimate of the activations of a step of
     /// `max_num_batched_tokens` tokens and `max_num_seqs` logits rows. None on
     /// the CPU, where the KV budget comes from system memory instead.
-    fn device_memory(&self, _max_num_batched_tokens: usize, _max_num_seqs: usize) -> Option<DeviceMemory> {
+    fn device_memory(
+        &self,
+        _max_num_batched_tokens: usize,
+        _max_num_seqs: usize,
+    ) -> Option<DeviceMemory> {
         None
     }
     /// Sample one token per entry of `rows` from `logits` (this model's
     /// forward output) on its device, returning only the ids. None when the
     /// model cannot (CPU models): the engine copies the rows and samples them.
-    fn sample_on_device(&mut self, _logits: &Tensor, _rows: &[DeviceSampleRow]) -> Option<candle_core::Result<Vec<u32>>> {
+    fn sample_on_device(
+        &mut self,
+        _logits: &Tensor,
+        _rows: &[DeviceSampleRow],
+    ) -> Option<candle_core::Result<Vec<u32>>> {
         None
     }
 }

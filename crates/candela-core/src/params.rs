@@ -74,7 +74,10 @@ impl SamplingParams {
             return Err("n must be at least 1".into());
         }
         if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("topP must be in (0, 1], got {}", self.top_p));
@@ -83,13 +86,22 @@ impl SamplingParams {
             return Err(format!("minP must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0) || !self.repetition_penalty.is_finite() {
-            return Err(format!("repetitionPenalty must be > 0, got {}", self.repetition_penalty));
+            return Err(format!(
+                "repetitionPenalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return Err(format!("presencePenalty must be in [-2, 2], got {}", self.presence_penalty));
+            return Err(format!(
+                "presencePenalty must be in [-2, 2], got {}",
+                self.presence_penalty
+            ));
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return Err(format!("frequencyPenalty must be in [-2, 2], got {}", self.frequency_penalty));
+            return Err(format!(
+                "frequencyPenalty must be in [-2, 2], got {}",
+                self.frequency_penalty
+            ));
         }
         if self.max_tokens == 0 {
             return Err("maxTokens must be at least 1".into());

@@ -35,7 +35,11 @@ pub struct ExtraKey {
 
 /// `blake3(parent_hash, token_ids, extra_keys)`, each part length-prefixed so
 /// that no two different inputs serialise to the same bytes.
-pub fn hash_block(parent: Option<&BlockHash>, token_ids: &[u32], extra_keys: &[ExtraKey]) -> BlockHash {
+pub fn hash_block(
+    parent: Option<&BlockHash>,
+    token_ids: &[u32],
+    extra_keys: &[ExtraKey],
+) -> BlockHash {
     let mut h = blake3::Hasher::new();
     h.update(b"candela-kv-block-v1");
     match parent {
@@ -66,13 +70,21 @@ pub fn block_extra_keys(mm_items: &[MmPlaceholder], start: usize, end: usize) ->
     mm_items
         .iter()
         .filter(|m| m.length > 0 && m.offset < end && m.offset.saturating_add(m.length) > start)
-        .map(|m| ExtraKey { mm_hash: m.hash.clone(), offset_in_block: m.offset as i64 - start as i64 })
+        .map(|m| ExtraKey {
+            mm_hash: m.hash.clone(),
+            offset_in_block: m.offset as i64 - start as i64,
+        })
         .collect()
 }
 
 /// Extend `hashes` (the chain of a sequence's full blocks so far) to cover
 /// every full block of `tokens`.
-pub fn extend_block_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], mm_items: &[MmPlaceholder], block_size: usize) {
+pub fn extend_block_hashes(
+    hashes: &mut Vec<BlockHash>,
+    tokens: &[u32],
+    mm_items: &[MmPlaceholder],
+    block_size: usize,
+) {
     if block_size == 0 {
         return;
     }
@@ -108,9 +120,30 @@ mod tests {
     fn extra_keys_change_the_hash() {
         let toks = [7u32; 4];
         let plain = hash_block(None, &toks, &[]);
-        let img1 = hash_block(None, &toks, &[ExtraKey { mm_hash: "img-1".into(), offset_in_block: 0 }]);
-        let img2 = hash_block(None, &toks, &[ExtraKey { mm_hash: "img-2".into(), offset_in_block: 0 }]);
-        let img1_shift = hash_block(None, &toks, &[ExtraKey { mm_hash: "img-1".into(), offset_in_block: 1 }]);
+        let img1 = hash_block(
+            None,
+            &toks,
+            &[ExtraKey {
+                mm_hash: "img-1".into(),
+                offset_in_block: 0,
+            }],
+        );
+        let img2 = hash_block(
+            None,
+            &toks,
+            &[ExtraKey {
+                mm_hash: "img-2".into(),
+                offset_in_block: 0,
+            }],
+        );
+        let img1_shift = hash_block(
+            None,
+            &toks,
+            &[ExtraKey {
+                mm_hash: "img-1".into(),
+                offset_in_block: 1,
+            }],
+        );
         assert_ne!(plain, img1);
         assert_ne!(img1, img2);
         assert_ne!(img1, img1_shift);
@@ -118,7 +151,11 @@ mod tests {
 
     #[test]
     fn extra_keys_cover_overlapping_blocks_only() {
-        let items = vec![MmPlaceholder { hash: "x".into(), offset: 6, length: 12 }];
+        let items = vec![MmPlaceholder {
+            hash: "x".into(),
+            offset: 6,
+            length: 12,
+        }];
         // Blocks of 4: [0,4) no, [4,8) yes (offset 2), [8,12) yes (-2), [16,20) yes (-10), [20,24) no.
         assert!(block_extra_keys(&items, 0, 4).is_empty());
         assert_eq!(block_extra_keys(&items, 4, 8)[0].offset_in_block, 2);
@@ -134,7 +171,11 @@ mod tests {
         extend_block_hashes(&mut h, &tokens, &[], 4);
         assert_eq!(h.len(), 2);
         let mut with_mm = Vec::new();
-        let items = vec![MmPlaceholder { hash: "img".into(), offset: 5, length: 2 }];
+        let items = vec![MmPlaceholder {
+            hash: "img".into(),
+            offset: 5,
+            length: 2,
+        }];
         extend_block_hashes(&mut with_mm, &tokens, &items, 4);
         assert_eq!(h[0], with_mm[0]);
         assert_ne!(h[1], with_mm[1]);

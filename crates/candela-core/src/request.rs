@@ -33,7 +33,10 @@ impl MmFeatures {
     }
     /// Bytes held (for the processor cache's budget).
     pub fn num_bytes(&self) -> usize {
-        self.tensors.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.tensors
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 }
 
@@ -98,6 +101,11 @@ pub struct EngineRequest {
 impl EngineRequest {
     /// A text-only request.
     pub fn new(prompt_token_ids: Vec<u32>, params: SamplingParams) -> Self {
-        Self { prompt_token_ids, params, mm_items: Vec::new(), mrope: None }
+        Self {
+            prompt_token_ids,
+            params,
+            mm_items: Vec::new(),
+            mrope: None,
+        }
     }
 }

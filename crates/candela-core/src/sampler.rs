@@ -63,7 +63,10 @@ pub struct Sampled {
 /// Choose the next token from `raw` (one f32 logits row over the vocabulary).
 pub fn sample(raw: &[f32], input: &SamplingInput<'_>, rng: &mut SampleRng) -> Sampled {
     let p = input.params;
-    let mut logits: Vec<f32> = raw.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
+    let mut logits: Vec<f32> = raw
+        .iter()
+        .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+        .collect();
     if let Some(words) = input.allowed {
         apply_allowed(&mut logits, words);
     }
@@ -73,15 +76,26 @@ pub fn sample(raw: &[f32], input: &SamplingInput<'_>, rng: &mut SampleRng) -> Sa
         suppress(&mut logits, input.suppressed);
     }
     if p.repetition_penalty != 1.0 {
-        apply_repetition_penalty(&mut logits, input.prompt_tokens.iter().chain(input.output_tokens), p.repetition_penalty);
+        apply_repetition_penalty(
+            &mut logits,
+            input.prompt_tokens.iter().chain(input.output_tokens),
+            p.repetition_penalty,
+        );
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-        apply_presence_frequency_penalties(&mut logits, input.output_tokens, p.presence_penalty, p.frequency_penalty);
+        apply_presence_frequency_penalties(
+            &mut logits,
+            input.output_tokens,
+            p.presence_penalty,
+            p.frequency_penalty,
+        );
     }
     // With every logit -inf (a grammar's tokens the model rules out), the
     // grammar's first token, else the raw argmax.
     let fallback = || match input.allowed {
-        Some(words) => (0..raw.len()).find(|&i| mask_allows(words, i)).map_or(0, |i| i as u32),
+        Some(words) => (0..raw.len())
+            .find(|&i| mask_allows(words, i))
+            .map_or(0, |i| i as u32),
         None => greedy(raw),
     };
     let token_id = if p.temperature < SAMPLING_EPS {
@@ -111,7 +125,10 @@ pub fn sample(raw: &[f32], input: &SamplingInput<'_>, rng: &mut SampleRng) -> Sa
         let lp = log_softmax(raw);
         TokenLogprob {
             token_id,
-            logprob: lp.get(token_id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            logprob: lp
+                .get(token_id as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY),
             top: top_logprobs(&lp, k),
         }
     });
@@ -135,7 +152,10 @@ pub fn apply_allowed(logits: &mut [f32], words: &[u32]) {
 
 /// Whether every finite logit belongs to one of `ids`.
 fn only_suppressed_left(logits: &[f32], ids: &[u32]) -> bool {
-    logits.iter().enumerate().all(|(i, l)| !l.is_finite() || ids.contains(&(i as u32)))
+    logits
+        .iter()
+        .enumerate()
+        .all(|(i, l)| !l.is_finite() || ids.contains(&(i as u32)))
 }
 
 /// Set the logits of `ids` to -inf.
@@ -149,7 +169,11 @@ pub fn suppress(logits: &mut [f32], ids: &[u32]) {
 
 /// HF / vLLM repetition penalty over every distinct token in `tokens`:
 /// positive logits are divided by `penalty`, negative ones multiplied.
-pub fn apply_repetition_penalty<'a>(logits: &mut [f32], tokens: impl Iterator<Item = &'a u32>, penalty: f32) {
+pub fn apply_repetition_penalty<'a>(
+    logits: &mut [f32],
+    tokens: impl Iterator<Item = &'a u32>,
+    penalty: f32,
+) {
     let seen: HashSet<u32> = tokens.copied().collect();
     for id in seen {
         if let Some(l) = logits.get_mut(id as usize) {
@@ -164,7 +188,12 @@ pub fn apply_repetition_penalty<'a>(logits: &mut [f32], tokens: impl Iterator<It
 
 /// OpenAI presence / frequency penalties over the output tokens:
 /// `logit -= frequency * count + presence * (count > 0)`.
-pub fn apply_presence_frequency_penalties(logits: &mut [f32], output: &[u32], presence: f32, frequency: f32) {
+pub fn apply_presence_frequency_penalties(
+    logits: &mut [f32],
+    output: &[u32],
+    presence: f32,
+    frequency: f32,
+) {
     let mut counts: HashMap<u32, u32> = HashMap::new();
     for &t in output {
         *counts.entry(t).or_insert(0) += 1;
@@ -217,12 +246,17 @@ pub fn apply_top_p(logits: &mut [f32], top_p: f32) {
     if top_p >= 1.0 {
         return;
     }
-    let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+    let mut idx: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
     if idx.len() <= 1 {
         return;
     }
     let by_rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-    let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = idx
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
     let total: f64 = idx.iter().map(|&i| (logits[i] as f64 - max).exp()).sum();
     let target = top_p as f64 * total;
     let mut k = 64.min(idx.len());
@@ -269,12 +303,20 @@ pub fn greedy(logits: &[f32]) -> u32 {
 /// Sample from `softmax(logits)` with the uniform draw `u` in [0, 1), walking
 /// ids in order. None when no logit is finite.
 pub fn draw(logits: &[f32], u: f64) -> Option<u32> {
-    let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return None;
     }
     let max = max as f64;
-    let total: f64 = logits.iter().filter(|l| l.is_finite()).map(|&l| (l as f64 - max).exp()).sum();
+    let total: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| (l as f64 - max).exp())
+        .sum();
     let target = u * total;
     let mut cum = 0.0f64;
     let mut last = None;
@@ -293,16 +335,30 @@ pub fn draw(logits: &[f32], u: f64) -> Option<u32> {
 
 /// `log_softmax` in f64, back to f32; NaN counts as -inf.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return vec![f32::NEG_INFINITY; logits.len()];
     }
     let max = max as f64;
-    let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (l as f64 - max).exp()).sum();
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| !l.is_nan())
+        .map(|&l| (l as f64 - max).exp())
+        .sum();
     let lse = max + sum.ln();
     logits
         .iter()
-        .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { (l as f64 - lse) as f32 })
+        .map(|&l| {
+            if l.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                (l as f64 - lse) as f32
+            }
+        })
         .collect()
 }
 
@@ -319,7 +375,12 @@ pub fn top_logprobs(logprobs: &[f32], k: usize) -> Vec<TopLogprob> {
         idx.truncate(k);
     }
     idx.sort_unstable_by(cmp);
-    idx.into_iter().map(|i| TopLogprob { token_id: i as u32, logprob: logprobs[i] }).collect()
+    idx.into_iter()
+        .map(|i| TopLogprob {
+            token_id: i as u32,
+            logprob: logprobs[i],
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -333,7 +394,13 @@ mod tests {
     }
 
     fn input<'a>(p: &'a SamplingParams, prompt: &'a [u32], output: &'a [u32]) -> SamplingInput<'a> {
-        SamplingInput { params: p, prompt_tokens: prompt, output_tokens: output, suppressed: &[], allowed: None }
+        SamplingInput {
+            params: p,
+            prompt_tokens: prompt,
+            output_tokens: output,
+            suppressed: &[],
+            allowed: None,
+        }
     }
 
     #[test]
@@ -370,7 +437,9 @@ mod tests {
 
     #[test]
     fn top_p_on_a_large_vocab_matches_a_full_sort() {
-        let row: Vec<f32> = (0..5000u32).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 1000) as f32 / 120.0).collect();
+        let row: Vec<f32> = (0..5000u32)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 7) % 1000) as f32 / 120.0)
+            .collect();
         for p in [0.01f32, 0.3, 0.9, 0.999] {
             let mut fast = row.clone();
             apply_top_p(&mut fast, p);
@@ -428,13 +497,22 @@ mod tests {
         p.repetition_penalty = 4.0;
         // token 1 is best raw, but it's in the prompt: 4.0/4 = 1.0 < 3.0.
         let row = vec![0.0, 4.0, 3.0];
-        assert_eq!(sample(&row, &input(&p, &[1], &[]), &mut sample_rng(Some(0), 0)).token_id, 2);
+        assert_eq!(
+            sample(&row, &input(&p, &[1], &[]), &mut sample_rng(Some(0), 0)).token_id,
+            2
+        );
         // Presence penalty only looks at the output.
         let mut q = params();
         q.temperature = 0.0;
         q.presence_penalty = 2.0;
-        assert_eq!(sample(&row, &input(&q, &[1], &[]), &mut sample_rng(Some(0), 0)).token_id, 1);
-        assert_eq!(sample(&row, &input(&q, &[], &[1]), &mut sample_rng(Some(0), 0)).token_id, 2);
+        assert_eq!(
+            sample(&row, &input(&q, &[1], &[]), &mut sample_rng(Some(0), 0)).token_id,
+            1
+        );
+        assert_eq!(
+            sample(&row, &input(&q, &[], &[1]), &mut sample_rng(Some(0), 0)).token_id,
+            2
+        );
     }
 
     #[test]
@@ -444,7 +522,11 @@ mod tests {
         assert_eq!(greedy(&[NEG, NEG]), 0);
         let mut p = params();
         p.temperature = 0.0;
-        let s = sample(&[0.0, 7.0, 7.0], &input(&p, &[], &[]), &mut sample_rng(None, 0));
+        let s = sample(
+            &[0.0, 7.0, 7.0],
+            &input(&p, &[], &[]),
+            &mut sample_rng(None, 0),
+        );
         assert_eq!(s.token_id, 1);
     }
 
@@ -452,8 +534,17 @@ mod tests {
     fn suppressed_tokens_are_never_chosen() {
         let mut p = params();
         p.temperature = 0.0;
-        let inp = SamplingInput { params: &p, prompt_tokens: &[], output_tokens: &[], suppressed: &[2], allowed: None };
-        assert_eq!(sample(&[0.0, 1.0, 9.0], &inp, &mut sample_rng(Some(1), 0)).token_id, 1);
+        let inp = SamplingInput {
+            params: &p,
+            prompt_tokens: &[],
+            output_tokens: &[],
+            suppressed: &[2],
+            allowed: None,
+        };
+        assert_eq!(
+            sample(&[0.0, 1.0, 9.0], &inp, &mut sample_rng(Some(1), 0)).token_id,
+            1
+        );
     }
 
     #[test]
@@ -463,14 +554,37 @@ mod tests {
         let words = [1u32 << 3, 1u32 << 3];
         let mut p = params();
         p.temperature = 0.0;
-        fn inp<'a>(p: &'a SamplingParams, suppressed: &'a [u32], words: &'a [u32]) -> SamplingInput<'a> {
-            SamplingInput { params: p, prompt_tokens: &[], output_tokens: &[], suppressed, allowed: Some(words) }
+        fn inp<'a>(
+            p: &'a SamplingParams,
+            suppressed: &'a [u32],
+            words: &'a [u32],
+        ) -> SamplingInput<'a> {
+            SamplingInput {
+                params: p,
+                prompt_tokens: &[],
+                output_tokens: &[],
+                suppressed,
+                allowed: Some(words),
+            }
         }
-        assert_eq!(sample(&row, &inp(&p, &[], &words), &mut sample_rng(Some(0), 0)).token_id, 35);
+        assert_eq!(
+            sample(&row, &inp(&p, &[], &words), &mut sample_rng(Some(0), 0)).token_id,
+            35
+        );
         // min_tokens holds 35 back: 3 is still allowed, so it is chosen.
-        assert_eq!(sample(&row, &inp(&p, &[35], &words), &mut sample_rng(Some(0), 0)).token_id, 3);
+        assert_eq!(
+            sample(&row, &inp(&p, &[35], &words), &mut sample_rng(Some(0), 0)).token_id,
+            3
+        );
         // Both held back: the grammar wins over min_tokens.
-        assert!([3, 35].contains(&sample(&row, &inp(&p, &[3, 35], &words), &mut sample_rng(Some(0), 0)).token_id));
+        assert!([3, 35].contains(
+            &sample(
+                &row,
+                &inp(&p, &[3, 35], &words),
+                &mut sample_rng(Some(0), 0)
+            )
+            .token_id
+        ));
         let mut q = params();
         q.temperature = 5.0;
         let mut rng = sample_rng(Some(3), 0);
@@ -491,7 +605,9 @@ mod tests {
         let row: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed: u64, idx: usize| {
             let mut rng = sample_rng(Some(seed), idx);
-            (0..40).map(|_| sample(&row, &input(&p, &[], &[]), &mut rng).token_id).collect::<Vec<_>>()
+            (0..40)
+                .map(|_| sample(&row, &input(&p, &[], &[]), &mut rng).token_id)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(42, 0), run(42, 0));
         assert_ne!(run(42, 0), run(43, 0));

@@ -77,7 +77,14 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         let kv = BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
-        Self { cfg, kv, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), num_preemptions: 0 }
+        Self {
+            cfg,
+            kv,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -136,7 +143,14 @@ impl Scheduler {
     /// Cut the chunk of `num_new` tokens from `start` so that the media
     /// items it reaches which still need their encoder fit what is left of
     /// the step's encoder budget (`encoded`: rows admitted so far).
-    fn fit_encoder_budget(&self, seq: &Sequence, start: usize, num_new: usize, encoded: &mut usize, needs: NeedsEncoder) -> usize {
+    fn fit_encoder_budget(
+        &self,
+        seq: &Sequence,
+        start: usize,
+        num_new: usize,
+        encoded: &mut usize,
+        needs: NeedsEncoder,
+    ) -> usize {
         let end = start + num_new;
         for (i, p) in seq.mm_items.iter().enumerate() {
             if p.offset >= end {
@@ -172,7 +186,8 @@ impl Scheduler {
                 self.running.remove(i);
                 continue;
             };
-            let (num_computed, num_tokens, req_id) = (seq.num_computed, seq.num_tokens(), seq.req_id);
+            let (num_computed, num_tokens, req_id) =
+                (seq.num_computed, seq.num_tokens(), seq.req_id);
             if num_computed >= num_tokens {
                 i += 1;
                 continue;
@@ -180,11 +195,13 @@ impl Scheduler {
             if self.kv.blocks_for(num_tokens) > total_blocks {
                 self.running.remove(i);
                 self.kv.free(id);
-                out.failed.push((id, req_id, self.capacity_message(num_tokens)));
+                out.failed
+                    .push((id, req_id, self.capacity_message(num_tokens)));
                 continue;
             }
             let num_new = (num_tokens - num_computed).min(budget);
-            let num_new = self.fit_encoder_budget(seq, num_computed, num_new, &mut encoded, needs_encoder);
+            let num_new =
+                self.fit_encoder_budget(seq, num_computed, num_new, &mut encoded, needs_encoder);
             if num_new == 0 {
                 i += 1;
                 continue;
@@ -196,7 +213,9 @@ impl Scheduler {
                     break;
                 }
                 // Victims come from the back: sequences not scheduled yet this step.
-                let Some(victim) = self.running.pop() else { break };
+                let Some(victim) = self.running.pop() else {
+                    break;
+                };
                 self.preempt(victim);
                 out.preempted.push(victim);
                 if victim == id {
@@ -206,15 +225,25 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            out.scheduled.push(ScheduledSeq { seq_id: id, num_new_tokens: num_new });
+            out.scheduled.push(ScheduledSeq {
+                seq_id: id,
+                num_new_tokens: num_new,
+            });
             budget -= num_new;
             i += 1;
         }
 
         if out.preempted.is_empty() {
-            let mut seats: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(Sequence::seats).sum();
+            let mut seats: usize = self
+                .running
+                .iter()
+                .filter_map(|id| self.seqs.get(id))
+                .map(Sequence::seats)
+                .sum();
             while budget > 0 {
-                let Some(&id) = self.waiting.front() else { break };
+                let Some(&id) = self.waiting.front() else {
+                    break;
+                };
                 let Some(seq) = self.seqs.get(&id) else {
                     self.waiting.pop_front();
                     continue;
@@ -226,13 +255,15 @@ impl Scheduler {
                 if self.kv.blocks_for(num_tokens) > total_blocks {
                     let req_id = seq.req_id;
                     self.waiting.pop_front();
-                    out.failed.push((id, req_id, self.capacity_message(num_tokens)));
+                    out.failed
+                        .push((id, req_id, self.capacity_message(num_tokens)));
                     continue;
                 }
                 let cached = self.kv.find_cached_prefix(&seq.block_hashes, num_tokens);
                 let num_cached = cached.len() * self.cfg.block_size;
                 let num_new = (num_tokens - num_cached).min(budget);
-                let num_new = self.fit_encoder_budget(seq, num_cached, num_new, &mut encoded, needs_encoder);
+                let num_new =
+                    self.fit_encoder_budget(seq, num_cached, num_new, &mut encoded, needs_encoder);
                 if num_new == 0 || !self.kv.allocate_slots(id, num_cached, num_new, &cached) {
                     break;
                 }
@@ -241,10 +272,14 @@ impl Scheduler {
                 self.running.push(id);
                 if let Some(seq) = self.seqs.get_mut(&id) {
                     seq.num_computed = num_cached;
-                    seq.num_cached_tokens.get_or_insert(num_cached.min(seq.prompt_len));
+                    seq.num_cached_tokens
+                        .get_or_insert(num_cached.min(seq.prompt_len));
                     seats += seq.seats();
                 }
-                out.scheduled.push(ScheduledSeq { seq_id: id, num_new_tokens: num_new });
+                out.scheduled.push(ScheduledSeq {
+                    seq_id: id,
+                    num_new_tokens: num_new,
+                });
                 budget -= num_new;
             }
         }
@@ -256,7 +291,8 @@ impl Scheduler {
     pub fn mark_computed(&mut self, id: SeqId, num_new: usize) {
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.num_computed = (seq.num_computed + num_new).min(seq.tokens.len());
-            self.kv.cache_full_blocks(id, &seq.block_hashes, seq.num_computed);
+            self.kv
+                .cache_full_blocks(id, &seq.block_hashes, seq.num_computed);
         }
     }
 
@@ -273,10 +309,16 @@ impl Scheduler {
     /// parent keeps writing into it), so each child recomputes those few
     /// prompt tokens into a block of its own on its next step.
     pub fn fork(&mut self, parent: SeqId, children: Vec<Sequence>) {
-        let Some(p) = self.seqs.get_mut(&parent) else { return };
+        let Some(p) = self.seqs.get_mut(&parent) else {
+            return;
+        };
         p.pending_forks = 0;
         let prompt_len = p.prompt_len;
-        let pos = self.running.iter().position(|&x| x == parent).map_or(self.running.len(), |p| p + 1);
+        let pos = self
+            .running
+            .iter()
+            .position(|&x| x == parent)
+            .map_or(self.running.len(), |p| p + 1);
         let mut ids = Vec::with_capacity(children.len());
         for mut child in children {
             child.num_computed = self.kv.fork(parent, child.id, prompt_len);
@@ -364,20 +406,34 @@ mod tests {
         // Items of 10 rows at 2..12 and 20..30, and one of 30 rows at 34..64.
         let items = [(2, 10), (20, 10), (34, 30)];
         let mut q = seq(1, 70);
-        q.mm_items = items.iter().map(|&(offset, length)| MmPlaceholder { hash: format!("h{offset}"), offset, length }).collect();
+        q.mm_items = items
+            .iter()
+            .map(|&(offset, length)| MmPlaceholder {
+                hash: format!("h{offset}"),
+                offset,
+                length,
+            })
+            .collect();
         s.add(q);
         let encoded = std::cell::RefCell::new(std::collections::HashSet::new());
         let needs = |_: u64, i: usize| !encoded.borrow().contains(&i);
         let mut chunks = Vec::new();
         for _ in 0..10 {
             let out = s.schedule_with(&needs);
-            let Some(sc) = out.scheduled.first().copied() else { break };
+            let Some(sc) = out.scheduled.first().copied() else {
+                break;
+            };
             let start = s.seq(sc.seq_id).unwrap().num_computed;
             let end = start + sc.num_new_tokens;
             // What the engine would encode this step, within the budget but for a lone first item.
-            let step: Vec<usize> = (0..items.len()).filter(|&i| items[i].0 < end && items[i].0 + items[i].1 > start && needs(1, i)).collect();
+            let step: Vec<usize> = (0..items.len())
+                .filter(|&i| items[i].0 < end && items[i].0 + items[i].1 > start && needs(1, i))
+                .collect();
             let rows: usize = step.iter().map(|&i| items[i].1).sum();
-            assert!(rows <= 12 || step.len() == 1, "step {start}..{end} encodes {rows} rows");
+            assert!(
+                rows <= 12 || step.len() == 1,
+                "step {start}..{end} encodes {rows} rows"
+            );
             encoded.borrow_mut().extend(step);
             chunks.push((start, end));
             s.mark_computed(sc.seq_id, sc.num_new_tokens);
@@ -396,20 +452,47 @@ mod tests {
         s.add(seq(1, 25));
         s.add(seq(2, 3));
         let o = s.schedule();
-        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 10 }]);
+        assert_eq!(
+            o.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 1,
+                num_new_tokens: 10
+            }]
+        );
         run(&mut s, &o, 7);
         let o = s.schedule();
-        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 10 }]);
+        assert_eq!(
+            o.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 1,
+                num_new_tokens: 10
+            }]
+        );
         run(&mut s, &o, 7);
         let o = s.schedule();
         // 5 left for seq 1, then seq 2's whole prompt (3) fits the remaining 5.
         assert_eq!(
             o.scheduled,
-            vec![ScheduledSeq { seq_id: 1, num_new_tokens: 5 }, ScheduledSeq { seq_id: 2, num_new_tokens: 3 }]
+            vec![
+                ScheduledSeq {
+                    seq_id: 1,
+                    num_new_tokens: 5
+                },
+                ScheduledSeq {
+                    seq_id: 2,
+                    num_new_tokens: 3
+                }
+            ]
         );
         run(&mut s, &o, 7);
         let o = s.schedule();
-        assert_eq!(o.scheduled.iter().map(|x| x.num_new_tokens).collect::<Vec<_>>(), vec![1, 1]);
+        assert_eq!(
+            o.scheduled
+                .iter()
+                .map(|x| x.num_new_tokens)
+                .collect::<Vec<_>>(),
+            vec![1, 1]
+        );
     }
 
     #[test]
@@ -439,7 +522,13 @@ mod tests {
         // Both need a 3rd block: seq 2 (newest) is preempted for seq 1.
         let o = s.schedule();
         assert_eq!(o.preempted, vec![2]);
-        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }]);
+        assert_eq!(
+            o.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 1,
+                num_new_tokens: 1
+            }]
+        );
         assert_eq!(s.num_preemptions(), 1);
         // Seq 2 went to the FRONT (ahead of seq 3), keeps its sampled token, lost its KV.
         let two = s.seq(2).unwrap();
@@ -469,7 +558,13 @@ mod tests {
         let o = s.schedule();
         assert_eq!(o.failed.len(), 1);
         assert_eq!(o.failed[0].0, 1);
-        assert_eq!(o.scheduled, vec![ScheduledSeq { seq_id: 2, num_new_tokens: 3 }]);
+        assert_eq!(
+            o.scheduled,
+            vec![ScheduledSeq {
+                seq_id: 2,
+                num_new_tokens: 3
+            }]
+        );
         // A running sequence outgrowing the pool fails too (after 8 tokens: 2 blocks).
         let mut s = Scheduler::new(cfg(2, 8, 100));
         s.add(seq(1, 8));
@@ -500,7 +595,16 @@ mod tests {
         // Parent decodes 1 token; the child computes prompt tokens 8, 9 and its sample.
         assert_eq!(
             o.scheduled,
-            vec![ScheduledSeq { seq_id: 1, num_new_tokens: 1 }, ScheduledSeq { seq_id: 2, num_new_tokens: 3 }]
+            vec![
+                ScheduledSeq {
+                    seq_id: 1,
+                    num_new_tokens: 1
+                },
+                ScheduledSeq {
+                    seq_id: 2,
+                    num_new_tokens: 3
+                }
+            ]
         );
         assert_eq!(s.kv().num_used_blocks(), 4);
     }

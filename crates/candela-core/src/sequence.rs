@@ -56,11 +56,22 @@ impl Sequence {
         }
     }
     pub fn update_hashes(&mut self, block_size: usize) {
-        extend_block_hashes(&mut self.block_hashes, &self.tokens, &self.mm_items, block_size);
+        extend_block_hashes(
+            &mut self.block_hashes,
+            &self.tokens,
+            &self.mm_items,
+            block_size,
+        );
     }
     /// A new sample of the same request, starting from the prompt with no
     /// output and no KV (the scheduler then shares the prompt's blocks).
-    pub fn fork(&self, id: SeqId, sample_index: usize, rng: SampleRng, block_size: usize) -> Sequence {
+    pub fn fork(
+        &self,
+        id: SeqId,
+        sample_index: usize,
+        rng: SampleRng,
+        block_size: usize,
+    ) -> Sequence {
         let full_prompt_blocks = self.prompt_len / block_size.max(1);
         Sequence {
             id,
@@ -69,7 +80,12 @@ impl Sequence {
             tokens: self.tokens[..self.prompt_len].to_vec(),
             prompt_len: self.prompt_len,
             num_computed: 0,
-            block_hashes: self.block_hashes.iter().take(full_prompt_blocks).copied().collect(),
+            block_hashes: self
+                .block_hashes
+                .iter()
+                .take(full_prompt_blocks)
+                .copied()
+                .collect(),
             mm_items: self.mm_items.clone(),
             pending_forks: 0,
             rng,

@@ -76,7 +76,9 @@ impl MockModel {
 
     fn slot(&self, table: &[u32], pos: usize) -> Result<usize, String> {
         let bs = self.block_size;
-        let block = *table.get(pos / bs).ok_or_else(|| format!("position {pos} beyond block table {table:?}"))?;
+        let block = *table
+            .get(pos / bs)
+            .ok_or_else(|| format!("position {pos} beyond block table {table:?}"))?;
         let slot = block as usize * bs + pos % bs;
         if slot >= self.kv.len() {
             return Err(format!("slot {slot} out of the pool"));
@@ -87,7 +89,10 @@ impl MockModel {
     fn check_and_run(&mut self, b: &ForwardBatch) -> Result<Vec<f32>, String> {
         let bs = self.block_size;
         if b.block_size != bs {
-            return Err(format!("batch block_size {} != allocated {bs}", b.block_size));
+            return Err(format!(
+                "batch block_size {} != allocated {bs}",
+                b.block_size
+            ));
         }
         let n = b.input_ids.len();
         if b.positions.len() != n || b.slot_mapping.len() != n {
@@ -100,7 +105,9 @@ impl MockModel {
         for span in &b.mm_embeds {
             let rows = span.embeds.to_vec2::<f32>().map_err(|e| e.to_string())?;
             for (i, r) in rows.iter().enumerate() {
-                let slot = media.get_mut(span.start + i).ok_or("media span beyond the batch")?;
+                let slot = media
+                    .get_mut(span.start + i)
+                    .ok_or("media span beyond the batch")?;
                 *slot = Some(0x8000_0000 | (r[0] as u32));
             }
         }
@@ -120,7 +127,8 @@ impl MockModel {
             let mut h = ROOT;
             for pos in 0..first_new {
                 let slot = self.slot(&s.block_table, pos)?;
-                let (tok, stored) = self.kv[slot].ok_or_else(|| format!("empty KV slot at position {pos}"))?;
+                let (tok, stored) =
+                    self.kv[slot].ok_or_else(|| format!("empty KV slot at position {pos}"))?;
                 h = mix(h, tok, pos as u32);
                 if h != stored {
                     return Err(format!("KV chain broken at position {pos}"));
@@ -134,7 +142,10 @@ impl MockModel {
                 }
                 let slot = self.slot(&s.block_table, pos)?;
                 if b.slot_mapping[idx] as usize != slot {
-                    return Err(format!("slot_mapping {} != block table slot {slot}", b.slot_mapping[idx]));
+                    return Err(format!(
+                        "slot_mapping {} != block table slot {slot}",
+                        b.slot_mapping[idx]
+                    ));
                 }
                 let mut tok = media[idx].unwrap_or(b.input_ids[idx]);
                 if let Some(m) = &b.mrope_positions {
@@ -150,7 +161,10 @@ impl MockModel {
                 self.kv[slot] = Some((tok, h));
             }
             if s.needs_logits {
-                let scripted = self.script.as_ref().and_then(|sc| sc.get(s.context_len).copied());
+                let scripted = self
+                    .script
+                    .as_ref()
+                    .and_then(|sc| sc.get(s.context_len).copied());
                 for v in 0..VOCAB {
                     let mut l = (mix(h, v as u32, 7) % 1000) as f32 / 100.0 - 5.0;
                     if scripted == Some(v as u32) {
@@ -176,7 +190,11 @@ impl Model for MockModel {
         &self.spec
     }
 
-    fn allocate_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> candle_core::Result<()> {
+    fn allocate_kv_cache(
+        &mut self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> candle_core::Result<()> {
         self.kv = vec![None; num_blocks * block_size];
         self.block_size = block_size;
         Ok(())

@@ -41,7 +41,12 @@ impl ReqOut {
             }
         };
         match ev {
-            RequestEvent::Tokens { index, token_ids, text, logprobs } => {
+            RequestEvent::Tokens {
+                index,
+                token_ids,
+                text,
+                logprobs,
+            } => {
                 sample(&mut self.samples, index);
                 let s = &mut self.samples[index];
                 assert!(s.finish.is_none(), "tokens after finish");
@@ -50,13 +55,22 @@ impl ReqOut {
                 s.pieces.push(text);
                 s.logprobs.extend(logprobs.unwrap_or_default());
             }
-            RequestEvent::Finished { index, reason, stop_reason, usage } => {
+            RequestEvent::Finished {
+                index,
+                reason,
+                stop_reason,
+                usage,
+            } => {
                 sample(&mut self.samples, index);
                 let s = &mut self.samples[index];
                 assert!(s.finish.is_none(), "finished twice");
                 s.finish = Some(reason);
                 s.stop_reason = stop_reason;
-                s.usage = Some((usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens));
+                s.usage = Some((
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cached_tokens,
+                ));
             }
             RequestEvent::Error { message } => self.error = Some(message),
         }
@@ -98,25 +112,39 @@ fn start(cfg: EngineConfig, model: MockModel) -> Engine {
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, ..SamplingParams::default() }
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| (seed * 31 + i * 7 + i * i) % VOCAB as u32).collect()
+    (0..len as u32)
+        .map(|i| (seed * 31 + i * 7 + i * i) % VOCAB as u32)
+        .collect()
 }
 
 /// A request run on its own in a fresh engine with a large pool and no prefix cache.
 fn alone(prompt: &[u32], params: &SamplingParams) -> ReqOut {
     let e = start(config(1000, false), MockModel::new(MAX_LEN));
-    let mut h = e.add_request(EngineRequest::new(prompt.to_vec(), params.clone())).unwrap();
+    let mut h = e
+        .add_request(EngineRequest::new(prompt.to_vec(), params.clone()))
+        .unwrap();
     let out = collect(&mut h.events);
     assert!(out.error.is_none(), "{:?}", out.error);
     out
 }
 
 fn run_all(e: &Engine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<ReqOut> {
-    let mut handles: Vec<_> =
-        reqs.iter().map(|(p, s)| e.add_request(EngineRequest::new(p.clone(), s.clone())).unwrap()).collect();
+    let mut handles: Vec<_> = reqs
+        .iter()
+        .map(|(p, s)| {
+            e.add_request(EngineRequest::new(p.clone(), s.clone()))
+                .unwrap()
+        })
+        .collect();
     handles.iter_mut().map(|h| collect(&mut h.events)).collect()
 }
 
@@ -139,12 +167,19 @@ fn core(num_blocks: usize, budget: usize, caching: bool, model: MockModel) -> En
             max_model_len: MAX_LEN,
             vocab_size: VOCAB,
             hidden_size: crate::testing::MOCK_HIDDEN,
-            encoder_cache: Arc::new(std::sync::Mutex::new(crate::encoder_cache::EncoderCache::new(1024))),
+            encoder_cache: Arc::new(std::sync::Mutex::new(
+                crate::encoder_cache::EncoderCache::new(1024),
+            )),
         },
     )
 }
 
-fn submit(core: &mut EngineCore, id: u64, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<RequestEvent> {
+fn submit(
+    core: &mut EngineCore,
+    id: u64,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> UnboundedReceiver<RequestEvent> {
     let (tx, rx) = unbounded_channel();
     core.add_request(id, EngineRequest::new(prompt, params), tx);
     rx
@@ -153,14 +188,22 @@ fn submit(core: &mut EngineCore, id: u64, prompt: Vec<u32>, params: SamplingPara
 #[test]
 fn batched_prompts_get_the_same_tokens_as_alone_and_interleave() {
     let lens = [1usize, 5, 15, 16, 17, 33, 50];
-    let reqs: Vec<_> = lens.iter().enumerate().map(|(i, &l)| (prompt(i as u32, l), greedy(20))).collect();
+    let reqs: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (prompt(i as u32, l), greedy(20)))
+        .collect();
     let expected: Vec<_> = reqs.iter().map(|(p, s)| alone(p, s).tokens()).collect();
 
     // Step the core by hand so all requests are in one batch from the start.
     let model = MockModel::new(MAX_LEN);
     let log = model.log.clone();
     let mut c = core(200, 2048, true, model);
-    let mut rxs: Vec<_> = reqs.iter().enumerate().map(|(i, (p, s))| submit(&mut c, i as u64, p.clone(), s.clone())).collect();
+    let mut rxs: Vec<_> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, s))| submit(&mut c, i as u64, p.clone(), s.clone()))
+        .collect();
     assert!(c.step());
     // After one step every request has its first token: tokens interleave.
     let mut outs: Vec<ReqOut> = (0..reqs.len()).map(|_| ReqOut::default()).collect();
@@ -248,7 +291,12 @@ fn multimodal_keys_separate_cache_entries() {
     let req = |hash: &str| EngineRequest {
         prompt_token_ids: p.clone(),
         params: greedy(2),
-        mm_items: vec![item(hash, 18, 4, MmInput::Features(media(hash.len() as f32, 4)))],
+        mm_items: vec![item(
+            hash,
+            18,
+            4,
+            MmInput::Features(media(hash.len() as f32, 4)),
+        )],
         mrope: None,
     };
     for (hash, expected_hits) in [("img-a", 0u64), ("img-a", 32), ("img-b", 16)] {
@@ -256,7 +304,11 @@ fn multimodal_keys_separate_cache_entries() {
         let mut h = e.add_request(req(hash)).unwrap();
         let out = collect(&mut h.events);
         assert!(out.error.is_none());
-        assert_eq!(e.stats().prefix_cache_hits - before, expected_hits, "{hash}");
+        assert_eq!(
+            e.stats().prefix_cache_hits - before,
+            expected_hits,
+            "{hash}"
+        );
     }
     // Out-of-range media is rejected.
     let mut bad = req("x");
@@ -265,7 +317,9 @@ fn multimodal_keys_separate_cache_entries() {
 }
 
 fn preemption_case(caching: bool) {
-    let reqs: Vec<_> = (0..8).map(|i| (prompt(10 + i, 18 + i as usize), greedy(40))).collect();
+    let reqs: Vec<_> = (0..8)
+        .map(|i| (prompt(10 + i, 18 + i as usize), greedy(40)))
+        .collect();
     let expected: Vec<_> = reqs.iter().map(|(p, s)| alone(p, s).tokens()).collect();
     let e = start(config(10, caching), MockModel::new(MAX_LEN));
     assert_eq!(e.num_kv_blocks(), 10);
@@ -302,11 +356,18 @@ fn chunked_prefill_matches_unchunked() {
     let e = start(cfg, model);
     // Two requests so chunks of one share steps with decodes of the other.
     let short = prompt(6, 5);
-    let outs = run_all(&e, &[(p.clone(), params.clone()), (short.clone(), greedy(30))]);
+    let outs = run_all(
+        &e,
+        &[(p.clone(), params.clone()), (short.clone(), greedy(30))],
+    );
     assert_eq!(outs[0].tokens(), expected);
     assert_eq!(outs[1].tokens(), alone(&short, &greedy(30)).tokens());
     let log = log.lock().unwrap();
-    assert!(log.batch_tokens.iter().all(|&t| t <= 32), "{:?}", log.batch_tokens);
+    assert!(
+        log.batch_tokens.iter().all(|&t| t <= 32),
+        "{:?}",
+        log.batch_tokens
+    );
     // 150 prompt tokens in chunks of at most 32: at least 5 prefill steps.
     assert!(log.batch_tokens.iter().filter(|&&t| t >= 30).count() >= 4);
 }
@@ -316,7 +377,9 @@ fn abort_frees_all_blocks_and_reports_abort() {
     let mut model = MockModel::new(MAX_LEN);
     model.delay = Some(Duration::from_millis(2));
     let e = start(config(100, true), model);
-    let mut h = e.add_request(EngineRequest::new(prompt(1, 60), greedy(400))).unwrap();
+    let mut h = e
+        .add_request(EngineRequest::new(prompt(1, 60), greedy(400)))
+        .unwrap();
     // Wait until it is generating.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut out = ReqOut::default();
@@ -335,7 +398,9 @@ fn abort_frees_all_blocks_and_reports_abort() {
     assert_eq!(e.stats().kv_blocks_free, e.num_kv_blocks());
 
     // Dropping the receiver aborts too.
-    let h2 = e.add_request(EngineRequest::new(prompt(2, 60), greedy(400))).unwrap();
+    let h2 = e
+        .add_request(EngineRequest::new(prompt(2, 60), greedy(400)))
+        .unwrap();
     wait_for(|| e.stats().kv_blocks_used > 0);
     drop(h2);
     wait_for(|| e.stats().kv_blocks_used == 0 && e.stats().requests_finished == 2);
@@ -358,7 +423,13 @@ fn n_samples_share_prompt_blocks_and_reproduce_with_seed() {
     let p = prompt(7, 40); // 2 full blocks + 8 tokens
     let sampled = |seed: u64, n: usize, caching: bool| {
         let e = start(config(100, caching), MockModel::new(MAX_LEN));
-        let params = SamplingParams { n, seed: Some(seed), max_tokens: 12, ignore_eos: true, ..SamplingParams::default() };
+        let params = SamplingParams {
+            n,
+            seed: Some(seed),
+            max_tokens: 12,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
         let out = run_all(&e, &[(p.clone(), params)]).remove(0);
         assert!(out.error.is_none(), "{:?}", out.error);
         assert_eq!(e.stats().kv_blocks_used, 0);
@@ -370,7 +441,10 @@ fn n_samples_share_prompt_blocks_and_reproduce_with_seed() {
         assert!(a.iter().all(|s| s.len() == 12));
         assert_eq!(a, sampled(42, 3, caching), "same seed reproduces");
         assert_ne!(a, sampled(43, 3, caching), "another seed differs");
-        assert!(a[0] != a[1] || a[1] != a[2], "samples differ from each other");
+        assert!(
+            a[0] != a[1] || a[1] != a[2],
+            "samples differ from each other"
+        );
         // Sample 0 of n = 3 is the n = 1 request with the same seed.
         assert_eq!(a[0], sampled(42, 1, caching)[0]);
     }
@@ -392,14 +466,24 @@ fn n_samples_share_prompt_blocks_and_reproduce_with_seed() {
 fn n_samples_share_blocks_in_the_pool() {
     for caching in [false, true] {
         let mut c = core(100, 2048, caching, MockModel::new(MAX_LEN));
-        let params = SamplingParams { n: 3, seed: Some(1), max_tokens: 20, ignore_eos: true, ..SamplingParams::default() };
+        let params = SamplingParams {
+            n: 3,
+            seed: Some(1),
+            max_tokens: 20,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
         let mut rx = submit(&mut c, 1, prompt(8, 40), params);
         assert!(c.step()); // prefill + fork
         assert_eq!(c.stats().running, 3);
         assert!(c.step()); // forks recompute their 8 partial-block prompt tokens
-        // Parent: 3 blocks; each fork: the 2 shared + 1 own. Unshared would be 9.
+                           // Parent: 3 blocks; each fork: the 2 shared + 1 own. Unshared would be 9.
         assert_eq!(c.stats().kv_blocks_used, 5, "caching = {caching}");
-        let table = |i: usize| c.scheduler().block_table(c.scheduler().running()[i]).to_vec();
+        let table = |i: usize| {
+            c.scheduler()
+                .block_table(c.scheduler().running()[i])
+                .to_vec()
+        };
         assert_eq!(table(0)[..2], table(1)[..2]);
         assert_eq!(table(0)[..2], table(2)[..2]);
         assert_ne!(table(1)[2], table(2)[2]);
@@ -407,7 +491,10 @@ fn n_samples_share_blocks_in_the_pool() {
         let mut out = ReqOut::default();
         drain(&mut rx, &mut out);
         assert_eq!(out.samples.len(), 3);
-        assert!(out.samples.iter().all(|s| s.tokens.len() == 20 && s.finish == Some(FinishReason::Length)));
+        assert!(out
+            .samples
+            .iter()
+            .all(|s| s.tokens.len() == 20 && s.finish == Some(FinishReason::Length)));
         assert_eq!(c.stats().kv_blocks_used, 0);
     }
 }
@@ -439,14 +526,27 @@ fn stop_strings_are_never_emitted_nor_split() {
     let p = prompt(9, 5);
     let full = "price €x ok € now stop";
     let out_ids = ids(full);
-    let cases = [("€ now", "price €x ok "), ("€", "price "), ("ok", "price €x "), ("w s", "price €x ok € no"), ("zzz", full)];
+    let cases = [
+        ("€ now", "price €x ok "),
+        ("€", "price "),
+        ("ok", "price €x "),
+        ("w s", "price €x ok € no"),
+        ("zzz", full),
+    ];
     for (stop, expected) in cases {
         let e = start(config(100, true), scripted(p.len(), &out_ids));
-        let params = SamplingParams { stop: vec![stop.into()], ..greedy(out_ids.len()) };
+        let params = SamplingParams {
+            stop: vec![stop.into()],
+            ..greedy(out_ids.len())
+        };
         let out = run_all(&e, &[(p.clone(), params)]).remove(0);
         let s = &out.samples[0];
         assert_eq!(s.text, expected, "stop {stop:?}");
-        assert!(s.pieces.iter().all(|x| !x.contains('\u{FFFD}')), "{:?}", s.pieces);
+        assert!(
+            s.pieces.iter().all(|x| !x.contains('\u{FFFD}')),
+            "{:?}",
+            s.pieces
+        );
         if expected != full {
             assert_eq!(s.finish, Some(FinishReason::Stop));
             assert_eq!(s.stop_reason.as_deref(), Some(stop));
@@ -466,32 +566,58 @@ fn eos_stop_tokens_and_min_tokens() {
     cfg.eos_token_ids = vec![40];
     let run = |params: SamplingParams| {
         let e = start(cfg.clone(), scripted(p.len(), &script));
-        run_all(&e, &[(p.clone(), params)]).remove(0).samples.remove(0)
+        run_all(&e, &[(p.clone(), params)])
+            .remove(0)
+            .samples
+            .remove(0)
     };
-    let base = SamplingParams { temperature: 0.0, max_tokens: 10, stop_token_ids: vec![41], ..SamplingParams::default() };
+    let base = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 10,
+        stop_token_ids: vec![41],
+        ..SamplingParams::default()
+    };
     let s = run(base.clone());
     assert_eq!(s.tokens, vec![0, 1, 40]);
     assert_eq!(s.text, "ab");
-    assert_eq!((s.finish, s.stop_reason.clone()), (Some(FinishReason::Stop), None));
+    assert_eq!(
+        (s.finish, s.stop_reason.clone()),
+        (Some(FinishReason::Stop), None)
+    );
     // ignore_eos: runs on to the stop token, reported as the stop reason.
-    let s = run(SamplingParams { ignore_eos: true, ..base.clone() });
+    let s = run(SamplingParams {
+        ignore_eos: true,
+        ..base.clone()
+    });
     assert_eq!(s.tokens, vec![0, 1, 40, 2, 3, 41]);
     assert_eq!(s.stop_reason.as_deref(), Some("41"));
     assert_eq!(s.usage.map(|u| u.1), Some(6));
     // min_tokens: EOS suppressed for the first 4 outputs (another token is chosen).
-    let s = run(SamplingParams { min_tokens: 4, ..base.clone() });
+    let s = run(SamplingParams {
+        min_tokens: 4,
+        ..base.clone()
+    });
     assert_ne!(s.tokens[2], 40);
     assert!(s.tokens.len() >= 4);
     assert!(!s.tokens[..4].contains(&40) && !s.tokens[..4].contains(&41));
     // max_tokens.
-    let s = run(SamplingParams { max_tokens: 2, ..base });
-    assert_eq!((s.tokens.clone(), s.finish), (vec![0, 1], Some(FinishReason::Length)));
+    let s = run(SamplingParams {
+        max_tokens: 2,
+        ..base
+    });
+    assert_eq!(
+        (s.tokens.clone(), s.finish),
+        (vec![0, 1], Some(FinishReason::Length))
+    );
 }
 
 #[test]
 fn logprobs_are_reported_per_token() {
     let e = start(config(100, true), MockModel::new(MAX_LEN));
-    let params = SamplingParams { logprobs: Some(3), ..greedy(5) };
+    let params = SamplingParams {
+        logprobs: Some(3),
+        ..greedy(5)
+    };
     let out = run_all(&e, &[(prompt(12, 9), params)]).remove(0);
     let s = &out.samples[0];
     assert_eq!(s.logprobs.len(), 5);
@@ -510,25 +636,65 @@ fn validation_errors_are_synchronous_and_clear() {
     cfg.max_model_len = Some(100);
     let e = start(cfg, MockModel::new(MAX_LEN));
     assert_eq!(e.max_model_len(), 100);
-    let add = |p: Vec<u32>, params: SamplingParams| e.add_request(EngineRequest::new(p, params)).unwrap_err();
+    let add = |p: Vec<u32>, params: SamplingParams| {
+        e.add_request(EngineRequest::new(p, params)).unwrap_err()
+    };
     let err = add(prompt(1, 90), greedy(20));
     assert_eq!(
         err.to_string(),
         "This model's maximum context length is 100 tokens. However, you requested 110 tokens (90 in the prompt, 20 for the completion). Please reduce the length of the prompt or completion."
     );
-    assert!(matches!(add(prompt(1, 100), greedy(1)), EngineError::ContextLength { .. }));
-    assert!(add(vec![], greedy(1)).to_string().contains("at least one token"));
-    assert!(add(vec![1, VOCAB as u32], greedy(1)).to_string().contains("out of range"));
-    assert!(add(prompt(1, 4), SamplingParams { top_p: 0.0, ..greedy(1) }).to_string().contains("topP"));
-    assert!(add(prompt(1, 4), SamplingParams { n: 65, ..greedy(1) }).to_string().contains("max_num_seqs"));
+    assert!(matches!(
+        add(prompt(1, 100), greedy(1)),
+        EngineError::ContextLength { .. }
+    ));
+    assert!(add(vec![], greedy(1))
+        .to_string()
+        .contains("at least one token"));
+    assert!(add(vec![1, VOCAB as u32], greedy(1))
+        .to_string()
+        .contains("out of range"));
+    assert!(add(
+        prompt(1, 4),
+        SamplingParams {
+            top_p: 0.0,
+            ..greedy(1)
+        }
+    )
+    .to_string()
+    .contains("topP"));
+    assert!(add(prompt(1, 4), SamplingParams { n: 65, ..greedy(1) })
+        .to_string()
+        .contains("max_num_seqs"));
     // Fits the context window but never the 64-token pool.
     let err = add(prompt(1, 70), greedy(2));
-    assert!(err.is_invalid_request() && err.to_string().contains("KV cache"), "{err}");
+    assert!(
+        err.is_invalid_request() && err.to_string().contains("KV cache"),
+        "{err}"
+    );
     // Config errors.
-    let bad = EngineConfig { max_model_len: Some(MAX_LEN + 1), ..config(4, true) };
-    assert!(matches!(Engine::start(Box::new(MockModel::new(MAX_LEN)), Arc::new(ByteDecoder::standard()), bad), Err(EngineError::InvalidConfig(_))));
-    let bad = EngineConfig { kv_cache_bytes: Some(1), ..EngineConfig::default() };
-    assert!(Engine::start(Box::new(MockModel::new(MAX_LEN)), Arc::new(ByteDecoder::standard()), bad).is_err());
+    let bad = EngineConfig {
+        max_model_len: Some(MAX_LEN + 1),
+        ..config(4, true)
+    };
+    assert!(matches!(
+        Engine::start(
+            Box::new(MockModel::new(MAX_LEN)),
+            Arc::new(ByteDecoder::standard()),
+            bad
+        ),
+        Err(EngineError::InvalidConfig(_))
+    ));
+    let bad = EngineConfig {
+        kv_cache_bytes: Some(1),
+        ..EngineConfig::default()
+    };
+    assert!(Engine::start(
+        Box::new(MockModel::new(MAX_LEN)),
+        Arc::new(ByteDecoder::standard()),
+        bad
+    )
+    .is_err());
 }
 
 #[test]
@@ -545,7 +711,11 @@ fn a_sequence_outgrowing_the_pool_fails_with_an_error_event() {
     let (mut a, mut b) = (ReqOut::default(), ReqOut::default());
     drain(&mut big, &mut a);
     drain(&mut grows, &mut b);
-    assert!(a.error.as_deref().unwrap_or("").contains("KV cache blocks"), "{:?}", a.error);
+    assert!(
+        a.error.as_deref().unwrap_or("").contains("KV cache blocks"),
+        "{:?}",
+        a.error
+    );
     assert!(b.error.is_some());
     // KV for 30 + 2 tokens fills both blocks; the 3rd sample then cannot be computed.
     assert_eq!(b.samples[0].tokens.len(), 3);
@@ -560,7 +730,11 @@ fn model_errors_fail_the_batch_and_the_engine_keeps_going() {
     let mut bad_prompt = prompt(1, 10);
     bad_prompt[3] = 63;
     let out = run_all(&e, &[(bad_prompt, greedy(5))]).remove(0);
-    assert!(out.error.as_deref().unwrap_or("").contains("mock failure"), "{:?}", out.error);
+    assert!(
+        out.error.as_deref().unwrap_or("").contains("mock failure"),
+        "{:?}",
+        out.error
+    );
     assert_eq!(e.stats().kv_blocks_used, 0);
     let p = prompt(2, 10);
     let good = run_all(&e, &[(p.clone(), greedy(5))]).remove(0);
@@ -573,13 +747,18 @@ fn shutdown_aborts_pending_and_rejects_new_requests() {
     let mut model = MockModel::new(MAX_LEN);
     model.delay = Some(Duration::from_millis(1));
     let e = start(config(100, true), model);
-    let mut h = e.add_request(EngineRequest::new(prompt(1, 20), greedy(480))).unwrap();
+    let mut h = e
+        .add_request(EngineRequest::new(prompt(1, 20), greedy(480)))
+        .unwrap();
     e.shutdown();
     let out = collect(&mut h.events);
     let s = &out.samples[0];
     assert_eq!(s.finish, Some(FinishReason::Abort), "{s:?}");
     assert!(s.tokens.len() < 480);
-    assert!(matches!(e.add_request(EngineRequest::new(prompt(1, 4), greedy(1))), Err(EngineError::Shutdown)));
+    assert!(matches!(
+        e.add_request(EngineRequest::new(prompt(1, 4), greedy(1))),
+        Err(EngineError::Shutdown)
+    ));
     e.shutdown(); // idempotent
 }
 
@@ -588,7 +767,15 @@ fn engine_is_send_sync_and_defaults_are_sane() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Engine>();
     let d = EngineConfig::default();
-    assert_eq!((d.block_size, d.max_num_seqs, d.max_num_batched_tokens, d.enable_prefix_caching), (16, 64, 2048, true));
+    assert_eq!(
+        (
+            d.block_size,
+            d.max_num_seqs,
+            d.max_num_batched_tokens,
+            d.enable_prefix_caching
+        ),
+        (16, 64, 2048, true)
+    );
     // Default sizing never exceeds what max_num_seqs * max_model_len need.
     let e = start(EngineConfig::default(), MockModel::new(MAX_LEN));
     assert!(e.num_kv_blocks() <= 64 * MAX_LEN / 16);
@@ -601,16 +788,35 @@ fn engine_is_send_sync_and_defaults_are_sane() {
 /// Mock media: `len` embedding rows whose first column encodes `value`.
 fn media(value: f32, len: usize) -> Arc<MmFeatures> {
     let rows: Vec<f32> = (0..len).flat_map(|i| [value + i as f32, 0.0]).collect();
-    let t = candle_core::Tensor::from_vec(rows, (len, crate::testing::MOCK_HIDDEN), &candle_core::Device::Cpu).unwrap();
-    Arc::new(MmFeatures { tensors: vec![("mock_media".into(), t)] })
+    let t = candle_core::Tensor::from_vec(
+        rows,
+        (len, crate::testing::MOCK_HIDDEN),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    Arc::new(MmFeatures {
+        tensors: vec![("mock_media".into(), t)],
+    })
 }
 
 fn item(hash: &str, offset: usize, length: usize, input: MmInput) -> MmItem {
-    MmItem { placeholder: MmPlaceholder { hash: hash.into(), offset, length }, input }
+    MmItem {
+        placeholder: MmPlaceholder {
+            hash: hash.into(),
+            offset,
+            length,
+        },
+        input,
+    }
 }
 
 fn with_media(prompt: &[u32], items: Vec<MmItem>) -> EngineRequest {
-    EngineRequest { prompt_token_ids: prompt.to_vec(), params: greedy(12), mm_items: items, mrope: None }
+    EngineRequest {
+        prompt_token_ids: prompt.to_vec(),
+        params: greedy(12),
+        mm_items: items,
+        mrope: None,
+    }
 }
 
 fn run_one(e: &Engine, req: EngineRequest) -> ReqOut {
@@ -626,48 +832,122 @@ fn media_embeddings_reach_the_model_and_the_encoder_cache_skips_the_encoder() {
     let log = model.log.clone();
     let e = start(config(200, true), model);
     let p = prompt(3, 40);
-    let a = run_one(&e, with_media(&p, vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))]));
+    let a = run_one(
+        &e,
+        with_media(
+            &p,
+            vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))],
+        ),
+    );
     assert_eq!(log.lock().unwrap().encodes, 1);
     // The same item again: the prefix cache and the encoder cache both hit.
-    let again = run_one(&e, with_media(&p, vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))]));
+    let again = run_one(
+        &e,
+        with_media(
+            &p,
+            vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))],
+        ),
+    );
     assert_eq!(again.tokens(), a.tokens());
-    assert_eq!(log.lock().unwrap().encodes, 1, "a known item must not be encoded again");
+    assert_eq!(
+        log.lock().unwrap().encodes,
+        1,
+        "a known item must not be encoded again"
+    );
     // Other text before the same image: the prefix cache misses, the encoder cache hits.
     let mut p2 = p.clone();
     p2[0] = (p2[0] + 1) % VOCAB as u32;
-    run_one(&e, with_media(&p2, vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))]));
+    run_one(
+        &e,
+        with_media(
+            &p2,
+            vec![item("img-a", 5, 20, MmInput::Features(media(1.0, 20)))],
+        ),
+    );
     assert_eq!(log.lock().unwrap().encodes, 1);
-    assert_eq!((e.stats().encoder_cache_queries, e.stats().encoder_cache_hits), (2, 1));
+    assert_eq!(
+        (
+            e.stats().encoder_cache_queries,
+            e.stats().encoder_cache_hits
+        ),
+        (2, 1)
+    );
     // Same text, different image: different output, and no KV reuse past the image.
-    let b = run_one(&e, with_media(&p, vec![item("img-b", 5, 20, MmInput::Features(media(9.0, 20)))]));
+    let b = run_one(
+        &e,
+        with_media(
+            &p,
+            vec![item("img-b", 5, 20, MmInput::Features(media(9.0, 20)))],
+        ),
+    );
     assert_ne!(b.tokens(), a.tokens());
     assert_eq!(log.lock().unwrap().encodes, 2);
-    assert_eq!(b.samples[0].usage.unwrap().2, 0, "the first block already holds media: nothing to reuse");
+    assert_eq!(
+        b.samples[0].usage.unwrap().2,
+        0,
+        "the first block already holds media: nothing to reuse"
+    );
     // Text alone differs from text with media.
     let plain = run_one(&e, EngineRequest::new(p.clone(), greedy(12)));
     assert_ne!(plain.tokens(), a.tokens());
     let st = e.stats();
-    assert_eq!((st.encoder_runs, st.encoder_cache_items, st.encoder_cache_tokens), (2, 2, 40));
-    assert_eq!((st.encoder_cache_queries, st.encoder_cache_hits), (3, 1), "{st:?}");
+    assert_eq!(
+        (
+            st.encoder_runs,
+            st.encoder_cache_items,
+            st.encoder_cache_tokens
+        ),
+        (2, 2, 40)
+    );
+    assert_eq!(
+        (st.encoder_cache_queries, st.encoder_cache_hits),
+        (3, 1),
+        "{st:?}"
+    );
 }
 
 #[test]
 fn a_reference_only_item_reuses_the_cached_output_or_is_refused() {
     let e = start(config(200, false), MockModel::new(MAX_LEN));
     let p = prompt(4, 30);
-    let full = run_one(&e, with_media(&p, vec![item("sku-1", 2, 10, MmInput::Features(media(3.0, 10)))]));
-    let by_ref = run_one(&e, with_media(&p, vec![item("sku-1", 2, 10, MmInput::Cached)]));
+    let full = run_one(
+        &e,
+        with_media(
+            &p,
+            vec![item("sku-1", 2, 10, MmInput::Features(media(3.0, 10)))],
+        ),
+    );
+    let by_ref = run_one(
+        &e,
+        with_media(&p, vec![item("sku-1", 2, 10, MmInput::Cached)]),
+    );
     assert_eq!(by_ref.tokens(), full.tokens());
-    let err = e.add_request(with_media(&p, vec![item("sku-2", 2, 10, MmInput::Cached)])).unwrap_err();
-    assert!(err.is_invalid_request() && err.to_string().contains("sku-2"), "{err}");
+    let err = e
+        .add_request(with_media(&p, vec![item("sku-2", 2, 10, MmInput::Cached)]))
+        .unwrap_err();
+    assert!(
+        err.is_invalid_request() && err.to_string().contains("sku-2"),
+        "{err}"
+    );
 }
 
 #[test]
 fn chunked_prefill_splits_an_item_without_changing_the_result() {
     let p = prompt(5, 60);
-    let req = || with_media(&p, vec![item("m", 3, 40, MmInput::Features(media(2.0, 40))), item("n", 50, 6, MmInput::Features(media(7.0, 6)))]);
+    let req = || {
+        with_media(
+            &p,
+            vec![
+                item("m", 3, 40, MmInput::Features(media(2.0, 40))),
+                item("n", 50, 6, MmInput::Features(media(7.0, 6))),
+            ],
+        )
+    };
     let whole = run_one(&start(config(200, false), MockModel::new(MAX_LEN)), req());
-    let cfg = EngineConfig { max_num_batched_tokens: 7, ..config(200, false) };
+    let cfg = EngineConfig {
+        max_num_batched_tokens: 7,
+        ..config(200, false)
+    };
     let model = MockModel::new(MAX_LEN);
     let log = model.log.clone();
     let chunked = run_one(&start(cfg, model), req());
@@ -680,23 +960,57 @@ fn chunked_prefill_splits_an_item_without_changing_the_result() {
 fn bad_media_items_are_refused_or_fail_only_their_request() {
     let e = start(config(200, false), MockModel::new(MAX_LEN));
     let p = prompt(6, 20);
-    let wrong = candle_core::Tensor::zeros((4, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    let err = e.add_request(with_media(&p, vec![item("e", 0, 5, MmInput::Embeddings(wrong))])).unwrap_err();
-    assert!(err.to_string().contains("[5, 2]") && err.to_string().contains("[4, 3]"), "{err}");
+    let wrong =
+        candle_core::Tensor::zeros((4, 3), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
     let err = e
-        .add_request(with_media(&p, vec![item("a", 0, 5, MmInput::Cached), item("b", 4, 2, MmInput::Cached)]))
+        .add_request(with_media(
+            &p,
+            vec![item("e", 0, 5, MmInput::Embeddings(wrong))],
+        ))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("[5, 2]") && err.to_string().contains("[4, 3]"),
+        "{err}"
+    );
+    let err = e
+        .add_request(with_media(
+            &p,
+            vec![
+                item("a", 0, 5, MmInput::Cached),
+                item("b", 4, 2, MmInput::Cached),
+            ],
+        ))
         .unwrap_err();
     assert!(err.to_string().contains("overlap"), "{err}");
     // An encoder error (the mock wants a mock_media tensor) fails that request only.
     let bad = Arc::new(MmFeatures { tensors: vec![] });
-    let mut h = e.add_request(with_media(&p, vec![item("x", 1, 3, MmInput::Features(bad))])).unwrap();
+    let mut h = e
+        .add_request(with_media(
+            &p,
+            vec![item("x", 1, 3, MmInput::Features(bad))],
+        ))
+        .unwrap();
     let out = collect(&mut h.events);
-    assert!(out.error.as_deref().unwrap_or("").contains("media encoder failed"), "{:?}", out.error);
+    assert!(
+        out.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("media encoder failed"),
+        "{:?}",
+        out.error
+    );
     run_one(&e, EngineRequest::new(p.clone(), greedy(4)));
     // Precomputed embeddings of the right shape work like encoded ones.
     let emb = media(3.0, 5).get("mock_media").unwrap().clone();
-    let direct = run_one(&e, with_media(&p, vec![item("e2", 0, 5, MmInput::Embeddings(emb))]));
-    let encoded = run_one(&e, with_media(&p, vec![item("e3", 0, 5, MmInput::Features(media(3.0, 5)))]));
+    let direct = run_one(
+        &e,
+        with_media(&p, vec![item("e2", 0, 5, MmInput::Embeddings(emb))]),
+    );
+    let encoded = run_one(
+        &e,
+        with_media(&p, vec![item("e3", 0, 5, MmInput::Features(media(3.0, 5)))]),
+    );
     assert_eq!(direct.tokens(), encoded.tokens());
 }
 
@@ -715,7 +1029,10 @@ fn mrope_positions_reach_the_model_and_continue_at_index_plus_delta() {
         prompt_token_ids: p.clone(),
         params: greedy(3),
         mm_items: vec![],
-        mrope: Some(crate::request::MropePositions { prompt: pos.into(), delta }),
+        mrope: Some(crate::request::MropePositions {
+            prompt: pos.into(),
+            delta,
+        }),
     };
     let a = run_one(&e, req(pos.clone()));
     let seen = log.lock().unwrap().mrope.clone();
@@ -724,7 +1041,14 @@ fn mrope_positions_reach_the_model_and_continue_at_index_plus_delta() {
     assert_eq!(&seen[10..], &[[8, 8, 8], [9, 9, 9]]);
     let mut other = pos.clone();
     other[4] = [3, 9, 9];
-    assert_ne!(run_one(&e, req(other)).tokens(), a.tokens(), "positions change the result");
+    assert_ne!(
+        run_one(&e, req(other)).tokens(),
+        a.tokens(),
+        "positions change the result"
+    );
     let err = e.add_request(req(pos[..9].to_vec())).unwrap_err();
-    assert!(err.to_string().contains("M-RoPE positions cover 9 tokens"), "{err}");
+    assert!(
+        err.to_string().contains("M-RoPE positions cover 9 tokens"),
+        "{err}"
+    );
 }

@@ -16,11 +16,17 @@ pub fn physical_cores() -> usize {
 
 fn linux_cores() -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
     let mut cores = HashSet::new();
     for cpu in parse_cpu_list(allowed.trim())? {
         let topo = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
-        let read = |f: &str| std::fs::read_to_string(format!("{topo}/{f}")).ok().map(|s| s.trim().to_string());
+        let read = |f: &str| {
+            std::fs::read_to_string(format!("{topo}/{f}"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
         cores.insert((read("physical_package_id")?, read("core_id")?));
     }
     (!cores.is_empty()).then_some(cores.len())
@@ -44,7 +50,10 @@ mod tests {
 
     #[test]
     fn cpu_lists_parse() {
-        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpu_list("5"), Some(vec![5]));
         assert_eq!(parse_cpu_list("0-x"), None);
     }

@@ -66,7 +66,10 @@ impl Reservation {
     pub fn split_off(&mut self, bytes: u64) -> Reservation {
         let bytes = bytes.min(self.bytes);
         self.bytes -= bytes;
-        Reservation { inner: Arc::clone(&self.inner), bytes }
+        Reservation {
+            inner: Arc::clone(&self.inner),
+            bytes,
+        }
     }
 
     /// Hold `more` bytes too, for an item whose size shows while it decodes
@@ -130,7 +133,9 @@ impl MediaBudget {
     pub fn global() -> &'static MediaBudget {
         static GLOBAL: OnceLock<MediaBudget> = OnceLock::new();
         GLOBAL.get_or_init(|| {
-            let from_env = std::env::var(BUDGET_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            let from_env = std::env::var(BUDGET_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
             MediaBudget::with_total(from_env.filter(|&b| b > 0).unwrap_or_else(default_total))
         })
     }
@@ -147,14 +152,21 @@ impl MediaBudget {
 
     /// Bytes reserved now.
     pub fn in_use(&self) -> u64 {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).in_use
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_use
     }
 
     /// Reserve `bytes` for `what` (e.g. "the 13000x13000 PNG image"), waiting
     /// for room if the budget is busy.
     pub fn reserve(&self, bytes: u64, what: &str) -> Result<Reservation, MediaError> {
         self.inner.take(bytes, bytes, what)?;
-        Ok(Reservation { inner: Arc::clone(&self.inner), bytes })
+        Ok(Reservation {
+            inner: Arc::clone(&self.inner),
+            bytes,
+        })
     }
 }
 
@@ -184,7 +196,11 @@ impl Inner {
                     s.waiting -= 1;
                     return Err(busy(what, bytes, s.in_use, i.total));
                 }
-                s = i.freed.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
+                s = i
+                    .freed
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
             s.waiting -= 1;
         }
@@ -214,7 +230,9 @@ fn default_total() -> u64 {
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb * 1024)
     });
-    mem.map_or(2 << 30, |m| (m / MACHINE_SHARE).clamp(MIN_DEFAULT, MAX_DEFAULT))
+    mem.map_or(2 << 30, |m| {
+        (m / MACHINE_SHARE).clamp(MIN_DEFAULT, MAX_DEFAULT)
+    })
 }
 
 #[cfg(test)]
@@ -241,7 +259,11 @@ mod tests {
         assert_eq!(b.in_use(), 60);
         let e = b.reserve(50, "b").unwrap_err();
         assert_eq!(e.http_status(), 503);
-        assert!(e.message().contains("0.0 MiB of the 0.0 MiB media memory budget are in use"), "{e}");
+        assert!(
+            e.message()
+                .contains("0.0 MiB of the 0.0 MiB media memory budget are in use"),
+            "{e}"
+        );
         let mut r1 = r1;
         r1.shrink_to(10);
         assert_eq!((r1.bytes(), b.in_use()), (10, 10));

@@ -63,7 +63,10 @@ impl MediaError {
 /// Run a third-party codec on untrusted bytes: a panic inside it becomes
 /// `Corrupt("{what} failed on malformed input: …")` instead of unwinding
 /// into the caller (and across napi).
-pub fn guard_codec<T>(what: &str, f: impl FnOnce() -> Result<T, MediaError>) -> Result<T, MediaError> {
+pub fn guard_codec<T>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, MediaError>,
+) -> Result<T, MediaError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
@@ -72,7 +75,9 @@ pub fn guard_codec<T>(what: &str, f: impl FnOnce() -> Result<T, MediaError>) -> 
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(MediaError::Corrupt(format!("{what} failed on malformed input: {msg}")))
+            Err(MediaError::Corrupt(format!(
+                "{what} failed on malformed input: {msg}"
+            )))
         }
     }
 }

@@ -25,7 +25,9 @@ impl Modality {
 
     /// The modality named `name` (see [`Self::name`]).
     pub fn from_name(name: &str) -> Option<Self> {
-        [Modality::Image, Modality::Video, Modality::Audio].into_iter().find(|m| m.name() == name)
+        [Modality::Image, Modality::Video, Modality::Audio]
+            .into_iter()
+            .find(|m| m.name() == name)
     }
 
     fn tag(self) -> &'static [u8] {
@@ -58,7 +60,12 @@ impl fmt::Debug for MmHash {
 
 /// Hash a media item. `processor_kwargs` must be a canonical string (e.g. JSON
 /// with sorted keys); `uuid`, when given, is the identity and the bytes are ignored.
-pub fn mm_hash(modality: Modality, uuid: Option<&str>, bytes: &[u8], processor_kwargs: &str) -> MmHash {
+pub fn mm_hash(
+    modality: Modality,
+    uuid: Option<&str>,
+    bytes: &[u8],
+    processor_kwargs: &str,
+) -> MmHash {
     let mut h = blake3::Hasher::new();
     h.update(modality.tag());
     h.update(&[0]);
@@ -88,7 +95,15 @@ mod tests {
         assert_eq!(a, mm_hash(Modality::Image, None, b"png-bytes", "{}"));
         assert_ne!(a, mm_hash(Modality::Image, None, b"png-bytez", "{}"));
         assert_ne!(a, mm_hash(Modality::Video, None, b"png-bytes", "{}"));
-        assert_ne!(a, mm_hash(Modality::Image, None, b"png-bytes", r#"{"max_pixels":1024}"#));
+        assert_ne!(
+            a,
+            mm_hash(
+                Modality::Image,
+                None,
+                b"png-bytes",
+                r#"{"max_pixels":1024}"#
+            )
+        );
     }
 
     #[test]

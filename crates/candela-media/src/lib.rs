@@ -9,10 +9,10 @@
 
 pub mod audio;
 pub mod budget;
-pub mod image;
-pub mod video;
 mod error;
 mod hash;
+pub mod image;
+pub mod video;
 
 pub use budget::{MediaBudget, Reservation};
 pub use error::MediaError;

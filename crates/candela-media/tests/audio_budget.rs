@@ -38,7 +38,9 @@ fn audio_past_the_item_share_is_a_413_and_the_budget_is_given_back() {
     let e = decode_audio(&wav(60, 48_000), Some("wav")).unwrap_err();
     assert_eq!(e.http_status(), 413, "{e}");
     assert!(
-        e.message().starts_with("the wave/pcm_s16le audio needs ") && e.message().contains("above the per-item media memory limit of 8.0 MiB"),
+        e.message().starts_with("the wave/pcm_s16le audio needs ")
+            && e.message()
+                .contains("above the per-item media memory limit of 8.0 MiB"),
         "{e}"
     );
     assert_eq!(budget.in_use(), 0);

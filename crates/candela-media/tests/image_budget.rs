@@ -76,7 +76,11 @@ fn noise(n: usize, seed: u32) -> Vec<u8> {
 }
 
 fn comp(fg: [u8; 3], a: u8, bg: [u8; 3]) -> [u8; 3] {
-    [over_background(fg[0], a, bg[0]), over_background(fg[1], a, bg[1]), over_background(fg[2], a, bg[2])]
+    [
+        over_background(fg[0], a, bg[0]),
+        over_background(fg[1], a, bg[1]),
+        over_background(fg[2], a, bg[2]),
+    ]
 }
 
 #[test]
@@ -85,19 +89,47 @@ fn png_layouts_decode_to_the_reference_rgb8() {
     let (w, h) = (7u32, 5u32);
     let n = (w * h) as usize;
     let bg = [10, 200, 30];
-    let opts = ImageOptions { rgba_background_color: bg, ..Default::default() };
-    let plain = |color, depth| Png { color, depth, palette: None, trns: None };
+    let opts = ImageOptions {
+        rgba_background_color: bg,
+        ..Default::default()
+    };
+    let plain = |color, depth| Png {
+        color,
+        depth,
+        palette: None,
+        trns: None,
+    };
     // (layout, bytes per pixel, expected RGB of pixel i from its sample bytes)
     type Expect = Box<dyn Fn(&[u8]) -> [u8; 3]>;
     let cases: Vec<(Png, usize, Expect)> = vec![
         (plain(C::Rgb, D::Eight), 3, Box::new(|p| [p[0], p[1], p[2]])),
-        (plain(C::Rgb, D::Sixteen), 6, Box::new(|p| [p[0], p[2], p[4]])),
-        (plain(C::Rgba, D::Eight), 4, Box::new(move |p| comp([p[0], p[1], p[2]], p[3], bg))),
-        (plain(C::Rgba, D::Sixteen), 8, Box::new(move |p| comp([p[0], p[2], p[4]], p[6], bg))),
+        (
+            plain(C::Rgb, D::Sixteen),
+            6,
+            Box::new(|p| [p[0], p[2], p[4]]),
+        ),
+        (
+            plain(C::Rgba, D::Eight),
+            4,
+            Box::new(move |p| comp([p[0], p[1], p[2]], p[3], bg)),
+        ),
+        (
+            plain(C::Rgba, D::Sixteen),
+            8,
+            Box::new(move |p| comp([p[0], p[2], p[4]], p[6], bg)),
+        ),
         (plain(C::Grayscale, D::Eight), 1, Box::new(|p| [p[0]; 3])),
         (plain(C::Grayscale, D::Sixteen), 2, Box::new(|p| [p[0]; 3])),
-        (plain(C::GrayscaleAlpha, D::Eight), 2, Box::new(move |p| comp([p[0]; 3], p[1], bg))),
-        (plain(C::GrayscaleAlpha, D::Sixteen), 4, Box::new(move |p| comp([p[0]; 3], p[2], bg))),
+        (
+            plain(C::GrayscaleAlpha, D::Eight),
+            2,
+            Box::new(move |p| comp([p[0]; 3], p[1], bg)),
+        ),
+        (
+            plain(C::GrayscaleAlpha, D::Sixteen),
+            4,
+            Box::new(move |p| comp([p[0]; 3], p[2], bg)),
+        ),
     ];
     for (seed, (layout, bpp, expect)) in cases.into_iter().enumerate() {
         let data = noise(n * bpp, seed as u32);
@@ -110,7 +142,12 @@ fn png_layouts_decode_to_the_reference_rgb8() {
     let palette = noise(4 * 3, 99);
     let trns = vec![0u8, 128];
     let idx: Vec<u8> = (0..n).map(|i| (i % 4) as u8).collect();
-    let layout = Png { color: C::Indexed, depth: D::Eight, palette: Some(palette.clone()), trns: Some(trns.clone()) };
+    let layout = Png {
+        color: C::Indexed,
+        depth: D::Eight,
+        palette: Some(palette.clone()),
+        trns: Some(trns.clone()),
+    };
     let img = decode_image(&encode(w, h, &layout, &idx), &opts).unwrap();
     let want: Vec<u8> = idx
         .iter()
@@ -130,7 +167,11 @@ fn png_layouts_decode_to_the_reference_rgb8() {
         for x in 0..w as usize {
             let on = bits[y * row_bytes + x / 8] >> (7 - x % 8) & 1 == 1;
             let v = if on { 255 } else { 0 };
-            assert_eq!(&img.rgb[(y * w as usize + x) * 3..][..3], &[v, v, v], "1-bit ({x}, {y})");
+            assert_eq!(
+                &img.rgb[(y * w as usize + x) * 3..][..3],
+                &[v, v, v],
+                "1-bit ({x}, {y})"
+            );
         }
     }
 }
@@ -138,7 +179,17 @@ fn png_layouts_decode_to_the_reference_rgb8() {
 #[test]
 fn a_truncated_png_is_corrupt_not_short() {
     use png::{BitDepth as D, ColorType as C};
-    let bytes = encode(64, 64, &Png { color: C::Rgb, depth: D::Eight, palette: None, trns: None }, &noise(64 * 64 * 3, 1));
+    let bytes = encode(
+        64,
+        64,
+        &Png {
+            color: C::Rgb,
+            depth: D::Eight,
+            palette: None,
+            trns: None,
+        },
+        &noise(64 * 64 * 3, 1),
+    );
     let e = decode_image(&bytes[..bytes.len() / 2], &ImageOptions::default()).unwrap_err();
     assert_eq!(e.http_status(), 422, "{e}");
 }
@@ -148,10 +199,22 @@ fn the_decoded_size_is_reserved_while_the_image_lives_and_refused_above_the_item
     use png::{BitDepth as D, ColorType as C};
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let budget = MediaBudget::new(1 << 20, 1 << 19, 4, Duration::from_millis(20));
-    let opts = ImageOptions { budget: budget.clone(), ..Default::default() };
-    let rgba16 = Png { color: C::Rgba, depth: D::Sixteen, palette: None, trns: None };
+    let opts = ImageOptions {
+        budget: budget.clone(),
+        ..Default::default()
+    };
+    let rgba16 = Png {
+        color: C::Rgba,
+        depth: D::Sixteen,
+        palette: None,
+        trns: None,
+    };
     let img = decode_image(&encode(200, 100, &rgba16, &vec![0; 200 * 100 * 8]), &opts).unwrap();
-    assert_eq!(budget.in_use(), 200 * 100 * 3, "the RGB8 output, nothing else");
+    assert_eq!(
+        budget.in_use(),
+        200 * 100 * 3,
+        "the RGB8 output, nothing else"
+    );
     let copy = img.clone();
     drop(img);
     assert_eq!(budget.in_use(), 200 * 100 * 3, "a clone keeps it");
@@ -168,12 +231,20 @@ fn the_decoded_size_is_reserved_while_the_image_lives_and_refused_above_the_item
     );
     // The general path (JPEG) reserves too.
     let mut jpg = Vec::new();
-    ::image::DynamicImage::new_rgb8(600, 400).write_to(&mut std::io::Cursor::new(&mut jpg), ::image::ImageFormat::Jpeg).unwrap();
+    ::image::DynamicImage::new_rgb8(600, 400)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpg),
+            ::image::ImageFormat::Jpeg,
+        )
+        .unwrap();
     assert_eq!(decode_image(&jpg, &opts).unwrap_err().http_status(), 413);
 
     // A full budget: a second image waits, then 503; once the first is gone, it fits.
     let small = MediaBudget::new(200_000, 200_000, 4, Duration::from_millis(20));
-    let opts = ImageOptions { budget: small.clone(), ..Default::default() };
+    let opts = ImageOptions {
+        budget: small.clone(),
+        ..Default::default()
+    };
     let png = encode(300, 200, &rgba16, &vec![0; 300 * 200 * 8]);
     let held = decode_image(&png, &opts).unwrap();
     let e = decode_image(&png, &opts).unwrap_err();
@@ -188,7 +259,17 @@ fn a_16_bit_rgba_png_costs_about_its_rgb8_output() {
     use png::{BitDepth as D, ColorType as C};
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (w, h) = (3000u32, 2000u32);
-    let bytes = encode(w, h, &Png { color: C::Rgba, depth: D::Sixteen, palette: None, trns: None }, &vec![0; (w * h * 8) as usize]);
+    let bytes = encode(
+        w,
+        h,
+        &Png {
+            color: C::Rgba,
+            depth: D::Sixteen,
+            palette: None,
+            trns: None,
+        },
+        &vec![0; (w * h * 8) as usize],
+    );
     let before = CURRENT.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
     let img = decode_image(&bytes, &ImageOptions::default()).unwrap();
@@ -197,7 +278,10 @@ fn a_16_bit_rgba_png_costs_about_its_rgb8_output() {
     assert_eq!(img.rgb.len(), out);
     // The output plus decoder buffers of a few rows; a full 16-bit RGBA
     // frame (48 MB here) would come on top of the 18 MB output.
-    assert!(grew < out + (2 << 20), "allocated {grew} bytes for an {out}-byte output");
+    assert!(
+        grew < out + (2 << 20),
+        "allocated {grew} bytes for an {out}-byte output"
+    );
 }
 
 proptest! {

@@ -16,7 +16,8 @@ const FRAMES: usize = 30;
 const SOURCE: &str = "testsrc2=size=96x64:rate=10:duration=3";
 
 fn tools() -> FfmpegTools {
-    FfmpegTools::find().expect("these tests need ffmpeg and ffprobe on PATH (apt-get install ffmpeg)")
+    FfmpegTools::find()
+        .expect("these tests need ffmpeg and ffprobe on PATH (apt-get install ffmpeg)")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -26,8 +27,16 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn ffmpeg(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("ffmpeg").args(["-v", "error", "-y", "-f", "lavfi", "-i", SOURCE]).args(args).output().unwrap();
-    assert!(out.status.success(), "ffmpeg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", SOURCE])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -50,13 +59,20 @@ fn encode(file: &str, codec: &[&str]) -> Vec<u8> {
 }
 
 fn mean_diff(a: &[u8], b: &[u8]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| (x as i32 - y as i32).abs() as f64).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as i32 - y as i32).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64
 }
 
 #[test]
 fn every_common_codec_and_container_decodes_to_the_source_frames() {
     let src = source();
-    let opts = VideoDecodeOptions { decoder: VideoDecoder::Ffmpeg(tools()), ..Default::default() };
+    let opts = VideoDecodeOptions {
+        decoder: VideoDecoder::Ffmpeg(tools()),
+        ..Default::default()
+    };
     let picks = vec![0, 7, 13, 29];
     let x264 = ["-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p"];
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
@@ -64,12 +80,85 @@ fn every_common_codec_and_container_decodes_to_the_source_frames() {
         ("high.mp4", x264.to_vec(), "H.264"),
         ("high.mov", x264.to_vec(), "H.264"),
         ("high.mkv", x264.to_vec(), "H.264"),
-        ("hevc.mp4", vec!["-c:v", "libx265", "-crf", "12", "-x265-params", "log-level=error", "-tag:v", "hvc1", "-pix_fmt", "yuv420p"], "HEVC"),
-        ("hevc.mkv", vec!["-c:v", "libx265", "-crf", "12", "-x265-params", "log-level=error", "-pix_fmt", "yuv420p"], "HEVC"),
-        ("vp8.webm", vec!["-c:v", "libvpx", "-b:v", "2M", "-crf", "8", "-g", "30", "-pix_fmt", "yuv420p"], "VP8"),
-        ("vp9.webm", vec!["-c:v", "libvpx-vp9", "-b:v", "2M", "-crf", "10", "-pix_fmt", "yuv420p"], "VP9"),
-        ("av1.mkv", vec!["-c:v", "libaom-av1", "-crf", "10", "-cpu-used", "8", "-pix_fmt", "yuv420p"], "AV1"),
-        ("av1.mp4", vec!["-c:v", "libaom-av1", "-crf", "10", "-cpu-used", "8", "-pix_fmt", "yuv420p"], "AV1"),
+        (
+            "hevc.mp4",
+            vec![
+                "-c:v",
+                "libx265",
+                "-crf",
+                "12",
+                "-x265-params",
+                "log-level=error",
+                "-tag:v",
+                "hvc1",
+                "-pix_fmt",
+                "yuv420p",
+            ],
+            "HEVC",
+        ),
+        (
+            "hevc.mkv",
+            vec![
+                "-c:v",
+                "libx265",
+                "-crf",
+                "12",
+                "-x265-params",
+                "log-level=error",
+                "-pix_fmt",
+                "yuv420p",
+            ],
+            "HEVC",
+        ),
+        (
+            "vp8.webm",
+            vec![
+                "-c:v", "libvpx", "-b:v", "2M", "-crf", "8", "-g", "30", "-pix_fmt", "yuv420p",
+            ],
+            "VP8",
+        ),
+        (
+            "vp9.webm",
+            vec![
+                "-c:v",
+                "libvpx-vp9",
+                "-b:v",
+                "2M",
+                "-crf",
+                "10",
+                "-pix_fmt",
+                "yuv420p",
+            ],
+            "VP9",
+        ),
+        (
+            "av1.mkv",
+            vec![
+                "-c:v",
+                "libaom-av1",
+                "-crf",
+                "10",
+                "-cpu-used",
+                "8",
+                "-pix_fmt",
+                "yuv420p",
+            ],
+            "AV1",
+        ),
+        (
+            "av1.mp4",
+            vec![
+                "-c:v",
+                "libaom-av1",
+                "-crf",
+                "10",
+                "-cpu-used",
+                "8",
+                "-pix_fmt",
+                "yuv420p",
+            ],
+            "AV1",
+        ),
     ];
     for (file, codec, name) in cases {
         let bytes = encode(file, &codec);
@@ -82,33 +171,65 @@ fn every_common_codec_and_container_decodes_to_the_source_frames() {
         let (n, fps) = seen.unwrap();
         assert_eq!(n, FRAMES, "{file}");
         assert!((fps.unwrap() - 10.0).abs() < 0.05, "{file}: fps {fps:?}");
-        assert_eq!((v.codec, v.total_frames, v.frame_indices.clone(), v.dropped), (name, FRAMES, picks.clone(), 0), "{file}");
+        assert_eq!(
+            (v.codec, v.total_frames, v.frame_indices.clone(), v.dropped),
+            (name, FRAMES, picks.clone(), 0),
+            "{file}"
+        );
         for (f, &i) in v.frames.iter().zip(&picks) {
             assert_eq!((f.width as usize, f.height as usize), (W, H), "{file}");
             let own = mean_diff(&f.rgb, &src[i]);
             let next = mean_diff(&f.rgb, &src[(i + 5) % FRAMES]);
-            assert!(own < 6.0 && next > 2.0 * own, "{file} frame {i}: {own:.2} vs {next:.2}");
+            assert!(
+                own < 6.0 && next > 2.0 * own,
+                "{file} frame {i}: {own:.2} vs {next:.2}"
+            );
         }
     }
 }
 
 #[test]
 fn the_built_in_decoder_refuses_what_ffmpeg_decodes_and_says_which_codec() {
-    let bytes = encode("hevc-b.mp4", &["-c:v", "libx265", "-x265-params", "log-level=error", "-tag:v", "hvc1", "-pix_fmt", "yuv420p"]);
-    let builtin = VideoDecodeOptions { decoder: VideoDecoder::BuiltIn, ..Default::default() };
+    let bytes = encode(
+        "hevc-b.mp4",
+        &[
+            "-c:v",
+            "libx265",
+            "-x265-params",
+            "log-level=error",
+            "-tag:v",
+            "hvc1",
+            "-pix_fmt",
+            "yuv420p",
+        ],
+    );
+    let builtin = VideoDecodeOptions {
+        decoder: VideoDecoder::BuiltIn,
+        ..Default::default()
+    };
     let e = decode_video(&bytes, &builtin, |n, _| Ok((0..n).collect())).unwrap_err();
     assert!(matches!(e, MediaError::Unsupported(_)), "{e:?}");
-    assert!(e.message().starts_with("HEVC video (MP4 codec 'hvc1') is not supported by the built-in decoders"), "{e}");
+    assert!(
+        e.message()
+            .starts_with("HEVC video (MP4 codec 'hvc1') is not supported by the built-in decoders"),
+        "{e}"
+    );
 }
 
 #[test]
 fn not_a_video_and_garbage_after_a_video_signature_are_4xx() {
-    let opts = VideoDecodeOptions { decoder: VideoDecoder::Ffmpeg(tools()), ..Default::default() };
+    let opts = VideoDecodeOptions {
+        decoder: VideoDecoder::Ffmpeg(tools()),
+        ..Default::default()
+    };
     let e = decode_video(b"hello, world", &opts, |n, _| Ok((0..n).collect())).unwrap_err();
     assert_eq!(e.http_status(), 422);
     let mut junk = b"\x00\x00\x00\x18ftypmp42".to_vec();
     junk.extend(std::iter::repeat(0x5a).take(4000));
     let e = decode_video(&junk, &opts, |n, _| Ok((0..n).collect())).unwrap_err();
     assert_eq!(e.http_status(), 422, "{e}");
-    assert!(!e.message().contains("candela-video-"), "no temp path in: {e}");
+    assert!(
+        !e.message().contains("candela-video-"),
+        "no temp path in: {e}"
+    );
 }

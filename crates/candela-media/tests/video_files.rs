@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 
 use candela_media::image::DecodedImage;
-use candela_media::video::{decode_video, Qwen2VlVideoConfig, VideoDecodeOptions, VideoDecoder, VideoOverrides};
+use candela_media::video::{
+    decode_video, Qwen2VlVideoConfig, VideoDecodeOptions, VideoDecoder, VideoOverrides,
+};
 use candela_media::MediaError;
 use safetensors::SafeTensors;
 
@@ -53,7 +55,10 @@ fn video_files_match_ffmpeg() {
         ("clip_vp9.webm", "VP9", VideoDecoder::Auto),
         ("clip_vp8_key.webm", "VP8", VideoDecoder::Auto),
     ] {
-        let opts = VideoDecodeOptions { decoder: decoder.clone(), ..Default::default() };
+        let opts = VideoDecodeOptions {
+            decoder: decoder.clone(),
+            ..Default::default()
+        };
         let v = decode_video(&fixture(clip), &opts, all).unwrap_or_else(|e| panic!("{clip}: {e}"));
         assert_eq!(v.codec, codec);
         assert_eq!(v.total_frames, 10, "{clip}");
@@ -133,7 +138,10 @@ fn video_file_sampling_and_processing() {
 
 #[test]
 fn vp8_inter_frames_are_refused_clearly_by_the_built_in_decoder() {
-    let builtin = VideoDecodeOptions { decoder: VideoDecoder::BuiltIn, ..Default::default() };
+    let builtin = VideoDecodeOptions {
+        decoder: VideoDecoder::BuiltIn,
+        ..Default::default()
+    };
     let err = decode_video(&fixture("clip_vp8.webm"), &builtin, all).unwrap_err();
     assert!(matches!(err, MediaError::Unsupported(_)), "{err:?}");
     assert!(err.message().contains("VP8"), "{err}");
@@ -158,10 +166,16 @@ fn corrupt_video_frames_and_recovery() {
     assert_eq!(starts.len(), 10, "key frame start codes");
     let mut broken = bytes.clone();
     broken[starts[3]] = 0x00;
-    let builtin = VideoDecodeOptions { decoder: VideoDecoder::BuiltIn, ..Default::default() };
+    let builtin = VideoDecodeOptions {
+        decoder: VideoDecoder::BuiltIn,
+        ..Default::default()
+    };
     let err = decode_video(&broken, &builtin, all).unwrap_err();
     assert!(matches!(err, MediaError::Corrupt(_)), "{err:?}");
-    let rec = VideoDecodeOptions { frame_recovery: true, ..builtin.clone() };
+    let rec = VideoDecodeOptions {
+        frame_recovery: true,
+        ..builtin.clone()
+    };
     let v = decode_video(&broken, &rec, |_, _| Ok(vec![0, 3, 6])).unwrap();
     let full = decode_video(&bytes, &builtin, all).unwrap();
     assert_eq!(v.frame_indices, vec![0, 3, 6]);
@@ -172,22 +186,47 @@ fn corrupt_video_frames_and_recovery() {
     let mut last = bytes.clone();
     last[starts[9]] = 0x00;
     let v = decode_video(&last, &rec, |_, _| Ok(vec![0, 9])).unwrap();
-    assert_eq!((v.frame_indices.clone(), v.recovered, v.dropped), (vec![0], 0, 1));
+    assert_eq!(
+        (v.frame_indices.clone(), v.recovered, v.dropped),
+        (vec![0], 0, 1)
+    );
 
     // Losing more than half of the picked frames is an error, not a quiet answer.
     let mut ruined = bytes.clone();
     for &i in &starts[..6] {
         ruined[i] = 0x00;
     }
-    for opts in [rec.clone(), VideoDecodeOptions { frame_recovery: true, ..Default::default() }] {
+    for opts in [
+        rec.clone(),
+        VideoDecodeOptions {
+            frame_recovery: true,
+            ..Default::default()
+        },
+    ] {
         let err = decode_video(&ruined, &opts, |_, _| Ok(vec![0, 2, 4, 6, 8])).unwrap_err();
-        assert!(err.message().starts_with("only 2 of the 5 sampled frames"), "{:?}: {err}", opts.decoder);
+        assert!(
+            err.message().starts_with("only 2 of the 5 sampled frames"),
+            "{:?}: {err}",
+            opts.decoder
+        );
     }
     // ffmpeg (the default here) drops the broken frame and says how many.
-    let v = decode_video(&broken, &VideoDecodeOptions { frame_recovery: true, ..Default::default() }, all).unwrap();
+    let v = decode_video(
+        &broken,
+        &VideoDecodeOptions {
+            frame_recovery: true,
+            ..Default::default()
+        },
+        all,
+    )
+    .unwrap();
     assert_eq!((v.frames.len(), v.dropped), (9, 1));
     let err = decode_video(&broken, &VideoDecodeOptions::default(), all).unwrap_err();
-    assert!(err.message().starts_with("1 of the 10 picked frames of the VP8 video cannot be decoded"), "{err}");
+    assert!(
+        err.message()
+            .starts_with("1 of the 10 picked frames of the VP8 video cannot be decoded"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -12,10 +12,18 @@ use candela_media::video::{decode_video, FfmpegTools, VideoDecodeOptions, VideoD
 use candela_media::MediaBudget;
 use proptest::prelude::*;
 
-const CLIPS: [&str; 5] = ["clip_h264.mp4", "clip_h264_high.mp4", "clip_vp9.webm", "clip_vp8.webm", "clip_vp8_key.webm"];
+const CLIPS: [&str; 5] = [
+    "clip_h264.mp4",
+    "clip_h264_high.mp4",
+    "clip_vp9.webm",
+    "clip_vp8.webm",
+    "clip_vp8_key.webm",
+];
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vision").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/vision")
+        .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
@@ -107,5 +115,8 @@ fn a_truncated_webm_says_truncated() {
             said.push(e.message().to_string());
         }
     }
-    assert!(said.iter().any(|m| m.starts_with("WebM file is truncated")), "{said:?}");
+    assert!(
+        said.iter().any(|m| m.starts_with("WebM file is truncated")),
+        "{said:?}"
+    );
 }

@@ -20,7 +20,9 @@ fn main() -> candle_core::Result<()> {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let bm = BlockMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("supported");
         for m in [1usize, 2, 4, 8, 16, 32, 64] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
+                .collect();
             let iters = (200_000_000 / (m * n * k)).clamp(3, 2000);
             bm.matmul_f32(&x, m)?;
             let t = Instant::now();
@@ -28,7 +30,11 @@ fn main() -> candle_core::Result<()> {
                 std::hint::black_box(bm.matmul_f32(&x, m)?);
             }
             let s = t.elapsed().as_secs_f64() / iters as f64;
-            println!("{m:>3} {n}x{k} {:>9.1} {:>6.1}", s * 1e6, 2.0 * (m * n * k) as f64 / s / 1e9);
+            println!(
+                "{m:>3} {n}x{k} {:>9.1} {:>6.1}",
+                s * 1e6,
+                2.0 * (m * n * k) as f64 / s / 1e9
+            );
         }
     }
     Ok(())

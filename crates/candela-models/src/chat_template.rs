@@ -633,7 +633,9 @@ mod tests {
     #[test]
     fn generation_blocks_render_their_body() {
         assert_eq!(
-            generation_blocks_as_ifs("a{% generation %}{{ x }}{%- endgeneration -%} b {% if y %}{% endif %}"),
+            generation_blocks_as_ifs(
+                "a{% generation %}{{ x }}{%- endgeneration -%} b {% if y %}{% endif %}"
+            ),
             "a{% if true %}{{ x }}{%- endif -%} b {% if y %}{% endif %}"
         );
         let t = ChatTemplate::new(
@@ -643,6 +645,9 @@ mod tests {
         )
         .unwrap();
         let msgs = [serde_json::json!({"role": "assistant", "content": "hi"})];
-        assert_eq!(t.render(&msgs, &ChatRenderOptions::default()).unwrap(), "hi ");
+        assert_eq!(
+            t.render(&msgs, &ChatRenderOptions::default()).unwrap(),
+            "hi "
+        );
     }
 }

@@ -18,7 +18,9 @@ use candle_core::DType;
 use serde_json::Value;
 
 use crate::mm_embeds;
-use crate::processor::{DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache};
+use crate::processor::{
+    DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache,
+};
 
 /// Layouts remembered for uuid-only items whose tensors left the processor
 /// cache while their embeddings stay in the encoder cache (a few MB).
@@ -164,7 +166,10 @@ impl InputPreparer {
 
     /// The modalities the model takes (none for text-only models).
     pub fn modalities(&self) -> Vec<Modality> {
-        self.processor.as_ref().map(|p| p.modalities().to_vec()).unwrap_or_default()
+        self.processor
+            .as_ref()
+            .map(|p| p.modalities().to_vec())
+            .unwrap_or_default()
     }
 
     /// Processor cache `(queries, hits, items, bytes)`.
@@ -187,7 +192,12 @@ impl InputPreparer {
         self.processor
             .as_ref()
             .filter(|p| p.modalities().contains(&modality))
-            .ok_or_else(|| invalid(format!("this model does not accept {} input", modality.name())))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "this model does not accept {} input",
+                    modality.name()
+                ))
+            })
     }
 
     fn remember(&self, hash: &str, layout: ItemLayout) {
@@ -200,7 +210,12 @@ impl InputPreparer {
     /// sent without data) from the encoder cache with its remembered layout.
     /// An item with data never leans on the encoder cache alone, which may
     /// evict it before the engine runs it.
-    fn lookup(&self, engine: &dyn EngineCaches, hash: &str, has_data: bool) -> Option<(ItemLayout, MmInput)> {
+    fn lookup(
+        &self,
+        engine: &dyn EngineCaches,
+        hash: &str,
+        has_data: bool,
+    ) -> Option<(ItemLayout, MmInput)> {
         if let Some(p) = self.cache.lock().ok().and_then(|mut c| c.get(hash)) {
             return Some((p.layout, MmInput::Features(p.features)));
         }
@@ -208,11 +223,21 @@ impl InputPreparer {
             return None;
         }
         let rows = engine.encoder_rows(hash)?;
-        let layout = self.layouts.lock().ok().and_then(|l| l.peek(hash).copied())?;
+        let layout = self
+            .layouts
+            .lock()
+            .ok()
+            .and_then(|l| l.peek(hash).copied())?;
         (layout.embeds == rows).then_some((layout, MmInput::Cached))
     }
 
-    fn hash(&self, modality: Modality, uuid: Option<&str>, data: Option<&MediaData>, kwargs: &Value) -> Result<String, InputError> {
+    fn hash(
+        &self,
+        modality: Modality,
+        uuid: Option<&str>,
+        data: Option<&MediaData>,
+        kwargs: &Value,
+    ) -> Result<String, InputError> {
         let key = self.processor(modality)?.kwargs_key(modality, kwargs)?;
         let bytes = match (uuid, data) {
             (None, Some(d)) => d.content_bytes(),
@@ -223,7 +248,11 @@ impl InputPreparer {
 
     /// For each uuid-only item, whether no cache holds it (so the caller
     /// must send its data). With every cache off, all are uncached.
-    pub fn uncached(&self, engine: &dyn EngineCaches, items: &[UuidRef]) -> Result<Vec<bool>, InputError> {
+    pub fn uncached(
+        &self,
+        engine: &dyn EngineCaches,
+        items: &[UuidRef],
+    ) -> Result<Vec<bool>, InputError> {
         let caching = self.caching(engine);
         items
             .iter()
@@ -232,22 +261,40 @@ impl InputPreparer {
                     return Ok(true);
                 }
                 let hash = self.hash(i.modality, Some(&i.uuid), None, &i.kwargs)?;
-                let held = self.cache.lock().map(|c| c.contains(&hash)).unwrap_or(false)
+                let held = self
+                    .cache
+                    .lock()
+                    .map(|c| c.contains(&hash))
+                    .unwrap_or(false)
                     || (engine.encoder_rows(&hash).is_some()
-                        && self.layouts.lock().map(|l| l.contains(&hash)).unwrap_or(false));
+                        && self
+                            .layouts
+                            .lock()
+                            .map(|l| l.contains(&hash))
+                            .unwrap_or(false));
                 Ok(!held)
             })
             .collect()
     }
 
-    fn resolve(&self, engine: &dyn EngineCaches, item: &MediaInput, caching: bool) -> Result<Resolved, InputError> {
+    fn resolve(
+        &self,
+        engine: &dyn EngineCaches,
+        item: &MediaInput,
+        caching: bool,
+    ) -> Result<Resolved, InputError> {
         let uuid = item.uuid.as_deref().filter(|_| caching);
         if let Some(e) = &item.embeds {
             return self.resolve_embeds(engine, item.modality, e, uuid);
         }
         let hash = self.hash(item.modality, uuid, item.data.as_ref(), &item.kwargs)?;
         if let Some((layout, input)) = self.lookup(engine, &hash, item.data.is_some()) {
-            return Ok(Resolved { modality: item.modality, hash, layout, input });
+            return Ok(Resolved {
+                modality: item.modality,
+                hash,
+                layout,
+                input,
+            });
         }
         let Some(data) = &item.data else {
             return Err(match (&item.uuid, caching) {
@@ -259,12 +306,22 @@ impl InputPreparer {
                 (None, _) => invalid(format!("a {} item needs its data (or a uuid of a cached one)", item.modality.name())),
             });
         };
-        let processed = self.processor(item.modality)?.process(item.modality, data, &item.kwargs, &self.decode)?;
+        let processed = self.processor(item.modality)?.process(
+            item.modality,
+            data,
+            &item.kwargs,
+            &self.decode,
+        )?;
         if let Ok(mut c) = self.cache.lock() {
             c.insert(&hash, processed.clone());
         }
         self.remember(&hash, processed.layout);
-        Ok(Resolved { modality: item.modality, hash, layout: processed.layout, input: MmInput::Features(processed.features) })
+        Ok(Resolved {
+            modality: item.modality,
+            hash,
+            layout: processed.layout,
+            input: MmInput::Features(processed.features),
+        })
     }
 
     fn resolve_embeds(
@@ -283,12 +340,25 @@ impl InputPreparer {
         let processor = self.processor(modality)?;
         let (data, shape, inner_grid, bytes) = match &e.source {
             EmbedsSource::Floats { data, shape } => {
-                let bytes: Vec<u8> = if uuid.is_some() { Vec::new() } else { data.iter().flat_map(|v| v.to_le_bytes()).collect() };
+                let bytes: Vec<u8> = if uuid.is_some() {
+                    Vec::new()
+                } else {
+                    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+                };
                 (data.clone(), shape.clone(), None, bytes)
             }
             EmbedsSource::Safetensors(blob) => {
                 let p = mm_embeds::parse_safetensors(blob)?;
-                (p.data, p.shape, p.grid_thw, if uuid.is_some() { Vec::new() } else { blob.clone() })
+                (
+                    p.data,
+                    p.shape,
+                    p.grid_thw,
+                    if uuid.is_some() {
+                        Vec::new()
+                    } else {
+                        blob.clone()
+                    },
+                )
             }
         };
         let (hidden, dtype) = engine.embedding_shape();
@@ -301,19 +371,36 @@ impl InputPreparer {
         };
         let hash = mm_hash(modality, uuid, &bytes, &key).to_string();
         self.remember(&hash, layout);
-        Ok(Resolved { modality, hash, layout, input: MmInput::Embeddings(tensor) })
+        Ok(Resolved {
+            modality,
+            hash,
+            layout,
+            input: MmInput::Embeddings(tensor),
+        })
     }
 
     /// Turn `items` (in prompt order: the k-th placeholder token of a
     /// modality is its k-th item) into engine items, expand their
     /// placeholders in `ids`, and lay out positions where the family has
     /// its own.
-    pub fn prepare(&self, engine: &dyn EngineCaches, ids: Vec<u32>, items: &[MediaInput]) -> Result<PreparedPrompt, InputError> {
+    pub fn prepare(
+        &self,
+        engine: &dyn EngineCaches,
+        ids: Vec<u32>,
+        items: &[MediaInput],
+    ) -> Result<PreparedPrompt, InputError> {
         if items.is_empty() {
-            return Ok(PreparedPrompt { ids, items: Vec::new(), mrope: None });
+            return Ok(PreparedPrompt {
+                ids,
+                items: Vec::new(),
+                mrope: None,
+            });
         }
         let caching = self.caching(engine);
-        let resolved = items.iter().map(|i| self.resolve(engine, i, caching)).collect::<Result<Vec<_>, _>>()?;
+        let resolved = items
+            .iter()
+            .map(|i| self.resolve(engine, i, caching))
+            .collect::<Result<Vec<_>, _>>()?;
         self.expand(ids, resolved)
     }
 
@@ -325,15 +412,19 @@ impl InputPreparer {
                 Some(q) => q.2.push_back(i),
                 None => {
                     let p = self.processor(r.modality)?;
-                    let token = p
-                        .placeholder_token(r.modality)
-                        .ok_or_else(|| invalid(format!("this model does not accept {} input", r.modality.name())))?;
+                    let token = p.placeholder_token(r.modality).ok_or_else(|| {
+                        invalid(format!(
+                            "this model does not accept {} input",
+                            r.modality.name()
+                        ))
+                    })?;
                     queues.push((r.modality, token, VecDeque::from([i])));
                 }
             }
         }
         let count = |m: Modality| resolved.iter().filter(|r| r.modality == m).count();
-        let mut out = Vec::with_capacity(ids.len() + resolved.iter().map(|r| r.layout.embeds).sum::<usize>());
+        let mut out =
+            Vec::with_capacity(ids.len() + resolved.iter().map(|r| r.layout.embeds).sum::<usize>());
         let mut placed: Vec<(usize, MmItem)> = Vec::with_capacity(resolved.len());
         for t in ids {
             let Some(q) = queues.iter_mut().find(|q| q.1 == t) else {
@@ -348,7 +439,9 @@ impl InputPreparer {
                 )));
             };
             let r = &resolved[i];
-            let rep = self.processor(r.modality)?.replacement(r.modality, &r.layout)?;
+            let rep = self
+                .processor(r.modality)?
+                .replacement(r.modality, &r.layout)?;
             if rep.embeds.len() != r.layout.embeds || rep.embeds.end > rep.tokens.len() {
                 return Err(invalid(format!(
                     "internal: a {} item's replacement takes {} embeddings, its encoder gives {}",
@@ -362,7 +455,11 @@ impl InputPreparer {
             placed.push((
                 i,
                 MmItem {
-                    placeholder: MmPlaceholder { hash: r.hash.clone(), offset, length: r.layout.embeds },
+                    placeholder: MmPlaceholder {
+                        hash: r.hash.clone(),
+                        offset,
+                        length: r.layout.embeds,
+                    },
                     input: r.input.clone(),
                 },
             ));
@@ -379,13 +476,21 @@ impl InputPreparer {
             Some(p) => {
                 let layout: Vec<PlacedItem> = placed
                     .iter()
-                    .map(|(i, m)| PlacedItem { modality: resolved[*i].modality, offset: m.placeholder.offset, layout: resolved[*i].layout })
+                    .map(|(i, m)| PlacedItem {
+                        modality: resolved[*i].modality,
+                        offset: m.placeholder.offset,
+                        layout: resolved[*i].layout,
+                    })
                     .collect();
                 p.positions(out.len(), &layout)?
             }
             None => None,
         };
-        Ok(PreparedPrompt { ids: out, items: placed.into_iter().map(|(_, m)| m).collect(), mrope })
+        Ok(PreparedPrompt {
+            ids: out,
+            items: placed.into_iter().map(|(_, m)| m).collect(),
+            mrope,
+        })
     }
 }
 
@@ -414,19 +519,36 @@ mod tests {
                 _ => Err(MediaError::Invalid("no kwargs".into())),
             }
         }
-        fn process(&self, _: Modality, data: &MediaData, _: &Value, _: &DecodeOptions) -> Result<ProcessedItem, MediaError> {
-            let MediaData::Encoded { bytes, .. } = data else { return Err(MediaError::Invalid("bytes".into())) };
+        fn process(
+            &self,
+            _: Modality,
+            data: &MediaData,
+            _: &Value,
+            _: &DecodeOptions,
+        ) -> Result<ProcessedItem, MediaError> {
+            let MediaData::Encoded { bytes, .. } = data else {
+                return Err(MediaError::Invalid("bytes".into()));
+            };
             if bytes.is_empty() {
                 return Err(MediaError::Empty("empty".into()));
             }
-            let t = Tensor::zeros((bytes.len(), 4), candle_core::DType::F32, &Device::Cpu).map_err(|e| MediaError::Invalid(e.to_string()))?;
-            Ok(ProcessedItem { features: Arc::new(MmFeatures { tensors: vec![("x".into(), t)] }), layout: ItemLayout::rows(bytes.len()) })
+            let t = Tensor::zeros((bytes.len(), 4), candle_core::DType::F32, &Device::Cpu)
+                .map_err(|e| MediaError::Invalid(e.to_string()))?;
+            Ok(ProcessedItem {
+                features: Arc::new(MmFeatures {
+                    tensors: vec![("x".into(), t)],
+                }),
+                layout: ItemLayout::rows(bytes.len()),
+            })
         }
         fn replacement(&self, _: Modality, layout: &ItemLayout) -> Result<Replacement, MediaError> {
             let mut tokens = vec![100];
             tokens.extend(std::iter::repeat_n(9, layout.embeds));
             tokens.push(101);
-            Ok(Replacement { tokens, embeds: 1..1 + layout.embeds })
+            Ok(Replacement {
+                tokens,
+                embeds: 1..1 + layout.embeds,
+            })
         }
     }
 
@@ -449,13 +571,19 @@ mod tests {
     }
 
     fn engine(on: bool) -> Caches {
-        Caches { on, encoder: Default::default() }
+        Caches {
+            on,
+            encoder: Default::default(),
+        }
     }
 
     fn image(bytes: &[u8], uuid: Option<&str>) -> MediaInput {
         MediaInput {
             modality: Modality::Image,
-            data: Some(MediaData::Encoded { bytes: bytes.to_vec(), format: None }),
+            data: Some(MediaData::Encoded {
+                bytes: bytes.to_vec(),
+                format: None,
+            }),
             uuid: uuid.map(str::to_string),
             kwargs: Value::Null,
             embeds: None,
@@ -463,16 +591,34 @@ mod tests {
     }
 
     fn by_uuid(uuid: &str) -> MediaInput {
-        MediaInput { data: None, ..image(&[], Some(uuid)) }
+        MediaInput {
+            data: None,
+            ..image(&[], Some(uuid))
+        }
     }
 
     #[test]
     fn replacements_keep_wrappers_as_text() {
         let e = engine(true);
-        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 1 << 20, DecodeOptions::default(), false);
-        let p = prep.prepare(&e, vec![1, 9, 2, 9, 3], &[image(&[0; 3], None), image(&[1; 2], None)]).unwrap();
+        let prep = InputPreparer::new(
+            Some(Arc::new(Wrapping)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let p = prep
+            .prepare(
+                &e,
+                vec![1, 9, 2, 9, 3],
+                &[image(&[0; 3], None), image(&[1; 2], None)],
+            )
+            .unwrap();
         assert_eq!(p.ids, vec![1, 100, 9, 9, 9, 101, 2, 100, 9, 9, 101, 3]);
-        let spans: Vec<(usize, usize)> = p.items.iter().map(|m| (m.placeholder.offset, m.placeholder.length)).collect();
+        let spans: Vec<(usize, usize)> = p
+            .items
+            .iter()
+            .map(|m| (m.placeholder.offset, m.placeholder.length))
+            .collect();
         assert_eq!(spans, vec![(2, 3), (8, 2)]);
         assert!(p.mrope.is_none());
         // Same bytes, same hash; different bytes, different hash.
@@ -486,33 +632,83 @@ mod tests {
     #[test]
     fn counts_must_match_and_modalities_must_be_taken() {
         let e = engine(true);
-        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 1 << 20, DecodeOptions::default(), false);
-        let err = prep.prepare(&e, vec![9, 9], &[image(&[0; 1], None)]).unwrap_err().to_string();
-        assert!(err.contains("more image placeholders than image items (1 given)"), "{err}");
-        let err = prep.prepare(&e, vec![1], &[image(&[0; 1], None)]).unwrap_err().to_string();
-        assert!(err.contains("1 image item(s) were given but the prompt has only 0 image placeholder(s)"), "{err}");
-        let audio = MediaInput { modality: Modality::Audio, ..image(&[0; 1], None) };
+        let prep = InputPreparer::new(
+            Some(Arc::new(Wrapping)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let err = prep
+            .prepare(&e, vec![9, 9], &[image(&[0; 1], None)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("more image placeholders than image items (1 given)"),
+            "{err}"
+        );
+        let err = prep
+            .prepare(&e, vec![1], &[image(&[0; 1], None)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "1 image item(s) were given but the prompt has only 0 image placeholder(s)"
+            ),
+            "{err}"
+        );
+        let audio = MediaInput {
+            modality: Modality::Audio,
+            ..image(&[0; 1], None)
+        };
         let err = prep.prepare(&e, vec![9], &[audio]).unwrap_err();
-        assert!(matches!(err, InputError::Invalid(_)) && err.to_string().contains("does not accept audio"), "{err}");
+        assert!(
+            matches!(err, InputError::Invalid(_))
+                && err.to_string().contains("does not accept audio"),
+            "{err}"
+        );
         let err = prep.prepare(&e, vec![9], &[image(&[], None)]).unwrap_err();
-        assert!(matches!(err, InputError::Media(MediaError::Empty(_))), "{err}");
+        assert!(
+            matches!(err, InputError::Media(MediaError::Empty(_))),
+            "{err}"
+        );
         let text_only = InputPreparer::new(None, 0, DecodeOptions::default(), false);
-        assert!(text_only.prepare(&e, vec![9], &[image(&[1], None)]).unwrap_err().to_string().contains("does not accept image"));
+        assert!(text_only
+            .prepare(&e, vec![9], &[image(&[1], None)])
+            .unwrap_err()
+            .to_string()
+            .contains("does not accept image"));
         assert_eq!(text_only.prepare(&e, vec![9], &[]).unwrap().ids, vec![9]);
     }
 
     #[test]
     fn uuids_hit_the_caches_and_misses_are_typed() {
         let e = engine(true);
-        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 1 << 20, DecodeOptions::default(), false);
-        let q = |u: &str| UuidRef { modality: Modality::Image, uuid: u.into(), kwargs: Value::Null };
+        let prep = InputPreparer::new(
+            Some(Arc::new(Wrapping)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let q = |u: &str| UuidRef {
+            modality: Modality::Image,
+            uuid: u.into(),
+            kwargs: Value::Null,
+        };
         assert_eq!(prep.uncached(&e, &[q("cat")]).unwrap(), vec![true]);
         let err = prep.prepare(&e, vec![9], &[by_uuid("cat")]).unwrap_err();
-        assert!(matches!(&err, InputError::UuidMiss { uuid, .. } if uuid == "cat"), "{err}");
+        assert!(
+            matches!(&err, InputError::UuidMiss { uuid, .. } if uuid == "cat"),
+            "{err}"
+        );
         // Sent once with data under the uuid: later the uuid alone suffices,
         // and its hash ignores the bytes.
-        let first = prep.prepare(&e, vec![9], &[image(&[5; 2], Some("cat"))]).unwrap();
-        assert_eq!(prep.uncached(&e, &[q("cat"), q("dog")]).unwrap(), vec![false, true]);
+        let first = prep
+            .prepare(&e, vec![9], &[image(&[5; 2], Some("cat"))])
+            .unwrap();
+        assert_eq!(
+            prep.uncached(&e, &[q("cat"), q("dog")]).unwrap(),
+            vec![false, true]
+        );
         let second = prep.prepare(&e, vec![9], &[by_uuid("cat")]).unwrap();
         assert_eq!(second.ids, first.ids);
         assert_eq!(second.items[0].placeholder, first.items[0].placeholder);
@@ -520,21 +716,34 @@ mod tests {
         let off = engine(false);
         let cold = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
         assert_eq!(cold.uncached(&off, &[q("cat")]).unwrap(), vec![true]);
-        let err = cold.prepare(&off, vec![9], &[by_uuid("cat")]).unwrap_err().to_string();
+        let err = cold
+            .prepare(&off, vec![9], &[by_uuid("cat")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("caching is off"), "{err}");
         // Processor cache off, encoder cache holding the item: the uuid
         // resolves to the cached embeddings with the layout seen before.
         let mut enc = engine(true);
         let lean = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
-        let sent = lean.prepare(&enc, vec![9], &[image(&[5; 2], Some("owl"))]).unwrap();
+        let sent = lean
+            .prepare(&enc, vec![9], &[image(&[5; 2], Some("owl"))])
+            .unwrap();
         assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![true]);
-        enc.encoder.insert(sent.items[0].placeholder.hash.clone(), 2);
+        enc.encoder
+            .insert(sent.items[0].placeholder.hash.clone(), 2);
         assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![false]);
         let hit = lean.prepare(&enc, vec![9], &[by_uuid("owl")]).unwrap();
         assert!(matches!(hit.items[0].input, MmInput::Cached));
         assert_eq!(hit.ids, sent.ids);
         // Kwargs are checked by the family.
-        let bad = MediaInput { kwargs: serde_json::json!({"x": 1}), ..image(&[1], None) };
-        assert!(prep.prepare(&e, vec![9], &[bad]).unwrap_err().to_string().contains("no kwargs"));
+        let bad = MediaInput {
+            kwargs: serde_json::json!({"x": 1}),
+            ..image(&[1], None)
+        };
+        assert!(prep
+            .prepare(&e, vec![9], &[bad])
+            .unwrap_err()
+            .to_string()
+            .contains("no kwargs"));
     }
 }

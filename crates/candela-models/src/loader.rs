@@ -187,11 +187,14 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         });
     }
     let raw: Value = read_json(&cfg_path, "config.json")?;
-    let arch_name = raw.pointer("/architectures/0").and_then(Value::as_str).ok_or_else(|| ModelError::InvalidJson {
-        what: "config.json",
-        path: cfg_path.clone(),
-        message: "no \"architectures\" entry".into(),
-    })?;
+    let arch_name = raw
+        .pointer("/architectures/0")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ModelError::InvalidJson {
+            what: "config.json",
+            path: cfg_path.clone(),
+            message: "no \"architectures\" entry".into(),
+        })?;
     let family = families::by_hf_architecture(arch_name)?;
 
     let tok_cfg_path = dir.join("tokenizer_config.json");
@@ -226,8 +229,18 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         .map(|src| make_template(src, &tokenizer))
         .transpose()?;
 
-    let ck = Checkpoint { dir, config: &raw, dtype, device, max_model_len: opts.max_model_len };
-    let families::Built { model, processor, text: cfg } = (family.load_folder)(&ck)?;
+    let ck = Checkpoint {
+        dir,
+        config: &raw,
+        dtype,
+        device,
+        max_model_len: opts.max_model_len,
+    };
+    let families::Built {
+        model,
+        processor,
+        text: cfg,
+    } = (family.load_folder)(&ck)?;
     let spec = model.spec().clone();
 
     let mut eos = Vec::new();
@@ -287,9 +300,12 @@ fn load_gguf(
 ) -> Result<LoadedModel> {
     let gguf = GgufWeights::open(path, dtype, device)?;
     let family = families::by_gguf_architecture(gguf.architecture()?)?;
-    let load_gguf = family
-        .load_gguf
-        .ok_or_else(|| ModelError::Config(format!("internal: family {} has no GGUF loader", family.name)))?;
+    let load_gguf = family.load_gguf.ok_or_else(|| {
+        ModelError::Config(format!(
+            "internal: family {} has no GGUF loader",
+            family.name
+        ))
+    })?;
     let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
     let template_src = resolve_template_source(
         opts.chat_template.as_deref(),
@@ -367,7 +383,9 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("no CUDA support"));
-            assert!(device_unavailable("gpu").unwrap().contains("no CUDA support"));
+            assert!(device_unavailable("gpu")
+                .unwrap()
+                .contains("no CUDA support"));
         }
         assert!(device_unavailable("cpu").is_none());
         assert!(parse_device("tpu").is_err());

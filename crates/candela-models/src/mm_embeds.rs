@@ -27,9 +27,15 @@ pub struct ParsedEmbeds {
 fn floats(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, MediaError> {
     let chunks = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
-        Dtype::F32 => chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F32 => chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => chunks(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => chunks(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         Dtype::F64 => chunks(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
@@ -44,15 +50,31 @@ fn floats(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, MediaError> {
 fn ints(dtype: Dtype, bytes: &[u8]) -> Result<Vec<i64>, MediaError> {
     let chunks = |n: usize| bytes.chunks_exact(n);
     Ok(match dtype {
-        Dtype::I64 => chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-        Dtype::U64 => chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as i64).collect(),
-        Dtype::I32 => chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
-        Dtype::U32 => chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
-        Dtype::I16 => chunks(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64).collect(),
-        Dtype::U16 => chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i64).collect(),
+        Dtype::I64 => chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        Dtype::U64 => chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as i64)
+            .collect(),
+        Dtype::I32 => chunks(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+            .collect(),
+        Dtype::U32 => chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+            .collect(),
+        Dtype::I16 => chunks(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
+            .collect(),
+        Dtype::U16 => chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
+            .collect(),
         Dtype::I8 => bytes.iter().map(|&b| b as i8 as i64).collect(),
         Dtype::U8 => bytes.iter().map(|&b| b as i64).collect(),
-        other => return Err(invalid(format!("image_grid_thw must be an integer tensor, got dtype {other:?}"))),
+        other => {
+            return Err(invalid(format!(
+                "image_grid_thw must be an integer tensor, got dtype {other:?}"
+            )))
+        }
     })
 }
 
@@ -60,7 +82,9 @@ fn ints(dtype: Dtype, bytes: &[u8]) -> Result<Vec<i64>, MediaError> {
 pub fn grid_from(values: &[i64]) -> Result<[usize; 3], MediaError> {
     match values {
         &[t, h, w] if t > 0 && h > 0 && w > 0 => Ok([t as usize, h as usize, w as usize]),
-        _ => Err(invalid(format!("image_grid_thw must be three positive integers [t, h, w], got {values:?}"))),
+        _ => Err(invalid(format!(
+            "image_grid_thw must be three positive integers [t, h, w], got {values:?}"
+        ))),
     }
 }
 
@@ -70,32 +94,44 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<ParsedEmbeds, MediaError> {
         .map_err(|e| invalid(format!("image_embeds is not a valid safetensors blob: {e}")))?;
     let t = st.tensor(EMBEDS_KEY).map_err(|_| {
         let names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
-        invalid(format!("the safetensors blob has no tensor named {EMBEDS_KEY:?} (it holds {names:?})"))
+        invalid(format!(
+            "the safetensors blob has no tensor named {EMBEDS_KEY:?} (it holds {names:?})"
+        ))
     })?;
     let data = floats(t.dtype(), t.data())?;
     let grid_thw = match st.tensor(GRID_KEY) {
         Ok(g) => {
             if !matches!(g.shape(), [3] | [1, 3]) {
-                return Err(invalid(format!("image_grid_thw must have shape (3,) or (1, 3), got {:?}", g.shape())));
+                return Err(invalid(format!(
+                    "image_grid_thw must have shape (3,) or (1, 3), got {:?}",
+                    g.shape()
+                )));
             }
             Some(grid_from(&ints(g.dtype(), g.data())?)?)
         }
         Err(_) => None,
     };
-    Ok(ParsedEmbeds { data, shape: t.shape().to_vec(), grid_thw })
+    Ok(ParsedEmbeds {
+        data,
+        shape: t.shape().to_vec(),
+        grid_thw,
+    })
 }
 
 /// Check `(tokens, hidden)` against the model and build the tensor in the
 /// model's dtype. (The family's processor checks the rows against the grid.)
-pub fn embeddings_tensor(data: Vec<f32>, shape: &[usize], hidden: usize, dtype: DType) -> Result<Tensor, MediaError> {
+pub fn embeddings_tensor(
+    data: Vec<f32>,
+    shape: &[usize],
+    hidden: usize,
+    dtype: DType,
+) -> Result<Tensor, MediaError> {
     let [rows, cols] = match shape {
         &[r, c] => [r, c],
         &[1, r, c] => [r, c],
-        _ => {
-            return Err(invalid(format!(
-                "image_embeds must have shape (feature_tokens, hidden) = (n, {hidden}), got {shape:?}"
-            )))
-        }
+        _ => return Err(invalid(format!(
+            "image_embeds must have shape (feature_tokens, hidden) = (n, {hidden}), got {shape:?}"
+        ))),
     };
     if rows.checked_mul(cols) != Some(data.len()) {
         return Err(invalid(format!(
@@ -140,9 +176,16 @@ mod tests {
 
     #[test]
     fn reads_f16_embeds_and_an_int_grid() {
-        let e: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let e: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
         let g: Vec<u8> = [1i64, 2, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let p = parse_safetensors(&blob(&[("image_embeds", "F16", vec![1, 4], e), ("image_grid_thw", "I64", vec![1, 3], g)])).unwrap();
+        let p = parse_safetensors(&blob(&[
+            ("image_embeds", "F16", vec![1, 4], e),
+            ("image_grid_thw", "I64", vec![1, 3], g),
+        ]))
+        .unwrap();
         assert_eq!(p.data, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(p.grid_thw, Some([1, 2, 2]));
         let t = embeddings_tensor(p.data, &p.shape, 4, DType::F32).unwrap();
@@ -151,11 +194,21 @@ mod tests {
 
     #[test]
     fn mismatches_name_expected_and_got() {
-        let e = parse_safetensors(&blob(&[("image_embeds", "I32", vec![1], vec![0; 4])])).err().unwrap();
+        let e = parse_safetensors(&blob(&[("image_embeds", "I32", vec![1], vec![0; 4])]))
+            .err()
+            .unwrap();
         assert!(e.message().contains("float tensor"), "{}", e.message());
-        let e = embeddings_tensor(vec![0.0; 8], &[1, 8], 4, DType::F32).err().unwrap();
-        assert!(e.message().contains("hidden size 8") && e.message().contains("is 4"), "{}", e.message());
-        let e = embeddings_tensor(vec![0.0; 6], &[2, 4], 4, DType::F32).err().unwrap();
+        let e = embeddings_tensor(vec![0.0; 8], &[1, 8], 4, DType::F32)
+            .err()
+            .unwrap();
+        assert!(
+            e.message().contains("hidden size 8") && e.message().contains("is 4"),
+            "{}",
+            e.message()
+        );
+        let e = embeddings_tensor(vec![0.0; 6], &[2, 4], 4, DType::F32)
+            .err()
+            .unwrap();
         assert!(e.message().contains("holds 6 values"), "{}", e.message());
         assert!(parse_safetensors(b"nonsense").is_err());
     }

@@ -56,11 +56,19 @@ impl Model for MultimodalLm {
 
     // The language model owns the KV pool and the logits: GPU sizing and
     // sampling are its.
-    fn device_memory(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<DeviceMemory> {
+    fn device_memory(
+        &self,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Option<DeviceMemory> {
         self.lm.device_memory(max_num_batched_tokens, max_num_seqs)
     }
 
-    fn sample_on_device(&mut self, logits: &Tensor, rows: &[DeviceSampleRow]) -> Option<Result<Vec<u32>>> {
+    fn sample_on_device(
+        &mut self,
+        logits: &Tensor,
+        rows: &[DeviceSampleRow],
+    ) -> Option<Result<Vec<u32>>> {
         self.lm.sample_on_device(logits, rows)
     }
 }

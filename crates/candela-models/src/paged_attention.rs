@@ -138,7 +138,9 @@ impl AttentionMetadata {
             .collect();
         let plan = AttentionPlan::new(&seqs, self.block_size, self.num_tokens)
             .map_err(candle_core::Error::wrap)?;
-        let p = Arc::new(candela_kernels::cuda::DeviceAttentionPlan::upload(plan, dev)?);
+        let p = Arc::new(candela_kernels::cuda::DeviceAttentionPlan::upload(
+            plan, dev,
+        )?);
         *cached = Some(p.clone());
         Ok(p)
     }
@@ -641,7 +643,13 @@ impl PagedAttention {
                     attend(&attn_row, o, qf, acc, scores);
                 },
             );
-            let heads = prefill::Heads { n_heads, head_dim: d, group, slot_stride: row, scale };
+            let heads = prefill::Heads {
+                n_heads,
+                head_dim: d,
+                group,
+                slot_stride: row,
+                scale,
+            };
             prefill::attend_tiled(q, kc, vc, meta, &heads, &mut out);
         }
         Ok((out.into_cpu_storage(), Shape::from((n_tok, n_heads, d))))
@@ -714,8 +722,9 @@ impl CustomOp3 for PagedAttention {
         let heads = candela_kernels::plan::HeadLayout::new(n_heads, n_kv, d)
             .map_err(candle_core::Error::wrap)?;
         let plan = self.meta.device_plan(&q.device)?;
-        let out =
-            candela_kernels::cuda::paged_attention(q, q_l, k, k_l, v, v_l, &plan, &heads, self.scale)?;
+        let out = candela_kernels::cuda::paged_attention(
+            q, q_l, k, k_l, v, v_l, &plan, &heads, self.scale,
+        )?;
         Ok((out, Shape::from((n_tok, n_heads, d))))
     }
 }

@@ -186,12 +186,20 @@ unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
     }
     match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 { (18, 2) } else { (20, 4) };
+            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 {
+                (18, 2)
+            } else {
+                (20, 4)
+            };
             let mask = _mm_set1_epi8(0x0F);
             for (blk, o) in row.chunks_exact(bsz).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(blk, 0);
                 // Q4_0 decodes as (q - 8) * d, Q4_1 as q * d + m.
-                let m = if dtype == GgmlDType::Q4_0 { 0.0 } else { f16_at(blk, 2) };
+                let m = if dtype == GgmlDType::Q4_0 {
+                    0.0
+                } else {
+                    f16_at(blk, 2)
+                };
                 let (vd, vm) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
                 let q = _mm_loadu_si128(blk[qoff..qoff + 16].as_ptr() as *const __m128i);
                 let lo = _mm_and_si128(q, mask);
@@ -450,7 +458,10 @@ unsafe fn rows_dot_fused_avx2(
     m: usize,
     dst: SendPtr,
 ) {
-    if !matches!(mat.dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+    if !matches!(
+        mat.dtype,
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+    ) {
         return rows_dot_fused(mat, r0, nr, x, xsum, m, dst);
     }
     let bytes = mat.bytes();
@@ -459,7 +470,12 @@ unsafe fn rows_dot_fused_avx2(
     for r in r0..r0 + nr {
         let row = &bytes[r * mat.row_bytes..(r + 1) * mat.row_bytes];
         for i in 0..m {
-            let v = legacy_row_dot_avx2(mat.dtype, row, &x[i * k..(i + 1) * k], &xsum[i * nb..(i + 1) * nb]);
+            let v = legacy_row_dot_avx2(
+                mat.dtype,
+                row,
+                &x[i * k..(i + 1) * k],
+                &xsum[i * nb..(i + 1) * nb],
+            );
             // SAFETY: i < m and r < n index the [m, n] output; each task owns its rows r.
             *dst.get().add(i * n + r) = v;
         }
@@ -481,7 +497,11 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
     let mut offs = 0f32;
     match dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 { (18, 2) } else { (20, 4) };
+            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 {
+                (18, 2)
+            } else {
+                (20, 4)
+            };
             let mask = _mm_set1_epi8(0x0F);
             for ((blk, xb), xs) in row.chunks_exact(bsz).zip(x.chunks_exact(32)).zip(xsum) {
                 let q = _mm_loadu_si128(blk[qoff..qoff + 16].as_ptr() as *const __m128i);
@@ -489,13 +509,25 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
                 let xp = xb.as_ptr();
                 let mut b = _mm256_mul_ps(widen_u8(lo), _mm256_loadu_ps(xp));
-                b = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8)), b);
+                b = _mm256_fmadd_ps(
+                    widen_u8(_mm_srli_si128(lo, 8)),
+                    _mm256_loadu_ps(xp.add(8)),
+                    b,
+                );
                 b = _mm256_fmadd_ps(widen_u8(hi), _mm256_loadu_ps(xp.add(16)), b);
-                b = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24)), b);
+                b = _mm256_fmadd_ps(
+                    widen_u8(_mm_srli_si128(hi, 8)),
+                    _mm256_loadu_ps(xp.add(24)),
+                    b,
+                );
                 let d = f16_at(blk, 0);
                 acc = _mm256_fmadd_ps(b, _mm256_set1_ps(d), acc);
                 // Q4_0 decodes as (q - 8) d, Q4_1 as q d + m.
-                offs += if dtype == GgmlDType::Q4_0 { -8.0 * d * xs } else { f16_at(blk, 2) * xs };
+                offs += if dtype == GgmlDType::Q4_0 {
+                    -8.0 * d * xs
+                } else {
+                    f16_at(blk, 2) * xs
+                };
             }
         }
         GgmlDType::Q8_0 => {
@@ -540,7 +572,15 @@ fn rows_dot_fused_dispatch(
 /// reads every `x` row once per group and gives the FMA units independent
 /// accumulator chains.
 #[inline(always)]
-fn rows_dot_decoded(mat: &BlockMatrix, r0: usize, nr: usize, x: &[f32], m: usize, buf: &mut [f32], dst: SendPtr) {
+fn rows_dot_decoded(
+    mat: &BlockMatrix,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    m: usize,
+    buf: &mut [f32],
+    dst: SendPtr,
+) {
     let (k, n) = (mat.k, mat.n);
     let mut r = r0;
     while r < r0 + nr {
@@ -615,11 +655,27 @@ fn dot_group_one(w: &[f32], x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_dot_decoded_avx2(mat: &BlockMatrix, r0: usize, nr: usize, x: &[f32], m: usize, buf: &mut [f32], dst: SendPtr) {
+unsafe fn rows_dot_decoded_avx2(
+    mat: &BlockMatrix,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    m: usize,
+    buf: &mut [f32],
+    dst: SendPtr,
+) {
     rows_dot_decoded(mat, r0, nr, x, m, buf, dst)
 }
 
-fn rows_dot_decoded_dispatch(mat: &BlockMatrix, r0: usize, nr: usize, x: &[f32], m: usize, buf: &mut [f32], dst: SendPtr) {
+fn rows_dot_decoded_dispatch(
+    mat: &BlockMatrix,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    m: usize,
+    buf: &mut [f32],
+    dst: SendPtr,
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time).
@@ -822,13 +878,23 @@ impl BlockMatrix {
             // per step and reusing it for all m inputs keeps the cost of
             // dequantisation independent of m, without GEMM packing overhead.
             let rows_per_task = (n / (threads * 8)).clamp(1, 64);
-            (0..n.div_ceil(rows_per_task)).into_par_iter().for_each_init(
-                || vec![0f32; ROW_GROUP * k],
-                |buf, t| {
-                    let r0 = t * rows_per_task;
-                    rows_dot_decoded_dispatch(self, r0, rows_per_task.min(n - r0), x, m, buf, dst);
-                },
-            );
+            (0..n.div_ceil(rows_per_task))
+                .into_par_iter()
+                .for_each_init(
+                    || vec![0f32; ROW_GROUP * k],
+                    |buf, t| {
+                        let r0 = t * rows_per_task;
+                        rows_dot_decoded_dispatch(
+                            self,
+                            r0,
+                            rows_per_task.min(n - r0),
+                            x,
+                            m,
+                            buf,
+                            dst,
+                        );
+                    },
+                );
             return Ok(out);
         }
         // Several rows: per task, decode a tile of weight rows into an
@@ -849,7 +915,15 @@ impl BlockMatrix {
                 // columns r0..r0+nr of the [m, n] output belong to this tile
                 // alone; every pointer stays inside its buffer.
                 unsafe {
-                    crate::cpu::gemm_f32((m, nr, k), dst.get().add(r0), n, x.as_ptr(), k, buf.as_ptr(), (1, k));
+                    crate::cpu::gemm_f32(
+                        (m, nr, k),
+                        dst.get().add(r0),
+                        n,
+                        x.as_ptr(),
+                        k,
+                        buf.as_ptr(),
+                        (1, k),
+                    );
                 }
             },
         );

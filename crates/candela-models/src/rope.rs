@@ -167,13 +167,26 @@ impl RotaryEmbedding {
     /// one, the rest by the width one. Computed here rather than gathered:
     /// video time positions may lie past the table. Values equal the table's
     /// for equal positions (same f32 angle, cos/sin rounded from f64).
-    pub fn mrope_rows(&self, positions: &[[u32; 3]], section: [usize; 3], device: &Device) -> Result<RopeRows> {
+    pub fn mrope_rows(
+        &self,
+        positions: &[[u32; 3]],
+        section: [usize; 3],
+        device: &Device,
+    ) -> Result<RopeRows> {
         let half = self.inv_freq.len();
         if section.iter().sum::<usize>() != half {
             candle_core::bail!("mrope_section {section:?} must sum to head_dim / 2 = {half}");
         }
         let axis: Vec<usize> = (0..half)
-            .map(|j| if j < section[0] { 0 } else if j < section[0] + section[1] { 1 } else { 2 })
+            .map(|j| {
+                if j < section[0] {
+                    0
+                } else if j < section[0] + section[1] {
+                    1
+                } else {
+                    2
+                }
+            })
             .collect();
         let n = positions.len();
         let mut cos = Vec::with_capacity(n * half);
@@ -186,8 +199,12 @@ impl RotaryEmbedding {
             }
         }
         let dtype = self.cos.dtype();
-        let cos = Tensor::from_vec(cos, (n, 1, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
-        let sin = Tensor::from_vec(sin, (n, 1, half), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let cos = Tensor::from_vec(cos, (n, 1, half), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let sin = Tensor::from_vec(sin, (n, 1, half), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
         Ok(RopeRows { cos, sin })
     }
 
@@ -317,11 +334,29 @@ mod tests {
         // Equal positions on all axes: exactly the 1-D table rows.
         let flat = rope.mrope_rows(&[[5, 5, 5], [0, 0, 0]], [1, 1, 2], &dev)?;
         let table = rope.rows(&Tensor::new(&[5u32, 0], &dev)?)?;
-        assert_eq!(flat.cos.flatten_all()?.to_vec1::<f32>()?, table.cos.flatten_all()?.to_vec1::<f32>()?);
-        assert_eq!(flat.sin.flatten_all()?.to_vec1::<f32>()?, table.sin.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            flat.cos.flatten_all()?.to_vec1::<f32>()?,
+            table.cos.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert_eq!(
+            flat.sin.flatten_all()?.to_vec1::<f32>()?,
+            table.sin.flatten_all()?.to_vec1::<f32>()?
+        );
         // Mixed: frequency 0 from t, 1 from h, 2..4 from w.
-        let mixed = rope.mrope_rows(&[[3, 7, 11]], [1, 1, 2], &dev)?.cos.flatten_all()?.to_vec1::<f32>()?;
-        let rows = |p: u32| rope.rows(&Tensor::new(&[p], &dev).unwrap()).unwrap().cos.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mixed = rope
+            .mrope_rows(&[[3, 7, 11]], [1, 1, 2], &dev)?
+            .cos
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let rows = |p: u32| {
+            rope.rows(&Tensor::new(&[p], &dev).unwrap())
+                .unwrap()
+                .cos
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         let (t, h, w) = (rows(3), rows(7), rows(11));
         assert_eq!(mixed, vec![t[0], h[1], w[2], w[3]]);
         assert!(rope.mrope_rows(&[[0, 0, 0]], [1, 1, 1], &dev).is_err());

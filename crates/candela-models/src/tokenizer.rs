@@ -31,7 +31,13 @@ pub struct Tokenizer {
 }
 
 fn longest_token(inner: &tokenizers::Tokenizer) -> usize {
-    inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
+    inner
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(1)
 }
 
 impl std::fmt::Debug for Tokenizer {

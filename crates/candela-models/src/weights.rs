@@ -359,7 +359,9 @@ impl Weights {
                 vb: vb.clone().rename_f(move |n: &str| rename(n)),
                 files: files.clone(),
             }),
-            Self::Gguf(_) => Err(ModelError::Config("multimodal GGUF checkpoints are not supported".into())),
+            Self::Gguf(_) => Err(ModelError::Config(
+                "multimodal GGUF checkpoints are not supported".into(),
+            )),
         }
     }
 
@@ -407,7 +409,9 @@ impl Weights {
             g.check_shape(name, &q, &[vocab, hidden])?;
             // Our block kernels are CPU code; on a GPU the table is dequantized.
             if !g.device.is_cpu() {
-                return Ok(Embedding::Dense(q.dequantize(&g.device)?.to_dtype(g.dtype)?));
+                return Ok(Embedding::Dense(
+                    q.dequantize(&g.device)?.to_dtype(g.dtype)?,
+                ));
             }
             if let Some(b) = BlockMatrix::from_qtensor(&q)? {
                 return Ok(Embedding::Blocks {

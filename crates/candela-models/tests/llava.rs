@@ -38,8 +38,15 @@ fn fixture() -> Fixture {
 /// The case's prompt as production prepares it.
 fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
     let messages = case["messages"].as_array().unwrap().clone();
-    let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
-    let rendered = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
+    let opts = ChatRenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let rendered = loaded
+        .require_chat_template()
+        .unwrap()
+        .render(&messages, &opts)
+        .unwrap();
     assert_eq!(rendered, case["rendered"].as_str().unwrap());
     // With BOS, as transformers' processor and a plain-prompt request tokenize it.
     let ids = loaded.tokenizer.encode(&rendered, true).unwrap();
@@ -49,7 +56,10 @@ fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
         .iter()
         .map(|m| MediaInput {
             modality: Modality::Image,
-            data: Some(MediaData::Encoded { bytes: std::fs::read(dir().join(m.as_str().unwrap())).unwrap(), format: None }),
+            data: Some(MediaData::Encoded {
+                bytes: std::fs::read(dir().join(m.as_str().unwrap())).unwrap(),
+                format: None,
+            }),
             uuid: None,
             kwargs: Value::Null,
             embeds: None,
@@ -60,12 +70,24 @@ fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
 }
 
 fn load_f32() -> LoadedModel {
-    load(&dir(), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap()
+    load(
+        &dir(),
+        &LoadOptions {
+            dtype: Some("f32".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Greedy ids of each prompt, all submitted at once, prefill in `chunk`-token steps.
 fn run_engine(prompts: Vec<PreparedPrompt>, chunk: usize) -> Vec<Vec<u32>> {
-    let LoadedModel { model, tokenizer, generation, .. } = load_f32();
+    let LoadedModel {
+        model,
+        tokenizer,
+        generation,
+        ..
+    } = load_f32();
     let cfg = EngineConfig {
         eos_token_ids: generation.eos_token_ids,
         max_num_batched_tokens: chunk,
@@ -73,11 +95,23 @@ fn run_engine(prompts: Vec<PreparedPrompt>, chunk: usize) -> Vec<Vec<u32>> {
         ..Default::default()
     };
     let engine = Engine::start(model, tokenizer, cfg).unwrap();
-    let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let handles: Vec<_> = prompts
         .into_iter()
         .map(|PreparedPrompt { ids, items, mrope }| {
-            engine.add_request(EngineRequest { prompt_token_ids: ids, params: params.clone(), mm_items: items, mrope }).unwrap()
+            engine
+                .add_request(EngineRequest {
+                    prompt_token_ids: ids,
+                    params: params.clone(),
+                    mm_items: items,
+                    mrope,
+                })
+                .unwrap()
         })
         .collect();
     handles
@@ -110,30 +144,49 @@ fn llava_matches_transformers() {
         assert!(p.mrope.is_none());
         let items = features(&p);
         for (i, (_, it)) in items.iter().enumerate() {
-            let d = max_diff(it.get("pixel_values").unwrap(), &f.tensors[&format!("{name}.item{i}.pixel_values")]);
+            let d = max_diff(
+                it.get("pixel_values").unwrap(),
+                &f.tensors[&format!("{name}.item{i}.pixel_values")],
+            );
             // Bit-exact resize and numpy's float order: equal up to f32 rounding.
             assert!(d <= 1e-6, "{name} item {i}: pixel values differ by {d}");
             worst.0 = worst.0.max(d);
         }
-        let spans: Vec<(usize, Tensor)> = items.iter().map(|(o, x)| (*o, loaded.model.encode(x).unwrap())).collect();
+        let spans: Vec<(usize, Tensor)> = items
+            .iter()
+            .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
+            .collect();
         for (i, (_, e)) in spans.iter().enumerate() {
             let d = max_diff(e, &f.tensors[&format!("{name}.item{i}.embeds")]);
-            assert!(d <= ATOL, "{name}: image features of item {i} differ by {d}");
+            assert!(
+                d <= ATOL,
+                "{name}: image features of item {i} differ by {d}"
+            );
             worst.1 = worst.1.max(d);
         }
-        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans, None), &f.tensors[&format!("{name}.last_logits")]);
+        let d = max_diff(
+            &last_logits(&mut loaded, &p.ids, &spans, None),
+            &f.tensors[&format!("{name}.last_logits")],
+        );
         assert!(d <= ATOL, "{name}: last-position logits differ by {d}");
         worst.2 = worst.2.max(d);
         prepared.push((name.clone(), p));
     }
-    eprintln!("llava-tiny: max |diff| pixels {:.2e}, image features {:.2e}, logits {:.2e}", worst.0, worst.1, worst.2);
+    eprintln!(
+        "llava-tiny: max |diff| pixels {:.2e}, image features {:.2e}, logits {:.2e}",
+        worst.0, worst.1, worst.2
+    );
     drop(loaded);
 
     // Alone, prefill in 7-token steps (every image split across steps), then
     // both at once: the same greedy ids.
     let want: Vec<Vec<u32>> = cases.values().map(|c| ids_of(&c["greedy_ids"])).collect();
     for ((name, p), want) in prepared.iter().zip(&want) {
-        assert_eq!(&run_engine(vec![p.clone()], 7)[0], want, "{name}: greedy ids alone");
+        assert_eq!(
+            &run_engine(vec![p.clone()], 7)[0],
+            want,
+            "{name}: greedy ids alone"
+        );
     }
     let batched = run_engine(prepared.into_iter().map(|(_, p)| p).collect(), 7);
     assert_eq!(batched, want, "greedy ids batched");
@@ -147,7 +200,8 @@ fn llava_matches_transformers() {
 fn other_weight_layouts_load() {
     let f = fixture();
     let src = dir();
-    let stored = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let stored =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     type Rename = fn(&str) -> String;
     let layouts: [(&str, Rename); 2] = [
         ("transformers 4.5x", |k| {
@@ -159,11 +213,17 @@ fn other_weight_layouts_load() {
                 format!("model.{k}")
             }
         }),
-        ("transformers 5", |k| k.replace("vision_tower.vision_model.", "vision_tower.")),
+        ("transformers 5", |k| {
+            k.replace("vision_tower.vision_model.", "vision_tower.")
+        }),
     ];
     let case = &f.reference["cases"]["one_image"];
     for (what, rename) in layouts {
-        let tmp = std::env::temp_dir().join(format!("llava-tiny-{}-{}", what.replace(' ', "-"), std::process::id()));
+        let tmp = std::env::temp_dir().join(format!(
+            "llava-tiny-{}-{}",
+            what.replace(' ', "-"),
+            std::process::id()
+        ));
         std::fs::create_dir_all(&tmp).unwrap();
         for e in std::fs::read_dir(&src).unwrap() {
             let p = e.unwrap().path();
@@ -174,12 +234,27 @@ fn other_weight_layouts_load() {
         let renamed: std::collections::HashMap<String, Tensor> =
             stored.iter().map(|(k, v)| (rename(k), v.clone())).collect();
         candle_core::safetensors::save(&renamed, tmp.join("model.safetensors")).unwrap();
-        let mut loaded = load(&tmp, &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap();
+        let mut loaded = load(
+            &tmp,
+            &LoadOptions {
+                dtype: Some("f32".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let p = prepare_case(&loaded, case);
-        let spans: Vec<(usize, Tensor)> =
-            features(&p).iter().map(|(o, x)| (*o, loaded.model.encode(x).unwrap())).collect();
-        let d = max_diff(&last_logits(&mut loaded, &p.ids, &spans, None), &f.tensors["one_image.last_logits"]);
+        let spans: Vec<(usize, Tensor)> = features(&p)
+            .iter()
+            .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
+            .collect();
+        let d = max_diff(
+            &last_logits(&mut loaded, &p.ids, &spans, None),
+            &f.tensors["one_image.last_logits"],
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
-        assert!(d <= ATOL, "{what} names: last-position logits differ by {d}");
+        assert!(
+            d <= ATOL,
+            "{what} names: last-position logits differ by {d}"
+        );
     }
 }

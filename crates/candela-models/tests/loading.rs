@@ -10,7 +10,9 @@ use candela_models::{load, LoadOptions};
 use candle_core::{Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
 }
 
 /// Last-token logits of one prefill of `ids`.
@@ -34,7 +36,14 @@ fn last_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
         mm_embeds: Vec::new(),
         mrope_positions: None,
     };
-    loaded.model.forward(&batch).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    loaded
+        .model
+        .forward(&batch)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -43,10 +52,16 @@ fn sharded_safetensors_with_an_index_load_like_one_file() {
     let dir = std::env::temp_dir().join(format!("candela-sharded-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
-    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
@@ -54,10 +69,17 @@ fn sharded_safetensors_with_an_index_load_like_one_file() {
     for (i, name) in names.iter().enumerate() {
         let s = i % 2;
         shards[s].insert((*name).clone(), tensors[*name].clone());
-        weight_map.insert((*name).clone(), format!("model-0000{}-of-00002.safetensors", s + 1).into());
+        weight_map.insert(
+            (*name).clone(),
+            format!("model-0000{}-of-00002.safetensors", s + 1).into(),
+        );
     }
     for (s, shard) in shards.iter().enumerate() {
-        candle_core::safetensors::save(shard, dir.join(format!("model-0000{}-of-00002.safetensors", s + 1))).unwrap();
+        candle_core::safetensors::save(
+            shard,
+            dir.join(format!("model-0000{}-of-00002.safetensors", s + 1)),
+        )
+        .unwrap();
     }
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
@@ -69,7 +91,10 @@ fn sharded_safetensors_with_an_index_load_like_one_file() {
 
     // A shard named in the index but missing is a clear error, not a panic.
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-    let err = load(&dir, &LoadOptions::default()).err().expect("missing shard must fail").to_string();
+    let err = load(&dir, &LoadOptions::default())
+        .err()
+        .expect("missing shard must fail")
+        .to_string();
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -95,9 +120,17 @@ fn min_tokens_never_exceeds_the_real_count() {
         for t in &texts {
             let n = tok.encode(t, false).unwrap().len();
             let least = tok.min_tokens(t.len());
-            assert!(least <= n, "{name}: {least} > {n} tokens for {:?}", t.chars().take(10).collect::<String>());
+            assert!(
+                least <= n,
+                "{name}: {least} > {n} tokens for {:?}",
+                t.chars().take(10).collect::<String>()
+            );
         }
         // A 10 MB prompt is known to overflow an 8k context before tokenizing.
-        assert!(tok.min_tokens(10 << 20) > 8192, "{name}: {}", tok.min_tokens(10 << 20));
+        assert!(
+            tok.min_tokens(10 << 20) > 8192,
+            "{name}: {}",
+            tok.min_tokens(10 << 20)
+        );
     }
 }

@@ -9,8 +9,6 @@ mod common;
 
 use common::{features, fixture_dir, ids_of, last_logits, max_diff, reference};
 
-
-
 use candela_core::request::{MmFeatures, MropePositions};
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_media::Modality;
@@ -31,7 +29,11 @@ struct Fixture {
 
 fn fixture(name: &'static str) -> Fixture {
     let (reference, tensors) = reference(&fixture_dir(name));
-    Fixture { name, reference, tensors }
+    Fixture {
+        name,
+        reference,
+        tensors,
+    }
 }
 
 impl Fixture {
@@ -42,7 +44,9 @@ impl Fixture {
     /// Reference pixel values of item `i` of `case` (image_a is stored once).
     fn ref_pixels(&self, case: &str, i: usize) -> &Tensor {
         let key = format!("{case}.item{i}.pixel_values");
-        self.tensors.get(&key).unwrap_or_else(|| &self.tensors["one_image.item0.pixel_values"])
+        self.tensors
+            .get(&key)
+            .unwrap_or_else(|| &self.tensors["one_image.item0.pixel_values"])
     }
 }
 
@@ -51,8 +55,15 @@ impl Fixture {
 /// positions laid out.
 fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedPrompt {
     let messages = case["messages"].as_array().unwrap().clone();
-    let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
-    let rendered = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
+    let opts = ChatRenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let rendered = loaded
+        .require_chat_template()
+        .unwrap()
+        .render(&messages, &opts)
+        .unwrap();
     assert_eq!(rendered, case["rendered"].as_str().unwrap());
     let ids = loaded.tokenizer.encode(&rendered, false).unwrap();
     let inputs: Vec<MediaInput> = case["media"]
@@ -62,14 +73,19 @@ fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedProm
         .map(|m| match m {
             Value::String(file) => MediaInput {
                 modality: Modality::Image,
-                data: Some(MediaData::Encoded { bytes: f.file(file), format: None }),
+                data: Some(MediaData::Encoded {
+                    bytes: f.file(file),
+                    format: None,
+                }),
                 uuid: None,
                 kwargs: Value::Null,
                 embeds: None,
             },
             Value::Array(frames) => MediaInput {
                 modality: Modality::Video,
-                data: Some(MediaData::Frames(frames.iter().map(|x| f.file(x.as_str().unwrap())).collect())),
+                data: Some(MediaData::Frames(
+                    frames.iter().map(|x| f.file(x.as_str().unwrap())).collect(),
+                )),
                 uuid: None,
                 kwargs: serde_json::json!({ "fps": f.reference["frame_fps"] }),
                 embeds: None,
@@ -83,7 +99,12 @@ fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedProm
 
 /// Each item's features and offset.
 fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (Vec<u32>, u64) {
-    let LoadedModel { model, tokenizer, generation, .. } = loaded;
+    let LoadedModel {
+        model,
+        tokenizer,
+        generation,
+        ..
+    } = loaded;
     let cfg = EngineConfig {
         eos_token_ids: generation.eos_token_ids,
         max_num_batched_tokens: chunk,
@@ -91,9 +112,23 @@ fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (V
         ..Default::default()
     };
     let engine = Engine::start(model, tokenizer, cfg).unwrap();
-    let PreparedPrompt { ids, items: mm_items, mrope } = prepared;
-    let params = SamplingParams { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
-    let req = EngineRequest { prompt_token_ids: ids, params, mm_items, mrope };
+    let PreparedPrompt {
+        ids,
+        items: mm_items,
+        mrope,
+    } = prepared;
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let req = EngineRequest {
+        prompt_token_ids: ids,
+        params,
+        mm_items,
+        mrope,
+    };
     let mut h = engine.add_request(req).unwrap();
     let mut got = Vec::new();
     while let Some(ev) = h.events.blocking_recv() {
@@ -107,7 +142,14 @@ fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (V
 }
 
 fn load_f32(name: &str) -> LoadedModel {
-    load(&fixture_dir(name), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap()
+    load(
+        &fixture_dir(name),
+        &LoadOptions {
+            dtype: Some("f32".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn check_fixture(name: &'static str, architecture: &str) {
@@ -122,25 +164,50 @@ fn check_fixture(name: &'static str, architecture: &str) {
         let offsets: Vec<usize> = items.iter().map(|(o, _)| *o).collect();
 
         // Pixels and grids: our processor vs transformers' slow processor.
-        let grids: Vec<Vec<u32>> = case["grid_thw"].as_array().unwrap().iter().map(ids_of).collect();
+        let grids: Vec<Vec<u32>> = case["grid_thw"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids_of)
+            .collect();
         for (i, (_, it)) in items.iter().enumerate() {
             let grid = candela_models::qwen2_vl::grid_of(it).unwrap();
-            assert_eq!(grid.map(|x| x as u32).to_vec(), grids[i], "{name} {case_name} item {i} grid");
+            assert_eq!(
+                grid.map(|x| x as u32).to_vec(),
+                grids[i],
+                "{name} {case_name} item {i} grid"
+            );
             let d = max_diff(it.get("pixel_values").unwrap(), f.ref_pixels(case_name, i));
-            assert!(d <= PIXEL_ATOL, "{name} {case_name} item {i}: pixel values differ by {d}");
+            assert!(
+                d <= PIXEL_ATOL,
+                "{name} {case_name} item {i}: pixel values differ by {d}"
+            );
             worst.0 = worst.0.max(d);
         }
 
         // Prompt and 3-D positions.
         let ids = prepared.ids.clone();
-        assert_eq!(ids, ids_of(&case["input_ids"]), "{name} {case_name}: input ids");
+        assert_eq!(
+            ids,
+            ids_of(&case["input_ids"]),
+            "{name} {case_name}: input ids"
+        );
         let mrope = prepared.mrope.clone().expect("M-RoPE positions");
-        let ref_pos: Vec<Vec<u32>> = case["position_ids"].as_array().unwrap().iter().map(ids_of).collect();
+        let ref_pos: Vec<Vec<u32>> = case["position_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids_of)
+            .collect();
         for (axis, want) in ref_pos.iter().enumerate() {
             let got: Vec<u32> = mrope.prompt.iter().map(|p| p[axis]).collect();
             assert_eq!(&got, want, "{name} {case_name}: positions on axis {axis}");
         }
-        assert_eq!(mrope.delta, case["rope_delta"].as_i64().unwrap(), "{name} {case_name}: rope delta");
+        assert_eq!(
+            mrope.delta,
+            case["rope_delta"].as_i64().unwrap(),
+            "{name} {case_name}: rope delta"
+        );
 
         // Vision embeddings from the reference's pixels and from ours, then logits.
         let ref_feats: Vec<MmFeatures> = items
@@ -154,20 +221,32 @@ fn check_fixture(name: &'static str, architecture: &str) {
             .collect();
         let our_feats: Vec<MmFeatures> = items.iter().map(|(_, it)| (**it).clone()).collect();
         for (what, feats) in [("reference pixels", ref_feats), ("our pixels", our_feats)] {
-            let spans: Vec<(usize, Tensor)> =
-                offsets.iter().zip(&feats).map(|(&o, x)| (o, loaded.model.encode(x).unwrap())).collect();
+            let spans: Vec<(usize, Tensor)> = offsets
+                .iter()
+                .zip(&feats)
+                .map(|(&o, x)| (o, loaded.model.encode(x).unwrap()))
+                .collect();
             for (i, (_, e)) in spans.iter().enumerate() {
                 let d = max_diff(e, &f.tensors[&format!("{case_name}.item{i}.embeds")]);
-                assert!(d <= ATOL, "{name} {case_name} {what}: embeddings of item {i} differ by {d}");
+                assert!(
+                    d <= ATOL,
+                    "{name} {case_name} {what}: embeddings of item {i} differ by {d}"
+                );
                 worst.1 = worst.1.max(d);
             }
             let last = last_logits(&mut loaded, &ids, &spans, Some(&mrope));
             let d = max_diff(&last, &f.tensors[&format!("{case_name}.last_logits")]);
-            assert!(d <= ATOL, "{name} {case_name} {what}: last-position logits differ by {d}");
+            assert!(
+                d <= ATOL,
+                "{name} {case_name} {what}: last-position logits differ by {d}"
+            );
             worst.2 = worst.2.max(d);
         }
     }
-    eprintln!("{name}: max |diff| pixels {:.2e}, embeddings {:.2e}, logits {:.2e}", worst.0, worst.1, worst.2);
+    eprintln!(
+        "{name}: max |diff| pixels {:.2e}, embeddings {:.2e}, logits {:.2e}",
+        worst.0, worst.1, worst.2
+    );
 
     // Greedy tokens through the engine, prefill in chunks of 7 tokens (every
     // media item is split across steps), for each case.
@@ -177,7 +256,11 @@ fn check_fixture(name: &'static str, architecture: &str) {
         let prepared = prepare_case(&loaded, &f, case);
         let n = prepared.items.len() as u64;
         let (got, encoder_runs) = run_engine(loaded, prepared, 7);
-        assert_eq!(got, ids_of(&case["greedy_ids"]), "{name} {case_name}: greedy ids");
+        assert_eq!(
+            got,
+            ids_of(&case["greedy_ids"]),
+            "{name} {case_name}: greedy ids"
+        );
         assert_eq!(encoder_runs, n);
     }
 }
@@ -196,9 +279,15 @@ fn qwen2_5_vl_matches_transformers() {
 fn text_positions_equal_plain_rope() {
     // Text alone: 3-D positions (p, p, p) rotate exactly like 1-D positions.
     let mut loaded = load_f32("qwen2-vl-tiny");
-    let ids = loaded.tokenizer.encode("A plain text prompt, no media at all.", false).unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode("A plain text prompt, no media at all.", false)
+        .unwrap();
     let n = ids.len();
-    let flat = MropePositions { prompt: (0..n as u32).map(|p| [p; 3]).collect::<Vec<_>>().into(), delta: 0 };
+    let flat = MropePositions {
+        prompt: (0..n as u32).map(|p| [p; 3]).collect::<Vec<_>>().into(),
+        delta: 0,
+    };
     let a = last_logits(&mut loaded, &ids, &[], None);
     let b = last_logits(&mut loaded, &ids, &[], Some(&flat));
     assert_eq!(max_diff(&a, &b), 0.0);

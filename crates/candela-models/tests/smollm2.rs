@@ -18,9 +18,17 @@ fn smollm2_knows_the_capital_of_france() {
     };
     let loaded = load(std::path::Path::new(&path), &LoadOptions::default()).expect("load SmolLM2");
     assert_eq!(loaded.spec.architecture, "LlamaForCausalLM");
-    let messages = vec![serde_json::json!({"role": "user", "content": "What is the capital of France?"})];
-    let opts = ChatRenderOptions { add_generation_prompt: true, ..Default::default() };
-    let text = loaded.require_chat_template().unwrap().render(&messages, &opts).unwrap();
+    let messages =
+        vec![serde_json::json!({"role": "user", "content": "What is the capital of France?"})];
+    let opts = ChatRenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let text = loaded
+        .require_chat_template()
+        .unwrap()
+        .render(&messages, &opts)
+        .unwrap();
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
     let prompt = loaded.tokenizer.encode(&text, false).unwrap();
 
@@ -30,8 +38,14 @@ fn smollm2_knows_the_capital_of_france() {
         ..Default::default()
     };
     let engine = Engine::start(loaded.model, Arc::clone(&loaded.tokenizer) as _, cfg).unwrap();
-    let params = SamplingParams { temperature: 0.0, max_tokens: 32, ..Default::default() };
-    let mut h = engine.add_request(EngineRequest::new(prompt, params)).unwrap();
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 32,
+        ..Default::default()
+    };
+    let mut h = engine
+        .add_request(EngineRequest::new(prompt, params))
+        .unwrap();
     let mut answer = String::new();
     while let Some(ev) = h.events.blocking_recv() {
         match ev {

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use candela_media::audio::{decode_to_mono, split_audio, SplitOptions};
 use candela_media::MediaError;
-use candela_models::transcribe::{Task, TranscribeError, TranscribeOptions, Transcriber, Transcription};
+use candela_models::transcribe::{
+    Task, TranscribeError, TranscribeOptions, Transcriber, Transcription,
+};
 use candela_models::{load, LoadOptions};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -29,15 +31,35 @@ fn tensors() -> std::collections::HashMap<String, Tensor> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn transcriber() -> Transcriber {
-    Transcriber::load(&dir(), &LoadOptions { dtype: Some("f32".into()), ..Default::default() }).unwrap()
+    Transcriber::load(
+        &dir(),
+        &LoadOptions {
+            dtype: Some("f32".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn speech() -> Vec<f32> {
@@ -46,7 +68,10 @@ fn speech() -> Vec<f32> {
 }
 
 fn en() -> TranscribeOptions {
-    TranscribeOptions { language: Some("en".into()), ..Default::default() }
+    TranscribeOptions {
+        language: Some("en".into()),
+        ..Default::default()
+    }
 }
 
 /// The generated tokens the reference expects in a segment (no final EOT).
@@ -88,7 +113,11 @@ fn features_encoder_and_decoder_logits_match_transformers() {
     // Token by token through the self-attention cache.
     let mut state = model.new_state(cross);
     for (i, tok) in forced.iter().enumerate() {
-        let row = model.decode(&mut [&mut state], &[&[*tok]], true).unwrap().squeeze(0).unwrap();
+        let row = model
+            .decode(&mut [&mut state], &[&[*tok]], true)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let d = max_diff(&row, &t["forced_logits"].get(i).unwrap());
         assert!(d <= ATOL, "cached step {i}: logits differ by {d}");
     }
@@ -106,9 +135,16 @@ fn greedy_tokens_match_transformers() {
     let opts = |name: &str| -> TranscribeOptions {
         match name {
             "en_transcribe" => en(),
-            "translate" => TranscribeOptions { language: Some("english".into()), task: Task::Translate, ..Default::default() },
+            "translate" => TranscribeOptions {
+                language: Some("english".into()),
+                task: Task::Translate,
+                ..Default::default()
+            },
             "detect" => TranscribeOptions::default(),
-            "prompt" => TranscribeOptions { prompt: Some(cases["prompt"]["prompt_text"].as_str().unwrap().into()), ..en() },
+            "prompt" => TranscribeOptions {
+                prompt: Some(cases["prompt"]["prompt_text"].as_str().unwrap().into()),
+                ..en()
+            },
             other => panic!("unknown case {other}"),
         }
     };
@@ -117,13 +153,29 @@ fn greedy_tokens_match_transformers() {
         let out = tr.transcribe(&samples, &opts(name)).unwrap();
         assert_eq!(out.segments.len(), 1, "{name}");
         let seg = &out.segments[0];
-        assert_eq!(seg.tokens, expected_tokens(case, eot), "{name}: greedy tokens");
-        assert_eq!(out.text, case["text"].as_str().unwrap().trim(), "{name}: text");
+        assert_eq!(
+            seg.tokens,
+            expected_tokens(case, eot),
+            "{name}: greedy tokens"
+        );
+        assert_eq!(
+            out.text,
+            case["text"].as_str().unwrap().trim(),
+            "{name}: text"
+        );
         assert_eq!(seg.start, 0.0);
         assert!((seg.end - out.duration).abs() < 1e-9);
         assert!((out.duration - samples.len() as f64 / 16000.0).abs() < 1e-9);
-        assert!(seg.avg_logprob.is_finite() && seg.avg_logprob <= 0.0, "{name}: {}", seg.avg_logprob);
-        let want_lang = if name == "detect" { case["language"].as_str().unwrap() } else { "en" };
+        assert!(
+            seg.avg_logprob.is_finite() && seg.avg_logprob <= 0.0,
+            "{name}: {}",
+            seg.avg_logprob
+        );
+        let want_lang = if name == "detect" {
+            case["language"].as_str().unwrap()
+        } else {
+            "en"
+        };
         assert_eq!(out.language.as_deref(), Some(want_lang), "{name}: language");
     }
     // The fixture ran to the decoder's length cap: prompt + generated = max_target_positions.
@@ -136,11 +188,22 @@ fn greedy_tokens_match_transformers() {
 fn same(a: &[Transcription], b: &[Transcription]) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
-        assert_eq!((&x.text, &x.language, x.duration), (&y.text, &y.language, y.duration));
+        assert_eq!(
+            (&x.text, &x.language, x.duration),
+            (&y.text, &y.language, y.duration)
+        );
         assert_eq!(x.segments.len(), y.segments.len());
         for (s, t) in x.segments.iter().zip(&y.segments) {
-            assert_eq!((&s.tokens, &s.text, s.start, s.end), (&t.tokens, &t.text, t.start, t.end));
-            assert!((s.avg_logprob - t.avg_logprob).abs() < 1e-4, "{} vs {}", s.avg_logprob, t.avg_logprob);
+            assert_eq!(
+                (&s.tokens, &s.text, s.start, s.end),
+                (&t.tokens, &t.text, t.start, t.end)
+            );
+            assert!(
+                (s.avg_logprob - t.avg_logprob).abs() < 1e-4,
+                "{} vs {}",
+                s.avg_logprob,
+                t.avg_logprob
+            );
         }
     }
 }
@@ -150,23 +213,44 @@ fn batched_requests_equal_one_at_a_time() {
     let tr = transcriber();
     let samples = speech();
     let half = &samples[..samples.len() / 2];
-    let prompt = TranscribeOptions { prompt: Some("Quick brown fox.".into()), ..en() };
+    let prompt = TranscribeOptions {
+        prompt: Some("Quick brown fox.".into()),
+        ..en()
+    };
     let detect = TranscribeOptions::default();
     let english = en();
-    let requests: Vec<(&[f32], &TranscribeOptions)> = vec![(&samples, &english), (half, &detect), (&samples, &prompt)];
-    let alone: Vec<_> = requests.iter().map(|(s, o)| tr.transcribe(s, o).unwrap()).collect();
+    let requests: Vec<(&[f32], &TranscribeOptions)> =
+        vec![(&samples, &english), (half, &detect), (&samples, &prompt)];
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|(s, o)| tr.transcribe(s, o).unwrap())
+        .collect();
     assert_eq!(tr.stats().max_batch, 1, "one at a time decodes alone");
-    let together: Vec<_> = tr.transcribe_many(&requests).into_iter().map(|r| r.unwrap()).collect();
-    assert!(tr.stats().max_batch >= 2, "requests were not batched: {:?}", tr.stats());
+    let together: Vec<_> = tr
+        .transcribe_many(&requests)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(
+        tr.stats().max_batch >= 2,
+        "requests were not batched: {:?}",
+        tr.stats()
+    );
     same(&alone, &together);
 
     // Concurrent callers on their own threads share batches too.
     let threads: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = requests.iter().map(|(smp, o)| s.spawn(|| tr.transcribe(smp, o).unwrap())).collect();
+        let hs: Vec<_> = requests
+            .iter()
+            .map(|(smp, o)| s.spawn(|| tr.transcribe(smp, o).unwrap()))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     same(&alone, &threads);
-    assert_ne!(alone[0].segments[0].tokens, alone[2].segments[0].tokens, "the prompt changes the output");
+    assert_ne!(
+        alone[0].segments[0].tokens, alone[2].segments[0].tokens,
+        "the prompt changes the output"
+    );
 }
 
 #[test]
@@ -186,48 +270,102 @@ fn long_audio_is_transcribed_window_by_window() {
     for (seg, r) in out.segments.iter().zip(&ranges) {
         assert!((seg.start - r.start as f64 / 16000.0).abs() < 1e-9);
         assert!((seg.end - r.end as f64 / 16000.0).abs() < 1e-9);
-        assert!(!seg.tokens.is_empty() && !seg.text.is_empty(), "window {} transcribed nothing", seg.id);
+        assert!(
+            !seg.tokens.is_empty() && !seg.text.is_empty(),
+            "window {} transcribed nothing",
+            seg.id
+        );
         // Each window equals that window transcribed on its own.
         let alone = tr.transcribe(&long[r.clone()], &en()).unwrap();
         assert_eq!(alone.segments[0].tokens, seg.tokens, "window {}", seg.id);
     }
     let joined: Vec<&str> = out.segments.iter().map(|s| s.text.as_str()).collect();
     assert_eq!(out.text, joined.join(" "));
-    assert!(tr.stats().max_batch >= 2, "the windows of one request decode together");
+    assert!(
+        tr.stats().max_batch >= 2,
+        "the windows of one request decode together"
+    );
 
     // Without a language, the first window's detection holds for all.
     let detected = tr.transcribe(&long, &TranscribeOptions::default()).unwrap();
     assert_eq!(detected.segments.len(), 2);
-    let first_alone = tr.transcribe(&long[ranges[0].clone()], &TranscribeOptions::default()).unwrap();
+    let first_alone = tr
+        .transcribe(&long[ranges[0].clone()], &TranscribeOptions::default())
+        .unwrap();
     assert_eq!(detected.language, first_alone.language);
     assert_eq!(detected.segments[0].tokens, first_alone.segments[0].tokens);
 }
 
 fn a_greedy(tr: &Transcriber, samples: &[f32]) -> Vec<u32> {
-    tr.transcribe_many(&[(samples, &en())]).pop().unwrap().unwrap().segments[0].tokens.clone()
+    tr.transcribe_many(&[(samples, &en())])
+        .pop()
+        .unwrap()
+        .unwrap()
+        .segments[0]
+        .tokens
+        .clone()
 }
 
 #[test]
 fn sampling_options_and_input_errors() {
     let tr = transcriber();
     let samples = speech();
-    let hot = TranscribeOptions { temperature: 1.0, seed: Some(5), ..en() };
+    let hot = TranscribeOptions {
+        temperature: 1.0,
+        seed: Some(5),
+        ..en()
+    };
     let a = tr.transcribe(&samples, &hot).unwrap();
     let b = tr.transcribe(&samples, &hot).unwrap();
     assert_eq!(a, b, "the same seed samples the same tokens");
-    let short = tr.transcribe(&samples, &TranscribeOptions { max_new_tokens: Some(3), ..en() }).unwrap();
+    let short = tr
+        .transcribe(
+            &samples,
+            &TranscribeOptions {
+                max_new_tokens: Some(3),
+                ..en()
+            },
+        )
+        .unwrap();
     assert_eq!(short.segments[0].tokens.len(), 3);
 
     let err = |r: Result<_, TranscribeError>| r.map(|_: Transcription| ()).unwrap_err();
-    assert!(matches!(err(tr.transcribe(&[], &en())), TranscribeError::Media(MediaError::Empty(_))));
-    let e = err(tr.transcribe(&samples, &TranscribeOptions { language: Some("klingon".into()), ..Default::default() }));
-    assert!(matches!(&e, TranscribeError::Invalid(m) if m.contains("klingon")), "{e}");
-    let e = err(tr.transcribe(&samples, &TranscribeOptions { temperature: -1.0, ..en() }));
+    assert!(matches!(
+        err(tr.transcribe(&[], &en())),
+        TranscribeError::Media(MediaError::Empty(_))
+    ));
+    let e = err(tr.transcribe(
+        &samples,
+        &TranscribeOptions {
+            language: Some("klingon".into()),
+            ..Default::default()
+        },
+    ));
+    assert!(
+        matches!(&e, TranscribeError::Invalid(m) if m.contains("klingon")),
+        "{e}"
+    );
+    let e = err(tr.transcribe(
+        &samples,
+        &TranscribeOptions {
+            temperature: -1.0,
+            ..en()
+        },
+    ));
     assert!(matches!(e, TranscribeError::Invalid(_)), "{e}");
-    let e = err(tr.transcribe(&samples, &TranscribeOptions { prompt: Some("hi <|endoftext|>".into()), ..en() }));
+    let e = err(tr.transcribe(
+        &samples,
+        &TranscribeOptions {
+            prompt: Some("hi <|endoftext|>".into()),
+            ..en()
+        },
+    ));
     assert!(matches!(e, TranscribeError::Invalid(_)), "{e}");
     let e = err(tr.transcribe_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage", None, &en()));
-    assert!(matches!(&e, TranscribeError::Media(m) if m.http_status() == 422), "{e}");
+    assert!(
+        matches!(&e, TranscribeError::Media(m) if m.http_status() == 422),
+        "{e}"
+    );
     let e = err(tr.transcribe(&[f32::NAN; 100], &en()));
     assert!(matches!(e, TranscribeError::Invalid(_)), "{e}");
 
@@ -239,19 +377,37 @@ fn sampling_options_and_input_errors() {
 
     // A cancelled request gives up and the transcriber goes on serving others.
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    assert!(matches!(err(tr.transcribe_cancellable(&samples, &en(), flag)), TranscribeError::Cancelled));
-    assert_eq!(tr.transcribe(&samples, &en()).unwrap().segments[0].tokens, a_greedy(&tr, &samples));
+    assert!(matches!(
+        err(tr.transcribe_cancellable(&samples, &en(), flag)),
+        TranscribeError::Cancelled
+    ));
+    assert_eq!(
+        tr.transcribe(&samples, &en()).unwrap().segments[0].tokens,
+        a_greedy(&tr, &samples)
+    );
 
     tr.close();
-    assert!(matches!(err(tr.transcribe(&samples, &en())), TranscribeError::Closed));
+    assert!(matches!(
+        err(tr.transcribe(&samples, &en())),
+        TranscribeError::Closed
+    ));
 }
 
 #[test]
 fn the_engine_loader_points_whisper_to_the_transcriber() {
     assert!(candela_models::transcribe::is_whisper_model(&dir()));
-    assert!(!candela_models::transcribe::is_whisper_model(&dir().join("../llama-tiny")));
-    let err = load(&dir(), &LoadOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("Whisper") && err.contains("Transcriber"), "{err}");
-    let err = Transcriber::load(&dir().join("../llama-tiny"), &LoadOptions::default()).unwrap_err().to_string();
+    assert!(!candela_models::transcribe::is_whisper_model(
+        &dir().join("../llama-tiny")
+    ));
+    let err = load(&dir(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Whisper") && err.contains("Transcriber"),
+        "{err}"
+    );
+    let err = Transcriber::load(&dir().join("../llama-tiny"), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a Whisper model"), "{err}");
 }

@@ -25,13 +25,22 @@ fn whisper_tiny_en_transcribes_the_espeak_clip() {
     assert!(!tr.tokens().is_multilingual());
     let audio = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/audio");
     let opts = TranscribeOptions::default();
-    for file in ["speech_16k.wav", "speech_44k_stereo.wav", "speech_16k.flac", "speech_16k.mp3"] {
+    for file in [
+        "speech_16k.wav",
+        "speech_44k_stereo.wav",
+        "speech_16k.flac",
+        "speech_16k.mp3",
+    ] {
         let bytes = std::fs::read(audio.join(file)).unwrap();
         let out = tr.transcribe_bytes(&bytes, None, &opts).unwrap();
         eprintln!("{file}: {:?}", out.text);
         let text = out.text.to_lowercase();
         for word in ["listen", "the quick", "jump"] {
-            assert!(text.contains(word), "{file}: {word:?} missing from {:?}", out.text);
+            assert!(
+                text.contains(word),
+                "{file}: {word:?} missing from {:?}",
+                out.text
+            );
         }
         assert_eq!(out.language.as_deref(), Some("en"));
         if file == "speech_16k.wav" {
@@ -39,6 +48,12 @@ fn whisper_tiny_en_transcribes_the_espeak_clip() {
         }
     }
     // English-only: a language other than English is refused.
-    let err = tr.transcribe(&[0.1; 16000], &TranscribeOptions { language: Some("de".into()), ..Default::default() });
+    let err = tr.transcribe(
+        &[0.1; 16000],
+        &TranscribeOptions {
+            language: Some("de".into()),
+            ..Default::default()
+        },
+    );
     assert!(err.unwrap_err().to_string().contains("English-only"));
 }

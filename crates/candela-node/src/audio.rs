@@ -19,14 +19,18 @@ pub struct NativeSplitOptions {
 
 fn sample_rate_hz(v: f64) -> Result<u32> {
     if !v.is_finite() || v.fract() != 0.0 || v < 1.0 || v > u32::MAX as f64 {
-        return Err(invalid(format!("sampleRate must be a positive whole number of Hz, got {v}")));
+        return Err(invalid(format!(
+            "sampleRate must be a positive whole number of Hz, got {v}"
+        )));
     }
     Ok(v as u32)
 }
 
 fn window_size(v: f64) -> Result<usize> {
     if !v.is_finite() || v.fract() != 0.0 || v < 1.0 {
-        return Err(invalid(format!("minEnergyWindowSize must be a whole number of samples, at least 1, got {v}")));
+        return Err(invalid(format!(
+            "minEnergyWindowSize must be a whole number of samples, at least 1, got {v}"
+        )));
     }
     Ok(v as usize)
 }
@@ -34,7 +38,11 @@ fn window_size(v: f64) -> Result<usize> {
 /// Where `splitAudio` cuts: the end index of every chunk, in order (the last
 /// is `samples.length`; none for empty input).
 #[napi]
-pub fn split_audio_bounds(samples: Float32Array, sample_rate: f64, options: Option<NativeSplitOptions>) -> Result<Vec<f64>> {
+pub fn split_audio_bounds(
+    samples: Float32Array,
+    sample_rate: f64,
+    options: Option<NativeSplitOptions>,
+) -> Result<Vec<f64>> {
     guard("splitAudio", || {
         let sr = sample_rate_hz(sample_rate)?;
         let o = options.unwrap_or_default();

@@ -20,7 +20,12 @@ pub struct Grammars {
 
 impl Grammars {
     pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos_token_ids: Vec<u32>) -> Self {
-        Self { tokenizer, vocab_size, eos_token_ids, compiler: OnceLock::new() }
+        Self {
+            tokenizer,
+            vocab_size,
+            eos_token_ids,
+            compiler: OnceLock::new(),
+        }
     }
 
     fn compiler(&self) -> std::result::Result<&GrammarCompiler, String> {
@@ -30,14 +35,20 @@ impl Grammars {
                 GrammarCompiler::from_tokenizer_json(&json, self.vocab_size, &self.eos_token_ids)
             })
             .as_ref()
-            .map_err(|e| format!("structured outputs are not available for this model's tokenizer: {e}"))
+            .map_err(|e| {
+                format!("structured outputs are not available for this model's tokenizer: {e}")
+            })
     }
 
     /// Compile a request's constraint; a grammar that cannot be compiled is
     /// the caller's error, named by the field it came in.
     pub fn compile(&self, s: &NativeStructuredOutputs) -> Result<Grammar> {
         let (spec, param) = grammar_spec(s)?;
-        let compiler = self.compiler().map_err(|e| invalid(format!("{param}: {e}")))?;
-        compiler.compile(&spec).map_err(|e| invalid(format!("{param}: {e}")))
+        let compiler = self
+            .compiler()
+            .map_err(|e| invalid(format!("{param}: {e}")))?;
+        compiler
+            .compile(&spec)
+            .map_err(|e| invalid(format!("{param}: {e}")))
     }
 }

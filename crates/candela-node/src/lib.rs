@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-use candela_core::{Engine, EngineConfig, EngineRequest, FinishReason, ModelSpec, RequestEvent, TokenDecoder, TokenLogprob};
+use candela_core::{
+    Engine, EngineConfig, EngineRequest, FinishReason, ModelSpec, RequestEvent, TokenDecoder,
+    TokenLogprob,
+};
 use candela_models::input::InputPreparer;
 use candela_models::processor::DecodeOptions;
 use candela_models::{ChatRenderOptions, ChatTemplate, LoadOptions, Tokenizer};
@@ -32,11 +35,11 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Notify;
 
-use guard::{guard, internal, invalid, panic_message};
-pub use params::NativeSamplingParams;
 use candela_models::GenerationDefaults;
+use guard::{guard, internal, invalid, panic_message};
 use media::NativeInputError;
 use params::to_sampling_params;
+pub use params::NativeSamplingParams;
 
 /// Options for `NativeEngine.load`.
 #[napi(object)]
@@ -99,12 +102,19 @@ pub struct NativeVideoIoKwargs {
 /// The image and video reader options of `mediaIoKwargs`.
 fn media_io_options(
     kw: Option<NativeMediaIoKwargs>,
-) -> Result<(candela_media::image::ImageOptions, candela_media::video::VideoDecodeOptions)> {
+) -> Result<(
+    candela_media::image::ImageOptions,
+    candela_media::video::VideoDecodeOptions,
+)> {
     let mut image = candela_media::image::ImageOptions::default();
     let mut video = candela_media::video::VideoDecodeOptions::default();
-    let Some(kw) = kw else { return Ok((image, video)) };
+    let Some(kw) = kw else {
+        return Ok((image, video));
+    };
     if let Some(c) = kw.image.and_then(|i| i.rgba_background_color) {
-        let ok = c.len() == 3 && c.iter().all(|v| v.fract() == 0.0 && (0.0..=255.0).contains(v));
+        let ok = c.len() == 3
+            && c.iter()
+                .all(|v| v.fract() == 0.0 && (0.0..=255.0).contains(v));
         if !ok {
             return Err(invalid(format!(
                 "mediaIoKwargs.image.rgbaBackgroundColor must be [r, g, b] with integers 0..255, got {c:?}"
@@ -123,8 +133,10 @@ fn media_io_options(
 #[napi]
 pub fn device_unavailable(device: Option<String>) -> Option<String> {
     let device = device.unwrap_or_else(|| "cuda".into());
-    guard("deviceUnavailable", || Ok(candela_models::loader::device_unavailable(&device)))
-        .unwrap_or_else(|e| Some(e.reason.clone()))
+    guard("deviceUnavailable", || {
+        Ok(candela_models::loader::device_unavailable(&device))
+    })
+    .unwrap_or_else(|e| Some(e.reason.clone()))
 }
 
 /// One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`.
@@ -325,14 +337,24 @@ impl Inner {
             message: None,
         };
         match ev {
-            RequestEvent::Tokens { index, token_ids, text, logprobs } => {
+            RequestEvent::Tokens {
+                index,
+                token_ids,
+                text,
+                logprobs,
+            } => {
                 out.kind = "tokens".into();
                 out.index = index as u32;
                 out.token_ids = token_ids;
                 out.text = text;
                 out.logprobs = logprobs.map(|l| self.convert_logprobs(l));
             }
-            RequestEvent::Finished { index, reason, stop_reason, usage } => {
+            RequestEvent::Finished {
+                index,
+                reason,
+                stop_reason,
+                usage,
+            } => {
                 out.kind = "finished".into();
                 out.index = index as u32;
                 out.finish_reason = Some(
@@ -373,18 +395,28 @@ impl Inner {
             ))
         })?;
         let Some(messages) = messages.as_array() else {
-            return Err(invalid("messages must be an array of { role, content } objects"));
+            return Err(invalid(
+                "messages must be an array of { role, content } objects",
+            ));
         };
         if let Some((i, _)) = messages.iter().enumerate().find(|(_, m)| !m.is_object()) {
-            return Err(invalid(format!("messages[{i}] must be an object with role and content")));
+            return Err(invalid(format!(
+                "messages[{i}] must be an object with role and content"
+            )));
         }
         let extra = match kwargs {
             None | Some(serde_json::Value::Null) => serde_json::Map::new(),
             Some(serde_json::Value::Object(m)) => m,
             Some(_) => return Err(invalid("chatTemplateKwargs must be an object")),
         };
-        let opts = ChatRenderOptions { add_generation_prompt, tools, documents: None, extra };
-        tpl.render(messages, &opts).map_err(|e| invalid(e.to_string()))
+        let opts = ChatRenderOptions {
+            add_generation_prompt,
+            tools,
+            documents: None,
+            extra,
+        };
+        tpl.render(messages, &opts)
+            .map_err(|e| invalid(e.to_string()))
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -406,13 +438,18 @@ fn num(v: Option<u32>, default: usize) -> usize {
 
 fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     let device = match opts.device.as_deref().unwrap_or("cpu") {
-        "auto" if candela_models::loader::device_unavailable("cuda").is_none() => "cuda".to_string(),
+        "auto" if candela_models::loader::device_unavailable("cuda").is_none() => {
+            "cuda".to_string()
+        }
         "auto" => "cpu".to_string(),
         d => d.to_string(),
     };
     let path = PathBuf::from(&opts.model);
     if !path.exists() {
-        return Err(invalid(format!("model path does not exist: {}", opts.model)));
+        return Err(invalid(format!(
+            "model path does not exist: {}",
+            opts.model
+        )));
     }
     // Checked before the (slow) load.
     let (image_options, video_options) = media_io_options(opts.media_io_kwargs)?;
@@ -427,7 +464,9 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         block_size: num(opts.block_size, 16),
         kv_cache_bytes: match opts.kv_cache_bytes {
             Some(b) if !(b.is_finite() && b > 0.0) => {
-                return Err(invalid(format!("kvCacheBytes must be a positive number, got {b}")))
+                return Err(invalid(format!(
+                    "kvCacheBytes must be a positive number, got {b}"
+                )))
             }
             Some(b) => Some(b as usize),
             None => None,
@@ -437,7 +476,9 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         enable_prefix_caching: opts.enable_prefix_caching.unwrap_or(true),
         gpu_memory_utilization: match opts.gpu_memory_utilization {
             Some(u) if !(u > 0.0 && u <= 1.0) => {
-                return Err(invalid(format!("gpuMemoryUtilization must be in (0, 1], got {u}")))
+                return Err(invalid(format!(
+                    "gpuMemoryUtilization must be in (0, 1], got {u}"
+                )))
             }
             Some(u) => u as f32,
             None => 0.9,
@@ -450,7 +491,9 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     };
     let processor_cache_bytes = match opts.mm_processor_cache_gb {
         Some(g) if !(g.is_finite() && g >= 0.0) => {
-            return Err(invalid(format!("mmProcessorCacheGb must be a number >= 0, got {g}")))
+            return Err(invalid(format!(
+                "mmProcessorCacheGb must be a number >= 0, got {g}"
+            )))
         }
         Some(g) => (g * (1u64 << 30) as f64) as usize,
         None => 4 << 30,
@@ -458,15 +501,23 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     let input = InputPreparer::new(
         loaded.processor.clone(),
         processor_cache_bytes,
-        DecodeOptions { image: image_options, video: video_options },
+        DecodeOptions {
+            image: image_options,
+            video: video_options,
+        },
         opts.enable_mm_embeds.unwrap_or(false),
     );
     let tokenizer = loaded.tokenizer.clone();
     let decoder: Arc<dyn TokenDecoder> = loaded.tokenizer.clone();
-    let engine = Engine::start(loaded.model, decoder, config).map_err(|e| invalid(e.to_string()))?;
+    let engine =
+        Engine::start(loaded.model, decoder, config).map_err(|e| invalid(e.to_string()))?;
     let mut spec = engine.model_spec().clone();
     spec.max_model_len = engine.max_model_len();
-    let grammars = grammar::Grammars::new(tokenizer.clone(), spec.vocab_size, loaded.generation.eos_token_ids.clone());
+    let grammars = grammar::Grammars::new(
+        tokenizer.clone(),
+        spec.vocab_size,
+        loaded.generation.eos_token_ids.clone(),
+    );
     Ok(NativeEngine {
         inner: Arc::new(Inner {
             engine,
@@ -511,14 +562,27 @@ impl NativeEngine {
     /// the JS thread. Resolves to the request id, or to the typed reason the
     /// input was refused.
     #[napi]
-    pub async fn add_request(&self, request: NativeRequest, media: Option<Vec<media::NativeMediaItem>>) -> Result<NativeSubmitted> {
+    pub async fn add_request(
+        &self,
+        request: NativeRequest,
+        media: Option<Vec<media::NativeMediaItem>>,
+    ) -> Result<NativeSubmitted> {
         self.inner.check_open()?;
-        let inputs = match media.unwrap_or_default().into_iter().map(media::media_input).collect::<std::result::Result<Vec<_>, _>>() {
+        let inputs = match media
+            .unwrap_or_default()
+            .into_iter()
+            .map(media::media_input)
+            .collect::<std::result::Result<Vec<_>, _>>()
+        {
             Ok(i) => i,
             Err(e) => return Ok(NativeSubmitted::refused(e)),
         };
         let inner = self.inner.clone();
-        let task = spawn_blocking(move || guard("addRequest", move || inner.prepare_and_submit(request, inputs)));
+        let task = spawn_blocking(move || {
+            guard("addRequest", move || {
+                inner.prepare_and_submit(request, inputs)
+            })
+        });
         match task.await {
             Ok(r) => r,
             Err(e) => Err(internal(format!("request preparation failed: {e}"))),
@@ -535,7 +599,10 @@ impl NativeEngine {
                 .map(|i| i.into_ref())
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| invalid(e.message))?;
-            self.inner.input.uncached(&self.inner.engine, &refs).map_err(|e| invalid(e.to_string()))
+            self.inner
+                .input
+                .uncached(&self.inner.engine, &refs)
+                .map_err(|e| invalid(e.to_string()))
         })
     }
 }
@@ -549,14 +616,21 @@ pub struct NativeSubmitted {
 
 impl NativeSubmitted {
     fn refused(e: media::NativeInputError) -> Self {
-        Self { request_id: None, error: Some(e) }
+        Self {
+            request_id: None,
+            error: Some(e),
+        }
     }
 }
 
 impl Inner {
     /// Render + tokenize, prepare media, queue. Input mistakes come back as
     /// a refusal; only failures of ours are errors.
-    fn prepare_and_submit(&self, request: NativeRequest, inputs: Vec<candela_models::input::MediaInput>) -> Result<NativeSubmitted> {
+    fn prepare_and_submit(
+        &self,
+        request: NativeRequest,
+        inputs: Vec<candela_models::input::MediaInput>,
+    ) -> Result<NativeSubmitted> {
         let ids = match self.prompt_ids(&request) {
             Ok(ids) => ids,
             Err(e) => return Ok(NativeSubmitted::refused(e)),
@@ -566,26 +640,43 @@ impl Inner {
             Err(e) => return Ok(NativeSubmitted::refused(e.into())),
         };
         let (params, default_max) = (request.params, request.default_max_tokens);
-        self.submit(prepared.ids, prepared.items, prepared.mrope, params, default_max)
+        self.submit(
+            prepared.ids,
+            prepared.items,
+            prepared.mrope,
+            params,
+            default_max,
+        )
     }
 }
 
 impl Inner {
     /// The request's prompt as token ids (template rendered, tokenized).
     /// Text that cannot fit the context is refused before that work.
-    fn prompt_ids(&self, request: &NativeRequest) -> std::result::Result<Vec<u32>, NativeInputError> {
-        let given = [request.prompt.is_some(), request.prompt_token_ids.is_some(), request.messages.is_some()]
-            .iter()
-            .filter(|x| **x)
-            .count();
+    fn prompt_ids(
+        &self,
+        request: &NativeRequest,
+    ) -> std::result::Result<Vec<u32>, NativeInputError> {
+        let given = [
+            request.prompt.is_some(),
+            request.prompt_token_ids.is_some(),
+            request.messages.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
         if given != 1 {
-            return Err(NativeInputError::invalid("a request needs exactly one of prompt, promptTokenIds or messages"));
+            return Err(NativeInputError::invalid(
+                "a request needs exactly one of prompt, promptTokenIds or messages",
+            ));
         }
         let refused = |e: napi::Error| NativeInputError::invalid(e.reason.clone());
         if let Some(ids) = request.prompt_token_ids.clone() {
             let vocab = self.spec.vocab_size;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(NativeInputError::invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
+                return Err(NativeInputError::invalid(format!(
+                    "token id {bad} is out of range (vocabulary size {vocab})"
+                )));
             }
             return Ok(ids);
         }
@@ -601,7 +692,9 @@ impl Inner {
             )));
         }
         if let Some(prompt) = &request.prompt {
-            return self.encode(prompt, request.add_special_tokens.unwrap_or(true)).map_err(refused);
+            return self
+                .encode(prompt, request.add_special_tokens.unwrap_or(true))
+                .map_err(refused);
         }
         let messages = request.messages.as_ref().expect("checked above");
         let text = self
@@ -627,7 +720,9 @@ impl Inner {
     ) -> Result<NativeSubmitted> {
         let refuse = |e: NativeInputError| Ok(NativeSubmitted::refused(e));
         if ids.is_empty() {
-            return refuse(NativeInputError::invalid("the prompt is empty (it has no tokens)"));
+            return refuse(NativeInputError::invalid(
+                "the prompt is empty (it has no tokens)",
+            ));
         }
         let max_len = self.spec.max_model_len;
         if ids.len() >= max_len {
@@ -638,10 +733,11 @@ impl Inner {
         }
         let p = params.unwrap_or_default();
         let fallback = default_max_tokens.map(|m| m as usize);
-        let mut params = match to_sampling_params(&p, &self.generation, ids.len(), max_len, fallback) {
-            Ok(p) => p,
-            Err(e) => return refuse(NativeInputError::invalid(e.reason)),
-        };
+        let mut params =
+            match to_sampling_params(&p, &self.generation, ids.len(), max_len, fallback) {
+                Ok(p) => p,
+                Err(e) => return refuse(NativeInputError::invalid(e.reason)),
+            };
         if let Some(s) = &p.structured_outputs {
             params.grammar = match self.grammars.compile(s) {
                 Ok(g) => Some(g),
@@ -649,9 +745,16 @@ impl Inner {
             };
         }
         let n = params.n;
-        let handle = match self.engine.add_request(EngineRequest { prompt_token_ids: ids, params, mm_items, mrope }) {
+        let handle = match self.engine.add_request(EngineRequest {
+            prompt_token_ids: ids,
+            params,
+            mm_items,
+            mrope,
+        }) {
             Ok(h) => h,
-            Err(e) if e.is_invalid_request() => return refuse(NativeInputError::invalid(e.to_string())),
+            Err(e) if e.is_invalid_request() => {
+                return refuse(NativeInputError::invalid(e.to_string()))
+            }
             Err(e) => return Err(internal(e.to_string())),
         };
         let state = Arc::new(ReqState {
@@ -665,7 +768,10 @@ impl Inner {
             .lock()
             .map_err(|_| internal("request table poisoned"))?
             .insert(handle.id, state);
-        Ok(NativeSubmitted { request_id: Some(handle.id as i64), error: None })
+        Ok(NativeSubmitted {
+            request_id: Some(handle.id as i64),
+            error: None,
+        })
     }
 }
 
@@ -673,15 +779,21 @@ impl Inner {
 fn message_text_bytes(messages: &serde_json::Value) -> usize {
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.len(),
-        serde_json::Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).map(str::len).sum(),
+        serde_json::Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text")?.as_str())
+            .map(str::len)
+            .sum(),
         _ => 0,
     };
-    messages.as_array().map(|m| m.iter().filter_map(|x| x.get("content")).map(text).sum()).unwrap_or(0)
+    messages
+        .as_array()
+        .map(|m| m.iter().filter_map(|x| x.get("content")).map(text).sum())
+        .unwrap_or(0)
 }
 
 #[napi]
 impl NativeEngine {
-
     /// Wait for the request's next events and return all that are queued.
     /// `done` is true once every sample finished, the request failed, or it
     /// was aborted; later calls return `{ events: [], done: true }`.
@@ -693,7 +805,11 @@ impl NativeEngine {
             // Gone from the map: finished earlier, or swept up by close() between
             // two next() calls; the latter must read as aborted, not as done.
             let aborted = inner.closed.load(Ordering::Acquire);
-            return Ok(NativeBatch { events: Vec::new(), done: true, aborted });
+            return Ok(NativeBatch {
+                events: Vec::new(),
+                done: true,
+                aborted,
+            });
         };
         let mut rx = state.rx.lock().await;
         let aborted = || state.aborted.load(Ordering::Acquire);
@@ -742,7 +858,11 @@ impl NativeEngine {
             if done {
                 inner.take_request(id);
             }
-            Ok(NativeBatch { events: if was_aborted { Vec::new() } else { events }, done, aborted: was_aborted })
+            Ok(NativeBatch {
+                events: if was_aborted { Vec::new() } else { events },
+                done,
+                aborted: was_aborted,
+            })
         })
     }
 
@@ -808,26 +928,43 @@ impl NativeEngine {
             chat_template: i.chat_template.as_ref().map(|t| t.source().to_string()),
             device: i.device.clone(),
             threads: i.engine.threads() as u32,
-            modalities: i.input.modalities().into_iter().map(|m| m.name().to_string()).collect(),
+            modalities: i
+                .input
+                .modalities()
+                .into_iter()
+                .map(|m| m.name().to_string())
+                .collect(),
         }
     }
 
     /// Text -> token ids with the model's tokenizer.
     #[napi]
     pub fn tokenize(&self, text: String, add_special_tokens: Option<bool>) -> Result<Vec<u32>> {
-        guard("tokenize", || self.inner.encode(&text, add_special_tokens.unwrap_or(true)))
+        guard("tokenize", || {
+            self.inner.encode(&text, add_special_tokens.unwrap_or(true))
+        })
     }
 
     /// Token ids -> text.
     #[napi]
-    pub fn detokenize(&self, token_ids: Vec<u32>, skip_special_tokens: Option<bool>) -> Result<String> {
+    pub fn detokenize(
+        &self,
+        token_ids: Vec<u32>,
+        skip_special_tokens: Option<bool>,
+    ) -> Result<String> {
         guard("detokenize", || {
             let vocab = self.inner.spec.vocab_size;
             if let Some(bad) = token_ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(invalid(format!("token id {bad} is out of range (vocabulary size {vocab})")));
+                return Err(invalid(format!(
+                    "token id {bad} is out of range (vocabulary size {vocab})"
+                )));
             }
-            Tokenizer::decode(&self.inner.tokenizer, &token_ids, skip_special_tokens.unwrap_or(true))
-                .map_err(|e| invalid(e.to_string()))
+            Tokenizer::decode(
+                &self.inner.tokenizer,
+                &token_ids,
+                skip_special_tokens.unwrap_or(true),
+            )
+            .map_err(|e| invalid(e.to_string()))
         })
     }
 
@@ -838,11 +975,17 @@ impl NativeEngine {
         #[napi(ts_arg_type = "Array<Record<string, unknown>>")] messages: serde_json::Value,
         add_generation_prompt: Option<bool>,
         #[napi(ts_arg_type = "Array<Record<string, unknown>>")] tools: Option<serde_json::Value>,
-        #[napi(ts_arg_type = "Record<string, unknown>")] chat_template_kwargs: Option<serde_json::Value>,
+        #[napi(ts_arg_type = "Record<string, unknown>")] chat_template_kwargs: Option<
+            serde_json::Value,
+        >,
     ) -> Result<String> {
         guard("applyChatTemplate", || {
-            self.inner
-                .render_chat(&messages, add_generation_prompt.unwrap_or(true), tools, chat_template_kwargs)
+            self.inner.render_chat(
+                &messages,
+                add_generation_prompt.unwrap_or(true),
+                tools,
+                chat_template_kwargs,
+            )
         })
     }
 

@@ -67,11 +67,21 @@ pub struct NativeInputError {
 
 impl NativeInputError {
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { code: "invalid".into(), status: 400, message: message.into(), uuid: None }
+        Self {
+            code: "invalid".into(),
+            status: 400,
+            message: message.into(),
+            uuid: None,
+        }
     }
 
     pub fn context_length(message: impl Into<String>) -> Self {
-        Self { code: "context_length".into(), status: 400, message: message.into(), uuid: None }
+        Self {
+            code: "context_length".into(),
+            status: 400,
+            message: message.into(),
+            uuid: None,
+        }
     }
 }
 
@@ -80,9 +90,24 @@ impl From<InputError> for NativeInputError {
         let status = e.status() as u32;
         let message = e.to_string();
         match e {
-            InputError::Invalid(_) => Self { code: "invalid".into(), status, message, uuid: None },
-            InputError::Media(_) => Self { code: "media".into(), status, message, uuid: None },
-            InputError::UuidMiss { uuid, .. } => Self { code: "uuid_miss".into(), status, message, uuid: Some(uuid) },
+            InputError::Invalid(_) => Self {
+                code: "invalid".into(),
+                status,
+                message,
+                uuid: None,
+            },
+            InputError::Media(_) => Self {
+                code: "media".into(),
+                status,
+                message,
+                uuid: None,
+            },
+            InputError::UuidMiss { uuid, .. } => Self {
+                code: "uuid_miss".into(),
+                status,
+                message,
+                uuid: Some(uuid),
+            },
         }
     }
 }
@@ -94,8 +119,11 @@ pub fn media_error(e: &MediaError) -> napi::Error {
 }
 
 pub fn modality(name: &str) -> Result<Modality, NativeInputError> {
-    Modality::from_name(name)
-        .ok_or_else(|| NativeInputError::invalid(format!("unknown media modality {name:?} (image, video or audio)")))
+    Modality::from_name(name).ok_or_else(|| {
+        NativeInputError::invalid(format!(
+            "unknown media modality {name:?} (image, video or audio)"
+        ))
+    })
 }
 
 impl NativeUuidRef {
@@ -114,7 +142,10 @@ pub fn media_input(item: NativeMediaItem) -> Result<MediaInput, NativeInputError
     let bad = NativeInputError::invalid;
     let modality = modality(&item.modality)?;
     let samples = match (item.samples, item.sample_rate) {
-        (Some(ch), Some(rate)) => Some(MediaData::Samples { channels: ch.iter().map(|c| c.to_vec()).collect(), rate }),
+        (Some(ch), Some(rate)) => Some(MediaData::Samples {
+            channels: ch.iter().map(|c| c.to_vec()).collect(),
+            rate,
+        }),
         (Some(_), None) => return Err(bad("raw audio samples need a sampleRate")),
         _ => None,
     };
@@ -125,23 +156,45 @@ pub fn media_input(item: NativeMediaItem) -> Result<MediaInput, NativeInputError
         return Err(bad("a video given as frames needs at least one frame"));
     }
     let source = match (item.embeds, item.embeds_safetensors) {
-        (Some(_), Some(_)) => return Err(bad("give image embeddings as floats or as a safetensors blob, not both")),
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "give image embeddings as floats or as a safetensors blob, not both",
+            ))
+        }
         (Some(f), None) => {
-            let shape = item.embeds_shape.unwrap_or_default().into_iter().map(|d| d as usize).collect();
-            Some(EmbedsSource::Floats { data: f.to_vec(), shape })
+            let shape = item
+                .embeds_shape
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| d as usize)
+                .collect();
+            Some(EmbedsSource::Floats {
+                data: f.to_vec(),
+                shape,
+            })
         }
         (None, Some(b)) => Some(EmbedsSource::Safetensors(b.to_vec())),
         (None, None) => None,
     };
-    if source.is_some() && (modality != Modality::Image || item.data.is_some() || item.frames.is_some()) {
-        return Err(bad("precomputed embeddings are an image item's, given instead of its data"));
+    if source.is_some()
+        && (modality != Modality::Image || item.data.is_some() || item.frames.is_some())
+    {
+        return Err(bad(
+            "precomputed embeddings are an image item's, given instead of its data",
+        ));
     }
     let grid_thw = match item.grid_thw {
-        Some(g) => Some(grid_from(&g.iter().map(|&v| v as i64).collect::<Vec<_>>()).map_err(|e| NativeInputError::invalid(e.message()))?),
+        Some(g) => Some(
+            grid_from(&g.iter().map(|&v| v as i64).collect::<Vec<_>>())
+                .map_err(|e| NativeInputError::invalid(e.message()))?,
+        ),
         None => None,
     };
     let data = match (item.data, item.frames, samples) {
-        (Some(b), _, _) => Some(MediaData::Encoded { bytes: b.to_vec(), format: item.format }),
+        (Some(b), _, _) => Some(MediaData::Encoded {
+            bytes: b.to_vec(),
+            format: item.format,
+        }),
         (None, Some(f), _) => Some(MediaData::Frames(f.iter().map(|b| b.to_vec()).collect())),
         (None, None, s) => s,
     };

@@ -61,7 +61,10 @@ pub fn grammar_spec(s: &NativeStructuredOutputs) -> Result<(GrammarSpec, String)
     let mut given = Vec::new();
     if let Some(v) = &s.json {
         if !v.is_object() {
-            return Err(invalid(format!("{}: a JSON schema must be an object", param_of(s, "json"))));
+            return Err(invalid(format!(
+                "{}: a JSON schema must be an object",
+                param_of(s, "json")
+            )));
         }
         given.push(("json", GrammarSpec::JsonSchema(v.clone())));
     }
@@ -70,7 +73,10 @@ pub fn grammar_spec(s: &NativeStructuredOutputs) -> Result<(GrammarSpec, String)
     }
     if let Some(v) = &s.choice {
         if v.is_empty() {
-            return Err(invalid(format!("{}: must list at least one string", param_of(s, "choice"))));
+            return Err(invalid(format!(
+                "{}: must list at least one string",
+                param_of(s, "choice")
+            )));
         }
         given.push(("choice", GrammarSpec::Choice(v.clone())));
     }
@@ -78,14 +84,18 @@ pub fn grammar_spec(s: &NativeStructuredOutputs) -> Result<(GrammarSpec, String)
         given.push(("grammar", GrammarSpec::Lark(v.clone())));
     }
     if given.len() != 1 {
-        return Err(invalid("structuredOutputs needs exactly one of json, regex, choice or grammar"));
+        return Err(invalid(
+            "structuredOutputs needs exactly one of json, regex, choice or grammar",
+        ));
     }
     let (field, spec) = given.remove(0);
     Ok((spec, param_of(s, field)))
 }
 
 fn param_of(s: &NativeStructuredOutputs, field: &str) -> String {
-    s.param.clone().unwrap_or_else(|| format!("structuredOutputs.{field}"))
+    s.param
+        .clone()
+        .unwrap_or_else(|| format!("structuredOutputs.{field}"))
 }
 
 fn count(name: &str, v: i64, min: i64) -> Result<usize> {
@@ -136,7 +146,9 @@ pub fn to_sampling_params(
     };
     if let Some(seed) = p.seed {
         if seed < 0 {
-            return Err(invalid(format!("seed must be a non-negative integer, got {seed}")));
+            return Err(invalid(format!(
+                "seed must be a non-negative integer, got {seed}"
+            )));
         }
         s.seed = Some(seed as u64);
     }
@@ -164,7 +176,11 @@ pub fn to_sampling_params(
             }
             m
         }
-        None => d.max_new_tokens.or(fallback_max_tokens).unwrap_or(room).clamp(1, room),
+        None => d
+            .max_new_tokens
+            .or(fallback_max_tokens)
+            .unwrap_or(room)
+            .clamp(1, room),
     };
     if let Some(v) = p.min_tokens {
         s.min_tokens = count("minTokens", v, 0)?;

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use candela_media::audio::{decode_to_mono, mono_from_channels, resample};
 use candela_media::MediaError;
-use candela_models::transcribe::{language_name, Task, TranscribeError, TranscribeOptions, Transcriber, Transcription};
+use candela_models::transcribe::{
+    language_name, Task, TranscribeError, TranscribeOptions, Transcriber, Transcription,
+};
 use candela_models::LoadOptions;
 use napi::bindgen_prelude::{spawn_blocking, Buffer, Float32Array};
 use napi::Result;
@@ -110,7 +112,12 @@ pub struct NativeTranscriberStats {
 /// the transcriber instead of the engine).
 #[napi]
 pub fn is_whisper_model(path: String) -> bool {
-    guard("isWhisperModel", || Ok(candela_models::transcribe::is_whisper_model(&PathBuf::from(&path)))).unwrap_or(false)
+    guard("isWhisperModel", || {
+        Ok(candela_models::transcribe::is_whisper_model(
+            &PathBuf::from(&path),
+        ))
+    })
+    .unwrap_or(false)
 }
 
 /// A loaded Whisper model with its decoding thread.
@@ -133,7 +140,10 @@ fn to_js(e: TranscribeError) -> napi::Error {
 }
 
 /// Run `f` on a worker thread, with panics turned into errors.
-async fn blocking<T: Send + 'static>(what: &'static str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match spawn_blocking(move || guard(what, f)).await {
         Ok(r) => r,
         Err(e) if e.is_panic() => Err(internal(format!(
@@ -153,11 +163,17 @@ enum Audio {
 fn options(r: &NativeTranscribeRequest) -> Result<TranscribeOptions> {
     let task = match r.task.as_deref() {
         None => Task::Transcribe,
-        Some(t) => Task::parse(t).ok_or_else(|| invalid(format!("task must be 'transcribe' or 'translate', got {t:?}")))?,
+        Some(t) => Task::parse(t).ok_or_else(|| {
+            invalid(format!(
+                "task must be 'transcribe' or 'translate', got {t:?}"
+            ))
+        })?,
     };
     let temperature = r.temperature.unwrap_or(0.0);
     if !temperature.is_finite() || temperature < 0.0 {
-        return Err(invalid(format!("temperature must be a number >= 0, got {temperature}")));
+        return Err(invalid(format!(
+            "temperature must be a number >= 0, got {temperature}"
+        )));
     }
     if r.max_new_tokens == Some(0) {
         return Err(invalid("maxNewTokens must be at least 1"));
@@ -174,22 +190,37 @@ fn options(r: &NativeTranscribeRequest) -> Result<TranscribeOptions> {
 
 fn audio(r: NativeTranscribeRequest) -> Result<Audio> {
     match (r.audio, r.samples) {
-        (Some(_), Some(_)) => Err(invalid("give either audio (file bytes) or samples, not both")),
-        (None, None) => Err(invalid("a transcription needs audio (file bytes) or samples with a sampleRate")),
+        (Some(_), Some(_)) => Err(invalid(
+            "give either audio (file bytes) or samples, not both",
+        )),
+        (None, None) => Err(invalid(
+            "a transcription needs audio (file bytes) or samples with a sampleRate",
+        )),
         (Some(bytes), None) => Ok(Audio::File(bytes.to_vec(), r.format)),
         (None, Some(channels)) => {
-            let sr = r.sample_rate.ok_or_else(|| invalid("samples need a sampleRate"))?;
+            let sr = r
+                .sample_rate
+                .ok_or_else(|| invalid("samples need a sampleRate"))?;
             if !sr.is_finite() || sr.fract() != 0.0 || !(1.0..=u32::MAX as f64).contains(&sr) {
-                return Err(invalid(format!("sampleRate must be a positive whole number of Hz, got {sr}")));
+                return Err(invalid(format!(
+                    "sampleRate must be a positive whole number of Hz, got {sr}"
+                )));
             }
-            Ok(Audio::Samples(channels.iter().map(|c| c.to_vec()).collect(), sr as u32))
+            Ok(Audio::Samples(
+                channels.iter().map(|c| c.to_vec()).collect(),
+                sr as u32,
+            ))
         }
     }
 }
 
 fn convert(t: Transcription) -> NativeTranscription {
     NativeTranscription {
-        language_name: t.language.as_deref().and_then(language_name).map(str::to_string),
+        language_name: t
+            .language
+            .as_deref()
+            .and_then(language_name)
+            .map(str::to_string),
         language: t.language,
         text: t.text,
         duration: t.duration,
@@ -216,28 +247,48 @@ impl NativeTranscriber {
     pub async fn load(options: NativeTranscriberLoadOptions) -> Result<NativeTranscriber> {
         blocking("Transcriber.load", move || {
             let device = match options.device.as_deref().unwrap_or("cpu") {
-                "auto" if candela_models::loader::device_unavailable("cuda").is_none() => "cuda".to_string(),
+                "auto" if candela_models::loader::device_unavailable("cuda").is_none() => {
+                    "cuda".to_string()
+                }
                 "auto" => "cpu".to_string(),
                 d => d.to_string(),
             };
             let path = PathBuf::from(&options.model);
             if !path.exists() {
-                return Err(invalid(format!("model path does not exist: {}", options.model)));
+                return Err(invalid(format!(
+                    "model path does not exist: {}",
+                    options.model
+                )));
             }
-            let opts = LoadOptions { dtype: options.dtype.clone(), device: device.clone(), ..Default::default() };
-            let max_batch = options.max_batch.map(|m| m as usize).unwrap_or(candela_models::transcribe::DEFAULT_MAX_BATCH);
+            let opts = LoadOptions {
+                dtype: options.dtype.clone(),
+                device: device.clone(),
+                ..Default::default()
+            };
+            let max_batch = options
+                .max_batch
+                .map(|m| m as usize)
+                .unwrap_or(candela_models::transcribe::DEFAULT_MAX_BATCH);
             if max_batch == 0 {
                 return Err(invalid("maxBatch must be at least 1"));
             }
-            let t = Transcriber::load_with(&path, &opts, max_batch).map_err(|e| invalid(e.to_string()))?;
-            Ok(NativeTranscriber { inner: Arc::new(t), device, cancels: Arc::default() })
+            let t = Transcriber::load_with(&path, &opts, max_batch)
+                .map_err(|e| invalid(e.to_string()))?;
+            Ok(NativeTranscriber {
+                inner: Arc::new(t),
+                device,
+                cancels: Arc::default(),
+            })
         })
         .await
     }
 
     /// Transcribe one audio input. Resolves when every 30 s window is done.
     #[napi]
-    pub async fn transcribe(&self, request: NativeTranscribeRequest) -> Result<NativeTranscription> {
+    pub async fn transcribe(
+        &self,
+        request: NativeTranscribeRequest,
+    ) -> Result<NativeTranscription> {
         let id = request.id;
         let (opts, audio) = guard("transcribe", || Ok((options(&request)?, audio(request)?)))?;
         let inner = self.inner.clone();
@@ -249,16 +300,23 @@ impl NativeTranscriber {
         let result = blocking("transcribe", move || {
             let rate = inner.sampling_rate();
             let mono = match audio {
-                Audio::File(bytes, format) => decode_to_mono(&bytes, format.as_deref(), rate).map_err(|e| media_error(&e))?,
+                Audio::File(bytes, format) => {
+                    decode_to_mono(&bytes, format.as_deref(), rate).map_err(|e| media_error(&e))?
+                }
                 Audio::Samples(channels, sr) => {
                     let m = mono_from_channels(&channels).map_err(|e| media_error(&e))?;
                     resample(&m, sr, rate).map_err(|e| media_error(&e))?
                 }
             };
             if mono.is_empty() {
-                return Err(media_error(&MediaError::Empty("the audio has no samples".into())));
+                return Err(media_error(&MediaError::Empty(
+                    "the audio has no samples".into(),
+                )));
             }
-            inner.transcribe_cancellable(&mono, &opts, flag).map(convert).map_err(to_js)
+            inner
+                .transcribe_cancellable(&mono, &opts, flag)
+                .map(convert)
+                .map_err(to_js)
         })
         .await;
         if let (Some(id), Ok(mut map)) = (id, cancels.lock()) {
@@ -288,7 +346,12 @@ impl NativeTranscriber {
                 name: t.model_name().to_string(),
                 architecture: candela_models::whisper::ARCHITECTURE.to_string(),
                 multilingual: t.tokens().is_multilingual(),
-                languages: t.tokens().languages.iter().map(|(c, _)| c.clone()).collect(),
+                languages: t
+                    .tokens()
+                    .languages
+                    .iter()
+                    .map(|(c, _)| c.clone())
+                    .collect(),
                 sampling_rate: t.sampling_rate(),
                 max_target_positions: t.model().config().max_target_positions as u32,
                 device: self.device.clone(),

@@ -221,10 +221,15 @@ fn decode_inner(bytes: &[u8], hint_ext: Option<&'static str>) -> Result<DecodedA
                 plane_buf.len()
             )));
         }
-        let held: u64 = channels.iter().map(|c| (c.len() + buf.frames()) as u64 * 4).sum();
+        let held: u64 = channels
+            .iter()
+            .map(|c| (c.len() + buf.frames()) as u64 * 4)
+            .sum();
         if held > memory.bytes() {
             // In steps of 8 MiB (or a quarter of what is held), not per packet.
-            let step = (held - memory.bytes()).max(AUDIO_STEP).max(memory.bytes() / 4);
+            let step = (held - memory.bytes())
+                .max(AUDIO_STEP)
+                .max(memory.bytes() / 4);
             memory.grow(step, &label)?;
         }
         for (dst, src) in channels.iter_mut().zip(&plane_buf) {

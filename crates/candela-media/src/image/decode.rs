@@ -82,7 +82,12 @@ impl DecodedImage {
                 rgb.len()
             )));
         }
-        Ok(DecodedImage { width, height, rgb, memory: None })
+        Ok(DecodedImage {
+            width,
+            height,
+            rgb,
+            memory: None,
+        })
     }
 
     /// Keep `r` reserved for as long as these pixels live.
@@ -146,8 +151,14 @@ fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, Media
     check_pixels(w, h, opts.max_pixels)?;
     // The decoder's buffer, plus the RGB8 copy unless the decoder writes RGB8.
     let out = w as u64 * h as u64 * 3;
-    let cost = if decoder.color_type() == ColorType::Rgb8 { out } else { decoder.total_bytes().saturating_add(out) };
-    let mut reservation = opts.budget.reserve(cost, &format!("the {w}x{h} {name} image"))?;
+    let cost = if decoder.color_type() == ColorType::Rgb8 {
+        out
+    } else {
+        decoder.total_bytes().saturating_add(out)
+    };
+    let mut reservation = opts
+        .budget
+        .reserve(cost, &format!("the {w}x{h} {name} image"))?;
 
     let orientation = if opts.apply_exif_orientation {
         decoder.orientation().ok()

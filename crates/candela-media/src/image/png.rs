@@ -19,7 +19,11 @@ pub(super) fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedIma
         Cursor::new(bytes),
         // The decoder's own buffers (rows, chunks, an interlaced frame); the
         // output is accounted by the media budget.
-        png::Limits { bytes: usize::try_from(opts.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX).saturating_add(64 << 20) },
+        png::Limits {
+            bytes: usize::try_from(opts.max_pixels.saturating_mul(4))
+                .unwrap_or(usize::MAX)
+                .saturating_add(64 << 20),
+        },
     );
     decoder.set_transformations(Transformations::EXPAND | Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(png_error)?;
@@ -29,12 +33,20 @@ pub(super) fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedIma
     let (color, _) = reader.output_color_type();
     let line = reader.output_line_size(w).ok_or_else(too_wide)?;
     let out = w as u64 * h as u64 * 3;
-    let frame = if interlaced { reader.output_buffer_size().ok_or_else(too_wide)? } else { line };
-    let mut reservation = opts.budget.reserve(out + frame as u64, &format!("the {w}x{h} PNG image"))?;
+    let frame = if interlaced {
+        reader.output_buffer_size().ok_or_else(too_wide)?
+    } else {
+        line
+    };
+    let mut reservation = opts
+        .budget
+        .reserve(out + frame as u64, &format!("the {w}x{h} PNG image"))?;
 
     let mut rgb = Vec::new();
     rgb.try_reserve_exact(out as usize).map_err(|_| {
-        MediaError::TooLarge(format!("the {w}x{h} PNG image needs {out} bytes as RGB, more than this machine can allocate"))
+        MediaError::TooLarge(format!(
+            "the {w}x{h} PNG image needs {out} bytes as RGB, more than this machine can allocate"
+        ))
     })?;
     let bg = opts.rgba_background_color;
     if interlaced {
@@ -49,7 +61,10 @@ pub(super) fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedIma
         }
     }
     if rgb.len() as u64 != out {
-        return Err(MediaError::Corrupt(format!("PNG image is truncated: {} of its {h} rows", rgb.len() as u64 / (w as u64 * 3))));
+        return Err(MediaError::Corrupt(format!(
+            "PNG image is truncated: {} of its {h} rows",
+            rgb.len() as u64 / (w as u64 * 3)
+        )));
     }
     reservation.shrink_to(out);
     Ok(DecodedImage::from_rgb8(w, h, rgb)?.holding(reservation))
@@ -94,11 +109,17 @@ fn too_wide() -> MediaError {
 
 fn png_error(e: DecodingError) -> MediaError {
     match e {
-        DecodingError::IoError(io) => MediaError::Corrupt(format!("PNG image is truncated or damaged: {io}")),
-        DecodingError::Format(f) => MediaError::Corrupt(format!("PNG image cannot be decoded: {f}")),
-        DecodingError::Parameter(p) => MediaError::Corrupt(format!("PNG image cannot be decoded: {p}")),
-        DecodingError::LimitsExceeded => {
-            MediaError::TooLarge("PNG image needs more memory to decode than its size allows".into())
+        DecodingError::IoError(io) => {
+            MediaError::Corrupt(format!("PNG image is truncated or damaged: {io}"))
         }
+        DecodingError::Format(f) => {
+            MediaError::Corrupt(format!("PNG image cannot be decoded: {f}"))
+        }
+        DecodingError::Parameter(p) => {
+            MediaError::Corrupt(format!("PNG image cannot be decoded: {p}"))
+        }
+        DecodingError::LimitsExceeded => MediaError::TooLarge(
+            "PNG image needs more memory to decode than its size allows".into(),
+        ),
     }
 }

@@ -93,7 +93,10 @@ pub struct DecodedVideo {
 /// The last check of every decode: frames came, and frame recovery did not
 /// lose more than half of the picked ones (a quiet answer about almost
 /// nothing is worse than an error).
-pub(super) fn finish(v: DecodedVideo, _opts: &VideoDecodeOptions) -> Result<DecodedVideo, MediaError> {
+pub(super) fn finish(
+    v: DecodedVideo,
+    _opts: &VideoDecodeOptions,
+) -> Result<DecodedVideo, MediaError> {
     let picked = v.frames.len() + v.dropped;
     if v.frames.is_empty() || v.dropped * 2 > picked {
         return Err(MediaError::Corrupt(format!(
@@ -122,7 +125,9 @@ where
         return Err(MediaError::Empty("video input is empty (0 bytes)".into()));
     }
     let container = sniff(bytes).ok_or_else(|| {
-        MediaError::Unsupported("not a video file: no MP4 / MOV or WebM / Matroska signature found".into())
+        MediaError::Unsupported(
+            "not a video file: no MP4 / MOV or WebM / Matroska signature found".into(),
+        )
     })?;
     let tools = match &opts.decoder {
         VideoDecoder::BuiltIn => None,
@@ -131,19 +136,22 @@ where
     };
     match tools {
         Some(t) => super::ffmpeg::decode(&t, bytes, opts, select),
-        None if opts.decoder == VideoDecoder::Auto => imp::decode(bytes, container, opts, select).map_err(|e| {
-            // What the built-in decoders cannot do (another codec, H.264 with
-            // B-frames, VP8 inter frames), ffmpeg can: say so.
-            let hint = format!(
-                "; this machine has no ffmpeg, which decodes every common video \
+        None if opts.decoder == VideoDecoder::Auto => imp::decode(bytes, container, opts, select)
+            .map_err(|e| {
+                // What the built-in decoders cannot do (another codec, H.264 with
+                // B-frames, VP8 inter frames), ffmpeg can: say so.
+                let hint = format!(
+                    "; this machine has no ffmpeg, which decodes every common video \
                  (install ffmpeg, or set {FFMPEG_ENV} to its path)"
-            );
-            match e {
-                MediaError::Unsupported(m) => MediaError::Unsupported(m + &hint),
-                MediaError::Corrupt(m) if m.starts_with("video frame") => MediaError::Unsupported(m + &hint),
-                e => e,
-            }
-        }),
+                );
+                match e {
+                    MediaError::Unsupported(m) => MediaError::Unsupported(m + &hint),
+                    MediaError::Corrupt(m) if m.starts_with("video frame") => {
+                        MediaError::Unsupported(m + &hint)
+                    }
+                    e => e,
+                }
+            }),
         None => imp::decode(bytes, container, opts, select),
     }
 }
@@ -295,10 +303,10 @@ mod imp {
 
 #[cfg(feature = "video-files")]
 mod imp {
-    use std::io::Cursor;
     use super::*;
     use crate::error::guard_codec;
     use crate::video::yuv::{yuv_to_rgb8, YuvPlanes};
+    use std::io::Cursor;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub(super) enum Codec {
@@ -373,9 +381,10 @@ mod imp {
             let what = format!("the {w}x{h} {name} video ({} frames picked)", targets.len());
             memory = Some(opts.budget.reserve(need, &what)?);
         }
-        let (frames, indices, recovered) = guard_codec(&format!("{} decoder", demuxed.codec.name()), || {
-            run_decoder(&demuxed, &targets, opts, memory)
-        })?;
+        let (frames, indices, recovered) =
+            guard_codec(&format!("{} decoder", demuxed.codec.name()), || {
+                run_decoder(&demuxed, &targets, opts, memory)
+            })?;
         let dropped = targets.len() - indices.len();
         finish(
             DecodedVideo {
@@ -437,7 +446,12 @@ mod imp {
             if !matches!(t.track_type(), Ok(TrackType::Video)) {
                 continue;
             }
-            let fourcc = t.box_type().map(|b| b.to_string()).ok().or_else(|| video_fourcc(bytes)).unwrap_or_else(|| "?".into());
+            let fourcc = t
+                .box_type()
+                .map(|b| b.to_string())
+                .ok()
+                .or_else(|| video_fourcc(bytes))
+                .unwrap_or_else(|| "?".into());
             match t.media_type() {
                 Ok(MediaType::H264) | Ok(MediaType::VP9) if pick.is_none() => pick = Some(id),
                 _ => video.push((id, fourcc)),
@@ -563,12 +577,16 @@ mod imp {
     /// The sample entry type of a video track, read from the first `stsd`
     /// box that has one the mp4 crate does not parse (hvc1, av01, ...).
     fn video_fourcc(bytes: &[u8]) -> Option<String> {
-        bytes.windows(4).enumerate().filter(|(_, w)| *w == b"stsd").find_map(|(i, _)| {
-            // stsd: type, version + flags, entry count, then the entry's size and type.
-            let f = bytes.get(i + 16..i + 20)?;
-            let f = std::str::from_utf8(f).ok()?;
-            (codec_of_fourcc(f) != "an unknown codec's").then(|| f.to_string())
-        })
+        bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == b"stsd")
+            .find_map(|(i, _)| {
+                // stsd: type, version + flags, entry count, then the entry's size and type.
+                let f = bytes.get(i + 16..i + 20)?;
+                let f = std::str::from_utf8(f).ok()?;
+                (codec_of_fourcc(f) != "an unknown codec's").then(|| f.to_string())
+            })
     }
 
     fn codec_of_fourcc(f: &str) -> &'static str {

@@ -43,11 +43,19 @@ impl FfmpegTools {
         if let Some(p) = std::env::var_os(FFMPEG_ENV).filter(|p| !p.is_empty()) {
             let ffmpeg = PathBuf::from(p);
             let ffprobe = ffmpeg.with_file_name(exe("ffprobe"));
-            return (ffmpeg.is_file() && ffprobe.is_file()).then_some(FfmpegTools { ffmpeg, ffprobe });
+            return (ffmpeg.is_file() && ffprobe.is_file())
+                .then_some(FfmpegTools { ffmpeg, ffprobe });
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let on_path = |name: &str| std::env::split_paths(&path).map(|d| d.join(exe(name))).find(|p| p.is_file());
-        Some(FfmpegTools { ffmpeg: on_path("ffmpeg")?, ffprobe: on_path("ffprobe")? })
+        let on_path = |name: &str| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(exe(name)))
+                .find(|p| p.is_file())
+        };
+        Some(FfmpegTools {
+            ffmpeg: on_path("ffmpeg")?,
+            ffprobe: on_path("ffprobe")?,
+        })
     }
 }
 
@@ -74,10 +82,16 @@ where
     let p = probe(tools, file.path(), opts)?;
     check_pixels(p.width, p.height, opts.max_pixels)?;
     if p.frames == 0 {
-        return Err(MediaError::Empty(format!("the {} video has no frames", codec_name(&p.codec))));
+        return Err(MediaError::Empty(format!(
+            "the {} video has no frames",
+            codec_name(&p.codec)
+        )));
     }
     if p.frames > opts.max_total_frames {
-        return Err(MediaError::Invalid(format!("video has more than {} frames", opts.max_total_frames)));
+        return Err(MediaError::Invalid(format!(
+            "video has more than {} frames",
+            opts.max_total_frames
+        )));
     }
     let mut targets = select(p.frames, p.fps)?;
     targets.sort_unstable();
@@ -98,18 +112,45 @@ where
             opts.max_output_bytes
         )));
     }
-    let what = format!("the {}x{} {} video ({} frames picked)", p.width, p.height, codec_name(&p.codec), targets.len());
+    let what = format!(
+        "the {}x{} {} video ({} frames picked)",
+        p.width,
+        p.height,
+        codec_name(&p.codec),
+        targets.len()
+    );
     let mut memory = opts.budget.reserve(need, &what)?;
 
     // n is the frame's position in display order, as the built-in decoders count.
     let picks: Vec<String> = targets.iter().map(|i| format!("eq(n,{i})")).collect();
-    let filter = format!("select='{}',scale=w={}:h={}", picks.join("+"), p.width, p.height);
+    let filter = format!(
+        "select='{}',scale=w={}:h={}",
+        picks.join("+"),
+        p.width,
+        p.height
+    );
     let mut cmd = Command::new(&tools.ffmpeg);
-    cmd.args(["-v", "error", "-nostdin", "-noautorotate", "-threads", "2", "-i"])
-        .arg(file.path())
-        .args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf"])
-        .arg(filter)
-        .args(["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]);
+    cmd.args([
+        "-v",
+        "error",
+        "-nostdin",
+        "-noautorotate",
+        "-threads",
+        "2",
+        "-i",
+    ])
+    .arg(file.path())
+    .args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf"])
+    .arg(filter)
+    .args([
+        "-fps_mode",
+        "passthrough",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "pipe:1",
+    ]);
     let run = run_bounded(cmd, need as usize, opts.ffmpeg_timeout)?;
     let got = run.stdout.len() / frame_bytes;
     if !run.status.success() && got == 0 {
@@ -170,37 +211,74 @@ fn codec_name(ffprobe: &str) -> &'static str {
 
 fn probe(tools: &FfmpegTools, file: &Path, opts: &VideoDecodeOptions) -> Result<Probe, MediaError> {
     let mut cmd = Command::new(&tools.ffprobe);
-    cmd.args(["-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries"])
-        .arg("stream=codec_name,width,height,avg_frame_rate,r_frame_rate,nb_read_packets")
-        .args(["-of", "default=noprint_wrappers=1"])
-        .arg(file);
+    cmd.args([
+        "-v",
+        "error",
+        "-select_streams",
+        "v:0",
+        "-count_packets",
+        "-show_entries",
+    ])
+    .arg("stream=codec_name,width,height,avg_frame_rate,r_frame_rate,nb_read_packets")
+    .args(["-of", "default=noprint_wrappers=1"])
+    .arg(file);
     let run = run_bounded(cmd, 64 << 10, opts.ffmpeg_timeout)?;
     let text = String::from_utf8_lossy(&run.stdout);
-    let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('=')).map(str::trim);
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .map(str::trim)
+    };
     let codec = match field("codec_name") {
         Some(c) if run.status.success() => c.to_string(),
         _ if !run.status.success() => {
-            return Err(MediaError::Corrupt(format!("ffmpeg cannot read the video: {}", first_line(&run.stderr, file))))
+            return Err(MediaError::Corrupt(format!(
+                "ffmpeg cannot read the video: {}",
+                first_line(&run.stderr, file)
+            )))
         }
-        _ => return Err(MediaError::Unsupported("the file has no video stream".into())),
+        _ => {
+            return Err(MediaError::Unsupported(
+                "the file has no video stream".into(),
+            ))
+        }
     };
-    let dim = |k: &str| field(k).and_then(|v| v.parse::<u32>().ok()).filter(|&v| v > 0);
+    let dim = |k: &str| {
+        field(k)
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&v| v > 0)
+    };
     let (Some(width), Some(height)) = (dim("width"), dim("height")) else {
-        return Err(MediaError::Corrupt(format!("the {} video does not say its frame size", codec_name(&codec))));
+        return Err(MediaError::Corrupt(format!(
+            "the {} video does not say its frame size",
+            codec_name(&codec)
+        )));
     };
-    let frames = field("nb_read_packets").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let frames = field("nb_read_packets")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let rate = |k: &str| {
         let (n, d) = field(k)?.split_once('/')?;
         let (n, d) = (n.parse::<f64>().ok()?, d.parse::<f64>().ok()?);
         (n > 0.0 && d > 0.0).then(|| n / d)
     };
-    Ok(Probe { codec, width, height, frames, fps: rate("avg_frame_rate").or_else(|| rate("r_frame_rate")) })
+    Ok(Probe {
+        codec,
+        width,
+        height,
+        frames,
+        fps: rate("avg_frame_rate").or_else(|| rate("r_frame_rate")),
+    })
 }
 
 /// ffmpeg's first message, without the temp file's path (it means nothing to the caller).
 fn first_line(stderr: &[u8], file: &Path) -> String {
     let s = String::from_utf8_lossy(stderr).replace(&*file.to_string_lossy(), "the video");
-    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no message");
+    let line = s
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("no message");
     line.chars().take(300).collect()
 }
 
@@ -213,11 +291,14 @@ struct Run {
 /// Run `cmd` with its stdout capped at `max_out` bytes and its wall time at
 /// `timeout`: past either it is killed and the run is an error.
 fn run_bounded(mut cmd: Command, max_out: usize, timeout: Duration) -> Result<Run, MediaError> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     limit_memory(&mut cmd);
     let name = cmd.get_program().to_string_lossy().into_owned();
-    let mut child =
-        cmd.spawn().map_err(|e| MediaError::Unsupported(format!("cannot run {name} for video decoding: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        MediaError::Unsupported(format!("cannot run {name} for video decoding: {e}"))
+    })?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let child = Arc::new(Mutex::new(child));
@@ -226,7 +307,10 @@ fn run_bounded(mut cmd: Command, max_out: usize, timeout: Duration) -> Result<Ru
     let (done, finished) = mpsc::channel::<()>();
     let watched = Arc::clone(&child);
     let watchdog = std::thread::spawn(move || {
-        let late = matches!(finished.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Timeout));
+        let late = matches!(
+            finished.recv_timeout(timeout),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        );
         if late {
             let _ = lock(&watched).kill();
         }
@@ -273,9 +357,15 @@ fn run_bounded(mut cmd: Command, max_out: usize, timeout: Duration) -> Result<Ru
         )));
     }
     if over {
-        return Err(MediaError::Corrupt(format!("{name} produced more output than the picked frames")));
+        return Err(MediaError::Corrupt(format!(
+            "{name} produced more output than the picked frames"
+        )));
     }
-    Ok(Run { stdout: out, stderr, status })
+    Ok(Run {
+        stdout: out,
+        stderr,
+        status,
+    })
 }
 
 fn lock(c: &Mutex<Child>) -> std::sync::MutexGuard<'_, Child> {
@@ -288,7 +378,10 @@ fn limit_memory(cmd: &mut Command) {
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: MAX_ADDRESS_SPACE as libc::rlim_t, rlim_max: MAX_ADDRESS_SPACE as libc::rlim_t };
+            let lim = libc::rlimit {
+                rlim_cur: MAX_ADDRESS_SPACE as libc::rlim_t,
+                rlim_max: MAX_ADDRESS_SPACE as libc::rlim_t,
+            };
             if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -307,15 +400,25 @@ impl TempFile {
     fn write(bytes: &[u8]) -> Result<TempFile, MediaError> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let mut name = OsString::from(format!("candela-video-{}-{}-{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mut name = OsString::from(format!(
+            "candela-video-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         name.push(".bin");
         let path = std::env::temp_dir().join(name);
         let mut o = std::fs::OpenOptions::new();
         o.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-        let io = |e: std::io::Error| MediaError::Unsupported(format!("cannot write the video to a temp file for ffmpeg: {e}"));
+        let io = |e: std::io::Error| {
+            MediaError::Unsupported(format!(
+                "cannot write the video to a temp file for ffmpeg: {e}"
+            ))
+        };
         let mut f = o.open(&path).map_err(io)?;
         let file = TempFile(path);
         std::io::Write::write_all(&mut f, bytes).map_err(io)?;

@@ -78,7 +78,11 @@ impl Checkpoint<'_> {
 
     /// A file the family needs, or a clear error naming it.
     pub fn read_required(&self, file: &'static str) -> Result<(PathBuf, String)> {
-        self.read_optional(file)?.ok_or_else(|| ModelError::MissingFile { dir: self.dir.to_path_buf(), file })
+        self.read_optional(file)?
+            .ok_or_else(|| ModelError::MissingFile {
+                dir: self.dir.to_path_buf(),
+                file,
+            })
     }
 }
 
@@ -93,12 +97,17 @@ pub struct Built {
 
 /// The family of a folder whose `config.json` names `architecture`.
 pub fn by_hf_architecture(architecture: &str) -> Result<&'static Family> {
-    FAMILIES.iter().find(|f| f.hf_architectures.contains(&architecture)).ok_or_else(|| {
-        ModelError::UnsupportedArchitecture {
+    FAMILIES
+        .iter()
+        .find(|f| f.hf_architectures.contains(&architecture))
+        .ok_or_else(|| ModelError::UnsupportedArchitecture {
             name: architecture.to_string(),
-            supported: FAMILIES.iter().flat_map(|f| f.hf_architectures.iter().copied()).collect::<Vec<_>>().join(", "),
-        }
-    })
+            supported: FAMILIES
+                .iter()
+                .flat_map(|f| f.hf_architectures.iter().copied())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// The family of a GGUF file whose `general.architecture` is `name`.
@@ -110,16 +119,27 @@ pub fn by_gguf_architecture(name: &str) -> Result<&'static Family> {
             name: name.to_string(),
             supported: format!(
                 "{} (GGUF general.architecture)",
-                FAMILIES.iter().flat_map(|f| f.gguf_architectures.iter().copied()).collect::<Vec<_>>().join(", ")
+                FAMILIES
+                    .iter()
+                    .flat_map(|f| f.gguf_architectures.iter().copied())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })
 }
 
 /// A text-only decoder from a folder: `config.json` as the LM's config.
-fn text_folder(ck: &Checkpoint, config: fn(&HfConfig, Option<usize>) -> Result<DecoderConfig>) -> Result<Built> {
+fn text_folder(
+    ck: &Checkpoint,
+    config: fn(&HfConfig, Option<usize>) -> Result<DecoderConfig>,
+) -> Result<Built> {
     let text = HfConfig::from_json_str(&ck.config.to_string())?;
     let model = DecoderLm::load(config(&text, ck.max_model_len)?, &ck.weights()?)?;
-    Ok(Built { model: Box::new(model), processor: None, text })
+    Ok(Built {
+        model: Box::new(model),
+        processor: None,
+        text,
+    })
 }
 
 /// A text-only decoder from a GGUF file.
@@ -138,15 +158,29 @@ mod tests {
 
     #[test]
     fn lookups() {
-        assert_eq!(by_hf_architecture("Qwen3ForCausalLM").unwrap().name, "qwen3");
-        assert_eq!(by_hf_architecture("Qwen2_5_VLForConditionalGeneration").unwrap().name, "qwen2_vl");
+        assert_eq!(
+            by_hf_architecture("Qwen3ForCausalLM").unwrap().name,
+            "qwen3"
+        );
+        assert_eq!(
+            by_hf_architecture("Qwen2_5_VLForConditionalGeneration")
+                .unwrap()
+                .name,
+            "qwen2_vl"
+        );
         assert_eq!(by_gguf_architecture("llama").unwrap().name, "llama");
-        let err = by_hf_architecture("MambaForCausalLM").unwrap_err().to_string();
+        let err = by_hf_architecture("MambaForCausalLM")
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("MambaForCausalLM") && err.contains("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+            err.contains("MambaForCausalLM")
+                && err.contains("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
             "{err}"
         );
-        assert!(by_gguf_architecture("gemma3").unwrap_err().to_string().contains("llama, qwen2, qwen3"));
+        assert!(by_gguf_architecture("gemma3")
+            .unwrap_err()
+            .to_string()
+            .contains("llama, qwen2, qwen3"));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use candela_core::model::{DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec};
+use candela_core::model::{
+    DeviceMemory, DeviceSampleRow, ForwardBatch, MmEmbedSpan, Model, ModelSpec,
+};
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::error::ModelError;
@@ -402,12 +404,25 @@ impl Model for DecoderLm {
         rayon::scope(|_| self.run(batch, LogitRows::LastOfSeqs))
     }
 
-    fn device_memory(&self, max_num_batched_tokens: usize, max_num_seqs: usize) -> Option<DeviceMemory> {
-        let act = crate::gpu::decoder_activation_bytes(&self.cfg, self.dtype, max_num_batched_tokens, max_num_seqs);
+    fn device_memory(
+        &self,
+        max_num_batched_tokens: usize,
+        max_num_seqs: usize,
+    ) -> Option<DeviceMemory> {
+        let act = crate::gpu::decoder_activation_bytes(
+            &self.cfg,
+            self.dtype,
+            max_num_batched_tokens,
+            max_num_seqs,
+        );
         crate::gpu::device_memory(&self.device, act)
     }
 
-    fn sample_on_device(&mut self, logits: &Tensor, rows: &[DeviceSampleRow]) -> Option<Result<Vec<u32>>> {
+    fn sample_on_device(
+        &mut self,
+        logits: &Tensor,
+        rows: &[DeviceSampleRow],
+    ) -> Option<Result<Vec<u32>>> {
         crate::gpu::sample_on_device(logits, rows)
     }
 }
@@ -492,7 +507,11 @@ pub fn splice_embeds(x: Tensor, spans: &[MmEmbedSpan]) -> Result<Tensor> {
     for s in spans {
         let len = s.embeds.dim(0)?;
         if s.start < at || s.start + len > n {
-            bail!("media embeddings for tokens {}..{} do not fit a batch of {n} tokens", s.start, s.start + len);
+            bail!(
+                "media embeddings for tokens {}..{} do not fit a batch of {n} tokens",
+                s.start,
+                s.start + len
+            );
         }
         if s.start > at {
             parts.push(x.narrow(0, at, s.start - at)?);
@@ -548,9 +567,11 @@ pub fn hf_base_config(
                         .original_max_position_embeddings
                         .unwrap_or(8192),
                 },
-                other => return Err(ModelError::Config(format!(
+                other => {
+                    return Err(ModelError::Config(format!(
                     "unsupported rope_scaling type {other:?} (supported: default, linear, llama3)"
-                ))),
+                )))
+                }
             }
         }
     };

@@ -151,10 +151,16 @@ impl AudioEncoder {
     pub fn forward(&self, features: &Tensor, valid_frames: usize) -> Result<Tensor> {
         let (mels, frames) = features.dims2()?;
         if mels != self.cfg.num_mel_bins {
-            bail!("audio features have {mels} mel bins, the encoder wants {}", self.cfg.num_mel_bins);
+            bail!(
+                "audio features have {mels} mel bins, the encoder wants {}",
+                self.cfg.num_mel_bins
+            );
         }
         if valid_frames == 0 || valid_frames > frames || frames > self.cfg.num_frames() {
-            bail!("audio features: {valid_frames} valid of {frames} frames (at most {})", self.cfg.num_frames());
+            bail!(
+                "audio features: {valid_frames} valid of {frames} frames (at most {})",
+                self.cfg.num_frames()
+            );
         }
         let keep = Self::conv_output_len(valid_frames);
         // conv2 row keep-1 reads conv1 rows up to 2*keep-1, which read frames
@@ -177,7 +183,10 @@ impl AudioEncoder {
     pub fn forward_unmasked(&self, features: &Tensor) -> Result<Tensor> {
         let (mels, frames) = features.dims2()?;
         if mels != self.cfg.num_mel_bins {
-            bail!("audio features have {mels} mel bins, the encoder wants {}", self.cfg.num_mel_bins);
+            bail!(
+                "audio features have {mels} mel bins, the encoder wants {}",
+                self.cfg.num_mel_bins
+            );
         }
         if frames != self.cfg.num_frames() {
             bail!("audio features have {frames} frames, the encoder wants exactly {} (a padded 30 s window)", self.cfg.num_frames());
@@ -194,8 +203,14 @@ impl AudioEncoder {
     fn layers_forward(&self, features: &Tensor, take: usize, keep: usize) -> Result<Tensor> {
         let dtype = self.conv1_w.dtype();
         let x = features.narrow(1, 0, take)?.to_dtype(dtype)?.unsqueeze(0)?;
-        let x = x.conv1d(&self.conv1_w, 1, 1, 1, 1)?.broadcast_add(&self.conv1_b.reshape((1, (), 1))?)?.gelu_erf()?;
-        let x = x.conv1d(&self.conv2_w, 1, 2, 1, 1)?.broadcast_add(&self.conv2_b.reshape((1, (), 1))?)?.gelu_erf()?;
+        let x = x
+            .conv1d(&self.conv1_w, 1, 1, 1, 1)?
+            .broadcast_add(&self.conv1_b.reshape((1, (), 1))?)?
+            .gelu_erf()?;
+        let x = x
+            .conv1d(&self.conv2_w, 1, 2, 1, 1)?
+            .broadcast_add(&self.conv2_b.reshape((1, (), 1))?)?
+            .gelu_erf()?;
         let x = x.squeeze(0)?.t()?.narrow(0, 0, keep)?;
         let mut h = (x + self.positions.narrow(0, 0, keep)?)?;
         if self.cfg.scale_embedding {
@@ -218,7 +233,9 @@ impl AudioEncoder {
         let q = split((l.q.forward(&h)? * (hd as f64).powf(-0.5))?)?;
         let k = split(l.k.forward(&h)?)?;
         let v = split(l.v.forward(&h)?)?;
-        let scores = q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)?;
+        let scores = q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?;
         let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let a = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
         let x = (x + l.o.forward(&a)?)?;

@@ -56,7 +56,12 @@ mod tests {
 
     fn item(bytes: usize) -> ProcessedItem {
         let t = Tensor::zeros(bytes / 4, candle_core::DType::F32, &Device::Cpu).unwrap();
-        ProcessedItem { features: Arc::new(MmFeatures { tensors: vec![("x".into(), t)] }), layout: ItemLayout::rows(1) }
+        ProcessedItem {
+            features: Arc::new(MmFeatures {
+                tensors: vec![("x".into(), t)],
+            }),
+            layout: ItemLayout::rows(1),
+        }
     }
 
     #[test]

@@ -25,7 +25,10 @@ pub use cache::ProcessorCache;
 pub enum MediaData {
     /// An encoded file (PNG, JPEG, WAV, MP3, MP4, WebM, ...) with an
     /// optional container / codec hint ("wav", a MIME type).
-    Encoded { bytes: Vec<u8>, format: Option<String> },
+    Encoded {
+        bytes: Vec<u8>,
+        format: Option<String>,
+    },
     /// A video as its frames, each an encoded image.
     Frames(Vec<Vec<u8>>),
     /// Raw audio, one array per channel.
@@ -84,7 +87,11 @@ pub struct ItemLayout {
 impl ItemLayout {
     /// A layout of `embeds` rows and nothing else.
     pub fn rows(embeds: usize) -> Self {
-        Self { embeds, grid_thw: None, time_interval: 1.0 }
+        Self {
+            embeds,
+            grid_thw: None,
+            time_interval: 1.0,
+        }
     }
 }
 
@@ -131,7 +138,11 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
     /// Check per-item options (vLLM's `mm_processor_kwargs`; `Null` when
     /// none) and return the canonical string of those that shape the item's
     /// tensors, which enters its `mm_hash`.
-    fn kwargs_key(&self, modality: Modality, kwargs: &serde_json::Value) -> Result<String, MediaError>;
+    fn kwargs_key(
+        &self,
+        modality: Modality,
+        kwargs: &serde_json::Value,
+    ) -> Result<String, MediaError>;
 
     /// Decode and preprocess one item (kwargs already checked by
     /// [`Self::kwargs_key`]).
@@ -145,16 +156,30 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
 
     /// What the item's placeholder expands to; by default the placeholder
     /// repeated once per encoder row.
-    fn replacement(&self, modality: Modality, layout: &ItemLayout) -> Result<Replacement, MediaError> {
-        let token = self
-            .placeholder_token(modality)
-            .ok_or_else(|| MediaError::Invalid(format!("this model does not accept {} input", modality.name())))?;
-        Ok(Replacement { tokens: vec![token; layout.embeds], embeds: 0..layout.embeds })
+    fn replacement(
+        &self,
+        modality: Modality,
+        layout: &ItemLayout,
+    ) -> Result<Replacement, MediaError> {
+        let token = self.placeholder_token(modality).ok_or_else(|| {
+            MediaError::Invalid(format!(
+                "this model does not accept {} input",
+                modality.name()
+            ))
+        })?;
+        Ok(Replacement {
+            tokens: vec![token; layout.embeds],
+            embeds: 0..layout.embeds,
+        })
     }
 
     /// Per-token positions of the expanded prompt, for families that lay
     /// them out themselves (M-RoPE); None keeps 1-D positions.
-    fn positions(&self, _num_tokens: usize, _items: &[PlacedItem]) -> Result<Option<MropePositions>, MediaError> {
+    fn positions(
+        &self,
+        _num_tokens: usize,
+        _items: &[PlacedItem],
+    ) -> Result<Option<MropePositions>, MediaError> {
         Ok(None)
     }
 
@@ -167,6 +192,9 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
         _rows: usize,
         _grid_thw: Option<[usize; 3]>,
     ) -> Result<ItemLayout, MediaError> {
-        Err(MediaError::Invalid(format!("this model does not accept {} embeddings", modality.name())))
+        Err(MediaError::Invalid(format!(
+            "this model does not accept {} embeddings",
+            modality.name()
+        )))
     }
 }

@@ -29,23 +29,40 @@ impl EngineCaches for NoCaches {
 }
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
 }
 
 /// A fixture's `reference.json` and `reference.safetensors`.
 pub fn reference(dir: &Path) -> (Value, HashMap<String, Tensor>) {
-    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+        .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     (json, tensors)
 }
 
 pub fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Each prepared item's offset and features.
@@ -61,7 +78,12 @@ pub fn features(p: &PreparedPrompt) -> Vec<(usize, Arc<MmFeatures>)> {
 
 /// Logits of the last token of `ids`, media spliced in (spans cut at the
 /// end of `ids`), on a fresh KV pool.
-pub fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tensor)], mrope: Option<&MropePositions>) -> Tensor {
+pub fn last_logits(
+    loaded: &mut LoadedModel,
+    ids: &[u32],
+    spans: &[(usize, Tensor)],
+    mrope: Option<&MropePositions>,
+) -> Tensor {
     let bs = 16;
     let blocks = ids.len().div_ceil(bs);
     loaded.model.allocate_kv_cache(blocks, bs).unwrap();
@@ -70,12 +92,21 @@ pub fn last_logits(loaded: &mut LoadedModel, ids: &[u32], spans: &[(usize, Tenso
         input_ids: ids.to_vec(),
         positions: (0..n as u32).collect(),
         slot_mapping: (0..n as u32).collect(),
-        seqs: vec![SeqSlice { query_start: 0, query_len: n, context_len: n, block_table: (0..blocks as u32).collect(), needs_logits: true }],
+        seqs: vec![SeqSlice {
+            query_start: 0,
+            query_len: n,
+            context_len: n,
+            block_table: (0..blocks as u32).collect(),
+            needs_logits: true,
+        }],
         block_size: bs,
         mm_embeds: spans
             .iter()
             .filter(|(start, _)| *start < n)
-            .map(|(start, e)| MmEmbedSpan { start: *start, embeds: e.narrow(0, 0, e.dim(0).unwrap().min(n - start)).unwrap() })
+            .map(|(start, e)| MmEmbedSpan {
+                start: *start,
+                embeds: e.narrow(0, 0, e.dim(0).unwrap().min(n - start)).unwrap(),
+            })
             .collect(),
         mrope_positions: mrope.map(|m| (0..n).map(|i| m.at(i)).collect()),
     };

@@ -46,13 +46,24 @@ impl ClipVisionConfig {
     pub fn validate(&self) -> MResult<()> {
         let bad = |m: String| Err(ModelError::Config(format!("vision_config: {m}")));
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
-            return bad(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+            return bad(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
         }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad(format!("hidden_size {} is not a multiple of {} heads", self.hidden_size, self.num_attention_heads));
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return bad(format!(
+                "hidden_size {} is not a multiple of {} heads",
+                self.hidden_size, self.num_attention_heads
+            ));
         }
         if self.num_channels != 3 {
-            return bad(format!("the tower takes {} channels; images are RGB (3)", self.num_channels));
+            return bad(format!(
+                "the tower takes {} channels; images are RGB (3)",
+                self.num_channels
+            ));
         }
         Activation::parse(&self.hidden_act).map(|_| ())
     }
@@ -88,12 +99,19 @@ pub struct ClipVision {
 impl ClipVision {
     /// The tower under `prefix`, with only the first `num_layers` encoder
     /// layers (those the selected features need).
-    pub fn load(cfg: ClipVisionConfig, w: &Weights, prefix: &str, num_layers: usize) -> MResult<Self> {
+    pub fn load(
+        cfg: ClipVisionConfig,
+        w: &Weights,
+        prefix: &str,
+        num_layers: usize,
+    ) -> MResult<Self> {
         cfg.validate()?;
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let eps = cfg.layer_norm_eps;
         let emb = format!("{prefix}.embeddings");
-        let patch_embed = w.tensor(&format!("{emb}.patch_embedding.weight"), &[d, c, p, p])?.reshape((d, c * p * p))?;
+        let patch_embed = w
+            .tensor(&format!("{emb}.patch_embedding.weight"), &[d, c, p, p])?
+            .reshape((d, c * p * p))?;
         let positions = cfg.grid() * cfg.grid() + 1;
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
@@ -114,7 +132,8 @@ impl ClipVision {
             act: Activation::parse(&cfg.hidden_act)?,
             patch_embed,
             class_embedding: w.tensor(&format!("{emb}.class_embedding"), &[d])?,
-            position_embedding: w.tensor(&format!("{emb}.position_embedding.weight"), &[positions, d])?,
+            position_embedding: w
+                .tensor(&format!("{emb}.position_embedding.weight"), &[positions, d])?,
             pre_norm: w.layer_norm(&format!("{prefix}.pre_layrnorm"), d, eps)?,
             layers,
             cfg,
@@ -124,10 +143,21 @@ impl ClipVision {
     /// One image `[channels, size, size]` (or `[1, ...]`) -> the loaded
     /// layers' output `[1 + patches, hidden]` (class token first).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let (s, p, c) = (self.cfg.image_size, self.cfg.patch_size, self.cfg.num_channels);
-        let pixels = if pixels.rank() == 4 { pixels.squeeze(0)? } else { pixels.clone() };
+        let (s, p, c) = (
+            self.cfg.image_size,
+            self.cfg.patch_size,
+            self.cfg.num_channels,
+        );
+        let pixels = if pixels.rank() == 4 {
+            pixels.squeeze(0)?
+        } else {
+            pixels.clone()
+        };
         if pixels.dims() != [c, s, s] {
-            bail!("pixel_values must be [{c}, {s}, {s}] for this vision tower, got {:?}", pixels.dims());
+            bail!(
+                "pixel_values must be [{c}, {s}, {s}] for this vision tower, got {:?}",
+                pixels.dims()
+            );
         }
         let g = s / p;
         let dtype = self.patch_embed.dtype();
@@ -141,7 +171,9 @@ impl ClipVision {
         let mut x = self.pre_norm.forward(&(x + &self.position_embedding)?)?;
         for l in &self.layers {
             x = (&x + self.attention(l, &l.ln1.forward(&x)?)?)?;
-            let h = l.fc2.forward(&self.act.forward(&l.fc1.forward(&l.ln2.forward(&x)?)?)?)?;
+            let h = l
+                .fc2
+                .forward(&self.act.forward(&l.fc1.forward(&l.ln2.forward(&x)?)?)?)?;
             x = (x + h)?;
         }
         Ok(x)
@@ -157,7 +189,8 @@ impl ClipVision {
         let v = split(l.v.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
         // Softmax in f32, as transformers' eager attention does.
-        let probs = crate::softmax::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let probs =
+            crate::softmax::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let o = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
         l.out.forward(&o)
     }
@@ -169,12 +202,27 @@ mod tests {
 
     #[test]
     fn config_checks() {
-        let ok = ClipVisionConfig { image_size: 336, patch_size: 14, ..Default::default() };
+        let ok = ClipVisionConfig {
+            image_size: 336,
+            patch_size: 14,
+            ..Default::default()
+        };
         ok.validate().unwrap();
         assert_eq!(ok.grid(), 24);
-        let bad = ClipVisionConfig { image_size: 100, patch_size: 14, ..Default::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("multiple of patch_size"));
-        let act = ClipVisionConfig { hidden_act: "relu6".into(), ..Default::default() };
+        let bad = ClipVisionConfig {
+            image_size: 100,
+            patch_size: 14,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of patch_size"));
+        let act = ClipVisionConfig {
+            hidden_act: "relu6".into(),
+            ..Default::default()
+        };
         assert!(act.validate().unwrap_err().to_string().contains("relu6"));
     }
 }

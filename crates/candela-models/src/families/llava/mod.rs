@@ -103,19 +103,35 @@ impl LlavaConfig {
         let layers = r.vision_config.num_hidden_layers as i64;
         let feature_layers = match r.vision_feature_layer.unwrap_or(Value::from(-2)) {
             Value::Number(n) => {
-                let k = n.as_i64().ok_or_else(|| bad(format!("vision_feature_layer {n} is not an integer")))?;
+                let k = n
+                    .as_i64()
+                    .ok_or_else(|| bad(format!("vision_feature_layer {n} is not an integer")))?;
                 let idx = if k < 0 { layers + 1 + k } else { k };
                 if !(0..=layers).contains(&idx) {
-                    return Err(bad(format!("vision_feature_layer {k} is outside a {layers}-layer tower")));
+                    return Err(bad(format!(
+                        "vision_feature_layer {k} is outside a {layers}-layer tower"
+                    )));
                 }
                 idx as usize
             }
-            other => return Err(bad(format!("vision_feature_layer {other} (a list of layers) is not supported"))),
+            other => {
+                return Err(bad(format!(
+                    "vision_feature_layer {other} (a list of layers) is not supported"
+                )))
+            }
         };
-        let keep_class_token = match r.vision_feature_select_strategy.as_deref().unwrap_or("default") {
+        let keep_class_token = match r
+            .vision_feature_select_strategy
+            .as_deref()
+            .unwrap_or("default")
+        {
             "default" => false,
             "full" => true,
-            other => return Err(bad(format!("vision_feature_select_strategy {other:?} (default, full)"))),
+            other => {
+                return Err(bad(format!(
+                    "vision_feature_select_strategy {other:?} (default, full)"
+                )))
+            }
         };
         Ok(Self {
             text,
@@ -137,8 +153,13 @@ impl LlavaConfig {
 fn load_folder(ck: &Checkpoint) -> MResult<Built> {
     let cfg = LlavaConfig::from_json(ck.config)?;
     let (pp, text) = ck.read_required("preprocessor_config.json")?;
-    let config = ClipImageConfig::from_preprocessor_config(&text, cfg.vision.image_size)
-        .map_err(|message| ModelError::InvalidJson { what: "preprocessor config", path: pp, message })?;
+    let config = ClipImageConfig::from_preprocessor_config(&text, cfg.vision.image_size).map_err(
+        |message| ModelError::InvalidJson {
+            what: "preprocessor config",
+            path: pp,
+            message,
+        },
+    )?;
     let processor = ImageProcessor {
         config,
         image_size: cfg.vision.image_size,
@@ -146,7 +167,11 @@ fn load_folder(ck: &Checkpoint) -> MResult<Built> {
         tokens_per_image: cfg.tokens_per_image(),
     };
     let model = load(&cfg, &ck.weights()?, ck.max_model_len)?;
-    Ok(Built { model: Box::new(model), processor: Some(Arc::new(processor)), text: cfg.text.clone() })
+    Ok(Built {
+        model: Box::new(model),
+        processor: Some(Arc::new(processor)),
+        text: cfg.text.clone(),
+    })
 }
 
 /// The language model, tower and projector of a LLaVA checkpoint.
@@ -162,10 +187,17 @@ pub fn load(cfg: &LlavaConfig, w: &Weights, max_model_len: Option<usize>) -> MRe
         (w.renamed(|n: &str| format!("language_model.{n}"))?, "")
     };
     let lm = DecoderLm::load(text, &lm_w)?;
-    let tower = [format!("{root}vision_tower.vision_model"), format!("{root}vision_tower")]
-        .into_iter()
-        .find(|p| w.contains(&format!("{p}.embeddings.class_embedding")))
-        .ok_or_else(|| ModelError::MissingTensor(format!("{root}vision_tower.vision_model.embeddings.class_embedding")))?;
+    let tower = [
+        format!("{root}vision_tower.vision_model"),
+        format!("{root}vision_tower"),
+    ]
+    .into_iter()
+    .find(|p| w.contains(&format!("{p}.embeddings.class_embedding")))
+    .ok_or_else(|| {
+        ModelError::MissingTensor(format!(
+            "{root}vision_tower.vision_model.embeddings.class_embedding"
+        ))
+    })?;
     let vision = ClipVision::load(cfg.vision.clone(), w, &tower, cfg.feature_layers)?;
     let (vd, td) = (cfg.vision.hidden_size, cfg.text.hidden_size);
     let proj = format!("{root}multi_modal_projector");
@@ -194,8 +226,13 @@ impl MediaEncoder for Encoder {
             bail!("LLaVA takes images ({PIXEL_VALUES})");
         };
         let x = self.vision.forward(pixels)?;
-        let x = if self.keep_class_token { x } else { x.narrow(0, 1, x.dim(0)? - 1)? };
-        self.linear_2.forward(&self.act.forward(&self.linear_1.forward(&x)?)?)
+        let x = if self.keep_class_token {
+            x
+        } else {
+            x.narrow(0, 1, x.dim(0)? - 1)?
+        };
+        self.linear_2
+            .forward(&self.act.forward(&self.linear_1.forward(&x)?)?)
     }
 }
 
@@ -220,10 +257,23 @@ mod tests {
     #[test]
     fn llava_1_5_7b_config() {
         let c = config(serde_json::json!({})).unwrap();
-        assert_eq!((c.tokens_per_image(), c.feature_layers, c.image_token_id), (576, 23, 32000));
+        assert_eq!(
+            (c.tokens_per_image(), c.feature_layers, c.image_token_id),
+            (576, 23, 32000)
+        );
         assert_eq!((c.text.hidden_size, c.text.vocab_size), (4096, 32064));
-        assert_eq!(config(serde_json::json!({"vision_feature_select_strategy": "full"})).unwrap().tokens_per_image(), 577);
-        assert_eq!(config(serde_json::json!({"vision_feature_layer": 24})).unwrap().feature_layers, 24);
+        assert_eq!(
+            config(serde_json::json!({"vision_feature_select_strategy": "full"}))
+                .unwrap()
+                .tokens_per_image(),
+            577
+        );
+        assert_eq!(
+            config(serde_json::json!({"vision_feature_layer": 24}))
+                .unwrap()
+                .feature_layers,
+            24
+        );
         for bad in [
             serde_json::json!({"vision_feature_layer": -26}),
             serde_json::json!({"vision_feature_layer": [-2, -5]}),

@@ -62,7 +62,10 @@ impl ClipImageConfig {
     pub fn from_preprocessor_config(json: &str, image_size: usize) -> Result<Self, String> {
         let c: Self = serde_json::from_str(json).map_err(|e| e.to_string())?;
         if c.resample != 3 {
-            return Err(format!("resample {} is not supported (3, bicubic)", c.resample));
+            return Err(format!(
+                "resample {} is not supported (3, bicubic)",
+                c.resample
+            ));
         }
         if c.do_pad {
             return Err("do_pad (pad to square) is not supported".into());
@@ -76,15 +79,22 @@ impl ClipImageConfig {
             (false, _) => None,
         };
         let out = match (c.size, crop) {
-            (Size::ShortestEdge { shortest_edge }, Some((h, w))) if shortest_edge >= h.max(w) => (h, w),
+            (Size::ShortestEdge { shortest_edge }, Some((h, w))) if shortest_edge >= h.max(w) => {
+                (h, w)
+            }
             (Size::Exact { height, width }, Some((h, w))) if height >= h && width >= w => (h, w),
             (Size::Exact { height, width }, None) => (height, width),
             (size, crop) => {
-                return Err(format!("size {size:?} with crop {crop:?} does not give a {image_size}px square image"))
+                return Err(format!(
+                    "size {size:?} with crop {crop:?} does not give a {image_size}px square image"
+                ))
             }
         };
         if out != (image_size, image_size) {
-            return Err(format!("images come out {}x{} but the vision tower takes {image_size}x{image_size}", out.1, out.0));
+            return Err(format!(
+                "images come out {}x{} but the vision tower takes {image_size}x{image_size}",
+                out.1, out.0
+            ));
         }
         Ok(c)
     }
@@ -112,7 +122,9 @@ impl ClipImageConfig {
         let resized = resize_rgb8(&img.rgb, w, h, rw, rh, ResampleKernel::Pil);
         let (ch, cw, top, left) = match (self.do_center_crop, self.crop_size) {
             // Checked at load: the crop fits inside the resized image.
-            (true, Some(Size::Exact { height, width })) => (height, width, (rh - height) / 2, (rw - width) / 2),
+            (true, Some(Size::Exact { height, width })) => {
+                (height, width, (rh - height) / 2, (rw - width) / 2)
+            }
             _ => (rh, rw, 0, 0),
         };
         let n = ch * cw;
@@ -123,7 +135,11 @@ impl ClipImageConfig {
                 let row = &resized[((top + y) * rw + left) * 3..((top + y) * rw + left + cw) * 3];
                 for (x, px) in row.chunks_exact(3).enumerate() {
                     // numpy: rescale in f64, cast to f32, normalize in f32.
-                    let mut v = if self.do_rescale { (px[c] as f64 * self.rescale_factor) as f32 } else { px[c] as f32 };
+                    let mut v = if self.do_rescale {
+                        (px[c] as f64 * self.rescale_factor) as f32
+                    } else {
+                        px[c] as f32
+                    };
                     if self.do_normalize {
                         v = (v - mean) / std;
                     }
@@ -160,7 +176,9 @@ impl MmProcessor for ImageProcessor {
         match kwargs {
             Value::Null => Ok("{}".into()),
             Value::Object(o) if o.values().all(Value::is_null) => Ok("{}".into()),
-            other => Err(MediaError::Invalid(format!("LLaVA's image processor takes no processor kwargs, got {other}"))),
+            other => Err(MediaError::Invalid(format!(
+                "LLaVA's image processor takes no processor kwargs, got {other}"
+            ))),
         }
     }
 
@@ -172,19 +190,35 @@ impl MmProcessor for ImageProcessor {
         opts: &DecodeOptions,
     ) -> Result<ProcessedItem, MediaError> {
         let (Modality::Image, MediaData::Encoded { bytes, .. }) = (modality, data) else {
-            return Err(MediaError::Invalid(format!("this model takes images, not a {} item", modality.name())));
+            return Err(MediaError::Invalid(format!(
+                "this model takes images, not a {} item",
+                modality.name()
+            )));
         };
         let img = decode_image(bytes, &opts.image)?;
         let s = self.image_size;
         let pixels = Tensor::from_vec(self.config.process(&img), (3, s, s), &Device::Cpu)
             .map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")))?;
-        let features = MmFeatures { tensors: vec![(super::PIXEL_VALUES.to_string(), pixels)] };
-        Ok(ProcessedItem { features: Arc::new(features), layout: ItemLayout::rows(self.tokens_per_image) })
+        let features = MmFeatures {
+            tensors: vec![(super::PIXEL_VALUES.to_string(), pixels)],
+        };
+        Ok(ProcessedItem {
+            features: Arc::new(features),
+            layout: ItemLayout::rows(self.tokens_per_image),
+        })
     }
 
-    fn embeddings_layout(&self, modality: Modality, rows: usize, _grid: Option<[usize; 3]>) -> Result<ItemLayout, MediaError> {
+    fn embeddings_layout(
+        &self,
+        modality: Modality,
+        rows: usize,
+        _grid: Option<[usize; 3]>,
+    ) -> Result<ItemLayout, MediaError> {
         if modality != Modality::Image {
-            return Err(MediaError::Invalid(format!("this model does not accept {} embeddings", modality.name())));
+            return Err(MediaError::Invalid(format!(
+                "this model does not accept {} embeddings",
+                modality.name()
+            )));
         }
         if rows != self.tokens_per_image {
             return Err(MediaError::Invalid(format!(
@@ -209,9 +243,13 @@ mod tests {
         let c = ClipImageConfig::from_preprocessor_config(CFG, 336).unwrap();
         assert_eq!(c.resized(480, 640), (336, 448));
         assert_eq!(c.resized(641, 480), (448, 336));
-        assert!(ClipImageConfig::from_preprocessor_config(CFG, 224).unwrap_err().contains("224"));
+        assert!(ClipImageConfig::from_preprocessor_config(CFG, 224)
+            .unwrap_err()
+            .contains("224"));
         let pad = CFG.replace("\"resample\": 3", "\"do_pad\": true");
-        assert!(ClipImageConfig::from_preprocessor_config(&pad, 336).unwrap_err().contains("do_pad"));
+        assert!(ClipImageConfig::from_preprocessor_config(&pad, 336)
+            .unwrap_err()
+            .contains("do_pad"));
         let small = CFG.replace("\"shortest_edge\": 336", "\"shortest_edge\": 300");
         assert!(ClipImageConfig::from_preprocessor_config(&small, 336).is_err());
     }
@@ -225,10 +263,23 @@ mod tests {
             tokens_per_image: 576,
         };
         assert_eq!(p.kwargs_key(Modality::Image, &Value::Null).unwrap(), "{}");
-        assert!(p.kwargs_key(Modality::Image, &serde_json::json!({"max_pixels": 3})).is_err());
-        assert_eq!(p.embeddings_layout(Modality::Image, 576, None).unwrap().embeds, 576);
-        assert!(p.embeddings_layout(Modality::Image, 575, None).unwrap_err().message().contains("576"));
-        let r = p.replacement(Modality::Image, &ItemLayout::rows(576)).unwrap();
+        assert!(p
+            .kwargs_key(Modality::Image, &serde_json::json!({"max_pixels": 3}))
+            .is_err());
+        assert_eq!(
+            p.embeddings_layout(Modality::Image, 576, None)
+                .unwrap()
+                .embeds,
+            576
+        );
+        assert!(p
+            .embeddings_layout(Modality::Image, 575, None)
+            .unwrap_err()
+            .message()
+            .contains("576"));
+        let r = p
+            .replacement(Modality::Image, &ItemLayout::rows(576))
+            .unwrap();
         assert_eq!((r.tokens.len(), r.embeds), (576, 0..576));
         assert!(p.placeholder_token(Modality::Video).is_none());
     }

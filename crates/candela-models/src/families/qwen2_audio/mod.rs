@@ -86,7 +86,11 @@ impl Qwen2AudioConfig {
             }
         }
         let text = HfConfig::from_json_str(&text.to_string())?;
-        Ok(Self { audio: r.audio_config, text, audio_token_id: r.audio_token_index.unwrap_or(151646) })
+        Ok(Self {
+            audio: r.audio_config,
+            text,
+            audio_token_id: r.audio_token_index.unwrap_or(151646),
+        })
     }
 }
 
@@ -94,7 +98,11 @@ fn load_folder(ck: &Checkpoint) -> MResult<Built> {
     let cfg = Qwen2AudioConfig::from_json(ck.config)?;
     let (pp, text) = ck.read_required("preprocessor_config.json")?;
     let extractor = candela_media::audio::WhisperFeatureExtractor::from_preprocessor_config(&text)
-        .map_err(|e| ModelError::InvalidJson { what: "preprocessor_config.json", path: pp.clone(), message: e.to_string() })?;
+        .map_err(|e| ModelError::InvalidJson {
+            what: "preprocessor_config.json",
+            path: pp.clone(),
+            message: e.to_string(),
+        })?;
     if extractor.n_mels() != cfg.audio.num_mel_bins {
         return Err(ModelError::Config(format!(
             "preprocessor_config.json has {} mel bins but the audio encoder takes {}",
@@ -109,14 +117,26 @@ fn load_folder(ck: &Checkpoint) -> MResult<Built> {
         max_source_positions: cfg.audio.max_source_positions,
     };
     let model = load(&cfg, &ck.weights()?, ck.max_model_len)?;
-    Ok(Built { model: Box::new(model), processor: Some(Arc::new(processor)), text: cfg.text.clone() })
+    Ok(Built {
+        model: Box::new(model),
+        processor: Some(Arc::new(processor)),
+        text: cfg.text.clone(),
+    })
 }
 
 /// The language model, audio tower and projector of a checkpoint.
-pub fn load(cfg: &Qwen2AudioConfig, w: &Weights, max_model_len: Option<usize>) -> MResult<MultimodalLm> {
+pub fn load(
+    cfg: &Qwen2AudioConfig,
+    w: &Weights,
+    max_model_len: Option<usize>,
+) -> MResult<MultimodalLm> {
     // Released checkpoints vs. the newer module layout.
     let (lm_w, tower, projector) = if w.contains("language_model.model.embed_tokens.weight") {
-        (w.renamed(|n: &str| format!("language_model.{n}"))?, "audio_tower", "multi_modal_projector.linear")
+        (
+            w.renamed(|n: &str| format!("language_model.{n}"))?,
+            "audio_tower",
+            "multi_modal_projector.linear",
+        )
     } else {
         (
             w.renamed(|n: &str| match n.strip_prefix("model.") {
@@ -132,7 +152,11 @@ pub fn load(cfg: &Qwen2AudioConfig, w: &Weights, max_model_len: Option<usize>) -
     let lm = DecoderLm::load(text, &lm_w)?;
     let encoder = AudioEncoder::load(cfg.audio.clone(), w, tower, true)?;
     let projector = w.linear(projector, cfg.audio.d_model, hidden, true)?;
-    Ok(MultimodalLm::new(lm, Box::new(Qwen2AudioEncoder { encoder, projector }), HF_ARCHITECTURE))
+    Ok(MultimodalLm::new(
+        lm,
+        Box::new(Qwen2AudioEncoder { encoder, projector }),
+        HF_ARCHITECTURE,
+    ))
 }
 
 /// Whisper encoder, stride-2 pool, linear projector.
@@ -147,7 +171,10 @@ impl MediaEncoder for Qwen2AudioEncoder {
             bail!("Qwen2-Audio takes audio only (input_features + feature_frames)");
         };
         let frames = frames.flatten_all()?.to_vec1::<u32>()?;
-        let &[frames] = frames.as_slice() else { bail!("feature_frames must hold one number") };
-        self.projector.forward(&self.encoder.forward(x, frames as usize)?)
+        let &[frames] = frames.as_slice() else {
+            bail!("feature_frames must hold one number")
+        };
+        self.projector
+            .forward(&self.encoder.forward(x, frames as usize)?)
     }
 }

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use candela_core::request::MmFeatures;
-use candela_media::audio::{decode_to_mono, mono_from_channels, resample, Padding, WhisperFeatureExtractor};
+use candela_media::audio::{
+    decode_to_mono, mono_from_channels, resample, Padding, WhisperFeatureExtractor,
+};
 use candela_media::{MediaError, Modality};
 use candle_core::{Device, Tensor};
 
@@ -79,12 +81,17 @@ impl AudioProcessor {
         for row in f.data.chunks(f.frames) {
             data.extend_from_slice(&row[..keep]);
         }
-        let t = |r: candle_core::Result<Tensor>| r.map_err(|e| MediaError::Invalid(format!("audio features: {e}")));
+        let t = |r: candle_core::Result<Tensor>| {
+            r.map_err(|e| MediaError::Invalid(format!("audio features: {e}")))
+        };
         let x = t(Tensor::from_vec(data, (f.n_mels, keep), &Device::Cpu))?;
         let frames_t = t(Tensor::from_vec(vec![frames as u32], 1, &Device::Cpu))?;
         Ok(ProcessedItem {
             features: Arc::new(MmFeatures {
-                tensors: vec![(super::FEATURES.into(), x), (super::FEATURE_FRAMES.into(), frames_t)],
+                tensors: vec![
+                    (super::FEATURES.into(), x),
+                    (super::FEATURE_FRAMES.into(), frames_t),
+                ],
             }),
             layout: ItemLayout::rows(tokens),
         })
@@ -100,7 +107,11 @@ impl MmProcessor for AudioProcessor {
         (modality == Modality::Audio).then_some(self.placeholder_token)
     }
 
-    fn kwargs_key(&self, _modality: Modality, kwargs: &serde_json::Value) -> Result<String, MediaError> {
+    fn kwargs_key(
+        &self,
+        _modality: Modality,
+        kwargs: &serde_json::Value,
+    ) -> Result<String, MediaError> {
         match kwargs {
             serde_json::Value::Null => Ok("{}".into()),
             serde_json::Value::Object(o) if o.values().all(|v| v.is_null()) => Ok("{}".into()),
@@ -108,7 +119,9 @@ impl MmProcessor for AudioProcessor {
                 "audio items take no processor kwargs (got {})",
                 o.keys().cloned().collect::<Vec<_>>().join(", ")
             ))),
-            other => Err(MediaError::Invalid(format!("processor kwargs must be an object, got {other}"))),
+            other => Err(MediaError::Invalid(format!(
+                "processor kwargs must be an object, got {other}"
+            ))),
         }
     }
 
@@ -121,9 +134,18 @@ impl MmProcessor for AudioProcessor {
     ) -> Result<ProcessedItem, MediaError> {
         let rate = self.sampling_rate();
         let mono = match (modality, data) {
-            (Modality::Audio, MediaData::Encoded { bytes, format }) => decode_to_mono(bytes, format.as_deref(), rate)?,
-            (Modality::Audio, MediaData::Samples { channels, rate: sr }) => resample(&mono_from_channels(channels)?, *sr, rate)?,
-            (m, _) => return Err(MediaError::Invalid(format!("a {} item needs its data", m.name()))),
+            (Modality::Audio, MediaData::Encoded { bytes, format }) => {
+                decode_to_mono(bytes, format.as_deref(), rate)?
+            }
+            (Modality::Audio, MediaData::Samples { channels, rate: sr }) => {
+                resample(&mono_from_channels(channels)?, *sr, rate)?
+            }
+            (m, _) => {
+                return Err(MediaError::Invalid(format!(
+                    "a {} item needs its data",
+                    m.name()
+                )))
+            }
         };
         self.process_samples(&mono)
     }

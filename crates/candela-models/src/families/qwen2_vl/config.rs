@@ -120,10 +120,20 @@ impl Qwen2VlConfig {
         let architecture = match raw.pointer("/architectures/0").and_then(Value::as_str) {
             Some(QWEN2_VL) => QWEN2_VL,
             Some(QWEN2_5_VL) => QWEN2_5_VL,
-            other => return Err(bad(format!("not a Qwen2-VL / Qwen2.5-VL config (architectures[0] = {other:?})"))),
+            other => {
+                return Err(bad(format!(
+                    "not a Qwen2-VL / Qwen2.5-VL config (architectures[0] = {other:?})"
+                )))
+            }
         };
-        let variant = if architecture == QWEN2_VL { Variant::Qwen2Vl } else { Variant::Qwen25Vl };
-        let root = raw.as_object().ok_or_else(|| bad("config.json is not an object"))?;
+        let variant = if architecture == QWEN2_VL {
+            Variant::Qwen2Vl
+        } else {
+            Variant::Qwen25Vl
+        };
+        let root = raw
+            .as_object()
+            .ok_or_else(|| bad("config.json is not an object"))?;
 
         // Text: class defaults, then the released flat fields, then text_config.
         let mut text = text_defaults();
@@ -139,9 +149,13 @@ impl Qwen2VlConfig {
         }
         // transformers 5 reads tying from the root, and a true in text_config
         // (pre-5 saves) also ties.
-        let tie = [root.get("tie_word_embeddings"), root.get("text_config").and_then(|t| t.get("tie_word_embeddings"))]
-            .iter()
-            .any(|v| v.and_then(|v| v.as_bool()) == Some(true));
+        let tie = [
+            root.get("tie_word_embeddings"),
+            root.get("text_config")
+                .and_then(|t| t.get("tie_word_embeddings")),
+        ]
+        .iter()
+        .any(|v| v.and_then(|v| v.as_bool()) == Some(true));
         text.insert("tie_word_embeddings".into(), Value::Bool(tie));
         // Head size is hidden / heads in these models whatever head_dim says.
         text.remove("head_dim");
@@ -161,15 +175,21 @@ impl Qwen2VlConfig {
             .and_then(Value::as_str)
             .unwrap_or("default");
         if !matches!(kind, "default" | "mrope") {
-            return Err(bad(format!("unsupported rope type {kind:?} for {architecture} (supported: mrope)")));
+            return Err(bad(format!(
+                "unsupported rope type {kind:?} for {architecture} (supported: mrope)"
+            )));
         }
         let section: Vec<usize> = match rope.get("mrope_section") {
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| bad(format!("mrope_section: {e}")))?,
+            Some(v) => {
+                serde_json::from_value(v.clone()).map_err(|e| bad(format!("mrope_section: {e}")))?
+            }
             // transformers' fallback when a config has none.
             None => vec![16, 24, 24],
         };
         let &[s0, s1, s2] = section.as_slice() else {
-            return Err(bad(format!("mrope_section must have 3 entries, got {section:?}")));
+            return Err(bad(format!(
+                "mrope_section must have 3 entries, got {section:?}"
+            )));
         };
         let theta = rope
             .get("rope_theta")
@@ -178,7 +198,10 @@ impl Qwen2VlConfig {
             .unwrap_or(1_000_000.0);
         text.remove("rope_scaling");
         text.insert("rope_theta".into(), serde_json::json!(theta));
-        text.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": theta}));
+        text.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": theta}),
+        );
         let text = HfConfig::from_json_str(&Value::Object(text).to_string())?;
         let half = text.head_dim() / 2;
         if s0 + s1 + s2 != half {
@@ -188,8 +211,9 @@ impl Qwen2VlConfig {
             )));
         }
 
-        let rv: RawVision = serde_json::from_value(root.get("vision_config").cloned().unwrap_or(Value::Null))
-            .map_err(|e| bad(format!("vision_config: {e}")))?;
+        let rv: RawVision =
+            serde_json::from_value(root.get("vision_config").cloned().unwrap_or(Value::Null))
+                .map_err(|e| bad(format!("vision_config: {e}")))?;
         let text_hidden = text.hidden_size;
         let vision_rope_theta = vision_theta(&rv);
         let vision = match variant {
@@ -228,7 +252,9 @@ impl Qwen2VlConfig {
                 spatial_merge_size: rv.spatial_merge_size.unwrap_or(2),
                 rope_theta: vision_rope_theta,
                 window_size: rv.window_size.unwrap_or(112),
-                fullatt_block_indexes: rv.fullatt_block_indexes.unwrap_or_else(|| vec![7, 15, 23, 31]),
+                fullatt_block_indexes: rv
+                    .fullatt_block_indexes
+                    .unwrap_or_else(|| vec![7, 15, 23, 31]),
                 tokens_per_second: rv.tokens_per_second.unwrap_or(4.0),
             },
         };
@@ -256,7 +282,9 @@ fn vision_theta(rv: &RawVision) -> f64 {
 
 fn validate_vision(v: &VisionConfig, text_hidden: usize) -> Result<()> {
     if v.depth == 0 || v.embed_dim == 0 || v.num_heads == 0 || v.mlp_dim == 0 {
-        return Err(bad("vision_config: depth, width, heads and MLP width must be positive"));
+        return Err(bad(
+            "vision_config: depth, width, heads and MLP width must be positive",
+        ));
     }
     let hd = v.embed_dim / v.num_heads;
     // 2-D rotary: a quarter of the head per axis and per half.
@@ -266,8 +294,14 @@ fn validate_vision(v: &VisionConfig, text_hidden: usize) -> Result<()> {
             v.embed_dim, v.num_heads
         )));
     }
-    if v.patch_size == 0 || v.temporal_patch_size == 0 || v.spatial_merge_size == 0 || v.in_channels == 0 {
-        return Err(bad("vision_config: patch sizes, merge size and channels must be positive"));
+    if v.patch_size == 0
+        || v.temporal_patch_size == 0
+        || v.spatial_merge_size == 0
+        || v.in_channels == 0
+    {
+        return Err(bad(
+            "vision_config: patch sizes, merge size and channels must be positive",
+        ));
     }
     if v.out_dim != text_hidden {
         return Err(bad(format!(
@@ -284,13 +318,19 @@ fn validate_vision(v: &VisionConfig, text_hidden: usize) -> Result<()> {
             )));
         }
         if let Some(&i) = v.fullatt_block_indexes.iter().find(|&&i| i >= v.depth) {
-            return Err(bad(format!("vision_config: fullatt_block_indexes has {i}, beyond depth {}", v.depth)));
+            return Err(bad(format!(
+                "vision_config: fullatt_block_indexes has {i}, beyond depth {}",
+                v.depth
+            )));
         }
         if !(v.tokens_per_second.is_finite() && v.tokens_per_second > 0.0) {
             return Err(bad("vision_config: tokens_per_second must be positive"));
         }
     }
-    if !matches!(v.hidden_act.as_str(), "quick_gelu" | "gelu" | "silu" | "gelu_pytorch_tanh") {
+    if !matches!(
+        v.hidden_act.as_str(),
+        "quick_gelu" | "gelu" | "silu" | "gelu_pytorch_tanh"
+    ) {
         return Err(bad(format!(
             "vision_config: unsupported hidden_act {:?} (quick_gelu, gelu, gelu_pytorch_tanh, silu)",
             v.hidden_act
@@ -322,8 +362,14 @@ mod tests {
         assert_eq!(c.text.rope_theta(), 1e6);
         assert!(c.text.rope_scaling().is_none());
         assert_eq!(c.text.tie_word_embeddings, Some(true));
-        assert_eq!((c.vision.embed_dim, c.vision.mlp_dim, c.vision.out_dim), (32, 64, 16));
-        assert_eq!((c.image_token_id, c.video_token_id, c.vision_start_token_id), (7, 8, 151652));
+        assert_eq!(
+            (c.vision.embed_dim, c.vision.mlp_dim, c.vision.out_dim),
+            (32, 64, 16)
+        );
+        assert_eq!(
+            (c.image_token_id, c.video_token_id, c.vision_start_token_id),
+            (7, 8, 151652)
+        );
         assert_eq!(c.vision.hidden_act, "quick_gelu");
     }
 
@@ -341,21 +387,37 @@ mod tests {
         let c = Qwen2VlConfig::from_json(&raw).unwrap();
         assert_eq!(c.mrope_section, [2, 1, 1]);
         assert_eq!(c.text.rope_theta(), 5000.0);
-        assert_eq!(c.text.tie_word_embeddings, Some(true), "a pre-5 text_config tie still ties");
+        assert_eq!(
+            c.text.tie_word_embeddings,
+            Some(true),
+            "a pre-5 text_config tie still ties"
+        );
         assert_eq!(c.vision.variant, Variant::Qwen25Vl);
-        assert_eq!((c.vision.window_size, c.vision.tokens_per_second), (56, 2.0));
+        assert_eq!(
+            (c.vision.window_size, c.vision.tokens_per_second),
+            (56, 2.0)
+        );
     }
 
     #[test]
     fn bad_configs_are_clear() {
         let mut raw = released_flat();
         raw["rope_scaling"]["mrope_section"] = serde_json::json!([1, 1, 1]);
-        assert!(Qwen2VlConfig::from_json(&raw).unwrap_err().to_string().contains("head_dim / 2 is 4"));
+        assert!(Qwen2VlConfig::from_json(&raw)
+            .unwrap_err()
+            .to_string()
+            .contains("head_dim / 2 is 4"));
         let mut raw = released_flat();
         raw["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
-        assert!(Qwen2VlConfig::from_json(&raw).unwrap_err().to_string().contains("yarn"));
+        assert!(Qwen2VlConfig::from_json(&raw)
+            .unwrap_err()
+            .to_string()
+            .contains("yarn"));
         let mut raw = released_flat();
         raw["vision_config"]["hidden_size"] = serde_json::json!(24);
-        assert!(Qwen2VlConfig::from_json(&raw).unwrap_err().to_string().contains("hidden size is 16"));
+        assert!(Qwen2VlConfig::from_json(&raw)
+            .unwrap_err()
+            .to_string()
+            .contains("hidden size is 16"));
     }
 }

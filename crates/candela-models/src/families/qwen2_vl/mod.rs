@@ -50,11 +50,19 @@ fn load_folder(ck: &Checkpoint) -> MResult<Built> {
     let cfg = Qwen2VlConfig::from_json(ck.config)?;
     let processor = vision_processor(ck, &cfg)?;
     let model = load(&cfg, &ck.weights()?, ck.max_model_len)?;
-    Ok(Built { model: Box::new(model), processor: Some(Arc::new(processor)), text: cfg.text.clone() })
+    Ok(Built {
+        model: Box::new(model),
+        processor: Some(Arc::new(processor)),
+        text: cfg.text.clone(),
+    })
 }
 
 /// The language model and vision tower of a Qwen2-VL / Qwen2.5-VL checkpoint.
-pub fn load(cfg: &Qwen2VlConfig, w: &Weights, max_model_len: Option<usize>) -> MResult<MultimodalLm> {
+pub fn load(
+    cfg: &Qwen2VlConfig,
+    w: &Weights,
+    max_model_len: Option<usize>,
+) -> MResult<MultimodalLm> {
     let mut text = crate::families::qwen2::config_from_hf(&cfg.text, max_model_len)?;
     text.mrope_section = Some(cfg.mrope_section);
     text.architecture = cfg.architecture.to_string();
@@ -63,11 +71,21 @@ pub fn load(cfg: &Qwen2VlConfig, w: &Weights, max_model_len: Option<usize>) -> M
             Some(rest) => format!("model.language_model.{rest}"),
             None => n.to_string(),
         })?;
-        (DecoderLm::load(text, &lm_w)?, VisionTower::load(cfg.vision.clone(), w, "model.visual")?)
+        (
+            DecoderLm::load(text, &lm_w)?,
+            VisionTower::load(cfg.vision.clone(), w, "model.visual")?,
+        )
     } else {
-        (DecoderLm::load(text, w)?, VisionTower::load(cfg.vision.clone(), w, "visual")?)
+        (
+            DecoderLm::load(text, w)?,
+            VisionTower::load(cfg.vision.clone(), w, "visual")?,
+        )
     };
-    Ok(MultimodalLm::new(lm, Box::new(VisionEncoder(vision)), cfg.architecture))
+    Ok(MultimodalLm::new(
+        lm,
+        Box::new(VisionEncoder(vision)),
+        cfg.architecture,
+    ))
 }
 
 struct VisionEncoder(VisionTower);
@@ -83,10 +101,16 @@ impl MediaEncoder for VisionEncoder {
 
 /// The (t, h, w) grid of an item's features (image or video).
 pub fn grid_of(features: &MmFeatures) -> Result<[usize; 3]> {
-    let Some(g) = features.get(IMAGE_GRID_THW).or_else(|| features.get(VIDEO_GRID_THW)) else {
+    let Some(g) = features
+        .get(IMAGE_GRID_THW)
+        .or_else(|| features.get(VIDEO_GRID_THW))
+    else {
         bail!("an image or video item needs {IMAGE_GRID_THW} or {VIDEO_GRID_THW}");
     };
-    let g = g.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+    let g = g
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1::<u32>()?;
     match g.as_slice() {
         &[t, h, w] => Ok([t as usize, h as usize, w as usize]),
         _ => bail!("grid_thw must hold 3 numbers, got {}", g.len()),
@@ -105,17 +129,37 @@ fn vision_processor(ck: &Checkpoint, v: &Qwen2VlConfig) -> MResult<VisionProcess
     };
     let image = candela_media::image::Qwen2VlProcessorConfig::from_preprocessor_config(&image_text)
         .map_err(|e| invalid(&pp, e))?;
-    let (vp, video_text) = ck.read_optional("video_preprocessor_config.json")?.unwrap_or((pp.clone(), image_text));
+    let (vp, video_text) = ck
+        .read_optional("video_preprocessor_config.json")?
+        .unwrap_or((pp.clone(), image_text));
     let video = candela_media::video::Qwen2VlVideoConfig::from_preprocessor_config(&video_text)
         .map_err(|e| invalid(&vp, e))?;
     let vc = &v.vision;
     if vc.in_channels != 3 {
-        return Err(ModelError::Config(format!("the vision tower takes {} channels; images are RGB (3)", vc.in_channels)));
+        return Err(ModelError::Config(format!(
+            "the vision tower takes {} channels; images are RGB (3)",
+            vc.in_channels
+        )));
     }
     for (what, img, vid, tower) in [
-        ("patch_size", image.patch_size, video.base.patch_size, vc.patch_size),
-        ("merge_size", image.merge_size, video.base.merge_size, vc.spatial_merge_size),
-        ("temporal_patch_size", image.temporal_patch_size, video.base.temporal_patch_size, vc.temporal_patch_size),
+        (
+            "patch_size",
+            image.patch_size,
+            video.base.patch_size,
+            vc.patch_size,
+        ),
+        (
+            "merge_size",
+            image.merge_size,
+            video.base.merge_size,
+            vc.spatial_merge_size,
+        ),
+        (
+            "temporal_patch_size",
+            image.temporal_patch_size,
+            video.base.temporal_patch_size,
+            vc.temporal_patch_size,
+        ),
     ] {
         if img != tower || vid != tower {
             return Err(ModelError::Config(format!(

@@ -40,7 +40,11 @@ impl MediaSpan {
 
 /// 3-D positions of a `num_tokens` prompt whose media items are `spans`
 /// (sorted by offset, non-overlapping, inside the prompt).
-pub fn mrope_positions(num_tokens: usize, spans: &[MediaSpan], merge: usize) -> Result<MropePositions> {
+pub fn mrope_positions(
+    num_tokens: usize,
+    spans: &[MediaSpan],
+    merge: usize,
+) -> Result<MropePositions> {
     let bad = |m: String| ModelError::Media(m);
     if merge == 0 {
         return Err(bad("spatial merge size must be positive".into()));
@@ -49,14 +53,19 @@ pub fn mrope_positions(num_tokens: usize, spans: &[MediaSpan], merge: usize) -> 
     let mut next: u64 = 0;
     let mut max_seen: u64 = 0;
     let push = |out: &mut Vec<[u32; 3]>, p: [u64; 3]| -> Result<()> {
-        let c = |v: u64| u32::try_from(v).map_err(|_| ModelError::Media("M-RoPE position overflows".into()));
+        let c = |v: u64| {
+            u32::try_from(v).map_err(|_| ModelError::Media("M-RoPE position overflows".into()))
+        };
         out.push([c(p[0])?, c(p[1])?, c(p[2])?]);
         Ok(())
     };
     for s in spans {
         let [t, h, w] = s.grid_thw;
         if h % merge != 0 || w % merge != 0 {
-            return Err(bad(format!("grid {:?} is not a multiple of the merge size {merge}", s.grid_thw)));
+            return Err(bad(format!(
+                "grid {:?} is not a multiple of the merge size {merge}",
+                s.grid_thw
+            )));
         }
         if s.offset < out.len() || s.offset + s.len(merge) > num_tokens {
             return Err(bad(format!(
@@ -66,7 +75,10 @@ pub fn mrope_positions(num_tokens: usize, spans: &[MediaSpan], merge: usize) -> 
             )));
         }
         if !(s.time_interval.is_finite() && s.time_interval >= 0.0) {
-            return Err(bad(format!("time interval {} must be finite and >= 0", s.time_interval)));
+            return Err(bad(format!(
+                "time interval {} must be finite and >= 0",
+                s.time_interval
+            )));
         }
         while out.len() < s.offset {
             push(&mut out, [next; 3])?;
@@ -97,8 +109,15 @@ pub fn mrope_positions(num_tokens: usize, spans: &[MediaSpan], merge: usize) -> 
         max_seen = max_seen.max(next);
         next += 1;
     }
-    let delta = if num_tokens == 0 { 0 } else { max_seen as i64 + 1 - num_tokens as i64 };
-    Ok(MropePositions { prompt: Arc::from(out), delta })
+    let delta = if num_tokens == 0 {
+        0
+    } else {
+        max_seen as i64 + 1 - num_tokens as i64
+    };
+    Ok(MropePositions {
+        prompt: Arc::from(out),
+        delta,
+    })
 }
 
 #[cfg(test)]
@@ -118,7 +137,11 @@ mod tests {
     #[test]
     fn image_then_text() {
         // 2 text, a 1x4x6 grid (2x3 merged), 2 text.
-        let span = MediaSpan { offset: 2, grid_thw: [1, 4, 6], time_interval: 1.0 };
+        let span = MediaSpan {
+            offset: 2,
+            grid_thw: [1, 4, 6],
+            time_interval: 1.0,
+        };
         let m = mrope_positions(10, &[span], 2).unwrap();
         let [t, h, w] = axes(&m);
         assert_eq!(t, vec![0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
@@ -131,7 +154,11 @@ mod tests {
     #[test]
     fn video_time_scaling_and_long_videos() {
         // Qwen2.5-VL: 3 temporal patches, interval 2.5 -> times 0, 2, 5.
-        let span = MediaSpan { offset: 1, grid_thw: [3, 2, 2], time_interval: 2.5 };
+        let span = MediaSpan {
+            offset: 1,
+            grid_thw: [3, 2, 2],
+            time_interval: 2.5,
+        };
         let m = mrope_positions(5, &[span], 2).unwrap();
         let [t, h, w] = axes(&m);
         assert_eq!(t, vec![0, 1, 3, 6, 7]);
@@ -143,13 +170,28 @@ mod tests {
 
     #[test]
     fn adjacent_items_and_bad_spans() {
-        let a = MediaSpan { offset: 0, grid_thw: [1, 2, 2], time_interval: 1.0 };
-        let b = MediaSpan { offset: 1, grid_thw: [1, 2, 4], time_interval: 1.0 };
+        let a = MediaSpan {
+            offset: 0,
+            grid_thw: [1, 2, 2],
+            time_interval: 1.0,
+        };
+        let b = MediaSpan {
+            offset: 1,
+            grid_thw: [1, 2, 4],
+            time_interval: 1.0,
+        };
         let m = mrope_positions(3, &[a, b], 2).unwrap();
         assert_eq!(m.prompt.to_vec(), vec![[0, 0, 0], [1, 1, 1], [1, 1, 2]]);
-        assert!(mrope_positions(2, &[a, b], 2).is_err(), "runs past the prompt");
+        assert!(
+            mrope_positions(2, &[a, b], 2).is_err(),
+            "runs past the prompt"
+        );
         assert!(mrope_positions(3, &[b, a], 2).is_err(), "out of order");
-        let odd = MediaSpan { offset: 0, grid_thw: [1, 3, 2], time_interval: 1.0 };
+        let odd = MediaSpan {
+            offset: 0,
+            grid_thw: [1, 3, 2],
+            time_interval: 1.0,
+        };
         assert!(mrope_positions(3, &[odd], 2).is_err());
     }
 }

@@ -7,13 +7,19 @@
 use std::sync::Arc;
 
 use candela_core::request::{MmFeatures, MropePositions};
-use candela_media::image::{decode_image, DecodedImage, ImageOverrides, ProcessedVision, Qwen2VlProcessorConfig};
-use candela_media::video::{decode_video, ProcessedVideo, Qwen2VlVideoConfig, VideoDecodeOptions, VideoOverrides};
+use candela_media::image::{
+    decode_image, DecodedImage, ImageOverrides, ProcessedVision, Qwen2VlProcessorConfig,
+};
+use candela_media::video::{
+    decode_video, ProcessedVideo, Qwen2VlVideoConfig, VideoDecodeOptions, VideoOverrides,
+};
 use candela_media::{MediaError, Modality};
 use candle_core::{Device, Tensor};
 
 use super::positions::{mrope_positions, MediaSpan};
-use crate::processor::{DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessedItem};
+use crate::processor::{
+    DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessedItem,
+};
 
 /// Per-request image / video options (vLLM's `mm_processor_kwargs`, and
 /// qwen-vl-utils' per-item keys). They change the item's tensors, so the
@@ -97,7 +103,10 @@ impl VisionKwargs {
     }
 
     fn image(&self) -> ImageOverrides {
-        ImageOverrides { min_pixels: self.min_pixels, max_pixels: self.max_pixels }
+        ImageOverrides {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+        }
     }
 
     fn video(&self) -> VideoOverrides {
@@ -132,7 +141,11 @@ impl VisionProcessor {
     }
 
     /// One decoded image -> `pixel_values` + `image_grid_thw`.
-    pub fn process_image(&self, img: &DecodedImage, kw: &VisionKwargs) -> Result<ProcessedItem, MediaError> {
+    pub fn process_image(
+        &self,
+        img: &DecodedImage,
+        kw: &VisionKwargs,
+    ) -> Result<ProcessedItem, MediaError> {
         let v = self.image.process_image(img, &kw.image())?;
         self.item(v, super::IMAGE_GRID_THW, None)
     }
@@ -140,13 +153,26 @@ impl VisionProcessor {
     /// A video given as its frames. Their rate is `kw.fps` (else the
     /// processor's default, 2, as qwen-vl-utils assumes); all are kept
     /// unless there are more than `max_frames`.
-    pub fn process_frames(&self, frames: &[DecodedImage], kw: &VisionKwargs) -> Result<ProcessedItem, MediaError> {
+    pub fn process_frames(
+        &self,
+        frames: &[DecodedImage],
+        kw: &VisionKwargs,
+    ) -> Result<ProcessedItem, MediaError> {
         let fps = kw.fps.unwrap_or(self.video.fps);
-        let ov = VideoOverrides { fps: Some(fps), ..kw.video() };
+        let ov = VideoOverrides {
+            fps: Some(fps),
+            ..kw.video()
+        };
         let max_frames = kw.max_frames.unwrap_or(self.video.max_frames);
         let v = if frames.len() <= max_frames {
             let all: Vec<&DecodedImage> = frames.iter().collect();
-            self.video.process_sampled(&all, (0..frames.len()).collect(), frames.len(), Some(fps), &ov)?
+            self.video.process_sampled(
+                &all,
+                (0..frames.len()).collect(),
+                frames.len(),
+                Some(fps),
+                &ov,
+            )?
         } else {
             self.video.process_video(frames, Some(fps), &ov)?
         };
@@ -162,12 +188,22 @@ impl VisionProcessor {
         kw: &VisionKwargs,
     ) -> Result<ProcessedItem, MediaError> {
         let ov = kw.video();
-        let d = decode_video(bytes, opts, |total, fps| self.video.sample_indices(total, fps, &ov))?;
+        let d = decode_video(bytes, opts, |total, fps| {
+            self.video.sample_indices(total, fps, &ov)
+        })?;
         if d.frames.is_empty() {
-            return Err(MediaError::Corrupt("no frame of the video could be decoded".into()));
+            return Err(MediaError::Corrupt(
+                "no frame of the video could be decoded".into(),
+            ));
         }
         let frames: Vec<&DecodedImage> = d.frames.iter().collect();
-        let v = self.video.process_sampled(&frames, d.frame_indices.clone(), d.total_frames, d.source_fps, &ov)?;
+        let v = self.video.process_sampled(
+            &frames,
+            d.frame_indices.clone(),
+            d.total_frames,
+            d.source_fps,
+            &ov,
+        )?;
         self.video_item(v)
     }
 
@@ -175,33 +211,59 @@ impl VisionProcessor {
         self.item(v.vision, super::VIDEO_GRID_THW, Some(v.second_per_grid_t))
     }
 
-    fn item(&self, v: ProcessedVision, grid_name: &str, second_per_grid_t: Option<f64>) -> Result<ProcessedItem, MediaError> {
+    fn item(
+        &self,
+        v: ProcessedVision,
+        grid_name: &str,
+        second_per_grid_t: Option<f64>,
+    ) -> Result<ProcessedItem, MediaError> {
         let embeds = self.image.num_placeholder_tokens(v.grid_thw);
         let dev = Device::Cpu;
         let grid: Vec<u32> = v.grid_thw.iter().map(|&x| x as u32).collect();
-        let t = |r: candle_core::Result<Tensor>| r.map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")));
+        let t = |r: candle_core::Result<Tensor>| {
+            r.map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")))
+        };
         let mut tensors = vec![
-            (super::PIXEL_VALUES.to_string(), t(Tensor::from_vec(v.pixel_values, (v.rows, v.cols), &dev))?),
+            (
+                super::PIXEL_VALUES.to_string(),
+                t(Tensor::from_vec(v.pixel_values, (v.rows, v.cols), &dev))?,
+            ),
             (grid_name.to_string(), t(Tensor::from_vec(grid, 3, &dev))?),
         ];
         if let Some(s) = second_per_grid_t {
-            tensors.push((super::SECOND_PER_GRID_T.into(), t(Tensor::from_vec(vec![s as f32], 1, &dev))?));
+            tensors.push((
+                super::SECOND_PER_GRID_T.into(),
+                t(Tensor::from_vec(vec![s as f32], 1, &dev))?,
+            ));
         }
         let time_interval = match (second_per_grid_t, self.tokens_per_second) {
             // f32, as torch multiplies tokens_per_second by the tensor.
             (Some(spg), Some(tps)) => ((tps as f32) * (spg as f32)) as f64,
             _ => 1.0,
         };
-        let layout = ItemLayout { embeds, grid_thw: Some(v.grid_thw), time_interval };
-        Ok(ProcessedItem { features: Arc::new(MmFeatures { tensors }), layout })
+        let layout = ItemLayout {
+            embeds,
+            grid_thw: Some(v.grid_thw),
+            time_interval,
+        };
+        Ok(ProcessedItem {
+            features: Arc::new(MmFeatures { tensors }),
+            layout,
+        })
     }
 
     fn span(&self, item: &PlacedItem) -> Result<MediaSpan, MediaError> {
-        let grid_thw = item
-            .layout
-            .grid_thw
-            .ok_or_else(|| MediaError::Invalid(format!("a {} item needs its (t, h, w) grid", item.modality.name())))?;
-        let span = MediaSpan { offset: item.offset, grid_thw, time_interval: item.layout.time_interval };
+        let grid_thw = item.layout.grid_thw.ok_or_else(|| {
+            MediaError::Invalid(format!(
+                "a {} item needs its (t, h, w) grid",
+                item.modality.name()
+            ))
+        })?;
+        let span = MediaSpan {
+            offset: item.offset,
+            grid_thw,
+            time_interval: item.layout.time_interval,
+        };
         let n = span.len(self.merge_size());
         if n != item.layout.embeds {
             return Err(MediaError::Invalid(format!(
@@ -227,7 +289,11 @@ impl MmProcessor for VisionProcessor {
         }
     }
 
-    fn kwargs_key(&self, modality: Modality, kwargs: &serde_json::Value) -> Result<String, MediaError> {
+    fn kwargs_key(
+        &self,
+        modality: Modality,
+        kwargs: &serde_json::Value,
+    ) -> Result<String, MediaError> {
         Ok(VisionKwargs::parse(kwargs)?.canonical(modality))
     }
 
@@ -244,17 +310,34 @@ impl MmProcessor for VisionProcessor {
                 self.process_image(&decode_image(bytes, &opts.image)?, &kw)
             }
             (Modality::Video, MediaData::Frames(frames)) => {
-                let frames = frames.iter().map(|f| decode_image(f, &opts.image)).collect::<Result<Vec<_>, _>>()?;
+                let frames = frames
+                    .iter()
+                    .map(|f| decode_image(f, &opts.image))
+                    .collect::<Result<Vec<_>, _>>()?;
                 self.process_frames(&frames, &kw)
             }
-            (Modality::Video, MediaData::Encoded { bytes, .. }) => self.process_video_file(bytes, &opts.video, &kw),
-            (m, _) => Err(MediaError::Invalid(format!("a {} item needs its encoded data", m.name()))),
+            (Modality::Video, MediaData::Encoded { bytes, .. }) => {
+                self.process_video_file(bytes, &opts.video, &kw)
+            }
+            (m, _) => Err(MediaError::Invalid(format!(
+                "a {} item needs its encoded data",
+                m.name()
+            ))),
         }
     }
 
-    fn positions(&self, num_tokens: usize, items: &[PlacedItem]) -> Result<Option<MropePositions>, MediaError> {
-        let spans = items.iter().map(|i| self.span(i)).collect::<Result<Vec<_>, _>>()?;
-        mrope_positions(num_tokens, &spans, self.merge_size()).map(Some).map_err(|e| MediaError::Invalid(e.to_string()))
+    fn positions(
+        &self,
+        num_tokens: usize,
+        items: &[PlacedItem],
+    ) -> Result<Option<MropePositions>, MediaError> {
+        let spans = items
+            .iter()
+            .map(|i| self.span(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        mrope_positions(num_tokens, &spans, self.merge_size())
+            .map(Some)
+            .map_err(|e| MediaError::Invalid(e.to_string()))
     }
 
     fn embeddings_layout(
@@ -264,7 +347,10 @@ impl MmProcessor for VisionProcessor {
         grid_thw: Option<[usize; 3]>,
     ) -> Result<ItemLayout, MediaError> {
         if modality != Modality::Image {
-            return Err(MediaError::Invalid(format!("this model does not accept {} embeddings", modality.name())));
+            return Err(MediaError::Invalid(format!(
+                "this model does not accept {} embeddings",
+                modality.name()
+            )));
         }
         let grid = grid_thw.ok_or_else(|| {
             MediaError::Invalid(
@@ -286,7 +372,11 @@ impl MmProcessor for VisionProcessor {
                 merge * merge
             )));
         }
-        Ok(ItemLayout { embeds: rows, grid_thw: Some(grid), time_interval: 1.0 })
+        Ok(ItemLayout {
+            embeds: rows,
+            grid_thw: Some(grid),
+            time_interval: 1.0,
+        })
     }
 }
 
@@ -296,33 +386,72 @@ mod tests {
 
     #[test]
     fn vision_kwargs_parse_and_hash_per_modality() {
-        let k = VisionKwargs::parse(&serde_json::json!({"max_pixels": 1000, "fps": 1.5, "min_pixels": null})).unwrap();
-        assert_eq!((k.max_pixels, k.fps, k.min_pixels), (Some(1000), Some(1.5), None));
+        let k = VisionKwargs::parse(
+            &serde_json::json!({"max_pixels": 1000, "fps": 1.5, "min_pixels": null}),
+        )
+        .unwrap();
+        assert_eq!(
+            (k.max_pixels, k.fps, k.min_pixels),
+            (Some(1000), Some(1.5), None)
+        );
         assert_eq!(k.canonical(Modality::Image), r#"{"max_pixels":1000}"#);
-        assert_eq!(k.canonical(Modality::Video), r#"{"fps":1.5,"max_pixels":1000}"#);
+        assert_eq!(
+            k.canonical(Modality::Video),
+            r#"{"fps":1.5,"max_pixels":1000}"#
+        );
         assert_eq!(VisionKwargs::default().canonical(Modality::Image), "{}");
-        for bad in [serde_json::json!({"max_pixels": -1}), serde_json::json!({"fps": 0}), serde_json::json!({"size": 3}), serde_json::json!(3)] {
-            assert!(matches!(VisionKwargs::parse(&bad), Err(MediaError::Invalid(_))), "{bad}");
+        for bad in [
+            serde_json::json!({"max_pixels": -1}),
+            serde_json::json!({"fps": 0}),
+            serde_json::json!({"size": 3}),
+            serde_json::json!(3),
+        ] {
+            assert!(
+                matches!(VisionKwargs::parse(&bad), Err(MediaError::Invalid(_))),
+                "{bad}"
+            );
         }
     }
 
     fn processor() -> VisionProcessor {
         let image = Qwen2VlProcessorConfig::from_preprocessor_config("{}").unwrap();
         let video = Qwen2VlVideoConfig::from_preprocessor_config("{}").unwrap();
-        VisionProcessor { image, video, image_token: 7, video_token: 8, tokens_per_second: None }
+        VisionProcessor {
+            image,
+            video,
+            image_token: 7,
+            video_token: 8,
+            tokens_per_second: None,
+        }
     }
 
     #[test]
     fn embeddings_are_checked_against_their_grid() {
         let p = processor();
         assert_eq!(p.merge_size(), 2);
-        let l = p.embeddings_layout(Modality::Image, 4, Some([1, 4, 4])).unwrap();
+        let l = p
+            .embeddings_layout(Modality::Image, 4, Some([1, 4, 4]))
+            .unwrap();
         assert_eq!((l.embeds, l.grid_thw), (4, Some([1, 4, 4])));
-        let e = p.embeddings_layout(Modality::Image, 5, Some([1, 4, 4])).unwrap_err();
-        assert!(e.message().contains("5 feature tokens") && e.message().contains("gives 4"), "{}", e.message());
-        assert!(p.embeddings_layout(Modality::Image, 4, None).unwrap_err().message().contains("image_grid_thw"));
-        assert!(p.embeddings_layout(Modality::Image, 4, Some([1, 3, 4])).is_err());
-        assert!(p.embeddings_layout(Modality::Video, 4, Some([1, 4, 4])).is_err());
+        let e = p
+            .embeddings_layout(Modality::Image, 5, Some([1, 4, 4]))
+            .unwrap_err();
+        assert!(
+            e.message().contains("5 feature tokens") && e.message().contains("gives 4"),
+            "{}",
+            e.message()
+        );
+        assert!(p
+            .embeddings_layout(Modality::Image, 4, None)
+            .unwrap_err()
+            .message()
+            .contains("image_grid_thw"));
+        assert!(p
+            .embeddings_layout(Modality::Image, 4, Some([1, 3, 4]))
+            .is_err());
+        assert!(p
+            .embeddings_layout(Modality::Video, 4, Some([1, 4, 4]))
+            .is_err());
     }
 
     #[test]
@@ -331,13 +460,23 @@ mod tests {
         let item = |offset, embeds| PlacedItem {
             modality: Modality::Image,
             offset,
-            layout: ItemLayout { embeds, grid_thw: Some([1, 4, 4]), time_interval: 1.0 },
+            layout: ItemLayout {
+                embeds,
+                grid_thw: Some([1, 4, 4]),
+                time_interval: 1.0,
+            },
         };
         let m = p.positions(7, &[item(1, 4)]).unwrap().unwrap();
         assert_eq!(m.prompt[1..5], [[1, 1, 1], [1, 1, 2], [1, 2, 1], [1, 2, 2]]);
         assert_eq!(m.prompt[5], [3, 3, 3]);
-        assert!(p.positions(7, &[item(1, 3)]).unwrap_err().message().contains("3 embedding rows"));
-        let r = p.replacement(Modality::Video, &ItemLayout::rows(3)).unwrap();
+        assert!(p
+            .positions(7, &[item(1, 3)])
+            .unwrap_err()
+            .message()
+            .contains("3 embedding rows"));
+        let r = p
+            .replacement(Modality::Video, &ItemLayout::rows(3))
+            .unwrap();
         assert_eq!((r.tokens, r.embeds), (vec![8, 8, 8], 0..3));
     }
 }

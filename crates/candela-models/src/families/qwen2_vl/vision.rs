@@ -48,7 +48,11 @@ enum Mlp {
     /// Qwen2-VL: fc2(act(fc1(x))).
     Plain { fc1: Linear, fc2: Linear },
     /// Qwen2.5-VL: down(act(gate(x)) * up(x)), with biases.
-    Gated { gate: Linear, up: Linear, down: Linear },
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -88,7 +92,13 @@ impl VisionTower {
         let patch_embed = w
             .tensor(
                 &p("patch_embed.proj.weight"),
-                &[d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
+                &[
+                    d,
+                    cfg.in_channels,
+                    cfg.temporal_patch_size,
+                    cfg.patch_size,
+                    cfg.patch_size,
+                ],
             )?
             .reshape((d, cfg.patch_dim()))?;
         let blocks = (0..cfg.depth)
@@ -111,7 +121,8 @@ impl VisionTower {
                     qkv: w.linear(&b("attn.qkv"), d, 3 * d, true)?,
                     proj: w.linear(&b("attn.proj"), d, d, true)?,
                     mlp,
-                    full_attention: cfg.variant == Variant::Qwen2Vl || cfg.fullatt_block_indexes.contains(&i),
+                    full_attention: cfg.variant == Variant::Qwen2Vl
+                        || cfg.fullatt_block_indexes.contains(&i),
                 })
             })
             .collect::<MResult<Vec<_>>>()?;
@@ -154,7 +165,10 @@ impl VisionTower {
             bail!("pixel_values has {rows} rows but grid_thw {grid_thw:?} needs t * h * w of them");
         }
         if cols != self.cfg.patch_dim() {
-            bail!("pixel_values has {cols} columns, the vision tower takes {} (C * T * P * P)", self.cfg.patch_dim());
+            bail!(
+                "pixel_values has {cols} columns, the vision tower takes {} (C * T * P * P)",
+                self.cfg.patch_dim()
+            );
         }
         Ok(())
     }
@@ -191,14 +205,22 @@ impl VisionTower {
         let half = self.inv_freq.len() * 2;
         let n = t * frame;
         let ang = Tensor::from_vec(angles, (n, half), &dev)?;
-        let (cos, sin) = (ang.cos()?.reshape((n, 1, half))?, ang.sin()?.reshape((n, 1, half))?);
+        let (cos, sin) = (
+            ang.cos()?.reshape((n, 1, half))?,
+            ang.sin()?.reshape((n, 1, half))?,
+        );
 
         for b in &self.blocks {
             let segs = if b.full_attention { &frames } else { &windows };
             x = self.block_forward(b, &x, &cos, &sin, segs)?;
         }
-        let x = self.merger_norm.forward(&x)?.reshape((n / m2, m2 * self.cfg.embed_dim))?;
-        let x = self.merger_fc2.forward(&self.merger_fc1.forward(&x)?.gelu_erf()?)?;
+        let x = self
+            .merger_norm
+            .forward(&x)?
+            .reshape((n / m2, m2 * self.cfg.embed_dim))?;
+        let x = self
+            .merger_fc2
+            .forward(&self.merger_fc1.forward(&x)?.gelu_erf()?)?;
         match order {
             // Merged row i came from merged token order[i]: undo the permutation.
             Some(order) => {
@@ -235,7 +257,14 @@ impl VisionTower {
         out
     }
 
-    fn block_forward(&self, b: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, segs: &Segments) -> Result<Tensor> {
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        segs: &Segments,
+    ) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let heads = self.cfg.num_heads;
         let hd = d / heads;
@@ -243,7 +272,11 @@ impl VisionTower {
         let qkv = b.qkv.forward(&h)?.reshape((n, 3, heads, hd))?;
         // Rotary in f32, as HF does whatever the model dtype.
         let rot = |i: usize| -> Result<Tensor> {
-            let z = qkv.narrow(1, i, 1)?.squeeze(1)?.to_dtype(DType::F32)?.contiguous()?;
+            let z = qkv
+                .narrow(1, i, 1)?
+                .squeeze(1)?
+                .to_dtype(DType::F32)?
+                .contiguous()?;
             let z4 = z.reshape((n, heads, 1, hd))?;
             candle_nn::rotary_emb::rope(&z4, cos, sin)?.reshape((n, heads, hd))
         };
@@ -255,7 +288,9 @@ impl VisionTower {
         let h = b.norm2.forward(&x)?;
         let h = match &b.mlp {
             Mlp::Plain { fc1, fc2 } => fc2.forward(&self.act.forward(&fc1.forward(&h)?)?)?,
-            Mlp::Gated { gate, up, down } => down.forward(&(self.act.forward(&gate.forward(&h)?)? * up.forward(&h)?)?)?,
+            Mlp::Gated { gate, up, down } => {
+                down.forward(&(self.act.forward(&gate.forward(&h)?)? * up.forward(&h)?)?)?
+            }
         };
         let out = (x + h)?;
         debug_assert_eq!(out.dim(D::Minus1)?, d);
@@ -292,7 +327,10 @@ fn window_order([t, h, w]: [usize; 3], m: usize, win: usize) -> (Vec<usize>, Seg
 
 /// Row indices of whole merge units in `order` (`unit` rows each).
 fn unit_rows(order: &[usize], unit: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let idx: Vec<u32> = order.iter().flat_map(|&o| (0..unit).map(move |j| (o * unit + j) as u32)).collect();
+    let idx: Vec<u32> = order
+        .iter()
+        .flat_map(|&o| (0..unit).map(move |j| (o * unit + j) as u32))
+        .collect();
     let len = idx.len();
     Tensor::from_vec(idx, len, dev)
 }
@@ -319,11 +357,24 @@ fn score_budget(dev: &candle_core::Device) -> usize {
 /// Bidirectional attention within each segment (`q`, `k`, `v`: `[n, heads,
 /// hd]` f32). Runs of consecutive equal-length segments (frames, full
 /// windows) go through one batched matmul.
-fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, segs: &Segments, scale: f64) -> Result<Tensor> {
+fn segment_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segs: &Segments,
+    scale: f64,
+) -> Result<Tensor> {
     segment_attention_within(q, k, v, segs, scale, score_budget(q.device()))
 }
 
-fn segment_attention_within(q: &Tensor, k: &Tensor, v: &Tensor, segs: &Segments, scale: f64, budget: usize) -> Result<Tensor> {
+fn segment_attention_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segs: &Segments,
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
     let (_, heads, hd) = q.dims3()?;
     // Scaling q (n x hd) rather than the scores (n x n) saves a pass over them.
     let q = &(q * scale)?;
@@ -338,7 +389,10 @@ fn segment_attention_within(q: &Tensor, k: &Tensor, v: &Tensor, segs: &Segments,
         let runs = j - i;
         // [runs, heads, len, hd]
         let take = |z: &Tensor| -> Result<Tensor> {
-            z.narrow(0, start, runs * len)?.reshape((runs, len, heads, hd))?.transpose(1, 2)?.contiguous()
+            z.narrow(0, start, runs * len)?
+                .reshape((runs, len, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let (qs, ks, vs) = (take(q)?, take(k)?, take(v)?);
         let kt = ks.transpose(2, 3)?.contiguous()?;
@@ -351,7 +405,9 @@ fn segment_attention_within(q: &Tensor, k: &Tensor, v: &Tensor, segs: &Segments,
             let probs = crate::softmax::softmax_last_dim(&qc.matmul(&kt)?)?;
             parts.push(probs.matmul(&vs)?);
         }
-        let o = Tensor::cat(&parts, 2)?.transpose(1, 2)?.reshape((runs * len, heads, hd))?;
+        let o = Tensor::cat(&parts, 2)?
+            .transpose(1, 2)?
+            .reshape((runs * len, heads, hd))?;
         outs.push(o);
         i = j;
     }
@@ -367,7 +423,10 @@ mod tests {
         // A 1 x 6 x 10 grid with merge 2: 3 x 5 merged tokens; windows of 2.
         let (order, segs) = window_order([1, 6, 10], 2, 2);
         // Merged grid row-major ids 0..15; windows 2 x 2 in raster order.
-        assert_eq!(order, vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(
+            order,
+            vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]
+        );
         let sizes: Vec<usize> = segs.iter().map(|s| s.1 / 4).collect();
         assert_eq!(sizes, vec![4, 4, 2, 2, 2, 1]);
         assert_eq!(segs.iter().map(|s| s.1).sum::<usize>(), 60);
@@ -379,18 +438,41 @@ mod tests {
     #[test]
     fn equal_segments_batch_like_separate_ones() -> Result<()> {
         let dev = candle_core::Device::Cpu;
-        let mk = |seed: f32| Tensor::arange(0f32, 6. * 2. * 4., &dev).unwrap().affine(0.37, seed as f64).unwrap().sin().unwrap().reshape((6, 2, 4)).unwrap();
+        let mk = |seed: f32| {
+            Tensor::arange(0f32, 6. * 2. * 4., &dev)
+                .unwrap()
+                .affine(0.37, seed as f64)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .reshape((6, 2, 4))
+                .unwrap()
+        };
         let (q, k, v) = (mk(0.1), mk(0.7), mk(1.3));
         let together = segment_attention(&q, &k, &v, &vec![(0, 2), (2, 2), (4, 2)], 0.5)?;
         for (s, l) in [(0, 2), (2, 2), (4, 2)] {
-            let one = segment_attention(&q.narrow(0, s, l)?, &k.narrow(0, s, l)?, &v.narrow(0, s, l)?, &vec![(0, l)], 0.5)?;
-            let d = (together.narrow(0, s, l)? - one)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let one = segment_attention(
+                &q.narrow(0, s, l)?,
+                &k.narrow(0, s, l)?,
+                &v.narrow(0, s, l)?,
+                &vec![(0, l)],
+                0.5,
+            )?;
+            let d = (together.narrow(0, s, l)? - one)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(d < 1e-6);
         }
         // Query chunks (a budget of 2 x 2 x 2 scores: one query row at a time) change nothing.
         let chunked = segment_attention_within(&q, &k, &v, &vec![(0, 2), (2, 4)], 0.5, 8)?;
         let whole = segment_attention(&q, &k, &v, &vec![(0, 2), (2, 4)], 0.5)?;
-        let d = (chunked - whole)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (chunked - whole)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-6);
         Ok(())
     }

@@ -18,8 +18,8 @@ use candle_nn::LayerNorm;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
 use crate::error::{ModelError, Result as MResult};
+use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
 use crate::weights::{Linear, Weights};
 
 pub const ARCHITECTURE: &str = "WhisperForConditionalGeneration";
@@ -121,7 +121,9 @@ impl WhisperConfig {
             )));
         }
         if cfg.max_target_positions < 4 || cfg.vocab_size == 0 {
-            return Err(ModelError::Config("Whisper max_target_positions / vocab_size are too small".into()));
+            return Err(ModelError::Config(
+                "Whisper max_target_positions / vocab_size are too small".into(),
+            ));
         }
         Ok(cfg)
     }
@@ -197,7 +199,11 @@ impl DecoderState {
 
     /// The same audio with nothing fed yet.
     pub fn restart(&self) -> DecoderState {
-        DecoderState { cross: self.cross.clone(), self_kv: vec![None; self.self_kv.len()], len: 0 }
+        DecoderState {
+            cross: self.cross.clone(),
+            self_kv: vec![None; self.self_kv.len()],
+            len: 0,
+        }
     }
 }
 
@@ -236,10 +242,16 @@ impl Whisper {
         let proj_out = if w.contains("proj_out.weight") {
             w.linear("proj_out", d, cfg.vocab_size, false)?
         } else {
-            Linear::Dense { weight: embed.clone(), bias: None }
+            Linear::Dense {
+                weight: embed.clone(),
+                bias: None,
+            }
         };
         Ok(Self {
-            positions: w.tensor("model.decoder.embed_positions.weight", &[cfg.max_target_positions, d])?,
+            positions: w.tensor(
+                "model.decoder.embed_positions.weight",
+                &[cfg.max_target_positions, d],
+            )?,
             norm: w.layer_norm("model.decoder.layer_norm", d, LN_EPS)?,
             device: w.device().clone(),
             embed,
@@ -261,7 +273,8 @@ impl Whisper {
     /// Encoder output `[max_source_positions, d_model]` of one padded window
     /// of log-mel features (`[num_mel_bins, 2 * max_source_positions]`).
     pub fn encode(&self, features: &Tensor) -> Result<Tensor> {
-        self.encoder.forward_unmasked(&features.to_device(&self.device)?)
+        self.encoder
+            .forward_unmasked(&features.to_device(&self.device)?)
     }
 
     /// Cross-attention K/V of an encoder output, for every decoder layer.
@@ -280,22 +293,37 @@ impl Whisper {
 
     /// A fresh decoder cache over one item's cross K/V.
     pub fn new_state(&self, cross: Arc<CrossKv>) -> DecoderState {
-        DecoderState { cross, self_kv: vec![None; self.layers.len()], len: 0 }
+        DecoderState {
+            cross,
+            self_kv: vec![None; self.layers.len()],
+            len: 0,
+        }
     }
 
     /// `[n, d]` -> `[heads, n, head_dim]`.
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let heads = self.cfg.decoder_attention_heads;
-        x.reshape((n, heads, d / heads))?.transpose(0, 1)?.contiguous()
+        x.reshape((n, heads, d / heads))?
+            .transpose(0, 1)?
+            .contiguous()
     }
 
     /// Feed `tokens[i]` to `states[i]` (one ragged batch) and return f32
     /// logits: `[states.len(), vocab]` for each sequence's last new token
     /// with `last_only`, else `[sum of new tokens, vocab]`, in order.
-    pub fn decode(&self, states: &mut [&mut DecoderState], tokens: &[&[u32]], last_only: bool) -> Result<Tensor> {
+    pub fn decode(
+        &self,
+        states: &mut [&mut DecoderState],
+        tokens: &[&[u32]],
+        last_only: bool,
+    ) -> Result<Tensor> {
         if states.len() != tokens.len() || states.is_empty() {
-            candle_core::bail!("decode: {} states for {} token lists", states.len(), tokens.len());
+            candle_core::bail!(
+                "decode: {} states for {} token lists",
+                states.len(),
+                tokens.len()
+            );
         }
         let max = self.cfg.max_target_positions;
         let mut ids = Vec::new();
@@ -303,10 +331,17 @@ impl Whisper {
         let mut spans = Vec::with_capacity(states.len());
         for (s, t) in states.iter().zip(tokens) {
             if t.is_empty() || s.len + t.len() > max {
-                candle_core::bail!("decode: {} tokens after {} exceed the {max} decoder positions (or none given)", t.len(), s.len);
+                candle_core::bail!(
+                    "decode: {} tokens after {} exceed the {max} decoder positions (or none given)",
+                    t.len(),
+                    s.len
+                );
             }
             if let Some(bad) = t.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
-                candle_core::bail!("decode: token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size);
+                candle_core::bail!(
+                    "decode: token id {bad} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                );
             }
             spans.push((ids.len(), t.len(), s.len));
             ids.extend_from_slice(t);
@@ -315,7 +350,8 @@ impl Whisper {
         let n = ids.len();
         let ids_t = Tensor::from_vec(ids, n, &self.device)?;
         let pos_t = Tensor::from_vec(pos, n, &self.device)?;
-        let mut x = (self.embed.index_select(&ids_t, 0)? + self.positions.index_select(&pos_t, 0)?)?;
+        let mut x =
+            (self.embed.index_select(&ids_t, 0)? + self.positions.index_select(&pos_t, 0)?)?;
         let heads = self.cfg.decoder_attention_heads;
         let hd = self.cfg.d_model / heads;
         let scale = (hd as f64).powf(-0.5);
@@ -334,7 +370,9 @@ impl Whisper {
                     ks = Tensor::cat(&[pk, &ks], 1)?;
                     vs = Tensor::cat(&[pv, &vs], 1)?;
                 }
-                let mask = (len > 1).then(|| causal_mask(len, past, &self.device)).transpose()?;
+                let mask = (len > 1)
+                    .then(|| causal_mask(len, past, &self.device))
+                    .transpose()?;
                 outs.push(attend(&qs, &ks, &vs, mask.as_ref())?);
                 states[si].self_kv[li] = Some((ks, vs));
             }
@@ -358,11 +396,16 @@ impl Whisper {
             s.len += len;
         }
         if last_only {
-            let rows: Vec<u32> = spans.iter().map(|&(off, len, _)| (off + len - 1) as u32).collect();
+            let rows: Vec<u32> = spans
+                .iter()
+                .map(|&(off, len, _)| (off + len - 1) as u32)
+                .collect();
             let r = rows.len();
             x = x.index_select(&Tensor::from_vec(rows, r, &self.device)?, 0)?;
         }
-        self.proj_out.forward(&self.norm.forward(&x)?)?.to_dtype(DType::F32)
+        self.proj_out
+            .forward(&self.norm.forward(&x)?)?
+            .to_dtype(DType::F32)
     }
 }
 
@@ -371,7 +414,15 @@ impl Whisper {
 fn causal_mask(len: usize, past: usize, device: &Device) -> Result<Tensor> {
     let total = past + len;
     let data: Vec<f32> = (0..len)
-        .flat_map(|j| (0..total).map(move |k| if k <= past + j { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|j| {
+            (0..total).map(move |k| {
+                if k <= past + j {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(data, (len, total), device)
 }
@@ -380,7 +431,9 @@ fn causal_mask(len: usize, past: usize, device: &Device) -> Result<Tensor> {
 /// `[heads, m, hd]`, in f32; returns `[n, heads * hd]` in `v`'s dtype.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (heads, n, hd) = q.dims3()?;
-    let mut scores = q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)?;
+    let mut scores = q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }

@@ -28,16 +28,19 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use candela_media::audio::{decode_to_mono, split_audio, Padding, SplitOptions, WhisperFeatureConfig, WhisperFeatureExtractor};
+use candela_media::audio::{
+    decode_to_mono, split_audio, Padding, SplitOptions, WhisperFeatureConfig,
+    WhisperFeatureExtractor,
+};
 use candela_media::MediaError;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
+use crate::families::whisper::{self, Whisper, WhisperConfig};
 use crate::loader::{parse_device, parse_dtype, LoadOptions};
 use crate::tokenizer::{read_json, Tokenizer};
 use crate::weights::Weights;
-use crate::families::whisper::{self, Whisper, WhisperConfig};
 
 pub use runner::{ChunkOutput, RunnerStats};
 pub use tokens::{language_name, Task, WhisperTokens, LANGUAGES};
@@ -111,7 +114,10 @@ pub struct Transcription {
 /// `WhisperForConditionalGeneration` or model_type `whisper`).
 pub fn is_whisper_model(path: &Path) -> bool {
     let cfg = path.join("config.json");
-    cfg.is_file() && read_json(&cfg, "config.json").map(|v| whisper::matches(&v)).unwrap_or(false)
+    cfg.is_file()
+        && read_json(&cfg, "config.json")
+            .map(|v| whisper::matches(&v))
+            .unwrap_or(false)
 }
 
 pub struct Transcriber {
@@ -125,7 +131,9 @@ pub struct Transcriber {
 
 impl std::fmt::Debug for Transcriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transcriber").field("model_name", &self.model_name).finish()
+        f.debug_struct("Transcriber")
+            .field("model_name", &self.model_name)
+            .finish()
     }
 }
 
@@ -159,7 +167,10 @@ impl Transcriber {
         }
         let cfg_path = path.join("config.json");
         if !path.is_dir() || !cfg_path.is_file() {
-            return Err(ModelError::MissingFile { dir: path.to_path_buf(), file: "config.json" });
+            return Err(ModelError::MissingFile {
+                dir: path.to_path_buf(),
+                file: "config.json",
+            });
         }
         let raw: Value = read_json(&cfg_path, "config.json")?;
         if !whisper::matches(&raw) {
@@ -173,17 +184,33 @@ impl Transcriber {
         let dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
         let tokenizer = Tokenizer::from_dir(path)?;
         let gen_path = path.join("generation_config.json");
-        let gen = if gen_path.is_file() { read_json(&gen_path, "generation_config.json")? } else { Value::Null };
+        let gen = if gen_path.is_file() {
+            read_json(&gen_path, "generation_config.json")?
+        } else {
+            Value::Null
+        };
         let tokens = WhisperTokens::new(&gen, &cfg, &tokenizer)?;
         let pp = path.join("preprocessor_config.json");
         let extractor = if pp.is_file() {
-            let text = std::fs::read_to_string(&pp).map_err(|e| ModelError::Io { path: pp.clone(), source: e })?;
+            let text = std::fs::read_to_string(&pp).map_err(|e| ModelError::Io {
+                path: pp.clone(),
+                source: e,
+            })?;
             WhisperFeatureExtractor::from_preprocessor_config(&text)
         } else {
-            WhisperFeatureExtractor::new(WhisperFeatureConfig { feature_size: cfg.num_mel_bins, ..Default::default() })
+            WhisperFeatureExtractor::new(WhisperFeatureConfig {
+                feature_size: cfg.num_mel_bins,
+                ..Default::default()
+            })
         }
-        .map_err(|e| ModelError::InvalidJson { what: "preprocessor_config.json", path: pp.clone(), message: e.to_string() })?;
-        if extractor.n_mels() != cfg.num_mel_bins || extractor.max_frames() != 2 * cfg.max_source_positions {
+        .map_err(|e| ModelError::InvalidJson {
+            what: "preprocessor_config.json",
+            path: pp.clone(),
+            message: e.to_string(),
+        })?;
+        if extractor.n_mels() != cfg.num_mel_bins
+            || extractor.max_frames() != 2 * cfg.max_source_positions
+        {
             return Err(ModelError::Config(format!(
                 "preprocessor_config.json gives {} mel bins x {} frames, the encoder takes {} x {}",
                 extractor.n_mels(),
@@ -199,7 +226,14 @@ impl Transcriber {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| path.display().to_string());
-        Self::from_parts(model, Arc::new(tokenizer), extractor, tokens, name, max_batch)
+        Self::from_parts(
+            model,
+            Arc::new(tokenizer),
+            extractor,
+            tokens,
+            name,
+            max_batch,
+        )
     }
 
     /// Assemble a transcriber and start its decoding thread.
@@ -213,9 +247,18 @@ impl Transcriber {
     ) -> MResult<Self> {
         let model = Arc::new(model);
         let tokens = Arc::new(tokens);
-        let runner = runner::Runner::start(model.clone(), tokens.clone(), max_batch)
-            .map_err(|e| ModelError::Config(format!("cannot start the Whisper decoding thread: {e}")))?;
-        Ok(Self { model, tokenizer, extractor, tokens, runner, model_name })
+        let runner =
+            runner::Runner::start(model.clone(), tokens.clone(), max_batch).map_err(|e| {
+                ModelError::Config(format!("cannot start the Whisper decoding thread: {e}"))
+            })?;
+        Ok(Self {
+            model,
+            tokenizer,
+            extractor,
+            tokens,
+            runner,
+            model_name,
+        })
     }
 
     pub fn model(&self) -> &Whisper {
@@ -253,15 +296,26 @@ impl Transcriber {
 
     /// Decode an audio file (WAV, FLAC, MP3, OGG/Vorbis; any rate and
     /// channel count) and transcribe it.
-    pub fn transcribe_bytes(&self, bytes: &[u8], format_hint: Option<&str>, opts: &TranscribeOptions) -> Result<Transcription, TranscribeError> {
+    pub fn transcribe_bytes(
+        &self,
+        bytes: &[u8],
+        format_hint: Option<&str>,
+        opts: &TranscribeOptions,
+    ) -> Result<Transcription, TranscribeError> {
         let samples = decode_to_mono(bytes, format_hint, self.sampling_rate())?;
         self.transcribe(&samples, opts)
     }
 
     /// Transcribe mono samples at [`Self::sampling_rate`]. Blocks until done;
     /// concurrent calls are decoded in the same batches.
-    pub fn transcribe(&self, samples: &[f32], opts: &TranscribeOptions) -> Result<Transcription, TranscribeError> {
-        self.transcribe_many(&[(samples, opts)]).pop().unwrap_or(Err(TranscribeError::Closed))
+    pub fn transcribe(
+        &self,
+        samples: &[f32],
+        opts: &TranscribeOptions,
+    ) -> Result<Transcription, TranscribeError> {
+        self.transcribe_many(&[(samples, opts)])
+            .pop()
+            .unwrap_or(Err(TranscribeError::Closed))
     }
 
     /// [`Self::transcribe`] that gives up, with [`TranscribeError::Cancelled`],
@@ -273,16 +327,27 @@ impl Transcriber {
         opts: &TranscribeOptions,
         cancelled: Arc<AtomicBool>,
     ) -> Result<Transcription, TranscribeError> {
-        self.run_plans(vec![self.plan(samples, opts, cancelled)]).pop().unwrap_or(Err(TranscribeError::Closed))
+        self.run_plans(vec![self.plan(samples, opts, cancelled)])
+            .pop()
+            .unwrap_or(Err(TranscribeError::Closed))
     }
 
     /// Several transcriptions queued together (one batch), in order.
-    pub fn transcribe_many(&self, requests: &[(&[f32], &TranscribeOptions)]) -> Vec<Result<Transcription, TranscribeError>> {
-        let plans = requests.iter().map(|(s, o)| self.plan(s, o, Arc::new(AtomicBool::new(false)))).collect();
+    pub fn transcribe_many(
+        &self,
+        requests: &[(&[f32], &TranscribeOptions)],
+    ) -> Vec<Result<Transcription, TranscribeError>> {
+        let plans = requests
+            .iter()
+            .map(|(s, o)| self.plan(s, o, Arc::new(AtomicBool::new(false))))
+            .collect();
         self.run_plans(plans)
     }
 
-    fn run_plans(&self, plans: Vec<Result<Plan, TranscribeError>>) -> Vec<Result<Transcription, TranscribeError>> {
+    fn run_plans(
+        &self,
+        plans: Vec<Result<Plan, TranscribeError>>,
+    ) -> Vec<Result<Transcription, TranscribeError>> {
         // Queue every window whose language is settled; a request that
         // detects its language over several windows queues its first
         // window alone, then the rest with the language found.
@@ -291,7 +356,8 @@ impl Transcriber {
             let wait = match plan {
                 Ok(p) => {
                     let (tx, rx) = mpsc::channel();
-                    let defer = p.language.is_none() && self.tokens.is_multilingual() && p.ranges.len() > 1;
+                    let defer =
+                        p.language.is_none() && self.tokens.is_multilingual() && p.ranges.len() > 1;
                     let first = if defer { 1 } else { p.ranges.len() };
                     let sent = (0..first).try_for_each(|i| self.submit(p, i, p.language, &tx));
                     // Our sender stays only while more windows are to come, so a
@@ -302,7 +368,8 @@ impl Transcriber {
             };
             waits.push(wait);
         }
-        let mut outputs: Vec<Result<Vec<Option<ChunkOutput>>, TranscribeError>> = Vec::with_capacity(plans.len());
+        let mut outputs: Vec<Result<Vec<Option<ChunkOutput>>, TranscribeError>> =
+            Vec::with_capacity(plans.len());
         for (plan, wait) in plans.iter().zip(waits.iter_mut()) {
             let (Ok(p), Ok((tx, rx))) = (plan, wait) else {
                 outputs.push(Err(TranscribeError::Closed));
@@ -317,7 +384,11 @@ impl Transcriber {
                 });
             }
             let remaining = got.iter().filter(|g| g.is_none()).count();
-            outputs.push(result.and_then(|_| receive(rx, &mut got, remaining)).map(|_| got));
+            outputs.push(
+                result
+                    .and_then(|_| receive(rx, &mut got, remaining))
+                    .map(|_| got),
+            );
         }
         plans
             .into_iter()
@@ -332,7 +403,13 @@ impl Transcriber {
             .collect()
     }
 
-    fn submit(&self, p: &Plan, i: usize, language: Option<u32>, tx: &mpsc::Sender<(usize, Result<ChunkOutput, String>)>) -> Result<(), TranscribeError> {
+    fn submit(
+        &self,
+        p: &Plan,
+        i: usize,
+        language: Option<u32>,
+        tx: &mpsc::Sender<(usize, Result<ChunkOutput, String>)>,
+    ) -> Result<(), TranscribeError> {
         let job = runner::Job {
             features: p.features[i].clone(),
             prefix: p.prefix.clone(),
@@ -340,17 +417,30 @@ impl Transcriber {
             task: p.task,
             temperature: p.temperature,
             // Distinct streams per window of one seeded request.
-            seed: p.seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            seed: p
+                .seed
+                .wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             max_new_tokens: p.max_new_tokens,
             index: i,
             reply: tx.clone(),
             cancelled: p.cancelled.clone(),
         };
-        self.runner.submit(job).map_err(|e| if self.runner.is_closed() { TranscribeError::Closed } else { TranscribeError::Model(e) })
+        self.runner.submit(job).map_err(|e| {
+            if self.runner.is_closed() {
+                TranscribeError::Closed
+            } else {
+                TranscribeError::Model(e)
+            }
+        })
     }
 
     /// Check the options, split the audio and compute every window's features.
-    fn plan(&self, samples: &[f32], opts: &TranscribeOptions, cancelled: Arc<AtomicBool>) -> Result<Plan, TranscribeError> {
+    fn plan(
+        &self,
+        samples: &[f32],
+        opts: &TranscribeOptions,
+        cancelled: Arc<AtomicBool>,
+    ) -> Result<Plan, TranscribeError> {
         if self.runner.is_closed() {
             return Err(TranscribeError::Closed);
         }
@@ -358,7 +448,9 @@ impl Transcriber {
             return Err(MediaError::Empty("the audio has no samples".into()).into());
         }
         if samples.iter().any(|x| !x.is_finite()) {
-            return Err(TranscribeError::Invalid("the audio has samples that are not finite numbers".into()));
+            return Err(TranscribeError::Invalid(
+                "the audio has samples that are not finite numbers".into(),
+            ));
         }
         let t = &self.tokens;
         let language = match opts.language.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
@@ -378,24 +470,45 @@ impl Transcriber {
         let task = match opts.task {
             _ if !t.is_multilingual() => {
                 if opts.task == Task::Translate {
-                    return Err(TranscribeError::Invalid("this model is English-only; it cannot translate".into()));
+                    return Err(TranscribeError::Invalid(
+                        "this model is English-only; it cannot translate".into(),
+                    ));
                 }
                 None
             }
             Task::Transcribe => t.transcribe,
-            Task::Translate => Some(t.translate.ok_or_else(|| TranscribeError::Invalid("this model has no <|translate|> token".into()))?),
+            Task::Translate => Some(t.translate.ok_or_else(|| {
+                TranscribeError::Invalid("this model has no <|translate|> token".into())
+            })?),
         };
         if !opts.temperature.is_finite() || opts.temperature < 0.0 {
-            return Err(TranscribeError::Invalid(format!("temperature must be a number >= 0, got {}", opts.temperature)));
+            return Err(TranscribeError::Invalid(format!(
+                "temperature must be a number >= 0, got {}",
+                opts.temperature
+            )));
         }
         let max_len = self.model.config().max_target_positions;
-        let prefix = match opts.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+        let prefix = match opts
+            .prompt
+            .as_deref()
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             None => Vec::new(),
             Some(text) => {
-                let sop = t.start_of_prev.ok_or_else(|| TranscribeError::Invalid("this model has no <|startofprev|> token for a prompt".into()))?;
-                let ids = self.tokenizer.encode(&format!(" {text}"), false).map_err(|e| TranscribeError::Invalid(format!("prompt: {e}")))?;
+                let sop = t.start_of_prev.ok_or_else(|| {
+                    TranscribeError::Invalid(
+                        "this model has no <|startofprev|> token for a prompt".into(),
+                    )
+                })?;
+                let ids = self
+                    .tokenizer
+                    .encode(&format!(" {text}"), false)
+                    .map_err(|e| TranscribeError::Invalid(format!("prompt: {e}")))?;
                 if ids.iter().any(|&id| id >= t.eot) {
-                    return Err(TranscribeError::Invalid("the prompt must not contain special tokens such as <|endoftext|>".into()));
+                    return Err(TranscribeError::Invalid(
+                        "the prompt must not contain special tokens such as <|endoftext|>".into(),
+                    ));
                 }
                 // Keep the prompt's end, at most half the decoder (as openai-whisper).
                 let keep = (max_len / 2).saturating_sub(1).min(ids.len());
@@ -405,7 +518,9 @@ impl Transcriber {
             }
         };
         if opts.max_new_tokens == Some(0) {
-            return Err(TranscribeError::Invalid("max_new_tokens must be at least 1".into()));
+            return Err(TranscribeError::Invalid(
+                "max_new_tokens must be at least 1".into(),
+            ));
         }
         let sr = self.sampling_rate();
         let ranges = split_audio(samples, sr, SplitOptions::default())?;
@@ -433,16 +548,24 @@ impl Transcriber {
         let t = &self.tokens;
         let limit = t.timestamp_begin().unwrap_or(u32::MAX).min(t.eot);
         let text_ids: Vec<u32> = tokens.iter().copied().filter(|&x| x < limit).collect();
-        let text = self.tokenizer.decode(&text_ids, true).map_err(|e| TranscribeError::Model(e.to_string()))?;
+        let text = self
+            .tokenizer
+            .decode(&text_ids, true)
+            .map_err(|e| TranscribeError::Model(e.to_string()))?;
         Ok(text.trim().to_string())
     }
 
-    fn assemble(&self, plan: &Plan, chunks: Vec<Option<ChunkOutput>>) -> Result<Transcription, TranscribeError> {
+    fn assemble(
+        &self,
+        plan: &Plan,
+        chunks: Vec<Option<ChunkOutput>>,
+    ) -> Result<Transcription, TranscribeError> {
         let sr = self.sampling_rate() as f64;
         let mut segments = Vec::with_capacity(chunks.len());
         let mut language = None;
         for (i, (range, chunk)) in plan.ranges.iter().zip(chunks).enumerate() {
-            let chunk = chunk.ok_or_else(|| TranscribeError::Model("a window got no result".into()))?;
+            let chunk =
+                chunk.ok_or_else(|| TranscribeError::Model("a window got no result".into()))?;
             if i == 0 {
                 language = chunk.language;
             }
@@ -461,13 +584,23 @@ impl Transcriber {
                 temperature: plan.temperature,
             });
         }
-        let text = segments.iter().map(|s| s.text.as_str()).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+        let text = segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         let language = match language {
             Some(id) => self.tokens.language_code(id).map(str::to_string),
             None if !self.tokens.is_multilingual() => Some("en".to_string()),
             None => None,
         };
-        Ok(Transcription { text, language, duration: plan.samples as f64 / sr, segments })
+        Ok(Transcription {
+            text,
+            language,
+            duration: plan.samples as f64 / sr,
+            segments,
+        })
     }
 }
 
@@ -484,8 +617,16 @@ fn receive(
     n: usize,
 ) -> Result<(), TranscribeError> {
     for _ in 0..n {
-        let (i, r) = rx.recv().map_err(|_| TranscribeError::Model("the Whisper decoding thread stopped".into()))?;
-        let out = r.map_err(|e| if e == runner::CANCELLED { TranscribeError::Cancelled } else { TranscribeError::Model(e) })?;
+        let (i, r) = rx
+            .recv()
+            .map_err(|_| TranscribeError::Model("the Whisper decoding thread stopped".into()))?;
+        let out = r.map_err(|e| {
+            if e == runner::CANCELLED {
+                TranscribeError::Cancelled
+            } else {
+                TranscribeError::Model(e)
+            }
+        })?;
         if let Some(slot) = got.get_mut(i) {
             *slot = Some(out);
         }

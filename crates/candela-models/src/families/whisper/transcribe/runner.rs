@@ -109,21 +109,34 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
-    pub fn start(model: Arc<Whisper>, tokens: Arc<WhisperTokens>, max_batch: usize) -> std::io::Result<Self> {
+    pub fn start(
+        model: Arc<Whisper>,
+        tokens: Arc<WhisperTokens>,
+        max_batch: usize,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(RunnerStats::default()));
         let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("candela-whisper".into())
             .spawn(move || run(&model, &tokens, rx, max_batch.max(1), &st))?;
-        Ok(Self { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), stats })
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            stats,
+        })
     }
 
     /// Queue a window; fails once the runner is shut down.
     pub fn submit(&self, job: Job) -> Result<(), String> {
-        let guard = self.tx.lock().map_err(|_| "the transcriber is broken".to_string())?;
+        let guard = self
+            .tx
+            .lock()
+            .map_err(|_| "the transcriber is broken".to_string())?;
         match guard.as_ref() {
-            Some(tx) => tx.send(job).map_err(|_| "the transcriber's thread has stopped".to_string()),
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| "the transcriber's thread has stopped".to_string()),
             None => Err("the transcriber is closed".to_string()),
         }
     }
@@ -157,7 +170,13 @@ impl Drop for Runner {
     }
 }
 
-fn run(model: &Whisper, tokens: &WhisperTokens, rx: Receiver<Job>, max_batch: usize, stats: &Mutex<RunnerStats>) {
+fn run(
+    model: &Whisper,
+    tokens: &WhisperTokens,
+    rx: Receiver<Job>,
+    max_batch: usize,
+    stats: &Mutex<RunnerStats>,
+) {
     let mut active: Vec<Active> = Vec::new();
     let mut open = true;
     loop {
@@ -204,7 +223,10 @@ fn run(model: &Whisper, tokens: &WhisperTokens, rx: Receiver<Job>, max_batch: us
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("Whisper decoding failed: {e}")),
-            Err(p) => Some(format!("internal error in Whisper decoding (this is a bug in candela): {}", panic_text(p.as_ref()))),
+            Err(p) => Some(format!(
+                "internal error in Whisper decoding (this is a bug in candela): {}",
+                panic_text(p.as_ref())
+            )),
         };
         if let Some(message) = failure {
             for a in active.drain(..) {
@@ -216,7 +238,11 @@ fn run(model: &Whisper, tokens: &WhisperTokens, rx: Receiver<Job>, max_batch: us
         while i < active.len() {
             if active[i].pending.is_empty() {
                 let a = active.swap_remove(i);
-                let out = ChunkOutput { tokens: a.generated, language: a.job.language, sum_logprob: a.sum_logprob };
+                let out = ChunkOutput {
+                    tokens: a.generated,
+                    language: a.job.language,
+                    sum_logprob: a.sum_logprob,
+                };
                 let _ = a.job.reply.send((a.job.index, Ok(out)));
                 if let Ok(mut s) = stats.lock() {
                     s.chunks_finished += 1;
@@ -253,20 +279,33 @@ fn full_prompt(tokens: &WhisperTokens, job: &Job) -> Vec<u32> {
     p
 }
 
-fn admit(model: &Whisper, tokens: &WhisperTokens, job: Job, active: &mut Vec<Active>, stats: &Mutex<RunnerStats>) {
+fn admit(
+    model: &Whisper,
+    tokens: &WhisperTokens,
+    job: Job,
+    active: &mut Vec<Active>,
+    stats: &Mutex<RunnerStats>,
+) {
     if job.cancelled.load(Ordering::Acquire) {
         let _ = job.reply.send((job.index, Err(CANCELLED.to_string())));
         return;
     }
-    let encoded = catch_unwind(AssertUnwindSafe(|| model.encode(&job.features).and_then(|e| model.cross_kv(&e))));
+    let encoded = catch_unwind(AssertUnwindSafe(|| {
+        model.encode(&job.features).and_then(|e| model.cross_kv(&e))
+    }));
     let cross = match encoded {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            let _ = job.reply.send((job.index, Err(format!("Whisper encoder failed: {e}"))));
+            let _ = job
+                .reply
+                .send((job.index, Err(format!("Whisper encoder failed: {e}"))));
             return;
         }
         Err(p) => {
-            let msg = format!("internal error in the Whisper encoder (this is a bug in candela): {}", panic_text(p.as_ref()));
+            let msg = format!(
+                "internal error in the Whisper encoder (this is a bug in candela): {}",
+                panic_text(p.as_ref())
+            );
             let _ = job.reply.send((job.index, Err(msg)));
             return;
         }
@@ -277,7 +316,11 @@ fn admit(model: &Whisper, tokens: &WhisperTokens, job: Job, active: &mut Vec<Act
     let detecting = tokens.is_multilingual() && job.language.is_none();
     // Detection reads the logits of <|startoftranscript|> at position 0,
     // without the prompt (as transformers' detect_language does).
-    let pending = if detecting { vec![tokens.sot] } else { full_prompt(tokens, &job) };
+    let pending = if detecting {
+        vec![tokens.sot]
+    } else {
+        full_prompt(tokens, &job)
+    };
     let rng = SplitMix(job.seed);
     active.push(Active {
         state: model.new_state(cross),
@@ -293,7 +336,10 @@ fn admit(model: &Whisper, tokens: &WhisperTokens, job: Job, active: &mut Vec<Act
 /// One batched decoder step over every active window. A window whose
 /// `pending` is left empty is finished.
 fn step(model: &Whisper, tokens: &WhisperTokens, active: &mut [Active]) -> candle_core::Result<()> {
-    let feed: Vec<Vec<u32>> = active.iter_mut().map(|a| std::mem::take(&mut a.pending)).collect();
+    let feed: Vec<Vec<u32>> = active
+        .iter_mut()
+        .map(|a| std::mem::take(&mut a.pending))
+        .collect();
     let logits = {
         let mut states: Vec<&mut DecoderState> = active.iter_mut().map(|a| &mut a.state).collect();
         let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
@@ -350,10 +396,19 @@ fn step(model: &Whisper, tokens: &WhisperTokens, active: &mut [Active]) -> candl
 
 /// `log_softmax(row)[token]`, in f64.
 fn logprob_of(row: &[f32], token: u32) -> f64 {
-    let max = row.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let max = row
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
     if !max.is_finite() {
         return f64::NEG_INFINITY;
     }
-    let sum: f64 = row.iter().filter(|x| x.is_finite()).map(|&x| (x as f64 - max).exp()).sum();
-    row.get(token as usize).map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln())
+    let sum: f64 = row
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&x| (x as f64 - max).exp())
+        .sum();
+    row.get(token as usize)
+        .map_or(f64::NEG_INFINITY, |&x| x as f64 - max - sum.ln())
 }

@@ -6,8 +6,8 @@
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::tokenizer::Tokenizer;
 use crate::families::whisper::WhisperConfig;
+use crate::tokenizer::Tokenizer;
 
 /// What to do with the speech.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,23 +32,106 @@ impl Task {
 /// Whisper's languages: ISO code and the English name OpenAI's API reports
 /// (in token order; whisper v1/v2 use the first 99, v3 adds Cantonese).
 pub const LANGUAGES: &[(&str, &str)] = &[
-    ("en", "english"), ("zh", "chinese"), ("de", "german"), ("es", "spanish"), ("ru", "russian"), ("ko", "korean"),
-    ("fr", "french"), ("ja", "japanese"), ("pt", "portuguese"), ("tr", "turkish"), ("pl", "polish"), ("ca", "catalan"),
-    ("nl", "dutch"), ("ar", "arabic"), ("sv", "swedish"), ("it", "italian"), ("id", "indonesian"), ("hi", "hindi"),
-    ("fi", "finnish"), ("vi", "vietnamese"), ("he", "hebrew"), ("uk", "ukrainian"), ("el", "greek"), ("ms", "malay"),
-    ("cs", "czech"), ("ro", "romanian"), ("da", "danish"), ("hu", "hungarian"), ("ta", "tamil"), ("no", "norwegian"),
-    ("th", "thai"), ("ur", "urdu"), ("hr", "croatian"), ("bg", "bulgarian"), ("lt", "lithuanian"), ("la", "latin"),
-    ("mi", "maori"), ("ml", "malayalam"), ("cy", "welsh"), ("sk", "slovak"), ("te", "telugu"), ("fa", "persian"),
-    ("lv", "latvian"), ("bn", "bengali"), ("sr", "serbian"), ("az", "azerbaijani"), ("sl", "slovenian"), ("kn", "kannada"),
-    ("et", "estonian"), ("mk", "macedonian"), ("br", "breton"), ("eu", "basque"), ("is", "icelandic"), ("hy", "armenian"),
-    ("ne", "nepali"), ("mn", "mongolian"), ("bs", "bosnian"), ("kk", "kazakh"), ("sq", "albanian"), ("sw", "swahili"),
-    ("gl", "galician"), ("mr", "marathi"), ("pa", "punjabi"), ("si", "sinhala"), ("km", "khmer"), ("sn", "shona"),
-    ("yo", "yoruba"), ("so", "somali"), ("af", "afrikaans"), ("oc", "occitan"), ("ka", "georgian"), ("be", "belarusian"),
-    ("tg", "tajik"), ("sd", "sindhi"), ("gu", "gujarati"), ("am", "amharic"), ("yi", "yiddish"), ("lo", "lao"),
-    ("uz", "uzbek"), ("fo", "faroese"), ("ht", "haitian creole"), ("ps", "pashto"), ("tk", "turkmen"), ("nn", "nynorsk"),
-    ("mt", "maltese"), ("sa", "sanskrit"), ("lb", "luxembourgish"), ("my", "myanmar"), ("bo", "tibetan"), ("tl", "tagalog"),
-    ("mg", "malagasy"), ("as", "assamese"), ("tt", "tatar"), ("haw", "hawaiian"), ("ln", "lingala"), ("ha", "hausa"),
-    ("ba", "bashkir"), ("jw", "javanese"), ("su", "sundanese"), ("yue", "cantonese"),
+    ("en", "english"),
+    ("zh", "chinese"),
+    ("de", "german"),
+    ("es", "spanish"),
+    ("ru", "russian"),
+    ("ko", "korean"),
+    ("fr", "french"),
+    ("ja", "japanese"),
+    ("pt", "portuguese"),
+    ("tr", "turkish"),
+    ("pl", "polish"),
+    ("ca", "catalan"),
+    ("nl", "dutch"),
+    ("ar", "arabic"),
+    ("sv", "swedish"),
+    ("it", "italian"),
+    ("id", "indonesian"),
+    ("hi", "hindi"),
+    ("fi", "finnish"),
+    ("vi", "vietnamese"),
+    ("he", "hebrew"),
+    ("uk", "ukrainian"),
+    ("el", "greek"),
+    ("ms", "malay"),
+    ("cs", "czech"),
+    ("ro", "romanian"),
+    ("da", "danish"),
+    ("hu", "hungarian"),
+    ("ta", "tamil"),
+    ("no", "norwegian"),
+    ("th", "thai"),
+    ("ur", "urdu"),
+    ("hr", "croatian"),
+    ("bg", "bulgarian"),
+    ("lt", "lithuanian"),
+    ("la", "latin"),
+    ("mi", "maori"),
+    ("ml", "malayalam"),
+    ("cy", "welsh"),
+    ("sk", "slovak"),
+    ("te", "telugu"),
+    ("fa", "persian"),
+    ("lv", "latvian"),
+    ("bn", "bengali"),
+    ("sr", "serbian"),
+    ("az", "azerbaijani"),
+    ("sl", "slovenian"),
+    ("kn", "kannada"),
+    ("et", "estonian"),
+    ("mk", "macedonian"),
+    ("br", "breton"),
+    ("eu", "basque"),
+    ("is", "icelandic"),
+    ("hy", "armenian"),
+    ("ne", "nepali"),
+    ("mn", "mongolian"),
+    ("bs", "bosnian"),
+    ("kk", "kazakh"),
+    ("sq", "albanian"),
+    ("sw", "swahili"),
+    ("gl", "galician"),
+    ("mr", "marathi"),
+    ("pa", "punjabi"),
+    ("si", "sinhala"),
+    ("km", "khmer"),
+    ("sn", "shona"),
+    ("yo", "yoruba"),
+    ("so", "somali"),
+    ("af", "afrikaans"),
+    ("oc", "occitan"),
+    ("ka", "georgian"),
+    ("be", "belarusian"),
+    ("tg", "tajik"),
+    ("sd", "sindhi"),
+    ("gu", "gujarati"),
+    ("am", "amharic"),
+    ("yi", "yiddish"),
+    ("lo", "lao"),
+    ("uz", "uzbek"),
+    ("fo", "faroese"),
+    ("ht", "haitian creole"),
+    ("ps", "pashto"),
+    ("tk", "turkmen"),
+    ("nn", "nynorsk"),
+    ("mt", "maltese"),
+    ("sa", "sanskrit"),
+    ("lb", "luxembourgish"),
+    ("my", "myanmar"),
+    ("bo", "tibetan"),
+    ("tl", "tagalog"),
+    ("mg", "malagasy"),
+    ("as", "assamese"),
+    ("tt", "tatar"),
+    ("haw", "hawaiian"),
+    ("ln", "lingala"),
+    ("ha", "hausa"),
+    ("ba", "bashkir"),
+    ("jw", "javanese"),
+    ("su", "sundanese"),
+    ("yue", "cantonese"),
 ];
 
 /// The English name of a language code (`"en"` -> `"english"`).
@@ -80,7 +163,12 @@ pub struct WhisperTokens {
 
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     v.and_then(|x| x.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -105,24 +193,27 @@ impl WhisperTokens {
             .or_else(|| by_name("<|endoftext|>"))
             .ok_or_else(|| ModelError::Config("Whisper: no <|endoftext|> token id".into()))?;
         let task_to_id = gen.get("task_to_id");
-        let task = |name: &str, token: &str| id_of(task_to_id.and_then(|t| t.get(name))).or_else(|| by_name(token));
-        let multilingual = gen.get("is_multilingual").and_then(|m| m.as_bool());
-        let mut languages: Vec<(String, u32)> = match gen.get("lang_to_id").and_then(|m| m.as_object()) {
-            Some(map) => map
-                .iter()
-                .filter_map(|(k, v)| {
-                    let code = k.strip_prefix("<|")?.strip_suffix("|>")?;
-                    Some((code.to_string(), v.as_u64()? as u32))
-                })
-                .collect(),
-            // An older config: the tokenizer's language tokens, unless the
-            // config says the model is English-only.
-            None if multilingual != Some(false) => LANGUAGES
-                .iter()
-                .filter_map(|(c, _)| Some((c.to_string(), by_name(&format!("<|{c}|>"))?)))
-                .collect(),
-            None => Vec::new(),
+        let task = |name: &str, token: &str| {
+            id_of(task_to_id.and_then(|t| t.get(name))).or_else(|| by_name(token))
         };
+        let multilingual = gen.get("is_multilingual").and_then(|m| m.as_bool());
+        let mut languages: Vec<(String, u32)> =
+            match gen.get("lang_to_id").and_then(|m| m.as_object()) {
+                Some(map) => map
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let code = k.strip_prefix("<|")?.strip_suffix("|>")?;
+                        Some((code.to_string(), v.as_u64()? as u32))
+                    })
+                    .collect(),
+                // An older config: the tokenizer's language tokens, unless the
+                // config says the model is English-only.
+                None if multilingual != Some(false) => LANGUAGES
+                    .iter()
+                    .filter_map(|(c, _)| Some((c.to_string(), by_name(&format!("<|{c}|>"))?)))
+                    .collect(),
+                None => Vec::new(),
+            };
         if multilingual == Some(false) {
             languages.clear();
         }
@@ -136,15 +227,22 @@ impl WhisperTokens {
             eot,
             transcribe: task("transcribe", "<|transcribe|>"),
             translate: task("translate", "<|translate|>"),
-            no_timestamps: id_of(gen.get("no_timestamps_token_id")).or_else(|| by_name("<|notimestamps|>")),
-            start_of_prev: id_of(gen.get("prev_sot_token_id")).or_else(|| by_name("<|startofprev|>")),
+            no_timestamps: id_of(gen.get("no_timestamps_token_id"))
+                .or_else(|| by_name("<|notimestamps|>")),
+            start_of_prev: id_of(gen.get("prev_sot_token_id"))
+                .or_else(|| by_name("<|startofprev|>")),
             languages,
             suppress,
             begin_suppress,
         };
-        for (what, id) in [("<|startoftranscript|>", out.sot), ("<|endoftext|>", out.eot)] {
+        for (what, id) in [
+            ("<|startoftranscript|>", out.sot),
+            ("<|endoftext|>", out.eot),
+        ] {
             if id as usize >= cfg.vocab_size {
-                return Err(ModelError::Config(format!("Whisper: {what} id {id} is outside the vocabulary")));
+                return Err(ModelError::Config(format!(
+                    "Whisper: {what} id {id} is outside the vocabulary"
+                )));
             }
         }
         Ok(out)
@@ -158,13 +256,23 @@ impl WhisperTokens {
     /// (`"english"`), case-insensitive.
     pub fn language_id(&self, language: &str) -> Option<u32> {
         let l = language.trim().to_ascii_lowercase();
-        let code = LANGUAGES.iter().find(|(_, n)| *n == l).map(|(c, _)| *c).unwrap_or(&l);
-        self.languages.iter().find(|(c, _)| c == code).map(|(_, id)| *id)
+        let code = LANGUAGES
+            .iter()
+            .find(|(_, n)| *n == l)
+            .map(|(c, _)| *c)
+            .unwrap_or(&l);
+        self.languages
+            .iter()
+            .find(|(c, _)| c == code)
+            .map(|(_, id)| *id)
     }
 
     /// The code of a language token.
     pub fn language_code(&self, id: u32) -> Option<&str> {
-        self.languages.iter().find(|(_, t)| *t == id).map(|(c, _)| c.as_str())
+        self.languages
+            .iter()
+            .find(|(_, t)| *t == id)
+            .map(|(c, _)| c.as_str())
     }
 
     /// Ids from which on tokens are timestamps (never text).
@@ -178,7 +286,10 @@ mod tests {
     use super::*;
 
     fn cfg() -> WhisperConfig {
-        WhisperConfig::from_json(&serde_json::json!({"architectures": ["WhisperForConditionalGeneration"]})).unwrap()
+        WhisperConfig::from_json(
+            &serde_json::json!({"architectures": ["WhisperForConditionalGeneration"]}),
+        )
+        .unwrap()
     }
 
     fn tokenizer() -> Tokenizer {
@@ -186,7 +297,12 @@ mod tests {
         let mut vocab = serde_json::Map::new();
         vocab.insert("a".into(), 0.into());
         vocab.insert("b".into(), 1.into());
-        let specials = [("<|endoftext|>", 50257), ("<|startoftranscript|>", 50258), ("<|en|>", 50259), ("<|de|>", 50261)];
+        let specials = [
+            ("<|endoftext|>", 50257),
+            ("<|startoftranscript|>", 50258),
+            ("<|en|>", 50259),
+            ("<|de|>", 50261),
+        ];
         for (t, id) in specials {
             vocab.insert(t.into(), id.into());
         }
@@ -212,14 +328,29 @@ mod tests {
         assert_eq!(t.language_id(" German "), Some(50261));
         assert_eq!(t.language_id("fr"), None);
         assert_eq!(t.language_code(50261), Some("de"));
-        assert_eq!((t.transcribe, t.translate, t.timestamp_begin()), (Some(50359), Some(50358), Some(50364)));
-        assert_eq!(t.suppress, vec![1], "ids outside the vocabulary are dropped");
+        assert_eq!(
+            (t.transcribe, t.translate, t.timestamp_begin()),
+            (Some(50359), Some(50358), Some(50364))
+        );
+        assert_eq!(
+            t.suppress,
+            vec![1],
+            "ids outside the vocabulary are dropped"
+        );
 
         // No lang_to_id: the tokenizer's language tokens; English-only when the config says so.
         let t = WhisperTokens::new(&Value::Null, &cfg(), &tokenizer()).unwrap();
-        assert_eq!(t.languages, vec![("en".to_string(), 50259), ("de".to_string(), 50261)]);
+        assert_eq!(
+            t.languages,
+            vec![("en".to_string(), 50259), ("de".to_string(), 50261)]
+        );
         assert_eq!((t.sot, t.eot), (50258, 50257));
-        let t = WhisperTokens::new(&serde_json::json!({"is_multilingual": false}), &cfg(), &tokenizer()).unwrap();
+        let t = WhisperTokens::new(
+            &serde_json::json!({"is_multilingual": false}),
+            &cfg(),
+            &tokenizer(),
+        )
+        .unwrap();
         assert!(!t.is_multilingual());
         assert_eq!(language_name("no"), Some("norwegian"));
         assert_eq!(Task::parse("Translate"), Some(Task::Translate));

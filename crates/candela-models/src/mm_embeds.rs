@@ -129,9 +129,11 @@ pub fn embeddings_tensor(
     let [rows, cols] = match shape {
         &[r, c] => [r, c],
         &[1, r, c] => [r, c],
-        _ => return Err(invalid(format!(
+        _ => {
+            return Err(invalid(format!(
             "image_embeds must have shape (feature_tokens, hidden) = (n, {hidden}), got {shape:?}"
-        ))),
+        )))
+        }
     };
     if rows.checked_mul(cols) != Some(data.len()) {
         return Err(invalid(format!(

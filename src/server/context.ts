@@ -33,6 +33,8 @@ export interface AppContext {
   /** The served model's tool-call format, when set by the operator (else read off the chat template). */
   toolCallParser: ToolCallParserName | undefined
   version: string
+  /** Serve the web playground at `/`. */
+  ui: boolean
   /** Aborted when the server starts closing: every request in flight ends with a 503. */
   stopping: AbortSignal
 }

@@ -63,6 +63,8 @@ export interface ServerOptions {
   port?: number
   /** Require `Authorization: Bearer <apiKey>` on every /v1 route. */
   apiKey?: string
+  /** Serve the web playground at `/` (default true; its API calls need `apiKey` too). */
+  ui?: boolean
   /** Largest request body in bytes (default 50 MiB); larger ones get 413. */
   maxBodyBytes?: number
   /**
@@ -228,6 +230,7 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     logRequests: options.logRequests ?? true,
     toolCallParser: options.toolCallParser,
     version: packageVersion(),
+    ui: options.ui ?? true,
     stopping: stopping.signal,
   }
   const app = createApp(ctx)

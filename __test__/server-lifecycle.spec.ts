@@ -1,7 +1,10 @@
 // The server around requests: loading (503 until ready), a failed load,
 // the API key, the body limit, SSE keep-alives while a request waits, an
 // error after a stream started, and shutting down.
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import type { AddressInfo } from 'node:net'
 
 import test from 'ava'
@@ -42,7 +45,9 @@ test('the server listens while the model loads: 503 in OpenAI shape, then 200', 
 })
 
 test('a model that fails to load: ready rejects and /health says why', async (t) => {
-  const { server, base } = await startTestServer({ load: { model: fixture('README.md') } }, false)
+  const broken = mkdtempSync(join(tmpdir(), 'candela-broken-'))
+  writeFileSync(join(broken, 'config.json'), '{not json')
+  const { server, base } = await startTestServer({ load: { model: broken } }, false)
   try {
     await t.throwsAsync(server.ready)
     const res = await fetch(`${base}/health`)
@@ -58,6 +63,9 @@ test('a model that fails to load: ready rejects and /health says why', async (t)
 test('bad options fail before the port is taken', async (t) => {
   await t.throwsAsync(startServer({ load: { model: '/no/such/model' }, port: 0, logger: false }), {
     message: /^model path not found: \/no\/such\/model/,
+  })
+  await t.throwsAsync(startServer({ load: { model: fixture('README.md') }, port: 0, logger: false }), {
+    message: /README\.md is not a model: give a model folder/,
   })
   await t.throwsAsync(startServer({ load: { model: fixture('llama-tiny'), maxNumSeqs: 0 }, port: 0, logger: false }), {
     message: /maxNumSeqs must be at least 1/,

@@ -3,7 +3,7 @@
 // Retry-After meanwhile), refused when they cannot fit, evicted LRU-first.
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, statSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -21,6 +21,7 @@ const qwenRef = reference('qwen2-tiny').prompts[0]!
 const HUB_REPO = 'candela-test/llama-tiny'
 const HUB_REPO_2 = 'candela-test/llama-tiny-again'
 const GGUF_REPO = 'candela-test/tiny-gguf'
+const PT_REPO = 'candela-test/pytorch-only'
 
 let hub: MockHub
 test.before(async () => {
@@ -29,6 +30,7 @@ test.before(async () => {
     [HUB_REPO]: repoFromDir(fixture('llama-tiny')),
     [HUB_REPO_2]: repoFromDir(fixture('llama-tiny')),
     [GGUF_REPO]: { files: { 'tiny-Q4_K_M.gguf': gguf, 'tiny-Q8_0.gguf': gguf } },
+    [PT_REPO]: { files: { 'config.json': Buffer.from('{}'), 'pytorch_model.bin': Buffer.from('x') } },
   })
   process.env.HF_ENDPOINT = hub.endpoint
   process.env.HF_HUB_CACHE = mkdtempSync(join(tmpdir(), 'candela-models-'))
@@ -179,7 +181,9 @@ test('bad launches are 4xx naming the problem; terminate frees the uid', async (
     t.true((await get(`${s.base}/v1/instances/q8`)).json.path.endsWith('tiny-Q8_0.gguf'))
     t.is((await get(`${s.base}/v1/instances/q8`)).json.model, `hf:${GGUF_REPO}:Q8_0`)
     // A launch that loads and then fails: described with the reason, chat is 503.
-    r = await launch({ model: fixture('README.md'), uid: 'broken' })
+    const broken = mkdtempSync(join(tmpdir(), 'candela-broken-'))
+    writeFileSync(join(broken, 'config.json'), '{not json')
+    r = await launch({ model: broken, uid: 'broken' })
     t.is(r.status, 202)
     t.true(await until(async () => (await get(`${s.base}/v1/instances/broken`)).json.status === 'failed', 60_000))
     t.regex((await get(`${s.base}/v1/instances/broken`)).json.error, /.+/)
@@ -190,6 +194,34 @@ test('bad launches are 4xx naming the problem; terminate frees the uid', async (
     t.deepEqual((await del(`${s.base}/v1/instances/llama`)).json, { uid: 'llama', terminated: true })
     t.is((await complete(s.base, 'llama', 'x', 1)).status, 404)
     t.is((await launch({ model: fixture('llama-tiny'), uid: 'llama' })).status, 202)
+  } finally {
+    await s.server.close()
+  }
+})
+
+test('a model argument that cannot be loaded is a 400 at launch, before any download', async (t) => {
+  const s = await startTestServer({ models: [] })
+  try {
+    const launch = (model: string) => post(`${s.base}/v1/instances`, { model, uid: 'x' })
+    const refused = async (model: string, code: string, message: RegExp) => {
+      const r = await launch(model)
+      t.is(r.status, 400, r.text)
+      t.is(r.json.error.code, code, model)
+      t.is(r.json.error.param, 'model')
+      t.regex(r.json.error.message, message)
+    }
+    // Local paths that are not models.
+    await refused(fixture('README.md'), 'invalid_model', /README\.md is not a model: give a model folder \(config\.json, tokenizer\.json, safetensors weights\) or a \.gguf file/)
+    await refused(fixture('vision'), 'invalid_model', /vision is not a model folder: it has no config\.json/)
+    const fake = join(mkdtempSync(join(tmpdir(), 'candela-fake-')), 'model.gguf')
+    writeFileSync(fake, 'not a gguf')
+    await refused(fake, 'invalid_model', /model\.gguf is not a GGUF file/)
+    // Repos: missing, without a checkpoint candela loads, without the quantization asked for.
+    await refused('candela-test/no-such-repo', 'model_not_found', /repository candela-test\/no-such-repo not found/)
+    await refused(PT_REPO, 'unsupported_model', /candela-test\/pytorch-only has no checkpoint candela can load/)
+    await refused(`hf:${GGUF_REPO}:Q2_K`, 'unsupported_model', /has no GGUF file with quantization Q2_K/)
+    t.is((await get(`${s.base}/v1/instances`)).json.data.length, 0)
+    t.false(hub.log.some((l) => l.server === 'cdn' && l.path.includes('pytorch')), 'nothing was downloaded')
   } finally {
     await s.server.close()
   }

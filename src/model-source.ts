@@ -5,8 +5,8 @@
  * local path wins over a repo id that happens to have the same spelling.
  */
 
-import { existsSync } from 'node:fs'
-import { resolve } from 'node:path'
+import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs'
+import { join, resolve } from 'node:path'
 
 import { ensureDefaultModel } from './default-model.js'
 import { findModel, isHubReference } from './hub/index.js'
@@ -39,6 +39,26 @@ export function modelNotFound(model: string): Error {
   return new Error(
     `model path not found: ${model} (give a model folder, a .gguf file, a Hugging Face repo id like org/name, or 'default' for SmolLM2-135M-Instruct)`,
   )
+}
+
+/**
+ * Why an existing local path cannot be a model, else undefined. The loader
+ * takes a folder with config.json (safetensors + tokenizer.json beside it)
+ * or a GGUF file; anything else is refused before a load is started.
+ */
+export function notAModel(path: string): string | undefined {
+  const hint = 'give a model folder (config.json, tokenizer.json, safetensors weights) or a .gguf file'
+  const full = resolve(path)
+  if (statSync(full).isDirectory()) return existsSync(join(full, 'config.json')) ? undefined : `${path} is not a model folder: it has no config.json (${hint})`
+  if (!full.toLowerCase().endsWith('.gguf')) return `${path} is not a model: ${hint}`
+  const magic = Buffer.alloc(4)
+  const fd = openSync(full, 'r')
+  try {
+    readSync(fd, magic, 0, 4, 0)
+  } finally {
+    closeSync(fd)
+  }
+  return magic.toString('latin1') === 'GGUF' ? undefined : `${path} is not a GGUF file (it does not start with the GGUF magic)`
 }
 
 export async function locateModel(model: string | undefined, options: LocateOptions = {}): Promise<ModelSource> {

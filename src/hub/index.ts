@@ -81,13 +81,24 @@ export function findModel(spec: string, options: HubOptions = {}): Promise<HubMo
   return obtain(parse(spec), options, false)
 }
 
-async function obtain(ref: HubReference, options: HubOptions, refresh: boolean): Promise<HubModel> {
+/**
+ * Whether `spec` names a loadable model, without fetching it: the cache
+ * answers when it holds the repo's listing (or, offline, its files); else
+ * two requests (the commit, the file listing). Throws the {@link HubError}
+ * or {@link UnsupportedRepoError} a pull would.
+ */
+export async function checkModel(spec: string, options: Pick<HubOptions, 'settings' | 'signal'> = {}): Promise<void> {
+  await listing(parse(spec), options, false)
+}
+
+/** The commit `ref` resolves to, its file listing and the files a load needs; the cached model when it is complete. */
+async function listing(ref: HubReference, options: HubOptions, refresh: boolean) {
   const settings = { ...hubSettings(), ...options.settings }
   const cache = new RepoCache(settings.cacheDir, ref.repo)
   if (!refresh || settings.offline) {
     const commit = cache.commitOf(ref.revision)
     const cached = commit === undefined ? undefined : fromCache(ref, cache, commit, settings.offline)
-    if (cached) return cached
+    if (cached) return { cached }
     if (settings.offline) {
       throw new HubError(
         'offline',
@@ -103,7 +114,13 @@ async function obtain(ref: HubReference, options: HubOptions, refresh: boolean):
     tree = await client.tree(ref.repo, commit)
     cache.writeTree(commit, tree)
   }
-  const sel = selectFiles(ref.repo, Object.keys(tree), ref)
+  return { client, cache, commit, tree, sel: selectFiles(ref.repo, Object.keys(tree), ref) }
+}
+
+async function obtain(ref: HubReference, options: HubOptions, refresh: boolean): Promise<HubModel> {
+  const found = await listing(ref, options, refresh)
+  if (found.cached) return found.cached
+  const { client, cache, commit, tree, sel } = found
   let downloaded = 0
   const get = async (file: string): Promise<void> => {
     if (cache.has(commit, file)) return

@@ -13,8 +13,8 @@ import { resolve } from 'node:path'
 import { defaultModelPath } from '../default-model.js'
 import { Engine } from '../engine.js'
 import { ValidationError } from '../errors.js'
-import { findModel, progressLines } from '../hub/index.js'
-import { isModelArgument, locateModel, modelNotFound } from '../model-source.js'
+import { HubError, UnsupportedRepoError, checkModel, findModel, isHubReference, progressLines } from '../hub/index.js'
+import { isModelArgument, locateModel, modelNotFound, notAModel } from '../model-source.js'
 import { Transcriber, isWhisperModel } from '../transcriber.js'
 import type { EngineStats, LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
@@ -71,6 +71,29 @@ const COUNTERS = [
 
 const badLaunch = (message: string, code: string, param: string | null = null): ApiError => new ApiError(400, message, { code, param })
 
+/**
+ * A model argument that cannot be loaded is refused at launch, not after a
+ * download: a local path must look like a model; a repo must exist, be
+ * readable and hold a checkpoint candela loads (its listing says so).
+ */
+async function checkModelArgument(model: string): Promise<void> {
+  if (model === 'default') return
+  if (existsSync(resolve(model))) {
+    const why = notAModel(model)
+    if (why) throw badLaunch(why, 'invalid_model', 'model')
+    return
+  }
+  if (!isHubReference(model)) return
+  try {
+    await checkModel(model)
+  } catch (err) {
+    if (err instanceof UnsupportedRepoError) throw badLaunch(err.message, 'unsupported_model', 'model')
+    if (!(err instanceof HubError)) throw err
+    if (err.code === 'network') throw new ApiError(502, err.message, { code: 'hub_unreachable', param: 'model' })
+    throw badLaunch(err.message, err.code === 'not_found' ? 'model_not_found' : err.code === 'gated' ? 'gated_repo' : 'model_not_cached', 'model')
+  }
+}
+
 export class ModelPool {
   readonly #hosts = new Map<string, ModelHost>()
   /** Uids launched with the server: /health waits for them. */
@@ -119,6 +142,7 @@ export class ModelPool {
         throw err
       }
       if (!isModelArgument(model)) throw badLaunch(modelNotFound(model).message, 'model_not_found', 'model')
+      await checkModelArgument(model)
     }
     const weights = spec.engine ? undefined : await this.#knownWeightBytes(model)
     // From here on nothing awaits: two launches of one uid cannot both pass the check.

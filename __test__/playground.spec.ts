@@ -1,8 +1,9 @@
 // The web playground at `/`, in a real browser (headless Chromium driven by
 // puppeteer-core) against a server on the qwen2-vl-tiny fixture: an uploaded
-// image streams transformers' greedy answer; a model launched from the form
-// answers and is terminated from the list; an --api-key server answers the
-// page nothing without the key. Screenshots of each state go to
+// image streams transformers' greedy answer; a pasted image and a video go in
+// one message; an audio model launched from the form answers an uploaded clip
+// and is terminated from the list; an --api-key server answers the page
+// nothing without the key. Screenshots of each state go to
 // test-output/playground/.
 import { execFileSync } from 'node:child_process'
 import { existsSync, mkdirSync, readFileSync } from 'node:fs'
@@ -14,7 +15,7 @@ import puppeteer from 'puppeteer-core'
 import type { Browser, Page } from 'puppeteer-core'
 
 import { serveCommand, serveConfig } from '../dist/cli/serve.js'
-import { fixture, reference, ROOT } from './helpers.js'
+import { FIXTURES, fixture, ROOT } from './helpers.js'
 import { metricsText, sample, startTestServer } from './server-helpers.js'
 import type { TestServer } from './server-helpers.js'
 
@@ -139,11 +140,53 @@ function browserTests(executablePath: string): void {
     await shot('3-streamed-answer')
   })
 
+  test.serial('a pasted image and an uploaded video go in one message', async (t) => {
+    await page.click('#clear-chat')
+    const png = readFileSync(join(vl, 'image_b.png')).toString('base64')
+    const mp4 = readFileSync(join(FIXTURES, 'vision', 'clip_h264.mp4')).toString('base64')
+    // What a paste of a copied image delivers: a ClipboardEvent whose clipboardData holds the file.
+    await page.evaluate(`(() => {
+      const bytes = Uint8Array.from(atob('${png}'), (c) => c.charCodeAt(0))
+      const data = new DataTransfer()
+      data.items.add(new File([bytes], 'image.png', { type: 'image/png' }))
+      document.querySelector('#prompt').dispatchEvent(new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true }))
+    })()`)
+    await page.waitForSelector('#attachments .attachment img')
+    const input = await page.$('#file-input')
+    await (input as unknown as { uploadFile(path: string): Promise<void> }).uploadFile(join(FIXTURES, 'vision', 'clip_h264.mp4'))
+    await page.waitForSelector('#attachments .attachment video')
+    await page.type('#prompt', 'What happens?')
+    await page.click('#send')
+    await lastReplyDone()
+    const r = await reply()
+    t.is(r.error, undefined)
+    const want = await s.client.chat.completions.create({
+      model: 'tiny-vl',
+      messages: [
+        {
+          role: 'user',
+          content: [
+            { type: 'image_url', image_url: { url: `data:image/png;base64,${png}` } },
+            { type: 'video_url', video_url: { url: `data:video/mp4;base64,${mp4}` } } as never,
+            { type: 'text', text: 'What happens?' },
+          ],
+        },
+      ],
+      temperature: 0,
+      top_p: 1,
+      max_tokens: ref.cases.one_image.greedy_ids.length,
+    })
+    t.is(r.text, want.choices[0]!.message.content)
+    t.regex(r.meta!, new RegExp(`^tiny-vl · ${want.usage!.prompt_tokens} prompt \\+ ${want.usage!.completion_tokens} tokens`))
+    t.is(await page.$$eval('.message.user .media > *', (els) => els.map((e) => e.tagName).join(',')), 'IMG,VIDEO')
+  })
+
   test.serial('a model launched from the form answers in the chat; terminate removes it', async (t) => {
-    await fill('#launch [name=model]', fixture('llama-tiny'))
+    await fill('#launch [name=model]', fixture('qwen2-audio-tiny'))
     await fill('#launch [name=uid]', 'second')
-    await fill('#launch [name=max_model_len]', '64')
-    await fill('#launch [name=limit_mm_per_prompt]', '{"image": 0}')
+    await fill('#launch [name=max_model_len]', '512')
+    await fill('#launch [name=limit_mm_per_prompt]', '{"audio": 1}')
+    await page.select('#launch [name=dtype]', 'f32')
     await fill('#launch [name=extra]', '{"max_num_seqs": 4}')
     await shot('4-launch-form')
     await page.click('#launch button[type=submit]')
@@ -152,19 +195,39 @@ function browserTests(executablePath: string): void {
     t.is(await page.$eval('#launch-error', (e) => e.textContent), '')
     const info = (await (await fetch(`${s.base}/v1/instances/second`)).json()) as { max_model_len: number; status: string }
     t.is(info.status, 'ready')
-    t.is(info.max_model_len, 64)
+    t.is(info.max_model_len, 512)
 
     await page.click('#clear-chat')
-    const prompt = 'Hello there'
+    const clip = join(fixture('qwen2-audio-tiny'), 'clip1.wav')
+    const input = await page.$('#file-input')
+    await (input as unknown as { uploadFile(path: string): Promise<void> }).uploadFile(clip)
+    await page.waitForSelector('#attachments .attachment audio')
+    const prompt = 'What is this sound?'
     await page.type('#prompt', prompt)
     await page.keyboard.press('Enter')
     await lastReplyDone()
     const r = await reply()
     t.is(r.error, undefined)
     t.is(r.model, 'second')
-    const want = await s.client.chat.completions.create({ model: 'second', messages: [{ role: 'user', content: prompt }], temperature: 0, top_p: 1, max_tokens: 8 })
+    const wav = readFileSync(clip).toString('base64')
+    const want = await s.client.chat.completions.create({
+      model: 'second',
+      messages: [{ role: 'user', content: [{ type: 'audio_url', audio_url: { url: `data:audio/wav;base64,${wav}` } } as never, { type: 'text', text: prompt }] }],
+      temperature: 0,
+      top_p: 1,
+      max_tokens: 8,
+    })
     t.is(r.text, want.choices[0]!.message.content)
     t.true(r.chunks >= 2, String(r.chunks))
+    t.regex(r.meta!, new RegExp(`^second · ${want.usage!.prompt_tokens} prompt`))
+    // The form's limit_mm_per_prompt reached the model: two clips in one message are refused.
+    for (let i = 0; i < 2; i++) await (input as unknown as { uploadFile(path: string): Promise<void> }).uploadFile(clip)
+    await page.waitForFunction(`document.querySelectorAll('#attachments .attachment').length === 2`)
+    await page.type('#prompt', 'And these?')
+    await page.click('#send')
+    await lastReplyDone()
+    t.regex((await reply()).error ?? '', /audio/)
+    t.is(await page.$$eval('.message.user.unsent', (els) => els.length), 1)
     t.deepEqual(await page.$$eval('#instances tbody tr', (rows) => rows.map((row) => row.getAttribute('data-uid'))), ['tiny-vl', 'second'])
     await shot('5-second-model')
 

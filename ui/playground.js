@@ -397,8 +397,13 @@ async function send() {
     $('#stop').hidden = true
   }
   // A stopped or failed reply stays in the conversation as far as it got.
-  if (reply !== '') conversation.push({ role: 'assistant', content: reply })
-  else conversation.pop()
+  if (reply !== '') {
+    conversation.push({ role: 'assistant', content: reply })
+  } else {
+    conversation.pop()
+    userBubble.classList.add('unsent')
+    userBubble.title = 'not part of the conversation: it got no answer'
+  }
 }
 
 $('#composer').addEventListener('submit', (ev) => {
@@ -447,7 +452,7 @@ const CHARTS = [
   },
 ]
 const COLORS = ['#2563eb', '#d97706']
-const history = new Map(CHARTS.map((c) => [c.id, []]))
+const recent = new Map(CHARTS.map((c) => [c.id, []]))
 let previous
 
 function setupCharts() {
@@ -491,7 +496,7 @@ async function refreshMetrics() {
   }
   const dt = previous ? (now.at - previous.at) / 1000 : 0
   for (const c of CHARTS) {
-    const points = history.get(c.id)
+    const points = recent.get(c.id)
     points.push(c.series.map((f) => f(now.values, previous?.values, dt)))
     if (points.length > CHART_POINTS) points.shift()
     drawChart(c, points)

@@ -63,7 +63,7 @@ test('the playground is served at / with its own files only; --no-ui turns it of
 
 const chromium = findChromium()
 if (chromium === undefined) {
-  test.skip('the playground in a real browser: SKIPPED, no Chromium installed (apt-get install chromium, or set CHROME_PATH)', () => {})
+  test.skip('the playground in a real browser: SKIPPED, no Chromium found (apt-get install chromium, or point CHROME_PATH at one)', () => {})
 } else {
   browserTests(chromium)
 }
@@ -113,6 +113,12 @@ function browserTests(executablePath: string): void {
   })
 
   test.serial('an uploaded image, sent, streams transformers\' greedy answer token by token', async (t) => {
+    // Everything the page loads comes from the server itself (or is media the user picked).
+    const elsewhere: string[] = []
+    page.on('request', (req) => {
+      const url = req.url()
+      if (!url.startsWith(`${s.base}/`) && !url.startsWith('data:') && !url.startsWith('blob:')) elsewhere.push(url)
+    })
     await page.goto(s.base)
     await pickerShows('tiny-vl')
     await shot('1-start')
@@ -138,6 +144,7 @@ function browserTests(executablePath: string): void {
     await page.waitForFunction(`document.querySelector('[data-chart="prefix"] output')?.textContent === '${(100 * rate).toFixed(0)}%'`, { timeout: 10_000 })
     t.true((await page.$$eval('#charts polyline', (ls) => ls.length)) >= 5)
     await shot('3-streamed-answer')
+    t.deepEqual(elsewhere, [])
   })
 
   test.serial('a pasted image and an uploaded video go in one message', async (t) => {

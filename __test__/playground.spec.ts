@@ -228,7 +228,7 @@ function browserTests(executablePath: string): void {
     t.true(r.chunks >= 2, String(r.chunks))
     t.regex(r.meta!, new RegExp(`^second · ${want.usage!.prompt_tokens} prompt`))
     // The form's limit_mm_per_prompt reached the model: two clips in one message are refused.
-    for (let i = 0; i < 2; i++) await (input as unknown as { uploadFile(path: string): Promise<void> }).uploadFile(clip)
+    await (input as unknown as { uploadFile(...paths: string[]): Promise<void> }).uploadFile(clip, join(fixture('qwen2-audio-tiny'), 'clip2.wav'))
     await page.waitForFunction(`document.querySelectorAll('#attachments .attachment').length === 2`)
     await page.type('#prompt', 'And these?')
     await page.click('#send')

@@ -15,6 +15,8 @@ const state = {
   attachments: [],
   /** The reply being streamed, to stop it. */
   inFlight: undefined,
+  /** The model list last drawn (JSON). */
+  instances: '',
 }
 
 class HttpError extends Error {
@@ -70,6 +72,10 @@ async function refreshInstances() {
   }
   $('#key-form').hidden = true
   $('#server-status').textContent = `${list.length} model${list.length === 1 ? '' : 's'}`
+  // Redraw only on a change: a button under the pointer is not replaced mid-click.
+  const seen = JSON.stringify(list)
+  if (seen === state.instances) return
+  state.instances = seen
   renderInstances(list)
   renderPicker(list)
 }

@@ -20,7 +20,7 @@
 // count. Writes benchmark/results/<workload>.json and .png and regenerates
 // benchmark/RESULTS.md.
 import { spawn, spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
@@ -36,7 +36,6 @@ import {
   peakRssMiB,
   round,
   runWorker,
-  table,
 } from './lib/common.mjs'
 import {
   QWEN,

@@ -47,7 +47,6 @@ async function ttft(messages) {
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 await ttft(ask('warmup', 'Describe the picture.')) // first-call costs (allocations, thread pool)
 const results = { cold: [], mediaWarm: [], warm: [] }
-let promptTokens = 0
 for (let i = 0; i < runs; i++) {
   results.cold.push(await ttft(ask(`cold-${i}`, 'Describe the picture.')))
   results.mediaWarm.push(await ttft([{ role: 'system', content: `Run ${i}.` }, ...ask(`cold-${i}`, 'Describe the picture.')]))
@@ -57,7 +56,7 @@ const [probe] = await engine.generate(
   { prompt: '<|vision_start|><|image_pad|><|vision_end|>', multiModalData: { image: [image] }, multiModalUuids: { image: ['cold-0'] } },
   params,
 )
-promptTokens = probe.usage.promptTokens
+const promptTokens = probe.usage.promptTokens
 const stats = engine.stats()
 await engine.close()
 

@@ -38,7 +38,7 @@ async function call(values: Values, method: string, path: string, body?: object)
       ...(body ? { body: JSON.stringify(body) } : {}),
     })
   } catch (err) {
-    throw new Error(`cannot reach the candela server at ${base}: ${(err as Error & { cause?: Error }).cause?.message ?? (err as Error).message}`)
+    throw new Error(`cannot reach the candela server at ${base}: ${(err as Error & { cause?: Error }).cause?.message ?? (err as Error).message}`, { cause: err })
   }
   const json = (await res.json().catch(() => ({}))) as { error?: { message?: string } }
   if (!res.ok) throw new Error(json.error?.message ?? `${method} ${path}: HTTP ${res.status}`)

@@ -148,6 +148,7 @@ export class ModelPool {
     // From here on nothing awaits: two launches of one uid cannot both pass the check.
     if (this.#closed) throw new ApiError(503, 'the server is shutting down', { code: 'shutting_down' })
     const uid = spec.uid ?? spec.servedModelName?.[0] ?? (model === 'default' && spec.engine ? spec.engine.info.name : model)
+    // eslint-disable-next-line no-control-regex -- a uid with control characters is refused
     if (uid.trim() === '' || uid.length > 256 || /[\u0000-\u001f]/.test(uid)) throw badLaunch(`uid must be 1-256 printable characters, got ${JSON.stringify(uid)}`, 'invalid_uid', 'uid')
     const taken = this.#find(uid) ?? spec.servedModelName?.map((n) => this.#find(n)).find((h) => h !== undefined)
     if (taken) throw badLaunch(`a model is already launched as ${JSON.stringify(uid)} (uid ${taken.uid}); terminate it first or pick another uid`, 'model_exists', 'uid')

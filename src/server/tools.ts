@@ -309,7 +309,6 @@ export class ToolCallStreamer {
         if (c === '}' && depth === 1 && elementStart >= 0) {
           const call = callOf(JSON.parse(s.slice(elementStart, i + 1)))
           if (call) out.push(...this.#call(call))
-          elementStart = -1
           // What follows the element, still inside the array.
           this.#buf = `[${s.slice(i + 1)}`
           return [...out, ...this.#required()]

@@ -144,7 +144,8 @@ impl EngineError {
 enum Command {
     Add {
         id: u64,
-        req: EngineRequest,
+        // Boxed: a request is large, and every command moves through the channel.
+        req: Box<EngineRequest>,
         tx: UnboundedSender<RequestEvent>,
     },
     Abort(u64),
@@ -376,7 +377,11 @@ impl Engine {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = unbounded_channel();
         self.cmd_tx
-            .send(Command::Add { id, req, tx })
+            .send(Command::Add {
+                id,
+                req: Box::new(req),
+                tx,
+            })
             .map_err(|_| EngineError::Shutdown)?;
         Ok(RequestHandle { id, events })
     }
@@ -557,7 +562,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Returns true on shutdown.
 fn handle(core: &mut EngineCore, cmd: Command) -> bool {
     match cmd {
-        Command::Add { id, req, tx } => core.add_request(id, req, tx),
+        Command::Add { id, req, tx } => core.add_request(id, *req, tx),
         Command::Abort(id) => core.abort_request(id),
         Command::Shutdown => return true,
     }

@@ -188,7 +188,6 @@ impl DeviceAttentionPlan {
 /// Attention of `q` (`[tokens, heads, head_dim]`) over the paged caches,
 /// `[tokens, heads, head_dim]` in q's dtype. The caches must start at offset 0
 /// (the pools are whole allocations: 16-byte aligned rows).
-#[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     q: &CudaStorage,
     q_l: &Layout,

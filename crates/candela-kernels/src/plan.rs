@@ -87,7 +87,7 @@ impl HeadLayout {
         if !HEAD_DIMS.contains(&head_dim) {
             return Err(PlanError::HeadDim(head_dim));
         }
-        if num_kv_heads == 0 || num_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || num_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(PlanError::Heads {
                 heads: num_heads,
                 kv_heads: num_kv_heads,

@@ -134,7 +134,7 @@ fn png_layouts_decode_to_the_reference_rgb8() {
     for (seed, (layout, bpp, expect)) in cases.into_iter().enumerate() {
         let data = noise(n * bpp, seed as u32);
         let img = decode_image(&encode(w, h, &layout, &data), &opts).unwrap();
-        let want: Vec<u8> = data.chunks_exact(bpp).flat_map(|p| expect(p)).collect();
+        let want: Vec<u8> = data.chunks_exact(bpp).flat_map(expect).collect();
         assert_eq!(img.rgb, want, "{:?} {:?}", layout.color, layout.depth);
     }
 

@@ -225,7 +225,7 @@ fn not_a_video_and_garbage_after_a_video_signature_are_4xx() {
     let e = decode_video(b"hello, world", &opts, |n, _| Ok((0..n).collect())).unwrap_err();
     assert_eq!(e.http_status(), 422);
     let mut junk = b"\x00\x00\x00\x18ftypmp42".to_vec();
-    junk.extend(std::iter::repeat(0x5a).take(4000));
+    junk.extend(std::iter::repeat_n(0x5a, 4000));
     let e = decode_video(&junk, &opts, |n, _| Ok((0..n).collect())).unwrap_err();
     assert_eq!(e.http_status(), 422, "{e}");
     assert!(

@@ -21,7 +21,6 @@ pub fn has_avx2() -> bool {
 /// # Safety
 /// Each pointer with its extent and strides must stay inside its buffer, and
 /// `dst` must not overlap the inputs.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,

@@ -127,8 +127,8 @@ pub fn embeddings_tensor(
     dtype: DType,
 ) -> Result<Tensor, MediaError> {
     let [rows, cols] = match shape {
-        &[r, c] => [r, c],
-        &[1, r, c] => [r, c],
+        [r, c] => [*r, *c],
+        [1, r, c] => [*r, *c],
         _ => {
             return Err(invalid(format!(
             "image_embeds must have shape (feature_tokens, hidden) = (n, {hidden}), got {shape:?}"

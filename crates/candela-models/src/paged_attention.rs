@@ -781,7 +781,6 @@ mod tests {
 
     /// Dense causal attention of one sequence: q `[n, H, D]` at positions
     /// `ctx - n ..ctx`, keys/values `[ctx, KVH, D]`.
-    #[allow(clippy::too_many_arguments)]
     fn naive(
         q: &[f32],
         k: &[f32],

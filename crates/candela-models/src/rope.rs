@@ -222,7 +222,6 @@ impl RotaryEmbedding {
 }
 
 #[cfg(test)]
-#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 

@@ -79,7 +79,7 @@ mod avx2 {
     pub(super) unsafe fn exp8(x: __m256) -> __m256 {
         // ln2 in two parts: the high part has 9 significant bits, so n * hi
         // is exact for |n| <= 128 and r keeps its low bits.
-        const LN2_HI: f32 = 0.693_359_375;
+        const LN2_HI: f32 = 355.0 / 512.0;
         const LN2_LO: f32 = -2.121_944_4e-4;
         let lo = _mm256_set1_ps(-87.0);
         // max/min with x second so a NaN lane passes through.

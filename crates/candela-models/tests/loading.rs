@@ -92,8 +92,7 @@ fn sharded_safetensors_with_an_index_load_like_one_file() {
     // A shard named in the index but missing is a clear error, not a panic.
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let err = load(&dir, &LoadOptions::default())
-        .err()
-        .expect("missing shard must fail")
+        .expect_err("missing shard must fail")
         .to_string();
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

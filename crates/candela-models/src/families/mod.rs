@@ -46,8 +46,12 @@ pub struct Family {
     pub gguf_architectures: &'static [&'static str],
     pub load_folder: fn(&Checkpoint) -> Result<Built>,
     /// A GGUF file's model (weights and metadata in one file).
-    pub load_gguf: Option<fn(&GgufWeights, &Weights, Option<usize>) -> Result<Box<dyn Model>>>,
+    pub load_gguf: Option<LoadGguf>,
 }
+
+/// Builds a model from a GGUF file: its metadata, its tensors, and the most
+/// positions to serve.
+pub type LoadGguf = fn(&GgufWeights, &Weights, Option<usize>) -> Result<Box<dyn Model>>;
 
 /// A model folder being loaded.
 pub struct Checkpoint<'a> {

@@ -86,7 +86,7 @@ impl AudioEncoder {
                 cfg.activation_function
             )));
         }
-        if cfg.num_heads == 0 || cfg.d_model % cfg.num_heads != 0 {
+        if cfg.num_heads == 0 || !cfg.d_model.is_multiple_of(cfg.num_heads) {
             return Err(crate::error::ModelError::Config(format!(
                 "audio encoder d_model {} is not divisible by {} heads",
                 cfg.d_model, cfg.num_heads

@@ -114,7 +114,9 @@ impl WhisperConfig {
                 cfg.activation_function
             )));
         }
-        if cfg.decoder_attention_heads == 0 || cfg.d_model % cfg.decoder_attention_heads != 0 {
+        if cfg.decoder_attention_heads == 0
+            || !cfg.d_model.is_multiple_of(cfg.decoder_attention_heads)
+        {
             return Err(ModelError::Config(format!(
                 "Whisper d_model {} is not divisible by {} decoder heads",
                 cfg.d_model, cfg.decoder_attention_heads

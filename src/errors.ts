@@ -68,7 +68,7 @@ export class ContextLengthError extends ValidationError {
  * or refused URL, a uuid no cache holds (`code` 'media_not_cached': send the
  * data again). `status` is the HTTP status the server answers with (400 bad
  * input, 413 too large, 422 cannot fetch or decode, 502 / 504 upstream
- * failure or timeout).
+ * failure or timeout); `param` is the part's path when TS knows it.
  */
 export class MediaError extends CandelaError {
   override name = 'MediaError'
@@ -81,7 +81,7 @@ export class MediaError extends CandelaError {
     param?: string,
     options: { code?: 'invalid_media' | 'media_not_cached'; uuid?: string } = {},
   ) {
-    super(message, { code: options.code ?? 'invalid_media', param: param ?? paramOf(message) })
+    super(message, { code: options.code ?? 'invalid_media', param: param ?? null })
     this.uuid = options.uuid
   }
 }

@@ -157,7 +157,7 @@ function fromCandelaError(err: CandelaError, promptParam: string | null): ApiErr
   // Media that cannot be used carries its own status (400, 413, 422, 502, 504).
   if (err instanceof MediaError) return new ApiError(err.status, err.message, { param, code: err.code })
   if (err instanceof AbortError) return new ApiError(503, 'the request was aborted', { code: 'aborted' })
-  if (err instanceof ClosedError) return new ApiError(503, 'the server is shutting down', { code: 'shutting_down' })
+  if (err instanceof ClosedError) return new ApiError(503, err.message, { code: 'shutting_down' })
   if (err instanceof HubError) return new ApiError(HUB_STATUS[err.code], err.message, { param, code: err.code === 'not_found' ? 'model_not_found' : `hub_${err.code}` })
   if (err instanceof UnsupportedRepoError) return new ApiError(400, err.message, { param, code: err.code })
   if (err instanceof LoadError) return new ApiError(err.code === 'model_not_found' ? 404 : 400, err.message, { param, code: err.code })

@@ -5,6 +5,7 @@ import test from 'ava'
 
 import { ContextLengthError, Engine } from '../dist/index.js'
 import { fixture } from './helpers.js'
+import { post, startTestServer } from './server-helpers.js'
 
 let engine: Engine
 // A 32k-context text model: a 30k-token chat fits its context.
@@ -75,4 +76,36 @@ test('a 30k-token chat is rendered and tokenized off the JS thread before it is 
   t.true(prompt >= count, err.message)
   t.log(`${ticks} ticks while rendering and tokenizing ${prompt} tokens`)
   t.true(ticks >= TURNS, `${ticks} ticks while rendering and tokenizing`)
+})
+
+test.serial('POST /tokenize of a 30k-token prompt: /health keeps answering while the route tokenizes', async (t) => {
+  const { text, count } = await longText()
+  const s = await startTestServer({ engine, servedModelName: 'tiny', logRequests: false })
+  // Watch the route's own tokenize call (serial: no other test calls it meanwhile).
+  let started!: () => void
+  const tokenizing = new Promise<void>((resolve) => (started = resolve))
+  let tokenized = false
+  const tokenize = engine.tokenize.bind(engine)
+  engine.tokenize = (...args) => {
+    started()
+    return tokenize(...args).finally(() => (tokenized = true))
+  }
+  try {
+    const answer = post(`${s.base}/tokenize`, { prompt: text, add_special_tokens: false })
+    await tokenizing
+    // /health answers that came back while the route's tokenization was still pending.
+    let during = 0
+    while (!tokenized) {
+      const health = await fetch(`${s.base}/health`)
+      if (health.ok && !tokenized) during++
+    }
+    const res = await answer
+    t.is(res.status, 200)
+    t.is(res.json.count, count)
+    t.log(`${during} /health answers while tokenizing ${count} tokens`)
+    t.true(during >= 1)
+  } finally {
+    delete (engine as { tokenize?: unknown }).tokenize
+    await s.server.close()
+  }
 })

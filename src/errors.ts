@@ -173,7 +173,8 @@ export function inputError(e: NativeInputErrorLike, promptParam: string | null =
 
 /**
  * An error a native call threw, as its CandelaError: media errors arrive as
- * `[media:STATUS] message`, a closed engine as code `Closing`, the caller's
+ * `[media:STATUS] message`, a closed engine as code `Closing`, cancelled
+ * work as `Cancelled`, the caller's
  * mistakes as `InvalidArg` (a ValidationError, or `invalid` when the call
  * gives another class for them); anything else is an InternalError.
  */
@@ -187,6 +188,7 @@ export function fromNative(
   if (media) return new MediaError(media[2]!, Number(media[1]))
   const code = (err as { code?: unknown }).code
   if (code === 'Closing') return new ClosedError(err.message)
+  if (code === 'Cancelled') return new AbortError(err.message, { cause: err })
   if (code === 'InvalidArg') {
     if (options.invalid) return options.invalid(err.message, err)
     const param = paramOf(err.message) ?? (PROMPT_MESSAGE.test(err.message) ? (options.promptParam ?? null) : null)

@@ -44,6 +44,12 @@ pub fn closed(msg: impl Into<String>) -> Error {
     Error::new(Status::Closing, msg.into())
 }
 
+/// An error for work dropped because its caller cancelled it (JS sees
+/// `code: 'Cancelled'`).
+pub fn cancelled(msg: impl Into<String>) -> Error {
+    Error::new(Status::Cancelled, msg.into())
+}
+
 /// Run `f` on a worker thread, never the JS thread, with panics turned into
 /// errors.
 pub async fn blocking<T: Send + 'static>(

@@ -24,7 +24,7 @@ use napi::bindgen_prelude::{Buffer, Float32Array};
 use napi::Result;
 use napi_derive::napi;
 
-use crate::guard::{blocking, closed, guard, internal, invalid};
+use crate::guard::{blocking, cancelled, closed, guard, internal, invalid};
 use crate::media::media_error;
 
 /// Options of `NativeTranscriber.load`.
@@ -134,7 +134,7 @@ fn to_js(e: TranscribeError) -> napi::Error {
         TranscribeError::Media(m) => media_error(&m),
         TranscribeError::Invalid(m) => invalid(m),
         TranscribeError::Closed => closed("the transcriber is closed"),
-        TranscribeError::Cancelled => invalid("the transcription was cancelled"),
+        TranscribeError::Cancelled => cancelled("the transcription was cancelled"),
         TranscribeError::Model(m) => internal(m),
     }
 }

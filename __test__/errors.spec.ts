@@ -127,7 +127,8 @@ test('ClosedError: a call after close, and a request the engine was running when
   await rejects(t, running, ClosedError, { code: 'closed', param: null }, 'running')
   // Chunks already received still come out; then the stream throws.
   const drain = async (): Promise<void> => {
-    while (!(await stream.next()).done);
+    let r = await stream.next()
+    while (!r.done) r = await stream.next()
   }
   await rejects(t, drain(), ClosedError, { code: 'closed', param: null }, 'streaming')
   await rejects(t, e.chat(user), ClosedError, { code: 'closed', param: null }, 'after close')

@@ -62,7 +62,7 @@ test.serial('every audio part form gives transformers\' greedy tokens', async (t
 })
 
 test.serial('generate with the model\'s own placeholders and multiModalData', async (t) => {
-  const prompt = engine.applyChatTemplate(conversation(() => ({ type: 'audio', audio_url: 'x' })))
+  const prompt = await engine.applyChatTemplate(conversation(() => ({ type: 'audio', audio_url: 'x' })))
   const [out] = await engine.generate({ prompt, multiModalData: { audio: [clip1, clip2] } }, greedy)
   t.deepEqual(out!.tokenIds, ref.greedy_ids)
   const err = await t.throwsAsync(engine.generate({ prompt, multiModalData: { audio: [clip1] } }, greedy))

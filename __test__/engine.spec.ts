@@ -45,7 +45,7 @@ test('generate accepts a string, { prompt }, { promptTokenIds } and arrays of th
   t.deepEqual(a!.tokenIds, p.greedy_ids.slice(0, 4))
   t.deepEqual(b!.tokenIds, a!.tokenIds)
   t.deepEqual(c!.tokenIds, a!.tokenIds)
-  t.is(a!.text, engine.detokenize(a!.tokenIds))
+  t.is(a!.text, await engine.detokenize(a!.tokenIds))
   t.is(a!.outputs.length, 1)
   t.deepEqual(a!.outputs[0]!.tokenIds, a!.tokenIds)
 })
@@ -62,12 +62,12 @@ test('a batch of prompts returns one output per prompt, in order', async (t) => 
   for (const [i, prompt] of prompts.entries()) {
     const [alone] = await engine.generate(prompt, { maxTokens: 6, temperature: 0, ignoreEos: true })
     t.deepEqual(batch[i]!.tokenIds, alone!.tokenIds, `prompt ${i}`)
-    t.is(batch[i]!.usage.promptTokens, engine.tokenize(prompt).length)
+    t.is(batch[i]!.usage.promptTokens, (await engine.tokenize(prompt)).length)
   }
 })
 
 test('chat renders the model chat template', async (t) => {
-  t.is(engine.applyChatTemplate(ref.chat.messages), ref.chat.rendered)
+  t.is(await engine.applyChatTemplate(ref.chat.messages), ref.chat.rendered)
   const res = await engine.chat(ref.chat.messages, { maxTokens: 5, temperature: 0, ignoreEos: true })
   t.is(res.usage.promptTokens, ref.chat.input_ids.length)
   t.is(res.tokenIds.length, 5)
@@ -280,10 +280,10 @@ test('minTokens holds off stop tokens', async (t) => {
   t.false(held!.tokenIds.slice(0, 5).includes(first))
 })
 
-test('tokenize / detokenize round trip', (t) => {
-  const ids = engine.tokenize('Hello world')
+test('tokenize / detokenize round trip', async (t) => {
+  const ids = await engine.tokenize('Hello world')
   t.true(ids.length > 0)
-  t.is(engine.detokenize(ids), 'Hello world')
+  t.is(await engine.detokenize(ids), 'Hello world')
 })
 
 test('stats count requests and tokens', async (t) => {

@@ -56,7 +56,7 @@ test.serial('engine: chat and generate give transformers\' greedy tokens', async
     const out = await engine.chat(messages(c, (f) => ({ type: 'image_url', image_url: { url: dataUrl(f) } })), greedy)
     t.deepEqual(out.tokenIds, c.chat_greedy_ids, name)
     t.is(out.usage.promptTokens, c.input_ids.length - 1, name)
-    const prompt = engine.applyChatTemplate(messages(c, () => ({ type: 'image', image: null })))
+    const prompt = await engine.applyChatTemplate(messages(c, () => ({ type: 'image', image: null })))
     const images = c.media.map((f) => readFileSync(join(dir, f)))
     const [gen] = await engine.generate({ prompt, multiModalData: { image: images } }, greedy)
     t.deepEqual(gen!.tokenIds, c.greedy_ids, name)
@@ -68,7 +68,7 @@ test.serial('server: image_url data: URLs give transformers\' greedy text', asyn
   for (const [name, c] of Object.entries(ref.cases)) {
     const msgs = messages(c, (f) => ({ type: 'image_url', image_url: { url: dataUrl(f) } }))
     const res = await s.client.chat.completions.create({ ...params, messages: msgs as never })
-    t.is(res.choices[0]!.message.content, engine.detokenize(c.chat_greedy_ids), name)
+    t.is(res.choices[0]!.message.content, await engine.detokenize(c.chat_greedy_ids), name)
     t.is(res.usage!.prompt_tokens, c.input_ids.length - 1, name)
   }
 })

@@ -44,9 +44,9 @@ test('llama-tiny: tokenizer matches transformers', async (t) => {
   const ref = reference('llama-tiny')
   const engine = await Engine.load({ model: fixture('llama-tiny') })
   try {
-    for (const p of ref.prompts) t.deepEqual(engine.tokenize(p.text), p.input_ids)
-    t.is(engine.detokenize(ref.prompts[0]!.greedy_ids), ref.prompts[0]!.greedy_text)
-    t.deepEqual(engine.tokenize(ref.chat.rendered, { addSpecialTokens: false }), ref.chat.input_ids)
+    for (const p of ref.prompts) t.deepEqual(await engine.tokenize(p.text), p.input_ids)
+    t.is(await engine.detokenize(ref.prompts[0]!.greedy_ids), ref.prompts[0]!.greedy_text)
+    t.deepEqual(await engine.tokenize(ref.chat.rendered, { addSpecialTokens: false }), ref.chat.input_ids)
   } finally {
     await engine.close()
   }

@@ -36,7 +36,7 @@ let expectedText: string
 test.before(async () => {
   s = await startTestServer({ load: { model: dir, dtype: 'f32', limitMmPerPrompt: { audio: 2 } }, servedModelName: 'tiny-audio' })
   const engine = s.server.engine!
-  expectedText = engine.detokenize(ref.greedy_ids)
+  expectedText = await engine.detokenize(ref.greedy_ids)
 })
 test.after.always(async () => {
   await s?.server.close()

@@ -40,7 +40,7 @@ let expected: { one: string; two: string }
 test.before(async () => {
   s = await startTestServer({ load: { model: dir, dtype: 'f32', maxModelLen: 512, limitMmPerPrompt: { image: 2, video: 1 } }, servedModelName: 'tiny-vl' })
   const engine = s.server.engine!
-  expected = { one: engine.detokenize(ref.cases.one_image.greedy_ids), two: engine.detokenize(ref.cases.two_images.greedy_ids) }
+  expected = { one: await engine.detokenize(ref.cases.one_image.greedy_ids), two: await engine.detokenize(ref.cases.two_images.greedy_ids) }
 })
 test.after.always(async () => {
   await s?.server.close()

@@ -448,7 +448,7 @@ test('one log line per request, with id, route, status, tokens and latency', asy
   const lines = t0.logs.filter((l) => l.id === 'trace-abc-123')
   t.is(lines.length, 1)
   const line = lines[0]!
-  const promptTokens = t0.server.engine!.tokenize('Hello').length
+  const promptTokens = (await t0.server.engine!.tokenize('Hello')).length
   t.like(line, { level: 'info', msg: 'request', method: 'POST', route: '/v1/completions', status: 200, prompt_tokens: promptTokens, completion_tokens: 3 })
   t.is(typeof line.latency_ms, 'number')
   t.is(typeof line.time, 'string')

@@ -84,7 +84,7 @@ test('runTools with a forced tool calls it with valid arguments, then renders th
   const next = await t0.client.chat.completions.create({ model: MODEL, messages: msgs, tools, max_tokens: 5, temperature: 0 })
   t.is(next.choices.length, 1)
   const engine = t0.server.engine!
-  const prompt = engine.applyChatTemplate(msgs as never, { tools: tools as never })
+  const prompt = await engine.applyChatTemplate(msgs as never, { tools: tools as never })
   // The arguments reach the template as an object (its tojson), not as a JSON string.
   t.true(prompt.includes('<tool_call>\n{"name": "get_weather", "arguments": {"'), prompt)
   t.true(prompt.includes('<tool_response>\nsunny, 21 degrees\n</tool_response>'), prompt)
@@ -250,7 +250,7 @@ test('the streamer holds back what may start a call and splits nothing else', (t
 test('library: tool_calls arguments given as JSON text reach the template as objects', async (t) => {
   const engine = await Engine.load({ model: fixture('qwen2-tiny') })
   try {
-    const prompt = engine.applyChatTemplate([
+    const prompt = await engine.applyChatTemplate([
       { role: 'user', content: 'hi' },
       { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{"x": 1}' } }] },
       { role: 'tool', content: '42', tool_call_id: 'c1' },

@@ -88,10 +88,10 @@ test.serial('a video as frames, and generate with the model\'s own placeholders'
   const out = await engine.chat(messages(video, () => ({ type: 'video', video: frames })), greedy)
   t.deepEqual(out.tokenIds, video.greedy_ids)
   const two = ref.cases.two_images
-  const prompt = engine.applyChatTemplate(messages(two, () => ({ type: 'image', image: null })))
+  const prompt = await engine.applyChatTemplate(messages(two, () => ({ type: 'image', image: null })))
   const [gen] = await engine.generate({ prompt, multiModalData: { image: [imageA, imageB] } }, greedy)
   t.deepEqual(gen!.tokenIds, two.greedy_ids)
-  const vprompt = engine.applyChatTemplate(messages(video, () => ({ type: 'video', video: null })))
+  const vprompt = await engine.applyChatTemplate(messages(video, () => ({ type: 'video', video: null })))
   const [vgen] = await engine.generate({ prompt: vprompt, multiModalData: { video: [frames] } }, greedy)
   t.deepEqual(vgen!.tokenIds, video.greedy_ids)
   const err = await t.throwsAsync(engine.generate({ prompt, multiModalData: { image: [imageA] } }, greedy))

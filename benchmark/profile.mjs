@@ -34,7 +34,7 @@ if (opt.child) {
   const spec = JSON.parse(opt.child)
   const { Engine } = await import('../dist/index.js')
   const engine = await Engine.load({ model: spec.model, ...(spec.load ?? {}) })
-  const ids = engine.tokenize(CORPUS, { addSpecialTokens: false })
+  const ids = await engine.tokenize(CORPUS, { addSpecialTokens: false })
   let long = ids
   while (long.length < spec.batch * 41 + spec.promptTokens) long = long.concat(ids)
   const prompts = Array.from({ length: spec.batch }, (_, i) => long.slice(i * 41, i * 41 + spec.promptTokens))

@@ -65,7 +65,7 @@ for (const c of levels) {
 }
 
 const info = engine.info
-const promptTokens = engine.tokenize(engine.applyChatTemplate(messages), { addSpecialTokens: false }).length
+const promptTokens = (await engine.tokenize(await engine.applyChatTemplate(messages), { addSpecialTokens: false })).length
 await engine.close()
 
 const result = {

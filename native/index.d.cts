@@ -44,12 +44,17 @@ export declare class NativeEngine {
   stats(): NativeStats
   /** Facts about the loaded model. */
   info(): NativeModelInfo
-  /** Text -> token ids with the model's tokenizer. */
-  tokenize(text: string, addSpecialTokens?: boolean | undefined | null): Array<number>
-  /** Token ids -> text. */
-  detokenize(tokenIds: Array<number>, skipSpecialTokens?: boolean | undefined | null): string
-  /** Render chat messages with the model's chat template. */
-  applyChatTemplate(messages: Array<Record<string, unknown>>, addGenerationPrompt?: boolean | undefined | null, tools?: Array<Record<string, unknown>>, chatTemplateKwargs?: Record<string, unknown>): string
+  /** Text -> token ids with the model's tokenizer, on a worker thread. */
+  tokenize(text: string, addSpecialTokens?: boolean | undefined | null): Promise<Array<number>>
+  /** Token ids -> text, on a worker thread. */
+  detokenize(tokenIds: Array<number>, skipSpecialTokens?: boolean | undefined | null): Promise<string>
+  /**
+   * The text of each token on its own, special tokens included, on a
+   * worker thread.
+   */
+  tokenTexts(tokenIds: Array<number>): Promise<Array<string>>
+  /** Render chat messages with the model's chat template, on a worker thread. */
+  applyChatTemplate(messages: Array<Record<string, unknown>>, addGenerationPrompt?: boolean | undefined | null, tools?: Array<Record<string, unknown>>, chatTemplateKwargs?: Record<string, unknown>): Promise<string>
   /**
    * Stop the engine thread. Pending `next()` calls finish with `done`;
    * later calls to addRequest fail with "the engine is closed".
@@ -131,6 +136,8 @@ export interface NativeInputError {
   message: string
   /** The uuid of a `uuid_miss`. */
   uuid?: string
+  /** The request field at fault, when it is not the prompt (`maxTokens`). */
+  param?: string
 }
 
 /** Options for `NativeEngine.load`. */

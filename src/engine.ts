@@ -4,7 +4,7 @@
  * batching over a paged KV cache); each call here is one or more requests.
  */
 
-import { AbortError, ValidationError, abortErrorFor, inputError } from './errors.js'
+import { AbortError, ClosedError, ContextLengthError, InternalError, LoadError, ValidationError, abortErrorFor, fromNative, inputError } from './errors.js'
 import { loadDeferred, partModality, resolveParts, templatePart } from './media/index.js'
 import type { MediaPolicy, Modality, PendingPart, ResolvedMedia } from './media/index.js'
 import { locateModel } from './model-source.js'
@@ -126,17 +126,19 @@ class RequestRun {
     try {
       if (this.signal?.aborted) this.cancel()
       for (;;) {
-        const batch = await this.nativeEngine.next(this.id)
+        const batch = await this.nativeEngine.next(this.id).catch((err: unknown) => {
+          throw fromNative(err)
+        })
         if (batch.aborted || this.#aborted) {
           this.#done = true
           if (this.signal?.aborted) throw abortErrorFor(this.signal)
-          if (this.engine.closed) throw new Error('the engine was closed while the request was running')
+          if (this.engine.closed) throw new ClosedError('the engine was closed while the request was running')
           throw new AbortError('The request was aborted')
         }
         const failure = batch.events.find((e) => e.kind === 'error')
         if (failure) {
           this.#done = true
-          throw new Error(failure.message ?? 'the request failed')
+          throw new InternalError(failure.message ?? 'the request failed')
         }
         if (batch.done) this.#done = true
         if (batch.events.length > 0) yield batch.events
@@ -251,8 +253,9 @@ export class Engine {
    * Without `model` (or with `'default'`) it loads SmolLM2-135M-Instruct,
    * downloading it once into the cache dir.
    *
-   * @throws Error with a clear message for a missing path, an unsupported
-   *   model, an unavailable device or bad options.
+   * @throws {ValidationError} for bad options
+   * @throws {LoadError} for a missing model, an unavailable device or files the loader refuses
+   * @throws {HubError} when a hub model cannot be fetched
    */
   static async load(options: LoadOptions = {}): Promise<Engine> {
     const opts = validateLoadOptions(options)
@@ -276,6 +279,9 @@ export class Engine {
       encoderCacheTokens: opts.encoderCacheTokens,
       mediaIoKwargs: opts.mediaIoKwargs,
       enableMmEmbeds: opts.enableMmEmbeds,
+    }).catch((err: unknown) => {
+      // The loader's refusals (unsupported architecture, bad files) are about the model.
+      throw fromNative(err, { invalid: (message, cause) => new LoadError(message, { code: 'load_failed', cause }) })
     })
     return new Engine(nativeEngine, path, opts, source.repo)
   }
@@ -291,21 +297,24 @@ export class Engine {
   }
 
   #checkOpen(): void {
-    if (this.#closed) throw new Error('the engine is closed')
+    if (this.#closed) throw new ClosedError('the engine is closed')
   }
 
   /**
    * Submit a request. Its media parts are resolved first (URLs, base64, raw
    * samples); the native side then renders and tokenizes the prompt and
    * decodes and preprocesses the media off the JS thread. Bad input rejects
-   * with a ValidationError or a MediaError.
+   * with a ValidationError (a ContextLengthError when it does not fit) or a
+   * MediaError; `promptParam` names the prompt's field for them.
    */
   async #start(
     request: NativeRequest,
+    promptParam: string,
     parts: PendingPart[],
     signal: AbortSignal | undefined,
     mmKwargs?: Record<string, unknown>,
   ): Promise<RequestRun> {
+    this.#checkPromptLength(request, promptParam)
     let media: ResolvedMedia[] = []
     if (parts.length > 0) {
       try {
@@ -320,25 +329,45 @@ export class Engine {
     const submit = async (items: ResolvedMedia[]): Promise<NativeSubmitted> => {
       if (signal?.aborted) throw abortErrorFor(signal)
       this.#checkOpen()
-      return this.#native.addRequest(request, items.length > 0 ? items.map((m) => toNativeMedia(m, mmKwargs)) : null)
+      return this.#native.addRequest(request, items.length > 0 ? items.map((m) => toNativeMedia(m, mmKwargs)) : null).catch((err: unknown) => {
+        throw fromNative(err, { promptParam })
+      })
     }
     let r = await submit(media)
     // A cache evicted a deferred item between the query and the submission.
     if (r.error?.code === 'uuid_miss' && media.some((m) => m.load)) r = await submit(await loadDeferred(media))
-    if (r.error) throw inputError(r.error)
+    if (r.error) throw inputError(r.error, promptParam)
     return new RequestRun(this, this.#native, r.requestId!, signal)
+  }
+
+  /**
+   * A token-id prompt the context cannot hold is refused here, before its
+   * media are fetched and its ids cross to the engine (which words the same
+   * refusal of a text prompt alike).
+   */
+  #checkPromptLength(request: NativeRequest, promptParam: string): void {
+    const n = request.promptTokenIds?.length
+    const max = this.#info.maxModelLen
+    if (n !== undefined && n >= max) {
+      throw new ContextLengthError(`the prompt has ${n} tokens, but the model's maximum length is ${max} (prompt + output)`, { param: promptParam })
+    }
   }
 
   /** Fetch the deferred items that no cache holds (one native query for all). */
   async #loadUncached(media: ResolvedMedia[], mmKwargs: Record<string, unknown> | undefined): Promise<ResolvedMedia[]> {
     const deferred = media.filter((m) => m.load)
     if (deferred.length === 0) return media
-    const uncached = this.#native.uncachedUuids(
-      deferred.map((m) => {
-        const n = toNativeMedia(m, mmKwargs)
-        return { modality: n.modality, uuid: m.uuid!, kwargs: n.kwargs }
-      }),
-    )
+    let uncached: boolean[]
+    try {
+      uncached = this.#native.uncachedUuids(
+        deferred.map((m) => {
+          const n = toNativeMedia(m, mmKwargs)
+          return { modality: n.modality, uuid: m.uuid!, kwargs: n.kwargs }
+        }),
+      )
+    } catch (err) {
+      throw fromNative(err)
+    }
     const fetch = new Set(deferred.filter((_, i) => uncached[i]))
     return Promise.all(media.map((m) => (fetch.has(m) ? m.load!() : m)))
   }
@@ -389,7 +418,13 @@ export class Engine {
     // Prompts' media are fetched and preprocessed side by side, not one after another.
     const started = await Promise.allSettled(
       requests.map((r, i) =>
-        this.#start({ ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }, media[i] ?? [], signal, mmKwargsOf(params)),
+        this.#start(
+          { ...r, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS },
+          Array.isArray(prompts) ? `prompts[${i}]` : 'prompt',
+          media[i] ?? [],
+          signal,
+          mmKwargsOf(params),
+        ),
       ),
     )
     const runs = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []))
@@ -417,7 +452,7 @@ export class Engine {
     const sp = validateSamplingParams(params, { chat: false })
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
     const req = { ...request, params: sp, defaultMaxTokens: DEFAULT_GENERATE_MAX_TOKENS }
-    yield* this.#chunks(await this.#start(req, media, params.signal, mmKwargsOf(params)))
+    yield* this.#chunks(await this.#start(req, 'prompt', media, params.signal, mmKwargsOf(params)))
   }
 
   /** The native request of a chat, and its media parts in prompt order. */
@@ -436,7 +471,7 @@ export class Engine {
     this.#checkOpen()
     const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    const run = await this.#start(request, parts, params.signal, mmKwargsOf(params))
+    const run = await this.#start(request, 'messages', parts, params.signal, mmKwargsOf(params))
     return this.#collect(run, request.params ?? {})
   }
 
@@ -453,34 +488,53 @@ export class Engine {
     this.#checkOpen()
     const { request, parts } = this.#chatRequest(messages, params)
     if (params.signal?.aborted) throw abortErrorFor(params.signal)
-    yield* this.#chunks(await this.#start(request, parts, params.signal, mmKwargsOf(params)))
+    yield* this.#chunks(await this.#start(request, 'messages', parts, params.signal, mmKwargsOf(params)))
   }
 
-  /** Token ids of `text` (with BOS etc. unless `addSpecialTokens` is false). */
-  tokenize(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+  /**
+   * Token ids of `text` (with BOS etc. unless `addSpecialTokens` is false).
+   * Tokenizes on a worker thread: a long text never blocks the event loop.
+   */
+  async tokenize(text: string, options: { addSpecialTokens?: boolean } = {}): Promise<number[]> {
     this.#checkOpen()
-    if (typeof text !== 'string') throw new TypeError('text must be a string')
-    return this.#native.tokenize(text, options.addSpecialTokens ?? true)
+    if (typeof text !== 'string') throw new ValidationError(`text must be a string, got ${typeof text}`)
+    return this.#native.tokenize(text, options.addSpecialTokens ?? true).catch((err: unknown) => {
+      throw fromNative(err)
+    })
   }
 
-  /** Text of `tokenIds` (special tokens dropped unless `skipSpecialTokens` is false). */
-  detokenize(tokenIds: number[], options: { skipSpecialTokens?: boolean } = {}): string {
+  /** Text of `tokenIds` (special tokens dropped unless `skipSpecialTokens` is false), decoded on a worker thread. */
+  async detokenize(tokenIds: number[], options: { skipSpecialTokens?: boolean } = {}): Promise<string> {
     this.#checkOpen()
-    if (!Array.isArray(tokenIds) || !tokenIds.every((t) => Number.isInteger(t) && t >= 0)) {
-      throw new TypeError('tokenIds must be an array of non-negative integers')
-    }
-    return this.#native.detokenize(tokenIds, options.skipSpecialTokens ?? true)
+    checkTokenIds(tokenIds)
+    return this.#native.detokenize(tokenIds, options.skipSpecialTokens ?? true).catch((err: unknown) => {
+      throw fromNative(err, { promptParam: 'tokenIds' })
+    })
   }
 
-  /** The prompt text the chat template makes of `messages`. */
-  applyChatTemplate(
+  /**
+   * The text of each token on its own, special tokens included (vLLM's
+   * `token_strs`): joined, they give the detokenized text.
+   */
+  async tokenTexts(tokenIds: number[]): Promise<string[]> {
+    this.#checkOpen()
+    checkTokenIds(tokenIds)
+    return this.#native.tokenTexts(tokenIds).catch((err: unknown) => {
+      throw fromNative(err, { promptParam: 'tokenIds' })
+    })
+  }
+
+  /** The prompt text the chat template makes of `messages`, rendered on a worker thread. */
+  async applyChatTemplate(
     messages: ChatMessage[],
     options: Pick<ChatParams, 'chatTemplateKwargs' | 'tools' | 'addGenerationPrompt'> = {},
-  ): string {
+  ): Promise<string> {
     this.#checkOpen()
     const msgs = validateMessages(messages, mediaPlaceholder())
     const extras = validateChatExtras(options)
-    return this.#native.applyChatTemplate(msgs, extras.addGenerationPrompt ?? true, extras.tools, extras.chatTemplateKwargs)
+    return this.#native.applyChatTemplate(msgs, extras.addGenerationPrompt ?? true, extras.tools, extras.chatTemplateKwargs).catch((err: unknown) => {
+      throw fromNative(err, { promptParam: 'messages' })
+    })
   }
 
   /** Engine counters (requests, KV blocks, prefix cache, tokens). */
@@ -513,12 +567,23 @@ export class Engine {
   }
 
   /**
-   * Stop the engine and free the model. Requests still running end with an
-   * Error; later calls throw "the engine is closed". Safe to call twice.
+   * Stop the engine and free the model. Requests still running end with a
+   * ClosedError; later calls throw one. Safe to call twice.
    */
   close(): Promise<void> {
     this.#closed = true
     this.#closing ??= this.#native.close()
     return this.#closing
+  }
+
+  /** {@link Engine.close}, for `await using engine = await Engine.load(...)`. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
+  }
+}
+
+function checkTokenIds(tokenIds: unknown): asserts tokenIds is number[] {
+  if (!Array.isArray(tokenIds) || !tokenIds.every((t) => Number.isInteger(t) && t >= 0)) {
+    throw new ValidationError('tokenIds must be an array of non-negative integers')
   }
 }

@@ -8,14 +8,24 @@
  * const engine = await Engine.load({ model: 'default' })
  * const res = await engine.chat([{ role: 'user', content: 'Hi' }], { maxTokens: 32 })
  * console.log(res.text)
- * await engine.close()
+ * await engine.close() // or: `await using engine = await Engine.load(...)`
  * ```
  *
  * @module
  */
 
 export { Engine, DEFAULT_GENERATE_MAX_TOKENS } from './engine.js'
-export { AbortError, MediaError, ValidationError } from './errors.js'
+export {
+  AbortError,
+  CandelaError,
+  ClosedError,
+  ContextLengthError,
+  InternalError,
+  LoadError,
+  MediaError,
+  ValidationError,
+} from './errors.js'
+export type { CandelaErrorOptions } from './errors.js'
 export { splitAudio, type SplitAudioOptions } from './audio.js'
 export { Transcriber, isWhisperModel, type TranscriptionAudio, type TranscribeOptions, type Transcription, type TranscriptionSegment, type TranscriberInfo, type TranscriberLoadOptions } from './transcriber.js'
 export { DEFAULT_MODEL, defaultModelPath, ensureDefaultModel, modelCacheDir } from './default-model.js'

@@ -9,6 +9,7 @@ import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 
 import { ensureDefaultModel } from './default-model.js'
+import { LoadError } from './errors.js'
 import { findModel, isHubReference } from './hub/index.js'
 import type { DownloadProgress } from './hub/index.js'
 
@@ -35,9 +36,10 @@ export function isModelArgument(model: string | undefined): boolean {
   return model === undefined || model === 'default' || existsSync(resolve(model)) || isHubReference(model)
 }
 
-export function modelNotFound(model: string): Error {
-  return new Error(
+export function modelNotFound(model: string): LoadError {
+  return new LoadError(
     `model path not found: ${model} (give a model folder, a .gguf file, a Hugging Face repo id like org/name, or 'default' for SmolLM2-135M-Instruct)`,
+    { code: 'model_not_found' },
   )
 }
 

@@ -16,6 +16,7 @@ import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
 import type * as Binding from '../native/index.cjs'
 
+import { LoadError } from './errors.js'
 import type { Device } from './types.js'
 
 export type {
@@ -44,10 +45,10 @@ export function native(): typeof Binding {
     binding = require('../native/index.cjs') as typeof Binding
   } catch (err) {
     const detail = err instanceof Error ? err.message.split('\n')[0] : String(err)
-    throw new Error(
+    throw new LoadError(
       `candela: cannot load the native addon (${detail}). In a source checkout run \`npm run build\` ` +
         '(needs Rust); otherwise reinstall so npm fetches the prebuilt package for this platform.',
-      { cause: err },
+      { code: 'load_failed', param: 'device', cause: err },
     )
   }
   return binding
@@ -66,25 +67,27 @@ function firstLine(err: unknown): string {
   return err instanceof Error ? (err.message.split('\n')[0] ?? err.message) : String(err)
 }
 
+const deviceError = (message: string, cause?: unknown): LoadError => new LoadError(message, { code: 'device_unavailable', cause })
+
 /**
- * The CUDA addon's exports; throws an Error whose message says what is
+ * The CUDA addon's exports; throws a LoadError whose message says what is
  * missing: no CUDA build for this platform, addon not installed / built, or
  * installed but not loadable (no NVIDIA driver or CUDA libraries).
  */
 export function nativeCuda(): typeof Binding {
   if (cudaBinding) return cudaBinding
   const platform = cudaPlatform()
-  if (!platform) throw new Error(unavailable(`candela has no CUDA support on ${process.platform}-${process.arch}`))
+  if (!platform) throw deviceError(unavailable(`candela has no CUDA support on ${process.platform}-${process.arch}`))
   const require = createRequire(import.meta.url)
   const local = fileURLToPath(new URL(`../native/candela.${platform}.node`, import.meta.url))
   const pkg = `candela-${platform}`
-  const cannotLoad = (what: string, err: unknown): Error =>
-    new Error(
+  const cannotLoad = (what: string, err: unknown): LoadError =>
+    deviceError(
       unavailable(
         `the CUDA addon ${what} cannot be loaded (${firstLine(err)}); it needs an NVIDIA driver and the ` +
           'CUDA 12 runtime libraries (libcudart, libcublas, libcublasLt, libcurand, libnvrtc) on the library path',
       ),
-      { cause: err },
+      err,
     )
   if (existsSync(local)) {
     try {
@@ -99,12 +102,12 @@ export function nativeCuda(): typeof Binding {
   } catch (err) {
     const code = (err as { code?: unknown } | undefined)?.code
     if (code === 'MODULE_NOT_FOUND' && firstLine(err).includes(pkg)) {
-      throw new Error(
+      throw deviceError(
         unavailable(
           `this installation has no CUDA support: install the package ${pkg}, or build ` +
             `native/candela.${platform}.node in a source checkout with \`npm run build:native:cuda\``,
         ),
-        { cause: err },
+        err,
       )
     }
     throw cannotLoad(pkg, err)
@@ -132,7 +135,7 @@ export function bindingFor(
     if (device === 'cuda') throw err
     reason = firstLine(err)
   }
-  if (device === 'cuda') throw new Error(reason)
+  if (device === 'cuda') throw deviceError(reason)
   log(`candela: CUDA is not available (${reason.replace(/^device 'cuda' is not available: /, '')}); running on the CPU`)
   return { binding: native(), device: 'cpu' }
 }

@@ -16,7 +16,7 @@ import { existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 
-import { abortErrorFor, fromNativeError, ValidationError } from './errors.js'
+import { ClosedError, LoadError, ValidationError, abortErrorFor, fromNative } from './errors.js'
 import { bindingFor } from './native.js'
 import type { NativeTranscriber, NativeTranscribeRequest, NativeTranscription } from '../native/index.cjs'
 import type { AudioInput, Device, DType } from './types.js'
@@ -117,13 +117,6 @@ function checkKeys(o: Record<string, unknown>, keys: readonly string[], what: st
   for (const k of Object.keys(o)) if (!keys.includes(k)) fail(`unknown ${what} ${JSON.stringify(k)}`)
 }
 
-/** Native InvalidArg errors are the caller's input; media errors carry their HTTP status. */
-function fromNative(err: unknown): unknown {
-  const e = fromNativeError(err)
-  if (e === err && err instanceof Error && (err as { code?: unknown }).code === 'InvalidArg') return new ValidationError(err.message)
-  return e
-}
-
 /** Whether `path` is a Whisper model folder (a {@link Transcriber} loads it; `Engine.load` does not). */
 export function isWhisperModel(path: string): boolean {
   return bindingFor('cpu').binding.isWhisperModel(resolve(path))
@@ -157,7 +150,8 @@ export class Transcriber {
 
   /**
    * Load a Whisper model folder.
-   * @throws {ValidationError} for bad options; an Error naming the problem when the folder cannot be loaded.
+   * @throws {ValidationError} for bad options
+   * @throws {LoadError} naming the problem when the folder cannot be loaded
    */
   static async load(options: TranscriberLoadOptions): Promise<Transcriber> {
     if (!isObject(options)) fail('Transcriber.load options must be an object like { model: "./whisper-tiny" }')
@@ -172,12 +166,12 @@ export class Transcriber {
       fail(`maxBatch must be a whole number from 1 to 1024, got ${String(maxBatch)}`)
     }
     const path = resolve(model)
-    if (!existsSync(path)) throw new Error(`model path not found: ${model}`)
+    if (!existsSync(path)) throw new LoadError(`model path not found: ${model}`, { code: 'model_not_found' })
     const { binding, device: dev } = bindingFor(device)
     try {
       return new Transcriber(await binding.NativeTranscriber.load({ model: path, device: dev, dtype, maxBatch }), path)
     } catch (err) {
-      throw fromNative(err)
+      throw fromNative(err, { invalid: (message, cause) => new LoadError(message, { code: 'load_failed', cause }) })
     }
   }
 
@@ -201,7 +195,7 @@ export class Transcriber {
    * @throws {AbortError} when `signal` aborts
    */
   async transcribe(audio: TranscriptionAudio, options: TranscribeOptions = {}): Promise<Transcription> {
-    if (this.#closed) throw new Error('the transcriber is closed')
+    if (this.#closed) throw new ClosedError('the transcriber is closed')
     if (!isObject(options)) fail('transcribe options must be an object')
     checkKeys(options as Record<string, unknown>, OPTION_KEYS, 'transcribe option')
     const { language, prompt, temperature, task, seed, maxNewTokens, format, signal } = options
@@ -252,6 +246,11 @@ export class Transcriber {
     if (this.#closed) return
     this.#closed = true
     await this.#native.close()
+  }
+
+  /** {@link Transcriber.close}, for `await using whisper = await Transcriber.load(...)`. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
   }
 }
 

@@ -29,7 +29,7 @@ async function warmup() {
 
 const tasks = {
   async tokenize() {
-    return { ids: engine.tokenize(spec.text, { addSpecialTokens: false }) }
+    return { ids: await engine.tokenize(spec.text, { addSpecialTokens: false }) }
   },
 
   // Free-running greedy tokens, and (teacher forcing) the argmax after

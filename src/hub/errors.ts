@@ -1,5 +1,7 @@
 /** Why a model could not be had from the hub, with the repo named in the message. */
 
+import { CandelaError } from '../errors.js'
+
 export type HubErrorCode =
   /** 401/403: gated or private, and no token (or one without access). */
   | 'gated'
@@ -12,15 +14,16 @@ export type HubErrorCode =
   /** A downloaded file does not match its sha256 / ETag. */
   | 'checksum'
 
-export class HubError extends Error {
+export class HubError extends CandelaError {
   override name = 'HubError'
+  declare readonly code: HubErrorCode
   constructor(
-    readonly code: HubErrorCode,
+    code: HubErrorCode,
     message: string,
     /** The HTTP status behind the error, when there was one. */
     readonly status?: number,
   ) {
-    super(message)
+    super(message, { code, param: 'model' })
   }
 }
 

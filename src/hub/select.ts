@@ -5,6 +5,8 @@
  * (README, other formats, other quants) is fetched.
  */
 
+import { CandelaError } from '../errors.js'
+
 /** Small files the loader reads when present (crates/candela-models loader, tokenizer, chat_template, processor). */
 const METADATA_FILES = [
   'config.json',
@@ -31,8 +33,11 @@ export type Selection =
   | { kind: 'gguf'; model: string; mmproj: string | undefined; files: string[] }
 
 /** The repo holds no checkpoint candela can load, or not the one asked for. */
-export class UnsupportedRepoError extends Error {
+export class UnsupportedRepoError extends CandelaError {
   override name = 'UnsupportedRepoError'
+  constructor(message: string) {
+    super(message, { code: 'unsupported_repo', param: 'model' })
+  }
 }
 
 const isTopLevel = (f: string): boolean => !f.includes('/')

@@ -25,7 +25,8 @@ import { audioTranscriptions, multipartBody } from './routes/transcriptions.js'
 import { health, metrics, version } from './routes/system.js'
 import { detokenize, tokenize } from './routes/tokenize.js'
 
-export function createApp(ctx: AppContext): Express {
+/** The routes over a context; `createApp` and `startServer` (serve.ts) build the context. */
+export function buildApp(ctx: AppContext): Express {
   const app = express()
   app.disable('x-powered-by')
   app.set('etag', false)

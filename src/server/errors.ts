@@ -7,7 +7,9 @@
 import type { ErrorRequestHandler, Request, RequestHandler, Response } from 'express'
 import type { ZodError } from 'zod'
 
-import { AbortError, MediaError, ValidationError } from '../errors.js'
+import { AbortError, CandelaError, ClosedError, LoadError, MediaError, ValidationError } from '../errors.js'
+import { HubError, UnsupportedRepoError } from '../hub/index.js'
+import type { HubErrorCode } from '../hub/index.js'
 
 /** The body of every error response. */
 export interface OpenAIErrorBody {
@@ -95,43 +97,19 @@ export function fromZodError(err: ZodError): ApiError {
   return badRequest(`${param}: ${message}`, param)
 }
 
-/** Engine (camelCase) parameter names as the HTTP API spells them. */
-const SNAKE: Record<string, string> = {
-  maxTokens: 'max_tokens',
-  topP: 'top_p',
-  topK: 'top_k',
-  minP: 'min_p',
-  repetitionPenalty: 'repetition_penalty',
-  presencePenalty: 'presence_penalty',
-  frequencyPenalty: 'frequency_penalty',
-  stopTokenIds: 'stop_token_ids',
-  ignoreEos: 'ignore_eos',
-  topLogprobs: 'top_logprobs',
-  minTokens: 'min_tokens',
-  skipSpecialTokens: 'skip_special_tokens',
-  chatTemplateKwargs: 'chat_template_kwargs',
-  addGenerationPrompt: 'add_generation_prompt',
-  mmProcessorKwargs: 'mm_processor_kwargs',
-  structuredOutputs: 'structured_outputs',
-  responseFormat: 'response_format',
-}
-const PLAIN = new Set(['temperature', 'seed', 'n', 'stop', 'logprobs', 'tools', 'messages', 'prompt'])
+const PROMPT_FIELD = /^(messages|prompt|prompts\[\d+\]|promptTokenIds|tokenIds)$/
 
 /**
- * The field an engine error message is about. The library's messages start
- * with the field (`messages[0].content[1]: ...`, `maxTokens must be ...`);
- * only names we know are taken, so prose never becomes a param.
+ * A library param as the HTTP API spells it: camelCase becomes snake_case
+ * (`maxTokens` -> `max_tokens`, `responseFormat.jsonSchema` ->
+ * `response_format.json_schema`), and the prompt's field (`messages`,
+ * `prompt`, `prompts[2]`) becomes the route's (`promptParam`).
  */
-export function paramOfMessage(message: string, promptParam: string | null): string | null {
-  if (message.startsWith("'max_tokens' or 'max_completion_tokens'")) return 'max_tokens'
-  if (/^(the prompt\b|chat template|token id)/.test(message)) return promptParam
-  const m = /^([A-Za-z_]\w*)((?:\[\d+\]|\.[A-Za-z_]\w*)*)/.exec(message)
-  if (!m) return null
-  const head = m[1]!
-  const name = SNAKE[head] ?? (PLAIN.has(head) ? head : undefined)
-  if (name === undefined) return null
-  // Nested names are camelCase in the library (`responseFormat.jsonSchema.schema`).
-  return name + m[2]!.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)
+function httpParam(param: string | null, promptParam: string | null): string | null {
+  if (param === null) return null
+  // The whole prompt (not a part inside it) is the route's prompt field.
+  if (promptParam !== null && PROMPT_FIELD.test(param)) return promptParam
+  return param.replace(/^prompts\[\d+\]/, 'prompt').replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)
 }
 
 /** Errors raised by body-parser carry a `type` and an HTTP status. */
@@ -146,17 +124,12 @@ interface HttpishError {
 }
 
 /**
- * Any error as an {@link ApiError}. `promptParam` names the request's prompt
- * field (`messages` or `prompt`) for the engine's prompt-length errors.
+ * Any error as an {@link ApiError}. `promptParam` names the route's prompt
+ * field (`messages`, `prompt`, `input`): the param of errors about the prompt.
  */
 export function toApiError(err: unknown, promptParam: string | null = null): ApiError {
   if (err instanceof ApiError) return err
-  if (err instanceof ValidationError) return badRequest(err.message, paramOfMessage(err.message, promptParam))
-  // Media that cannot be used carries its own status (400, 413, 422, 502, 504).
-  if (err instanceof MediaError) {
-    return new ApiError(err.status, err.message, { param: err.param ?? paramOfMessage(err.message, promptParam), code: 'invalid_media' })
-  }
-  if (err instanceof AbortError) return new ApiError(503, 'the request was aborted', { code: 'aborted' })
+  if (err instanceof CandelaError) return fromCandelaError(err, promptParam)
   const e = (typeof err === 'object' && err !== null ? err : {}) as HttpishError
   if (e.type === 'entity.parse.failed') {
     return badRequest(`the request body is not valid JSON: ${e.message ?? 'parse error'}`, null, 'invalid_json')
@@ -171,13 +144,24 @@ export function toApiError(err: unknown, promptParam: string | null = null): Api
     return new ApiError(status, e.message ?? 'bad request')
   }
   const message = err instanceof Error ? err.message : String(err)
-  // The addon marks the caller's mistakes InvalidArg; everything else is ours.
-  if (e.code === 'InvalidArg') {
-    if (message === 'the engine is closed') return new ApiError(503, 'the server is shutting down', { code: 'shutting_down' })
-    return badRequest(message, paramOfMessage(message, promptParam))
-  }
-  if (/engine (is|was) closed/.test(message)) return new ApiError(503, message, { code: 'shutting_down' })
   return new ApiError(500, `internal error: ${message}`)
+}
+
+/** HTTP statuses of the hub's failures: the model argument names no fetchable model. */
+const HUB_STATUS: Record<HubErrorCode, number> = { not_found: 404, gated: 403, offline: 503, network: 502, checksum: 502 }
+
+/** The one place the library's error classes become HTTP statuses. */
+function fromCandelaError(err: CandelaError, promptParam: string | null): ApiError {
+  const param = httpParam(err.param, promptParam)
+  if (err instanceof ValidationError) return new ApiError(400, err.message, { param, code: err.code })
+  // Media that cannot be used carries its own status (400, 413, 422, 502, 504).
+  if (err instanceof MediaError) return new ApiError(err.status, err.message, { param, code: err.code })
+  if (err instanceof AbortError) return new ApiError(503, 'the request was aborted', { code: 'aborted' })
+  if (err instanceof ClosedError) return new ApiError(503, err.message, { code: 'shutting_down' })
+  if (err instanceof HubError) return new ApiError(HUB_STATUS[err.code], err.message, { param, code: err.code === 'not_found' ? 'model_not_found' : `hub_${err.code}` })
+  if (err instanceof UnsupportedRepoError) return new ApiError(400, err.message, { param, code: err.code })
+  if (err instanceof LoadError) return new ApiError(err.code === 'model_not_found' ? 404 : 400, err.message, { param, code: err.code })
+  return new ApiError(500, `internal error: ${err.message}`)
 }
 
 /** Send `err` as an OpenAI error response. */

@@ -2,7 +2,8 @@
  * {@link startServer}: listen first, then load the model. While it loads,
  * /health and /v1 answer 503, so orchestrators can tell "starting" from
  * "down", and a port that is taken fails at once rather than after a long
- * load.
+ * load. {@link createApp}: the same app without a listener, to mount in an
+ * Express app of one's own.
  */
 
 import { setMaxListeners } from 'node:events'
@@ -15,11 +16,12 @@ import type { Duplex } from 'node:stream'
 import type { Express } from 'express'
 
 import type { Engine } from '../engine.js'
+import { ValidationError } from '../errors.js'
 import { isModelArgument, modelNotFound } from '../model-source.js'
 import type { Transcriber } from '../transcriber.js'
 import type { LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
-import { createApp } from './app.js'
+import { buildApp } from './app.js'
 import type { AppContext } from './context.js'
 import { ApiError } from './errors.js'
 import { createLogger, silentLogger } from './log.js'
@@ -41,7 +43,8 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 120_000
 /** On close, requests in flight get this long to send their 503 before every connection is dropped. */
 const CLOSE_GRACE_MS = 2_000
 
-export interface ServerOptions {
+/** Options of {@link createApp}: the models and the API's settings. */
+export interface AppOptions {
   /**
    * How to load the model (`model` defaults to the built-in default). Ignored
    * with `engine`. Left out with `models` given: only those are hosted.
@@ -57,10 +60,6 @@ export interface ServerOptions {
   engine?: Engine
   /** Names clients use in `model` (default: the model argument as given, else the model's name). */
   servedModelName?: string | string[]
-  /** Interface to listen on (default `127.0.0.1`). */
-  host?: string
-  /** Port (default 8000; 0 picks a free one). */
-  port?: number
   /** Require `Authorization: Bearer <apiKey>` on every /v1 route. */
   apiKey?: string
   /** Serve the web playground at `/` (default true; its API calls need `apiKey` too). */
@@ -73,10 +72,6 @@ export interface ServerOptions {
    * read by the first media decode. Default: a quarter of RAM within 512 MiB..16 GiB.
    */
   mediaMemoryBudget?: number
-  /** A client must send its request headers within this many ms (default 20000), else 408 and the connection closes. */
-  headersTimeoutMs?: number
-  /** ... and its whole request, body included, within this many ms (default 120000); responses are not limited. */
-  requestTimeoutMs?: number
   /** Send an SSE keep-alive comment after this many ms without a chunk (default 15000; 0 = never). */
   keepAliveMs?: number
   /** Where log lines go (default: stdout, JSON when it is not a TTY); `false` for none. */
@@ -89,12 +84,21 @@ export interface ServerOptions {
   onLoadProgress?: (line: string) => void
 }
 
-export interface CandelaServer {
-  /** `http://host:port`; the OpenAI base URL is this plus `/v1`. */
-  readonly url: string
-  readonly host: string
-  readonly port: number
-  readonly httpServer: Server
+/** Options of {@link startServer}: those of {@link createApp} and the listener's. */
+export interface ServerOptions extends AppOptions {
+  /** Interface to listen on (default `127.0.0.1`). */
+  host?: string
+  /** Port (default 8000; 0 picks a free one). */
+  port?: number
+  /** A client must send its request headers within this many ms (default 20000), else 408 and the connection closes. */
+  headersTimeoutMs?: number
+  /** ... and its whole request, body included, within this many ms (default 120000); responses are not limited. */
+  requestTimeoutMs?: number
+}
+
+/** The OpenAI-compatible API as an Express app, with the models it serves. */
+export interface CandelaApp {
+  /** Mount it where you like: `yourApp.use('/llm', candela.app)` serves `/llm/v1/chat/completions`. */
   readonly app: Express
   /**
    * Resolves with the first model's engine (a Transcriber for a Whisper
@@ -110,6 +114,16 @@ export interface CandelaServer {
   readonly transcriber: Transcriber | undefined
   /** The names the model is served under (empty until it is loaded). */
   readonly modelNames: readonly string[]
+  /** End requests in flight with a 503 (or an error event on a stream) and close the engines this app loaded. */
+  close(): Promise<void>
+}
+
+export interface CandelaServer extends CandelaApp {
+  /** `http://host:port`; the OpenAI base URL is this plus `/v1`. */
+  readonly url: string
+  readonly host: string
+  readonly port: number
+  readonly httpServer: Server
   /** Stop listening, end requests in flight with a 503 (or an error event on a stream), drop the connections left and close the engines this server loaded. */
   close(): Promise<void>
 }
@@ -168,21 +182,17 @@ function checkPort(port: number): number {
   return port
 }
 
-/**
- * Start the OpenAI-compatible server. Resolves once it listens; the models
- * load in the background (`ready`). `load` (or the default model) and
- * `models` are hosted from the start; more can be launched at run time
- * (`server.models.launch`, POST /v1/instances).
- *
- * @example
- * ```ts
- * const server = await startServer({ load: { model: 'default' }, port: 8000 })
- * await server.ready
- * // POST http://127.0.0.1:8000/v1/chat/completions
- * await server.close()
- * ```
- */
-export async function startServer(options: ServerOptions = {}): Promise<CandelaServer> {
+/** An app built but not yet serving: its models are launched by {@link launch}. */
+interface Prepared {
+  app: Express
+  models: ModelPool
+  startup: LaunchSpec[]
+  /** Aborted on close: every request in flight ends with a 503. */
+  stopping: AbortController
+}
+
+/** Check the options (bad load options and a missing model fail here) and build the app. */
+function prepare(options: AppOptions): Prepared {
   // The model of `load` (or `engine`) comes first; without it, `models` alone (none at all is allowed).
   const startup: LaunchSpec[] = []
   const servedModelName = typeof options.servedModelName === 'string' ? [options.servedModelName] : options.servedModelName
@@ -195,7 +205,6 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     startup.push({ model: model ?? 'default', load, servedModelName: names })
   }
   startup.push(...(options.models ?? []))
-  // Bad load options and a missing model fail here, before the port is taken.
   for (const spec of startup) {
     if (spec.engine) continue
     validateLoadOptions({ ...spec.load, model: spec.model })
@@ -203,12 +212,10 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   }
   if (options.mediaMemoryBudget !== undefined) {
     if (!Number.isSafeInteger(options.mediaMemoryBudget) || options.mediaMemoryBudget <= 0) {
-      throw new Error(`mediaMemoryBudget must be a positive number of bytes, got ${options.mediaMemoryBudget}`)
+      throw new ValidationError(`mediaMemoryBudget must be a positive number of bytes, got ${options.mediaMemoryBudget}`)
     }
     process.env.CANDELA_MEDIA_MEMORY_BUDGET = String(options.mediaMemoryBudget)
   }
-  const hostName = options.host ?? '127.0.0.1'
-  const port = checkPort(options.port ?? 8000)
   const log = options.logger === false ? silentLogger : (options.logger ?? createLogger())
   const models = new ModelPool({
     log,
@@ -233,7 +240,93 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
     ui: options.ui ?? true,
     stopping: stopping.signal,
   }
-  const app = createApp(ctx)
+  return { app: buildApp(ctx), models, startup, stopping }
+}
+
+type Launched = Array<{ host: ModelHost; ready: Promise<Engine | Transcriber> }>
+
+/** Launch the startup models (they load in the background); on a refusal, close the pool and throw. */
+async function launch(p: Prepared): Promise<Launched> {
+  const launched: Launched = []
+  try {
+    for (const spec of p.startup) launched.push(await p.models.launch(spec, true))
+  } catch (err) {
+    await p.models.close()
+    throw err instanceof ApiError ? new Error(err.message) : err
+  }
+  return launched
+}
+
+/** Settles once every model launched here has; resolves with the first one's engine. */
+function allReady(launched: Launched): Promise<Engine | Transcriber | undefined> {
+  const ready = Promise.all(launched.map((l) => l.ready)).then((engines) => engines[0])
+  // A caller that never awaits `ready` still sees the failure on /health; no unhandled rejection.
+  ready.catch(() => {})
+  return ready
+}
+
+/**
+ * The OpenAI-compatible API as an Express app, to mount in an app of your
+ * own (under a prefix of its own: the app answers every path below it).
+ * Resolves once the models are launched; they load in the background
+ * (`ready`).
+ *
+ * @example
+ * ```ts
+ * const candela = await createApp({ load: { model: 'default' } })
+ * const app = express()
+ * app.use('/llm', candela.app) // OpenAI base URL: http://host:port/llm/v1
+ * app.listen(3000)
+ * ```
+ */
+export async function createApp(options: AppOptions = {}): Promise<CandelaApp> {
+  const p = prepare(options)
+  const launched = await launch(p)
+  const first = launched[0]
+  let closing: Promise<void> | undefined
+  return {
+    app: p.app,
+    ready: allReady(launched),
+    models: p.models,
+    get engine() {
+      return first?.host.loaded
+    },
+    get transcriber() {
+      return first?.host.loadedTranscriber
+    },
+    get modelNames() {
+      return first?.host.names ?? []
+    },
+    close() {
+      closing ??= (async () => {
+        p.stopping.abort()
+        await p.models.close()
+        await Promise.allSettled(launched.map((l) => l.ready))
+      })()
+      return closing
+    },
+  }
+}
+
+/**
+ * Start the OpenAI-compatible server. Resolves once it listens; the models
+ * load in the background (`ready`). `load` (or the default model) and
+ * `models` are hosted from the start; more can be launched at run time
+ * (`server.models.launch`, POST /v1/instances).
+ *
+ * @example
+ * ```ts
+ * const server = await startServer({ load: { model: 'default' }, port: 8000 })
+ * await server.ready
+ * // POST http://127.0.0.1:8000/v1/chat/completions
+ * await server.close()
+ * ```
+ */
+export async function startServer(options: ServerOptions = {}): Promise<CandelaServer> {
+  const p = prepare(options)
+  const { app, models, stopping } = p
+  const hostName = options.host ?? '127.0.0.1'
+  const port = checkPort(options.port ?? 8000)
   const requestTimeout = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS
   const headersTimeout = Math.min(options.headersTimeoutMs ?? DEFAULT_HEADERS_TIMEOUT_MS, requestTimeout)
   const httpServer = createServer(
@@ -249,20 +342,15 @@ export async function startServer(options: ServerOptions = {}): Promise<CandelaS
   const bound = (httpServer.address() as AddressInfo).port
   const urlHost = hostName.includes(':') ? `[${hostName}]` : hostName
 
-  let launched: Array<{ host: ModelHost; ready: Promise<Engine | Transcriber> }>
+  let launched: Launched
   try {
-    launched = []
-    for (const spec of startup) launched.push(await models.launch(spec, true))
+    launched = await launch(p)
   } catch (err) {
-    await models.close()
     await new Promise<void>((resolve) => httpServer.close(() => resolve()))
-    throw err instanceof ApiError ? new Error(err.message) : err
+    throw err
   }
   const first = launched[0]
-  // Settles once every model launched here has; resolves with the first one's engine.
-  const ready = Promise.all(launched.map((l) => l.ready)).then((engines) => engines[0])
-  // A caller that never awaits `ready` still sees the failure on /health; no unhandled rejection.
-  ready.catch(() => {})
+  const ready = allReady(launched)
 
   let closing: Promise<void> | undefined
   return {

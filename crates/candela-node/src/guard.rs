@@ -3,6 +3,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use napi::bindgen_prelude::spawn_blocking;
 use napi::{Error, Result, Status};
 
 /// The message of a panic payload (`&str` or `String`; anything else is opaque).
@@ -35,4 +36,32 @@ pub fn invalid(msg: impl Into<String>) -> Error {
 /// An error that is not the caller's fault.
 pub fn internal(msg: impl Into<String>) -> Error {
     Error::new(Status::GenericFailure, msg.into())
+}
+
+/// An error for a call on an engine or transcriber that is closed (JS sees
+/// `code: 'Closing'`).
+pub fn closed(msg: impl Into<String>) -> Error {
+    Error::new(Status::Closing, msg.into())
+}
+
+/// An error for work dropped because its caller cancelled it (JS sees
+/// `code: 'Cancelled'`).
+pub fn cancelled(msg: impl Into<String>) -> Error {
+    Error::new(Status::Cancelled, msg.into())
+}
+
+/// Run `f` on a worker thread, never the JS thread, with panics turned into
+/// errors.
+pub async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match spawn_blocking(move || guard(what, f)).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(internal(format!(
+            "internal error in {what} (this is a bug in candela): {}",
+            panic_message(e.into_panic().as_ref())
+        ))),
+        Err(e) => Err(internal(format!("{what} was cancelled: {e}"))),
+    }
 }

@@ -26,20 +26,19 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use candela_core::{
-    Engine, EngineConfig, EngineRequest, FinishReason, ModelSpec, RequestEvent, TokenDecoder,
-    TokenLogprob,
+    Engine, EngineConfig, EngineError, EngineRequest, FinishReason, ModelSpec, RequestEvent,
+    TokenDecoder, TokenLogprob,
 };
 use candela_models::input::InputPreparer;
 use candela_models::processor::DecodeOptions;
 use candela_models::{ChatRenderOptions, ChatTemplate, LoadOptions, Tokenizer};
-use napi::bindgen_prelude::spawn_blocking;
 use napi::Result;
 use napi_derive::napi;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Notify;
 
 use candela_models::GenerationDefaults;
-use guard::{guard, internal, invalid, panic_message};
+use guard::{blocking, closed, guard, internal, invalid};
 use media::NativeInputError;
 use params::to_sampling_params;
 pub use params::NativeSamplingParams;
@@ -290,9 +289,20 @@ struct Inner {
 impl Inner {
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            Err(invalid("the engine is closed"))
+            Err(closed("the engine is closed"))
         } else {
             Ok(())
+        }
+    }
+
+    /// Token ids the vocabulary has; an id past it is the caller's mistake.
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.spec.vocab_size;
+        match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(bad) => Err(invalid(format!(
+                "token id {bad} is out of range (vocabulary size {vocab})"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -537,6 +547,14 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
     })
 }
 
+impl NativeEngine {
+    /// The engine's state for a call that needs it open.
+    fn open(&self) -> Result<Arc<Inner>> {
+        self.inner.check_open()?;
+        Ok(self.inner.clone())
+    }
+}
+
 fn id_from_js(id: i64) -> Result<u64> {
     u64::try_from(id).map_err(|_| invalid(format!("invalid request id {id}")))
 }
@@ -547,15 +565,7 @@ impl NativeEngine {
     /// thread; the promise rejects with the loader's message on failure.
     #[napi]
     pub async fn load(options: NativeLoadOptions) -> Result<NativeEngine> {
-        let task = spawn_blocking(move || guard("load", move || load_blocking(options)));
-        match task.await {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => Err(internal(format!(
-                "internal error while loading the model (this is a bug in candela): {}",
-                panic_message(e.into_panic().as_ref())
-            ))),
-            Err(e) => Err(internal(format!("model loading was cancelled: {e}"))),
-        }
+        blocking("load", move || load_blocking(options)).await
     }
 
     /// Queue a request: its prompt rendered and tokenized and its media
@@ -580,15 +590,10 @@ impl NativeEngine {
             Err(e) => return Ok(NativeSubmitted::refused(e)),
         };
         let inner = self.inner.clone();
-        let task = spawn_blocking(move || {
-            guard("addRequest", move || {
-                inner.prepare_and_submit(request, inputs)
-            })
-        });
-        match task.await {
-            Ok(r) => r,
-            Err(e) => Err(internal(format!("request preparation failed: {e}"))),
-        }
+        blocking("addRequest", move || {
+            inner.prepare_and_submit(request, inputs)
+        })
+        .await
     }
 
     /// For each uuid-only media item, whether no cache holds it (its data
@@ -674,12 +679,7 @@ impl Inner {
         }
         let refused = |e: napi::Error| NativeInputError::invalid(e.reason.clone());
         if let Some(ids) = request.prompt_token_ids.clone() {
-            let vocab = self.spec.vocab_size;
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(NativeInputError::invalid(format!(
-                    "token id {bad} is out of range (vocabulary size {vocab})"
-                )));
-            }
+            self.check_ids(&ids).map_err(refused)?;
             return Ok(ids);
         }
         let bytes = match (&request.prompt, &request.messages) {
@@ -738,7 +738,7 @@ impl Inner {
         let mut params =
             match to_sampling_params(&p, &self.generation, ids.len(), max_len, fallback) {
                 Ok(p) => p,
-                Err(e) => return refuse(NativeInputError::invalid(e.reason)),
+                Err(e) => return refuse(e),
             };
         if let Some(s) = &p.structured_outputs {
             params.grammar = match self.grammars.compile(s) {
@@ -754,9 +754,16 @@ impl Inner {
             mrope,
         }) {
             Ok(h) => h,
+            // The prompt alone fits (checked above): the completion asked too much.
+            Err(e @ EngineError::ContextLength { .. }) => {
+                let mut refusal = NativeInputError::context_length(e.to_string());
+                refusal.param = Some("maxTokens".into());
+                return refuse(refusal);
+            }
             Err(e) if e.is_invalid_request() => {
                 return refuse(NativeInputError::invalid(e.to_string()))
             }
+            Err(EngineError::Shutdown) => return Err(closed("the engine is closed")),
             Err(e) => return Err(internal(e.to_string())),
         };
         let state = Arc::new(ReqState {
@@ -936,40 +943,55 @@ impl NativeEngine {
         }
     }
 
-    /// Text -> token ids with the model's tokenizer.
+    /// Text -> token ids with the model's tokenizer, on a worker thread.
     #[napi]
-    pub fn tokenize(&self, text: String, add_special_tokens: Option<bool>) -> Result<Vec<u32>> {
-        guard("tokenize", || {
-            self.inner.encode(&text, add_special_tokens.unwrap_or(true))
+    pub async fn tokenize(
+        &self,
+        text: String,
+        add_special_tokens: Option<bool>,
+    ) -> Result<Vec<u32>> {
+        let inner = self.open()?;
+        blocking("tokenize", move || {
+            inner.encode(&text, add_special_tokens.unwrap_or(true))
         })
+        .await
     }
 
-    /// Token ids -> text.
+    /// Token ids -> text, on a worker thread.
     #[napi]
-    pub fn detokenize(
+    pub async fn detokenize(
         &self,
         token_ids: Vec<u32>,
         skip_special_tokens: Option<bool>,
     ) -> Result<String> {
-        guard("detokenize", || {
-            let vocab = self.inner.spec.vocab_size;
-            if let Some(bad) = token_ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(invalid(format!(
-                    "token id {bad} is out of range (vocabulary size {vocab})"
-                )));
-            }
+        let inner = self.open()?;
+        blocking("detokenize", move || {
+            inner.check_ids(&token_ids)?;
             Tokenizer::decode(
-                &self.inner.tokenizer,
+                &inner.tokenizer,
                 &token_ids,
                 skip_special_tokens.unwrap_or(true),
             )
             .map_err(|e| invalid(e.to_string()))
         })
+        .await
     }
 
-    /// Render chat messages with the model's chat template.
+    /// The text of each token on its own, special tokens included, on a
+    /// worker thread.
     #[napi]
-    pub fn apply_chat_template(
+    pub async fn token_texts(&self, token_ids: Vec<u32>) -> Result<Vec<String>> {
+        let inner = self.open()?;
+        blocking("tokenTexts", move || {
+            inner.check_ids(&token_ids)?;
+            Ok(token_ids.iter().map(|&id| inner.token_text(id)).collect())
+        })
+        .await
+    }
+
+    /// Render chat messages with the model's chat template, on a worker thread.
+    #[napi]
+    pub async fn apply_chat_template(
         &self,
         #[napi(ts_arg_type = "Array<Record<string, unknown>>")] messages: serde_json::Value,
         add_generation_prompt: Option<bool>,
@@ -978,14 +1000,16 @@ impl NativeEngine {
             serde_json::Value,
         >,
     ) -> Result<String> {
-        guard("applyChatTemplate", || {
-            self.inner.render_chat(
+        let inner = self.open()?;
+        blocking("applyChatTemplate", move || {
+            inner.render_chat(
                 &messages,
                 add_generation_prompt.unwrap_or(true),
                 tools,
                 chat_template_kwargs,
             )
         })
+        .await
     }
 
     /// Stop the engine thread. Pending `next()` calls finish with `done`;
@@ -1004,15 +1028,10 @@ impl NativeEngine {
             st.aborted.store(true, Ordering::Release);
             st.wake.notify_one();
         }
-        let task = spawn_blocking(move || {
-            guard("close", || {
-                inner.engine.shutdown();
-                Ok(())
-            })
-        });
-        match task.await {
-            Ok(r) => r,
-            Err(e) => Err(internal(format!("engine shutdown failed: {e}"))),
-        }
+        blocking("close", move || {
+            inner.engine.shutdown();
+            Ok(())
+        })
+        .await
     }
 }

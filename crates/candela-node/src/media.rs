@@ -63,6 +63,8 @@ pub struct NativeInputError {
     pub message: String,
     /// The uuid of a `uuid_miss`.
     pub uuid: Option<String>,
+    /// The request field at fault, when it is not the prompt (`maxTokens`).
+    pub param: Option<String>,
 }
 
 impl NativeInputError {
@@ -72,6 +74,7 @@ impl NativeInputError {
             status: 400,
             message: message.into(),
             uuid: None,
+            param: None,
         }
     }
 
@@ -81,6 +84,7 @@ impl NativeInputError {
             status: 400,
             message: message.into(),
             uuid: None,
+            param: None,
         }
     }
 }
@@ -95,18 +99,21 @@ impl From<InputError> for NativeInputError {
                 status,
                 message,
                 uuid: None,
+                param: None,
             },
             InputError::Media(_) => Self {
                 code: "media".into(),
                 status,
                 message,
                 uuid: None,
+                param: None,
             },
             InputError::UuidMiss { uuid, .. } => Self {
                 code: "uuid_miss".into(),
                 status,
                 message,
                 uuid: Some(uuid),
+                param: None,
             },
         }
     }

@@ -11,6 +11,7 @@ use napi::Result;
 use napi_derive::napi;
 
 use crate::guard::invalid;
+use crate::media::NativeInputError;
 
 /// Sampling parameters as JS passes them (all optional, camelCase).
 #[napi(object)]
@@ -98,16 +99,22 @@ fn param_of(s: &NativeStructuredOutputs, field: &str) -> String {
         .unwrap_or_else(|| format!("structuredOutputs.{field}"))
 }
 
-fn count(name: &str, v: i64, min: i64) -> Result<usize> {
+type Refused<T> = std::result::Result<T, NativeInputError>;
+
+fn count(name: &str, v: i64, min: i64) -> Refused<usize> {
     if v < min {
-        return Err(invalid(format!("{name} must be at least {min}, got {v}")));
+        return Err(NativeInputError::invalid(format!(
+            "{name} must be at least {min}, got {v}"
+        )));
     }
-    usize::try_from(v).map_err(|_| invalid(format!("{name} is too large: {v}")))
+    usize::try_from(v).map_err(|_| NativeInputError::invalid(format!("{name} is too large: {v}")))
 }
 
-fn float(name: &str, v: f64) -> Result<f32> {
+fn float(name: &str, v: f64) -> Refused<f32> {
     if !v.is_finite() {
-        return Err(invalid(format!("{name} must be a finite number, got {v}")));
+        return Err(NativeInputError::invalid(format!(
+            "{name} must be a finite number, got {v}"
+        )));
     }
     Ok(v as f32)
 }
@@ -116,13 +123,15 @@ fn float(name: &str, v: f64) -> Result<f32> {
 /// after the prompt: a maxTokens above it is refused as vLLM refuses it.
 /// Without maxTokens: the model's max_new_tokens, else
 /// `fallback_max_tokens`, else the whole room, each capped by the room.
+/// A request the context cannot hold is refused as `context_length`.
 pub fn to_sampling_params(
     p: &NativeSamplingParams,
     d: &GenerationDefaults,
     prompt_len: usize,
     max_model_len: usize,
     fallback_max_tokens: Option<usize>,
-) -> Result<SamplingParams> {
+) -> Refused<SamplingParams> {
+    let invalid = NativeInputError::invalid;
     let room = max_model_len.saturating_sub(prompt_len);
     let mut s = SamplingParams::default();
     if let Some(n) = p.n {
@@ -163,16 +172,20 @@ pub fn to_sampling_params(
         s.frequency_penalty = float("frequencyPenalty", v)?;
     }
     if room == 0 {
-        return Err(invalid("the prompt leaves no room for output tokens"));
+        return Err(NativeInputError::context_length(
+            "the prompt leaves no room for output tokens",
+        ));
     }
     s.max_tokens = match p.max_tokens {
         Some(v) => {
             let m = count("maxTokens", v, 1)?;
             if m > room {
-                return Err(invalid(format!(
+                let mut e = NativeInputError::context_length(format!(
                     "'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum context length is \
                      {max_model_len} tokens and your request has {prompt_len} input tokens ({m} > {max_model_len} - {prompt_len})."
-                )));
+                ));
+                e.param = Some("maxTokens".into());
+                return Err(e);
             }
             m
         }
@@ -211,6 +224,6 @@ pub fn to_sampling_params(
     if let Some(v) = p.skip_special_tokens {
         s.skip_special_tokens = v;
     }
-    s.validate().map_err(invalid)?;
+    s.validate().map_err(NativeInputError::invalid)?;
     Ok(s)
 }

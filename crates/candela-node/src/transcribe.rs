@@ -20,11 +20,11 @@ use candela_models::transcribe::{
     language_name, Task, TranscribeError, TranscribeOptions, Transcriber, Transcription,
 };
 use candela_models::LoadOptions;
-use napi::bindgen_prelude::{spawn_blocking, Buffer, Float32Array};
+use napi::bindgen_prelude::{Buffer, Float32Array};
 use napi::Result;
 use napi_derive::napi;
 
-use crate::guard::{guard, internal, invalid, panic_message};
+use crate::guard::{blocking, cancelled, closed, guard, internal, invalid};
 use crate::media::media_error;
 
 /// Options of `NativeTranscriber.load`.
@@ -133,24 +133,9 @@ fn to_js(e: TranscribeError) -> napi::Error {
     match e {
         TranscribeError::Media(m) => media_error(&m),
         TranscribeError::Invalid(m) => invalid(m),
-        TranscribeError::Closed => invalid("the transcriber is closed"),
-        TranscribeError::Cancelled => invalid("the transcription was cancelled"),
+        TranscribeError::Closed => closed("the transcriber is closed"),
+        TranscribeError::Cancelled => cancelled("the transcription was cancelled"),
         TranscribeError::Model(m) => internal(m),
-    }
-}
-
-/// Run `f` on a worker thread, with panics turned into errors.
-async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    match spawn_blocking(move || guard(what, f)).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => Err(internal(format!(
-            "internal error in {what} (this is a bug in candela): {}",
-            panic_message(e.into_panic().as_ref())
-        ))),
-        Err(e) => Err(internal(format!("{what} was cancelled: {e}"))),
     }
 }
 

@@ -20,7 +20,7 @@ function promptsOf(prompt: CompletionRequest['prompt']): PromptInput[] {
   return (prompt as Array<string | number[]>).map((p) => (typeof p === 'string' ? p : { promptTokenIds: p }))
 }
 
-const promptText = (engine: Engine, p: PromptInput): string =>
+const promptText = async (engine: Engine, p: PromptInput): Promise<string> =>
   typeof p === 'string' ? p : 'prompt' in p ? p.prompt : engine.detokenize(p.promptTokenIds, { skipSpecialTokens: false })
 
 export function completions(ctx: AppContext): RequestHandler {
@@ -36,7 +36,7 @@ export function completions(ctx: AppContext): RequestHandler {
     const prompts = promptsOf(body.prompt)
     const n = params.n ?? 1
     const run = new Run(ctx, req, res, 'prompt')
-    const echo = body.echo === true ? prompts.map((p) => promptText(engine, p)) : undefined
+    const echo = body.echo === true ? await Promise.all(prompts.map((p) => promptText(engine, p))) : undefined
     const events = mergeStreams(
       prompts.map((p) => engine.generateStream(p, { ...params, signal: run.signal })),
       n,

@@ -7,13 +7,16 @@
  * bomb, a legacy pickle), which must be 400s.
  *
  * Python: a venv under the temp dir with `openai` and `numpy` from PyPI
- * (python-venv.ts). torch: the python named by CANDELA_TORCH_PYTHON (e.g. the
- * fixtures venv), else `torch` pip-installed into the same venv (PyPI's Linux
- * wheel is the CUDA build: about 3 GB with its nvidia-* wheels; set
- * PIP_INDEX_URL to a CPU-only index to fetch ~200 MB instead).
+ * (python-venv.ts; ~30 MB, well under a minute), which the .npy and audio
+ * tests need alone. The torch.save test also needs torch: the python named
+ * by CANDELA_TORCH_PYTHON (e.g. the fixtures venv), else `torch`
+ * pip-installed into the same venv once per machine (PyPI's Linux wheel is
+ * the CUDA build: ~3 GB with its nvidia-* wheels, a few minutes; with
+ * PIP_INDEX_URL pointing at a CPU-only index, ~200 MB).
  */
 
 import test from 'ava'
+import type { ExecutionContext } from 'ava'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -26,7 +29,6 @@ import type { TestServer } from './server-helpers.js'
 const vl = fixture('qwen2-vl-tiny')
 const au = fixture('qwen2-audio-tiny')
 const py = python === undefined ? undefined : venvPython(['openai', 'numpy'], ['openai', 'numpy'])
-const torchPy = py === undefined ? undefined : (process.env.CANDELA_TORCH_PYTHON ?? venvPython(['openai', 'numpy', 'torch'], ['torch']))
 const work = mkdtempSync(join(tmpdir(), 'candela-embeds-'))
 
 /** Write a tensor of the fixture's reference as raw f32 for Python to read. */
@@ -122,76 +124,88 @@ async function ask(server: TestServer, model: string, contents: unknown[]): Prom
 
 const text = (t: string) => ({ type: 'text', text: t })
 
-test('image_embeds from torch.save and np.save, plain and Qwen2-VL dict forms, reused by uuid; hostile files are 400s', async (t) => {
-  if (!py || !torchPy) return t.pass('no python3')
-  const e = rawF32(vl, 'one_image.item0.embeds')
-  const env = { EMBEDS: e.path, SHAPE: JSON.stringify(e.shape) }
-  const [tp, np] = await Promise.all([runPython(torchPy, TORCH_PAYLOADS, env), runPython(py, NPY, env)])
-  const torchB64 = JSON.parse(tp) as Record<string, string>
-  const npyB64 = JSON.parse(np) as Record<string, string>
-  const s = await startTestServer({ load: { model: vl, dtype: 'f32', maxModelLen: 512, enableMmEmbeds: true }, servedModelName: 'tiny-vl' })
-  try {
-    const png = readFileSync(join(vl, 'image_a.png')).toString('base64')
-    const image = await s.client.chat.completions.create(
-      extra({
-        model: 'tiny-vl',
-        messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: `data:image/png;base64,${png}` } }, { type: 'text', text: 'Describe this image.' }] }],
-        max_tokens: 8,
-        temperature: 0,
-        ignore_eos: true,
-      }),
-    )
-    const expected = image.choices[0]!.message.content
-    const embeds = (v: unknown, more: Record<string, unknown> = {}) => [{ type: 'image_embeds', image_embeds: v, ...more }, text('Describe this image.')]
-    const answers = await ask(s, 'tiny-vl', [
-      // The Qwen2-VL snippet: both tensors torch.save'd, with a uuid.
-      embeds({ image_embeds: torchB64.embeds, image_grid_thw: torchB64.grid }, { uuid: 'emb-1' }),
-      // "Cached Inputs": the uuid alone, as image_embeds and as image_pil.
-      embeds(null, { uuid: 'emb-1' }),
-      [{ type: 'image_pil', image_pil: null, uuid: 'emb-1' }, text('Describe this image.')],
-      // The plain snippet, with the grid beside it; a strided and an f16 tensor.
-      embeds(torchB64.embeds, { image_grid_thw: [1, 6, 8] }),
-      embeds(torchB64.strided, { image_grid_thw: [1, 6, 8] }),
-      embeds(torchB64.f16, { image_grid_thw: [1, 6, 8] }),
-      // np.save: C and Fortran order, the grid as .npy too.
-      embeds({ image_embeds: npyB64.embeds, image_grid_thw: npyB64.grid }),
-      embeds({ image_embeds: npyB64.fortran, image_grid_thw: npyB64.grid }),
-      // Wrong files.
-      embeds(torchB64.ints, { image_grid_thw: [1, 6, 8] }),
-      embeds(torchB64.narrow, { image_grid_thw: [1, 6, 8] }),
-      embeds(torchB64.evil, { image_grid_thw: [1, 6, 8] }),
-      embeds(torchB64.legacy, { image_grid_thw: [1, 6, 8] }),
-      embeds(torchB64.bomb, { image_grid_thw: [1, 6, 8] }),
-      embeds(null, { uuid: 'never-sent' }),
-    ])
-    const [dict, byUuid, pil, plain, strided, f16, npy, fortran, ints, narrow, evil, legacy, bomb, miss] = answers
-    t.is(dict!.text, expected!, JSON.stringify(dict))
-    t.is(byUuid!.text, expected!, JSON.stringify(byUuid))
-    t.is(pil!.text, expected!, JSON.stringify(pil))
-    t.is(plain!.text, expected!, JSON.stringify(plain))
-    t.is(strided!.text, expected!, JSON.stringify(strided))
-    t.is(typeof f16!.text, 'string', JSON.stringify(f16))
-    t.is(npy!.text, expected!, JSON.stringify(npy))
-    t.is(fortran!.text, expected!, JSON.stringify(fortran))
-    const refused = (a: Answer | undefined, re: RegExp) => {
-      t.is(a?.status, 400, JSON.stringify(a))
-      t.regex(a?.message ?? '', re)
-    }
-    refused(ints, /image_embeds must be a float tensor.*got dtype I32/)
-    refused(narrow, /hidden size 8 but the model's hidden size is 16/)
-    refused(evil, /references posix\.system; only tensors/)
-    refused(legacy, /legacy .*torch\.save/)
-    refused(bomb, /compress/i)
-    refused(miss, /never-sent/)
-    // The server still answers.
-    const after = await ask(s, 'tiny-vl', [embeds(null, { uuid: 'emb-1' })])
-    t.is(after[0]!.text, expected!)
-  } finally {
-    await s.server.close()
-  }
+const DESCRIBE = text('Describe this image.')
+const embeds = (v: unknown, more: Record<string, unknown> = {}) => [{ type: 'image_embeds', image_embeds: v, ...more }, DESCRIBE]
+
+let vlServer: TestServer | undefined
+let expected: string | null
+test.before(async () => {
+  if (!py) return
+  vlServer = await startTestServer({ load: { model: vl, dtype: 'f32', maxModelLen: 512, enableMmEmbeds: true }, servedModelName: 'tiny-vl' })
+  // What the image itself answers: the embeddings below are its vision tower's output.
+  const png = readFileSync(join(vl, 'image_a.png')).toString('base64')
+  const r = await vlServer.client.chat.completions.create(
+    extra({
+      model: 'tiny-vl',
+      messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: `data:image/png;base64,${png}` } }, { type: 'text', text: 'Describe this image.' }] }],
+      max_tokens: 8,
+      temperature: 0,
+      ignore_eos: true,
+    }),
+  )
+  expected = r.choices[0]!.message.content
+})
+test.after.always(async () => {
+  await vlServer?.server.close()
 })
 
-test('audio_embeds (np.save of the audio tower output) answer as the clip itself', async (t) => {
+const refused = (t: ExecutionContext, a: Answer | undefined, re: RegExp) => {
+  t.is(a?.status, 400, JSON.stringify(a))
+  t.regex(a?.message ?? '', re)
+}
+
+test.serial('image_embeds from np.save in the Qwen2-VL dict form (C and Fortran order), reused by uuid as image_embeds and image_pil (numpy only)', async (t) => {
+  if (!py) return t.pass('no python3')
+  const e = rawF32(vl, 'one_image.item0.embeds')
+  const npyB64 = JSON.parse(await runPython(py, NPY, { EMBEDS: e.path, SHAPE: JSON.stringify(e.shape) })) as Record<string, string>
+  const [dict, fortran, byUuid, pil, miss] = await ask(vlServer!, 'tiny-vl', [
+    embeds({ image_embeds: npyB64.embeds, image_grid_thw: npyB64.grid }, { uuid: 'npy-1' }),
+    embeds({ image_embeds: npyB64.fortran, image_grid_thw: npyB64.grid }),
+    // "Cached Inputs": the uuid alone, as image_embeds and as image_pil.
+    embeds(null, { uuid: 'npy-1' }),
+    [{ type: 'image_pil', image_pil: null, uuid: 'npy-1' }, DESCRIBE],
+    embeds(null, { uuid: 'never-sent' }),
+  ])
+  for (const a of [dict, fortran, byUuid, pil]) t.is(a!.text, expected!, JSON.stringify(a))
+  refused(t, miss, /never-sent/)
+})
+
+test.serial('image_embeds from torch.save, plain and Qwen2-VL dict forms, reused by uuid; hostile files are 400s', async (t) => {
+  if (!py) return t.pass('no python3')
+  // Resolved here, not at load: a machine without torch fails this test only.
+  const torchPy = process.env.CANDELA_TORCH_PYTHON ?? venvPython(['openai', 'numpy', 'torch'], ['torch'])
+  const e = rawF32(vl, 'one_image.item0.embeds')
+  const torchB64 = JSON.parse(await runPython(torchPy, TORCH_PAYLOADS, { EMBEDS: e.path, SHAPE: JSON.stringify(e.shape) })) as Record<string, string>
+  const answers = await ask(vlServer!, 'tiny-vl', [
+    // The Qwen2-VL snippet: both tensors torch.save'd, with a uuid.
+    embeds({ image_embeds: torchB64.embeds, image_grid_thw: torchB64.grid }, { uuid: 'emb-1' }),
+    embeds(null, { uuid: 'emb-1' }),
+    [{ type: 'image_pil', image_pil: null, uuid: 'emb-1' }, DESCRIBE],
+    // The plain snippet, with the grid beside it; a strided and an f16 tensor.
+    embeds(torchB64.embeds, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.strided, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.f16, { image_grid_thw: [1, 6, 8] }),
+    // Wrong files.
+    embeds(torchB64.ints, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.narrow, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.evil, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.legacy, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.bomb, { image_grid_thw: [1, 6, 8] }),
+  ])
+  const [dict, byUuid, pil, plain, strided, f16, ints, narrow, evil, legacy, bomb] = answers
+  for (const a of [dict, byUuid, pil, plain, strided]) t.is(a!.text, expected!, JSON.stringify(a))
+  t.is(typeof f16!.text, 'string', JSON.stringify(f16))
+  refused(t, ints, /image_embeds must be a float tensor.*got dtype I32/)
+  refused(t, narrow, /hidden size 8 but the model's hidden size is 16/)
+  refused(t, evil, /references posix\.system; only tensors/)
+  refused(t, legacy, /legacy .*torch\.save/)
+  refused(t, bomb, /compress/i)
+  // The server still answers.
+  const after = await ask(vlServer!, 'tiny-vl', [embeds(null, { uuid: 'emb-1' })])
+  t.is(after[0]!.text, expected!)
+})
+
+test.serial('audio_embeds (np.save of the audio tower output) answer as the clip itself', async (t) => {
   if (!py) return t.pass('no python3')
   const e = rawF32(au, 'audio_embeds.0')
   const npyB64 = JSON.parse(await runPython(py, NPY, { EMBEDS: e.path, SHAPE: JSON.stringify(e.shape) })) as Record<string, string>

@@ -71,6 +71,8 @@ print(json.dumps({
     # The same values in a column-major view, and in half precision.
     "strided": b64(image_embedding.t().contiguous().t()),
     "f16": b64(image_embedding.half()),
+    # Pickle protocol 4 (FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL), a saved dict.
+    "p4": b64({"image_embeds": image_embedding, "image_grid_thw": grid_thw}, pickle_protocol=4),
     "ints": b64(torch.zeros(shape, dtype=torch.int32)),
     "narrow": b64(torch.zeros(shape[0], 8)),
     "evil": b64(Evil()),
@@ -185,6 +187,7 @@ test.serial('image_embeds from torch.save, plain and Qwen2-VL dict forms, reused
     embeds(torchB64.embeds, { image_grid_thw: [1, 6, 8] }),
     embeds(torchB64.strided, { image_grid_thw: [1, 6, 8] }),
     embeds(torchB64.f16, { image_grid_thw: [1, 6, 8] }),
+    embeds(torchB64.p4),
     // Wrong files.
     embeds(torchB64.ints, { image_grid_thw: [1, 6, 8] }),
     embeds(torchB64.narrow, { image_grid_thw: [1, 6, 8] }),
@@ -192,8 +195,8 @@ test.serial('image_embeds from torch.save, plain and Qwen2-VL dict forms, reused
     embeds(torchB64.legacy, { image_grid_thw: [1, 6, 8] }),
     embeds(torchB64.bomb, { image_grid_thw: [1, 6, 8] }),
   ])
-  const [dict, byUuid, pil, plain, strided, f16, ints, narrow, evil, legacy, bomb] = answers
-  for (const a of [dict, byUuid, pil, plain, strided]) t.is(a!.text, expected!, JSON.stringify(a))
+  const [dict, byUuid, pil, plain, strided, f16, p4, ints, narrow, evil, legacy, bomb] = answers
+  for (const a of [dict, byUuid, pil, plain, strided, p4]) t.is(a!.text, expected!, JSON.stringify(a))
   t.is(typeof f16!.text, 'string', JSON.stringify(f16))
   refused(t, ints, /image_embeds must be a float tensor.*got dtype I32/)
   refused(t, narrow, /hidden size 8 but the model's hidden size is 16/)

@@ -159,9 +159,9 @@ pub fn embeddings_tensor(
     hidden: usize,
     dtype: DType,
 ) -> Result<Tensor, MediaError> {
-    let [rows, cols] = match shape {
-        &[r, c] => [r, c],
-        &[1, r, c] => [r, c],
+    let [rows, cols] = match *shape {
+        [r, c] => [r, c],
+        [1, r, c] => [r, c],
         _ => {
             return Err(invalid(format!(
                 "{what} must have shape (feature_tokens, hidden) = (n, {hidden}), got {shape:?}"

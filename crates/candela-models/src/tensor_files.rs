@@ -409,6 +409,8 @@ fn persistent_load(pid: &Value) -> Result<Value, String> {
 struct Machine {
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
+    /// MEMOIZE's next index (every MEMOIZE takes one, memoized or not).
+    memoized: u32,
 }
 
 impl Machine {
@@ -439,7 +441,7 @@ impl Machine {
 
     /// Add `entries` to the dict on top of the stack, if no memo entry shares it.
     fn set_items(&mut self, entries: Vec<Value>) -> Result<(), String> {
-        if entries.len() % 2 != 0 {
+        if !entries.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of items".into());
         }
         let d = match self.stack.last_mut() {
@@ -563,7 +565,8 @@ impl Machine {
                     self.memo_put(k)?
                 }
                 0x94 => {
-                    let k = self.memo.len() as u32;
+                    let k = self.memoized;
+                    self.memoized += 1;
                     self.memo_put(k)?
                 }
                 b'h' | b'j' => {
@@ -662,6 +665,7 @@ fn read_torch(bytes: &[u8]) -> Result<Tensors, String> {
     let machine = Machine {
         stack: Vec::new(),
         memo: HashMap::new(),
+        memoized: 0,
     };
     let root = machine.run(&mut Cursor::new(pickle.as_slice()))?;
     let named: Vec<(Option<String>, Rc<TensorRef>)> = match root {

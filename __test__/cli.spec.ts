@@ -156,6 +156,18 @@ test('serve --help documents every flag', async (t) => {
   }
 })
 
+test("--limit-mm-per-prompt takes vLLM's dotted form beside JSON; the dotted one wins for its modality", (t) => {
+  const parse = (args: string[]) => {
+    const { values, positionals } = parseArgs({ args, options: serveCommand.options, allowPositionals: true, strict: true })
+    return serveConfig(positionals, values as Parameters<typeof serveConfig>[1], {})
+  }
+  t.deepEqual(parse(['--limit-mm-per-prompt.image', '2']).load.limitMmPerPrompt, { image: 2 })
+  t.deepEqual(parse(['--limit-mm-per-prompt.image=2', '--limit-mm-per-prompt.audio', '0']).load.limitMmPerPrompt, { image: 2, audio: 0 })
+  t.deepEqual(parse(['--limit-mm-per-prompt', '{"image":4,"video":1}', '--limit-mm-per-prompt.image', '1']).load.limitMmPerPrompt, { image: 1, video: 1 })
+  t.throws(() => parse(['--limit-mm-per-prompt.image', 'two']), { message: /--limit-mm-per-prompt\.image expects an integer/ })
+  t.throws(() => parse(['--limit-mm-per-prompt.smell', '1']), { message: /Unknown option '--limit-mm-per-prompt\.smell'/ })
+})
+
 test('serve flags become load and server options', (t) => {
   const parse = (args: string[], env: NodeJS.ProcessEnv = {}) => {
     const { values, positionals } = parseArgs({ args, options: serveCommand.options, allowPositionals: true, strict: true })
@@ -293,7 +305,7 @@ test('serve: --media-io-kwargs (vLLM snake_case JSON) and --enable-mm-embeds', a
   t.regex(r.stderr, /^candela: --media-io-kwargs: image\.rgba_background_color must be \[r, g, b\] with integers 0\.\.255, got \[0,0,300\] \(see 'candela serve --help'\)\n$/)
   const help = await run(['serve', '--help'])
   t.regex(help.stdout, /--media-io-kwargs JSON +how media files are read/)
-  t.regex(help.stdout, /--enable-mm-embeds +accept image_embeds parts/)
+  t.regex(help.stdout, /--enable-mm-embeds +accept image_embeds \/ audio_embeds parts/)
 })
 
 test('media fetching flags: --allowed-media-domains takes several hosts (vLLM style), --allow-private-media-urls', (t) => {

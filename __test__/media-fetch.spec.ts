@@ -157,6 +157,22 @@ test.serial('a slow server hits the per-modality timeout: 504 naming the modalit
   }
 })
 
+test.serial("vLLM's env names work as aliases; candela's name wins when both are set", async (t) => {
+  const names = ['VLLM_MEDIA_URL_ALLOW_REDIRECTS', 'VLLM_IMAGE_FETCH_TIMEOUT', 'CANDELA_IMAGE_FETCH_TIMEOUT']
+  const saved = names.map((n) => process.env[n])
+  try {
+    process.env.VLLM_MEDIA_URL_ALLOW_REDIRECTS = 'false'
+    await refused(t, loadUrl(url('media.test', '/to-cat'), 'image', open(), 'p'), 422, /redirects are off/)
+    delete process.env.VLLM_MEDIA_URL_ALLOW_REDIRECTS
+    process.env.VLLM_IMAGE_FETCH_TIMEOUT = '0.3'
+    await refused(t, loadUrl(url('media.test', '/slow'), 'image', open(), 'p'), 504, /timed out after 0\.3 s \(VLLM_IMAGE_FETCH_TIMEOUT\)/)
+    process.env.CANDELA_IMAGE_FETCH_TIMEOUT = '0.2'
+    await refused(t, loadUrl(url('media.test', '/slow'), 'image', open(), 'p'), 504, /timed out after 0\.2 s \(CANDELA_IMAGE_FETCH_TIMEOUT\)/)
+  } finally {
+    names.forEach((n, i) => (saved[i] === undefined ? delete process.env[n] : (process.env[n] = saved[i])))
+  }
+})
+
 test('an oversized body is cut off while it streams in; a declared oversize is refused at once', async (t) => {
   await refused(t, loadUrl(url('media.test', '/endless'), 'audio', open(), 'p'), 413, /audio from media\.test is larger than the 25 MB limit/)
   await new Promise((r) => setTimeout(r, 100))

@@ -81,6 +81,29 @@ test('requests are routed by `model` to each model\'s own engine', async (t) => 
     t.is(missing.status, 404)
     t.is(missing.json.error.code, 'model_not_found')
     t.regex(missing.json.error.message, /Served: llama, qwen/)
+    // vLLM's names, one series per model (the endpoint picker's inputs).
+    const m = await metricsText(s.base)
+    for (const model_name of ['llama', 'qwen']) {
+      const labels = { model_name, engine: '0' }
+      t.is(sample(m, 'vllm:num_requests_running', labels), 0, model_name)
+      t.is(sample(m, 'vllm:num_requests_waiting', labels), 0, model_name)
+      const usage = sample(m, 'vllm:kv_cache_usage_perc', labels)!
+      t.true(usage >= 0 && usage <= 1, String(usage))
+      t.is(sample(m, 'vllm:cache_config_info', { ...labels, block_size: '16', enable_prefix_caching: 'True' }), 1, model_name)
+    }
+    const perModel = (text: string, name: string) => ['llama', 'qwen'].reduce((n, model_name) => n + sample(text, name, { model_name })!, 0)
+    t.is(perModel(m, 'vllm:generation_tokens_total'), sample(m, 'candela_generation_tokens_total')!)
+    // The prefix cache counted in tokens: the same prompt again hits whole blocks.
+    const prefix = async () => {
+      const text = await metricsText(s.base)
+      return ['queries', 'hits'].map((k) => sample(text, `vllm:prefix_cache_${k}_total`, { model_name: 'llama' })!)
+    }
+    const long = llamaRef.text.repeat(8)
+    t.is((await complete(s.base, 'llama', long, 1)).status, 200)
+    const [q0, h0] = await prefix()
+    t.is((await complete(s.base, 'llama', long, 1)).status, 200)
+    const [q1, h1] = await prefix()
+    t.true(q1! > q0! && h1! - h0! >= 16 && (h1! - h0!) % 16 === 0, JSON.stringify({ q0, h0, q1, h1 }))
     // /metrics adds up the engines, and a terminated model's counts stay counted.
     const generated = async () => sample(await metricsText(s.base), 'candela_generation_tokens_total')!
     const before = await generated()
@@ -88,6 +111,7 @@ test('requests are routed by `model` to each model\'s own engine', async (t) => 
     t.is((await complete(s.base, 'qwen', qwenRef.text, 3)).status, 200)
     t.is(await generated(), before + 3)
     t.is((await del(`${s.base}/v1/instances/qwen`)).status, 200)
+    t.is(sample(await metricsText(s.base), 'vllm:num_requests_running', { model_name: 'qwen' }), undefined, 'an unloaded model takes its series along')
     t.is((await complete(s.base, 'llama', llamaRef.text, 2)).status, 200)
     t.is(await generated(), before + 5)
     const list = await get(`${s.base}/v1/instances`)

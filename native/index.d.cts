@@ -207,18 +207,20 @@ export interface NativeMediaItem {
   format?: string
   /** The caller's cache key for the item (vLLM's multi_modal_uuids). */
   uuid?: string
-  /** Precomputed image embeddings (row-major, `embedsShape` = [tokens, hidden]). */
+  /** Precomputed embeddings (row-major, `embedsShape` = [tokens, hidden]). */
   embeds?: Float32Array
   embedsShape?: Array<number>
   /**
-   * Precomputed image embeddings as a safetensors blob: tensor
-   * `image_embeds` (F32 / F16 / BF16, (tokens, hidden)) and optionally
-   * `image_grid_thw` (ints, (3,) or (1, 3)).
+   * Precomputed embeddings as a `torch.save` archive, `.npy` file or
+   * safetensors blob (tensor `image_embeds` / `audio_embeds`, floats,
+   * (tokens, hidden), and optionally `image_grid_thw`, ints, (3,) or (1, 3)).
    */
-  embedsSafetensors?: Buffer
+  embedsBlob?: Buffer
+  /** The grid as its own blob of one tensor (vLLM's dict form). */
+  gridBlob?: Buffer
   /**
    * The (t, h, w) patch grid of precomputed embeddings; wins over a grid
-   * inside the safetensors blob.
+   * in a blob.
    */
   gridThw?: Array<number>
 }
@@ -238,6 +240,11 @@ export interface NativeModelInfo {
   threads: number
   /** Media the model takes besides text ("audio", "image", "video"). */
   modalities: Array<string>
+  /** Tokens per KV block. */
+  blockSize: number
+  /** KV blocks in the pool. */
+  numKvBlocks: number
+  enablePrefixCaching: boolean
 }
 
 /** One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`. */

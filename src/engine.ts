@@ -69,7 +69,8 @@ function toNativeMedia(m: ResolvedMedia, requestKwargs: Record<string, unknown> 
     uuid: m.uuid,
     embeds: m.embeds,
     embedsShape: m.embedsShape,
-    embedsSafetensors: m.embedsSafetensors,
+    embedsBlob: m.embedsBlob,
+    gridBlob: m.gridBlob,
     gridThw: m.gridThw,
   }
 }
@@ -245,6 +246,9 @@ export class Engine {
       device: i.device,
       threads: i.threads,
       modalities,
+      blockSize: i.blockSize,
+      numKvBlocks: i.numKvBlocks,
+      enablePrefixCaching: i.enablePrefixCaching,
     }
   }
 

@@ -97,8 +97,8 @@ export interface LoadOptions {
   /** How media files are read (vLLM's `media_io_kwargs`). */
   mediaIoKwargs?: MediaIoKwargs
   /**
-   * Accept `image_embeds` parts: precomputed vision-tower outputs that skip
-   * the encoder (vLLM's `enable_mm_embeds`; default `false`).
+   * Accept `image_embeds` / `audio_embeds` parts: precomputed encoder
+   * outputs that skip the encoder (vLLM's `enable_mm_embeds`; default `false`).
    */
   enableMmEmbeds?: boolean
 }
@@ -273,6 +273,18 @@ export type AudioContentPart =
   | { type: 'input_audio'; input_audio: { data: string; format?: string } | null; uuid?: string }
   | { type: 'audio_url'; audio_url: { url: string } | null; uuid?: string }
   | { type: 'audio'; audio_url?: string | null; audio?: AudioInput | null; uuid?: string }
+  | AudioEmbedsContentPart
+
+/**
+ * Precomputed audio embeddings (needs {@link LoadOptions.enableMmEmbeds}):
+ * the projected audio encoder's output for one clip, shape
+ * `(feature_tokens, hidden)`, in the forms {@link ImageEmbedsContentPart} takes.
+ */
+export interface AudioEmbedsContentPart {
+  type: 'audio_embeds'
+  audio_embeds: { data: Float32Array; shape: [number, number] } | Uint8Array | string | null
+  uuid?: string
+}
 
 /**
  * An image or video part. Images: `image_url` (http(s), data: or file:
@@ -293,13 +305,22 @@ export type VisionContentPart =
  * Precomputed image embeddings (needs {@link LoadOptions.enableMmEmbeds}):
  * the vision tower's output for one image, shape `(feature_tokens, hidden)`
  * with `feature_tokens = t*h*w / merge²`, and the image's patch grid
- * `image_grid_thw: [t, h, w]`. `image_embeds` is `{ data, shape }` or a
- * safetensors blob (tensor `image_embeds`, F32 / F16 / BF16, and optionally
- * `image_grid_thw`); a grid given on the part wins over one in the blob.
+ * `image_grid_thw: [t, h, w]`. `image_embeds` is `{ data, shape }`, or a
+ * tensor file as bytes or base64: a `torch.save` archive (read without
+ * running pickle), a `.npy` file, or safetensors (tensor `image_embeds`,
+ * F32 / F16 / BF16, and optionally `image_grid_thw`); or vLLM's dict form
+ * `{ image_embeds: file, image_grid_thw: file }`. A grid given on the part
+ * wins over one in a file. With a `uuid` (and a cache on) the embeddings
+ * are kept: a later part with `image_embeds: null` and that uuid reuses them.
  */
 export interface ImageEmbedsContentPart {
   type: 'image_embeds'
-  image_embeds: { data: Float32Array; shape: [number, number] } | Uint8Array | null
+  image_embeds:
+    | { data: Float32Array; shape: [number, number] }
+    | Uint8Array
+    | string
+    | { image_embeds: Uint8Array | string; image_grid_thw?: Uint8Array | string | [number, number, number] }
+    | null
   image_grid_thw?: [number, number, number]
   uuid?: string
 }
@@ -493,4 +514,9 @@ export interface ModelInfo {
   threads: number
   /** Media the model takes besides text, e.g. `['audio']`. */
   modalities: Array<'image' | 'video' | 'audio'>
+  /** Tokens per KV block. */
+  blockSize: number
+  /** KV blocks in the pool. */
+  numKvBlocks: number
+  enablePrefixCaching: boolean
 }

@@ -270,8 +270,15 @@ export const SERVE_FLAGS: FlagGroup[] = [
           if (!Number.isInteger(n) || (n as number) < 0) throw new UsageError(`--limit-mm-per-prompt: ${k} must be a whole number >= 0`)
           limits[k] = n as number
         }
-        c.load.limitMmPerPrompt = limits
+        c.load.limitMmPerPrompt = { ...c.load.limitMmPerPrompt, ...limits }
       }),
+      // vLLM's dotted form (`--limit-mm-per-prompt.image 2`); after the JSON
+      // flag in this table, so it wins for its modality when both are given.
+      ...(['image', 'video', 'audio'] as const).map((m) =>
+        option(`limit-mm-per-prompt.${m}`, 'N', `most ${m} items per prompt (vLLM's dotted form of --limit-mm-per-prompt)`, (c, v) => {
+          c.load.limitMmPerPrompt = { ...c.load.limitMmPerPrompt, [m]: intValue(`limit-mm-per-prompt.${m}`, v, 0) }
+        }),
+      ),
       option('media-memory-budget', 'SIZE', 'memory for media being decoded, all requests together (default: a quarter of RAM, 512MiB..16GiB); one item may take half; over it, items wait up to 30 s, then 503', (c, v) => {
         c.server.mediaMemoryBudget = bytesValue('media-memory-budget', v)
       }),
@@ -303,7 +310,7 @@ export const SERVE_FLAGS: FlagGroup[] = [
           c.load.mediaIoKwargs = mediaIoKwargsValue(v)
         },
       ),
-      toggle('enable-mm-embeds', 'accept image_embeds parts (precomputed vision embeddings, base64 safetensors); off by default', (c) => {
+      toggle('enable-mm-embeds', 'accept image_embeds / audio_embeds parts (precomputed encoder outputs: base64 of torch.save, .npy or safetensors files); off by default', (c) => {
         c.load.enableMmEmbeds = true
       }),
     ],

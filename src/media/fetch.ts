@@ -3,7 +3,7 @@
  * - an exact-host allow-list (`allowedMediaDomains`), checked on the first
  *   request and again on every redirect hop;
  * - redirects followed by hand, at most {@link MAX_REDIRECTS} hops, or none
- *   with CANDELA_MEDIA_URL_ALLOW_REDIRECTS=0;
+ *   with CANDELA_MEDIA_URL_ALLOW_REDIRECTS=0 (or vLLM's VLLM_MEDIA_URL_ALLOW_REDIRECTS=0);
  * - private-network protection (on unless `allowPrivateMediaUrls`): every
  *   address the host resolves to must be public, and the socket connects to
  *   the address that was checked (a pinned lookup), so a DNS answer that
@@ -87,15 +87,28 @@ const TIMEOUT_ENV: Record<Modality, [string, number]> = {
   audio: ['CANDELA_AUDIO_FETCH_TIMEOUT', 10],
 }
 
+/**
+ * An env var by candela's name, or else by vLLM's (`VLLM_IMAGE_FETCH_TIMEOUT`
+ * for `CANDELA_IMAGE_FETCH_TIMEOUT`), so a vLLM deployment's settings carry
+ * over. Returns the value and the name it was read from.
+ */
+function envAlias(name: string): { value: string | undefined; env: string } {
+  const vllm = name.replace(/^CANDELA_/, 'VLLM_')
+  if (process.env[name] !== undefined) return { value: process.env[name], env: name }
+  if (process.env[vllm] !== undefined) return { value: process.env[vllm], env: vllm }
+  return { value: undefined, env: name }
+}
+
 /** The fetch timeout of a modality in seconds, and the env var that sets it (read per fetch). */
 export function fetchTimeout(modality: Modality): { seconds: number; env: string } {
-  const [env, fallback] = TIMEOUT_ENV[modality]
-  const v = Number(process.env[env])
-  return { seconds: Number.isFinite(v) && v > 0 ? v : fallback, env }
+  const [name, fallback] = TIMEOUT_ENV[modality]
+  const { value, env } = envAlias(name)
+  const v = Number(value)
+  return { seconds: value !== undefined && Number.isFinite(v) && v > 0 ? v : fallback, env }
 }
 
 function redirectsAllowed(): boolean {
-  const v = (process.env.CANDELA_MEDIA_URL_ALLOW_REDIRECTS ?? '').trim().toLowerCase()
+  const v = (envAlias('CANDELA_MEDIA_URL_ALLOW_REDIRECTS').value ?? '').trim().toLowerCase()
   return !['0', 'false', 'no', 'off'].includes(v)
 }
 

@@ -22,7 +22,7 @@ export interface MediaPolicy extends SourceOptions {
   accepts: ReadonlySet<Modality>
   /** Most items of each modality in one prompt (0 disables it). */
   limitMmPerPrompt?: Partial<Record<Modality, number>>
-  /** Accept `image_embeds` parts. */
+  /** Accept `image_embeds` / `audio_embeds` parts. */
   enableMmEmbeds?: boolean
   /**
    * Leave URL items that carry a uuid unfetched (with a `load` to fetch them
@@ -45,6 +45,7 @@ const PART_MODALITY: Record<string, Modality> = {
   image: 'image',
   image_embeds: 'image',
   image_pil: 'image',
+  audio_embeds: 'audio',
   video_url: 'video',
   video: 'video',
   input_audio: 'audio',
@@ -132,18 +133,30 @@ function gridOf(v: unknown, path: string): number[] | undefined {
   return flat as number[]
 }
 
-/** An `image_embeds` part: `{ data, shape }`, safetensors bytes, or base64 of them. */
-function embedsItem(part: Record<string, unknown>, path: string, uuid: string | undefined): ResolvedMedia {
-  const at = `${path}.image_embeds`
+/** Bytes of a blob field: raw bytes, or base64 of them (as vLLM's clients send them). */
+function blobOf(v: unknown, at: string): Buffer | undefined {
+  if (typeof v === 'string') return decodeBase64(v, at)
+  if (v instanceof Uint8Array) return toBuffer(v)
+  return undefined
+}
+
+/**
+ * An `image_embeds` / `audio_embeds` part: `{ data, shape }`, or a blob
+ * (`torch.save` archive, `.npy` file or safetensors; raw or base64), or
+ * vLLM's dict form `{ image_embeds: blob, image_grid_thw: blob }`.
+ */
+function embedsItem(part: Record<string, unknown>, path: string, modality: Modality, uuid: string | undefined): ResolvedMedia {
+  const key = `${modality}_embeds`
+  const at = `${path}.${key}`
   const gridThw = gridOf(part.image_grid_thw, `${path}.image_grid_thw`)
-  const base: ResolvedMedia = { modality: 'image', ...(gridThw ? { gridThw } : {}), ...(uuid === undefined ? {} : { uuid }) }
-  const v = part.image_embeds
+  const base: ResolvedMedia = { modality, ...(gridThw ? { gridThw } : {}), ...(uuid === undefined ? {} : { uuid }) }
+  const v = part[key]
   if (v === null || v === undefined) {
     if (uuid === undefined) throw new MediaError(`${at} is required`, 400, at)
-    return { modality: 'image', uuid }
+    return { modality, uuid }
   }
-  if (typeof v === 'string') return { ...base, embedsSafetensors: decodeBase64(v, at) }
-  if (v instanceof Uint8Array) return { ...base, embedsSafetensors: toBuffer(v) }
+  const blob = blobOf(v, at)
+  if (blob) return { ...base, embedsBlob: blob }
   if (isObject(v) && v.data instanceof Float32Array) {
     const shape = v.shape
     if (!Array.isArray(shape) || shape.length !== 2 || !shape.every((d) => Number.isInteger(d) && d > 0)) {
@@ -154,7 +167,25 @@ function embedsItem(part: Record<string, unknown>, path: string, uuid: string | 
     }
     return { ...base, embeds: v.data, embedsShape: shape as number[] }
   }
-  throw new MediaError(`${at} must be { data: Float32Array, shape: [tokens, hidden] }, safetensors bytes, or a base64 string of them`, 400, at)
+  if (modality === 'image' && isObject(v) && v.image_embeds !== undefined) {
+    const inner = blobOf(v.image_embeds, `${at}.image_embeds`)
+    if (!inner) throw new MediaError(`${at}.image_embeds must be a base64 string of a tensor file`, 400, `${at}.image_embeds`)
+    const extra = Object.keys(v).filter((k) => k !== 'image_embeds' && k !== 'image_grid_thw')
+    if (extra.length > 0) {
+      throw new MediaError(`${at}: unknown field(s) ${extra.join(', ')} (takes image_embeds and image_grid_thw)`, 400, `${at}.${extra[0]}`)
+    }
+    const gridField = v.image_grid_thw
+    if (gridField === undefined || gridField === null) return { ...base, embedsBlob: inner }
+    const gridBlob = blobOf(gridField, `${at}.image_grid_thw`)
+    if (gridBlob) return { ...base, embedsBlob: inner, gridBlob }
+    const grid = gridOf(gridField, `${at}.image_grid_thw`)
+    return { ...base, embedsBlob: inner, gridThw: base.gridThw ?? grid }
+  }
+  throw new MediaError(
+    `${at} must be a base64 string of a torch.save tensor, .npy file or safetensors blob${modality === 'image' ? ', { image_embeds, image_grid_thw }' : ''}, file bytes, or { data: Float32Array, shape: [tokens, hidden] }`,
+    400,
+    at,
+  )
 }
 
 /** Resolve one pending part to a media item. */
@@ -215,7 +246,8 @@ async function resolvePart(p: PendingPart, opts: MediaPolicy): Promise<ResolvedM
       throw new MediaError(`${path}.audio must be file bytes or { samples, sampleRate }`, 400, `${path}.audio`)
     }
     case 'image_embeds':
-      return embedsItem(part, path, uuid)
+    case 'audio_embeds':
+      return embedsItem(part, path, modality, uuid)
     case 'video': {
       const v = part.video
       if (v instanceof Uint8Array) return withUuid({ modality, data: toBuffer(v) })
@@ -252,9 +284,9 @@ export async function resolveParts(parts: PendingPart[], policy: MediaPolicy): P
     if (limit === 0 || !policy.accepts.has(p.modality)) {
       throw new MediaError(`${p.path}: this model does not accept ${p.modality} input`, 400, p.path)
     }
-    if (p.part.type === 'image_embeds' && policy.enableMmEmbeds !== true) {
+    if ((p.part.type === 'image_embeds' || p.part.type === 'audio_embeds') && policy.enableMmEmbeds !== true) {
       throw new MediaError(
-        `${p.path}: image_embeds parts are disabled; load the engine with enableMmEmbeds: true (candela serve --enable-mm-embeds) to send precomputed embeddings`,
+        `${p.path}: ${p.part.type} parts are disabled; load the engine with enableMmEmbeds: true (candela serve --enable-mm-embeds) to send precomputed embeddings`,
         400,
         p.path,
       )

@@ -21,11 +21,13 @@ export interface ResolvedMedia {
   sampleRate?: number
   format?: string
   uuid?: string
-  /** Precomputed image embeddings, row-major, with their [tokens, hidden] shape. */
+  /** Precomputed embeddings, row-major, with their [tokens, hidden] shape. */
   embeds?: Float32Array
   embedsShape?: number[]
-  /** Precomputed image embeddings as a safetensors blob. */
-  embedsSafetensors?: Buffer
+  /** Precomputed embeddings as a torch.save archive, .npy file or safetensors blob. */
+  embedsBlob?: Buffer
+  /** The image grid as its own such blob (vLLM's dict form). */
+  gridBlob?: Buffer
   /** The embeddings' (t, h, w) patch grid. */
   gridThw?: number[]
   /** A URL item left unfetched because it has a uuid: fetches it. */

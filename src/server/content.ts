@@ -1,7 +1,8 @@
 /**
  * OpenAI chat messages -> engine messages. This is the one place content
  * parts are converted: text parts pass as text, and media parts (image_url,
- * video_url, input_audio, audio_url, image_embeds, each with an optional
+ * video_url, input_audio, audio_url, image_embeds, audio_embeds, and the
+ * uuid-only image_pil reference, each with an optional
  * uuid) are handed to the engine typed as they came, so the engine decides
  * whether the model takes that modality and answers a ValidationError
  * naming `messages[i].content[j]` when it does not. Media resolution

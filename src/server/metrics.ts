@@ -3,11 +3,27 @@
  * servers in one process keep their own. HTTP metrics are recorded per
  * request; engine metrics are read from `engine.stats()` at scrape time, so
  * they also count work that did not come through HTTP.
+ *
+ * Besides candela's own `candela_*` names (all models summed), the `vllm:*`
+ * names a vLLM v1 server exports for its scheduler and KV cache, one series
+ * per model labelled `model_name` as vLLM labels them: what the Kubernetes
+ * Gateway API Inference Extension's endpoint picker reads (queue depth, KV
+ * usage, prefix-cache hits), so it routes to candela as it routes to vLLM.
  */
 
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
 
+import type { Engine } from '../engine.js'
 import type { EngineStats } from '../types.js'
+
+/** A loaded model and the name its series are labelled with. */
+export interface ServedEngine {
+  name: string
+  engine: Engine
+}
+
+/** vLLM v1's per-engine labels: the model, and the engine index (one engine per model here). */
+const VLLM_LABELS = ['model_name', 'engine'] as const
 
 /** Seconds; spans a tiny model's milliseconds to a long CPU generation. */
 const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
@@ -19,8 +35,11 @@ export class ServerMetrics {
   readonly latency: Histogram<'route'>
   readonly ttft: Histogram<'route'>
 
-  /** `stats` returns the engine's counters, or undefined while there is no engine. */
-  constructor(stats: () => EngineStats | undefined) {
+  /**
+   * `stats` returns the engines' counters summed, or undefined while there is
+   * no engine; `engines` the loaded engines, for the per-model `vllm:*` series.
+   */
+  constructor(stats: () => EngineStats | undefined, engines: () => ServedEngine[] = () => []) {
     const registers = [this.registry]
     collectDefaultMetrics({ register: this.registry })
     this.requests = new Counter({
@@ -98,6 +117,7 @@ export class ServerMetrics {
     gauge('candela_prefix_cache_hit_rate', 'Prefix cache hits / queries since start', (s) =>
       s.prefixCacheQueries > 0 ? s.prefixCacheHits / s.prefixCacheQueries : 0,
     )
+    vllmMetrics(registers, engines)
   }
 
   get contentType(): string {
@@ -107,4 +127,72 @@ export class ServerMetrics {
   text(): Promise<string> {
     return this.registry.metrics()
   }
+}
+
+/**
+ * vLLM v1's names (vllm/v1/metrics/loggers.py), read per model at scrape
+ * time. Counters are set to the engine's totals (named with the `_total`
+ * prometheus_client appends to vLLM's); a model unloaded takes its series
+ * with it, and one loaded again starts from 0, which Prometheus reads as a
+ * counter reset. The prefix cache is counted in tokens, as vLLM counts it:
+ * candela counts blocks looked up (a prompt's last partial block included)
+ * and blocks found, so both are blocks x block size.
+ */
+function vllmMetrics(registers: Registry[], engines: () => ServedEngine[]): void {
+  const each = (f: (labels: { model_name: string; engine: string }, s: EngineStats, e: Engine) => void): void => {
+    for (const { name, engine } of engines()) {
+      if (engine.closed) continue
+      f({ model_name: name, engine: '0' }, engine.stats(), engine)
+    }
+  }
+  const gauge = (name: string, help: string, pick: (s: EngineStats) => number): void => {
+    new Gauge({
+      name,
+      help,
+      labelNames: VLLM_LABELS,
+      registers,
+      collect() {
+        this.reset()
+        each((labels, s) => this.set(labels, pick(s)))
+      },
+    })
+  }
+  const counter = (name: string, help: string, pick: (s: EngineStats, e: Engine) => number): void => {
+    new Counter({
+      name,
+      help,
+      labelNames: VLLM_LABELS,
+      registers,
+      collect() {
+        this.reset()
+        each((labels, s, e) => this.inc(labels, pick(s, e)))
+      },
+    })
+  }
+  gauge('vllm:num_requests_running', 'Number of requests in model execution batches.', (s) => s.running)
+  gauge('vllm:num_requests_waiting', 'Number of requests waiting to be processed.', (s) => s.waiting)
+  gauge('vllm:kv_cache_usage_perc', 'KV-cache usage. 1 means 100 percent usage.', (s) =>
+    s.kvBlocksTotal > 0 ? s.kvBlocksUsed / s.kvBlocksTotal : 0,
+  )
+  counter('vllm:prefix_cache_queries_total', 'Prefix cache queries, in terms of number of queried tokens.', (s, e) => s.prefixCacheQueries * e.info.blockSize)
+  counter('vllm:prefix_cache_hits_total', 'Prefix cache hits, in terms of number of cached tokens.', (s, e) => s.prefixCacheHits * e.info.blockSize)
+  counter('vllm:prompt_tokens_total', 'Number of prefill tokens processed.', (s) => s.promptTokens)
+  counter('vllm:generation_tokens_total', 'Number of generation tokens processed.', (s) => s.generationTokens)
+  counter('vllm:num_preemptions_total', 'Cumulative number of preemption from the engine.', (s) => s.preemptions)
+  new Gauge({
+    name: 'vllm:cache_config_info',
+    help: 'Information of the LLMEngine CacheConfig',
+    labelNames: ['block_size', 'enable_prefix_caching', 'num_gpu_blocks', ...VLLM_LABELS],
+    registers,
+    collect() {
+      this.reset()
+      each((labels, _s, e) => {
+        const i = e.info
+        this.set(
+          { ...labels, block_size: String(i.blockSize), enable_prefix_caching: i.enablePrefixCaching ? 'True' : 'False', num_gpu_blocks: String(i.numKvBlocks) },
+          1,
+        )
+      })
+    },
+  })
 }

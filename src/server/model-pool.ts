@@ -298,6 +298,14 @@ export class ModelPool {
     if (this.#owned.has(host)) await (engine ?? host.loadedTranscriber)?.close()
   }
 
+  /** Each loaded engine with the name responses report for it (vLLM's `model_name` label). */
+  engines(): Array<{ name: string; engine: Engine }> {
+    return this.list().flatMap((h) => {
+      const e = h.loaded
+      return e !== undefined && !e.closed ? [{ name: h.names[0] ?? h.uid, engine: e }] : []
+    })
+  }
+
   /** The engines' counters summed (terminated models' included), or undefined with no engine. */
   stats(): EngineStats | undefined {
     const live = this.list()

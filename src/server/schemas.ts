@@ -32,14 +32,34 @@ export const ImageUrlPart = z
   .refine(hasData('image_url'), needsData('image_url'))
 /**
  * Precomputed image embeddings (server started with --enable-mm-embeds):
- * base64 of a safetensors blob holding `image_embeds` (F32 / F16 / BF16,
- * (feature_tokens, hidden)) and optionally `image_grid_thw`; a grid given
- * here beside it wins over the blob's.
+ * base64 of a `torch.save(tensor)` archive, a `.npy` file or a safetensors
+ * blob holding `image_embeds` (floats, (feature_tokens, hidden)) and
+ * optionally `image_grid_thw`; or vLLM's dict form (Qwen2-VL) with each as
+ * its own base64 file. A grid given here beside it wins over the blob's.
  */
 const gridThw = z.union([z.array(int()).length(3), z.array(z.array(int()).length(3)).length(1)])
+const b64 = z.string().min(1)
 export const ImageEmbedsPart = z
-  .object({ type: z.literal('image_embeds'), image_embeds: opt(z.string().min(1)), image_grid_thw: opt(gridThw), uuid })
+  .object({
+    type: z.literal('image_embeds'),
+    image_embeds: opt(z.union([b64, z.strictObject({ image_embeds: b64, image_grid_thw: opt(z.union([b64, gridThw])) })])),
+    image_grid_thw: opt(gridThw),
+    uuid,
+  })
   .refine(hasData('image_embeds'), needsData('image_embeds'))
+/** Precomputed audio embeddings (Qwen2-Audio), as base64 of a tensor file. */
+export const AudioEmbedsPart = z
+  .object({ type: z.literal('audio_embeds'), audio_embeds: opt(b64), uuid })
+  .refine(hasData('audio_embeds'), needsData('audio_embeds'))
+/**
+ * vLLM's reference to an image sent before by uuid (a PIL image cannot
+ * travel over HTTP, so only the uuid-only form is accepted).
+ */
+export const ImagePilPart = z.object({
+  type: z.literal('image_pil'),
+  image_pil: z.null({ error: 'a PIL image cannot be sent over HTTP: give null and the uuid of an image sent before' }).optional(),
+  uuid: z.string({ error: 'an image_pil part needs the uuid of an image sent before' }).min(1),
+})
 export const InputAudioPart = z
   .object({ type: z.literal('input_audio'), input_audio: opt(z.object({ data: z.string().min(1), format: z.string().min(1) })), uuid })
   .refine(hasData('input_audio'), needsData('input_audio'))
@@ -59,6 +79,8 @@ export const UserContentPart = z.discriminatedUnion('type', [
   TextPart,
   ImageUrlPart,
   ImageEmbedsPart,
+  AudioEmbedsPart,
+  ImagePilPart,
   InputAudioPart,
   AudioUrlPart,
   AudioPart,

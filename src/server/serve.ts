@@ -223,7 +223,7 @@ function prepare(options: AppOptions): Prepared {
     maxLoadedModels: options.maxLoadedModels,
     memoryBudgetBytes: options.memoryBudgetBytes,
   })
-  const metrics = new ServerMetrics(() => models.stats())
+  const metrics = new ServerMetrics(() => models.stats(), () => models.engines())
   const stopping = new AbortController()
   // Every request in flight listens for the shutdown.
   setMaxListeners(0, stopping.signal)

@@ -497,6 +497,12 @@ impl Engine {
         lock(&self.encoder_cache).tokens_of(hash)
     }
 
+    /// Hold an item's embeddings in the encoder cache (precomputed ones a
+    /// caller sent with a uuid, to be referenced by it later).
+    pub fn insert_encoder_output(&self, hash: &str, embeds: candle_core::Tensor) {
+        lock(&self.encoder_cache).insert(hash, embeds)
+    }
+
     /// Whether the encoder cache is on.
     pub fn encoder_cache_enabled(&self) -> bool {
         lock(&self.encoder_cache).enabled()

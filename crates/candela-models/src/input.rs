@@ -40,20 +40,24 @@ pub struct MediaInput {
     pub embeds: Option<EmbedsInput>,
 }
 
-/// Precomputed embeddings of one item (vLLM's `image_embeds`).
+/// Precomputed embeddings of one item (vLLM's `image_embeds`, `audio_embeds`).
 #[derive(Debug, Clone)]
 pub struct EmbedsInput {
     pub source: EmbedsSource,
-    /// The item's (t, h, w) grid; wins over one inside a safetensors blob.
+    /// The item's (t, h, w) grid; wins over one inside the blob.
     pub grid_thw: Option<[usize; 3]>,
+    /// The grid as its own blob (vLLM's dict form); wins over one inside
+    /// the embeddings blob.
+    pub grid_blob: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
 pub enum EmbedsSource {
     /// Row-major floats of `shape` (`[rows, hidden]`).
     Floats { data: Vec<f32>, shape: Vec<usize> },
-    /// A safetensors blob with `image_embeds` (and optionally `image_grid_thw`).
-    Safetensors(Vec<u8>),
+    /// A `torch.save` archive, `.npy` file or safetensors blob (see
+    /// [`crate::tensor_files`]) with the embeddings (and optionally the grid).
+    Blob(Vec<u8>),
 }
 
 /// Why a request's media cannot be used. Each kind has its HTTP status.
@@ -122,6 +126,9 @@ pub trait EngineCaches {
     fn encoder_rows(&self, hash: &str) -> Option<usize>;
     /// Width and dtype that precomputed embeddings are given.
     fn embedding_shape(&self) -> (usize, DType);
+    /// Hold precomputed embeddings sent with a uuid where encoder outputs
+    /// are held, so a later uuid-only reference finds them.
+    fn keep_embeddings(&self, hash: &str, embeds: &candle_core::Tensor);
 }
 
 impl EngineCaches for Engine {
@@ -134,6 +141,9 @@ impl EngineCaches for Engine {
     fn embedding_shape(&self) -> (usize, DType) {
         // The model's activations are in its KV dtype; splicing converts again if not.
         (self.model_spec().hidden_size, self.model_spec().kv_dtype)
+    }
+    fn keep_embeddings(&self, hash: &str, embeds: &candle_core::Tensor) {
+        self.insert_encoder_output(hash, embeds.clone())
     }
 }
 
@@ -338,39 +348,45 @@ impl InputPreparer {
             )));
         }
         let processor = self.processor(modality)?;
-        let (data, shape, inner_grid, bytes) = match &e.source {
-            EmbedsSource::Floats { data, shape } => {
-                let bytes: Vec<u8> = if uuid.is_some() {
-                    Vec::new()
-                } else {
-                    data.iter().flat_map(|v| v.to_le_bytes()).collect()
-                };
-                (data.clone(), shape.clone(), None, bytes)
-            }
-            EmbedsSource::Safetensors(blob) => {
-                let p = mm_embeds::parse_safetensors(blob)?;
-                (
-                    p.data,
-                    p.shape,
-                    p.grid_thw,
-                    if uuid.is_some() {
-                        Vec::new()
-                    } else {
-                        blob.clone()
-                    },
-                )
+        let (data, shape, inner_grid) = match &e.source {
+            EmbedsSource::Floats { data, shape } => (data.clone(), shape.clone(), None),
+            EmbedsSource::Blob(blob) => {
+                let p = mm_embeds::parse_embeds(blob, modality)?;
+                (p.data, p.shape, p.grid_thw)
             }
         };
+        let blob_grid = e
+            .grid_blob
+            .as_deref()
+            .map(mm_embeds::parse_grid)
+            .transpose()?;
         let (hidden, dtype) = engine.embedding_shape();
-        let tensor = mm_embeds::embeddings_tensor(data, &shape, hidden, dtype)?;
-        let grid = e.grid_thw.or(inner_grid);
+        let what = mm_embeds::embeds_key(modality);
+        let tensor = mm_embeds::embeddings_tensor(&what, data, &shape, hidden, dtype)?;
+        let grid = e.grid_thw.or(blob_grid).or(inner_grid);
         let layout = processor.embeddings_layout(modality, tensor.dims()[0], grid)?;
-        let key = match grid {
-            Some([t, h, w]) => format!("embeds:{t}x{h}x{w}"),
-            None => format!("embeds:{}", layout.embeds),
+        let hash = match uuid {
+            // Keyed as a uuid-only reference to the item is, so that one
+            // finds these embeddings (held by the encoder cache) later.
+            Some(u) => self.hash(modality, Some(u), None, &Value::Null)?,
+            None => {
+                let bytes = match &e.source {
+                    EmbedsSource::Floats { data, .. } => {
+                        data.iter().flat_map(|v| v.to_le_bytes()).collect()
+                    }
+                    EmbedsSource::Blob(blob) => blob.clone(),
+                };
+                let key = match grid {
+                    Some([t, h, w]) => format!("embeds:{t}x{h}x{w}"),
+                    None => format!("embeds:{}", layout.embeds),
+                };
+                mm_hash(modality, None, &bytes, &key).to_string()
+            }
         };
-        let hash = mm_hash(modality, uuid, &bytes, &key).to_string();
         self.remember(&hash, layout);
+        if uuid.is_some() {
+            engine.keep_embeddings(&hash, &tensor);
+        }
         Ok(Resolved {
             modality,
             hash,
@@ -541,6 +557,14 @@ mod tests {
                 layout: ItemLayout::rows(bytes.len()),
             })
         }
+        fn embeddings_layout(
+            &self,
+            _: Modality,
+            rows: usize,
+            _: Option<[usize; 3]>,
+        ) -> Result<ItemLayout, MediaError> {
+            Ok(ItemLayout::rows(rows))
+        }
         fn replacement(&self, _: Modality, layout: &ItemLayout) -> Result<Replacement, MediaError> {
             let mut tokens = vec![100];
             tokens.extend(std::iter::repeat_n(9, layout.embeds));
@@ -555,7 +579,7 @@ mod tests {
     /// The caches of an engine, without one.
     struct Caches {
         on: bool,
-        encoder: std::collections::HashMap<String, usize>,
+        encoder: std::cell::RefCell<std::collections::HashMap<String, usize>>,
     }
 
     impl EngineCaches for Caches {
@@ -563,10 +587,15 @@ mod tests {
             self.on
         }
         fn encoder_rows(&self, hash: &str) -> Option<usize> {
-            self.encoder.get(hash).copied()
+            self.encoder.borrow().get(hash).copied()
         }
         fn embedding_shape(&self) -> (usize, DType) {
             (4, DType::F32)
+        }
+        fn keep_embeddings(&self, hash: &str, embeds: &Tensor) {
+            self.encoder
+                .borrow_mut()
+                .insert(hash.to_string(), embeds.dims()[0]);
         }
     }
 
@@ -723,13 +752,14 @@ mod tests {
         assert!(err.contains("caching is off"), "{err}");
         // Processor cache off, encoder cache holding the item: the uuid
         // resolves to the cached embeddings with the layout seen before.
-        let mut enc = engine(true);
+        let enc = engine(true);
         let lean = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
         let sent = lean
             .prepare(&enc, vec![9], &[image(&[5; 2], Some("owl"))])
             .unwrap();
         assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![true]);
         enc.encoder
+            .borrow_mut()
             .insert(sent.items[0].placeholder.hash.clone(), 2);
         assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![false]);
         let hit = lean.prepare(&enc, vec![9], &[by_uuid("owl")]).unwrap();
@@ -745,5 +775,52 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no kwargs"));
+    }
+
+    fn embeds(floats: &[f32], uuid: Option<&str>) -> MediaInput {
+        MediaInput {
+            data: None,
+            embeds: Some(EmbedsInput {
+                source: EmbedsSource::Floats {
+                    data: floats.to_vec(),
+                    shape: vec![floats.len() / 4, 4],
+                },
+                grid_thw: None,
+                grid_blob: None,
+            }),
+            ..image(&[], uuid.map(str::to_string).as_deref())
+        }
+    }
+
+    #[test]
+    fn embeddings_sent_with_a_uuid_are_found_by_it_later() {
+        let e = engine(true);
+        let prep = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), true);
+        let q = |u: &str| UuidRef {
+            modality: Modality::Image,
+            uuid: u.into(),
+            kwargs: Value::Null,
+        };
+        // Without a uuid they are keyed by content, and nothing keeps them.
+        prep.prepare(&e, vec![9], &[embeds(&[1.0; 8], None)])
+            .unwrap();
+        assert!(e.encoder.borrow().is_empty());
+        assert_eq!(prep.uncached(&e, &[q("emb")]).unwrap(), vec![true]);
+        let sent = prep
+            .prepare(&e, vec![9], &[embeds(&[1.0; 12], Some("emb"))])
+            .unwrap();
+        assert!(matches!(sent.items[0].input, MmInput::Embeddings(_)));
+        assert_eq!(prep.uncached(&e, &[q("emb")]).unwrap(), vec![false]);
+        let again = prep.prepare(&e, vec![9], &[by_uuid("emb")]).unwrap();
+        assert!(matches!(again.items[0].input, MmInput::Cached));
+        assert_eq!(again.ids, sent.ids);
+        assert_eq!(again.items[0].placeholder, sent.items[0].placeholder);
+        // Turned off, embeddings are refused, uuid or not.
+        let off = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
+        let err = off
+            .prepare(&e, vec![9], &[embeds(&[1.0; 4], Some("x"))])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("image_embeds parts are disabled"), "{err}");
     }
 }

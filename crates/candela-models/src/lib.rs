@@ -23,6 +23,7 @@ pub mod processor;
 pub mod quant;
 pub mod rope;
 pub mod softmax;
+pub mod tensor_files;
 pub mod tokenizer;
 pub mod weights;
 

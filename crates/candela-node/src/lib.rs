@@ -259,6 +259,11 @@ pub struct NativeModelInfo {
     pub threads: u32,
     /// Media the model takes besides text ("audio", "image", "video").
     pub modalities: Vec<String>,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// KV blocks in the pool.
+    pub num_kv_blocks: u32,
+    pub enable_prefix_caching: bool,
 }
 
 /// The per-request state `next()` reads from.
@@ -940,6 +945,9 @@ impl NativeEngine {
                 .into_iter()
                 .map(|m| m.name().to_string())
                 .collect(),
+            block_size: i.engine.config().block_size as u32,
+            num_kv_blocks: i.engine.num_kv_blocks() as u32,
+            enable_prefix_caching: i.engine.config().enable_prefix_caching,
         }
     }
 

@@ -31,15 +31,17 @@ pub struct NativeMediaItem {
     pub format: Option<String>,
     /// The caller's cache key for the item (vLLM's multi_modal_uuids).
     pub uuid: Option<String>,
-    /// Precomputed image embeddings (row-major, `embedsShape` = [tokens, hidden]).
+    /// Precomputed embeddings (row-major, `embedsShape` = [tokens, hidden]).
     pub embeds: Option<Float32Array>,
     pub embeds_shape: Option<Vec<u32>>,
-    /// Precomputed image embeddings as a safetensors blob: tensor
-    /// `image_embeds` (F32 / F16 / BF16, (tokens, hidden)) and optionally
-    /// `image_grid_thw` (ints, (3,) or (1, 3)).
-    pub embeds_safetensors: Option<Buffer>,
+    /// Precomputed embeddings as a `torch.save` archive, `.npy` file or
+    /// safetensors blob (tensor `image_embeds` / `audio_embeds`, floats,
+    /// (tokens, hidden), and optionally `image_grid_thw`, ints, (3,) or (1, 3)).
+    pub embeds_blob: Option<Buffer>,
+    /// The grid as its own blob of one tensor (vLLM's dict form).
+    pub grid_blob: Option<Buffer>,
     /// The (t, h, w) patch grid of precomputed embeddings; wins over a grid
-    /// inside the safetensors blob.
+    /// in a blob.
     pub grid_thw: Option<Vec<u32>>,
 }
 
@@ -162,12 +164,8 @@ pub fn media_input(item: NativeMediaItem) -> Result<MediaInput, NativeInputError
     if item.frames.as_ref().is_some_and(|f| f.is_empty()) {
         return Err(bad("a video given as frames needs at least one frame"));
     }
-    let source = match (item.embeds, item.embeds_safetensors) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "give image embeddings as floats or as a safetensors blob, not both",
-            ))
-        }
+    let source = match (item.embeds, item.embeds_blob) {
+        (Some(_), Some(_)) => return Err(bad("give embeddings as floats or as a blob, not both")),
         (Some(f), None) => {
             let shape = item
                 .embeds_shape
@@ -180,15 +178,18 @@ pub fn media_input(item: NativeMediaItem) -> Result<MediaInput, NativeInputError
                 shape,
             })
         }
-        (None, Some(b)) => Some(EmbedsSource::Safetensors(b.to_vec())),
+        (None, Some(b)) => Some(EmbedsSource::Blob(b.to_vec())),
         (None, None) => None,
     };
     if source.is_some()
-        && (modality != Modality::Image || item.data.is_some() || item.frames.is_some())
+        && (modality == Modality::Video || item.data.is_some() || item.frames.is_some())
     {
         return Err(bad(
-            "precomputed embeddings are an image item's, given instead of its data",
+            "precomputed embeddings are an image or audio item's, given instead of its data",
         ));
+    }
+    if item.grid_blob.is_some() && source.is_none() {
+        return Err(bad("a grid blob goes with embeddings"));
     }
     let grid_thw = match item.grid_thw {
         Some(g) => Some(
@@ -210,6 +211,10 @@ pub fn media_input(item: NativeMediaItem) -> Result<MediaInput, NativeInputError
         data,
         uuid: item.uuid,
         kwargs: item.kwargs.unwrap_or(serde_json::Value::Null),
-        embeds: source.map(|source| EmbedsInput { source, grid_thw }),
+        embeds: source.map(|source| EmbedsInput {
+            source,
+            grid_thw,
+            grid_blob: item.grid_blob.map(|b| b.to_vec()),
+        }),
     })
 }

@@ -26,6 +26,7 @@ impl EngineCaches for NoCaches {
     fn embedding_shape(&self) -> (usize, DType) {
         (0, DType::F32)
     }
+    fn keep_embeddings(&self, _: &str, _: &Tensor) {}
 }
 
 pub fn fixture_dir(name: &str) -> PathBuf {

@@ -149,6 +149,30 @@ impl MmProcessor for AudioProcessor {
         };
         self.process_samples(&mono)
     }
+
+    /// Audio embeddings (vLLM's `audio_embeds`): the projected encoder
+    /// output of one clip, one row per placeholder token, at most what a
+    /// 30 s window gives.
+    fn embeddings_layout(
+        &self,
+        modality: Modality,
+        rows: usize,
+        _grid_thw: Option<[usize; 3]>,
+    ) -> Result<ItemLayout, MediaError> {
+        if modality != Modality::Audio {
+            return Err(MediaError::Invalid(format!(
+                "this model does not accept {} embeddings",
+                modality.name()
+            )));
+        }
+        let most = self.num_tokens(2 * self.max_source_positions);
+        if rows == 0 || rows > most {
+            return Err(MediaError::Invalid(format!(
+                "audio_embeds has {rows} rows; this model's audio takes 1 to {most} tokens per clip"
+            )));
+        }
+        Ok(ItemLayout::rows(rows))
+    }
 }
 
 impl std::fmt::Debug for AudioProcessor {

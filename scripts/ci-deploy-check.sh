@@ -4,7 +4,10 @@
 # - kubeconform -strict over deploy/*.yaml, against schemas that
 #   scripts/k8s-schemas.py makes from pinned upstream sources, fetched as Go
 #   modules: Kubernetes' OpenAPI document, the InferencePool CRD of the
-#   Gateway API Inference Extension and Gateway API's HTTPRoute CRD.
+#   Gateway API Inference Extension and Gateway API's HTTPRoute CRD;
+# - each Dockerfile's final stage run without a container engine
+#   (scripts/check-image-layout.py; needs `npm run build` first): its files
+#   serve a fixture model and its HEALTHCHECK passes.
 # Tools land in $CANDELA_CACHE_DIR/ci-tools (a second run reuses them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,3 +48,8 @@ trap 'rm -rf "$schemas"' EXIT
   -- deploy/*.yaml
 "$kubeconform" -strict -summary \
   -schema-location "$schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json" deploy/*.yaml
+
+# CI has no container engine and no registry of base images, so the images
+# are not built; their run-time file set is checked instead.
+python3 scripts/check-image-layout.py Dockerfile fixtures/llama-tiny.gguf
+python3 scripts/check-image-layout.py Dockerfile.cuda fixtures/llama-tiny.gguf --device cpu

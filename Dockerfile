@@ -14,9 +14,10 @@ COPY --from=rust /usr/local/cargo /usr/local/cargo
 COPY --from=rust /usr/local/rustup /usr/local/rustup
 ENV CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup PATH=/usr/local/cargo/bin:$PATH
 WORKDIR /src
-# Dependencies first, so a source change does not refetch them.
+# Dependencies first, so a source change does not refetch them. (`npm install`,
+# not `npm ci`: the lock cannot list platform packages not yet published.)
 COPY package.json package-lock.json ./
-RUN npm ci --ignore-scripts --no-audit --no-fund
+RUN npm install --ignore-scripts --no-audit --no-fund
 COPY Cargo.toml Cargo.lock tsconfig.json ./
 COPY crates crates
 COPY native native

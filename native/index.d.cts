@@ -231,6 +231,10 @@ export interface NativeModelInfo {
   threads: number
   /** Media the model takes besides text ("audio", "image", "video"). */
   modalities: Array<string>
+  /** Size of the paged KV pool (the default follows the model and the machine). */
+  kvCacheBytes: number
+  /** Tokens the KV pool holds. */
+  kvCacheTokens: number
 }
 
 /** One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`. */
@@ -347,6 +351,10 @@ export interface NativeStructuredOutputs {
 export interface NativeSubmitted {
   requestId?: number
   error?: NativeInputError
+  /** Sampled video frames `frame_recovery` replaced by a later frame. */
+  videoFramesRecovered: number
+  /** Sampled video frames `frame_recovery` left out. */
+  videoFramesDropped: number
 }
 
 export interface NativeTokenLogprob {

@@ -50,6 +50,7 @@ export type {
   TokenLogprob,
   TopLogprob,
   Usage,
+  VideoFrameLoss,
   VideoInput,
   VisionContentPart,
   ZodSchema,

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::mm_embeds;
 use crate::processor::{
-    DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache,
+    DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache,
 };
 
 /// Layouts remembered for uuid-only items whose tensors left the processor
@@ -96,6 +96,8 @@ pub struct PreparedPrompt {
     pub ids: Vec<u32>,
     pub items: Vec<MmItem>,
     pub mrope: Option<MropePositions>,
+    /// Video frames that `frame_recovery` replaced or left out, all items together.
+    pub frames: FrameLoss,
 }
 
 /// One item after hashing and processing, before placement.
@@ -394,6 +396,7 @@ impl InputPreparer {
                 ids,
                 items: Vec::new(),
                 mrope: None,
+                frames: FrameLoss::default(),
             });
         }
         let caching = self.caching(engine);
@@ -490,6 +493,9 @@ impl InputPreparer {
             ids: out,
             items: placed.into_iter().map(|(_, m)| m).collect(),
             mrope,
+            frames: resolved
+                .iter()
+                .fold(FrameLoss::default(), |a, r| a + r.layout.frames),
         })
     }
 }

@@ -257,6 +257,10 @@ pub struct NativeModelInfo {
     pub threads: u32,
     /// Media the model takes besides text ("audio", "image", "video").
     pub modalities: Vec<String>,
+    /// Size of the paged KV pool (the default follows the model and the machine).
+    pub kv_cache_bytes: f64,
+    /// Tokens the KV pool holds.
+    pub kv_cache_tokens: u32,
 }
 
 /// The per-request state `next()` reads from.
@@ -612,6 +616,10 @@ impl NativeEngine {
 pub struct NativeSubmitted {
     pub request_id: Option<i64>,
     pub error: Option<media::NativeInputError>,
+    /// Sampled video frames `frame_recovery` replaced by a later frame.
+    pub video_frames_recovered: u32,
+    /// Sampled video frames `frame_recovery` left out.
+    pub video_frames_dropped: u32,
 }
 
 impl NativeSubmitted {
@@ -619,6 +627,8 @@ impl NativeSubmitted {
         Self {
             request_id: None,
             error: Some(e),
+            video_frames_recovered: 0,
+            video_frames_dropped: 0,
         }
     }
 }
@@ -640,13 +650,17 @@ impl Inner {
             Err(e) => return Ok(NativeSubmitted::refused(e.into())),
         };
         let (params, default_max) = (request.params, request.default_max_tokens);
-        self.submit(
+        let frames = prepared.frames;
+        let mut submitted = self.submit(
             prepared.ids,
             prepared.items,
             prepared.mrope,
             params,
             default_max,
-        )
+        )?;
+        submitted.video_frames_recovered = frames.recovered as u32;
+        submitted.video_frames_dropped = frames.dropped as u32;
+        Ok(submitted)
     }
 }
 
@@ -771,6 +785,8 @@ impl Inner {
         Ok(NativeSubmitted {
             request_id: Some(handle.id as i64),
             error: None,
+            video_frames_recovered: 0,
+            video_frames_dropped: 0,
         })
     }
 }
@@ -917,6 +933,8 @@ impl NativeEngine {
     #[napi]
     pub fn info(&self) -> NativeModelInfo {
         let i = &self.inner;
+        let blocks = i.engine.num_kv_blocks();
+        let block_size = i.engine.config().block_size;
         NativeModelInfo {
             name: i.model_name.clone(),
             architecture: i.spec.architecture.clone(),
@@ -934,6 +952,8 @@ impl NativeEngine {
                 .into_iter()
                 .map(|m| m.name().to_string())
                 .collect(),
+            kv_cache_bytes: (blocks * i.spec.kv_block_bytes(block_size)) as f64,
+            kv_cache_tokens: (blocks * block_size).min(u32::MAX as usize) as u32,
         }
     }
 

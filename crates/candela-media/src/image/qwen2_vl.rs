@@ -260,7 +260,7 @@ impl Qwen2VlProcessorConfig {
     pub fn process_resized(&self, img: &DecodedImage) -> Result<ProcessedVision, MediaError> {
         let (h, w) = (img.height as usize, img.width as usize);
         let f = self.factor();
-        if self.do_resize && (h % f != 0 || w % f != 0) {
+        if self.do_resize && !(h.is_multiple_of(f) && w.is_multiple_of(f)) {
             return Err(MediaError::Invalid(format!(
                 "a resized image must have sides that are multiples of {f}, got {w}x{h}"
             )));

@@ -227,7 +227,7 @@ test('slow clients get 408 and the connection closes; 100 KB of headers get 431;
 })
 
 /** An all-zero w x h PNG (16-bit RGBA by default) without ever holding its pixels: ~1 MB for 10000 x 10000. */
-async function zeroPng(w: number, h: number, bitDepth = 16, colorType = 6): Promise<Buffer> {
+async function zeroPng(w: number, h: number, bitDepth = 16, colorType = 6, interlaced = false): Promise<Buffer> {
   const zlib = await import('node:zlib')
   const chunk = (type: string, data: Buffer): Buffer => {
     const body = Buffer.concat([Buffer.from(type, 'latin1'), data])
@@ -242,13 +242,24 @@ async function zeroPng(w: number, h: number, bitDepth = 16, colorType = 6): Prom
   ihdr.writeUInt32BE(h, 4)
   ihdr.writeUInt8(bitDepth, 8)
   ihdr.writeUInt8(colorType, 9)
+  ihdr.writeUInt8(interlaced ? 1 : 0, 12)
   const channels = { 0: 1, 2: 3, 4: 2, 6: 4 }[colorType]!
-  const row = Buffer.alloc(1 + (w * channels * bitDepth) / 8)
+  const row = (width: number): Buffer => Buffer.alloc(1 + Math.ceil((width * channels * bitDepth) / 8))
+  // Adam7's seven passes (first row, first column, row step, column step), or one plain pass.
+  const passes = interlaced
+    ? [[0, 0, 8, 8], [0, 4, 8, 8], [4, 0, 8, 4], [0, 2, 4, 4], [2, 0, 4, 2], [0, 1, 2, 2], [1, 0, 2, 1]]
+    : [[0, 0, 1, 1]]
   const deflate = zlib.createDeflate({ level: 1 })
   const out: Buffer[] = []
   deflate.on('data', (d: Buffer) => out.push(d))
   const done = new Promise((r) => deflate.on('end', r))
-  for (let y = 0; y < h; y++) if (!deflate.write(row)) await new Promise((r) => deflate.once('drain', r))
+  for (const [r0, c0, dr, dc] of passes as Array<[number, number, number, number]>) {
+    const pw = Math.ceil((w - c0) / dc)
+    const ph = Math.ceil((h - r0) / dr)
+    if (pw <= 0 || ph <= 0) continue
+    const line = row(pw)
+    for (let y = 0; y < ph; y++) if (!deflate.write(line)) await new Promise((r) => deflate.once('drain', r))
+  }
   deflate.end()
   await done
   const sig = Buffer.from('89504e470d0a1a0a', 'hex')
@@ -300,24 +311,47 @@ const imageChat = (png: Buffer): string =>
     max_tokens: 2,
   })
 
-test.serial('huge 16-bit PNGs: decoded within the media memory budget (peak RSS under 1.5 GB for three of 10000x10000), 413 with the numbers above the per-item share', async (t) => {
+test.serial('huge interlaced 16-bit PNGs (whose decoder holds the whole frame): within the media memory budget (peak RSS under 1.5 GB for three of 9000x9000), 413 with the numbers above the per-item share', async (t) => {
   const server = await spawnServer(fixture('qwen2-vl-tiny'), ['--media-memory-budget', '700MiB'])
   try {
-    // Three distinct files (their own cache keys): 300 MB of RGB each; 16-bit RGBA once cost 800 MB more.
-    const pngs = await Promise.all([10000, 10001, 10002].map((w) => zeroPng(w, 10000)))
+    // Three distinct files (their own cache keys): a 324 MB 8-bit frame each; 16-bit RGBA once cost 650 MB more.
+    const pngs = await Promise.all([9000, 9001, 9002].map((w) => zeroPng(w, 9000, 16, 6, true)))
     const answers = await Promise.all(pngs.map((png) => fetch(`${server.base}/v1/chat/completions`, { method: 'POST', body: imageChat(png) })))
     t.deepEqual(answers.map((r) => r.status), [200, 200, 200])
     const peak = await peakRss(server.pid)
     t.log(`server peak RSS ${(peak / 1e6).toFixed(0)} MB`)
-    // Two at once fit the 700 MiB budget, the third waits; before the budget, 3 x 1.1 GB.
+    // Two at once fit the 700 MiB budget, the third waits; before the budget, 3 x 1 GB.
     t.true(peak < 1.5e9, `peak RSS ${(peak / 1e6).toFixed(0)} MB`)
-    const big = await fetch(`${server.base}/v1/chat/completions`, { method: 'POST', body: imageChat(await zeroPng(12000, 12000)) })
+    const big = await fetch(`${server.base}/v1/chat/completions`, { method: 'POST', body: imageChat(await zeroPng(12000, 12000, 16, 6, true)) })
     t.is(big.status, 413)
     const body = (await big.json()) as { error: { message: string; code: string } }
     t.is(
       body.error.message,
-      'the 12000x12000 PNG image needs 412.0 MiB to decode, above the per-item media memory limit of 350.0 MiB (half of --media-memory-budget); send it smaller',
+      'the 12000x12000 PNG image (resized to 112x112) needs 553.2 MiB to decode, above the per-item media memory limit of 350.0 MiB (half of --media-memory-budget); send it smaller',
     )
+  } finally {
+    t.is(await server.stop(), 0, server.log())
+  }
+})
+
+test.serial('a 12000x12000 JPEG and 16-bit PNG cost about their resized size: 200 under a 350 MiB per-item share they once exceeded, peak RSS under 320 MB (432 MB each as decoded RGB)', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'candela-huge-'))
+  // A baseline JPEG (what cameras and ffmpeg write), made by Debian's ffmpeg.
+  execFileSync('ffmpeg', ['-v', 'error', '-y', '-f', 'lavfi', '-i', 'testsrc2=size=12000x12000', '-frames:v', '1', '-q:v', '8', join(dir, 'huge.jpg')])
+  const jpg = readFileSync(join(dir, 'huge.jpg'))
+  const png = await zeroPng(12000, 12000)
+  const jpegChat = imageChat(jpg).replace('data:image/png', 'data:image/jpeg')
+  const server = await spawnServer(fixture('qwen2-vl-tiny'), ['--media-memory-budget', '700MiB'])
+  try {
+    for (const body of [jpegChat, imageChat(png)]) {
+      const r = await fetch(`${server.base}/v1/chat/completions`, { method: 'POST', body })
+      t.is(r.status, 200, await r.clone().text())
+      // The tiny model's processor resizes to 112x112: 64 prompt tokens of image.
+      t.true(((await r.json()) as { usage: { prompt_tokens: number } }).usage.prompt_tokens > 16)
+    }
+    const peak = await peakRss(server.pid)
+    t.log(`server peak RSS ${(peak / 1e6).toFixed(0)} MB`)
+    t.true(peak < 320e6, `peak RSS ${(peak / 1e6).toFixed(0)} MB`)
   } finally {
     t.is(await server.stop(), 0, server.log())
   }
@@ -365,5 +399,38 @@ test.serial('an H.264 High MP4 with B-frames as libx264 writes it keeps every sa
     t.regex(error.message, /this machine has no ffmpeg, which decodes every common video \(install ffmpeg, or set CANDELA_FFMPEG to its path\)$/)
   } finally {
     t.is(await bare.stop(), 0, bare.log())
+  }
+})
+
+// The default model with default flags (SmolLM2-135M: 30 layers x 3 KV heads
+// x 64 dims x 2 x 4 bytes = 45 KiB a token). Runs where CANDELA_SMOLLM2_GGUF
+// points at it (`.ci/run` fetches it), like the cargo SmolLM2 check.
+const smollm2 = process.env.CANDELA_SMOLLM2_GGUF
+;(smollm2 ? test.serial : test.skip)('default flags on the default model: the KV pool holds two full contexts (720 MiB, not 4 GiB) and peak RSS stays under 700 MB after a normal load', async (t) => {
+  const server = await spawnServer(smollm2!, [])
+  try {
+    const ready = /model \S+ ready \(KV cache ([\d.]+ \w+), (\d+) tokens\)/.exec(server.log())
+    t.truthy(ready, server.log())
+    t.is(ready![1], '720.0 MiB')
+    t.is(Number(ready![2]), 2 * 8192)
+    // Eight distinct ~450-token chats, four at a time.
+    let promptTokens = 0
+    const ask = async (i: number): Promise<void> => {
+      const text = Array.from({ length: 60 }, (_, j) => `item ${i * 1000 + j}`).join(', ')
+      const r = await fetch(`${server.base}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ messages: [{ role: 'user', content: text }], max_tokens: 16 }),
+      })
+      const body = (await r.json()) as { usage: { prompt_tokens: number } }
+      t.is(r.status, 200)
+      promptTokens += body.usage.prompt_tokens
+    }
+    for (let i = 0; i < 8; i += 4) await Promise.all([i, i + 1, i + 2, i + 3].map(ask))
+    const peak = await peakRss(server.pid)
+    t.log(`${promptTokens} prompt tokens; server peak RSS ${(peak / 1e6).toFixed(0)} MB`)
+    t.true(peak < 700e6, `peak RSS ${(peak / 1e6).toFixed(0)} MB`)
+  } finally {
+    t.is(await server.stop(), 0, server.log())
   }
 })

@@ -144,3 +144,48 @@ test('image_embeds: base64 safetensors over HTTP give the image\'s text; bad one
     await on.server.close()
   }
 })
+
+test('frame_recovery says how many sampled frames it lost: headers, a log line, the library result', async (t) => {
+  // 10 VP8 key frames at 5 fps; the 4th one's start code is broken.
+  const webm = readFileSync(join(FIXTURES, 'vision', 'clip_vp8_key.webm'))
+  const starts = [...webm.keys()].filter((i) => webm[i] === 0x9d && webm[i + 1] === 0x01 && webm[i + 2] === 0x2a)
+  t.is(starts.length, 10)
+  const broken = Buffer.from(webm)
+  broken[starts[3]!] = 0
+  const video = { type: 'video_url', video_url: { url: `data:video/webm;base64,${broken.toString('base64')}` } } as unknown as Part
+  const messages: Message[] = [{ role: 'user', content: [video, { type: 'text', text: 'What happens?' }] }]
+  // fps 5 picks all 10 frames.
+  const body = extra({ ...params, messages, mm_processor_kwargs: { fps: 5, max_pixels: 28 * 28 * 4 } })
+  const rec = await startTestServer({
+    load: { model: dir, dtype: 'f32', maxModelLen: 512, mediaIoKwargs: { video: { frameRecovery: true } } },
+    servedModelName: 'tiny-vl',
+  })
+  try {
+    const { response } = await rec.client.chat.completions.create(body).withResponse()
+    t.is(response.status, 200)
+    t.is(response.headers.get('x-candela-video-frames-dropped'), '1')
+    t.is(response.headers.get('x-candela-video-frames-recovered'), '0')
+    t.true(rec.logs.some((l) => l.msg === 'video frame recovery' && l.dropped === 1 && l.recovered === 0), JSON.stringify(rec.logs))
+    // Streamed: the first chunk carries the count, before the answer opens.
+    const stream = await rec.client.chat.completions.create({ ...body, stream: true }).withResponse()
+    t.is(stream.response.headers.get('x-candela-video-frames-dropped'), '1')
+    for await (const _ of stream.data) void _
+    // The library: the result and the first streamed chunk.
+    const engine = rec.server.engine!
+    const lib = [{ role: 'user' as const, content: [{ type: 'video' as const, video: broken }, { type: 'text' as const, text: 'What happens?' }] }]
+    const out = await engine.chat(lib, { maxTokens: 2, mmProcessorKwargs: { fps: 5, max_pixels: 28 * 28 * 4 } })
+    t.deepEqual(out.videoFrames, { recovered: 0, dropped: 1 })
+    const chunks = []
+    for await (const c of engine.chatStream(lib, { maxTokens: 2, mmProcessorKwargs: { fps: 5, max_pixels: 28 * 28 * 4 } })) chunks.push(c)
+    t.deepEqual(chunks[0]!.videoFrames, { recovered: 0, dropped: 1 })
+    t.true(chunks.slice(1).every((c) => c.videoFrames === undefined))
+    // An intact video says nothing.
+    const whole = await engine.chat([{ role: 'user', content: [{ type: 'video', video: webm }, { type: 'text', text: 'What happens?' }] }], { maxTokens: 2 })
+    t.is(whole.videoFrames, undefined)
+    // Without frame_recovery the same file is a 422.
+    const err = await t.throwsAsync(s.client.chat.completions.create(body))
+    t.is((err as { status?: number }).status, 422)
+  } finally {
+    await rec.server.close()
+  }
+})

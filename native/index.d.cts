@@ -44,17 +44,12 @@ export declare class NativeEngine {
   stats(): NativeStats
   /** Facts about the loaded model. */
   info(): NativeModelInfo
-  /** Text -> token ids with the model's tokenizer, on a worker thread. */
-  tokenize(text: string, addSpecialTokens?: boolean | undefined | null): Promise<Array<number>>
-  /** Token ids -> text, on a worker thread. */
-  detokenize(tokenIds: Array<number>, skipSpecialTokens?: boolean | undefined | null): Promise<string>
-  /**
-   * The text of each token on its own, special tokens included, on a
-   * worker thread.
-   */
-  tokenTexts(tokenIds: Array<number>): Promise<Array<string>>
-  /** Render chat messages with the model's chat template, on a worker thread. */
-  applyChatTemplate(messages: Array<Record<string, unknown>>, addGenerationPrompt?: boolean | undefined | null, tools?: Array<Record<string, unknown>>, chatTemplateKwargs?: Record<string, unknown>): Promise<string>
+  /** Text -> token ids with the model's tokenizer. */
+  tokenize(text: string, addSpecialTokens?: boolean | undefined | null): Array<number>
+  /** Token ids -> text. */
+  detokenize(tokenIds: Array<number>, skipSpecialTokens?: boolean | undefined | null): string
+  /** Render chat messages with the model's chat template. */
+  applyChatTemplate(messages: Array<Record<string, unknown>>, addGenerationPrompt?: boolean | undefined | null, tools?: Array<Record<string, unknown>>, chatTemplateKwargs?: Record<string, unknown>): string
   /**
    * Stop the engine thread. Pending `next()` calls finish with `done`;
    * later calls to addRequest fail with "the engine is closed".
@@ -136,8 +131,6 @@ export interface NativeInputError {
   message: string
   /** The uuid of a `uuid_miss`. */
   uuid?: string
-  /** The request field at fault, when it is not the prompt (`maxTokens`). */
-  param?: string
 }
 
 /** Options for `NativeEngine.load`. */
@@ -207,20 +200,18 @@ export interface NativeMediaItem {
   format?: string
   /** The caller's cache key for the item (vLLM's multi_modal_uuids). */
   uuid?: string
-  /** Precomputed embeddings (row-major, `embedsShape` = [tokens, hidden]). */
+  /** Precomputed image embeddings (row-major, `embedsShape` = [tokens, hidden]). */
   embeds?: Float32Array
   embedsShape?: Array<number>
   /**
-   * Precomputed embeddings as a `torch.save` archive, `.npy` file or
-   * safetensors blob (tensor `image_embeds` / `audio_embeds`, floats,
-   * (tokens, hidden), and optionally `image_grid_thw`, ints, (3,) or (1, 3)).
+   * Precomputed image embeddings as a safetensors blob: tensor
+   * `image_embeds` (F32 / F16 / BF16, (tokens, hidden)) and optionally
+   * `image_grid_thw` (ints, (3,) or (1, 3)).
    */
-  embedsBlob?: Buffer
-  /** The grid as its own blob of one tensor (vLLM's dict form). */
-  gridBlob?: Buffer
+  embedsSafetensors?: Buffer
   /**
    * The (t, h, w) patch grid of precomputed embeddings; wins over a grid
-   * in a blob.
+   * inside the safetensors blob.
    */
   gridThw?: Array<number>
 }
@@ -240,11 +231,10 @@ export interface NativeModelInfo {
   threads: number
   /** Media the model takes besides text ("audio", "image", "video"). */
   modalities: Array<string>
-  /** Tokens per KV block. */
-  blockSize: number
-  /** KV blocks in the pool. */
-  numKvBlocks: number
-  enablePrefixCaching: boolean
+  /** Size of the paged KV pool (the default follows the model and the machine). */
+  kvCacheBytes: number
+  /** Tokens the KV pool holds. */
+  kvCacheTokens: number
 }
 
 /** One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`. */
@@ -361,6 +351,10 @@ export interface NativeStructuredOutputs {
 export interface NativeSubmitted {
   requestId?: number
   error?: NativeInputError
+  /** Sampled video frames `frame_recovery` replaced by a later frame. */
+  videoFramesRecovered: number
+  /** Sampled video frames `frame_recovery` left out. */
+  videoFramesDropped: number
 }
 
 export interface NativeTokenLogprob {

@@ -32,6 +32,7 @@ import type {
   StreamChunk,
   TokenLogprob,
   Usage,
+  VideoFrameLoss,
 } from './types.js'
 import {
   validateChatExtras,
@@ -107,6 +108,8 @@ class RequestRun {
     private readonly nativeEngine: NativeEngine,
     readonly id: number,
     private readonly signal: AbortSignal | undefined,
+    /** Video frames `frame_recovery` replaced or left out while the prompt was prepared. */
+    readonly videoFrames: VideoFrameLoss | undefined,
   ) {}
 
   /** Abort the request (idempotent; no-op once it is over). */
@@ -249,6 +252,8 @@ export class Engine {
       blockSize: i.blockSize,
       numKvBlocks: i.numKvBlocks,
       enablePrefixCaching: i.enablePrefixCaching,
+      kvCacheBytes: i.kvCacheBytes,
+      kvCacheTokens: i.kvCacheTokens,
     }
   }
 
@@ -341,7 +346,8 @@ export class Engine {
     // A cache evicted a deferred item between the query and the submission.
     if (r.error?.code === 'uuid_miss' && media.some((m) => m.load)) r = await submit(await loadDeferred(media))
     if (r.error) throw inputError(r.error, promptParam)
-    return new RequestRun(this, this.#native, r.requestId!, signal)
+    const lost = r.videoFramesRecovered + r.videoFramesDropped > 0
+    return new RequestRun(this, this.#native, r.requestId!, signal, lost ? { recovered: r.videoFramesRecovered, dropped: r.videoFramesDropped } : undefined)
   }
 
   /**
@@ -379,18 +385,21 @@ export class Engine {
   async #collect(run: RequestRun, params: NativeSamplingParams): Promise<CompletionOutput> {
     const c = new Collector(params.n ?? 1, params.logprobs !== undefined)
     for await (const batch of run.batches()) for (const ev of batch) c.add(ev)
-    return c.output()
+    const out = c.output()
+    if (run.videoFrames) out.videoFrames = run.videoFrames
+    return out
   }
 
   async *#chunks(run: RequestRun): AsyncGenerator<StreamChunk, void, undefined> {
+    let report = run.videoFrames
     for await (const batch of run.batches()) {
       for (const ev of batch) {
+        let chunk: StreamChunk
         if (ev.kind === 'tokens') {
-          const chunk: StreamChunk = { index: ev.index, text: ev.text, tokenIds: ev.tokenIds }
+          chunk = { index: ev.index, text: ev.text, tokenIds: ev.tokenIds }
           if (ev.logprobs) chunk.logprobs = convertLogprobs(ev.logprobs)
-          yield chunk
         } else if (ev.kind === 'finished') {
-          const chunk: StreamChunk = {
+          chunk = {
             index: ev.index,
             text: ev.text,
             tokenIds: [],
@@ -398,8 +407,12 @@ export class Engine {
             stopReason: ev.stopReason ?? null,
           }
           if (ev.usage) chunk.usage = convertUsage(ev.usage)
-          yield chunk
+        } else continue
+        if (report) {
+          chunk.videoFrames = report
+          report = undefined
         }
+        yield chunk
       }
     }
   }

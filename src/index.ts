@@ -60,6 +60,7 @@ export type {
   TokenLogprob,
   TopLogprob,
   Usage,
+  VideoFrameLoss,
   VideoInput,
   VisionContentPart,
   ZodSchema,

@@ -50,7 +50,7 @@ export interface LoadOptions {
   threads?: number
   /** Most tokens (prefill + decode) processed in one engine step (default 2048). */
   maxNumBatchedTokens?: number
-  /** Bytes reserved for the paged KV cache (default: the engine's choice). */
+  /** Bytes reserved for the paged KV cache (default on the CPU: two full contexts of the model, at least 16384 tokens, within a quarter of available memory and 4 GiB; see `info.kvCacheBytes`). */
   kvCacheBytes?: number
   /**
    * On CUDA without `kvCacheBytes`: the fraction of the GPU's memory the
@@ -436,6 +436,16 @@ export interface SampleOutput {
 export interface CompletionOutput extends SampleOutput {
   usage: Usage
   outputs: SampleOutput[]
+  /** Set when `frame_recovery` replaced or left out sampled video frames of the prompt. */
+  videoFrames?: VideoFrameLoss
+}
+
+/** Sampled video frames that failed to decode, under `frame_recovery`. */
+export interface VideoFrameLoss {
+  /** Replaced by the next frame that decodes. */
+  recovered: number
+  /** Left out (the video is refused when more than half are). */
+  dropped: number
 }
 
 /** One piece of a streamed answer. */
@@ -454,6 +464,8 @@ export interface StreamChunk {
   stopReason?: string | null
   /** Token accounting, on the sample's last chunk. */
   usage?: Usage
+  /** On the request's first chunk, when `frame_recovery` replaced or left out sampled video frames. */
+  videoFrames?: VideoFrameLoss
 }
 
 /** Engine counters, as of the call. */
@@ -519,4 +531,12 @@ export interface ModelInfo {
   /** KV blocks in the pool. */
   numKvBlocks: number
   enablePrefixCaching: boolean
+  /**
+   * Bytes of the paged KV cache: {@link LoadOptions.kvCacheBytes}, else on the
+   * CPU two full contexts (at least 16384 tokens) of this model, within a
+   * quarter of available memory and 4 GiB.
+   */
+  kvCacheBytes: number
+  /** Tokens the KV cache holds (all sequences together). */
+  kvCacheTokens: number
 }

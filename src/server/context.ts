@@ -67,7 +67,11 @@ export class Run {
     readonly promptParam: string,
   ) {
     const route = routeLabel(req.baseUrl + req.path)
-    this.tally = new UsageTally(performance.now(), (ms) => ctx.metrics.ttft.observe({ route }, ms / 1000))
+    this.tally = new UsageTally(
+      performance.now(),
+      (ms) => ctx.metrics.ttft.observe({ route }, ms / 1000),
+      (lost) => this.#reportVideoFrames(lost),
+    )
     ;(res.locals as { promptParam?: string }).promptParam = promptParam
     // The client went away before its answer was complete: stop generating at once.
     res.on('close', () => {
@@ -98,6 +102,18 @@ export class Run {
   /** End every engine stream of the request (early exit or a failure in one of them). */
   cancel(): void {
     this.#ac.abort(new Error('the request ended'))
+  }
+
+  /**
+   * Say what `frame_recovery` did: in headers while they are unsent (the
+   * first chunk of each prompt comes before the answer opens) and in the log.
+   */
+  #reportVideoFrames(lost: { recovered: number; dropped: number }): void {
+    if (!this.res.headersSent) {
+      this.res.setHeader('x-candela-video-frames-recovered', String(lost.recovered))
+      this.res.setHeader('x-candela-video-frames-dropped', String(lost.dropped))
+    }
+    this.ctx.log.info('video frame recovery', { id: locals(this.res).requestId, recovered: lost.recovered, dropped: lost.dropped })
   }
 
   /** Report the token counts to the request log. */

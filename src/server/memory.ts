@@ -1,8 +1,9 @@
 /**
  * Will a model fit? The estimate is its checkpoint's weight bytes plus its
- * KV budget (the `kvCacheBytes` asked for, else the engine's CPU default: a
- * quarter of available memory, at most 4 GiB, as candela-core's
- * default_kv_cache_bytes), against the memory available now (or what a
+ * KV budget (the `kvCacheBytes` asked for, else the most the engine's CPU
+ * default may take: a quarter of available memory, at most 4 GiB, as
+ * candela-core's machine_kv_cache_bytes; the engine then sizes the pool from
+ * the model, usually smaller), against the memory available now (or what a
  * configured budget leaves after the models already hosted).
  */
 
@@ -23,7 +24,7 @@ export function availableMemory(): number {
   return freemem()
 }
 
-/** The engine's KV budget when none is given (candela-core engine.rs default_kv_cache_bytes). */
+/** The most the engine's KV pool takes when none is given (candela-core engine.rs machine_kv_cache_bytes). */
 export function defaultKvBytes(available: number): number {
   return Math.min(Math.floor(available / 4), 4 * GIB)
 }
@@ -48,6 +49,11 @@ export function checkpointBytes(path: string): number {
     .reduce((acc, f) => acc + size(f), 0)
 }
 
+/** `1.41 GiB`, `360.0 MiB`. */
+export function formatBytes(n: number): string {
+  return n >= GIB ? `${(n / GIB).toFixed(2)} GiB` : `${(n / 2 ** 20).toFixed(1)} MiB`
+}
+
 export interface FitCheck {
   weights: number
   kv: number
@@ -57,7 +63,7 @@ export interface FitCheck {
 /** Why `need` does not fit, with the numbers; undefined when it does. */
 export function doesNotFit(what: string, c: FitCheck): string | undefined {
   if (c.weights + c.kv <= c.available) return undefined
-  const g = (n: number): string => (n >= GIB ? `${(n / GIB).toFixed(2)} GiB` : `${(n / 2 ** 20).toFixed(1)} MiB`)
+  const g = formatBytes
   return (
     `${what} does not fit: its weights (${g(c.weights)}) and KV cache (${g(c.kv)}) need ${g(c.weights + c.kv)}, ` +
     `but ${g(c.available)} is available (terminate a model, or pass a smaller kv_cache_memory)`

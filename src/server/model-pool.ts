@@ -20,7 +20,7 @@ import type { EngineStats, LoadOptions } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
 import { ApiError } from './errors.js'
 import type { Logger } from './log.js'
-import { availableMemory, checkpointBytes, defaultKvBytes, doesNotFit } from './memory.js'
+import { availableMemory, checkpointBytes, defaultKvBytes, doesNotFit, formatBytes } from './memory.js'
 import { ModelHost } from './model-host.js'
 
 /** What to launch. */
@@ -173,7 +173,8 @@ export class ModelPool {
         if (!spec.engine) this.#owned.add(host)
         if (engine instanceof Transcriber) host.setReadyTranscriber(engine, names(engine.info.name))
         else host.setReady(engine, names(engine.info.name))
-        this.opts.log.info(`model ${uid} ready`, { model })
+        const kv = engine instanceof Transcriber ? '' : ` (KV cache ${formatBytes(engine.info.kvCacheBytes)}, ${engine.info.kvCacheTokens} tokens)`
+        this.opts.log.info(`model ${uid} ready${kv}`, { model })
         return engine
       })
       .catch((err: unknown) => {

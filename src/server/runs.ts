@@ -52,13 +52,22 @@ export class UsageTally {
   completionTokens = 0
   /** ms from the request's start to its first generated token, once there is one. */
   firstTokenMs: number | undefined
+  /** Video frames `frame_recovery` replaced or left out, all prompts together. */
+  readonly videoFrames = { recovered: 0, dropped: 0 }
 
   constructor(
     private readonly startedAt: number,
     private readonly onFirstToken: (ms: number) => void = () => {},
+    private readonly onVideoFrames: (lost: { recovered: number; dropped: number }) => void = () => {},
   ) {}
 
   add(ev: ChoiceEvent): void {
+    const lost = ev.chunk.videoFrames
+    if (lost) {
+      this.videoFrames.recovered += lost.recovered
+      this.videoFrames.dropped += lost.dropped
+      this.onVideoFrames(this.videoFrames)
+    }
     if (ev.chunk.tokenIds.length > 0) {
       if (this.firstTokenMs === undefined) {
         this.firstTokenMs = performance.now() - this.startedAt

@@ -25,9 +25,10 @@ pub use crate::request::{EngineRequest, MmInput, MmItem, MmPlaceholder};
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Bytes for the KV pool. None: min(25% of MemAvailable, 4 GiB) on the
-    /// CPU, `gpu_memory_utilization` of the GPU on CUDA; either way capped at
-    /// what `max_num_seqs` sequences of `max_model_len` tokens need.
+    /// Bytes for the KV pool. None: on the CPU, what the model needs for
+    /// [`default_kv_cache_tokens`] tokens, within [`machine_kv_cache_bytes`];
+    /// on CUDA, `gpu_memory_utilization` of the GPU. Either way capped at what
+    /// `max_num_seqs` sequences of `max_model_len` tokens need.
     pub kv_cache_bytes: Option<usize>,
     /// Fraction of the GPU's memory the engine may use in all (weights,
     /// activations, KV cache) when `kv_cache_bytes` is None; in (0, 1].
@@ -186,9 +187,26 @@ fn mem_available_bytes() -> Option<usize> {
     kib.checked_mul(1024)
 }
 
-/// Default KV budget: a quarter of available memory, at most 4 GiB (1 GiB if
-/// the available memory cannot be read).
-pub fn default_kv_cache_bytes() -> usize {
+/// Full-context sequences the default CPU pool holds: one request may use
+/// the whole context while another runs beside it (llama.cpp sizes its cache
+/// the same way, `n_ctx` tokens times parallel slots).
+pub const DEFAULT_KV_FULL_SEQUENCES: usize = 2;
+/// The default CPU pool holds at least this many tokens, so a short-context
+/// model still batches many ordinary requests.
+pub const MIN_DEFAULT_KV_TOKENS: usize = 16384;
+
+/// Tokens of the default CPU KV pool for a context of `max_model_len`:
+/// [`DEFAULT_KV_FULL_SEQUENCES`] full contexts, at least
+/// [`MIN_DEFAULT_KV_TOKENS`].
+pub fn default_kv_cache_tokens(max_model_len: usize) -> usize {
+    max_model_len
+        .saturating_mul(DEFAULT_KV_FULL_SEQUENCES)
+        .max(MIN_DEFAULT_KV_TOKENS)
+}
+
+/// The machine's bound on the default CPU KV pool: a quarter of available
+/// memory, at most 4 GiB (1 GiB if the available memory cannot be read).
+pub fn machine_kv_cache_bytes() -> usize {
     mem_available_bytes().map_or(GIB, |m| (m / 4).min(4 * GIB))
 }
 
@@ -226,7 +244,12 @@ pub fn plan_num_blocks(
             b
         }
         None => match device {
-            None => (default_kv_cache_bytes() / block_bytes).min(needed).max(1),
+            None => {
+                let tokens = default_kv_cache_tokens(max_model_len);
+                let model = tokens.div_ceil(bs);
+                let machine = machine_kv_cache_bytes() / block_bytes;
+                model.min(machine).min(needed).max(1)
+            }
             Some(mem) => {
                 let u = config.gpu_memory_utilization;
                 let b = gpu_kv_budget(mem, u) / block_bytes;
@@ -684,5 +707,40 @@ mod gpu_budget_tests {
             ..EngineConfig::default()
         };
         assert_eq!(plan_num_blocks(&spec, &cfg, 1024, Some(&mem)).unwrap(), 3);
+    }
+
+    #[test]
+    fn cpu_default_follows_the_model_within_the_machine() {
+        let spec = spec();
+        let block = spec.kv_block_bytes(16);
+        let machine = machine_kv_cache_bytes() / block;
+        let cfg = EngineConfig::default();
+        // Two full 8192-token contexts.
+        assert_eq!(default_kv_cache_tokens(8192), 16384);
+        assert_eq!(
+            plan_num_blocks(&spec, &cfg, 8192, None).unwrap(),
+            (16384 / 16).min(machine)
+        );
+        assert_eq!(
+            plan_num_blocks(&spec, &cfg, 32768, None).unwrap(),
+            (65536 / 16).min(machine)
+        );
+        // A short context still gets the minimum, unless max_num_seqs full
+        // sequences need less.
+        assert_eq!(default_kv_cache_tokens(128), MIN_DEFAULT_KV_TOKENS);
+        let few = EngineConfig {
+            max_num_seqs: 4,
+            ..EngineConfig::default()
+        };
+        assert_eq!(
+            plan_num_blocks(&spec, &few, 1024, None).unwrap(),
+            (4 * 1024 / 16).min(machine)
+        );
+        // An explicit size wins.
+        let cfg = EngineConfig {
+            kv_cache_bytes: Some(5 * block),
+            ..EngineConfig::default()
+        };
+        assert_eq!(plan_num_blocks(&spec, &cfg, 8192, None).unwrap(), 5);
     }
 }

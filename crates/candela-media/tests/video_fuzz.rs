@@ -1,11 +1,14 @@
 //! Fuzzing the video decoders (bounded cases, so CI stays fast): mutated and
-//! truncated fixture clips and random bytes behind a container signature,
-//! through the built-in demuxers / decoders and through ffmpeg. Every
+//! truncated fixture clips (and HEVC / AV1 / MOV / MKV clips encoded here)
+//! and random bytes behind a container signature, through the built-in
+//! demuxers / decoders and through ffmpeg. Every
 //! outcome is frames or a 4xx error; nothing panics, hangs or leaks its
 //! media-budget reservation.
 #![cfg(feature = "video-files")]
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use candela_media::video::{decode_video, FfmpegTools, VideoDecodeOptions, VideoDecoder};
@@ -100,6 +103,65 @@ proptest! {
     ) {
         let tools = FfmpegTools::find().expect("ffmpeg on PATH (apt-get install ffmpeg)");
         let bytes = mutate(fixture(CLIPS[clip]), &edits, cut);
+        check(&bytes, &options(VideoDecoder::Ffmpeg(tools), recovery))?;
+    }
+}
+
+/// Codecs and containers only ffmpeg reads (HEVC, AV1; MOV, MKV): small
+/// clips encoded here once, from a synthetic source, with B-frames where the
+/// codec has them.
+fn ffmpeg_only_clips() -> &'static [Vec<u8>] {
+    static CLIPS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    CLIPS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("candela-video-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hevc = ["-c:v", "libx265", "-x265-params", "log-level=error"];
+        let av1 = ["-c:v", "libaom-av1", "-cpu-used", "8", "-crf", "40"];
+        let h264 = ["-c:v", "libx264"];
+        let cases: [(&str, &[&str]); 4] = [
+            ("hevc.mp4", &hevc),
+            ("hevc.mkv", &hevc),
+            ("av1.mkv", &av1),
+            ("h264.mov", &h264),
+        ];
+        let clips = cases
+            .iter()
+            .map(|(name, codec)| {
+                let path = dir.join(name);
+                let out = Command::new("ffmpeg")
+                    .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+                    .arg("testsrc2=size=64x48:rate=10:duration=1")
+                    .args(*codec)
+                    .args(["-pix_fmt", "yuv420p"])
+                    .arg(&path)
+                    .output()
+                    .expect("ffmpeg on PATH (apt-get install ffmpeg)");
+                assert!(
+                    out.status.success(),
+                    "{name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::fs::read(&path).unwrap()
+            })
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        clips
+    })
+}
+
+proptest! {
+    // Each case runs ffprobe and ffmpeg: few of them.
+    #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+
+    #[test]
+    fn ffmpeg_takes_mutated_hevc_av1_mov_mkv(
+        clip in 0usize..4,
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..24),
+        cut in proptest::option::of(any::<usize>()),
+        recovery in any::<bool>(),
+    ) {
+        let tools = FfmpegTools::find().expect("ffmpeg on PATH (apt-get install ffmpeg)");
+        let bytes = mutate(ffmpeg_only_clips()[clip].clone(), &edits, cut);
         check(&bytes, &options(VideoDecoder::Ffmpeg(tools), recovery))?;
     }
 }

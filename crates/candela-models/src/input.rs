@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::mm_embeds;
 use crate::processor::{
-    DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache,
+    DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache,
 };
 
 /// Layouts remembered for uuid-only items whose tensors left the processor
@@ -100,6 +100,8 @@ pub struct PreparedPrompt {
     pub ids: Vec<u32>,
     pub items: Vec<MmItem>,
     pub mrope: Option<MropePositions>,
+    /// Video frames that `frame_recovery` replaced or left out, all items together.
+    pub frames: FrameLoss,
 }
 
 /// One item after hashing and processing, before placement.
@@ -410,6 +412,7 @@ impl InputPreparer {
                 ids,
                 items: Vec::new(),
                 mrope: None,
+                frames: FrameLoss::default(),
             });
         }
         let caching = self.caching(engine);
@@ -506,6 +509,9 @@ impl InputPreparer {
             ids: out,
             items: placed.into_iter().map(|(_, m)| m).collect(),
             mrope,
+            frames: resolved
+                .iter()
+                .fold(FrameLoss::default(), |a, r| a + r.layout.frames),
         })
     }
 }

@@ -253,4 +253,49 @@ mod tests {
         assert!(e.message().contains("holds 6 values"), "{}", e.message());
         assert!(parse_embeds(b"nonsense", Modality::Image).is_err());
     }
+
+    /// A valid blob (f32 embeds + an i64 grid), a fuzz seed.
+    fn seed() -> Vec<u8> {
+        let e: Vec<u8> = (0..8).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let g: Vec<u8> = [1i64, 2, 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+        blob(&[
+            ("image_embeds", "F32", vec![2, 4], e),
+            ("image_grid_thw", "I64", vec![1, 3], g),
+        ])
+    }
+
+    /// Any outcome is embeds that fill their shape, or a 400.
+    fn check(bytes: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        match parse_safetensors(bytes) {
+            Ok(p) => proptest::prop_assert_eq!(p.data.len(), p.shape.iter().product::<usize>()),
+            Err(e) => proptest::prop_assert_eq!(e.http_status(), 400),
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 256, ..Default::default() })]
+
+        #[test]
+        fn random_bytes_are_a_400_never_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            check(&bytes)?;
+        }
+
+        #[test]
+        fn mutated_blobs_are_embeds_or_a_400(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(proptest::prelude::any::<usize>()),
+        ) {
+            let mut bytes = seed();
+            assert!(parse_safetensors(&bytes).is_ok());
+            let n = bytes.len();
+            for (at, v) in edits {
+                bytes[at % n] ^= v | 1;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % n);
+            }
+            check(&bytes)?;
+        }
+    }
 }

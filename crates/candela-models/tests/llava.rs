@@ -103,16 +103,20 @@ fn run_engine(prompts: Vec<PreparedPrompt>, chunk: usize) -> Vec<Vec<u32>> {
     };
     let handles: Vec<_> = prompts
         .into_iter()
-        .map(|PreparedPrompt { ids, items, mrope }| {
-            engine
-                .add_request(EngineRequest {
-                    prompt_token_ids: ids,
-                    params: params.clone(),
-                    mm_items: items,
-                    mrope,
-                })
-                .unwrap()
-        })
+        .map(
+            |PreparedPrompt {
+                 ids, items, mrope, ..
+             }| {
+                engine
+                    .add_request(EngineRequest {
+                        prompt_token_ids: ids,
+                        params: params.clone(),
+                        mm_items: items,
+                        mrope,
+                    })
+                    .unwrap()
+            },
+        )
         .collect();
     handles
         .into_iter()

@@ -116,6 +116,7 @@ fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (V
         ids,
         items: mm_items,
         mrope,
+        ..
     } = prepared;
     let params = SamplingParams {
         temperature: 0.0,

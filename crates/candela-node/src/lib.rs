@@ -264,6 +264,10 @@ pub struct NativeModelInfo {
     /// KV blocks in the pool.
     pub num_kv_blocks: u32,
     pub enable_prefix_caching: bool,
+    /// Size of the paged KV pool (the default follows the model and the machine).
+    pub kv_cache_bytes: f64,
+    /// Tokens the KV pool holds.
+    pub kv_cache_tokens: u32,
 }
 
 /// The per-request state `next()` reads from.
@@ -624,6 +628,10 @@ impl NativeEngine {
 pub struct NativeSubmitted {
     pub request_id: Option<i64>,
     pub error: Option<media::NativeInputError>,
+    /// Sampled video frames `frame_recovery` replaced by a later frame.
+    pub video_frames_recovered: u32,
+    /// Sampled video frames `frame_recovery` left out.
+    pub video_frames_dropped: u32,
 }
 
 impl NativeSubmitted {
@@ -631,6 +639,8 @@ impl NativeSubmitted {
         Self {
             request_id: None,
             error: Some(e),
+            video_frames_recovered: 0,
+            video_frames_dropped: 0,
         }
     }
 }
@@ -652,13 +662,17 @@ impl Inner {
             Err(e) => return Ok(NativeSubmitted::refused(e.into())),
         };
         let (params, default_max) = (request.params, request.default_max_tokens);
-        self.submit(
+        let frames = prepared.frames;
+        let mut submitted = self.submit(
             prepared.ids,
             prepared.items,
             prepared.mrope,
             params,
             default_max,
-        )
+        )?;
+        submitted.video_frames_recovered = frames.recovered as u32;
+        submitted.video_frames_dropped = frames.dropped as u32;
+        Ok(submitted)
     }
 }
 
@@ -785,6 +799,8 @@ impl Inner {
         Ok(NativeSubmitted {
             request_id: Some(handle.id as i64),
             error: None,
+            video_frames_recovered: 0,
+            video_frames_dropped: 0,
         })
     }
 }
@@ -928,6 +944,8 @@ impl NativeEngine {
     #[napi]
     pub fn info(&self) -> NativeModelInfo {
         let i = &self.inner;
+        let blocks = i.engine.num_kv_blocks();
+        let block_size = i.engine.config().block_size;
         NativeModelInfo {
             name: i.model_name.clone(),
             architecture: i.spec.architecture.clone(),
@@ -945,9 +963,11 @@ impl NativeEngine {
                 .into_iter()
                 .map(|m| m.name().to_string())
                 .collect(),
-            block_size: i.engine.config().block_size as u32,
-            num_kv_blocks: i.engine.num_kv_blocks() as u32,
+            block_size: block_size as u32,
+            num_kv_blocks: blocks as u32,
             enable_prefix_caching: i.engine.config().enable_prefix_caching,
+            kv_cache_bytes: (blocks * i.spec.kv_block_bytes(block_size)) as f64,
+            kv_cache_tokens: (blocks * block_size).min(u32::MAX as usize) as u32,
         }
     }
 

@@ -102,13 +102,31 @@ impl DecodedImage {
     }
 }
 
+/// The size an image of (width, height) is resized to, e.g. the processor's
+/// `smart_resize`.
+pub type TargetSize<'a> = &'a dyn Fn(u32, u32) -> Result<(u32, u32), MediaError>;
+
 /// Decode an image file. Never panics: a panic inside a codec is reported as
 /// `Corrupt`.
 pub fn decode_image(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, MediaError> {
+    decode_image_resized(bytes, opts, &|w, h| Ok((w, h)))
+}
+
+/// Decode an image file resized to `target(width, height)` with Pillow's
+/// bicubic: the pixels of [`decode_image`] then [`super::resize_rgb8`], for
+/// less memory. A PNG is resized row by row as it decodes (same pixels); a
+/// baseline JPEG far larger than the target is decoded at a reduced scale
+/// (jpeg.rs says when, and why the result stays close); everything else is
+/// decoded whole, then resized.
+pub fn decode_image_resized(
+    bytes: &[u8],
+    opts: &ImageOptions,
+    target: TargetSize<'_>,
+) -> Result<DecodedImage, MediaError> {
     if bytes.is_empty() {
         return Err(MediaError::Empty("image input is empty (0 bytes)".into()));
     }
-    crate::error::guard_codec("image decoder", || decode_inner(bytes, opts))
+    crate::error::guard_codec("image decoder", || decode_inner(bytes, opts, target))
 }
 
 /// The formats this build decodes, by name.
@@ -124,7 +142,11 @@ fn accepted(format: ImageFormat) -> Option<&'static str> {
     })
 }
 
-fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, MediaError> {
+fn decode_inner(
+    bytes: &[u8],
+    opts: &ImageOptions,
+    target: TargetSize<'_>,
+) -> Result<DecodedImage, MediaError> {
     let format = ::image::guess_format(bytes).map_err(|_| {
         MediaError::Unsupported(
             "not an image: no JPEG, PNG, WebP, GIF, BMP or TIFF signature found".into(),
@@ -138,7 +160,12 @@ fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, Media
 
     // PNG row by row, straight to RGB8 (EXIF orientation, rare in PNGs, goes the general way).
     if format == ImageFormat::Png && !opts.apply_exif_orientation {
-        return super::png::decode_png(bytes, opts);
+        return super::png::decode_png(bytes, opts, target);
+    }
+    if format == ImageFormat::Jpeg && !opts.apply_exif_orientation {
+        if let Some(img) = super::jpeg::decode_reduced(bytes, opts, target)? {
+            return Ok(img);
+        }
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(decoder_limits(opts.max_pixels));
@@ -171,7 +198,26 @@ fn decode_inner(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, Media
     }
     let rgb = to_rgb8(img, opts.rgba_background_color)?;
     reservation.shrink_to(out);
-    Ok(rgb.holding(reservation))
+    let (w, h) = (rgb.width, rgb.height);
+    let (tw, th) = target(w, h)?;
+    if (tw, th) == (w, h) {
+        return Ok(rgb.holding(reservation));
+    }
+    let resized_bytes = tw as u64 * th as u64 * 3;
+    let resized_memory = opts.budget.reserve(
+        resized_bytes,
+        &format!("the {w}x{h} {name} image resized to {tw}x{th}"),
+    )?;
+    let resized = super::resize::resize_rgb8(
+        &rgb.rgb,
+        w as usize,
+        h as usize,
+        tw as usize,
+        th as usize,
+        super::resize::ResampleKernel::Pil,
+    );
+    drop((rgb, reservation));
+    Ok(DecodedImage::from_rgb8(tw, th, resized)?.holding(resized_memory))
 }
 
 /// Allocation limits for the decoder: the pixel cap turned into bytes for the

@@ -247,13 +247,33 @@ impl Qwen2VlProcessorConfig {
     ) -> Result<ProcessedVision, MediaError> {
         let (h, w) = (img.height as usize, img.width as usize);
         let (rh, rw) = self.resized_size(h, w, ov)?;
-        let resized;
-        let pixels: &[u8] = if (rh, rw) == (h, w) {
-            &img.rgb
-        } else {
-            resized = resize_rgb8(&img.rgb, w, h, rw, rh, ResampleKernel::Pil);
-            &resized
-        };
+        if (rh, rw) == (h, w) {
+            return self.process_resized(img);
+        }
+        let resized = resize_rgb8(&img.rgb, w, h, rw, rh, ResampleKernel::Pil);
+        self.patches_of(&resized, rh, rw)
+    }
+
+    /// An image already at its [`Self::resized_size`] (from
+    /// [`super::decode_image_resized`] with that target) -> what
+    /// [`Self::process_image`] gives for the original.
+    pub fn process_resized(&self, img: &DecodedImage) -> Result<ProcessedVision, MediaError> {
+        let (h, w) = (img.height as usize, img.width as usize);
+        let f = self.factor();
+        if self.do_resize && !(h.is_multiple_of(f) && w.is_multiple_of(f)) {
+            return Err(MediaError::Invalid(format!(
+                "a resized image must have sides that are multiples of {f}, got {w}x{h}"
+            )));
+        }
+        self.patches_of(&img.rgb, h, w)
+    }
+
+    fn patches_of(
+        &self,
+        pixels: &[u8],
+        rh: usize,
+        rw: usize,
+    ) -> Result<ProcessedVision, MediaError> {
         let plane = self.normalize_pil(pixels, rh, rw);
         let frames: Vec<&[f32]> = vec![&plane; self.temporal_patch_size];
         patchify(

@@ -186,6 +186,22 @@ fn vertical(src: &[u8], w: usize, y_offset: usize, t: &Taps) -> Vec<u8> {
     out
 }
 
+/// Pillow's pass order: vertical first when the height shrinks more than
+/// twice as much as the width (a speed choice that changes rounding); torch
+/// always goes horizontal first.
+fn horizontal_first(
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+    kernel: ResampleKernel,
+) -> bool {
+    match kernel {
+        ResampleKernel::Pil => !(h > out_h && (h - out_h) as i64 > (w as i64 - out_w as i64) * 2),
+        ResampleKernel::TorchUint8 => true,
+    }
+}
+
 /// Resize an interleaved RGB8 image (`w * h * 3` bytes) to `out_w x out_h`.
 /// The caller guarantees non-zero sizes and a buffer of the right length.
 pub fn resize_rgb8(
@@ -202,22 +218,15 @@ pub fn resize_rgb8(
     if !need_h && !need_v {
         return src.to_vec();
     }
-    let horizontal_first = match kernel {
-        // Pillow: vertical first when the height shrinks more than twice as
-        // much as the width (a speed choice that changes rounding).
-        ResampleKernel::Pil => !(h > out_h && (h - out_h) as i64 > (w as i64 - out_w as i64) * 2),
-        ResampleKernel::TorchUint8 => true,
-    };
     let tv = need_v.then(|| taps(h, out_h, kernel));
     let th = need_h.then(|| taps(w, out_w, kernel));
     match (th, tv) {
         (Some(th), None) => horizontal(src, w, 0, h, &th),
         (None, Some(tv)) => vertical(src, w, 0, &tv),
-        (Some(th), Some(tv)) if horizontal_first => {
+        (Some(th), Some(tv)) if horizontal_first(w, h, out_w, out_h, kernel) => {
             // Only the source rows the vertical pass reads (Pillow's
             // optimisation; it does not change any value).
-            let first = tv.bounds.first().map_or(0, |b| b.0);
-            let last = tv.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(h);
+            let (first, last) = rows_read(&tv, h);
             let tmp = horizontal(src, w, first, last - first, &th);
             vertical(&tmp, out_w, first, &tv)
         }
@@ -226,6 +235,156 @@ pub fn resize_rgb8(
             horizontal(&tmp, w, 0, out_h, &th)
         }
         (None, None) => src.to_vec(),
+    }
+}
+
+/// The source rows `first..last` that a vertical pass reads.
+fn rows_read(tv: &Taps, h: usize) -> (usize, usize) {
+    let first = tv.bounds.first().map_or(0, |b| b.0);
+    let last = tv.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(h);
+    (first, last)
+}
+
+/// [`resize_rgb8`] fed one source row at a time, for decoders that give rows
+/// (PNG): the full-size image never exists. It holds the first pass's output
+/// (`out_w x h` horizontal first, `w x out_h` vertical first) and, vertical
+/// first, a running sum per output row whose source rows are still coming.
+/// Same integer arithmetic in the same passes, so the same pixels.
+pub(crate) struct RowResizer {
+    w: usize,
+    out_w: usize,
+    out_h: usize,
+    th: Option<Taps>,
+    tv: Option<Taps>,
+    horizontal_first: bool,
+    /// Source row index of the next `push`.
+    y: usize,
+    /// First pass output (or the rows themselves when nothing is resized).
+    tmp: Vec<u8>,
+    /// Vertical first: (output row, sums) of output rows begun, in order.
+    open: std::collections::VecDeque<(usize, Vec<i64>)>,
+    /// Vertical first: next output row to begin.
+    next_out: usize,
+}
+
+impl RowResizer {
+    /// A resizer whose first-pass buffer is allocated up front (exactly, and
+    /// failing cleanly where the machine cannot give it).
+    pub(crate) fn new(
+        w: usize,
+        h: usize,
+        out_w: usize,
+        out_h: usize,
+        kernel: ResampleKernel,
+    ) -> Result<Self, std::collections::TryReserveError> {
+        let tv = (out_h != h).then(|| taps(h, out_h, kernel));
+        let th = (out_w != w).then(|| taps(w, out_w, kernel));
+        let horizontal_first =
+            tv.is_none() || (th.is_some() && horizontal_first(w, h, out_w, out_h, kernel));
+        let first_pass = match &tv {
+            Some(tv) if horizontal_first => {
+                let (first, last) = rows_read(tv, h);
+                out_w * (last - first) * 3
+            }
+            Some(_) => w * out_h * 3,
+            None => out_w * h * 3,
+        };
+        let mut tmp = Vec::new();
+        tmp.try_reserve_exact(first_pass)?;
+        Ok(RowResizer {
+            w,
+            out_w,
+            out_h,
+            th,
+            tv,
+            horizontal_first,
+            y: 0,
+            tmp,
+            open: Default::default(),
+            next_out: 0,
+        })
+    }
+
+    /// Bytes this resizer holds at most besides its output (for the media budget).
+    pub(crate) fn scratch_bytes(
+        w: usize,
+        h: usize,
+        out_w: usize,
+        out_h: usize,
+        kernel: ResampleKernel,
+    ) -> u64 {
+        let vertical_first =
+            out_h != h && (out_w == w || !horizontal_first(w, h, out_w, out_h, kernel));
+        if vertical_first {
+            // The first pass, and a running sum for each output row whose
+            // window holds the current source row (8 bytes a sample).
+            let support = (2.0 * (h as f64 / out_h as f64).max(1.0)).ceil() as usize * 2 + 1;
+            let open = support * out_h / h + 2;
+            (w * out_h * 3 + open * w * 3 * 8) as u64
+        } else {
+            (out_w * h * 3) as u64
+        }
+    }
+
+    /// The next source row (`w * 3` bytes of RGB8).
+    pub(crate) fn push(&mut self, row: &[u8]) {
+        let y = self.y;
+        self.y += 1;
+        if self.horizontal_first {
+            if let Some(tv) = &self.tv {
+                let (first, last) = rows_read(tv, usize::MAX);
+                if y < first || y >= last {
+                    return;
+                }
+            }
+            match &self.th {
+                Some(th) => self.tmp.extend(horizontal(row, self.w, 0, 1, th)),
+                None => self.tmp.extend_from_slice(row),
+            }
+            return;
+        }
+        let Some(tv) = &self.tv else { return };
+        let bias = 1i64 << (tv.precision - 1);
+        while self.next_out < tv.bounds.len() && tv.bounds[self.next_out].0 <= y {
+            self.open.push_back((self.next_out, vec![bias; self.w * 3]));
+            self.next_out += 1;
+        }
+        for (yy, acc) in self.open.iter_mut() {
+            let (ymin, count) = tv.bounds[*yy];
+            if y >= ymin && y < ymin + count {
+                let k = tv.weights[*yy * tv.ksize + (y - ymin)] as i64;
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v as i64 * k;
+                }
+            }
+        }
+        // Output rows end in order: their windows' ends never decrease.
+        while let Some((yy, _)) = self.open.front() {
+            let (ymin, count) = tv.bounds[*yy];
+            if ymin + count > y + 1 {
+                break;
+            }
+            let (_, acc) = self.open.pop_front().expect("front exists");
+            self.tmp.extend(acc.iter().map(|&a| clip8(a, tv.precision)));
+        }
+    }
+
+    /// The resized image (`out_w * out_h * 3` bytes), once every row came.
+    pub(crate) fn finish(self) -> Vec<u8> {
+        if self.horizontal_first {
+            match &self.tv {
+                Some(tv) => {
+                    let (first, _) = rows_read(tv, usize::MAX);
+                    vertical(&self.tmp, self.out_w, first, tv)
+                }
+                None => self.tmp,
+            }
+        } else {
+            match &self.th {
+                Some(th) => horizontal(&self.tmp, self.w, 0, self.out_h, th),
+                None => self.tmp,
+            }
+        }
     }
 }
 
@@ -254,6 +413,37 @@ mod tests {
             let t = taps(i, o, ResampleKernel::TorchUint8);
             assert!(t.weights.iter().all(|&w| w.abs() < 1 << 15), "{i}->{o}");
             assert!(t.precision > 0 && t.precision < 22);
+        }
+    }
+
+    #[test]
+    fn row_by_row_gives_the_same_pixels() {
+        let (w, h) = (53, 71);
+        let src: Vec<u8> = (0..w * h * 3)
+            .map(|i| ((i * 37) ^ (i >> 5)) as u8)
+            .collect();
+        for k in [ResampleKernel::Pil, ResampleKernel::TorchUint8] {
+            // Both pass orders, each pass alone, none, and upscaling.
+            for (ow, oh) in [
+                (20, 9),
+                (50, 8),
+                (9, 70),
+                (53, 20),
+                (20, 71),
+                (53, 71),
+                (80, 100),
+                (1, 1),
+            ] {
+                let mut r = RowResizer::new(w, h, ow, oh, k).unwrap();
+                for row in src.chunks_exact(w * 3) {
+                    r.push(row);
+                }
+                assert_eq!(
+                    r.finish(),
+                    resize_rgb8(&src, w, h, ow, oh, k),
+                    "{k:?} {ow}x{oh}"
+                );
+            }
         }
     }
 }

@@ -82,6 +82,27 @@ pub struct ItemLayout {
     pub grid_thw: Option<[usize; 3]>,
     /// Time positions per temporal patch (M-RoPE video); 1 otherwise.
     pub time_interval: f64,
+    /// Sampled video frames that `frame_recovery` replaced or left out
+    /// (kept with the layout: a cached item answers from the same frames).
+    pub frames: FrameLoss,
+}
+
+/// Sampled frames of a video that failed to decode and that `frame_recovery`
+/// replaced by a later frame (`recovered`) or left out (`dropped`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameLoss {
+    pub recovered: usize,
+    pub dropped: usize,
+}
+
+impl std::ops::Add for FrameLoss {
+    type Output = FrameLoss;
+    fn add(self, o: FrameLoss) -> FrameLoss {
+        FrameLoss {
+            recovered: self.recovered + o.recovered,
+            dropped: self.dropped + o.dropped,
+        }
+    }
 }
 
 impl ItemLayout {
@@ -91,6 +112,7 @@ impl ItemLayout {
             embeds,
             grid_thw: None,
             time_interval: 1.0,
+            frames: FrameLoss::default(),
         }
     }
 }

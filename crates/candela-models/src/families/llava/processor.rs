@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candela_core::request::MmFeatures;
-use candela_media::image::{decode_image, resize_rgb8, DecodedImage, ResampleKernel};
+use candela_media::image::{decode_image_resized, resize_rgb8, DecodedImage, ResampleKernel};
 use candela_media::{MediaError, Modality};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -195,7 +195,13 @@ impl MmProcessor for ImageProcessor {
                 modality.name()
             )));
         };
-        let img = decode_image(bytes, &opts.image)?;
+        // Decoded straight to the resize's size (idempotent: `process`
+        // then keeps it), so a huge image costs about that size.
+        let target = |w: u32, h: u32| {
+            let (rh, rw) = self.config.resized(h as usize, w as usize);
+            Ok((rw as u32, rh as u32))
+        };
+        let img = decode_image_resized(bytes, &opts.image, &target)?;
         let s = self.image_size;
         let pixels = Tensor::from_vec(self.config.process(&img), (3, s, s), &Device::Cpu)
             .map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")))?;

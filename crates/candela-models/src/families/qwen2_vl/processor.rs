@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use candela_core::request::{MmFeatures, MropePositions};
 use candela_media::image::{
-    decode_image, DecodedImage, ImageOverrides, ProcessedVision, Qwen2VlProcessorConfig,
+    decode_image, decode_image_resized, DecodedImage, ImageOverrides, ProcessedVision,
+    Qwen2VlProcessorConfig,
 };
 use candela_media::video::{
     decode_video, ProcessedVideo, Qwen2VlVideoConfig, VideoDecodeOptions, VideoOverrides,
@@ -18,7 +19,7 @@ use candle_core::{Device, Tensor};
 
 use super::positions::{mrope_positions, MediaSpan};
 use crate::processor::{
-    DecodeOptions, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessedItem,
+    DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessedItem,
 };
 
 /// Per-request image / video options (vLLM's `mm_processor_kwargs`, and
@@ -140,16 +141,6 @@ impl VisionProcessor {
         self.image.merge_size
     }
 
-    /// One decoded image -> `pixel_values` + `image_grid_thw`.
-    pub fn process_image(
-        &self,
-        img: &DecodedImage,
-        kw: &VisionKwargs,
-    ) -> Result<ProcessedItem, MediaError> {
-        let v = self.image.process_image(img, &kw.image())?;
-        self.item(v, super::IMAGE_GRID_THW, None)
-    }
-
     /// A video given as its frames. Their rate is `kw.fps` (else the
     /// processor's default, 2, as qwen-vl-utils assumes); all are kept
     /// unless there are more than `max_frames`.
@@ -176,7 +167,7 @@ impl VisionProcessor {
         } else {
             self.video.process_video(frames, Some(fps), &ov)?
         };
-        self.video_item(v)
+        self.video_item(v, FrameLoss::default())
     }
 
     /// A video file (MP4 / WebM): frames sampled at `kw.fps` (default 2) from
@@ -204,11 +195,20 @@ impl VisionProcessor {
             d.source_fps,
             &ov,
         )?;
-        self.video_item(v)
+        let lost = FrameLoss {
+            recovered: d.recovered,
+            dropped: d.dropped,
+        };
+        self.video_item(v, lost)
     }
 
-    fn video_item(&self, v: ProcessedVideo) -> Result<ProcessedItem, MediaError> {
-        self.item(v.vision, super::VIDEO_GRID_THW, Some(v.second_per_grid_t))
+    fn video_item(&self, v: ProcessedVideo, lost: FrameLoss) -> Result<ProcessedItem, MediaError> {
+        self.item(
+            v.vision,
+            super::VIDEO_GRID_THW,
+            Some(v.second_per_grid_t),
+            lost,
+        )
     }
 
     fn item(
@@ -216,6 +216,7 @@ impl VisionProcessor {
         v: ProcessedVision,
         grid_name: &str,
         second_per_grid_t: Option<f64>,
+        frames: FrameLoss,
     ) -> Result<ProcessedItem, MediaError> {
         let embeds = self.image.num_placeholder_tokens(v.grid_thw);
         let dev = Device::Cpu;
@@ -245,6 +246,7 @@ impl VisionProcessor {
             embeds,
             grid_thw: Some(v.grid_thw),
             time_interval,
+            frames,
         };
         Ok(ProcessedItem {
             features: Arc::new(MmFeatures { tensors }),
@@ -307,7 +309,15 @@ impl MmProcessor for VisionProcessor {
         let kw = VisionKwargs::parse(kwargs)?;
         match (modality, data) {
             (Modality::Image, MediaData::Encoded { bytes, .. }) => {
-                self.process_image(&decode_image(bytes, &opts.image)?, &kw)
+                // Decoded straight to the size the processor resizes to.
+                let ov = kw.image();
+                let target = |w: u32, h: u32| {
+                    let (rh, rw) = self.image.resized_size(h as usize, w as usize, &ov)?;
+                    Ok((rw as u32, rh as u32))
+                };
+                let img = decode_image_resized(bytes, &opts.image, &target)?;
+                let v = self.image.process_resized(&img)?;
+                self.item(v, super::IMAGE_GRID_THW, None, FrameLoss::default())
             }
             (Modality::Video, MediaData::Frames(frames)) => {
                 let frames = frames
@@ -376,6 +386,7 @@ impl MmProcessor for VisionProcessor {
             embeds: rows,
             grid_thw: Some(grid),
             time_interval: 1.0,
+            frames: FrameLoss::default(),
         })
     }
 }
@@ -464,6 +475,7 @@ mod tests {
                 embeds,
                 grid_thw: Some([1, 4, 4]),
                 time_interval: 1.0,
+                frames: FrameLoss::default(),
             },
         };
         let m = p.positions(7, &[item(1, 4)]).unwrap().unwrap();

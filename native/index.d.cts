@@ -44,12 +44,17 @@ export declare class NativeEngine {
   stats(): NativeStats
   /** Facts about the loaded model. */
   info(): NativeModelInfo
-  /** Text -> token ids with the model's tokenizer. */
-  tokenize(text: string, addSpecialTokens?: boolean | undefined | null): Array<number>
-  /** Token ids -> text. */
-  detokenize(tokenIds: Array<number>, skipSpecialTokens?: boolean | undefined | null): string
-  /** Render chat messages with the model's chat template. */
-  applyChatTemplate(messages: Array<Record<string, unknown>>, addGenerationPrompt?: boolean | undefined | null, tools?: Array<Record<string, unknown>>, chatTemplateKwargs?: Record<string, unknown>): string
+  /** Text -> token ids with the model's tokenizer, on a worker thread. */
+  tokenize(text: string, addSpecialTokens?: boolean | undefined | null): Promise<Array<number>>
+  /** Token ids -> text, on a worker thread. */
+  detokenize(tokenIds: Array<number>, skipSpecialTokens?: boolean | undefined | null): Promise<string>
+  /**
+   * The text of each token on its own, special tokens included, on a
+   * worker thread.
+   */
+  tokenTexts(tokenIds: Array<number>): Promise<Array<string>>
+  /** Render chat messages with the model's chat template, on a worker thread. */
+  applyChatTemplate(messages: Array<Record<string, unknown>>, addGenerationPrompt?: boolean | undefined | null, tools?: Array<Record<string, unknown>>, chatTemplateKwargs?: Record<string, unknown>): Promise<string>
   /**
    * Stop the engine thread. Pending `next()` calls finish with `done`;
    * later calls to addRequest fail with "the engine is closed".
@@ -131,6 +136,8 @@ export interface NativeInputError {
   message: string
   /** The uuid of a `uuid_miss`. */
   uuid?: string
+  /** The request field at fault, when it is not the prompt (`maxTokens`). */
+  param?: string
 }
 
 /** Options for `NativeEngine.load`. */
@@ -200,18 +207,20 @@ export interface NativeMediaItem {
   format?: string
   /** The caller's cache key for the item (vLLM's multi_modal_uuids). */
   uuid?: string
-  /** Precomputed image embeddings (row-major, `embedsShape` = [tokens, hidden]). */
+  /** Precomputed embeddings (row-major, `embedsShape` = [tokens, hidden]). */
   embeds?: Float32Array
   embedsShape?: Array<number>
   /**
-   * Precomputed image embeddings as a safetensors blob: tensor
-   * `image_embeds` (F32 / F16 / BF16, (tokens, hidden)) and optionally
-   * `image_grid_thw` (ints, (3,) or (1, 3)).
+   * Precomputed embeddings as a `torch.save` archive, `.npy` file or
+   * safetensors blob (tensor `image_embeds` / `audio_embeds`, floats,
+   * (tokens, hidden), and optionally `image_grid_thw`, ints, (3,) or (1, 3)).
    */
-  embedsSafetensors?: Buffer
+  embedsBlob?: Buffer
+  /** The grid as its own blob of one tensor (vLLM's dict form). */
+  gridBlob?: Buffer
   /**
    * The (t, h, w) patch grid of precomputed embeddings; wins over a grid
-   * inside the safetensors blob.
+   * in a blob.
    */
   gridThw?: Array<number>
 }
@@ -231,6 +240,11 @@ export interface NativeModelInfo {
   threads: number
   /** Media the model takes besides text ("audio", "image", "video"). */
   modalities: Array<string>
+  /** Tokens per KV block. */
+  blockSize: number
+  /** KV blocks in the pool. */
+  numKvBlocks: number
+  enablePrefixCaching: boolean
   /** Size of the paged KV pool (the default follows the model and the machine). */
   kvCacheBytes: number
   /** Tokens the KV pool holds. */

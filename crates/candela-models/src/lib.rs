@@ -29,7 +29,7 @@ pub mod weights;
 
 // Families by their short paths.
 pub use families::whisper::transcribe;
-pub use families::{llama, qwen2, qwen2_audio, qwen2_vl, qwen3, whisper};
+pub use families::{gemma3, llama, qwen2, qwen2_audio, qwen2_vl, qwen3, whisper};
 
 pub use chat_template::{ChatRenderOptions, ChatTemplate};
 pub use error::ModelError;

@@ -9,8 +9,9 @@
 //! - [`write_kv`] copies the step's new K/V rows into their slots, in place.
 //! - [`paged_attention`] lets each new query token (at causal position `p`
 //!   in its sequence) attend over keys `0..=p` of its sequence, found
-//!   through the sequence's block table. Decode, chunked prefill and prefill
-//!   on a cached prefix are the same computation.
+//!   through the sequence's block table, or over the last `window` of them
+//!   for a sliding-window layer ([`AttnParams`]). Decode, chunked prefill and
+//!   prefill on a cached prefix are the same computation.
 //!
 //! On the CPU, decodes and short chunks run one (token, head) row at a time;
 //! sequences with longer chunks go through [`prefill`]'s tiles.
@@ -159,6 +160,15 @@ impl AttentionMetadata {
         Self::new(seqs, batch.block_size, batch.num_tokens())
     }
 
+    /// Key positions `lo..hi` that query token `t` attends to: its causal
+    /// prefix, cut to the last `window` keys on a sliding-window layer.
+    #[inline]
+    pub(crate) fn key_range(&self, t: usize, window: Option<usize>) -> (usize, usize) {
+        let hi = self.token_pos[t] as usize + 1;
+        let lo = window.map_or(0, |w| hi.saturating_sub(w));
+        (lo, hi)
+    }
+
     /// Largest block id referenced by the used part of any block table.
     fn max_block(&self) -> Option<u32> {
         self.seqs
@@ -169,6 +179,44 @@ impl AttentionMetadata {
                     .copied()
             })
             .max()
+    }
+}
+
+/// What distinguishes one layer's attention: the score scale, an optional
+/// sliding window (a token at position `p` sees keys `p - window + 1 ..= p`,
+/// as transformers' `sliding_window`), and optional tanh softcapping of the
+/// scaled scores (`cap * tanh(s / cap)`, Gemma 2's `attn_logit_softcapping`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    pub scale: f32,
+    pub window: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
+impl AttnParams {
+    /// Plain causal attention with this score scale.
+    pub fn causal(scale: f32) -> Self {
+        Self {
+            scale,
+            window: None,
+            softcap: None,
+        }
+    }
+
+    /// `cap * tanh(s / cap)` when softcapping, else `s`.
+    #[inline(always)]
+    fn cap(&self, s: f32) -> f32 {
+        match self.softcap {
+            Some(c) => c * (s / c).tanh(),
+            None => s,
+        }
+    }
+
+    /// Softcap the scores in place.
+    fn cap_all(&self, scores: &mut [f32]) {
+        if self.softcap.is_some() {
+            scores.iter_mut().for_each(|s| *s = self.cap(*s));
+        }
     }
 }
 
@@ -419,7 +467,7 @@ pub fn write_kv(
 
 struct PagedAttention {
     meta: Arc<AttentionMetadata>,
-    scale: f32,
+    params: AttnParams,
 }
 
 /// One (query token, head) of the attention: the inputs of the inner loop.
@@ -428,13 +476,15 @@ struct AttnRow<'a, T> {
     kc: &'a [T],
     vc: &'a [T],
     block_table: &'a [u32],
+    /// Keys `first..n_ctx` are attended to.
+    first: usize,
     n_ctx: usize,
     block_size: usize,
     /// Elements per cache slot (num_kv_heads * head_dim).
     slot_stride: usize,
     /// Offset of this kv head inside a slot.
     head_off: usize,
-    scale: f32,
+    params: AttnParams,
 }
 
 /// `a * b + c`, fused when the caller is compiled with FMA (`F`).
@@ -471,21 +521,22 @@ fn dot_kv<T: KvElem, const F: bool>(q: &[f32], k: &[T]) -> f32 {
 }
 
 impl<T: KvElem> AttnRow<'_, T> {
-    /// Cache offsets of positions `0..n_ctx`, block by block.
+    /// Index from `first` and cache offset of positions `first..n_ctx`,
+    /// block by block.
     #[inline(always)]
     fn for_each_key(&self, mut f: impl FnMut(usize, usize)) {
         let bs = self.block_size;
-        let mut p = 0;
-        for &block in self.block_table {
-            if p >= self.n_ctx {
-                break;
+        let mut p = self.first;
+        while p < self.n_ctx {
+            let base = self.block_table[p / bs] as usize * bs;
+            let end = self.n_ctx.min((p / bs + 1) * bs);
+            for q in p..end {
+                f(
+                    q - self.first,
+                    (base + q % bs) * self.slot_stride + self.head_off,
+                );
             }
-            let base = block as usize * bs;
-            let n = bs.min(self.n_ctx - p);
-            for j in 0..n {
-                f(p + j, (base + j) * self.slot_stride + self.head_off);
-            }
-            p += n;
+            p = end;
         }
     }
 
@@ -501,13 +552,13 @@ impl<T: KvElem> AttnRow<'_, T> {
     ) {
         let d = out.len();
         for (f, x) in qf.iter_mut().zip(self.q) {
-            *f = x.to_f32() * self.scale;
+            *f = x.to_f32() * self.params.scale;
         }
         scores.clear();
-        scores.resize(self.n_ctx, 0.0);
+        scores.resize(self.n_ctx - self.first, 0.0);
         let mut max = f32::NEG_INFINITY;
         self.for_each_key(|p, off| {
-            let s = T::dot::<F>(qf, &self.kc[off..off + d]);
+            let s = self.params.cap(T::dot::<F>(qf, &self.kc[off..off + d]));
             max = max.max(s);
             scores[p] = s;
         });
@@ -615,7 +666,7 @@ impl PagedAttention {
         let bs = meta.block_size;
         let group = n_heads / n_kv;
         let row = n_kv * d;
-        let scale = self.scale;
+        let params = self.params;
 
         let mut out = vec![T::from_f32(0.0); n_tok * n_heads * d];
         if d > 0 {
@@ -629,16 +680,18 @@ impl PagedAttention {
                     if seq.query_len >= prefill::MIN_QUERY_LEN {
                         return;
                     }
+                    let (first, n_ctx) = meta.key_range(t, params.window);
                     let attn_row = AttnRow {
                         q: &q[idx * d..(idx + 1) * d],
                         kc,
                         vc,
                         block_table: &seq.block_table,
-                        n_ctx: meta.token_pos[t] as usize + 1,
+                        first,
+                        n_ctx,
                         block_size: bs,
                         slot_stride: row,
                         head_off: (h / group) * d,
-                        scale,
+                        params,
                     };
                     attend(&attn_row, o, qf, acc, scores);
                 },
@@ -648,7 +701,7 @@ impl PagedAttention {
                 head_dim: d,
                 group,
                 slot_stride: row,
-                scale,
+                params,
             };
             prefill::attend_tiled(q, kc, vc, meta, &heads, &mut out);
         }
@@ -718,12 +771,26 @@ impl CustomOp3 for PagedAttention {
         v: &candle_core::CudaStorage,
         v_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.params != AttnParams::causal(self.params.scale) {
+            bail!(
+                "paged attention: sliding windows and softcapping are not in the CUDA kernel yet ({:?})",
+                self.params
+            );
+        }
         let (n_tok, n_heads, d, n_kv) = self.check_dims(q_l, k_l, v_l)?;
         let heads = candela_kernels::plan::HeadLayout::new(n_heads, n_kv, d)
             .map_err(candle_core::Error::wrap)?;
         let plan = self.meta.device_plan(&q.device)?;
         let out = candela_kernels::cuda::paged_attention(
-            q, q_l, k, k_l, v, v_l, &plan, &heads, self.scale,
+            q,
+            q_l,
+            k,
+            k_l,
+            v,
+            v_l,
+            &plan,
+            &heads,
+            self.params.scale,
         )?;
         Ok((out, Shape::from((n_tok, n_heads, d))))
     }
@@ -738,7 +805,7 @@ pub fn paged_attention(
     k_cache: &Tensor,
     v_cache: &Tensor,
     meta: &Arc<AttentionMetadata>,
-    scale: f32,
+    params: AttnParams,
 ) -> Result<Tensor> {
     let q = q.contiguous()?;
     q.apply_op3_no_bwd(
@@ -746,7 +813,7 @@ pub fn paged_attention(
         v_cache,
         &PagedAttention {
             meta: meta.clone(),
-            scale,
+            params,
         },
     )
 }
@@ -780,7 +847,8 @@ mod tests {
     }
 
     /// Dense causal attention of one sequence: q `[n, H, D]` at positions
-    /// `ctx - n ..ctx`, keys/values `[ctx, KVH, D]`.
+    /// `ctx - n ..ctx`, keys/values `[ctx, KVH, D]`; a token at `pos` sees
+    /// keys `pos - window + 1 ..= pos`.
     fn naive(
         q: &[f32],
         k: &[f32],
@@ -790,22 +858,28 @@ mod tests {
         h: usize,
         kvh: usize,
         d: usize,
-        scale: f32,
+        params: AttnParams,
     ) -> Vec<f32> {
         let mut out = vec![0f32; n * h * d];
         for t in 0..n {
             let pos = ctx - n + t;
+            let first = params.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             for head in 0..h {
                 let kh = head / (h / kvh);
                 let qrow = &q[(t * h + head) * d..][..d];
-                let scores: Vec<f64> = (0..=pos)
+                let scores: Vec<f64> = (first..=pos)
                     .map(|p| {
                         let krow = &k[(p * kvh + kh) * d..][..d];
-                        qrow.iter()
+                        let s = qrow
+                            .iter()
                             .zip(krow)
                             .map(|(a, b)| *a as f64 * *b as f64)
                             .sum::<f64>()
-                            * scale as f64
+                            * params.scale as f64;
+                        match params.softcap {
+                            Some(c) => c as f64 * (s / c as f64).tanh(),
+                            None => s,
+                        }
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -813,8 +887,8 @@ mod tests {
                 let z: f64 = e.iter().sum();
                 for j in 0..d {
                     let mut acc = 0f64;
-                    for p in 0..=pos {
-                        acc += e[p] * v[(p * kvh + kh) * d + j] as f64;
+                    for p in first..=pos {
+                        acc += e[p - first] * v[(p * kvh + kh) * d + j] as f64;
                     }
                     out[(t * h + head) * d + j] = (acc / z) as f32;
                 }
@@ -829,10 +903,23 @@ mod tests {
     }
 
     fn check(dtype: DType, tol: f32) -> Result<()> {
+        check_with(dtype, tol, None, None)
+    }
+
+    fn check_with(
+        dtype: DType,
+        tol: f32,
+        window: Option<usize>,
+        softcap: Option<f32>,
+    ) -> Result<()> {
         let dev = Device::Cpu;
         // head_dim 44 = 2 x 16 + 8 + 4: every branch of the SIMD dot product.
         let (h, kvh, d, bs) = (6usize, 2usize, 44usize, 4usize);
-        let scale = 1.0 / (d as f32).sqrt();
+        let params = AttnParams {
+            scale: 1.0 / (d as f32).sqrt(),
+            window,
+            softcap,
+        };
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ dtype.size_in_bytes() as u64);
         // Sequences: a decode (long cached prefix), a full prefill, a chunk on a
         // cached prefix, a prefill shorter than one block.
@@ -900,7 +987,7 @@ mod tests {
             new_k.extend_from_slice(&k[c.cached * kvh * d..]);
             new_v.extend_from_slice(&v[c.cached * kvh * d..]);
             new_slots.extend((c.cached..c.ctx).map(slot));
-            expected.extend(naive(&q, &k, &v, n, c.ctx, h, kvh, d, scale));
+            expected.extend(naive(&q, &k, &v, n, c.ctx, h, kvh, d, params));
             all_q.extend(q);
             seqs.push(AttentionSeq {
                 query_start,
@@ -917,7 +1004,7 @@ mod tests {
         write_kv(&k_cache, &v_cache, &kt, &vt, &st)?;
         let meta = Arc::new(AttentionMetadata::new(seqs, bs, n_tok)?);
         let q = Tensor::from_vec(all_q, (n_tok, h, d), &dev)?.to_dtype(dtype)?;
-        let out = paged_attention(&q, &k_cache, &v_cache, &meta, scale)?;
+        let out = paged_attention(&q, &k_cache, &v_cache, &meta, params)?;
         assert_eq!(out.dims(), &[n_tok, h, d]);
         assert_eq!(out.dtype(), dtype);
         let got = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -943,6 +1030,19 @@ mod tests {
     #[test]
     fn matches_dense_causal_attention_f16() -> Result<()> {
         check(DType::F16, 3e-3)
+    }
+
+    /// Windows shorter than a block, spanning blocks, and longer than some
+    /// contexts; on the per-row and the tiled kernels (a 70-token prefill
+    /// with a window of 5 cuts every tile's keys); with softcapping.
+    #[test]
+    fn sliding_window_and_softcap_match_dense_attention() -> Result<()> {
+        for w in [1, 3, 5, 17, 64] {
+            check_with(DType::F32, 1e-5, Some(w), None)?;
+        }
+        check_with(DType::F32, 1e-5, None, Some(0.5))?;
+        check_with(DType::F32, 1e-5, Some(6), Some(0.5))?;
+        check_with(DType::BF16, 2e-2, Some(7), None)
     }
 
     #[test]
@@ -1001,7 +1101,7 @@ mod tests {
             1,
         )?);
         let q = Tensor::zeros((1, 1, 2), DType::F32, &dev)?;
-        let err = paged_attention(&q, &kc, &vc, &meta, 1.0).unwrap_err();
+        let err = paged_attention(&q, &kc, &vc, &meta, AttnParams::causal(1.0)).unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");
         Ok(())
     }

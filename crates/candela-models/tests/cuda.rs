@@ -12,7 +12,7 @@ use candela_core::model::{DeviceSampleRow, ForwardBatch, SeqSlice};
 use candela_core::sampler;
 use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_models::paged_attention::{
-    alloc_kv_pool, paged_attention, write_kv, AttentionMetadata, AttentionSeq,
+    alloc_kv_pool, paged_attention, write_kv, AttentionMetadata, AttentionSeq, AttnParams,
 };
 use candela_models::{load, LoadOptions};
 use candle_core::{DType, Device, Tensor};
@@ -148,7 +148,14 @@ fn attention_case(
             &s_new,
         )
         .unwrap();
-        let out = paged_attention(&t(&q_all, n_tok, heads), &kc, &vc, &meta, scale).unwrap();
+        let out = paged_attention(
+            &t(&q_all, n_tok, heads),
+            &kc,
+            &vc,
+            &meta,
+            AttnParams::causal(scale),
+        )
+        .unwrap();
         assert_eq!(out.dims(), &[n_tok, heads, head_dim]);
         assert_eq!(out.dtype(), dtype);
         outs.push((out, kc));
@@ -198,7 +205,7 @@ fn unsupported_head_dims_are_errors_on_the_gpu() {
         .unwrap(),
     );
     let q = Tensor::zeros((1, 1, 24), DType::F32, &gpu).unwrap();
-    let err = paged_attention(&q, &kc, &vc, &meta, 1.0)
+    let err = paged_attention(&q, &kc, &vc, &meta, AttnParams::causal(1.0))
         .unwrap_err()
         .to_string();
     assert!(err.contains("head_dim"), "{err}");

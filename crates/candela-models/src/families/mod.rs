@@ -4,6 +4,7 @@
 //! `general.architecture`. Adding a family = its module + one line in
 //! [`FAMILIES`].
 
+pub mod gemma3;
 pub mod llama;
 pub mod llava;
 pub mod qwen2;
@@ -30,6 +31,7 @@ pub const FAMILIES: &[Family] = &[
     llama::FAMILY,
     qwen2::FAMILY,
     qwen3::FAMILY,
+    gemma3::FAMILY,
     qwen2_vl::FAMILY,
     qwen2_audio::FAMILY,
     llava::FAMILY,

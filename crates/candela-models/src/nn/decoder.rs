@@ -1,8 +1,10 @@
 //! Building blocks shared by the llama-family decoders (llama, qwen2,
-//! qwen3) and the decoder itself, parameterised by [`DecoderConfig`].
+//! qwen3, gemma3) and the decoder itself, parameterised by [`DecoderConfig`].
 //!
 //! The whole ragged batch runs as one `[num_tokens, hidden]` matrix; only
 //! attention looks at sequence boundaries, through the paged KV cache.
+//! Sliding-window layers ([`SlidingWindow`]) attend over the last `size`
+//! keys of their sequence in every step (prefill, chunk, decode).
 
 use std::sync::Arc;
 
@@ -14,8 +16,11 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use crate::error::ModelError;
 
 type MResult<T> = std::result::Result<T, ModelError>;
-use crate::paged_attention::{alloc_kv_pool, paged_attention, write_kv, AttentionMetadata};
-use crate::rope::{RopeConfig, RotaryEmbedding};
+use crate::nn::activation::Activation;
+use crate::paged_attention::{
+    alloc_kv_pool, paged_attention, write_kv, AttentionMetadata, AttnParams,
+};
+use crate::rope::{RopeConfig, RopeRows, RotaryEmbedding};
 use crate::weights::{Embedding, Linear, MultiLinear, Weights};
 
 /// Everything that distinguishes one llama-family checkpoint from another.
@@ -46,11 +51,101 @@ pub struct DecoderConfig {
     /// M-RoPE (Qwen2-VL): rotary frequencies per (temporal, height, width)
     /// axis, summing to `head_dim / 2`; used when a batch carries 3-D positions.
     pub mrope_section: Option<[usize; 3]>,
+    /// Every RMSNorm scales by `1 + weight` (Gemma) instead of `weight`.
+    pub norm_unit_offset: bool,
+    /// Token embeddings are multiplied by this, in the model dtype (Gemma:
+    /// `sqrt(hidden_size)`). Media embeddings spliced in are not.
+    pub embed_scale: Option<f64>,
+    /// Gemma 2/3 layers: the attention output is normalised by
+    /// `post_attention_layernorm` before the residual add, and the MLP sits
+    /// between `pre_feedforward_layernorm` and `post_feedforward_layernorm`.
+    /// Otherwise `post_attention_layernorm` is the MLP's input norm.
+    pub sandwich_norms: bool,
+    /// Activation of the MLP's gate: SiLU (llama, qwen), GELU-tanh (gemma).
+    pub mlp_act: Activation,
+    /// Attention score scale, `1 / sqrt(head_dim)` when None (Gemma:
+    /// `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f32>,
+    /// Tanh softcapping of attention scores (`attn_logit_softcapping`).
+    pub attn_softcap: Option<f32>,
+    /// Tanh softcapping of the output logits (`final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
+    /// Sliding-window attention in some or all layers.
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+/// Which layers attend over a window of recent keys, and how.
+#[derive(Debug, Clone)]
+pub struct SlidingWindow {
+    /// Keys a token sees: itself and the `size - 1` before it
+    /// (transformers' `sliding_window`).
+    pub size: usize,
+    /// One entry per layer: true for a sliding-window layer.
+    pub layers: Vec<bool>,
+    /// The rotary embedding of the sliding layers when it differs from the
+    /// other layers' (Gemma 3: theta 10,000 locally, 1,000,000 globally).
+    pub rope: Option<RopeConfig>,
 }
 
 impl DecoderConfig {
     pub fn max_model_len(&self) -> usize {
         self.rope.max_positions
+    }
+
+    /// Whether layer `i` is a sliding-window layer.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        self.sliding_window
+            .as_ref()
+            .is_some_and(|s| s.layers.get(i).copied().unwrap_or(false))
+    }
+
+    /// Attention parameters of layer `i`.
+    pub fn attn_params(&self, i: usize) -> AttnParams {
+        AttnParams {
+            scale: self
+                .attn_scale
+                .unwrap_or(1.0 / (self.head_dim as f32).sqrt()),
+            window: self
+                .sliding_window
+                .as_ref()
+                .filter(|_| self.is_sliding(i))
+                .map(|s| s.size),
+            softcap: self.attn_softcap,
+        }
+    }
+
+    /// An RMSNorm of this model's kind (eps, unit offset).
+    fn norm(&self, w: &Weights, name: &str, dim: usize) -> MResult<RmsNorm> {
+        if self.norm_unit_offset {
+            RmsNorm::load_unit_offset(w, name, dim, self.rms_norm_eps)
+        } else {
+            RmsNorm::load(w, name, dim, self.rms_norm_eps)
+        }
+    }
+
+    /// Checks the fields that must agree with each other.
+    pub fn validate(&self) -> MResult<()> {
+        if let Some(s) = &self.sliding_window {
+            if s.size == 0 {
+                return Err(ModelError::Config("sliding_window must be positive".into()));
+            }
+            if s.layers.len() != self.num_layers {
+                return Err(ModelError::Config(format!(
+                    "{} sliding-window layer flags for {} layers",
+                    s.layers.len(),
+                    self.num_layers
+                )));
+            }
+        }
+        for (what, v) in [
+            ("attn_logit_softcapping", self.attn_softcap),
+            ("final_logit_softcapping", self.final_softcap),
+        ] {
+            if v.is_some_and(|c| c.is_nan() || c <= 0.0) {
+                return Err(ModelError::Config(format!("{what} must be positive")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -68,18 +163,30 @@ impl RmsNorm {
         })
     }
 
+    /// Gemma's RMSNorm, which scales by `1 + weight` (the 1 added in f32,
+    /// as transformers does, then stored in the model dtype).
+    pub fn load_unit_offset(w: &Weights, name: &str, dim: usize, eps: f64) -> MResult<Self> {
+        let weight = w.tensor(&format!("{name}.weight"), &[dim])?;
+        let dtype = weight.dtype();
+        Ok(Self {
+            weight: (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?,
+            eps: eps as f32,
+        })
+    }
+
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
 }
 
-/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+/// Gated MLP: `down(act(gate(x)) * up(x))` (SwiGLU with SiLU, GeGLU with GELU).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// gate and up, stacked when possible.
     gate_up: MultiLinear,
     down: Linear,
+    act: Activation,
 }
 
 impl Mlp {
@@ -90,6 +197,7 @@ impl Mlp {
         Ok(Self {
             gate_up: MultiLinear::new(vec![gate, up])?,
             down: w.linear(&format!("{prefix}.down_proj"), i, h, b)?,
+            act: cfg.mlp_act,
         })
     }
 
@@ -99,7 +207,7 @@ impl Mlp {
             [g, u] => (g, u),
             _ => bail!("mlp: expected gate and up outputs"),
         };
-        self.down.forward(&(g.silu()? * u)?)
+        self.down.forward(&(self.act.forward(g)? * u)?)
     }
 }
 
@@ -107,7 +215,9 @@ impl Mlp {
 pub struct StepContext {
     pub meta: Arc<AttentionMetadata>,
     pub slots: Tensor,
-    pub rope_rows: crate::rope::RopeRows,
+    pub rope_rows: RopeRows,
+    /// The sliding layers' rows, when they have their own rotary embedding.
+    pub local_rope_rows: Option<RopeRows>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,11 +230,12 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    scale: f32,
+    params: AttnParams,
 }
 
 impl Attention {
-    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig) -> MResult<Self> {
+    /// The attention of layer `layer` under `prefix`.
+    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig, layer: usize) -> MResult<Self> {
         let (h, nh, nkv, hd) = (
             cfg.hidden_size,
             cfg.num_heads,
@@ -133,18 +244,8 @@ impl Attention {
         );
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
-                Some(RmsNorm::load(
-                    w,
-                    &format!("{prefix}.q_norm"),
-                    hd,
-                    cfg.rms_norm_eps,
-                )?),
-                Some(RmsNorm::load(
-                    w,
-                    &format!("{prefix}.k_norm"),
-                    hd,
-                    cfg.rms_norm_eps,
-                )?),
+                Some(cfg.norm(w, &format!("{prefix}.q_norm"), hd)?),
+                Some(cfg.norm(w, &format!("{prefix}.k_norm"), hd)?),
             )
         } else {
             (None, None)
@@ -160,14 +261,14 @@ impl Attention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
+            params: cfg.attn_params(layer),
         })
     }
 
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
+        (rope, rope_rows): (&RotaryEmbedding, &RopeRows),
         ctx: &StepContext,
         k_cache: &Tensor,
         v_cache: &Tensor,
@@ -188,10 +289,10 @@ impl Attention {
             Some(n) => n.forward(&k)?,
             None => k,
         };
-        let q = rope.apply(&q, &ctx.rope_rows)?;
-        let k = rope.apply(&k, &ctx.rope_rows)?;
+        let q = rope.apply(&q, rope_rows)?;
+        let k = rope.apply(&k, rope_rows)?;
         write_kv(k_cache, v_cache, &k, &v, &ctx.slots)?;
-        let o = paged_attention(&q, k_cache, v_cache, &ctx.meta, self.scale)?;
+        let o = paged_attention(&q, k_cache, v_cache, &ctx.meta, self.params)?;
         self.o_proj
             .forward(&o.reshape((t, self.num_heads * self.head_dim))?)
     }
@@ -201,35 +302,41 @@ impl Attention {
 pub struct DecoderLayer {
     input_norm: RmsNorm,
     attn: Attention,
+    /// The MLP's input norm, or with sandwich norms the attention output's.
     post_attn_norm: RmsNorm,
+    /// Sandwich norms: `pre_feedforward_layernorm`, `post_feedforward_layernorm`.
+    ffn_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
+    /// Uses the sliding layers' rotary embedding.
+    sliding: bool,
 }
 
 impl DecoderLayer {
     pub fn load(w: &Weights, i: usize, cfg: &DecoderConfig) -> MResult<Self> {
         let p = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        let ffn_norms = if cfg.sandwich_norms {
+            Some((
+                cfg.norm(w, &format!("{p}.pre_feedforward_layernorm"), h)?,
+                cfg.norm(w, &format!("{p}.post_feedforward_layernorm"), h)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
-            input_norm: RmsNorm::load(
-                w,
-                &format!("{p}.input_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
-            attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-            post_attn_norm: RmsNorm::load(
-                w,
-                &format!("{p}.post_attention_layernorm"),
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            )?,
+            input_norm: cfg.norm(w, &format!("{p}.input_layernorm"), h)?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), cfg, i)?,
+            post_attn_norm: cfg.norm(w, &format!("{p}.post_attention_layernorm"), h)?,
+            ffn_norms,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            sliding: cfg.is_sliding(i),
         })
     }
 
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
+        rope: (&RotaryEmbedding, &RopeRows),
         ctx: &StepContext,
         k_cache: &Tensor,
         v_cache: &Tensor,
@@ -237,9 +344,18 @@ impl DecoderLayer {
         let h = self
             .attn
             .forward(&self.input_norm.forward(x)?, rope, ctx, k_cache, v_cache)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?)?;
-        x + h
+        match &self.ffn_norms {
+            None => {
+                let x = (x + h)?;
+                let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?)?;
+                x + h
+            }
+            Some((pre, post)) => {
+                let x = (x + self.post_attn_norm.forward(&h)?)?;
+                let h = post.forward(&self.mlp.forward(&pre.forward(&x)?)?)?;
+                x + h
+            }
+        }
     }
 }
 
@@ -259,6 +375,8 @@ pub struct DecoderLm {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    /// The sliding layers' own rotary embedding, if any.
+    local_rope: Option<RotaryEmbedding>,
     kv: Vec<KvPool>,
     /// `(num_blocks, block_size)` once the pool is allocated.
     pool_shape: Option<(usize, usize)>,
@@ -279,13 +397,14 @@ impl std::fmt::Debug for DecoderLm {
 impl DecoderLm {
     /// Build the model from Hugging Face-named weights.
     pub fn load(cfg: DecoderConfig, w: &Weights) -> MResult<Self> {
+        cfg.validate()?;
         let dtype = w.dtype();
         let device = w.device().clone();
         let embed = w.embedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(w, i, &cfg))
             .collect::<MResult<Vec<_>>>()?;
-        let norm = RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = cfg.norm(w, "model.norm", cfg.hidden_size)?;
         let tie = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
         let lm_head = if tie {
             embed.as_linear()
@@ -293,6 +412,10 @@ impl DecoderLm {
             w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
         };
         let rope = RotaryEmbedding::new(&cfg.rope, dtype, &device)?;
+        let local_rope = match cfg.sliding_window.as_ref().and_then(|s| s.rope.as_ref()) {
+            Some(r) => Some(RotaryEmbedding::new(r, dtype, &device)?),
+            None => None,
+        };
         let spec = ModelSpec {
             architecture: cfg.architecture.clone(),
             num_layers: cfg.num_layers,
@@ -311,6 +434,7 @@ impl DecoderLm {
             norm,
             lm_head,
             rope,
+            local_rope,
             kv: Vec::new(),
             pool_shape: None,
             device,
@@ -472,14 +596,27 @@ impl DecoderLm {
             }
             _ => self.rope.rows(&positions)?,
         };
+        let local_rope_rows = match &self.local_rope {
+            Some(r) => Some(r.rows(&positions)?),
+            None => None,
+        };
         let ctx = StepContext {
             meta,
             slots: Tensor::from_slice(&batch.slot_mapping, n, dev)?,
             rope_rows,
+            local_rope_rows,
         };
-        let mut x = splice_embeds(self.embed.forward(&batch.input_ids, dev)?, &batch.mm_embeds)?;
+        let mut x = self.embed.forward(&batch.input_ids, dev)?;
+        if let Some(s) = self.cfg.embed_scale {
+            x = (x * s)?;
+        }
+        let mut x = splice_embeds(x, &batch.mm_embeds)?;
         for (layer, pool) in self.layers.iter().zip(&self.kv) {
-            x = layer.forward(&x, &self.rope, &ctx, &pool.k, &pool.v)?;
+            let rope = match (&self.local_rope, &ctx.local_rope_rows) {
+                (Some(r), Some(rows)) if layer.sliding => (r, rows),
+                _ => (&self.rope, &ctx.rope_rows),
+            };
+            x = layer.forward(&x, rope, &ctx, &pool.k, &pool.v)?;
         }
         if rows.is_empty() {
             return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, dev);
@@ -491,7 +628,11 @@ impl DecoderLm {
             x.index_select(&Tensor::from_vec(rows, nrows, dev)?, 0)?
         };
         let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        match self.cfg.final_softcap {
+            Some(c) => (logits / c as f64)?.tanh()? * c as f64,
+            None => Ok(logits),
+        }
     }
 }
 
@@ -538,15 +679,13 @@ pub fn resolve_max_len(requested: Option<usize>, model_max: usize) -> MResult<us
     }
 }
 
-/// The llama-family hyperparameters of a Hugging Face config; the
-/// architecture files adjust biases, norms and rope from here.
-pub fn hf_base_config(
-    cfg: &crate::config::HfConfig,
-    architecture: &str,
-    max_model_len: Option<usize>,
-) -> MResult<DecoderConfig> {
-    use crate::rope::{RopeScaling, RopeStyle};
-    let scaling = match cfg.rope_scaling() {
+/// A Hugging Face `rope_scaling` (or `rope_parameters`) block as candela's
+/// [`RopeScaling`](crate::rope::RopeScaling): none, linear or llama3.
+pub fn hf_rope_scaling(
+    s: Option<&crate::config::RopeScaling>,
+) -> MResult<crate::rope::RopeScaling> {
+    use crate::rope::RopeScaling;
+    let scaling = match s.filter(|s| !matches!(s.rope_type.as_deref(), None | Some("default"))) {
         None => RopeScaling::None,
         Some(s) => {
             let kind = s.rope_type.as_deref().unwrap_or("default");
@@ -587,6 +726,18 @@ pub fn hf_base_config(
             ));
         }
     }
+    Ok(scaling)
+}
+
+/// The llama-family hyperparameters of a Hugging Face config; the
+/// architecture files adjust biases, norms and rope from here.
+pub fn hf_base_config(
+    cfg: &crate::config::HfConfig,
+    architecture: &str,
+    max_model_len: Option<usize>,
+) -> MResult<DecoderConfig> {
+    use crate::rope::RopeStyle;
+    let scaling = hf_rope_scaling(cfg.rope_scaling())?;
     let max_len = resolve_max_len(max_model_len, cfg.max_position_embeddings)?;
     Ok(DecoderConfig {
         architecture: architecture.to_string(),
@@ -611,6 +762,14 @@ pub fn hf_base_config(
         qk_norm: false,
         tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
         mrope_section: None,
+        norm_unit_offset: false,
+        embed_scale: None,
+        sandwich_norms: false,
+        mlp_act: Activation::Silu,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
     })
 }
 
@@ -706,5 +865,13 @@ pub fn gguf_base_config(
         qk_norm: false,
         tie_word_embeddings: !g.has_raw("output.weight"),
         mrope_section: None,
+        norm_unit_offset: false,
+        embed_scale: None,
+        sandwich_norms: false,
+        mlp_act: Activation::Silu,
+        attn_scale: None,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
     })
 }

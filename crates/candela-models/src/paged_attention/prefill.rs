@@ -5,10 +5,10 @@
 //! [`TILE_ROWS`] / group consecutive tokens of one sequence with all the
 //! heads of one kv group, gathers the keys and values they see through the
 //! block table into contiguous f32 buffers once, and computes scores and
-//! weighted values with two GEMMs; the causal softmax runs row by row in
-//! between.
+//! weighted values with two GEMMs; the causal (or sliding-window) softmax
+//! runs row by row in between.
 
-use super::{AttentionMetadata, KvElem};
+use super::{AttentionMetadata, AttnParams, KvElem};
 use rayon::prelude::*;
 
 /// Query rows per tile: the score tile of 64 rows over a 4,096-token
@@ -26,7 +26,7 @@ pub(super) struct Heads {
     pub group: usize,
     /// Elements per cache slot (num_kv_heads * head_dim).
     pub slot_stride: usize,
-    pub scale: f32,
+    pub params: AttnParams,
 }
 
 /// Tokens `t0..t0 + len` (batch indices) of sequence `seq`, kv head `kv_head`.
@@ -118,19 +118,24 @@ fn attend_tile<T: KvElem>(
     let bs = meta.block_size;
     let table = &meta.seqs[tile.seq].block_table;
     let rows = tile.len * heads.group;
-    // Keys 0..n_ctx are what the tile's last token sees.
-    let n_ctx = meta.token_pos[tile.t0 + tile.len - 1] as usize + 1;
+    let window = heads.params.window;
+    // Keys lo..hi: from what the tile's first token sees to what its last
+    // token sees; buffer row i holds key lo + i.
+    let lo = meta.key_range(tile.t0, window).0;
+    let hi = meta.key_range(tile.t0 + tile.len - 1, window).1;
+    let n_ctx = hi - lo;
 
     let Scratch { k, v, q: qs, s } = scratch;
     k.resize(n_ctx * d, 0.0);
     v.resize(n_ctx * d, 0.0);
-    for p in 0..n_ctx {
+    for i in 0..n_ctx {
+        let p = lo + i;
         let slot = table[p / bs] as usize * bs + p % bs;
         let off = slot * heads.slot_stride + tile.kv_head * d;
-        for (dst, src) in k[p * d..][..d].iter_mut().zip(&kc[off..off + d]) {
+        for (dst, src) in k[i * d..][..d].iter_mut().zip(&kc[off..off + d]) {
             *dst = src.to_f32();
         }
-        for (dst, src) in v[p * d..][..d].iter_mut().zip(&vc[off..off + d]) {
+        for (dst, src) in v[i * d..][..d].iter_mut().zip(&vc[off..off + d]) {
             *dst = src.to_f32();
         }
     }
@@ -140,7 +145,7 @@ fn attend_tile<T: KvElem>(
             let h = tile.kv_head * heads.group + hg;
             let src = &q[((tile.t0 + ti) * heads.n_heads + h) * d..][..d];
             for (dst, x) in qs[(ti * heads.group + hg) * d..][..d].iter_mut().zip(src) {
-                *dst = x.to_f32() * heads.scale;
+                *dst = x.to_f32() * heads.params.scale;
             }
         }
     }
@@ -159,13 +164,16 @@ fn attend_tile<T: KvElem>(
             (1, d),
         );
     }
-    // Causal softmax: token t0 + ti sees keys 0..=its position.
+    // Masked softmax: token t0 + ti sees keys key_range(t0 + ti).
     for ti in 0..tile.len {
-        let seen = meta.token_pos[tile.t0 + ti] as usize + 1;
+        let (a, b) = meta.key_range(tile.t0 + ti, window);
+        let (a, b) = (a - lo, b - lo);
         for hg in 0..heads.group {
             let row = &mut s[(ti * heads.group + hg) * n_ctx..][..n_ctx];
-            crate::softmax::softmax_in_place(&mut row[..seen]);
-            row[seen..].fill(0.0);
+            heads.params.cap_all(&mut row[a..b]);
+            crate::softmax::softmax_in_place(&mut row[a..b]);
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
         }
     }
     // Output [rows, d] = probabilities [rows, n_ctx] . v [n_ctx, d].

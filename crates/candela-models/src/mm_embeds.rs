@@ -266,7 +266,7 @@ mod tests {
 
     /// Any outcome is embeds that fill their shape, or a 400.
     fn check(bytes: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
-        match parse_safetensors(bytes) {
+        match parse_embeds(bytes, Modality::Image) {
             Ok(p) => proptest::prop_assert_eq!(p.data.len(), p.shape.iter().product::<usize>()),
             Err(e) => proptest::prop_assert_eq!(e.http_status(), 400),
         }
@@ -287,7 +287,7 @@ mod tests {
             cut in proptest::option::of(proptest::prelude::any::<usize>()),
         ) {
             let mut bytes = seed();
-            assert!(parse_safetensors(&bytes).is_ok());
+            assert!(parse_embeds(&bytes, Modality::Image).is_ok());
             let n = bytes.len();
             for (at, v) in edits {
                 bytes[at % n] ^= v | 1;

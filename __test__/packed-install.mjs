@@ -23,9 +23,9 @@
 // Not run by ava (no .spec.ts): .ci/run runs it after packing.
 import assert from 'node:assert/strict'
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { delimiter, join, resolve } from 'node:path'
+import { delimiter, dirname, join, resolve } from 'node:path'
 
 import OpenAI from 'openai'
 
@@ -60,25 +60,41 @@ async function check(name, fn) {
   }
 }
 
-await check('the main tarball holds the JavaScript, its types and the napi loader, nothing else', () => {
+/** The files in a tarball, as npm unpacks them (without npm's `package/` folder). */
+const listing = (pack) =>
+  execFileSync('tar', ['-tzf', join(DIR, pack.filename)], { encoding: 'utf8' })
+    .split('\n')
+    .filter((f) => f !== '' && !f.endsWith('/'))
+    .map((f) => f.replace(/^package\//, ''))
+    .sort()
+
+await check(`${main.filename} holds the JavaScript, its types and the napi loader, nothing else`, () => {
+  const files = listing(main)
   const allowed = /^(package\.json|README\.md|native\/index\.(cjs|d\.cts)|dist\/.+\.(js|d\.ts))$/
-  assert.deepEqual(main.files.filter((f) => !allowed.test(f)), [])
+  assert.deepEqual(files.filter((f) => !allowed.test(f)), [])
   for (const f of ['dist/index.js', 'dist/index.d.ts', 'dist/cli.js', 'dist/server/index.js', 'native/index.cjs']) {
-    assert.ok(main.files.includes(f), `${f} is missing`)
+    assert.ok(files.includes(f), `${f} is missing`)
   }
 })
 for (const p of [addon, cuda].filter(Boolean)) {
   await check(`${p.filename} holds its addon and nothing else`, () => {
     const target = p.name.slice(MAIN.name.length + 1)
-    assert.deepEqual(p.files, ['README.md', `candela.${target}.node`, 'package.json'])
+    assert.deepEqual(listing(p), ['README.md', `candela.${target}.node`, 'package.json'])
   })
 }
 
-// No Rust: every PATH entry holding cargo or rustc goes.
+// No Rust: every PATH entry holding cargo or rustc goes. Where Node's own
+// folder goes with them (a distribution's rustc in /usr/bin), links to node,
+// npm and npx stand in for it.
 const exe = (name) => (WIN ? `${name}.exe` : name)
-const PATH = process.env.PATH.split(delimiter)
-  .filter((d) => d !== '' && !['cargo', 'rustc'].some((t) => existsSync(join(d, exe(t)))))
-  .join(delimiter)
+const keep = process.env.PATH.split(delimiter).filter((d) => d !== '' && !['cargo', 'rustc'].some((t) => existsSync(join(d, exe(t)))))
+const nodeDir = dirname(process.execPath)
+const stand = mkdtempSync(join(tmpdir(), 'candela-node-bin-'))
+if (!keep.includes(nodeDir)) {
+  for (const t of ['node', 'npm', 'npx']) if (existsSync(join(nodeDir, t))) symlinkSync(join(nodeDir, t), join(stand, t))
+  keep.unshift(stand)
+}
+const PATH = keep.join(delimiter)
 // A user's shell, not an `npm run` one: no npm_* settings leak in.
 const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^npm_/i.test(k)))
 Object.assign(env, { PATH, npm_config_fund: 'false', npm_config_audit: 'false', npm_config_update_notifier: 'false' })
@@ -144,7 +160,7 @@ try {
       assert.equal(done.choices[0].text, p.greedy_text)
     } finally {
       if (WIN) spawnSync('taskkill', ['/pid', String(server.pid), '/T', '/F'])
-      else process.kill(-server.pid, 'SIGTERM')
+      else killGroup(server.pid)
     }
     await exited
     if (!WIN) assert.match(stdout, /"msg":"shutting down"/, `candela serve did not stop on SIGTERM:\n${stdout}${stderr}`)
@@ -213,9 +229,16 @@ try {
     assert.ok(error?.startsWith(want), error)
   })
 } finally {
-  rmSync(project, { recursive: true, force: true })
+  for (const d of [project, stand]) rmSync(d, { recursive: true, force: true })
 }
 
 console.log(`packed-install: ${passed} passed, ${failed} failed`)
 process.exitCode = failed === 0 ? 0 : 1
 
+function killGroup(pid) {
+  try {
+    process.kill(-pid, 'SIGTERM')
+  } catch (err) {
+    if (err.code !== 'ESRCH') throw err // ESRCH: the group is gone already
+  }
+}

@@ -212,6 +212,7 @@ try {
     await check(`with ${cuda.filename} installed, device 'cuda' loads that package`, () => {
       npm('install', '--prefer-offline', '--no-progress', join(DIR, cuda.filename))
       const got = loadWith('cuda')
+      console.log(`  # ${got.error ?? `device ${got.device}`}`)
       // With a GPU it runs; without one the message says why, no longer that the package is missing.
       if (got.device === undefined) {
         assert.doesNotMatch(got.error, /has no CUDA support/)
@@ -225,6 +226,7 @@ try {
   await check(`without ${addon.name}, loading names the platform and the package`, () => {
     rmSync(join(project, 'node_modules', ...addon.name.split('/')), { recursive: true })
     const { error } = loadWith('cpu')
+    console.log(`  # ${error}`)
     const want = `candela: cannot load the native addon for ${platform}: install the package ${addon.name}@${MAIN.version}`
     assert.ok(error?.startsWith(want), error)
   })

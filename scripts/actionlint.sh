@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check the GitHub Actions workflows (.github/workflows/) with actionlint,
 # pinned, built from the Go module proxy into .cache/bin on first use (needs
-# `go`). actionlint also runs shellcheck over the `run:` scripts when
-# shellcheck is on PATH; .ci/run installs Debian's.
+# `go`). actionlint also lints the `run:` scripts when the ShellCheck
+# binary is on PATH; .ci/run installs Debian's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

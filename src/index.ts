@@ -4,7 +4,7 @@
  *
  * @example
  * ```ts
- * import { Engine } from 'candela'
+ * import { Engine } from '@candela-ai/candela'
  * const engine = await Engine.load({ model: 'default' })
  * const res = await engine.chat([{ role: 'user', content: 'Hi' }], { maxTokens: 32 })
  * console.log(res.text)

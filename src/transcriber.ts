@@ -3,7 +3,7 @@
  *
  * @example
  * ```ts
- * import { Transcriber } from 'candela'
+ * import { Transcriber } from '@candela-ai/candela'
  * const whisper = await Transcriber.load({ model: './whisper-tiny.en' })
  * const { text, segments } = await whisper.transcribe(await readFile('talk.mp3'))
  * await whisper.close()

@@ -2,7 +2,7 @@
  * The OpenAI-compatible HTTP server (`candela serve`), as a library:
  *
  * ```ts
- * import { startServer } from 'candela/server'
+ * import { startServer } from '@candela-ai/candela/server'
  * const server = await startServer({ load: { model: 'path/to/model' }, port: 8000 })
  * await server.ready   // the model is loaded; /health answers 200
  * ```

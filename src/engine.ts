@@ -27,6 +27,7 @@ import type {
   LoadOptions,
   ModelInfo,
   PromptInput,
+  Quantization,
   SampleOutput,
   SamplingParams,
   StreamChunk,
@@ -243,6 +244,8 @@ export class Engine {
       device: i.device,
       threads: i.threads,
       modalities,
+      quantization: (i.quantization ?? null) as Quantization | null,
+      loadSeconds: i.loadSeconds,
     }
   }
 
@@ -263,6 +266,7 @@ export class Engine {
       model: path,
       device,
       dtype: opts.dtype,
+      quantization: opts.quantization,
       chatTemplate: opts.chatTemplate,
       maxModelLen: opts.maxModelLen,
       blockSize: opts.blockSize,

@@ -41,6 +41,7 @@ export type {
   ModelInfo,
   PromptInput,
   PromptMedia,
+  Quantization,
   ResponseFormat,
   SampleOutput,
   SamplingParams,

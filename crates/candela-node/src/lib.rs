@@ -55,6 +55,9 @@ pub struct NativeLoadOptions {
     pub chat_template: Option<String>,
     /// Cap on prompt + output tokens (default: the model's own limit).
     pub max_model_len: Option<u32>,
+    /// Quantize a safetensors checkpoint's language model at load:
+    /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
+    pub quantization: Option<String>,
     /// Tokens per KV block (default 16).
     pub block_size: Option<u32>,
     /// Bytes for the KV cache (default: the engine's choice).
@@ -257,6 +260,10 @@ pub struct NativeModelInfo {
     pub threads: u32,
     /// Media the model takes besides text ("audio", "image", "video").
     pub modalities: Vec<String>,
+    /// The block format the language model was quantized to at load.
+    pub quantization: Option<String>,
+    /// Seconds the weights took to load (and quantize).
+    pub load_seconds: f64,
 }
 
 /// The per-request state `next()` reads from.
@@ -277,6 +284,10 @@ struct Inner {
     generation: GenerationDefaults,
     spec: ModelSpec,
     model_name: String,
+    /// The block format the language model was quantized to at load.
+    quantization: Option<String>,
+    /// Seconds the weights took to load (and quantize).
+    load_seconds: f64,
     device: String,
     requests: Mutex<HashMap<u64, Arc<ReqState>>>,
     closed: AtomicBool,
@@ -458,8 +469,11 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         device: device.clone(),
         chat_template: opts.chat_template.clone(),
         max_model_len: opts.max_model_len.map(|x| x as usize),
+        quantization: opts.quantization.clone(),
     };
+    let started = std::time::Instant::now();
     let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;
+    let load_seconds = started.elapsed().as_secs_f64();
     let config = EngineConfig {
         block_size: num(opts.block_size, 16),
         kv_cache_bytes: match opts.kv_cache_bytes {
@@ -526,6 +540,8 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             generation: loaded.generation,
             spec,
             model_name: loaded.model_name,
+            quantization: loaded.quantization.map(|q| q.name().to_string()),
+            load_seconds,
             device,
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -934,6 +950,8 @@ impl NativeEngine {
                 .into_iter()
                 .map(|m| m.name().to_string())
                 .collect(),
+            quantization: i.quantization.clone(),
+            load_seconds: i.load_seconds,
         }
     }
 

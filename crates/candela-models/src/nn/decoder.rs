@@ -279,6 +279,8 @@ impl std::fmt::Debug for DecoderLm {
 impl DecoderLm {
     /// Build the model from Hugging Face-named weights.
     pub fn load(cfg: DecoderConfig, w: &Weights) -> MResult<Self> {
+        let lm_w = w.for_language_model();
+        let w = lm_w.as_ref().unwrap_or(w);
         let dtype = w.dtype();
         let device = w.device().clone();
         let embed = w.embedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;

@@ -53,6 +53,17 @@ impl Quantization {
             .unwrap_or("?")
     }
 
+    /// The type of the output head (the token embeddings when tied):
+    /// q6_k unless q8_0 was asked for, as llama.cpp's quantizer does, since
+    /// every logit goes through it.
+    pub fn output_head(self) -> Self {
+        if self.0 == GgmlDType::Q8_0 {
+            self
+        } else {
+            Self(GgmlDType::Q6K)
+        }
+    }
+
     /// The block type a matrix with rows of `k` values gets. k-quants need
     /// rows of whole 256-value super-blocks; other rows fall back as
     /// llama.cpp's quantizer does (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0,
@@ -138,6 +149,9 @@ mod tests {
             Some(GgmlDType::Q8_0)
         );
         assert_eq!(q4k.block_type(100), None);
+        assert_eq!(q4k.output_head().name(), "q6_k");
+        let q8 = Quantization::parse("q8_0").unwrap();
+        assert_eq!(q8.output_head(), q8);
         assert_eq!(Quantization::parse("q8_0").unwrap().block_type(100), None);
     }
 

@@ -370,6 +370,25 @@ impl Weights {
         }
     }
 
+    /// The source of a language model's output head (and of its token
+    /// embeddings when they are tied to it), when it differs from this one.
+    pub fn for_output_head(&self) -> Option<Self> {
+        match self {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize: Some(q),
+                quantize_lm,
+            } if q.output_head() != *q => Some(Self::Safetensors {
+                vb: vb.clone(),
+                files: files.clone(),
+                quantize: Some(q.output_head()),
+                quantize_lm: *quantize_lm,
+            }),
+            _ => None,
+        }
+    }
+
     /// The source a language model loads from when it differs from this
     /// one: the same tensors, quantizing its matrices as asked at load.
     pub fn for_language_model(&self) -> Option<Self> {

@@ -615,7 +615,7 @@ fn quantized_at_load_stays_near_f32() {
     let want = f.prompt0_logits().get(f.input_ids(0).len() - 1).unwrap();
     // Logits of this fixture span about +-15, and its 32-wide layers with
     // large weights amplify rounding: bounds are about twice what each type
-    // measured (0.38 for q8_0, 3.8 for q5_1, 2.7 for q5_0, 2.5 for q4_0;
+    // measured (0.38 for q8_0, 2.4 for q5_k, 2.1 for q4_k, 3.3 for q4_0;
     // `quantized_at_load_equals_offline_quantization`
     // pins down that the drift is the quantization's own).
     for (q, bound) in [

@@ -70,7 +70,7 @@ impl Quantization {
     /// 32-value blocks); `None` (keep the model dtype) when even those do
     /// not divide the row.
     pub fn block_type(self, k: usize) -> Option<GgmlDType> {
-        let t = if k % self.0.block_size() == 0 {
+        let t = if k.is_multiple_of(self.0.block_size()) {
             self.0
         } else {
             match self.0 {
@@ -79,7 +79,7 @@ impl Quantization {
                 _ => GgmlDType::Q8_0,
             }
         };
-        (k % t.block_size() == 0).then_some(t)
+        k.is_multiple_of(t.block_size()).then_some(t)
     }
 
     /// `w` (`[n, k]`, any float dtype, CPU) as blocks; `None` when its rows

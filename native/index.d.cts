@@ -155,6 +155,11 @@ export interface NativeLoadOptions {
   chatTemplate?: string
   /** Cap on prompt + output tokens (default: the model's own limit). */
   maxModelLen?: number
+  /**
+   * Quantize a safetensors checkpoint's language model at load:
+   * "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
+   */
+  quantization?: string
   /** Tokens per KV block (default 16). */
   blockSize?: number
   /** Bytes for the KV cache (default: the engine's choice). */
@@ -249,6 +254,10 @@ export interface NativeModelInfo {
   kvCacheBytes: number
   /** Tokens the KV pool holds. */
   kvCacheTokens: number
+  /** The block format the language model was quantized to at load. */
+  quantization?: string
+  /** Seconds the weights took to load (and quantize). */
+  loadSeconds: number
 }
 
 /** One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`. */

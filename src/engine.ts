@@ -27,6 +27,7 @@ import type {
   LoadOptions,
   ModelInfo,
   PromptInput,
+  Quantization,
   SampleOutput,
   SamplingParams,
   StreamChunk,
@@ -254,6 +255,8 @@ export class Engine {
       enablePrefixCaching: i.enablePrefixCaching,
       kvCacheBytes: i.kvCacheBytes,
       kvCacheTokens: i.kvCacheTokens,
+      quantization: (i.quantization ?? null) as Quantization | null,
+      loadSeconds: i.loadSeconds,
     }
   }
 
@@ -275,6 +278,7 @@ export class Engine {
       model: path,
       device,
       dtype: opts.dtype,
+      quantization: opts.quantization,
       chatTemplate: opts.chatTemplate,
       maxModelLen: opts.maxModelLen,
       blockSize: opts.blockSize,

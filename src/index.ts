@@ -51,6 +51,7 @@ export type {
   ModelInfo,
   PromptInput,
   PromptMedia,
+  Quantization,
   ResponseFormat,
   SampleOutput,
   SamplingParams,

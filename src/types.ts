@@ -22,6 +22,12 @@ export type Device = 'cpu' | 'cuda' | 'auto'
  */
 export type DType = 'auto' | 'f32' | 'f16' | 'bf16'
 
+/**
+ * A GGUF block format for {@link LoadOptions.quantization}: bits per weight
+ * 8.5 (q8_0), 6.6 (q6_k), 5.5 (q5_k), 4.5 (q4_k, q4_0).
+ */
+export type Quantization = 'q8_0' | 'q6_k' | 'q5_k' | 'q4_k' | 'q4_0'
+
 /** Options for {@link Engine.load}. */
 export interface LoadOptions {
   /**
@@ -41,6 +47,16 @@ export interface LoadOptions {
   device?: Device
   /** Weight / activation dtype (default `'auto'`). */
   dtype?: DType
+  /**
+   * Quantize a safetensors checkpoint's language model while loading (CPU
+   * only; vLLM's `quantization`): its linear layers and token embeddings
+   * become GGUF blocks run by the same kernels as a GGUF file's. Vision and
+   * audio towers keep `dtype`. A matrix whose rows are not whole blocks falls
+   * back as llama.cpp's quantizer does (q4_k -> q5_0, q5_k -> q5_1,
+   * q6_k -> q8_0; rows not a multiple of 32 stay in `dtype`). A GGUF file is
+   * quantized already: giving this with one is an error.
+   */
+  quantization?: Quantization
   /** Most sequences scheduled in one engine step (default 64). */
   maxNumSeqs?: number
   /**
@@ -539,4 +555,8 @@ export interface ModelInfo {
   kvCacheBytes: number
   /** Tokens the KV cache holds (all sequences together). */
   kvCacheTokens: number
+  /** The block format the model was quantized to at load ({@link LoadOptions.quantization}). */
+  quantization: Quantization | null
+  /** Seconds the weights took to load (and quantize). */
+  loadSeconds: number
 }

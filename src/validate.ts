@@ -9,7 +9,10 @@ import { ValidationError } from './errors.js'
 import { MODALITIES, pendingFromData } from './media/index.js'
 import type { Modality, PendingPart } from './media/index.js'
 import type { NativeRequest, NativeSamplingParams, NativeStructuredOutputs } from './native.js'
-import type { ChatParams, Device, LoadOptions, PromptInput, SamplingParams } from './types.js'
+import type { ChatParams, Device, LoadOptions, PromptInput, Quantization, SamplingParams } from './types.js'
+
+/** The block formats a safetensors checkpoint can be quantized to at load. */
+export const QUANTIZATIONS: readonly Quantization[] = ['q8_0', 'q6_k', 'q5_k', 'q4_k', 'q4_0']
 
 const fail = (msg: string): never => {
   throw new ValidationError(msg)
@@ -62,6 +65,7 @@ const LOAD_KEYS = [
   'onDownloadProgress',
   'device',
   'dtype',
+  'quantization',
   'maxNumSeqs',
   'threads',
   'maxNumBatchedTokens',
@@ -104,6 +108,9 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
   }
   if (o.dtype !== undefined && !['auto', 'f32', 'f16', 'bf16'].includes(o.dtype)) {
     fail(`dtype must be 'auto', 'f32', 'f16' or 'bf16', got ${show(o.dtype)}`)
+  }
+  if (o.quantization !== undefined && !(QUANTIZATIONS as readonly unknown[]).includes(o.quantization)) {
+    fail(`quantization must be one of ${QUANTIZATIONS.join(', ')}, got ${show(o.quantization)}`)
   }
   if (o.maxNumSeqs !== undefined) int('maxNumSeqs', o.maxNumSeqs, 1, 4096)
   if (o.threads !== undefined) int('threads', o.threads, 1, 1024)

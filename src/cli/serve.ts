@@ -7,7 +7,8 @@
 
 import { existsSync } from 'node:fs'
 
-import type { DType, LoadOptions } from '../types.js'
+import type { DType, LoadOptions, Quantization } from '../types.js'
+import { QUANTIZATIONS } from '../validate.js'
 import { createLogger } from '../server/log.js'
 import type { Logger } from '../server/log.js'
 import { startServer } from '../server/serve.js'
@@ -194,6 +195,18 @@ export const SERVE_FLAGS: FlagGroup[] = [
         if (!d) throw new UsageError(`--dtype must be one of auto, f32, f16, bf16, got ${JSON.stringify(v)}`)
         c.load.dtype = d
       }),
+      option(
+        'quantization',
+        'TYPE',
+        `quantize a safetensors model's language model at load: ${QUANTIZATIONS.join(', ')} (CPU; towers stay unquantized)`,
+        (c, v) => {
+          const q = v.toLowerCase() as Quantization
+          if (!QUANTIZATIONS.includes(q)) {
+            throw new UsageError(`--quantization must be one of ${QUANTIZATIONS.join(', ')}, got ${JSON.stringify(v)}`)
+          }
+          c.load.quantization = q
+        },
+      ),
       option(
         'tool-call-parser',
         'NAME',
@@ -486,7 +499,12 @@ async function serve(positionals: string[], values: Values): Promise<number> {
     const names = server.models.list().flatMap((h) => h.names)
     log.info(`serving ${names.length > 0 ? names.join(', ') : 'no model yet'} at ${server.url}/v1`, {
       ...(info
-        ? { architecture: info.architecture, device: info.device, max_model_len: 'maxModelLen' in info ? info.maxModelLen : info.maxTargetPositions }
+        ? {
+            architecture: info.architecture,
+            device: info.device,
+            max_model_len: 'maxModelLen' in info ? info.maxModelLen : info.maxTargetPositions,
+            ...('quantization' in info && info.quantization ? { quantization: info.quantization } : {}),
+          }
         : {}),
       load_s: Number(((performance.now() - t0) / 1000).toFixed(2)),
     })

@@ -60,6 +60,9 @@ pub enum ModelError {
     )]
     UnsupportedDType(String),
 
+    #[error("unsupported quantization {0}")]
+    UnsupportedQuantization(String),
+
     #[error("unsupported device {0:?}: this build has no CUDA support (use \"cpu\")")]
     NoCuda(String),
 

@@ -21,6 +21,7 @@ pub mod nn;
 pub mod paged_attention;
 pub mod processor;
 pub mod quant;
+pub mod quantize;
 pub mod rope;
 pub mod softmax;
 pub mod tensor_files;

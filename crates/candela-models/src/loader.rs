@@ -16,6 +16,7 @@ use crate::config::GenerationConfig;
 use crate::error::{ModelError, Result};
 use crate::families::{self, Checkpoint};
 use crate::processor::MmProcessor;
+use crate::quantize::Quantization;
 use crate::tokenizer::{read_json, Tokenizer};
 use crate::weights::{GgufWeights, Weights};
 
@@ -30,6 +31,9 @@ pub struct LoadOptions {
     pub chat_template: Option<String>,
     /// Serve at most this many positions (default: the model's maximum).
     pub max_model_len: Option<usize>,
+    /// Quantize a safetensors checkpoint's language model at load:
+    /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
+    pub quantization: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +43,7 @@ impl Default for LoadOptions {
             device: "cpu".into(),
             chat_template: None,
             max_model_len: None,
+            quantization: None,
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct LoadedModel {
     pub model_name: String,
     /// Media preprocessing, for models that take more than text.
     pub processor: Option<Arc<dyn MmProcessor>>,
+    /// The block format the language model was quantized to at load.
+    pub quantization: Option<Quantization>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -107,6 +114,19 @@ pub fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType> {
         "f16" | "float16" | "half" => DType::F16,
         _ => return Err(ModelError::UnsupportedDType(n)),
     })
+}
+
+/// Parse a quantization name; block matrices run on the CPU only.
+pub fn parse_quantization(name: Option<&str>, device: &Device) -> Result<Option<Quantization>> {
+    let Some(q) = name.map(Quantization::parse).transpose()? else {
+        return Ok(None);
+    };
+    if !device.is_cpu() {
+        return Err(ModelError::UnsupportedQuantization(format!(
+            "{q} on {device:?}: quantization at load is for the CPU; load 16-bit weights on a GPU"
+        )));
+    }
+    Ok(Some(q))
 }
 
 /// Parse a device name: "cpu", or "cuda" / "gpu" / "cuda:N" (GPU N, default
@@ -148,13 +168,20 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let device = parse_device(&opts.device)?;
     let dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
+    let quantization = parse_quantization(opts.quantization.as_deref(), &device)?;
     if path.is_dir() {
-        load_dir(path, dtype, &device, opts)
+        load_dir(path, dtype, &device, quantization, opts)
     } else if path
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
+        if quantization.is_some() {
+            return Err(ModelError::Config(format!(
+                "{} is a GGUF file, quantized already; quantization applies to safetensors checkpoints",
+                path.display()
+            )));
+        }
         load_gguf(path, dtype, &device, opts)
     } else {
         Err(ModelError::Config(format!(
@@ -178,7 +205,13 @@ fn name_of(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
+fn load_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    quantization: Option<Quantization>,
+    opts: &LoadOptions,
+) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.is_file() {
         return Err(ModelError::MissingFile {
@@ -235,6 +268,7 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         dtype,
         device,
         max_model_len: opts.max_model_len,
+        quantization,
     };
     let families::Built {
         model,
@@ -279,6 +313,7 @@ fn load_dir(dir: &Path, dtype: DType, device: &Device, opts: &LoadOptions) -> Re
         spec,
         model_name: name_of(dir),
         processor,
+        quantization,
     })
 }
 
@@ -349,6 +384,7 @@ fn load_gguf(
         spec,
         model_name: name_of(path),
         processor: None,
+        quantization: None,
     })
 }
 

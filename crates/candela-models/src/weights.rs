@@ -5,7 +5,9 @@
 //! (`model.layers.3.self_attn.q_proj`); the GGUF source maps them to
 //! llama.cpp's names (`blk.3.attn_q`). Dense tensors come back in the model
 //! dtype; GGUF matrices stay quantized inside [`Linear::Quantized`] on the
-//! CPU and are dequantized to the model dtype on a GPU.
+//! CPU and are dequantized to the model dtype on a GPU. A safetensors source
+//! can quantize its language model's matrices into the same
+//! [`Linear::Quantized`] while loading ([`Weights::quantized_at_load`]).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -18,6 +20,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{candle_message, ModelError, Result};
 use crate::quant::BlockMatrix;
+use crate::quantize::Quantization;
 
 /// A GGUF block-quantized matrix: decoded by our own kernels where we
 /// have them ([`BlockMatrix`]), else by candle's `QMatMul`.
@@ -214,6 +217,10 @@ pub enum Weights {
     Safetensors {
         vb: VarBuilder<'static>,
         files: Vec<PathBuf>,
+        /// Applied by [`Weights::linear`] and [`Weights::embedding`] now.
+        quantize: Option<Quantization>,
+        /// What [`Weights::for_language_model`] switches to.
+        quantize_lm: Option<Quantization>,
     },
     Gguf(GgufWeights),
 }
@@ -221,10 +228,16 @@ pub enum Weights {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Safetensors { files, vb } => f
+            Self::Safetensors {
+                files,
+                vb,
+                quantize_lm,
+                ..
+            } => f
                 .debug_struct("Safetensors")
                 .field("files", files)
                 .field("dtype", &vb.dtype())
+                .field("quantize_lm", quantize_lm)
                 .finish(),
             Self::Gguf(g) => f
                 .debug_struct("Gguf")
@@ -330,7 +343,69 @@ impl Weights {
                     message: format!("not a valid safetensors file: {}", candle_message(&e)),
                 }
             })?;
-        Ok(Self::Safetensors { vb, files })
+        Ok(Self::Safetensors {
+            vb,
+            files,
+            quantize: None,
+            quantize_lm: None,
+        })
+    }
+
+    /// The same source quantizing the language model's matrices (and, with
+    /// `towers`, every matrix) to `q` as they are read. A GGUF source is
+    /// quantized already: asking for it is an error.
+    pub fn quantized_at_load(self, q: Option<Quantization>, towers: bool) -> Result<Self> {
+        match self {
+            Self::Safetensors { vb, files, .. } => Ok(Self::Safetensors {
+                vb,
+                files,
+                quantize: q.filter(|_| towers),
+                quantize_lm: q,
+            }),
+            Self::Gguf(g) if q.is_some() => Err(ModelError::Config(format!(
+                "{} is a GGUF file, quantized already; quantization applies to safetensors checkpoints",
+                g.path.display()
+            ))),
+            gguf => Ok(gguf),
+        }
+    }
+
+    /// The source of a language model's output head (and of its token
+    /// embeddings when they are tied to it), when it differs from this one.
+    pub fn for_output_head(&self) -> Option<Self> {
+        match self {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize: Some(q),
+                quantize_lm,
+            } if q.output_head() != *q => Some(Self::Safetensors {
+                vb: vb.clone(),
+                files: files.clone(),
+                quantize: Some(q.output_head()),
+                quantize_lm: *quantize_lm,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The source a language model loads from when it differs from this
+    /// one: the same tensors, quantizing its matrices as asked at load.
+    pub fn for_language_model(&self) -> Option<Self> {
+        match self {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+            } if quantize != quantize_lm => Some(Self::Safetensors {
+                vb: vb.clone(),
+                files: files.clone(),
+                quantize: *quantize_lm,
+                quantize_lm: *quantize_lm,
+            }),
+            _ => None,
+        }
     }
 
     pub fn from_gguf(gguf: GgufWeights) -> Self {
@@ -355,9 +430,16 @@ impl Weights {
     /// (a multimodal checkpoint's language model under its own prefix).
     pub fn renamed(&self, rename: impl Fn(&str) -> String + Send + Sync + 'static) -> Result<Self> {
         match self {
-            Self::Safetensors { vb, files } => Ok(Self::Safetensors {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+            } => Ok(Self::Safetensors {
                 vb: vb.clone().rename_f(move |n: &str| rename(n)),
                 files: files.clone(),
+                quantize: *quantize,
+                quantize_lm: *quantize_lm,
             }),
             Self::Gguf(_) => Err(ModelError::Config(
                 "multimodal GGUF checkpoints are not supported".into(),
@@ -385,7 +467,7 @@ impl Weights {
     /// A dense tensor in the model dtype, checked against `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Safetensors { vb, files } => {
+            Self::Safetensors { vb, files, .. } => {
                 if !vb.contains_tensor(name) {
                     return Err(ModelError::MissingTensor(name.to_string()));
                 }
@@ -423,7 +505,24 @@ impl Weights {
                 q.dequantize(&g.device)?.to_dtype(g.dtype)?,
             ));
         }
-        Ok(Embedding::Dense(self.tensor(name, &[vocab, hidden])?))
+        let table = self.tensor(name, &[vocab, hidden])?;
+        Ok(match self.quantize_dense(&table)? {
+            Some(b) => Embedding::Blocks {
+                table: Arc::new(b),
+                dtype: self.dtype(),
+            },
+            None => Embedding::Dense(table),
+        })
+    }
+
+    /// A dense matrix as blocks when this source quantizes at load.
+    fn quantize_dense(&self, w: &Tensor) -> Result<Option<BlockMatrix>> {
+        match self {
+            Self::Safetensors {
+                quantize: Some(q), ..
+            } => q.quantize(w),
+            _ => Ok(None),
+        }
     }
 
     /// The projection `{prefix}.weight` (`[out, in]`) with an optional
@@ -442,10 +541,16 @@ impl Weights {
             None
         };
         match self {
-            Self::Safetensors { .. } => Ok(Linear::Dense {
-                weight: self.tensor(&wname, &[out_dim, in_dim])?,
-                bias,
-            }),
+            Self::Safetensors { .. } => {
+                let weight = self.tensor(&wname, &[out_dim, in_dim])?;
+                Ok(match self.quantize_dense(&weight)? {
+                    Some(b) => Linear::Quantized {
+                        weight: QuantWeight::Blocks(Arc::new(b)),
+                        bias,
+                    },
+                    None => Linear::Dense { weight, bias },
+                })
+            }
             Self::Gguf(g) => {
                 let q = g.qtensor(&wname)?;
                 g.check_shape(&wname, &q, &[out_dim, in_dim])?;

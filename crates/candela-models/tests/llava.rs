@@ -262,3 +262,37 @@ fn other_weight_layouts_load() {
         );
     }
 }
+
+/// Quantized at load: the language model's matrices (64-value rows: q8_0
+/// as is, q4_k falling back to q5_0) are quantized, the CLIP tower and the
+/// projector are not (image features unchanged), and the logits stay near
+/// the f32 reference.
+#[test]
+fn quantized_language_model_stays_near_f32() {
+    let f = fixture();
+    let case = &f.reference["cases"]["one_image"];
+    // Logits of this fixture span about +-6.
+    for (q, bound) in [("q8_0", 0.5), ("q4_k", 1.5)] {
+        let mut loaded = load(
+            &dir(),
+            &LoadOptions {
+                quantization: Some(q.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let p = prepare_case(&loaded, case);
+        let spans: Vec<(usize, Tensor)> = features(&p)
+            .iter()
+            .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
+            .collect();
+        let d = max_diff(&spans[0].1, &f.tensors["one_image.item0.embeds"]);
+        assert!(d <= ATOL, "{q}: image features differ by {d}");
+        let d = max_diff(
+            &last_logits(&mut loaded, &p.ids, &spans, None),
+            &f.tensors["one_image.last_logits"],
+        );
+        eprintln!("llava-tiny {q}: last logits max abs diff vs f32 reference {d:.3e}");
+        assert!(d > 0.0 && d < bound, "{q}: logits drift by {d}");
+    }
+}

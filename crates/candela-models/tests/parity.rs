@@ -606,6 +606,138 @@ fn half_precision_runs() {
     }
 }
 
+/// Quantized at load (llama-tiny: 32-value rows, so the k-quants fall back
+/// to 32-value blocks): logits near the f32 reference and greedy ids the
+/// same on a second load.
+#[test]
+fn quantized_at_load_stays_near_f32() {
+    let f = Fixture::open("llama-tiny");
+    let want = f.prompt0_logits().get(f.input_ids(0).len() - 1).unwrap();
+    // Logits of this fixture span about +-15, and its 32-wide layers with
+    // large weights amplify rounding: bounds are about twice what each type
+    // measured (0.38 for q8_0, 2.4 for q5_k, 2.1 for q4_k, 3.3 for q4_0;
+    // `quantized_at_load_equals_offline_quantization`
+    // pins down that the drift is the quantization's own).
+    for (q, bound) in [
+        ("q8_0", 1.0),
+        ("q6_k", 1.0),
+        ("q5_k", 8.0),
+        ("q4_k", 6.0),
+        ("q4_0", 6.0),
+    ] {
+        let (last, ids) = quantized_prompt0(&f, q);
+        let d = max_abs_diff(&last, &want);
+        eprintln!(
+            "llama-tiny {q}: last logits max abs diff vs f32 reference {d:.3e}, greedy ids {}",
+            if ids == f.greedy_ids(0) {
+                "equal"
+            } else {
+                "differ"
+            }
+        );
+        // Not zero: the matrices really were quantized.
+        assert!(d > 0.0 && d < bound, "{q}: logits drift by {d}");
+        assert_eq!(
+            quantized_prompt0(&f, q).1,
+            ids,
+            "{q}: greedy ids differ between loads"
+        );
+    }
+}
+
+/// Prompt 0 of a fixture quantized to `q` at load: last logits and 16 greedy ids.
+fn quantized_prompt0(f: &Fixture, q: &str) -> (Tensor, Vec<u32>) {
+    let opts = LoadOptions {
+        quantization: Some(q.into()),
+        ..Default::default()
+    };
+    let mut loaded = load(&f.dir, &opts).expect("load");
+    loaded
+        .model
+        .allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
+        .unwrap();
+    let ids = f.input_ids(0);
+    let mut s = Seq::new(ids.clone(), blocks(0..NUM_BLOCKS as u32));
+    let logits = loaded
+        .model
+        .forward(&batch(&mut [&mut s], &[ids.len()], &[true]))
+        .unwrap();
+    let last = logits.get(0).unwrap();
+    let greedy_ids = greedy(loaded.model.as_mut(), &mut s, &last, 16);
+    (last, greedy_ids)
+}
+
+/// The drift is the quantization's and nothing else: q8_0 at load gives the
+/// logits of an f32 model whose matrices were quantized and dequantized
+/// offline. Bad names and GGUF files are errors.
+#[test]
+fn quantized_at_load_equals_offline_quantization() {
+    let f = Fixture::open("llama-tiny");
+    let tmp = std::env::temp_dir().join(format!("llama-tiny-q8-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for e in std::fs::read_dir(&f.dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let stored = candle_core::safetensors::load(f.dir.join("model.safetensors"), &Device::Cpu)
+        .expect("weights");
+    let offline: HashMap<String, Tensor> = stored
+        .into_iter()
+        .map(|(k, v)| {
+            let v = v.to_dtype(DType::F32).unwrap();
+            let v = if v.rank() == 2 {
+                let q = candle_core::quantized::QTensor::quantize(
+                    &v,
+                    candle_core::quantized::GgmlDType::Q8_0,
+                )
+                .unwrap();
+                q.dequantize(&Device::Cpu).unwrap()
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .collect();
+    candle_core::safetensors::save(&offline, tmp.join("model.safetensors")).unwrap();
+    let mut m = load(&tmp, &LoadOptions::default()).expect("load").model;
+    m.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE).unwrap();
+    let ids = f.input_ids(0);
+    let mut s = Seq::new(ids.clone(), blocks(0..NUM_BLOCKS as u32));
+    let offline_logits = m
+        .forward(&batch(&mut [&mut s], &[ids.len()], &[true]))
+        .unwrap()
+        .get(0)
+        .unwrap();
+    std::fs::remove_dir_all(&tmp).ok();
+    let (at_load, _) = quantized_prompt0(&f, "q8_0");
+    let d = max_abs_diff(&at_load, &offline_logits);
+    eprintln!("llama-tiny q8_0 at load vs offline q8_0: max abs diff {d:.3e}");
+    assert!(
+        d <= ATOL * 10.0,
+        "q8_0 at load differs from offline q8_0 by {d}"
+    );
+
+    let err = |opts: LoadOptions, path: &Path| load(path, &opts).unwrap_err().to_string();
+    let bad = err(
+        LoadOptions {
+            quantization: Some("q3_xs".into()),
+            ..Default::default()
+        },
+        &f.dir,
+    );
+    assert!(bad.contains("q3_xs") && bad.contains("q4_k"), "{bad}");
+    let gguf = err(
+        LoadOptions {
+            quantization: Some("q8_0".into()),
+            ..Default::default()
+        },
+        &fixtures_root().join("llama-tiny.gguf"),
+    );
+    assert!(gguf.contains("quantized already"), "{gguf}");
+}
+
 /// Malformed batches are errors, not panics.
 #[test]
 fn bad_batches_are_errors() {

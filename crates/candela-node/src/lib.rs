@@ -57,6 +57,9 @@ pub struct NativeLoadOptions {
     pub chat_template: Option<String>,
     /// Cap on prompt + output tokens (default: the model's own limit).
     pub max_model_len: Option<u32>,
+    /// Quantize a safetensors checkpoint's language model at load:
+    /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
+    pub quantization: Option<String>,
     /// Tokens per KV block (default 16).
     pub block_size: Option<u32>,
     /// Bytes for the KV cache (default: the engine's choice).
@@ -268,6 +271,10 @@ pub struct NativeModelInfo {
     pub kv_cache_bytes: f64,
     /// Tokens the KV pool holds.
     pub kv_cache_tokens: u32,
+    /// The block format the language model was quantized to at load.
+    pub quantization: Option<String>,
+    /// Seconds the weights took to load (and quantize).
+    pub load_seconds: f64,
 }
 
 /// The per-request state `next()` reads from.
@@ -288,6 +295,10 @@ struct Inner {
     generation: GenerationDefaults,
     spec: ModelSpec,
     model_name: String,
+    /// The block format the language model was quantized to at load.
+    quantization: Option<String>,
+    /// Seconds the weights took to load (and quantize).
+    load_seconds: f64,
     device: String,
     requests: Mutex<HashMap<u64, Arc<ReqState>>>,
     closed: AtomicBool,
@@ -480,8 +491,11 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         device: device.clone(),
         chat_template: opts.chat_template.clone(),
         max_model_len: opts.max_model_len.map(|x| x as usize),
+        quantization: opts.quantization.clone(),
     };
+    let started = std::time::Instant::now();
     let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;
+    let load_seconds = started.elapsed().as_secs_f64();
     let config = EngineConfig {
         block_size: num(opts.block_size, 16),
         kv_cache_bytes: match opts.kv_cache_bytes {
@@ -547,6 +561,8 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             generation: loaded.generation,
             spec,
             model_name: loaded.model_name,
+            quantization: loaded.quantization.map(|q| q.name().to_string()),
+            load_seconds,
             device,
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -968,6 +984,8 @@ impl NativeEngine {
             enable_prefix_caching: i.engine.config().enable_prefix_caching,
             kv_cache_bytes: (blocks * i.spec.kv_block_bytes(block_size)) as f64,
             kv_cache_tokens: (blocks * block_size).min(u32::MAX as usize) as u32,
+            quantization: i.quantization.clone(),
+            load_seconds: i.load_seconds,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::decoder::{DecoderConfig, DecoderLm};
 use crate::processor::MmProcessor;
+use crate::quantize::Quantization;
 use crate::weights::{GgufWeights, Weights};
 
 /// Every family candela loads, text-only first.
@@ -64,12 +65,15 @@ pub struct Checkpoint<'a> {
     pub device: &'a Device,
     /// Serve at most this many positions.
     pub max_model_len: Option<usize>,
+    /// Quantize the language model's matrices to this block format.
+    pub quantization: Option<Quantization>,
 }
 
 impl Checkpoint<'_> {
     /// The folder's safetensors.
     pub fn weights(&self) -> Result<Weights> {
-        Weights::from_safetensors_dir(self.dir, self.dtype, self.device)
+        Weights::from_safetensors_dir(self.dir, self.dtype, self.device)?
+            .quantized_at_load(self.quantization, false)
     }
 
     /// A JSON file of the folder as text, when present.

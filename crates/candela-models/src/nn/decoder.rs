@@ -398,18 +398,26 @@ impl DecoderLm {
     /// Build the model from Hugging Face-named weights.
     pub fn load(cfg: DecoderConfig, w: &Weights) -> MResult<Self> {
         cfg.validate()?;
+        let lm_w = w.for_language_model();
+        let w = lm_w.as_ref().unwrap_or(w);
         let dtype = w.dtype();
         let device = w.device().clone();
-        let embed = w.embedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
+        let head_w = w.for_output_head();
+        let head_w = head_w.as_ref().unwrap_or(w);
+        let tie = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
+        let embed = (if tie { head_w } else { w }).embedding(
+            "model.embed_tokens.weight",
+            cfg.vocab_size,
+            cfg.hidden_size,
+        )?;
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(w, i, &cfg))
             .collect::<MResult<Vec<_>>>()?;
         let norm = cfg.norm(w, "model.norm", cfg.hidden_size)?;
-        let tie = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
         let lm_head = if tie {
             embed.as_linear()
         } else {
-            w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
+            head_w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
         };
         let rope = RotaryEmbedding::new(&cfg.rope, dtype, &device)?;
         let local_rope = match cfg.sliding_window.as_ref().and_then(|s| s.rope.as_ref()) {

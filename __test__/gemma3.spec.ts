@@ -59,6 +59,6 @@ test.serial('server: chat completion gives transformers\' greedy text', async (t
     ...extra({ model: 'tiny-gemma3', max_tokens: 16, temperature: 0, ignore_eos: true }),
     messages: ref.chat.messages as never,
   })
-  t.is(res.choices[0]!.message.content, engine.detokenize(ref.chat.greedy_ids))
+  t.is(res.choices[0]!.message.content, await engine.detokenize(ref.chat.greedy_ids))
   t.is(res.usage!.prompt_tokens, ref.chat.input_ids.length)
 })

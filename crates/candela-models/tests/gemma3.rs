@@ -9,12 +9,12 @@
 
 mod common;
 
-use common::{fixture_dir, ids_of, max_diff, reference};
+use common::{drain_tokens, fixture_dir, ids_of, max_diff, reference};
 
 use std::path::PathBuf;
 
 use candela_core::model::{ForwardBatch, Model, SeqSlice};
-use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_models::{
     gemma3, load, ChatRenderOptions, DecoderLm, LoadOptions, LoadedModel, Weights,
 };
@@ -245,20 +245,7 @@ fn run_engine(prompts: &[Vec<u32>], chunk: usize) -> Vec<Vec<u32>> {
                 .unwrap()
         })
         .collect();
-    handles
-        .into_iter()
-        .map(|mut h| {
-            let mut got = Vec::new();
-            while let Some(ev) = h.events.blocking_recv() {
-                match ev {
-                    RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
-                    RequestEvent::Error { message } => panic!("{message}"),
-                    RequestEvent::Finished { .. } => {}
-                }
-            }
-            got
-        })
-        .collect()
+    handles.into_iter().map(drain_tokens).collect()
 }
 
 #[test]

@@ -7,11 +7,11 @@
 
 mod common;
 
-use common::{features, fixture_dir, ids_of, last_logits, max_diff, reference};
+use common::{drain_tokens, features, fixture_dir, ids_of, last_logits, max_diff, reference};
 
 use std::path::PathBuf;
 
-use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
@@ -118,20 +118,7 @@ fn run_engine(prompts: Vec<PreparedPrompt>, chunk: usize) -> Vec<Vec<u32>> {
             },
         )
         .collect();
-    handles
-        .into_iter()
-        .map(|mut h| {
-            let mut got = Vec::new();
-            while let Some(ev) = h.events.blocking_recv() {
-                match ev {
-                    RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
-                    RequestEvent::Error { message } => panic!("{message}"),
-                    RequestEvent::Finished { .. } => {}
-                }
-            }
-            got
-        })
-        .collect()
+    handles.into_iter().map(drain_tokens).collect()
 }
 
 #[test]

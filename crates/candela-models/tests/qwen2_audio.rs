@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::{fixture_dir, ids_of, last_logits, max_diff, reference};
+use common::{drain_tokens, fixture_dir, ids_of, last_logits, max_diff, reference};
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use candela_core::request::{MmFeatures, MmInput};
-use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
@@ -189,22 +189,16 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
         ignore_eos: true,
         ..Default::default()
     };
-    let mut h = engine
-        .add_request(EngineRequest {
-            prompt_token_ids: ids.clone(),
-            params,
-            mm_items,
-            mrope: None,
-        })
-        .unwrap();
-    let mut got = Vec::new();
-    while let Some(ev) = h.events.blocking_recv() {
-        match ev {
-            RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
-            RequestEvent::Error { message } => panic!("{message}"),
-            RequestEvent::Finished { .. } => {}
-        }
-    }
+    let got = drain_tokens(
+        engine
+            .add_request(EngineRequest {
+                prompt_token_ids: ids.clone(),
+                params,
+                mm_items,
+                mrope: None,
+            })
+            .unwrap(),
+    );
     assert_eq!(got, ids_of(&f.reference["greedy_ids"]));
     assert_eq!(engine.stats().encoder_runs, 2);
 }

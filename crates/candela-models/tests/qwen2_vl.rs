@@ -7,10 +7,10 @@
 
 mod common;
 
-use common::{features, fixture_dir, ids_of, last_logits, max_diff, reference};
+use common::{drain_tokens, features, fixture_dir, ids_of, last_logits, max_diff, reference};
 
 use candela_core::request::{MmFeatures, MropePositions};
-use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
@@ -130,15 +130,7 @@ fn run_engine(loaded: LoadedModel, prepared: PreparedPrompt, chunk: usize) -> (V
         mm_items,
         mrope,
     };
-    let mut h = engine.add_request(req).unwrap();
-    let mut got = Vec::new();
-    while let Some(ev) = h.events.blocking_recv() {
-        match ev {
-            RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
-            RequestEvent::Error { message } => panic!("{message}"),
-            RequestEvent::Finished { .. } => {}
-        }
-    }
+    let got = drain_tokens(engine.add_request(req).unwrap());
     (got, engine.stats().encoder_runs)
 }
 

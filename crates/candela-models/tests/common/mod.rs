@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candela_core::model::{ForwardBatch, MmEmbedSpan, SeqSlice};
 use candela_core::request::{MmFeatures, MmInput, MropePositions};
+use candela_core::{RequestEvent, RequestHandle};
 use candela_models::input::{EngineCaches, PreparedPrompt};
 use candela_models::LoadedModel;
 use candle_core::{DType, Device, Tensor};
@@ -112,4 +113,17 @@ pub fn last_logits(
         mrope_positions: mrope.map(|m| (0..n).map(|i| m.at(i)).collect()),
     };
     loaded.model.forward(&batch).unwrap().squeeze(0).unwrap()
+}
+
+/// The token ids a request generates, until it finishes; its error panics.
+pub fn drain_tokens(mut h: RequestHandle) -> Vec<u32> {
+    let mut got = Vec::new();
+    while let Some(ev) = h.events.blocking_recv() {
+        match ev {
+            RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
+            RequestEvent::Error { message } => panic!("{message}"),
+            RequestEvent::Finished { .. } => {}
+        }
+    }
+    got
 }

@@ -195,6 +195,13 @@ test('bad launches are 4xx naming the problem; terminate frees the uid', async (
     r = await launch({ model: fixture('llama-tiny'), uid: 'x', quantization: 'Q4_K_M' })
     t.is(r.status, 400)
     t.is(r.json.error.param, 'quantization')
+    t.regex(r.json.error.message, /is a safetensors checkpoint, quantized at load to one of q8_0, q6_k, q5_k, q4_k, q4_0/)
+    // A safetensors checkpoint's quantization is applied at load.
+    r = await launch({ model: fixture('llama-tiny'), uid: 'at-load', quantization: 'Q8_0' })
+    t.is(r.status, 202, r.text)
+    t.true(await until(async () => (await get(`${s.base}/v1/instances/at-load`)).json.status === 'ready', 60_000))
+    t.is(s.server.models.get('at-load').loaded?.info.quantization, 'q8_0')
+    t.is((await complete(s.base, 'at-load', 'Hello', 2)).status, 200)
     r = await launch({ model: fixture('llama-tiny'), uid: 'x', format: 'gguf' })
     t.is(r.status, 400)
     t.regex(r.json.error.message, /is not a GGUF file, not format "gguf"/)

@@ -14,6 +14,8 @@ import { existsSync } from 'node:fs'
 import { resolve } from 'node:path'
 
 import { modelLoadOptions } from '../../cli/serve.js'
+import type { Quantization } from '../../types.js'
+import { QUANTIZATIONS } from '../../validate.js'
 import { UsageError } from '../../cli/usage.js'
 import type { AppContext } from '../context.js'
 import { parseBody } from '../context.js'
@@ -33,32 +35,51 @@ export const LaunchRequest = z
   })
   .catchall(OptionValue)
 
+/** What a launch loads: the model argument, and a quantization to apply at load. */
+export interface LaunchTarget {
+  model: string
+  quantizeAtLoad?: Quantization
+}
+
 /**
  * The model argument for a format and quantization. A GGUF repo holds one
  * file per quantization, so a repo id with either becomes
- * `hf:org/name[:QUANT]`; a local path must already be what they say.
+ * `hf:org/name[:QUANT]`; a local GGUF file must already be that
+ * quantization; a safetensors checkpoint (a folder, or a repo with format
+ * "safetensors") is quantized at load to one of {@link QUANTIZATIONS}.
  */
-export function modelFor(model: string, format: 'safetensors' | 'gguf' | undefined, quantization: string | undefined): string {
+export function modelFor(model: string, format: 'safetensors' | 'gguf' | undefined, quantization: string | undefined): LaunchTarget {
   const quant = quantization?.toLowerCase() === 'none' ? undefined : quantization
+  const atLoad = (): LaunchTarget => {
+    const q = quant!.toLowerCase() as Quantization
+    if (QUANTIZATIONS.includes(q)) return { model, quantizeAtLoad: q }
+    throw badRequest(
+      `quantization ${JSON.stringify(quant)}: ${model} is a safetensors checkpoint, quantized at load to one of ${QUANTIZATIONS.join(', ')}` +
+        ' (GGUF quantizations such as Q4_K_M pick a file of a GGUF repo)',
+      'quantization',
+    )
+  }
   const ref = parseHubReference(model)
   const local = existsSync(resolve(model))
   if (ref && !local) {
+    if (format === 'safetensors') return quant === undefined ? { model } : atLoad()
     if (ref.gguf || format === 'gguf' || quant !== undefined) {
-      if (format === 'safetensors') throw badRequest(`format "safetensors" with quantization ${JSON.stringify(quant)}: only GGUF repos hold quantized files candela picks`, 'quantization')
       if (ref.revision !== 'main') throw badRequest(`${model}: a GGUF repo is picked by quantization, not by revision`, 'model')
       const q = quant ?? ref.quant
-      return `hf:${ref.repo}${q ? `:${q}` : ''}`
+      return { model: `hf:${ref.repo}${q ? `:${q}` : ''}` }
     }
-    if (format === 'safetensors' || format === undefined) return model
+    return { model }
   }
   const isGguf = model.toLowerCase().endsWith('.gguf')
   if (format !== undefined && (format === 'gguf') !== isGguf) {
     throw badRequest(`${model} is ${isGguf ? 'a GGUF file' : 'not a GGUF file'}, not format ${JSON.stringify(format)}`, 'format')
   }
-  if (quant !== undefined && !(isGguf && hasQuantTag(model, quant))) {
-    throw badRequest(`quantization ${JSON.stringify(quant)}: candela runs a checkpoint's own weights (${model} is not a GGUF file of that quantization)`, 'quantization')
+  if (quant === undefined) return { model }
+  if (!isGguf) return atLoad()
+  if (!hasQuantTag(model, quant)) {
+    throw badRequest(`quantization ${JSON.stringify(quant)}: ${model} is a GGUF file of another quantization`, 'quantization')
   }
-  return model
+  return { model }
 }
 
 /** A body field -> the flag's (name, value): `max_model_len: 4096` -> `['max-model-len', '4096']`. */
@@ -72,10 +93,13 @@ function optionEntry(key: string, value: z.infer<typeof OptionValue>): [string, 
 export function launchInstance(ctx: AppContext): RequestHandler {
   return async (req, res) => {
     const { model: given, uid, served_model_name: served, format, quantization, ...rest } = parseBody(LaunchRequest, req.body)
-    const model = modelFor(given, format, quantization)
+    const { model, quantizeAtLoad } = modelFor(given, format, quantization)
     let load
     try {
-      load = modelLoadOptions(Object.entries(rest).map(([k, v]) => optionEntry(k, v)))
+      load = modelLoadOptions([
+        ...Object.entries(rest).map(([k, v]) => optionEntry(k, v)),
+        ...(quantizeAtLoad ? [['quantization', quantizeAtLoad] as const] : []),
+      ])
     } catch (err) {
       if (!(err instanceof UsageError)) throw err
       // The flag parsers name flags (--max-model-len); the API's fields are snake_case.

@@ -60,7 +60,7 @@ export function xinferenceLaunchSpec(body: Record<string, unknown>): LaunchSpec 
   if (format !== undefined && !(format in FORMATS)) {
     throw badRequest(`model_format ${JSON.stringify(format)} is not supported (candela loads safetensors / pytorch folders and GGUF files)`, 'model_format')
   }
-  const model = modelFor(given, format === undefined ? undefined : FORMATS[format], str('quantization'))
+  const { model, quantizeAtLoad } = modelFor(given, format === undefined ? undefined : FORMATS[format], str('quantization'))
   for (const [k, ok] of [
     ['replica', (v: unknown) => v === 1],
     ['n_worker', (v: unknown) => v === 1],
@@ -69,7 +69,7 @@ export function xinferenceLaunchSpec(body: Record<string, unknown>): LaunchSpec 
   ] as const) {
     if (isSet(body[k]) && !ok(body[k])) throw badRequest(`${k} ${JSON.stringify(body[k])} is not supported by candela`, k)
   }
-  const options: Array<[string, string | string[]]> = []
+  const options: Array<[string, string | string[]]> = quantizeAtLoad ? [['quantization', quantizeAtLoad]] : []
   const nGpu = body.n_gpu
   if (nGpu === null || nGpu === 0) options.push(['device', 'cpu'])
   else if (nGpu === 1) options.push(['device', 'cuda'])

@@ -134,7 +134,7 @@ function browserTests(executablePath: string): void {
     const r = await reply()
     t.is(r.error, undefined)
     t.is(r.model, 'tiny-vl')
-    t.is(r.text, s.server.engine!.detokenize(ref.cases.one_image.greedy_ids))
+    t.is(r.text, await s.server.engine!.detokenize(ref.cases.one_image.greedy_ids))
     // One SSE chunk per token or so: the answer arrived in pieces, not at the end.
     t.true(r.chunks >= 2, String(r.chunks))
     t.regex(r.meta!, new RegExp(`^tiny-vl · ${ref.cases.one_image.input_ids.length} prompt \\+ ${ref.cases.one_image.greedy_ids.length} tokens`))

@@ -12,6 +12,8 @@
 //! `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`) and 5.x
 //! (`layer_types`, `rope_parameters` per layer type).
 
+pub mod vision;
+
 use serde::Deserialize;
 use serde_json::Value;
 

@@ -445,9 +445,19 @@ impl InputPreparer {
         let mut out =
             Vec::with_capacity(ids.len() + resolved.iter().map(|r| r.layout.embeds).sum::<usize>());
         let mut placed: Vec<(usize, MmItem)> = Vec::with_capacity(resolved.len());
+        // Whether `out` ends in a replacement's trailing text token, which
+        // may merge with the next token.
+        let mut at_boundary = false;
         for t in ids {
             let Some(q) = queues.iter_mut().find(|q| q.1 == t) else {
-                out.push(t);
+                let merged = match (at_boundary, out.last_mut(), &self.processor) {
+                    (true, Some(last), Some(p)) => p.merge_at_boundary(*last, t).map(|m| *last = m),
+                    _ => None,
+                };
+                if merged.is_none() {
+                    out.push(t);
+                }
+                at_boundary = false;
                 continue;
             };
             let Some(i) = q.2.pop_front() else {
@@ -458,9 +468,8 @@ impl InputPreparer {
                 )));
             };
             let r = &resolved[i];
-            let rep = self
-                .processor(r.modality)?
-                .replacement(r.modality, &r.layout)?;
+            let p = self.processor(r.modality)?;
+            let rep = p.replacement(r.modality, &r.layout)?;
             if rep.embeds.len() != r.layout.embeds || rep.embeds.end > rep.tokens.len() {
                 return Err(invalid(format!(
                     "internal: a {} item's replacement takes {} embeddings, its encoder gives {}",
@@ -469,8 +478,18 @@ impl InputPreparer {
                     r.layout.embeds
                 )));
             }
-            let offset = out.len() + rep.embeds.start;
-            out.extend_from_slice(&rep.tokens);
+            let mut tokens = &rep.tokens[..];
+            if rep.embeds.start > 0 {
+                if let Some(last) = out.last_mut() {
+                    if let Some(m) = p.merge_at_boundary(*last, tokens[0]) {
+                        *last = m;
+                        tokens = &tokens[1..];
+                    }
+                }
+            }
+            let offset = out.len() + rep.embeds.start - (rep.tokens.len() - tokens.len());
+            out.extend_from_slice(tokens);
+            at_boundary = rep.embeds.end < rep.tokens.len();
             placed.push((
                 i,
                 MmItem {

@@ -1,52 +1,186 @@
-//! Gemma 3's image path (SigLIP tower + projector) against transformers on
-//! the gemma3-vision-tiny fixture (scripts/make_gemma3_vision_fixture.py):
-//! the projector's rows for each image of the fixture, from transformers'
-//! own pixel values.
+//! Gemma 3 with images (`Gemma3ForConditionalGeneration`) against
+//! transformers on the gemma3-vision-tiny fixture
+//! (scripts/make_gemma3_vision_fixture.py), for a one-image and a two-image
+//! prompt, through the production `InputPreparer`: pixel values (Pillow
+//! bilinear), the chat template, `<start_of_image>` expansion (with the
+//! tokenizer's newline merges), image features, last-position logits (image
+//! tokens attending to each other both ways, no logit softcapping), and
+//! greedy tokens through the engine: whole, in prefill chunks that stop
+//! before an image they cannot hold, alone and batched.
 
 mod common;
 
-use common::{fixture_dir, max_diff, reference};
+use common::{drain_tokens, features, fixture_dir, ids_of, last_logits, max_diff, reference};
 
-use candela_core::request::MmFeatures;
-use candela_models::families::gemma3::vision::{
-    Gemma3ImageEncoder, Gemma3VisionConfig, PIXEL_VALUES,
-};
-use candela_models::multimodal::MediaEncoder;
-use candela_models::weights::Weights;
-use candle_core::{DType, Device};
+use std::path::PathBuf;
+
+use candela_core::{Engine, EngineConfig, EngineError, EngineRequest, SamplingParams};
+use candela_media::Modality;
+use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
+use candela_models::processor::{DecodeOptions, MediaData};
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
+use candle_core::Tensor;
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
 
+fn dir() -> PathBuf {
+    fixture_dir("gemma3-vision-tiny")
+}
+
+fn load_f32() -> LoadedModel {
+    load(
+        &dir(),
+        &LoadOptions {
+            dtype: Some("f32".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The case's prompt as production prepares it (the template writes <bos>).
+fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
+    let messages = case["messages"].as_array().unwrap().clone();
+    let opts = ChatRenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let rendered = loaded
+        .require_chat_template()
+        .unwrap()
+        .render(&messages, &opts)
+        .unwrap();
+    assert_eq!(rendered, case["rendered"].as_str().unwrap());
+    let ids = loaded.tokenizer.encode(&rendered, false).unwrap();
+    let inputs: Vec<MediaInput> = case["media"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| MediaInput {
+            modality: Modality::Image,
+            data: Some(MediaData::Encoded {
+                bytes: std::fs::read(dir().join(m.as_str().unwrap())).unwrap(),
+                format: None,
+            }),
+            uuid: None,
+            kwargs: Value::Null,
+            embeds: None,
+        })
+        .collect();
+    let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
+    prep.prepare(&common::NoCaches, ids, &inputs).unwrap()
+}
+
+fn engine(chunk: usize) -> Engine {
+    let LoadedModel {
+        model,
+        tokenizer,
+        generation,
+        ..
+    } = load_f32();
+    let cfg = EngineConfig {
+        eos_token_ids: generation.eos_token_ids,
+        max_num_batched_tokens: chunk,
+        max_model_len: Some(256),
+        ..Default::default()
+    };
+    Engine::start(model, tokenizer, cfg).unwrap()
+}
+
+fn request(p: PreparedPrompt) -> EngineRequest {
+    EngineRequest {
+        prompt_token_ids: p.ids,
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: 8,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        mm_items: p.items,
+        mrope: p.mrope,
+    }
+}
+
+/// Greedy ids of each prompt, all submitted at once, prefill in `chunk`-token steps.
+fn run_engine(prompts: Vec<PreparedPrompt>, chunk: usize) -> Vec<Vec<u32>> {
+    let engine = engine(chunk);
+    let handles: Vec<_> = prompts
+        .into_iter()
+        .map(|p| engine.add_request(request(p)).unwrap())
+        .collect();
+    handles.into_iter().map(drain_tokens).collect()
+}
+
 #[test]
-fn image_features_match_transformers() {
-    let dir = fixture_dir("gemma3-vision-tiny");
-    let (refs, tensors) = reference(&dir);
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = Gemma3VisionConfig::from_json(&config).unwrap();
-    assert_eq!(
-        (cfg.mm_tokens_per_image, cfg.image_token_id),
-        (16, refs["image_token_id"].as_u64().unwrap() as u32)
+fn gemma3_vision_matches_transformers() {
+    let (reference, tensors) = reference(&dir());
+    let mut loaded = load_f32();
+    assert_eq!(loaded.spec.architecture, "Gemma3ForConditionalGeneration");
+    let cases = reference["cases"].as_object().unwrap().clone();
+    let mut worst = (0f32, 0f32, 0f32);
+    let mut prepared = Vec::new();
+    for (name, case) in &cases {
+        let p = prepare_case(&loaded, case);
+        assert_eq!(p.ids, ids_of(&case["input_ids"]), "{name}: input ids");
+        let items = features(&p);
+        for (i, (_, it)) in items.iter().enumerate() {
+            let d = max_diff(
+                it.get("pixel_values").unwrap(),
+                &tensors[&format!("{name}.item{i}.pixel_values")],
+            );
+            // Bit-exact resize and numpy's float order: equal up to f32 rounding.
+            assert!(d <= 1e-6, "{name} item {i}: pixel values differ by {d}");
+            worst.0 = worst.0.max(d);
+        }
+        let spans: Vec<(usize, Tensor)> = items
+            .iter()
+            .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
+            .collect();
+        for (i, (_, e)) in spans.iter().enumerate() {
+            let d = max_diff(e, &tensors[&format!("{name}.item{i}.embeds")]);
+            assert!(
+                d <= ATOL,
+                "{name}: image features of item {i} differ by {d}"
+            );
+            worst.1 = worst.1.max(d);
+        }
+        let d = max_diff(
+            &last_logits(&mut loaded, &p.ids, &spans, None),
+            &tensors[&format!("{name}.last_logits")],
+        );
+        assert!(d <= ATOL, "{name}: last-position logits differ by {d}");
+        worst.2 = worst.2.max(d);
+        prepared.push((name.clone(), p));
+    }
+    eprintln!(
+        "gemma3-vision-tiny: max |diff| pixels {:.2e}, image features {:.2e}, logits {:.2e}",
+        worst.0, worst.1, worst.2
     );
-    let text_hidden = config["text_config"]["hidden_size"].as_u64().unwrap() as usize;
-    let w = Weights::from_safetensors_dir(&dir, DType::F32, &Device::Cpu).unwrap();
-    let encoder = Gemma3ImageEncoder::load(&cfg, &w, text_hidden).unwrap();
-    let mut checked = 0;
-    for (case, spec) in refs["cases"].as_object().unwrap() {
-        for i in 0..spec["media"].as_array().unwrap().len() {
-            let pixels = tensors[&format!("{case}.item{i}.pixel_values")].clone();
-            let features = MmFeatures {
-                tensors: vec![(PIXEL_VALUES.to_string(), pixels)],
-            };
-            let got = encoder.encode(&features).unwrap();
-            let want = &tensors[&format!("{case}.item{i}.embeds")];
-            assert_eq!(got.dims(), want.dims());
-            let d = max_diff(&got, want);
-            eprintln!("{case} item {i}: max |diff| {d:.2e}");
-            assert!(d <= ATOL, "{case} item {i}: {d}");
-            checked += 1;
+    drop(loaded);
+
+    // Whole prompts, then 20-token steps (chunks stop before an image that
+    // does not fit, so images are never split) and 16-token steps (an image
+    // exactly fills a step), alone and batched: the same greedy ids.
+    let want: Vec<Vec<u32>> = cases.values().map(|c| ids_of(&c["greedy_ids"])).collect();
+    for chunk in [256, 20, 16] {
+        for ((name, p), want) in prepared.iter().zip(&want) {
+            assert_eq!(
+                &run_engine(vec![p.clone()], chunk)[0],
+                want,
+                "{name}: greedy ids alone, {chunk}-token steps"
+            );
         }
     }
-    assert_eq!(checked, 3);
+    let batched = run_engine(prepared.iter().map(|(_, p)| p.clone()).collect(), 20);
+    assert_eq!(batched, want, "greedy ids batched");
+
+    // A step too small for one image: refused, not split or stalled.
+    let err = engine(15)
+        .add_request(request(prepared[0].1.clone()))
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::InvalidRequest(m) if m.contains("max_num_batched_tokens")),
+        "{err}"
+    );
 }

@@ -36,6 +36,7 @@ pub const FAMILIES: &[Family] = &[
     qwen2_vl::FAMILY,
     qwen2_audio::FAMILY,
     llava::FAMILY,
+    gemma3::VISION_FAMILY,
     whisper::FAMILY,
 ];
 

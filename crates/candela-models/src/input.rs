@@ -599,6 +599,17 @@ mod tests {
                 embeds: 1..1 + layout.embeds,
             })
         }
+        }
+        /// 50 / 51 merge into the wrappers after / before them, and two
+        /// wrappers meeting merge too (as Gemma 3's newline runs do).
+        fn merge_at_boundary(&self, left: u32, right: u32) -> Option<u32> {
+            match (left, right) {
+                (50, 100) => Some(150),
+                (101, 51) => Some(151),
+                (101, 100) => Some(111),
+                _ => None,
+            }
+        }
     }
 
     /// The caches of an engine, without one.
@@ -681,6 +692,30 @@ mod tests {
         assert_ne!(p.items[0].placeholder.hash, p.items[1].placeholder.hash);
         assert_eq!(prep.cache_stats().0, 3);
         assert_eq!(prep.cache_stats().1, 1);
+    }
+
+    #[test]
+    fn wrappers_merge_with_the_tokens_beside_them() {
+        let prep = InputPreparer::new(
+            Some(Arc::new(Wrapping)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let p = prep
+            .prepare(
+                &engine(false),
+                vec![50, 9, 9, 51, 50],
+                &[image(&[0; 3], None), image(&[1; 2], None)],
+            )
+            .unwrap();
+        assert_eq!(p.ids, vec![150, 9, 9, 9, 111, 9, 9, 151, 50]);
+        let spans: Vec<(usize, usize)> = p
+            .items
+            .iter()
+            .map(|m| (m.placeholder.offset, m.placeholder.length))
+            .collect();
+        assert_eq!(spans, vec![(1, 3), (5, 2)]);
     }
 
     #[test]

@@ -599,7 +599,6 @@ mod tests {
                 embeds: 1..1 + layout.embeds,
             })
         }
-        }
         /// 50 / 51 merge into the wrappers after / before them, and two
         /// wrappers meeting merge too (as Gemma 3's newline runs do).
         fn merge_at_boundary(&self, left: u32, right: u32) -> Option<u32> {

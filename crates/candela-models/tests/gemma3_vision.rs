@@ -242,3 +242,65 @@ fn gemma3_vision_matches_transformers() {
         "{err}"
     );
 }
+
+/// The fixture's weights under the other names checkpoints use: as google
+/// released them (the tower as `vision_tower.vision_model.*`) and with every
+/// part under `model.` (`model.language_model.*`, `model.vision_tower.*`,
+/// `model.multi_modal_projector.*`). Same logits.
+#[test]
+fn other_weight_layouts_load() {
+    let (reference, tensors) = reference(&dir());
+    let src = dir();
+    let stored =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    type Rename = fn(&str) -> String;
+    let layouts: [(&str, Rename); 2] = [
+        ("released", |k| {
+            k.replace("vision_tower.", "vision_tower.vision_model.")
+        }),
+        ("model-prefixed", |k| {
+            match k.strip_prefix("language_model.model.") {
+                Some(r) => format!("model.language_model.{r}"),
+                None => format!("model.{k}"),
+            }
+        }),
+    ];
+    let case = &reference["cases"]["one_image"];
+    for (what, rename) in layouts {
+        let tmp =
+            std::env::temp_dir().join(format!("gemma3-vision-tiny-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() != "model.safetensors" {
+                std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let renamed: std::collections::HashMap<String, Tensor> =
+            stored.iter().map(|(k, v)| (rename(k), v.clone())).collect();
+        candle_core::safetensors::save(&renamed, tmp.join("model.safetensors")).unwrap();
+        let mut loaded = load(
+            &tmp,
+            &LoadOptions {
+                dtype: Some("f32".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let p = prepare_case(&loaded, case);
+        let spans: Vec<(usize, Tensor)> = features(&p)
+            .iter()
+            .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
+            .collect();
+        let d = max_diff(
+            &last_logits(&mut loaded, &p.ids, &spans, None),
+            &tensors["one_image.last_logits"],
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(
+            d <= ATOL,
+            "{what} names: last-position logits differ by {d}"
+        );
+    }
+}

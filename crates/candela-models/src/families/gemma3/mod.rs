@@ -233,13 +233,11 @@ fn load_vision_folder(ck: &Checkpoint) -> Result<Built> {
     cfg.decoder.architecture = HF_VISION_ARCHITECTURE.into();
     let vision_cfg = vision::Gemma3VisionConfig::from_json(ck.config)?;
     let (pp, text) = ck.read_required("preprocessor_config.json")?;
-    let processor =
-        processor::Gemma3ImageProcessor::new(&text, &vision_cfg).map_err(|message| {
-            ModelError::InvalidJson {
-                what: "preprocessor config",
-                path: pp,
-                message,
-            }
+    let processor = processor::Gemma3ImageProcessor::new(&text, &vision_cfg, ck.tokenizer)
+        .map_err(|message| ModelError::InvalidJson {
+            what: "preprocessor config",
+            path: pp,
+            message,
         })?;
     let w = ck.weights()?;
     // Released and transformers-5 names: `language_model.model.*`; 4.5x

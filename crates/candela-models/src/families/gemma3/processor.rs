@@ -19,16 +19,34 @@ use crate::families::llava::ClipImageConfig;
 use crate::processor::{
     DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, Replacement,
 };
+use crate::Tokenizer;
 
-/// Gemma 3's vocabulary writes a run of `n` newlines (1..=31) as the one
-/// token `NEWLINE_RUN_BASE + n` (the tokenizer of every Gemma 3 checkpoint).
-const NEWLINE_RUN_BASE: u32 = 106;
-const MAX_NEWLINE_RUN: u32 = 31;
+/// The tokens that stand for a run of `n` newlines (`runs[n - 1]`), as the
+/// checkpoint's tokenizer writes them: Gemma 3's vocabulary has one token per
+/// run up to 31. transformers tokenizes the expanded prompt text, so the
+/// wrapper's "\n\n" merges with a newline run next to it.
+#[derive(Debug, Clone)]
+struct NewlineRuns(Vec<u32>);
 
-fn newline_run(token: u32) -> Option<u32> {
-    (NEWLINE_RUN_BASE + 1..=NEWLINE_RUN_BASE + MAX_NEWLINE_RUN)
-        .contains(&token)
-        .then(|| token - NEWLINE_RUN_BASE)
+impl NewlineRuns {
+    fn of(tokenizer: &Tokenizer) -> Self {
+        let mut runs = Vec::new();
+        loop {
+            match tokenizer.encode(&"\n".repeat(runs.len() + 1), false) {
+                Ok(ids) if ids.len() == 1 => runs.push(ids[0]),
+                _ => return Self(runs),
+            }
+        }
+    }
+
+    /// How many newlines `token` stands for, if it is a run.
+    fn len_of(&self, token: u32) -> Option<usize> {
+        self.0.iter().position(|&t| t == token).map(|i| i + 1)
+    }
+
+    fn token(&self, n: usize) -> Option<u32> {
+        n.checked_sub(1).and_then(|i| self.0.get(i)).copied()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -39,11 +57,18 @@ pub struct Gemma3ImageProcessor {
     eoi: u32,
     soft: u32,
     tokens_per_image: usize,
+    /// The wrapper's "\n\n" around each image, tokenized.
+    blank_line: Vec<u32>,
+    newlines: NewlineRuns,
 }
 
 impl Gemma3ImageProcessor {
     /// From `preprocessor_config.json`'s text, checked against the model.
-    pub fn new(preprocessor_config: &str, cfg: &Gemma3VisionConfig) -> Result<Self, String> {
+    pub fn new(
+        preprocessor_config: &str,
+        cfg: &Gemma3VisionConfig,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self, String> {
         let mut json: Value =
             serde_json::from_str(preprocessor_config).map_err(|e| e.to_string())?;
         if json.get("do_pan_and_scan") == Some(&Value::Bool(true)) {
@@ -63,6 +88,10 @@ impl Gemma3ImageProcessor {
             eoi: cfg.eoi_token_id,
             soft: cfg.image_token_id,
             tokens_per_image: cfg.mm_tokens_per_image,
+            blank_line: tokenizer
+                .encode("\n\n", false)
+                .map_err(|e| format!("tokenizing the image wrapper: {e}"))?,
+            newlines: NewlineRuns::of(tokenizer),
         })
     }
 }
@@ -150,19 +179,21 @@ impl MmProcessor for Gemma3ImageProcessor {
                 modality.name()
             )));
         }
-        let two_newlines = NEWLINE_RUN_BASE + 2;
-        let mut tokens = vec![two_newlines, self.boi];
+        let mut tokens = self.blank_line.clone();
+        tokens.push(self.boi);
+        let start = tokens.len();
         tokens.extend(std::iter::repeat_n(self.soft, layout.embeds));
-        tokens.extend([self.eoi, two_newlines]);
+        tokens.push(self.eoi);
+        tokens.extend(&self.blank_line);
         Ok(Replacement {
             tokens,
-            embeds: 2..2 + layout.embeds,
+            embeds: start..start + layout.embeds,
         })
     }
 
     fn merge_at_boundary(&self, left: u32, right: u32) -> Option<u32> {
-        let n = newline_run(left)? + newline_run(right)?;
-        (n <= MAX_NEWLINE_RUN).then_some(NEWLINE_RUN_BASE + n)
+        let n = self.newlines.len_of(left)? + self.newlines.len_of(right)?;
+        self.newlines.token(n)
     }
 }
 
@@ -178,7 +209,10 @@ mod tests {
         .unwrap();
         let pp = r#"{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2,
             "size": {"height": 896, "width": 896}, "do_pan_and_scan": null}"#;
-        let p = Gemma3ImageProcessor::new(pp, &cfg).unwrap();
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma3-tiny");
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json"), None).unwrap();
+        let p = Gemma3ImageProcessor::new(pp, &cfg, &tok).unwrap();
         assert_eq!(p.merge_at_boundary(107, 108), Some(109));
         assert_eq!(p.merge_at_boundary(108, 108), Some(110));
         assert_eq!(p.merge_at_boundary(137, 107), None);
@@ -195,8 +229,8 @@ mod tests {
             )
             .is_err());
         let pan = pp.replace("\"do_pan_and_scan\": null", "\"do_pan_and_scan\": true");
-        assert!(Gemma3ImageProcessor::new(&pan, &cfg).is_err());
+        assert!(Gemma3ImageProcessor::new(&pan, &cfg, &tok).is_err());
         let small = pp.replace("896, \"width\": 896", "448, \"width\": 448");
-        assert!(Gemma3ImageProcessor::new(&small, &cfg).is_err());
+        assert!(Gemma3ImageProcessor::new(&small, &cfg, &tok).is_err());
     }
 }

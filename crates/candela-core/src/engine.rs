@@ -161,6 +161,8 @@ pub struct Engine {
     encoder_cache: Arc<Mutex<EncoderCache>>,
     config: EngineConfig,
     spec: ModelSpec,
+    /// The model attends within a media item both ways: chunks keep items whole.
+    whole_media_items: bool,
     num_blocks: usize,
     max_model_len: usize,
     next_id: AtomicU64,
@@ -281,6 +283,7 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
         let spec = model.spec().clone();
+        let whole_media_items = model.bidirectional_media();
         if config.block_size == 0 {
             return Err(EngineError::InvalidConfig(
                 "block_size must be at least 1".into(),
@@ -358,6 +361,7 @@ impl Engine {
                     enable_prefix_caching: config.enable_prefix_caching,
                     // vLLM's encoder compute budget: a step's worth of tokens.
                     encoder_budget: config.max_num_batched_tokens,
+                    whole_media_items,
                 },
                 eos_token_ids: config.eos_token_ids.clone(),
                 max_model_len,
@@ -382,6 +386,7 @@ impl Engine {
             encoder_cache,
             config,
             spec,
+            whole_media_items,
             num_blocks,
             max_model_len,
             next_id: AtomicU64::new(1),
@@ -462,6 +467,14 @@ impl Engine {
             }
         }
         for item in &req.mm_items {
+            let length = item.placeholder.length;
+            if self.whole_media_items && length > self.config.max_num_batched_tokens {
+                return Err(EngineError::InvalidRequest(format!(
+                    "media item '{}' takes {length} tokens, more than max_num_batched_tokens = {}; \
+                     this model prefills each item in one step",
+                    item.placeholder.hash, self.config.max_num_batched_tokens
+                )));
+            }
             if let MmInput::Embeddings(t) = &item.input {
                 let (length, hidden) = (item.placeholder.length, self.spec.hidden_size);
                 if t.dims() != [length, hidden] {

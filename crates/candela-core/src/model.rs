@@ -110,6 +110,13 @@ pub trait Model: Send {
     /// Run the media encoder (vision / audio tower + projector) on one item's
     /// preprocessed tensors, returning `[num_placeholder_tokens, hidden_size]`.
     /// Text-only models keep this default.
+    /// Whether one media item's tokens attend to each other both ways during
+    /// prefill (Gemma 3's images): a prefill chunk must then never end
+    /// inside an item.
+    fn bidirectional_media(&self) -> bool {
+        false
+    }
+
     fn encode(&mut self, features: &MmFeatures) -> candle_core::Result<Tensor> {
         let names: Vec<&str> = features.tensors.iter().map(|(n, _)| n.as_str()).collect();
         candle_core::bail!(

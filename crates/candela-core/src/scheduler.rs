@@ -26,6 +26,12 @@
 //! still need their encoder per step, the first such item always admitted so
 //! a large one still makes progress. A chunk that would reach an item past
 //! the budget stops just before it; the item is encoded in a later step.
+//!
+//! With `whole_media_items` (models whose media tokens attend to each other
+//! both ways, like Gemma 3's images) a chunk that would end inside an item
+//! stops before it instead, and one that starts at or inside an item takes
+//! it to its end or waits for a step with the budget for it (the engine
+//! refuses items longer than a whole step's budget).
 
 use crate::block_manager::{BlockManager, SeqId};
 use crate::sequence::Sequence;
@@ -40,6 +46,9 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// Embedding rows of media items to encode per step (see the module doc).
     pub encoder_budget: usize,
+    /// Never end a chunk inside a media item (models whose items attend to
+    /// themselves both ways, see the module doc).
+    pub whole_media_items: bool,
 }
 
 /// Whether item `i` (in placeholder order) of request `req_id` still needs
@@ -155,6 +164,11 @@ impl Scheduler {
         for (i, p) in seq.mm_items.iter().enumerate() {
             if p.offset >= end {
                 break;
+            }
+            let item_end = p.offset + p.length;
+            if self.cfg.whole_media_items && end < item_end {
+                // Before the item, or (starting inside it) nothing this step.
+                return p.offset.saturating_sub(start);
             }
             if p.offset + p.length <= start || !needs(seq.req_id, i) {
                 continue;
@@ -382,6 +396,7 @@ mod tests {
             max_num_batched_tokens: budget,
             enable_prefix_caching: true,
             encoder_budget: budget,
+            whole_media_items: false,
         }
     }
 
@@ -444,6 +459,41 @@ mod tests {
         // The first chunk stops before the second item, the second before the
         // third; the 30-row item, larger than the budget, still runs alone.
         assert_eq!(chunks, vec![(0, 20), (20, 34), (34, 70)]);
+    }
+
+    #[test]
+    fn whole_media_items_are_never_split() {
+        use crate::request::MmPlaceholder;
+        let mut c = cfg(64, 8, 8);
+        c.whole_media_items = true;
+        let mut s = Scheduler::new(c);
+        // Items at 3..9 and 9..15 (adjacent), then text to 20.
+        let mut q = seq(1, 20);
+        q.mm_items = [(3, 6), (9, 6)]
+            .iter()
+            .map(|&(offset, length)| MmPlaceholder {
+                hash: format!("h{offset}"),
+                offset,
+                length,
+            })
+            .collect();
+        s.add(q);
+        let mut chunks = Vec::new();
+        for _ in 0..10 {
+            let out = s.schedule();
+            let Some(sc) = out.scheduled.first().copied() else {
+                break;
+            };
+            let start = s.seq(sc.seq_id).unwrap().num_computed;
+            chunks.push((start, start + sc.num_new_tokens));
+            s.mark_computed(sc.seq_id, sc.num_new_tokens);
+            if start + sc.num_new_tokens == 20 {
+                break;
+            }
+        }
+        // Budget 8: 0..3 (stops before item 1), 3..9 (item 1; item 2 would
+        // not fit), 9..17 (item 2 and text), 17..20.
+        assert_eq!(chunks, vec![(0, 3), (3, 9), (9, 17), (17, 20)]);
     }
 
     #[test]

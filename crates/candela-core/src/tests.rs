@@ -162,6 +162,7 @@ fn core(num_blocks: usize, budget: usize, caching: bool, model: MockModel) -> En
                 max_num_batched_tokens: budget,
                 enable_prefix_caching: caching,
                 encoder_budget: budget,
+                whole_media_items: false,
             },
             eos_token_ids: vec![],
             max_model_len: MAX_LEN,

@@ -445,9 +445,19 @@ impl InputPreparer {
         let mut out =
             Vec::with_capacity(ids.len() + resolved.iter().map(|r| r.layout.embeds).sum::<usize>());
         let mut placed: Vec<(usize, MmItem)> = Vec::with_capacity(resolved.len());
+        // Whether `out` ends in a replacement's trailing text token, which
+        // may merge with the next token.
+        let mut at_boundary = false;
         for t in ids {
             let Some(q) = queues.iter_mut().find(|q| q.1 == t) else {
-                out.push(t);
+                let merged = match (at_boundary, out.last_mut(), &self.processor) {
+                    (true, Some(last), Some(p)) => p.merge_at_boundary(*last, t).map(|m| *last = m),
+                    _ => None,
+                };
+                if merged.is_none() {
+                    out.push(t);
+                }
+                at_boundary = false;
                 continue;
             };
             let Some(i) = q.2.pop_front() else {
@@ -458,9 +468,8 @@ impl InputPreparer {
                 )));
             };
             let r = &resolved[i];
-            let rep = self
-                .processor(r.modality)?
-                .replacement(r.modality, &r.layout)?;
+            let p = self.processor(r.modality)?;
+            let rep = p.replacement(r.modality, &r.layout)?;
             if rep.embeds.len() != r.layout.embeds || rep.embeds.end > rep.tokens.len() {
                 return Err(invalid(format!(
                     "internal: a {} item's replacement takes {} embeddings, its encoder gives {}",
@@ -469,8 +478,18 @@ impl InputPreparer {
                     r.layout.embeds
                 )));
             }
-            let offset = out.len() + rep.embeds.start;
-            out.extend_from_slice(&rep.tokens);
+            let mut tokens = &rep.tokens[..];
+            if rep.embeds.start > 0 {
+                if let Some(last) = out.last_mut() {
+                    if let Some(m) = p.merge_at_boundary(*last, tokens[0]) {
+                        *last = m;
+                        tokens = &tokens[1..];
+                    }
+                }
+            }
+            let offset = out.len() + rep.embeds.start - (rep.tokens.len() - tokens.len());
+            out.extend_from_slice(tokens);
+            at_boundary = rep.embeds.end < rep.tokens.len();
             placed.push((
                 i,
                 MmItem {
@@ -580,6 +599,16 @@ mod tests {
                 embeds: 1..1 + layout.embeds,
             })
         }
+        /// 50 / 51 merge into the wrappers after / before them, and two
+        /// wrappers meeting merge too (as Gemma 3's newline runs do).
+        fn merge_at_boundary(&self, left: u32, right: u32) -> Option<u32> {
+            match (left, right) {
+                (50, 100) => Some(150),
+                (101, 51) => Some(151),
+                (101, 100) => Some(111),
+                _ => None,
+            }
+        }
     }
 
     /// The caches of an engine, without one.
@@ -662,6 +691,30 @@ mod tests {
         assert_ne!(p.items[0].placeholder.hash, p.items[1].placeholder.hash);
         assert_eq!(prep.cache_stats().0, 3);
         assert_eq!(prep.cache_stats().1, 1);
+    }
+
+    #[test]
+    fn wrappers_merge_with_the_tokens_beside_them() {
+        let prep = InputPreparer::new(
+            Some(Arc::new(Wrapping)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let p = prep
+            .prepare(
+                &engine(false),
+                vec![50, 9, 9, 51, 50],
+                &[image(&[0; 3], None), image(&[1; 2], None)],
+            )
+            .unwrap();
+        assert_eq!(p.ids, vec![150, 9, 9, 9, 111, 9, 9, 151, 50]);
+        let spans: Vec<(usize, usize)> = p
+            .items
+            .iter()
+            .map(|m| (m.placeholder.offset, m.placeholder.length))
+            .collect();
+        assert_eq!(spans, vec![(1, 3), (5, 2)]);
     }
 
     #[test]

@@ -269,6 +269,7 @@ fn load_dir(
         device,
         max_model_len: opts.max_model_len,
         quantization,
+        tokenizer: &tokenizer,
     };
     let families::Built {
         model,

@@ -48,6 +48,10 @@ impl Model for MultimodalLm {
         self.lm.forward(batch)
     }
 
+    fn bidirectional_media(&self) -> bool {
+        self.lm.bidirectional_media()
+    }
+
     fn encode(&mut self, features: &MmFeatures) -> Result<Tensor> {
         let dtype = self.lm.dtype();
         // On the rayon pool, whose threads the towers' kernels split work over.

@@ -10,8 +10,10 @@
 //! - [`paged_attention`] lets each new query token (at causal position `p`
 //!   in its sequence) attend over keys `0..=p` of its sequence, found
 //!   through the sequence's block table, or over the last `window` of them
-//!   for a sliding-window layer ([`AttnParams`]). Decode, chunked prefill and
-//!   prefill on a cached prefix are the same computation.
+//!   for a sliding-window layer ([`AttnParams`]). A token inside a
+//!   bidirectional span (one media item's tokens, for the families that ask)
+//!   also sees the span's later keys. Decode, chunked prefill and prefill on
+//!   a cached prefix are the same computation.
 //!
 //! On the CPU, decodes and short chunks run one (token, head) row at a time;
 //! sequences with longer chunks go through [`prefill`]'s tiles.
@@ -53,6 +55,9 @@ pub struct AttentionMetadata {
     token_seq: Vec<u32>,
     /// For each query token: its causal position (it sees keys `0..=pos`).
     token_pos: Vec<u32>,
+    /// For each query token: the end of the keys it sees, `pos + 1` or,
+    /// inside a bidirectional span, the span's end.
+    token_end: Vec<u32>,
     /// The CUDA kernels' plan, uploaded by the first layer that needs it.
     #[cfg(feature = "cuda")]
     device_plan: Arc<std::sync::Mutex<Option<Arc<candela_kernels::cuda::DeviceAttentionPlan>>>>,
@@ -110,6 +115,7 @@ impl AttentionMetadata {
             block_size,
             num_tokens,
             token_seq,
+            token_end: token_pos.iter().map(|p| p + 1).collect(),
             token_pos,
             #[cfg(feature = "cuda")]
             device_plan: Default::default(),
@@ -146,7 +152,9 @@ impl AttentionMetadata {
         Ok(p)
     }
 
-    pub fn from_batch(batch: &ForwardBatch) -> Result<Self> {
+    /// The batch's layout; with `bidirectional_media`, each media embedding
+    /// span of the batch is a bidirectional span.
+    pub fn from_batch(batch: &ForwardBatch, bidirectional_media: bool) -> Result<Self> {
         let seqs = batch
             .seqs
             .iter()
@@ -157,16 +165,52 @@ impl AttentionMetadata {
                 block_table: s.block_table.clone(),
             })
             .collect();
-        Self::new(seqs, batch.block_size, batch.num_tokens())
+        let mut meta = Self::new(seqs, batch.block_size, batch.num_tokens())?;
+        if bidirectional_media {
+            for span in &batch.mm_embeds {
+                meta.add_bidirectional_span(span.start, span.embeds.dim(0)?)?;
+            }
+        }
+        Ok(meta)
+    }
+
+    /// Let query tokens `start..start + len` (batch indices, one sequence)
+    /// see each other both ways. The span must end inside the step's new
+    /// tokens: its later keys are this step's (the scheduler never ends a
+    /// chunk inside a media item for such models).
+    pub fn add_bidirectional_span(&mut self, start: usize, len: usize) -> Result<()> {
+        let end = start + len;
+        if len == 0 {
+            return Ok(());
+        }
+        if end > self.num_tokens || self.token_seq[start] != self.token_seq[end - 1] {
+            bail!("paged attention: bidirectional span {start}..{end} is not inside one sequence's new tokens");
+        }
+        let last = self.token_pos[end - 1] + 1;
+        for e in &mut self.token_end[start..end] {
+            *e = (*e).max(last);
+        }
+        Ok(())
+    }
+
+    /// Whether any token sees keys past its own position.
+    pub fn has_bidirectional_spans(&self) -> bool {
+        self.token_end
+            .iter()
+            .zip(&self.token_pos)
+            .any(|(e, p)| *e > p + 1)
     }
 
     /// Key positions `lo..hi` that query token `t` attends to: its causal
-    /// prefix, cut to the last `window` keys on a sliding-window layer.
+    /// prefix (extended to the end of its bidirectional span, if any), cut
+    /// to the last `window` keys before it on a sliding-window layer (as
+    /// transformers ANDs the window with the OR of causal and span masks).
+    /// `hi` never decreases along a sequence's tokens.
     #[inline]
     pub(crate) fn key_range(&self, t: usize, window: Option<usize>) -> (usize, usize) {
-        let hi = self.token_pos[t] as usize + 1;
-        let lo = window.map_or(0, |w| hi.saturating_sub(w));
-        (lo, hi)
+        let own = self.token_pos[t] as usize + 1;
+        let lo = window.map_or(0, |w| own.saturating_sub(w));
+        (lo, self.token_end[t] as usize)
     }
 
     /// Largest block id referenced by the used part of any block table.
@@ -777,6 +821,9 @@ impl CustomOp3 for PagedAttention {
                 self.params
             );
         }
+        if self.meta.has_bidirectional_spans() {
+            bail!("paged attention: bidirectional media spans are not in the CUDA kernel yet");
+        }
         let (n_tok, n_heads, d, n_kv) = self.check_dims(q_l, k_l, v_l)?;
         let heads = candela_kernels::plan::HeadLayout::new(n_heads, n_kv, d)
             .map_err(candle_core::Error::wrap)?;
@@ -859,11 +906,18 @@ mod tests {
         kvh: usize,
         d: usize,
         params: AttnParams,
+        span: std::ops::Range<usize>,
     ) -> Vec<f32> {
         let mut out = vec![0f32; n * h * d];
         for t in 0..n {
-            let pos = ctx - n + t;
-            let first = params.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let own = ctx - n + t;
+            let first = params.window.map_or(0, |w| (own + 1).saturating_sub(w));
+            // Inside the bidirectional span (new-token indices): up to its end.
+            let pos = if span.contains(&t) {
+                ctx - n + span.end - 1
+            } else {
+                own
+            };
             for head in 0..h {
                 let kh = head / (h / kvh);
                 let qrow = &q[(t * h + head) * d..][..d];
@@ -903,7 +957,7 @@ mod tests {
     }
 
     fn check(dtype: DType, tol: f32) -> Result<()> {
-        check_with(dtype, tol, None, None)
+        check_with(dtype, tol, None, None, false)
     }
 
     fn check_with(
@@ -911,6 +965,7 @@ mod tests {
         tol: f32,
         window: Option<usize>,
         softcap: Option<f32>,
+        spans: bool,
     ) -> Result<()> {
         let dev = Device::Cpu;
         // head_dim 44 = 2 x 16 + 8 + 4: every branch of the SIMD dot product.
@@ -957,6 +1012,7 @@ mod tests {
         let mut new_v = Vec::new();
         let mut new_slots = Vec::new();
         let mut query_start = 0;
+        let mut spans_at = Vec::new();
         for c in &cases {
             let nb = c.ctx.div_ceil(bs);
             let table: Vec<u32> = block_ids[next_block..next_block + nb].to_vec();
@@ -987,7 +1043,14 @@ mod tests {
             new_k.extend_from_slice(&k[c.cached * kvh * d..]);
             new_v.extend_from_slice(&v[c.cached * kvh * d..]);
             new_slots.extend((c.cached..c.ctx).map(slot));
-            expected.extend(naive(&q, &k, &v, n, c.ctx, h, kvh, d, params));
+            // A bidirectional span over part of the new tokens.
+            let span = if spans {
+                n / 4..(3 * n / 4).max(n / 4 + 2).min(n)
+            } else {
+                0..0
+            };
+            spans_at.push((query_start + span.start, span.len()));
+            expected.extend(naive(&q, &k, &v, n, c.ctx, h, kvh, d, params, span));
             all_q.extend(q);
             seqs.push(AttentionSeq {
                 query_start,
@@ -1002,7 +1065,12 @@ mod tests {
         let vt = Tensor::from_vec(new_v, (n_tok, kvh, d), &dev)?.to_dtype(dtype)?;
         let st = Tensor::from_vec(new_slots, n_tok, &dev)?;
         write_kv(&k_cache, &v_cache, &kt, &vt, &st)?;
-        let meta = Arc::new(AttentionMetadata::new(seqs, bs, n_tok)?);
+        let mut meta = AttentionMetadata::new(seqs, bs, n_tok)?;
+        for (start, len) in spans_at {
+            meta.add_bidirectional_span(start, len)?;
+        }
+        assert_eq!(meta.has_bidirectional_spans(), spans);
+        let meta = Arc::new(meta);
         let q = Tensor::from_vec(all_q, (n_tok, h, d), &dev)?.to_dtype(dtype)?;
         let out = paged_attention(&q, &k_cache, &v_cache, &meta, params)?;
         assert_eq!(out.dims(), &[n_tok, h, d]);
@@ -1038,11 +1106,37 @@ mod tests {
     #[test]
     fn sliding_window_and_softcap_match_dense_attention() -> Result<()> {
         for w in [1, 3, 5, 17, 64] {
-            check_with(DType::F32, 1e-5, Some(w), None)?;
+            check_with(DType::F32, 1e-5, Some(w), None, false)?;
         }
-        check_with(DType::F32, 1e-5, None, Some(0.5))?;
-        check_with(DType::F32, 1e-5, Some(6), Some(0.5))?;
-        check_with(DType::BF16, 2e-2, Some(7), None)
+        check_with(DType::F32, 1e-5, None, Some(0.5), false)?;
+        check_with(DType::F32, 1e-5, Some(6), Some(0.5), false)?;
+        check_with(DType::BF16, 2e-2, Some(7), None, false)
+    }
+
+    /// Bidirectional spans inside decodes, short chunks (per-row kernel)
+    /// and tiled prefills, alone and with a sliding window, which still cuts
+    /// the keys before a token (transformers: window AND (causal OR span)).
+    #[test]
+    fn bidirectional_spans_match_dense_attention() -> Result<()> {
+        check_with(DType::F32, 1e-5, None, None, true)?;
+        for w in [3, 17] {
+            check_with(DType::F32, 1e-5, Some(w), None, true)?;
+        }
+        check_with(DType::BF16, 2e-2, Some(5), Some(0.5), true)?;
+        // A span must stay inside one sequence's new tokens.
+        let seq = |start, len, ctx| AttentionSeq {
+            query_start: start,
+            query_len: len,
+            context_len: ctx,
+            block_table: vec![0, 1],
+        };
+        let mut m = AttentionMetadata::new(vec![seq(0, 3, 3), seq(3, 3, 3)], 4, 6)?;
+        assert!(m.add_bidirectional_span(2, 2).is_err());
+        assert!(m.add_bidirectional_span(4, 3).is_err());
+        m.add_bidirectional_span(3, 3)?;
+        assert_eq!(m.key_range(3, None), (0, 3));
+        assert_eq!(m.key_range(1, None), (0, 2));
+        Ok(())
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! Antialiased bicubic resize of RGB8 images, bit-exact with the two
-//! implementations the reference processors use:
+//! Antialiased bicubic (and bilinear) resize of RGB8 images, bit-exact with
+//! the implementations the reference processors use:
 //!
 //! - [`ResampleKernel::Pil`]: Pillow's `Image.resize(..., BICUBIC)` (what the
 //!   PIL-based Qwen2-VL image processor calls).
+//! - [`ResampleKernel::PilBilinear`]: Pillow's `Image.resize(..., BILINEAR)`
+//!   (Gemma 3's image processor): the same machinery with a triangle filter
+//!   of support 1.
 //! - [`ResampleKernel::TorchUint8`]: torch's uint8 antialiased bicubic
 //!   (`torchvision.transforms.v2.functional.resize(uint8, BICUBIC,
 //!   antialias=True)` on CPU), which the Qwen2-VL video processor and
@@ -22,6 +25,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResampleKernel {
     Pil,
+    PilBilinear,
     TorchUint8,
 }
 
@@ -51,6 +55,10 @@ fn pil_cubic(x: f64) -> f64 {
     }
 }
 
+fn pil_triangle(x: f64) -> f64 {
+    (1.0 - x.abs()).max(0.0)
+}
+
 fn torch_cubic(x: f64) -> f64 {
     const A: f64 = -0.5;
     let x = x.abs();
@@ -76,13 +84,14 @@ fn round_away(v: f64) -> i32 {
 fn taps(in_size: usize, out_size: usize, kernel: ResampleKernel) -> Taps {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
+    let (filter, filter_support): (fn(f64) -> f64, f64) = match kernel {
+        ResampleKernel::Pil => (pil_cubic, 2.0),
+        ResampleKernel::PilBilinear => (pil_triangle, 1.0),
+        ResampleKernel::TorchUint8 => (torch_cubic, 2.0),
+    };
+    let support = filter_support * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let inv = 1.0 / filterscale;
-    let filter: fn(f64) -> f64 = match kernel {
-        ResampleKernel::Pil => pil_cubic,
-        ResampleKernel::TorchUint8 => torch_cubic,
-    };
 
     let mut bounds = Vec::with_capacity(out_size);
     let mut wf = vec![0.0f64; out_size * ksize];
@@ -108,7 +117,7 @@ fn taps(in_size: usize, out_size: usize, kernel: ResampleKernel) -> Taps {
     }
 
     let precision = match kernel {
-        ResampleKernel::Pil => PIL_PRECISION_BITS,
+        ResampleKernel::Pil | ResampleKernel::PilBilinear => PIL_PRECISION_BITS,
         ResampleKernel::TorchUint8 => {
             // torch: the largest precision (< 22) whose next step would push the
             // biggest weight to 2^15 or more (weights are int16 there).
@@ -197,7 +206,9 @@ fn horizontal_first(
     kernel: ResampleKernel,
 ) -> bool {
     match kernel {
-        ResampleKernel::Pil => !(h > out_h && (h - out_h) as i64 > (w as i64 - out_w as i64) * 2),
+        ResampleKernel::Pil | ResampleKernel::PilBilinear => {
+            !(h > out_h && (h - out_h) as i64 > (w as i64 - out_w as i64) * 2)
+        }
         ResampleKernel::TorchUint8 => true,
     }
 }
@@ -398,7 +409,11 @@ mod tests {
         assert_eq!(resize_rgb8(&src, 5, 4, 5, 4, ResampleKernel::Pil), src);
         // A flat image stays flat through any resize (weights sum to one).
         let flat = vec![200u8; 37 * 23 * 3];
-        for k in [ResampleKernel::Pil, ResampleKernel::TorchUint8] {
+        for k in [
+            ResampleKernel::Pil,
+            ResampleKernel::PilBilinear,
+            ResampleKernel::TorchUint8,
+        ] {
             for (ow, oh) in [(56, 28), (5, 3), (37, 56), (1, 1)] {
                 let out = resize_rgb8(&flat, 37, 23, ow, oh, k);
                 assert_eq!(out.len(), ow * oh * 3);
@@ -422,7 +437,11 @@ mod tests {
         let src: Vec<u8> = (0..w * h * 3)
             .map(|i| ((i * 37) ^ (i >> 5)) as u8)
             .collect();
-        for k in [ResampleKernel::Pil, ResampleKernel::TorchUint8] {
+        for k in [
+            ResampleKernel::Pil,
+            ResampleKernel::PilBilinear,
+            ResampleKernel::TorchUint8,
+        ] {
             // Both pass orders, each pass alone, none, and upscaling.
             for (ow, oh) in [
                 (20, 9),

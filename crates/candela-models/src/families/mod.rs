@@ -26,6 +26,7 @@ use crate::nn::decoder::{DecoderConfig, DecoderLm};
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
 use crate::weights::{GgufWeights, Weights};
+use crate::Tokenizer;
 
 /// Every family candela loads, text-only first.
 pub const FAMILIES: &[Family] = &[
@@ -36,6 +37,7 @@ pub const FAMILIES: &[Family] = &[
     qwen2_vl::FAMILY,
     qwen2_audio::FAMILY,
     llava::FAMILY,
+    gemma3::VISION_FAMILY,
     whisper::FAMILY,
 ];
 
@@ -67,6 +69,9 @@ pub struct Checkpoint<'a> {
     pub max_model_len: Option<usize>,
     /// Quantize the language model's matrices to this block format.
     pub quantization: Option<Quantization>,
+    /// The checkpoint's tokenizer (processors that write text around an item
+    /// tokenize it as the model's own processor does).
+    pub tokenizer: &'a Tokenizer,
 }
 
 impl Checkpoint<'_> {

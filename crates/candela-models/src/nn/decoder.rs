@@ -72,6 +72,10 @@ pub struct DecoderConfig {
     pub final_softcap: Option<f32>,
     /// Sliding-window attention in some or all layers.
     pub sliding_window: Option<SlidingWindow>,
+    /// The tokens of one media item's embedding span attend to each other
+    /// both ways during prefill (Gemma 3's images, transformers'
+    /// `token_type_ids` mask); otherwise attention is causal throughout.
+    pub bidirectional_media: bool,
 }
 
 /// Which layers attend over a window of recent keys, and how.
@@ -510,6 +514,10 @@ impl Model for DecoderLm {
         &self.spec
     }
 
+    fn bidirectional_media(&self) -> bool {
+        self.cfg.bidirectional_media
+    }
+
     fn allocate_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
         if block_size == 0 {
             bail!("block_size must be positive");
@@ -590,7 +598,10 @@ impl DecoderLm {
         if n == 0 {
             return Tensor::zeros((rows.len(), self.cfg.vocab_size), DType::F32, &self.device);
         }
-        let meta = Arc::new(AttentionMetadata::from_batch(batch)?);
+        let meta = Arc::new(AttentionMetadata::from_batch(
+            batch,
+            self.cfg.bidirectional_media,
+        )?);
         let dev = &self.device;
         let positions = Tensor::from_slice(&batch.positions, n, dev)?;
         // 3-D positions only matter to an M-RoPE model; text-only batches
@@ -778,6 +789,7 @@ pub fn hf_base_config(
         attn_softcap: None,
         final_softcap: None,
         sliding_window: None,
+        bidirectional_media: false,
     })
 }
 
@@ -881,5 +893,6 @@ pub fn gguf_base_config(
         attn_softcap: None,
         final_softcap: None,
         sliding_window: None,
+        bidirectional_media: false,
     })
 }

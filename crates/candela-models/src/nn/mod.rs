@@ -1,7 +1,8 @@
 //! Building blocks shared by the families: the decoder language model over
 //! the paged KV cache, the Whisper audio encoder (Whisper and Qwen2-Audio),
-//! and the towers' activations.
+//! the SigLIP vision tower (Gemma 3), and the towers' activations.
 
 pub mod activation;
 pub mod decoder;
+pub mod siglip;
 pub mod whisper_encoder;

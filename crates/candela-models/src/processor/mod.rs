@@ -195,6 +195,14 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// The one token the tokenizer writes for `left` followed by `right`
+    /// where a replacement's text tokens meet the prompt's (Gemma 3's
+    /// `"\n\n"` wrapper after the template's `"\n"` is one `"\n\n\n"`
+    /// token when transformers tokenizes the expanded text); None keeps both.
+    fn merge_at_boundary(&self, _left: u32, _right: u32) -> Option<u32> {
+        None
+    }
+
     /// Per-token positions of the expanded prompt, for families that lay
     /// them out themselves (M-RoPE); None keeps 1-D positions.
     fn positions(

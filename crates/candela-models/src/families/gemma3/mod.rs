@@ -8,9 +8,19 @@
 //! `attn_logit_softcapping` is ignored, as transformers' Gemma 3 ignores it
 //! (it stores the value but never passes it to attention).
 //!
+//! `Gemma3ForConditionalGeneration` adds the image path ([`vision`],
+//! [`processor`]): images' soft tokens attend to each other both ways
+//! during prefill, and the logits are not softcapped (transformers'
+//! conditional-generation head does not apply `final_logit_softcapping`).
+//!
 //! Both config generations are read: transformers 4.5x (`rope_theta`,
 //! `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`) and 5.x
 //! (`layer_types`, `rope_parameters` per layer type).
+
+pub mod processor;
+pub mod vision;
+
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -18,6 +28,7 @@ use serde_json::Value;
 use super::{Built, Checkpoint, Family};
 use crate::config::{HfConfig, RopeScaling as HfRopeScaling};
 use crate::error::{ModelError, Result};
+use crate::multimodal::MultimodalLm;
 use crate::nn::activation::Activation;
 use crate::nn::decoder::{
     hf_base_config, hf_rope_scaling, DecoderConfig, DecoderLm, SlidingWindow,
@@ -25,12 +36,21 @@ use crate::nn::decoder::{
 use crate::rope::RopeConfig;
 
 pub const HF_ARCHITECTURE: &str = "Gemma3ForCausalLM";
+pub const HF_VISION_ARCHITECTURE: &str = "Gemma3ForConditionalGeneration";
 
 pub const FAMILY: Family = Family {
     name: "gemma3",
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
+    load_gguf: None,
+};
+
+pub const VISION_FAMILY: Family = Family {
+    name: "gemma3-vision",
+    hf_architectures: &[HF_VISION_ARCHITECTURE],
+    gguf_architectures: &[],
+    load_folder: load_vision_folder,
     load_gguf: None,
 };
 
@@ -200,6 +220,45 @@ fn load_folder(ck: &Checkpoint) -> Result<Built> {
     Ok(Built {
         model: Box::new(model),
         processor: None,
+        text: cfg.text,
+    })
+}
+
+fn load_vision_folder(ck: &Checkpoint) -> Result<Built> {
+    let text_json = ck.config.get("text_config").cloned().unwrap_or(Value::Null);
+    let mut cfg = Gemma3TextConfig::from_json(&text_json, ck.max_model_len)?;
+    // transformers' Gemma3ForConditionalGeneration never softcaps its logits.
+    cfg.decoder.final_softcap = None;
+    cfg.decoder.bidirectional_media = true;
+    cfg.decoder.architecture = HF_VISION_ARCHITECTURE.into();
+    let vision_cfg = vision::Gemma3VisionConfig::from_json(ck.config)?;
+    let (pp, text) = ck.read_required("preprocessor_config.json")?;
+    let processor = processor::Gemma3ImageProcessor::new(&text, &vision_cfg, ck.tokenizer)
+        .map_err(|message| ModelError::InvalidJson {
+            what: "preprocessor config",
+            path: pp,
+            message,
+        })?;
+    let w = ck.weights()?;
+    // Released and transformers-5 names: `language_model.model.*`; 4.5x
+    // saves: `model.language_model.*`.
+    let lm_w = if w.contains("model.language_model.embed_tokens.weight") {
+        w.renamed(|n: &str| match n.strip_prefix("model.") {
+            Some(rest) => format!("model.language_model.{rest}"),
+            None => n.to_string(),
+        })?
+    } else {
+        w.renamed(|n: &str| format!("language_model.{n}"))?
+    };
+    let lm = DecoderLm::load(cfg.decoder, &lm_w)?;
+    let encoder = vision::Gemma3ImageEncoder::load(&vision_cfg, &w, cfg.text.hidden_size)?;
+    Ok(Built {
+        model: Box::new(MultimodalLm::new(
+            lm,
+            Box::new(encoder),
+            HF_VISION_ARCHITECTURE,
+        )),
+        processor: Some(Arc::new(processor)),
         text: cfg.text,
     })
 }

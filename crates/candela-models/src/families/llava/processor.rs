@@ -1,11 +1,14 @@
 //! CLIP image preprocessing (transformers' `CLIPImageProcessor`, PIL
-//! backend): shortest edge resized (Pillow bicubic), center crop, rescale,
-//! normalize; one `<image>` per feature row of the tower.
+//! backend): shortest edge resized (Pillow bicubic or bilinear), center
+//! crop, rescale, normalize; one `<image>` per feature row of the tower.
+//! Gemma 3's processor is the same without the crop.
 
 use std::sync::Arc;
 
 use candela_core::request::MmFeatures;
-use candela_media::image::{decode_image_resized, resize_rgb8, DecodedImage, ResampleKernel};
+use candela_media::image::{
+    decode_image, decode_image_resized, resize_rgb8, DecodedImage, ImageOptions, ResampleKernel,
+};
 use candela_media::{MediaError, Modality};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -42,7 +45,7 @@ pub struct ClipImageConfig {
     pub do_normalize: bool,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
-    /// PIL resampling filter: only 3 (bicubic) is implemented.
+    /// PIL resampling filter: 3 (bicubic) or 2 (bilinear).
     #[serde(default = "default_resample")]
     pub resample: u32,
     /// LlavaImageProcessor's pad-to-square: not implemented.
@@ -61,9 +64,9 @@ impl ClipImageConfig {
     /// Parse and check that every image comes out `image_size` square.
     pub fn from_preprocessor_config(json: &str, image_size: usize) -> Result<Self, String> {
         let c: Self = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        if c.resample != 3 {
+        if !matches!(c.resample, 2 | 3) {
             return Err(format!(
-                "resample {} is not supported (3, bicubic)",
+                "resample {} is not supported (3, bicubic; 2, bilinear)",
                 c.resample
             ));
         }
@@ -115,11 +118,32 @@ impl ClipImageConfig {
         }
     }
 
+    fn kernel(&self) -> ResampleKernel {
+        match self.resample {
+            2 => ResampleKernel::PilBilinear,
+            _ => ResampleKernel::Pil,
+        }
+    }
+
+    /// Decode an image for [`Self::process`]: bicubic configs straight to
+    /// the resize's size (idempotent: `process` then keeps it, and a huge
+    /// image costs about that size), others at full size.
+    pub fn decode(&self, bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, MediaError> {
+        if self.kernel() != ResampleKernel::Pil {
+            return decode_image(bytes, opts);
+        }
+        let target = |w: u32, h: u32| {
+            let (rh, rw) = self.resized(h as usize, w as usize);
+            Ok((rw as u32, rh as u32))
+        };
+        decode_image_resized(bytes, opts, &target)
+    }
+
     /// Decoded RGB8 -> CHW f32 `[3, size, size]`.
     pub fn process(&self, img: &DecodedImage) -> Vec<f32> {
         let (h, w) = (img.height as usize, img.width as usize);
         let (rh, rw) = self.resized(h, w);
-        let resized = resize_rgb8(&img.rgb, w, h, rw, rh, ResampleKernel::Pil);
+        let resized = resize_rgb8(&img.rgb, w, h, rw, rh, self.kernel());
         let (ch, cw, top, left) = match (self.do_center_crop, self.crop_size) {
             // Checked at load: the crop fits inside the resized image.
             (true, Some(Size::Exact { height, width })) => {
@@ -195,13 +219,7 @@ impl MmProcessor for ImageProcessor {
                 modality.name()
             )));
         };
-        // Decoded straight to the resize's size (idempotent: `process`
-        // then keeps it), so a huge image costs about that size.
-        let target = |w: u32, h: u32| {
-            let (rh, rw) = self.config.resized(h as usize, w as usize);
-            Ok((rw as u32, rh as u32))
-        };
-        let img = decode_image_resized(bytes, &opts.image, &target)?;
+        let img = self.config.decode(bytes, &opts.image)?;
         let s = self.image_size;
         let pixels = Tensor::from_vec(self.config.process(&img), (3, s, s), &Device::Cpu)
             .map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")))?;

@@ -107,9 +107,6 @@ pub trait Model: Send {
     /// block table, and return f32 logits `[batch.num_logits(), vocab_size]`
     /// (one row per sequence with `needs_logits`, in `seqs` order).
     fn forward(&mut self, batch: &ForwardBatch) -> candle_core::Result<Tensor>;
-    /// Run the media encoder (vision / audio tower + projector) on one item's
-    /// preprocessed tensors, returning `[num_placeholder_tokens, hidden_size]`.
-    /// Text-only models keep this default.
     /// Whether one media item's tokens attend to each other both ways during
     /// prefill (Gemma 3's images): a prefill chunk must then never end
     /// inside an item.
@@ -117,6 +114,9 @@ pub trait Model: Send {
         false
     }
 
+    /// Run the media encoder (vision / audio tower + projector) on one item's
+    /// preprocessed tensors, returning `[num_placeholder_tokens, hidden_size]`.
+    /// Text-only models keep this default.
     fn encode(&mut self, features: &MmFeatures) -> candle_core::Result<Tensor> {
         let names: Vec<&str> = features.tensors.iter().map(|(n, _)| n.as_str()).collect();
         candle_core::bail!(

@@ -1,8 +1,8 @@
 //! Building blocks shared by the families: the decoder language model over
 //! the paged KV cache, the Whisper audio encoder (Whisper and Qwen2-Audio),
-//! the SigLIP vision tower (Gemma 3), and the towers' activations.
+//! the CLIP / SigLIP vision transformer (LLaVA, Gemma 3), and the towers' activations.
 
 pub mod activation;
 pub mod decoder;
-pub mod siglip;
+pub mod vit;
 pub mod whisper_encoder;

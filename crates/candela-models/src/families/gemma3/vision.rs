@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::error::{ModelError, Result as MResult};
 use crate::multimodal::MediaEncoder;
 use crate::nn::decoder::RmsNorm;
-use crate::nn::siglip::{SiglipVision, SiglipVisionConfig};
+use crate::nn::vit::{SiglipVision, SiglipVisionConfig};
 use crate::weights::Weights;
 
 /// The tensor of one image item in [`MmFeatures`]: f32 `[3, size, size]`.
@@ -107,7 +107,7 @@ impl Gemma3ImageEncoder {
         let d = cfg.vision.hidden_size;
         let proj = format!("{root}multi_modal_projector");
         Ok(Self {
-            tower: SiglipVision::load(cfg.vision.clone(), w, &tower)?,
+            tower: SiglipVision::load(cfg.vision.clone(), w, &tower, cfg.vision.num_hidden_layers)?,
             tokens_per_side: cfg.tokens_per_side(),
             norm: RmsNorm::load_unit_offset(
                 w,

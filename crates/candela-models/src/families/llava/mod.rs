@@ -10,7 +10,6 @@
 //! (`model.vision_tower.*`, `model.multi_modal_projector.*`,
 //! `model.language_model.*`, `lm_head.*`).
 
-pub mod clip;
 pub mod processor;
 
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use candle_core::{bail, Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use clip::{ClipVision, ClipVisionConfig};
+pub use crate::nn::vit::{ClipVision, ClipVisionConfig};
 pub use processor::{ClipImageConfig, ImageProcessor};
 
 use super::{Built, Checkpoint, Family};

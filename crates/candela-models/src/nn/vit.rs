@@ -1,7 +1,13 @@
-//! The CLIP vision transformer (`CLIPVisionModel`) as LLaVA uses it: patch
-//! convolution without bias, a class token, learned position embeddings,
-//! `pre_layrnorm`, pre-LN encoder layers; the hidden states of one layer are
-//! the features (the post layer norm and any later layers are not run).
+//! The vision transformers the image families share: CLIP's
+//! (`CLIPVisionModel`, as LLaVA uses it) and SigLIP's (`SiglipVisionModel`
+//! without its pooling head, as Gemma 3 uses it). Both are a patch
+//! convolution, learned position embeddings and pre-LN encoder layers; a
+//! [`Flavour`] says what differs: CLIP has a class token, no patch bias and a
+//! `pre_layrnorm`, and its features are the hidden states of a chosen layer
+//! (later layers and the post norm are not run); SigLIP has a patch bias, no
+//! class token and a final `post_layernorm`.
+
+use std::marker::PhantomData;
 
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::LayerNorm;
@@ -11,10 +17,67 @@ use crate::error::{ModelError, Result as MResult};
 use crate::nn::activation::Activation;
 use crate::weights::{Linear, Weights};
 
-/// `CLIPVisionConfig` (defaults as transformers has them).
+/// What a tower family changes in the shared transformer.
+pub trait Flavour {
+    /// transformers' defaults for the fields a config leaves out.
+    fn defaults() -> VitDefaults;
+    /// A learned class token before the patches (CLIP).
+    const CLASS_TOKEN: bool;
+    /// The patch convolution has a bias (SigLIP).
+    const PATCH_BIAS: bool;
+    /// A layer norm after the position embeddings, under this name (CLIP's
+    /// `pre_layrnorm`).
+    const PRE_NORM: Option<&'static str>;
+    /// A layer norm after the last layer, under this name (SigLIP's
+    /// `post_layernorm`).
+    const POST_NORM: Option<&'static str>;
+}
+
+/// The defaults that differ between flavours.
+pub struct VitDefaults {
+    pub patch_size: usize,
+    pub hidden_act: &'static str,
+    pub layer_norm_eps: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Clip;
+
+impl Flavour for Clip {
+    fn defaults() -> VitDefaults {
+        VitDefaults {
+            patch_size: 32,
+            hidden_act: "quick_gelu",
+            layer_norm_eps: 1e-5,
+        }
+    }
+    const CLASS_TOKEN: bool = true;
+    const PATCH_BIAS: bool = false;
+    const PRE_NORM: Option<&'static str> = Some("pre_layrnorm");
+    const POST_NORM: Option<&'static str> = None;
+}
+
+#[derive(Debug, Clone)]
+pub struct Siglip;
+
+impl Flavour for Siglip {
+    fn defaults() -> VitDefaults {
+        VitDefaults {
+            patch_size: 16,
+            hidden_act: "gelu_pytorch_tanh",
+            layer_norm_eps: 1e-6,
+        }
+    }
+    const CLASS_TOKEN: bool = false;
+    const PATCH_BIAS: bool = true;
+    const PRE_NORM: Option<&'static str> = None;
+    const POST_NORM: Option<&'static str> = Some("post_layernorm");
+}
+
+/// `CLIPVisionConfig` / `SiglipVisionConfig` (defaults as transformers has them).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct ClipVisionConfig {
+#[serde(default, bound = "F: Flavour")]
+pub struct VitConfig<F> {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -24,10 +87,16 @@ pub struct ClipVisionConfig {
     pub patch_size: usize,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    #[serde(skip)]
+    flavour: PhantomData<F>,
 }
 
-impl Default for ClipVisionConfig {
+pub type ClipVisionConfig = VitConfig<Clip>;
+pub type SiglipVisionConfig = VitConfig<Siglip>;
+
+impl<F: Flavour> Default for VitConfig<F> {
     fn default() -> Self {
+        let d = F::defaults();
         Self {
             hidden_size: 768,
             intermediate_size: 3072,
@@ -35,14 +104,15 @@ impl Default for ClipVisionConfig {
             num_attention_heads: 12,
             num_channels: 3,
             image_size: 224,
-            patch_size: 32,
-            hidden_act: "quick_gelu".into(),
-            layer_norm_eps: 1e-5,
+            patch_size: d.patch_size,
+            hidden_act: d.hidden_act.into(),
+            layer_norm_eps: d.layer_norm_eps,
+            flavour: PhantomData,
         }
     }
 }
 
-impl ClipVisionConfig {
+impl<F> VitConfig<F> {
     pub fn validate(&self) -> MResult<()> {
         let bad = |m: String| Err(ModelError::Config(format!("vision_config: {m}")));
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
@@ -85,26 +155,26 @@ struct Layer {
     fc2: Linear,
 }
 
-pub struct ClipVision {
-    cfg: ClipVisionConfig,
+pub struct VisionTransformer<F> {
+    cfg: VitConfig<F>,
     act: Activation,
     /// `[hidden, channels * patch^2]`: the convolution as one matmul.
     patch_embed: Tensor,
-    class_embedding: Tensor,
+    patch_bias: Option<Tensor>,
+    class_embedding: Option<Tensor>,
     position_embedding: Tensor,
-    pre_norm: LayerNorm,
+    pre_norm: Option<LayerNorm>,
     layers: Vec<Layer>,
+    post_norm: Option<LayerNorm>,
 }
 
-impl ClipVision {
-    /// The tower under `prefix`, with only the first `num_layers` encoder
-    /// layers (those the selected features need).
-    pub fn load(
-        cfg: ClipVisionConfig,
-        w: &Weights,
-        prefix: &str,
-        num_layers: usize,
-    ) -> MResult<Self> {
+pub type ClipVision = VisionTransformer<Clip>;
+pub type SiglipVision = VisionTransformer<Siglip>;
+
+impl<F: Flavour> VisionTransformer<F> {
+    /// The tower under `prefix` (`…embeddings`, `…encoder`, its norms), with
+    /// only the first `num_layers` encoder layers (those the features need).
+    pub fn load(cfg: VitConfig<F>, w: &Weights, prefix: &str, num_layers: usize) -> MResult<Self> {
         cfg.validate()?;
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let eps = cfg.layer_norm_eps;
@@ -112,7 +182,7 @@ impl ClipVision {
         let patch_embed = w
             .tensor(&format!("{emb}.patch_embedding.weight"), &[d, c, p, p])?
             .reshape((d, c * p * p))?;
-        let positions = cfg.grid() * cfg.grid() + 1;
+        let positions = cfg.grid() * cfg.grid() + F::CLASS_TOKEN as usize;
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
             let l = format!("{prefix}.encoder.layers.{i}");
@@ -128,20 +198,35 @@ impl ClipVision {
                 fc2: lin("mlp.fc2", cfg.intermediate_size, d)?,
             });
         }
+        let norm = |name: Option<&str>| {
+            name.map(|n| w.layer_norm(&format!("{prefix}.{n}"), d, eps))
+                .transpose()
+        };
         Ok(Self {
             act: Activation::parse(&cfg.hidden_act)?,
             patch_embed,
-            class_embedding: w.tensor(&format!("{emb}.class_embedding"), &[d])?,
+            patch_bias: F::PATCH_BIAS
+                .then(|| w.tensor(&format!("{emb}.patch_embedding.bias"), &[d]))
+                .transpose()?,
+            class_embedding: F::CLASS_TOKEN
+                .then(|| w.tensor(&format!("{emb}.class_embedding"), &[d]))
+                .transpose()?,
             position_embedding: w
                 .tensor(&format!("{emb}.position_embedding.weight"), &[positions, d])?,
-            pre_norm: w.layer_norm(&format!("{prefix}.pre_layrnorm"), d, eps)?,
+            pre_norm: norm(F::PRE_NORM)?,
             layers,
+            post_norm: norm(F::POST_NORM)?,
             cfg,
         })
     }
 
+    pub fn config(&self) -> &VitConfig<F> {
+        &self.cfg
+    }
+
     /// One image `[channels, size, size]` (or `[1, ...]`) -> the loaded
-    /// layers' output `[1 + patches, hidden]` (class token first).
+    /// layers' output `[class token + patches, hidden]` (patches row-major),
+    /// post-normed where the flavour has that norm.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let (s, p, c) = (
             self.cfg.image_size,
@@ -160,15 +245,22 @@ impl ClipVision {
             );
         }
         let g = s / p;
-        let dtype = self.patch_embed.dtype();
         let patches = pixels
-            .to_dtype(dtype)?
+            .to_dtype(self.patch_embed.dtype())?
             .reshape((c, g, p, g, p))?
             .permute((1, 3, 0, 2, 4))?
             .reshape((g * g, c * p * p))?;
-        let x = patches.matmul(&self.patch_embed.t()?)?;
-        let x = Tensor::cat(&[self.class_embedding.unsqueeze(0)?, x], 0)?;
-        let mut x = self.pre_norm.forward(&(x + &self.position_embedding)?)?;
+        let mut x = patches.matmul(&self.patch_embed.t()?)?;
+        if let Some(b) = &self.patch_bias {
+            x = x.broadcast_add(b)?;
+        }
+        if let Some(cls) = &self.class_embedding {
+            x = Tensor::cat(&[cls.unsqueeze(0)?, x], 0)?;
+        }
+        x = (x + &self.position_embedding)?;
+        if let Some(n) = &self.pre_norm {
+            x = n.forward(&x)?;
+        }
         for l in &self.layers {
             x = (&x + self.attention(l, &l.ln1.forward(&x)?)?)?;
             let h = l
@@ -176,7 +268,10 @@ impl ClipVision {
                 .forward(&self.act.forward(&l.fc1.forward(&l.ln2.forward(&x)?)?)?)?;
             x = (x + h)?;
         }
-        Ok(x)
+        match &self.post_norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
     }
 
     fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {

@@ -7,15 +7,11 @@
 //! Pan-and-scan crops (`do_pan_and_scan`) are not implemented: a config or
 //! request that asks for them is refused.
 
-use std::sync::Arc;
-
-use candela_core::request::MmFeatures;
 use candela_media::{MediaError, Modality};
-use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::vision::{Gemma3VisionConfig, PIXEL_VALUES};
-use crate::families::llava::ClipImageConfig;
+use super::vision::Gemma3VisionConfig;
+use crate::families::llava::{ClipImageConfig, ImageProcessor};
 use crate::processor::{
     DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, Replacement,
 };
@@ -49,14 +45,14 @@ impl NewlineRuns {
     }
 }
 
+/// LLaVA's fixed-square image processor (decode, resize, rescale,
+/// normalize; one item = `mm_tokens_per_image` rows, `<start_of_image>` its
+/// placeholder) with Gemma's prompt replacement around it.
 #[derive(Debug, Clone)]
 pub struct Gemma3ImageProcessor {
-    config: ClipImageConfig,
-    image_size: usize,
-    boi: u32,
+    image: ImageProcessor,
     eoi: u32,
     soft: u32,
-    tokens_per_image: usize,
     /// The wrapper's "\n\n" around each image, tokenized.
     blank_line: Vec<u32>,
     newlines: NewlineRuns,
@@ -82,12 +78,14 @@ impl Gemma3ImageProcessor {
         let image_size = cfg.vision.image_size;
         let config = ClipImageConfig::from_preprocessor_config(&json.to_string(), image_size)?;
         Ok(Self {
-            config,
-            image_size,
-            boi: cfg.boi_token_id,
+            image: ImageProcessor {
+                config,
+                image_size,
+                image_token: cfg.boi_token_id,
+                tokens_per_image: cfg.mm_tokens_per_image,
+            },
             eoi: cfg.eoi_token_id,
             soft: cfg.image_token_id,
-            tokens_per_image: cfg.mm_tokens_per_image,
             blank_line: tokenizer
                 .encode("\n\n", false)
                 .map_err(|e| format!("tokenizing the image wrapper: {e}"))?,
@@ -98,11 +96,11 @@ impl Gemma3ImageProcessor {
 
 impl MmProcessor for Gemma3ImageProcessor {
     fn modalities(&self) -> &[Modality] {
-        &[Modality::Image]
+        self.image.modalities()
     }
 
     fn placeholder_token(&self, modality: Modality) -> Option<u32> {
-        (modality == Modality::Image).then_some(self.boi)
+        self.image.placeholder_token(modality)
     }
 
     fn kwargs_key(&self, _modality: Modality, kwargs: &Value) -> Result<String, MediaError> {
@@ -126,46 +124,19 @@ impl MmProcessor for Gemma3ImageProcessor {
         &self,
         modality: Modality,
         data: &MediaData,
-        _kwargs: &Value,
+        kwargs: &Value,
         opts: &DecodeOptions,
     ) -> Result<ProcessedItem, MediaError> {
-        let (Modality::Image, MediaData::Encoded { bytes, .. }) = (modality, data) else {
-            return Err(MediaError::Invalid(format!(
-                "this model takes images, not a {} item",
-                modality.name()
-            )));
-        };
-        let img = self.config.decode(bytes, &opts.image)?;
-        let s = self.image_size;
-        let pixels = Tensor::from_vec(self.config.process(&img), (3, s, s), &Device::Cpu)
-            .map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")))?;
-        Ok(ProcessedItem {
-            features: Arc::new(MmFeatures {
-                tensors: vec![(PIXEL_VALUES.to_string(), pixels)],
-            }),
-            layout: ItemLayout::rows(self.tokens_per_image),
-        })
+        self.image.process(modality, data, kwargs, opts)
     }
 
     fn embeddings_layout(
         &self,
         modality: Modality,
         rows: usize,
-        _grid: Option<[usize; 3]>,
+        grid: Option<[usize; 3]>,
     ) -> Result<ItemLayout, MediaError> {
-        if modality != Modality::Image {
-            return Err(MediaError::Invalid(format!(
-                "this model does not accept {} embeddings",
-                modality.name()
-            )));
-        }
-        if rows != self.tokens_per_image {
-            return Err(MediaError::Invalid(format!(
-                "image_embeds has {rows} rows but this model's images take {} tokens",
-                self.tokens_per_image
-            )));
-        }
-        Ok(ItemLayout::rows(rows))
+        self.image.embeddings_layout(modality, rows, grid)
     }
 
     fn replacement(
@@ -180,7 +151,7 @@ impl MmProcessor for Gemma3ImageProcessor {
             )));
         }
         let mut tokens = self.blank_line.clone();
-        tokens.push(self.boi);
+        tokens.push(self.image.image_token);
         let start = tokens.len();
         tokens.extend(std::iter::repeat_n(self.soft, layout.embeds));
         tokens.push(self.eoi);

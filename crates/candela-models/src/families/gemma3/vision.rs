@@ -19,8 +19,8 @@ use crate::nn::decoder::RmsNorm;
 use crate::nn::vit::{SiglipVision, SiglipVisionConfig};
 use crate::weights::Weights;
 
-/// The tensor of one image item in [`MmFeatures`]: f32 `[3, size, size]`.
-pub const PIXEL_VALUES: &str = "pixel_values";
+// One image item's tensor, f32 `[3, size, size]`: LLaVA's processor makes it.
+pub use crate::families::llava::PIXEL_VALUES;
 
 #[derive(Debug, Deserialize)]
 struct RawVisionFields {

@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
 use crate::nn::activation::Activation;
@@ -144,6 +145,33 @@ impl<F> VitConfig<F> {
     }
 }
 
+/// The encoder layers to run for `vision_feature_layer` (an index into
+/// `hidden_states` = [embeddings, after layer 1, ..., after layer L], negative
+/// from the end): its features are their output.
+pub fn feature_layers(
+    vision_feature_layer: &Value,
+    num_hidden_layers: usize,
+) -> std::result::Result<usize, String> {
+    let layers = num_hidden_layers as i64;
+    match vision_feature_layer {
+        Value::Number(n) => {
+            let k = n
+                .as_i64()
+                .ok_or_else(|| format!("vision_feature_layer {n} is not an integer"))?;
+            let idx = if k < 0 { layers + 1 + k } else { k };
+            if !(0..=layers).contains(&idx) {
+                return Err(format!(
+                    "vision_feature_layer {k} is outside a {layers}-layer tower"
+                ));
+            }
+            Ok(idx as usize)
+        }
+        other => Err(format!(
+            "vision_feature_layer {other} (a list of layers) is not supported"
+        )),
+    }
+}
+
 struct Layer {
     ln1: LayerNorm,
     q: Linear,
@@ -226,8 +254,20 @@ impl<F: Flavour> VisionTransformer<F> {
 
     /// One image `[channels, size, size]` (or `[1, ...]`) -> the loaded
     /// layers' output `[class token + patches, hidden]` (patches row-major),
-    /// post-normed where the flavour has that norm.
+    /// post-normed where the flavour has that norm (transformers'
+    /// `last_hidden_state` when every layer is loaded).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_states(pixels)?;
+        match &self.post_norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// The loaded layers' output without the post norm: transformers'
+    /// `hidden_states[num_layers]`, the features LLaVA-style models select
+    /// by `vision_feature_layer`.
+    pub fn hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
         let (s, p, c) = (
             self.cfg.image_size,
             self.cfg.patch_size,
@@ -268,10 +308,7 @@ impl<F: Flavour> VisionTransformer<F> {
                 .forward(&self.act.forward(&l.fc1.forward(&l.ln2.forward(&x)?)?)?)?;
             x = (x + h)?;
         }
-        match &self.post_norm {
-            Some(n) => n.forward(&x),
-            None => Ok(x),
-        }
+        Ok(x)
     }
 
     fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {

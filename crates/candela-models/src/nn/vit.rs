@@ -116,9 +116,11 @@ impl<F: Flavour> Default for VitConfig<F> {
 impl<F> VitConfig<F> {
     pub fn validate(&self) -> MResult<()> {
         let bad = |m: String| Err(ModelError::Config(format!("vision_config: {m}")));
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        // A size that is not a multiple leaves its last pixels unused, as the
+        // strided patch convolution does (SigLIP-so400m: 384 px, 14 px patches).
+        if self.patch_size == 0 || self.image_size < self.patch_size {
             return bad(format!(
-                "image_size {} is not a multiple of patch_size {}",
+                "image_size {} is smaller than patch_size {}",
                 self.image_size, self.patch_size
             ));
         }
@@ -286,6 +288,8 @@ impl<F: Flavour> VisionTransformer<F> {
         }
         let g = s / p;
         let patches = pixels
+            .narrow(1, 0, g * p)?
+            .narrow(2, 0, g * p)?
             .to_dtype(self.patch_embed.dtype())?
             .reshape((c, g, p, g, p))?
             .permute((1, 3, 0, 2, 4))?
@@ -341,8 +345,15 @@ mod tests {
         };
         ok.validate().unwrap();
         assert_eq!(ok.grid(), 24);
+        let so400m = SiglipVisionConfig {
+            image_size: 384,
+            patch_size: 14,
+            ..Default::default()
+        };
+        so400m.validate().unwrap();
+        assert_eq!(so400m.grid(), 27);
         let bad = ClipVisionConfig {
-            image_size: 100,
+            image_size: 10,
             patch_size: 14,
             ..Default::default()
         };
@@ -350,7 +361,7 @@ mod tests {
             .validate()
             .unwrap_err()
             .to_string()
-            .contains("multiple of patch_size"));
+            .contains("smaller than patch_size"));
         let act = ClipVisionConfig {
             hidden_act: "relu6".into(),
             ..Default::default()

@@ -246,6 +246,8 @@ export interface MmProcessorKwargs {
   fps?: number
   /** Video: most frames to keep. */
   max_frames?: number
+  /** Video: this many frames spread evenly (LLaVA-OneVision; transformers' `num_frames`). */
+  num_frames?: number
 }
 
 /** Extra parameters for the chat methods. */

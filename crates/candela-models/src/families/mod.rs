@@ -7,6 +7,7 @@
 pub mod gemma3;
 pub mod llama;
 pub mod llava;
+pub mod llava_onevision;
 pub mod qwen2;
 pub mod qwen2_audio;
 pub mod qwen2_vl;
@@ -37,6 +38,7 @@ pub const FAMILIES: &[Family] = &[
     qwen2_vl::FAMILY,
     qwen2_audio::FAMILY,
     llava::FAMILY,
+    llava_onevision::FAMILY,
     gemma3::VISION_FAMILY,
     whisper::FAMILY,
 ];

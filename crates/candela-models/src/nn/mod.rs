@@ -1,8 +1,10 @@
 //! Building blocks shared by the families: the decoder language model over
 //! the paged KV cache, the Whisper audio encoder (Whisper and Qwen2-Audio),
-//! the CLIP / SigLIP vision transformer (LLaVA, Gemma 3), and the towers' activations.
+//! the CLIP / SigLIP vision transformer (LLaVA, Gemma 3, LLaVA-OneVision),
+//! bilinear resizing of feature maps, and the towers' activations.
 
 pub mod activation;
 pub mod decoder;
+pub mod interpolate;
 pub mod vit;
 pub mod whisper_encoder;

@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
 use crate::nn::activation::Activation;
@@ -115,9 +116,11 @@ impl<F: Flavour> Default for VitConfig<F> {
 impl<F> VitConfig<F> {
     pub fn validate(&self) -> MResult<()> {
         let bad = |m: String| Err(ModelError::Config(format!("vision_config: {m}")));
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        // A size that is not a multiple leaves its last pixels unused, as the
+        // strided patch convolution does (SigLIP-so400m: 384 px, 14 px patches).
+        if self.patch_size == 0 || self.image_size < self.patch_size {
             return bad(format!(
-                "image_size {} is not a multiple of patch_size {}",
+                "image_size {} is smaller than patch_size {}",
                 self.image_size, self.patch_size
             ));
         }
@@ -141,6 +144,33 @@ impl<F> VitConfig<F> {
     /// Patches per side.
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
+    }
+}
+
+/// The encoder layers to run for `vision_feature_layer` (an index into
+/// `hidden_states` = [embeddings, after layer 1, ..., after layer L], negative
+/// from the end): its features are their output.
+pub fn feature_layers(
+    vision_feature_layer: &Value,
+    num_hidden_layers: usize,
+) -> std::result::Result<usize, String> {
+    let layers = num_hidden_layers as i64;
+    match vision_feature_layer {
+        Value::Number(n) => {
+            let k = n
+                .as_i64()
+                .ok_or_else(|| format!("vision_feature_layer {n} is not an integer"))?;
+            let idx = if k < 0 { layers + 1 + k } else { k };
+            if !(0..=layers).contains(&idx) {
+                return Err(format!(
+                    "vision_feature_layer {k} is outside a {layers}-layer tower"
+                ));
+            }
+            Ok(idx as usize)
+        }
+        other => Err(format!(
+            "vision_feature_layer {other} (a list of layers) is not supported"
+        )),
     }
 }
 
@@ -226,8 +256,20 @@ impl<F: Flavour> VisionTransformer<F> {
 
     /// One image `[channels, size, size]` (or `[1, ...]`) -> the loaded
     /// layers' output `[class token + patches, hidden]` (patches row-major),
-    /// post-normed where the flavour has that norm.
+    /// post-normed where the flavour has that norm (transformers'
+    /// `last_hidden_state` when every layer is loaded).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_states(pixels)?;
+        match &self.post_norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// The loaded layers' output without the post norm: transformers'
+    /// `hidden_states[num_layers]`, the features LLaVA-style models select
+    /// by `vision_feature_layer`.
+    pub fn hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
         let (s, p, c) = (
             self.cfg.image_size,
             self.cfg.patch_size,
@@ -246,6 +288,8 @@ impl<F: Flavour> VisionTransformer<F> {
         }
         let g = s / p;
         let patches = pixels
+            .narrow(1, 0, g * p)?
+            .narrow(2, 0, g * p)?
             .to_dtype(self.patch_embed.dtype())?
             .reshape((c, g, p, g, p))?
             .permute((1, 3, 0, 2, 4))?
@@ -268,10 +312,7 @@ impl<F: Flavour> VisionTransformer<F> {
                 .forward(&self.act.forward(&l.fc1.forward(&l.ln2.forward(&x)?)?)?)?;
             x = (x + h)?;
         }
-        match &self.post_norm {
-            Some(n) => n.forward(&x),
-            None => Ok(x),
-        }
+        Ok(x)
     }
 
     fn attention(&self, l: &Layer, x: &Tensor) -> Result<Tensor> {
@@ -304,8 +345,15 @@ mod tests {
         };
         ok.validate().unwrap();
         assert_eq!(ok.grid(), 24);
+        let so400m = SiglipVisionConfig {
+            image_size: 384,
+            patch_size: 14,
+            ..Default::default()
+        };
+        so400m.validate().unwrap();
+        assert_eq!(so400m.grid(), 27);
         let bad = ClipVisionConfig {
-            image_size: 100,
+            image_size: 10,
             patch_size: 14,
             ..Default::default()
         };
@@ -313,7 +361,7 @@ mod tests {
             .validate()
             .unwrap_err()
             .to_string()
-            .contains("multiple of patch_size"));
+            .contains("smaller than patch_size"));
         let act = ClipVisionConfig {
             hidden_act: "relu6".into(),
             ..Default::default()

@@ -19,6 +19,7 @@ use candle_core::{bail, Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::nn::vit::feature_layers;
 pub use crate::nn::vit::{ClipVision, ClipVisionConfig};
 pub use processor::{ClipImageConfig, ImageProcessor};
 
@@ -98,27 +99,11 @@ impl LlavaConfig {
             text["tie_word_embeddings"] = t.clone();
         }
         let text = HfConfig::from_json_str(&text.to_string())?;
-        // Hidden states: [embeddings, after layer 1, ..., after layer L].
-        let layers = r.vision_config.num_hidden_layers as i64;
-        let feature_layers = match r.vision_feature_layer.unwrap_or(Value::from(-2)) {
-            Value::Number(n) => {
-                let k = n
-                    .as_i64()
-                    .ok_or_else(|| bad(format!("vision_feature_layer {n} is not an integer")))?;
-                let idx = if k < 0 { layers + 1 + k } else { k };
-                if !(0..=layers).contains(&idx) {
-                    return Err(bad(format!(
-                        "vision_feature_layer {k} is outside a {layers}-layer tower"
-                    )));
-                }
-                idx as usize
-            }
-            other => {
-                return Err(bad(format!(
-                    "vision_feature_layer {other} (a list of layers) is not supported"
-                )))
-            }
-        };
+        let feature_layers = feature_layers(
+            &r.vision_feature_layer.unwrap_or(Value::from(-2)),
+            r.vision_config.num_hidden_layers,
+        )
+        .map_err(bad)?;
         let keep_class_token = match r
             .vision_feature_select_strategy
             .as_deref()

@@ -17,6 +17,11 @@ tower's size (336 or 896 px square):
   gemma3-tower        SigLIP so400m/14 at 896 px (27 layers x 1152, 16 heads,
                       FFN 4304), 4096 patches pooled to 256 tokens
                       (google/gemma-3-4b-it's tower)
+  llava-onevision-tower
+                      SigLIP so400m/14 at 384 px, released anyres pinpoints
+                      (384..2304), anyres_max_9: a 384 px image is one tile
+                      plus the base image, 2 x 729 features + newlines
+                      (llava-hf/llava-onevision-qwen2-0.5b-ov-hf's tower)
   qwen2-vl-tower      Qwen2-VL-2B's ViT (32 layers x 1280, 16 heads, merge 2);
                       its image size follows the input (min/max_pixels)
 
@@ -63,6 +68,18 @@ def gemma3(cfg: dict, pre: dict, proc: dict) -> None:
     proc["image_seq_length"] = 256
 
 
+def llava_onevision(cfg: dict, pre: dict, proc: dict) -> None:
+    cfg["vision_config"].update(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=384, patch_size=14,
+    )
+    pinpoints = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+    cfg["image_grid_pinpoints"] = pre["image_grid_pinpoints"] = pinpoints
+    cfg["vision_aspect_ratio"] = proc["vision_aspect_ratio"] = "anyres_max_9"
+    pre["size"] = {"height": 384, "width": 384}
+    proc["num_image_tokens"] = 729
+
+
 def qwen2_vl(cfg: dict, pre: dict, proc: dict) -> None:
     cfg["vision_config"].update(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4)
     # Qwen2-VL's own bounds, so a 336 px / 896 px image keeps its size.
@@ -73,6 +90,7 @@ def qwen2_vl(cfg: dict, pre: dict, proc: dict) -> None:
 TOWERS = {
     "llava-1.5-tower": ("llava-tiny", llava, 336),
     "gemma3-tower": ("gemma3-vision-tiny", gemma3, 896),
+    "llava-onevision-tower": ("llava-onevision-tiny", llava_onevision, 384),
     "qwen2-vl-tower": ("qwen2-vl-tiny", qwen2_vl, 896),
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // What one cold image costs in each vision tower, candela beside transformers,
 // on checkpoints whose towers have released shapes (prepare-towers.py: CLIP
-// ViT-L/14 at 336 px for LLaVA-1.5, SigLIP so400m at 896 px for Gemma 3,
+// ViT-L/14 at 336 px for LLaVA-1.5, SigLIP so400m at 384 px tiles for
+// LLaVA-OneVision and at 896 px for Gemma 3,
 // Qwen2-VL-2B's ViT at 896 px) and the fixtures' tiny language models.
 //
 //   npm run build && node benchmark/towers.mjs [--towers llava-1.5-tower,gemma3-tower] [--runs 3]
@@ -22,7 +23,7 @@ import { Engine } from '../dist/index.js'
 import { checkBuilt, ensureVenv, venvPython } from './lib/bootstrap.mjs'
 import { BENCH_DIR, MODELS_DIR, RESULTS_DIR, median } from './lib/common.mjs'
 
-const ALL = ['llava-1.5-tower', 'gemma3-tower', 'qwen2-vl-tower']
+const ALL = ['llava-1.5-tower', 'llava-onevision-tower', 'gemma3-tower', 'qwen2-vl-tower']
 const { values } = parseArgs({
   options: {
     towers: { type: 'string', default: ALL.join(',') },

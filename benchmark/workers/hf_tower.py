@@ -28,7 +28,7 @@ processor = AutoProcessor.from_pretrained(spec["model"])
 image = Image.open(spec["image"]).convert("RGB")
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": spec["text"]}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-TOWER_KEYS = ("pixel_values", "image_grid_thw")
+TOWER_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
 @torch.inference_mode()

@@ -282,7 +282,7 @@ fn greedy_ids_match_transformers_alone_and_batched() {
 /// prefill chunk. A pool of 5 blocks (20 tokens) runs contexts of 47 to 61
 /// tokens, alone and three at once (preempting), with the greedy ids of
 /// transformers on the same configuration
-/// (scripts/make_gemma3_sliding_reference.py). Without the freeing, the
+/// (scripts/make_sliding_references.py). Without the freeing, the
 /// engine would refuse the 21- and 27-token prompts outright.
 #[test]
 fn all_sliding_layers_free_blocks_behind_the_window_and_match_transformers() {

@@ -167,12 +167,8 @@ impl BlockManager {
             }
             let dead = self.num_dead_blocks(end * self.block_size);
             if i <= dead {
-                return (0..end)
-                    .map(|j| match j < dead {
-                        true => NULL_BLOCK,
-                        false => self.pool.lookup(&hashes[j]).unwrap_or(NULL_BLOCK),
-                    })
-                    .collect();
+                let block = |j: usize| (j >= dead).then(|| self.pool.lookup(&hashes[j])).flatten();
+                return (0..end).map(|j| block(j).unwrap_or(NULL_BLOCK)).collect();
             }
         }
         Vec::new()
@@ -228,9 +224,10 @@ impl BlockManager {
             entry.num_hashed = cached.len();
         }
         for i in have..needed {
-            let b = match i < dead {
-                true => Some(NULL_BLOCK),
-                false => self.pool.allocate(), // Some: counted above
+            let b = if i < dead {
+                Some(NULL_BLOCK)
+            } else {
+                self.pool.allocate() // Some: counted above
             };
             match b {
                 Some(b) => entry.blocks.push(b),

@@ -58,6 +58,13 @@ fn sliding_window(cfg: &HfConfig) -> Result<Option<SlidingWindow>> {
     }))
 }
 
+pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result<DecoderConfig> {
+    let mut c = gguf_base_config(g, GGUF_ARCHITECTURE, HF_ARCHITECTURE, max_model_len)?;
+    c.qkv_bias = true;
+    c.o_bias = false;
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,11 +112,4 @@ mod tests {
             cfg(serde_json::json!({"use_sliding_window": true, "layer_types": ["full_attention"]}));
         assert!(config_from_hf(&bad, None).is_err());
     }
-}
-
-pub fn config_from_gguf(g: &GgufWeights, max_model_len: Option<usize>) -> Result<DecoderConfig> {
-    let mut c = gguf_base_config(g, GGUF_ARCHITECTURE, HF_ARCHITECTURE, max_model_len)?;
-    c.qkv_bias = true;
-    c.o_bias = false;
-    Ok(c)
 }

@@ -13,6 +13,11 @@ use std::collections::HashMap;
 
 pub type BlockId = u32;
 
+/// A block-table entry whose block was freed because no layer can attend to
+/// it any more (it lies behind every sliding window). It is no block of the
+/// pool: the attention kernels never read it, and reading it is an error.
+pub const NULL_BLOCK: BlockId = u32::MAX;
+
 const NIL: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]

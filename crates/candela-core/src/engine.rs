@@ -6,6 +6,7 @@
 //! schedule -> one forward over the ragged batch -> sample -> detokenize ->
 //! send events -> free finished sequences.
 
+use crate::block_manager::max_blocks_held;
 use crate::encoder_cache::EncoderCache;
 use crate::engine_core::{CoreConfig, EngineCore};
 use crate::model::{DeviceMemory, Model, ModelSpec, TokenDecoder};
@@ -163,6 +164,8 @@ pub struct Engine {
     spec: ModelSpec,
     /// The model attends within a media item both ways: chunks keep items whole.
     whole_media_items: bool,
+    /// Every layer slides: blocks behind this window are freed.
+    kv_window: Option<usize>,
     num_blocks: usize,
     max_model_len: usize,
     next_id: AtomicU64,
@@ -284,6 +287,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let spec = model.spec().clone();
         let whole_media_items = model.bidirectional_media();
+        let kv_window = crate::model::kv_window(&model.layer_windows());
         if config.block_size == 0 {
             return Err(EngineError::InvalidConfig(
                 "block_size must be at least 1".into(),
@@ -362,6 +366,7 @@ impl Engine {
                     // vLLM's encoder compute budget: a step's worth of tokens.
                     encoder_budget: config.max_num_batched_tokens,
                     whole_media_items,
+                    kv_window,
                 },
                 eos_token_ids: config.eos_token_ids.clone(),
                 max_model_len,
@@ -387,6 +392,7 @@ impl Engine {
             config,
             spec,
             whole_media_items,
+            kv_window,
             num_blocks,
             max_model_len,
             next_id: AtomicU64::new(1),
@@ -450,7 +456,8 @@ impl Engine {
             });
         }
         let capacity = self.num_blocks * self.config.block_size;
-        if prompt_len + 1 > capacity {
+        let bs = self.config.block_size;
+        if max_blocks_held(prompt_len + 1, bs, self.kv_window) > self.num_blocks {
             return Err(EngineError::InvalidRequest(format!(
                 "the prompt has {prompt_len} tokens but the KV cache holds only {capacity} tokens ({} blocks of {})",
                 self.num_blocks, self.config.block_size
@@ -474,6 +481,18 @@ impl Engine {
                      this model prefills each item in one step",
                     item.placeholder.hash, self.config.max_num_batched_tokens
                 )));
+            }
+            // Prefilled in one step, the item's tokens and the window before
+            // them must all be in the pool at once.
+            if let Some(w) = self.kv_window.filter(|_| self.whole_media_items) {
+                let blocks = (length + w - 1).div_ceil(bs) + 1;
+                if blocks > self.num_blocks {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "media item '{}' takes {length} tokens; with the {w}-token attention window \
+                         its prefill needs {blocks} KV cache blocks, the pool has {}",
+                        item.placeholder.hash, self.num_blocks
+                    )));
+                }
             }
             if let MmInput::Embeddings(t) = &item.input {
                 let (length, hidden) = (item.placeholder.length, self.spec.hidden_size);

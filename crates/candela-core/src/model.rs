@@ -113,6 +113,15 @@ pub trait Model: Send {
     fn bidirectional_media(&self) -> bool {
         false
     }
+    /// The keys each layer attends to, one entry per layer: `Some(w)` for a
+    /// sliding-window layer (a token sees itself and the `w - 1` keys before
+    /// it; a bidirectional span also sees its later keys, never earlier
+    /// ones), `None` for full attention. Empty (the default): every layer
+    /// attends to the whole context. When every layer slides, the engine
+    /// frees the blocks behind the widest window (see [`kv_window`]).
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        Vec::new()
+    }
 
     /// Run the media encoder (vision / audio tower + projector) on one item's
     /// preprocessed tensors, returning `[num_placeholder_tokens, hidden_size]`.
@@ -145,6 +154,19 @@ pub trait Model: Send {
     ) -> Option<candle_core::Result<Vec<u32>>> {
         None
     }
+}
+
+/// The window of the KV cache as a whole: the widest of [`Model::layer_windows`]
+/// when every layer slides, else None (some layer reads every key, so no
+/// block is ever behind all windows).
+pub fn kv_window(layer_windows: &[Option<usize>]) -> Option<usize> {
+    if layer_windows.is_empty() {
+        return None;
+    }
+    layer_windows
+        .iter()
+        .try_fold(0, |widest, w| w.map(|w| widest.max(w)))
+        .filter(|&w| w > 0)
 }
 
 /// See [`Model::device_memory`].

@@ -49,6 +49,9 @@ pub struct SchedulerConfig {
     /// Never end a chunk inside a media item (models whose items attend to
     /// themselves both ways, see the module doc).
     pub whole_media_items: bool,
+    /// Every layer attends over at most this many recent keys: blocks behind
+    /// the window are freed ([`crate::model::kv_window`]).
+    pub kv_window: Option<usize>,
 }
 
 /// Whether item `i` (in placeholder order) of request `req_id` still needs
@@ -85,7 +88,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        let kv = BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
+        let kv = BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+            .with_window(cfg.kv_window);
         Self {
             cfg,
             kv,
@@ -206,14 +210,16 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            if self.kv.blocks_for(num_tokens) > total_blocks {
+            if self.kv.max_blocks_held(num_tokens) > total_blocks {
                 self.running.remove(i);
                 self.kv.free(id);
                 out.failed
                     .push((id, req_id, self.capacity_message(num_tokens)));
                 continue;
             }
-            let num_new = (num_tokens - num_computed).min(budget);
+            let num_new = (num_tokens - num_computed)
+                .min(budget)
+                .min(self.kv.max_new_tokens(num_computed));
             let num_new =
                 self.fit_encoder_budget(seq, num_computed, num_new, &mut encoded, needs_encoder);
             if num_new == 0 {
@@ -266,7 +272,7 @@ impl Scheduler {
                     break;
                 }
                 let num_tokens = seq.num_tokens();
-                if self.kv.blocks_for(num_tokens) > total_blocks {
+                if self.kv.max_blocks_held(num_tokens) > total_blocks {
                     let req_id = seq.req_id;
                     self.waiting.pop_front();
                     out.failed
@@ -275,7 +281,9 @@ impl Scheduler {
                 }
                 let cached = self.kv.find_cached_prefix(&seq.block_hashes, num_tokens);
                 let num_cached = cached.len() * self.cfg.block_size;
-                let num_new = (num_tokens - num_cached).min(budget);
+                let num_new = (num_tokens - num_cached)
+                    .min(budget)
+                    .min(self.kv.max_new_tokens(num_cached));
                 let num_new =
                     self.fit_encoder_budget(seq, num_cached, num_new, &mut encoded, needs_encoder);
                 if num_new == 0 || !self.kv.allocate_slots(id, num_cached, num_new, &cached) {
@@ -355,7 +363,7 @@ impl Scheduler {
         format!(
             "the sequence needs {} KV cache blocks for {} tokens but the whole pool has {} blocks ({} tokens); \
              raise the KV cache size or shorten the request",
-            self.kv.blocks_for(num_tokens),
+            self.kv.max_blocks_held(num_tokens),
             num_tokens,
             self.kv.num_blocks(),
             self.kv.capacity_tokens()
@@ -397,6 +405,7 @@ mod tests {
             enable_prefix_caching: true,
             encoder_budget: budget,
             whole_media_items: false,
+            kv_window: None,
         }
     }
 

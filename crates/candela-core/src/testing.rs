@@ -8,6 +8,11 @@
 //! recompute changes the tokens. On top of that every forward checks the
 //! batch's invariants and the hash chain of each sequence's whole context,
 //! and fails (an `Err`, like a real model error) if anything is off.
+//!
+//! With a sliding `window` the mock reads, as a sliding-window layer does,
+//! only the keys a token can see: the chain is checked from the window's
+//! first key on (trusting the `h` stored there), so a freed block that is
+//! still needed, or one reused by another sequence, fails the forward.
 
 use crate::model::{ForwardBatch, Model, ModelSpec};
 use candle_core::{DType, Device, Tensor};
@@ -41,6 +46,9 @@ pub struct MockModel {
     pub script: Option<Vec<u32>>,
     /// Sleep this long in every forward (to keep requests alive in tests).
     pub delay: Option<std::time::Duration>,
+    /// A token sees itself and the `window - 1` keys before it (at least 2,
+    /// so that the previous `h` is always visible).
+    pub window: Option<usize>,
 }
 
 pub fn mix(prev: u64, token: u32, pos: u32) -> u64 {
@@ -71,6 +79,7 @@ impl MockModel {
             fail_on_token: None,
             script: None,
             delay: None,
+            window: None,
         }
     }
 
@@ -123,16 +132,22 @@ impl MockModel {
                 return Err("block table too short".into());
             }
             let first_new = s.context_len - s.query_len;
-            // The cached part of the context must hold an intact hash chain.
+            // The visible part of the cached context must hold an intact hash chain.
+            let lo = self
+                .window
+                .map_or(0, |w| (first_new + 1).saturating_sub(w.max(2)));
             let mut h = ROOT;
-            for pos in 0..first_new {
+            for pos in lo..first_new {
                 let slot = self.slot(&s.block_table, pos)?;
                 let (tok, stored) =
                     self.kv[slot].ok_or_else(|| format!("empty KV slot at position {pos}"))?;
-                h = mix(h, tok, pos as u32);
-                if h != stored {
-                    return Err(format!("KV chain broken at position {pos}"));
+                if pos > lo || lo == 0 {
+                    h = mix(h, tok, pos as u32);
+                    if h != stored {
+                        return Err(format!("KV chain broken at position {pos}"));
+                    }
                 }
+                h = stored;
             }
             for i in 0..s.query_len {
                 let idx = s.query_start + i;
@@ -188,6 +203,10 @@ impl MockModel {
 impl Model for MockModel {
     fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        vec![self.window]
     }
 
     fn allocate_kv_cache(

@@ -151,6 +151,7 @@ fn run_all(e: &Engine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<ReqOut> {
 fn core(num_blocks: usize, budget: usize, caching: bool, model: MockModel) -> EngineCore {
     let mut model = model;
     model.allocate_kv_cache(num_blocks, BS).unwrap();
+    let kv_window = crate::model::kv_window(&model.layer_windows());
     EngineCore::new(
         Box::new(model),
         Arc::new(ByteDecoder::standard()),
@@ -163,6 +164,7 @@ fn core(num_blocks: usize, budget: usize, caching: bool, model: MockModel) -> En
                 enable_prefix_caching: caching,
                 encoder_budget: budget,
                 whole_media_items: false,
+                kv_window,
             },
             eos_token_ids: vec![],
             max_model_len: MAX_LEN,
@@ -1052,4 +1054,95 @@ fn mrope_positions_reach_the_model_and_continue_at_index_plus_delta() {
         err.to_string().contains("M-RoPE positions cover 9 tokens"),
         "{err}"
     );
+}
+
+fn windowed(window: usize) -> MockModel {
+    let mut m = MockModel::new(MAX_LEN);
+    m.window = Some(window);
+    m
+}
+
+/// A sliding window of 20 over blocks of 16: a sequence holds at most 3
+/// blocks however long it grows. The mock reads only its window's keys, and
+/// its tokens equal the full-context run's (they do not depend on the window).
+#[test]
+fn a_sliding_window_bounds_the_blocks_a_long_sequence_holds() {
+    let p = prompt(4, 100);
+    let params = greedy(60);
+    let expected = alone(&p, &params).tokens();
+    // 4 blocks = 64 tokens < 160; chunks of the prompt are cut to the pool.
+    let mut c = core(4, 2048, true, windowed(20));
+    let mut rx = submit(&mut c, 1, p.clone(), params.clone());
+    let (mut out, mut steps, mut peak_decoding) = (ReqOut::default(), 0, 0);
+    while c.step() {
+        steps += 1;
+        drain(&mut rx, &mut out);
+        let used = c.stats().kv_blocks_used;
+        assert!(used <= 4);
+        if !out.samples.is_empty() {
+            peak_decoding = peak_decoding.max(used);
+        }
+        assert!(steps < 200, "looping");
+    }
+    drain(&mut rx, &mut out);
+    assert!(out.error.is_none(), "{:?}", out.error);
+    assert_eq!(out.tokens(), expected);
+    assert_eq!(peak_decoding, 3);
+    assert_eq!(c.stats().kv_blocks_used, 0);
+
+    // The engine admits the prompt the pool could not hold whole; a model
+    // without a window is refused it.
+    let e = start(config(4, true), windowed(20));
+    let outs = run_all(&e, &[(p.clone(), params.clone())]);
+    assert_eq!(outs[0].tokens(), expected);
+    let full = start(config(4, true), MockModel::new(MAX_LEN));
+    let err = full.add_request(EngineRequest::new(p, params)).unwrap_err();
+    assert!(err.to_string().contains("KV cache"), "{err}");
+}
+
+/// Many long requests in a pool far too small for their contexts: they
+/// preempt each other, resume, hit the prefix cache (window blocks only),
+/// and all finish with the full-context tokens.
+#[test]
+fn a_sliding_window_survives_preemption_and_prefix_hits() {
+    for caching in [true, false] {
+        let mut reqs: Vec<_> = (0..6)
+            .map(|i| (prompt(20 + i, 8 + 5 * i as usize), greedy(60)))
+            .collect();
+        // A repeated prompt: its second run may start from cached blocks.
+        reqs.push(reqs[3].clone());
+        let expected: Vec<_> = reqs.iter().map(|(p, s)| alone(p, s).tokens()).collect();
+        // Submitted together, stepped by hand: the same schedule every run.
+        let mut c = core(5, 2048, caching, windowed(24));
+        let mut rxs: Vec<_> = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, s))| submit(&mut c, i as u64, p.clone(), s.clone()))
+            .collect();
+        let mut steps = 0;
+        while c.step() {
+            steps += 1;
+            assert!(steps < 2000, "looping");
+            assert!(c.stats().kv_blocks_used <= 5);
+        }
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            let mut out = ReqOut::default();
+            drain(rx, &mut out);
+            assert!(out.error.is_none(), "{:?}", out.error);
+            assert_eq!(out.tokens(), expected[i], "request {i}");
+        }
+        let st = c.stats();
+        assert!(st.preemptions > 0, "{st:?}");
+        assert_eq!(st.kv_blocks_used, 0);
+        assert_eq!(st.requests_finished, reqs.len() as u64);
+    }
+    // Sequential runs of one prompt: the second is served from the cache.
+    let e = start(config(8, true), windowed(24));
+    let p = prompt(9, 90);
+    let first = run_all(&e, &[(p.clone(), greedy(5))]).remove(0);
+    let second = run_all(&e, &[(p.clone(), greedy(5))]).remove(0);
+    assert_eq!(first.tokens(), second.tokens());
+    assert_eq!(first.tokens(), alone(&p, &greedy(5)).tokens());
+    // 90 tokens: the hit covers 5 blocks, of which only the last two are held.
+    assert_eq!(second.samples[0].usage.map(|u| u.2), Some(80));
 }

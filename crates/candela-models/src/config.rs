@@ -97,6 +97,15 @@ pub struct HfConfig {
     pub eos_token_id: Option<OneOrMany>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// Keys a sliding-window layer sees (Qwen2, Mistral).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: layers from this index on slide (when `layer_types` is absent).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// transformers >= 4.53: `"full_attention"` / `"sliding_attention"` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
 }
 
 fn default_rms_eps() -> f64 {

@@ -52,6 +52,10 @@ impl Model for MultimodalLm {
         self.lm.bidirectional_media()
     }
 
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.lm.layer_windows()
+    }
+
     fn encode(&mut self, features: &MmFeatures) -> Result<Tensor> {
         let dtype = self.lm.dtype();
         // On the rayon pool, whose threads the towers' kernels split work over.

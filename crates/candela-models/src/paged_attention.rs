@@ -25,6 +25,7 @@
 
 use std::sync::Arc;
 
+use candela_core::block_pool::NULL_BLOCK;
 use candela_core::model::ForwardBatch;
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape,
@@ -213,16 +214,22 @@ impl AttentionMetadata {
         (lo, self.token_end[t] as usize)
     }
 
-    /// Largest block id referenced by the used part of any block table.
-    fn max_block(&self) -> Option<u32> {
-        self.seqs
-            .iter()
-            .flat_map(|s| {
-                s.block_table[..s.context_len.div_ceil(self.block_size)]
-                    .iter()
-                    .copied()
-            })
-            .max()
+    /// Largest block id a layer with this `window` reads, or an error if it
+    /// would read a table entry freed behind the window ([`NULL_BLOCK`]).
+    fn max_block_read(&self, window: Option<usize>) -> Result<Option<u32>> {
+        let mut max = None;
+        for (i, s) in self.seqs.iter().enumerate() {
+            let first_pos = s.context_len - s.query_len;
+            let lo = window.map_or(0, |w| (first_pos + 1).saturating_sub(w)) / self.block_size;
+            let hi = s.context_len.div_ceil(self.block_size);
+            for &b in &s.block_table[lo.min(hi)..hi] {
+                if b == NULL_BLOCK {
+                    bail!("paged attention: sequence {i} reads a freed block (window {window:?})");
+                }
+                max = max.max(Some(b));
+            }
+        }
+        Ok(max)
     }
 }
 
@@ -679,7 +686,7 @@ impl PagedAttention {
             );
         }
         let bs = meta.block_size;
-        if let Some(max_block) = meta.max_block() {
+        if let Some(max_block) = meta.max_block_read(self.params.window)? {
             if (max_block as usize + 1) * bs > num_slots {
                 bail!(
                     "paged attention: block {max_block} out of range (pool has {} blocks of {bs})",
@@ -1052,6 +1059,13 @@ mod tests {
             spans_at.push((query_start + span.start, span.len()));
             expected.extend(naive(&q, &k, &v, n, c.ctx, h, kvh, d, params, span));
             all_q.extend(q);
+            // As the engine does, free the blocks behind the window: their
+            // entries become NULL_BLOCK, which no token may read.
+            let mut table = table;
+            if let Some(w) = window {
+                let dead = (c.cached + 1).saturating_sub(w) / bs;
+                table[..dead].fill(NULL_BLOCK);
+            }
             seqs.push(AttentionSeq {
                 query_start,
                 query_len: n,
@@ -1136,6 +1150,42 @@ mod tests {
         m.add_bidirectional_span(3, 3)?;
         assert_eq!(m.key_range(3, None), (0, 3));
         assert_eq!(m.key_range(1, None), (0, 2));
+        Ok(())
+    }
+
+    /// A token whose window reaches a freed block fails instead of reading
+    /// whatever the pool holds there; behind the window it is never read.
+    #[test]
+    fn a_freed_block_inside_the_window_is_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let (kc, vc) = (
+            alloc_kv_pool(4, 4, 1, 4, DType::F32, &dev)?,
+            alloc_kv_pool(4, 4, 1, 4, DType::F32, &dev)?,
+        );
+        // A decode at position 9 (context 10) over blocks [freed, 1, 2].
+        let meta = Arc::new(AttentionMetadata::new(
+            vec![AttentionSeq {
+                query_start: 0,
+                query_len: 1,
+                context_len: 10,
+                block_table: vec![NULL_BLOCK, 1, 2],
+            }],
+            4,
+            1,
+        )?);
+        let q = Tensor::ones((1, 1, 4), DType::F32, &dev)?;
+        let with = |window| AttnParams {
+            window,
+            ..AttnParams::causal(0.5)
+        };
+        // Keys 4..=9 and 6..=9 skip block 0; 5 keys (5..=9) too; 7 reach it.
+        for w in [4, 5, 6] {
+            paged_attention(&q, &kc, &vc, &meta, with(Some(w)))?;
+        }
+        for w in [Some(7), Some(100), None] {
+            let err = paged_attention(&q, &kc, &vc, &meta, with(w)).unwrap_err();
+            assert!(err.to_string().contains("freed block"), "{err}");
+        }
         Ok(())
     }
 

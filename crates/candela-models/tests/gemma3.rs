@@ -6,6 +6,9 @@
 //! prefill (per-row and tiled kernels, chunks crossing block and window
 //! edges) equal to one prefill, a ragged batch equal to each sequence alone,
 //! and greedy ids through the engine, alone and batched, with prefill split.
+//! With every layer sliding, the engine frees the KV blocks behind the
+//! window: greedy ids far past it still match transformers in a pool smaller
+//! than one context, and the blocks in use stay bounded.
 
 mod common;
 
@@ -14,7 +17,7 @@ use common::{drain_tokens, fixture_dir, ids_of, max_diff, reference};
 use std::path::PathBuf;
 
 use candela_core::model::{ForwardBatch, Model, SeqSlice};
-use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
+use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
 use candela_models::{
     gemma3, load, ChatRenderOptions, DecoderLm, LoadOptions, LoadedModel, Weights,
 };
@@ -42,13 +45,19 @@ fn load_f32() -> LoadedModel {
 /// The concrete decoder (for every position's logits), f32, with a pool of
 /// `blocks` blocks.
 fn decoder(blocks: usize) -> DecoderLm {
-    let raw: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap()).unwrap();
-    let cfg = gemma3::config_from_json(&raw, None).unwrap();
-    let w = Weights::from_safetensors_dir(&dir(), DType::F32, &Device::Cpu).unwrap();
-    let mut m = DecoderLm::load(cfg, &w).unwrap();
+    let mut m = decoder_with(|_| {});
     m.allocate_kv_cache(blocks, BLOCK_SIZE).unwrap();
     m
+}
+
+/// The fixture's decoder, f32, its config.json edited by `edit` first.
+fn decoder_with(edit: impl FnOnce(&mut Value)) -> DecoderLm {
+    let mut raw: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("config.json")).unwrap()).unwrap();
+    edit(&mut raw);
+    let cfg = gemma3::config_from_json(&raw, None).unwrap();
+    let w = Weights::from_safetensors_dir(&dir(), DType::F32, &Device::Cpu).unwrap();
+    DecoderLm::load(cfg, &w).unwrap()
 }
 
 /// One step's share of a sequence: its new ids from position `start`, in
@@ -266,4 +275,106 @@ fn greedy_ids_match_transformers_alone_and_batched() {
     }
     let (ids, want): (Vec<_>, Vec<_>) = prompts.into_iter().unzip();
     assert_eq!(run_engine(&ids, 7), want, "batched");
+}
+
+/// Every layer a sliding-window layer (window 6, blocks of 4): a sequence
+/// needs at most 3 blocks at a step once past its prompt, 4 with a 5-token
+/// prefill chunk. A pool of 5 blocks (20 tokens) runs contexts of 47 to 61
+/// tokens, alone and three at once (preempting), with the greedy ids of
+/// transformers on the same configuration
+/// (scripts/make_sliding_references.py). Without the freeing, the
+/// engine would refuse the 21- and 27-token prompts outright.
+#[test]
+fn all_sliding_layers_free_blocks_behind_the_window_and_match_transformers() {
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir().join("reference_all_sliding.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r["sliding_window"], 6);
+    let runs: Vec<(Vec<u32>, Vec<u32>)> = r["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (ids_of(&x["input_ids"]), ids_of(&x["greedy_ids"])))
+        .collect();
+    const POOL: usize = 5;
+    let start = || {
+        let m = decoder_with(|c| {
+            let n = c["num_hidden_layers"].as_u64().unwrap() as usize;
+            c["layer_types"] = serde_json::json!(vec!["sliding_attention"; n]);
+        });
+        assert_eq!(m.layer_windows(), vec![Some(6); 3]);
+        let block_bytes = m.spec().kv_block_bytes(BLOCK_SIZE);
+        let cfg = EngineConfig {
+            kv_cache_bytes: Some(POOL * block_bytes),
+            max_num_batched_tokens: 5,
+            max_model_len: Some(128),
+            block_size: BLOCK_SIZE,
+            ..Default::default()
+        };
+        let engine = Engine::start(Box::new(m), load_f32().tokenizer, cfg).unwrap();
+        assert_eq!(engine.num_kv_blocks(), POOL);
+        engine
+    };
+    // The stats once the engine has published the step that finished
+    // request number `n` (events go out before the step's stats do).
+    let settled = |engine: &Engine, n: u64| loop {
+        let st = engine.stats();
+        if st.requests_finished >= n {
+            return st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let submit = |engine: &Engine, ids: &[u32], n: usize| {
+        engine
+            .add_request(EngineRequest {
+                prompt_token_ids: ids.to_vec(),
+                params: SamplingParams {
+                    temperature: 0.0,
+                    max_tokens: n,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                mm_items: Vec::new(),
+                mrope: None,
+            })
+            .unwrap()
+    };
+
+    // Alone: watch the blocks in use (the engine's stats, refreshed after
+    // every step) while the context grows far past the pool.
+    let engine = start();
+    for (ids, want) in &runs {
+        let mut h = submit(&engine, ids, want.len());
+        let (mut got, mut peak) = (Vec::new(), 0);
+        while let Some(ev) = h.events.blocking_recv() {
+            peak = peak.max(engine.stats().kv_blocks_used);
+            match ev {
+                RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
+                RequestEvent::Error { message } => panic!("{message}"),
+                RequestEvent::Finished { .. } => {}
+            }
+        }
+        assert_eq!(&got, want, "alone, prompt of {}", ids.len());
+        let context = ids.len() + want.len();
+        assert!(peak <= 4, "{peak} blocks in use");
+        eprintln!(
+            "gemma3-tiny all sliding: {context} tokens ({} blocks) with at most {peak} blocks in use",
+            context.div_ceil(BLOCK_SIZE)
+        );
+    }
+    assert_eq!(settled(&engine, runs.len() as u64).kv_blocks_used, 0);
+
+    // Together: 3 sequences of up to 3-4 blocks in 5 preempt each other.
+    let engine = start();
+    let handles: Vec<_> = runs
+        .iter()
+        .map(|(ids, want)| submit(&engine, ids, want.len()))
+        .collect();
+    let got: Vec<_> = handles.into_iter().map(drain_tokens).collect();
+    let want: Vec<_> = runs.iter().map(|(_, w)| w.clone()).collect();
+    assert_eq!(got, want, "batched");
+    let st = settled(&engine, runs.len() as u64);
+    assert!(st.preemptions > 0, "{st:?}");
+    assert_eq!(st.kv_blocks_used, 0);
 }

@@ -870,3 +870,101 @@ fn quantized_gguf_matches_its_dequantized_weights() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Qwen2 with `use_sliding_window` and `max_window_layers: 0` (every layer
+/// slides, window 5, as Mistral-style models): greedy ids past the window
+/// equal transformers' on the same configuration
+/// (scripts/make_sliding_references.py), alone and both at once, in a pool
+/// of 3 blocks (12 tokens) that the engine can only use by freeing the
+/// blocks behind the window; the blocks in use stay within it.
+#[test]
+fn qwen2_all_sliding_frees_blocks_behind_the_window_and_matches_transformers() {
+    use candela_core::{Engine, EngineConfig, EngineRequest, RequestEvent, SamplingParams};
+    let f = Fixture::open("qwen2-tiny");
+    let r: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.dir.join("reference_all_sliding.json")).expect("reference"),
+    )
+    .expect("json");
+    let runs: Vec<(Vec<u32>, Vec<u32>)> = r["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|x| {
+            (
+                Fixture::ids(&x["input_ids"]),
+                Fixture::ids(&x["greedy_ids"]),
+            )
+        })
+        .collect();
+    let mut raw: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.dir.join("config.json")).expect("config"))
+            .expect("json");
+    raw["use_sliding_window"] = true.into();
+    raw["sliding_window"] = 5.into();
+    raw["max_window_layers"] = 0.into();
+    let cfg = HfConfig::from_json_str(&raw.to_string()).expect("config");
+    const POOL: usize = 3;
+    let start = || {
+        let dc = qwen2::config_from_hf(&cfg, None).expect("decoder config");
+        let w = Weights::from_safetensors_dir(&f.dir, DType::F32, &Device::Cpu).expect("weights");
+        let m = DecoderLm::load(dc, &w).expect("model");
+        assert_eq!(m.layer_windows(), vec![Some(5); 2]);
+        let engine_cfg = EngineConfig {
+            kv_cache_bytes: Some(POOL * m.spec().kv_block_bytes(BLOCK_SIZE)),
+            max_num_batched_tokens: 5,
+            max_model_len: Some(128),
+            block_size: BLOCK_SIZE,
+            ..Default::default()
+        };
+        let tokenizer = load(&f.dir, &LoadOptions::default())
+            .expect("load")
+            .tokenizer;
+        Engine::start(Box::new(m), tokenizer, engine_cfg).expect("engine")
+    };
+    let submit = |engine: &Engine, ids: &[u32], n: usize| {
+        engine
+            .add_request(EngineRequest {
+                prompt_token_ids: ids.to_vec(),
+                params: SamplingParams {
+                    temperature: 0.0,
+                    max_tokens: n,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                mm_items: Vec::new(),
+                mrope: None,
+            })
+            .expect("admitted")
+    };
+    // The ids a request generates and the most blocks seen in use meanwhile.
+    let drain = |engine: &Engine, mut h: candela_core::RequestHandle| {
+        let (mut got, mut peak) = (Vec::new(), 0);
+        while let Some(ev) = h.events.blocking_recv() {
+            peak = peak.max(engine.stats().kv_blocks_used);
+            match ev {
+                RequestEvent::Tokens { token_ids, .. } => got.extend(token_ids),
+                RequestEvent::Error { message } => panic!("{message}"),
+                RequestEvent::Finished { .. } => {}
+            }
+        }
+        (got, peak)
+    };
+    let engine = start();
+    for (ids, want) in &runs {
+        let (got, peak) = drain(&engine, submit(&engine, ids, want.len()));
+        assert_eq!(&got, want, "alone, prompt of {}", ids.len());
+        assert!(peak <= POOL, "{peak}");
+        eprintln!(
+            "qwen2-tiny all sliding: {} tokens with at most {peak} blocks of {BLOCK_SIZE} in use",
+            ids.len() + want.len()
+        );
+    }
+    let engine = start();
+    let pending: Vec<_> = runs
+        .iter()
+        .map(|(ids, want)| submit(&engine, ids, want.len()))
+        .collect();
+    for (h, (_, want)) in pending.into_iter().zip(&runs) {
+        assert_eq!(&drain(&engine, h).0, want, "together");
+    }
+}

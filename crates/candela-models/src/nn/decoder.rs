@@ -518,6 +518,12 @@ impl Model for DecoderLm {
         self.cfg.bidirectional_media
     }
 
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        (0..self.cfg.num_layers)
+            .map(|i| self.cfg.attn_params(i).window)
+            .collect()
+    }
+
     fn allocate_kv_cache(&mut self, num_blocks: usize, block_size: usize) -> Result<()> {
         if block_size == 0 {
             bail!("block_size must be positive");

@@ -289,9 +289,10 @@ impl HalfMatrix {
                 .chunks_exact(2 * lanes)
                 .zip(dst[..main].chunks_exact_mut(2 * lanes))
             {
-                for j in 0..lanes {
-                    d[j] = s[2 * j];
-                    d[lanes + j] = s[2 * j + 1];
+                let (even, odd) = d.split_at_mut(lanes);
+                for ((e, o), pair) in even.iter_mut().zip(odd).zip(s.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
                 }
             }
         }
@@ -358,8 +359,8 @@ fn dot_rows(isa: Isa, dtype: HalfDType, w: &[u16], k: usize, xp: &[f32], m: usiz
             let (wc, xc) = (row.chunks_exact(8), x.chunks_exact(8));
             let (wt, xt) = (wc.remainder(), xc.remainder());
             for (wb, xb) in wc.zip(xc) {
-                for j in 0..8 {
-                    acc[j] = dtype.widen(wb[j]).mul_add(xb[j], acc[j]);
+                for ((a, &w), &x) in acc.iter_mut().zip(wb).zip(xb) {
+                    *a = dtype.widen(w).mul_add(x, *a);
                 }
             }
             let mut s: f32 = acc.iter().sum();
@@ -392,8 +393,8 @@ mod x86 {
             };
             _mm512_storeu_ps(d.add(c), f);
         }
-        for c in main..src.len() {
-            dst[c] = dtype.widen(src[c]);
+        for (d, &s) in dst[main..].iter_mut().zip(&src[main..]) {
+            *d = dtype.widen(s);
         }
     }
 
@@ -413,8 +414,8 @@ mod x86 {
             };
             _mm256_storeu_ps(d.add(c), f);
         }
-        for c in main..src.len() {
-            dst[c] = dtype.widen(src[c]);
+        for (d, &s) in dst[main..].iter_mut().zip(&src[main..]) {
+            *d = dtype.widen(s);
         }
     }
 
@@ -428,8 +429,8 @@ mod x86 {
         from: usize,
         s: &mut [f32; M],
     ) {
-        for c in from..k {
-            let w = dtype.widen(row[c]);
+        for (c, &wb) in row.iter().enumerate().take(k).skip(from) {
+            let w = dtype.widen(wb);
             for (i, si) in s.iter_mut().enumerate() {
                 *si = w.mul_add(xp[i * k + c], *si);
             }
@@ -471,15 +472,15 @@ mod x86 {
                         _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(c + 16) as *const __m256i)),
                     ),
                 };
-                for i in 0..M {
+                for (i, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                     let xr = xp.as_ptr().add(i * k + c);
-                    a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a0[i]);
-                    a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), a1[i]);
+                    *s0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), *s0);
+                    *s1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), *s1);
                 }
             }
             let mut s = [0f32; M];
-            for i in 0..M {
-                s[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+            for ((si, s0), s1) in s.iter_mut().zip(a0).zip(a1) {
+                *si = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
             }
             tail(dtype, row, xp, k, main, &mut s);
             or.copy_from_slice(&s);
@@ -519,19 +520,19 @@ mod x86 {
                         _mm256_cvtph_ps(_mm_loadu_si128(rp.add(c + 8) as *const __m128i)),
                     ),
                 };
-                for i in 0..M {
+                for (i, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                     let xr = xp.as_ptr().add(i * k + c);
-                    a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
-                    a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), a1[i]);
+                    *s0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), *s0);
+                    *s1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), *s1);
                 }
             }
             let mut s = [0f32; M];
-            for i in 0..M {
-                let v = _mm256_add_ps(a0[i], a1[i]);
+            for ((si, s0), s1) in s.iter_mut().zip(a0).zip(a1) {
+                let v = _mm256_add_ps(s0, s1);
                 let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
                 let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
                 let q = _mm_add_ss(q, _mm_movehdup_ps(q));
-                s[i] = _mm_cvtss_f32(q);
+                *si = _mm_cvtss_f32(q);
             }
             tail(dtype, row, xp, k, main, &mut s);
             or.copy_from_slice(&s);

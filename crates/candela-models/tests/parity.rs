@@ -886,11 +886,13 @@ fn quantized_gguf_matches_its_dequantized_weights() {
         .map(|(k, v)| (k.as_str(), v))
         .collect();
 
+    // F16: the matrices stay 16-bit (dtype auto) and run the 16-bit kernels.
     for dtype in [
         GgmlDType::Q8_0,
         GgmlDType::Q4_1,
         GgmlDType::Q4_0,
         GgmlDType::Q5_1,
+        GgmlDType::F16,
     ] {
         // Quantized file, and the same quantized values stored as F32.
         let mut quant: Vec<(String, QTensor)> = Vec::new();

@@ -16,8 +16,12 @@ import type { DownloadProgress } from './hub/download.js'
 export type Device = 'cpu' | 'cuda' | 'auto'
 
 /**
- * Element type for weights and the KV cache. `'auto'` is f32 on the CPU and
- * bf16 on CUDA (not yet the checkpoint's own dtype). GGUF files keep their
+ * Element type for weights and the KV cache. `'auto'` is the checkpoint's own
+ * dtype: on the CPU a bf16 / f16 checkpoint's matrices and embeddings (and a
+ * GGUF file's F16 / BF16 tensors) stay 16-bit, multiplied with f32
+ * activations, and the KV cache is f32; on CUDA a bf16 / f16 checkpoint runs
+ * in its dtype and an f32 one in bf16. `'f32'`, `'f16'` and `'bf16'` cast
+ * every weight (and the activations) to that type. GGUF files keep their
  * quantized weights quantized whatever this says.
  */
 export type DType = 'auto' | 'f32' | 'f16' | 'bf16'
@@ -45,7 +49,7 @@ export interface LoadOptions {
   onDownloadProgress?: (progress: DownloadProgress) => void
   /** Device to run on (default `'cpu'`); see {@link Device}. */
   device?: Device
-  /** Weight / activation dtype (default `'auto'`). */
+  /** Weight / activation dtype (default `'auto'`: the checkpoint's own; see {@link DType}). */
   dtype?: DType
   /**
    * Quantize a safetensors checkpoint's language model while loading (CPU

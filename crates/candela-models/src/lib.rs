@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod error;
 pub mod families;
 pub mod gpu;
+pub mod half_matmul;
 pub mod input;
 pub mod loader;
 pub mod mm_embeds;

@@ -18,12 +18,14 @@ use crate::families::{self, Checkpoint};
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
 use crate::tokenizer::{read_json, Tokenizer};
-use crate::weights::{GgufWeights, Weights};
+use crate::weights::{checkpoint_dtype, safetensors_files, GgufWeights, Weights};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// "auto" (f32 on the CPU, bf16 on CUDA: not the checkpoint's own dtype
-    /// yet), "f32"/"float32", "bf16"/"bfloat16", "f16"/"float16".
+    /// "auto" (the checkpoint's own dtype: on the CPU its bf16 / f16
+    /// matrices stay 16-bit and activations are f32; on CUDA a bf16 / f16
+    /// checkpoint runs in its dtype, others in bf16), "f32"/"float32",
+    /// "bf16"/"bfloat16", "f16"/"float16" (every weight cast to it).
     pub dtype: Option<String>,
     /// "cpu", or (CUDA builds) "cuda" / "cuda:N".
     pub device: String,
@@ -101,7 +103,14 @@ impl LoadedModel {
     }
 }
 
-/// Parse a dtype name. `auto` (and None) is f32 on CPU.
+/// Whether a dtype name is `auto` (or none): the checkpoint's own dtype.
+pub fn is_auto_dtype(name: Option<&str>) -> bool {
+    name.is_none_or(|n| n.trim().eq_ignore_ascii_case("auto"))
+}
+
+/// Parse a dtype name into the activation (model) dtype. `auto` (and None)
+/// is f32 on the CPU (16-bit matrices stay 16-bit: [`Weights::keeping_half`])
+/// and bf16 on a GPU (refined by the checkpoint in [`load`]).
 pub fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType> {
     let n = name.unwrap_or("auto").trim().to_ascii_lowercase();
     Ok(match n.as_str() {
@@ -167,9 +176,17 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         return Err(ModelError::MissingPath(path.to_path_buf()));
     }
     let device = parse_device(&opts.device)?;
-    let dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
+    let mut dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
     let quantization = parse_quantization(opts.quantization.as_deref(), &device)?;
     if path.is_dir() {
+        if is_auto_dtype(opts.dtype.as_deref()) && !device.is_cpu() {
+            // A GPU runs a bf16 / f16 checkpoint in its own dtype.
+            if let Some(d) = checkpoint_dtype(&safetensors_files(path)?)? {
+                if d == DType::BF16 || d == DType::F16 {
+                    dtype = d;
+                }
+            }
+        }
         load_dir(path, dtype, &device, quantization, opts)
     } else if path
         .extension()
@@ -269,6 +286,7 @@ fn load_dir(
         device,
         max_model_len: opts.max_model_len,
         quantization,
+        keep_half: is_auto_dtype(opts.dtype.as_deref()),
         tokenizer: &tokenizer,
     };
     let families::Built {
@@ -367,7 +385,7 @@ fn load_gguf(
         .meta_usize_opt("tokenizer.ggml.bos_token_id")?
         .map(|b| b as u32);
 
-    let weights = Weights::from_gguf(gguf);
+    let weights = Weights::from_gguf(gguf).keeping_half(is_auto_dtype(opts.dtype.as_deref()))?;
     let Weights::Gguf(g) = &weights else {
         return Err(ModelError::Config("internal: GGUF weights expected".into()));
     };

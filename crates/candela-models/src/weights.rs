@@ -8,6 +8,8 @@
 //! CPU and are dequantized to the model dtype on a GPU. A safetensors source
 //! can quantize its language model's matrices into the same
 //! [`Linear::Quantized`] while loading ([`Weights::quantized_at_load`]).
+//! On the CPU with `dtype: 'auto'`, bf16 / f16 matrices (safetensors, GGUF
+//! F16 / BF16) stay 16-bit in [`QuantWeight::Half`] ([`Weights::keeping_half`]).
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -19,15 +21,18 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{candle_message, ModelError, Result};
+use crate::half_matmul::{HalfDType, HalfMatrix};
 use crate::quant::BlockMatrix;
 use crate::quantize::Quantization;
 
-/// A GGUF block-quantized matrix: decoded by our own kernels where we
-/// have them ([`BlockMatrix`]), else by candle's `QMatMul`.
+/// A CPU matrix multiplied by our own kernels without widening it as a
+/// whole: GGUF blocks ([`BlockMatrix`]; candle's `QMatMul` for block types
+/// we have no kernel for) or 16-bit floats ([`HalfMatrix`]).
 #[derive(Debug, Clone)]
 pub enum QuantWeight {
     Blocks(Arc<BlockMatrix>),
     Candle(QMatMul),
+    Half(Arc<HalfMatrix>),
 }
 
 impl QuantWeight {
@@ -35,12 +40,14 @@ impl QuantWeight {
         match self {
             Self::Blocks(b) => b.forward(x),
             Self::Candle(q) => q.forward(x),
+            Self::Half(h) => h.forward(x),
         }
     }
 
     pub fn out_dim(&self) -> candle_core::Result<usize> {
         match self {
             Self::Blocks(b) => Ok(b.dims().0),
+            Self::Half(h) => Ok(h.dims().0),
             Self::Candle(QMatMul::QTensor(q)) => q.shape().dims2().map(|d| d.0),
             Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dim(0),
         }
@@ -55,7 +62,7 @@ pub enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
-    /// A GGUF block-quantized matrix, multiplied without dequantizing it as a whole.
+    /// A GGUF block-quantized or 16-bit matrix, multiplied without widening it as a whole.
     Quantized {
         weight: QuantWeight,
         bias: Option<Tensor>,
@@ -116,22 +123,38 @@ impl Linear {
                 bias,
             }));
         }
-        let blocks: Option<Vec<&BlockMatrix>> = parts
+        let weights: Vec<&QuantWeight> = parts
             .iter()
-            .map(|p| match p {
-                Self::Quantized {
-                    weight: QuantWeight::Blocks(b),
-                    ..
-                } => Some(b.as_ref()),
+            .filter_map(|p| match p {
+                Self::Quantized { weight, .. } => Some(weight),
                 _ => None,
             })
             .collect();
-        Ok(blocks
-            .and_then(|bs| BlockMatrix::stack(&bs))
-            .map(|b| Self::Quantized {
-                weight: QuantWeight::Blocks(Arc::new(b)),
-                bias,
-            }))
+        if weights.len() != parts.len() {
+            return Ok(None);
+        }
+        let blocks: Option<Vec<&BlockMatrix>> = weights
+            .iter()
+            .map(|w| match w {
+                QuantWeight::Blocks(b) => Some(b.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let halves: Option<Vec<&HalfMatrix>> = weights
+            .iter()
+            .map(|w| match w {
+                QuantWeight::Half(h) => Some(h.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let weight = if let Some(bs) = blocks {
+            BlockMatrix::stack(&bs).map(|b| QuantWeight::Blocks(Arc::new(b)))
+        } else {
+            halves
+                .and_then(|hs| HalfMatrix::stack(&hs))
+                .map(|h| QuantWeight::Half(Arc::new(h)))
+        };
+        Ok(weight.map(|weight| Self::Quantized { weight, bias }))
     }
 }
 
@@ -178,12 +201,17 @@ impl MultiLinear {
     }
 }
 
-/// Token embeddings: a dense table, or GGUF blocks decoded per looked-up row.
+/// Token embeddings: a dense table, or GGUF blocks / 16-bit rows decoded
+/// per looked-up row.
 #[derive(Debug, Clone)]
 pub enum Embedding {
     Dense(Tensor),
     Blocks {
         table: Arc<BlockMatrix>,
+        dtype: DType,
+    },
+    Half {
+        table: Arc<HalfMatrix>,
         dtype: DType,
     },
 }
@@ -194,6 +222,7 @@ impl Embedding {
         match self {
             Self::Dense(t) => t.index_select(&Tensor::from_slice(ids, ids.len(), device)?, 0),
             Self::Blocks { table, dtype } => table.embedding(ids, device)?.to_dtype(*dtype),
+            Self::Half { table, dtype } => table.embedding(ids, device)?.to_dtype(*dtype),
         }
     }
 
@@ -206,6 +235,10 @@ impl Embedding {
             },
             Self::Blocks { table, .. } => Linear::Quantized {
                 weight: QuantWeight::Blocks(table.clone()),
+                bias: None,
+            },
+            Self::Half { table, .. } => Linear::Quantized {
+                weight: QuantWeight::Half(table.clone()),
                 bias: None,
             },
         }
@@ -221,6 +254,9 @@ pub enum Weights {
         quantize: Option<Quantization>,
         /// What [`Weights::for_language_model`] switches to.
         quantize_lm: Option<Quantization>,
+        /// The checkpoint's 16-bit dtype when its matrices stay in it
+        /// ([`Weights::keeping_half`]).
+        half: Option<DType>,
     },
     Gguf(GgufWeights),
 }
@@ -232,12 +268,14 @@ impl std::fmt::Debug for Weights {
                 files,
                 vb,
                 quantize_lm,
+                half,
                 ..
             } => f
                 .debug_struct("Safetensors")
                 .field("files", files)
                 .field("dtype", &vb.dtype())
                 .field("quantize_lm", quantize_lm)
+                .field("half", half)
                 .finish(),
             Self::Gguf(g) => f
                 .debug_struct("Gguf")
@@ -348,6 +386,7 @@ impl Weights {
             files,
             quantize: None,
             quantize_lm: None,
+            half: None,
         })
     }
 
@@ -356,17 +395,54 @@ impl Weights {
     /// quantized already: asking for it is an error.
     pub fn quantized_at_load(self, q: Option<Quantization>, towers: bool) -> Result<Self> {
         match self {
-            Self::Safetensors { vb, files, .. } => Ok(Self::Safetensors {
+            Self::Safetensors {
+                vb, files, half, ..
+            } => Ok(Self::Safetensors {
                 vb,
                 files,
                 quantize: q.filter(|_| towers),
                 quantize_lm: q,
+                half,
             }),
             Self::Gguf(g) if q.is_some() => Err(ModelError::Config(format!(
                 "{} is a GGUF file, quantized already; quantization applies to safetensors checkpoints",
                 g.path.display()
             ))),
             gguf => Ok(gguf),
+        }
+    }
+
+    /// On the CPU, the same source keeping a bf16 / f16 checkpoint's
+    /// matrices and embeddings 16-bit ([`HalfMatrix`], multiplied with
+    /// activations in the model dtype) instead of casting them to it.
+    /// Only for a checkpoint whose floating-point tensors all share one
+    /// 16-bit dtype ([`checkpoint_dtype`]); others load as before.
+    pub fn keeping_half(self, keep: bool) -> Result<Self> {
+        match self {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+                ..
+            } => {
+                let half = if keep && vb.device().is_cpu() {
+                    checkpoint_dtype(&files)?.filter(|d| HalfDType::of(*d).is_some())
+                } else {
+                    None
+                };
+                Ok(Self::Safetensors {
+                    vb,
+                    files,
+                    quantize,
+                    quantize_lm,
+                    half,
+                })
+            }
+            Self::Gguf(mut g) => {
+                g.keep_half = keep && g.device.is_cpu();
+                Ok(Self::Gguf(g))
+            }
         }
     }
 
@@ -379,11 +455,13 @@ impl Weights {
                 files,
                 quantize: Some(q),
                 quantize_lm,
+                half,
             } if q.output_head() != *q => Some(Self::Safetensors {
                 vb: vb.clone(),
                 files: files.clone(),
                 quantize: Some(q.output_head()),
                 quantize_lm: *quantize_lm,
+                half: *half,
             }),
             _ => None,
         }
@@ -398,11 +476,13 @@ impl Weights {
                 files,
                 quantize,
                 quantize_lm,
+                half,
             } if quantize != quantize_lm => Some(Self::Safetensors {
                 vb: vb.clone(),
                 files: files.clone(),
                 quantize: *quantize_lm,
                 quantize_lm: *quantize_lm,
+                half: *half,
             }),
             _ => None,
         }
@@ -435,11 +515,13 @@ impl Weights {
                 files,
                 quantize,
                 quantize_lm,
+                half,
             } => Ok(Self::Safetensors {
                 vb: vb.clone().rename_f(move |n: &str| rename(n)),
                 files: files.clone(),
                 quantize: *quantize,
                 quantize_lm: *quantize_lm,
+                half: *half,
             }),
             Self::Gguf(_) => Err(ModelError::Config(
                 "multimodal GGUF checkpoints are not supported".into(),
@@ -501,9 +583,23 @@ impl Weights {
                     dtype: g.dtype,
                 });
             }
+            if g.keep_half {
+                if let Some(h) = HalfMatrix::from_qtensor(&q)? {
+                    return Ok(Embedding::Half {
+                        table: Arc::new(h),
+                        dtype: g.dtype,
+                    });
+                }
+            }
             return Ok(Embedding::Dense(
                 q.dequantize(&g.device)?.to_dtype(g.dtype)?,
             ));
+        }
+        if let Some(h) = self.half_matrix(name, &[vocab, hidden])? {
+            return Ok(Embedding::Half {
+                table: Arc::new(h),
+                dtype: self.dtype(),
+            });
         }
         let table = self.tensor(name, &[vocab, hidden])?;
         Ok(match self.quantize_dense(&table)? {
@@ -513,6 +609,31 @@ impl Weights {
             },
             None => Embedding::Dense(table),
         })
+    }
+
+    /// Matrix `name` in the checkpoint's 16-bit dtype, when this source
+    /// keeps it (and does not quantize).
+    fn half_matrix(&self, name: &str, shape: &[usize]) -> Result<Option<HalfMatrix>> {
+        let Self::Safetensors {
+            vb,
+            files,
+            quantize: None,
+            half: Some(dtype),
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        if !vb.contains_tensor(name) {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        let t = vb
+            .get_with_hints_dtype(shape, name, Default::default(), *dtype)
+            .map_err(|e| ModelError::Weights {
+                path: files.first().cloned().unwrap_or_default(),
+                message: format!("{name}: {}", candle_message(&e)),
+            })?;
+        Ok(HalfMatrix::from_tensor(&t)?)
     }
 
     /// A dense matrix as blocks when this source quantizes at load.
@@ -542,6 +663,12 @@ impl Weights {
         };
         match self {
             Self::Safetensors { .. } => {
+                if let Some(h) = self.half_matrix(&wname, &[out_dim, in_dim])? {
+                    return Ok(Linear::Quantized {
+                        weight: QuantWeight::Half(Arc::new(h)),
+                        bias,
+                    });
+                }
                 let weight = self.tensor(&wname, &[out_dim, in_dim])?;
                 Ok(match self.quantize_dense(&weight)? {
                     Some(b) => Linear::Quantized {
@@ -560,6 +687,53 @@ impl Weights {
     }
 }
 
+/// The one dtype of a safetensors checkpoint's floating-point tensors
+/// (`None` when they mix dtypes), read from the files' headers alone.
+pub fn checkpoint_dtype(files: &[PathBuf]) -> Result<Option<DType>> {
+    use std::io::Read;
+    let mut found: Option<DType> = None;
+    for path in files {
+        let bad = |message: String| ModelError::Weights {
+            path: path.clone(),
+            message,
+        };
+        let mut f = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)
+            .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        // safetensors' own limit on the header.
+        if len > 100 << 20 {
+            return Err(bad(format!("safetensors header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header)
+            .map_err(|e| bad(format!("truncated safetensors header: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("safetensors header: {e}")))?;
+        let Some(map) = json.as_object() else {
+            return Err(bad("safetensors header is not an object".into()));
+        };
+        for (name, info) in map {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+                Some("BF16") => DType::BF16,
+                Some("F16") => DType::F16,
+                Some("F32") => DType::F32,
+                Some("F64") => DType::F64,
+                _ => continue,
+            };
+            match found {
+                Some(d) if d != dtype => return Ok(None),
+                _ => found = Some(dtype),
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// A parsed GGUF file with lazy tensor reads.
 pub struct GgufWeights {
     pub path: PathBuf,
@@ -567,6 +741,8 @@ pub struct GgufWeights {
     file: Mutex<File>,
     pub dtype: DType,
     pub device: Device,
+    /// F16 / BF16 matrices stay 16-bit on the CPU ([`Weights::keeping_half`]).
+    keep_half: bool,
 }
 
 impl GgufWeights {
@@ -583,6 +759,7 @@ impl GgufWeights {
             file: Mutex::new(file),
             dtype,
             device: device.clone(),
+            keep_half: false,
         })
     }
 
@@ -737,6 +914,14 @@ impl GgufWeights {
     /// cuBLAS GEMMs instead of candle's quantized CUDA kernels, whose
     /// prebuilt part targets one GPU generation only).
     pub fn linear_from_qtensor(&self, q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Linear> {
+        if self.keep_half {
+            if let Some(h) = HalfMatrix::from_qtensor(&q)? {
+                return Ok(Linear::Quantized {
+                    weight: QuantWeight::Half(Arc::new(h)),
+                    bias,
+                });
+            }
+        }
         match q.dtype() {
             _ if !self.device.is_cpu() => Ok(Linear::Dense {
                 weight: q.dequantize(&self.device)?.to_dtype(self.dtype)?,

@@ -606,6 +606,100 @@ fn half_precision_runs() {
     }
 }
 
+/// `dtype: 'auto'` keeps a 16-bit checkpoint's matrices 16-bit on the CPU
+/// (the fixtures are bf16; an f16 copy of llama-tiny is written here) with
+/// f32 activations: the logits equal those of the same weights widened to
+/// f32 up to summation order (bound `ATOL`, measured ~1e-6), stay within
+/// `ATOL` of transformers' f32 reference, and greedy ids are the same on a
+/// second load.
+#[test]
+fn sixteen_bit_checkpoints_stay_16_bit() {
+    use candela_models::weights::{Linear, QuantWeight};
+    let f = Fixture::open("llama-tiny");
+    let f16_dir = std::env::temp_dir().join(format!("llama-tiny-f16-{}", std::process::id()));
+    std::fs::create_dir_all(&f16_dir).unwrap();
+    for e in std::fs::read_dir(&f.dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&p, f16_dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let stored = candle_core::safetensors::load(f.dir.join("model.safetensors"), &Device::Cpu)
+        .expect("weights");
+    let as_f16: HashMap<String, Tensor> = stored
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&as_f16, f16_dir.join("model.safetensors")).unwrap();
+
+    for (dir, dtype) in [(&f.dir, DType::BF16), (&f16_dir, DType::F16)] {
+        let w = Weights::from_safetensors_dir(dir, DType::F32, &Device::Cpu)
+            .unwrap()
+            .keeping_half(true)
+            .unwrap();
+        let lin = w
+            .linear("model.layers.0.mlp.down_proj", 64, 32, false)
+            .unwrap();
+        let Linear::Quantized {
+            weight: QuantWeight::Half(h),
+            ..
+        } = &lin
+        else {
+            panic!("{dtype:?} matrix not kept 16-bit: {lin:?}");
+        };
+        assert_eq!(h.dtype().dtype(), dtype);
+        let widened = Weights::from_safetensors_dir(dir, DType::F32, &Device::Cpu)
+            .unwrap()
+            .keeping_half(false)
+            .unwrap();
+        assert!(matches!(
+            widened
+                .linear("model.layers.0.mlp.down_proj", 64, 32, false)
+                .unwrap(),
+            Linear::Dense { .. }
+        ));
+
+        let run = |dtype: Option<&str>| {
+            let opts = LoadOptions {
+                dtype: dtype.map(str::to_string),
+                ..Default::default()
+            };
+            let mut m = load(dir, &opts).expect("load").model;
+            m.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE).unwrap();
+            let ids = f.input_ids(0);
+            let mut s = Seq::new(ids.clone(), blocks(0..NUM_BLOCKS as u32));
+            let last = m
+                .forward(&batch(&mut [&mut s], &[ids.len()], &[true]))
+                .unwrap()
+                .get(0)
+                .unwrap();
+            let greedy_ids = greedy(m.as_mut(), &mut s, &last, 16);
+            (last, greedy_ids)
+        };
+        let (kept, ids) = run(None);
+        let (f32_last, f32_ids) = run(Some("f32"));
+        let d = max_abs_diff(&kept, &f32_last);
+        let want = f.prompt0_logits().get(f.input_ids(0).len() - 1).unwrap();
+        let dref = max_abs_diff(&kept, &want);
+        eprintln!(
+            "llama-tiny {dtype:?} kept 16-bit: last logits max abs diff {d:.3e} vs widened to f32, {dref:.3e} vs the f32 reference"
+        );
+        assert!(d <= ATOL, "{dtype:?}: kept and widened differ by {d}");
+        assert_eq!(ids, f32_ids, "{dtype:?}: greedy ids differ from f32");
+        assert_eq!(
+            run(None).1,
+            ids,
+            "{dtype:?}: greedy ids differ between loads"
+        );
+        if dtype == DType::BF16 {
+            // The fixture's own values: transformers' reference applies.
+            assert!(dref <= ATOL, "bf16: logits differ from reference by {dref}");
+            assert_eq!(ids, f.greedy_ids(0));
+        }
+    }
+    std::fs::remove_dir_all(&f16_dir).ok();
+}
+
 /// Quantized at load (llama-tiny: 32-value rows, so the k-quants fall back
 /// to 32-value blocks): logits near the f32 reference and greedy ids the
 /// same on a second load.
@@ -792,11 +886,13 @@ fn quantized_gguf_matches_its_dequantized_weights() {
         .map(|(k, v)| (k.as_str(), v))
         .collect();
 
+    // F16: the matrices stay 16-bit (dtype auto) and run the 16-bit kernels.
     for dtype in [
         GgmlDType::Q8_0,
         GgmlDType::Q4_1,
         GgmlDType::Q4_0,
         GgmlDType::Q5_1,
+        GgmlDType::F16,
     ] {
         // Quantized file, and the same quantized values stored as F32.
         let mut quant: Vec<(String, QTensor)> = Vec::new();

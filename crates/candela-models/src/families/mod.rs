@@ -71,6 +71,9 @@ pub struct Checkpoint<'a> {
     pub max_model_len: Option<usize>,
     /// Quantize the language model's matrices to this block format.
     pub quantization: Option<Quantization>,
+    /// Keep a bf16 / f16 checkpoint's matrices 16-bit on the CPU
+    /// ([`Weights::keeping_half`]; `dtype: 'auto'`).
+    pub keep_half: bool,
     /// The checkpoint's tokenizer (processors that write text around an item
     /// tokenize it as the model's own processor does).
     pub tokenizer: &'a Tokenizer,
@@ -80,7 +83,8 @@ impl Checkpoint<'_> {
     /// The folder's safetensors.
     pub fn weights(&self) -> Result<Weights> {
         Weights::from_safetensors_dir(self.dir, self.dtype, self.device)?
-            .quantized_at_load(self.quantization, false)
+            .quantized_at_load(self.quantization, false)?
+            .keeping_half(self.keep_half)
     }
 
     /// A JSON file of the folder as text, when present.

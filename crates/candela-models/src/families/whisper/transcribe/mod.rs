@@ -38,7 +38,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
 use crate::families::whisper::{self, Whisper, WhisperConfig};
-use crate::loader::{parse_device, parse_dtype, LoadOptions};
+use crate::loader::{is_auto_dtype, parse_device, parse_dtype, LoadOptions};
 use crate::tokenizer::{read_json, Tokenizer};
 use crate::weights::Weights;
 
@@ -219,7 +219,8 @@ impl Transcriber {
                 2 * cfg.max_source_positions
             )));
         }
-        let weights = Weights::from_safetensors_dir(path, dtype, &device)?;
+        let weights = Weights::from_safetensors_dir(path, dtype, &device)?
+            .keeping_half(is_auto_dtype(opts.dtype.as_deref()))?;
         let model = Whisper::load(cfg, &weights)?;
         let name = path
             .canonicalize()

@@ -14,6 +14,7 @@ pub mod error;
 pub mod families;
 pub mod gpu;
 pub mod input;
+pub mod load_progress;
 pub mod loader;
 pub mod mm_embeds;
 pub mod multimodal;

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{candle_message, ModelError, Result};
+use crate::load_progress::LoadProgress;
 use crate::quant::BlockMatrix;
 use crate::quantize::Quantization;
 
@@ -221,6 +222,8 @@ pub enum Weights {
         quantize: Option<Quantization>,
         /// What [`Weights::for_language_model`] switches to.
         quantize_lm: Option<Quantization>,
+        /// Counts the parameters read, when the load is watched.
+        progress: Option<Arc<LoadProgress>>,
     },
     Gguf(GgufWeights),
 }
@@ -348,6 +351,7 @@ impl Weights {
             files,
             quantize: None,
             quantize_lm: None,
+            progress: None,
         })
     }
 
@@ -356,17 +360,46 @@ impl Weights {
     /// quantized already: asking for it is an error.
     pub fn quantized_at_load(self, q: Option<Quantization>, towers: bool) -> Result<Self> {
         match self {
-            Self::Safetensors { vb, files, .. } => Ok(Self::Safetensors {
+            Self::Safetensors {
+                vb,
+                files,
+                progress,
+                ..
+            } => Ok(Self::Safetensors {
                 vb,
                 files,
                 quantize: q.filter(|_| towers),
                 quantize_lm: q,
+                progress,
             }),
             Self::Gguf(g) if q.is_some() => Err(ModelError::Config(format!(
                 "{} is a GGUF file, quantized already; quantization applies to safetensors checkpoints",
                 g.path.display()
             ))),
             gguf => Ok(gguf),
+        }
+    }
+
+    /// The same source counting the parameters it reads into `progress`.
+    pub fn with_progress(self, progress: Option<Arc<LoadProgress>>) -> Self {
+        match self {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+                ..
+            } => Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+                progress,
+            },
+            Self::Gguf(mut g) => {
+                g.progress = progress;
+                Self::Gguf(g)
+            }
         }
     }
 
@@ -379,11 +412,13 @@ impl Weights {
                 files,
                 quantize: Some(q),
                 quantize_lm,
+                progress,
             } if q.output_head() != *q => Some(Self::Safetensors {
                 vb: vb.clone(),
                 files: files.clone(),
                 quantize: Some(q.output_head()),
                 quantize_lm: *quantize_lm,
+                progress: progress.clone(),
             }),
             _ => None,
         }
@@ -398,11 +433,13 @@ impl Weights {
                 files,
                 quantize,
                 quantize_lm,
+                progress,
             } if quantize != quantize_lm => Some(Self::Safetensors {
                 vb: vb.clone(),
                 files: files.clone(),
                 quantize: *quantize_lm,
                 quantize_lm: *quantize_lm,
+                progress: progress.clone(),
             }),
             _ => None,
         }
@@ -435,11 +472,13 @@ impl Weights {
                 files,
                 quantize,
                 quantize_lm,
+                progress,
             } => Ok(Self::Safetensors {
                 vb: vb.clone().rename_f(move |n: &str| rename(n)),
                 files: files.clone(),
                 quantize: *quantize,
                 quantize_lm: *quantize_lm,
+                progress: progress.clone(),
             }),
             Self::Gguf(_) => Err(ModelError::Config(
                 "multimodal GGUF checkpoints are not supported".into(),
@@ -467,14 +506,23 @@ impl Weights {
     /// A dense tensor in the model dtype, checked against `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Safetensors { vb, files, .. } => {
+            Self::Safetensors {
+                vb,
+                files,
+                progress,
+                ..
+            } => {
                 if !vb.contains_tensor(name) {
                     return Err(ModelError::MissingTensor(name.to_string()));
                 }
-                vb.get(shape, name).map_err(|e| ModelError::Weights {
+                let t = vb.get(shape, name).map_err(|e| ModelError::Weights {
                     path: files.first().cloned().unwrap_or_default(),
                     message: format!("{name}: {}", candle_message(&e)),
-                })
+                })?;
+                if let Some(p) = progress {
+                    p.advance(t.elem_count() as u64);
+                }
+                Ok(t)
             }
             Self::Gguf(g) => {
                 let q = g.qtensor(name)?;
@@ -567,6 +615,8 @@ pub struct GgufWeights {
     file: Mutex<File>,
     pub dtype: DType,
     pub device: Device,
+    /// Counts the parameters read, when the load is watched.
+    pub progress: Option<Arc<LoadProgress>>,
 }
 
 impl GgufWeights {
@@ -583,6 +633,7 @@ impl GgufWeights {
             file: Mutex::new(file),
             dtype,
             device: device.clone(),
+            progress: None,
         })
     }
 
@@ -629,6 +680,9 @@ impl GgufWeights {
                 path: self.path.clone(),
                 message: format!("{gguf_name}: {}", candle_message(&e)),
             })?;
+        if let Some(p) = &self.progress {
+            p.advance(q.shape().elem_count() as u64);
+        }
         Ok(Arc::new(q))
     }
 

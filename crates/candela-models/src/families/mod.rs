@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
+use crate::load_progress::LoadProgress;
 use crate::nn::decoder::{DecoderConfig, DecoderLm};
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
@@ -69,6 +70,10 @@ pub struct Checkpoint<'a> {
     pub max_model_len: Option<usize>,
     /// Quantize the language model's matrices to this block format.
     pub quantization: Option<Quantization>,
+    /// Quantize the vision / audio towers' matrices too.
+    pub quantize_towers: bool,
+    /// Counts the parameters read, when the load is watched.
+    pub progress: Option<Arc<LoadProgress>>,
     /// The checkpoint's tokenizer (processors that write text around an item
     /// tokenize it as the model's own processor does).
     pub tokenizer: &'a Tokenizer,
@@ -78,7 +83,8 @@ impl Checkpoint<'_> {
     /// The folder's safetensors.
     pub fn weights(&self) -> Result<Weights> {
         Weights::from_safetensors_dir(self.dir, self.dtype, self.device)?
-            .quantized_at_load(self.quantization, false)
+            .quantized_at_load(self.quantization, self.quantize_towers)
+            .map(|w| w.with_progress(self.progress.clone()))
     }
 
     /// A JSON file of the folder as text, when present.

@@ -311,10 +311,11 @@ fn quantized_towers_stay_near_f32() {
         .iter()
         .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
         .collect();
-    // Features of this fixture span about +-2; q8_0 moves them by ~1e-2.
+    // Features of this fixture span about +-17 (std 5.5); q8_0 moved them
+    // by 0.32 (2% of the span): bound at 5%.
     let d = max_diff(&spans[0].1, &f.tensors["one_image.item0.embeds"]);
     eprintln!("llava-tiny q8_0 towers: image features max abs diff vs f32 reference {d:.3e}");
-    assert!(d > ATOL && d < 0.1, "image features differ by {d}");
+    assert!(d > ATOL && d < 0.86, "image features differ by {d}");
     let d = max_diff(
         &last_logits(&mut loaded, &p.ids, &spans, None),
         &f.tensors["one_image.last_logits"],

@@ -130,6 +130,10 @@ for (const w of WORKLOADS) {
   }
   if (r.isQuick) p('**Quick smoke-test sizes, 1 run: not a measurement.** Run the full workload for numbers.')
   p(`Command: \`${r.command}\` · ${r.runs} run(s) per engine, interleaved · ${r.threads} threads · device ${r.device} · ${r.machine.date.slice(0, 16).replace('T', ' ')} UTC · candela ${r.machine.commit?.slice(0, 9)} · took ${r.wallMinutes} min · load average at start ${r.machine.loadAvgAtStart?.split(' ').slice(0, 3).join(' ') ?? '?'}${r.machine.loadAvgAtEnd ? `, at end ${r.machine.loadAvgAtEnd.split(' ').slice(0, 3).join(' ')}` : ''} · CPU ${r.machine.cpuModel}`)
+  const busy = Math.max(...[r.machine.loadAvgAtStart, r.machine.loadAvgAtEnd].map((l) => Number(l?.split(' ')[0] ?? 0)))
+  if (busy > 1.5 * r.machine.cores) {
+    p(`**The machine was busy with other work during this run (1-minute load average up to ${busy} on ${r.machine.cores} cores): every engine got a fraction of the CPU, so absolute numbers are far below an idle machine's and the ratios are noisy. Rerun the command on a quiet machine before drawing conclusions.**`)
+  }
   p(...r.notes.map((n) => `- ${n}`))
   p(
     table(

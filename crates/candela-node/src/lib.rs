@@ -645,7 +645,16 @@ impl NativeEngine {
     #[napi]
     pub async fn load(
         options: NativeLoadOptions,
-        on_progress: Option<ProgressCallback>,
+        // Spelled out, not `ProgressCallback`: the generated .d.cts names the callback's type.
+        on_progress: Option<
+            ThreadsafeFunction<
+                NativeLoadProgress,
+                napi::Unknown<'static>,
+                NativeLoadProgress,
+                napi::Status,
+                false,
+            >,
+        >,
     ) -> Result<NativeEngine> {
         blocking("load", move || load_blocking(options, on_progress)).await
     }

@@ -3,11 +3,15 @@
 //
 //   npm run bench -- <workload> [options]
 //   workloads: single offline serving multimodal prefix all | sanity profile report
+//              shapes-single shapes-offline (real model shapes, random weights: see
+//              prepare-real-shapes.py; not in `all`)
 //
 //   --runs N          timed runs per engine, interleaved (default 3; --quick: 1)
 //   --quick           tiny sizes, for a smoke test of the whole pipeline
-//   --models a,b      restrict to these models: smollm2, qwen05b (single, offline)
+//   --models a,b      restrict to these models: smollm2, qwen05b (single, offline);
+//                     qwen2.5-1.5b, qwen2.5-3b (shapes-*, default: those prepared)
 //   --engines a,b     restrict to these engines: candela, llama.cpp, transformers
+//   --cases a,b       keep only the cases whose id contains one of these (e.g. q8_0,bf16)
 //   --threads N       CPU threads for every engine (default 2)
 //   --device cuda     run candela, transformers and llama.cpp on the GPU (see RESULTS.md)
 //   --verbose         echo the workers' output
@@ -20,8 +24,9 @@
 // count. Writes benchmark/results/<workload>.json and .png and regenerates
 // benchmark/RESULTS.md.
 import { spawn, spawnSync } from 'node:child_process'
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
+import { freemem } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
@@ -50,6 +55,7 @@ import { casesTable, ratiosTable, sanityTable } from './lib/render.mjs'
 import { Rec, closedLoop, servingStats } from './lib/streams.mjs'
 
 const WORKLOADS = ['single', 'offline', 'serving', 'multimodal', 'prefix']
+const SHAPES_WORKLOADS = ['shapes-single', 'shapes-offline']
 const { values: opt, positionals } = parseArgs({
   allowPositionals: true,
   options: {
@@ -57,6 +63,7 @@ const { values: opt, positionals } = parseArgs({
     quick: { type: 'boolean', default: false },
     models: { type: 'string' },
     engines: { type: 'string' },
+    cases: { type: 'string' },
     threads: { type: 'string', default: '2' },
     device: { type: 'string', default: 'cpu' },
     verbose: { type: 'boolean', default: false },
@@ -65,7 +72,7 @@ const { values: opt, positionals } = parseArgs({
   },
 })
 const workload = positionals[0]
-if (opt.help || !workload || ![...WORKLOADS, 'all', 'sanity', 'profile', 'report'].includes(workload)) {
+if (opt.help || !workload || ![...WORKLOADS, ...SHAPES_WORKLOADS, 'all', 'sanity', 'profile', 'report'].includes(workload)) {
   const head = readFileSync(new URL(import.meta.url), 'utf8').split('\n').slice(1)
   console.log(head.slice(0, head.findIndex((l) => !l.startsWith('//'))).map((l) => l.replace(/^\/\/ ?/, '')).join('\n'))
   process.exit(opt.help ? 0 : 2)
@@ -77,6 +84,7 @@ const THREADS = Number(opt.threads)
 const DEVICE = opt.device
 const modelFilter = opt.models?.split(',')
 const engineFilter = opt.engines?.split(',')
+const caseFilter = opt.cases?.split(',')
 const COMMAND = `npm run bench -- ${process.argv.slice(2).join(' ')}`
 
 // ---------------------------------------------------------------------------
@@ -98,8 +106,17 @@ const threadEnv = {
 }
 
 let SMOL = null // path of the SmolLM2 GGUF, set by prepare()
+// Real-shape checkpoints (benchmark/prepare-real-shapes.py): outside the repo, they are big.
+const SHAPES_DIR = process.env.CANDELA_BENCH_MODELS || join(BENCH_DIR, 'models')
+const SHAPES = ['qwen2.5-1.5b', 'qwen2.5-3b']
 const VL = join(ROOT, 'fixtures', 'qwen2-vl-tiny')
-const modelLabel = { smollm2: 'SmolLM2-135M-Instruct', qwen05b: 'Qwen2-0.5B-shaped, random weights', vl: 'qwen2-vl-tiny fixture' }
+const modelLabel = {
+  smollm2: 'SmolLM2-135M-Instruct',
+  qwen05b: 'Qwen2-0.5B-shaped, random weights',
+  vl: 'qwen2-vl-tiny fixture',
+  'qwen2.5-1.5b': 'Qwen2.5-1.5B-shaped, random weights',
+  'qwen2.5-3b': 'Qwen2.5-3B-shaped, random weights',
+}
 
 /**
  * The engine/weights pairs of one model. Each case: id, engine, model,
@@ -123,6 +140,53 @@ function casesFor(model) {
   ]
 }
 
+/**
+ * The cases of a real-shape model: each GGUF both engines read, the BF16
+ * safetensors as candela (bf16, and quantized at load) and transformers
+ * (bf16, and f32 when memory allows) read them. Only files that exist.
+ */
+function shapeCases(model) {
+  const f = (x) => join(SHAPES_DIR, x)
+  const have = (x) => existsSync(f(x))
+  const out = []
+  for (const [q, label] of [['q4_k_m', 'Q4_K_M GGUF'], ['q8_0', 'Q8_0 GGUF'], ['f16', 'F16 GGUF']]) {
+    if (!have(`${model}.${q}.gguf`)) continue
+    for (const engine of ['candela', 'llama.cpp']) out.push({ id: `${engine}/${model}-${q}`, engine, model, weights: f(`${model}.${q}.gguf`), format: label })
+  }
+  if (have(`${model}/model.safetensors.index.json`)) {
+    const dir = f(model)
+    out.push(
+      { id: `candela/${model}-bf16`, engine: 'candela', model, weights: dir, format: 'BF16 safetensors, dtype bf16', load: { dtype: 'bf16' } },
+      { id: `candela/${model}-st-q4_k`, engine: 'candela', model, weights: dir, format: 'BF16 safetensors quantized to q4_k at load', load: { quantization: 'q4_k' } },
+      { id: `transformers/${model}-bf16`, engine: 'transformers', model, weights: dir, format: 'BF16 safetensors', dtype: 'bf16' },
+    )
+    // f32 widening takes 4 bytes per parameter: only with room to spare (the machine is shared).
+    const params = JSON.parse(readFileSync(f(`${model}.json`), 'utf8')).parameters
+    if (freemem() > params * 4 * 1.5) out.push({ id: `transformers/${model}-f32`, engine: 'transformers', model, weights: dir, format: 'BF16 safetensors upcast to F32', dtype: 'f32' })
+    else console.error(`[bench] transformers f32 ${model} left out: ${(freemem() / 2 ** 30).toFixed(1)} GiB free, it needs ~${((params * 4 * 1.5) / 2 ** 30).toFixed(1)}`)
+  }
+  return out
+}
+
+function shapePairs(cases) {
+  const has = (id) => cases.some((c) => c.id === id)
+  return cases
+    .filter((c) => c.engine === 'candela')
+    .flatMap((c) => {
+      const m = c.model
+      const peers = {
+        [`candela/${m}-q4_k_m`]: [`llama.cpp/${m}-q4_k_m`],
+        [`candela/${m}-q8_0`]: [`llama.cpp/${m}-q8_0`],
+        [`candela/${m}-f16`]: [`llama.cpp/${m}-f16`],
+        [`candela/${m}-bf16`]: [`transformers/${m}-bf16`, `transformers/${m}-f32`],
+        [`candela/${m}-st-q4_k`]: [`llama.cpp/${m}-q4_k_m`],
+      }[c.id] ?? []
+      return peers.filter(has).map((peer) => ({ candela: c.id, peer }))
+    })
+}
+
+const preparedShapes = () => pickModels(SHAPES).filter((m) => existsSync(join(SHAPES_DIR, `${m}.json`)))
+
 /** candela vs each peer on the same weight file (or the same values). */
 function pairsFor(cases) {
   const has = (id) => cases.some((c) => c.id === id)
@@ -136,7 +200,8 @@ function pairsFor(cases) {
   return all.filter(([a, b]) => has(a) && has(b)).map(([a, b]) => ({ candela: a, peer: b }))
 }
 
-const pickEngines = (cases) => cases.filter((c) => !engineFilter || engineFilter.includes(c.engine))
+const pickEngines = (cases) =>
+  cases.filter((c) => (!engineFilter || engineFilter.includes(c.engine)) && (!caseFilter || caseFilter.some((s) => c.id.includes(s))))
 const pickModels = (models) => models.filter((m) => !modelFilter || modelFilter.includes(m))
 
 // ---------------------------------------------------------------------------
@@ -145,7 +210,8 @@ const pickModels = (models) => models.filter((m) => !modelFilter || modelFilter.
 const tokenCache = new Map()
 async function corpusIds(model) {
   if (tokenCache.has(model)) return tokenCache.get(model)
-  const weights = model === 'smollm2' ? SMOL : QWEN.q8_0
+  // The real-shape models have the Qwen2 tokenizer: the tiny fixture tokenizes as they do.
+  const weights = model === 'smollm2' ? SMOL : SHAPES.includes(model) ? join(ROOT, 'fixtures', 'qwen2-tiny') : QWEN.q8_0
   const r = await runWorker({ ...workerCmd('candela'), spec: { task: 'tokenize', model: weights, text: CORPUS }, env: threadEnv, label: `tokenize ${model}` })
   tokenCache.set(model, r.ids)
   return r.ids
@@ -407,6 +473,64 @@ W.multimodal = async () => {
   }
 }
 
+W['shapes-single'] = async () => {
+  const p = QUICK ? { promptTokens: 32, maxTokens: 8 } : { promptTokens: 512, maxTokens: 64 }
+  const models = preparedShapes()
+  if (models.length === 0) throw new Error(`no real-shape checkpoint in ${SHAPES_DIR}: run benchmark/prepare-real-shapes.py first`)
+  const cases = pickEngines(models.flatMap(shapeCases))
+  const prompts = {}
+  for (const m of models) {
+    const ids = await corpusIds(m)
+    prompts[m] = { prompt: windows(ids, 1, p.promptTokens, { start: 5 })[0], warmup: warmupIds(ids) }
+  }
+  return {
+    params: p,
+    cases,
+    pairs: shapePairs(cases),
+    metrics: [
+      { key: 'ttftMs', label: 'TTFT', unit: 'ms', better: 'lower' },
+      { key: 'prefillTokS', label: 'prompt tok/s', unit: 'tok/s', better: 'higher' },
+      { key: 'decodeTokS', label: 'decode', unit: 'tok/s', better: 'higher' },
+      { key: 'loadS', label: 'load', unit: 's', better: 'lower' },
+      { key: 'anonRssAfterLoadMiB', label: 'file-free RSS after load (candela)', unit: 'MiB', better: 'lower' },
+      { key: 'peakRssMiB', label: 'peak RSS', unit: 'MiB', better: 'lower' },
+    ],
+    notes: [
+      `One request alone: a ${p.promptTokens}-token prompt (token ids), ${p.maxTokens} generated tokens, greedy, EOS ignored; after a 4-token warm-up request with another prompt in the same process. prompt tok/s = prompt tokens / TTFT.`,
+      'Random weights with the real models\' shapes (benchmark/prepare-real-shapes.py): every GGUF was converted from the BF16 safetensors by llama.cpp\'s own convert_hf_to_gguf.py / llama-quantize, so all formats hold the same values.',
+      'load = process start of the engine to model ready (candela: Engine.load; node-llama-cpp: getLlama + loadModel; transformers: from_pretrained).',
+    ],
+    run: (c) => runCase(c, { task: 'single', ...prompts[c.model], maxTokens: p.maxTokens }).then((r) => ({ ...r, prefillTokS: r.ttftMs ? round((p.promptTokens * 1000) / r.ttftMs, 1) : null })),
+  }
+}
+
+W['shapes-offline'] = async () => {
+  const p = QUICK ? { prompts: 4, promptTokens: 16, maxTokens: 8 } : { prompts: 32, promptTokens: 256, maxTokens: 128 }
+  const models = preparedShapes()
+  if (models.length === 0) throw new Error(`no real-shape checkpoint in ${SHAPES_DIR}: run benchmark/prepare-real-shapes.py first`)
+  const cases = pickEngines(models.flatMap(shapeCases))
+  const prompts = {}
+  for (const m of models) {
+    const ids = await corpusIds(m)
+    prompts[m] = { prompts: windows(ids, p.prompts, p.promptTokens), warmup: warmupIds(ids) }
+  }
+  return {
+    params: p,
+    cases,
+    pairs: shapePairs(cases),
+    metrics: [
+      { key: 'outTokS', label: 'output tokens/s', unit: 'tok/s', better: 'higher' },
+      { key: 'totalTokS', label: 'prompt+output tokens/s', unit: 'tok/s', better: 'higher' },
+      { key: 'loadS', label: 'load', unit: 's', better: 'lower' },
+      { key: 'peakRssMiB', label: 'peak RSS', unit: 'MiB', better: 'lower' },
+    ],
+    notes: [
+      `${p.prompts} prompts of ${p.promptTokens} tokens submitted at once, ${p.maxTokens} tokens each, greedy, EOS ignored. Rate = tokens / wall time of the whole batch (prefill included). Engines as in \`offline\` (candela max_num_seqs 64; node-llama-cpp one context of ${p.prompts} sequences, batchSize 2048; transformers one generate() call).`,
+    ],
+    run: (c) => runCase(c, { task: 'offline', ...prompts[c.model], maxTokens: p.maxTokens, load: { maxNumSeqs: 64 } }),
+  }
+}
+
 W.prefix = async () => {
   const p = QUICK
     ? { requests: 4, systemTokens: 200, suffixTokens: 16, maxTokens: 4, concurrency: 2 }
@@ -471,6 +595,7 @@ async function runWorkload(name) {
     }
   }
   const wallMin = (performance.now() - t0) / 60000
+  machine.loadAvgAtEnd = readFileSync('/proc/loadavg', 'utf8').trim()
   const summary = {}
   for (const c of def.cases) {
     summary[c.id] = { loadS: mmm(runs[c.id].map((x) => x.loadS)) }

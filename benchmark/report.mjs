@@ -10,7 +10,7 @@ import { join } from 'node:path'
 import { BENCH_DIR, RESULTS_DIR, table } from './lib/common.mjs'
 import { casesTable, cell, ratiosTable, sanityTable } from './lib/render.mjs'
 
-const WORKLOADS = ['single', 'offline', 'serving', 'multimodal', 'prefix']
+const WORKLOADS = ['single', 'offline', 'serving', 'multimodal', 'prefix', 'shapes-single', 'shapes-offline']
 const load = (name) => {
   for (const [suffix, quick] of [['', false], ['-quick', true]]) {
     const f = join(RESULTS_DIR, `${name}${suffix}.json`)
@@ -30,6 +30,8 @@ const HEADLINE = {
   serving: ['c1.itlP50Ms', 'c16.ttftP50Ms', 'c64.outTokS', 'peakRssMiB'],
   multimodal: ['coldTtftMs', 'warmTtftMs', 'concImagesPerS', 'peakRssMiB'],
   prefix: ['wallS', 'ttftP50Ms', 'peakRssMiB'],
+  'shapes-single': ['decodeTokS', 'prefillTokS', 'peakRssMiB'],
+  'shapes-offline': ['outTokS', 'peakRssMiB'],
 }
 
 const md = []
@@ -57,6 +59,12 @@ p(
   'npm run bench -- profile        # where candela\'s time goes (perf when available)',
   'npm run bench -- report         # regenerate this file',
   'npm run bench -- all --quick    # tiny sizes, 1 run: a smoke test of the whole pipeline (~10 min)',
+  '',
+  '# real model shapes, random weights (not in `all`; checkpoints outside the repo, see "Real model shapes" below)',
+  'export CANDELA_BENCH_MODELS=/path/with/room   # ~9 GB for 1.5B, ~11 GB for 3B',
+  'python benchmark/prepare-real-shapes.py qwen2.5-1.5b   # also qwen2.5-3b, qwen2.5-vl-3b',
+  'npm run bench -- shapes-single --models qwen2.5-1.5b   # 512-token prompt: TTFT, decode tok/s, load, peak RSS',
+  'npm run bench -- shapes-offline --models qwen2.5-1.5b  # 32 prompts x 256 tokens -> 128 tokens each',
   '```',
   '',
   'Options: `--runs N` (default 3), `--all-cases` (also the cases the default leaves out for time, below), `--threads N` (default 2, every engine), `--models smollm2,qwen05b`, `--engines candela,llama.cpp,transformers`, `--verbose`, `--device cuda` (below). Each workload writes `benchmark/results/<workload>.json` (every raw run, the min/median/max summary, the ratios, machine and versions, the command) and `benchmark/results/<workload>.png` (the ratios as bars with min-max whiskers).',
@@ -121,7 +129,11 @@ for (const w of WORKLOADS) {
     continue
   }
   if (r.isQuick) p('**Quick smoke-test sizes, 1 run: not a measurement.** Run the full workload for numbers.')
-  p(`Command: \`${r.command}\` · ${r.runs} run(s) per engine, interleaved · ${r.threads} threads · device ${r.device} · ${r.machine.date.slice(0, 16).replace('T', ' ')} UTC · candela ${r.machine.commit?.slice(0, 9)} · took ${r.wallMinutes} min`)
+  p(`Command: \`${r.command}\` · ${r.runs} run(s) per engine, interleaved · ${r.threads} threads · device ${r.device} · ${r.machine.date.slice(0, 16).replace('T', ' ')} UTC · candela ${r.machine.commit?.slice(0, 9)} · took ${r.wallMinutes} min · load average at start ${r.machine.loadAvgAtStart?.split(' ').slice(0, 3).join(' ') ?? '?'}${r.machine.loadAvgAtEnd ? `, at end ${r.machine.loadAvgAtEnd.split(' ').slice(0, 3).join(' ')}` : ''} · CPU ${r.machine.cpuModel}`)
+  const busy = Math.max(...[r.machine.loadAvgAtStart, r.machine.loadAvgAtEnd].map((l) => Number(l?.split(' ')[0] ?? 0)))
+  if (busy > 1.5 * r.machine.cores) {
+    p(`**The machine was busy with other work during this run (1-minute load average up to ${busy} on ${r.machine.cores} cores): every engine got a fraction of the CPU, so absolute numbers are far below an idle machine's and the ratios are noisy. Rerun the command on a quiet machine before drawing conclusions.**`)
+  }
   p(...r.notes.map((n) => `- ${n}`))
   p(
     table(
@@ -141,6 +153,17 @@ p(
   '- **Qwen2-0.5B-shaped, random weights** (hidden 896, 24 layers, 14 / 2 heads, FFN 4864, vocab 151936, tied, real Qwen2 tokenizer and chat template; `benchmark/prepare-models.py`, fixed seed) is written three ways from the same f16-rounded values: F32 safetensors (candela and transformers), F16 GGUF and Q8_0 GGUF (candela and node-llama-cpp). It is in `single` (all three pairs, and the sanity check). It is not in the default `offline`: 64 x 256 tokens through a 0.5B model take ~3 min per run per engine here (prefill ~150 tok/s, batch-64 decode ~70 tok/s), so even its Q8_0 pair alone would add ~20 min to `all`; `npm run bench -- offline --models qwen05b` (or `--all-cases`) runs its Q8_0, F16 and F32 pairs (~1 hour).',
   '- **serving** and **prefix** use SmolLM2 only (the real model, and the only size where 64 concurrent streams and 32 x 2,000-token prompts fit the budget). **multimodal** uses the tiny random Qwen2-VL fixture (`fixtures/qwen2-vl-tiny`): its language model is tiny, so it measures image decoding, preprocessing, the vision tower path and the caches, not a real VLM\'s compute.',
   '- Budget on a 2-core machine (measured by the full `npm run bench -- all` of 2026-12-03 on a 2-vCPU Xeon; each section says what it took): single 8.7 min (sanity included), offline 12 min, serving 14 min, multimodal 0.7 min, prefix 26 min (candela\'s cache-off runs are 32 x 2,032 tokens of prefill, ~6.5 min each: long prompts prefill at ~170 tok/s); `all` 63 min, plus ~5 min of installs on first use. `--all-cases` adds the 0.5B offline pairs and node-llama-cpp reuse-off in prefix (over an hour more). In serving, each concurrency level sends max(8, c) requests (c=64: one request per client) to stay in budget.',
+)
+
+p(
+  '## Real model shapes (shapes-single, shapes-offline)',
+  '',
+  '`benchmark/prepare-real-shapes.py MODEL` writes a random-weight checkpoint with the real shapes of Qwen/Qwen2.5-1.5B-Instruct (hidden 1536, 28 layers, 12 / 2 heads, FFN 8960), Qwen/Qwen2.5-3B-Instruct (hidden 2048, 36 layers, 16 / 2 heads, FFN 11008) or Qwen/Qwen2.5-VL-3B-Instruct (that LM plus the 32-block x 1280 vision tower and merger), vocab 151936, tied embeddings, the real Qwen2 tokenizer and chat template from fixtures/. It writes BF16 safetensors shards (hub names), then runs llama.cpp\'s own tools on them: `convert_hf_to_gguf.py --outtype q8_0` and `--outtype f16`, and `llama-quantize ... Q4_K_M` on the F16 file (the F16 file is kept for 1.5B only; for the VL model also `--mmproj`). Init per tensor from a seeded normal (linear std 1.5/sqrt(fan_in), embeddings 0.5, norms 1+0.2N, biases 0.3N): logits far from uniform, so greedy decoding runs the real decode path (no degenerate repeated token).',
+  '',
+  'llama.cpp for the conversions (and for `llama-mtmd-cli`, the multimodal runtime) is built from the sources inside PyPI\'s llama-cpp-python 0.3.36 sdist (`vendor/llama.cpp`: ggml 0.25.3, llama.cpp "0.5.0-dev"; the sdist carries no build number or commit): `cmake -S <sdist>/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF && cmake --build build --target llama-quantize llama-mtmd-cli`. node-llama-cpp runs its own prebuilt llama.cpp (its version is in the machine table).',
+  '',
+  'Cases per model (only the files present): candela and node-llama-cpp on the same Q4_K_M, Q8_0 and F16 GGUF; candela on the BF16 safetensors with `dtype: \'bf16\'` and quantized at load to q4_k (vs llama.cpp\'s Q4_K_M: same values, candela\'s quantizer); transformers on the safetensors in bf16, and in f32 when free memory allows (4 bytes a parameter, 1.5x headroom; the run says when it left it out).',
+  '',
 )
 
 p(

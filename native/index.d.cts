@@ -14,8 +14,9 @@ export declare class NativeEngine {
   /**
    * Load a model and start its engine thread. Loading runs on a worker
    * thread; the promise rejects with the loader's message on failure.
+   * `on_progress` is told the parameters loaded so far, of the total.
    */
-  static load(options: NativeLoadOptions): Promise<NativeEngine>
+  static load(options: NativeLoadOptions, onProgress?: (((arg: NativeLoadProgress) => unknown)) | undefined | null): Promise<NativeEngine>
   /**
    * Queue a request: its prompt rendered and tokenized and its media
    * items (in prompt order: the k-th placeholder of a modality is its
@@ -160,6 +161,8 @@ export interface NativeLoadOptions {
    * "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
    */
   quantization?: string
+  /** With `quantization`: quantize the vision / audio towers too. */
+  quantizationTowers?: boolean
   /** Tokens per KV block (default 16). */
   blockSize?: number
   /** Bytes for the KV cache (default: the engine's choice). */
@@ -185,6 +188,12 @@ export interface NativeLoadOptions {
   mediaIoKwargs?: NativeMediaIoKwargs
   /** Accept precomputed image embeddings (default false). */
   enableMmEmbeds?: boolean
+}
+
+/** How far a load has got, in parameters of the checkpoint. */
+export interface NativeLoadProgress {
+  loadedParameters: number
+  totalParameters: number
 }
 
 /** `mediaIoKwargs`: options of the image and video readers. */
@@ -258,6 +267,11 @@ export interface NativeModelInfo {
   quantization?: string
   /** Seconds the weights took to load (and quantize). */
   loadSeconds: number
+  /**
+   * The process's resident memory not backed by a file (RssAnon) once the
+   * model was loaded and its KV cache reserved; None off Linux.
+   */
+  anonRssBytes?: number
 }
 
 /** One request as JS passes it: exactly one of `prompt`, `promptTokenIds`, `messages`. */

@@ -25,6 +25,7 @@ import type {
   EngineStats,
   FinishReason,
   LoadOptions,
+  LoadProgress,
   ModelInfo,
   PromptInput,
   Quantization,
@@ -48,6 +49,25 @@ import {
 
 /** Default maxTokens of {@link Engine.generate} and {@link Engine.generateStream}, as vLLM's. */
 export const DEFAULT_GENERATE_MAX_TOKENS = 16
+
+/**
+ * The native load's progress callback for a user's listener. A listener
+ * that throws must not take the process down (the call comes from a native
+ * thread): its error becomes a process warning and it is not called again.
+ */
+function progressListener(listener: ((p: LoadProgress) => void) | undefined): ((p: LoadProgress) => void) | undefined {
+  if (!listener) return undefined
+  let failed = false
+  return (p) => {
+    if (failed) return
+    try {
+      listener({ loadedParameters: p.loadedParameters, totalParameters: p.totalParameters })
+    } catch (err) {
+      failed = true
+      queueMicrotask(() => process.emitWarning(`onLoadProgress threw: ${String(err)}`))
+    }
+  }
+}
 
 function convertLogprobs(lps: NativeTokenLogprob[]): TokenLogprob[] {
   return lps.map((lp) => ({
@@ -257,6 +277,7 @@ export class Engine {
       kvCacheTokens: i.kvCacheTokens,
       quantization: (i.quantization ?? null) as Quantization | null,
       loadSeconds: i.loadSeconds,
+      anonRssBytes: i.anonRssBytes ?? null,
     }
   }
 
@@ -279,6 +300,7 @@ export class Engine {
       device,
       dtype: opts.dtype,
       quantization: opts.quantization,
+      quantizationTowers: opts.quantizationTowers,
       chatTemplate: opts.chatTemplate,
       maxModelLen: opts.maxModelLen,
       blockSize: opts.blockSize,
@@ -292,7 +314,7 @@ export class Engine {
       encoderCacheTokens: opts.encoderCacheTokens,
       mediaIoKwargs: opts.mediaIoKwargs,
       enableMmEmbeds: opts.enableMmEmbeds,
-    }).catch((err: unknown) => {
+    }, progressListener(opts.onLoadProgress)).catch((err: unknown) => {
       // The loader's refusals (unsupported architecture, bad files) are about the model.
       throw fromNative(err, { invalid: (message, cause) => new LoadError(message, { code: 'load_failed', cause }) })
     })

@@ -51,6 +51,7 @@ export type {
   ModelInfo,
   PromptInput,
   PromptMedia,
+  LoadProgress,
   Quantization,
   ResponseFormat,
   SampleOutput,

@@ -32,6 +32,12 @@ export type DType = 'auto' | 'f32' | 'f16' | 'bf16'
  */
 export type Quantization = 'q8_0' | 'q6_k' | 'q5_k' | 'q4_k' | 'q4_0'
 
+/** How far {@link Engine.load} has got ({@link LoadOptions.onLoadProgress}). */
+export interface LoadProgress {
+  loadedParameters: number
+  totalParameters: number
+}
+
 /** Options for {@link Engine.load}. */
 export interface LoadOptions {
   /**
@@ -61,6 +67,18 @@ export interface LoadOptions {
    * quantized already: giving this with one is an error.
    */
   quantization?: Quantization
+  /**
+   * With {@link LoadOptions.quantization}: quantize the vision and audio
+   * towers' matrices too (default `false`: they keep `dtype`). Saves memory
+   * on a large tower at some accuracy of the image / audio features.
+   */
+  quantizationTowers?: boolean
+  /**
+   * Called as the weights load (and are quantized): parameters loaded so
+   * far of the checkpoint's total, never decreasing, the last call with
+   * `loadedParameters === totalParameters`. Called on the JS thread.
+   */
+  onLoadProgress?: (progress: LoadProgress) => void
   /** Most sequences scheduled in one engine step (default 64). */
   maxNumSeqs?: number
   /**
@@ -565,4 +583,11 @@ export interface ModelInfo {
   quantization: Quantization | null
   /** Seconds the weights took to load (and quantize). */
   loadSeconds: number
+  /**
+   * Resident memory of the process not backed by a file (Linux `RssAnon`),
+   * in bytes, right after the load: weights copied or quantized into memory,
+   * the KV cache pages touched, and the runtime. Memory-mapped weights the
+   * kernel can drop are not counted. `null` where the OS does not say.
+   */
+  anonRssBytes: number | null
 }

@@ -66,6 +66,8 @@ const LOAD_KEYS = [
   'device',
   'dtype',
   'quantization',
+  'quantizationTowers',
+  'onLoadProgress',
   'maxNumSeqs',
   'threads',
   'maxNumBatchedTokens',
@@ -111,6 +113,12 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
   }
   if (o.quantization !== undefined && !(QUANTIZATIONS as readonly unknown[]).includes(o.quantization)) {
     fail(`quantization must be one of ${QUANTIZATIONS.join(', ')}, got ${show(o.quantization)}`)
+  }
+  if (o.quantizationTowers !== undefined && bool('quantizationTowers', o.quantizationTowers) && o.quantization === undefined) {
+    fail('quantizationTowers needs quantization (the block format to quantize the towers to)')
+  }
+  if (o.onLoadProgress !== undefined && typeof o.onLoadProgress !== 'function') {
+    fail(`onLoadProgress must be a function, got ${show(o.onLoadProgress)}`)
   }
   if (o.maxNumSeqs !== undefined) int('maxNumSeqs', o.maxNumSeqs, 1, 4096)
   if (o.threads !== undefined) int('threads', o.threads, 1, 1024)

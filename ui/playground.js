@@ -83,6 +83,8 @@ async function refreshInstances() {
 function statusText(inst) {
   const d = inst.download
   if (inst.status === 'downloading' && d?.total_bytes > 0) return `downloading ${Math.floor((100 * d.downloaded_bytes) / d.total_bytes)}%`
+  const w = inst.load
+  if (inst.status === 'loading' && w?.total_parameters > 0) return `loading ${Math.floor((100 * w.loaded_parameters) / w.total_parameters)}%`
   if (inst.status === 'failed') return `failed: ${inst.error ?? ''}`
   return inst.status
 }

@@ -144,4 +144,6 @@ const rssNow = /VmRSS:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'
 result.rssAtEndMiB = rssNow ? round(Number(rssNow[1]) / 1024, 1) : null
 const info = engine.info
 await engine.close()
-write({ engine: 'candela', task: spec.task, model: info.name, architecture: info.architecture, device: info.device, loadS: round(loadS, 2), ...result, peakRssMiB: peakRssMiB() })
+// RssAnon right after the load (the engine's own report; absent in builds before it existed).
+const anonRssAfterLoadMiB = typeof info.anonRssBytes === 'number' ? round(info.anonRssBytes / 2 ** 20, 1) : null
+write({ engine: 'candela', task: spec.task, model: info.name, architecture: info.architecture, device: info.device, loadS: round(loadS, 2), anonRssAfterLoadMiB, ...result, peakRssMiB: peakRssMiB() })

@@ -207,6 +207,9 @@ export const SERVE_FLAGS: FlagGroup[] = [
           c.load.quantization = q
         },
       ),
+      toggle('quantization-towers', 'with --quantization: quantize the vision / audio towers too (by default they keep --dtype)', (c) => {
+        c.load.quantizationTowers = true
+      }),
       option(
         'tool-call-parser',
         'NAME',
@@ -343,7 +346,11 @@ export function modelLoadOptions(entries: ReadonlyArray<readonly [string, string
   const cfg: ServeConfig = { load: {}, server: {} }
   for (const [name, value] of entries) {
     let flag = MODEL_FLAGS.find((f) => f.name === name)
-    if (flag && !flag.arg && value === 'false') flag = MODEL_FLAGS.find((f) => f.name === `no-${name}`)
+    if (flag && !flag.arg && value === 'false') {
+      // A switch turned off: its `no-` twin, or nothing when off is the default.
+      flag = MODEL_FLAGS.find((f) => f.name === `no-${name}`)
+      if (!flag) continue
+    }
     if (!flag) throw new UsageError(`unknown model option ${JSON.stringify(name)} (one of: ${MODEL_FLAGS.map((f) => f.name).join(', ')})`)
     if (!flag.arg) {
       if (value !== 'true' && value !== 'false') throw new UsageError(`${name} is a switch: give true or false, got ${JSON.stringify(value)}`)
@@ -504,6 +511,8 @@ async function serve(positionals: string[], values: Values): Promise<number> {
             device: info.device,
             max_model_len: 'maxModelLen' in info ? info.maxModelLen : info.maxTargetPositions,
             ...('quantization' in info && info.quantization ? { quantization: info.quantization } : {}),
+            ...('loadSeconds' in info ? { weights_load_s: Number(info.loadSeconds.toFixed(2)) } : {}),
+            ...('anonRssBytes' in info && info.anonRssBytes !== null ? { anon_rss_mib: Math.round(info.anonRssBytes / 2 ** 20) } : {}),
           }
         : {}),
       load_s: Number(((performance.now() - t0) / 1000).toFixed(2)),

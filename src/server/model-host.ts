@@ -9,6 +9,7 @@
 import type { Engine } from '../engine.js'
 import type { DownloadProgress } from '../hub/index.js'
 import type { Transcriber } from '../transcriber.js'
+import type { LoadProgress } from '../types.js'
 import { ApiError } from './errors.js'
 
 export type HostState = 'loading' | 'ready' | 'failed' | 'closed'
@@ -25,6 +26,7 @@ export class ModelHost {
   #names: string[] = []
   #failure = ''
   readonly #files = new Map<string, { downloaded: number; total: number }>()
+  #weights: LoadProgress | undefined
   readonly createdAt = Math.floor(Date.now() / 1000)
   /** When a request last used the model (ms since epoch): the LRU order of eviction. */
   lastUsed = Date.now()
@@ -62,6 +64,11 @@ export class ModelHost {
     this.#phase = 'loading'
   }
 
+  /** How far the weights' load (and quantization) has got (the pool feeds it). */
+  onLoadProgress(p: LoadProgress): void {
+    this.#weights = p
+  }
+
   /** The control plane's view of the model (GET /v1/instances/:uid). */
   describe(): Record<string, unknown> {
     let downloaded = 0
@@ -79,10 +86,19 @@ export class ModelHost {
       created: this.createdAt,
       last_used: Math.floor(this.lastUsed / 1000),
       ...(this.#files.size > 0 ? { download: { downloaded_bytes: downloaded, total_bytes: total, files: this.#files.size } } : {}),
+      ...(this.#weights ? { load: { loaded_parameters: this.#weights.loadedParameters, total_parameters: this.#weights.totalParameters } } : {}),
       ...(this.estimateBytes !== undefined ? { estimated_bytes: this.estimateBytes } : {}),
       ...(this.#state === 'failed' ? { error: this.#failure } : {}),
       ...(info
-        ? { path: info.path, architecture: info.architecture, device: info.device, max_model_len: info.maxModelLen, modalities: info.modalities }
+        ? {
+            path: info.path,
+            architecture: info.architecture,
+            device: info.device,
+            max_model_len: info.maxModelLen,
+            modalities: info.modalities,
+            load_seconds: info.loadSeconds,
+            anon_rss_bytes: info.anonRssBytes,
+          }
         : {}),
       ...(this.#transcriber ? { path: this.#transcriber.info.path, task: 'transcription' } : {}),
     }

@@ -16,7 +16,7 @@ import { ValidationError } from '../errors.js'
 import { HubError, UnsupportedRepoError, checkModel, findModel, isHubReference, progressLines } from '../hub/index.js'
 import { isModelArgument, locateModel, modelNotFound, notAModel } from '../model-source.js'
 import { Transcriber, isWhisperModel } from '../transcriber.js'
-import type { EngineStats, LoadOptions } from '../types.js'
+import type { EngineStats, LoadOptions, LoadProgress } from '../types.js'
 import { validateLoadOptions } from '../validate.js'
 import { ApiError } from './errors.js'
 import type { Logger } from './log.js'
@@ -52,6 +52,17 @@ export interface PoolOptions {
   maxLoadedModels?: number
   /** Bytes all models may take together (default: the memory available at each launch). */
   memoryBudgetBytes?: number
+}
+
+/** Load progress as log lines: one per tenth of the parameters. */
+function loadProgressLines(uid: string, write: (line: string) => void): (p: LoadProgress) => void {
+  let tenths = -1
+  return (p) => {
+    const t = p.totalParameters > 0 ? Math.floor((10 * p.loadedParameters) / p.totalParameters) : 10
+    if (t <= tenths) return
+    tenths = t
+    write(`loading ${uid}: ${t * 10}% of ${(p.totalParameters / 1e9).toFixed(2)} B parameters`)
+  }
 }
 
 const COUNTERS = [
@@ -209,7 +220,16 @@ export class ModelPool {
     if (host.state !== 'loading') throw new Error('terminated while loading')
     if (isWhisperModel(source.path)) return Transcriber.load({ model: source.path, device: load.device, dtype: load.dtype })
     // A hub model is complete in the cache now: Engine.load finds it there without a request.
-    return Engine.load({ ...load, model: source.repo ? load.model : source.path })
+    const weightLines = loadProgressLines(host.uid, this.opts.progress)
+    return Engine.load({
+      ...load,
+      model: source.repo ? load.model : source.path,
+      onLoadProgress: (p) => {
+        host.onLoadProgress(p)
+        load.onLoadProgress?.(p)
+        weightLines(p)
+      },
+    })
   }
 
   /** Weight bytes of a model whose files are here (a path, the fetched default, a complete cached repo); no request. */

@@ -15,6 +15,7 @@ pub mod families;
 pub mod gpu;
 pub mod half_matmul;
 pub mod input;
+pub mod load_progress;
 pub mod loader;
 pub mod mm_embeds;
 pub mod multimodal;

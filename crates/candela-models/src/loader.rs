@@ -15,6 +15,7 @@ use crate::chat_template::{resolve_template_source, ChatTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{ModelError, Result};
 use crate::families::{self, Checkpoint};
+use crate::load_progress::{self, LoadProgress, OnProgress};
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
 use crate::tokenizer::{read_json, Tokenizer};
@@ -36,6 +37,11 @@ pub struct LoadOptions {
     /// Quantize a safetensors checkpoint's language model at load:
     /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
     pub quantization: Option<String>,
+    /// With `quantization`: quantize the vision / audio towers' matrices
+    /// too (by default they keep `dtype`).
+    pub quantize_towers: bool,
+    /// Told how many of the checkpoint's parameters are loaded so far.
+    pub on_progress: Option<OnProgress>,
 }
 
 impl Default for LoadOptions {
@@ -46,6 +52,8 @@ impl Default for LoadOptions {
             chat_template: None,
             max_model_len: None,
             quantization: None,
+            quantize_towers: false,
+            on_progress: None,
         }
     }
 }
@@ -178,6 +186,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = parse_device(&opts.device)?;
     let mut dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
     let quantization = parse_quantization(opts.quantization.as_deref(), &device)?;
+    if opts.quantize_towers && quantization.is_none() {
+        return Err(ModelError::UnsupportedQuantization(
+            "quantizing the towers needs a quantization to apply".into(),
+        ));
+    }
     if path.is_dir() {
         if is_auto_dtype(opts.dtype.as_deref()) && !device.is_cpu() {
             // A GPU runs a bf16 / f16 checkpoint in its own dtype.
@@ -279,6 +292,7 @@ fn load_dir(
         .map(|src| make_template(src, &tokenizer))
         .transpose()?;
 
+    let progress = load_progress::for_folder(dir, opts.on_progress.as_ref())?;
     let ck = Checkpoint {
         dir,
         config: &raw,
@@ -287,6 +301,8 @@ fn load_dir(
         max_model_len: opts.max_model_len,
         quantization,
         keep_half: is_auto_dtype(opts.dtype.as_deref()),
+        quantize_towers: opts.quantize_towers,
+        progress: progress.clone(),
         tokenizer: &tokenizer,
     };
     let families::Built {
@@ -294,6 +310,9 @@ fn load_dir(
         processor,
         text: cfg,
     } = (family.load_folder)(&ck)?;
+    if let Some(p) = progress {
+        p.finish();
+    }
     let spec = model.spec().clone();
 
     let mut eos = Vec::new();
@@ -352,7 +371,11 @@ fn load_gguf(
     device: &Device,
     opts: &LoadOptions,
 ) -> Result<LoadedModel> {
-    let gguf = GgufWeights::open(path, dtype, device)?;
+    let mut gguf = GgufWeights::open(path, dtype, device)?;
+    gguf.progress = opts
+        .on_progress
+        .as_ref()
+        .map(|on| LoadProgress::start(load_progress::gguf_parameters(&gguf.content), on.clone()));
     let family = families::by_gguf_architecture(gguf.architecture()?)?;
     let load_gguf = family.load_gguf.ok_or_else(|| {
         ModelError::Config(format!(
@@ -390,6 +413,9 @@ fn load_gguf(
         return Err(ModelError::Config("internal: GGUF weights expected".into()));
     };
     let model = load_gguf(g, &weights, opts.max_model_len)?;
+    if let Some(p) = &g.progress {
+        p.finish();
+    }
     let spec = model.spec().clone();
     Ok(LoadedModel {
         model,

@@ -22,6 +22,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{candle_message, ModelError, Result};
 use crate::half_matmul::{HalfDType, HalfMatrix};
+use crate::load_progress::LoadProgress;
 use crate::quant::BlockMatrix;
 use crate::quantize::Quantization;
 
@@ -257,6 +258,8 @@ pub enum Weights {
         /// The checkpoint's 16-bit dtype when its matrices stay in it
         /// ([`Weights::keeping_half`]).
         half: Option<DType>,
+        /// Counts the parameters read, when the load is watched.
+        progress: Option<Arc<LoadProgress>>,
     },
     Gguf(GgufWeights),
 }
@@ -387,6 +390,7 @@ impl Weights {
             quantize: None,
             quantize_lm: None,
             half: None,
+            progress: None,
         })
     }
 
@@ -396,13 +400,18 @@ impl Weights {
     pub fn quantized_at_load(self, q: Option<Quantization>, towers: bool) -> Result<Self> {
         match self {
             Self::Safetensors {
-                vb, files, half, ..
+                vb,
+                files,
+                half,
+                progress,
+                ..
             } => Ok(Self::Safetensors {
                 vb,
                 files,
                 quantize: q.filter(|_| towers),
                 quantize_lm: q,
                 half,
+                progress,
             }),
             Self::Gguf(g) if q.is_some() => Err(ModelError::Config(format!(
                 "{} is a GGUF file, quantized already; quantization applies to safetensors checkpoints",
@@ -424,6 +433,7 @@ impl Weights {
                 files,
                 quantize,
                 quantize_lm,
+                progress,
                 ..
             } => {
                 let half = if keep && vb.device().is_cpu() {
@@ -437,11 +447,37 @@ impl Weights {
                     quantize,
                     quantize_lm,
                     half,
+                    progress,
                 })
             }
             Self::Gguf(mut g) => {
                 g.keep_half = keep && g.device.is_cpu();
                 Ok(Self::Gguf(g))
+            }
+        }
+    }
+
+    /// The same source counting the parameters it reads into `progress`.
+    pub fn with_progress(self, progress: Option<Arc<LoadProgress>>) -> Self {
+        match self {
+            Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+                half,
+                ..
+            } => Self::Safetensors {
+                vb,
+                files,
+                quantize,
+                quantize_lm,
+                half,
+                progress,
+            },
+            Self::Gguf(mut g) => {
+                g.progress = progress;
+                Self::Gguf(g)
             }
         }
     }
@@ -456,12 +492,14 @@ impl Weights {
                 quantize: Some(q),
                 quantize_lm,
                 half,
+                progress,
             } if q.output_head() != *q => Some(Self::Safetensors {
                 vb: vb.clone(),
                 files: files.clone(),
                 quantize: Some(q.output_head()),
                 quantize_lm: *quantize_lm,
                 half: *half,
+                progress: progress.clone(),
             }),
             _ => None,
         }
@@ -477,12 +515,14 @@ impl Weights {
                 quantize,
                 quantize_lm,
                 half,
+                progress,
             } if quantize != quantize_lm => Some(Self::Safetensors {
                 vb: vb.clone(),
                 files: files.clone(),
                 quantize: *quantize_lm,
                 quantize_lm: *quantize_lm,
                 half: *half,
+                progress: progress.clone(),
             }),
             _ => None,
         }
@@ -516,12 +556,14 @@ impl Weights {
                 quantize,
                 quantize_lm,
                 half,
+                progress,
             } => Ok(Self::Safetensors {
                 vb: vb.clone().rename_f(move |n: &str| rename(n)),
                 files: files.clone(),
                 quantize: *quantize,
                 quantize_lm: *quantize_lm,
                 half: *half,
+                progress: progress.clone(),
             }),
             Self::Gguf(_) => Err(ModelError::Config(
                 "multimodal GGUF checkpoints are not supported".into(),
@@ -549,14 +591,23 @@ impl Weights {
     /// A dense tensor in the model dtype, checked against `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Safetensors { vb, files, .. } => {
+            Self::Safetensors {
+                vb,
+                files,
+                progress,
+                ..
+            } => {
                 if !vb.contains_tensor(name) {
                     return Err(ModelError::MissingTensor(name.to_string()));
                 }
-                vb.get(shape, name).map_err(|e| ModelError::Weights {
+                let t = vb.get(shape, name).map_err(|e| ModelError::Weights {
                     path: files.first().cloned().unwrap_or_default(),
                     message: format!("{name}: {}", candle_message(&e)),
-                })
+                })?;
+                if let Some(p) = progress {
+                    p.advance(t.elem_count() as u64);
+                }
+                Ok(t)
             }
             Self::Gguf(g) => {
                 let q = g.qtensor(name)?;
@@ -619,6 +670,7 @@ impl Weights {
             files,
             quantize: None,
             half: Some(dtype),
+            progress,
             ..
         } = self
         else {
@@ -633,6 +685,9 @@ impl Weights {
                 path: files.first().cloned().unwrap_or_default(),
                 message: format!("{name}: {}", candle_message(&e)),
             })?;
+        if let Some(p) = progress {
+            p.advance(t.elem_count() as u64);
+        }
         Ok(HalfMatrix::from_tensor(&t)?)
     }
 
@@ -743,6 +798,8 @@ pub struct GgufWeights {
     pub device: Device,
     /// F16 / BF16 matrices stay 16-bit on the CPU ([`Weights::keeping_half`]).
     keep_half: bool,
+    /// Counts the parameters read, when the load is watched.
+    pub progress: Option<Arc<LoadProgress>>,
 }
 
 impl GgufWeights {
@@ -760,6 +817,7 @@ impl GgufWeights {
             dtype,
             device: device.clone(),
             keep_half: false,
+            progress: None,
         })
     }
 
@@ -806,6 +864,9 @@ impl GgufWeights {
                 path: self.path.clone(),
                 message: format!("{gguf_name}: {}", candle_message(&e)),
             })?;
+        if let Some(p) = &self.progress {
+            p.advance(q.shape().elem_count() as u64);
+        }
         Ok(Arc::new(q))
     }
 

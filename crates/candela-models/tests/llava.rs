@@ -283,3 +283,62 @@ fn quantized_language_model_stays_near_f32() {
         assert!(d > 0.0 && d < bound, "{q}: logits drift by {d}");
     }
 }
+
+/// Towers quantized too (`quantize_towers`): the CLIP tower's and the
+/// projector's matrices are quantized (image features move off the f32
+/// reference, a little), the logits stay near it, and the load's progress
+/// reports grow to the checkpoint's total.
+#[test]
+fn quantized_towers_stay_near_f32() {
+    let f = fixture();
+    let case = &f.reference["cases"]["one_image"];
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = reports.clone();
+    let mut loaded = load(
+        &dir(),
+        &LoadOptions {
+            quantization: Some("q8_0".into()),
+            quantize_towers: true,
+            on_progress: Some(candela_models::load_progress::OnProgress(
+                std::sync::Arc::new(move |a, b| r.lock().unwrap().push((a, b))),
+            )),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = prepare_case(&loaded, case);
+    let spans: Vec<(usize, Tensor)> = features(&p)
+        .iter()
+        .map(|(o, x)| (*o, loaded.model.encode(x).unwrap()))
+        .collect();
+    // Features of this fixture span about +-17 (std 5.5); q8_0 moved them
+    // by 0.32 (2% of the span): bound at 5%.
+    let d = max_diff(&spans[0].1, &f.tensors["one_image.item0.embeds"]);
+    eprintln!("llava-tiny q8_0 towers: image features max abs diff vs f32 reference {d:.3e}");
+    assert!(d > ATOL && d < 0.86, "image features differ by {d}");
+    let d = max_diff(
+        &last_logits(&mut loaded, &p.ids, &spans, None),
+        &f.tensors["one_image.last_logits"],
+    );
+    eprintln!("llava-tiny q8_0 towers: last logits max abs diff vs f32 reference {d:.3e}");
+    assert!(d > 0.0 && d < 0.5, "logits drift by {d}");
+    let reports = reports.lock().unwrap();
+    let total = reports[0].1;
+    assert!(total > 0 && reports[0].0 == 0, "{reports:?}");
+    assert!(reports
+        .windows(2)
+        .all(|w| w[0].0 < w[1].0 && w[1].1 == total));
+    assert_eq!(reports.last(), Some(&(total, total)));
+    assert!(reports.len() > 2, "{reports:?}");
+
+    // Asking for the towers without a quantization is an error.
+    let err = load(
+        &dir(),
+        &LoadOptions {
+            quantize_towers: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("needs a quantization"), "{err}");
+}

@@ -32,6 +32,7 @@ use candela_core::{
 use candela_models::input::InputPreparer;
 use candela_models::processor::DecodeOptions;
 use candela_models::{ChatRenderOptions, ChatTemplate, LoadOptions, Tokenizer};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Result;
 use napi_derive::napi;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -60,6 +61,8 @@ pub struct NativeLoadOptions {
     /// Quantize a safetensors checkpoint's language model at load:
     /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
     pub quantization: Option<String>,
+    /// With `quantization`: quantize the vision / audio towers too.
+    pub quantization_towers: Option<bool>,
     /// Tokens per KV block (default 16).
     pub block_size: Option<u32>,
     /// Bytes for the KV cache (default: the engine's choice).
@@ -275,7 +278,26 @@ pub struct NativeModelInfo {
     pub quantization: Option<String>,
     /// Seconds the weights took to load (and quantize).
     pub load_seconds: f64,
+    /// The process's resident memory not backed by a file (RssAnon) once the
+    /// model was loaded and its KV cache reserved; None off Linux.
+    pub anon_rss_bytes: Option<f64>,
 }
+
+/// How far a load has got, in parameters of the checkpoint.
+#[napi(object)]
+pub struct NativeLoadProgress {
+    pub loaded_parameters: f64,
+    pub total_parameters: f64,
+}
+
+/// Called from the loading thread with each progress report.
+type ProgressCallback = ThreadsafeFunction<
+    NativeLoadProgress,
+    napi::Unknown<'static>,
+    NativeLoadProgress,
+    napi::Status,
+    false,
+>;
 
 /// The per-request state `next()` reads from.
 struct ReqState {
@@ -299,6 +321,7 @@ struct Inner {
     quantization: Option<String>,
     /// Seconds the weights took to load (and quantize).
     load_seconds: f64,
+    anon_rss_bytes: Option<f64>,
     device: String,
     requests: Mutex<HashMap<u64, Arc<ReqState>>>,
     closed: AtomicBool,
@@ -469,7 +492,24 @@ fn num(v: Option<u32>, default: usize) -> usize {
     v.map(|x| x as usize).unwrap_or(default)
 }
 
-fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
+/// This process's RssAnon (resident pages not backed by a file), in bytes.
+fn anon_rss_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
+fn load_blocking(
+    opts: NativeLoadOptions,
+    on_progress: Option<ProgressCallback>,
+) -> Result<NativeEngine> {
     let device = match opts.device.as_deref().unwrap_or("cpu") {
         "auto" if candela_models::loader::device_unavailable("cuda").is_none() => {
             "cuda".to_string()
@@ -492,6 +532,18 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         chat_template: opts.chat_template.clone(),
         max_model_len: opts.max_model_len.map(|x| x as usize),
         quantization: opts.quantization.clone(),
+        quantize_towers: opts.quantization_towers.unwrap_or(false),
+        on_progress: on_progress.map(|f| {
+            candela_models::load_progress::OnProgress(Arc::new(move |done, total| {
+                f.call(
+                    NativeLoadProgress {
+                        loaded_parameters: done as f64,
+                        total_parameters: total as f64,
+                    },
+                    ThreadsafeFunctionCallMode::NonBlocking,
+                );
+            }))
+        }),
     };
     let started = std::time::Instant::now();
     let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;
@@ -563,6 +615,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
             model_name: loaded.model_name,
             quantization: loaded.quantization.map(|q| q.name().to_string()),
             load_seconds,
+            anon_rss_bytes: anon_rss_bytes(),
             device,
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -588,9 +641,22 @@ fn id_from_js(id: i64) -> Result<u64> {
 impl NativeEngine {
     /// Load a model and start its engine thread. Loading runs on a worker
     /// thread; the promise rejects with the loader's message on failure.
+    /// `on_progress` is told the parameters loaded so far, of the total.
     #[napi]
-    pub async fn load(options: NativeLoadOptions) -> Result<NativeEngine> {
-        blocking("load", move || load_blocking(options)).await
+    pub async fn load(
+        options: NativeLoadOptions,
+        // Spelled out, not `ProgressCallback`: the generated .d.cts names the callback's type.
+        on_progress: Option<
+            ThreadsafeFunction<
+                NativeLoadProgress,
+                napi::Unknown<'static>,
+                NativeLoadProgress,
+                napi::Status,
+                false,
+            >,
+        >,
+    ) -> Result<NativeEngine> {
+        blocking("load", move || load_blocking(options, on_progress)).await
     }
 
     /// Queue a request: its prompt rendered and tokenized and its media
@@ -986,6 +1052,7 @@ impl NativeEngine {
             kv_cache_tokens: (blocks * block_size).min(u32::MAX as usize) as u32,
             quantization: i.quantization.clone(),
             load_seconds: i.load_seconds,
+            anon_rss_bytes: i.anon_rss_bytes,
         }
     }
 

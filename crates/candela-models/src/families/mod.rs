@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
+use crate::load_progress::LoadProgress;
 use crate::nn::decoder::{DecoderConfig, DecoderLm};
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
@@ -74,6 +75,10 @@ pub struct Checkpoint<'a> {
     /// Keep a bf16 / f16 checkpoint's matrices 16-bit on the CPU
     /// ([`Weights::keeping_half`]; `dtype: 'auto'`).
     pub keep_half: bool,
+    /// Quantize the vision / audio towers' matrices too.
+    pub quantize_towers: bool,
+    /// Counts the parameters read, when the load is watched.
+    pub progress: Option<Arc<LoadProgress>>,
     /// The checkpoint's tokenizer (processors that write text around an item
     /// tokenize it as the model's own processor does).
     pub tokenizer: &'a Tokenizer,
@@ -83,8 +88,9 @@ impl Checkpoint<'_> {
     /// The folder's safetensors.
     pub fn weights(&self) -> Result<Weights> {
         Weights::from_safetensors_dir(self.dir, self.dtype, self.device)?
-            .quantized_at_load(self.quantization, false)?
+            .quantized_at_load(self.quantization, self.quantize_towers)?
             .keeping_half(self.keep_half)
+            .map(|w| w.with_progress(self.progress.clone()))
     }
 
     /// A JSON file of the folder as text, when present.

@@ -489,6 +489,6 @@ mod tests {
         let r = p
             .replacement(Modality::Video, &ItemLayout::rows(3))
             .unwrap();
-        assert_eq!((r.tokens, r.embeds), (vec![8, 8, 8], 0..3));
+        assert_eq!((r.tokens, r.embeds), (vec![8, 8, 8], vec![0..3]));
     }
 }

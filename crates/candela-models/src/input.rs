@@ -676,7 +676,7 @@ mod tests {
             tokens.push(101);
             Ok(Replacement {
                 tokens,
-                embeds: vec![1..1 + layout.embeds],
+                embeds: std::iter::once(1..1 + layout.embeds).collect(),
             })
         }
         /// 50 / 51 merge into the wrappers after / before them, and two
@@ -778,7 +778,11 @@ mod tests {
         };
         for (k, m) in p.items.iter().enumerate().take(2) {
             e.encoder.borrow_mut().insert(m.placeholder.hash.clone(), 1);
-            assert_eq!(prep.uncached(&e, &[q.clone()]).unwrap(), vec![true], "{k}");
+            assert_eq!(
+                prep.uncached(&e, std::slice::from_ref(&q)).unwrap(),
+                vec![true],
+                "{k}"
+            );
         }
         e.encoder
             .borrow_mut()

@@ -203,7 +203,7 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
         })?;
         Ok(Replacement {
             tokens: vec![token; layout.embeds],
-            embeds: vec![0..layout.embeds],
+            embeds: std::iter::once(0..layout.embeds).collect(),
         })
     }
 

@@ -275,7 +275,10 @@ mod tests {
         let r = p
             .replacement(Modality::Image, &ItemLayout::rows(256))
             .unwrap();
-        assert_eq!((r.tokens.len(), r.embeds.clone()), (260, vec![2..258]));
+        assert_eq!(
+            (r.tokens.len(), r.embeds.len(), &r.embeds[0]),
+            (260, 1, &(2..258))
+        );
         assert_eq!(r.tokens[..3], [108, 255999, 262144]);
         // The image and two crops: three blocks, each its own run.
         let r = p

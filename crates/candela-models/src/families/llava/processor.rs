@@ -308,7 +308,10 @@ mod tests {
         let r = p
             .replacement(Modality::Image, &ItemLayout::rows(576))
             .unwrap();
-        assert_eq!((r.tokens.len(), r.embeds), (576, vec![0..576]));
+        assert_eq!(
+            (r.tokens.len(), r.embeds.len(), &r.embeds[0]),
+            (576, 1, &(0..576))
+        );
         assert!(p.placeholder_token(Modality::Video).is_none());
     }
 }

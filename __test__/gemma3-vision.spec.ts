@@ -5,7 +5,9 @@
  * tokens: the template writes <bos>): engine.chat and the OpenAI server with
  * image_url data: URLs, and generate({ prompt, multiModalData }) with the
  * rendered prompt less its <bos> (the tokenizer adds it), prefill in 20-token
- * steps that stop before an image they cannot hold.
+ * steps that stop before an image they cannot hold; pan-and-scan crops
+ * (scripts/make_gemma3_pan_and_scan_reference.py) through mmProcessorKwargs
+ * and the OpenAI client's mm_processor_kwargs.
  */
 
 import test from 'ava'
@@ -76,15 +78,42 @@ test.serial('server: image_url data: URLs give transformers\' greedy text', asyn
   }
 })
 
-test.serial('server: pan-and-scan is refused with a 400', async (t) => {
-  const c = ref.cases['one_image']!
-  const msgs = messages(c, (f) => ({ type: 'image_url', image_url: { url: dataUrl(f) } }))
-  const err = await t.throwsAsync(
-    s.client.chat.completions.create({
-      ...extra({ model: 'tiny-gemma3', max_tokens: 2, mm_processor_kwargs: { do_pan_and_scan: true } }),
+/** Pan-and-scan references (scripts/make_gemma3_pan_and_scan_reference.py): each case with its kwargs. */
+const pas = JSON.parse(readFileSync(join(dir, 'reference_pan_and_scan.json'), 'utf8')) as {
+  cases: Record<string, Case & { kwargs: Record<string, unknown>; crops: number[] }>
+}
+
+test.serial('pan-and-scan crops through mmProcessorKwargs: transformers\' greedy tokens', async (t) => {
+  for (const [name, c] of Object.entries(pas.cases)) {
+    const msgs = messages(c, (f) => ({ type: 'image_url', image_url: { url: dataUrl(f) } }))
+    const out = await engine.chat(msgs, { ...greedy, mmProcessorKwargs: c.kwargs })
+    t.deepEqual(out.tokenIds, c.greedy_ids, name)
+    t.is(out.usage.promptTokens, c.input_ids.length, name)
+    const res = await s.client.chat.completions.create({
+      ...extra({ model: 'tiny-gemma3', max_tokens: 8, temperature: 0, ignore_eos: true, mm_processor_kwargs: c.kwargs }),
       messages: msgs as never,
-    }),
-  )
-  t.is((err as { status?: number }).status, 400)
-  t.regex(err!.message, /pan-and-scan/)
+    })
+    t.is(res.choices[0]!.message.content, await engine.detokenize(c.greedy_ids), name)
+    t.is(res.usage!.prompt_tokens, c.input_ids.length, name)
+  }
+})
+
+test.serial('server: invalid pan-and-scan kwargs are 400s', async (t) => {
+  const c = pas.cases['wide']!
+  const msgs = messages(c, (f) => ({ type: 'image_url', image_url: { url: dataUrl(f) } }))
+  for (const [kwargs, pattern] of [
+    [{ do_pan_and_scan: 'yes' }, /do_pan_and_scan must be true or false/],
+    [{ do_pan_and_scan: true, pan_and_scan_min_crop_size: 0 }, /pan_and_scan_min_crop_size must be a positive integer/],
+    [{ do_pan_and_scan: true, pan_and_scan_max_num_crops: 1000 }, /at most 64/],
+    [{ pan_and_scan_crops: 2 }, /unknown processor kwarg/],
+  ] as const) {
+    const err = await t.throwsAsync(
+      s.client.chat.completions.create({
+        ...extra({ model: 'tiny-gemma3', max_tokens: 2, mm_processor_kwargs: kwargs }),
+        messages: msgs as never,
+      }),
+    )
+    t.is((err as { status?: number }).status, 400, JSON.stringify(kwargs))
+    t.regex(err!.message, pattern)
+  }
 })

@@ -177,6 +177,27 @@ test.serial('errors come back in OpenAI\'s shape with the right status', async (
   t.is(((await noFile.json()) as { error: { param: string } }).error.param, 'file')
 })
 
+test.serial('transcriptions and translations map each refused input to its status and code', async (t) => {
+  const routes = [
+    ['transcriptions', (f: Awaited<ReturnType<typeof file>>, extra: Record<string, unknown> = {}) => s.client.audio.transcriptions.create({ file: f, model: 'whisper-tiny', ...extra })],
+    ['translations', (f: Awaited<ReturnType<typeof file>>, extra: Record<string, unknown> = {}) => s.client.audio.translations.create({ file: f, model: 'whisper-tiny', ...extra })],
+  ] as const
+  for (const [route, call] of routes) {
+    for (const [what, body, status, code] of [
+      ['undecodable audio', Buffer.from('plainly not audio, not even close'), 422, 'invalid_media'],
+      ['empty audio', Buffer.alloc(0), 400, 'invalid_media'],
+    ] as const) {
+      const err = await t.throwsAsync(call(await file(body, 'x.wav')), { instanceOf: OpenAI.APIError })
+      t.is(err.status, status, `${route}: ${what}`)
+      const e = err.error as { code?: string; message?: string; type?: string }
+      t.is(e.code, code, `${route}: ${what}`)
+      t.notRegex(e.message ?? '', /^\[/, `${route}: ${what}: no prefix left in the message`)
+    }
+    const temp = await t.throwsAsync(call(await file(), { temperature: -1 }), { instanceOf: OpenAI.APIError })
+    t.is(temp.status, 400, `${route}: bad temperature`)
+  }
+})
+
 test.serial('the models route lists the Whisper model', async (t) => {
   const list = await s.client.models.list()
   t.deepEqual(

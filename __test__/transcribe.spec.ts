@@ -111,6 +111,8 @@ test('corrupt and empty audio reject with MediaErrors; bad options with Validati
     instanceOf: MediaError,
   })
   t.is(corrupt.status, 422)
+  t.is(corrupt.code, 'invalid_media')
+  t.regex(corrupt.message, /^[^[]/)
   t.regex(corrupt.message, /WAV|wav|decode|format/i)
   const notAudio = await t.throwsAsync(whisper.transcribe(Buffer.from('hello, this is plainly not audio at all')), {
     instanceOf: MediaError,
@@ -118,6 +120,7 @@ test('corrupt and empty audio reject with MediaErrors; bad options with Validati
   t.is(notAudio.status, 422)
   const empty = await t.throwsAsync(whisper.transcribe(Buffer.alloc(0)), { instanceOf: MediaError })
   t.is(empty.status, 400)
+  t.is(empty.code, 'invalid_media')
   const noSamples = await t.throwsAsync(whisper.transcribe({ samples: new Float32Array(0), sampleRate: 16000 }), {
     instanceOf: MediaError,
   })

@@ -67,8 +67,11 @@ export declare class NativeEngine {
 export declare class NativeTranscriber {
   /** Load a Whisper folder and start its decoding thread (on a worker thread). */
   static load(options: NativeTranscriberLoadOptions): Promise<NativeTranscriber>
-  /** Transcribe one audio input. Resolves when every 30 s window is done. */
-  transcribe(request: NativeTranscribeRequest): Promise<NativeTranscription>
+  /**
+   * Transcribe one audio input. Resolves when every 30 s window is done,
+   * or at once with the typed refusal of its input.
+   */
+  transcribe(request: NativeTranscribeRequest): Promise<NativeTranscribed>
   /**
    * Give up the request with this id: its queued windows are dropped and
    * active ones leave the batch at the next step; its promise rejects.
@@ -405,6 +408,15 @@ export interface NativeTopLogprob {
   tokenId: number
   token: string
   logprob: number
+}
+
+/**
+ * What `transcribe` resolves to: the transcription, or why its input was
+ * refused.
+ */
+export interface NativeTranscribed {
+  transcription?: NativeTranscription
+  error?: NativeInputError
 }
 
 /** One transcription: `audio` (file bytes) or `samples` + `sampleRate`. */

@@ -172,9 +172,9 @@ export function inputError(e: NativeInputErrorLike, promptParam: string | null =
 }
 
 /**
- * An error a native call threw, as its CandelaError: media errors arrive as
- * `[media:STATUS] message`, a closed engine as code `Closing`, cancelled
- * work as `Cancelled`, the caller's
+ * An error a native call threw, as its CandelaError (refused inputs arrive
+ * as values, see {@link inputError}): a closed engine as code `Closing`,
+ * cancelled work as `Cancelled`, the caller's
  * mistakes as `InvalidArg` (a ValidationError, or `invalid` when the call
  * gives another class for them); anything else is an InternalError.
  */
@@ -184,8 +184,6 @@ export function fromNative(
 ): CandelaError {
   if (err instanceof CandelaError) return err
   if (!(err instanceof Error)) return new InternalError(String(err), { cause: err })
-  const media = /^\[media:(\d{3})\] ([\s\S]*)$/.exec(err.message)
-  if (media) return new MediaError(media[2]!, Number(media[1]))
   const code = (err as { code?: unknown }).code
   if (code === 'Closing') return new ClosedError(err.message)
   if (code === 'Cancelled') return new AbortError(err.message, { cause: err })

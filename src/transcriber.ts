@@ -16,7 +16,7 @@ import { existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 
-import { ClosedError, LoadError, ValidationError, abortErrorFor, fromNative } from './errors.js'
+import { ClosedError, InternalError, LoadError, ValidationError, abortErrorFor, fromNative, inputError } from './errors.js'
 import { bindingFor } from './native.js'
 import type { NativeTranscriber, NativeTranscribeRequest, NativeTranscription } from '../native/index.cjs'
 import type { AudioInput, Device, DType } from './types.js'
@@ -221,9 +221,16 @@ export class Transcriber {
     const request: NativeTranscribeRequest = { language, prompt, temperature, task, seed, maxNewTokens, format, id }
     Object.assign(request, await audioFields(audio))
     if (signal?.aborted) throw abortErrorFor(signal)
-    const work = this.#native.transcribe(request).then(toTranscription, (err: unknown) => {
-      throw fromNative(err)
-    })
+    const work = this.#native.transcribe(request).then(
+      (r) => {
+        if (r.error) throw inputError(r.error)
+        if (!r.transcription) throw new InternalError('the transcriber resolved with neither a transcription nor an error')
+        return toTranscription(r.transcription)
+      },
+      (err: unknown) => {
+        throw fromNative(err)
+      },
+    )
     if (!signal) return work
     return new Promise<Transcription>((resolvePromise, reject) => {
       // Abort: the native side drops the request's windows; we reject at once.

@@ -254,8 +254,9 @@ export type ResponseFormat =
     }
 
 /**
- * Image / video processor options (Qwen2-VL's). Items processed with
- * different options are different items to the caches.
+ * Image / video processor options (Qwen2-VL's sizes and video sampling,
+ * Gemma 3's pan-and-scan). Items processed with different options are
+ * different items to the caches.
  */
 export interface MmProcessorKwargs {
   /** Resize images / frames to at least this many pixels. */
@@ -270,6 +271,14 @@ export interface MmProcessorKwargs {
   max_frames?: number
   /** Video: this many frames spread evenly (LLaVA-OneVision; transformers' `num_frames`). */
   num_frames?: number
+  /** Gemma 3: also show the model crops of a wide or tall image (transformers' pan-and-scan). */
+  do_pan_and_scan?: boolean
+  /** Gemma 3 pan-and-scan: smallest crop side in pixels (default 256). */
+  pan_and_scan_min_crop_size?: number
+  /** Gemma 3 pan-and-scan: most crops per image (default 4, at most 64). */
+  pan_and_scan_max_num_crops?: number
+  /** Gemma 3 pan-and-scan: aspect ratio from which an image is cropped (default 1.2). */
+  pan_and_scan_min_ratio_to_activate?: number
 }
 
 /** Extra parameters for the chat methods. */

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use candela_core::lru::WeightedLru;
-use candela_core::request::{MmInput, MmItem, MmPlaceholder, MropePositions};
+use candela_core::request::{MmFeatures, MmInput, MmItem, MmPlaceholder, MropePositions};
 use candela_core::Engine;
 use candela_media::{mm_hash, MediaError, Modality};
 use candle_core::DType;
@@ -225,6 +225,7 @@ impl InputPreparer {
     fn lookup(
         &self,
         engine: &dyn EngineCaches,
+        modality: Modality,
         hash: &str,
         has_data: bool,
     ) -> Option<(ItemLayout, MmInput)> {
@@ -234,13 +235,33 @@ impl InputPreparer {
         if has_data {
             return None;
         }
-        let rows = engine.encoder_rows(hash)?;
+        self.encoded(engine, modality, hash)
+            .map(|layout| (layout, MmInput::Cached))
+    }
+
+    /// The remembered layout of an item whose every run's output the
+    /// encoder cache holds.
+    fn encoded(
+        &self,
+        engine: &dyn EngineCaches,
+        modality: Modality,
+        hash: &str,
+    ) -> Option<ItemLayout> {
         let layout = self
             .layouts
             .lock()
             .ok()
             .and_then(|l| l.peek(hash).copied())?;
-        (layout.embeds == rows).then_some((layout, MmInput::Cached))
+        let runs = self
+            .processor(modality)
+            .ok()?
+            .replacement(modality, &layout)
+            .ok()?
+            .embeds;
+        runs.iter()
+            .enumerate()
+            .all(|(k, r)| engine.encoder_rows(&run_hash(hash, k, runs.len())) == Some(r.len()))
+            .then_some(layout)
     }
 
     fn hash(
@@ -278,12 +299,7 @@ impl InputPreparer {
                     .lock()
                     .map(|c| c.contains(&hash))
                     .unwrap_or(false)
-                    || (engine.encoder_rows(&hash).is_some()
-                        && self
-                            .layouts
-                            .lock()
-                            .map(|l| l.contains(&hash))
-                            .unwrap_or(false));
+                    || self.encoded(engine, i.modality, &hash).is_some();
                 Ok(!held)
             })
             .collect()
@@ -300,7 +316,9 @@ impl InputPreparer {
             return self.resolve_embeds(engine, item.modality, e, uuid);
         }
         let hash = self.hash(item.modality, uuid, item.data.as_ref(), &item.kwargs)?;
-        if let Some((layout, input)) = self.lookup(engine, &hash, item.data.is_some()) {
+        if let Some((layout, input)) =
+            self.lookup(engine, item.modality, &hash, item.data.is_some())
+        {
             return Ok(Resolved {
                 modality: item.modality,
                 hash,
@@ -444,7 +462,9 @@ impl InputPreparer {
         let count = |m: Modality| resolved.iter().filter(|r| r.modality == m).count();
         let mut out =
             Vec::with_capacity(ids.len() + resolved.iter().map(|r| r.layout.embeds).sum::<usize>());
-        let mut placed: Vec<(usize, MmItem)> = Vec::with_capacity(resolved.len());
+        // Each resolved item placed: its index and its first embedding's offset.
+        let mut placed: Vec<(usize, usize)> = Vec::with_capacity(resolved.len());
+        let mut mm_items: Vec<MmItem> = Vec::with_capacity(resolved.len());
         // Whether `out` ends in a replacement's trailing text token, which
         // may merge with the next token.
         let mut at_boundary = false;
@@ -470,16 +490,28 @@ impl InputPreparer {
             let r = &resolved[i];
             let p = self.processor(r.modality)?;
             let rep = p.replacement(r.modality, &r.layout)?;
-            if rep.embeds.len() != r.layout.embeds || rep.embeds.end > rep.tokens.len() {
+            let (Some(first), Some(last_run)) = (rep.embeds.first(), rep.embeds.last()) else {
                 return Err(invalid(format!(
-                    "internal: a {} item's replacement takes {} embeddings, its encoder gives {}",
+                    "internal: a {} item's replacement takes no embeddings",
+                    r.modality.name()
+                )));
+            };
+            let ordered = rep.embeds.windows(2).all(|w| w[0].end <= w[1].start);
+            if rep.rows() != r.layout.embeds
+                || !ordered
+                || rep.embeds.iter().any(|run| run.is_empty())
+                || last_run.end > rep.tokens.len()
+            {
+                return Err(invalid(format!(
+                    "internal: a {} item's replacement takes {} embeddings in runs {:?}, its encoder gives {}",
                     r.modality.name(),
-                    rep.embeds.len(),
+                    rep.rows(),
+                    rep.embeds,
                     r.layout.embeds
                 )));
             }
             let mut tokens = &rep.tokens[..];
-            if rep.embeds.start > 0 {
+            if first.start > 0 {
                 if let Some(last) = out.last_mut() {
                     if let Some(m) = p.merge_at_boundary(*last, tokens[0]) {
                         *last = m;
@@ -487,20 +519,24 @@ impl InputPreparer {
                     }
                 }
             }
-            let offset = out.len() + rep.embeds.start - (rep.tokens.len() - tokens.len());
+            // Where the replacement's token 0 sits in `out`.
+            let base = out.len() - (rep.tokens.len() - tokens.len());
             out.extend_from_slice(tokens);
-            at_boundary = rep.embeds.end < rep.tokens.len();
-            placed.push((
-                i,
-                MmItem {
+            at_boundary = last_run.end < rep.tokens.len();
+            placed.push((i, base + first.start));
+            let n = rep.embeds.len();
+            let mut rows_before = 0;
+            for (k, run) in rep.embeds.iter().enumerate() {
+                mm_items.push(MmItem {
                     placeholder: MmPlaceholder {
-                        hash: r.hash.clone(),
-                        offset,
-                        length: r.layout.embeds,
+                        hash: run_hash(&r.hash, k, n),
+                        offset: base + run.start,
+                        length: run.len(),
                     },
-                    input: r.input.clone(),
-                },
-            ));
+                    input: run_input(&r.input, k, n, rows_before, run.len())?,
+                });
+                rows_before += run.len();
+            }
         }
         if let Some(q) = queues.iter().find(|q| !q.2.is_empty()) {
             let name = q.0.name();
@@ -514,10 +550,10 @@ impl InputPreparer {
             Some(p) => {
                 let layout: Vec<PlacedItem> = placed
                     .iter()
-                    .map(|(i, m)| PlacedItem {
-                        modality: resolved[*i].modality,
-                        offset: m.placeholder.offset,
-                        layout: resolved[*i].layout,
+                    .map(|&(i, offset)| PlacedItem {
+                        modality: resolved[i].modality,
+                        offset,
+                        layout: resolved[i].layout,
                     })
                     .collect();
                 p.positions(out.len(), &layout)?
@@ -526,7 +562,7 @@ impl InputPreparer {
         };
         Ok(PreparedPrompt {
             ids: out,
-            items: placed.into_iter().map(|(_, m)| m).collect(),
+            items: mm_items,
             mrope,
             frames: resolved
                 .iter()
@@ -535,11 +571,55 @@ impl InputPreparer {
     }
 }
 
+/// The engine key of run `k` of an item of `runs` runs: a one-run item is
+/// keyed by its own hash.
+fn run_hash(hash: &str, k: usize, runs: usize) -> String {
+    if runs == 1 {
+        hash.to_string()
+    } else {
+        format!("{hash}#{k}")
+    }
+}
+
+/// Run `k` (of `runs`, `len` rows after `rows_before`) of an item's input:
+/// entry `k` of each feature tensor, or those rows of its embeddings.
+fn run_input(
+    input: &MmInput,
+    k: usize,
+    runs: usize,
+    rows_before: usize,
+    len: usize,
+) -> Result<MmInput, InputError> {
+    let split = |e: candle_core::Error| invalid(format!("internal: splitting an item's runs: {e}"));
+    Ok(match input {
+        _ if runs == 1 => input.clone(),
+        MmInput::Cached => MmInput::Cached,
+        MmInput::Embeddings(t) => {
+            MmInput::Embeddings(t.narrow(0, rows_before, len).map_err(split)?)
+        }
+        MmInput::Features(f) => {
+            let tensors = f
+                .tensors
+                .iter()
+                .map(|(name, t)| {
+                    if t.dims().first() != Some(&runs) {
+                        return Err(invalid(format!(
+                            "internal: feature {name} of shape {:?} has no entry per run ({runs})",
+                            t.dims()
+                        )));
+                    }
+                    Ok((name.clone(), t.get(k).map_err(split)?))
+                })
+                .collect::<Result<_, _>>()?;
+            MmInput::Features(Arc::new(MmFeatures { tensors }))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::processor::{ProcessedItem, Replacement};
-    use candela_core::request::MmFeatures;
     use candle_core::{Device, Tensor};
 
     /// A family whose images are `n` bytes giving `n` embeddings, wrapped in
@@ -596,7 +676,7 @@ mod tests {
             tokens.push(101);
             Ok(Replacement {
                 tokens,
-                embeds: 1..1 + layout.embeds,
+                embeds: std::iter::once(1..1 + layout.embeds).collect(),
             })
         }
         /// 50 / 51 merge into the wrappers after / before them, and two
@@ -609,6 +689,111 @@ mod tests {
                 _ => None,
             }
         }
+    }
+
+    /// A family whose image of `n` bytes is `n` blocks of one row each, as
+    /// Gemma 3's pan-and-scan crops are: `100, 9, 101` per block, joined by 7.
+    #[derive(Debug)]
+    struct Blocks;
+
+    impl MmProcessor for Blocks {
+        fn modalities(&self) -> &[Modality] {
+            &[Modality::Image]
+        }
+        fn placeholder_token(&self, m: Modality) -> Option<u32> {
+            (m == Modality::Image).then_some(9)
+        }
+        fn kwargs_key(&self, m: Modality, kwargs: &Value) -> Result<String, MediaError> {
+            Wrapping.kwargs_key(m, kwargs)
+        }
+        fn process(
+            &self,
+            _: Modality,
+            data: &MediaData,
+            _: &Value,
+            _: &DecodeOptions,
+        ) -> Result<ProcessedItem, MediaError> {
+            let MediaData::Encoded { bytes, .. } = data else {
+                return Err(MediaError::Invalid("bytes".into()));
+            };
+            let rows: Vec<f32> = bytes.iter().map(|&b| b as f32).collect();
+            let t = Tensor::from_vec(rows, (bytes.len(), 1), &Device::Cpu)
+                .map_err(|e| MediaError::Invalid(e.to_string()))?;
+            Ok(ProcessedItem {
+                features: Arc::new(MmFeatures {
+                    tensors: vec![("x".into(), t)],
+                }),
+                layout: ItemLayout::rows(bytes.len()),
+            })
+        }
+        fn replacement(&self, _: Modality, layout: &ItemLayout) -> Result<Replacement, MediaError> {
+            let mut tokens = Vec::new();
+            let mut embeds = Vec::new();
+            for k in 0..layout.embeds {
+                if k > 0 {
+                    tokens.push(7);
+                }
+                tokens.extend([100, 9, 101]);
+                embeds.push(tokens.len() - 2..tokens.len() - 1);
+            }
+            Ok(Replacement { tokens, embeds })
+        }
+    }
+
+    #[test]
+    fn an_item_of_several_runs_is_one_engine_item_per_run() {
+        let e = engine(true);
+        let prep = InputPreparer::new(Some(Arc::new(Blocks)), 0, DecodeOptions::default(), false);
+        let p = prep
+            .prepare(&e, vec![1, 9, 2], &[image(&[4, 5, 6], Some("pano"))])
+            .unwrap();
+        assert_eq!(
+            p.ids,
+            vec![1, 100, 9, 101, 7, 100, 9, 101, 7, 100, 9, 101, 2]
+        );
+        let spans: Vec<(usize, usize)> = p
+            .items
+            .iter()
+            .map(|m| (m.placeholder.offset, m.placeholder.length))
+            .collect();
+        assert_eq!(spans, vec![(2, 1), (6, 1), (10, 1)]);
+        let hash = &p.items[0].placeholder.hash;
+        assert!(hash.ends_with("#0"));
+        assert_eq!(p.items[2].placeholder.hash, hash.replace("#0", "#2"));
+        // Run k gets entry k of each feature tensor.
+        let firsts: Vec<f32> = p
+            .items
+            .iter()
+            .map(|m| match &m.input {
+                MmInput::Features(f) => f.get("x").unwrap().to_vec1::<f32>().unwrap()[0],
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(firsts, vec![4.0, 5.0, 6.0]);
+        // By uuid alone: a hit only while the encoder cache holds every run.
+        let q = UuidRef {
+            modality: Modality::Image,
+            uuid: "pano".into(),
+            kwargs: Value::Null,
+        };
+        for (k, m) in p.items.iter().enumerate().take(2) {
+            e.encoder.borrow_mut().insert(m.placeholder.hash.clone(), 1);
+            assert_eq!(
+                prep.uncached(&e, std::slice::from_ref(&q)).unwrap(),
+                vec![true],
+                "{k}"
+            );
+        }
+        e.encoder
+            .borrow_mut()
+            .insert(p.items[2].placeholder.hash.clone(), 1);
+        assert_eq!(prep.uncached(&e, &[q]).unwrap(), vec![false]);
+        let again = prep.prepare(&e, vec![9], &[by_uuid("pano")]).unwrap();
+        assert_eq!(again.items.len(), 3);
+        assert!(again
+            .items
+            .iter()
+            .all(|m| matches!(m.input, MmInput::Cached)));
     }
 
     /// The caches of an engine, without one.

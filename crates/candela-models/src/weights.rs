@@ -789,6 +789,60 @@ pub fn checkpoint_dtype(files: &[PathBuf]) -> Result<Option<DType>> {
     Ok(found)
 }
 
+/// [`Weights`] under a name prefix, as candle's `VarBuilder::pp`: a
+/// module's loader names its tensors relative to itself (`w.pp("mlp")`,
+/// then `linear("up_proj", ..)`), whatever the source (safetensors, or a
+/// GGUF file, whose name map takes the full Hugging Face name).
+#[derive(Clone)]
+pub struct WeightsAt<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl Weights {
+    /// These weights under `prefix`.
+    pub fn pp(&self, prefix: impl std::fmt::Display) -> WeightsAt<'_> {
+        WeightsAt {
+            weights: self,
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+impl<'a> WeightsAt<'a> {
+    /// A deeper prefix (`pp("layers").pp(3)`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> WeightsAt<'a> {
+        WeightsAt {
+            weights: self.weights,
+            prefix: self.name(&name.to_string()),
+        }
+    }
+
+    fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.name(name))
+    }
+
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.tensor(&self.name(name), shape)
+    }
+
+    pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        self.weights.linear(&self.name(name), in_dim, out_dim, bias)
+    }
+
+    pub fn layer_norm(&self, name: &str, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+        self.weights.layer_norm(&self.name(name), dim, eps)
+    }
+}
+
 /// A parsed GGUF file with lazy tensor reads.
 pub struct GgufWeights {
     pub path: PathBuf,

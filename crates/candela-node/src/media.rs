@@ -2,14 +2,12 @@
 //! (preparation itself lives in `candela_models::input`), and input errors
 //! turned into typed errors for JS.
 
-use candela_media::{MediaError, Modality};
+use candela_media::Modality;
 use candela_models::input::{EmbedsInput, EmbedsSource, InputError, MediaInput, UuidRef};
 use candela_models::mm_embeds::grid_from;
 use candela_models::processor::MediaData;
 use napi::bindgen_prelude::{Buffer, Float32Array};
 use napi_derive::napi;
-
-use crate::guard::invalid;
 
 /// One media item as JS sends it, in prompt order.
 #[napi(object)]
@@ -119,12 +117,6 @@ impl From<InputError> for NativeInputError {
             },
         }
     }
-}
-
-/// The transcriber's media errors: `[media:STATUS] message`, which JS turns
-/// into a `MediaError`.
-pub fn media_error(e: &MediaError) -> napi::Error {
-    invalid(format!("[media:{}] {}", e.http_status(), e.message()))
 }
 
 pub fn modality(name: &str) -> Result<Modality, NativeInputError> {

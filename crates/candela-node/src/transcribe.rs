@@ -4,10 +4,11 @@
 //! the JS thread); the transcriber's own thread batches the windows of all
 //! requests in flight.
 //!
-//! Errors: bad media reach JS as `[media:STATUS] message` (400 empty, 422
-//! corrupt / unsupported; `fromNativeError` makes them `MediaError`s), bad
-//! options as `InvalidArg` with the message, anything else as
-//! `GenericFailure`.
+//! Errors: a refused input (bad options, empty or undecodable audio)
+//! resolves as a typed `NativeInputError` (code `invalid` or `media`, with its
+//! HTTP status), as the engine's `addRequest` does; a closed transcriber
+//! rejects with `Closing`, a cancelled request with `Cancelled`, anything
+//! else with `GenericFailure`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use candela_media::audio::{decode_to_mono, mono_from_channels, resample};
 use candela_media::MediaError;
+use candela_models::input::InputError;
 use candela_models::transcribe::{
     language_name, Task, TranscribeError, TranscribeOptions, Transcriber, Transcription,
 };
@@ -25,7 +27,7 @@ use napi::Result;
 use napi_derive::napi;
 
 use crate::guard::{blocking, cancelled, closed, guard, internal, invalid};
-use crate::media::media_error;
+use crate::media::NativeInputError;
 
 /// Options of `NativeTranscriber.load`.
 #[napi(object)]
@@ -87,6 +89,23 @@ pub struct NativeTranscription {
     pub segments: Vec<NativeSegment>,
 }
 
+/// What `transcribe` resolves to: the transcription, or why its input was
+/// refused.
+#[napi(object)]
+pub struct NativeTranscribed {
+    pub transcription: Option<NativeTranscription>,
+    pub error: Option<NativeInputError>,
+}
+
+impl NativeTranscribed {
+    fn refused(e: NativeInputError) -> Self {
+        Self {
+            transcription: None,
+            error: Some(e),
+        }
+    }
+}
+
 #[napi(object)]
 pub struct NativeTranscriberInfo {
     pub name: String,
@@ -129,13 +148,30 @@ pub struct NativeTranscriber {
     cancels: Arc<Mutex<HashMap<u32, Arc<AtomicBool>>>>,
 }
 
-fn to_js(e: TranscribeError) -> napi::Error {
-    match e {
-        TranscribeError::Media(m) => media_error(&m),
-        TranscribeError::Invalid(m) => invalid(m),
-        TranscribeError::Closed => closed("the transcriber is closed"),
-        TranscribeError::Cancelled => cancelled("the transcription was cancelled"),
-        TranscribeError::Model(m) => internal(m),
+/// Why a transcription failed: its input, refused (a value JS turns into a
+/// typed error), or an error JS sees thrown.
+enum Failure {
+    Refused(NativeInputError),
+    Thrown(napi::Error),
+}
+
+impl From<MediaError> for Failure {
+    fn from(e: MediaError) -> Self {
+        Failure::Refused(InputError::Media(e).into())
+    }
+}
+
+impl From<TranscribeError> for Failure {
+    fn from(e: TranscribeError) -> Self {
+        match e {
+            TranscribeError::Media(m) => m.into(),
+            TranscribeError::Invalid(m) => Failure::Refused(NativeInputError::invalid(m)),
+            TranscribeError::Closed => Failure::Thrown(closed("the transcriber is closed")),
+            TranscribeError::Cancelled => {
+                Failure::Thrown(cancelled("the transcription was cancelled"))
+            }
+            TranscribeError::Model(m) => Failure::Thrown(internal(m)),
+        }
     }
 }
 
@@ -145,23 +181,25 @@ enum Audio {
     Samples(Vec<Vec<f32>>, u32),
 }
 
-fn options(r: &NativeTranscribeRequest) -> Result<TranscribeOptions> {
+fn options(
+    r: &NativeTranscribeRequest,
+) -> std::result::Result<TranscribeOptions, NativeInputError> {
     let task = match r.task.as_deref() {
         None => Task::Transcribe,
         Some(t) => Task::parse(t).ok_or_else(|| {
-            invalid(format!(
+            NativeInputError::invalid(format!(
                 "task must be 'transcribe' or 'translate', got {t:?}"
             ))
         })?,
     };
     let temperature = r.temperature.unwrap_or(0.0);
     if !temperature.is_finite() || temperature < 0.0 {
-        return Err(invalid(format!(
+        return Err(NativeInputError::invalid(format!(
             "temperature must be a number >= 0, got {temperature}"
         )));
     }
     if r.max_new_tokens == Some(0) {
-        return Err(invalid("maxNewTokens must be at least 1"));
+        return Err(NativeInputError::invalid("maxNewTokens must be at least 1"));
     }
     Ok(TranscribeOptions {
         language: r.language.clone(),
@@ -173,21 +211,21 @@ fn options(r: &NativeTranscribeRequest) -> Result<TranscribeOptions> {
     })
 }
 
-fn audio(r: NativeTranscribeRequest) -> Result<Audio> {
+fn audio(r: NativeTranscribeRequest) -> std::result::Result<Audio, NativeInputError> {
     match (r.audio, r.samples) {
-        (Some(_), Some(_)) => Err(invalid(
+        (Some(_), Some(_)) => Err(NativeInputError::invalid(
             "give either audio (file bytes) or samples, not both",
         )),
-        (None, None) => Err(invalid(
+        (None, None) => Err(NativeInputError::invalid(
             "a transcription needs audio (file bytes) or samples with a sampleRate",
         )),
         (Some(bytes), None) => Ok(Audio::File(bytes.to_vec(), r.format)),
         (None, Some(channels)) => {
             let sr = r
                 .sample_rate
-                .ok_or_else(|| invalid("samples need a sampleRate"))?;
+                .ok_or_else(|| NativeInputError::invalid("samples need a sampleRate"))?;
             if !sr.is_finite() || sr.fract() != 0.0 || !(1.0..=u32::MAX as f64).contains(&sr) {
-                return Err(invalid(format!(
+                return Err(NativeInputError::invalid(format!(
                     "sampleRate must be a positive whole number of Hz, got {sr}"
                 )));
             }
@@ -197,6 +235,24 @@ fn audio(r: NativeTranscribeRequest) -> Result<Audio> {
             ))
         }
     }
+}
+
+/// Decode (or take) the audio as mono at the model's rate and transcribe it.
+fn run(
+    inner: &Transcriber,
+    audio: Audio,
+    opts: &TranscribeOptions,
+    cancel: Arc<AtomicBool>,
+) -> std::result::Result<Transcription, Failure> {
+    let rate = inner.sampling_rate();
+    let mono = match audio {
+        Audio::File(bytes, format) => decode_to_mono(&bytes, format.as_deref(), rate)?,
+        Audio::Samples(channels, sr) => resample(&mono_from_channels(&channels)?, sr, rate)?,
+    };
+    if mono.is_empty() {
+        return Err(MediaError::Empty("the audio has no samples".into()).into());
+    }
+    Ok(inner.transcribe_cancellable(&mono, opts, cancel)?)
 }
 
 fn convert(t: Transcription) -> NativeTranscription {
@@ -268,14 +324,18 @@ impl NativeTranscriber {
         .await
     }
 
-    /// Transcribe one audio input. Resolves when every 30 s window is done.
+    /// Transcribe one audio input. Resolves when every 30 s window is done,
+    /// or at once with the typed refusal of its input.
     #[napi]
-    pub async fn transcribe(
-        &self,
-        request: NativeTranscribeRequest,
-    ) -> Result<NativeTranscription> {
+    pub async fn transcribe(&self, request: NativeTranscribeRequest) -> Result<NativeTranscribed> {
         let id = request.id;
-        let (opts, audio) = guard("transcribe", || Ok((options(&request)?, audio(request)?)))?;
+        let checked = guard("transcribe", || {
+            Ok(options(&request).and_then(|o| Ok((o, audio(request)?))))
+        })?;
+        let (opts, audio) = match checked {
+            Ok(c) => c,
+            Err(e) => return Ok(NativeTranscribed::refused(e)),
+        };
         let inner = self.inner.clone();
         let flag = Arc::new(AtomicBool::new(false));
         if let (Some(id), Ok(mut map)) = (id, self.cancels.lock()) {
@@ -283,25 +343,14 @@ impl NativeTranscriber {
         }
         let cancels = self.cancels.clone();
         let result = blocking("transcribe", move || {
-            let rate = inner.sampling_rate();
-            let mono = match audio {
-                Audio::File(bytes, format) => {
-                    decode_to_mono(&bytes, format.as_deref(), rate).map_err(|e| media_error(&e))?
-                }
-                Audio::Samples(channels, sr) => {
-                    let m = mono_from_channels(&channels).map_err(|e| media_error(&e))?;
-                    resample(&m, sr, rate).map_err(|e| media_error(&e))?
-                }
-            };
-            if mono.is_empty() {
-                return Err(media_error(&MediaError::Empty(
-                    "the audio has no samples".into(),
-                )));
+            match run(&inner, audio, &opts, flag) {
+                Ok(t) => Ok(NativeTranscribed {
+                    transcription: Some(convert(t)),
+                    error: None,
+                }),
+                Err(Failure::Refused(e)) => Ok(NativeTranscribed::refused(e)),
+                Err(Failure::Thrown(e)) => Err(e),
             }
-            inner
-                .transcribe_cancellable(&mono, &opts, flag)
-                .map(convert)
-                .map_err(to_js)
         })
         .await;
         if let (Some(id), Ok(mut map)) = (id, cancels.lock()) {

@@ -21,7 +21,7 @@ use crate::paged_attention::{
     alloc_kv_pool, paged_attention, write_kv, AttentionMetadata, AttnParams,
 };
 use crate::rope::{RopeConfig, RopeRows, RotaryEmbedding};
-use crate::weights::{Embedding, Linear, MultiLinear, Weights};
+use crate::weights::{Embedding, Linear, MultiLinear, Weights, WeightsAt};
 
 /// Everything that distinguishes one llama-family checkpoint from another.
 #[derive(Debug, Clone)]
@@ -119,11 +119,11 @@ impl DecoderConfig {
     }
 
     /// An RMSNorm of this model's kind (eps, unit offset).
-    fn norm(&self, w: &Weights, name: &str, dim: usize) -> MResult<RmsNorm> {
+    fn norm(&self, w: &WeightsAt, dim: usize) -> MResult<RmsNorm> {
         if self.norm_unit_offset {
-            RmsNorm::load_unit_offset(w, name, dim, self.rms_norm_eps)
+            RmsNorm::load_unit_offset(w, dim, self.rms_norm_eps)
         } else {
-            RmsNorm::load(w, name, dim, self.rms_norm_eps)
+            RmsNorm::load(w, dim, self.rms_norm_eps)
         }
     }
 
@@ -160,17 +160,17 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> MResult<Self> {
+    pub fn load(w: &WeightsAt, dim: usize, eps: f64) -> MResult<Self> {
         Ok(Self {
-            weight: w.tensor(&format!("{name}.weight"), &[dim])?,
+            weight: w.tensor("weight", &[dim])?,
             eps: eps as f32,
         })
     }
 
     /// Gemma's RMSNorm, which scales by `1 + weight` (the 1 added in f32,
     /// as transformers does, then stored in the model dtype).
-    pub fn load_unit_offset(w: &Weights, name: &str, dim: usize, eps: f64) -> MResult<Self> {
-        let weight = w.tensor(&format!("{name}.weight"), &[dim])?;
+    pub fn load_unit_offset(w: &WeightsAt, dim: usize, eps: f64) -> MResult<Self> {
+        let weight = w.tensor("weight", &[dim])?;
         let dtype = weight.dtype();
         Ok(Self {
             weight: (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?,
@@ -194,13 +194,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig) -> MResult<Self> {
+    pub fn load(w: &WeightsAt, cfg: &DecoderConfig) -> MResult<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let gate = w.linear(&format!("{prefix}.gate_proj"), h, i, b)?;
-        let up = w.linear(&format!("{prefix}.up_proj"), h, i, b)?;
+        let gate = w.linear("gate_proj", h, i, b)?;
+        let up = w.linear("up_proj", h, i, b)?;
         Ok(Self {
             gate_up: MultiLinear::new(vec![gate, up])?,
-            down: w.linear(&format!("{prefix}.down_proj"), i, h, b)?,
+            down: w.linear("down_proj", i, h, b)?,
             act: cfg.mlp_act,
         })
     }
@@ -238,8 +238,8 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// The attention of layer `layer` under `prefix`.
-    pub fn load(w: &Weights, prefix: &str, cfg: &DecoderConfig, layer: usize) -> MResult<Self> {
+    /// The attention of layer `layer`.
+    pub fn load(w: &WeightsAt, cfg: &DecoderConfig, layer: usize) -> MResult<Self> {
         let (h, nh, nkv, hd) = (
             cfg.hidden_size,
             cfg.num_heads,
@@ -248,18 +248,18 @@ impl Attention {
         );
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
-                Some(cfg.norm(w, &format!("{prefix}.q_norm"), hd)?),
-                Some(cfg.norm(w, &format!("{prefix}.k_norm"), hd)?),
+                Some(cfg.norm(&w.pp("q_norm"), hd)?),
+                Some(cfg.norm(&w.pp("k_norm"), hd)?),
             )
         } else {
             (None, None)
         };
-        let q = w.linear(&format!("{prefix}.q_proj"), h, nh * hd, cfg.qkv_bias)?;
-        let k = w.linear(&format!("{prefix}.k_proj"), h, nkv * hd, cfg.qkv_bias)?;
-        let v = w.linear(&format!("{prefix}.v_proj"), h, nkv * hd, cfg.qkv_bias)?;
+        let q = w.linear("q_proj", h, nh * hd, cfg.qkv_bias)?;
+        let k = w.linear("k_proj", h, nkv * hd, cfg.qkv_bias)?;
+        let v = w.linear("v_proj", h, nkv * hd, cfg.qkv_bias)?;
         Ok(Self {
             qkv: MultiLinear::new(vec![q, k, v])?,
-            o_proj: w.linear(&format!("{prefix}.o_proj"), nh * hd, h, cfg.o_bias)?,
+            o_proj: w.linear("o_proj", nh * hd, h, cfg.o_bias)?,
             q_norm,
             k_norm,
             num_heads: nh,
@@ -316,23 +316,23 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(w: &Weights, i: usize, cfg: &DecoderConfig) -> MResult<Self> {
-        let p = format!("model.layers.{i}");
+    /// Layer `i`, from `w` at its prefix (`model.layers.{i}`).
+    pub fn load(w: &WeightsAt, i: usize, cfg: &DecoderConfig) -> MResult<Self> {
         let h = cfg.hidden_size;
         let ffn_norms = if cfg.sandwich_norms {
             Some((
-                cfg.norm(w, &format!("{p}.pre_feedforward_layernorm"), h)?,
-                cfg.norm(w, &format!("{p}.post_feedforward_layernorm"), h)?,
+                cfg.norm(&w.pp("pre_feedforward_layernorm"), h)?,
+                cfg.norm(&w.pp("post_feedforward_layernorm"), h)?,
             ))
         } else {
             None
         };
         Ok(Self {
-            input_norm: cfg.norm(w, &format!("{p}.input_layernorm"), h)?,
-            attn: Attention::load(w, &format!("{p}.self_attn"), cfg, i)?,
-            post_attn_norm: cfg.norm(w, &format!("{p}.post_attention_layernorm"), h)?,
+            input_norm: cfg.norm(&w.pp("input_layernorm"), h)?,
+            attn: Attention::load(&w.pp("self_attn"), cfg, i)?,
+            post_attn_norm: cfg.norm(&w.pp("post_attention_layernorm"), h)?,
             ffn_norms,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            mlp: Mlp::load(&w.pp("mlp"), cfg)?,
             sliding: cfg.is_sliding(i),
         })
     }
@@ -414,10 +414,11 @@ impl DecoderLm {
             cfg.vocab_size,
             cfg.hidden_size,
         )?;
+        let layers_w = w.pp("model.layers");
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(w, i, &cfg))
+            .map(|i| DecoderLayer::load(&layers_w.pp(i), i, &cfg))
             .collect::<MResult<Vec<_>>>()?;
-        let norm = cfg.norm(w, "model.norm", cfg.hidden_size)?;
+        let norm = cfg.norm(&w.pp("model.norm"), cfg.hidden_size)?;
         let lm_head = if tie {
             embed.as_linear()
         } else {

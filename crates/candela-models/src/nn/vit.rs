@@ -208,41 +208,38 @@ impl<F: Flavour> VisionTransformer<F> {
         cfg.validate()?;
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let eps = cfg.layer_norm_eps;
-        let emb = format!("{prefix}.embeddings");
-        let patch_embed = w
-            .tensor(&format!("{emb}.patch_embedding.weight"), &[d, c, p, p])?
+        let (w, emb) = (w.pp(prefix), w.pp(prefix).pp("embeddings"));
+        let patch_embed = emb
+            .tensor("patch_embedding.weight", &[d, c, p, p])?
             .reshape((d, c * p * p))?;
         let positions = cfg.grid() * cfg.grid() + F::CLASS_TOKEN as usize;
         let mut layers = Vec::with_capacity(num_layers);
+        let layers_w = w.pp("encoder.layers");
         for i in 0..num_layers {
-            let l = format!("{prefix}.encoder.layers.{i}");
-            let lin = |name: &str, i, o| w.linear(&format!("{l}.{name}"), i, o, true);
+            let l = layers_w.pp(i);
+            let lin = |name: &str, i, o| l.linear(name, i, o, true);
             layers.push(Layer {
-                ln1: w.layer_norm(&format!("{l}.layer_norm1"), d, eps)?,
+                ln1: l.layer_norm("layer_norm1", d, eps)?,
                 q: lin("self_attn.q_proj", d, d)?,
                 k: lin("self_attn.k_proj", d, d)?,
                 v: lin("self_attn.v_proj", d, d)?,
                 out: lin("self_attn.out_proj", d, d)?,
-                ln2: w.layer_norm(&format!("{l}.layer_norm2"), d, eps)?,
+                ln2: l.layer_norm("layer_norm2", d, eps)?,
                 fc1: lin("mlp.fc1", d, cfg.intermediate_size)?,
                 fc2: lin("mlp.fc2", cfg.intermediate_size, d)?,
             });
         }
-        let norm = |name: Option<&str>| {
-            name.map(|n| w.layer_norm(&format!("{prefix}.{n}"), d, eps))
-                .transpose()
-        };
+        let norm = |name: Option<&str>| name.map(|n| w.layer_norm(n, d, eps)).transpose();
         Ok(Self {
             act: Activation::parse(&cfg.hidden_act)?,
             patch_embed,
             patch_bias: F::PATCH_BIAS
-                .then(|| w.tensor(&format!("{emb}.patch_embedding.bias"), &[d]))
+                .then(|| emb.tensor("patch_embedding.bias", &[d]))
                 .transpose()?,
             class_embedding: F::CLASS_TOKEN
-                .then(|| w.tensor(&format!("{emb}.class_embedding"), &[d]))
+                .then(|| emb.tensor("class_embedding", &[d]))
                 .transpose()?,
-            position_embedding: w
-                .tensor(&format!("{emb}.position_embedding.weight"), &[positions, d])?,
+            position_embedding: emb.tensor("position_embedding.weight", &[positions, d])?,
             pre_norm: norm(F::PRE_NORM)?,
             layers,
             post_norm: norm(F::POST_NORM)?,

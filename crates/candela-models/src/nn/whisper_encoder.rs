@@ -93,29 +93,30 @@ impl AudioEncoder {
             )));
         }
         let d = cfg.d_model;
-        let p = |s: &str| format!("{prefix}.{s}");
+        let p = w.pp(prefix);
+        let layers_w = p.pp("layers");
         let layers = (0..cfg.num_layers)
             .map(|i| {
-                let l = |s: &str| format!("{prefix}.layers.{i}.{s}");
+                let l = layers_w.pp(i);
                 Ok(EncoderLayer {
-                    attn_norm: w.layer_norm(&l("self_attn_layer_norm"), d, LN_EPS)?,
-                    q: w.linear(&l("self_attn.q_proj"), d, d, true)?,
-                    k: w.linear(&l("self_attn.k_proj"), d, d, false)?,
-                    v: w.linear(&l("self_attn.v_proj"), d, d, true)?,
-                    o: w.linear(&l("self_attn.out_proj"), d, d, true)?,
-                    ffn_norm: w.layer_norm(&l("final_layer_norm"), d, LN_EPS)?,
-                    fc1: w.linear(&l("fc1"), d, cfg.ffn_dim, true)?,
-                    fc2: w.linear(&l("fc2"), cfg.ffn_dim, d, true)?,
+                    attn_norm: l.layer_norm("self_attn_layer_norm", d, LN_EPS)?,
+                    q: l.linear("self_attn.q_proj", d, d, true)?,
+                    k: l.linear("self_attn.k_proj", d, d, false)?,
+                    v: l.linear("self_attn.v_proj", d, d, true)?,
+                    o: l.linear("self_attn.out_proj", d, d, true)?,
+                    ffn_norm: l.layer_norm("final_layer_norm", d, LN_EPS)?,
+                    fc1: l.linear("fc1", d, cfg.ffn_dim, true)?,
+                    fc2: l.linear("fc2", cfg.ffn_dim, d, true)?,
                 })
             })
             .collect::<MResult<Vec<_>>>()?;
         Ok(Self {
-            conv1_w: w.tensor(&p("conv1.weight"), &[d, cfg.num_mel_bins, 3])?,
-            conv1_b: w.tensor(&p("conv1.bias"), &[d])?,
-            conv2_w: w.tensor(&p("conv2.weight"), &[d, d, 3])?,
-            conv2_b: w.tensor(&p("conv2.bias"), &[d])?,
-            positions: w.tensor(&p("embed_positions.weight"), &[cfg.max_source_positions, d])?,
-            final_norm: w.layer_norm(&p("layer_norm"), d, LN_EPS)?,
+            conv1_w: p.tensor("conv1.weight", &[d, cfg.num_mel_bins, 3])?,
+            conv1_b: p.tensor("conv1.bias", &[d])?,
+            conv2_w: p.tensor("conv2.weight", &[d, d, 3])?,
+            conv2_b: p.tensor("conv2.bias", &[d])?,
+            positions: p.tensor("embed_positions.weight", &[cfg.max_source_positions, d])?,
+            final_norm: p.layer_norm("layer_norm", d, LN_EPS)?,
             layers,
             pool,
             cfg,

@@ -132,12 +132,24 @@ impl ProcessedItem {
 }
 
 /// What one placeholder token of the rendered prompt expands to: token ids,
-/// and the run of them that takes the encoder's rows (in order). Tokens
-/// around that run (wrappers such as Gemma 3's `<start_of_image>`) stay text.
+/// and the runs of them that take the encoder's rows (in order, not
+/// overlapping). Tokens around the runs (wrappers such as Gemma 3's
+/// `<start_of_image>`, the text between its pan-and-scan crops) stay text.
+///
+/// Each run reaches the engine as an item of its own (its own encoder call,
+/// cache entry and bidirectional span): an item of several runs has feature
+/// tensors whose first dimension holds one entry per run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replacement {
     pub tokens: Vec<u32>,
-    pub embeds: Range<usize>,
+    pub embeds: Vec<Range<usize>>,
+}
+
+impl Replacement {
+    /// Rows taken over all runs.
+    pub fn rows(&self) -> usize {
+        self.embeds.iter().map(|r| r.len()).sum()
+    }
 }
 
 /// An item placed in the expanded prompt (for [`MmProcessor::positions`]).
@@ -191,7 +203,7 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
         })?;
         Ok(Replacement {
             tokens: vec![token; layout.embeds],
-            embeds: 0..layout.embeds,
+            embeds: std::iter::once(0..layout.embeds).collect(),
         })
     }
 

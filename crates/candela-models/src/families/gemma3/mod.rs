@@ -17,6 +17,7 @@
 //! `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`) and 5.x
 //! (`layer_types`, `rope_parameters` per layer type).
 
+pub mod pan_and_scan;
 pub mod processor;
 pub mod vision;
 

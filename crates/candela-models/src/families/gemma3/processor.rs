@@ -4,13 +4,23 @@
 //! normalized; the template's `<start_of_image>` expands to
 //! `"\n\n<start_of_image>" + mm_tokens_per_image x <image_soft_token> +
 //! "<end_of_image>\n\n"`, only the soft tokens taking the image's rows.
-//! Pan-and-scan crops (`do_pan_and_scan`) are not implemented: a config or
-//! request that asks for them is refused.
+//!
+//! With pan-and-scan ([`PanAndScan`]) an image that gets crops is the image
+//! and each crop, one such block each, introduced as `Gemma3Processor`
+//! writes it: `"Here is the original image " + block + " and here are some
+//! crops to help you see better " + blocks joined by " "`. Each block is a
+//! run of its own (its own encoder item and bidirectional span).
 
+use std::sync::Arc;
+
+use candela_core::request::MmFeatures;
+use candela_media::image::decode_image;
 use candela_media::{MediaError, Modality};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::vision::Gemma3VisionConfig;
+use super::pan_and_scan::{crop_rgb8, PanAndScan};
+use super::vision::{Gemma3VisionConfig, PIXEL_VALUES};
 use crate::families::llava::{ClipImageConfig, ImageProcessor};
 use crate::processor::{
     DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, Replacement,
@@ -45,9 +55,22 @@ impl NewlineRuns {
     }
 }
 
+/// `Gemma3Processor`'s text around pan-and-scan blocks, tokenized (each
+/// piece lies between special tokens, so it tokenizes on its own).
+#[derive(Debug, Clone)]
+struct CropText {
+    /// "Here is the original image \n\n", before the first block's
+    /// `<start_of_image>`.
+    intro: Vec<u32>,
+    /// "\n\n and here are some crops to help you see better \n\n".
+    after_original: Vec<u32>,
+    /// "\n\n \n\n" between two crops.
+    between_crops: Vec<u32>,
+}
+
 /// LLaVA's fixed-square image processor (decode, resize, rescale,
-/// normalize; one item = `mm_tokens_per_image` rows, `<start_of_image>` its
-/// placeholder) with Gemma's prompt replacement around it.
+/// normalize; one image = `mm_tokens_per_image` rows, `<start_of_image>` its
+/// placeholder) with pan-and-scan and Gemma's prompt replacement around it.
 #[derive(Debug, Clone)]
 pub struct Gemma3ImageProcessor {
     image: ImageProcessor,
@@ -55,7 +78,10 @@ pub struct Gemma3ImageProcessor {
     soft: u32,
     /// The wrapper's "\n\n" around each image, tokenized.
     blank_line: Vec<u32>,
+    crop_text: CropText,
     newlines: NewlineRuns,
+    /// The config's pan-and-scan settings; requests may change them.
+    pan_and_scan: PanAndScan,
 }
 
 impl Gemma3ImageProcessor {
@@ -67,9 +93,9 @@ impl Gemma3ImageProcessor {
     ) -> Result<Self, String> {
         let mut json: Value =
             serde_json::from_str(preprocessor_config).map_err(|e| e.to_string())?;
-        if json.get("do_pan_and_scan") == Some(&Value::Bool(true)) {
-            return Err("do_pan_and_scan (pan-and-scan crops) is not supported".into());
-        }
+        let pan_and_scan = PanAndScan::default()
+            .with(&json, false)
+            .map_err(|e| e.message().to_string())?;
         // Gemma 3's processor has no crop; CLIP's defaults to one.
         if let Some(o) = json.as_object_mut() {
             o.entry("do_center_crop").or_insert(Value::Bool(false));
@@ -77,6 +103,11 @@ impl Gemma3ImageProcessor {
         }
         let image_size = cfg.vision.image_size;
         let config = ClipImageConfig::from_preprocessor_config(&json.to_string(), image_size)?;
+        let encode = |text: &str| {
+            tokenizer
+                .encode(text, false)
+                .map_err(|e| format!("tokenizing the image wrapper: {e}"))
+        };
         Ok(Self {
             image: ImageProcessor {
                 config,
@@ -86,11 +117,56 @@ impl Gemma3ImageProcessor {
             },
             eoi: cfg.eoi_token_id,
             soft: cfg.image_token_id,
-            blank_line: tokenizer
-                .encode("\n\n", false)
-                .map_err(|e| format!("tokenizing the image wrapper: {e}"))?,
+            blank_line: encode("\n\n")?,
+            crop_text: CropText {
+                intro: encode("Here is the original image \n\n")?,
+                after_original: encode("\n\n and here are some crops to help you see better \n\n")?,
+                between_crops: encode("\n\n \n\n")?,
+            },
             newlines: NewlineRuns::of(tokenizer),
+            pan_and_scan,
         })
+    }
+
+    /// The image and its crops, each resized, rescaled and normalized:
+    /// `[1 + crops, 3, size, size]` (one entry per run).
+    fn process_with_crops(
+        &self,
+        bytes: &[u8],
+        pas: &PanAndScan,
+        opts: &DecodeOptions,
+    ) -> Result<ProcessedItem, MediaError> {
+        let img = decode_image(bytes, &opts.image)?;
+        let (w, h) = (img.width as usize, img.height as usize);
+        let crops = pas.crops(w, h)?;
+        let mut pixels = self.image.config.process_rgb(&img.rgb, w, h);
+        for c in &crops {
+            let rgb = crop_rgb8(&img.rgb, w, *c);
+            pixels.extend(self.image.config.process_rgb(&rgb, c.width, c.height));
+        }
+        let (n, s) = (1 + crops.len(), self.image.image_size);
+        // An image without crops is one run: `[3, size, size]` as without pan-and-scan.
+        let pixels = match n {
+            1 => Tensor::from_vec(pixels, (3, s, s), &Device::Cpu),
+            _ => Tensor::from_vec(pixels, (n, 3, s, s), &Device::Cpu),
+        }
+        .map_err(|e| MediaError::Invalid(format!("processed pixels: {e}")))?;
+        Ok(ProcessedItem {
+            features: Arc::new(MmFeatures {
+                tensors: vec![(PIXEL_VALUES.to_string(), pixels)],
+            }),
+            layout: ItemLayout::rows(n * self.image.tokens_per_image),
+        })
+    }
+
+    /// `<start_of_image>`, the soft tokens, `<end_of_image>`, appended to
+    /// `tokens`; returns the soft tokens' run.
+    fn push_block(&self, tokens: &mut Vec<u32>) -> std::ops::Range<usize> {
+        tokens.push(self.image.image_token);
+        let start = tokens.len();
+        tokens.extend(std::iter::repeat_n(self.soft, self.image.tokens_per_image));
+        tokens.push(self.eoi);
+        start..start + self.image.tokens_per_image
     }
 }
 
@@ -104,20 +180,7 @@ impl MmProcessor for Gemma3ImageProcessor {
     }
 
     fn kwargs_key(&self, _modality: Modality, kwargs: &Value) -> Result<String, MediaError> {
-        match kwargs {
-            Value::Null => Ok("{}".into()),
-            Value::Object(o)
-                if o.iter().all(|(k, v)| {
-                    v.is_null() || (k == "do_pan_and_scan" && v == &Value::Bool(false))
-                }) =>
-            {
-                Ok("{}".into())
-            }
-            other => Err(MediaError::Invalid(format!(
-                "Gemma 3's image processor takes no processor kwargs (pan-and-scan is not \
-                 supported), got {other}"
-            ))),
-        }
+        Ok(self.pan_and_scan.with(kwargs, true)?.canonical())
     }
 
     fn process(
@@ -127,7 +190,13 @@ impl MmProcessor for Gemma3ImageProcessor {
         kwargs: &Value,
         opts: &DecodeOptions,
     ) -> Result<ProcessedItem, MediaError> {
-        self.image.process(modality, data, kwargs, opts)
+        let pas = self.pan_and_scan.with(kwargs, true)?;
+        match (modality, data) {
+            (Modality::Image, MediaData::Encoded { bytes, .. }) if pas.enabled => {
+                self.process_with_crops(bytes, &pas, opts)
+            }
+            _ => self.image.process(modality, data, kwargs, opts),
+        }
     }
 
     fn embeddings_layout(
@@ -150,16 +219,31 @@ impl MmProcessor for Gemma3ImageProcessor {
                 modality.name()
             )));
         }
-        let mut tokens = self.blank_line.clone();
-        tokens.push(self.image.image_token);
-        let start = tokens.len();
-        tokens.extend(std::iter::repeat_n(self.soft, layout.embeds));
-        tokens.push(self.eoi);
+        let per_image = self.image.tokens_per_image;
+        if layout.embeds == 0 || !layout.embeds.is_multiple_of(per_image) {
+            return Err(MediaError::Invalid(format!(
+                "a Gemma 3 image takes a multiple of {per_image} rows, got {}",
+                layout.embeds
+            )));
+        }
+        let crops = layout.embeds / per_image - 1;
+        let t = &self.crop_text;
+        let mut tokens = if crops == 0 {
+            self.blank_line.clone()
+        } else {
+            t.intro.clone()
+        };
+        let mut embeds = vec![self.push_block(&mut tokens)];
+        for k in 0..crops {
+            tokens.extend(if k == 0 {
+                &t.after_original
+            } else {
+                &t.between_crops
+            });
+            embeds.push(self.push_block(&mut tokens));
+        }
         tokens.extend(&self.blank_line);
-        Ok(Replacement {
-            tokens,
-            embeds: start..start + layout.embeds,
-        })
+        Ok(Replacement { tokens, embeds })
     }
 
     fn merge_at_boundary(&self, left: u32, right: u32) -> Option<u32> {
@@ -191,16 +275,42 @@ mod tests {
         let r = p
             .replacement(Modality::Image, &ItemLayout::rows(256))
             .unwrap();
-        assert_eq!((r.tokens.len(), r.embeds), (260, 2..258));
+        assert_eq!(
+            (r.tokens.len(), r.embeds.len(), &r.embeds[0]),
+            (260, 1, &(2..258))
+        );
         assert_eq!(r.tokens[..3], [108, 255999, 262144]);
+        // The image and two crops: three blocks, each its own run.
+        let r = p
+            .replacement(Modality::Image, &ItemLayout::rows(3 * 256))
+            .unwrap();
+        let starts: Vec<usize> = r.embeds.iter().map(|e| e.start).collect();
+        assert_eq!(starts, [8, 279, 540]);
+        assert_eq!(r.tokens[..2], [8291, 563]);
         assert!(p
-            .kwargs_key(
-                Modality::Image,
-                &serde_json::json!({"do_pan_and_scan": true})
-            )
+            .replacement(Modality::Image, &ItemLayout::rows(300))
+            .is_err());
+        assert_eq!(p.kwargs_key(Modality::Image, &Value::Null).unwrap(), "{}");
+        assert!(p
+            .kwargs_key(Modality::Image, &serde_json::json!({"max_pixels": 9}))
             .is_err());
         let pan = pp.replace("\"do_pan_and_scan\": null", "\"do_pan_and_scan\": true");
-        assert!(Gemma3ImageProcessor::new(&pan, &cfg, &tok).is_err());
+        let p = Gemma3ImageProcessor::new(&pan, &cfg, &tok).unwrap();
+        // The config's default; a request turns it off.
+        assert_eq!(
+            p.kwargs_key(Modality::Image, &Value::Null).unwrap(),
+            "{\"pan_and_scan\":[256,4,1.2]}"
+        );
+        assert_eq!(
+            p.kwargs_key(
+                Modality::Image,
+                &serde_json::json!({"do_pan_and_scan": false})
+            )
+            .unwrap(),
+            "{}"
+        );
+        let bad = pp.replace("\"do_pan_and_scan\": null", "\"do_pan_and_scan\": 3");
+        assert!(Gemma3ImageProcessor::new(&bad, &cfg, &tok).is_err());
         let small = pp.replace("896, \"width\": 896", "448, \"width\": 448");
         assert!(Gemma3ImageProcessor::new(&small, &cfg, &tok).is_err());
     }

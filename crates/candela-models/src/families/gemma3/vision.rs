@@ -98,27 +98,23 @@ impl Gemma3ImageEncoder {
             format!("{root}vision_tower"),
         ]
         .into_iter()
-        .find(|p| w.contains(&format!("{p}.post_layernorm.weight")))
+        .find(|p| w.pp(p).contains("post_layernorm.weight"))
         .ok_or_else(|| {
             ModelError::MissingTensor(format!(
                 "{root}vision_tower.vision_model.post_layernorm.weight"
             ))
         })?;
         let d = cfg.vision.hidden_size;
-        let proj = format!("{root}multi_modal_projector");
+        let proj = w.pp(format!("{root}multi_modal_projector"));
         Ok(Self {
             tower: SiglipVision::load(cfg.vision.clone(), w, &tower, cfg.vision.num_hidden_layers)?,
             tokens_per_side: cfg.tokens_per_side(),
             norm: RmsNorm::load_unit_offset(
-                w,
-                &format!("{proj}.mm_soft_emb_norm"),
+                &proj.pp("mm_soft_emb_norm"),
                 d,
                 cfg.vision.layer_norm_eps,
             )?,
-            projection: w.tensor(
-                &format!("{proj}.mm_input_projection_weight"),
-                &[d, text_hidden],
-            )?,
+            projection: proj.tensor("mm_input_projection_weight", &[d, text_hidden])?,
         })
     }
 }

@@ -176,7 +176,7 @@ pub fn load(cfg: &LlavaConfig, w: &Weights, max_model_len: Option<usize>) -> MRe
         format!("{root}vision_tower"),
     ]
     .into_iter()
-    .find(|p| w.contains(&format!("{p}.embeddings.class_embedding")))
+    .find(|p| w.pp(p).contains("embeddings.class_embedding"))
     .ok_or_else(|| {
         ModelError::MissingTensor(format!(
             "{root}vision_tower.vision_model.embeddings.class_embedding"
@@ -184,13 +184,13 @@ pub fn load(cfg: &LlavaConfig, w: &Weights, max_model_len: Option<usize>) -> MRe
     })?;
     let vision = ClipVision::load(cfg.vision.clone(), w, &tower, cfg.feature_layers)?;
     let (vd, td) = (cfg.vision.hidden_size, cfg.text.hidden_size);
-    let proj = format!("{root}multi_modal_projector");
+    let proj = w.pp(format!("{root}multi_modal_projector"));
     let encoder = Encoder {
         vision,
         keep_class_token: cfg.keep_class_token,
-        linear_1: w.linear(&format!("{proj}.linear_1"), vd, td, cfg.projector_bias)?,
+        linear_1: proj.linear("linear_1", vd, td, cfg.projector_bias)?,
         act: cfg.projector_act,
-        linear_2: w.linear(&format!("{proj}.linear_2"), td, td, cfg.projector_bias)?,
+        linear_2: proj.linear("linear_2", td, td, cfg.projector_bias)?,
     };
     Ok(MultimodalLm::new(lm, Box::new(encoder), HF_ARCHITECTURE))
 }

@@ -141,9 +141,13 @@ impl ClipImageConfig {
 
     /// Decoded RGB8 -> CHW f32 `[3, size, size]`.
     pub fn process(&self, img: &DecodedImage) -> Vec<f32> {
-        let (h, w) = (img.height as usize, img.width as usize);
+        self.process_rgb(&img.rgb, img.width as usize, img.height as usize)
+    }
+
+    /// A `w` x `h` RGB8 image -> CHW f32 `[3, size, size]`.
+    pub fn process_rgb(&self, rgb: &[u8], w: usize, h: usize) -> Vec<f32> {
         let (rh, rw) = self.resized(h, w);
-        let resized = resize_rgb8(&img.rgb, w, h, rw, rh, self.kernel());
+        let resized = resize_rgb8(rgb, w, h, rw, rh, self.kernel());
         let (ch, cw, top, left) = match (self.do_center_crop, self.crop_size) {
             // Checked at load: the crop fits inside the resized image.
             (true, Some(Size::Exact { height, width })) => {
@@ -304,7 +308,10 @@ mod tests {
         let r = p
             .replacement(Modality::Image, &ItemLayout::rows(576))
             .unwrap();
-        assert_eq!((r.tokens.len(), r.embeds), (576, 0..576));
+        assert_eq!(
+            (r.tokens.len(), r.embeds.len(), &r.embeds[0]),
+            (576, 1, &(0..576))
+        );
         assert!(p.placeholder_token(Modality::Video).is_none());
     }
 }

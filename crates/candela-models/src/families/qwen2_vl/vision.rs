@@ -17,7 +17,7 @@ use super::config::{Variant, VisionConfig};
 use crate::error::Result as MResult;
 use crate::nn::activation::Activation;
 use crate::nn::decoder::RmsNorm;
-use crate::weights::{Linear, Weights};
+use crate::weights::{Linear, Weights, WeightsAt};
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -28,10 +28,10 @@ enum Norm {
 }
 
 impl Norm {
-    fn load(w: &Weights, name: &str, dim: usize, variant: Variant) -> MResult<Self> {
+    fn load(w: &WeightsAt, name: &str, dim: usize, variant: Variant) -> MResult<Self> {
         Ok(match variant {
             Variant::Qwen2Vl => Self::Layer(w.layer_norm(name, dim, NORM_EPS)?),
-            Variant::Qwen25Vl => Self::Rms(RmsNorm::load(w, name, dim, NORM_EPS)?),
+            Variant::Qwen25Vl => Self::Rms(RmsNorm::load(&w.pp(name), dim, NORM_EPS)?),
         })
     }
 
@@ -88,10 +88,10 @@ impl VisionTower {
     /// Load from `{prefix}.patch_embed`, `{prefix}.blocks.N`, `{prefix}.merger`.
     pub fn load(cfg: VisionConfig, w: &Weights, prefix: &str) -> MResult<Self> {
         let d = cfg.embed_dim;
-        let p = |s: &str| format!("{prefix}.{s}");
+        let w = w.pp(prefix);
         let patch_embed = w
             .tensor(
-                &p("patch_embed.proj.weight"),
+                "patch_embed.proj.weight",
                 &[
                     d,
                     cfg.in_channels,
@@ -101,25 +101,26 @@ impl VisionTower {
                 ],
             )?
             .reshape((d, cfg.patch_dim()))?;
+        let blocks_w = w.pp("blocks");
         let blocks = (0..cfg.depth)
             .map(|i| {
-                let b = |s: &str| format!("{prefix}.blocks.{i}.{s}");
+                let b = blocks_w.pp(i);
                 let mlp = match cfg.variant {
                     Variant::Qwen2Vl => Mlp::Plain {
-                        fc1: w.linear(&b("mlp.fc1"), d, cfg.mlp_dim, true)?,
-                        fc2: w.linear(&b("mlp.fc2"), cfg.mlp_dim, d, true)?,
+                        fc1: b.linear("mlp.fc1", d, cfg.mlp_dim, true)?,
+                        fc2: b.linear("mlp.fc2", cfg.mlp_dim, d, true)?,
                     },
                     Variant::Qwen25Vl => Mlp::Gated {
-                        gate: w.linear(&b("mlp.gate_proj"), d, cfg.mlp_dim, true)?,
-                        up: w.linear(&b("mlp.up_proj"), d, cfg.mlp_dim, true)?,
-                        down: w.linear(&b("mlp.down_proj"), cfg.mlp_dim, d, true)?,
+                        gate: b.linear("mlp.gate_proj", d, cfg.mlp_dim, true)?,
+                        up: b.linear("mlp.up_proj", d, cfg.mlp_dim, true)?,
+                        down: b.linear("mlp.down_proj", cfg.mlp_dim, d, true)?,
                     },
                 };
                 Ok(Block {
-                    norm1: Norm::load(w, &b("norm1"), d, cfg.variant)?,
-                    norm2: Norm::load(w, &b("norm2"), d, cfg.variant)?,
-                    qkv: w.linear(&b("attn.qkv"), d, 3 * d, true)?,
-                    proj: w.linear(&b("attn.proj"), d, d, true)?,
+                    norm1: Norm::load(&b, "norm1", d, cfg.variant)?,
+                    norm2: Norm::load(&b, "norm2", d, cfg.variant)?,
+                    qkv: b.linear("attn.qkv", d, 3 * d, true)?,
+                    proj: b.linear("attn.proj", d, d, true)?,
                     mlp,
                     full_attention: cfg.variant == Variant::Qwen2Vl
                         || cfg.fullatt_block_indexes.contains(&i),
@@ -132,9 +133,9 @@ impl VisionTower {
             .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / (2 * quarter) as f32))
             .collect();
         Ok(Self {
-            merger_norm: Norm::load(w, &p("merger.ln_q"), d, cfg.variant)?,
-            merger_fc1: w.linear(&p("merger.mlp.0"), d * m2, d * m2, true)?,
-            merger_fc2: w.linear(&p("merger.mlp.2"), d * m2, cfg.out_dim, true)?,
+            merger_norm: Norm::load(&w, "merger.ln_q", d, cfg.variant)?,
+            merger_fc1: w.linear("merger.mlp.0", d * m2, d * m2, true)?,
+            merger_fc2: w.linear("merger.mlp.2", d * m2, cfg.out_dim, true)?,
             act: Activation::parse(&cfg.hidden_act)?,
             patch_embed,
             blocks,

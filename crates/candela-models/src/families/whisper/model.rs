@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
 use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
-use crate::weights::{Linear, Weights};
+use crate::weights::{Linear, Weights, WeightsAt};
 
 pub const ARCHITECTURE: &str = "WhisperForConditionalGeneration";
 
@@ -154,13 +154,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, prefix: &str, d: usize) -> MResult<Self> {
+    fn load(w: &WeightsAt, d: usize) -> MResult<Self> {
         Ok(Self {
-            q: w.linear(&format!("{prefix}.q_proj"), d, d, true)?,
+            q: w.linear("q_proj", d, d, true)?,
             // Whisper's k_proj has no bias.
-            k: w.linear(&format!("{prefix}.k_proj"), d, d, false)?,
-            v: w.linear(&format!("{prefix}.v_proj"), d, d, true)?,
-            o: w.linear(&format!("{prefix}.out_proj"), d, d, true)?,
+            k: w.linear("k_proj", d, d, false)?,
+            v: w.linear("v_proj", d, d, true)?,
+            o: w.linear("out_proj", d, d, true)?,
         })
     }
 }
@@ -226,17 +226,18 @@ impl Whisper {
     pub fn load(cfg: WhisperConfig, w: &Weights) -> MResult<Self> {
         let d = cfg.d_model;
         let encoder = AudioEncoder::load(cfg.encoder_config(), w, "model.encoder", false)?;
+        let layers_w = w.pp("model.decoder.layers");
         let layers = (0..cfg.decoder_layers)
             .map(|i| {
-                let l = |s: &str| format!("model.decoder.layers.{i}.{s}");
+                let l = layers_w.pp(i);
                 Ok(DecoderLayer {
-                    self_norm: w.layer_norm(&l("self_attn_layer_norm"), d, LN_EPS)?,
-                    self_attn: Attention::load(w, &l("self_attn"), d)?,
-                    cross_norm: w.layer_norm(&l("encoder_attn_layer_norm"), d, LN_EPS)?,
-                    cross_attn: Attention::load(w, &l("encoder_attn"), d)?,
-                    ffn_norm: w.layer_norm(&l("final_layer_norm"), d, LN_EPS)?,
-                    fc1: w.linear(&l("fc1"), d, cfg.decoder_ffn_dim, true)?,
-                    fc2: w.linear(&l("fc2"), cfg.decoder_ffn_dim, d, true)?,
+                    self_norm: l.layer_norm("self_attn_layer_norm", d, LN_EPS)?,
+                    self_attn: Attention::load(&l.pp("self_attn"), d)?,
+                    cross_norm: l.layer_norm("encoder_attn_layer_norm", d, LN_EPS)?,
+                    cross_attn: Attention::load(&l.pp("encoder_attn"), d)?,
+                    ffn_norm: l.layer_norm("final_layer_norm", d, LN_EPS)?,
+                    fc1: l.linear("fc1", d, cfg.decoder_ffn_dim, true)?,
+                    fc2: l.linear("fc2", cfg.decoder_ffn_dim, d, true)?,
                 })
             })
             .collect::<MResult<Vec<_>>>()?;

@@ -1,5 +1,5 @@
 //! Micro-benchmark of the quantized matmul kernels: GFLOP/s of `[m, k] x [n, k]^T`
-//! for the shapes of a SmolLM2-135M layer, per batch size m.
+//! for the shapes of SmolLM2-135M and Qwen2.5-1.5B layers, per batch size m.
 //!
 //!   cargo run --release -p candela-models --example qmatmul [q4_1|q8_0|q4k|q6k] [f32|int8] [m,m,...]
 //!
@@ -28,7 +28,16 @@ fn main() -> candle_core::Result<()> {
         .unwrap_or_else(|| vec![1, 2, 4, 8, 16, 32, 64]);
     let dev = Device::Cpu;
     println!("{dtype:?} {acts:?}: m, shape, us/call, GFLOP/s");
-    for (n, k) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
+    // SmolLM2-135M's MLP, Qwen2.5-1.5B's MLP, SmolLM2's tied LM head; shapes
+    // that are not whole blocks of the type are skipped.
+    let shapes = [
+        (1536usize, 576usize),
+        (576, 1536),
+        (8960, 1536),
+        (1536, 8960),
+        (49152, 576),
+    ];
+    for (n, k) in shapes.into_iter().filter(|s| s.1 % dtype.block_size() == 0) {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let bm = BlockMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("supported");
         for &m in &ms {

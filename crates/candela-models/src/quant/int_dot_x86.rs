@@ -4,7 +4,8 @@
 //! to 4 activation rows into eight i32 lanes of four products, converted to
 //! f32 and accumulated with the group's combined scale: batched rows share
 //! the unpacking, and the rows' accumulators are independent chains.
-//! Three builds of the same kernels differ only in that multiply: AVX2
+//! Everything but the entry point is inlined into it (`inline(always)`), so
+//! the accumulators stay in registers. Three builds of the same kernels differ only in that multiply: AVX2
 //! `vpmaddubsw` + `vpmaddwd` (pairs saturate at i16, which no format here
 //! reaches: at most 2 x 128 x 127), and VNNI `vpdpbusd` in its AVX-VNNI and
 //! AVX512-VNNI (256-bit, VL) encodings.
@@ -49,40 +50,34 @@ macro_rules! kernels {
             use super::super::scale_min_k4;
             use super::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {
                 super::$dot(w, a)
             }
 
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn f16(b: &[u8], i: usize) -> f32 {
                 let h = u16::from_le_bytes([b[i], b[i + 1]]);
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
             }
 
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn load32(p: &[u8]) -> __m256i {
                 _mm256_loadu_si256(p[..32].as_ptr() as *const __m256i)
             }
 
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn acts(a: &[i8]) -> __m256i {
                 _mm256_loadu_si256(a[..32].as_ptr() as *const __m256i)
             }
 
             /// `acc + f32(p) * s`.
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn fma(acc: __m256, p: __m256i, s: __m256) -> __m256 {
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc)
             }
 
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn hsum(v: __m256) -> f32 {
                 let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -90,8 +85,7 @@ macro_rules! kernels {
             }
 
             /// 16 packed bytes as 32 nibbles: low nibbles first, then high.
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn nibbles(q: &[u8]) -> __m256i {
                 let q = _mm_loadu_si128(q[..16].as_ptr() as *const __m128i);
                 let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
@@ -99,8 +93,7 @@ macro_rules! kernels {
             }
 
             /// Bit j of `qh` as 0x10 in byte j.
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn high_bits(qh: u32) -> __m256i {
                 // Byte j takes byte j / 8 of qh, then keeps only bit j % 8.
                 let spread = _mm256_shuffle_epi8(
@@ -121,8 +114,7 @@ macro_rules! kernels {
             /// activation row: `acc[i] += dot * d * d_a`, and the block's
             /// offset (zero point or min) times the activations' sum to
             /// `offs[i]`.
-            #[target_feature(enable = $feat)]
-            #[inline]
+            #[inline(always)]
             unsafe fn legacy_block<const T: u8, const M: usize>(
                 row: &[u8],
                 a: &[Q8Row; M],
@@ -166,7 +158,7 @@ macro_rules! kernels {
             /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows: blocks in pairs, two
             /// accumulators per activation row (one FMA chain is the limit
             /// otherwise).
-            #[target_feature(enable = $feat)]
+            #[inline(always)]
             unsafe fn legacy<const T: u8, const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let nb = a[0].d.len();
                 let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
@@ -190,7 +182,7 @@ macro_rules! kernels {
             /// Q4_K (and with `Q5`, Q5_K) rows: per 64 values, the low and
             /// high nibbles of 32 bytes are two sub-blocks with their own
             /// 6-bit scale and min (Q5_K adds bit 4 from `qh`).
-            #[target_feature(enable = $feat)]
+            #[inline(always)]
             unsafe fn q4k_q5k<const Q5: bool, const M: usize>(
                 row: &[u8],
                 a: &[Q8Row; M],
@@ -249,7 +241,7 @@ macro_rules! kernels {
             /// Q6_K rows: per 32 values, 4 low bits and 2 high bits make
             /// `q` in 0..64; `q - 32` goes through the sign trick, and each
             /// half of the 8 lanes takes its 16-value sub-block's scale.
-            #[target_feature(enable = $feat)]
+            #[inline(always)]
             unsafe fn q6k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let (m4, m3, m32) = (
                     _mm256_set1_epi8(0x0F),
@@ -306,7 +298,7 @@ macro_rules! kernels {
             }
 
             /// One weight row with `M` activation rows.
-            #[target_feature(enable = $feat)]
+            #[inline(always)]
             unsafe fn by<const M: usize>(
                 dtype: GgmlDType,
                 row: &[u8],

@@ -66,11 +66,6 @@ impl Q8Rows {
             dsum: &self.dsum[i * nb..(i + 1) * nb],
         }
     }
-
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.qs.len() / self.k.max(1)
-    }
 }
 
 #[cfg(test)]
@@ -96,7 +91,6 @@ mod tests {
             .collect();
         x[32..64].fill(0.0); // an all-zero block
         let q = Q8Rows::quantize(&x, 96);
-        assert_eq!(q.rows(), 1);
         let r = q.row(0);
         assert_eq!(r.d[1], 0.0);
         for b in 0..3 {

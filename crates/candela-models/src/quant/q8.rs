@@ -36,7 +36,7 @@ impl Q8Rows {
     /// Quantize `x` (`[m, k]` row-major) block by block: `d = max|x| / 127`,
     /// `q = round(x / d)`.
     pub fn quantize(x: &[f32], k: usize) -> Self {
-        debug_assert!(k % QK == 0 && x.len() % k.max(1) == 0);
+        debug_assert!(k.is_multiple_of(QK) && x.len().is_multiple_of(k.max(1)));
         let nb = x.len() / QK;
         let mut qs = vec![0i8; x.len()];
         let (mut d, mut dsum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));

@@ -1,9 +1,12 @@
 //! Micro-benchmark of the quantized matmul kernels: GFLOP/s of `[m, k] x [n, k]^T`
-//! for the shapes of a SmolLM2-135M layer, per batch size m.
+//! for the shapes of SmolLM2-135M and Qwen2.5-1.5B layers, per batch size m.
 //!
-//!   cargo run --release -p candela-models --example qmatmul [q4_1|q8_0|q4k]
+//!   cargo run --release -p candela-models --example qmatmul [q4_1|q8_0|q4k|q6k] [f32|int8] [m,m,...]
+//!
+//! `f32` keeps f32 activations (the logits' kernels), `int8` (default)
+//! quantizes them for the integer kernels where the batch allows.
 
-use candela_models::quant::BlockMatrix;
+use candela_models::quant::{Activations, BlockMatrix};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -12,22 +15,40 @@ fn main() -> candle_core::Result<()> {
     let dtype = match std::env::args().nth(1).as_deref() {
         Some("q8_0") => GgmlDType::Q8_0,
         Some("q4k") => GgmlDType::Q4K,
+        Some("q6k") => GgmlDType::Q6K,
         _ => GgmlDType::Q4_1,
     };
+    let acts = match std::env::args().nth(2).as_deref() {
+        Some("f32") => Activations::F32,
+        _ => Activations::Int8,
+    };
+    let ms: Vec<usize> = std::env::args()
+        .nth(3)
+        .map(|s| s.split(',').filter_map(|m| m.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 16, 32, 64]);
     let dev = Device::Cpu;
-    println!("{dtype:?}: m, shape, us/call, GFLOP/s");
-    for (n, k) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
+    println!("{dtype:?} {acts:?}: m, shape, us/call, GFLOP/s");
+    // SmolLM2-135M's MLP, Qwen2.5-1.5B's MLP, SmolLM2's tied LM head; shapes
+    // that are not whole blocks of the type are skipped.
+    let shapes = [
+        (1536usize, 576usize),
+        (576, 1536),
+        (8960, 1536),
+        (1536, 8960),
+        (49152, 576),
+    ];
+    for (n, k) in shapes.into_iter().filter(|s| s.1 % dtype.block_size() == 0) {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         let bm = BlockMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("supported");
-        for m in [1usize, 2, 4, 8, 16, 32, 64] {
+        for &m in &ms {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
                 .collect();
             let iters = (200_000_000 / (m * n * k)).clamp(3, 2000);
-            bm.matmul_f32(&x, m)?;
+            bm.matmul_f32(&x, m, acts)?;
             let t = Instant::now();
             for _ in 0..iters {
-                std::hint::black_box(bm.matmul_f32(&x, m)?);
+                std::hint::black_box(bm.matmul_f32(&x, m, acts)?);
             }
             let s = t.elapsed().as_secs_f64() / iters as f64;
             println!(

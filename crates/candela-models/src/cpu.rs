@@ -14,6 +14,24 @@ pub fn has_avx2() -> bool {
     })
 }
 
+/// AVX-VNNI (`vpdpbusd` in its VEX encoding) with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx_vnni() -> bool {
+    use std::sync::OnceLock;
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| has_avx2() && is_x86_feature_detected!("avxvnni"))
+}
+
+/// AVX512-VNNI with its 256-bit (VL) forms, with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_vnni() -> bool {
+    use std::sync::OnceLock;
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    })
+}
+
 /// `dst = lhs . rhs` in f32 with the `gemm` crate, on the calling thread:
 /// `dst` is `[m, n]` and `lhs` `[m, k]`, both with unit column stride and the
 /// given row strides; `rhs` is `[k, n]` with the given row and column strides.

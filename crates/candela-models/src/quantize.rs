@@ -123,6 +123,7 @@ impl std::fmt::Display for Quantization {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::Activations;
     use candle_core::Device;
 
     #[test]
@@ -174,8 +175,8 @@ mod tests {
             assert_eq!(ours.dims(), (150, 256));
             let x = Tensor::randn(0f32, 1.0, (3, 256), &dev)?;
             assert_eq!(
-                ours.forward(&x)?.to_vec2::<f32>()?,
-                whole.forward(&x)?.to_vec2::<f32>()?
+                ours.forward(&x, Activations::Int8)?.to_vec2::<f32>()?,
+                whole.forward(&x, Activations::Int8)?.to_vec2::<f32>()?
             );
         }
         assert!(Quantization::parse("q8_0")?

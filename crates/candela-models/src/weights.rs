@@ -23,15 +23,16 @@ use candle_nn::VarBuilder;
 use crate::error::{candle_message, ModelError, Result};
 use crate::half_matmul::{HalfDType, HalfMatrix};
 use crate::load_progress::LoadProgress;
-use crate::quant::BlockMatrix;
+use crate::quant::{Activations, BlockMatrix};
 use crate::quantize::Quantization;
 
 /// A CPU matrix multiplied by our own kernels without widening it as a
-/// whole: GGUF blocks ([`BlockMatrix`]; candle's `QMatMul` for block types
-/// we have no kernel for) or 16-bit floats ([`HalfMatrix`]).
+/// whole: GGUF blocks ([`BlockMatrix`], with how they see the input;
+/// candle's `QMatMul` for block types we have no kernel for) or 16-bit
+/// floats ([`HalfMatrix`]).
 #[derive(Debug, Clone)]
 pub enum QuantWeight {
-    Blocks(Arc<BlockMatrix>),
+    Blocks(Arc<BlockMatrix>, Activations),
     Candle(QMatMul),
     Half(Arc<HalfMatrix>),
 }
@@ -39,7 +40,7 @@ pub enum QuantWeight {
 impl QuantWeight {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Blocks(b) => b.forward(x),
+            Self::Blocks(b, acts) => b.forward(x, *acts),
             Self::Candle(q) => q.forward(x),
             Self::Half(h) => h.forward(x),
         }
@@ -47,7 +48,7 @@ impl QuantWeight {
 
     pub fn out_dim(&self) -> candle_core::Result<usize> {
         match self {
-            Self::Blocks(b) => Ok(b.dims().0),
+            Self::Blocks(b, _) => Ok(b.dims().0),
             Self::Half(h) => Ok(h.dims().0),
             Self::Candle(QMatMul::QTensor(q)) => q.shape().dims2().map(|d| d.0),
             Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dim(0),
@@ -79,6 +80,22 @@ impl Linear {
         match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    /// The same projection with 8-bit activations off: for the logits,
+    /// whose argmax 8-bit rounding of the final hidden state can flip (see
+    /// the `quant` module comment).
+    pub fn with_f32_activations(self) -> Self {
+        match self {
+            Self::Quantized {
+                weight: QuantWeight::Blocks(b, _),
+                bias,
+            } => Self::Quantized {
+                weight: QuantWeight::Blocks(b, Activations::F32),
+                bias,
+            },
+            other => other,
         }
     }
 
@@ -137,7 +154,7 @@ impl Linear {
         let blocks: Option<Vec<&BlockMatrix>> = weights
             .iter()
             .map(|w| match w {
-                QuantWeight::Blocks(b) => Some(b.as_ref()),
+                QuantWeight::Blocks(b, Activations::Int8) => Some(b.as_ref()),
                 _ => None,
             })
             .collect();
@@ -149,7 +166,7 @@ impl Linear {
             })
             .collect();
         let weight = if let Some(bs) = blocks {
-            BlockMatrix::stack(&bs).map(|b| QuantWeight::Blocks(Arc::new(b)))
+            BlockMatrix::stack(&bs).map(|b| QuantWeight::Blocks(Arc::new(b), Activations::Int8))
         } else {
             halves
                 .and_then(|hs| HalfMatrix::stack(&hs))
@@ -235,7 +252,7 @@ impl Embedding {
                 bias: None,
             },
             Self::Blocks { table, .. } => Linear::Quantized {
-                weight: QuantWeight::Blocks(table.clone()),
+                weight: QuantWeight::Blocks(table.clone(), Activations::Int8),
                 bias: None,
             },
             Self::Half { table, .. } => Linear::Quantized {
@@ -727,7 +744,7 @@ impl Weights {
                 let weight = self.tensor(&wname, &[out_dim, in_dim])?;
                 Ok(match self.quantize_dense(&weight)? {
                     Some(b) => Linear::Quantized {
-                        weight: QuantWeight::Blocks(Arc::new(b)),
+                        weight: QuantWeight::Blocks(Arc::new(b), Activations::Int8),
                         bias,
                     },
                     None => Linear::Dense { weight, bias },
@@ -1048,7 +1065,7 @@ impl GgufWeights {
             }),
             _ => {
                 let weight = match BlockMatrix::from_qtensor(&q)? {
-                    Some(b) => QuantWeight::Blocks(Arc::new(b)),
+                    Some(b) => QuantWeight::Blocks(Arc::new(b), Activations::Int8),
                     None => QuantWeight::Candle(QMatMul::QTensor(q)),
                 };
                 Ok(Linear::Quantized { weight, bias })
@@ -1139,7 +1156,10 @@ mod tests {
             bias: Some(b.clone()),
         };
         let ours = Linear::Quantized {
-            weight: QuantWeight::Blocks(Arc::new(BlockMatrix::from_qtensor(&q)?.expect("q8_0"))),
+            weight: QuantWeight::Blocks(
+                Arc::new(BlockMatrix::from_qtensor(&q)?.expect("q8_0")),
+                Activations::Int8,
+            ),
             bias: Some(b.clone()),
         };
         let candle = Linear::Quantized {
@@ -1151,9 +1171,13 @@ mod tests {
         };
         let yd = wd.forward(&x)?;
         assert_eq!(ours.out_dim()?, 64);
-        assert!(max_diff(&ours.forward(&x)?, &yd)? < 1e-4);
-        // candle quantizes the activations too: close, not equal.
+        // Our integer kernels (and candle's) quantize the activations to 8
+        // bits: close, not equal; with f32 activations (the logits) ours
+        // match the dequantized matrix to rounding.
+        assert!(max_diff(&ours.forward(&x)?, &yd)? < 0.5);
         assert!(max_diff(&candle.forward(&x)?, &yd)? < 0.5);
+        let ours_f32 = ours.clone().with_f32_activations();
+        assert!(max_diff(&ours_f32.forward(&x)?, &yd)? < 1e-4);
 
         // Stacking: one fused projection gives the parts side by side.
         let w2 = Tensor::randn(0f32, 1.0, (16, 256), &dev)?;

@@ -423,7 +423,8 @@ impl DecoderLm {
             embed.as_linear()
         } else {
             head_w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
-        };
+        }
+        .with_f32_activations();
         let rope = RotaryEmbedding::new(&cfg.rope, dtype, &device)?;
         let local_rope = match cfg.sliding_window.as_ref().and_then(|s| s.rope.as_ref()) {
             Some(r) => Some(RotaryEmbedding::new(r, dtype, &device)?),

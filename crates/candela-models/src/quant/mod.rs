@@ -1,18 +1,35 @@
 //! Block-quantized (GGUF) matrices on CPU.
 //!
 //! The matrix stays in its GGUF block format (copied once, 8-aligned).
-//! Products with one or two input rows (decode) take f32 dot products
-//! straight off the blocks for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K; up to
-//! eight rows (batched decode) decode each weight row once and dot it with
-//! every input row; larger products decode L2-sized tiles of weight rows and
-//! run the f32 GEMM of the `gemm` crate (the one candle uses) on them.
+//! Products with up to [`INT_MAX_M`] input rows (decode, batched decode)
+//! quantize the activations to 8 bits per 32 values once (`q8`) and dot
+//! them with the weight blocks in integer arithmetic (`int_dot`: AVX512-VNNI
+//! or AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or scalar, picked at run
+//! time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and
+//! Q6_K. Larger products decode L2-sized tiles of weight rows and run the
+//! f32 GEMM of the `gemm` crate (the one candle uses) on them; Q2_K and Q3_K
+//! products of up to eight rows decode each weight row once and dot it with
+//! every input row in f32.
 //!
-//! Unlike ggml's (and candle's) kernels the activations are not quantized
-//! to 8 bits, which keeps small quantized models (SmolLM2-135M Q4_1) on the
-//! same greedy path as their dequantized weights. Inner loops are compiled
-//! twice, for the baseline target and for AVX2+FMA+F16C (picked at run
-//! time), so release builds without `-C target-cpu` still use wide vectors.
-//! k-quant rows are decoded by candle's block decoders.
+//! Matrices whose products must keep f32 activations ([`Activations::F32`]:
+//! the logits) take f32 dot products straight off the blocks for one or two
+//! rows instead: with 8-bit activations in the LM head, SmolLM2-135M Q4_1
+//! answers "What is the capital of France?" with French word salad ("L'Étoile,
+//! la Cité, la Nation, ..."; llama.cpp, which quantizes them too, also
+//! answers in French on that file: benchmark/profile-notes.md), where f32 logits keep "The capital of France is Paris." (the
+//! `smollm2` test, run both ways). 8-bit activations in the other matrices
+//! of decode steps keep that answer; in the 37-token prompt step (tried with
+//! [`INT_MAX_M`] raised) they do not (French again), one more reason besides
+//! speed that prompts stay on the f32 GEMM.
+//!
+//! Inner loops are compiled for the baseline target and for AVX2+FMA+F16C
+//! (picked at run time), so release builds without `-C target-cpu` still
+//! use wide vectors. k-quant rows are decoded by candle's block decoders.
+
+mod int_dot;
+#[cfg(target_arch = "x86_64")]
+mod int_dot_x86;
+mod q8;
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType,
@@ -22,10 +39,19 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-/// Input rows up to which Q4_0/Q4_1/Q8_0/Q4_K/Q6_K products take dot products
-/// straight off the blocks; above (and for other types), weight tiles are
-/// decoded for a GEMM.
+/// Input rows up to which products with f32 activations take Q4_0 / Q4_1 /
+/// Q8_0 / Q4_K / Q6_K dot products straight off the blocks.
 const FUSED_MAX_M: usize = 2;
+/// Input rows up to which products with 8-bit activations take the integer
+/// kernels; above, weight tiles are decoded for the f32 GEMM. Measured with
+/// both paths forced (`qmatmul q4k|q8_0|q4_1 f32|int8 8,16,32,64`, one
+/// thread, best of 2 on the shared 2-vCPU Xeon at load ~16, so +-30 %):
+/// at 8 rows the integer kernels lead (1.1-2.2x on Qwen2.5-1.5B's MLP
+/// shapes), at 16 they tie (0.8-1.3x), at 32 and 64 the GEMM leads
+/// (integer 0.6-1.0x on 1.5B shapes, 0.2-0.6x on SmolLM2's small ones).
+/// The integer kernels stream every activation row past each weight row
+/// with no tiling over the rows, which is what a prefill kernel would add.
+pub const INT_MAX_M: usize = 8;
 /// Up to this many input rows, each weight row is decoded once into an L1
 /// buffer and dotted with every input row; beyond it, tiles + GEMM win.
 /// Measured on 2 cores with each path forced (`npm run bench -- profile
@@ -46,6 +72,16 @@ impl SendPtr {
     fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// How a product sees its input rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activations {
+    /// Quantized to 8 bits per 32 values for the integer kernels (where the
+    /// weight type has one).
+    Int8,
+    /// Kept f32 (the logits: see the module comment).
+    F32,
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
@@ -846,7 +882,7 @@ impl BlockMatrix {
     }
 
     /// `x` (`[m, k]` row-major f32) times the matrix transposed: `[m, n]`.
-    pub fn matmul_f32(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    pub fn matmul_f32(&self, x: &[f32], m: usize, acts: Activations) -> Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         if x.len() != m * k {
             bail!(
@@ -860,6 +896,35 @@ impl BlockMatrix {
         }
         let threads = rayon::current_num_threads();
         let dst = SendPtr(out.as_mut_ptr());
+        if acts == Activations::Int8 && m <= INT_MAX_M && int_dot::supported(self.dtype) {
+            // Decode and batched decode: the activations are quantized once,
+            // each weight row is unpacked once for all m of them.
+            let q = q8::Q8Rows::quantize(x, k);
+            let rows: Vec<q8::Q8Row> = (0..m).map(|i| q.row(i)).collect();
+            let kernel = int_dot::kernel();
+            let bytes = self.bytes();
+            let rows_per_task = (n / (threads * 8)).clamp(1, 64);
+            (0..n.div_ceil(rows_per_task))
+                .into_par_iter()
+                .for_each_init(
+                    || vec![0f32; m],
+                    |dots, t| {
+                        let r0 = t * rows_per_task;
+                        for r in r0..(r0 + rows_per_task).min(n) {
+                            let row = &bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
+                            // SAFETY: `kernel` is the one this CPU runs; `row`
+                            // holds whole blocks and each q8 row k values.
+                            unsafe { kernel(self.dtype, row, &rows, dots) };
+                            for (i, v) in dots.iter().enumerate() {
+                                // SAFETY: i < m and r < n index the [m, n]
+                                // output; each task owns its rows r.
+                                unsafe { *dst.get().add(i * n + r) = *v };
+                            }
+                        }
+                    },
+                );
+            return Ok(out);
+        }
         if m <= FUSED_MAX_M && has_fused(self.dtype) {
             // Decode (one or a few sequences): dot products straight off
             // the blocks; the weights are read once from memory.
@@ -931,7 +996,7 @@ impl BlockMatrix {
     }
 
     /// `x` `[tokens, k]` (f32, bf16 or f16) -> `[tokens, n]` in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, acts: Activations) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.k {
             bail!(
@@ -941,7 +1006,7 @@ impl BlockMatrix {
         }
         let in_dtype = x.dtype();
         let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.matmul_f32(&xv, m)?;
+        let y = self.matmul_f32(&xv, m, acts)?;
         Tensor::from_vec(y, (m, self.n), x.device())?.to_dtype(in_dtype)
     }
 }
@@ -957,12 +1022,23 @@ mod tests {
         let q = QTensor::quantize(&w, dtype)?;
         let wd = q.dequantize(&dev)?;
         let bm = BlockMatrix::from_qtensor(&q)?.expect("supported type");
-        for m in [1usize, 2, 3, 7, 16, 37] {
+        for m in [1usize, 2, 3, 7, 8, 9, 16, 37] {
             let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? + 0.5)?;
-            let want = x.matmul(&wd.t()?)?;
-            let got = bm.forward(&x)?;
-            let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d < 1e-3, "{dtype:?} m={m}: max diff {d}");
+            for acts in [Activations::F32, Activations::Int8] {
+                // The integer kernels see the activations as their 8-bit
+                // blocks dequantized; every other path sees them as they are.
+                let int = acts == Activations::Int8 && m <= INT_MAX_M && int_dot::supported(dtype);
+                let xs = if int {
+                    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                    Tensor::from_vec(q8::Q8Rows::quantize(&xv, k).dequantized(), (m, k), &dev)?
+                } else {
+                    x.clone()
+                };
+                let want = xs.matmul(&wd.t()?)?;
+                let got = bm.forward(&x, acts)?;
+                let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-3, "{dtype:?} m={m} {acts:?}: max diff {d}");
+            }
         }
         // Rows decode to exactly candle's dequantization.
         let ids = [5u32, 0, 71];
@@ -1023,9 +1099,9 @@ mod tests {
         let ab = BlockMatrix::stack(&[&a, &b]).unwrap();
         assert_eq!(ab.dims(), (12, 64));
         let x = Tensor::randn(0f32, 1.0, (1, 64), &dev)?;
-        let y = ab.forward(&x)?.to_vec2::<f32>()?;
-        let ya = a.forward(&x)?.to_vec2::<f32>()?;
-        let yb = b.forward(&x)?.to_vec2::<f32>()?;
+        let y = ab.forward(&x, Activations::Int8)?.to_vec2::<f32>()?;
+        let ya = a.forward(&x, Activations::Int8)?.to_vec2::<f32>()?;
+        let yb = b.forward(&x, Activations::Int8)?.to_vec2::<f32>()?;
         assert_eq!(y[0][..8], ya[0][..]);
         assert_eq!(y[0][8..], yb[0][..]);
         Ok(())
@@ -1037,11 +1113,14 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (8, 64), &dev)?;
         let bm = BlockMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0)?)?.unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 64), &dev)?.to_dtype(DType::BF16)?;
-        let y = bm.forward(&x)?;
+        let y = bm.forward(&x, Activations::Int8)?;
         assert_eq!(y.dtype(), DType::BF16);
         assert_eq!(y.dims(), &[2, 8]);
         assert!(bm
-            .forward(&Tensor::zeros((1, 63), DType::F32, &dev)?)
+            .forward(
+                &Tensor::zeros((1, 63), DType::F32, &dev)?,
+                Activations::Int8
+            )
             .is_err());
         Ok(())
     }

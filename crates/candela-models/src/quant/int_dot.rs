@@ -1,0 +1,352 @@
+//! Integer dot products of block-quantized weight rows with 8-bit
+//! activations ([`Q8Row`]): per 32-value group `sum_j w_j a_j` in exact
+//! integer arithmetic, then scaled by the weight's and the activation
+//! block's scales in f32 (plus the weight's offset times the block's
+//! `d * sum(a)`).
+//!
+//! This file holds the formats' layouts as scalar kernels, the reference
+//! the vector ones (`int_dot_x86`: AVX2 `maddubs`, and VNNI `vpdpbusd` in
+//! its AVX-VNNI and AVX512-VNNI encodings) are tested against; [`kernel`]
+//! picks one for the CPU at run time.
+
+use candle_core::quantized::GgmlDType;
+
+use super::q8::{Q8Row, QK};
+use super::{f16_at, scale_min_k4};
+
+/// Weight formats with an integer kernel.
+pub fn supported(dtype: GgmlDType) -> bool {
+    use GgmlDType as G;
+    matches!(
+        dtype,
+        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_0 | G::Q4K | G::Q5K | G::Q6K
+    )
+}
+
+/// A kernel: one weight row (whole blocks of `dtype`) dotted with each of
+/// the activation rows `a` (same length), into `out[..a.len()]`. The
+/// vector kernels unpack each weight block once for all the rows.
+pub type RowsDot = unsafe fn(GgmlDType, &[u8], &[Q8Row], &mut [f32]);
+
+/// The instruction sets an integer kernel can use, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2, Isa::Scalar];
+
+    /// Whether this CPU runs the kernel.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::cpu;
+            match self {
+                Isa::Avx512Vnni => cpu::has_avx512_vnni(),
+                Isa::AvxVnni => cpu::has_avx_vnni(),
+                Isa::Avx2 => cpu::has_avx2(),
+                Isa::Scalar => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
+    }
+
+    /// The kernel for this instruction set; call it only where
+    /// [`Isa::available`] is true.
+    pub fn rows_dot(self) -> RowsDot {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::int_dot_x86 as x86;
+            match self {
+                Isa::Avx512Vnni => x86::avx512vnni::rows_dot,
+                Isa::AvxVnni => x86::avxvnni::rows_dot,
+                Isa::Avx2 => x86::avx2::rows_dot,
+                Isa::Scalar => rows_dot_scalar,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            rows_dot_scalar
+        }
+    }
+}
+
+/// The best kernel this CPU runs (checked once).
+pub fn kernel() -> RowsDot {
+    use std::sync::OnceLock;
+    static BEST: OnceLock<RowsDot> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.available())
+            .map_or(rows_dot_scalar as RowsDot, Isa::rows_dot)
+    })
+}
+
+/// Bit `j` of a Q5_0/Q5_1 block's high bits, as the quant's bit 4.
+#[inline(always)]
+fn q5_high(qh: u32, j: usize) -> u8 {
+    (((qh >> j) & 1) << 4) as u8
+}
+
+fn idot<W: Into<i32> + Copy>(w: impl Iterator<Item = W>, a: &[i8]) -> i32 {
+    w.zip(a).map(|(w, &a)| w.into() * a as i32).sum()
+}
+
+/// The scalar kernel over several activation rows.
+///
+/// # Safety
+/// None needed; `unsafe` only to share the [`RowsDot`] type.
+pub unsafe fn rows_dot_scalar(dtype: GgmlDType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(a) {
+        *o = row_dot_scalar(dtype, row, *a);
+    }
+}
+
+/// One weight row dotted with one activation row, in scalar code.
+pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
+    let mut acc = 0f32;
+    let mut offs = 0f32;
+    let mut groups = a.qs.chunks_exact(QK).zip(a.d.iter().zip(a.dsum));
+    match dtype {
+        GgmlDType::Q8_0 => {
+            for (blk, (qa, (&da, _))) in row.chunks_exact(34).zip(groups) {
+                let s = idot(blk[2..34].iter().map(|&w| w as i8), qa);
+                acc += f16_at(blk, 0) * da * s as f32;
+            }
+        }
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
+            let q4_1 = dtype == GgmlDType::Q4_1;
+            let (bsz, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
+            for (blk, (qa, (&da, &dsum))) in row.chunks_exact(bsz).zip(groups) {
+                let qs = &blk[qoff..qoff + 16];
+                let w = qs.iter().map(|q| q & 0x0F).chain(qs.iter().map(|q| q >> 4));
+                let d = f16_at(blk, 0);
+                acc += d * da * idot(w, qa) as f32;
+                // Q4_0 decodes as (q - 8) d, Q4_1 as q d + m.
+                offs += if q4_1 { f16_at(blk, 2) } else { -8.0 * d } * dsum;
+            }
+        }
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+            let q5_1 = dtype == GgmlDType::Q5_1;
+            let (bsz, hoff) = if q5_1 { (24, 4) } else { (22, 2) };
+            for (blk, (qa, (&da, &dsum))) in row.chunks_exact(bsz).zip(groups) {
+                let qh =
+                    u32::from_le_bytes([blk[hoff], blk[hoff + 1], blk[hoff + 2], blk[hoff + 3]]);
+                let qs = &blk[hoff + 4..hoff + 20];
+                let lo = qs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, q)| (q & 0x0F) | q5_high(qh, j));
+                let hi = qs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, q)| (q >> 4) | q5_high(qh, j + 16));
+                let d = f16_at(blk, 0);
+                acc += d * da * idot(lo.chain(hi), qa) as f32;
+                // Q5_0 decodes as (q - 16) d, Q5_1 as q d + m.
+                offs += if q5_1 { f16_at(blk, 2) } else { -16.0 * d } * dsum;
+            }
+        }
+        GgmlDType::Q4K | GgmlDType::Q5K => {
+            let q5 = dtype == GgmlDType::Q5K;
+            let (bsz, qoff) = if q5 { (176, 48) } else { (144, 16) };
+            for blk in row.chunks_exact(bsz) {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let Ok(scales) = <&[u8; 12]>::try_from(&blk[4..16]) else {
+                    continue;
+                };
+                for j in 0..8 {
+                    let Some((qa, (&da, &dsum))) = groups.next() else {
+                        break;
+                    };
+                    let (sc, mn) = scale_min_k4(j, scales);
+                    // Sub-block 2c is the low nibbles of qs[32c..32c+32], 2c+1
+                    // the high ones; Q5_K's bit 4 is bit j of qh[l].
+                    let q = &blk[qoff + 32 * (j / 2)..qoff + 32 * (j / 2) + 32];
+                    let w = q.iter().enumerate().map(|(l, q)| {
+                        let lo = if j % 2 == 0 { q & 0x0F } else { q >> 4 };
+                        let hi = if q5 { ((blk[16 + l] >> j) & 1) << 4 } else { 0 };
+                        lo | hi
+                    });
+                    acc += d * sc * da * idot(w, qa) as f32;
+                    offs -= dmin * mn * dsum;
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            for blk in row.chunks_exact(210) {
+                let d = f16_at(blk, 208);
+                for half in 0..2 {
+                    let ql = &blk[64 * half..64 * half + 64];
+                    let qh = &blk[128 + 32 * half..128 + 32 * half + 32];
+                    let sc = &blk[192 + 8 * half..192 + 8 * half + 8];
+                    for t in 0..4 {
+                        let Some((qa, (&da, _))) = groups.next() else {
+                            break;
+                        };
+                        let q = |l: usize| q6(ql, qh, t, l) as i32 - 32;
+                        let s0: i32 = (0..16).map(|l| q(l) * qa[l] as i32).sum();
+                        let s1: i32 = (16..32).map(|l| q(l) * qa[l] as i32).sum();
+                        let s = (sc[2 * t] as i8) as i32 * s0 + (sc[2 * t + 1] as i8) as i32 * s1;
+                        acc += d * da * s as f32;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    acc + offs
+}
+
+/// Quant `l` (0..32) of group `t` (0..4) of one Q6_K half: 4 low bits from
+/// `ql` (low nibbles of bytes 0..32 for t = 0, of 32..64 for t = 1, high
+/// nibbles for t = 2, 3) and 2 high bits from `qh` (bits 2t..2t+2), in 0..64.
+#[inline(always)]
+fn q6(ql: &[u8], qh: &[u8], t: usize, l: usize) -> u8 {
+    let lo = ql[l + 32 * (t % 2)];
+    let lo = if t < 2 { lo & 0x0F } else { lo >> 4 };
+    lo | (((qh[l] >> (2 * t)) & 3) << 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Result, Tensor};
+
+    use super::super::q8::Q8Rows;
+    use super::*;
+
+    const TYPES: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
+    /// Three weight rows (mean shifted so offsets matter) and `m` activation
+    /// rows with an all-zero block and one large outlier.
+    fn case(dtype: GgmlDType, k: usize, m: usize) -> Result<(QTensor, Vec<f32>, Vec<f32>)> {
+        let dev = Device::Cpu;
+        let w = (Tensor::randn(0f32, 1.0, (3, k), &dev)? + 0.3)?;
+        let q = QTensor::quantize(&w, dtype)?;
+        let wd = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? - 0.4)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        x[..QK].fill(0.0);
+        x[k - 3] = 40.0;
+        Ok((q, wd, x))
+    }
+
+    /// Lengths per format: its block size and up, including (for the
+    /// 32-value formats) lengths that are not multiples of 256.
+    fn lengths(dtype: GgmlDType) -> &'static [usize] {
+        if dtype.block_size() == 256 {
+            &[256, 768, 2560]
+        } else {
+            &[32, 96, 416, 544, 2048]
+        }
+    }
+
+    /// The scalar kernel computes the dot product of the dequantized weights
+    /// (candle's dequantization) with the dequantized activations, up to f32
+    /// rounding: it reads each format's layout right.
+    #[test]
+    fn scalar_kernel_is_the_dequantized_dot_product() -> Result<()> {
+        for dtype in TYPES {
+            for &k in lengths(dtype) {
+                let (q, wd, x) = case(dtype, k, 1)?;
+                let acts = Q8Rows::quantize(&x, k);
+                let xd = acts.dequantized();
+                let bytes = q.data()?;
+                let row_bytes = bytes.len() / 3;
+                for r in 0..3 {
+                    let w = &wd[r * k..(r + 1) * k];
+                    let want: f64 = w.iter().zip(&xd).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = w
+                        .iter()
+                        .zip(&xd)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    let got = row_dot_scalar(
+                        dtype,
+                        &bytes[r * row_bytes..(r + 1) * row_bytes],
+                        acts.row(0),
+                    );
+                    let err = (got as f64 - want).abs();
+                    assert!(
+                        err <= 1e-5 * mag,
+                        "{dtype:?} k={k} row {r}: {got} vs {want} (magnitude {mag})"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every vector kernel this CPU runs matches the scalar one for every
+    /// format, odd lengths and 1 to 7 activation rows at once (same integer
+    /// sums; only the f32 accumulation order differs).
+    #[test]
+    fn vector_kernels_match_scalar() -> Result<()> {
+        let ran: Vec<Isa> = Isa::ALL
+            .into_iter()
+            .filter(|i| *i != Isa::Scalar && i.available())
+            .collect();
+        eprintln!("integer kernels checked on this CPU: {ran:?}");
+        for dtype in TYPES {
+            for &k in lengths(dtype) {
+                for m in [1usize, 2, 3, 4, 7] {
+                    let (q, wd, x) = case(dtype, k, m)?;
+                    let acts = Q8Rows::quantize(&x, k);
+                    let xd = acts.dequantized();
+                    let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
+                    let mut bytes = q.data()?.to_vec();
+                    if dtype == GgmlDType::Q8_0 {
+                        bytes[2] = 0x80; // -128: ggml never writes it, other quantizers may
+                    }
+                    let row_bytes = bytes.len() / 3;
+                    for r in 0..3 {
+                        let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                        for isa in &ran {
+                            let mut got = vec![f32::NAN; m];
+                            // SAFETY: `ran` holds the instruction sets this CPU has.
+                            unsafe { isa.rows_dot()(dtype, row, &rows, &mut got) };
+                            for (i, g) in got.iter().enumerate() {
+                                let want = row_dot_scalar(dtype, row, rows[i]);
+                                let mag: f32 = wd[r * k..(r + 1) * k]
+                                    .iter()
+                                    .zip(&xd[i * k..(i + 1) * k])
+                                    .map(|(a, b)| (a * b).abs())
+                                    .sum();
+                                assert!(
+                                    (g - want).abs() <= 1e-5 * mag,
+                                    "{isa:?} {dtype:?} k={k} m={m} row {r} act {i}: {g} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_best_kernel_is_picked() {
+        let best = Isa::ALL.into_iter().find(|i| i.available()).unwrap();
+        assert!(std::ptr::fn_addr_eq(kernel(), best.rows_dot()));
+    }
+}

@@ -1,0 +1,358 @@
+//! x86 integer kernels. Each 32-value weight group is unpacked once into 32
+//! unsigned bytes (signed quants as |w| with w's sign moved onto the
+//! activations) and multiplied with the 32 activation bytes of each of up
+//! to 4 activation rows into eight i32 lanes of four products, converted to
+//! f32 and accumulated with the group's combined scale: batched rows share
+//! the unpacking, and the rows' accumulators are independent chains.
+//! Everything but the entry point is inlined into it (`inline(always)`), so
+//! the accumulators stay in registers. Three builds of the same kernels differ only in that multiply: AVX2
+//! `vpmaddubsw` + `vpmaddwd` (pairs saturate at i16, which no format here
+//! reaches: at most 2 x 128 x 127), and VNNI `vpdpbusd` in its AVX-VNNI and
+//! AVX512-VNNI (256-bit, VL) encodings.
+
+use std::arch::x86_64::*;
+
+/// u8 x i8 products of 32 bytes, summed in fours into 8 i32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_maddubs(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+}
+
+#[target_feature(enable = "avx2,avxvnni")]
+#[inline]
+unsafe fn dot_avxvnni(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, a)
+}
+
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn dot_avx512vnni(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+}
+
+/// The 32-value formats, as const parameters of one kernel.
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q4_1: u8 = 2;
+const Q5_0: u8 = 3;
+const Q5_1: u8 = 4;
+
+macro_rules! kernels {
+    ($name:ident, $feat:literal, $dot:ident) => {
+        pub mod $name {
+            use std::arch::x86_64::*;
+
+            use candle_core::quantized::GgmlDType;
+
+            use super::super::int_dot::rows_dot_scalar;
+            use super::super::q8::{Q8Row, QK};
+            use super::super::scale_min_k4;
+            use super::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+
+            #[inline(always)]
+            unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {
+                super::$dot(w, a)
+            }
+
+            #[inline(always)]
+            unsafe fn f16(b: &[u8], i: usize) -> f32 {
+                let h = u16::from_le_bytes([b[i], b[i + 1]]);
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+            }
+
+            #[inline(always)]
+            unsafe fn load32(p: &[u8]) -> __m256i {
+                _mm256_loadu_si256(p[..32].as_ptr() as *const __m256i)
+            }
+
+            #[inline(always)]
+            unsafe fn acts(a: &[i8]) -> __m256i {
+                _mm256_loadu_si256(a[..32].as_ptr() as *const __m256i)
+            }
+
+            /// `acc + f32(p) * s`.
+            #[inline(always)]
+            unsafe fn fma(acc: __m256, p: __m256i, s: __m256) -> __m256 {
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc)
+            }
+
+            #[inline(always)]
+            unsafe fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+            }
+
+            /// 16 packed bytes as 32 nibbles: low nibbles first, then high.
+            #[inline(always)]
+            unsafe fn nibbles(q: &[u8]) -> __m256i {
+                let q = _mm_loadu_si128(q[..16].as_ptr() as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+                _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+            }
+
+            /// Bit j of `qh` as 0x10 in byte j.
+            #[inline(always)]
+            unsafe fn high_bits(qh: u32) -> __m256i {
+                // Byte j takes byte j / 8 of qh, then keeps only bit j % 8.
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh as i32),
+                    _mm256_setr_epi64x(
+                        0,
+                        0x0101_0101_0101_0101,
+                        0x0202_0202_0202_0202,
+                        0x0303_0303_0303_0303,
+                    ),
+                );
+                let bit = _mm256_set1_epi64x(i64::from_le_bytes([1, 2, 4, 8, 16, 32, 64, 128]));
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+            }
+
+            /// Block `b` of a 32-value-format row with block `b` of each
+            /// activation row: `acc[i] += dot * d * d_a`, and the block's
+            /// offset (zero point or min) times the activations' sum to
+            /// `offs[i]`.
+            #[inline(always)]
+            unsafe fn legacy_block<const T: u8, const M: usize>(
+                row: &[u8],
+                a: &[Q8Row; M],
+                b: usize,
+                acc: &mut [__m256; M],
+                offs: &mut [f32; M],
+            ) {
+                let bsz = match T {
+                    Q8_0 => 34,
+                    Q4_0 => 18,
+                    Q4_1 => 20,
+                    Q5_0 => 22,
+                    _ => 24,
+                };
+                let blk = &row[bsz * b..bsz * b + bsz];
+                let d = f16(blk, 0);
+                // Q4_0 decodes as (q - 8) d, Q5_0 as (q - 16) d, Q4_1 and
+                // Q5_1 as q d + m.
+                let (w, off) = match T {
+                    Q8_0 => (load32(&blk[2..]), 0.0),
+                    Q4_0 => (nibbles(&blk[2..]), -8.0 * d),
+                    Q4_1 => (nibbles(&blk[4..]), f16(blk, 2)),
+                    _ => {
+                        let h = if T == Q5_0 { 2 } else { 4 };
+                        let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
+                        let w = _mm256_or_si256(nibbles(&blk[h + 4..]), high_bits(qh));
+                        (w, if T == Q5_0 { -16.0 * d } else { f16(blk, 2) })
+                    }
+                };
+                let wu = if T == Q8_0 { _mm256_abs_epi8(w) } else { w };
+                for i in 0..M {
+                    let x = acts(&a[i].qs[QK * b..]);
+                    let x = if T == Q8_0 { _mm256_sign_epi8(x, w) } else { x };
+                    acc[i] = fma(acc[i], dot(wu, x), _mm256_set1_ps(d * a[i].d[b]));
+                    if T != Q8_0 {
+                        offs[i] += off * a[i].dsum[b];
+                    }
+                }
+            }
+
+            /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows: blocks in pairs, two
+            /// accumulators per activation row (one FMA chain is the limit
+            /// otherwise).
+            #[inline(always)]
+            unsafe fn legacy<const T: u8, const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                let nb = a[0].d.len();
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                let mut offs = [0f32; M];
+                let mut b = 0;
+                while b + 1 < nb {
+                    legacy_block::<T, M>(row, a, b, &mut acc0, &mut offs);
+                    legacy_block::<T, M>(row, a, b + 1, &mut acc1, &mut offs);
+                    b += 2;
+                }
+                if b < nb {
+                    legacy_block::<T, M>(row, a, b, &mut acc0, &mut offs);
+                }
+                let mut out = [0f32; M];
+                for i in 0..M {
+                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + offs[i];
+                }
+                out
+            }
+
+            /// Q4_K (and with `Q5`, Q5_K) rows: per 64 values, the low and
+            /// high nibbles of 32 bytes are two sub-blocks with their own
+            /// 6-bit scale and min (Q5_K adds bit 4 from `qh`).
+            #[inline(always)]
+            unsafe fn q4k_q5k<const Q5: bool, const M: usize>(
+                row: &[u8],
+                a: &[Q8Row; M],
+            ) -> [f32; M] {
+                let (bsz, qoff) = if Q5 { (176, 48) } else { (144, 16) };
+                let (mask, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                let mut offs = [0f32; M];
+                for (sb, blk) in row.chunks_exact(bsz).enumerate() {
+                    let (d, dmin) = (f16(blk, 0), f16(blk, 2));
+                    let Ok(scales) = <&[u8; 12]>::try_from(&blk[4..16]) else {
+                        continue;
+                    };
+                    // Q5_K: bits 2c and 2c+1 of qh[l] are bit 4 of chunk c's
+                    // low and high nibble quants; shifted down 2 per chunk.
+                    let mut qh = if Q5 {
+                        load32(&blk[16..])
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    for c in 0..4 {
+                        let (j0, j1) = (8 * sb + 2 * c, 8 * sb + 2 * c + 1);
+                        let (sc0, m0) = scale_min_k4(2 * c, scales);
+                        let (sc1, m1) = scale_min_k4(2 * c + 1, scales);
+                        let q = load32(&blk[qoff + 32 * c..]);
+                        let mut lo = _mm256_and_si256(q, mask);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                        if Q5 {
+                            lo = _mm256_or_si256(
+                                lo,
+                                _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4),
+                            );
+                            hi = _mm256_or_si256(
+                                hi,
+                                _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4),
+                            );
+                            qh = _mm256_srli_epi16(qh, 2);
+                        }
+                        for i in 0..M {
+                            let (x0, x1) = (acts(&a[i].qs[QK * j0..]), acts(&a[i].qs[QK * j1..]));
+                            acc0[i] =
+                                fma(acc0[i], dot(lo, x0), _mm256_set1_ps(d * sc0 * a[i].d[j0]));
+                            acc1[i] =
+                                fma(acc1[i], dot(hi, x1), _mm256_set1_ps(d * sc1 * a[i].d[j1]));
+                            offs[i] -= dmin * (m0 * a[i].dsum[j0] + m1 * a[i].dsum[j1]);
+                        }
+                    }
+                }
+                let mut out = [0f32; M];
+                for i in 0..M {
+                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + offs[i];
+                }
+                out
+            }
+
+            /// Q6_K rows: per 32 values, 4 low bits and 2 high bits make
+            /// `q` in 0..64; `q - 32` goes through the sign trick, and each
+            /// half of the 8 lanes takes its 16-value sub-block's scale.
+            #[inline(always)]
+            unsafe fn q6k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                let (m4, m3, m32) = (
+                    _mm256_set1_epi8(0x0F),
+                    _mm256_set1_epi8(3),
+                    _mm256_set1_epi8(32),
+                );
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                for (sb, blk) in row.chunks_exact(210).enumerate() {
+                    let d = f16(blk, 208);
+                    for half in 0..2 {
+                        let ql0 = load32(&blk[64 * half..]);
+                        let ql1 = load32(&blk[64 * half + 32..]);
+                        let qh = load32(&blk[128 + 32 * half..]);
+                        let sc = &blk[192 + 8 * half..192 + 8 * half + 8];
+                        let lows = [
+                            _mm256_and_si256(ql0, m4),
+                            _mm256_and_si256(ql1, m4),
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        ];
+                        let highs = [
+                            qh,
+                            _mm256_srli_epi16(qh, 2),
+                            _mm256_srli_epi16(qh, 4),
+                            _mm256_srli_epi16(qh, 6),
+                        ];
+                        for t in 0..4 {
+                            let g = 8 * sb + 4 * half + t;
+                            let high = _mm256_slli_epi16(_mm256_and_si256(highs[t], m3), 4);
+                            let w = _mm256_sub_epi8(_mm256_or_si256(lows[t], high), m32);
+                            let wu = _mm256_abs_epi8(w);
+                            let (s0, s1) = (
+                                (sc[2 * t] as i8) as f32 * d,
+                                (sc[2 * t + 1] as i8) as f32 * d,
+                            );
+                            let s = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+                            for i in 0..M {
+                                let x = _mm256_sign_epi8(acts(&a[i].qs[QK * g..]), w);
+                                let si = _mm256_mul_ps(s, _mm256_set1_ps(a[i].d[g]));
+                                if t % 2 == 0 {
+                                    acc0[i] = fma(acc0[i], dot(wu, x), si);
+                                } else {
+                                    acc1[i] = fma(acc1[i], dot(wu, x), si);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut out = [0f32; M];
+                for i in 0..M {
+                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+                }
+                out
+            }
+
+            /// One weight row with `M` activation rows.
+            #[inline(always)]
+            unsafe fn by<const M: usize>(
+                dtype: GgmlDType,
+                row: &[u8],
+                a: &[Q8Row],
+                out: &mut [f32],
+            ) {
+                let Ok(a) = <&[Q8Row; M]>::try_from(&a[..M]) else {
+                    return;
+                };
+                let r = match dtype {
+                    GgmlDType::Q8_0 => legacy::<Q8_0, M>(row, a),
+                    GgmlDType::Q4_0 => legacy::<Q4_0, M>(row, a),
+                    GgmlDType::Q4_1 => legacy::<Q4_1, M>(row, a),
+                    GgmlDType::Q5_0 => legacy::<Q5_0, M>(row, a),
+                    GgmlDType::Q5_1 => legacy::<Q5_1, M>(row, a),
+                    GgmlDType::Q4K => q4k_q5k::<false, M>(row, a),
+                    GgmlDType::Q5K => q4k_q5k::<true, M>(row, a),
+                    GgmlDType::Q6K => q6k::<M>(row, a),
+                    d => return rows_dot_scalar(d, row, a, out),
+                };
+                out[..M].copy_from_slice(&r);
+            }
+
+            /// One weight row of `dtype` dotted with each row of `a`, four
+            /// activation rows per pass over the weights.
+            ///
+            /// # Safety
+            /// The CPU must have the instruction sets this module is built for.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn rows_dot(dtype: GgmlDType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
+                let mut i = 0;
+                while i < a.len() {
+                    let step = match a.len() - i {
+                        1 => 1,
+                        2 | 3 => 2,
+                        _ => 4,
+                    };
+                    let (ai, oi) = (&a[i..i + step], &mut out[i..i + step]);
+                    match step {
+                        1 => by::<1>(dtype, row, ai, oi),
+                        2 => by::<2>(dtype, row, ai, oi),
+                        _ => by::<4>(dtype, row, ai, oi),
+                    }
+                    i += step;
+                }
+            }
+        }
+    };
+}
+
+kernels!(avx2, "avx2,fma,f16c", dot_maddubs);
+kernels!(avxvnni, "avx2,fma,f16c,avxvnni", dot_avxvnni);
+kernels!(
+    avx512vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dot_avx512vnni
+);

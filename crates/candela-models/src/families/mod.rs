@@ -229,24 +229,28 @@ mod tests {
                 && err.contains("LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
             "{err}"
         );
-        assert!(by_gguf_architecture("gemma3")
+        assert_eq!(by_gguf_architecture("gemma3").unwrap().name, "gemma3");
+        assert!(by_gguf_architecture("mamba")
             .unwrap_err()
             .to_string()
-            .contains("llama, qwen2, qwen3"));
+            .contains("llama, qwen2, qwen3, gemma3"));
+        assert_eq!(by_mmproj_projector("mlp").unwrap().name, "llava");
+        assert_eq!(by_mmproj_projector("gemma3").unwrap().name, "gemma3");
+        assert!(by_mmproj_projector("qwen2vl_merger")
+            .unwrap_err()
+            .contains("mlp"));
     }
 
     #[test]
     fn every_name_belongs_to_one_family() {
         let mut seen = std::collections::HashSet::new();
+        let mut projectors = std::collections::HashSet::new();
         for f in FAMILIES {
-            let projectors = f.mmproj.iter().flat_map(|m| m.projector_types.iter());
-            for n in f
-                .hf_architectures
-                .iter()
-                .chain(f.gguf_architectures)
-                .chain(projectors)
-            {
+            for n in f.hf_architectures.iter().chain(f.gguf_architectures) {
                 assert!(seen.insert(*n), "{n} is registered twice");
+            }
+            for p in f.mmproj.iter().flat_map(|m| m.projector_types.iter()) {
+                assert!(projectors.insert(*p), "projector {p} is registered twice");
             }
         }
     }

@@ -166,6 +166,8 @@ export interface NativeLoadOptions {
   quantization?: string
   /** With `quantization`: quantize the vision / audio towers too. */
   quantizationTowers?: boolean
+  /** llama.cpp's mmproj file (media towers + projector) for a GGUF model. */
+  mmproj?: string
   /** Tokens per KV block (default 16). */
   blockSize?: number
   /** Bytes for the KV cache (default: the engine's choice). */

@@ -79,6 +79,14 @@ export interface LoadOptions {
    * `loadedParameters === totalParameters`. Called on the JS thread.
    */
   onLoadProgress?: (progress: LoadProgress) => void
+  /**
+   * llama.cpp's mmproj file (the media towers and projector of a multimodal
+   * model, `mmproj-*.gguf`) to load with a GGUF `model`: its family is found
+   * by the file's projector type, and a pair that does not belong together
+   * (another family's mmproj, embedding sizes that differ) is a `LoadError`
+   * naming both files.
+   */
+  mmproj?: string
   /** Most sequences scheduled in one engine step (default 64). */
   maxNumSeqs?: number
   /**

@@ -68,6 +68,7 @@ const LOAD_KEYS = [
   'quantization',
   'quantizationTowers',
   'onLoadProgress',
+  'mmproj',
   'maxNumSeqs',
   'threads',
   'maxNumBatchedTokens',
@@ -119,6 +120,9 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
   }
   if (o.onLoadProgress !== undefined && typeof o.onLoadProgress !== 'function') {
     fail(`onLoadProgress must be a function, got ${show(o.onLoadProgress)}`)
+  }
+  if (o.mmproj !== undefined && (typeof o.mmproj !== 'string' || o.mmproj.trim() === '')) {
+    fail(`mmproj must be a path to an mmproj .gguf file, got ${show(o.mmproj)}`)
   }
   if (o.maxNumSeqs !== undefined) int('maxNumSeqs', o.maxNumSeqs, 1, 4096)
   if (o.threads !== undefined) int('threads', o.threads, 1, 1024)

@@ -210,6 +210,9 @@ export const SERVE_FLAGS: FlagGroup[] = [
       toggle('quantization-towers', 'with --quantization: quantize the vision / audio towers too (by default they keep --dtype)', (c) => {
         c.load.quantizationTowers = true
       }),
+      option('mmproj', 'FILE', "llama.cpp's mmproj file (media towers + projector) for a GGUF model", (c, v) => {
+        c.load.mmproj = v
+      }),
       option(
         'tool-call-parser',
         'NAME',

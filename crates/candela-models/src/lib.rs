@@ -18,6 +18,7 @@ pub mod input;
 pub mod load_progress;
 pub mod loader;
 pub mod mm_embeds;
+pub mod mmproj;
 pub mod multimodal;
 pub mod nn;
 pub mod paged_attention;

@@ -16,6 +16,7 @@ use crate::config::GenerationConfig;
 use crate::error::{ModelError, Result};
 use crate::families::{self, Checkpoint};
 use crate::load_progress::{self, LoadProgress, OnProgress};
+use crate::nn::decoder::DecoderLm;
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
 use crate::tokenizer::{read_json, Tokenizer};
@@ -42,6 +43,9 @@ pub struct LoadOptions {
     pub quantize_towers: bool,
     /// Told how many of the checkpoint's parameters are loaded so far.
     pub on_progress: Option<OnProgress>,
+    /// llama.cpp's mmproj file (media towers + projector) for a GGUF
+    /// language model.
+    pub mmproj: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +58,7 @@ impl Default for LoadOptions {
             quantization: None,
             quantize_towers: false,
             on_progress: None,
+            mmproj: None,
         }
     }
 }
@@ -190,6 +195,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         return Err(ModelError::UnsupportedQuantization(
             "quantizing the towers needs a quantization to apply".into(),
         ));
+    }
+    if let Some(mm) = &opts.mmproj {
+        if !mm.is_file() {
+            return Err(ModelError::MissingPath(mm.clone()));
+        }
+        if path.is_dir() {
+            return Err(ModelError::Config(format!(
+                "an mmproj file ({}) goes with a GGUF language model; {} is a model folder",
+                mm.display(),
+                path.display()
+            )));
+        }
     }
     if path.is_dir() {
         if is_auto_dtype(opts.dtype.as_deref()) && !device.is_cpu() {
@@ -372,17 +389,16 @@ fn load_gguf(
     opts: &LoadOptions,
 ) -> Result<LoadedModel> {
     let mut gguf = GgufWeights::open(path, dtype, device)?;
+    if gguf.architecture()? == crate::mmproj::MMPROJ_ARCHITECTURE {
+        return Err(ModelError::Config(format!(
+            "{} is an mmproj file (a multimodal model's media towers); load the language model's GGUF with it as mmproj",
+            path.display()
+        )));
+    }
     gguf.progress = opts
         .on_progress
         .as_ref()
         .map(|on| LoadProgress::start(load_progress::gguf_parameters(&gguf.content), on.clone()));
-    let family = families::by_gguf_architecture(gguf.architecture()?)?;
-    let load_gguf = family.load_gguf.ok_or_else(|| {
-        ModelError::Config(format!(
-            "internal: family {} has no GGUF loader",
-            family.name
-        ))
-    })?;
     let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
     let template_src = resolve_template_source(
         opts.chat_template.as_deref(),
@@ -412,7 +428,23 @@ fn load_gguf(
     let Weights::Gguf(g) = &weights else {
         return Err(ModelError::Config("internal: GGUF weights expected".into()));
     };
-    let model = load_gguf(g, &weights, opts.max_model_len)?;
+    let (model, processor): (Box<dyn Model>, Option<Arc<dyn MmProcessor>>) = match &opts.mmproj {
+        Some(mm) => {
+            let pair = crate::mmproj::load_pair(g, &weights, mm, &tokenizer, opts.max_model_len)?;
+            (pair.model, Some(pair.processor))
+        }
+        None => {
+            let family = families::by_gguf_architecture(g.architecture()?)?;
+            let config = family.gguf_config.ok_or_else(|| {
+                ModelError::Config(format!(
+                    "internal: family {} has no GGUF loader",
+                    family.name
+                ))
+            })?;
+            let lm = DecoderLm::load(config(g, opts.max_model_len)?, &weights)?;
+            (Box::new(lm), None)
+        }
+    };
     if let Some(p) = &g.progress {
         p.finish();
     }
@@ -428,7 +460,7 @@ fn load_gguf(
         },
         spec,
         model_name: name_of(path),
-        processor: None,
+        processor,
         quantization: None,
     })
 }

@@ -208,35 +208,60 @@ impl Tokenizer {
                        "rstrip": false, "normalized": *ty != 3, "special": *ty == 3})
             })
             .collect();
-        let mut pretoks: Vec<Value> = pipeline
-            .splits
-            .iter()
-            .map(|re| {
-                json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
+        let spec = if pipeline.escape_whitespace {
+            let unk = metadata
+                .get("tokenizer.ggml.unknown_token_id")
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| tokens.get(id as usize))
+                .map(|t| t.to_string());
+            json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+                "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+                "post_processor": null,
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"}]},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                    "ignore_merges": false, "vocab": vocab, "merges": known_merges(&merges, &vocab),
+                }
             })
-            .collect();
-        pretoks.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
-        let normalizer = if pipeline.nfc {
-            json!({"type": "NFC"})
         } else {
-            Value::Null
+            let mut pretoks: Vec<Value> = pipeline
+                .splits
+                .iter()
+                .map(|re| {
+                    json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
+                })
+                .collect();
+            pretoks.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+            let normalizer = if pipeline.nfc {
+                json!({"type": "NFC"})
+            } else {
+                Value::Null
+            };
+            json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": normalizer,
+                "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretoks},
+                "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                    "ignore_merges": pipeline.ignore_merges,
+                    "vocab": vocab, "merges": merges,
+                }
+            })
         };
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": normalizer,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretoks},
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": pipeline.ignore_merges,
-                "vocab": vocab, "merges": merges,
-            }
-        });
         let mut inner: tokenizers::Tokenizer = serde_json::from_value(spec)
             .map_err(|e| ModelError::Tokenizer(format!("GGUF tokenizer: {e}")))?;
 
@@ -406,6 +431,10 @@ struct PreTokenizerRecipe {
     nfc: bool,
     ignore_merges: bool,
     add_bos_default: bool,
+    /// SentencePiece-style BPE over `▁`-escaped spaces with byte fallback
+    /// (Gemma's tokenizer.json, llama.cpp's `escape_whitespaces` types)
+    /// instead of byte-level BPE.
+    escape_whitespace: bool,
 }
 
 /// GPT-2's byte-level split (tokenizers' `ByteLevel` with `use_regex`).
@@ -414,7 +443,7 @@ const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|
 const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 const SUPPORTED_PRE: &str =
-    "gpt2, gpt-2, smollm, starcoder, refact, codeshell, llama3, llama-v3, llama-bpe, falcon3, qwen2, deepseek-r1-qwen";
+    "gpt2, gpt-2, smollm, starcoder, refact, codeshell, llama3, llama-v3, llama-bpe, falcon3, qwen2, deepseek-r1-qwen, gemma4, granite-embed-multi-311m";
 
 impl PreTokenizerRecipe {
     fn for_pre(pre: &str) -> Result<Self> {
@@ -423,6 +452,7 @@ impl PreTokenizerRecipe {
             nfc,
             ignore_merges,
             add_bos_default,
+            escape_whitespace: false,
         };
         Ok(match pre {
             "gpt2" | "gpt-2" => r(&[GPT2_RE], false, false, false),
@@ -434,6 +464,12 @@ impl PreTokenizerRecipe {
             }
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => r(&[LLAMA3_RE], false, true, true),
             "qwen2" | "deepseek-r1-qwen" => r(&[QWEN2_RE], true, false, false),
+            // What llama.cpp's converter names a Gemma tokenizer.json
+            // without tokenizer.model (its pre-tokenizer hash matches these).
+            "gemma4" | "granite-embed-multi-311m" => Self {
+                escape_whitespace: true,
+                ..r(&[], false, false, true)
+            },
             other => {
                 return Err(ModelError::Tokenizer(format!(
                     "GGUF pre-tokenizer {other:?} is not supported (supported: {SUPPORTED_PRE})"
@@ -441,6 +477,24 @@ impl PreTokenizerRecipe {
             }
         })
     }
+}
+
+/// The merges whose parts and result are all in `vocab`: llama.cpp's
+/// converter writes a Gemma tokenizer's whitespace-run tokens as added
+/// tokens of plain spaces, so merges building `▁▁…` runs name tokens the
+/// GGUF vocabulary spells otherwise (those runs come out as the added tokens).
+fn known_merges<'a>(merges: &[&'a str], vocab: &serde_json::Map<String, Value>) -> Vec<&'a str> {
+    merges
+        .iter()
+        .copied()
+        .filter(|m| {
+            m.split_once(' ').is_some_and(|(a, b)| {
+                vocab.contains_key(a)
+                    && vocab.contains_key(b)
+                    && vocab.contains_key(&format!("{a}{b}"))
+            })
+        })
+        .collect()
 }
 
 fn gguf_str<'a>(m: &'a HashMap<String, gguf_file::Value>, key: &str) -> Result<&'a str> {

@@ -63,6 +63,8 @@ pub struct NativeLoadOptions {
     pub quantization: Option<String>,
     /// With `quantization`: quantize the vision / audio towers too.
     pub quantization_towers: Option<bool>,
+    /// llama.cpp's mmproj file (media towers + projector) for a GGUF model.
+    pub mmproj: Option<String>,
     /// Tokens per KV block (default 16).
     pub block_size: Option<u32>,
     /// Bytes for the KV cache (default: the engine's choice).
@@ -544,6 +546,7 @@ fn load_blocking(
                 );
             }))
         }),
+        mmproj: opts.mmproj.as_ref().map(PathBuf::from),
     };
     let started = std::time::Instant::now();
     let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;

@@ -17,6 +17,7 @@
 //! `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`) and 5.x
 //! (`layer_types`, `rope_parameters` per layer type).
 
+pub mod gguf;
 pub mod pan_and_scan;
 pub mod processor;
 pub mod vision;
@@ -42,9 +43,10 @@ pub const HF_VISION_ARCHITECTURE: &str = "Gemma3ForConditionalGeneration";
 pub const FAMILY: Family = Family {
     name: "gemma3",
     hf_architectures: &[HF_ARCHITECTURE],
-    gguf_architectures: &[],
+    gguf_architectures: &[gguf::GGUF_ARCHITECTURE],
     load_folder,
-    load_gguf: None,
+    gguf_config: Some(gguf::config_from_gguf),
+    mmproj: Some(gguf::MMPROJ),
 };
 
 pub const VISION_FAMILY: Family = Family {
@@ -52,7 +54,8 @@ pub const VISION_FAMILY: Family = Family {
     hf_architectures: &[HF_VISION_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder: load_vision_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 /// `Gemma3TextConfig`'s defaults (gemma-3-4b) for the fields a

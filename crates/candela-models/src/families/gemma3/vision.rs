@@ -54,22 +54,27 @@ impl Gemma3VisionConfig {
         let r: RawVisionFields =
             serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
         r.vision_config.validate()?;
-        let c = Self {
+        Self {
             mm_tokens_per_image: r.mm_tokens_per_image.unwrap_or(256),
             image_token_id: r.image_token_index.unwrap_or(262144),
             boi_token_id: r.boi_token_index.unwrap_or(255999),
             eoi_token_id: r.eoi_token_index.unwrap_or(256000),
             vision: r.vision_config,
-        };
-        let (grid, side) = (c.vision.grid(), c.tokens_per_side());
-        if side * side != c.mm_tokens_per_image || side == 0 || !grid.is_multiple_of(side) {
-            return Err(bad(format!(
-                "mm_tokens_per_image {} does not pool a {grid}x{grid} patch grid (a square \
-                 whose side divides {grid})",
-                c.mm_tokens_per_image
+        }
+        .checked()
+    }
+
+    /// The config with its pooling checked against the tower's grid.
+    pub fn checked(self) -> MResult<Self> {
+        let (grid, side) = (self.vision.grid(), self.tokens_per_side());
+        if side * side != self.mm_tokens_per_image || side == 0 || !grid.is_multiple_of(side) {
+            return Err(ModelError::Config(format!(
+                "Gemma 3 vision config: mm_tokens_per_image {} does not pool a {grid}x{grid} \
+                 patch grid (a square whose side divides {grid})",
+                self.mm_tokens_per_image
             )));
         }
-        Ok(c)
+        Ok(self)
     }
 
     fn tokens_per_side(&self) -> usize {
@@ -116,6 +121,24 @@ impl Gemma3ImageEncoder {
             )?,
             projection: proj.tensor("mm_input_projection_weight", &[d, text_hidden])?,
         })
+    }
+}
+
+impl Gemma3ImageEncoder {
+    /// From loaded parts (a GGUF mmproj's): `norm` scales by its weight as
+    /// given, `projection` is `[vision hidden, text hidden]`.
+    pub fn from_parts(
+        cfg: &Gemma3VisionConfig,
+        tower: SiglipVision,
+        norm: RmsNorm,
+        projection: Tensor,
+    ) -> Self {
+        Self {
+            tower,
+            tokens_per_side: cfg.tokens_per_side(),
+            norm,
+            projection,
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! (`model.vision_tower.*`, `model.multi_modal_projector.*`,
 //! `model.language_model.*`, `lm_head.*`).
 
+pub mod gguf;
 pub mod processor;
 
 use std::sync::Arc;
@@ -38,7 +39,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: Some(gguf::MMPROJ),
 };
 
 /// The tensor of one image item in [`MmFeatures`]: f32 `[3, size, size]`.

@@ -44,7 +44,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 /// An image item: f32 `[1 + tiles, 3, size, size]`, the base image first.

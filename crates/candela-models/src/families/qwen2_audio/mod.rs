@@ -34,7 +34,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 /// Tensor names in [`MmFeatures`] for one audio item.

@@ -34,7 +34,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[QWEN2_VL, QWEN2_5_VL],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 /// Tensor names in [`MmFeatures`] of one image or video item.

@@ -478,8 +478,14 @@ impl Weights {
             }
             Self::Gguf(g) => {
                 let q = g.qtensor(name)?;
-                g.check_shape(name, &q, shape)?;
-                Ok(q.dequantize(&g.device)?.to_dtype(g.dtype)?)
+                // llama.cpp's converter stores some vectors with an extra unit
+                // axis (conv biases as [d, 1]): the same values, taken in the
+                // shape asked for.
+                let unit = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
+                if unit(q.shape().dims()) != unit(shape) {
+                    g.check_shape(name, &q, shape)?;
+                }
+                Ok(q.dequantize(&g.device)?.reshape(shape)?.to_dtype(g.dtype)?)
             }
         }
     }
@@ -560,6 +566,10 @@ impl Weights {
     }
 }
 
+/// Maps a Hugging Face tensor name to the names a GGUF file may store it
+/// under, most specific first.
+pub type NameMap = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
 /// A parsed GGUF file with lazy tensor reads.
 pub struct GgufWeights {
     pub path: PathBuf,
@@ -567,6 +577,9 @@ pub struct GgufWeights {
     file: Mutex<File>,
     pub dtype: DType,
     pub device: Device,
+    /// How Hugging Face names become this file's names (default: llama.cpp's
+    /// decoder names, [`gguf_tensor_names`]).
+    names: NameMap,
 }
 
 impl GgufWeights {
@@ -583,7 +596,14 @@ impl GgufWeights {
             file: Mutex::new(file),
             dtype,
             device: device.clone(),
+            names: Arc::new(gguf_tensor_names),
         })
+    }
+
+    /// The same file read under another name map (an mmproj's towers).
+    pub fn with_names(mut self, names: NameMap) -> Self {
+        self.names = names;
+        self
     }
 
     pub fn metadata(&self) -> &std::collections::HashMap<String, gguf_file::Value> {
@@ -592,20 +612,22 @@ impl GgufWeights {
 
     /// The GGUF name for a Hugging Face tensor name, if it exists in the file.
     fn lookup(&self, hf_name: &str) -> Option<String> {
-        let name = gguf_tensor_name(hf_name)?;
+        (self.names)(hf_name)
+            .into_iter()
+            .find(|n| self.content.tensor_infos.contains_key(n))
+    }
+
+    /// The shape of a tensor by its GGUF name.
+    pub fn shape_of_raw(&self, gguf_name: &str) -> Option<Vec<usize>> {
         self.content
             .tensor_infos
-            .contains_key(&name)
-            .then_some(name)
+            .get(gguf_name)
+            .map(|i| i.shape.dims().to_vec())
     }
 
     /// The shape of a tensor (Hugging Face name), without reading it.
     pub fn shape_of(&self, hf_name: &str) -> Option<Vec<usize>> {
-        let name = self.lookup(hf_name)?;
-        self.content
-            .tensor_infos
-            .get(&name)
-            .map(|i| i.shape.dims().to_vec())
+        self.shape_of_raw(&self.lookup(hf_name)?)
     }
 
     /// Read one tensor by its Hugging Face name.
@@ -709,6 +731,39 @@ impl GgufWeights {
             .map(|s| s.as_str())
     }
 
+    /// A boolean metadata value.
+    pub fn meta_bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(gguf_file::Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ModelError::Gguf {
+                path: self.path.clone(),
+                message: format!("metadata {key} is not a boolean"),
+            }),
+        }
+    }
+
+    /// An array of numbers.
+    pub fn meta_f32_array_opt(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(v) = self.content.metadata.get(key) else {
+            return Ok(None);
+        };
+        let items = v.to_vec().map_err(|e| self.bad_meta(key, e))?;
+        items
+            .iter()
+            .map(|x| match x {
+                gguf_file::Value::F32(f) => Ok(*f),
+                gguf_file::Value::F64(f) => Ok(*f as f32),
+                other => other
+                    .to_u32()
+                    .or_else(|_| other.to_i32().map(|i| i as u32))
+                    .map(|i| i as f32)
+                    .map_err(|e| self.bad_meta(key, e)),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// `general.architecture`, e.g. `llama`.
     pub fn architecture(&self) -> Result<&str> {
         self.meta_str("general.architecture")
@@ -757,6 +812,23 @@ impl GgufWeights {
     }
 }
 
+/// The names llama.cpp's converter may store a Hugging Face decoder tensor
+/// under. `post_attention_layernorm` is the MLP's input norm (`ffn_norm`) in
+/// llama-style blocks, but Gemma's sandwich blocks keep it as
+/// `post_attention_norm` (their MLP input norm, `pre_feedforward_layernorm`,
+/// is the `ffn_norm`): the sandwich name is tried first.
+pub fn gguf_tensor_names(hf: &str) -> Vec<String> {
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        if let Some((layer, tail)) = rest.split_once(".post_attention_layernorm.") {
+            return vec![
+                format!("blk.{layer}.post_attention_norm.{tail}"),
+                format!("blk.{layer}.ffn_norm.{tail}"),
+            ];
+        }
+    }
+    gguf_tensor_name(hf).into_iter().collect()
+}
+
 /// llama.cpp's tensor name for a Hugging Face decoder tensor name.
 pub fn gguf_tensor_name(hf: &str) -> Option<String> {
     match hf {
@@ -772,6 +844,8 @@ pub fn gguf_tensor_name(hf: &str) -> Option<String> {
     let gg = match module {
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",

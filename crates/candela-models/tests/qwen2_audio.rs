@@ -15,8 +15,9 @@ use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
-use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
-use candle_core::Tensor;
+use candela_models::weights::GgufWeights;
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel, Weights};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -69,17 +70,50 @@ fn prepare(loaded: &LoadedModel, f: &Fixture) -> PreparedPrompt {
     prep.prepare(&common::NoCaches, ids, &clips).unwrap()
 }
 
-#[test]
-fn features_prompt_logits_and_greedy_tokens_match_transformers() {
-    let f = fixture();
-    let mut loaded = load(
-        &dir(),
+fn load_f32(path: &std::path::Path) -> LoadedModel {
+    load(
+        path,
         &LoadOptions {
             dtype: Some("f32".into()),
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn features_prompt_logits_and_greedy_tokens_match_transformers() {
+    check_model(load_f32(&dir()));
+}
+
+/// llama.cpp's pair (a `qwen2` GGUF and a `qwen2a` mmproj) answers as the
+/// folder does.
+#[test]
+fn gguf_pairs_match_transformers() {
+    for ty in ["f32", "f16"] {
+        let Some((text, mmproj)) = common::gguf_pair("qwen2-audio-tiny", ty) else {
+            continue;
+        };
+        // The text GGUF's tokenizer, template and generation settings.
+        let mut loaded = load_f32(&text);
+        let w = Weights::from_gguf(GgufWeights::open(&text, DType::F32, &Device::Cpu).unwrap());
+        let Weights::Gguf(lm) = &w else {
+            unreachable!()
+        };
+        let mm = GgufWeights::open(&mmproj, DType::F32, &Device::Cpu).unwrap();
+        let (model, processor) =
+            candela_models::qwen2_audio::gguf::load_pair(lm, &w, mm, &loaded.tokenizer, None)
+                .unwrap();
+        loaded.spec = candela_core::model::Model::spec(&model).clone();
+        loaded.model = Box::new(model);
+        loaded.processor = Some(Arc::new(processor));
+        eprintln!("qwen2-audio-tiny {ty} GGUF pair:");
+        check_model(loaded);
+    }
+}
+
+fn check_model(mut loaded: LoadedModel) {
+    let f = fixture();
     assert_eq!(
         loaded.spec.architecture,
         "Qwen2AudioForConditionalGeneration"
@@ -156,6 +190,7 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
         }
         let last = last_logits(&mut loaded, &ids, &spans, None);
         let d = max_diff(&last, &f.tensors["last_logits"]);
+        eprintln!("{what}: last-position logits max |diff| {d:.2e}");
         assert!(d <= ATOL, "{what}: last-position logits differ by {d}");
         let audio_pos = ids
             .iter()

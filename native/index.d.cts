@@ -160,6 +160,8 @@ export interface NativeLoadOptions {
    * "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
    */
   quantization?: string
+  /** llama.cpp's mmproj file (media towers + projector) for a GGUF model. */
+  mmproj?: string
   /** Tokens per KV block (default 16). */
   blockSize?: number
   /** Bytes for the KV cache (default: the engine's choice). */

@@ -4,6 +4,8 @@
  * batching over a paged KV cache); each call here is one or more requests.
  */
 
+import { resolve } from 'node:path'
+
 import { AbortError, ClosedError, ContextLengthError, InternalError, LoadError, ValidationError, abortErrorFor, fromNative, inputError } from './errors.js'
 import { loadDeferred, partModality, resolveParts, templatePart } from './media/index.js'
 import type { MediaPolicy, Modality, PendingPart, ResolvedMedia } from './media/index.js'
@@ -279,6 +281,7 @@ export class Engine {
       device,
       dtype: opts.dtype,
       quantization: opts.quantization,
+      mmproj: opts.mmproj === undefined ? undefined : resolve(opts.mmproj),
       chatTemplate: opts.chatTemplate,
       maxModelLen: opts.maxModelLen,
       blockSize: opts.blockSize,

@@ -57,6 +57,14 @@ export interface LoadOptions {
    * quantized already: giving this with one is an error.
    */
   quantization?: Quantization
+  /**
+   * llama.cpp's mmproj file (the media towers and projector of a multimodal
+   * model, `mmproj-*.gguf`) to load with a GGUF `model`: its family is found
+   * by the file's projector type, and a pair that does not belong together
+   * (another family's mmproj, embedding sizes that differ) is a `LoadError`
+   * naming both files.
+   */
+  mmproj?: string
   /** Most sequences scheduled in one engine step (default 64). */
   maxNumSeqs?: number
   /**

@@ -66,6 +66,7 @@ const LOAD_KEYS = [
   'device',
   'dtype',
   'quantization',
+  'mmproj',
   'maxNumSeqs',
   'threads',
   'maxNumBatchedTokens',
@@ -111,6 +112,9 @@ export function validateLoadOptions(opts: unknown): LoadOptions & { device: Devi
   }
   if (o.quantization !== undefined && !(QUANTIZATIONS as readonly unknown[]).includes(o.quantization)) {
     fail(`quantization must be one of ${QUANTIZATIONS.join(', ')}, got ${show(o.quantization)}`)
+  }
+  if (o.mmproj !== undefined && (typeof o.mmproj !== 'string' || o.mmproj.trim() === '')) {
+    fail(`mmproj must be a path to an mmproj .gguf file, got ${show(o.mmproj)}`)
   }
   if (o.maxNumSeqs !== undefined) int('maxNumSeqs', o.maxNumSeqs, 1, 4096)
   if (o.threads !== undefined) int('threads', o.threads, 1, 1024)

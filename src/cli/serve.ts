@@ -207,6 +207,9 @@ export const SERVE_FLAGS: FlagGroup[] = [
           c.load.quantization = q
         },
       ),
+      option('mmproj', 'FILE', "llama.cpp's mmproj file (media towers + projector) for a GGUF model", (c, v) => {
+        c.load.mmproj = v
+      }),
       option(
         'tool-call-parser',
         'NAME',

@@ -41,6 +41,14 @@ pub enum ModelError {
     #[error("invalid GGUF file {path}: {message}")]
     Gguf { path: PathBuf, message: String },
 
+    /// A language-model GGUF and an mmproj file that do not belong together.
+    #[error("{} and mmproj {} do not match: {message}", model.display(), mmproj.display())]
+    MmprojMismatch {
+        model: PathBuf,
+        mmproj: PathBuf,
+        message: String,
+    },
+
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 

@@ -16,6 +16,7 @@ pub mod gpu;
 pub mod input;
 pub mod loader;
 pub mod mm_embeds;
+pub mod mmproj;
 pub mod multimodal;
 pub mod nn;
 pub mod paged_attention;

@@ -15,6 +15,7 @@ use crate::chat_template::{resolve_template_source, ChatTemplate};
 use crate::config::GenerationConfig;
 use crate::error::{ModelError, Result};
 use crate::families::{self, Checkpoint};
+use crate::nn::decoder::DecoderLm;
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
 use crate::tokenizer::{read_json, Tokenizer};
@@ -34,6 +35,9 @@ pub struct LoadOptions {
     /// Quantize a safetensors checkpoint's language model at load:
     /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
     pub quantization: Option<String>,
+    /// llama.cpp's mmproj file (media towers + projector) for a GGUF
+    /// language model.
+    pub mmproj: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +48,7 @@ impl Default for LoadOptions {
             chat_template: None,
             max_model_len: None,
             quantization: None,
+            mmproj: None,
         }
     }
 }
@@ -169,6 +174,18 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = parse_device(&opts.device)?;
     let dtype = parse_dtype(opts.dtype.as_deref(), &device)?;
     let quantization = parse_quantization(opts.quantization.as_deref(), &device)?;
+    if let Some(mm) = &opts.mmproj {
+        if !mm.is_file() {
+            return Err(ModelError::MissingPath(mm.clone()));
+        }
+        if path.is_dir() {
+            return Err(ModelError::Config(format!(
+                "an mmproj file ({}) goes with a GGUF language model; {} is a model folder",
+                mm.display(),
+                path.display()
+            )));
+        }
+    }
     if path.is_dir() {
         load_dir(path, dtype, &device, quantization, opts)
     } else if path
@@ -335,13 +352,12 @@ fn load_gguf(
     opts: &LoadOptions,
 ) -> Result<LoadedModel> {
     let gguf = GgufWeights::open(path, dtype, device)?;
-    let family = families::by_gguf_architecture(gguf.architecture()?)?;
-    let load_gguf = family.load_gguf.ok_or_else(|| {
-        ModelError::Config(format!(
-            "internal: family {} has no GGUF loader",
-            family.name
-        ))
-    })?;
+    if gguf.architecture()? == crate::mmproj::MMPROJ_ARCHITECTURE {
+        return Err(ModelError::Config(format!(
+            "{} is an mmproj file (a multimodal model's media towers); load the language model's GGUF with it as mmproj",
+            path.display()
+        )));
+    }
     let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
     let template_src = resolve_template_source(
         opts.chat_template.as_deref(),
@@ -371,7 +387,23 @@ fn load_gguf(
     let Weights::Gguf(g) = &weights else {
         return Err(ModelError::Config("internal: GGUF weights expected".into()));
     };
-    let model = load_gguf(g, &weights, opts.max_model_len)?;
+    let (model, processor): (Box<dyn Model>, Option<Arc<dyn MmProcessor>>) = match &opts.mmproj {
+        Some(mm) => {
+            let pair = crate::mmproj::load_pair(g, &weights, mm, &tokenizer, opts.max_model_len)?;
+            (pair.model, Some(pair.processor))
+        }
+        None => {
+            let family = families::by_gguf_architecture(g.architecture()?)?;
+            let config = family.gguf_config.ok_or_else(|| {
+                ModelError::Config(format!(
+                    "internal: family {} has no GGUF loader",
+                    family.name
+                ))
+            })?;
+            let lm = DecoderLm::load(config(g, opts.max_model_len)?, &weights)?;
+            (Box::new(lm), None)
+        }
+    };
     let spec = model.spec().clone();
     Ok(LoadedModel {
         model,
@@ -384,7 +416,7 @@ fn load_gguf(
         },
         spec,
         model_name: name_of(path),
-        processor: None,
+        processor,
         quantization: None,
     })
 }

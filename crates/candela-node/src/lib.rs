@@ -60,6 +60,8 @@ pub struct NativeLoadOptions {
     /// Quantize a safetensors checkpoint's language model at load:
     /// "q8_0", "q6_k", "q5_k", "q4_k" or "q4_0" (CPU only).
     pub quantization: Option<String>,
+    /// llama.cpp's mmproj file (media towers + projector) for a GGUF model.
+    pub mmproj: Option<String>,
     /// Tokens per KV block (default 16).
     pub block_size: Option<u32>,
     /// Bytes for the KV cache (default: the engine's choice).
@@ -492,6 +494,7 @@ fn load_blocking(opts: NativeLoadOptions) -> Result<NativeEngine> {
         chat_template: opts.chat_template.clone(),
         max_model_len: opts.max_model_len.map(|x| x as usize),
         quantization: opts.quantization.clone(),
+        mmproj: opts.mmproj.as_ref().map(PathBuf::from),
     };
     let started = std::time::Instant::now();
     let loaded = candela_models::load(&path, &load_opts).map_err(|e| invalid(e.to_string()))?;

@@ -20,7 +20,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[GGUF_ARCHITECTURE],
     load_folder: |ck| super::text_folder(ck, config_from_hf),
-    load_gguf: Some(|g, w, max_len| super::text_gguf(g, w, max_len, config_from_gguf)),
+    gguf_config: Some(config_from_gguf),
+    mmproj: None,
 };
 
 pub fn config_from_hf(cfg: &HfConfig, max_model_len: Option<usize>) -> Result<DecoderConfig> {

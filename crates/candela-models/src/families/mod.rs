@@ -1,8 +1,9 @@
 //! Model families, one module each (config, towers, projector, processor,
 //! weight names), and the one table that finds a checkpoint's family: by a
-//! folder's `config.json` `architectures`, or a GGUF file's
-//! `general.architecture`. Adding a family = its module + one line in
-//! [`FAMILIES`].
+//! folder's `config.json` `architectures`, a GGUF file's
+//! `general.architecture`, or an mmproj file's projector type
+//! (`clip.projector_type`; see [`crate::mmproj`]). Adding a family = its
+//! module + one line in [`FAMILIES`].
 
 pub mod gemma3;
 pub mod llama;
@@ -22,6 +23,7 @@ use serde_json::Value;
 
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result};
+use crate::mmproj::{BuiltPair, GgufPair};
 use crate::nn::decoder::{DecoderConfig, DecoderLm};
 use crate::processor::MmProcessor;
 use crate::quantize::Quantization;
@@ -50,13 +52,26 @@ pub struct Family {
     /// GGUF `general.architecture` names, e.g. `llama`.
     pub gguf_architectures: &'static [&'static str],
     pub load_folder: fn(&Checkpoint) -> Result<Built>,
-    /// A GGUF file's model (weights and metadata in one file).
-    pub load_gguf: Option<LoadGguf>,
+    /// A GGUF language model's decoder config, from its metadata and the
+    /// most positions to serve (its tensors load by llama.cpp's names).
+    pub gguf_config: Option<GgufConfig>,
+    /// The llama.cpp mmproj files whose towers this family loads.
+    pub mmproj: Option<MmprojFamily>,
 }
 
-/// Builds a model from a GGUF file: its metadata, its tensors, and the most
-/// positions to serve.
-pub type LoadGguf = fn(&GgufWeights, &Weights, Option<usize>) -> Result<Box<dyn Model>>;
+/// A decoder config from a GGUF file's metadata and the most positions to serve.
+pub type GgufConfig = fn(&GgufWeights, Option<usize>) -> Result<DecoderConfig>;
+
+/// How a family loads from a text GGUF + mmproj pair.
+#[derive(Debug)]
+pub struct MmprojFamily {
+    /// `clip.projector_type` (or `clip.vision.projector_type` /
+    /// `clip.audio.projector_type`) values, e.g. `mlp`, `gemma3`.
+    pub projector_types: &'static [&'static str],
+    /// `general.architecture` of the language-model GGUFs it pairs with.
+    pub text_architectures: &'static [&'static str],
+    pub load: fn(GgufPair) -> Result<BuiltPair>,
+}
 
 /// A model folder being loaded.
 pub struct Checkpoint<'a> {
@@ -129,7 +144,7 @@ pub fn by_hf_architecture(architecture: &str) -> Result<&'static Family> {
 pub fn by_gguf_architecture(name: &str) -> Result<&'static Family> {
     FAMILIES
         .iter()
-        .find(|f| f.load_gguf.is_some() && f.gguf_architectures.contains(&name))
+        .find(|f| f.gguf_config.is_some() && f.gguf_architectures.contains(&name))
         .ok_or_else(|| ModelError::UnsupportedArchitecture {
             name: name.to_string(),
             supported: format!(
@@ -141,6 +156,38 @@ pub fn by_gguf_architecture(name: &str) -> Result<&'static Family> {
                     .join(", ")
             ),
         })
+}
+
+/// The family of an mmproj file's projector type, or (as the error) the
+/// projector types candela loads.
+pub fn by_mmproj_projector(projector_type: &str) -> std::result::Result<&'static Family, String> {
+    let registered = || FAMILIES.iter().filter_map(|f| f.mmproj.as_ref());
+    FAMILIES
+        .iter()
+        .find(|f| {
+            f.mmproj
+                .as_ref()
+                .is_some_and(|m| m.projector_types.contains(&projector_type))
+        })
+        .ok_or_else(|| {
+            registered()
+                .flat_map(|m| m.projector_types.iter().copied())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+}
+
+/// The families whose mmproj files pair with a `arch` language-model GGUF.
+pub fn mmproj_families_for_text(arch: &str) -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .filter(|f| {
+            f.mmproj
+                .as_ref()
+                .is_some_and(|m| m.text_architectures.contains(&arch))
+        })
+        .map(|f| f.name)
+        .collect()
 }
 
 /// A text-only decoder from a folder: `config.json` as the LM's config.
@@ -155,16 +202,6 @@ fn text_folder(
         processor: None,
         text,
     })
-}
-
-/// A text-only decoder from a GGUF file.
-fn text_gguf(
-    g: &GgufWeights,
-    w: &Weights,
-    max_model_len: Option<usize>,
-    config: fn(&GgufWeights, Option<usize>) -> Result<DecoderConfig>,
-) -> Result<Box<dyn Model>> {
-    Ok(Box::new(DecoderLm::load(config(g, max_model_len)?, w)?))
 }
 
 #[cfg(test)]
@@ -202,7 +239,13 @@ mod tests {
     fn every_name_belongs_to_one_family() {
         let mut seen = std::collections::HashSet::new();
         for f in FAMILIES {
-            for n in f.hf_architectures.iter().chain(f.gguf_architectures) {
+            let projectors = f.mmproj.iter().flat_map(|m| m.projector_types.iter());
+            for n in f
+                .hf_architectures
+                .iter()
+                .chain(f.gguf_architectures)
+                .chain(projectors)
+            {
                 assert!(seen.insert(*n), "{n} is registered twice");
             }
         }

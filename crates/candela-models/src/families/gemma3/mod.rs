@@ -43,7 +43,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 pub const VISION_FAMILY: Family = Family {
@@ -51,7 +52,8 @@ pub const VISION_FAMILY: Family = Family {
     hf_architectures: &[HF_VISION_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder: load_vision_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 /// `Gemma3TextConfig`'s defaults (gemma-3-4b) for the fields a

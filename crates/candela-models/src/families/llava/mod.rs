@@ -37,7 +37,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[HF_ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 /// The tensor of one image item in [`MmFeatures`]: f32 `[3, size, size]`.

@@ -37,12 +37,8 @@ pub const FAMILY: Family = Family {
     gguf_architectures: &[gguf::GGUF_ARCHITECTURE],
     load_folder,
     // A `qwen2vl` GGUF alone is its language model (text prompts).
-    load_gguf: Some(|g, w, max_len| {
-        Ok(Box::new(DecoderLm::load(
-            gguf::text_config(g, QWEN2_VL, max_len)?,
-            w,
-        )?))
-    }),
+    gguf_config: Some(|g, max_len| gguf::text_config(g, QWEN2_VL, max_len)),
+    mmproj: None,
 };
 
 /// Tensor names in [`MmFeatures`] of one image or video item.

@@ -16,7 +16,8 @@ pub const FAMILY: Family = Family {
     hf_architectures: &[ARCHITECTURE],
     gguf_architectures: &[],
     load_folder,
-    load_gguf: None,
+    gguf_config: None,
+    mmproj: None,
 };
 
 fn load_folder(ck: &Checkpoint) -> Result<Built> {

@@ -15,9 +15,8 @@ use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
-use candela_models::weights::GgufWeights;
-use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel, Weights};
-use candle_core::{DType, Device, Tensor};
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
+use candle_core::Tensor;
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -94,19 +93,15 @@ fn gguf_pairs_match_transformers() {
         let Some((text, mmproj)) = common::gguf_pair("qwen2-audio-tiny", ty) else {
             continue;
         };
-        // The text GGUF's tokenizer, template and generation settings.
-        let mut loaded = load_f32(&text);
-        let w = Weights::from_gguf(GgufWeights::open(&text, DType::F32, &Device::Cpu).unwrap());
-        let Weights::Gguf(lm) = &w else {
-            unreachable!()
-        };
-        let mm = GgufWeights::open(&mmproj, DType::F32, &Device::Cpu).unwrap();
-        let (model, processor) =
-            candela_models::qwen2_audio::gguf::load_pair(lm, &w, mm, &loaded.tokenizer, None)
-                .unwrap();
-        loaded.spec = candela_core::model::Model::spec(&model).clone();
-        loaded.model = Box::new(model);
-        loaded.processor = Some(Arc::new(processor));
+        let loaded = load(
+            &text,
+            &LoadOptions {
+                dtype: Some("f32".into()),
+                mmproj: Some(mmproj),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         eprintln!("qwen2-audio-tiny {ty} GGUF pair:");
         check_model(loaded);
     }

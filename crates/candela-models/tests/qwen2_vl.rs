@@ -14,9 +14,8 @@ use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
-use candela_models::weights::GgufWeights;
-use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel, Weights};
-use candle_core::{DType, Device, Tensor};
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 const ATOL: f32 = 1e-4;
@@ -175,30 +174,20 @@ fn check_fixture(name: &'static str, architecture: &str) {
     );
 }
 
-/// llama.cpp's pair of a fixture: the language model's GGUF (its tokenizer,
-/// template and generation settings as the text GGUF loads) with the
-/// model and processor of the pair.
+/// llama.cpp's pair of a fixture, loaded as `Engine.load({ model, mmproj })` does.
 fn load_gguf_pair(name: &str, ty: &str) -> Option<LoadedModel> {
     let (text, mmproj) = common::gguf_pair(name, ty)?;
-    let mut loaded = load(
-        &text,
-        &LoadOptions {
-            dtype: Some("f32".into()),
-            ..Default::default()
-        },
+    Some(
+        load(
+            &text,
+            &LoadOptions {
+                dtype: Some("f32".into()),
+                mmproj: Some(mmproj),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
     )
-    .unwrap();
-    let w = Weights::from_gguf(GgufWeights::open(&text, DType::F32, &Device::Cpu).unwrap());
-    let Weights::Gguf(lm) = &w else {
-        unreachable!()
-    };
-    let mm = GgufWeights::open(&mmproj, DType::F32, &Device::Cpu).unwrap();
-    let (model, processor) =
-        candela_models::qwen2_vl::gguf::load_pair(lm, &w, mm, &loaded.tokenizer, None).unwrap();
-    loaded.spec = candela_core::model::Model::spec(&model).clone();
-    loaded.model = Box::new(model);
-    loaded.processor = Some(std::sync::Arc::new(processor));
-    Some(loaded)
 }
 
 /// The pixel bounds of a fixture's preprocessor config, as processor kwargs

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use super::processor::AudioProcessor;
 use super::Qwen2AudioEncoder;
 use crate::error::{ModelError, Result};
-use crate::families::qwen2;
+use crate::families::{qwen2, MmprojFamily};
+use crate::mmproj::{BuiltPair, GgufPair, Tower};
 use crate::multimodal::MultimodalLm;
 use crate::nn::decoder::DecoderLm;
 use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
-use crate::weights::{GgufWeights, Weights};
-use crate::Tokenizer;
+use crate::weights::GgufWeights;
 
 use super::HF_ARCHITECTURE;
 
@@ -65,7 +65,10 @@ pub fn mmproj_tensor_name(hf: &str) -> Option<String> {
 
 /// The encoder's configuration from an mmproj's `clip.audio.*` metadata.
 pub fn encoder_config(mm: &GgufWeights) -> Result<AudioEncoderConfig> {
-    let kind = mm.meta_str("clip.projector_type")?;
+    let kind = mm
+        .meta_str_opt("clip.audio.projector_type")
+        .or_else(|| mm.meta_str_opt("clip.projector_type"))
+        .unwrap_or_default();
     if kind != PROJECTOR {
         return Err(bad(
             mm,
@@ -97,7 +100,7 @@ pub fn encoder_config(mm: &GgufWeights) -> Result<AudioEncoderConfig> {
 pub fn processor(
     mm: &GgufWeights,
     cfg: &AudioEncoderConfig,
-    tokenizer: &Tokenizer,
+    placeholder_token: u32,
 ) -> Result<AudioProcessor> {
     let json = serde_json::json!({
         "feature_size": cfg.num_mel_bins, "sampling_rate": 16000, "hop_length": 160,
@@ -106,11 +109,6 @@ pub fn processor(
     .to_string();
     let extractor = candela_media::audio::WhisperFeatureExtractor::from_preprocessor_config(&json)
         .map_err(|e| bad(mm, e.to_string()))?;
-    let placeholder_token = tokenizer.token_to_id("<|AUDIO|>").ok_or_else(|| {
-        ModelError::Config(
-            "the language model's tokenizer has no <|AUDIO|> token (is it Qwen2-Audio's?)".into(),
-        )
-    })?;
     Ok(AudioProcessor {
         extractor,
         placeholder_token,
@@ -119,50 +117,33 @@ pub fn processor(
     })
 }
 
-/// The model and processor of a `qwen2` GGUF (`lm`, its tensors `lm_w`)
-/// with a Qwen2-Audio mmproj.
-pub fn load_pair(
-    lm: &GgufWeights,
-    lm_w: &Weights,
-    mm: GgufWeights,
-    tokenizer: &Tokenizer,
-    max_model_len: Option<usize>,
-) -> Result<(MultimodalLm, AudioProcessor)> {
-    let cfg = encoder_config(&mm)?;
-    let arch = lm.architecture()?;
-    if arch != qwen2::GGUF_ARCHITECTURE {
-        return Err(bad(
-            &mm,
-            format!(
-                "a Qwen2-Audio mmproj goes with a {} language model, but {} is {arch:?}",
-                qwen2::GGUF_ARCHITECTURE,
-                lm.path.display()
-            ),
-        ));
-    }
-    let text = qwen2::config_from_gguf(lm, max_model_len)?;
-    let out = mm.meta_usize("clip.audio.projection_dim")?;
-    if out != text.hidden_size {
-        return Err(bad(
-            &mm,
-            format!(
-                "the audio projector outputs width {out} but the language model's hidden size is {}",
-                text.hidden_size
-            ),
-        ));
-    }
-    let processor = processor(&mm, &cfg, tokenizer)?;
-    let w = Weights::from_gguf(mm.with_names(Arc::new(|n: &str| {
+/// How the family loads from a `qwen2` GGUF + `qwen2a` mmproj pair.
+pub const MMPROJ: MmprojFamily = MmprojFamily {
+    projector_types: &[PROJECTOR],
+    text_architectures: &[qwen2::GGUF_ARCHITECTURE],
+    load,
+};
+
+fn load(pair: GgufPair) -> Result<BuiltPair> {
+    let text = pair.text_config()?;
+    let out = pair.mmproj.usize(Tower::Audio, "projection_dim")?;
+    pair.check_embedding_size(out, &text)?;
+    let cfg = encoder_config(pair.mmproj.gguf())?;
+    let processor = processor(pair.mmproj.gguf(), &cfg, pair.token_id("<|AUDIO|>")?)?;
+    let lm = DecoderLm::load(text, pair.text_weights)?;
+    let w = pair.mmproj.into_weights(Arc::new(|n: &str| {
         mmproj_tensor_name(n).into_iter().collect()
-    })));
+    }));
     let encoder = AudioEncoder::load(cfg.clone(), &w, "audio_tower", true)?;
     let projector = w.linear("multi_modal_projector.linear", cfg.d_model, out, true)?;
-    let model = MultimodalLm::new(
-        DecoderLm::load(text, lm_w)?,
-        Box::new(Qwen2AudioEncoder { encoder, projector }),
-        HF_ARCHITECTURE,
-    );
-    Ok((model, processor))
+    Ok(BuiltPair {
+        model: Box::new(MultimodalLm::new(
+            lm,
+            Box::new(Qwen2AudioEncoder { encoder, projector }),
+            HF_ARCHITECTURE,
+        )),
+        processor: Arc::new(processor),
+    })
 }
 
 #[cfg(test)]

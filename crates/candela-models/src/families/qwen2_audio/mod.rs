@@ -37,7 +37,7 @@ pub const FAMILY: Family = Family {
     gguf_architectures: &[],
     load_folder,
     gguf_config: None,
-    mmproj: None,
+    mmproj: Some(gguf::MMPROJ),
 };
 
 /// Tensor names in [`MmFeatures`] for one audio item.

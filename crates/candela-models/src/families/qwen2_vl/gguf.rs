@@ -23,10 +23,11 @@ use super::processor::VisionProcessor;
 use super::vision::VisionTower;
 use super::VisionEncoder;
 use crate::error::{ModelError, Result};
+use crate::families::MmprojFamily;
+use crate::mmproj::{BuiltPair, GgufPair, Tower};
 use crate::multimodal::MultimodalLm;
 use crate::nn::decoder::{gguf_base_config, DecoderConfig, DecoderLm};
-use crate::weights::{GgufWeights, Weights};
-use crate::Tokenizer;
+use crate::weights::GgufWeights;
 
 /// `general.architecture` of the language model's GGUF.
 pub const GGUF_ARCHITECTURE: &str = "qwen2vl";
@@ -120,7 +121,11 @@ pub fn mmproj_tensor_name(hf: &str) -> Option<String> {
 /// The tower's configuration from an mmproj's `clip.vision.*` metadata and
 /// tensor shapes; `text_hidden` is the language model's width.
 pub fn vision_config(mm: &GgufWeights, text_hidden: usize) -> Result<VisionConfig> {
-    let variant = match mm.meta_str("clip.projector_type")? {
+    let kind = mm
+        .meta_str_opt("clip.vision.projector_type")
+        .or_else(|| mm.meta_str_opt("clip.projector_type"))
+        .unwrap_or_default();
+    let variant = match kind {
         PROJECTOR_QWEN2_VL => Variant::Qwen2Vl,
         PROJECTOR_QWEN2_5_VL => Variant::Qwen25Vl,
         other => {
@@ -204,15 +209,13 @@ fn full_attention_blocks(mm: &GgufWeights, depth: usize) -> Result<Vec<usize>> {
     Ok((0..depth).filter(|i| (i + 1) % n == 0).collect())
 }
 
-/// The vision tower and merger of an mmproj (its projector stays in its
-/// stored type: F32 / F16 / BF16 as dense matrices, block types quantized).
-pub fn vision_tower(cfg: VisionConfig, mm: GgufWeights) -> Result<VisionTower> {
-    let dtype = mm.dtype;
-    let device = mm.device.clone();
+/// The Conv3d patch embedding `[embed, C, T, P, P]` from the mmproj's one
+/// Conv2d kernel per temporal slice (`v.patch_embd.weight`, `.weight.1`).
+fn patch_embed(mm: &GgufWeights, cfg: &VisionConfig) -> Result<Tensor> {
     let slice = |name: &str| -> Result<Tensor> {
         Ok(mm
             .qtensor_raw(name)?
-            .dequantize(&device)?
+            .dequantize(&mm.device)?
             .to_dtype(DType::F32)?)
     };
     let conv = if cfg.temporal_patch_size == 2 {
@@ -225,12 +228,8 @@ pub fn vision_tower(cfg: VisionConfig, mm: GgufWeights) -> Result<VisionTower> {
         )?
     } else {
         slice("v.patch_embd.weight")?.unsqueeze(2)?
-    }
-    .to_dtype(dtype)?;
-    let w = Weights::from_gguf(mm.with_names(Arc::new(|n: &str| {
-        mmproj_tensor_name(n).into_iter().collect()
-    })));
-    VisionTower::load_with_patch_embed(cfg, &w, "visual", conv)
+    };
+    Ok(conv.to_dtype(mm.dtype)?)
 }
 
 /// The image / video processor of an mmproj: its patch geometry, mean and
@@ -240,7 +239,7 @@ pub fn vision_tower(cfg: VisionConfig, mm: GgufWeights) -> Result<VisionTower> {
 pub fn processor(
     mm: &GgufWeights,
     cfg: &VisionConfig,
-    tokenizer: &Tokenizer,
+    token: impl Fn(&str) -> Result<u32>,
 ) -> Result<VisionProcessor> {
     let stat = |key: &str| -> Result<Vec<f32>> {
         match mm.meta_f32_array_opt(key)? {
@@ -256,13 +255,6 @@ pub fn processor(
     })
     .to_string();
     let invalid = |e: candela_media::MediaError| bad(&mm.path, e.to_string());
-    let token = |t: &str| {
-        tokenizer.token_to_id(t).ok_or_else(|| {
-            ModelError::Config(format!(
-                "the language model's tokenizer has no {t} token (is it a Qwen2-VL model?)"
-            ))
-        })
-    };
     Ok(VisionProcessor {
         image: candela_media::image::Qwen2VlProcessorConfig::from_preprocessor_config(&json)
             .map_err(invalid)?,
@@ -282,41 +274,40 @@ pub fn architecture_of(cfg: &VisionConfig) -> &'static str {
     }
 }
 
-/// The model and processor of a `qwen2vl` GGUF (`lm`, its tensors `lm_w`)
-/// with its mmproj.
-pub fn load_pair(
-    lm: &GgufWeights,
-    lm_w: &Weights,
-    mm: GgufWeights,
-    tokenizer: &Tokenizer,
-    max_model_len: Option<usize>,
-) -> Result<(MultimodalLm, VisionProcessor)> {
-    let arch = lm.architecture()?;
-    if arch != GGUF_ARCHITECTURE {
-        return Err(bad(
-            &mm.path,
-            format!(
-                "a Qwen2-VL mmproj goes with a {GGUF_ARCHITECTURE} language model, but {} is {arch:?}",
-                lm.path.display()
-            ),
-        ));
-    }
-    // The architecture is the projector's; the LM config names it too.
-    let probe = text_config(lm, QWEN2_VL, max_model_len)?;
-    let vision = vision_config(&mm, probe.hidden_size)?;
+/// How the family loads from a `qwen2vl` GGUF + mmproj pair.
+pub const MMPROJ: MmprojFamily = MmprojFamily {
+    projector_types: &[PROJECTOR_QWEN2_VL, PROJECTOR_QWEN2_5_VL],
+    text_architectures: &[GGUF_ARCHITECTURE],
+    load,
+};
+
+fn load(pair: GgufPair) -> Result<BuiltPair> {
+    let text = pair.text_config()?;
+    let out = pair.mmproj.usize(Tower::Vision, "projection_dim")?;
+    pair.check_embedding_size(out, &text)?;
+    let vision = vision_config(pair.mmproj.gguf(), text.hidden_size)?;
     let architecture = architecture_of(&vision);
-    let text = DecoderConfig {
-        architecture: architecture.to_string(),
-        ..probe
-    };
-    let processor = processor(&mm, &vision, tokenizer)?;
-    let tower = vision_tower(vision, mm)?;
-    let model = MultimodalLm::new(
-        DecoderLm::load(text, lm_w)?,
-        Box::new(VisionEncoder(tower)),
-        architecture,
-    );
-    Ok((model, processor))
+    let processor = processor(pair.mmproj.gguf(), &vision, |t| pair.token_id(t))?;
+    let conv = patch_embed(pair.mmproj.gguf(), &vision)?;
+    let lm = DecoderLm::load(
+        DecoderConfig {
+            architecture: architecture.to_string(),
+            ..text
+        },
+        pair.text_weights,
+    )?;
+    let w = pair.mmproj.into_weights(Arc::new(|n: &str| {
+        mmproj_tensor_name(n).into_iter().collect()
+    }));
+    let tower = VisionTower::load_with_patch_embed(vision, &w, "visual", conv)?;
+    Ok(BuiltPair {
+        model: Box::new(MultimodalLm::new(
+            lm,
+            Box::new(VisionEncoder(tower)),
+            architecture,
+        )),
+        processor: Arc::new(processor),
+    })
 }
 
 #[cfg(test)]

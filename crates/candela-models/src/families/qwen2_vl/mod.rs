@@ -38,7 +38,7 @@ pub const FAMILY: Family = Family {
     load_folder,
     // A `qwen2vl` GGUF alone is its language model (text prompts).
     gguf_config: Some(|g, max_len| gguf::text_config(g, QWEN2_VL, max_len)),
-    mmproj: None,
+    mmproj: Some(gguf::MMPROJ),
 };
 
 /// Tensor names in [`MmFeatures`] of one image or video item.

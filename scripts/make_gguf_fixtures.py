@@ -36,6 +36,15 @@ How each family is converted, as llama.cpp documents it:
   only ("Unsupported model type: clip_vision_model"), and
   llava-hf/llava-1.5-7b-hf's own config has the same `vision_config`
   (`model_type: clip_vision_model`), so no fixture layout changes that.
+* qwen2-vl-tiny, qwen2_5-vl-tiny (`qwen2vl_merger`, `qwen2.5vl_merger`) and
+  qwen2-audio-tiny (`qwen2a`): `convert_hf_to_gguf.py` and
+  `convert_hf_to_gguf.py --mmproj`. Qwen2-VL's vision converter takes only
+  the released names (`visual.*`, `model.*`); for qwen2-vl-tiny, saved the
+  newer way (`model.visual.*`, `model.language_model.*`), it writes an mmproj
+  with no tensors, so that checkpoint is re-saved under the released names
+  first (same tensors). Their language models are 16 wide, less than a
+  Q8_0 block (32): the converter keeps such matrices in F16, so their q8_0
+  files hold no quantized tensor.
 """
 from __future__ import annotations
 
@@ -52,7 +61,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST = ("llama-cpp-python", "0.3.36")
-FIXTURES = ["llava-tiny", "gemma3-vision-tiny"]
+FIXTURES = ["llava-tiny", "gemma3-vision-tiny", "qwen2-vl-tiny", "qwen2_5-vl-tiny", "qwen2-audio-tiny"]
 # convert_image_encoder_to_gguf.py reaches into `CLIPVisionModel.vision_model`,
 # which transformers 5 no longer has: it runs under a python with transformers 4.
 LEGACY_PYTHON = sys.executable
@@ -90,9 +99,28 @@ def run(cmd: list, cwd: Path | None = None, env: dict | None = None) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def released_layout(src: Path, dst: Path) -> Path:
-    """A copy of a transformers-5 multimodal checkpoint with the tower under
-    `vision_tower.vision_model.*`, as the released checkpoints name it."""
+def gemma3_released(k: str) -> str:
+    """Gemma 3's tower under `vision_tower.vision_model.*`, as released."""
+    if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + k[len("vision_tower."):]
+    return k
+
+
+def qwen2_vl_released(k: str) -> str:
+    """Qwen2-VL's `visual.*` and `model.*`, as released."""
+    for new, old in (("visual.", "model.visual."), ("model.", "model.language_model.")):
+        if k.startswith(old):
+            return new + k[len(old):]
+    return k
+
+
+# Fixtures saved with names llama.cpp's converter does not map.
+RELEASED_NAMES = {"gemma3-vision-tiny": gemma3_released, "qwen2-vl-tiny": qwen2_vl_released}
+
+
+def released_layout(src: Path, dst: Path, rename) -> Path:
+    """A copy of a multimodal checkpoint with its tensors named by
+    `rename`, as the released checkpoints name them (same tensors)."""
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -100,11 +128,7 @@ def released_layout(src: Path, dst: Path) -> Path:
         if f.name != "model.safetensors":
             shutil.copy(f.resolve(), dst / f.name)
     tensors = load_file(src / "model.safetensors")
-    renamed = {}
-    for k, v in tensors.items():
-        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k[len("vision_tower."):]
-        renamed[k] = v
+    renamed = {rename(k): v for k, v in tensors.items()}
     save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 
@@ -161,8 +185,8 @@ def main() -> None:
         tmp = Path(t)
         for name in args.fixtures.split(","):
             model = ROOT / "fixtures" / name
-            if name == "gemma3-vision-tiny":
-                model = released_layout(model, tmp / name)
+            if name in RELEASED_NAMES:
+                model = released_layout(model, tmp / name, RELEASED_NAMES[name])
             for ty in args.types.split(","):
                 convert_text(tree, env, model, ty, out / f"{name}-{ty}.gguf")
                 mm_ty = "f16" if ty.startswith("q") else ty

@@ -131,8 +131,10 @@ def main() -> None:
         "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False,
         "bos_token_id": 151643, "eos_token_id": 151645,
     }
+    # 3 encoder layers: llama.cpp's converter maps conv{1,2} through its
+    # block-index table, so an encoder of fewer than 3 layers cannot be converted.
     audio_config = {
-        "model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
+        "model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 3,
         "encoder_attention_heads": 4, "encoder_ffn_dim": 64, "num_mel_bins": 80,
         "max_source_positions": 1500, "activation_function": "gelu", "scale_embedding": False,
     }

@@ -85,16 +85,27 @@ STD = [0.26862954, 0.26130258, 0.27577711]
 # Small pixel bounds keep the fixture tiny: 4..20 merged tokens per image.
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 20
-PREPROCESSOR = {
-    "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
-    "merge_size": 2, "image_mean": MEAN, "image_std": STD,
-    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
-}
-VIDEO_PREPROCESSOR = {
-    "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, "patch_size": 14,
-    "temporal_patch_size": 2, "merge_size": 2, "image_mean": MEAN, "image_std": STD,
-    "min_frames": 4, "max_frames": 768, "video_processor_type": "Qwen2VLVideoProcessor",
-}
+# Qwen2.5-VL attends within windows of 112 px (4 merged tokens a side, the
+# released window_size, which llama.cpp's mmproj does not store and assumes):
+# larger bounds make every image and the video span several windows.
+MIN_PIXELS_25 = 28 * 28 * 24
+MAX_PIXELS_25 = 28 * 28 * 40
+
+
+def preprocessor(min_pixels: int, max_pixels: int) -> dict:
+    return {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": MEAN, "image_std": STD,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+    }
+
+
+def video_preprocessor(min_pixels: int, max_pixels: int) -> dict:
+    return {
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "patch_size": 14,
+        "temporal_patch_size": 2, "merge_size": 2, "image_mean": MEAN, "image_std": STD,
+        "min_frames": 4, "max_frames": 768, "video_processor_type": "Qwen2VLVideoProcessor",
+    }
 
 TEXT = {
     "hidden_size": 16, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -258,18 +269,23 @@ def build(name: str, kind: str) -> None:
 
     text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA,
                                        "mrope_section": MROPE_SECTION}, tie_word_embeddings=True)
+    # Towers of 3 blocks: llama.cpp's converter maps merger.mlp.{0,2} through its
+    # block-index table, so a tower of fewer than 3 blocks cannot be converted.
     if kind == "qwen2_vl":
-        vision = {"depth": 2, "embed_dim": 32, "hidden_size": TEXT["hidden_size"], "num_heads": 2,
+        pre, video_pre = preprocessor(MIN_PIXELS, MAX_PIXELS), video_preprocessor(MIN_PIXELS, MAX_PIXELS)
+        vision = {"depth": 3, "embed_dim": 32, "hidden_size": TEXT["hidden_size"], "num_heads": 2,
                   "mlp_ratio": 2, "hidden_act": "quick_gelu", "patch_size": 14, "spatial_merge_size": 2,
                   "temporal_patch_size": 2}
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
         cfg.architectures = ["Qwen2VLForConditionalGeneration"]
         model = Qwen2VLForConditionalGeneration(cfg).float()
     else:
-        # window_size 56 px = 2 merged tokens a side: every image spans >= 2 windows.
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+        pre = preprocessor(MIN_PIXELS_25, MAX_PIXELS_25)
+        video_pre = video_preprocessor(MIN_PIXELS_25, MAX_PIXELS_25)
+        # Blocks 0 and 2 windowed, 1 full (llama.cpp: n_wa_pattern 2).
+        vision = {"depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                   "out_hidden_size": TEXT["hidden_size"], "hidden_act": "silu", "patch_size": 14,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
                   "fullatt_block_indexes": [1], "tokens_per_second": 2}
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
         cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
@@ -283,8 +299,8 @@ def build(name: str, kind: str) -> None:
     mf.write_json(out / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": [151645, 151643],
                                                    "pad_token_id": 151643,
                                                    "transformers_version": transformers.__version__})
-    mf.write_json(out / "preprocessor_config.json", PREPROCESSOR)
-    mf.write_json(out / "video_preprocessor_config.json", VIDEO_PREPROCESSOR)
+    mf.write_json(out / "preprocessor_config.json", pre)
+    mf.write_json(out / "video_preprocessor_config.json", video_pre)
 
     # Media: two images of different shapes and four frames of a short clip.
     images = {"image_a": synth_image(120, 90, 1), "image_b": synth_image(64, 100, 2)}
@@ -296,9 +312,9 @@ def build(name: str, kind: str) -> None:
     pil = {k: Image.open(out / MEDIA[k]).convert("RGB") for k in images}
     pil_frames = [np.asarray(Image.open(out / f).convert("RGB")) for f in MEDIA["video"]]
 
-    image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if not k.endswith("_type")
+    image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in pre.items() if not k.endswith("_type")
                                                   and k != "processor_class"})
-    video_processor = Qwen2VLVideoProcessor(**{k: v for k, v in VIDEO_PREPROCESSOR.items()
+    video_processor = Qwen2VLVideoProcessor(**{k: v for k, v in video_pre.items()
                                                if not k.endswith("_type")})
     proc_cls = Qwen2VLProcessor if kind == "qwen2_vl" else Qwen2_5_VLProcessor
     processor = proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,

@@ -628,8 +628,14 @@ impl Weights {
             }
             Self::Gguf(g) => {
                 let q = g.qtensor(name)?;
-                g.check_shape(name, &q, shape)?;
-                Ok(q.dequantize(&g.device)?.to_dtype(g.dtype)?)
+                // llama.cpp's converter stores some vectors with an extra unit
+                // axis (conv biases as [d, 1]): the same values, taken in the
+                // shape asked for.
+                let unit = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
+                if unit(q.shape().dims()) != unit(shape) {
+                    g.check_shape(name, &q, shape)?;
+                }
+                Ok(q.dequantize(&g.device)?.reshape(shape)?.to_dtype(g.dtype)?)
             }
         }
     }

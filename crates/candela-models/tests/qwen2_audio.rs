@@ -69,17 +69,46 @@ fn prepare(loaded: &LoadedModel, f: &Fixture) -> PreparedPrompt {
     prep.prepare(&common::NoCaches, ids, &clips).unwrap()
 }
 
-#[test]
-fn features_prompt_logits_and_greedy_tokens_match_transformers() {
-    let f = fixture();
-    let mut loaded = load(
-        &dir(),
+fn load_f32(path: &std::path::Path) -> LoadedModel {
+    load(
+        path,
         &LoadOptions {
             dtype: Some("f32".into()),
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn features_prompt_logits_and_greedy_tokens_match_transformers() {
+    check_model(load_f32(&dir()));
+}
+
+/// llama.cpp's pair (a `qwen2` GGUF and a `qwen2a` mmproj) answers as the
+/// folder does.
+#[test]
+fn gguf_pairs_match_transformers() {
+    for ty in ["f32", "f16"] {
+        let Some((text, mmproj)) = common::gguf_pair("qwen2-audio-tiny", ty) else {
+            continue;
+        };
+        let loaded = load(
+            &text,
+            &LoadOptions {
+                dtype: Some("f32".into()),
+                mmproj: Some(mmproj),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        eprintln!("qwen2-audio-tiny {ty} GGUF pair:");
+        check_model(loaded);
+    }
+}
+
+fn check_model(mut loaded: LoadedModel) {
+    let f = fixture();
     assert_eq!(
         loaded.spec.architecture,
         "Qwen2AudioForConditionalGeneration"
@@ -156,6 +185,7 @@ fn features_prompt_logits_and_greedy_tokens_match_transformers() {
         }
         let last = last_logits(&mut loaded, &ids, &spans, None);
         let d = max_diff(&last, &f.tensors["last_logits"]);
+        eprintln!("{what}: last-position logits max |diff| {d:.2e}");
         assert!(d <= ATOL, "{what}: last-position logits differ by {d}");
         let audio_pos = ids
             .iter()

@@ -54,6 +54,26 @@ impl Fixture {
 /// tokenized, media decoded and processed, placeholders expanded, M-RoPE
 /// positions laid out.
 fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedPrompt {
+    prepare_case_with(loaded, f, case, &serde_json::json!({}))
+}
+
+/// [`prepare_case`] with processor kwargs for every item.
+fn prepare_case_with(
+    loaded: &LoadedModel,
+    f: &Fixture,
+    case: &Value,
+    kwargs: &Value,
+) -> PreparedPrompt {
+    let with = |mut k: Value| {
+        if let (Some(k), Some(extra)) = (k.as_object_mut(), kwargs.as_object()) {
+            k.extend(extra.clone());
+        }
+        if k.as_object().is_some_and(|o| o.is_empty()) {
+            Value::Null
+        } else {
+            k
+        }
+    };
     let messages = case["messages"].as_array().unwrap().clone();
     let opts = ChatRenderOptions {
         add_generation_prompt: true,
@@ -78,7 +98,7 @@ fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedProm
                     format: None,
                 }),
                 uuid: None,
-                kwargs: Value::Null,
+                kwargs: with(serde_json::json!({})),
                 embeds: None,
             },
             Value::Array(frames) => MediaInput {
@@ -87,7 +107,7 @@ fn prepare_case(loaded: &LoadedModel, f: &Fixture, case: &Value) -> PreparedProm
                     frames.iter().map(|x| f.file(x.as_str().unwrap())).collect(),
                 )),
                 uuid: None,
-                kwargs: serde_json::json!({ "fps": f.reference["frame_fps"] }),
+                kwargs: with(serde_json::json!({ "fps": f.reference["frame_fps"] })),
                 embeds: None,
             },
             other => panic!("bad media entry {other}"),
@@ -146,13 +166,70 @@ fn load_f32(name: &str) -> LoadedModel {
 }
 
 fn check_fixture(name: &'static str, architecture: &str) {
+    check_model(
+        name,
+        architecture,
+        &|| load_f32(name),
+        &serde_json::json!({}),
+    );
+}
+
+/// llama.cpp's pair of a fixture, loaded as `Engine.load({ model, mmproj })` does.
+fn load_gguf_pair(name: &str, ty: &str) -> Option<LoadedModel> {
+    let (text, mmproj) = common::gguf_pair(name, ty)?;
+    Some(
+        load(
+            &text,
+            &LoadOptions {
+                dtype: Some("f32".into()),
+                mmproj: Some(mmproj),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+/// The pixel bounds of a fixture's preprocessor config, as processor kwargs
+/// (an mmproj does not carry them: its processor has the released ones).
+fn fixture_pixel_bounds(name: &str) -> Value {
+    let pp: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir(name).join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    serde_json::json!({ "min_pixels": pp["min_pixels"], "max_pixels": pp["max_pixels"] })
+}
+
+fn check_gguf_pairs(name: &'static str, architecture: &str) {
+    let kwargs = fixture_pixel_bounds(name);
+    for ty in ["f32", "f16"] {
+        if load_gguf_pair(name, ty).is_some() {
+            eprintln!("{name} {ty} GGUF pair:");
+            check_model(
+                name,
+                architecture,
+                &|| load_gguf_pair(name, ty).unwrap(),
+                &kwargs,
+            );
+        }
+    }
+}
+
+/// Everything against the reference for a model loaded by `load_model`,
+/// its items processed with `kwargs`.
+fn check_model(
+    name: &'static str,
+    architecture: &str,
+    load_model: &dyn Fn() -> LoadedModel,
+    kwargs: &Value,
+) {
     let f = fixture(name);
-    let mut loaded = load_f32(name);
+    let mut loaded = load_model();
     assert_eq!(loaded.spec.architecture, architecture);
     let cases = f.reference["cases"].as_object().unwrap().clone();
     let mut worst = (0f32, 0f32, 0f32);
     for (case_name, case) in &cases {
-        let prepared = prepare_case(&loaded, &f, case);
+        let prepared = prepare_case_with(&loaded, &f, case, kwargs);
         let items = features(&prepared);
         let offsets: Vec<usize> = items.iter().map(|(o, _)| *o).collect();
 
@@ -245,8 +322,8 @@ fn check_fixture(name: &'static str, architecture: &str) {
     // media item is split across steps), for each case.
     drop(loaded);
     for (case_name, case) in &cases {
-        let loaded = load_f32(name);
-        let prepared = prepare_case(&loaded, &f, case);
+        let loaded = load_model();
+        let prepared = prepare_case_with(&loaded, &f, case, kwargs);
         let n = prepared.items.len() as u64;
         let (got, encoder_runs) = run_engine(loaded, prepared, 7);
         assert_eq!(
@@ -266,6 +343,16 @@ fn qwen2_vl_matches_transformers() {
 #[test]
 fn qwen2_5_vl_matches_transformers() {
     check_fixture("qwen2_5-vl-tiny", "Qwen2_5_VLForConditionalGeneration");
+}
+
+#[test]
+fn qwen2_vl_gguf_pairs_match_transformers() {
+    check_gguf_pairs("qwen2-vl-tiny", "Qwen2VLForConditionalGeneration");
+}
+
+#[test]
+fn qwen2_5_vl_gguf_pairs_match_transformers() {
+    check_gguf_pairs("qwen2_5-vl-tiny", "Qwen2_5_VLForConditionalGeneration");
 }
 
 #[test]

@@ -127,3 +127,24 @@ pub fn drain_tokens(mut h: RequestHandle) -> Vec<u32> {
     }
     got
 }
+
+/// llama.cpp's pair of files for a fixture, as scripts/make_gguf_fixtures.py
+/// writes them into fixtures/gguf: the language model converted to `ty`
+/// (f32, f16, q8_0) and the mmproj (f16 beside a quantized LM). None, with a
+/// note, when they have not been made.
+pub fn gguf_pair(name: &str, ty: &str) -> Option<(PathBuf, PathBuf)> {
+    let dir = fixture_dir("gguf");
+    let mm_ty = if ty.starts_with('q') { "f16" } else { ty };
+    let text = dir.join(format!("{name}-{ty}.gguf"));
+    let mmproj = dir.join(format!("mmproj-{name}-{mm_ty}.gguf"));
+    if text.is_file() && mmproj.is_file() {
+        Some((text, mmproj))
+    } else {
+        eprintln!(
+            "SKIP {name} {ty}: no {} / {} (python scripts/make_gguf_fixtures.py)",
+            text.display(),
+            mmproj.display()
+        );
+        None
+    }
+}

@@ -6,8 +6,10 @@
 //! Checkpoints name the parts `audio_tower.*`, `multi_modal_projector.*`,
 //! `language_model.model.*` / `language_model.lm_head.*` (as released), or
 //! `model.audio_tower.*`, `model.language_model.*`, `lm_head.*` (as newer
-//! transformers lays out the modules); both load.
+//! transformers lays out the modules); both load. llama.cpp's pair of files
+//! (a `qwen2` GGUF and a `qwen2a` mmproj) loads through [`gguf`].
 
+pub mod gguf;
 pub mod processor;
 
 use std::sync::Arc;
@@ -35,7 +37,7 @@ pub const FAMILY: Family = Family {
     gguf_architectures: &[],
     load_folder,
     gguf_config: None,
-    mmproj: None,
+    mmproj: Some(gguf::MMPROJ),
 };
 
 /// Tensor names in [`MmFeatures`] for one audio item.

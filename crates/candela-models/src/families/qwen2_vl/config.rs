@@ -53,6 +53,17 @@ impl VisionConfig {
         self.embed_dim / self.num_heads.max(1)
     }
 
+    /// The Conv3d patch embedding's weight: `[embed, C, T, P, P]`.
+    pub fn patch_embed_shape(&self) -> [usize; 5] {
+        [
+            self.embed_dim,
+            self.in_channels,
+            self.temporal_patch_size,
+            self.patch_size,
+            self.patch_size,
+        ]
+    }
+
     /// Columns of one flattened patch: `C * T * P * P`.
     pub fn patch_dim(&self) -> usize {
         self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
@@ -280,7 +291,7 @@ fn vision_theta(rv: &RawVision) -> f64 {
         .unwrap_or(10_000.0)
 }
 
-fn validate_vision(v: &VisionConfig, text_hidden: usize) -> Result<()> {
+pub(super) fn validate_vision(v: &VisionConfig, text_hidden: usize) -> Result<()> {
     if v.depth == 0 || v.embed_dim == 0 || v.num_heads == 0 || v.mlp_dim == 0 {
         return Err(bad(
             "vision_config: depth, width, heads and MLP width must be positive",

@@ -5,9 +5,11 @@
 //!
 //! Weights are named as released (`visual.*`, `model.*`, `lm_head.*`; also what
 //! transformers 5 writes) or the newer way (`model.visual.*`,
-//! `model.language_model.*`, `lm_head.*`); both load.
+//! `model.language_model.*`, `lm_head.*`); both load. llama.cpp's pair of
+//! files (a `qwen2vl` GGUF and its mmproj) loads through [`gguf`].
 
 pub mod config;
+pub mod gguf;
 pub mod positions;
 pub mod processor;
 pub mod vision;
@@ -32,10 +34,11 @@ use crate::weights::Weights;
 pub const FAMILY: Family = Family {
     name: "qwen2_vl",
     hf_architectures: &[QWEN2_VL, QWEN2_5_VL],
-    gguf_architectures: &[],
+    gguf_architectures: &[gguf::GGUF_ARCHITECTURE],
     load_folder,
-    gguf_config: None,
-    mmproj: None,
+    // A `qwen2vl` GGUF alone is its language model (text prompts).
+    gguf_config: Some(|g, max_len| gguf::text_config(g, QWEN2_VL, max_len)),
+    mmproj: Some(gguf::MMPROJ),
 };
 
 /// Tensor names in [`MmFeatures`] of one image or video item.

@@ -87,20 +87,31 @@ type Segments = Vec<(usize, usize)>;
 impl VisionTower {
     /// Load from `{prefix}.patch_embed`, `{prefix}.blocks.N`, `{prefix}.merger`.
     pub fn load(cfg: VisionConfig, w: &Weights, prefix: &str) -> MResult<Self> {
+        let conv = w
+            .pp(prefix)
+            .tensor("patch_embed.proj.weight", &cfg.patch_embed_shape())?;
+        Self::load_with_patch_embed(cfg, w, prefix, conv)
+    }
+
+    /// Load the blocks and merger from `w` with the patch embedding given as
+    /// the Conv3d weight `[embed, C, T, P, P]` (llama.cpp's mmproj stores it
+    /// as one Conv2d kernel per temporal slice).
+    pub fn load_with_patch_embed(
+        cfg: VisionConfig,
+        w: &Weights,
+        prefix: &str,
+        conv: Tensor,
+    ) -> MResult<Self> {
         let d = cfg.embed_dim;
+        if conv.dims() != cfg.patch_embed_shape() {
+            return Err(crate::error::ModelError::Config(format!(
+                "patch embedding has shape {:?}, the vision config needs {:?}",
+                conv.dims(),
+                cfg.patch_embed_shape()
+            )));
+        }
+        let patch_embed = conv.reshape((d, cfg.patch_dim()))?;
         let w = w.pp(prefix);
-        let patch_embed = w
-            .tensor(
-                "patch_embed.proj.weight",
-                &[
-                    d,
-                    cfg.in_channels,
-                    cfg.temporal_patch_size,
-                    cfg.patch_size,
-                    cfg.patch_size,
-                ],
-            )?
-            .reshape((d, cfg.patch_dim()))?;
         let blocks_w = w.pp("blocks");
         let blocks = (0..cfg.depth)
             .map(|i| {
@@ -119,7 +130,7 @@ impl VisionTower {
                 Ok(Block {
                     norm1: Norm::load(&b, "norm1", d, cfg.variant)?,
                     norm2: Norm::load(&b, "norm2", d, cfg.variant)?,
-                    qkv: b.linear("attn.qkv", d, 3 * d, true)?,
+                    qkv: qkv(&b.pp("attn"), d)?,
                     proj: b.linear("attn.proj", d, d, true)?,
                     mlp,
                     full_attention: cfg.variant == Variant::Qwen2Vl
@@ -297,6 +308,24 @@ impl VisionTower {
         debug_assert_eq!(out.dim(D::Minus1)?, d);
         Ok(out)
     }
+}
+
+/// The fused `{attn}.qkv` projection, or (llama.cpp's mmproj) one stacked
+/// from `{attn}.q`, `{attn}.k` and `{attn}.v`.
+fn qkv(attn: &WeightsAt, d: usize) -> MResult<Linear> {
+    if attn.contains("qkv.weight") {
+        return attn.linear("qkv", d, 3 * d, true);
+    }
+    let parts = ["q", "k", "v"]
+        .iter()
+        .map(|x| attn.linear(x, d, d, true))
+        .collect::<MResult<Vec<_>>>()?;
+    Linear::stack(&parts.iter().collect::<Vec<_>>())?.ok_or_else(|| {
+        crate::error::ModelError::Config(
+            "vision attention: q, k and v are stored in different types and cannot be stacked"
+                .into(),
+        )
+    })
 }
 
 /// Qwen2.5-VL's window layout: the merged tokens of each frame visited

@@ -129,22 +129,28 @@ pub fn drain_tokens(mut h: RequestHandle) -> Vec<u32> {
 }
 
 /// llama.cpp's pair of files for a fixture, as scripts/make_gguf_fixtures.py
-/// writes them into fixtures/gguf: the language model converted to `ty`
-/// (f32, f16, q8_0) and the mmproj (f16 beside a quantized LM). None, with a
-/// note, when they have not been made.
+/// writes them: the language model converted to `ty` (f32, f16, q8_0) and
+/// the mmproj (f16 beside a quantized LM). The F16 pairs are committed in
+/// fixtures/gguf and must be there; the others are checked when
+/// `CANDELA_GGUF_FIXTURES` names the folder the script wrote them to (None,
+/// with a note, otherwise).
 pub fn gguf_pair(name: &str, ty: &str) -> Option<(PathBuf, PathBuf)> {
-    let dir = fixture_dir("gguf");
+    let dir = if ty == "f16" {
+        fixture_dir("gguf")
+    } else if let Some(d) = std::env::var_os("CANDELA_GGUF_FIXTURES") {
+        PathBuf::from(d)
+    } else {
+        eprintln!("SKIP {name} {ty}: CANDELA_GGUF_FIXTURES is not set (python scripts/make_gguf_fixtures.py)");
+        return None;
+    };
     let mm_ty = if ty.starts_with('q') { "f16" } else { ty };
     let text = dir.join(format!("{name}-{ty}.gguf"));
     let mmproj = dir.join(format!("mmproj-{name}-{mm_ty}.gguf"));
-    if text.is_file() && mmproj.is_file() {
-        Some((text, mmproj))
-    } else {
-        eprintln!(
-            "SKIP {name} {ty}: no {} / {} (python scripts/make_gguf_fixtures.py)",
-            text.display(),
-            mmproj.display()
-        );
-        None
-    }
+    assert!(
+        text.is_file() && mmproj.is_file(),
+        "no {} / {} (python scripts/make_gguf_fixtures.py)",
+        text.display(),
+        mmproj.display()
+    );
+    Some((text, mmproj))
 }

@@ -248,9 +248,12 @@ mod tests {
             .contains("llama, qwen2, qwen3, gemma3"));
         assert_eq!(by_mmproj_projector("mlp").unwrap().name, "llava");
         assert_eq!(by_mmproj_projector("gemma3").unwrap().name, "gemma3");
-        assert!(by_mmproj_projector("qwen2vl_merger")
-            .unwrap_err()
-            .contains("mlp"));
+        assert_eq!(
+            by_mmproj_projector("qwen2.5vl_merger").unwrap().name,
+            "qwen2_vl"
+        );
+        assert_eq!(by_mmproj_projector("qwen2a").unwrap().name, "qwen2_audio");
+        assert!(by_mmproj_projector("pixtral").unwrap_err().contains("mlp"));
     }
 
     #[test]

@@ -6,7 +6,9 @@ use candela_core::model::{DeviceMemory, DeviceSampleRow, ForwardBatch, Model, Mo
 use candela_core::request::MmFeatures;
 use candle_core::{Result, Tensor};
 
+use crate::error::{ModelError, Result as MResult};
 use crate::nn::decoder::DecoderLm;
+use crate::weights::Weights;
 
 /// A family's media side: preprocessed tensors of one item in,
 /// `[rows, hidden_size]` embeddings out (any float dtype).
@@ -79,4 +81,34 @@ impl Model for MultimodalLm {
     ) -> Option<Result<Vec<u32>>> {
         self.lm.sample_on_device(logits, rows)
     }
+}
+
+/// Where a `*ForConditionalGeneration` checkpoint keeps its parts: its
+/// language model's weights under a plain decoder's names, and the root the
+/// tower and projector sit under. Released files and transformers 5 write
+/// `language_model.model.*` (root `""`); transformers 4.5x saves
+/// `model.language_model.*` (root `"model."`).
+pub fn language_model_weights(w: &Weights) -> MResult<(Weights, &'static str)> {
+    if w.contains("model.language_model.embed_tokens.weight") {
+        let lm = w.renamed(|n: &str| match n.strip_prefix("model.") {
+            Some(rest) => format!("model.language_model.{rest}"),
+            None => n.to_string(),
+        })?;
+        Ok((lm, "model."))
+    } else {
+        Ok((w.renamed(|n: &str| format!("language_model.{n}"))?, ""))
+    }
+}
+
+/// The prefix of a CLIP / SigLIP tower under `root`: with or without
+/// `.vision_model` (as `*VisionModel` or `*VisionTransformer` was saved),
+/// found by `probe`, a tensor name inside the tower.
+pub fn vision_tower_prefix(w: &Weights, root: &str, probe: &str) -> MResult<String> {
+    [
+        format!("{root}vision_tower.vision_model"),
+        format!("{root}vision_tower"),
+    ]
+    .into_iter()
+    .find(|p| w.pp(p).contains(probe))
+    .ok_or_else(|| ModelError::MissingTensor(format!("{root}vision_tower.vision_model.{probe}")))
 }

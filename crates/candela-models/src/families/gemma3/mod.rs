@@ -30,7 +30,7 @@ use serde_json::Value;
 use super::{Built, Checkpoint, Family};
 use crate::config::{HfConfig, RopeScaling as HfRopeScaling};
 use crate::error::{ModelError, Result};
-use crate::multimodal::MultimodalLm;
+use crate::multimodal::{language_model_weights, MultimodalLm};
 use crate::nn::activation::Activation;
 use crate::nn::decoder::{
     hf_base_config, hf_rope_scaling, DecoderConfig, DecoderLm, SlidingWindow,
@@ -244,16 +244,7 @@ fn load_vision_folder(ck: &Checkpoint) -> Result<Built> {
             message,
         })?;
     let w = ck.weights()?;
-    // Released and transformers-5 names: `language_model.model.*`; 4.5x
-    // saves: `model.language_model.*`.
-    let lm_w = if w.contains("model.language_model.embed_tokens.weight") {
-        w.renamed(|n: &str| match n.strip_prefix("model.") {
-            Some(rest) => format!("model.language_model.{rest}"),
-            None => n.to_string(),
-        })?
-    } else {
-        w.renamed(|n: &str| format!("language_model.{n}"))?
-    };
+    let (lm_w, _) = language_model_weights(&w)?;
     let lm = DecoderLm::load(cfg.decoder, &lm_w)?;
     let encoder = vision::Gemma3ImageEncoder::load(&vision_cfg, &w, cfg.text.hidden_size)?;
     Ok(Built {

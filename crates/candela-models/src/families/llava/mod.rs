@@ -27,7 +27,7 @@ pub use processor::{ClipImageConfig, ImageProcessor};
 use super::{Built, Checkpoint, Family};
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result as MResult};
-use crate::multimodal::{MediaEncoder, MultimodalLm};
+use crate::multimodal::{language_model_weights, vision_tower_prefix, MediaEncoder, MultimodalLm};
 use crate::nn::activation::Activation;
 use crate::nn::decoder::DecoderLm;
 use crate::weights::{Linear, Weights};
@@ -163,27 +163,9 @@ fn load_folder(ck: &Checkpoint) -> MResult<Built> {
 /// The language model, tower and projector of a LLaVA checkpoint.
 pub fn load(cfg: &LlavaConfig, w: &Weights, max_model_len: Option<usize>) -> MResult<MultimodalLm> {
     let text = crate::families::llama::config_from_hf(&cfg.text, max_model_len)?;
-    let (lm_w, root) = if w.contains("model.language_model.embed_tokens.weight") {
-        let lm = w.renamed(|n: &str| match n.strip_prefix("model.") {
-            Some(rest) => format!("model.language_model.{rest}"),
-            None => n.to_string(),
-        })?;
-        (lm, "model.")
-    } else {
-        (w.renamed(|n: &str| format!("language_model.{n}"))?, "")
-    };
+    let (lm_w, root) = language_model_weights(w)?;
     let lm = DecoderLm::load(text, &lm_w)?;
-    let tower = [
-        format!("{root}vision_tower.vision_model"),
-        format!("{root}vision_tower"),
-    ]
-    .into_iter()
-    .find(|p| w.pp(p).contains("embeddings.class_embedding"))
-    .ok_or_else(|| {
-        ModelError::MissingTensor(format!(
-            "{root}vision_tower.vision_model.embeddings.class_embedding"
-        ))
-    })?;
+    let tower = vision_tower_prefix(w, root, "embeddings.class_embedding")?;
     let vision = ClipVision::load(cfg.vision.clone(), w, &tower, cfg.feature_layers)?;
     let (vd, td) = (cfg.vision.hidden_size, cfg.text.hidden_size);
     let proj = w.pp(format!("{root}multi_modal_projector"));

@@ -29,7 +29,7 @@ use serde_json::Value;
 use super::{Built, Checkpoint, Family};
 use crate::config::HfConfig;
 use crate::error::{ModelError, Result as MResult};
-use crate::multimodal::{MediaEncoder, MultimodalLm};
+use crate::multimodal::{language_model_weights, vision_tower_prefix, MediaEncoder, MultimodalLm};
 use crate::nn::activation::Activation;
 use crate::nn::decoder::DecoderLm;
 use crate::nn::interpolate::bilinear;
@@ -308,27 +308,9 @@ pub fn load(
     max_model_len: Option<usize>,
 ) -> MResult<MultimodalLm> {
     let text = crate::families::qwen2::config_from_hf(&cfg.text, max_model_len)?;
-    let (lm_w, root) = if w.contains("model.language_model.embed_tokens.weight") {
-        let lm = w.renamed(|n: &str| match n.strip_prefix("model.") {
-            Some(rest) => format!("model.language_model.{rest}"),
-            None => n.to_string(),
-        })?;
-        (lm, "model.")
-    } else {
-        (w.renamed(|n: &str| format!("language_model.{n}"))?, "")
-    };
+    let (lm_w, root) = language_model_weights(w)?;
     let lm = DecoderLm::load(text, &lm_w)?;
-    let tower = [
-        format!("{root}vision_tower.vision_model"),
-        format!("{root}vision_tower"),
-    ]
-    .into_iter()
-    .find(|p| w.contains(&format!("{p}.embeddings.patch_embedding.weight")))
-    .ok_or_else(|| {
-        ModelError::MissingTensor(format!(
-            "{root}vision_tower.vision_model.embeddings.patch_embedding.weight"
-        ))
-    })?;
+    let tower = vision_tower_prefix(w, root, "embeddings.patch_embedding.weight")?;
     let vision = SiglipVision::load(cfg.vision.clone(), w, &tower, cfg.feature_layers)?;
     let (vd, td) = (cfg.vision.hidden_size, cfg.text.hidden_size);
     let proj = format!("{root}multi_modal_projector");

@@ -826,6 +826,78 @@ mod tests {
             .all(|m| matches!(m.input, MmInput::Cached)));
     }
 
+    /// A family that processes an image according to its prompt: as many
+    /// rows as the prompt has images.
+    #[derive(Debug)]
+    struct ByPrompt;
+
+    impl MmProcessor for ByPrompt {
+        fn modalities(&self) -> &[Modality] {
+            &[Modality::Image]
+        }
+        fn placeholder_token(&self, m: Modality) -> Option<u32> {
+            (m == Modality::Image).then_some(9)
+        }
+        fn kwargs_key(&self, m: Modality, kwargs: &Value) -> Result<String, MediaError> {
+            Wrapping.kwargs_key(m, kwargs)
+        }
+        fn prompt_key(&self, m: Modality, prompt: &PromptItems) -> String {
+            format!("images={}", prompt.count(m))
+        }
+        fn process(
+            &self,
+            m: Modality,
+            _: &MediaData,
+            _: &Value,
+            _: &DecodeOptions,
+            prompt: &PromptItems,
+        ) -> Result<ProcessedItem, MediaError> {
+            let n = prompt.count(m);
+            let t = Tensor::zeros((n, 4), candle_core::DType::F32, &Device::Cpu)
+                .map_err(|e| MediaError::Invalid(e.to_string()))?;
+            Ok(ProcessedItem {
+                features: Arc::new(MmFeatures {
+                    tensors: vec![("x".into(), t)],
+                }),
+                layout: ItemLayout::rows(n),
+            })
+        }
+    }
+
+    #[test]
+    fn an_item_is_keyed_and_cached_by_its_prompt_where_the_family_says_so() {
+        let e = engine(true);
+        let prep = InputPreparer::new(
+            Some(Arc::new(ByPrompt)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let lengths = |p: &PreparedPrompt| -> Vec<usize> {
+            p.items.iter().map(|m| m.placeholder.length).collect()
+        };
+        let alone = prep
+            .prepare(&e, vec![9], &[image(&[1], Some("u"))])
+            .unwrap();
+        let pair = [image(&[1], Some("u")), image(&[2], None)];
+        let both = prep.prepare(&e, vec![9, 9], &pair).unwrap();
+        assert_eq!((lengths(&alone), lengths(&both)), (vec![1], vec![2, 2]));
+        assert_ne!(
+            alone.items[0].placeholder.hash,
+            both.items[0].placeholder.hash
+        );
+        assert_eq!(prep.cache_stats().1, 0, "no hit across prompts");
+        let q = [UuidRef {
+            modality: Modality::Image,
+            uuid: "u".into(),
+            kwargs: Value::Null,
+        }];
+        let images = |n| PromptItems::of(std::iter::repeat_n(Modality::Image, n));
+        assert_eq!(prep.uncached(&e, &q, &images(2)).unwrap(), vec![false]);
+        assert_eq!(prep.uncached(&e, &q, &images(3)).unwrap(), vec![true]);
+        assert_eq!(images(2).count(Modality::Video), 0);
+    }
+
     /// The caches of an engine, without one.
     struct Caches {
         on: bool,

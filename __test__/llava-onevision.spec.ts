@@ -1,7 +1,8 @@
 /**
  * LLaVA-OneVision end to end on the llava-onevision-tiny fixture
  * (scripts/make_llava_onevision_fixture.py; transformers' greedy tokens in
- * reference.json): engine.chat with images (tiled anyres) and a video as
+ * reference.json): engine.chat with images (tiled anyres when alone in
+ * their prompt, base images only when several share it) and a video as
  * frames, generate({ prompt, multiModalData }) (vLLM's offline form), the
  * media caches and uuids, limitMmPerPrompt, and the OpenAI server with
  * image_url and video_url content parts.
@@ -32,19 +33,21 @@ const clip = readFileSync(join(fixture('vision'), 'clip_h264.mp4'))
 const clipUrl = `data:video/mp4;base64,${clip.toString('base64')}`
 const greedy = { maxTokens: 8, temperature: 0, ignoreEos: true }
 
-/** A case's messages with its media part given as `part(file or frames)`. */
-const messages = (c: Case, image: (f: string) => Record<string, unknown>, video: () => Record<string, unknown>): ChatMessage[] =>
-  c.messages.map((m) => ({
+/** A case's messages with its k-th image part given as `image(k-th file)`, its video as `video()`. */
+const messages = (c: Case, image: (f: string) => Record<string, unknown>, video: () => Record<string, unknown>): ChatMessage[] => {
+  let k = 0
+  return c.messages.map((m) => ({
     role: m.role,
-    content: m.content.map((p) => (p.type === 'text' ? p : p.type === 'image' ? image(c.media![0]!) : video())),
+    content: m.content.map((p) => (p.type === 'text' ? p : p.type === 'image' ? image(c.media![k++]!) : video())),
   })) as ChatMessage[]
+}
 const frames = (c: Case): Buffer[] => c.video!.map(read)
 const asParts = (c: Case): ChatMessage[] =>
   messages(c, (f) => ({ type: 'image_url', image_url: { url: dataUrl(f) } }), () => ({ type: 'video', video: frames(c) }))
 
 let engine: Engine
 let s: TestServer
-const load = { model: dir, dtype: 'f32' as const, maxModelLen: 512, limitMmPerPrompt: { image: 1, video: 1 } }
+const load = { model: dir, dtype: 'f32' as const, maxModelLen: 512, limitMmPerPrompt: { image: 2, video: 1 } }
 test.before(async () => {
   engine = await Engine.load({ ...load, maxNumBatchedTokens: 16 })
   s = await startTestServer({ load, servedModelName: 'tiny-onevision' })
@@ -62,7 +65,7 @@ test.serial('engine: chat and generate give transformers\' greedy tokens (images
     t.deepEqual(out.tokenIds, c.greedy_ids, name)
     t.is(out.usage.promptTokens, c.input_ids.length, name)
     const prompt = await engine.applyChatTemplate(messages(c, () => ({ type: 'image', image: null }), () => ({ type: 'video', video: null })))
-    const multiModalData = c.media ? { image: c.media.map(read) } : { video: [frames(c)] }
+    const multiModalData = { ...(c.media && { image: c.media.map(read) }), ...(c.video && { video: [frames(c)] }) }
     const [gen] = await engine.generate({ prompt, multiModalData }, greedy)
     t.deepEqual(gen!.tokenIds, c.greedy_ids, name)
   }
@@ -89,12 +92,27 @@ test.serial('a repeated image skips preprocessing and the tower; a uuid alone re
   t.regex(miss!.message, /ov-never/)
 })
 
-test.serial('limitMmPerPrompt: a second image is refused', async (t) => {
+test.serial('an image cached alone (tiled) is not reused in a multi-image prompt, where it is processed apart', async (t) => {
+  const c = ref.cases.two_images!
+  const alone = ref.cases.wide_image!
+  const part = (f: string) => ({ type: 'image_url', image_url: { url: dataUrl(f) }, uuid: `ov-multi-${f}` })
+  const video = () => ({ type: 'video', video: null })
+  t.deepEqual((await engine.chat(messages(alone, part, video), greedy)).tokenIds, alone.greedy_ids)
+  // The first image by uuid alone: held only as a tiled single image.
+  const byRef = (f: string) => (f === c.media![0] ? { type: 'image_url', image_url: null, uuid: `ov-multi-${f}` } : part(f))
+  const miss = await t.throwsAsync(engine.chat(messages(c, byRef, video), greedy))
+  t.true(miss instanceof MediaError)
+  t.regex(miss!.message, /ov-multi-image_a\.png/)
+  t.deepEqual((await engine.chat(messages(c, part, video), greedy)).tokenIds, c.greedy_ids)
+  t.deepEqual((await engine.chat(messages(c, byRef, video), greedy)).tokenIds, c.greedy_ids, 'by uuid in a multi-image prompt')
+})
+
+test.serial('limitMmPerPrompt: a third image is refused', async (t) => {
   const c = ref.cases.wide_image!
   const part = { type: 'image_url', image_url: { url: dataUrl(c.media![0]!) } }
-  const err = await t.throwsAsync(engine.chat([{ role: 'user', content: [part, part, { type: 'text', text: 'Two?' }] }] as ChatMessage[], greedy))
+  const err = await t.throwsAsync(engine.chat([{ role: 'user', content: [part, part, part, { type: 'text', text: 'Three?' }] }] as ChatMessage[], greedy))
   t.true(err instanceof MediaError)
-  t.regex(err!.message, /At most 1 image/)
+  t.regex(err!.message, /At most 2 image/)
 })
 
 test.serial('server: image_url and video_url content parts', async (t) => {

@@ -26,10 +26,11 @@ export declare class NativeEngine {
    */
   addRequest(request: NativeRequest, media?: Array<NativeMediaItem> | undefined | null): Promise<NativeSubmitted>
   /**
-   * For each uuid-only media item, whether no cache holds it (its data
-   * must then be sent).
+   * For each uuid-only media item of a prompt whose items (all of them,
+   * in order) have the modalities `prompt`, whether no cache holds it
+   * (its data must then be sent).
    */
-  uncachedUuids(items: Array<NativeUuidRef>): Array<boolean>
+  uncachedUuids(items: Array<NativeUuidRef>, prompt: Array<'image' | 'video' | 'audio'>): Array<boolean>
   /**
    * Wait for the request's next events and return all that are queued.
    * `done` is true once every sample finished, the request failed, or it

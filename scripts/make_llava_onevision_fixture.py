@@ -32,11 +32,13 @@ Weights are bf16 values (stored bf16), reference in float32, eager attention.
 
 Cases (images through LlavaOnevisionImageProcessorPil, the PIL processor;
 frames through LlavaOnevisionVideoProcessor, torch): one wide image (120x90),
-one tall image (44x70), one video of 4 frames (64x48). One image per prompt:
-transformers tiles an image only when it is its prompt's only image.
-Recorded per case: rendered prompt, expanded input ids, per item the pixel
-values and the packed features (newline rows included), last-position
-logits, 8 greedy ids.
+one tall image (44x70), one video of 4 frames (64x48), both images in one prompt (transformers tiles
+an image only when it is its prompt's only image: images are passed per
+prompt, `images=[[a, b]]`, as `apply_chat_template` does), one image and the
+video in one prompt (still tiled: videos do not count).
+Recorded per case: rendered prompt, expanded input ids, per item (images,
+then videos) the pixel values and the packed features (newline rows
+included), last-position logits, 8 greedy ids.
 """
 
 import json
@@ -119,6 +121,20 @@ CASES = {
         "video": FRAMES,
         "messages": [{"role": "user", "content": [
             {"type": "video"}, {"type": "text", "text": "What happens in this video?"}]}],
+    },
+    # Several images in one prompt: each only its base image (padded to a
+    # square) and one newline row, no tiles.
+    "two_images": {
+        "media": ["image_a.png", "image_b.png"],
+        "messages": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare these images."}]}],
+    },
+    # A video does not count as an image: the prompt's one image is tiled.
+    "image_and_video": {
+        "media": ["image_b.png"],
+        "video": FRAMES,
+        "messages": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "video"}, {"type": "text", "text": "Describe both."}]}],
     },
 }
 
@@ -231,23 +247,29 @@ def main() -> None:
         rendered = processor.apply_chat_template(spec["messages"], add_generation_prompt=True, tokenize=False)
         kw = {}
         if "media" in spec:
-            kw["images"] = [Image.open(out / m) for m in spec["media"]]
+            kw["images"] = [[Image.open(out / m) for m in spec["media"]]]
         if "video" in spec:
             kw["videos"] = [[np.array(Image.open(out / f).convert("RGB")) for f in spec["video"]]]
         inputs = processor(text=[rendered], return_tensors="pt", **kw)
         input_ids = inputs["input_ids"][0].tolist()
         with torch.no_grad():
             logits = ref(**inputs).logits[0].float()
+            feats, pixels = [], []
             if "media" in spec:
-                feats = ref.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
-                                                     batch_num_images=inputs["batch_num_images"],
-                                                     return_dict=True).pooler_output
-                pixels = [inputs["pixel_values"][0]]
-                assert input_ids.count(151646) == feats[0].shape[0]
-            else:
-                feats = ref.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
-                pixels = [inputs["pixel_values_videos"][0]]
-                assert input_ids.count(151647) == feats[0].shape[0]
+                image_feats = ref.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                           batch_num_images=inputs["batch_num_images"],
+                                                           return_dict=True).pooler_output
+                tiled = len(spec["media"]) == 1
+                pixels += [inputs["pixel_values"][k] if tiled else inputs["pixel_values"][k][:1]
+                           for k in range(len(spec["media"]))]
+                assert input_ids.count(151646) == sum(f.shape[0] for f in image_feats)
+                feats += list(image_feats)
+            if "video" in spec:
+                video_feats = ref.model.get_video_features(inputs["pixel_values_videos"],
+                                                           return_dict=True).pooler_output
+                pixels.append(inputs["pixel_values_videos"][0])
+                assert input_ids.count(151647) == video_feats[0].shape[0]
+                feats.append(video_feats[0])
             gen = ref.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                                pad_token_id=151643, num_beams=1)
         greedy = gen[0, len(input_ids):].tolist()
@@ -255,18 +277,20 @@ def main() -> None:
         top2 = torch.topk(logits[-1], 2).values
         assert float(top2[0] - top2[1]) > 1e-3, f"{case}: last position too close to a tie"
         tensors[f"{case}.last_logits"] = logits[-1].contiguous()
-        tensors[f"{case}.item0.pixel_values"] = pixels[0].float().contiguous()
-        tensors[f"{case}.item0.embeds"] = feats[0].float().contiguous()
+        for k, (p, f) in enumerate(zip(pixels, feats)):
+            tensors[f"{case}.item{k}.pixel_values"] = p.float().contiguous()
+            tensors[f"{case}.item{k}.embeds"] = f.float().contiguous()
+        rows = [int(f.shape[0]) for f in feats]
         entry = {"messages": spec["messages"], "rendered": rendered, "input_ids": input_ids, "greedy_ids": greedy,
-                 "item_rows": int(feats[0].shape[0])}
+                 "item_rows": rows[0] if len(rows) == 1 else rows}
         if "media" in spec:
             entry["media"] = spec["media"]
             entry["image_sizes"] = inputs["image_sizes"].tolist()
-        else:
+        if "video" in spec:
             entry["video"] = spec["video"]
         cases[case] = entry
-        mf.log(f"{NAME} {case}: {len(input_ids)} tokens, item rows {feats[0].shape[0]}, "
-               f"pixels {tuple(pixels[0].shape)}, greedy {greedy}")
+        mf.log(f"{NAME} {case}: {len(input_ids)} tokens, item rows {rows}, "
+               f"pixels {[tuple(p.shape) for p in pixels]}, greedy {greedy}")
     save_file(tensors, str(out / "reference.safetensors"), metadata={"format": "pt"})
     mf.write_json(out / "reference.json", {
         "fixture": NAME, "architecture": "LlavaOnevisionForConditionalGeneration",

@@ -403,6 +403,7 @@ export class Engine {
           const n = toNativeMedia(m, mmKwargs)
           return { modality: n.modality, uuid: m.uuid!, kwargs: n.kwargs }
         }),
+        media.map((m) => m.modality),
       )
     } catch (err) {
       throw fromNative(err)

@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::mm_embeds;
 use crate::processor::{
     DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessorCache,
+    PromptItems,
 };
 
 /// Layouts remembered for uuid-only items whose tensors left the processor
@@ -270,8 +271,14 @@ impl InputPreparer {
         uuid: Option<&str>,
         data: Option<&MediaData>,
         kwargs: &Value,
+        prompt: &PromptItems,
     ) -> Result<String, InputError> {
-        let key = self.processor(modality)?.kwargs_key(modality, kwargs)?;
+        let p = self.processor(modality)?;
+        let mut key = p.kwargs_key(modality, kwargs)?;
+        let in_prompt = p.prompt_key(modality, prompt);
+        if !in_prompt.is_empty() {
+            key = format!("{key};{in_prompt}");
+        }
         let bytes = match (uuid, data) {
             (None, Some(d)) => d.content_bytes(),
             _ => Vec::new(),
@@ -279,12 +286,14 @@ impl InputPreparer {
         Ok(mm_hash(modality, uuid, &bytes, &key).to_string())
     }
 
-    /// For each uuid-only item, whether no cache holds it (so the caller
-    /// must send its data). With every cache off, all are uncached.
+    /// For each uuid-only item of a prompt holding `prompt`'s items,
+    /// whether no cache holds it (so the caller must send its data). With
+    /// every cache off, all are uncached.
     pub fn uncached(
         &self,
         engine: &dyn EngineCaches,
         items: &[UuidRef],
+        prompt: &PromptItems,
     ) -> Result<Vec<bool>, InputError> {
         let caching = self.caching(engine);
         items
@@ -293,7 +302,7 @@ impl InputPreparer {
                 if !caching {
                     return Ok(true);
                 }
-                let hash = self.hash(i.modality, Some(&i.uuid), None, &i.kwargs)?;
+                let hash = self.hash(i.modality, Some(&i.uuid), None, &i.kwargs, prompt)?;
                 let held = self
                     .cache
                     .lock()
@@ -310,12 +319,19 @@ impl InputPreparer {
         engine: &dyn EngineCaches,
         item: &MediaInput,
         caching: bool,
+        prompt: &PromptItems,
     ) -> Result<Resolved, InputError> {
         let uuid = item.uuid.as_deref().filter(|_| caching);
         if let Some(e) = &item.embeds {
             return self.resolve_embeds(engine, item.modality, e, uuid);
         }
-        let hash = self.hash(item.modality, uuid, item.data.as_ref(), &item.kwargs)?;
+        let hash = self.hash(
+            item.modality,
+            uuid,
+            item.data.as_ref(),
+            &item.kwargs,
+            prompt,
+        )?;
         if let Some((layout, input)) =
             self.lookup(engine, item.modality, &hash, item.data.is_some())
         {
@@ -341,6 +357,7 @@ impl InputPreparer {
             data,
             &item.kwargs,
             &self.decode,
+            prompt,
         )?;
         if let Ok(mut c) = self.cache.lock() {
             c.insert(&hash, processed.clone());
@@ -388,7 +405,13 @@ impl InputPreparer {
         let hash = match uuid {
             // Keyed as a uuid-only reference to the item is, so that one
             // finds these embeddings (held by the encoder cache) later.
-            Some(u) => self.hash(modality, Some(u), None, &Value::Null)?,
+            Some(u) => self.hash(
+                modality,
+                Some(u),
+                None,
+                &Value::Null,
+                &PromptItems::default(),
+            )?,
             None => {
                 let bytes = match &e.source {
                     EmbedsSource::Floats { data, .. } => {
@@ -434,9 +457,10 @@ impl InputPreparer {
             });
         }
         let caching = self.caching(engine);
+        let prompt = PromptItems::of(items.iter().map(|i| i.modality));
         let resolved = items
             .iter()
-            .map(|i| self.resolve(engine, i, caching))
+            .map(|i| self.resolve(engine, i, caching, &prompt))
             .collect::<Result<Vec<_>, _>>()?;
         self.expand(ids, resolved)
     }
@@ -646,6 +670,7 @@ mod tests {
             data: &MediaData,
             _: &Value,
             _: &DecodeOptions,
+            _: &PromptItems,
         ) -> Result<ProcessedItem, MediaError> {
             let MediaData::Encoded { bytes, .. } = data else {
                 return Err(MediaError::Invalid("bytes".into()));
@@ -712,6 +737,7 @@ mod tests {
             data: &MediaData,
             _: &Value,
             _: &DecodeOptions,
+            _: &PromptItems,
         ) -> Result<ProcessedItem, MediaError> {
             let MediaData::Encoded { bytes, .. } = data else {
                 return Err(MediaError::Invalid("bytes".into()));
@@ -779,7 +805,8 @@ mod tests {
         for (k, m) in p.items.iter().enumerate().take(2) {
             e.encoder.borrow_mut().insert(m.placeholder.hash.clone(), 1);
             assert_eq!(
-                prep.uncached(&e, std::slice::from_ref(&q)).unwrap(),
+                prep.uncached(&e, std::slice::from_ref(&q), &PromptItems::default())
+                    .unwrap(),
                 vec![true],
                 "{k}"
             );
@@ -787,13 +814,88 @@ mod tests {
         e.encoder
             .borrow_mut()
             .insert(p.items[2].placeholder.hash.clone(), 1);
-        assert_eq!(prep.uncached(&e, &[q]).unwrap(), vec![false]);
+        assert_eq!(
+            prep.uncached(&e, &[q], &PromptItems::default()).unwrap(),
+            vec![false]
+        );
         let again = prep.prepare(&e, vec![9], &[by_uuid("pano")]).unwrap();
         assert_eq!(again.items.len(), 3);
         assert!(again
             .items
             .iter()
             .all(|m| matches!(m.input, MmInput::Cached)));
+    }
+
+    /// A family that processes an image according to its prompt: as many
+    /// rows as the prompt has images.
+    #[derive(Debug)]
+    struct ByPrompt;
+
+    impl MmProcessor for ByPrompt {
+        fn modalities(&self) -> &[Modality] {
+            &[Modality::Image]
+        }
+        fn placeholder_token(&self, m: Modality) -> Option<u32> {
+            (m == Modality::Image).then_some(9)
+        }
+        fn kwargs_key(&self, m: Modality, kwargs: &Value) -> Result<String, MediaError> {
+            Wrapping.kwargs_key(m, kwargs)
+        }
+        fn prompt_key(&self, m: Modality, prompt: &PromptItems) -> String {
+            format!("images={}", prompt.count(m))
+        }
+        fn process(
+            &self,
+            m: Modality,
+            _: &MediaData,
+            _: &Value,
+            _: &DecodeOptions,
+            prompt: &PromptItems,
+        ) -> Result<ProcessedItem, MediaError> {
+            let n = prompt.count(m);
+            let t = Tensor::zeros((n, 4), candle_core::DType::F32, &Device::Cpu)
+                .map_err(|e| MediaError::Invalid(e.to_string()))?;
+            Ok(ProcessedItem {
+                features: Arc::new(MmFeatures {
+                    tensors: vec![("x".into(), t)],
+                }),
+                layout: ItemLayout::rows(n),
+            })
+        }
+    }
+
+    #[test]
+    fn an_item_is_keyed_and_cached_by_its_prompt_where_the_family_says_so() {
+        let e = engine(true);
+        let prep = InputPreparer::new(
+            Some(Arc::new(ByPrompt)),
+            1 << 20,
+            DecodeOptions::default(),
+            false,
+        );
+        let lengths = |p: &PreparedPrompt| -> Vec<usize> {
+            p.items.iter().map(|m| m.placeholder.length).collect()
+        };
+        let alone = prep
+            .prepare(&e, vec![9], &[image(&[1], Some("u"))])
+            .unwrap();
+        let pair = [image(&[1], Some("u")), image(&[2], None)];
+        let both = prep.prepare(&e, vec![9, 9], &pair).unwrap();
+        assert_eq!((lengths(&alone), lengths(&both)), (vec![1], vec![2, 2]));
+        assert_ne!(
+            alone.items[0].placeholder.hash,
+            both.items[0].placeholder.hash
+        );
+        assert_eq!(prep.cache_stats().1, 0, "no hit across prompts");
+        let q = [UuidRef {
+            modality: Modality::Image,
+            uuid: "u".into(),
+            kwargs: Value::Null,
+        }];
+        let images = |n| PromptItems::of(std::iter::repeat_n(Modality::Image, n));
+        assert_eq!(prep.uncached(&e, &q, &images(2)).unwrap(), vec![false]);
+        assert_eq!(prep.uncached(&e, &q, &images(3)).unwrap(), vec![true]);
+        assert_eq!(images(2).count(Modality::Video), 0);
     }
 
     /// The caches of an engine, without one.
@@ -967,7 +1069,11 @@ mod tests {
             uuid: u.into(),
             kwargs: Value::Null,
         };
-        assert_eq!(prep.uncached(&e, &[q("cat")]).unwrap(), vec![true]);
+        assert_eq!(
+            prep.uncached(&e, &[q("cat")], &PromptItems::default())
+                .unwrap(),
+            vec![true]
+        );
         let err = prep.prepare(&e, vec![9], &[by_uuid("cat")]).unwrap_err();
         assert!(
             matches!(&err, InputError::UuidMiss { uuid, .. } if uuid == "cat"),
@@ -979,7 +1085,8 @@ mod tests {
             .prepare(&e, vec![9], &[image(&[5; 2], Some("cat"))])
             .unwrap();
         assert_eq!(
-            prep.uncached(&e, &[q("cat"), q("dog")]).unwrap(),
+            prep.uncached(&e, &[q("cat"), q("dog")], &PromptItems::default())
+                .unwrap(),
             vec![false, true]
         );
         let second = prep.prepare(&e, vec![9], &[by_uuid("cat")]).unwrap();
@@ -988,7 +1095,11 @@ mod tests {
         // With every cache off, uuids mean nothing: a uuid-only item is refused.
         let off = engine(false);
         let cold = InputPreparer::new(Some(Arc::new(Wrapping)), 0, DecodeOptions::default(), false);
-        assert_eq!(cold.uncached(&off, &[q("cat")]).unwrap(), vec![true]);
+        assert_eq!(
+            cold.uncached(&off, &[q("cat")], &PromptItems::default())
+                .unwrap(),
+            vec![true]
+        );
         let err = cold
             .prepare(&off, vec![9], &[by_uuid("cat")])
             .unwrap_err()
@@ -1001,11 +1112,19 @@ mod tests {
         let sent = lean
             .prepare(&enc, vec![9], &[image(&[5; 2], Some("owl"))])
             .unwrap();
-        assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![true]);
+        assert_eq!(
+            lean.uncached(&enc, &[q("owl")], &PromptItems::default())
+                .unwrap(),
+            vec![true]
+        );
         enc.encoder
             .borrow_mut()
             .insert(sent.items[0].placeholder.hash.clone(), 2);
-        assert_eq!(lean.uncached(&enc, &[q("owl")]).unwrap(), vec![false]);
+        assert_eq!(
+            lean.uncached(&enc, &[q("owl")], &PromptItems::default())
+                .unwrap(),
+            vec![false]
+        );
         let hit = lean.prepare(&enc, vec![9], &[by_uuid("owl")]).unwrap();
         assert!(matches!(hit.items[0].input, MmInput::Cached));
         assert_eq!(hit.ids, sent.ids);
@@ -1049,12 +1168,20 @@ mod tests {
         prep.prepare(&e, vec![9], &[embeds(&[1.0; 8], None)])
             .unwrap();
         assert!(e.encoder.borrow().is_empty());
-        assert_eq!(prep.uncached(&e, &[q("emb")]).unwrap(), vec![true]);
+        assert_eq!(
+            prep.uncached(&e, &[q("emb")], &PromptItems::default())
+                .unwrap(),
+            vec![true]
+        );
         let sent = prep
             .prepare(&e, vec![9], &[embeds(&[1.0; 12], Some("emb"))])
             .unwrap();
         assert!(matches!(sent.items[0].input, MmInput::Embeddings(_)));
-        assert_eq!(prep.uncached(&e, &[q("emb")]).unwrap(), vec![false]);
+        assert_eq!(
+            prep.uncached(&e, &[q("emb")], &PromptItems::default())
+                .unwrap(),
+            vec![false]
+        );
         let again = prep.prepare(&e, vec![9], &[by_uuid("emb")]).unwrap();
         assert!(matches!(again.items[0].input, MmInput::Cached));
         assert_eq!(again.ids, sent.ids);

@@ -1,7 +1,9 @@
 //! LLaVA-OneVision against transformers on the llava-onevision-tiny fixture
 //! (scripts/make_llava_onevision_fixture.py): a wide image (tiled, unpadded
-//! and shrunk by the anyres_max rule), a tall image (tiled and unpadded) and
-//! a 4-frame video, all through the production `InputPreparer`: pixel
+//! and shrunk by the anyres_max rule), a tall image (tiled and unpadded), a
+//! 4-frame video, both images in one prompt (multi-image: base images and
+//! one newline each, no tiles) and the tall image with the video (tiled:
+//! videos do not count), all through the production `InputPreparer`: pixel
 //! values, chat template + `<image>` / `<video>` expansion, packed features
 //! (newline rows included), last-position logits, and greedy tokens through
 //! the engine with prefill chunks that split every item, alone and batched.
@@ -32,6 +34,11 @@ fn read(f: &Value) -> Vec<u8> {
 
 /// The case's prompt as production prepares it.
 fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
+    let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
+    prepare_with(&prep, loaded, case)
+}
+
+fn prepare_with(prep: &InputPreparer, loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
     let messages = case["messages"].as_array().unwrap().clone();
     let opts = ChatRenderOptions {
         add_generation_prompt: true,
@@ -51,29 +58,65 @@ fn prepare_case(loaded: &LoadedModel, case: &Value) -> PreparedPrompt {
         kwargs: Value::Null,
         embeds: None,
     };
-    let inputs: Vec<MediaInput> = match (case.get("media"), case.get("video")) {
-        (Some(m), _) => m
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| {
-                item(
-                    Modality::Image,
-                    MediaData::Encoded {
-                        bytes: read(f),
-                        format: None,
-                    },
-                )
-            })
-            .collect(),
-        (_, Some(v)) => vec![item(
+    // Images then the video, as the template places them.
+    let mut inputs: Vec<MediaInput> = case
+        .get("media")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            item(
+                Modality::Image,
+                MediaData::Encoded {
+                    bytes: read(f),
+                    format: None,
+                },
+            )
+        })
+        .collect();
+    if let Some(v) = case.get("video") {
+        inputs.push(item(
             Modality::Video,
             MediaData::Frames(v.as_array().unwrap().iter().map(read).collect()),
-        )],
-        _ => panic!("a case has media or a video"),
-    };
-    let prep = InputPreparer::new(loaded.processor.clone(), 0, DecodeOptions::default(), false);
+        ));
+    }
+    assert!(!inputs.is_empty(), "a case has media or a video");
     prep.prepare(&common::NoCaches, ids, &inputs).unwrap()
+}
+
+/// The same image alone (tiled) and beside another (base image only) is
+/// processed, keyed and cached apart.
+#[test]
+fn an_image_alone_and_in_a_multi_image_prompt_are_cached_apart() {
+    let (reference, _) = reference(&dir());
+    let loaded = load_f32();
+    let prep = InputPreparer::new(
+        loaded.processor.clone(),
+        64 << 20,
+        DecodeOptions::default(),
+        false,
+    );
+    let cases = &reference["cases"];
+    let rows = |p: &PreparedPrompt| -> Vec<usize> {
+        p.items.iter().map(|i| i.placeholder.length).collect()
+    };
+    let alone = prepare_with(&prep, &loaded, &cases["wide_image"]);
+    let both = prepare_with(&prep, &loaded, &cases["two_images"]);
+    let again = prepare_with(&prep, &loaded, &cases["wide_image"]);
+    assert_eq!(rows(&alone), vec![145]);
+    assert_eq!(rows(&both), vec![50, 50]);
+    assert_eq!(again.ids, alone.ids);
+    assert_eq!(
+        again.items[0].placeholder.hash,
+        alone.items[0].placeholder.hash
+    );
+    assert_ne!(
+        both.items[0].placeholder.hash,
+        alone.items[0].placeholder.hash
+    );
+    // One hit: the wide image alone, the second time.
+    let (queries, hits, items, _) = prep.cache_stats();
+    assert_eq!((queries, hits, items), (4, 1, 3));
 }
 
 fn load_f32() -> LoadedModel {
@@ -144,29 +187,33 @@ fn llava_onevision_matches_transformers() {
         assert_eq!(p.ids, ids_of(&case["input_ids"]), "{name}: input ids");
         assert!(p.mrope.is_none());
         let items = features(&p);
-        assert_eq!(items.len(), 1);
-        let (offset, f) = &items[0];
-        let pixels = f
-            .get("pixel_values")
-            .or_else(|| f.get("pixel_values_videos"))
-            .unwrap();
-        let d = max_diff(pixels, &tensors[&format!("{name}.item0.pixel_values")]);
-        // Images: bit-exact Pillow resize, numpy's float order; video
-        // frames: torch's uint8 resize, then (x - 255 mean) / (255 std) in
-        // torch against our (x / 255 - mean) / std: f32 rounding apart.
-        assert!(d <= 1e-6, "{name}: pixel values differ by {d}");
-        worst.0 = worst.0.max(d);
-        let embeds = loaded.model.encode(f).unwrap();
-        let want = &tensors[&format!("{name}.item0.embeds")];
-        assert_eq!(
-            embeds.dim(0).unwrap(),
-            case["item_rows"].as_u64().unwrap() as usize
-        );
-        let d = max_diff(&embeds, want);
-        assert!(d <= ATOL, "{name}: item features differ by {d}");
-        worst.1 = worst.1.max(d);
+        // One number for a case of one item, one per item otherwise.
+        let rows: Vec<u64> = match &case["item_rows"] {
+            Value::Array(a) => a.iter().map(|r| r.as_u64().unwrap()).collect(),
+            r => vec![r.as_u64().unwrap()],
+        };
+        assert_eq!(items.len(), rows.len(), "{name}: items");
+        let mut spans = Vec::new();
+        for (k, ((offset, f), rows)) in items.iter().zip(rows).enumerate() {
+            let pixels = f
+                .get("pixel_values")
+                .or_else(|| f.get("pixel_values_videos"))
+                .unwrap();
+            let d = max_diff(pixels, &tensors[&format!("{name}.item{k}.pixel_values")]);
+            // Images: bit-exact Pillow resize, numpy's float order; video
+            // frames: torch's uint8 resize, then (x - 255 mean) / (255 std) in
+            // torch against our (x / 255 - mean) / std: f32 rounding apart.
+            assert!(d <= 1e-6, "{name} item {k}: pixel values differ by {d}");
+            worst.0 = worst.0.max(d);
+            let embeds = loaded.model.encode(f).unwrap();
+            assert_eq!(embeds.dim(0).unwrap(), rows as usize, "{name} item {k}");
+            let d = max_diff(&embeds, &tensors[&format!("{name}.item{k}.embeds")]);
+            assert!(d <= ATOL, "{name} item {k}: features differ by {d}");
+            worst.1 = worst.1.max(d);
+            spans.push((*offset, embeds));
+        }
         let d = max_diff(
-            &last_logits(&mut loaded, &p.ids, &[(*offset, embeds)], None),
+            &last_logits(&mut loaded, &p.ids, &spans, None),
             &tensors[&format!("{name}.last_logits")],
         );
         assert!(d <= ATOL, "{name}: last-position logits differ by {d}");
@@ -183,7 +230,7 @@ fn llava_onevision_matches_transformers() {
     // then all at once: the same greedy ids.
     let want: Vec<Vec<u32>> = cases.values().map(|c| ids_of(&c["greedy_ids"])).collect();
     for ((name, p), want) in prepared.iter().zip(&want) {
-        assert!(p.items[0].placeholder.length > 16);
+        assert!(p.items.iter().all(|i| i.placeholder.length > 16));
         assert_eq!(
             &run_engine(vec![p.clone()], 16)[0],
             want,

@@ -690,19 +690,25 @@ impl NativeEngine {
         .await
     }
 
-    /// For each uuid-only media item, whether no cache holds it (its data
-    /// must then be sent).
+    /// For each uuid-only media item of a prompt whose items (all of them,
+    /// in order) have the modalities `prompt`, whether no cache holds it
+    /// (its data must then be sent).
     #[napi]
-    pub fn uncached_uuids(&self, items: Vec<media::NativeUuidRef>) -> Result<Vec<bool>> {
+    pub fn uncached_uuids(
+        &self,
+        items: Vec<media::NativeUuidRef>,
+        #[napi(ts_arg_type = "Array<'image' | 'video' | 'audio'>")] prompt: Vec<String>,
+    ) -> Result<Vec<bool>> {
         guard("uncachedUuids", || {
             let refs = items
                 .into_iter()
                 .map(|i| i.into_ref())
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| invalid(e.message))?;
+            let prompt = media::prompt_items(&prompt).map_err(|e| invalid(e.message))?;
             self.inner
                 .input
-                .uncached(&self.inner.engine, &refs)
+                .uncached(&self.inner.engine, &refs, &prompt)
                 .map_err(|e| invalid(e.to_string()))
         })
     }

@@ -5,7 +5,7 @@
 use candela_media::Modality;
 use candela_models::input::{EmbedsInput, EmbedsSource, InputError, MediaInput, UuidRef};
 use candela_models::mm_embeds::grid_from;
-use candela_models::processor::MediaData;
+use candela_models::processor::{MediaData, PromptItems};
 use napi::bindgen_prelude::{Buffer, Float32Array};
 use napi_derive::napi;
 
@@ -125,6 +125,16 @@ pub fn modality(name: &str) -> Result<Modality, NativeInputError> {
             "unknown media modality {name:?} (image, video or audio)"
         ))
     })
+}
+
+/// The item counts of a prompt whose items have the modalities `names`.
+pub fn prompt_items(names: &[String]) -> Result<PromptItems, NativeInputError> {
+    Ok(PromptItems::of(
+        names
+            .iter()
+            .map(|n| modality(n))
+            .collect::<Result<Vec<_>, _>>()?,
+    ))
 }
 
 impl NativeUuidRef {

@@ -161,6 +161,39 @@ pub struct PlacedItem {
     pub layout: ItemLayout,
 }
 
+/// How many items of each modality the prompt holds: the context of each
+/// of its items, for families that process an item differently when it
+/// shares its prompt (LLaVA-OneVision tiles an image only when it is its
+/// prompt's only one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptItems {
+    counts: [usize; 3],
+}
+
+impl PromptItems {
+    /// The counts of `modalities` (one entry per item).
+    pub fn of(modalities: impl IntoIterator<Item = Modality>) -> Self {
+        let mut p = Self::default();
+        for m in modalities {
+            p.counts[Self::slot(m)] += 1;
+        }
+        p
+    }
+
+    /// Items of `modality` in the prompt.
+    pub fn count(&self, modality: Modality) -> usize {
+        self.counts[Self::slot(modality)]
+    }
+
+    fn slot(m: Modality) -> usize {
+        match m {
+            Modality::Image => 0,
+            Modality::Video => 1,
+            Modality::Audio => 2,
+        }
+    }
+}
+
 /// A family's media processor.
 pub trait MmProcessor: Send + Sync + std::fmt::Debug {
     /// The modalities the model takes.
@@ -178,14 +211,23 @@ pub trait MmProcessor: Send + Sync + std::fmt::Debug {
         kwargs: &serde_json::Value,
     ) -> Result<String, MediaError>;
 
+    /// The canonical string of what in the item's prompt (`prompt`) shapes
+    /// its tensors, which enters its `mm_hash` (so that an item processed
+    /// differently in another prompt has its own processor and encoder
+    /// cache entries); empty (the default) when nothing does.
+    fn prompt_key(&self, _modality: Modality, _prompt: &PromptItems) -> String {
+        String::new()
+    }
+
     /// Decode and preprocess one item (kwargs already checked by
-    /// [`Self::kwargs_key`]).
+    /// [`Self::kwargs_key`]) of a prompt holding `prompt`'s items.
     fn process(
         &self,
         modality: Modality,
         data: &MediaData,
         kwargs: &serde_json::Value,
         opts: &DecodeOptions,
+        prompt: &PromptItems,
     ) -> Result<ProcessedItem, MediaError>;
 
     /// What the item's placeholder expands to; by default the placeholder

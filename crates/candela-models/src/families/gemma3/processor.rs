@@ -23,7 +23,7 @@ use super::pan_and_scan::{crop_rgb8, PanAndScan};
 use super::vision::{Gemma3VisionConfig, PIXEL_VALUES};
 use crate::families::llava::{ClipImageConfig, ImageProcessor};
 use crate::processor::{
-    DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, Replacement,
+    DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, PromptItems, Replacement,
 };
 use crate::Tokenizer;
 
@@ -189,13 +189,14 @@ impl MmProcessor for Gemma3ImageProcessor {
         data: &MediaData,
         kwargs: &Value,
         opts: &DecodeOptions,
+        prompt: &PromptItems,
     ) -> Result<ProcessedItem, MediaError> {
         let pas = self.pan_and_scan.with(kwargs, true)?;
         match (modality, data) {
             (Modality::Image, MediaData::Encoded { bytes, .. }) if pas.enabled => {
                 self.process_with_crops(bytes, &pas, opts)
             }
-            _ => self.image.process(modality, data, kwargs, opts),
+            _ => self.image.process(modality, data, kwargs, opts, prompt),
         }
     }
 

@@ -14,7 +14,9 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::processor::{DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem};
+use crate::processor::{
+    DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, PromptItems,
+};
 
 /// `{"shortest_edge": n}` or `{"height": h, "width": w}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -216,6 +218,7 @@ impl MmProcessor for ImageProcessor {
         data: &MediaData,
         _kwargs: &Value,
         opts: &DecodeOptions,
+        _prompt: &PromptItems,
     ) -> Result<ProcessedItem, MediaError> {
         let (Modality::Image, MediaData::Encoded { bytes, .. }) = (modality, data) else {
             return Err(MediaError::Invalid(format!(

@@ -7,7 +7,8 @@
 //! `image_grid_pinpoints`. The tiles' features are laid back into one map,
 //! unpadded to the image's aspect ratio, shrunk (bilinear) when larger than
 //! `anyres_max_N` tiles allow, and given one `image_newline` row per map row;
-//! the item's rows are the base image's features then that map. A video's
+//! the item's rows are the base image's features then that map. In a prompt
+//! of several images each is only its base image plus one newline row. A video's
 //! frames go through the tower alone, each 2x2-pooled (bilinear), with one
 //! `image_newline` row after the last frame. Every row, newlines included,
 //! takes the place of one `<image>` / `<video>` token, as in transformers.
@@ -50,7 +51,8 @@ pub const FAMILY: Family = Family {
 
 /// An image item: f32 `[1 + tiles, 3, size, size]`, the base image first.
 pub const PIXEL_VALUES: &str = "pixel_values";
-/// An image item: u32 `[orig height, orig width, tile rows, tile cols]`.
+/// An image item: u32 `[orig height, orig width, tile rows, tile cols]`; a
+/// 0x0 grid is an image of a multi-image prompt (base image and one newline).
 pub const IMAGE_GRID: &str = "image_grid";
 /// A video item: f32 `[frames, 3, size, size]`.
 pub const PIXEL_VALUES_VIDEOS: &str = "pixel_values_videos";
@@ -364,6 +366,11 @@ impl Encoder {
         let n = pixels.dim(0)?;
         if n != 1 + rows * cols {
             bail!("{n} tiles for a {rows}x{cols} grid plus the base image");
+        }
+        if n == 1 {
+            let base = self.tile(&pixels.get(0)?)?;
+            let nl = self.newline.to_dtype(base.dtype())?.unsqueeze(0)?;
+            return Tensor::cat(&[&base, &nl], 0);
         }
         let tiles = (0..n)
             .map(|i| self.tile(&pixels.get(i)?))

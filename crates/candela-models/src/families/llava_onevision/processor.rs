@@ -2,11 +2,15 @@
 //! `LlavaOnevisionImageProcessor` PIL backend, `LlavaOnevisionVideoProcessor`
 //! and `LlavaOnevisionProcessor`'s token counts).
 //!
-//! An image: the best pinpoint resolution for its size, the image resized
+//! An image alone in its prompt: the best pinpoint resolution for its size, the image resized
 //! into it keeping its aspect ratio (Pillow bicubic) and centred on black,
 //! cut into tiles of the tower's square; before them the whole image resized
 //! to that square; each rescaled and normalized. `<image>` expands to one
 //! token per row the encoder packs (base image, unpadded map, newlines).
+//! An image of a prompt with several ("multi-image" mode, the processor's
+//! `batch_num_images`): only the image padded to a square with the mean
+//! colour and resized to the tower's square; `<image>` expands to its
+//! patches plus one newline. Videos do not count as images.
 //! A video: every frame (or `num_frames` spread evenly) resized to the
 //! square as the torch-based video processor does (uint8 antialiased
 //! bicubic), rescaled and normalized; `<video>` expands to 2x2-pooled
@@ -24,7 +28,7 @@ use serde_json::Value;
 use super::{Anyres, OnevisionConfig, IMAGE_GRID, PIXEL_VALUES, PIXEL_VALUES_VIDEOS};
 use crate::families::llava::ClipImageConfig;
 use crate::processor::{
-    DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, ProcessedItem,
+    DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, ProcessedItem, PromptItems,
 };
 
 #[derive(Debug, Clone)]
@@ -102,8 +106,13 @@ impl OnevisionProcessor {
         })
     }
 
-    /// Base image and tiles, `[1 + rows * cols, 3, s, s]`, and the item's rows.
-    pub fn image(&self, img: &DecodedImage) -> Result<ProcessedItem, MediaError> {
+    /// Base image and tiles, `[1 + rows * cols, 3, s, s]`, and the item's
+    /// rows; with `tiled` false (a prompt of several images) the base image
+    /// alone, padded to a square first, as a 0x0 grid.
+    pub fn image(&self, img: &DecodedImage, tiled: bool) -> Result<ProcessedItem, MediaError> {
+        if !tiled {
+            return self.base_only(img);
+        }
         let s = self.anyres.tile;
         let (h, w) = (img.height as usize, img.width as usize);
         let (rows, cols) = self.anyres.tiles(h, w);
@@ -151,6 +160,32 @@ impl OnevisionProcessor {
         })
     }
 
+    /// `pad_to_square` (centred on the mean colour) then the tower's square.
+    fn base_only(&self, img: &DecodedImage) -> Result<ProcessedItem, MediaError> {
+        let s = self.anyres.tile;
+        let (h, w) = (img.height as usize, img.width as usize);
+        let side = h.max(w);
+        let fill = self.image.image_mean.map(|m| (m as f64 * 255.0) as u8);
+        let mut square: Vec<u8> = std::iter::repeat_n(fill, side * side).flatten().collect();
+        let (top, left) = ((side - h) / 2, (side - w) / 2);
+        for y in 0..h {
+            let dst = ((top + y) * side + left) * 3;
+            square[dst..dst + w * 3].copy_from_slice(&img.rgb[y * w * 3..(y + 1) * w * 3]);
+        }
+        let square = DecodedImage::from_rgb8(side as u32, side as u32, square)?;
+        let pixels = Tensor::from_vec(self.image.process(&square), (1, 3, s, s), &Device::Cpu)
+            .map_err(tensor_err)?;
+        let grid = Tensor::from_vec(vec![h as u32, w as u32, 0, 0], 4, &Device::Cpu)
+            .map_err(tensor_err)?;
+        let g = self.anyres.grid;
+        Ok(ProcessedItem {
+            features: Arc::new(MmFeatures {
+                tensors: vec![(PIXEL_VALUES.into(), pixels), (IMAGE_GRID.into(), grid)],
+            }),
+            layout: ItemLayout::rows(g * g + 1),
+        })
+    }
+
     /// Frames (already sampled) -> `[frames, 3, s, s]` and the item's rows.
     pub fn video(
         &self,
@@ -186,6 +221,12 @@ impl OnevisionProcessor {
 
 fn tensor_err(e: candle_core::Error) -> MediaError {
     MediaError::Invalid(format!("processed pixels: {e}"))
+}
+
+/// Whether the prompt's images are tiled: only an image alone in its prompt
+/// is (transformers' `need_patching`).
+fn tiled(prompt: &PromptItems) -> bool {
+    prompt.count(Modality::Image) <= 1
 }
 
 /// A video's `num_frames` (transformers' `sample_frames`); None keeps all.
@@ -245,17 +286,25 @@ impl MmProcessor for OnevisionProcessor {
         })
     }
 
+    fn prompt_key(&self, modality: Modality, prompt: &PromptItems) -> String {
+        match (modality, tiled(prompt)) {
+            (Modality::Image, false) => "multi_image".into(),
+            _ => String::new(),
+        }
+    }
+
     fn process(
         &self,
         modality: Modality,
         data: &MediaData,
         kwargs: &Value,
         opts: &DecodeOptions,
+        prompt: &PromptItems,
     ) -> Result<ProcessedItem, MediaError> {
         let n = num_frames(kwargs)?;
         match (modality, data) {
             (Modality::Image, MediaData::Encoded { bytes, .. }) => {
-                self.image(&decode_image(bytes, &opts.image)?)
+                self.image(&decode_image(bytes, &opts.image)?, tiled(prompt))
             }
             (Modality::Video, MediaData::Frames(frames)) => {
                 let picked = spread(frames.len(), n)

@@ -12,7 +12,9 @@ use candela_media::{MediaError, Modality};
 use candle_core::{Device, Tensor};
 
 use crate::nn::whisper_encoder::AudioEncoder;
-use crate::processor::{DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem};
+use crate::processor::{
+    DecodeOptions, ItemLayout, MediaData, MmProcessor, ProcessedItem, PromptItems,
+};
 
 /// Audio preprocessing of a Whisper-encoder model (Qwen2-Audio).
 pub struct AudioProcessor {
@@ -131,6 +133,7 @@ impl MmProcessor for AudioProcessor {
         data: &MediaData,
         _kwargs: &serde_json::Value,
         _opts: &DecodeOptions,
+        _prompt: &PromptItems,
     ) -> Result<ProcessedItem, MediaError> {
         let rate = self.sampling_rate();
         let mono = match (modality, data) {

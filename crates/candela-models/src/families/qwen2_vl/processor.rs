@@ -20,6 +20,7 @@ use candle_core::{Device, Tensor};
 use super::positions::{mrope_positions, MediaSpan};
 use crate::processor::{
     DecodeOptions, FrameLoss, ItemLayout, MediaData, MmProcessor, PlacedItem, ProcessedItem,
+    PromptItems,
 };
 
 /// Per-request image / video options (vLLM's `mm_processor_kwargs`, and
@@ -305,6 +306,7 @@ impl MmProcessor for VisionProcessor {
         data: &MediaData,
         kwargs: &serde_json::Value,
         opts: &DecodeOptions,
+        _prompt: &PromptItems,
     ) -> Result<ProcessedItem, MediaError> {
         let kw = VisionKwargs::parse(kwargs)?;
         match (modality, data) {

@@ -6,7 +6,9 @@
 //! (`tokenizer.ggml.model = "gpt2"`) we rebuild the same pipeline as the
 //! original `tokenizer.json`: the pre-tokenizer regexes llama.cpp uses for
 //! each `tokenizer.ggml.pre`, applied as `Split` pre-tokenizers followed by
-//! a regex-free `ByteLevel`, so both tokenize identically.
+//! a regex-free `ByteLevel`, so both tokenize identically. SentencePiece
+//! vocabularies (`"llama"`: pieces, scores, token types) become the BPE
+//! pipeline transformers writes for them, merges derived from the scores.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -5,6 +5,8 @@
  * the OpenAI server with the `openai` client. GGUF stores neither Gemma 3's
  * layer kinds nor query_pre_attn_scalar (llama.cpp derives them), so the
  * folder compared is the fixture with those two fields as the GGUF implies.
+ * LLaVA-1.5's pair (a SentencePiece tokenizer in its text GGUF) against
+ * transformers' greedy tokens of the llava-tiny fixture.
  */
 
 import test from 'ava'
@@ -80,6 +82,34 @@ test.serial('the server with an mmproj answers the openai client as the folder d
     }
   } finally {
     await e.close()
+  }
+})
+
+interface LlavaCase extends Case {
+  greedy_ids: number[]
+  chat_greedy_ids: number[]
+}
+test.serial('a LLaVA-1.5 pair gives transformers\' greedy tokens', async (t) => {
+  const llava = fixture('llava-tiny')
+  const lref = JSON.parse(readFileSync(join(llava, 'reference.json'), 'utf8')) as { cases: Record<string, LlavaCase> }
+  await using engine = await Engine.load({
+    model: join(fixture('gguf'), 'llava-tiny-f16.gguf'),
+    mmproj: join(fixture('gguf'), 'mmproj-llava-tiny-f16.gguf'),
+    ...opts,
+  })
+  t.is(engine.info.architecture, 'LlavaForConditionalGeneration')
+  t.deepEqual(engine.info.modalities, ['image'])
+  for (const [name, c] of Object.entries(lref.cases)) {
+    const images = c.media.map((f) => readFileSync(join(llava, f)))
+    const withImages = (part: (k: number) => Record<string, unknown>): ChatMessage[] => {
+      let k = 0
+      return c.messages.map((m) => ({ role: m.role, content: m.content.map((p) => (p.type === 'text' ? p : part(k++))) })) as ChatMessage[]
+    }
+    const url = (k: number): string => `data:image/png;base64,${images[k]!.toString('base64')}`
+    t.deepEqual((await engine.chat(withImages((k) => ({ type: 'image_url', image_url: { url: url(k) } })), greedy)).tokenIds, c.chat_greedy_ids, name)
+    const prompt = await engine.applyChatTemplate(withImages(() => ({ type: 'image', image: null })))
+    const [gen] = await engine.generate({ prompt, multiModalData: { image: images } }, greedy)
+    t.deepEqual(gen!.tokenIds, c.greedy_ids, name)
   }
 })
 

@@ -6,7 +6,9 @@
 //! (`tokenizer.ggml.model = "gpt2"`) we rebuild the same pipeline as the
 //! original `tokenizer.json`: the pre-tokenizer regexes llama.cpp uses for
 //! each `tokenizer.ggml.pre`, applied as `Split` pre-tokenizers followed by
-//! a regex-free `ByteLevel`, so both tokenize identically.
+//! a regex-free `ByteLevel`, so both tokenize identically. SentencePiece
+//! vocabularies (`"llama"`: pieces, scores, token types) become the BPE
+//! pipeline transformers writes for them, merges derived from the scores.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -153,17 +155,11 @@ impl Tokenizer {
         })
     }
 
-    /// From GGUF `tokenizer.ggml.*` metadata (byte-level BPE only).
+    /// From GGUF `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) or
+    /// SentencePiece BPE (`llama`).
     pub fn from_gguf(metadata: &HashMap<String, gguf_file::Value>) -> Result<Self> {
         let model = gguf_str(metadata, "tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "GGUF tokenizer model {model:?} is not supported yet (supported: \"gpt2\" byte-level BPE); \
-                 use the model folder's tokenizer.json instead"
-            )));
-        }
         let tokens = gguf_str_array(metadata, "tokenizer.ggml.tokens")?;
-        let merges = gguf_str_array(metadata, "tokenizer.ggml.merges")?;
         let types: Vec<i64> = match metadata.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
@@ -185,13 +181,6 @@ impl Tokenizer {
                 types.len()
             )));
         }
-        let pre = metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map(|s| s.as_str())
-            .unwrap_or("default");
-        let pipeline = PreTokenizerRecipe::for_pre(pre)?;
-
         let mut vocab = serde_json::Map::new();
         for (id, t) in tokens.iter().enumerate() {
             vocab.insert((*t).to_string(), json!(id));
@@ -208,59 +197,20 @@ impl Tokenizer {
                        "rstrip": false, "normalized": *ty != 3, "special": *ty == 3})
             })
             .collect();
-        let spec = if pipeline.escape_whitespace {
-            let unk = metadata
-                .get("tokenizer.ggml.unknown_token_id")
-                .and_then(|v| v.to_u32().ok())
-                .and_then(|id| tokens.get(id as usize))
-                .map(|t| t.to_string());
-            json!({
-                "version": "1.0",
-                "truncation": null,
-                "padding": null,
-                "added_tokens": added,
-                "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-                "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
-                "post_processor": null,
-                "decoder": {"type": "Sequence", "decoders": [
-                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                    {"type": "ByteFallback"}, {"type": "Fuse"}]},
-                "model": {
-                    "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
-                    "ignore_merges": false, "vocab": vocab, "merges": known_merges(&merges, &vocab),
-                }
-            })
-        } else {
-            let mut pretoks: Vec<Value> = pipeline
-                .splits
-                .iter()
-                .map(|re| {
-                    json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-                })
-                .collect();
-            pretoks.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
-            let normalizer = if pipeline.nfc {
-                json!({"type": "NFC"})
-            } else {
-                Value::Null
-            };
-            json!({
-                "version": "1.0",
-                "truncation": null,
-                "padding": null,
-                "added_tokens": added,
-                "normalizer": normalizer,
-                "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretoks},
-                "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {
-                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                    "ignore_merges": pipeline.ignore_merges,
-                    "vocab": vocab, "merges": merges,
-                }
-            })
+        let unk = metadata
+            .get("tokenizer.ggml.unknown_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .and_then(|id| tokens.get(id as usize))
+            .map(|t| t.to_string());
+        let (spec, add_bos_default) = match model {
+            "gpt2" => byte_level_spec(metadata, vocab, added, unk)?,
+            "llama" => (sentencepiece_spec(metadata, &tokens, &types, vocab, added, unk)?, true),
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "GGUF tokenizer model {other:?} is not supported (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece); \
+                     use the model folder's tokenizer.json instead"
+                )))
+            }
         };
         let mut inner: tokenizers::Tokenizer = serde_json::from_value(spec)
             .map_err(|e| ModelError::Tokenizer(format!("GGUF tokenizer: {e}")))?;
@@ -274,7 +224,7 @@ impl Tokenizer {
         let add_bos = metadata
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(pipeline.add_bos_default);
+            .unwrap_or(add_bos_default);
         let add_eos = metadata
             .get("tokenizer.ggml.add_eos_token")
             .and_then(|v| v.to_bool().ok())
@@ -479,6 +429,158 @@ impl PreTokenizerRecipe {
     }
 }
 
+/// The byte-level BPE pipeline of a `gpt2` GGUF vocabulary (and Gemma's
+/// `▁`-escaped BPE, which llama.cpp also files under `gpt2`), and whether
+/// its models add BOS by default.
+fn byte_level_spec(
+    metadata: &HashMap<String, gguf_file::Value>,
+    vocab: serde_json::Map<String, Value>,
+    added: Vec<Value>,
+    unk: Option<String>,
+) -> Result<(Value, bool)> {
+    let merges = gguf_str_array(metadata, "tokenizer.ggml.merges")?;
+    let pre = metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .map(|s| s.as_str())
+        .unwrap_or("default");
+    let pipeline = PreTokenizerRecipe::for_pre(pre)?;
+
+    let spec = if pipeline.escape_whitespace {
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                "ignore_merges": false, "vocab": vocab, "merges": known_merges(&merges, &vocab),
+            }
+        })
+    } else {
+        let mut pretoks: Vec<Value> = pipeline
+            .splits
+            .iter()
+            .map(|re| {
+                json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
+            })
+            .collect();
+        pretoks.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+        let normalizer = if pipeline.nfc {
+            json!({"type": "NFC"})
+        } else {
+            Value::Null
+        };
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretoks},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": pipeline.ignore_merges,
+                "vocab": vocab, "merges": merges,
+            }
+        })
+    };
+    Ok((spec, pipeline.add_bos_default))
+}
+
+/// The pipeline of a SentencePiece BPE vocabulary (`tokenizer.ggml.model =
+/// "llama"`), as the model's own `tokenizer.json` has it: `▁` for spaces,
+/// one prepended to every text segment (also after special tokens, as
+/// llama.cpp and Llama's legacy tokenizers do), `<0xXX>` byte fallback.
+fn sentencepiece_spec(
+    metadata: &HashMap<String, gguf_file::Value>,
+    tokens: &[&str],
+    types: &[i64],
+    vocab: serde_json::Map<String, Value>,
+    added: Vec<Value>,
+    unk: Option<String>,
+) -> Result<Value> {
+    let scores: Vec<f32> = match metadata.get("tokenizer.ggml.scores") {
+        Some(v) => v
+            .to_vec()
+            .map_err(tok_err)?
+            .iter()
+            .map(|s| s.to_f32())
+            .collect::<candle_core::Result<_>>()
+            .map_err(tok_err)?,
+        None => vec![0.0; tokens.len()],
+    };
+    if scores.len() != tokens.len() {
+        return Err(ModelError::Tokenizer(format!(
+            "GGUF tokenizer has {} tokens but {} scores",
+            tokens.len(),
+            scores.len()
+        )));
+    }
+    let add_space_prefix = metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "split": false,
+                          "prepend_scheme": if add_space_prefix { "always" } else { "never" }},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": usize::from(add_space_prefix), "stop": 0}]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+            "ignore_merges": false, "vocab": vocab, "merges": spm_merges(tokens, types, &scores),
+        }
+    }))
+}
+
+/// BPE merges equivalent to SentencePiece's scores: every split of a normal
+/// piece into two vocabulary pieces, the higher-scored merged piece first
+/// (SentencePiece merges by the result's score), ties by vocabulary rank.
+/// GGUFs converted from a `tokenizer.json` without `tokenizer.model` carry
+/// one placeholder score for all pieces, so there the rank alone decides.
+fn spm_merges<'a>(tokens: &[&'a str], types: &[i64], scores: &[f32]) -> Vec<[&'a str; 2]> {
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        ids.entry(t).or_insert(id);
+    }
+    let mut found: Vec<(usize, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types[id] != 1 {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&l), Some(&r)) = (ids.get(l), ids.get(r)) {
+                found.push((id, l, r));
+            }
+        }
+    }
+    found.sort_by(|a, b| scores[b.0].total_cmp(&scores[a.0]).then(a.cmp(b)));
+    found
+        .into_iter()
+        .map(|(_, l, r)| [tokens[l], tokens[r]])
+        .collect()
+}
+
 /// The merges whose parts and result are all in `vocab`: llama.cpp's
 /// converter writes a Gemma tokenizer's whitespace-run tokens as added
 /// tokens of plain spaces, so merges building `▁▁…` runs name tokens the
@@ -580,15 +682,67 @@ mod tests {
     }
 
     #[test]
-    fn unknown_pre_and_spm_are_clear_errors() {
+    fn unknown_pre_and_model_are_clear_errors() {
         let err = Tokenizer::from_gguf(&tiny_gguf("mystery", false))
             .unwrap_err()
             .to_string();
         assert!(err.contains("mystery") && err.contains("smollm"), "{err}");
         let mut m = tiny_gguf("gpt2", false);
-        m.insert("tokenizer.ggml.model".into(), G::String("llama".into()));
+        m.insert("tokenizer.ggml.model".into(), G::String("rwkv".into()));
         let err = Tokenizer::from_gguf(&m).unwrap_err().to_string();
-        assert!(err.contains("not supported"), "{err}");
+        assert!(err.contains("\"rwkv\" is not supported"), "{err}");
+    }
+
+    /// A tiny SentencePiece vocabulary; `scores` favour `ab` (id 10) over
+    /// `▁a` (id 9) or the other way round.
+    fn tiny_spm(ab_first: bool) -> HashMap<String, G> {
+        let tokens = [
+            "<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>", "▁", "a", "b", "▁a", "ab",
+            "<image>",
+        ];
+        let types = [2, 3, 3, 6, 6, 6, 1, 1, 1, 1, 1, 4];
+        let mut scores = [
+            0.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.0,
+        ];
+        if ab_first {
+            scores.swap(9, 10);
+        }
+        let mut m = HashMap::new();
+        m.insert("tokenizer.ggml.model".into(), G::String("llama".into()));
+        m.insert(
+            "tokenizer.ggml.tokens".into(),
+            G::Array(tokens.iter().map(|t| G::String(t.to_string())).collect()),
+        );
+        m.insert(
+            "tokenizer.ggml.token_type".into(),
+            G::Array(types.iter().map(|t| G::I32(*t)).collect()),
+        );
+        m.insert(
+            "tokenizer.ggml.scores".into(),
+            G::Array(scores.iter().map(|s| G::F32(*s)).collect()),
+        );
+        m.insert("tokenizer.ggml.unknown_token_id".into(), G::U32(0));
+        m.insert("tokenizer.ggml.bos_token_id".into(), G::U32(1));
+        m.insert("tokenizer.ggml.eos_token_id".into(), G::U32(2));
+        m
+    }
+
+    #[test]
+    fn gguf_sentencepiece_encodes_and_decodes() {
+        let t = Tokenizer::from_gguf(&tiny_spm(false)).unwrap();
+        // BOS by default, `▁` before the text and after special tokens,
+        // bytes for what the vocabulary lacks.
+        assert_eq!(t.encode("a a", true).unwrap(), vec![1, 9, 9]);
+        assert_eq!(t.encode("a\né", false).unwrap(), vec![9, 3, 4, 5]);
+        assert_eq!(t.encode("<image>a</s>", false).unwrap(), vec![11, 9, 2]);
+        assert_eq!(t.decode(&[1, 9, 3, 4, 5, 6, 8], true).unwrap(), "a\né b");
+        assert_eq!(t.decode(&[1, 11, 9, 2], false).unwrap(), "<s><image> a</s>");
+        assert_eq!(t.unk_token(), Some("<unk>"));
+        assert_eq!(t.eos_token_id(), Some(2));
+        // The merged piece's score orders the merges.
+        assert_eq!(t.encode("ab", false).unwrap(), vec![9, 8]);
+        let t = Tokenizer::from_gguf(&tiny_spm(true)).unwrap();
+        assert_eq!(t.encode("ab", false).unwrap(), vec![6, 10]);
     }
 
     #[test]

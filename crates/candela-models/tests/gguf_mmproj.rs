@@ -6,10 +6,10 @@
 //! chunks. Gemma 3's F16 pair is committed (the fixture's weights are bf16
 //! values, which F16 holds exactly); F32 pairs are checked too when
 //! `CANDELA_GGUF_FIXTURES` names a folder the script wrote them to.
-//! LLaVA's mmproj is committed for the mismatch checks; its language model
-//! GGUF carries a SentencePiece (`llama`) tokenizer, which candela's GGUF
-//! tokenizer does not read yet. Mismatched pairs are refused naming both
-//! files.
+//! LLaVA-1.5's F16 pair is committed too (its language model GGUF carries a
+//! SentencePiece `llama` tokenizer); a Q8_0 language model with the F16
+//! mmproj is checked with `CANDELA_GGUF_FIXTURES`. Mismatched pairs are
+//! refused naming both files.
 
 mod common;
 
@@ -21,7 +21,8 @@ use candela_core::{Engine, EngineConfig, EngineRequest, SamplingParams};
 use candela_media::Modality;
 use candela_models::input::{InputPreparer, MediaInput, PreparedPrompt};
 use candela_models::processor::{DecodeOptions, MediaData};
-use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel, ModelError};
+use candela_models::{load, ChatRenderOptions, LoadOptions, LoadedModel, ModelError, Tokenizer};
+use candle_core::quantized::gguf_file;
 use candle_core::Tensor;
 use serde_json::Value;
 
@@ -233,6 +234,81 @@ fn gemma3_pair_matches_folder() {
     std::fs::write(tmp.join("config.json"), config.to_string()).unwrap();
     pair_matches_folder(&tmp, &fixture, "gemma3-vision-tiny", 20);
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn llava_pair_matches_folder() {
+    let fixture = fixture_dir("llava-tiny");
+    pair_matches_folder(&fixture, &fixture, "llava-tiny", 20);
+}
+
+/// The SentencePiece tokenizer read from the LLaVA GGUF (scores, token
+/// types, byte pieces) against the folder's tokenizer.json: the same ids
+/// for spaces, newlines, bytes the vocabulary lacks, added and special
+/// tokens, and decoding gives the text back. (Runs of spaces are left out:
+/// llama.cpp's converter, reading a tokenizer.json without tokenizer.model,
+/// writes one placeholder score for every piece, and the folder ranks its
+/// `▁▁…` pieces below their vocabulary rank.)
+#[test]
+fn llava_gguf_tokenizer_matches_folder() {
+    let path = gguf("llava-tiny-f16.gguf");
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let got = Tokenizer::from_gguf(&content.metadata).unwrap();
+    let want = Tokenizer::from_dir(&fixture_dir("llava-tiny")).unwrap();
+    for text in [
+        "Hello world",
+        " leading space",
+        "line1\nline2\n\n indented\n",
+        "\t tab and trailing ",
+        "emoji 🦀 and 日本語 ünïcödé ∑",
+        "USER: <image>\nWhat is in the image? ASSISTANT:",
+        "x<image>y <image> z",
+        "<s>hello</s> <unk>",
+        "",
+    ] {
+        for special in [true, false] {
+            let ids = got.encode(text, special).unwrap();
+            assert_eq!(ids, want.encode(text, special).unwrap(), "{text:?}");
+            let decoded = got.decode(&ids, false).unwrap();
+            assert_eq!(decoded, want.decode(&ids, false).unwrap(), "{text:?}");
+            // A leading space is the prefix SentencePiece strips again.
+            if !text.starts_with(' ') && !text.contains('<') {
+                assert_eq!(got.decode(&ids, true).unwrap(), text);
+            }
+        }
+    }
+    assert_eq!(got.bos_token(), want.bos_token());
+    assert_eq!(got.eos_token(), want.eos_token());
+    assert_eq!(got.vocab_size(), want.vocab_size());
+}
+
+/// A Q8_0 language model beside the F16 mmproj: the same prompt ids and
+/// image features as the folder, logits near it, and an answer.
+#[test]
+fn llava_q8_0_language_model_with_f16_mmproj_answers() {
+    let Some((text, mmproj)) = common::gguf_pair("llava-tiny", "q8_0") else {
+        return;
+    };
+    let fixture = fixture_dir("llava-tiny");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
+            .unwrap();
+    let case = &reference["cases"]["one_image"];
+    let mut want = load_folder(&fixture);
+    let (want_prompt, want_p) = prepare(&want, &fixture, case);
+    let (want_feats, want_logits) = outputs(&mut want, &want_p);
+    let mut got = load_pair(&text, &mmproj).unwrap();
+    let (prompt, p) = prepare(&got, &fixture, case);
+    assert_eq!((&prompt, &p.ids), (&want_prompt, &want_p.ids));
+    let (feats, logits) = outputs(&mut got, &p);
+    assert!(max_diff(&feats[0], &want_feats[0]) <= ATOL);
+    // Logits of this fixture span about +-6; q8_0 at load stays within 0.5.
+    let d = max_diff(&logits, &want_logits);
+    eprintln!("llava-tiny q8_0 GGUF: last logits max abs diff vs the folder {d:.3e}");
+    assert!(d > 0.0 && d < 0.5, "logits drift by {d}");
+    let ids = greedy(got, vec![p], 20);
+    assert_eq!(ids[0].len(), 8);
 }
 
 #[test]

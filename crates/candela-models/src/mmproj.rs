@@ -15,8 +15,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
-
 use crate::error::{ModelError, Result};
 use crate::families::{self, Family};
 use crate::nn::decoder::DecoderConfig;
@@ -40,9 +38,12 @@ pub struct Mmproj {
 }
 
 impl Mmproj {
-    /// Open `path` and check it is an mmproj file.
-    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let gguf = GgufWeights::open(path, dtype, device)?;
+    /// Open `path` beside the language model `text` (its dtype, device and
+    /// 16-bit choice: F16 / BF16 matrices stay 16-bit on the CPU with
+    /// `dtype: 'auto'`, quantized ones stay blocks) and check it is an
+    /// mmproj file.
+    pub fn open(path: &Path, text: &GgufWeights) -> Result<Self> {
+        let gguf = text.open_beside(path)?;
         let arch = gguf.architecture()?;
         if arch != MMPROJ_ARCHITECTURE {
             return Err(ModelError::Gguf {
@@ -271,7 +272,7 @@ pub fn load_pair(
     tokenizer: &Tokenizer,
     max_model_len: Option<usize>,
 ) -> Result<BuiltPair> {
-    let mmproj = Mmproj::open(mmproj_path, text.dtype, &text.device)?;
+    let mmproj = Mmproj::open(mmproj_path, text)?;
     let types: Vec<(Tower, String)> = mmproj
         .projector_types()
         .into_iter()

@@ -905,6 +905,14 @@ impl GgufWeights {
         })
     }
 
+    /// Another GGUF file (an mmproj beside its language model) opened with
+    /// this one's dtype, device and choice to keep 16-bit matrices 16-bit.
+    pub fn open_beside(&self, path: &Path) -> Result<Self> {
+        let mut g = Self::open(path, self.dtype, &self.device)?;
+        g.keep_half = self.keep_half;
+        Ok(g)
+    }
+
     /// The same file read under another name map (an mmproj's towers).
     pub fn with_names(mut self, names: NameMap) -> Self {
         self.names = names;

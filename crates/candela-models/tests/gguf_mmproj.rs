@@ -32,27 +32,39 @@ fn gguf(name: &str) -> PathBuf {
     fixture_dir("gguf").join(name)
 }
 
-/// Pairs of `fixture` to check: the committed F16 one, and F32 when generated.
-fn pairs(fixture: &str) -> Vec<(PathBuf, PathBuf)> {
-    let mut out = vec![(
+/// Pairs of `fixture` to check, with the dtype to load them in: the
+/// committed F16 one widened to f32 and kept 16-bit (`auto`: the language
+/// model's and the mmproj's F16 matrices stay 16-bit on the CPU), and F32
+/// when generated.
+fn pairs(fixture: &str) -> Vec<(PathBuf, PathBuf, &'static str)> {
+    let f16 = (
         gguf(&format!("{fixture}-f16.gguf")),
         gguf(&format!("mmproj-{fixture}-f16.gguf")),
-    )];
+    );
+    let mut out = vec![
+        (f16.0.clone(), f16.1.clone(), "f32"),
+        (f16.0, f16.1, "auto"),
+    ];
     if let Some(dir) = std::env::var_os("CANDELA_GGUF_FIXTURES") {
         let dir = PathBuf::from(dir);
         out.push((
             dir.join(format!("{fixture}-f32.gguf")),
             dir.join(format!("mmproj-{fixture}-f32.gguf")),
+            "f32",
         ));
     }
     out
 }
 
 fn load_pair(text: &Path, mmproj: &Path) -> Result<LoadedModel, ModelError> {
+    load_pair_as(text, mmproj, "f32")
+}
+
+fn load_pair_as(text: &Path, mmproj: &Path, dtype: &str) -> Result<LoadedModel, ModelError> {
     load(
         text,
         &LoadOptions {
-            dtype: Some("f32".into()),
+            dtype: Some(dtype.into()),
             mmproj: Some(mmproj.to_path_buf()),
             ..Default::default()
         },
@@ -173,8 +185,8 @@ fn pair_matches_folder(folder: &Path, fixture: &Path, gguf_name: &str, chunk: us
         want_prompts.push(p);
     }
     let want_ids = greedy(want, want_prompts, chunk);
-    for (text, mmproj) in pairs(gguf_name) {
-        let mut got = load_pair(&text, &mmproj).unwrap();
+    for (text, mmproj, dtype) in pairs(gguf_name) {
+        let mut got = load_pair_as(&text, &mmproj, dtype).unwrap();
         assert_eq!(got.spec.architecture, want_arch);
         let mut prompts = Vec::new();
         let mut worst = (0f32, 0f32);
@@ -190,7 +202,7 @@ fn pair_matches_folder(folder: &Path, fixture: &Path, gguf_name: &str, chunk: us
             prompts.push(p);
         }
         eprintln!(
-            "{}: max |diff| vs the folder: image features {:.2e}, logits {:.2e}",
+            "{} ({dtype}): max |diff| vs the folder: image features {:.2e}, logits {:.2e}",
             text.display(),
             worst.0,
             worst.1

@@ -37,12 +37,77 @@ pub enum QuantWeight {
     Half(Arc<HalfMatrix>),
 }
 
+/// Which rows of a decoder step's activations go to 8 bits before a
+/// quantized matrix that takes them ([`Activations::Int8`]): the rows of
+/// sequences decoding one token. Prefill rows stay f32 (8-bit prompt steps
+/// change SmolLM2's answer, see the `quant` module comment). The choice
+/// follows each sequence, not the step's size, so a sequence gets the same
+/// numbers alone and batched with others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Int8Rows {
+    None,
+    All,
+    /// These rows (increasing) and no others.
+    Some(Vec<u32>),
+}
+
+impl Int8Rows {
+    /// The decode rows of a step whose sequences add `query_lens` tokens
+    /// each, in order.
+    pub fn decode_rows(query_lens: impl IntoIterator<Item = usize>) -> Self {
+        let (mut rows, mut n) = (Vec::new(), 0usize);
+        for len in query_lens {
+            if len == 1 {
+                rows.push(n as u32);
+            }
+            n += len;
+        }
+        match rows.len() {
+            0 => Self::None,
+            k if k == n => Self::All,
+            _ => Self::Some(rows),
+        }
+    }
+}
+
 impl QuantWeight {
+    /// `x` with f32 activations throughout (towers, and callers that are
+    /// not a decoder step).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Blocks(b, acts) => b.forward(x, *acts),
-            Self::Candle(q) => q.forward(x),
-            Self::Half(h) => h.forward(x),
+        self.forward_rows(x, &Int8Rows::None)
+    }
+
+    /// `x`, the activations of a decoder step, with `int8` rows in 8 bits
+    /// where this matrix takes them.
+    pub fn forward_rows(&self, x: &Tensor, int8: &Int8Rows) -> candle_core::Result<Tensor> {
+        match (self, int8) {
+            (Self::Blocks(b, Activations::Int8), Int8Rows::All) => b.forward(x, Activations::Int8),
+            (Self::Blocks(b, Activations::Int8), Int8Rows::Some(rows)) => {
+                let n = x.dim(0)?;
+                let dev = x.device();
+                let mut is_int8 = vec![false; n];
+                for &r in rows {
+                    is_int8[r as usize] = true;
+                }
+                let rest: Vec<u32> = (0..n as u32).filter(|&r| !is_int8[r as usize]).collect();
+                let pick = |idx: &[u32]| x.index_select(&Tensor::new(idx, dev)?, 0);
+                let y = Tensor::cat(
+                    &[
+                        b.forward(&pick(rows)?, Activations::Int8)?,
+                        b.forward(&pick(&rest)?, Activations::F32)?,
+                    ],
+                    0,
+                )?;
+                // Back to the step's row order.
+                let mut back = vec![0u32; n];
+                for (j, &r) in rows.iter().chain(&rest).enumerate() {
+                    back[r as usize] = j as u32;
+                }
+                y.index_select(&Tensor::new(back.as_slice(), dev)?, 0)
+            }
+            (Self::Blocks(b, _), _) => b.forward(x, Activations::F32),
+            (Self::Candle(q), _) => q.forward(x),
+            (Self::Half(h), _) => h.forward(x),
         }
     }
 
@@ -73,9 +138,15 @@ pub enum Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_rows(x, &Int8Rows::None)
+    }
+
+    /// [`Linear::forward`] of a decoder step's activations, `int8` rows in
+    /// 8 bits where the matrix takes them ([`Int8Rows`]).
+    pub fn forward_rows(&self, x: &Tensor, int8: &Int8Rows) -> candle_core::Result<Tensor> {
         let (y, bias) = match self {
             Self::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
-            Self::Quantized { weight, bias } => (weight.forward(x)?, bias),
+            Self::Quantized { weight, bias } => (weight.forward_rows(x, int8)?, bias),
         };
         match bias {
             Some(b) => y.broadcast_add(b),
@@ -201,10 +272,15 @@ impl MultiLinear {
 
     /// One `[tokens, out_i]` output per part.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.forward_rows(x, &Int8Rows::None)
+    }
+
+    /// [`MultiLinear::forward`] of a decoder step ([`Int8Rows`]).
+    pub fn forward_rows(&self, x: &Tensor, int8: &Int8Rows) -> candle_core::Result<Vec<Tensor>> {
         match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Separate(parts) => parts.iter().map(|p| p.forward_rows(x, int8)).collect(),
             Self::Fused { linear, sizes } => {
-                let y = linear.forward(x)?;
+                let y = linear.forward_rows(x, int8)?;
                 let mut off = 0;
                 sizes
                     .iter()
@@ -1252,13 +1328,32 @@ mod tests {
         };
         let yd = wd.forward(&x)?;
         assert_eq!(ours.out_dim()?, 64);
-        // Our integer kernels (and candle's) quantize the activations to 8
-        // bits: close, not equal; with f32 activations (the logits) ours
-        // match the dequantized matrix to rounding.
-        assert!(max_diff(&ours.forward(&x)?, &yd)? < 0.5);
+        // Decode rows: our integer kernels (and candle's) quantize the
+        // activations to 8 bits: close, not equal. Other rows, and matrices
+        // marked f32 (the logits), match the dequantized matrix to rounding.
+        let int8 = ours.forward_rows(&x, &Int8Rows::All)?;
+        assert!(max_diff(&int8, &yd)? < 0.5);
+        assert!(max_diff(&int8, &yd)? > 1e-4);
         assert!(max_diff(&candle.forward(&x)?, &yd)? < 0.5);
+        assert!(max_diff(&ours.forward(&x)?, &yd)? < 1e-4);
         let ours_f32 = ours.clone().with_f32_activations();
-        assert!(max_diff(&ours_f32.forward(&x)?, &yd)? < 1e-4);
+        assert!(max_diff(&ours_f32.forward_rows(&x, &Int8Rows::All)?, &yd)? < 1e-4);
+        // A step mixing decode rows (1 and 3) with prefill rows: each row as
+        // it would be alone, the 8-bit ones bit for bit.
+        let mixed = ours.forward_rows(&x, &Int8Rows::Some(vec![1, 3]))?;
+        for r in 0..5 {
+            let row = x.narrow(0, r, 1)?;
+            let got = mixed.narrow(0, r, 1)?;
+            if r == 1 || r == 3 {
+                let alone = ours.forward_rows(&row, &Int8Rows::All)?;
+                assert_eq!(got.to_vec2::<f32>()?, alone.to_vec2::<f32>()?, "row {r}");
+            } else {
+                assert!(max_diff(&got, &ours.forward(&row)?)? < 1e-4, "row {r}");
+            }
+        }
+        assert_eq!(Int8Rows::decode_rows([1, 1]), Int8Rows::All);
+        assert_eq!(Int8Rows::decode_rows([5, 7]), Int8Rows::None);
+        assert_eq!(Int8Rows::decode_rows([1, 4, 1]), Int8Rows::Some(vec![0, 5]));
 
         // Stacking: one fused projection gives the parts side by side.
         let w2 = Tensor::randn(0f32, 1.0, (16, 256), &dev)?;

@@ -21,7 +21,7 @@ use crate::paged_attention::{
     alloc_kv_pool, paged_attention, write_kv, AttentionMetadata, AttnParams,
 };
 use crate::rope::{RopeConfig, RopeRows, RotaryEmbedding};
-use crate::weights::{Embedding, Linear, MultiLinear, Weights, WeightsAt};
+use crate::weights::{Embedding, Int8Rows, Linear, MultiLinear, Weights, WeightsAt};
 
 /// Everything that distinguishes one llama-family checkpoint from another.
 #[derive(Debug, Clone)]
@@ -205,13 +205,13 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
+    pub fn forward(&self, x: &Tensor, int8: &Int8Rows) -> Result<Tensor> {
+        let gu = self.gate_up.forward_rows(x, int8)?;
         let (g, u) = match gu.as_slice() {
             [g, u] => (g, u),
             _ => bail!("mlp: expected gate and up outputs"),
         };
-        self.down.forward(&(self.act.forward(g)? * u)?)
+        self.down.forward_rows(&(self.act.forward(g)? * u)?, int8)
     }
 }
 
@@ -222,6 +222,8 @@ pub struct StepContext {
     pub rope_rows: RopeRows,
     /// The sliding layers' rows, when they have their own rotary embedding.
     pub local_rope_rows: Option<RopeRows>,
+    /// The decode rows, 8-bit before matrices that take it.
+    pub int8_rows: Int8Rows,
 }
 
 #[derive(Debug, Clone)]
@@ -278,7 +280,7 @@ impl Attention {
         v_cache: &Tensor,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.qkv.forward_rows(x, &ctx.int8_rows)?;
         let [q, k, v] = qkv.as_slice() else {
             bail!("attention: expected q, k and v outputs");
         };
@@ -297,8 +299,10 @@ impl Attention {
         let k = rope.apply(&k, rope_rows)?;
         write_kv(k_cache, v_cache, &k, &v, &ctx.slots)?;
         let o = paged_attention(&q, k_cache, v_cache, &ctx.meta, self.params)?;
-        self.o_proj
-            .forward(&o.reshape((t, self.num_heads * self.head_dim))?)
+        self.o_proj.forward_rows(
+            &o.reshape((t, self.num_heads * self.head_dim))?,
+            &ctx.int8_rows,
+        )
     }
 }
 
@@ -351,12 +355,14 @@ impl DecoderLayer {
         match &self.ffn_norms {
             None => {
                 let x = (x + h)?;
-                let h = self.mlp.forward(&self.post_attn_norm.forward(&x)?)?;
+                let h = self
+                    .mlp
+                    .forward(&self.post_attn_norm.forward(&x)?, &ctx.int8_rows)?;
                 x + h
             }
             Some((pre, post)) => {
                 let x = (x + self.post_attn_norm.forward(&h)?)?;
-                let h = post.forward(&self.mlp.forward(&pre.forward(&x)?)?)?;
+                let h = post.forward(&self.mlp.forward(&pre.forward(&x)?, &ctx.int8_rows)?)?;
                 x + h
             }
         }
@@ -632,6 +638,7 @@ impl DecoderLm {
             slots: Tensor::from_slice(&batch.slot_mapping, n, dev)?,
             rope_rows,
             local_rope_rows,
+            int8_rows: Int8Rows::decode_rows(batch.seqs.iter().map(|s| s.query_len)),
         };
         let mut x = self.embed.forward(&batch.input_ids, dev)?;
         if let Some(s) = self.cfg.embed_scale {

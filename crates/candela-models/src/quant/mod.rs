@@ -1,26 +1,29 @@
 //! Block-quantized (GGUF) matrices on CPU.
 //!
 //! The matrix stays in its GGUF block format (copied once, 8-aligned).
-//! Products with up to [`INT_MAX_M`] input rows (decode, batched decode)
-//! quantize the activations to 8 bits per 32 values once (`q8`) and dot
-//! them with the weight blocks in integer arithmetic (`int_dot`: AVX512-VNNI
-//! or AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or scalar, picked at run
-//! time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and
-//! Q6_K. Larger products decode L2-sized tiles of weight rows and run the
-//! f32 GEMM of the `gemm` crate (the one candle uses) on them; Q2_K and Q3_K
-//! products of up to eight rows decode each weight row once and dot it with
-//! every input row in f32.
+//! Products with [`Activations::Int8`] quantize the activations to 8 bits
+//! per 32 values once (`q8`) and dot them with the weight blocks in integer
+//! arithmetic (`int_dot`: AVX512-VNNI or AVX-VNNI `vpdpbusd`, AVX2
+//! `vpmaddubsw`, or scalar, picked at run time), as ggml does, for Q4_0,
+//! Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K. A decoder asks for them on
+//! the rows of sequences that decode one token (`weights::Int8Rows`),
+//! whatever else shares the step, so a sequence's numbers do not depend on
+//! its batch. Products with f32 activations take f32 dot products straight
+//! off the blocks for one or two rows, decode each weight row once for up
+//! to eight, and above decode L2-sized tiles of weight rows for the f32
+//! GEMM of the `gemm` crate (the one candle uses).
 //!
-//! Matrices whose products must keep f32 activations ([`Activations::F32`]:
-//! the logits) take f32 dot products straight off the blocks for one or two
-//! rows instead: with 8-bit activations in the LM head, SmolLM2-135M Q4_1
-//! answers "What is the capital of France?" with French word salad ("L'Étoile,
-//! la Cité, la Nation, ..."; llama.cpp, which quantizes them too, also
-//! answers in French on that file: benchmark/profile-notes.md), where f32 logits keep "The capital of France is Paris." (the
-//! `smollm2` test, run both ways). 8-bit activations in the other matrices
-//! of decode steps keep that answer; in the 37-token prompt step (tried with
-//! [`INT_MAX_M`] raised) they do not (French again), one more reason besides
-//! speed that prompts stay on the f32 GEMM.
+//! Prompt rows and the logits keep f32 activations: with 8-bit activations
+//! in the LM head, SmolLM2-135M Q4_1 answers "What is the capital of
+//! France?" with French word salad ("L'Étoile, la Cité, la Nation, ...";
+//! llama.cpp, which quantizes them too, also answers in French on that
+//! file: benchmark/profile-notes.md), where f32 logits keep "The capital of
+//! France is Paris." (the `smollm2` test, run both ways). 8-bit activations
+//! in the other matrices of decode steps keep that answer; in the 37-token
+//! prompt step they do not (French again), one more reason besides speed
+//! (the integer kernels trail the GEMM from about 16 rows: they stream every
+//! activation row past each weight row, with no tiling over the rows) that
+//! prompts stay on the f32 GEMM.
 //!
 //! Inner loops are compiled for the baseline target and for AVX2+FMA+F16C
 //! (picked at run time), so release builds without `-C target-cpu` still
@@ -42,16 +45,6 @@ use rayon::prelude::*;
 /// Input rows up to which products with f32 activations take Q4_0 / Q4_1 /
 /// Q8_0 / Q4_K / Q6_K dot products straight off the blocks.
 const FUSED_MAX_M: usize = 2;
-/// Input rows up to which products with 8-bit activations take the integer
-/// kernels; above, weight tiles are decoded for the f32 GEMM. Measured with
-/// both paths forced (`qmatmul q4k|q8_0|q4_1 f32|int8 8,16,32,64`, one
-/// thread, best of 2 on the shared 2-vCPU Xeon at load ~16, so +-30 %):
-/// at 8 rows the integer kernels lead (1.1-2.2x on Qwen2.5-1.5B's MLP
-/// shapes), at 16 they tie (0.8-1.3x), at 32 and 64 the GEMM leads
-/// (integer 0.6-1.0x on 1.5B shapes, 0.2-0.6x on SmolLM2's small ones).
-/// The integer kernels stream every activation row past each weight row
-/// with no tiling over the rows, which is what a prefill kernel would add.
-pub const INT_MAX_M: usize = 8;
 /// Up to this many input rows, each weight row is decoded once into an L1
 /// buffer and dotted with every input row; beyond it, tiles + GEMM win.
 /// Measured on 2 cores with each path forced (`npm run bench -- profile
@@ -896,7 +889,7 @@ impl BlockMatrix {
         }
         let threads = rayon::current_num_threads();
         let dst = SendPtr(out.as_mut_ptr());
-        if acts == Activations::Int8 && m <= INT_MAX_M && int_dot::supported(self.dtype) {
+        if acts == Activations::Int8 && int_dot::supported(self.dtype) {
             // Decode and batched decode: the activations are quantized once,
             // each weight row is unpacked once for all m of them.
             let q = q8::Q8Rows::quantize(x, k);
@@ -1027,7 +1020,7 @@ mod tests {
             for acts in [Activations::F32, Activations::Int8] {
                 // The integer kernels see the activations as their 8-bit
                 // blocks dequantized; every other path sees them as they are.
-                let int = acts == Activations::Int8 && m <= INT_MAX_M && int_dot::supported(dtype);
+                let int = acts == Activations::Int8 && int_dot::supported(dtype);
                 let xs = if int {
                     let xv = x.flatten_all()?.to_vec1::<f32>()?;
                     Tensor::from_vec(q8::Q8Rows::quantize(&xv, k).dequantized(), (m, k), &dev)?

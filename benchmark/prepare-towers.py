@@ -116,6 +116,9 @@ def write(name: str, out: Path) -> None:
     patch(cfg, pre, proc)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    video = tmp / "video_preprocessor_config.json"
+    if video.exists():  # frames go through the same tower
+        video.write_text(json.dumps(read_json(video) | {"size": pre["size"]}, indent=2))
     if proc:
         (tmp / "processor_config.json").write_text(json.dumps(proc, indent=2))
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ for (const name of towers) {
 }
 
 async function candela(dir) {
-  const engine = await Engine.load({ model: dir, maxModelLen: 4096, threads })
+  const engine = await Engine.load({ model: dir, threads })
   const image = readFileSync(join(dir, 'bench-image.png'))
   const ask = (uuid, text) => [{ role: 'user', content: [{ type: 'image', image, uuid }, { type: 'text', text }] }]
   const ttft = async (messages) => {

@@ -103,4 +103,4 @@ const lines = [
 ]
 console.log(lines.join('\n'))
 mkdirSync(RESULTS_DIR, { recursive: true })
-writeFileSync(join(RESULTS_DIR, `towers-${new Date().toISOString().replace(/[:.]/g, '-')}.json`), JSON.stringify({ rows, threads, runs }, null, 2))
+writeFileSync(join(RESULTS_DIR, 'towers.json'), JSON.stringify({ date: new Date().toISOString(), rows, threads, runs }, null, 2))

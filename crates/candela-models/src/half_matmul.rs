@@ -23,6 +23,8 @@ use half::vec::HalfFloatVecExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::quant::Activations;
+
 /// Input rows up to which weight rows are dotted with each input row; above,
 /// widened tiles and the f32 GEMM.
 const DOT_MAX_M: usize = 4;
@@ -299,8 +301,10 @@ impl HalfMatrix {
         xp
     }
 
-    /// `x` `[tokens, k]` (f32, bf16 or f16) -> `[tokens, n]` in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` `[tokens, k]` (f32, bf16 or f16) -> `[tokens, n]` in `x`'s dtype,
+    /// on the bf16 matrix engine for [`Activations::Bf16`] where the CPU has
+    /// one, else exactly (f32 products of the widened weights).
+    pub fn forward(&self, x: &Tensor, acts: Activations) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.k {
             bail!(
@@ -310,8 +314,28 @@ impl HalfMatrix {
         }
         let in_dtype = x.dtype();
         let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.matmul_f32(&xv, m)?;
+        let y = if acts == Activations::Bf16 && crate::bf16_gemm::available() && m > 0 {
+            let mut y = vec![0f32; m * self.n];
+            crate::bf16_gemm::matmul(&xv, m, k, self.n, self, &mut y);
+            y
+        } else {
+            self.matmul_f32(&xv, m)?
+        };
         Tensor::from_vec(y, (m, self.n), x.device())?.to_dtype(in_dtype)
+    }
+}
+
+impl crate::bf16_gemm::WeightRows for HalfMatrix {
+    fn row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
+        let src = self.row(r);
+        match self.dtype {
+            HalfDType::Bf16 => out.copy_from_slice(src),
+            HalfDType::F16 => {
+                scratch.resize(src.len(), 0.0);
+                widen(Isa::best(), HalfDType::F16, src, scratch);
+                crate::bf16_gemm::round_to_bf16(scratch, out);
+            }
+        }
     }
 }
 
@@ -621,14 +645,17 @@ mod tests {
             let ab = HalfMatrix::stack(&[&a, &b]).expect("same format");
             assert_eq!(ab.dims(), (13, 40));
             let x = Tensor::new(values(40, 5), &dev)?.reshape((1, 40))?;
-            let y = ab.forward(&x)?.to_vec2::<f32>()?;
-            assert_eq!(y[0][..9], a.forward(&x)?.to_vec2::<f32>()?[0][..]);
-            assert_eq!(y[0][9..], b.forward(&x)?.to_vec2::<f32>()?[0][..]);
+            // Each output depends on its weight row only, on either engine.
+            for acts in [Activations::F32, Activations::Bf16] {
+                let y = ab.forward(&x, acts)?.to_vec2::<f32>()?;
+                assert_eq!(y[0][..9], a.forward(&x, acts)?.to_vec2::<f32>()?[0][..]);
+                assert_eq!(y[0][9..], b.forward(&x, acts)?.to_vec2::<f32>()?[0][..]);
+            }
         }
         let other = matrix(HalfDType::F16, 4, 40, 3)?;
         assert!(HalfMatrix::stack(&[&matrix(HalfDType::Bf16, 4, 40, 3)?, &other]).is_none());
         assert!(other
-            .forward(&Tensor::zeros((1, 39), DType::F32, &dev)?)
+            .forward(&Tensor::zeros((1, 39), DType::F32, &dev)?, Activations::F32)
             .is_err());
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! [`LoadedModel`]; its `model` implements [`candela_core::model::Model`],
 //! its `processor` (multimodal models) feeds [`input::InputPreparer`].
 
+pub mod bf16_gemm;
 pub mod chat_template;
 pub mod config;
 pub mod cpu;

@@ -27,34 +27,46 @@ use crate::quant::{Activations, BlockMatrix};
 use crate::quantize::Quantization;
 
 /// A CPU matrix multiplied by our own kernels without widening it as a
-/// whole: GGUF blocks ([`BlockMatrix`], with how they see the input;
-/// candle's `QMatMul` for block types we have no kernel for) or 16-bit
-/// floats ([`HalfMatrix`]).
+/// whole: GGUF blocks ([`BlockMatrix`]; candle's `QMatMul` for block types
+/// we have no kernel for) or 16-bit floats ([`HalfMatrix`]), with its role.
 #[derive(Debug, Clone)]
 pub enum QuantWeight {
-    Blocks(Arc<BlockMatrix>, Activations),
+    Blocks(Arc<BlockMatrix>, Role),
     Candle(QMatMul),
-    Half(Arc<HalfMatrix>),
+    Half(Arc<HalfMatrix>, Role),
 }
 
-/// Which rows of a decoder step's activations go to 8 bits before a
-/// quantized matrix that takes them ([`Activations::Int8`]): the rows of
-/// sequences decoding one token. Prefill rows stay f32 (8-bit prompt steps
-/// change SmolLM2's answer, see the `quant` module comment). The choice
-/// follows each sequence, not the step's size, so a sequence gets the same
-/// numbers alone and batched with others.
+/// What a matrix computes, which decides how each row of a product is
+/// multiplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Decoder and encoder matrices: the rows of sequences decoding one
+    /// token ([`DecodeRows`]) take the exact f32 kernels, or 8-bit
+    /// activations where the block format has an integer kernel; the other
+    /// rows (prompts, encoder inputs) take the bf16 matrix engine where the
+    /// CPU has one ([`crate::bf16_gemm`]), else f32.
+    Body,
+    /// The logits: every row f32 (8-bit rounding of the final hidden state
+    /// flips small models' answers, see the `quant` module comment).
+    Logits,
+}
+
+/// The rows of a decoder step that belong to sequences decoding one token
+/// (the others are prompt rows). How a row is multiplied follows its
+/// sequence, not the step's size, so a sequence gets the same numbers alone
+/// and batched with others.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Int8Rows {
+pub enum DecodeRows {
     None,
     All,
     /// These rows (increasing) and no others.
     Some(Vec<u32>),
 }
 
-impl Int8Rows {
+impl DecodeRows {
     /// The decode rows of a step whose sequences add `query_lens` tokens
     /// each, in order.
-    pub fn decode_rows(query_lens: impl IntoIterator<Item = usize>) -> Self {
+    pub fn of_step(query_lens: impl IntoIterator<Item = usize>) -> Self {
         let (mut rows, mut n) = (Vec::new(), 0usize);
         for len in query_lens {
             if len == 1 {
@@ -71,30 +83,41 @@ impl Int8Rows {
 }
 
 impl QuantWeight {
-    /// `x` with f32 activations throughout (towers, and callers that are
-    /// not a decoder step).
+    /// `x` as prompt or encoder rows (no decode rows).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_rows(x, &Int8Rows::None)
+        self.forward_rows(x, &DecodeRows::None)
     }
 
-    /// `x`, the activations of a decoder step, with `int8` rows in 8 bits
-    /// where this matrix takes them.
-    pub fn forward_rows(&self, x: &Tensor, int8: &Int8Rows) -> candle_core::Result<Tensor> {
-        match (self, int8) {
-            (Self::Blocks(b, Activations::Int8), Int8Rows::All) => b.forward(x, Activations::Int8),
-            (Self::Blocks(b, Activations::Int8), Int8Rows::Some(rows)) => {
+    /// `x`, the activations of a decoder step, each row multiplied as its
+    /// kind ([`DecodeRows`]) and this matrix's [`Role`] say.
+    pub fn forward_rows(&self, x: &Tensor, rows: &DecodeRows) -> candle_core::Result<Tensor> {
+        let engine = if crate::bf16_gemm::available() {
+            Activations::Bf16
+        } else {
+            Activations::F32
+        };
+        let (decode, other) = match self {
+            Self::Blocks(b, Role::Body) => (b.decode_activations(), engine),
+            Self::Half(_, Role::Body) => (Activations::F32, engine),
+            _ => (Activations::F32, Activations::F32),
+        };
+        match rows {
+            _ if decode == other => self.product(x, other),
+            DecodeRows::None => self.product(x, other),
+            DecodeRows::All => self.product(x, decode),
+            DecodeRows::Some(rows) => {
                 let n = x.dim(0)?;
                 let dev = x.device();
-                let mut is_int8 = vec![false; n];
+                let mut is_decode = vec![false; n];
                 for &r in rows {
-                    is_int8[r as usize] = true;
+                    is_decode[r as usize] = true;
                 }
-                let rest: Vec<u32> = (0..n as u32).filter(|&r| !is_int8[r as usize]).collect();
+                let rest: Vec<u32> = (0..n as u32).filter(|&r| !is_decode[r as usize]).collect();
                 let pick = |idx: &[u32]| x.index_select(&Tensor::new(idx, dev)?, 0);
                 let y = Tensor::cat(
                     &[
-                        b.forward(&pick(rows)?, Activations::Int8)?,
-                        b.forward(&pick(&rest)?, Activations::F32)?,
+                        self.product(&pick(rows)?, decode)?,
+                        self.product(&pick(&rest)?, other)?,
                     ],
                     0,
                 )?;
@@ -105,16 +128,21 @@ impl QuantWeight {
                 }
                 y.index_select(&Tensor::new(back.as_slice(), dev)?, 0)
             }
-            (Self::Blocks(b, _), _) => b.forward(x, Activations::F32),
-            (Self::Candle(q), _) => q.forward(x),
-            (Self::Half(h), _) => h.forward(x),
+        }
+    }
+
+    fn product(&self, x: &Tensor, acts: Activations) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Blocks(b, _) => b.forward(x, acts),
+            Self::Half(h, _) => h.forward(x, acts),
+            Self::Candle(q) => q.forward(x),
         }
     }
 
     pub fn out_dim(&self) -> candle_core::Result<usize> {
         match self {
             Self::Blocks(b, _) => Ok(b.dims().0),
-            Self::Half(h) => Ok(h.dims().0),
+            Self::Half(h, _) => Ok(h.dims().0),
             Self::Candle(QMatMul::QTensor(q)) => q.shape().dims2().map(|d| d.0),
             Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dim(0),
         }
@@ -138,15 +166,14 @@ pub enum Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_rows(x, &Int8Rows::None)
+        self.forward_rows(x, &DecodeRows::None)
     }
 
-    /// [`Linear::forward`] of a decoder step's activations, `int8` rows in
-    /// 8 bits where the matrix takes them ([`Int8Rows`]).
-    pub fn forward_rows(&self, x: &Tensor, int8: &Int8Rows) -> candle_core::Result<Tensor> {
+    /// [`Linear::forward`] of a decoder step's activations ([`DecodeRows`]).
+    pub fn forward_rows(&self, x: &Tensor, rows: &DecodeRows) -> candle_core::Result<Tensor> {
         let (y, bias) = match self {
             Self::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
-            Self::Quantized { weight, bias } => (weight.forward_rows(x, int8)?, bias),
+            Self::Quantized { weight, bias } => (weight.forward_rows(x, rows)?, bias),
         };
         match bias {
             Some(b) => y.broadcast_add(b),
@@ -154,16 +181,21 @@ impl Linear {
         }
     }
 
-    /// The same projection with 8-bit activations off: for the logits,
-    /// whose argmax 8-bit rounding of the final hidden state can flip (see
-    /// the `quant` module comment).
-    pub fn with_f32_activations(self) -> Self {
+    /// The same projection as the logits ([`Role::Logits`]: f32 rows).
+    pub fn for_logits(self) -> Self {
         match self {
             Self::Quantized {
                 weight: QuantWeight::Blocks(b, _),
                 bias,
             } => Self::Quantized {
-                weight: QuantWeight::Blocks(b, Activations::F32),
+                weight: QuantWeight::Blocks(b, Role::Logits),
+                bias,
+            },
+            Self::Quantized {
+                weight: QuantWeight::Half(h, _),
+                bias,
+            } => Self::Quantized {
+                weight: QuantWeight::Half(h, Role::Logits),
                 bias,
             },
             other => other,
@@ -225,23 +257,23 @@ impl Linear {
         let blocks: Option<Vec<&BlockMatrix>> = weights
             .iter()
             .map(|w| match w {
-                QuantWeight::Blocks(b, Activations::Int8) => Some(b.as_ref()),
+                QuantWeight::Blocks(b, Role::Body) => Some(b.as_ref()),
                 _ => None,
             })
             .collect();
         let halves: Option<Vec<&HalfMatrix>> = weights
             .iter()
             .map(|w| match w {
-                QuantWeight::Half(h) => Some(h.as_ref()),
+                QuantWeight::Half(h, Role::Body) => Some(h.as_ref()),
                 _ => None,
             })
             .collect();
         let weight = if let Some(bs) = blocks {
-            BlockMatrix::stack(&bs).map(|b| QuantWeight::Blocks(Arc::new(b), Activations::Int8))
+            BlockMatrix::stack(&bs).map(|b| QuantWeight::Blocks(Arc::new(b), Role::Body))
         } else {
             halves
                 .and_then(|hs| HalfMatrix::stack(&hs))
-                .map(|h| QuantWeight::Half(Arc::new(h)))
+                .map(|h| QuantWeight::Half(Arc::new(h), Role::Body))
         };
         Ok(weight.map(|weight| Self::Quantized { weight, bias }))
     }
@@ -272,15 +304,15 @@ impl MultiLinear {
 
     /// One `[tokens, out_i]` output per part.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        self.forward_rows(x, &Int8Rows::None)
+        self.forward_rows(x, &DecodeRows::None)
     }
 
-    /// [`MultiLinear::forward`] of a decoder step ([`Int8Rows`]).
-    pub fn forward_rows(&self, x: &Tensor, int8: &Int8Rows) -> candle_core::Result<Vec<Tensor>> {
+    /// [`MultiLinear::forward`] of a decoder step ([`DecodeRows`]).
+    pub fn forward_rows(&self, x: &Tensor, rows: &DecodeRows) -> candle_core::Result<Vec<Tensor>> {
         match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward_rows(x, int8)).collect(),
+            Self::Separate(parts) => parts.iter().map(|p| p.forward_rows(x, rows)).collect(),
             Self::Fused { linear, sizes } => {
-                let y = linear.forward_rows(x, int8)?;
+                let y = linear.forward_rows(x, rows)?;
                 let mut off = 0;
                 sizes
                     .iter()
@@ -328,11 +360,11 @@ impl Embedding {
                 bias: None,
             },
             Self::Blocks { table, .. } => Linear::Quantized {
-                weight: QuantWeight::Blocks(table.clone(), Activations::Int8),
+                weight: QuantWeight::Blocks(table.clone(), Role::Body),
                 bias: None,
             },
             Self::Half { table, .. } => Linear::Quantized {
-                weight: QuantWeight::Half(table.clone()),
+                weight: QuantWeight::Half(table.clone(), Role::Body),
                 bias: None,
             },
         }
@@ -819,14 +851,14 @@ impl Weights {
             Self::Safetensors { .. } => {
                 if let Some(h) = self.half_matrix(&wname, &[out_dim, in_dim])? {
                     return Ok(Linear::Quantized {
-                        weight: QuantWeight::Half(Arc::new(h)),
+                        weight: QuantWeight::Half(Arc::new(h), Role::Body),
                         bias,
                     });
                 }
                 let weight = self.tensor(&wname, &[out_dim, in_dim])?;
                 Ok(match self.quantize_dense(&weight)? {
                     Some(b) => Linear::Quantized {
-                        weight: QuantWeight::Blocks(Arc::new(b), Activations::Int8),
+                        weight: QuantWeight::Blocks(Arc::new(b), Role::Body),
                         bias,
                     },
                     None => Linear::Dense { weight, bias },
@@ -1187,7 +1219,7 @@ impl GgufWeights {
         if self.keep_half {
             if let Some(h) = HalfMatrix::from_qtensor(&q)? {
                 return Ok(Linear::Quantized {
-                    weight: QuantWeight::Half(Arc::new(h)),
+                    weight: QuantWeight::Half(Arc::new(h), Role::Body),
                     bias,
                 });
             }
@@ -1203,7 +1235,7 @@ impl GgufWeights {
             }),
             _ => {
                 let weight = match BlockMatrix::from_qtensor(&q)? {
-                    Some(b) => QuantWeight::Blocks(Arc::new(b), Activations::Int8),
+                    Some(b) => QuantWeight::Blocks(Arc::new(b), Role::Body),
                     None => QuantWeight::Candle(QMatMul::QTensor(q)),
                 };
                 Ok(Linear::Quantized { weight, bias })
@@ -1315,7 +1347,7 @@ mod tests {
         let ours = Linear::Quantized {
             weight: QuantWeight::Blocks(
                 Arc::new(BlockMatrix::from_qtensor(&q)?.expect("q8_0")),
-                Activations::Int8,
+                Role::Body,
             ),
             bias: Some(b.clone()),
         };
@@ -1329,31 +1361,38 @@ mod tests {
         let yd = wd.forward(&x)?;
         assert_eq!(ours.out_dim()?, 64);
         // Decode rows: our integer kernels (and candle's) quantize the
-        // activations to 8 bits: close, not equal. Other rows, and matrices
-        // marked f32 (the logits), match the dequantized matrix to rounding.
-        let int8 = ours.forward_rows(&x, &Int8Rows::All)?;
+        // activations to 8 bits: close, not equal. Prompt rows take the bf16
+        // engine where the CPU has one (close), else match the dequantized
+        // matrix to rounding, as every row of the logits does.
+        let int8 = ours.forward_rows(&x, &DecodeRows::All)?;
         assert!(max_diff(&int8, &yd)? < 0.5);
         assert!(max_diff(&int8, &yd)? > 1e-4);
         assert!(max_diff(&candle.forward(&x)?, &yd)? < 0.5);
-        assert!(max_diff(&ours.forward(&x)?, &yd)? < 1e-4);
-        let ours_f32 = ours.clone().with_f32_activations();
-        assert!(max_diff(&ours_f32.forward_rows(&x, &Int8Rows::All)?, &yd)? < 1e-4);
-        // A step mixing decode rows (1 and 3) with prefill rows: each row as
-        // it would be alone, the 8-bit ones bit for bit.
-        let mixed = ours.forward_rows(&x, &Int8Rows::Some(vec![1, 3]))?;
+        let prompt = max_diff(&ours.forward(&x)?, &yd)?;
+        if crate::bf16_gemm::available() {
+            assert!(prompt < 0.5 && prompt > 1e-4, "bf16 prompt rows: {prompt}");
+        } else {
+            assert!(prompt < 1e-4, "f32 prompt rows: {prompt}");
+        }
+        let logits = ours.clone().for_logits();
+        assert!(max_diff(&logits.forward_rows(&x, &DecodeRows::All)?, &yd)? < 1e-4);
+        assert!(max_diff(&logits.forward(&x)?, &yd)? < 1e-4);
+        // A step mixing decode rows (1 and 3) with prompt rows: each row bit
+        // for bit as it would be alone.
+        let mixed = ours.forward_rows(&x, &DecodeRows::Some(vec![1, 3]))?;
         for r in 0..5 {
             let row = x.narrow(0, r, 1)?;
             let got = mixed.narrow(0, r, 1)?;
-            if r == 1 || r == 3 {
-                let alone = ours.forward_rows(&row, &Int8Rows::All)?;
-                assert_eq!(got.to_vec2::<f32>()?, alone.to_vec2::<f32>()?, "row {r}");
+            let alone = if r == 1 || r == 3 {
+                ours.forward_rows(&row, &DecodeRows::All)?
             } else {
-                assert!(max_diff(&got, &ours.forward(&row)?)? < 1e-4, "row {r}");
-            }
+                ours.forward(&row)?
+            };
+            assert_eq!(got.to_vec2::<f32>()?, alone.to_vec2::<f32>()?, "row {r}");
         }
-        assert_eq!(Int8Rows::decode_rows([1, 1]), Int8Rows::All);
-        assert_eq!(Int8Rows::decode_rows([5, 7]), Int8Rows::None);
-        assert_eq!(Int8Rows::decode_rows([1, 4, 1]), Int8Rows::Some(vec![0, 5]));
+        assert_eq!(DecodeRows::of_step([1, 1]), DecodeRows::All);
+        assert_eq!(DecodeRows::of_step([5, 7]), DecodeRows::None);
+        assert_eq!(DecodeRows::of_step([1, 4, 1]), DecodeRows::Some(vec![0, 5]));
 
         // Stacking: one fused projection gives the parts side by side.
         let w2 = Tensor::randn(0f32, 1.0, (16, 256), &dev)?;

@@ -21,7 +21,7 @@ use crate::paged_attention::{
     alloc_kv_pool, paged_attention, write_kv, AttentionMetadata, AttnParams,
 };
 use crate::rope::{RopeConfig, RopeRows, RotaryEmbedding};
-use crate::weights::{Embedding, Int8Rows, Linear, MultiLinear, Weights, WeightsAt};
+use crate::weights::{DecodeRows, Embedding, Linear, MultiLinear, Weights, WeightsAt};
 
 /// Everything that distinguishes one llama-family checkpoint from another.
 #[derive(Debug, Clone)]
@@ -205,13 +205,13 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, int8: &Int8Rows) -> Result<Tensor> {
-        let gu = self.gate_up.forward_rows(x, int8)?;
+    pub fn forward(&self, x: &Tensor, rows: &DecodeRows) -> Result<Tensor> {
+        let gu = self.gate_up.forward_rows(x, rows)?;
         let (g, u) = match gu.as_slice() {
             [g, u] => (g, u),
             _ => bail!("mlp: expected gate and up outputs"),
         };
-        self.down.forward_rows(&(self.act.forward(g)? * u)?, int8)
+        self.down.forward_rows(&(self.act.forward(g)? * u)?, rows)
     }
 }
 
@@ -222,8 +222,8 @@ pub struct StepContext {
     pub rope_rows: RopeRows,
     /// The sliding layers' rows, when they have their own rotary embedding.
     pub local_rope_rows: Option<RopeRows>,
-    /// The decode rows, 8-bit before matrices that take it.
-    pub int8_rows: Int8Rows,
+    /// The decode rows (the others are prompt rows: [`DecodeRows`]).
+    pub decode_rows: DecodeRows,
 }
 
 #[derive(Debug, Clone)]
@@ -280,7 +280,7 @@ impl Attention {
         v_cache: &Tensor,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let qkv = self.qkv.forward_rows(x, &ctx.int8_rows)?;
+        let qkv = self.qkv.forward_rows(x, &ctx.decode_rows)?;
         let [q, k, v] = qkv.as_slice() else {
             bail!("attention: expected q, k and v outputs");
         };
@@ -301,7 +301,7 @@ impl Attention {
         let o = paged_attention(&q, k_cache, v_cache, &ctx.meta, self.params)?;
         self.o_proj.forward_rows(
             &o.reshape((t, self.num_heads * self.head_dim))?,
-            &ctx.int8_rows,
+            &ctx.decode_rows,
         )
     }
 }
@@ -357,12 +357,12 @@ impl DecoderLayer {
                 let x = (x + h)?;
                 let h = self
                     .mlp
-                    .forward(&self.post_attn_norm.forward(&x)?, &ctx.int8_rows)?;
+                    .forward(&self.post_attn_norm.forward(&x)?, &ctx.decode_rows)?;
                 x + h
             }
             Some((pre, post)) => {
                 let x = (x + self.post_attn_norm.forward(&h)?)?;
-                let h = post.forward(&self.mlp.forward(&pre.forward(&x)?, &ctx.int8_rows)?)?;
+                let h = post.forward(&self.mlp.forward(&pre.forward(&x)?, &ctx.decode_rows)?)?;
                 x + h
             }
         }
@@ -430,7 +430,7 @@ impl DecoderLm {
         } else {
             head_w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)?
         }
-        .with_f32_activations();
+        .for_logits();
         let rope = RotaryEmbedding::new(&cfg.rope, dtype, &device)?;
         let local_rope = match cfg.sliding_window.as_ref().and_then(|s| s.rope.as_ref()) {
             Some(r) => Some(RotaryEmbedding::new(r, dtype, &device)?),
@@ -638,7 +638,7 @@ impl DecoderLm {
             slots: Tensor::from_slice(&batch.slot_mapping, n, dev)?,
             rope_rows,
             local_rope_rows,
-            int8_rows: Int8Rows::decode_rows(batch.seqs.iter().map(|s| s.query_len)),
+            decode_rows: DecodeRows::of_step(batch.seqs.iter().map(|s| s.query_len)),
         };
         let mut x = self.embed.forward(&batch.input_ids, dev)?;
         if let Some(s) = self.cfg.embed_scale {

@@ -1,29 +1,30 @@
 //! Block-quantized (GGUF) matrices on CPU.
 //!
-//! The matrix stays in its GGUF block format (copied once, 8-aligned).
-//! Products with [`Activations::Int8`] quantize the activations to 8 bits
-//! per 32 values once (`q8`) and dot them with the weight blocks in integer
-//! arithmetic (`int_dot`: AVX512-VNNI or AVX-VNNI `vpdpbusd`, AVX2
-//! `vpmaddubsw`, or scalar, picked at run time), as ggml does, for Q4_0,
-//! Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K. A decoder asks for them on
-//! the rows of sequences that decode one token (`weights::Int8Rows`),
-//! whatever else shares the step, so a sequence's numbers do not depend on
-//! its batch. Products with f32 activations take f32 dot products straight
-//! off the blocks for one or two rows, decode each weight row once for up
-//! to eight, and above decode L2-sized tiles of weight rows for the f32
-//! GEMM of the `gemm` crate (the one candle uses).
+//! The matrix stays in its GGUF block format (copied once, 8-aligned). How
+//! a product sees its input rows is its [`Activations`]:
 //!
-//! Prompt rows and the logits keep f32 activations: with 8-bit activations
-//! in the LM head, SmolLM2-135M Q4_1 answers "What is the capital of
-//! France?" with French word salad ("L'Étoile, la Cité, la Nation, ...";
-//! llama.cpp, which quantizes them too, also answers in French on that
-//! file: benchmark/profile-notes.md), where f32 logits keep "The capital of
-//! France is Paris." (the `smollm2` test, run both ways). 8-bit activations
-//! in the other matrices of decode steps keep that answer; in the 37-token
-//! prompt step they do not (French again), one more reason besides speed
-//! (the integer kernels trail the GEMM from about 16 rows: they stream every
-//! activation row past each weight row, with no tiling over the rows) that
-//! prompts stay on the f32 GEMM.
+//! - `Int8` (decode rows, `weights::Role::Body`): the activations are
+//!   quantized to 8 bits per 32 values once (`q8`) and dotted with the
+//!   weight blocks in integer arithmetic (`int_dot`: AVX512-VNNI or
+//!   AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or scalar, picked at run
+//!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and
+//!   Q6_K.
+//! - `Bf16` (prompt and encoder rows): panels of weight rows are decoded to
+//!   bf16 and multiplied on the bf16 matrix engine ([`crate::bf16_gemm`],
+//!   AMX) where the CPU has one; elsewhere as `F32`.
+//! - `F32` (the logits, and fallbacks): f32 dot products straight off the
+//!   blocks for one or two rows, each weight row decoded once for up to
+//!   eight, and above L2-sized tiles of decoded rows through the f32 GEMM of
+//!   the `gemm` crate (the one candle uses).
+//!
+//! The logits keep f32 activations: with 8-bit activations in the LM head,
+//! SmolLM2-135M Q4_1 answers "What is the capital of France?" with French
+//! word salad ("L'Étoile, la Cité, la Nation, ..."; llama.cpp, which
+//! quantizes them too, also answers in French on that file:
+//! benchmark/profile-notes.md), where f32 logits keep "The capital of France
+//! is Paris." (the `smollm2` test). 8-bit activations in the other matrices
+//! of decode steps keep that answer; in the 37-token prompt step they do not
+//! (French again), so prompts never take the integer kernels.
 //!
 //! Inner loops are compiled for the baseline target and for AVX2+FMA+F16C
 //! (picked at run time), so release builds without `-C target-cpu` still
@@ -67,13 +68,15 @@ impl SendPtr {
     }
 }
 
-/// How a product sees its input rows.
+/// How a product sees its input rows (see the module comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
     /// Quantized to 8 bits per 32 values for the integer kernels (where the
     /// weight type has one).
     Int8,
-    /// Kept f32 (the logits: see the module comment).
+    /// Rounded to bf16 for the bf16 matrix engine (where the CPU has one).
+    Bf16,
+    /// Kept f32.
     F32,
 }
 
@@ -849,6 +852,16 @@ impl BlockMatrix {
         }
     }
 
+    /// How this matrix takes decode rows: 8-bit where its format has an
+    /// integer kernel, else f32.
+    pub fn decode_activations(&self) -> Activations {
+        if int_dot::supported(self.dtype) {
+            Activations::Int8
+        } else {
+            Activations::F32
+        }
+    }
+
     /// Dequantize row `r` into `out[..k]`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
         if r >= self.n || out.len() < self.k {
@@ -885,6 +898,10 @@ impl BlockMatrix {
         }
         let mut out = vec![0f32; m * n];
         if m == 0 || n == 0 || k == 0 {
+            return Ok(out);
+        }
+        if acts == Activations::Bf16 && crate::bf16_gemm::available() {
+            crate::bf16_gemm::matmul(x, m, k, n, self, &mut out);
             return Ok(out);
         }
         let threads = rayon::current_num_threads();
@@ -1004,6 +1021,14 @@ impl BlockMatrix {
     }
 }
 
+impl crate::bf16_gemm::WeightRows for BlockMatrix {
+    fn row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
+        scratch.resize(self.k, 0.0);
+        self.decode_row_inline(r, scratch);
+        crate::bf16_gemm::round_to_bf16(scratch, out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,17 +1042,23 @@ mod tests {
         let bm = BlockMatrix::from_qtensor(&q)?.expect("supported type");
         for m in [1usize, 2, 3, 7, 8, 9, 16, 37] {
             let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? + 0.5)?;
-            for acts in [Activations::F32, Activations::Int8] {
+            for acts in [Activations::F32, Activations::Int8, Activations::Bf16] {
                 // The integer kernels see the activations as their 8-bit
-                // blocks dequantized; every other path sees them as they are.
+                // blocks dequantized, the bf16 engine both operands rounded
+                // to bf16; every other path sees them as they are.
                 let int = acts == Activations::Int8 && int_dot::supported(dtype);
-                let xs = if int {
+                let bf16 = acts == Activations::Bf16 && crate::bf16_gemm::available();
+                let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+                let (xs, ws) = if int {
                     let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                    Tensor::from_vec(q8::Q8Rows::quantize(&xv, k).dequantized(), (m, k), &dev)?
+                    let xq = q8::Q8Rows::quantize(&xv, k).dequantized();
+                    (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
+                } else if bf16 {
+                    (round(&x)?, round(&wd)?)
                 } else {
-                    x.clone()
+                    (x.clone(), wd.clone())
                 };
-                let want = xs.matmul(&wd.t()?)?;
+                let want = xs.matmul(&ws.t()?)?;
                 let got = bm.forward(&x, acts)?;
                 let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(d < 1e-3, "{dtype:?} m={m} {acts:?}: max diff {d}");

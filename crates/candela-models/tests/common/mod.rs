@@ -53,6 +53,12 @@ pub fn ids_of(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// `max |a - b|` relative to `max |b|`.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    max_diff(a, b) / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
+}
+
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b)

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
 use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
-use crate::weights::{Linear, Weights, WeightsAt};
+use crate::weights::{DecodeRows, Linear, Weights, WeightsAt};
 
 pub const ARCHITECTURE: &str = "WhisperForConditionalGeneration";
 
@@ -243,7 +243,7 @@ impl Whisper {
             .collect::<MResult<Vec<_>>>()?;
         let embed = w.tensor("model.decoder.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let proj_out = if w.contains("proj_out.weight") {
-            w.linear("proj_out", d, cfg.vocab_size, false)?
+            w.linear("proj_out", d, cfg.vocab_size, false)?.for_logits()
         } else {
             Linear::Dense {
                 weight: embed.clone(),
@@ -358,12 +358,13 @@ impl Whisper {
         let heads = self.cfg.decoder_attention_heads;
         let hd = self.cfg.d_model / heads;
         let scale = (hd as f64).powf(-0.5);
+        let rows = DecodeRows::of_step(spans.iter().map(|&(_, len, _)| len));
         for (li, layer) in self.layers.iter().enumerate() {
             // Causal self-attention, each sequence against its own cache.
             let h = layer.self_norm.forward(&x)?;
-            let q = (layer.self_attn.q.forward(&h)? * scale)?;
-            let k = layer.self_attn.k.forward(&h)?;
-            let v = layer.self_attn.v.forward(&h)?;
+            let q = (layer.self_attn.q.forward_rows(&h, &rows)? * scale)?;
+            let k = layer.self_attn.k.forward_rows(&h, &rows)?;
+            let v = layer.self_attn.v.forward_rows(&h, &rows)?;
             let mut outs = Vec::with_capacity(spans.len());
             for (si, &(off, len, past)) in spans.iter().enumerate() {
                 let qs = self.split_heads(&q.narrow(0, off, len)?)?;
@@ -379,21 +380,28 @@ impl Whisper {
                 outs.push(attend(&qs, &ks, &vs, mask.as_ref())?);
                 states[si].self_kv[li] = Some((ks, vs));
             }
-            x = (x + layer.self_attn.o.forward(&Tensor::cat(&outs, 0)?)?)?;
+            x = (x + layer
+                .self_attn
+                .o
+                .forward_rows(&Tensor::cat(&outs, 0)?, &rows)?)?;
 
             // Cross-attention over the item's encoder output (no mask).
             let h = layer.cross_norm.forward(&x)?;
-            let q = (layer.cross_attn.q.forward(&h)? * scale)?;
+            let q = (layer.cross_attn.q.forward_rows(&h, &rows)? * scale)?;
             let mut outs = Vec::with_capacity(spans.len());
             for (si, &(off, len, _)) in spans.iter().enumerate() {
                 let qs = self.split_heads(&q.narrow(0, off, len)?)?;
                 let (ck, cv) = &states[si].cross.layers[li];
                 outs.push(attend(&qs, ck, cv, None)?);
             }
-            x = (x + layer.cross_attn.o.forward(&Tensor::cat(&outs, 0)?)?)?;
+            x = (x + layer
+                .cross_attn
+                .o
+                .forward_rows(&Tensor::cat(&outs, 0)?, &rows)?)?;
 
             let h = layer.ffn_norm.forward(&x)?;
-            x = (x + layer.fc2.forward(&layer.fc1.forward(&h)?.gelu_erf()?)?)?;
+            let up = layer.fc1.forward_rows(&h, &rows)?.gelu_erf()?;
+            x = (x + layer.fc2.forward_rows(&up, &rows)?)?;
         }
         for (s, &(_, len, _)) in states.iter_mut().zip(&spans) {
             s.len += len;

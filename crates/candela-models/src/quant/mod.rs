@@ -5,7 +5,7 @@
 //! per 32 values once (`q8`) and dot them with the weight blocks in integer
 //! arithmetic (`int_dot`: AVX512-VNNI or AVX-VNNI `vpdpbusd`, AVX2
 //! `vpmaddubsw`, or scalar, picked at run time), as ggml does, for Q4_0,
-//! Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K. A decoder asks for them on
+//! Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K. A decoder asks for them on
 //! the rows of sequences that decode one token (`weights::Int8Rows`),
 //! whatever else shares the step, so a sequence's numbers do not depend on
 //! its batch. Products with f32 activations take f32 dot products straight

@@ -417,6 +417,74 @@ mod tests {
         Ok(())
     }
 
+    /// Seeded random K-quant blocks decoded by llama.cpp's gguf-py
+    /// (fixtures/kquants, scripts/make_kquant_reference.py): rows decode to
+    /// its values, and every kernel this CPU runs dots them with 8-bit
+    /// activations as the f64 dot product of those values does.
+    #[test]
+    fn k_quant_blocks_decode_as_llama_cpp() -> Result<()> {
+        use super::super::BlockMatrix;
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        let dev = Device::Cpu;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/kquants/reference.safetensors"
+        );
+        let r = candle_core::safetensors::load(path, &dev)?;
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+        for (name, dtype) in [
+            ("q2_k", GgmlDType::Q2K),
+            ("q3_k", GgmlDType::Q3K),
+            ("q4_k", GgmlDType::Q4K),
+            ("q5_k", GgmlDType::Q5K),
+            ("q6_k", GgmlDType::Q6K),
+        ] {
+            let blocks = r[&format!("{name}.blocks")].to_vec2::<u8>()?;
+            let want = r[&format!("{name}.values")].to_vec2::<f32>()?;
+            let (n, k) = (want.len(), want[0].len());
+            let bytes = blocks.concat();
+            let q = qtensor_from_ggml(dtype, &bytes, vec![n, k], &dev)?;
+            let bm = BlockMatrix::from_qtensor(&q)?.expect("a block type");
+            let mut x: Vec<f32> = (0..2 * k)
+                .map(|i| ((i * 7919 % 257) as f32 - 128.0) / 50.0)
+                .collect();
+            x[k + 5] = 30.0;
+            let acts = Q8Rows::quantize(&x, k);
+            let xd = acts.dequantized();
+            let rows = [acts.row(0), acts.row(1)];
+            let mut got = vec![0f32; k];
+            for (i, w) in want.iter().enumerate() {
+                bm.dequantize_row(i, &mut got)?;
+                for (j, (g, w)) in got.iter().zip(w).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs(),
+                        "{name} row {i} value {j}: {g} vs llama.cpp's {w}"
+                    );
+                }
+                let row = &blocks[i];
+                for isa in &isas {
+                    let mut dots = [f32::NAN; 2];
+                    // SAFETY: `isas` holds the instruction sets this CPU has.
+                    unsafe { isa.rows_dot()(dtype, row, &rows, &mut dots) };
+                    for (a, d) in dots.iter().enumerate() {
+                        let xa = &xd[a * k..(a + 1) * k];
+                        let exact: f64 = w.iter().zip(xa).map(|(&w, &x)| w as f64 * x as f64).sum();
+                        let mag: f64 = w
+                            .iter()
+                            .zip(xa)
+                            .map(|(&w, &x)| (w as f64 * x as f64).abs())
+                            .sum();
+                        assert!(
+                            (*d as f64 - exact).abs() <= 1e-5 * mag,
+                            "{isa:?} {name} row {i} act {a}: {d} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_best_kernel_is_picked() {
         let best = Isa::ALL.into_iter().find(|i| i.available()).unwrap();

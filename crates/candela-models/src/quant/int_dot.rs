@@ -19,7 +19,16 @@ pub fn supported(dtype: GgmlDType) -> bool {
     use GgmlDType as G;
     matches!(
         dtype,
-        G::Q4_0 | G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_0 | G::Q4K | G::Q5K | G::Q6K
+        G::Q4_0
+            | G::Q4_1
+            | G::Q5_0
+            | G::Q5_1
+            | G::Q8_0
+            | G::Q2K
+            | G::Q3K
+            | G::Q4K
+            | G::Q5K
+            | G::Q6K
     )
 }
 
@@ -181,6 +190,54 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 }
             }
         }
+        GgmlDType::Q2K => {
+            for blk in row.chunks_exact(84) {
+                let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+                for g in 0..8 {
+                    let Some((qa, (&da, _))) = groups.next() else {
+                        break;
+                    };
+                    // Group g: bits 2(g % 4).. of qs[32(g / 4)..][..32], two
+                    // sub-blocks of 16 with 4-bit scale (low) and min (high).
+                    let q = &blk[16 + 32 * (g / 4)..16 + 32 * (g / 4) + 32];
+                    let (mut s, mut m) = (0i32, 0i32);
+                    for h in 0..2 {
+                        let sc = blk[2 * g + h];
+                        let part = 16 * h..16 * h + 16;
+                        let w = q[part.clone()].iter().map(|q| (q >> (2 * (g % 4))) & 3);
+                        s += (sc & 0x0F) as i32 * idot(w, &qa[part.clone()]);
+                        m += (sc >> 4) as i32 * qa[part].iter().map(|&a| a as i32).sum::<i32>();
+                    }
+                    acc += da * (d * s as f32 - dmin * m as f32);
+                }
+            }
+        }
+        GgmlDType::Q3K => {
+            for blk in row.chunks_exact(110) {
+                let d = f16_at(blk, 108);
+                let Ok(scales) = <&[u8; 12]>::try_from(&blk[96..108]) else {
+                    continue;
+                };
+                for g in 0..8 {
+                    let Some((qa, (&da, _))) = groups.next() else {
+                        break;
+                    };
+                    // Group g: 2 low bits as in Q2_K, bit 2 is bit g of
+                    // hmask[l] (clear means minus 4): w in -4..4.
+                    let q = &blk[32 + 32 * (g / 4)..32 + 32 * (g / 4) + 32];
+                    let w = |l: usize| {
+                        let lo = ((q[l] >> (2 * (g % 4))) & 3) as i32;
+                        lo - if (blk[l] >> g) & 1 == 0 { 4 } else { 0 }
+                    };
+                    let mut s = 0i32;
+                    for h in 0..2 {
+                        let part: i32 = (16 * h..16 * h + 16).map(|l| w(l) * qa[l] as i32).sum();
+                        s += q3k_scale(scales, 2 * g + h) * part;
+                    }
+                    acc += d * da * s as f32;
+                }
+            }
+        }
         GgmlDType::Q6K => {
             for blk in row.chunks_exact(210) {
                 let d = f16_at(blk, 208);
@@ -206,6 +263,20 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
     acc + offs
 }
 
+/// Scale `j` (0..16) of a Q3_K block, in -32..32: 4 low bits from the
+/// low (j < 8) or high nibbles of bytes 0..8, 2 high bits from bytes 8..12
+/// (bits 2(j / 4).. of byte 8 + j % 4).
+#[inline(always)]
+pub(super) fn q3k_scale(scales: &[u8; 12], j: usize) -> i32 {
+    let lo = if j < 8 {
+        scales[j] & 0x0F
+    } else {
+        scales[j - 8] >> 4
+    };
+    let hi = (scales[8 + j % 4] >> (2 * (j / 4))) & 3;
+    (lo | (hi << 4)) as i32 - 32
+}
+
 /// Quant `l` (0..32) of group `t` (0..4) of one Q6_K half: 4 low bits from
 /// `ql` (low nibbles of bytes 0..32 for t = 0, of 32..64 for t = 1, high
 /// nibbles for t = 2, 3) and 2 high bits from `qh` (bits 2t..2t+2), in 0..64.
@@ -224,12 +295,14 @@ mod tests {
     use super::super::q8::Q8Rows;
     use super::*;
 
-    const TYPES: [GgmlDType; 8] = [
+    const TYPES: [GgmlDType; 10] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
@@ -337,6 +410,74 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Seeded random K-quant blocks decoded by llama.cpp's gguf-py
+    /// (fixtures/kquants, scripts/make_kquant_reference.py): rows decode to
+    /// its values, and every kernel this CPU runs dots them with 8-bit
+    /// activations as the f64 dot product of those values does.
+    #[test]
+    fn k_quant_blocks_decode_as_llama_cpp() -> Result<()> {
+        use super::super::BlockMatrix;
+        use candle_core::quantized::ggml_file::qtensor_from_ggml;
+        let dev = Device::Cpu;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/kquants/reference.safetensors"
+        );
+        let r = candle_core::safetensors::load(path, &dev)?;
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+        for (name, dtype) in [
+            ("q2_k", GgmlDType::Q2K),
+            ("q3_k", GgmlDType::Q3K),
+            ("q4_k", GgmlDType::Q4K),
+            ("q5_k", GgmlDType::Q5K),
+            ("q6_k", GgmlDType::Q6K),
+        ] {
+            let blocks = r[&format!("{name}.blocks")].to_vec2::<u8>()?;
+            let want = r[&format!("{name}.values")].to_vec2::<f32>()?;
+            let (n, k) = (want.len(), want[0].len());
+            let bytes = blocks.concat();
+            let q = qtensor_from_ggml(dtype, &bytes, vec![n, k], &dev)?;
+            let bm = BlockMatrix::from_qtensor(&q)?.expect("a block type");
+            let mut x: Vec<f32> = (0..2 * k)
+                .map(|i| ((i * 7919 % 257) as f32 - 128.0) / 50.0)
+                .collect();
+            x[k + 5] = 30.0;
+            let acts = Q8Rows::quantize(&x, k);
+            let xd = acts.dequantized();
+            let rows = [acts.row(0), acts.row(1)];
+            let mut got = vec![0f32; k];
+            for (i, w) in want.iter().enumerate() {
+                bm.dequantize_row(i, &mut got)?;
+                for (j, (g, w)) in got.iter().zip(w).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs(),
+                        "{name} row {i} value {j}: {g} vs llama.cpp's {w}"
+                    );
+                }
+                let row = &blocks[i];
+                for isa in &isas {
+                    let mut dots = [f32::NAN; 2];
+                    // SAFETY: `isas` holds the instruction sets this CPU has.
+                    unsafe { isa.rows_dot()(dtype, row, &rows, &mut dots) };
+                    for (a, d) in dots.iter().enumerate() {
+                        let xa = &xd[a * k..(a + 1) * k];
+                        let exact: f64 = w.iter().zip(xa).map(|(&w, &x)| w as f64 * x as f64).sum();
+                        let mag: f64 = w
+                            .iter()
+                            .zip(xa)
+                            .map(|(&w, &x)| (w as f64 * x as f64).abs())
+                            .sum();
+                        assert!(
+                            (*d as f64 - exact).abs() <= 1e-5 * mag,
+                            "{isa:?} {name} row {i} act {a}: {d} vs {exact}"
+                        );
                     }
                 }
             }

@@ -45,7 +45,7 @@ macro_rules! kernels {
 
             use candle_core::quantized::GgmlDType;
 
-            use super::super::int_dot::rows_dot_scalar;
+            use super::super::int_dot::{q3k_scale, rows_dot_scalar};
             use super::super::q8::{Q8Row, QK};
             use super::super::scale_min_k4;
             use super::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
@@ -238,6 +238,107 @@ macro_rules! kernels {
                 out
             }
 
+            /// The 2-bit fields of 32 bytes, lowest first: field j of byte
+            /// l is quant l of group j.
+            #[inline(always)]
+            unsafe fn crumbs(q: __m256i) -> [__m256i; 4] {
+                let m3 = _mm256_set1_epi8(3);
+                [
+                    _mm256_and_si256(q, m3),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 2), m3),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), m3),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 6), m3),
+                ]
+            }
+
+            /// `(a, a, a, a, b, b, b, b)`: a scale per 16-value half of a
+            /// group's eight lanes of four products.
+            #[inline(always)]
+            unsafe fn halves(a: f32, b: f32) -> __m256 {
+                _mm256_setr_ps(a, a, a, a, b, b, b, b)
+            }
+
+            /// Q2_K rows: per 32 values, 2-bit quants in 0..4 with a 4-bit
+            /// scale and min per 16; the mins go through a second product
+            /// (min bytes times the activations).
+            #[inline(always)]
+            unsafe fn q2k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                for (sb, blk) in row.chunks_exact(84).enumerate() {
+                    let (d, dmin) = (f16(blk, 80), f16(blk, 82));
+                    for half in 0..2 {
+                        let ws = crumbs(load32(&blk[16 + 32 * half..]));
+                        for (j, w) in ws.into_iter().enumerate() {
+                            let g = 4 * half + j;
+                            let ag = 8 * sb + g;
+                            let (s0, s1) = (blk[2 * g], blk[2 * g + 1]);
+                            let scale = halves((s0 & 0x0F) as f32 * d, (s1 & 0x0F) as f32 * d);
+                            let mins = _mm256_set_m128i(
+                                _mm_set1_epi8((s1 >> 4) as i8),
+                                _mm_set1_epi8((s0 >> 4) as i8),
+                            );
+                            let dm = _mm256_set1_ps(-dmin);
+                            for i in 0..M {
+                                let x = acts(&a[i].qs[QK * ag..]);
+                                let da = _mm256_set1_ps(a[i].d[ag]);
+                                acc0[i] = fma(acc0[i], dot(w, x), _mm256_mul_ps(scale, da));
+                                acc1[i] = fma(acc1[i], dot(mins, x), _mm256_mul_ps(dm, da));
+                            }
+                        }
+                    }
+                }
+                let mut out = [0f32; M];
+                for i in 0..M {
+                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+                }
+                out
+            }
+
+            /// Q3_K rows: Q2_K's 2-bit fields plus a high bit from `hmask`
+            /// (clear means minus 4) make quants in -4..4 for the sign
+            /// trick, with a signed 6-bit scale per 16 values.
+            #[inline(always)]
+            unsafe fn q3k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                let four = _mm256_set1_epi8(4);
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                for (sb, blk) in row.chunks_exact(110).enumerate() {
+                    let d = f16(blk, 108);
+                    let Ok(scales) = <&[u8; 12]>::try_from(&blk[96..108]) else {
+                        continue;
+                    };
+                    let hm = load32(blk);
+                    for half in 0..2 {
+                        let lows = crumbs(load32(&blk[32 + 32 * half..]));
+                        for (j, lo) in lows.into_iter().enumerate() {
+                            let g = 4 * half + j;
+                            let ag = 8 * sb + g;
+                            let bit = _mm256_set1_epi8(1 << g);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                            let w = _mm256_sub_epi8(lo, _mm256_andnot_si256(set, four));
+                            let wu = _mm256_abs_epi8(w);
+                            let scale = halves(
+                                q3k_scale(scales, 2 * g) as f32 * d,
+                                q3k_scale(scales, 2 * g + 1) as f32 * d,
+                            );
+                            for i in 0..M {
+                                let x = _mm256_sign_epi8(acts(&a[i].qs[QK * ag..]), w);
+                                let s = _mm256_mul_ps(scale, _mm256_set1_ps(a[i].d[ag]));
+                                if j % 2 == 0 {
+                                    acc0[i] = fma(acc0[i], dot(wu, x), s);
+                                } else {
+                                    acc1[i] = fma(acc1[i], dot(wu, x), s);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut out = [0f32; M];
+                for i in 0..M {
+                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+                }
+                out
+            }
+
             /// Q6_K rows: per 32 values, 4 low bits and 2 high bits make
             /// `q` in 0..64; `q - 32` goes through the sign trick, and each
             /// half of the 8 lanes takes its 16-value sub-block's scale.
@@ -314,6 +415,8 @@ macro_rules! kernels {
                     GgmlDType::Q4_1 => legacy::<Q4_1, M>(row, a),
                     GgmlDType::Q5_0 => legacy::<Q5_0, M>(row, a),
                     GgmlDType::Q5_1 => legacy::<Q5_1, M>(row, a),
+                    GgmlDType::Q2K => q2k::<M>(row, a),
+                    GgmlDType::Q3K => q3k::<M>(row, a),
                     GgmlDType::Q4K => q4k_q5k::<false, M>(row, a),
                     GgmlDType::Q5K => q4k_q5k::<true, M>(row, a),
                     GgmlDType::Q6K => q6k::<M>(row, a),

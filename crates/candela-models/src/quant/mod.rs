@@ -7,7 +7,7 @@
 //!   quantized to 8 bits per 32 values once (`q8`) and dotted with the
 //!   weight blocks in integer arithmetic (`int_dot`: AVX512-VNNI or
 //!   AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or scalar, picked at run
-//!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and
+//!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to
 //!   Q6_K.
 //! - `Bf16` (prompt and encoder rows): panels of weight rows are decoded to
 //!   bf16 and multiplied on the bf16 matrix engine ([`crate::bf16_gemm`],

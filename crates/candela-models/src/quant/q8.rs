@@ -3,8 +3,8 @@
 //!
 //! One block size serves every weight format, K-quants included: 32 divides
 //! each format's block and a K-quant sub-block (32 values, or two of 16 for
-//! Q6_K) meets exactly one activation block, so each activation block keeps
-//! its own scale. ggml quantizes K-quant activations per 256 values (Q8_K)
+//! Q2_K, Q3_K and Q6_K) meets exactly one activation block, so each
+//! activation block keeps its own scale. ggml quantizes K-quant activations per 256 values (Q8_K)
 //! to fold the sub-block scales into integers; per-32 scales cost one f32
 //! multiply-add per 32 values more and round less (a block's scale follows
 //! its own largest value, not the super-block's).

@@ -156,7 +156,7 @@ function shapeCases(model) {
   if (have(`${model}/model.safetensors.index.json`)) {
     const dir = f(model)
     out.push(
-      { id: `candela/${model}-bf16`, engine: 'candela', model, weights: dir, format: 'BF16 safetensors, dtype bf16', load: { dtype: 'bf16' } },
+      { id: `candela/${model}-bf16`, engine: 'candela', model, weights: dir, format: "BF16 safetensors, dtype 'auto' (kept bf16)" },
       { id: `candela/${model}-st-q4_k`, engine: 'candela', model, weights: dir, format: 'BF16 safetensors quantized to q4_k at load', load: { quantization: 'q4_k' } },
       { id: `transformers/${model}-bf16`, engine: 'transformers', model, weights: dir, format: 'BF16 safetensors', dtype: 'bf16' },
     )

@@ -2,7 +2,7 @@
 """Random-weight checkpoints with REAL model shapes, for the `shapes-*` workloads.
 
     python benchmark/prepare-real-shapes.py MODEL [--out DIR] [--llama-cpp SRC] [--quantize BIN]
-    MODEL: qwen2.5-1.5b | qwen2.5-3b | qwen2.5-vl-3b
+    MODEL: qwen2.5-1.5b | qwen2.5-3b | qwen2.5-vl-3b | qwen2.5-vl-7b
 
 Writes under DIR (default $CANDELA_BENCH_MODELS or benchmark/models), only what is missing:
   <name>/                      HF folder: config.json, generation_config.json, tokenizer files,
@@ -12,9 +12,11 @@ Writes under DIR (default $CANDELA_BENCH_MODELS or benchmark/models), only what 
   <name>.q4_k_m.gguf           llama.cpp's llama-quantize Q4_K_M from the F16 GGUF
   <name>.mmproj-f16.gguf       (VL only) the vision tower + merger, llama.cpp's converter --mmproj
   <name>.json                  what was written, with the seed and the tools' versions
+qwen2.5-vl-7b writes the folder only (the 8 GiB check of `--quantization q4_k`: README).
 
 Shapes are the real models' (config.json values of Qwen/Qwen2.5-1.5B-Instruct,
-Qwen/Qwen2.5-3B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct: vision tower 32 blocks x 1280).
+Qwen/Qwen2.5-3B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct:
+vision tower 32 blocks x 1280; the 7B's output head is untied).
 Tensor names are the hub checkpoints' (`model.layers.*`, `visual.*`). The tokenizer
 and chat template are the real Qwen2 ones from fixtures/. Every GGUF is converted
 by llama.cpp's own tools from the BF16 safetensors, so all formats hold the same values.
@@ -58,6 +60,8 @@ LM = {
                        num_key_value_heads=2, max_window_layers=70),
 }
 LM["qwen2.5-vl-3b"] = LM["qwen2.5-3b"]
+LM["qwen2.5-vl-7b"] = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                           num_key_value_heads=4, max_window_layers=28, vocab_size=152064, tie_word_embeddings=False)
 VISION = {  # Qwen/Qwen2.5-VL-3B-Instruct's vision_config
     "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
     "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
@@ -67,14 +71,14 @@ VISION = {  # Qwen/Qwen2.5-VL-3B-Instruct's vision_config
 
 def config(name: str) -> dict:
     lm = {**QWEN_TEXT, **LM[name]}
-    if name != "qwen2.5-vl-3b":
+    if not name.startswith("qwen2.5-vl"):
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": "bfloat16", **lm}
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "torch_dtype": "bfloat16",
         **lm, "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
         "vision_end_token_id": 151653, "vision_token_id": 151654,
         "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "vision_config": VISION,
+        "vision_config": {**VISION, "out_hidden_size": lm["hidden_size"]},
     }
 
 
@@ -97,6 +101,8 @@ def tensor_specs(c: dict) -> list[tuple[str, tuple[int, ...], str]]:
             (p + "mlp.down_proj.weight", (h, f), "linear"),
         ]
     out.append(("model.norm.weight", (h,), "norm"))
+    if not c["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (v, h), "linear"))
     vc = c.get("vision_config")
     if vc:
         d, vf, m = vc["hidden_size"], vc["intermediate_size"], vc["spatial_merge_size"] ** 2 * vc["hidden_size"]
@@ -206,6 +212,8 @@ def main() -> None:
     folder = out / name
     if not (folder / "model.safetensors.index.json").exists():
         write_folder(name, folder)
+    if name == "qwen2.5-vl-7b":
+        return
     convert = [sys.executable, str(Path(args.llama_cpp) / "convert_hf_to_gguf.py"), str(folder)]
     f16 = out / f"{name}.f16.gguf"
     q8 = out / f"{name}.q8_0.gguf"

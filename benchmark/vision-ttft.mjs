@@ -4,6 +4,9 @@
 //
 //   npm run build && node benchmark/vision-ttft.mjs
 //   node benchmark/vision-ttft.mjs --model path/to/Qwen2-VL-2B-Instruct --runs 5
+//   node benchmark/vision-ttft.mjs --model DIR --quantization q4_k --kv-cache-bytes 1073741824 --runs 0
+//     (--runs 0: the first request alone, as a user's first one; the report
+//     has the load time, the file-free RSS after it and the peak RSS)
 //
 // Cases (each request alone on the engine):
 //   cold        new uuid each run: decode + preprocess, vision tower, full prefill
@@ -19,6 +22,7 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 
 import { Engine } from '../dist/index.js'
+import { peakRssMiB } from './lib/common.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const { values } = parseArgs({
@@ -27,12 +31,20 @@ const { values } = parseArgs({
     image: { type: 'string', default: join(root, 'fixtures', 'vision', 'photo_1024x768.jpg') },
     'max-pixels': { type: 'string', default: String(28 * 28 * 1280) },
     runs: { type: 'string', default: '5' },
+    quantization: { type: 'string' },
+    'kv-cache-bytes': { type: 'string' },
     out: { type: 'string' },
   },
 })
 const runs = Number(values.runs)
 const image = readFileSync(values.image)
-const engine = await Engine.load({ model: values.model, maxModelLen: 4096 })
+const engine = await Engine.load({
+  model: values.model,
+  maxModelLen: 4096,
+  ...(values.quantization && { quantization: values.quantization }),
+  ...(values['kv-cache-bytes'] && { kvCacheBytes: Number(values['kv-cache-bytes']) }),
+})
+const loaded = { loadSeconds: engine.info.loadSeconds, anonRssMiB: Math.round(engine.info.anonRssBytes / 2 ** 20) }
 const params = { maxTokens: 1, temperature: 0, ignoreEos: true, mmProcessorKwargs: { max_pixels: Number(values['max-pixels']) } }
 const ask = (uuid, text) => [{ role: 'user', content: [{ type: 'image', image, uuid }, { type: 'text', text }] }]
 
@@ -45,15 +57,15 @@ async function ttft(messages) {
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
-await ttft(ask('warmup', 'Describe the picture.')) // first-call costs (allocations, thread pool)
-const results = { cold: [], mediaWarm: [], warm: [] }
+const first = await ttft(ask('warmup', 'Describe the picture.')) // first-call costs (allocations, thread pool)
+const results = runs > 0 ? { cold: [], mediaWarm: [], warm: [] } : { first: [first] }
 for (let i = 0; i < runs; i++) {
   results.cold.push(await ttft(ask(`cold-${i}`, 'Describe the picture.')))
   results.mediaWarm.push(await ttft([{ role: 'system', content: `Run ${i}.` }, ...ask(`cold-${i}`, 'Describe the picture.')]))
   results.warm.push(await ttft(ask(`cold-${i}`, 'Describe the picture.')))
 }
 const [probe] = await engine.generate(
-  { prompt: '<|vision_start|><|image_pad|><|vision_end|>', multiModalData: { image: [image] }, multiModalUuids: { image: ['cold-0'] } },
+  { prompt: '<|vision_start|><|image_pad|><|vision_end|>', multiModalData: { image: [image] }, multiModalUuids: { image: [runs > 0 ? 'cold-0' : 'warmup'] } },
   params,
 )
 const promptTokens = probe.usage.promptTokens
@@ -67,6 +79,9 @@ const report = {
   image: `${basename(values.image)} (${image.length} bytes)`,
   maxPixels: Number(values['max-pixels']),
   imagePromptTokens: promptTokens,
+  quantization: values.quantization ?? null,
+  ...loaded,
+  peakRssMiB: peakRssMiB(),
   runs,
   results: rows,
   encoderRuns: stats.encoderRuns,
@@ -76,4 +91,5 @@ const report = {
 const out = values.out ?? join(root, 'benchmark', 'results', `vision-ttft-${report.model}.json`)
 mkdirSync(dirname(out), { recursive: true })
 writeFileSync(out, JSON.stringify(report, null, 2) + '\n')
+console.log(JSON.stringify(report))
 console.log(`wrote ${out}`)

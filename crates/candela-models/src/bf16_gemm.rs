@@ -23,16 +23,6 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once.
 
 use half::bf16;
-use rayon::prelude::*;
-
-/// Tile rows: weight rows per A tile, input rows per B tile.
-const TR: usize = 16;
-/// Tile depth in bf16 values (64 bytes per A tile row).
-const TK: usize = 32;
-/// Weight rows per task: two A tiles.
-const PANEL: usize = 2 * TR;
-/// Input rows per inner block: two B tiles.
-const MB: usize = 2 * TR;
 
 /// Whether this CPU and kernel run AMX-BF16 tiles (checked once).
 pub fn available() -> bool {
@@ -63,40 +53,10 @@ pub trait WeightRows: Sync {
 pub fn matmul(x: &[f32], m: usize, k: usize, n: usize, w: &impl WeightRows, dst: &mut [f32]) {
     assert!(available(), "bf16_gemm::matmul without AMX");
     assert!(x.len() == m * k && dst.len() == m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let kp = k.div_ceil(TK) * TK;
-    let xb = pack_inputs(x, m, k, kp);
-    // Weight rows a cache line away from a multiple of 4 KiB apart, so the
-    // 16 rows of a tile do not share L1 sets.
-    let sw = kp + if (kp * 2).is_multiple_of(4096) { TK } else { 0 };
-    let out = SendPtr(dst.as_mut_ptr());
-    // A few panels per job, so the per-job buffers are set up rarely.
-    (0..n.div_ceil(PANEL))
-        .into_par_iter()
-        .with_min_len(4)
-        .for_each_init(
-            || (vec![0u16; PANEL * sw], Vec::new()),
-            |(panel, scratch), p| {
-                let r0 = p * PANEL;
-                let nr = PANEL.min(n - r0);
-                // Rows past the matrix and columns past k are zeros.
-                for (i, dst) in panel.chunks_exact_mut(sw).enumerate() {
-                    if i < nr {
-                        w.row(r0 + i, &mut dst[..k], scratch);
-                        dst[k..].fill(0);
-                    } else {
-                        dst.fill(0);
-                    }
-                }
-                // SAFETY: AMX is available (asserted above); `xb` holds the
-                // packed input blocks of depth `kp`, `panel` 32 rows of `kp` at a
-                // stride of `sw`; this task writes only columns r0..r0 + nr of
-                // rows < m of `dst`.
-                unsafe { amx::panel(&xb, kp, panel, sw, m, n, r0, nr, out) };
-            },
-        );
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    amx::matmul(x, m, k, n, w, dst);
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let _ = w;
 }
 
 /// `src` rounded to bf16 (to nearest, ties to even) into `dst` (same length).
@@ -142,42 +102,90 @@ unsafe fn round_avx512bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// The input rows in bf16 as AMX B tiles: per block of [`MB`] rows (zeros
-/// past `m`) and depth step of [`TK`], two tiles of 16 rows of 16 (even,
-/// odd) pairs: `tile[t][r][c] = (x[16t + c][2r], x[16t + c][2r + 1])`.
-fn pack_inputs(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
-    let step = 2 * TR * TK;
-    let mut xb = vec![0u16; m.div_ceil(MB) * kp / TK * step];
-    xb.par_chunks_mut(kp / TK * step).enumerate().for_each_init(
-        || vec![0u16; kp],
-        |row, (b, blk)| {
-            for i in 0..MB.min(m - b * MB) {
-                round_to_bf16(&x[(b * MB + i) * k..][..k], &mut row[..k]);
-                let (t, c) = (i / TR, i % TR);
-                // Pairs of one row are 32-bit words of one tile column.
-                for (j, pair) in row.chunks_exact(2).enumerate() {
-                    let (kb, r) = (j / TR, j % TR);
-                    let at = kb * step + t * TR * TK + r * TK + 2 * c;
-                    blk[at..at + 2].copy_from_slice(pair);
-                }
-            }
-        },
-    );
-    xb
-}
-
-/// The output pointer shared by tasks writing disjoint columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint parts of the buffer and the owner waits for all of them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx {
     use std::arch::asm;
 
-    use super::{SendPtr, MB, PANEL, TK, TR};
+    use rayon::prelude::*;
+
+    use super::{round_to_bf16, WeightRows};
+
+    /// Tile rows: weight rows per A tile, input rows per B tile.
+    const TR: usize = 16;
+    /// Tile depth in bf16 values (64 bytes per A tile row).
+    const TK: usize = 32;
+    /// Weight rows per task: two A tiles.
+    const PANEL: usize = 2 * TR;
+    /// Input rows per inner block: two B tiles.
+    const MB: usize = 2 * TR;
+
+    pub fn matmul(x: &[f32], m: usize, k: usize, n: usize, w: &impl WeightRows, dst: &mut [f32]) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let kp = k.div_ceil(TK) * TK;
+        let xb = pack_inputs(x, m, k, kp);
+        // Weight rows a cache line away from a multiple of 4 KiB apart, so the
+        // 16 rows of a tile do not share L1 sets.
+        let sw = kp + if (kp * 2).is_multiple_of(4096) { TK } else { 0 };
+        let out = SendPtr(dst.as_mut_ptr());
+        // A few panels per job, so the per-job buffers are set up rarely.
+        (0..n.div_ceil(PANEL))
+            .into_par_iter()
+            .with_min_len(4)
+            .for_each_init(
+                || (vec![0u16; PANEL * sw], Vec::new()),
+                |(panel, scratch), p| {
+                    let r0 = p * PANEL;
+                    let nr = PANEL.min(n - r0);
+                    // Rows past the matrix and columns past k are zeros.
+                    for (i, dst) in panel.chunks_exact_mut(sw).enumerate() {
+                        if i < nr {
+                            w.row(r0 + i, &mut dst[..k], scratch);
+                            dst[k..].fill(0);
+                        } else {
+                            dst.fill(0);
+                        }
+                    }
+                    // SAFETY: AMX is available (asserted by the caller); `xb` holds the
+                    // packed input blocks of depth `kp`, `panel` 32 rows of `kp` at a
+                    // stride of `sw`; this task writes only columns r0..r0 + nr of
+                    // rows < m of `dst`.
+                    unsafe { run_panel(&xb, kp, panel, sw, m, n, r0, nr, out) };
+                },
+            );
+    }
+
+    /// The input rows in bf16 as AMX B tiles: per block of [`MB`] rows (zeros
+    /// past `m`) and depth step of [`TK`], two tiles of 16 rows of 16 (even,
+    /// odd) pairs: `tile[t][r][c] = (x[16t + c][2r], x[16t + c][2r + 1])`.
+    fn pack_inputs(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
+        let step = 2 * TR * TK;
+        let mut xb = vec![0u16; m.div_ceil(MB) * kp / TK * step];
+        xb.par_chunks_mut(kp / TK * step).enumerate().for_each_init(
+            || vec![0u16; kp],
+            |row, (b, blk)| {
+                for i in 0..MB.min(m - b * MB) {
+                    round_to_bf16(&x[(b * MB + i) * k..][..k], &mut row[..k]);
+                    let (t, c) = (i / TR, i % TR);
+                    // Pairs of one row are 32-bit words of one tile column.
+                    for (j, pair) in row.chunks_exact(2).enumerate() {
+                        let (kb, r) = (j / TR, j % TR);
+                        let at = kb * step + t * TR * TK + r * TK + 2 * c;
+                        blk[at..at + 2].copy_from_slice(pair);
+                    }
+                }
+            },
+        );
+        xb
+    }
+
+    /// The output pointer shared by tasks writing disjoint columns.
+    #[derive(Clone, Copy)]
+    struct SendPtr(*mut f32);
+    // SAFETY: tasks write disjoint parts of the buffer and the owner waits for all of them.
+    unsafe impl Send for SendPtr {}
+    unsafe impl Sync for SendPtr {}
 
     /// CPUID.(EAX=7, ECX=0):EDX bits 22 (AMX-BF16) and 24 (AMX-TILE).
     pub fn cpu_has_amx_bf16() -> bool {
@@ -236,7 +244,7 @@ mod amx {
     /// blocks of depth `kp`, `panel` [`PANEL`] rows of `kp` bf16 at a stride
     /// of `sw`; `dst` has `m * n` values, of which this task owns its columns.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn panel(
+    unsafe fn run_panel(
         xb: &[u16],
         kp: usize,
         panel: &[u16],

@@ -27,6 +27,7 @@ pub mod processor;
 pub mod quant;
 pub mod quantize;
 pub mod rope;
+pub mod safetensors_read;
 pub mod softmax;
 pub mod tensor_files;
 pub mod tokenizer;

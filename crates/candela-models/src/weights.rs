@@ -500,15 +500,9 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        // SAFETY: the files are mapped read-only; like every mmap-based
-        // loader we assume nobody truncates them while the model is alive.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
-                ModelError::Weights {
-                    path: files.first().cloned().unwrap_or_default(),
-                    message: format!("not a valid safetensors file: {}", candle_message(&e)),
-                }
-            })?;
+        // Read, not mapped: the process keeps only what the model holds.
+        let reader = crate::safetensors_read::SafetensorsReader::open(&files)?;
+        let vb = VarBuilder::from_backend(Box::new(reader), dtype, device.clone());
         Ok(Self::Safetensors {
             vb,
             files,
@@ -876,39 +870,11 @@ impl Weights {
 /// The one dtype of a safetensors checkpoint's floating-point tensors
 /// (`None` when they mix dtypes), read from the files' headers alone.
 pub fn checkpoint_dtype(files: &[PathBuf]) -> Result<Option<DType>> {
-    use std::io::Read;
     let mut found: Option<DType> = None;
     for path in files {
-        let bad = |message: String| ModelError::Weights {
-            path: path.clone(),
-            message,
-        };
-        let mut f = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len)
-            .map_err(|e| bad(format!("no safetensors header: {e}")))?;
-        let len = u64::from_le_bytes(len);
-        // safetensors' own limit on the header.
-        if len > 100 << 20 {
-            return Err(bad(format!("safetensors header of {len} bytes")));
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header)
-            .map_err(|e| bad(format!("truncated safetensors header: {e}")))?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("safetensors header: {e}")))?;
-        let Some(map) = json.as_object() else {
-            return Err(bad("safetensors header is not an object".into()));
-        };
-        for (name, info) in map {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
-                Some("BF16") => DType::BF16,
-                Some("F16") => DType::F16,
-                Some("F32") => DType::F32,
-                Some("F64") => DType::F64,
+        for t in crate::safetensors_read::read_header(path)?.tensors {
+            let dtype = match crate::safetensors_read::dtype_of(&t.dtype) {
+                Some(d) if d.is_float() => d,
                 _ => continue,
             };
             match found {

@@ -9,7 +9,7 @@
 
 use std::marker::PhantomData;
 
-use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 use serde_json::Value;

@@ -7,7 +7,7 @@
 //! One item at a time, as `[frames, d_model]` 2-D tensors: items have
 //! different lengths and encoders run once per item (then the encoder cache).
 
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 

@@ -40,6 +40,35 @@ pub fn has_avx512_vnni() -> bool {
 /// Each pointer with its extent and strides must stay inside its buffer, and
 /// `dst` must not overlap the inputs.
 pub unsafe fn gemm_f32(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+) {
+    gemm_f32_into(dims, dst, dst_rs, lhs, lhs_rs, rhs, rhs_strides, false)
+}
+
+/// `dst += lhs . rhs`, otherwise as [`gemm_f32`].
+///
+/// # Safety
+/// As [`gemm_f32`].
+pub unsafe fn gemm_f32_add(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+) {
+    gemm_f32_into(dims, dst, dst_rs, lhs, lhs_rs, rhs, rhs_strides, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32_into(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -47,7 +76,10 @@ pub unsafe fn gemm_f32(
     lhs_rs: usize,
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
 ) {
+    // gemm computes dst = alpha * dst + beta * lhs . rhs (dst read only
+    // when asked).
     gemm::gemm(
         m,
         n,
@@ -55,14 +87,14 @@ pub unsafe fn gemm_f32(
         dst,
         1,
         dst_rs as isize,
-        false,
+        accumulate,
         lhs,
         1,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        0.0,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,

@@ -9,13 +9,14 @@
 
 use std::marker::PhantomData;
 
-use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
 use crate::nn::activation::Activation;
+use crate::nn::fused_attention::{attention, Keys};
 use crate::weights::{Linear, Weights};
 
 /// What a tower family changes in the shared transformer.
@@ -316,15 +317,12 @@ impl<F: Flavour> VisionTransformer<F> {
         let (n, d) = x.dims2()?;
         let heads = self.cfg.num_attention_heads;
         let hd = d / heads;
-        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous();
+        // [heads, n, hd] views of the projections (no copy on the CPU).
+        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1);
         let q = split(l.q.forward(x)?)?;
         let k = split(l.k.forward(x)?)?;
         let v = split(l.v.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        // Softmax in f32, as transformers' eager attention does.
-        let probs =
-            crate::softmax::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let o = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
+        let o = attention(&q, &k, &v, (hd as f64).powf(-0.5), Keys::All)?;
         l.out.forward(&o)
     }
 }

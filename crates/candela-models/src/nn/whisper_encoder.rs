@@ -7,11 +7,12 @@
 //! One item at a time, as `[frames, d_model]` 2-D tensors: items have
 //! different lengths and encoders run once per item (then the encoder cache).
 
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
 use crate::error::Result as MResult;
+use crate::nn::fused_attention::{attention, Keys};
 use crate::weights::{Linear, Weights};
 
 /// `audio_config` of Qwen2-Audio, or the encoder half of a Whisper config.
@@ -230,15 +231,11 @@ impl AudioEncoder {
         let heads = self.cfg.num_heads;
         let hd = d / heads;
         let h = l.attn_norm.forward(x)?;
-        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous();
-        let q = split((l.q.forward(&h)? * (hd as f64).powf(-0.5))?)?;
+        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1);
+        let q = split(l.q.forward(&h)?)?;
         let k = split(l.k.forward(&h)?)?;
         let v = split(l.v.forward(&h)?)?;
-        let scores = q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?;
-        let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let a = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, d))?;
+        let a = attention(&q, &k, &v, (hd as f64).powf(-0.5), Keys::All)?;
         let x = (x + l.o.forward(&a)?)?;
         let h = l.ffn_norm.forward(&x)?;
         let h = l.fc2.forward(&l.fc1.forward(&h)?.gelu_erf()?)?;

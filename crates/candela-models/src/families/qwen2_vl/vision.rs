@@ -17,6 +17,7 @@ use super::config::{Variant, VisionConfig};
 use crate::error::Result as MResult;
 use crate::nn::activation::Activation;
 use crate::nn::decoder::RmsNorm;
+use crate::nn::fused_attention::{attention, Keys};
 use crate::weights::{Linear, Weights, WeightsAt};
 
 const NORM_EPS: f64 = 1e-6;
@@ -295,8 +296,17 @@ impl VisionTower {
         let q = rot(0)?;
         let k = rot(1)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.to_dtype(DType::F32)?;
-        let a = segment_attention(&q, &k, &v, segs, (hd as f64).powf(-0.5))?.to_dtype(x.dtype())?;
-        let x = (x + b.proj.forward(&a.reshape((n, d))?)?)?;
+        // Bidirectional within each frame / window, on [heads, n, hd] views.
+        let heads_first = |t: &Tensor| t.transpose(0, 1);
+        let a = attention(
+            &heads_first(&q)?,
+            &heads_first(&k)?,
+            &heads_first(&v)?,
+            (hd as f64).powf(-0.5),
+            Keys::Segments(segs),
+        )?
+        .to_dtype(x.dtype())?;
+        let x = (x + b.proj.forward(&a)?)?;
         let h = b.norm2.forward(&x)?;
         let h = match &b.mlp {
             Mlp::Plain { fc1, fc2 } => fc2.forward(&self.act.forward(&fc1.forward(&h)?)?)?,
@@ -373,77 +383,6 @@ fn permute_rows(rows: &[f32], order: &[usize], unit: usize, width: usize) -> Vec
     out
 }
 
-/// Most attention scores (f32) materialised at once. On the CPU 4 MiB keeps
-/// a chunk's scores in cache between the matmul and the softmax (4x faster
-/// than whole 4000-row frames); a GPU wants few, large launches.
-fn score_budget(dev: &candle_core::Device) -> usize {
-    if dev.is_cpu() {
-        1 << 20
-    } else {
-        1 << 26
-    }
-}
-
-/// Bidirectional attention within each segment (`q`, `k`, `v`: `[n, heads,
-/// hd]` f32). Runs of consecutive equal-length segments (frames, full
-/// windows) go through one batched matmul.
-fn segment_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segs: &Segments,
-    scale: f64,
-) -> Result<Tensor> {
-    segment_attention_within(q, k, v, segs, scale, score_budget(q.device()))
-}
-
-fn segment_attention_within(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segs: &Segments,
-    scale: f64,
-    budget: usize,
-) -> Result<Tensor> {
-    let (_, heads, hd) = q.dims3()?;
-    // Scaling q (n x hd) rather than the scores (n x n) saves a pass over them.
-    let q = &(q * scale)?;
-    let mut outs = Vec::new();
-    let mut i = 0;
-    while i < segs.len() {
-        let (start, len) = segs[i];
-        let mut j = i + 1;
-        while j < segs.len() && segs[j].1 == len && segs[j].0 == segs[j - 1].0 + len {
-            j += 1;
-        }
-        let runs = j - i;
-        // [runs, heads, len, hd]
-        let take = |z: &Tensor| -> Result<Tensor> {
-            z.narrow(0, start, runs * len)?
-                .reshape((runs, len, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (qs, ks, vs) = (take(q)?, take(k)?, take(v)?);
-        let kt = ks.transpose(2, 3)?.contiguous()?;
-        // Query rows in chunks so one score matrix stays within `budget`
-        // floats (a 1024x768 image is one ~4000-row frame).
-        let chunk = (budget / (runs * heads * len).max(1)).clamp(1, len);
-        let mut parts = Vec::with_capacity(len.div_ceil(chunk));
-        for q0 in (0..len).step_by(chunk) {
-            let qc = qs.narrow(2, q0, chunk.min(len - q0))?;
-            let probs = crate::softmax::softmax_last_dim(&qc.matmul(&kt)?)?;
-            parts.push(probs.matmul(&vs)?);
-        }
-        let o = Tensor::cat(&parts, 2)?
-            .transpose(1, 2)?
-            .reshape((runs * len, heads, hd))?;
-        outs.push(o);
-        i = j;
-    }
-    Tensor::cat(&outs, 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,47 +402,5 @@ mod tests {
         // A second frame continues after the first.
         let (order, _) = window_order([2, 2, 2], 2, 2);
         assert_eq!(order, vec![0, 1]);
-    }
-
-    #[test]
-    fn equal_segments_batch_like_separate_ones() -> Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let mk = |seed: f32| {
-            Tensor::arange(0f32, 6. * 2. * 4., &dev)
-                .unwrap()
-                .affine(0.37, seed as f64)
-                .unwrap()
-                .sin()
-                .unwrap()
-                .reshape((6, 2, 4))
-                .unwrap()
-        };
-        let (q, k, v) = (mk(0.1), mk(0.7), mk(1.3));
-        let together = segment_attention(&q, &k, &v, &vec![(0, 2), (2, 2), (4, 2)], 0.5)?;
-        for (s, l) in [(0, 2), (2, 2), (4, 2)] {
-            let one = segment_attention(
-                &q.narrow(0, s, l)?,
-                &k.narrow(0, s, l)?,
-                &v.narrow(0, s, l)?,
-                &vec![(0, l)],
-                0.5,
-            )?;
-            let d = (together.narrow(0, s, l)? - one)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(d < 1e-6);
-        }
-        // Query chunks (a budget of 2 x 2 x 2 scores: one query row at a time) change nothing.
-        let chunked = segment_attention_within(&q, &k, &v, &vec![(0, 2), (2, 4)], 0.5, 8)?;
-        let whole = segment_attention(&q, &k, &v, &vec![(0, 2), (2, 4)], 0.5)?;
-        let d = (chunked - whole)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(d < 1e-6);
-        Ok(())
     }
 }

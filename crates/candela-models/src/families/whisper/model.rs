@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result as MResult};
+use crate::nn::fused_attention::{attention, Keys};
 use crate::nn::whisper_encoder::{AudioEncoder, AudioEncoderConfig};
 use crate::weights::{DecodeRows, Linear, Weights, WeightsAt};
 
@@ -346,7 +347,7 @@ impl Whisper {
                     self.cfg.vocab_size
                 );
             }
-            spans.push((ids.len(), t.len(), s.len));
+            spans.push((ids.len(), t.len()));
             ids.extend_from_slice(t);
             pos.extend((s.len..s.len + t.len()).map(|p| p as u32));
         }
@@ -358,15 +359,15 @@ impl Whisper {
         let heads = self.cfg.decoder_attention_heads;
         let hd = self.cfg.d_model / heads;
         let scale = (hd as f64).powf(-0.5);
-        let rows = DecodeRows::of_step(spans.iter().map(|&(_, len, _)| len));
+        let rows = DecodeRows::of_step(spans.iter().map(|&(_, len)| len));
         for (li, layer) in self.layers.iter().enumerate() {
             // Causal self-attention, each sequence against its own cache.
             let h = layer.self_norm.forward(&x)?;
-            let q = (layer.self_attn.q.forward_rows(&h, &rows)? * scale)?;
+            let q = layer.self_attn.q.forward_rows(&h, &rows)?;
             let k = layer.self_attn.k.forward_rows(&h, &rows)?;
             let v = layer.self_attn.v.forward_rows(&h, &rows)?;
             let mut outs = Vec::with_capacity(spans.len());
-            for (si, &(off, len, past)) in spans.iter().enumerate() {
+            for (si, &(off, len)) in spans.iter().enumerate() {
                 let qs = self.split_heads(&q.narrow(0, off, len)?)?;
                 let mut ks = self.split_heads(&k.narrow(0, off, len)?)?;
                 let mut vs = self.split_heads(&v.narrow(0, off, len)?)?;
@@ -374,10 +375,7 @@ impl Whisper {
                     ks = Tensor::cat(&[pk, &ks], 1)?;
                     vs = Tensor::cat(&[pv, &vs], 1)?;
                 }
-                let mask = (len > 1)
-                    .then(|| causal_mask(len, past, &self.device))
-                    .transpose()?;
-                outs.push(attend(&qs, &ks, &vs, mask.as_ref())?);
+                outs.push(attention(&qs, &ks, &vs, scale, Keys::Causal)?);
                 states[si].self_kv[li] = Some((ks, vs));
             }
             x = (x + layer
@@ -387,12 +385,12 @@ impl Whisper {
 
             // Cross-attention over the item's encoder output (no mask).
             let h = layer.cross_norm.forward(&x)?;
-            let q = (layer.cross_attn.q.forward_rows(&h, &rows)? * scale)?;
+            let q = layer.cross_attn.q.forward_rows(&h, &rows)?;
             let mut outs = Vec::with_capacity(spans.len());
-            for (si, &(off, len, _)) in spans.iter().enumerate() {
+            for (si, &(off, len)) in spans.iter().enumerate() {
                 let qs = self.split_heads(&q.narrow(0, off, len)?)?;
                 let (ck, cv) = &states[si].cross.layers[li];
-                outs.push(attend(&qs, ck, cv, None)?);
+                outs.push(attention(&qs, ck, cv, scale, Keys::All)?);
             }
             x = (x + layer
                 .cross_attn
@@ -403,13 +401,13 @@ impl Whisper {
             let up = layer.fc1.forward_rows(&h, &rows)?.gelu_erf()?;
             x = (x + layer.fc2.forward_rows(&up, &rows)?)?;
         }
-        for (s, &(_, len, _)) in states.iter_mut().zip(&spans) {
+        for (s, &(_, len)) in states.iter_mut().zip(&spans) {
             s.len += len;
         }
         if last_only {
             let rows: Vec<u32> = spans
                 .iter()
-                .map(|&(off, len, _)| (off + len - 1) as u32)
+                .map(|&(off, len)| (off + len - 1) as u32)
                 .collect();
             let r = rows.len();
             x = x.index_select(&Tensor::from_vec(rows, r, &self.device)?, 0)?;
@@ -418,36 +416,4 @@ impl Whisper {
             .forward(&self.norm.forward(&x)?)?
             .to_dtype(DType::F32)
     }
-}
-
-/// `[len, past + len]` additive mask: new token j (at position past + j)
-/// sees keys up to its own position.
-fn causal_mask(len: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let total = past + len;
-    let data: Vec<f32> = (0..len)
-        .flat_map(|j| {
-            (0..total).map(move |k| {
-                if k <= past + j {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(data, (len, total), device)
-}
-
-/// Softmax attention of `q` `[heads, n, hd]` (already scaled) over `k`/`v`
-/// `[heads, m, hd]`, in f32; returns `[n, heads * hd]` in `v`'s dtype.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let (heads, n, hd) = q.dims3()?;
-    let mut scores = q
-        .to_dtype(DType::F32)?
-        .matmul(&k.to_dtype(DType::F32)?.t()?)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
-    }
-    let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-    probs.matmul(v)?.transpose(0, 1)?.reshape((n, heads * hd))
 }

@@ -320,17 +320,7 @@ mod amx {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     fn round(v: &[f32]) -> Vec<u16> {
         v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()

@@ -43,3 +43,17 @@ pub use loader::{load, GenerationDefaults, LoadOptions, LoadedModel};
 pub use nn::decoder::{DecoderConfig, DecoderLm};
 pub use tokenizer::Tokenizer;
 pub use weights::{Embedding, Linear, QuantWeight, Weights};
+
+/// Seeded values in [-1, 1) for the kernels' tests (xorshift).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}

@@ -381,15 +381,11 @@ mod tests {
     use super::*;
 
     /// Deterministic values in about [-2, 2].
+    /// Seeded values in [-2, 2).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
+        crate::test_values(len, seed)
+            .iter()
+            .map(|v| 2.0 * v)
             .collect()
     }
 

@@ -99,21 +99,9 @@ impl std::fmt::Debug for BlockMatrix {
     }
 }
 
+/// The formats a [`BlockMatrix`] holds: those with an integer kernel.
 fn supported(dtype: GgmlDType) -> bool {
-    use GgmlDType as G;
-    matches!(
-        dtype,
-        G::Q4_0
-            | G::Q4_1
-            | G::Q5_0
-            | G::Q5_1
-            | G::Q8_0
-            | G::Q2K
-            | G::Q3K
-            | G::Q4K
-            | G::Q5K
-            | G::Q6K
-    )
+    int_dot::supported(dtype)
 }
 
 #[inline(always)]

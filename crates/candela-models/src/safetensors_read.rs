@@ -180,16 +180,43 @@ impl SafetensorsReader {
         Ok(Self { entries, files })
     }
 
+    /// Tensor `name` in `dtype`: read straight into a buffer of its stored
+    /// type (no byte copy beside it), then converted, so a large tensor
+    /// costs at most its stored and its converted size at once.
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let Some(e) = self.entries.get(name) else {
             candle_core::bail!("cannot find tensor {name}");
         };
+        let t = match e.dtype {
+            DType::BF16 => self.read_as::<half::bf16>(name, e, dev)?,
+            DType::F16 => self.read_as::<half::f16>(name, e, dev)?,
+            DType::F32 => self.read_as::<f32>(name, e, dev)?,
+            DType::F64 => self.read_as::<f64>(name, e, dev)?,
+            DType::U8 => self.read_as::<u8>(name, e, dev)?,
+            DType::U32 => self.read_as::<u32>(name, e, dev)?,
+            DType::I64 => self.read_as::<i64>(name, e, dev)?,
+            other => candle_core::bail!("{name}: stored as {other:?}, not read"),
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn read_as<T: candle_core::WithDType>(
+        &self,
+        name: &str,
+        e: &Entry,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let (path, file) = &self.files[e.file];
-        let mut bytes = vec![0u8; e.len];
+        let mut v = vec![T::zero(); e.len / std::mem::size_of::<T>()];
+        // SAFETY: `v` owns `e.len` initialised bytes (checked against the
+        // shape at open); every bit pattern is a valid value of these
+        // plain number types. safetensors is little-endian, as every
+        // target candela builds for.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, e.len) };
         {
             let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
             f.seek(SeekFrom::Start(e.offset))
-                .and_then(|_| f.read_exact(&mut bytes))
+                .and_then(|_| f.read_exact(bytes))
                 .map_err(|err| {
                     candle_core::Error::Msg(format!(
                         "reading {name} from {}: {err}",
@@ -197,7 +224,7 @@ impl SafetensorsReader {
                     ))
                 })?;
         }
-        Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, dev)?.to_dtype(dtype)
+        Tensor::from_vec(v, e.shape.as_slice(), dev)
     }
 }
 

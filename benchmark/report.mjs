@@ -162,7 +162,7 @@ p(
   '',
   'llama.cpp for the conversions (and for `llama-mtmd-cli`, the multimodal runtime) is built from the sources inside PyPI\'s llama-cpp-python 0.3.36 sdist (`vendor/llama.cpp`: ggml 0.25.3, llama.cpp "0.5.0-dev"; the sdist carries no build number or commit): `cmake -S <sdist>/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF && cmake --build build --target llama-quantize llama-mtmd-cli`. node-llama-cpp runs its own prebuilt llama.cpp (its version is in the machine table).',
   '',
-  'Cases per model (only the files present): candela and node-llama-cpp on the same Q4_K_M, Q8_0 and F16 GGUF; candela on the BF16 safetensors with `dtype: \'bf16\'` and quantized at load to q4_k (vs llama.cpp\'s Q4_K_M: same values, candela\'s quantizer); transformers on the safetensors in bf16, and in f32 when free memory allows (4 bytes a parameter, 1.5x headroom; the run says when it left it out).',
+  'Cases per model (only the files present): candela and node-llama-cpp on the same Q4_K_M, Q8_0 and F16 GGUF; candela on the BF16 safetensors under `dtype: \'auto\'` (kept bf16) and quantized at load to q4_k (vs llama.cpp\'s Q4_K_M: same values, candela\'s quantizer); transformers on the safetensors in bf16, and in f32 when free memory allows (4 bytes a parameter, 1.5x headroom; the run says when it left it out).',
   '',
 )
 

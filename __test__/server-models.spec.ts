@@ -53,8 +53,10 @@ const del = async (url: string) => {
 async function twoModels(): Promise<TestServer> {
   return startTestServer({
     models: [
-      { uid: 'llama', model: fixture('llama-tiny') },
-      { uid: 'qwen', model: fixture('qwen2-tiny'), load: { maxModelLen: 256 } },
+      // f32: the references' arithmetic (the bf16 fixtures' prompt rows take
+      // the bf16 matrix engine under 'auto' where the CPU has AMX).
+      { uid: 'llama', model: fixture('llama-tiny'), load: { dtype: 'f32' } },
+      { uid: 'qwen', model: fixture('qwen2-tiny'), load: { maxModelLen: 256, dtype: 'f32' } },
     ],
   })
 }

@@ -40,10 +40,10 @@ pub fn available() -> bool {
     })
 }
 
-/// Where the weight rows come from: `row(r, out, scratch)` writes row `r`
+/// Where the weight rows come from: `fill_row(r, out, scratch)` writes row `r`
 /// as `k` bf16 values into `out`, with `scratch` for the source's own use.
 pub trait WeightRows: Sync {
-    fn row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>);
+    fn fill_row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>);
 }
 
 /// `dst[i * n + r] = sum_j bf16(x[i * k + j]) * w_r[j]` for the `m` rows of
@@ -141,7 +141,7 @@ mod amx {
                     // Rows past the matrix and columns past k are zeros.
                     for (i, dst) in panel.chunks_exact_mut(sw).enumerate() {
                         if i < nr {
-                            w.row(r0 + i, &mut dst[..k], scratch);
+                            w.fill_row(r0 + i, &mut dst[..k], scratch);
                             dst[k..].fill(0);
                         } else {
                             dst.fill(0);
@@ -341,7 +341,7 @@ mod tests {
 
     struct Rows<'a>(&'a [u16], usize);
     impl WeightRows for Rows<'_> {
-        fn row(&self, r: usize, out: &mut [u16], _: &mut Vec<f32>) {
+        fn fill_row(&self, r: usize, out: &mut [u16], _: &mut Vec<f32>) {
             out.copy_from_slice(&self.0[r * self.1..(r + 1) * self.1]);
         }
     }

@@ -326,7 +326,7 @@ impl HalfMatrix {
 }
 
 impl crate::bf16_gemm::WeightRows for HalfMatrix {
-    fn row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
+    fn fill_row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
         let src = self.row(r);
         match self.dtype {
             HalfDType::Bf16 => out.copy_from_slice(src),

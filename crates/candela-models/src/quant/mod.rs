@@ -513,12 +513,7 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
     unsafe fn widen_u8(v: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
     }
-    /// The row streams from memory once (the LM head): ask for the line
-    /// 1 KiB ahead (past the row's end: the next row's; never faults).
-    #[inline(always)]
-    unsafe fn prefetch_ahead(blk: &[u8]) {
-        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(1024) as *const i8);
-    }
+    use int_dot_x86::prefetch_ahead;
     let mut acc = _mm256_setzero_ps();
     let mut offs = 0f32;
     match dtype {
@@ -530,7 +525,7 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
             };
             let mask = _mm_set1_epi8(0x0F);
             for ((blk, xb), xs) in row.chunks_exact(bsz).zip(x.chunks_exact(32)).zip(xsum) {
-                prefetch_ahead(blk);
+                prefetch_ahead(blk, blk.len());
                 let q = _mm_loadu_si128(blk[qoff..qoff + 16].as_ptr() as *const __m128i);
                 let lo = _mm_and_si128(q, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
@@ -559,7 +554,7 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
         }
         GgmlDType::Q8_0 => {
             for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
-                prefetch_ahead(blk);
+                prefetch_ahead(blk, blk.len());
                 let xp = xb.as_ptr();
                 let mut b = _mm256_setzero_ps();
                 for i in 0..4 {
@@ -1018,7 +1013,7 @@ impl BlockMatrix {
 }
 
 impl crate::bf16_gemm::WeightRows for BlockMatrix {
-    fn row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
+    fn fill_row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
         scratch.resize(self.k, 0.0);
         self.decode_row_inline(r, scratch);
         crate::bf16_gemm::round_to_bf16(scratch, out);

@@ -157,7 +157,10 @@ impl SafetensorsReader {
                     continue;
                 };
                 let len = (end - start) as usize;
-                if shape.iter().product::<usize>() * dt.size_in_bytes() != len {
+                let bytes = shape
+                    .iter()
+                    .try_fold(dt.size_in_bytes(), |a, &d| a.checked_mul(d));
+                if bytes != Some(len) {
                     return Err(ModelError::Weights {
                         path: path.clone(),
                         message: format!("tensor {name}: {len} bytes for shape {shape:?} {dtype}"),

@@ -17,7 +17,7 @@ for (const { model, ref: refName } of CASES) {
   test(`${model}: greedy ids match transformers`, async (t) => {
     const ref = reference(refName)
     // f32: the reference's arithmetic (16-bit fixtures under 'auto' take the
-    // bf16 matrix engine for prompt rows where the CPU has AMX).
+    // bf16 engine for prompt rows where the CPU has one: AMX, AMD AVX512-BF16).
     const engine = await Engine.load({ model: fixture(model), maxNumSeqs: 8, dtype: 'f32' })
     try {
       t.is(engine.info.architecture, ref.architecture)

@@ -54,7 +54,7 @@ async function twoModels(): Promise<TestServer> {
   return startTestServer({
     models: [
       // f32: the references' arithmetic (the bf16 fixtures' prompt rows take
-      // the bf16 matrix engine under 'auto' where the CPU has AMX).
+      // a bf16 engine under 'auto' where the CPU has one).
       { uid: 'llama', model: fixture('llama-tiny'), load: { dtype: 'f32' } },
       { uid: 'qwen', model: fixture('qwen2-tiny'), load: { maxModelLen: 256, dtype: 'f32' } },
     ],

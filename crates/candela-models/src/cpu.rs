@@ -14,6 +14,23 @@ pub fn has_avx2() -> bool {
     })
 }
 
+/// Whether the CPU is AMD's (some instructions' speed differs by vendor:
+/// `crate::panel_gemm`).
+pub fn is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .eq(*b"AuthenticAMD")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// AVX-VNNI (`vpdpbusd` in its VEX encoding) with AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx_vnni() -> bool {

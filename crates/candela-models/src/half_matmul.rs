@@ -11,8 +11,10 @@
 //! holding a bf16 pair, the odd element is one AND away from an f32 and the
 //! even one a shift, so the input rows are laid out once per call as the
 //! matching even / odd lanes. f16 widens with `vcvtph2ps` (F16C, AVX-512F).
-//! Larger products (prefill, encoders) widen L2-sized tiles of weight rows
-//! to f32 and run the f32 GEMM, as [`crate::quant`] does for block formats.
+//! Larger products (prefill, encoders) take AVX-512 FMAs over panels of
+//! widened weight rows ([`crate::panel_gemm`]), or without AVX-512 widen
+//! L2-sized tiles of weight rows to f32 for the f32 GEMM, as
+//! [`crate::quant`] does for block formats.
 //!
 //! The instruction set is picked at run time: AVX-512F (16 lanes), AVX2 +
 //! FMA + F16C (8 lanes), or portable code.
@@ -222,6 +224,13 @@ impl HalfMatrix {
         if m == 0 || n == 0 || k == 0 {
             return Ok(vec![0f32; m * n]);
         }
+        if m > DOT_MAX_M && isa == Isa::Avx512 {
+            if let Some(engine) = crate::panel_gemm::f32_engine() {
+                let mut out = vec![0f32; m * n];
+                crate::panel_gemm::matmul(engine, x, m, k, n, self, &mut out);
+                return Ok(out);
+            }
+        }
         // Computed as out^T `[n, m]`: each task owns whole rows of it.
         let mut out_t = vec![0f32; n * m];
         let threads = rayon::current_num_threads();
@@ -314,28 +323,21 @@ impl HalfMatrix {
         }
         let in_dtype = x.dtype();
         let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = if acts == Activations::Bf16 && crate::bf16_gemm::available() && m > 0 {
-            let mut y = vec![0f32; m * self.n];
-            crate::bf16_gemm::matmul(&xv, m, k, self.n, self, &mut y);
-            y
-        } else {
-            self.matmul_f32(&xv, m)?
+        let y = match crate::panel_gemm::bf16_engine() {
+            Some(engine) if acts == Activations::Bf16 => {
+                let mut y = vec![0f32; m * self.n];
+                crate::panel_gemm::matmul(engine, &xv, m, k, self.n, self, &mut y);
+                y
+            }
+            _ => self.matmul_f32(&xv, m)?,
         };
         Tensor::from_vec(y, (m, self.n), x.device())?.to_dtype(in_dtype)
     }
 }
 
-impl crate::bf16_gemm::WeightRows for HalfMatrix {
-    fn fill_row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
-        let src = self.row(r);
-        match self.dtype {
-            HalfDType::Bf16 => out.copy_from_slice(src),
-            HalfDType::F16 => {
-                scratch.resize(src.len(), 0.0);
-                widen(Isa::best(), HalfDType::F16, src, scratch);
-                crate::bf16_gemm::round_to_bf16(scratch, out);
-            }
-        }
+impl crate::panel_gemm::WeightRows for HalfMatrix {
+    fn fill_row(&self, r: usize, out: &mut [f32]) {
+        widen(Isa::best(), self.dtype, self.row(r), out);
     }
 }
 

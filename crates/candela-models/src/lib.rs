@@ -7,7 +7,6 @@
 //! [`LoadedModel`]; its `model` implements [`candela_core::model::Model`],
 //! its `processor` (multimodal models) feeds [`input::InputPreparer`].
 
-pub mod bf16_gemm;
 pub mod chat_template;
 pub mod config;
 pub mod cpu;
@@ -23,6 +22,7 @@ pub mod mmproj;
 pub mod multimodal;
 pub mod nn;
 pub mod paged_attention;
+pub mod panel_gemm;
 pub mod processor;
 pub mod quant;
 pub mod quantize;

@@ -194,7 +194,7 @@ fn pair_matches_folder(folder: &Path, fixture: &Path, gguf_name: &str, chunk: us
         let mut got = load_pair_as(&text, &mmproj, dtype).unwrap();
         assert_eq!(got.spec.architecture, want_arch);
         let mut prompts = Vec::new();
-        let bf16 = dtype == "auto" && candela_models::bf16_gemm::available();
+        let bf16 = dtype == "auto" && candela_models::panel_gemm::bf16_engine().is_some();
         let diff = if bf16 { rel_diff } else { max_diff };
         let tol = if bf16 { BF16_RTOL } else { ATOL };
         let mut worst = (0f32, 0f32);

@@ -692,7 +692,7 @@ fn sixteen_bit_checkpoints_stay_16_bit() {
         let dref = max_abs_diff(&kept, &want);
         // Where the CPU has the bf16 matrix engine, the prompt rows take it.
         let scale = max_abs_diff(&want, &want.zeros_like().unwrap());
-        let tol = if candela_models::bf16_gemm::available() {
+        let tol = if candela_models::panel_gemm::bf16_engine().is_some() {
             BF16_RTOL * scale
         } else {
             ATOL
@@ -970,7 +970,7 @@ fn quantized_gguf_matches_its_dequantized_weights() {
     // the logits themselves (the kernels are also checked against a scalar
     // reference in quant::int_dot). Measured bounds are in the asserts'
     // comments.
-    let prompt_tol = if candela_models::bf16_gemm::available() {
+    let prompt_tol = if candela_models::panel_gemm::bf16_engine().is_some() {
         BF16_RTOL * 15.0
     } else {
         5e-4
@@ -993,7 +993,7 @@ fn quantized_gguf_matches_its_dequantized_weights() {
             // 16-bit matrices see f32 activations in decode rows: equal up
             // to summation order, unless the prompt (whose keys and values
             // the decode steps read) took the bf16 engine.
-            let tol = if candela_models::bf16_gemm::available() {
+            let tol = if candela_models::panel_gemm::bf16_engine().is_some() {
                 BF16_RTOL
             } else {
                 1e-5
@@ -1228,7 +1228,7 @@ fn wide_k_quant_ggufs_match_f32() {
              relative RMS {rel:.3} (last prompt logits), argmax equal {top_equal}; greedy {first:?}"
         );
         // Up to summation order, or bf16 rounding on the bf16 engine.
-        let prompt_tol = if candela_models::bf16_gemm::available() {
+        let prompt_tol = if candela_models::panel_gemm::bf16_engine().is_some() {
             BF16_RTOL * scale
         } else {
             5e-4

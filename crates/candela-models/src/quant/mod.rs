@@ -10,12 +10,13 @@
 //!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to
 //!   Q6_K.
 //! - `Bf16` (prompt and encoder rows): panels of weight rows are decoded to
-//!   bf16 and multiplied on the bf16 matrix engine ([`crate::bf16_gemm`],
-//!   AMX) where the CPU has one; elsewhere as `F32`.
+//!   bf16 and multiplied on a bf16 engine ([`crate::panel_gemm`]: AMX, or
+//!   AVX512-BF16 where it pays) where the CPU has one; elsewhere as `F32`.
 //! - `F32` (the logits, and fallbacks): f32 dot products straight off the
 //!   blocks for one or two rows, each weight row decoded once for up to
-//!   eight, and above L2-sized tiles of decoded rows through the f32 GEMM of
-//!   the `gemm` crate (the one candle uses).
+//!   eight, and above panels of decoded rows through AVX-512 FMAs
+//!   ([`crate::panel_gemm`]) or, without AVX-512, L2-sized tiles through the
+//!   f32 GEMM of the `gemm` crate (the one candle uses).
 //!
 //! The logits keep f32 activations: with 8-bit activations in the LM head,
 //! SmolLM2-135M Q4_1 answers "What is the capital of France?" with French
@@ -891,8 +892,14 @@ impl BlockMatrix {
         if m == 0 || n == 0 || k == 0 {
             return Ok(out);
         }
-        if acts == Activations::Bf16 && crate::bf16_gemm::available() {
-            crate::bf16_gemm::matmul(x, m, k, n, self, &mut out);
+        let panel_engine = match acts {
+            Activations::Bf16 => crate::panel_gemm::bf16_engine(),
+            // Prompt rows in f32: above the row-decoding range.
+            Activations::F32 if m > ROW_DECODE_MAX_M => crate::panel_gemm::f32_engine(),
+            _ => None,
+        };
+        if let Some(engine) = panel_engine {
+            crate::panel_gemm::matmul(engine, x, m, k, n, self, &mut out);
             return Ok(out);
         }
         let threads = rayon::current_num_threads();
@@ -1012,11 +1019,9 @@ impl BlockMatrix {
     }
 }
 
-impl crate::bf16_gemm::WeightRows for BlockMatrix {
-    fn fill_row(&self, r: usize, out: &mut [u16], scratch: &mut Vec<f32>) {
-        scratch.resize(self.k, 0.0);
-        self.decode_row_inline(r, scratch);
-        crate::bf16_gemm::round_to_bf16(scratch, out);
+impl crate::panel_gemm::WeightRows for BlockMatrix {
+    fn fill_row(&self, r: usize, out: &mut [f32]) {
+        self.decode_row_inline(r, out);
     }
 }
 
@@ -1038,7 +1043,7 @@ mod tests {
                 // blocks dequantized, the bf16 engine both operands rounded
                 // to bf16; every other path sees them as they are.
                 let int = acts == Activations::Int8 && int_dot::supported(dtype);
-                let bf16 = acts == Activations::Bf16 && crate::bf16_gemm::available();
+                let bf16 = acts == Activations::Bf16 && crate::panel_gemm::bf16_engine().is_some();
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
                 let (xs, ws) = if int {
                     let xv = x.flatten_all()?.to_vec1::<f32>()?;

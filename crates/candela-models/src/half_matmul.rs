@@ -19,7 +19,6 @@
 //! The instruction set is picked at run time: AVX-512F (16 lanes), AVX2 +
 //! FMA + F16C (8 lanes), or portable code.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use half::vec::HalfFloatVecExt;
 use half::{bf16, f16};
@@ -136,27 +135,24 @@ impl HalfMatrix {
         Ok(Some(Self { dtype, n, k, data }))
     }
 
-    /// A 2-D GGUF F16 / BF16 tensor's values (`None` for other types).
-    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let dtype = match q.dtype() {
-            GgmlDType::BF16 => HalfDType::Bf16,
-            GgmlDType::F16 => HalfDType::F16,
-            _ => return Ok(None),
-        };
-        let (n, k) = q.shape().dims2()?;
-        let bytes = q.data()?;
-        if bytes.len() != n * k * 2 {
-            bail!(
-                "{dtype:?} matrix [{n}, {k}] has {} bytes, expected {}",
-                bytes.len(),
-                n * k * 2
-            );
+    /// A `[n, k]` matrix whose little-endian values, row after row, `read`
+    /// writes into place (a file read lands in the kernels' buffer).
+    pub fn read(
+        dtype: HalfDType,
+        n: usize,
+        k: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Self> {
+        // Zeroed by the allocator (fresh pages), written once by `read`.
+        let mut data = vec![0u16; n * k];
+        // SAFETY: the u16 storage viewed as its bytes.
+        read(unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), 2 * n * k) })?;
+        if cfg!(target_endian = "big") {
+            for v in &mut data {
+                *v = u16::from_le(*v);
+            }
         }
-        let data = bytes
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .collect();
-        Ok(Some(Self { dtype, n, k, data }))
+        Ok(Self { dtype, n, k, data })
     }
 
     /// Matrices of one format and input width as one, rows in order (e.g.
@@ -569,6 +565,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
 
     /// Deterministic values in [-1, 1) (xorshift), without a rand dependency.
     use crate::test_values as values;
@@ -652,12 +649,16 @@ mod tests {
         Ok(())
     }
 
-    /// A GGUF F16 tensor keeps its bits.
+    /// A GGUF F16 tensor's bytes, read into place, keep their bits.
     #[test]
     fn gguf_half_tensors_keep_their_bits() -> Result<()> {
         let w = Tensor::from_vec(values(6 * 32, 9), (6, 32), &Device::Cpu)?;
         let q = QTensor::quantize(&w, GgmlDType::F16)?;
-        let h = HalfMatrix::from_qtensor(&q)?.expect("f16");
+        let bytes = q.data()?;
+        let h = HalfMatrix::read(HalfDType::F16, 6, 32, |dst| {
+            dst.copy_from_slice(&bytes);
+            Ok(())
+        })?;
         assert_eq!(h.dtype(), HalfDType::F16);
         let want: Vec<u16> = w
             .flatten_all()?
@@ -666,7 +667,6 @@ mod tests {
             .map(|&v| f16::from_f32(v).to_bits())
             .collect();
         assert_eq!(h.data, want);
-        assert!(HalfMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0)?)?.is_none());
         Ok(())
     }
 }

@@ -31,6 +31,7 @@ use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape,
     Tensor,
 };
+use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -280,11 +281,18 @@ pub fn alloc_kv_pool(
     dtype: DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    Tensor::zeros(
-        (num_blocks * block_size, num_kv_heads, head_dim),
-        dtype,
-        device,
-    )
+    let shape = (num_blocks * block_size, num_kv_heads, head_dim);
+    // On the CPU from the allocator's zeroed memory: a pool of gigabytes
+    // then costs neither a pass writing zeros (seconds at load) nor
+    // resident memory until its blocks are used.
+    let n = num_blocks * block_size * num_kv_heads * head_dim;
+    match dtype {
+        _ if !device.is_cpu() => Tensor::zeros(shape, dtype, device),
+        DType::F32 => Tensor::from_vec(vec![0f32; n], shape, device),
+        DType::F16 => Tensor::from_vec(vec![0u16; n].reinterpret_into::<f16>(), shape, device),
+        DType::BF16 => Tensor::from_vec(vec![0u16; n].reinterpret_into::<bf16>(), shape, device),
+        _ => Tensor::zeros(shape, dtype, device),
+    }
 }
 
 /// Element types the kernels read and write; arithmetic is f32.

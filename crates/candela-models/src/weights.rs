@@ -745,31 +745,22 @@ impl Weights {
     /// The token embedding table `name` (`[vocab, hidden]`).
     pub fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         if let Self::Gguf(g) = self {
-            let q = g.qtensor(name)?;
-            g.check_shape(name, &q, &[vocab, hidden])?;
-            // Our block kernels are CPU code; on a GPU the table is dequantized.
-            if !g.device.is_cpu() {
-                return Ok(Embedding::Dense(
-                    q.dequantize(&g.device)?.to_dtype(g.dtype)?,
-                ));
-            }
-            if let Some(b) = BlockMatrix::from_qtensor(&q)? {
-                return Ok(Embedding::Blocks {
-                    table: Arc::new(b),
-                    dtype: g.dtype,
-                });
-            }
-            if g.keep_half {
-                if let Some(h) = HalfMatrix::from_qtensor(&q)? {
-                    return Ok(Embedding::Half {
-                        table: Arc::new(h),
-                        dtype: g.dtype,
-                    });
+            let gname = g
+                .lookup(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            // Our block and 16-bit kernels are CPU code (`read_matrix` is
+            // `None` on a GPU); elsewhere the table is dequantized.
+            let dtype = g.dtype;
+            match g.read_matrix(&[(&gname, vocab)], hidden)? {
+                Some(QuantWeight::Blocks(table, _)) => {
+                    return Ok(Embedding::Blocks { table, dtype })
                 }
+                Some(QuantWeight::Half(table, _)) => return Ok(Embedding::Half { table, dtype }),
+                _ => {}
             }
-            return Ok(Embedding::Dense(
-                q.dequantize(&g.device)?.to_dtype(g.dtype)?,
-            ));
+            let q = g.qtensor_raw(&gname)?;
+            g.check_shape(name, &q, &[vocab, hidden])?;
+            return Ok(Embedding::Dense(q.dequantize(&g.device)?.to_dtype(dtype)?));
         }
         if let Some(h) = self.half_matrix(name, &[vocab, hidden])? {
             return Ok(Embedding::Half {
@@ -841,6 +832,49 @@ impl Weights {
 
     /// The projection `{prefix}.weight` (`[out, in]`) with an optional
     /// `{prefix}.bias` (`[out]`).
+    /// Projections `parts` (prefix, output width) of one input width as one
+    /// (q, k and v; gate and up). A GGUF file's matrices are read straight
+    /// into the stacked matrix; other sources load each part and stack.
+    pub fn stacked_linear(
+        &self,
+        parts: &[(&str, usize)],
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<MultiLinear> {
+        if let Self::Gguf(g) = self {
+            let names = parts
+                .iter()
+                .map(|&(prefix, rows)| {
+                    let hf = format!("{prefix}.weight");
+                    g.lookup(&hf)
+                        .map(|n| (n, rows))
+                        .ok_or(ModelError::MissingTensor(hf))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<(&str, usize)> = names.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+            if let Some(weight) = g.read_matrix(&refs, in_dim)? {
+                let bias = if bias {
+                    let b = parts
+                        .iter()
+                        .map(|&(prefix, rows)| self.tensor(&format!("{prefix}.bias"), &[rows]))
+                        .collect::<Result<Vec<_>>>()?;
+                    Some(Tensor::cat(&b, 0)?)
+                } else {
+                    None
+                };
+                return Ok(MultiLinear::Fused {
+                    linear: Linear::Quantized { weight, bias },
+                    sizes: parts.iter().map(|p| p.1).collect(),
+                });
+            }
+        }
+        let linears = parts
+            .iter()
+            .map(|&(prefix, rows)| self.linear(prefix, in_dim, rows, bias))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MultiLinear::new(linears)?)
+    }
+
     pub fn linear(
         &self,
         prefix: &str,
@@ -875,7 +909,13 @@ impl Weights {
                 })
             }
             Self::Gguf(g) => {
-                let q = g.qtensor(&wname)?;
+                let name = g
+                    .lookup(&wname)
+                    .ok_or_else(|| ModelError::MissingTensor(wname.clone()))?;
+                if let Some(weight) = g.read_matrix(&[(&name, out_dim)], in_dim)? {
+                    return Ok(Linear::Quantized { weight, bias });
+                }
+                let q = g.qtensor_raw(&name)?;
                 g.check_shape(&wname, &q, &[out_dim, in_dim])?;
                 Ok(g.linear_from_qtensor(q, bias)?)
             }
@@ -949,6 +989,22 @@ impl<'a> WeightsAt<'a> {
 
     pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         self.weights.linear(&self.name(name), in_dim, out_dim, bias)
+    }
+
+    /// [`Weights::stacked_linear`] under this prefix.
+    pub fn stacked_linear(
+        &self,
+        parts: &[(&str, usize)],
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<MultiLinear> {
+        let names: Vec<String> = parts.iter().map(|p| self.name(p.0)).collect();
+        let parts: Vec<(&str, usize)> = names
+            .iter()
+            .zip(parts)
+            .map(|(n, p)| (n.as_str(), p.1))
+            .collect();
+        self.weights.stacked_linear(&parts, in_dim, bias)
     }
 
     pub fn layer_norm(&self, name: &str, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
@@ -1031,6 +1087,80 @@ impl GgufWeights {
     /// The shape of a tensor (Hugging Face name), without reading it.
     pub fn shape_of(&self, hf_name: &str) -> Option<Vec<usize>> {
         self.shape_of_raw(&self.lookup(hf_name)?)
+    }
+
+    /// Matrices `parts` (GGUF name, rows), each `[rows, k]`, read from the
+    /// file straight into the CPU kernels' layout as one stacked matrix,
+    /// with no intermediate copy (each copy of a multi-GB model into fresh
+    /// memory costs seconds of page faults): block types, and F16 / BF16
+    /// where kept 16-bit. `None` where the parts' types differ or are not
+    /// such, and on other devices.
+    pub fn read_matrix(&self, parts: &[(&str, usize)], k: usize) -> Result<Option<QuantWeight>> {
+        let mut spans = Vec::with_capacity(parts.len());
+        let mut dtype = None;
+        for &(name, rows) in parts {
+            let info = self
+                .content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            if *info.shape.dims() != [rows, k] {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!(
+                        "{name}: shape {:?}, expected [{rows}, {k}]",
+                        info.shape.dims()
+                    ),
+                });
+            }
+            if dtype.is_some_and(|d| d != info.ggml_dtype) {
+                return Ok(None);
+            }
+            dtype = Some(info.ggml_dtype);
+            spans.push((name, self.content.tensor_data_offset + info.offset));
+        }
+        let Some(dtype) = dtype else {
+            return Ok(None);
+        };
+        let half = match dtype {
+            GgmlDType::F16 => Some(HalfDType::F16),
+            GgmlDType::BF16 => Some(HalfDType::Bf16),
+            _ => None,
+        };
+        if !self.device.is_cpu() || !(BlockMatrix::holds(dtype) || half.is_some() && self.keep_half)
+        {
+            return Ok(None);
+        }
+        let n = parts.iter().map(|p| p.1).sum::<usize>();
+        // Each part's bytes at its share of the stacked buffer (rows are
+        // equally long).
+        let read = |dst: &mut [u8]| -> candle_core::Result<()> {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = self
+                .file
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("file handle poisoned".into()))?;
+            let row = dst.len() / n.max(1);
+            let mut at = 0;
+            for (&(_, rows), &(name, offset)) in parts.iter().zip(&spans) {
+                let part = &mut dst[at..at + rows * row];
+                file.seek(SeekFrom::Start(offset))
+                    .and_then(|_| file.read_exact(part))
+                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+                at += rows * row;
+            }
+            Ok(())
+        };
+        let weight = match half {
+            Some(h) => QuantWeight::Half(Arc::new(HalfMatrix::read(h, n, k, read)?), Role::Body),
+            None => {
+                QuantWeight::Blocks(Arc::new(BlockMatrix::read(dtype, n, k, read)?), Role::Body)
+            }
+        };
+        if let Some(p) = &self.progress {
+            p.advance((n * k) as u64);
+        }
+        Ok(Some(weight))
     }
 
     /// Read one tensor by its Hugging Face name.
@@ -1192,20 +1322,13 @@ impl GgufWeights {
         Ok(())
     }
 
-    /// A projection from a GGUF matrix: block-quantized types stay quantized
-    /// on the CPU, float types become dense tensors in the model dtype. On a
-    /// GPU every type is dequantized at load (weights take f16 / bf16 size;
-    /// cuBLAS GEMMs instead of candle's quantized CUDA kernels, whose
-    /// prebuilt part targets one GPU generation only).
-    pub fn linear_from_qtensor(&self, q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Linear> {
-        if self.keep_half {
-            if let Some(h) = HalfMatrix::from_qtensor(&q)? {
-                return Ok(Linear::Quantized {
-                    weight: QuantWeight::Half(Arc::new(h), Role::Body),
-                    bias,
-                });
-            }
-        }
+    /// A projection from a GGUF matrix that [`Self::read_matrix`] did not
+    /// take: float types become dense tensors in the model dtype, as does
+    /// every type on a GPU (weights take f16 / bf16 size; cuBLAS GEMMs
+    /// instead of candle's quantized CUDA kernels, whose prebuilt part
+    /// targets one GPU generation only); other block types take candle's
+    /// kernels.
+    fn linear_from_qtensor(&self, q: Arc<QTensor>, bias: Option<Tensor>) -> Result<Linear> {
         match q.dtype() {
             _ if !self.device.is_cpu() => Ok(Linear::Dense {
                 weight: q.dequantize(&self.device)?.to_dtype(self.dtype)?,
@@ -1215,13 +1338,10 @@ impl GgufWeights {
                 weight: q.dequantize(&self.device)?.to_dtype(self.dtype)?,
                 bias,
             }),
-            _ => {
-                let weight = match BlockMatrix::from_qtensor(&q)? {
-                    Some(b) => QuantWeight::Blocks(Arc::new(b), Role::Body),
-                    None => QuantWeight::Candle(QMatMul::QTensor(q)),
-                };
-                Ok(Linear::Quantized { weight, bias })
-            }
+            _ => Ok(Linear::Quantized {
+                weight: QuantWeight::Candle(QMatMul::QTensor(q)),
+                bias,
+            }),
         }
     }
 }

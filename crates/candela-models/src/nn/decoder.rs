@@ -196,10 +196,8 @@ pub struct Mlp {
 impl Mlp {
     pub fn load(w: &WeightsAt, cfg: &DecoderConfig) -> MResult<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let gate = w.linear("gate_proj", h, i, b)?;
-        let up = w.linear("up_proj", h, i, b)?;
         Ok(Self {
-            gate_up: MultiLinear::new(vec![gate, up])?,
+            gate_up: w.stacked_linear(&[("gate_proj", i), ("up_proj", i)], h, b)?,
             down: w.linear("down_proj", i, h, b)?,
             act: cfg.mlp_act,
         })
@@ -256,11 +254,13 @@ impl Attention {
         } else {
             (None, None)
         };
-        let q = w.linear("q_proj", h, nh * hd, cfg.qkv_bias)?;
-        let k = w.linear("k_proj", h, nkv * hd, cfg.qkv_bias)?;
-        let v = w.linear("v_proj", h, nkv * hd, cfg.qkv_bias)?;
+        let parts = [
+            ("q_proj", nh * hd),
+            ("k_proj", nkv * hd),
+            ("v_proj", nkv * hd),
+        ];
         Ok(Self {
-            qkv: MultiLinear::new(vec![q, k, v])?,
+            qkv: w.stacked_linear(&parts, h, cfg.qkv_bias)?,
             o_proj: w.linear("o_proj", nh * hd, h, cfg.o_bias)?,
             q_norm,
             k_norm,

@@ -737,38 +737,58 @@ impl BlockMatrix {
     /// (floats, or types without a decoder here).
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
         let dtype = q.dtype();
-        if !supported(dtype) {
+        if !Self::holds(dtype) {
             return Ok(None);
         }
         let (n, k) = q.shape().dims2()?;
-        if k % dtype.block_size() != 0 {
+        let bytes = q.data()?;
+        Self::read(dtype, n, k, |dst| {
+            if bytes.len() != dst.len() {
+                bail!(
+                    "{dtype:?} matrix [{n}, {k}] has {} bytes, expected {}",
+                    bytes.len(),
+                    dst.len()
+                );
+            }
+            dst.copy_from_slice(&bytes);
+            Ok(())
+        })
+        .map(Some)
+    }
+
+    /// Whether a matrix of this type can be held here.
+    pub fn holds(dtype: GgmlDType) -> bool {
+        supported(dtype)
+    }
+
+    /// A `[n, k]` matrix of `dtype` blocks (a type [`Self::holds`]) whose
+    /// bytes, row after row, `read` writes into place (a file read lands
+    /// in the kernels' buffer, with no copy in between).
+    pub fn read(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Self> {
+        if !supported(dtype) {
+            bail!("{dtype:?} matrices are not supported");
+        }
+        if !k.is_multiple_of(dtype.block_size()) {
             bail!("{dtype:?} matrix with {k} columns is not made of whole blocks");
         }
         let row_bytes = k / dtype.block_size() * dtype.type_size();
-        let bytes = q.data()?;
-        if bytes.len() != row_bytes * n {
-            bail!(
-                "{dtype:?} matrix [{n}, {k}] has {} bytes, expected {}",
-                bytes.len(),
-                row_bytes * n
-            );
-        }
-        let mut data = vec![0u64; bytes.len().div_ceil(8)];
-        // SAFETY: `data` has at least bytes.len() bytes; u8 has no alignment needs.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                data.as_mut_ptr() as *mut u8,
-                bytes.len(),
-            );
-        }
-        Ok(Some(Self {
+        let len = row_bytes * n;
+        // Zeroed by the allocator (fresh pages), written once by `read`.
+        let mut data = vec![0u64; len.div_ceil(8)];
+        // SAFETY: the u64 storage viewed as its first `len` bytes.
+        read(unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), len) })?;
+        Ok(Self {
             dtype,
             n,
             k,
             row_bytes,
             data,
-        }))
+        })
     }
 
     pub fn dtype(&self) -> GgmlDType {

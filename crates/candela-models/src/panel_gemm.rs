@@ -1,31 +1,3 @@
-//! The bf16 matrix engines: `y = x · wᵀ` with x rounded to bf16, w given as
-//! bf16 rows, products summed in f32.
-//!
-//! Prompt and encoder rows of 16-bit and block-quantized matrices take one
-//! where the CPU has it, picked at run time ([`Engine`]):
-//!
-//! - Intel AMX-BF16 tiles (`tdpbf16ps`, Sapphire Rapids and later): one
-//!   instruction multiplies a 16 x 32 bf16 tile by a 32 x 16 one, about ten
-//!   times the f32 FMA rate of a core.
-//! - AVX512-BF16 (`vdpbf16ps`: Cooper Lake, Sapphire Rapids without AMX
-//!   exposed, AMD Zen 4 / 5): each instruction sums 16 pairs of bf16
-//!   products into f32 lanes, twice the f32 FMA's products per
-//!   instruction on half the bytes.
-//!
-//! This is the arithmetic transformers runs a bf16 checkpoint in, and what
-//! llama.cpp's AMX path and oneDNN do for prompts; decode rows
-//! (memory-bound) keep their exact kernels ([`crate::quant`],
-//! [`crate::half_matmul`]).
-//!
-//! Each output row depends on its own input row only, not on how many rows
-//! share the call (rows pad to whole blocks with zeros or are computed by a
-//! kernel for fewer rows, `k` pads with zeros to the engine's depth), so a
-//! sequence's numbers do not depend on its batch.
-//!
-//! A source fills bf16 weight rows ([`WeightRows`]); tasks own panels of 32
-//! weight rows, so the weights are read once per call and a panel (`k` x 64
-//! bytes) stays in L2 while every input row passes it.
-
 //! Prompt-row GEMMs over panels of weight rows: `y = x · wᵀ` for the many
 //! input rows of a prompt chunk or an encoder, `w` any weight format that
 //! fills f32 rows ([`WeightRows`]: block-quantized, 16-bit), products summed
@@ -171,7 +143,7 @@ impl SendPtr {
 }
 
 /// `src` rounded to bf16 (to nearest, ties to even) into `dst` (same length).
-pub fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
+fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
     debug_assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {

@@ -830,8 +830,6 @@ impl Weights {
         }
     }
 
-    /// The projection `{prefix}.weight` (`[out, in]`) with an optional
-    /// `{prefix}.bias` (`[out]`).
     /// Projections `parts` (prefix, output width) of one input width as one
     /// (q, k and v; gate and up). A GGUF file's matrices are read straight
     /// into the stacked matrix; other sources load each part and stack.
@@ -875,6 +873,8 @@ impl Weights {
         Ok(MultiLinear::new(linears)?)
     }
 
+    /// The projection `{prefix}.weight` (`[out, in]`) with an optional
+    /// `{prefix}.bias` (`[out]`).
     pub fn linear(
         &self,
         prefix: &str,

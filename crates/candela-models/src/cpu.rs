@@ -14,6 +14,20 @@ pub fn has_avx2() -> bool {
     })
 }
 
+/// An output pointer shared by parallel tasks that write disjoint parts of
+/// its buffer (the kernels' row and column ranges).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: tasks write disjoint parts of the buffer and the owner waits for all of them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Whether the CPU is AMD's (some instructions' speed differs by vendor:
 /// `crate::panel_gemm`).
 pub fn is_amd() -> bool {

@@ -129,19 +129,6 @@ pub fn matmul(
     }
 }
 
-/// The output pointer shared by tasks writing disjoint columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint parts of the buffer and the owner waits for all of them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `src` rounded to bf16 (to nearest, ties to even) into `dst` (same length).
 fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
     debug_assert_eq!(src.len(), dst.len());
@@ -191,7 +178,8 @@ mod avx512 {
 
     use rayon::prelude::*;
 
-    use super::{round_to_bf16, SendPtr, WeightRows};
+    use super::{round_to_bf16, WeightRows};
+    use crate::cpu::SendPtr;
 
     /// f32 lanes per vector: weight rows per half panel.
     const LANES: usize = 16;
@@ -409,7 +397,8 @@ mod amx {
 
     use rayon::prelude::*;
 
-    use super::{round_to_bf16, SendPtr, WeightRows};
+    use super::{round_to_bf16, WeightRows};
+    use crate::cpu::SendPtr;
 
     /// Tile rows: weight rows per A tile, input rows per B tile.
     const TR: usize = 16;

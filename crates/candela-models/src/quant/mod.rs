@@ -57,18 +57,6 @@ const ROW_DECODE_MAX_M: usize = 8;
 /// f32 elements of one dequantized weight tile (256 KiB, about L2).
 const TILE_ELEMS: usize = 64 << 10;
 
-/// The output pointer shared by tasks writing disjoint column ranges.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint parts of the buffer and the owner waits for all of them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// How a product sees its input rows (see the module comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
@@ -188,6 +176,7 @@ unsafe fn decode_kquant<B: GgmlType>(row: &[u8], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::has_avx2;
+use crate::cpu::SendPtr;
 
 /// AVX2 decode of Q4_0 / Q4_1 / Q8_0 rows: bytes widen straight to f32 lanes
 /// (8 at a time) instead of element by element; bit-identical to

@@ -1132,6 +1132,30 @@ impl GgufWeights {
             return Ok(None);
         }
         let n = parts.iter().map(|p| p.1).sum::<usize>();
+        // The header's shapes must fit the file before anything is allocated
+        // for them (a hostile header could claim terabytes).
+        let file_len = self
+            .file
+            .lock()
+            .ok()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        for (&(name, rows), &(_, offset)) in parts.iter().zip(&spans) {
+            let bytes = rows
+                .checked_mul(k / dtype.block_size().max(1))
+                .and_then(|b| b.checked_mul(dtype.type_size()));
+            if bytes
+                .and_then(|b| offset.checked_add(b as u64))
+                .is_none_or(|end| end > file_len)
+            {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!(
+                        "{name}: [{rows}, {k}] {dtype:?} runs past the end of the file"
+                    ),
+                });
+            }
+        }
         // Each part's bytes at its share of the stacked buffer (rows are
         // equally long).
         let read = |dst: &mut [u8]| -> candle_core::Result<()> {

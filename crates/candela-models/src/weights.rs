@@ -46,8 +46,10 @@ pub enum Role {
     /// rows (prompts, encoder inputs) take the bf16 matrix engine where the
     /// CPU has one ([`crate::panel_gemm`]), else f32.
     Body,
-    /// The logits: every row f32 (8-bit rounding of the final hidden state
-    /// flips small models' answers, see the `quant` module comment).
+    /// The logits: prompt rows f32; decode rows of block-quantized heads 8-bit
+    /// with the candidates for the top recomputed in f32
+    /// ([`Activations::Int8Top`]: 8-bit rounding alone flips small models'
+    /// answers, see the `quant` module comment).
     Logits,
 }
 
@@ -67,12 +69,21 @@ impl DecodeRows {
     /// The decode rows of a step whose sequences add `query_lens` tokens
     /// each, in order.
     pub fn of_step(query_lens: impl IntoIterator<Item = usize>) -> Self {
+        Self::of_flags(
+            query_lens
+                .into_iter()
+                .flat_map(|len| std::iter::repeat_n(len == 1, len)),
+        )
+    }
+
+    /// The rows flagged `true`, of as many rows as there are flags.
+    pub fn of_flags(flags: impl IntoIterator<Item = bool>) -> Self {
         let (mut rows, mut n) = (Vec::new(), 0usize);
-        for len in query_lens {
-            if len == 1 {
+        for decode in flags {
+            if decode {
                 rows.push(n as u32);
             }
-            n += len;
+            n += 1;
         }
         match rows.len() {
             0 => Self::None,
@@ -98,6 +109,7 @@ impl QuantWeight {
         };
         let (decode, other) = match self {
             Self::Blocks(b, Role::Body) => (b.decode_activations(), engine),
+            Self::Blocks(_, Role::Logits) => (Activations::Int8Top, Activations::F32),
             Self::Half(_, Role::Body) => (Activations::F32, engine),
             _ => (Activations::F32, Activations::F32),
         };
@@ -187,10 +199,13 @@ impl Linear {
             Self::Quantized {
                 weight: QuantWeight::Blocks(b, _),
                 bias,
-            } => Self::Quantized {
-                weight: QuantWeight::Blocks(b, Role::Logits),
-                bias,
-            },
+            } => {
+                b.prepare_logits();
+                Self::Quantized {
+                    weight: QuantWeight::Blocks(b, Role::Logits),
+                    bias,
+                }
+            }
             Self::Quantized {
                 weight: QuantWeight::Half(h, _),
                 bias,
@@ -1508,8 +1523,15 @@ mod tests {
         } else {
             assert!(prompt < 1e-4, "f32 prompt rows: {prompt}");
         }
+        // The logits: prompt rows f32; decode rows 8-bit but for the top
+        // (`Activations::Int8Top`), which is the f32 product's.
         let logits = ours.clone().for_logits();
-        assert!(max_diff(&logits.forward_rows(&x, &DecodeRows::All)?, &yd)? < 1e-4);
+        let top = logits.forward_rows(&x, &DecodeRows::All)?;
+        assert!(max_diff(&top, &yd)? < 0.02 * scale);
+        let (best, want) = (top.argmax(1)?, yd.argmax(1)?);
+        assert_eq!(best.to_vec1::<u32>()?, want.to_vec1::<u32>()?);
+        let at = |t: &Tensor| t.gather(&want.unsqueeze(1)?, 1);
+        assert!(max_diff(&at(&top)?, &at(&yd)?)? < 1e-4);
         assert!(max_diff(&logits.forward(&x)?, &yd)? < 1e-4);
         // A step mixing decode rows (1 and 3) with prompt rows: each row as
         // it would be alone, bit for bit where the kernel is the same for

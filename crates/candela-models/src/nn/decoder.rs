@@ -609,6 +609,7 @@ impl DecoderLm {
                 .map(|s| (s.query_start + s.query_len - 1) as u32)
                 .collect(),
         };
+
         if n == 0 {
             return Tensor::zeros((rows.len(), self.cfg.vocab_size), DType::F32, &self.device);
         }
@@ -640,6 +641,18 @@ impl DecoderLm {
             local_rope_rows,
             decode_rows: DecodeRows::of_step(batch.seqs.iter().map(|s| s.query_len)),
         };
+        // Which of the logits' rows decode one token: the head multiplies
+        // them as decode rows (`Role::Logits`).
+        let head_rows = match which {
+            LogitRows::All => ctx.decode_rows.clone(),
+            LogitRows::LastOfSeqs => DecodeRows::of_flags(
+                batch
+                    .seqs
+                    .iter()
+                    .filter(|s| s.needs_logits)
+                    .map(|s| s.query_len == 1),
+            ),
+        };
         let mut x = self.embed.forward(&batch.input_ids, dev)?;
         if let Some(s) = self.cfg.embed_scale {
             x = (x * s)?;
@@ -662,7 +675,10 @@ impl DecoderLm {
             x.index_select(&Tensor::from_vec(rows, nrows, dev)?, 0)?
         };
         let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward_rows(&x, &head_rows)?
+            .to_dtype(DType::F32)?;
         match self.cfg.final_softcap {
             Some(c) => (logits / c as f64)?.tanh()? * c as f64,
             None => Ok(logits),

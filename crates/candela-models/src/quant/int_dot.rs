@@ -2,7 +2,10 @@
 //! activations ([`Q8Row`]): per 32-value group `sum_j w_j a_j` in exact
 //! integer arithmetic, then scaled by the weight's and the activation
 //! block's scales in f32 (plus the weight's offset times the block's
-//! `d * sum(a)`).
+//! `d * sum(a)`). The activations are quantized per weight block
+//! ([`act_group`]), so a K-quant's vector kernel sums a whole super-block's
+//! sub-blocks, times their integer scales, before one conversion to f32 (as
+//! ggml's Q8_K kernels do); the scalar one reads the same layout per block.
 //!
 //! This file holds the formats' layouts as scalar kernels, the reference
 //! the vector ones (`int_dot_x86`: AVX2 `maddubs`, and VNNI `vpdpbusd` in
@@ -30,6 +33,12 @@ pub fn supported(dtype: GgmlDType) -> bool {
             | G::Q5K
             | G::Q6K
     )
+}
+
+/// How many activation values share one 8-bit scale for weights of
+/// `dtype`: its block (32, or a K-quant's 256-value super-block).
+pub fn act_group(dtype: GgmlDType) -> usize {
+    dtype.block_size()
 }
 
 /// A kernel: one weight row (whole blocks of `dtype`) dotted with each of
@@ -341,7 +350,7 @@ mod tests {
         for dtype in TYPES {
             for &k in lengths(dtype) {
                 let (q, wd, x) = case(dtype, k, 1)?;
-                let acts = Q8Rows::quantize(&x, k);
+                let acts = Q8Rows::quantize(&x, k, act_group(dtype));
                 let xd = acts.dequantized();
                 let bytes = q.data()?;
                 let row_bytes = bytes.len() / 3;
@@ -385,7 +394,7 @@ mod tests {
             for &k in lengths(dtype) {
                 for m in [1usize, 2, 3, 4, 7] {
                     let (q, wd, x) = case(dtype, k, m)?;
-                    let acts = Q8Rows::quantize(&x, k);
+                    let acts = Q8Rows::quantize(&x, k, act_group(dtype));
                     let xd = acts.dequantized();
                     let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
                     let mut bytes = q.data()?.to_vec();
@@ -451,7 +460,7 @@ mod tests {
                 .map(|i| ((i * 7919 % 257) as f32 - 128.0) / 50.0)
                 .collect();
             x[k + 5] = 30.0;
-            let acts = Q8Rows::quantize(&x, k);
+            let acts = Q8Rows::quantize(&x, k, act_group(dtype));
             let xd = acts.dequantized();
             let rows = [acts.row(0), acts.row(1)];
             let mut got = vec![0f32; k];

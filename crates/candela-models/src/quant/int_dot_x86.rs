@@ -43,6 +43,26 @@ unsafe fn dot_avx512vnni(w: __m256i, a: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
 }
 
+/// `acc + sum of pairs of (p x s)` in i32 lanes: i16 products of 32 bytes
+/// (`vpmaddubsw`), times a sub-block's integer scale per i16 lane.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scaled_maddubs(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+}
+
+#[target_feature(enable = "avx2,avxvnni")]
+#[inline]
+unsafe fn scaled_avxvnni(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpwssd_avx_epi32(acc, p, s)
+}
+
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn scaled_avx512vnni(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, p, s)
+}
+
 /// The 32-value formats, as const parameters of one kernel.
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
@@ -51,7 +71,7 @@ const Q5_0: u8 = 3;
 const Q5_1: u8 = 4;
 
 macro_rules! kernels {
-    ($name:ident, $feat:literal, $dot:ident) => {
+    ($name:ident, $feat:literal, $dot:ident, $scaled:ident) => {
         pub mod $name {
             use std::arch::x86_64::*;
 
@@ -59,12 +79,18 @@ macro_rules! kernels {
 
             use super::super::int_dot::{q3k_scale, rows_dot_scalar};
             use super::super::q8::{Q8Row, QK};
-            use super::super::scale_min_k4;
+            use super::super::scales_mins_k4;
             use super::{prefetch_ahead, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
             #[inline(always)]
             unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {
                 super::$dot(w, a)
+            }
+
+            /// `acc + (u8 w x i8 a, summed in pairs) x s`, in i32 lanes.
+            #[inline(always)]
+            unsafe fn dot_scaled(acc: __m256i, w: __m256i, a: __m256i, s: __m256i) -> __m256i {
+                super::$scaled(acc, _mm256_maddubs_epi16(w, a), s)
             }
 
             #[inline(always)]
@@ -195,7 +221,10 @@ macro_rules! kernels {
 
             /// Q4_K (and with `Q5`, Q5_K) rows: per 64 values, the low and
             /// high nibbles of 32 bytes are two sub-blocks with their own
-            /// 6-bit scale and min (Q5_K adds bit 4 from `qh`).
+            /// 6-bit scale and min (Q5_K adds bit 4 from `qh`). The
+            /// activations share one scale per super-block (`act_group`), so
+            /// the sub-blocks' products times their scales add up in i32 and
+            /// convert once; the mins meet the blocks' `d * sum(a)` in f32.
             #[inline(always)]
             unsafe fn q4k_q5k<const Q5: bool, const M: usize>(
                 row: &[u8],
@@ -203,13 +232,26 @@ macro_rules! kernels {
             ) -> [f32; M] {
                 let (bsz, qoff) = if Q5 { (176, 48) } else { (144, 16) };
                 let (mask, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
-                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
-                let mut offs = [0f32; M];
+                let mut acc = [_mm256_setzero_ps(); M];
+                let mut offs = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(bsz).enumerate() {
                     prefetch_ahead(blk, blk.len());
                     let (d, dmin) = (f16(blk, 0), f16(blk, 2));
                     let Ok(scales) = <&[u8; 12]>::try_from(&blk[4..16]) else {
                         continue;
+                    };
+                    let (sc, mn) = scales_mins_k4(scales);
+                    let mins = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))),
+                        _mm256_set1_ps(dmin),
+                    );
+                    // Scale j in both bytes of i16 lane j (and j + 8): a
+                    // byte shuffle broadcasts it.
+                    let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
+                        sc as i64,
+                    )));
+                    let scale = |j: i16| {
+                        _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(((2 * j + 1) << 8) | (2 * j)))
                     };
                     // Q5_K: bits 2c and 2c+1 of qh[l] are bit 4 of chunk c's
                     // low and high nibble quants; shifted down 2 per chunk.
@@ -218,10 +260,10 @@ macro_rules! kernels {
                     } else {
                         _mm256_setzero_si256()
                     };
+                    // Two i32 chains per row (low and high nibbles).
+                    let (mut s0, mut s1) =
+                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
                     for c in 0..4 {
-                        let (j0, j1) = (8 * sb + 2 * c, 8 * sb + 2 * c + 1);
-                        let (sc0, m0) = scale_min_k4(2 * c, scales);
-                        let (sc1, m1) = scale_min_k4(2 * c + 1, scales);
                         let q = load32(&blk[qoff + 32 * c..]);
                         let mut lo = _mm256_and_si256(q, mask);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
@@ -236,19 +278,23 @@ macro_rules! kernels {
                             );
                             qh = _mm256_srli_epi16(qh, 2);
                         }
+                        let (c0, c1) = (scale(2 * c as i16), scale(2 * c as i16 + 1));
                         for i in 0..M {
-                            let (x0, x1) = (acts(&a[i].qs[QK * j0..]), acts(&a[i].qs[QK * j1..]));
-                            acc0[i] =
-                                fma(acc0[i], dot(lo, x0), _mm256_set1_ps(d * sc0 * a[i].d[j0]));
-                            acc1[i] =
-                                fma(acc1[i], dot(hi, x1), _mm256_set1_ps(d * sc1 * a[i].d[j1]));
-                            offs[i] -= dmin * (m0 * a[i].dsum[j0] + m1 * a[i].dsum[j1]);
+                            let x = &a[i].qs[256 * sb + 64 * c..];
+                            s0[i] = dot_scaled(s0[i], lo, acts(x), c0);
+                            s1[i] = dot_scaled(s1[i], hi, acts(&x[QK..]), c1);
                         }
+                    }
+                    for i in 0..M {
+                        let s = _mm256_add_epi32(s0[i], s1[i]);
+                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * a[i].d[8 * sb]));
+                        let dsum = _mm256_loadu_ps(a[i].dsum[8 * sb..8 * sb + 8].as_ptr());
+                        offs[i] = _mm256_fmadd_ps(mins, dsum, offs[i]);
                     }
                 }
                 let mut out = [0f32; M];
                 for i in 0..M {
-                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + offs[i];
+                    out[i] = hsum(_mm256_sub_ps(acc[i], offs[i]));
                 }
                 out
             }
@@ -358,7 +404,9 @@ macro_rules! kernels {
 
             /// Q6_K rows: per 32 values, 4 low bits and 2 high bits make
             /// `q` in 0..64; `q - 32` goes through the sign trick, and each
-            /// half of the 8 lanes takes its 16-value sub-block's scale.
+            /// 16-value half takes its sub-block's signed 8-bit scale. The
+            /// activations share one scale per super-block (`act_group`):
+            /// products times scales add up in i32, converted once.
             #[inline(always)]
             unsafe fn q6k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let (m4, m3, m32) = (
@@ -366,15 +414,20 @@ macro_rules! kernels {
                     _mm256_set1_epi8(3),
                     _mm256_set1_epi8(32),
                 );
-                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                let mut acc = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(210).enumerate() {
                     prefetch_ahead(blk, blk.len());
                     let d = f16(blk, 208);
+                    let (mut s0, mut s1) =
+                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
                     for half in 0..2 {
                         let ql0 = load32(&blk[64 * half..]);
                         let ql1 = load32(&blk[64 * half + 32..]);
                         let qh = load32(&blk[128 + 32 * half..]);
-                        let sc = &blk[192 + 8 * half..192 + 8 * half + 8];
+                        // The half's 8 signed scales as i16, in both 128-bit lanes.
+                        let sc =
+                            _mm_loadl_epi64(blk[192 + 8 * half..][..8].as_ptr() as *const __m128i);
+                        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc));
                         let lows = [
                             _mm256_and_si256(ql0, m4),
                             _mm256_and_si256(ql1, m4),
@@ -392,26 +445,34 @@ macro_rules! kernels {
                             let high = _mm256_slli_epi16(_mm256_and_si256(highs[t], m3), 4);
                             let w = _mm256_sub_epi8(_mm256_or_si256(lows[t], high), m32);
                             let wu = _mm256_abs_epi8(w);
-                            let (s0, s1) = (
-                                (sc[2 * t] as i8) as f32 * d,
-                                (sc[2 * t + 1] as i8) as f32 * d,
+                            // i16 lanes 0..8 hold values 0..16 (scale 2t), 8..16
+                            // the rest (scale 2t + 1): byte shuffles of sc16.
+                            let (l, h) = (4 * t as i16, 4 * t as i16 + 2);
+                            let s = _mm256_shuffle_epi8(
+                                sc16,
+                                _mm256_set_m128i(
+                                    _mm_set1_epi16(((h + 1) << 8) | h),
+                                    _mm_set1_epi16(((l + 1) << 8) | l),
+                                ),
                             );
-                            let s = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
                             for i in 0..M {
                                 let x = _mm256_sign_epi8(acts(&a[i].qs[QK * g..]), w);
-                                let si = _mm256_mul_ps(s, _mm256_set1_ps(a[i].d[g]));
                                 if t % 2 == 0 {
-                                    acc0[i] = fma(acc0[i], dot(wu, x), si);
+                                    s0[i] = dot_scaled(s0[i], wu, x, s);
                                 } else {
-                                    acc1[i] = fma(acc1[i], dot(wu, x), si);
+                                    s1[i] = dot_scaled(s1[i], wu, x, s);
                                 }
                             }
                         }
                     }
+                    for i in 0..M {
+                        let s = _mm256_add_epi32(s0[i], s1[i]);
+                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * a[i].d[8 * sb]));
+                    }
                 }
                 let mut out = [0f32; M];
                 for i in 0..M {
-                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+                    out[i] = hsum(acc[i]);
                 }
                 out
             }
@@ -470,10 +531,16 @@ macro_rules! kernels {
     };
 }
 
-kernels!(avx2, "avx2,fma,f16c", dot_maddubs);
-kernels!(avxvnni, "avx2,fma,f16c,avxvnni", dot_avxvnni);
+kernels!(avx2, "avx2,fma,f16c", dot_maddubs, scaled_maddubs);
+kernels!(
+    avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    dot_avxvnni,
+    scaled_avxvnni
+);
 kernels!(
     avx512vnni,
     "avx2,fma,f16c,avx512vnni,avx512vl",
-    dot_avx512vnni
+    dot_avx512vnni,
+    scaled_avx512vnni
 );

@@ -4,7 +4,7 @@
 //! a product sees its input rows is its [`Activations`]:
 //!
 //! - `Int8` (decode rows, `weights::Role::Body`): the activations are
-//!   quantized to 8 bits per 32 values once (`q8`) and dotted with the
+//!   quantized to 8 bits per weight block once (`q8`) and dotted with the
 //!   weight blocks in integer arithmetic (`int_dot`: AVX512-VNNI or
 //!   AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or scalar, picked at run
 //!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to
@@ -18,7 +18,11 @@
 //!   ([`crate::panel_gemm`]) or, without AVX-512, L2-sized tiles through the
 //!   f32 GEMM of the `gemm` crate (the one candle uses).
 //!
-//! The logits keep f32 activations: with 8-bit activations in the LM head,
+//! - `Int8Top` (the logits of decode rows): `Int8` products for the whole
+//!   vocabulary, then every row that may be the largest (its 8-bit value
+//!   within the error bound of the best) recomputed as `F32` does it.
+//!
+//! The logits' top is never left to 8-bit activations alone: with them,
 //! SmolLM2-135M Q4_1 answers "What is the capital of France?" with French
 //! word salad ("L'Étoile, la Cité, la Nation, ..."; llama.cpp, which
 //! quantizes them too, also answers in French on that file:
@@ -67,6 +71,11 @@ pub enum Activations {
     Bf16,
     /// Kept f32.
     F32,
+    /// The logits of decode rows: `Int8` for every weight row, then the
+    /// rows that may still be the largest recomputed as `F32` does for one
+    /// row (see [`BlockMatrix::matmul_f32`]). Where the type has no integer
+    /// kernel, `F32`.
+    Int8Top,
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
@@ -77,6 +86,9 @@ pub struct BlockMatrix {
     row_bytes: usize,
     /// Raw blocks, row after row; u64 storage keeps block structs aligned.
     data: Vec<u64>,
+    /// Per row, the sum of its values' magnitudes (bounds an 8-bit
+    /// product's error: [`Activations::Int8Top`]); made on first use.
+    row_l1: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl std::fmt::Debug for BlockMatrix {
@@ -418,6 +430,24 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (f32, f32) {
             ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as f32,
         )
     }
+}
+
+/// The 8 scales and the 8 mins of a Q4_K/Q5_K block, one byte each (byte
+/// `j` is sub-block `j`'s, as [`scale_min_k4`] gives them), unpacked with
+/// word operations: scales 0..4 and mins 0..4 are the low 6 bits of bytes
+/// 0..4 and 4..8; 4..8 take their low 4 bits from the nibbles of bytes
+/// 8..12 and their high 2 from the top bits of bytes 0..4 and 4..8.
+#[inline(always)]
+fn scales_mins_k4(q: &[u8; 12]) -> (u64, u64) {
+    let w = |i: usize| u32::from_le_bytes([q[i], q[i + 1], q[i + 2], q[i + 3]]);
+    let (w0, w1, w2) = (w(0), w(4), w(8));
+    let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let scales_hi = (w2 & low4) | (((w0 >> 6) & top2) << 4);
+    let mins_hi = ((w2 >> 4) & low4) | (((w1 >> 6) & top2) << 4);
+    (
+        (w0 & low6) as u64 | (scales_hi as u64) << 32,
+        (w1 & low6) as u64 | (mins_hi as u64) << 32,
+    )
 }
 
 /// A row of Q4_K super-blocks (256 values: 8 sub-blocks of 32 with 6-bit
@@ -871,6 +901,7 @@ impl BlockMatrix {
             k,
             row_bytes,
             data,
+            row_l1: Default::default(),
         })
     }
 
@@ -910,6 +941,7 @@ impl BlockMatrix {
             k: first.k,
             row_bytes: first.row_bytes,
             data,
+            row_l1: Default::default(),
         })
     }
 
@@ -999,6 +1031,9 @@ impl BlockMatrix {
         if m == 0 || n == 0 || k == 0 {
             return Ok(out);
         }
+        if acts == Activations::Int8Top {
+            return Ok(self.int8_top(x, m));
+        }
         let panel_engine = match acts {
             Activations::Bf16 => crate::panel_gemm::bf16_engine(),
             // Prompt rows in f32: above the row-decoding range.
@@ -1012,33 +1047,7 @@ impl BlockMatrix {
         let threads = rayon::current_num_threads();
         let dst = SendPtr(out.as_mut_ptr());
         if acts == Activations::Int8 && int_dot::supported(self.dtype) {
-            // Decode and batched decode: the activations are quantized once,
-            // each weight row is unpacked once for all m of them.
-            let q = q8::Q8Rows::quantize(x, k);
-            let rows: Vec<q8::Q8Row> = (0..m).map(|i| q.row(i)).collect();
-            let kernel = int_dot::kernel();
-            let bytes = self.bytes();
-            let rows_per_task = (n / (threads * 8)).clamp(1, 64);
-            (0..n.div_ceil(rows_per_task))
-                .into_par_iter()
-                .for_each_init(
-                    || vec![0f32; m],
-                    |dots, t| {
-                        let r0 = t * rows_per_task;
-                        for r in r0..(r0 + rows_per_task).min(n) {
-                            let row = &bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
-                            // SAFETY: `kernel` is the one this CPU runs; `row`
-                            // holds whole blocks and each q8 row k values.
-                            unsafe { kernel(self.dtype, row, &rows, dots) };
-                            for (i, v) in dots.iter().enumerate() {
-                                // SAFETY: i < m and r < n index the [m, n]
-                                // output; each task owns its rows r.
-                                unsafe { *dst.get().add(i * n + r) = *v };
-                            }
-                        }
-                    },
-                );
-            return Ok(out);
+            return Ok(self.int8_product(x, m));
         }
         if m <= FUSED_MAX_M && has_fused(self.dtype) {
             // Decode (one or a few sequences): dot products straight off
@@ -1110,6 +1119,107 @@ impl BlockMatrix {
         Ok(out)
     }
 
+    /// [`Activations::Int8`] for a type with an integer kernel (`x` is
+    /// `[m, k]`, not empty): the activations are quantized once, each
+    /// weight row is unpacked once for all m of them.
+    fn int8_product(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let mut out = vec![0f32; m * n];
+        let dst = SendPtr(out.as_mut_ptr());
+        let q = q8::Q8Rows::quantize(x, k, int_dot::act_group(self.dtype));
+        let rows: Vec<q8::Q8Row> = (0..m).map(|i| q.row(i)).collect();
+        let kernel = int_dot::kernel();
+        let bytes = self.bytes();
+        let rows_per_task = (n / (rayon::current_num_threads() * 8)).clamp(1, 64);
+        (0..n.div_ceil(rows_per_task))
+            .into_par_iter()
+            .for_each_init(
+                || vec![0f32; m],
+                |dots, t| {
+                    let r0 = t * rows_per_task;
+                    for r in r0..(r0 + rows_per_task).min(n) {
+                        let row = &bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
+                        // SAFETY: `kernel` is the one this CPU runs; `row`
+                        // holds whole blocks and each q8 row k values.
+                        unsafe { kernel(self.dtype, row, &rows, dots) };
+                        for (i, v) in dots.iter().enumerate() {
+                            // SAFETY: i < m and r < n index the [m, n]
+                            // output; each task owns its rows r.
+                            unsafe { *dst.get().add(i * n + r) = *v };
+                        }
+                    }
+                },
+            );
+        out
+    }
+
+    /// [`Activations::Int8Top`]: an 8-bit product's error is at most
+    /// `|w_r|_1 * max|x| / 254` (each activation is within half a step,
+    /// `max|x| / 127` at most, of its 8-bit value), plus f32 rounding. Every
+    /// row whose 8-bit value plus that bound reaches the best value minus its
+    /// bound may be the largest: those are recomputed with the f32 kernel of
+    /// a one-row product, so the argmax and the values near the top are the
+    /// `F32` path's bit for bit (whatever the batch), and the rest are
+    /// within the bound. The head then streams the weights at the integer
+    /// kernels' rate instead of the f32 ones'.
+    fn int8_top(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        if !int_dot::supported(self.dtype) {
+            return self.matmul_f32(x, m, Activations::F32).unwrap_or_default();
+        }
+        let mut out = self.int8_product(x, m);
+        let l1 = self.row_l1();
+        for (i, y) in out.chunks_exact_mut(n).enumerate() {
+            let xi = &x[i * k..(i + 1) * k];
+            let amax = xi.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // Half a step, and f32 rounding of k-term sums (with margin).
+            let per_l1 = amax * (1.0 / 254.0 + 1e-4);
+            let floor = y
+                .iter()
+                .zip(l1)
+                .map(|(&v, &l)| v - l * per_l1)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let top: Vec<usize> = (0..n).filter(|&r| y[r] + l1[r] * per_l1 >= floor).collect();
+            let xsum = block_sums(xi);
+            let mut buf = vec![0f32; ROW_GROUP * k];
+            let dst = SendPtr(y.as_mut_ptr());
+            // One row at a time through the kernel `F32` takes for one input
+            // row, so these values do not depend on the batch.
+            for r in top {
+                if has_fused(self.dtype) {
+                    rows_dot_fused_dispatch(self, r, 1, xi, &xsum, 1, dst);
+                } else {
+                    rows_dot_decoded_dispatch(self, r, 1, xi, 1, &mut buf, dst);
+                }
+            }
+        }
+        out
+    }
+
+    /// Makes what [`Activations::Int8Top`] needs (the rows' magnitudes) now,
+    /// at load, rather than in the first decode step.
+    pub fn prepare_logits(&self) {
+        if int_dot::supported(self.dtype) {
+            self.row_l1();
+        }
+    }
+
+    /// [`Self::row_l1`]'s values, made once (in parallel over the rows).
+    fn row_l1(&self) -> &[f32] {
+        self.row_l1.get_or_init(|| {
+            (0..self.n)
+                .into_par_iter()
+                .map_init(
+                    || vec![0f32; self.k],
+                    |buf, r| {
+                        self.decode_row_inline(r, buf);
+                        buf.iter().map(|v| v.abs()).sum()
+                    },
+                )
+                .collect()
+        })
+    }
+
     /// `x` `[tokens, k]` (f32, bf16 or f16) -> `[tokens, n]` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, acts: Activations) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
@@ -1154,7 +1264,7 @@ mod tests {
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
                 let (xs, ws) = if int {
                     let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                    let xq = q8::Q8Rows::quantize(&xv, k).dequantized();
+                    let xq = q8::Q8Rows::quantize(&xv, k, int_dot::act_group(dtype)).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if bf16 {
                     (round(&x)?, round(&wd)?)
@@ -1206,6 +1316,84 @@ mod tests {
 
     /// Our row decoders (vector ones where the CPU has them) give candle's
     /// dequantized values bit for bit.
+    /// `Int8Top`: the argmax and every value near it are the f32 path's
+    /// bits for one row (alone or batched), the rest within the bound, and
+    /// the 8-bit values are kept for most rows.
+    #[test]
+    fn logits_top_rows_are_exact() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, m) = (600usize, 512usize, 3usize);
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+        ] {
+            // Head-like: small weights, rows 7 and 8 nearly tied at the top.
+            let mut w = (Tensor::randn(0f32, 0.02, (n, k), &dev)?).to_vec2::<f32>()?;
+            let mut x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_vec2::<f32>()?;
+            x[1][5] = 25.0; // an outlier: coarse 8-bit steps for row 1
+            for j in 0..k {
+                w[7][j] = 0.05 * x[0][j].signum();
+                w[8][j] = w[7][j] * (1.0 - 1e-4 * (j % 3) as f32);
+            }
+            let w = Tensor::new(w, &dev)?;
+            let bm = BlockMatrix::from_qtensor(&QTensor::quantize(&w, dtype)?)?.expect("supported");
+            let xv: Vec<f32> = x.concat();
+            let got = bm.matmul_f32(&xv, m, Activations::Int8Top)?;
+            let l1 = bm.row_l1().to_vec();
+            let mut int8_kept = 0;
+            for i in 0..m {
+                let xi = &xv[i * k..(i + 1) * k];
+                let exact = bm.matmul_f32(xi, 1, Activations::F32)?;
+                let row = &got[i * n..(i + 1) * n];
+                assert_eq!(
+                    row,
+                    bm.matmul_f32(xi, 1, Activations::Int8Top)?.as_slice(),
+                    "{dtype:?} row {i}: batched = alone"
+                );
+                let argmax = |v: &[f32]| (0..n).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+                let best = argmax(&exact);
+                assert_eq!(argmax(row), best, "{dtype:?} row {i}");
+                assert_eq!(
+                    row[best].to_bits(),
+                    exact[best].to_bits(),
+                    "{dtype:?} row {i}"
+                );
+                let amax = xi.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for r in 0..n {
+                    let bound = l1[r] * amax * (1.0 / 254.0 + 1e-4);
+                    assert!(
+                        (row[r] - exact[r]).abs() <= bound,
+                        "{dtype:?} row {i} logit {r}"
+                    );
+                    int8_kept += (row[r] != exact[r]) as usize;
+                }
+            }
+            assert!(
+                int8_kept > m * n / 2,
+                "{dtype:?}: only {int8_kept} 8-bit values kept"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn k4_scales_unpack_as_ggml_reads_them() {
+        for seed in 0..64u32 {
+            let q: [u8; 12] = std::array::from_fn(|i| {
+                (seed * 97 + i as u32 * 61 + 13) as u8 ^ (seed as u8).rotate_left(i as u32)
+            });
+            let (sc, mn) = scales_mins_k4(&q);
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &q);
+                assert_eq!(((sc >> (8 * j)) & 0xff) as f32, s, "scale {j} of {q:?}");
+                assert_eq!(((mn >> (8 * j)) & 0xff) as f32, m, "min {j} of {q:?}");
+            }
+        }
+    }
+
     #[test]
     fn rows_decode_as_candle_dequantizes() -> Result<()> {
         let dev = Device::Cpu;

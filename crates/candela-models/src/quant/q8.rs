@@ -1,13 +1,13 @@
-//! Activations quantized to 8 bits per 32-value block: the other operand of
-//! the integer dot products (ggml's Q8_0 layout, with an f32 scale).
+//! Activations quantized to 8 bits: the other operand of the integer dot
+//! products (ggml's Q8_0 layout, with f32 scales).
 //!
-//! One block size serves every weight format, K-quants included: 32 divides
-//! each format's block and a K-quant sub-block (32 values, or two of 16 for
-//! Q2_K, Q3_K and Q6_K) meets exactly one activation block, so each
-//! activation block keeps its own scale. ggml quantizes K-quant activations per 256 values (Q8_K)
-//! to fold the sub-block scales into integers; per-32 scales cost one f32
-//! multiply-add per 32 values more and round less (a block's scale follows
-//! its own largest value, not the super-block's).
+//! Values are quantized per group of the weight format's block: 32 for the
+//! 32-value formats (Q8_0's layout), 256 for the K-quants (one scale per
+//! super-block, as ggml's Q8_K). The scale and sum are still stored per
+//! 32-value block (a K-quant super-block's 8 blocks repeat its scale), so
+//! every kernel reads one layout; the K-quant kernels rely on the shared
+//! scale to sum a super-block's sub-blocks, times their integer scales, in
+//! integers and convert once per 256 values.
 
 /// Values per activation block.
 pub const QK: usize = 32;
@@ -33,26 +33,29 @@ pub struct Q8Row<'a> {
 }
 
 impl Q8Rows {
-    /// Quantize `x` (`[m, k]` row-major) block by block: `d = max|x| / 127`,
-    /// `q = round(x / d)`.
-    pub fn quantize(x: &[f32], k: usize) -> Self {
-        debug_assert!(k.is_multiple_of(QK) && x.len().is_multiple_of(k.max(1)));
+    /// Quantize `x` (`[m, k]` row-major) group by group (`group` values, a
+    /// multiple of [`QK`] dividing `k`): `d = max|x| / 127`, `q = round(x / d)`.
+    pub fn quantize(x: &[f32], k: usize, group: usize) -> Self {
+        assert!(group.is_multiple_of(QK) && k.is_multiple_of(group));
+        debug_assert!(x.len().is_multiple_of(k.max(1)));
         let nb = x.len() / QK;
         let mut qs = vec![0i8; x.len()];
         let (mut d, mut dsum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
-        for (xb, qb) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (xg, qg) in x.chunks_exact(group).zip(qs.chunks_exact_mut(group)) {
+            let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // |v * inv| <= 127 up to rounding; the clamp keeps it in range.
-                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                *q = r;
-                sum += r as i32;
-            }
             let scale = amax / 127.0;
-            d.push(scale);
-            dsum.push(scale * sum as f32);
+            for (xb, qb) in xg.chunks_exact(QK).zip(qg.chunks_exact_mut(QK)) {
+                let mut sum = 0i32;
+                for (q, v) in qb.iter_mut().zip(xb) {
+                    // |v * inv| <= 127 up to rounding; the clamp keeps it in range.
+                    let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    *q = r;
+                    sum += r as i32;
+                }
+                d.push(scale);
+                dsum.push(scale * sum as f32);
+            }
         }
         Self { k, qs, d, dsum }
     }
@@ -90,7 +93,7 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
         x[32..64].fill(0.0); // an all-zero block
-        let q = Q8Rows::quantize(&x, 96);
+        let q = Q8Rows::quantize(&x, 96, QK);
         let r = q.row(0);
         assert_eq!(r.d[1], 0.0);
         for b in 0..3 {
@@ -108,5 +111,28 @@ mod tests {
         let amax = x[..32].iter().fold(0f32, |a, v| a.max(v.abs()));
         assert!(r.qs[..32].iter().any(|&q| q.unsigned_abs() == 127));
         assert_eq!(r.d[0], amax / 127.0);
+    }
+
+    #[test]
+    fn a_group_shares_one_scale_across_its_blocks() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let q = Q8Rows::quantize(&x, 512, 256);
+        let r = q.row(0);
+        for g in 0..2 {
+            let amax = x[256 * g..256 * (g + 1)]
+                .iter()
+                .fold(0f32, |a, v| a.max(v.abs()));
+            for b in 8 * g..8 * g + 8 {
+                assert_eq!(r.d[b], amax / 127.0, "block {b}");
+                let sum: i32 = r.qs[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
+                assert_eq!(r.dsum[b], r.d[b] * sum as f32);
+            }
+        }
+        let back = q.dequantized();
+        for (v, b) in x.iter().zip(&back) {
+            assert!((v - b).abs() <= r.d[0].max(r.d[8]) * 0.5 + 1e-6);
+        }
     }
 }

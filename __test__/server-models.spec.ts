@@ -161,6 +161,9 @@ test('terminating a model mid-download stops the download; launching it again re
     const release = hub.hold(HUB_REPO_2, 'model.safetensors', 100_000)
     t.is((await post(`${s.base}/v1/instances`, { model: HUB_REPO_2, uid: 'stopme' })).status, 202)
     t.true(await until(async () => (await get(`${s.base}/v1/instances/stopme`)).json.download?.total_bytes >= 3185032, 60_000))
+    // Terminate once some bytes are on disk (the response headers arrive
+    // before the first body bytes are written).
+    t.true(await until(async () => existsSync(part) && statSync(part).size > 0, 60_000))
     t.is((await del(`${s.base}/v1/instances/stopme`)).status, 200)
     // The download stops (its lock goes) and keeps what arrived.
     t.true(await until(async () => existsSync(part) && !existsSync(`${part}.lock`), 60_000))

@@ -109,6 +109,12 @@ macro_rules! kernels {
                 _mm256_loadu_si256(a[..32].as_ptr() as *const __m256i)
             }
 
+            /// 32 activation bytes at `p` (inside a row [`Acts`] points into).
+            #[inline(always)]
+            unsafe fn load_acts(p: *const i8) -> __m256i {
+                _mm256_loadu_si256(p as *const __m256i)
+            }
+
             /// `acc + f32(p) * s`.
             #[inline(always)]
             unsafe fn fma(acc: __m256, p: __m256i, s: __m256) -> __m256 {
@@ -148,26 +154,53 @@ macro_rules! kernels {
                 _mm256_and_si256(set, _mm256_set1_epi8(0x10))
             }
 
-            /// Block `b` of a 32-value-format row with block `b` of each
-            /// activation row: `acc[i] += dot * d * d_a`, and the block's
-            /// offset (zero point or min) times the activations' sum to
-            /// `offs[i]`.
-            #[inline(always)]
-            unsafe fn legacy_block<const T: u8, const M: usize>(
-                row: &[u8],
-                a: &[Q8Row; M],
-                b: usize,
-                acc: &mut [__m256; M],
-                offs: &mut [f32; M],
-            ) {
-                let bsz = match T {
+            /// A 32-value format's block size in bytes.
+            const fn block_bytes<const T: u8>() -> usize {
+                match T {
                     Q8_0 => 34,
                     Q4_0 => 18,
                     Q4_1 => 20,
                     Q5_0 => 22,
                     _ => 24,
-                };
-                let blk = &row[bsz * b..bsz * b + bsz];
+                }
+            }
+
+            /// The activation rows as raw pointers (quants, scales, scaled
+            /// sums), read once: the block loop then keeps them in
+            /// registers instead of re-reading the slices and checking
+            /// bounds per block.
+            struct Acts<const M: usize> {
+                qs: [*const i8; M],
+                d: [*const f32; M],
+                dsum: [*const f32; M],
+            }
+
+            impl<const M: usize> Acts<M> {
+                fn of(a: &[Q8Row; M]) -> Self {
+                    Self {
+                        qs: std::array::from_fn(|i| a[i].qs.as_ptr()),
+                        d: std::array::from_fn(|i| a[i].d.as_ptr()),
+                        dsum: std::array::from_fn(|i| a[i].dsum.as_ptr()),
+                    }
+                }
+            }
+
+            /// Block `b` of a 32-value-format row (`blk` its first byte)
+            /// with block `b` of each activation row: `acc[i] += dot * d *
+            /// d_a`, and the block's offset (zero point or min) times the
+            /// activations' sum to `offs[i]`.
+            ///
+            /// # Safety
+            /// `blk` points at a whole block; each activation row has block `b`.
+            #[inline(always)]
+            unsafe fn legacy_block<const T: u8, const M: usize>(
+                blk: *const u8,
+                a: &Acts<M>,
+                b: usize,
+                acc: &mut [__m256; M],
+                offs: &mut [f32; M],
+            ) {
+                let blk = std::slice::from_raw_parts(blk, block_bytes::<T>());
                 let d = f16(blk, 0);
                 // Q4_0 decodes as (q - 8) d, Q5_0 as (q - 16) d, Q4_1 and
                 // Q5_1 as q d + m.
@@ -184,11 +217,11 @@ macro_rules! kernels {
                 };
                 let wu = if T == Q8_0 { _mm256_abs_epi8(w) } else { w };
                 for i in 0..M {
-                    let x = acts(&a[i].qs[QK * b..]);
+                    let x = load_acts(a.qs[i].add(QK * b));
                     let x = if T == Q8_0 { _mm256_sign_epi8(x, w) } else { x };
-                    acc[i] = fma(acc[i], dot(wu, x), _mm256_set1_ps(d * a[i].d[b]));
+                    acc[i] = fma(acc[i], dot(wu, x), _mm256_set1_ps(d * *a.d[i].add(b)));
                     if T != Q8_0 {
-                        offs[i] += off * a[i].dsum[b];
+                        offs[i] += off * *a.dsum[i].add(b);
                     }
                 }
             }
@@ -198,19 +231,24 @@ macro_rules! kernels {
             /// otherwise).
             #[inline(always)]
             unsafe fn legacy<const T: u8, const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
-                let nb = a[0].d.len();
+                let bsz = block_bytes::<T>();
+                let nb = row.len() / bsz;
+                assert!(a
+                    .iter()
+                    .all(|a| a.d.len() >= nb && a.dsum.len() >= nb && a.qs.len() >= nb * QK));
+                let acts = Acts::of(a);
                 let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
                 let mut offs = [0f32; M];
+                let rp = row.as_ptr();
                 let mut b = 0;
-                let bsz = row.len() / nb.max(1);
                 while b + 1 < nb {
                     prefetch_ahead(&row[bsz * b..], 2 * bsz);
-                    legacy_block::<T, M>(row, a, b, &mut acc0, &mut offs);
-                    legacy_block::<T, M>(row, a, b + 1, &mut acc1, &mut offs);
+                    legacy_block::<T, M>(rp.add(bsz * b), &acts, b, &mut acc0, &mut offs);
+                    legacy_block::<T, M>(rp.add(bsz * (b + 1)), &acts, b + 1, &mut acc1, &mut offs);
                     b += 2;
                 }
                 if b < nb {
-                    legacy_block::<T, M>(row, a, b, &mut acc0, &mut offs);
+                    legacy_block::<T, M>(rp.add(bsz * b), &acts, b, &mut acc0, &mut offs);
                 }
                 let mut out = [0f32; M];
                 for i in 0..M {
@@ -231,6 +269,11 @@ macro_rules! kernels {
                 a: &[Q8Row; M],
             ) -> [f32; M] {
                 let (bsz, qoff) = if Q5 { (176, 48) } else { (144, 16) };
+                let nsb = row.len() / bsz;
+                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
+                    && a.dsum.len() >= 8 * nsb
+                    && a.qs.len() >= 256 * nsb));
+                let ap = Acts::of(a);
                 let (mask, bit4) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
                 let mut acc = [_mm256_setzero_ps(); M];
                 let mut offs = [_mm256_setzero_ps(); M];
@@ -280,15 +323,15 @@ macro_rules! kernels {
                         }
                         let (c0, c1) = (scale(2 * c as i16), scale(2 * c as i16 + 1));
                         for i in 0..M {
-                            let x = &a[i].qs[256 * sb + 64 * c..];
-                            s0[i] = dot_scaled(s0[i], lo, acts(x), c0);
-                            s1[i] = dot_scaled(s1[i], hi, acts(&x[QK..]), c1);
+                            let x = ap.qs[i].add(256 * sb + 64 * c);
+                            s0[i] = dot_scaled(s0[i], lo, load_acts(x), c0);
+                            s1[i] = dot_scaled(s1[i], hi, load_acts(x.add(QK)), c1);
                         }
                     }
                     for i in 0..M {
                         let s = _mm256_add_epi32(s0[i], s1[i]);
-                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * a[i].d[8 * sb]));
-                        let dsum = _mm256_loadu_ps(a[i].dsum[8 * sb..8 * sb + 8].as_ptr());
+                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
+                        let dsum = _mm256_loadu_ps(ap.dsum[i].add(8 * sb));
                         offs[i] = _mm256_fmadd_ps(mins, dsum, offs[i]);
                     }
                 }
@@ -414,6 +457,11 @@ macro_rules! kernels {
                     _mm256_set1_epi8(3),
                     _mm256_set1_epi8(32),
                 );
+                let nsb = row.len() / 210;
+                assert!(a
+                    .iter()
+                    .all(|a| a.d.len() >= 8 * nsb && a.qs.len() >= 256 * nsb));
+                let ap = Acts::of(a);
                 let mut acc = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(210).enumerate() {
                     prefetch_ahead(blk, blk.len());
@@ -456,7 +504,7 @@ macro_rules! kernels {
                                 ),
                             );
                             for i in 0..M {
-                                let x = _mm256_sign_epi8(acts(&a[i].qs[QK * g..]), w);
+                                let x = _mm256_sign_epi8(load_acts(ap.qs[i].add(QK * g)), w);
                                 if t % 2 == 0 {
                                     s0[i] = dot_scaled(s0[i], wu, x, s);
                                 } else {
@@ -467,7 +515,7 @@ macro_rules! kernels {
                     }
                     for i in 0..M {
                         let s = _mm256_add_epi32(s0[i], s1[i]);
-                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * a[i].d[8 * sb]));
+                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
                     }
                 }
                 let mut out = [0f32; M];

@@ -186,49 +186,60 @@ macro_rules! kernels {
             }
 
             /// Block `b` of a 32-value-format row (`blk` its first byte)
-            /// with block `b` of each activation row: `acc[i] += dot * d *
-            /// d_a`, and the block's offset (zero point or min) times the
-            /// activations' sum to `offs[i]`.
+            /// with block `b` of each activation row: `acc[i] += dot *
+            /// scale[i]` (the weight's and the activation block's scales).
             ///
             /// # Safety
             /// `blk` points at a whole block; each activation row has block `b`.
             #[inline(always)]
-            unsafe fn legacy_block<const T: u8, const M: usize>(
+            unsafe fn legacy_dot<const T: u8, const M: usize>(
                 blk: *const u8,
                 a: &Acts<M>,
                 b: usize,
                 acc: &mut [__m256; M],
-                offs: &mut [f32; M],
+                scale: &[__m256; M],
             ) {
                 let blk = std::slice::from_raw_parts(blk, block_bytes::<T>());
-                let d = f16(blk, 0);
-                // Q4_0 decodes as (q - 8) d, Q5_0 as (q - 16) d, Q4_1 and
-                // Q5_1 as q d + m.
-                let (w, off) = match T {
-                    Q8_0 => (load32(&blk[2..]), 0.0),
-                    Q4_0 => (nibbles(&blk[2..]), -8.0 * d),
-                    Q4_1 => (nibbles(&blk[4..]), f16(blk, 2)),
+                let w = match T {
+                    Q8_0 => load32(&blk[2..]),
+                    Q4_0 => nibbles(&blk[2..]),
+                    Q4_1 => nibbles(&blk[4..]),
                     _ => {
                         let h = if T == Q5_0 { 2 } else { 4 };
                         let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
-                        let w = _mm256_or_si256(nibbles(&blk[h + 4..]), high_bits(qh));
-                        (w, if T == Q5_0 { -16.0 * d } else { f16(blk, 2) })
+                        _mm256_or_si256(nibbles(&blk[h + 4..]), high_bits(qh))
                     }
                 };
                 let wu = if T == Q8_0 { _mm256_abs_epi8(w) } else { w };
                 for i in 0..M {
                     let x = load_acts(a.qs[i].add(QK * b));
                     let x = if T == Q8_0 { _mm256_sign_epi8(x, w) } else { x };
-                    acc[i] = fma(acc[i], dot(wu, x), _mm256_set1_ps(d * *a.d[i].add(b)));
-                    if T != Q8_0 {
-                        offs[i] += off * *a.dsum[i].add(b);
-                    }
+                    acc[i] = fma(acc[i], dot(wu, x), scale[i]);
                 }
             }
 
-            /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows: blocks in pairs, two
-            /// accumulators per activation row (one FMA chain is the limit
-            /// otherwise).
+            /// The f16 in the low (or, with `HIGH`, high) half of each of 8
+            /// i32 lanes, as 8 f32.
+            #[inline(always)]
+            unsafe fn halves8<const HIGH: bool>(raw: __m256i) -> __m256 {
+                let h = if HIGH {
+                    _mm256_srli_epi32(raw, 16)
+                } else {
+                    _mm256_and_si256(raw, _mm256_set1_epi32(0xFFFF))
+                };
+                // Per 128-bit lane [h0..h3, h0..h3] as u16; then the low
+                // quadwords of both lanes side by side.
+                let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0b00_00_10_00);
+                _mm256_cvtph_ps(_mm256_castsi256_si128(packed))
+            }
+
+            /// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows: blocks in groups of 8,
+            /// whose scales (and offsets) are read with one gather and
+            /// combined with the activation blocks' scales as vectors, each
+            /// block's then broadcast from its lane (per block this saves
+            /// the scalar f16 conversion and multiply that otherwise bound
+            /// the kernel); two accumulators per activation row. Tail
+            /// blocks take the scalar-scale path.
             #[inline(always)]
             unsafe fn legacy<const T: u8, const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let bsz = block_bytes::<T>();
@@ -238,21 +249,74 @@ macro_rules! kernels {
                     .all(|a| a.d.len() >= nb && a.dsum.len() >= nb && a.qs.len() >= nb * QK));
                 let acts = Acts::of(a);
                 let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                let mut offs_v = [_mm256_setzero_ps(); M];
                 let mut offs = [0f32; M];
                 let rp = row.as_ptr();
+                let stride = bsz as i32;
+                let at = _mm256_setr_epi32(
+                    0,
+                    stride,
+                    2 * stride,
+                    3 * stride,
+                    4 * stride,
+                    5 * stride,
+                    6 * stride,
+                    7 * stride,
+                );
                 let mut b = 0;
-                while b + 1 < nb {
-                    prefetch_ahead(&row[bsz * b..], 2 * bsz);
-                    legacy_block::<T, M>(rp.add(bsz * b), &acts, b, &mut acc0, &mut offs);
-                    legacy_block::<T, M>(rp.add(bsz * (b + 1)), &acts, b + 1, &mut acc1, &mut offs);
-                    b += 2;
+                while b + 8 <= nb {
+                    prefetch_ahead(&row[bsz * b..], 8 * bsz);
+                    // The first 4 bytes of each block: d, and Q4_1 / Q5_1's m.
+                    let raw = _mm256_i32gather_epi32::<1>(rp.add(bsz * b) as *const i32, at);
+                    let dw = halves8::<false>(raw);
+                    let scales: [__m256; M] = std::array::from_fn(|i| {
+                        _mm256_mul_ps(dw, _mm256_loadu_ps(acts.d[i].add(b)))
+                    });
+                    if T != Q8_0 {
+                        let off = match T {
+                            Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
+                            Q5_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-16.0)),
+                            _ => halves8::<true>(raw),
+                        };
+                        for i in 0..M {
+                            offs_v[i] = _mm256_fmadd_ps(
+                                off,
+                                _mm256_loadu_ps(acts.dsum[i].add(b)),
+                                offs_v[i],
+                            );
+                        }
+                    }
+                    for j in 0..8 {
+                        let lane = _mm256_set1_epi32(j as i32);
+                        let s: [__m256; M] =
+                            std::array::from_fn(|i| _mm256_permutevar8x32_ps(scales[i], lane));
+                        let acc = if j % 2 == 0 { &mut acc0 } else { &mut acc1 };
+                        legacy_dot::<T, M>(rp.add(bsz * (b + j)), &acts, b + j, acc, &s);
+                    }
+                    b += 8;
                 }
-                if b < nb {
-                    legacy_block::<T, M>(rp.add(bsz * b), &acts, b, &mut acc0, &mut offs);
+                while b < nb {
+                    let blk = std::slice::from_raw_parts(rp.add(bsz * b), bsz);
+                    let d = f16(blk, 0);
+                    // Q4_0 decodes as (q - 8) d, Q5_0 as (q - 16) d, Q4_1 and
+                    // Q5_1 as q d + m.
+                    let off = match T {
+                        Q8_0 => 0.0,
+                        Q4_0 => -8.0 * d,
+                        Q5_0 => -16.0 * d,
+                        _ => f16(blk, 2),
+                    };
+                    let s: [__m256; M] =
+                        std::array::from_fn(|i| _mm256_set1_ps(d * *acts.d[i].add(b)));
+                    legacy_dot::<T, M>(blk.as_ptr(), &acts, b, &mut acc0, &s);
+                    for i in 0..M {
+                        offs[i] += off * *acts.dsum[i].add(b);
+                    }
+                    b += 1;
                 }
                 let mut out = [0f32; M];
                 for i in 0..M {
-                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + offs[i];
+                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + hsum(offs_v[i]) + offs[i];
                 }
                 out
             }

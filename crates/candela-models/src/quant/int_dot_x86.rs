@@ -173,6 +173,7 @@ macro_rules! kernels {
                 qs: [*const i8; M],
                 d: [*const f32; M],
                 dsum: [*const f32; M],
+                sum16: [*const i16; M],
             }
 
             impl<const M: usize> Acts<M> {
@@ -181,6 +182,7 @@ macro_rules! kernels {
                         qs: std::array::from_fn(|i| a[i].qs.as_ptr()),
                         d: std::array::from_fn(|i| a[i].d.as_ptr()),
                         dsum: std::array::from_fn(|i| a[i].dsum.as_ptr()),
+                        sum16: std::array::from_fn(|i| a[i].sum16.as_ptr()),
                     }
                 }
             }
@@ -510,36 +512,47 @@ macro_rules! kernels {
             }
 
             /// Q6_K rows: per 32 values, 4 low bits and 2 high bits make
-            /// `q` in 0..64; `q - 32` goes through the sign trick, and each
-            /// 16-value half takes its sub-block's signed 8-bit scale. The
-            /// activations share one scale per super-block (`act_group`):
-            /// products times scales add up in i32, converted once.
+            /// `q` in 0..64, multiplied unsigned; each 16 values' signed
+            /// 8-bit scale applies to its i16 lanes, and the `- 32` of every
+            /// quant comes off once per super-block as `32 * sum_j sc_j *
+            /// sum16_j` (the activations' sums per 16). The activations share
+            /// one scale per super-block (`act_group`): products times
+            /// scales add up in i32, converted once.
             #[inline(always)]
             unsafe fn q6k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
-                let (m4, m3, m32) = (
-                    _mm256_set1_epi8(0x0F),
-                    _mm256_set1_epi8(3),
-                    _mm256_set1_epi8(32),
-                );
+                let (m4, m3) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
                 let nsb = row.len() / 210;
-                assert!(a
-                    .iter()
-                    .all(|a| a.d.len() >= 8 * nsb && a.qs.len() >= 256 * nsb));
+                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
+                    && a.sum16.len() >= 16 * nsb
+                    && a.qs.len() >= 256 * nsb));
                 let ap = Acts::of(a);
                 let mut acc = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(210).enumerate() {
                     prefetch_ahead(blk, blk.len());
                     let d = f16(blk, 208);
+                    // The 16 scales as i16, for the offset and (per half, in
+                    // both 128-bit lanes) for the products.
+                    let sc = _mm_loadu_si128(blk[192..208].as_ptr() as *const __m128i);
+                    let sc_all = _mm256_cvtepi8_epi16(sc);
                     let (mut s0, mut s1) =
                         ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+                    for i in 0..M {
+                        let sums = _mm256_loadu_si256(ap.sum16[i].add(16 * sb) as *const __m256i);
+                        s0[i] = _mm256_sub_epi32(
+                            s0[i],
+                            _mm256_slli_epi32(_mm256_madd_epi16(sc_all, sums), 5),
+                        );
+                    }
                     for half in 0..2 {
                         let ql0 = load32(&blk[64 * half..]);
                         let ql1 = load32(&blk[64 * half + 32..]);
                         let qh = load32(&blk[128 + 32 * half..]);
-                        // The half's 8 signed scales as i16, in both 128-bit lanes.
-                        let sc =
-                            _mm_loadl_epi64(blk[192 + 8 * half..][..8].as_ptr() as *const __m128i);
-                        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc));
+                        let sc_half = if half == 0 {
+                            sc
+                        } else {
+                            _mm_unpackhi_epi64(sc, sc)
+                        };
+                        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc_half));
                         let lows = [
                             _mm256_and_si256(ql0, m4),
                             _mm256_and_si256(ql1, m4),
@@ -555,8 +568,7 @@ macro_rules! kernels {
                         for t in 0..4 {
                             let g = 8 * sb + 4 * half + t;
                             let high = _mm256_slli_epi16(_mm256_and_si256(highs[t], m3), 4);
-                            let w = _mm256_sub_epi8(_mm256_or_si256(lows[t], high), m32);
-                            let wu = _mm256_abs_epi8(w);
+                            let q = _mm256_or_si256(lows[t], high);
                             // i16 lanes 0..8 hold values 0..16 (scale 2t), 8..16
                             // the rest (scale 2t + 1): byte shuffles of sc16.
                             let (l, h) = (4 * t as i16, 4 * t as i16 + 2);
@@ -568,11 +580,11 @@ macro_rules! kernels {
                                 ),
                             );
                             for i in 0..M {
-                                let x = _mm256_sign_epi8(load_acts(ap.qs[i].add(QK * g)), w);
+                                let x = load_acts(ap.qs[i].add(QK * g));
                                 if t % 2 == 0 {
-                                    s0[i] = dot_scaled(s0[i], wu, x, s);
+                                    s0[i] = dot_scaled(s0[i], q, x, s);
                                 } else {
-                                    s1[i] = dot_scaled(s1[i], wu, x, s);
+                                    s1[i] = dot_scaled(s1[i], q, x, s);
                                 }
                             }
                         }

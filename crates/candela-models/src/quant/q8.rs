@@ -22,6 +22,9 @@ pub struct Q8Rows {
     /// Per block: `d * sum(q)`, for weight formats with an offset (zero
     /// point or min): `sum_j (s w_j + o) x_j = s sum_j w_j x_j + o sum_j x_j`.
     dsum: Vec<f32>,
+    /// Per 16 values: `sum(q)` (K-quants with 16-value scales take their
+    /// offset from it in integers).
+    sum16: Vec<i16>,
 }
 
 /// One quantized row.
@@ -30,6 +33,7 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub dsum: &'a [f32],
+    pub sum16: &'a [i16],
 }
 
 impl Q8Rows {
@@ -41,23 +45,31 @@ impl Q8Rows {
         let nb = x.len() / QK;
         let mut qs = vec![0i8; x.len()];
         let (mut d, mut dsum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+        let mut sum16 = Vec::with_capacity(2 * nb);
         for (xg, qg) in x.chunks_exact(group).zip(qs.chunks_exact_mut(group)) {
             let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let scale = amax / 127.0;
             for (xb, qb) in xg.chunks_exact(QK).zip(qg.chunks_exact_mut(QK)) {
-                let mut sum = 0i32;
                 for (q, v) in qb.iter_mut().zip(xb) {
                     // |v * inv| <= 127 up to rounding; the clamp keeps it in range.
-                    let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                    *q = r;
-                    sum += r as i32;
+                    *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
                 }
+                // At most 16 x 127 per half: an i16.
+                let half = |h: &[i8]| h.iter().map(|&q| q as i16).sum::<i16>();
+                let (s0, s1) = (half(&qb[..QK / 2]), half(&qb[QK / 2..]));
+                sum16.extend([s0, s1]);
                 d.push(scale);
-                dsum.push(scale * sum as f32);
+                dsum.push(scale * (s0 as i32 + s1 as i32) as f32);
             }
         }
-        Self { k, qs, d, dsum }
+        Self {
+            k,
+            qs,
+            d,
+            dsum,
+            sum16,
+        }
     }
 
     /// Row `i`.
@@ -67,6 +79,7 @@ impl Q8Rows {
             qs: &self.qs[i * self.k..(i + 1) * self.k],
             d: &self.d[i * nb..(i + 1) * nb],
             dsum: &self.dsum[i * nb..(i + 1) * nb],
+            sum16: &self.sum16[2 * i * nb..2 * (i + 1) * nb],
         }
     }
 }
@@ -128,6 +141,13 @@ mod tests {
                 assert_eq!(r.d[b], amax / 127.0, "block {b}");
                 let sum: i32 = r.qs[b * QK..(b + 1) * QK].iter().map(|&q| q as i32).sum();
                 assert_eq!(r.dsum[b], r.d[b] * sum as f32);
+                for h in 0..2 {
+                    let part = &r.qs[b * QK + 16 * h..b * QK + 16 * h + 16];
+                    assert_eq!(
+                        r.sum16[2 * b + h] as i32,
+                        part.iter().map(|&q| q as i32).sum::<i32>()
+                    );
+                }
             }
         }
         let back = q.dequantized();

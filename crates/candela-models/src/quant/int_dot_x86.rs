@@ -1,13 +1,17 @@
 //! x86 integer kernels. Each 32-value weight group is unpacked once into 32
 //! unsigned bytes (signed quants as |w| with w's sign moved onto the
-//! activations) and multiplied with the 32 activation bytes of each of up
-//! to 4 activation rows into eight i32 lanes of four products, converted to
-//! f32 and accumulated with the group's combined scale: batched rows share
-//! the unpacking, and the rows' accumulators are independent chains.
-//! Everything but the entry point is inlined into it (`inline(always)`), so
-//! the accumulators stay in registers. Three builds of the same kernels differ only in that multiply: AVX2
-//! `vpmaddubsw` + `vpmaddwd` (pairs saturate at i16, which no format here
-//! reaches: at most 2 x 128 x 127), and VNNI `vpdpbusd` in its AVX-VNNI and
+//! activations, or offset quants taken unsigned with the offset applied from
+//! the activations' sums) and multiplied with the 32 activation bytes of
+//! each of up to 4 activation rows: batched rows share the unpacking, and
+//! the rows' accumulators are independent chains. The 32-value formats
+//! scale each group's i32 sums in f32 (the scales of 8 groups read and
+//! combined as vectors); the K-quants multiply each sub-block's i16 pair
+//! sums by its integer scale into i32 over the whole super-block and scale
+//! once. Everything but the entry point is inlined into it
+//! (`inline(always)`), so the accumulators stay in registers. Three builds of
+//! the same kernels differ only in the multiplies: AVX2 `vpmaddubsw` +
+//! `vpmaddwd` (pairs saturate at i16, which no format here reaches: at most
+//! 2 x 128 x 127), and VNNI `vpdpbusd` / `vpdpwssd` in their AVX-VNNI and
 //! AVX512-VNNI (256-bit, VL) encodings.
 
 use std::arch::x86_64::*;

@@ -609,7 +609,6 @@ impl DecoderLm {
                 .map(|s| (s.query_start + s.query_len - 1) as u32)
                 .collect(),
         };
-
         if n == 0 {
             return Tensor::zeros((rows.len(), self.cfg.vocab_size), DType::F32, &self.device);
         }

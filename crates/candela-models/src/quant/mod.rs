@@ -87,7 +87,8 @@ pub struct BlockMatrix {
     /// Raw blocks, row after row; u64 storage keeps block structs aligned.
     data: Vec<u64>,
     /// Per row, the sum of its values' magnitudes (bounds an 8-bit
-    /// product's error: [`Activations::Int8Top`]); made on first use.
+    /// product's error: [`Activations::Int8Top`]); made at load
+    /// ([`BlockMatrix::prepare_logits`]) or on first use.
     row_l1: std::sync::OnceLock<Vec<f32>>,
 }
 
@@ -1032,7 +1033,7 @@ impl BlockMatrix {
             return Ok(out);
         }
         if acts == Activations::Int8Top {
-            return Ok(self.int8_top(x, m));
+            return self.int8_top(x, m);
         }
         let panel_engine = match acts {
             Activations::Bf16 => crate::panel_gemm::bf16_engine(),
@@ -1162,10 +1163,10 @@ impl BlockMatrix {
     /// `F32` path's bit for bit (whatever the batch), and the rest are
     /// within the bound. The head then streams the weights at the integer
     /// kernels' rate instead of the f32 ones'.
-    fn int8_top(&self, x: &[f32], m: usize) -> Vec<f32> {
+    fn int8_top(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         if !int_dot::supported(self.dtype) {
-            return self.matmul_f32(x, m, Activations::F32).unwrap_or_default();
+            return self.matmul_f32(x, m, Activations::F32);
         }
         let mut out = self.int8_product(x, m);
         let l1 = self.row_l1();
@@ -1193,7 +1194,7 @@ impl BlockMatrix {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Makes what [`Activations::Int8Top`] needs (the rows' magnitudes) now,
@@ -1314,8 +1315,6 @@ mod tests {
         Ok(())
     }
 
-    /// Our row decoders (vector ones where the CPU has them) give candle's
-    /// dequantized values bit for bit.
     /// `Int8Top`: the argmax and every value near it are the f32 path's
     /// bits for one row (alone or batched), the rest within the bound, and
     /// the 8-bit values are kept for most rows.
@@ -1394,6 +1393,8 @@ mod tests {
         }
     }
 
+    /// Our row decoders (vector ones where the CPU has them) give candle's
+    /// dequantized values bit for bit.
     #[test]
     fn rows_decode_as_candle_dequantizes() -> Result<()> {
         let dev = Device::Cpu;

@@ -15,7 +15,7 @@
 use candle_core::quantized::GgmlDType;
 
 use super::q8::{Q8Row, QK};
-use super::{f16_at, scale_min_k4};
+use super::{f16_at, scales_mins_k4};
 
 /// Weight formats with an integer kernel.
 pub fn supported(dtype: GgmlDType) -> bool {
@@ -181,11 +181,12 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 let Ok(scales) = <&[u8; 12]>::try_from(&blk[4..16]) else {
                     continue;
                 };
+                let (scs, mns) = scales_mins_k4(scales);
                 for j in 0..8 {
                     let Some((qa, (&da, &dsum))) = groups.next() else {
                         break;
                     };
-                    let (sc, mn) = scale_min_k4(j, scales);
+                    let (sc, mn) = (scs[j] as f32, mns[j] as f32);
                     // Sub-block 2c is the low nibbles of qs[32c..32c+32], 2c+1
                     // the high ones; Q5_K's bit 4 is bit j of qh[l].
                     let q = &blk[qoff + 32 * (j / 2)..qoff + 32 * (j / 2) + 32];

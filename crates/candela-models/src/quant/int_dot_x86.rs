@@ -355,13 +355,15 @@ macro_rules! kernels {
                     };
                     let (sc, mn) = scales_mins_k4(scales);
                     let mins = _mm256_mul_ps(
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(
+                            i64::from_le_bytes(mn),
+                        ))),
                         _mm256_set1_ps(dmin),
                     );
                     // Scale j in both bytes of i16 lane j (and j + 8): a
                     // byte shuffle broadcasts it.
                     let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
-                        sc as i64,
+                        i64::from_le_bytes(sc),
                     )));
                     let scale = |j: i16| {
                         _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(((2 * j + 1) << 8) | (2 * j)))

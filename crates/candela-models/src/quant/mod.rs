@@ -281,12 +281,13 @@ unsafe fn decode_kquant_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 let Ok(scales) = <&[u8; 12]>::try_from(&blk[4..16]) else {
                     continue;
                 };
+                let (sc, mn) = scales_mins_k4(scales);
                 let op = o.as_mut_ptr();
                 for j in 0..4 {
                     // 64 values: the low nibbles of qs[32j..32j + 32] are
                     // sub-block 2j, the high ones 2j + 1.
-                    let (s1, m1) = scale_min_k4(2 * j, scales);
-                    let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (s1, m1) = (sc[2 * j] as f32, mn[2 * j] as f32);
+                    let (s2, m2) = (sc[2 * j + 1] as f32, mn[2 * j + 1] as f32);
                     let (d1, m1) = (_mm256_set1_ps(d * s1), _mm256_set1_ps(dmin * m1));
                     let (d2, m2) = (_mm256_set1_ps(d * s2), _mm256_set1_ps(dmin * m2));
                     for c in 0..4 {
@@ -420,35 +421,20 @@ fn fused_row_dot(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     s + offs
 }
 
-/// Scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
+/// The 8 scales and the 8 mins (6 bits each) of a Q4_K/Q5_K block, index
+/// `j` for sub-block `j`, unpacked with word operations: scales 0..4 and
+/// mins 0..4 are the low 6 bits of bytes 0..4 and 4..8; 4..8 take their low
+/// 4 bits from the nibbles of bytes 8..12 and their high 2 from the top bits
+/// of bytes 0..4 and 4..8.
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8; 12]) -> (f32, f32) {
-    if j < 4 {
-        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
-    } else {
-        (
-            ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)) as f32,
-            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as f32,
-        )
-    }
-}
-
-/// The 8 scales and the 8 mins of a Q4_K/Q5_K block, one byte each (byte
-/// `j` is sub-block `j`'s, as [`scale_min_k4`] gives them), unpacked with
-/// word operations: scales 0..4 and mins 0..4 are the low 6 bits of bytes
-/// 0..4 and 4..8; 4..8 take their low 4 bits from the nibbles of bytes
-/// 8..12 and their high 2 from the top bits of bytes 0..4 and 4..8.
-#[inline(always)]
-fn scales_mins_k4(q: &[u8; 12]) -> (u64, u64) {
+fn scales_mins_k4(q: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let w = |i: usize| u32::from_le_bytes([q[i], q[i + 1], q[i + 2], q[i + 3]]);
     let (w0, w1, w2) = (w(0), w(4), w(8));
     let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
     let scales_hi = (w2 & low4) | (((w0 >> 6) & top2) << 4);
     let mins_hi = ((w2 >> 4) & low4) | (((w1 >> 6) & top2) << 4);
-    (
-        (w0 & low6) as u64 | (scales_hi as u64) << 32,
-        (w1 & low6) as u64 | (mins_hi as u64) << 32,
-    )
+    let join = |lo: u32, hi: u32| (lo as u64 | (hi as u64) << 32).to_le_bytes();
+    (join(w0 & low6, scales_hi), join(w1 & low6, mins_hi))
 }
 
 /// A row of Q4_K super-blocks (256 values: 8 sub-blocks of 32 with 6-bit
@@ -469,9 +455,10 @@ fn fused_q4k(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
             continue;
         };
         let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let (sc, mn) = scales_mins_k4(scales);
         for c in 0..4 {
-            let (sc1, m1) = scale_min_k4(2 * c, scales);
-            let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+            let (sc1, m1) = (sc[2 * c] as f32, mn[2 * c] as f32);
+            let (sc2, m2) = (sc[2 * c + 1] as f32, mn[2 * c + 1] as f32);
             let (d1, d2) = (d * sc1, d * sc2);
             let (Ok(q), Ok(x0), Ok(x1)) = (
                 <&[u8; 32]>::try_from(&qs[32 * c..32 * c + 32]),
@@ -1181,13 +1168,18 @@ impl BlockMatrix {
                 .map(|(&v, &l)| v - l * per_l1)
                 .fold(f32::NEG_INFINITY, f32::max);
             let top: Vec<usize> = (0..n).filter(|&r| y[r] + l1[r] * per_l1 >= floor).collect();
+            let fused = has_fused(self.dtype);
             let xsum = block_sums(xi);
-            let mut buf = vec![0f32; ROW_GROUP * k];
+            let mut buf = if fused {
+                Vec::new()
+            } else {
+                vec![0f32; ROW_GROUP * k]
+            };
             let dst = SendPtr(y.as_mut_ptr());
             // One row at a time through the kernel `F32` takes for one input
             // row, so these values do not depend on the batch.
             for r in top {
-                if has_fused(self.dtype) {
+                if fused {
                     rows_dot_fused_dispatch(self, r, 1, xi, &xsum, 1, dst);
                 } else {
                     rows_dot_decoded_dispatch(self, r, 1, xi, 1, &mut buf, dst);
@@ -1386,9 +1378,17 @@ mod tests {
             });
             let (sc, mn) = scales_mins_k4(&q);
             for j in 0..8 {
-                let (s, m) = scale_min_k4(j, &q);
-                assert_eq!(((sc >> (8 * j)) & 0xff) as f32, s, "scale {j} of {q:?}");
-                assert_eq!(((mn >> (8 * j)) & 0xff) as f32, m, "min {j} of {q:?}");
+                // ggml's `get_scale_min_k4`, byte by byte.
+                let (s, m) = if j < 4 {
+                    (q[j] & 63, q[j + 4] & 63)
+                } else {
+                    (
+                        (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+                        (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                    )
+                };
+                assert_eq!(sc[j], s, "scale {j} of {q:?}");
+                assert_eq!(mn[j], m, "min {j} of {q:?}");
             }
         }
     }

@@ -3,14 +3,15 @@
 //
 //   npm run bench -- <workload> [options]
 //   workloads: single offline serving multimodal prefix all | sanity profile report
-//              shapes-single shapes-offline (real model shapes, random weights: see
-//              prepare-real-shapes.py; not in `all`)
+//              shapes-single shapes-offline shapes-vision (real model shapes, random
+//              weights: see prepare-real-shapes.py; not in `all`)
 //
 //   --runs N          timed runs per engine, interleaved (default 3; --quick: 1)
 //   --quick           tiny sizes, for a smoke test of the whole pipeline
 //   --models a,b      restrict to these models: smollm2, qwen05b (single, offline);
 //                     qwen2.5-1.5b, qwen2.5-3b (shapes-*, default: those prepared)
 //   --engines a,b     restrict to these engines: candela, llama.cpp, transformers
+//                     (shapes-vision: candela, llama-server, transformers)
 //   --cases a,b       keep only the cases whose id contains one of these (e.g. q8_0,bf16)
 //   --threads N       CPU threads for every engine (default 2)
 //   --device cuda     run candela, transformers and llama.cpp on the GPU (see RESULTS.md)
@@ -26,7 +27,7 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { freemem } from 'node:os'
+import { freemem, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
@@ -55,7 +56,7 @@ import { casesTable, ratiosTable, sanityTable } from './lib/render.mjs'
 import { Rec, closedLoop, servingStats } from './lib/streams.mjs'
 
 const WORKLOADS = ['single', 'offline', 'serving', 'multimodal', 'prefix']
-const SHAPES_WORKLOADS = ['shapes-single', 'shapes-offline']
+const SHAPES_WORKLOADS = ['shapes-single', 'shapes-offline', 'shapes-vision']
 const { values: opt, positionals } = parseArgs({
   allowPositionals: true,
   options: {
@@ -94,7 +95,11 @@ const ENGINE = {
   candela: { label: 'candela', cmd: () => process.execPath, args: [join(BENCH_DIR, 'workers', 'candela.mjs')] },
   'llama.cpp': { label: 'node-llama-cpp', cmd: () => process.execPath, args: [join(BENCH_DIR, 'workers', 'llamacpp.mjs')] },
   transformers: { label: 'transformers', cmd: () => venvPython(), args: [join(BENCH_DIR, 'workers', 'hf.py')] },
+  // llama.cpp's own OpenAI-compatible server (shapes-vision: its multimodal runtime, mtmd)
+  'llama-server': { label: 'llama.cpp llama-server' },
 }
+// llama.cpp's tools built from the llama-cpp-python sdist (see RESULTS.md): llama-server, llama-quantize
+const LLAMA_BIN = process.env.CANDELA_BENCH_LLAMA_BIN || '/work/build-bench/bin'
 const threadEnv = {
   RAYON_NUM_THREADS: String(THREADS),
   OMP_NUM_THREADS: String(THREADS),
@@ -116,6 +121,7 @@ const modelLabel = {
   vl: 'qwen2-vl-tiny fixture',
   'qwen2.5-1.5b': 'Qwen2.5-1.5B-shaped, random weights',
   'qwen2.5-3b': 'Qwen2.5-3B-shaped, random weights',
+  'qwen2.5-vl-3b': 'Qwen2.5-VL-3B-shaped, random weights',
 }
 
 /**
@@ -374,14 +380,16 @@ async function freePort() {
   })
 }
 
-/** candela serve in a child process, driven by the openai client from here. */
-async function servingHttp(c, levels, warmup, maxTokens) {
-  const { default: OpenAI } = await import('openai')
+/**
+ * An OpenAI-compatible server in a child process (candela serve, llama-server),
+ * ready once GET /health answers 200 (the tail of its output goes into the
+ * error if it never is). Returns its base URL, pid, start-to-ready seconds and
+ * `stop()`.
+ */
+async function startServer(cmd, args) {
   const port = await freePort()
   const t0 = performance.now()
-  const args = [join(ROOT, 'dist', 'cli.js'), 'serve', c.weights, '--port', String(port), '--max-num-seqs', '64', '--disable-log-requests', '--served-model-name', 'bench']
-  if (DEVICE === 'cuda') args.push('--device', 'cuda')
-  const child = spawn(process.execPath, args, { cwd: ROOT, env: { ...process.env, ...threadEnv }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(cmd, [...args, '--port', String(port)], { cwd: ROOT, env: { ...process.env, ...threadEnv }, stdio: ['ignore', 'pipe', 'pipe'] })
   let log = ''
   const keep = (d) => {
     log = (log + d).slice(-4000)
@@ -391,17 +399,35 @@ async function servingHttp(c, levels, warmup, maxTokens) {
   child.stderr.on('data', keep)
   const exited = new Promise((r) => child.on('exit', r))
   const base = `http://127.0.0.1:${port}`
+  const stop = async () => {
+    child.kill('SIGTERM')
+    await exited
+  }
   try {
     for (let i = 0; ; i++) {
-      if (child.exitCode !== null) throw new Error(`candela serve exited: ${log}`)
-      if (i > 1200) throw new Error(`candela serve not ready after 120 s: ${log}`)
+      if (child.exitCode !== null) throw new Error(`${cmd} exited: ${log}`)
+      if (i > 6000) throw new Error(`${cmd} not ready after 600 s: ${log}`)
       try {
         const r = await fetch(`${base}/health`)
         if (r.status === 200) break
       } catch {}
       await new Promise((r) => setTimeout(r, 100))
     }
-    const loadS = (performance.now() - t0) / 1000
+  } catch (err) {
+    await stop()
+    throw err
+  }
+  return { base, pid: child.pid, loadS: round((performance.now() - t0) / 1000, 2), stop }
+}
+
+/** candela serve in a child process, driven by the openai client from here. */
+async function servingHttp(c, levels, warmup, maxTokens) {
+  const { default: OpenAI } = await import('openai')
+  const args = [join(ROOT, 'dist', 'cli.js'), 'serve', c.weights, '--max-num-seqs', '64', '--disable-log-requests', '--served-model-name', 'bench']
+  if (DEVICE === 'cuda') args.push('--device', 'cuda')
+  const server = await startServer(process.execPath, args)
+  const { base } = server
+  try {
     const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 1_800_000 })
     const send = async (ids, n) => {
       const rec = new Rec()
@@ -429,10 +455,9 @@ async function servingHttp(c, levels, warmup, maxTokens) {
       const { recs, t0: a, t1: b } = await closedLoop(lv.prompts, lv.concurrency, (ids) => send(ids, maxTokens))
       out.push({ concurrency: lv.concurrency, ...servingStats(recs, a, b) })
     }
-    return { engine: 'candela', via: 'http', model: c.weights.split('/').at(-1), loadS: round(loadS, 2), levels: out, peakRssMiB: peakRssMiB(child.pid) }
+    return { engine: 'candela', via: 'http', model: c.weights.split('/').at(-1), loadS: server.loadS, levels: out, peakRssMiB: peakRssMiB(server.pid) }
   } finally {
-    child.kill('SIGTERM')
-    await exited
+    await server.stop()
   }
 }
 
@@ -529,6 +554,161 @@ W['shapes-offline'] = async () => {
     ],
     run: (c) => runCase(c, { task: 'offline', ...prompts[c.model], maxTokens: p.maxTokens, load: { maxNumSeqs: 64 } }),
   }
+}
+
+/**
+ * n distinct JPEGs of the same picture and size (brightness steps of 1 %), so
+ * every request misses every media cache an engine has (candela's processor
+ * and encoder caches, llama-server's prompt cache, which hashes the pixels).
+ */
+function imageVariants(src, n) {
+  const dir = join(tmpdir(), 'candela-bench-images')
+  mkdirSync(dir, { recursive: true })
+  const code = [
+    'import sys; from PIL import Image, ImageEnhance',
+    'src, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3]); im = Image.open(src).convert("RGB")',
+    'for i in range(n): ImageEnhance.Brightness(im).enhance(1 - 0.01 * i).save(f"{out}/v{i}.jpg", quality=92)',
+  ].join('\n')
+  const r = spawnSync(venvPython(), ['-c', code, src, dir, String(n)], { encoding: 'utf8' })
+  if (r.status !== 0) throw new Error(`image variants: ${r.stderr}`)
+  return Array.from({ length: n }, (_, i) => join(dir, `v${i}.jpg`))
+}
+
+W['shapes-vision'] = async () => {
+  const p = QUICK ? { maxTokens: 4, concurrent: 2 } : { maxTokens: 16, concurrent: 8 }
+  const m = 'qwen2.5-vl-3b'
+  const f = (x) => join(SHAPES_DIR, x)
+  if (!existsSync(f(`${m}.json`))) throw new Error(`no ${m} in ${SHAPES_DIR}: run benchmark/prepare-real-shapes.py ${m} first`)
+  const info = JSON.parse(readFileSync(f(`${m}.json`), 'utf8'))
+  const gguf = f(`${m}.q4_k_m.gguf`)
+  const mmproj = f(`${m}.mmproj-f16.gguf`)
+  const dir = f(m)
+  // One KV budget for both servers: 16,384 tokens of f16 K and V (llama-server -c 16384).
+  const c = info.config
+  const kvBytes = 16384 * c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size / c.num_attention_heads) * 2
+  const pair = 'GGUF Q4_K_M + mmproj F16 (llama.cpp\'s converter)'
+  const cases = pickEngines([
+    { id: `candela/${m}-q4_k_m`, engine: 'candela', model: m, weights: gguf, mmproj, format: pair, via: 'HTTP (candela serve)' },
+    { id: `llama-server/${m}-q4_k_m`, engine: 'llama-server', model: m, weights: gguf, mmproj, format: pair, via: 'HTTP (llama-server)' },
+    { id: `candela/${m}-bf16`, engine: 'candela', model: m, weights: dir, format: "BF16 safetensors, dtype 'auto' (kept bf16)", via: 'HTTP (candela serve)' },
+    { id: `transformers/${m}-bf16`, engine: 'transformers', model: m, weights: dir, format: 'BF16 safetensors', dtype: 'bf16', via: 'in-process generate()' },
+  ])
+  const photo = join(ROOT, 'fixtures', 'vision', 'photo_1024x768.jpg')
+  const [cold, ...conc] = imageVariants(photo, 1 + p.concurrent)
+  const text = 'Describe the picture.'
+  const has = (id) => cases.some((x) => x.id === id)
+  return {
+    params: { ...p, image: 'fixtures/vision/photo_1024x768.jpg', kvCacheBytes: kvBytes },
+    cases,
+    pairs: [
+      [`candela/${m}-q4_k_m`, `llama-server/${m}-q4_k_m`],
+      [`candela/${m}-bf16`, `transformers/${m}-bf16`],
+    ].filter(([a, b]) => has(a) && has(b)).map(([a, b]) => ({ candela: a, peer: b })),
+    metrics: [
+      { key: 'coldTtftMs', label: 'cold TTFT', unit: 'ms', better: 'lower' },
+      { key: 'towerMs', label: 'image encoding', unit: 'ms', better: 'lower' },
+      { key: 'mediaWarmTtftMs', label: 'media-warm TTFT', unit: 'ms', better: 'lower' },
+      { key: 'concImagesPerS', label: `${p.concurrent} concurrent: images/s`, unit: 'img/s', better: 'higher' },
+      { key: 'concTtftP50Ms', label: `${p.concurrent} concurrent: TTFT p50`, unit: 'ms', better: 'lower' },
+      { key: 'loadS', label: 'load', unit: 's', better: 'lower' },
+      { key: 'peakRssMiB', label: 'peak RSS', unit: 'MiB', better: 'lower' },
+    ],
+    notes: [
+      `The 1024x768 JPEG through the chat API, ${p.maxTokens} tokens out, greedy, EOS ignored; every engine's own default image size for Qwen2.5-VL (1036x756 here: 999 image tokens). After a warm-up request with another image (fixtures/vision/wide.png).`,
+      `cold: an image no engine has seen (JPEG variants 1 % apart in brightness, so no cache of any engine hits); media-warm: the same image again behind a system prompt (candela: processor and encoder caches hit, the prefix cache misses; llama-server and transformers recompute everything). ${p.concurrent} concurrent: ${p.concurrent} more unseen images sent at once; images/s = ${p.concurrent} / wall time until the last one finished.`,
+      'image encoding: candela, cold TTFT − media-warm TTFT (JPEG decode, resize, patches, vision tower and merger); llama.cpp, the tower + merger time its mtmd library logs for the cold image ("mtmd batch encoding done in", from `llama-mtmd-cli` on the same files and threads, since llama-server does not log it); transformers, not separable (left empty).',
+      `Servers: candela serve --kv-cache-memory ${kvBytes} (16,384 f16 tokens' worth) --max-num-seqs ${p.concurrent}; llama-server -c 16384 -np ${p.concurrent} -t/-tb threads, cache_prompt as default. Both driven by the \`openai\` npm client from the orchestrating process (stream, image as a base64 data URL). transformers: in-process, cold and media-warm only (one request at a time; a batch of ${p.concurrent} images would take longer than this workload's budget).`,
+    ],
+    run: async (x) => {
+      if (x.engine === 'transformers') {
+        const spec = { task: 'multimodal', image: cold, warmupImage: join(ROOT, 'fixtures', 'vision', 'wide.png'), text, maxTokens: p.maxTokens, maxPixels: 12845056, concurrent: 0, coldOnly: true }
+        return runCase(x, spec)
+      }
+      const r = await visionHttp(x, { cold, conc, text, maxTokens: p.maxTokens, kvBytes })
+      return x.engine === 'llama-server' ? { ...r, towerMs: mtmdEncodeMs(x, cold, text) } : r
+    },
+  }
+}
+
+/** One server (candela serve or llama-server) through the shapes-vision requests. */
+async function visionHttp(c, { cold, conc, text, maxTokens, kvBytes }) {
+  const { default: OpenAI } = await import('openai')
+  const server =
+    c.engine === 'candela'
+      ? await startServer(process.execPath, [
+          join(ROOT, 'dist', 'cli.js'), 'serve', c.weights, ...(c.mmproj ? ['--mmproj', c.mmproj] : []),
+          '--threads', String(THREADS), '--max-num-seqs', String(conc.length), '--kv-cache-memory', String(kvBytes),
+          '--disable-log-requests', '--served-model-name', 'bench',
+        ])
+      : await startServer(join(LLAMA_BIN, 'llama-server'), [
+          '-m', c.weights, '--mmproj', c.mmproj, '-t', String(THREADS), '-tb', String(THREADS),
+          '-c', '16384', '-np', String(conc.length), '--no-webui', '--host', '127.0.0.1', '--alias', 'bench',
+        ])
+  try {
+    const client = new OpenAI({ baseURL: `${server.base}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 3_600_000 })
+    const url = (file) => `data:image/${file.endsWith('.png') ? 'png' : 'jpeg'};base64,${readFileSync(file).toString('base64')}`
+    let promptTokens = null
+    const ask = async (file, system) => {
+      const rec = new Rec()
+      const stream = await client.chat.completions.create({
+        model: 'bench',
+        messages: [
+          ...(system ? [{ role: 'system', content: system }] : []),
+          { role: 'user', content: [{ type: 'image_url', image_url: { url: url(file) } }, { type: 'text', text }] },
+        ],
+        max_tokens: maxTokens,
+        temperature: 0,
+        stream: true,
+        stream_options: { include_usage: true },
+        ignore_eos: true,
+      })
+      for await (const chunk of stream) {
+        if (chunk.choices?.[0]?.delta?.content) rec.add(1)
+        if (chunk.usage) promptTokens = chunk.usage.prompt_tokens
+      }
+      if (rec.tokens === 0) throw new Error(`${c.id}: no token streamed`)
+      return rec
+    }
+    await ask(join(ROOT, 'fixtures', 'vision', 'wide.png'))
+    const coldRec = await ask(cold)
+    const coldPromptTokens = promptTokens
+    const warmRec = await ask(cold, 'Answer briefly.')
+    const { recs, t0, t1 } = await closedLoop(conc, conc.length, (file) => ask(file))
+    const st = servingStats(recs, t0, t1)
+    const towerMs = c.engine === 'candela' ? coldRec.ttftMs - warmRec.ttftMs : null
+    return {
+      engine: c.engine,
+      via: 'http',
+      promptTokens: coldPromptTokens,
+      coldTtftMs: round(coldRec.ttftMs, 1),
+      towerMs: towerMs === null ? null : round(towerMs, 1),
+      mediaWarmTtftMs: round(warmRec.ttftMs, 1),
+      concurrent: conc.length,
+      concWallS: st.wallS,
+      concImagesPerS: round(conc.length / st.wallS, 4),
+      concTtftP50Ms: st.ttftP50Ms,
+      concTtftP99Ms: st.ttftP99Ms,
+      loadS: server.loadS,
+      peakRssMiB: peakRssMiB(server.pid),
+    }
+  } finally {
+    await server.stop()
+  }
+}
+
+/**
+ * llama.cpp's vision tower + merger time for one image: llama-server does not
+ * log it, so its CLI (the same mtmd library, warmed up at load) encodes the
+ * image once and logs the time.
+ */
+function mtmdEncodeMs(c, image, text) {
+  const r = spawnSync(join(LLAMA_BIN, 'llama-mtmd-cli'), ['-m', c.weights, '--mmproj', c.mmproj, '--image', image, '-p', text, '-n', '1', '-t', String(THREADS), '-c', '4096'], { encoding: 'utf8', env: { ...process.env, ...threadEnv }, timeout: 1_800_000 })
+  // mtmd logs one of these, depending on whether it batches the image's slices
+  const ms = [...`${r.stdout}${r.stderr}`.matchAll(/(?:image slice encoded|mtmd batch encoding done) in (\d+) ms/g)].map((x) => Number(x[1]))
+  if (r.status === 0 && ms.length > 0) return ms.reduce((a, b) => a + b, 0)
+  // the server's own numbers still count: the column stays empty
+  console.error(`[bench] llama-mtmd-cli: exit ${r.status}: ${`${r.stdout}${r.stderr}`.slice(-2000)}`)
+  return null
 }
 
 W.prefix = async () => {

@@ -10,7 +10,7 @@ import { join } from 'node:path'
 import { BENCH_DIR, RESULTS_DIR, table } from './lib/common.mjs'
 import { casesTable, cell, ratiosTable, sanityTable } from './lib/render.mjs'
 
-const WORKLOADS = ['single', 'offline', 'serving', 'multimodal', 'prefix', 'shapes-single', 'shapes-offline']
+const WORKLOADS = ['single', 'offline', 'serving', 'multimodal', 'prefix', 'shapes-single', 'shapes-offline', 'shapes-vision']
 const load = (name) => {
   for (const [suffix, quick] of [['', false], ['-quick', true]]) {
     const f = join(RESULTS_DIR, `${name}${suffix}.json`)
@@ -32,6 +32,7 @@ const HEADLINE = {
   prefix: ['wallS', 'ttftP50Ms', 'peakRssMiB'],
   'shapes-single': ['decodeTokS', 'prefillTokS', 'peakRssMiB'],
   'shapes-offline': ['outTokS', 'peakRssMiB'],
+  'shapes-vision': ['coldTtftMs', 'towerMs', 'concImagesPerS', 'peakRssMiB'],
 }
 
 const md = []
@@ -65,6 +66,7 @@ p(
   'python benchmark/prepare-real-shapes.py qwen2.5-1.5b   # also qwen2.5-3b, qwen2.5-vl-3b',
   'npm run bench -- shapes-single --models qwen2.5-1.5b   # 512-token prompt: TTFT, decode tok/s, load, peak RSS',
   'npm run bench -- shapes-offline --models qwen2.5-1.5b  # 32 prompts x 256 tokens -> 128 tokens each',
+  'npm run bench -- shapes-vision   # qwen2.5-vl-3b: a 1024x768 image cold, its encoding, 8 concurrent (candela serve, llama-server, transformers)',
   '```',
   '',
   'Options: `--runs N` (default 3), `--all-cases` (also the cases the default leaves out for time, below), `--threads N` (default 2, every engine), `--models smollm2,qwen05b`, `--engines candela,llama.cpp,transformers`, `--verbose`, `--device cuda` (below). Each workload writes `benchmark/results/<workload>.json` (every raw run, the min/median/max summary, the ratios, machine and versions, the command) and `benchmark/results/<workload>.png` (the ratios as bars with min-max whiskers).',
@@ -156,11 +158,11 @@ p(
 )
 
 p(
-  '## Real model shapes (shapes-single, shapes-offline)',
+  '## Real model shapes (shapes-single, shapes-offline, shapes-vision)',
   '',
   '`benchmark/prepare-real-shapes.py MODEL` writes a random-weight checkpoint with the real shapes of Qwen/Qwen2.5-1.5B-Instruct (hidden 1536, 28 layers, 12 / 2 heads, FFN 8960), Qwen/Qwen2.5-3B-Instruct (hidden 2048, 36 layers, 16 / 2 heads, FFN 11008) or Qwen/Qwen2.5-VL-3B-Instruct (that LM plus the 32-block x 1280 vision tower and merger), vocab 151936, tied embeddings, the real Qwen2 tokenizer and chat template from fixtures/. It writes BF16 safetensors shards (hub names), then runs llama.cpp\'s own tools on them: `convert_hf_to_gguf.py --outtype q8_0` and `--outtype f16`, and `llama-quantize ... Q4_K_M` on the F16 file (the F16 file is kept for 1.5B only; for the VL model also `--mmproj`). Init per tensor from a seeded normal (linear std 1.5/sqrt(fan_in), embeddings 0.5, norms 1+0.2N, biases 0.3N): logits far from uniform, so greedy decoding runs the real decode path (no degenerate repeated token).',
   '',
-  'llama.cpp for the conversions (and for `llama-mtmd-cli`, the multimodal runtime) is built from the sources inside PyPI\'s llama-cpp-python 0.3.36 sdist (`vendor/llama.cpp`: ggml 0.25.3, llama.cpp "0.5.0-dev"; the sdist carries no build number or commit): `cmake -S <sdist>/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF && cmake --build build --target llama-quantize llama-mtmd-cli`. node-llama-cpp runs its own prebuilt llama.cpp (its version is in the machine table).',
+  'llama.cpp for the conversions and for shapes-vision\'s peer (`llama-server`, whose multimodal runtime is mtmd, the library under `llama-mtmd-cli`) is built from the sources inside PyPI\'s llama-cpp-python 0.3.36 sdist (`vendor/llama.cpp`: ggml 0.25.3, llama.cpp "0.5.0-dev"; the sdist carries no build number or commit): `cmake -S <sdist>/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize llama-server` (binaries looked up in `$CANDELA_BENCH_LLAMA_BIN`, default /work/build-bench/bin). node-llama-cpp runs its own prebuilt llama.cpp (its version is in the machine table).',
   '',
   'Cases per model (only the files present): candela and node-llama-cpp on the same Q4_K_M, Q8_0 and F16 GGUF; candela on the BF16 safetensors under `dtype: \'auto\'` (kept bf16) and quantized at load to q4_k (vs llama.cpp\'s Q4_K_M: same values, candela\'s quantizer); transformers on the safetensors in bf16, and in f32 when free memory allows (4 bytes a parameter, 1.5x headroom; the run says when it left it out).',
   '',

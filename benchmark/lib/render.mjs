@@ -46,9 +46,11 @@ function pivotRows(items, levels, flat, name, value) {
 export function casesTable(r) {
   const { levels, flat } = split(r.metrics)
   if (levels.size === 0) {
+    // load as its own column, unless the workload lists it among its metrics
+    const load = !r.metrics.some((m) => m.key === 'loadS')
     return table(
-      ['case', ...r.metrics.map((m) => `${m.label} (${m.unit})`), 'load (s)'],
-      r.cases.map((c) => [c.id, ...r.metrics.map((m) => cell(r.summary[c.id][m.key])), cell(r.summary[c.id].loadS, 2)]),
+      ['case', ...r.metrics.map((m) => `${m.label} (${m.unit})`), ...(load ? ['load (s)'] : [])],
+      r.cases.map((c) => [c.id, ...r.metrics.map((m) => cell(r.summary[c.id][m.key])), ...(load ? [cell(r.summary[c.id].loadS, 2)] : [])]),
     )
   }
   const rows = pivotRows(r.cases, levels, flat, (c) => c.id, (c, m) => cell(r.summary[c.id][m.key]))

@@ -136,8 +136,10 @@ def task_multimodal(_):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = spec["model"]
+    t0 = time.perf_counter()
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    load_s = time.perf_counter() - t0
     no_eos(model)
     image_bytes = Path(spec["image"]).read_bytes()
     warm_bytes = Path(spec["warmupImage"]).read_bytes()
@@ -167,19 +169,20 @@ def task_multimodal(_):
     processor.tokenizer.padding_side = "left"
     run(warm_bytes)  # first-call costs
     s, t, _ = run(image_bytes)
-    cold = (t[0] - s) * 1000
+    out = {"loadS": r(load_s, 2), "coldTtftMs": r((t[0] - s) * 1000, 2)}
     s, t, _ = run(image_bytes, system="Answer briefly.")
-    media_warm = (t[0] - s) * 1000
+    out["mediaWarmTtftMs"] = r((t[0] - s) * 1000, 2)
+    out["promptTokens"] = prompt_tokens[1]
+    if spec.get("coldOnly"):  # the real-shape model: each request takes minutes
+        return out
     s, t, _ = run(image_bytes)
-    warm = (t[0] - s) * 1000
+    out["warmTtftMs"] = r((t[0] - s) * 1000, 2)
     n = spec["concurrent"]
     s, t, e = run(image_bytes, n=n)
     return {
-        "promptTokens": prompt_tokens[1],
-        "coldTtftMs": r(cold, 2), "mediaWarmTtftMs": r(media_warm, 2), "warmTtftMs": r(warm, 2),
-        "concurrent": n, "concWallS": r(e - s), "concImagesPerS": r(n / (e - s)),
+        **out, "concurrent": n, "concWallS": r(e - s), "concImagesPerS": r(n / (e - s)),
         "concTtftP50Ms": r((t[0] - s) * 1000, 2), "concTtftP99Ms": r((t[0] - s) * 1000, 2),
-        "note": "no media caches in transformers: cold/media-warm/warm all recompute; the 16 requests run as one batch",
+        "note": "no media caches in transformers: cold/media-warm/warm all recompute; the concurrent requests run as one batch",
     }
 
 
@@ -190,7 +193,7 @@ def main():
     if task != "multimodal":
         model = load_lm(spec["model"])
         no_eos(model)
-    load_s = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0  # the multimodal task loads its own model and times it
     result = {"single": task_single, "offline": task_offline, "greedy": task_greedy, "multimodal": task_multimodal}[task](model)
     import transformers
 

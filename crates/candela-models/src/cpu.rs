@@ -14,6 +14,30 @@ pub fn has_avx2() -> bool {
     })
 }
 
+/// How far ahead of the kernels' read position weights are prefetched.
+/// Measured on a 2-vCPU Xeon (1.5B decode, 2 threads): 1 KiB left bf16 at
+/// 6.8 tok/s, Q8_0 at 10.6; 3-6 KiB gave 7.4-7.6 and 11.6-12.0 (8 KiB less).
+/// The hardware prefetchers stop at 4 KiB pages; these hints do not.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_DISTANCE: usize = 4096;
+
+/// The weights stream from memory once: ask for the lines
+/// [`PREFETCH_DISTANCE`] past the `len` bytes at `blk` (past a row's end:
+/// the next rows', which the task reads next; a prefetch never faults).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(blk: &[u8], len: usize) {
+    for off in (0..len).step_by(64) {
+        // SAFETY: a prefetch is a hint; it reads nothing and never faults,
+        // whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                blk.as_ptr().wrapping_add(PREFETCH_DISTANCE + off) as *const i8,
+            )
+        };
+    }
+}
+
 /// An output pointer shared by parallel tasks that write disjoint parts of
 /// its buffer (the kernels' row and column ranges).
 #[derive(Clone, Copy)]

@@ -480,7 +480,10 @@ mod x86 {
             let mut a0 = [_mm512_setzero_ps(); M];
             let mut a1 = [_mm512_setzero_ps(); M];
             let rp = row.as_ptr();
+            // SAFETY: the row's own bytes (u16 has no padding).
+            let bytes = std::slice::from_raw_parts(rp as *const u8, 2 * k);
             for c in (0..main).step_by(32) {
+                crate::cpu::prefetch_ahead(&bytes[2 * c..], 64);
                 let (w0, w1) = match dtype {
                     HalfDType::Bf16 => {
                         let v = _mm512_loadu_si512(rp.add(c) as *const __m512i);
@@ -528,7 +531,12 @@ mod x86 {
             let mut a0 = [_mm256_setzero_ps(); M];
             let mut a1 = [_mm256_setzero_ps(); M];
             let rp = row.as_ptr();
+            // SAFETY: the row's own bytes (u16 has no padding).
+            let bytes = std::slice::from_raw_parts(rp as *const u8, 2 * k);
             for c in (0..main).step_by(16) {
+                if c % 32 == 0 {
+                    crate::cpu::prefetch_ahead(&bytes[2 * c..], 64);
+                }
                 let (w0, w1) = match dtype {
                     HalfDType::Bf16 => {
                         let v = _mm256_loadu_si256(rp.add(c) as *const __m256i);

@@ -16,18 +16,6 @@
 
 use std::arch::x86_64::*;
 
-/// The weights stream from memory once: ask for the lines 1 KiB past the
-/// `len` bytes at `blk` (past a row's end: the next row's, which the task
-/// reads next; a prefetch never faults).
-#[inline(always)]
-pub(super) fn prefetch_ahead(blk: &[u8], len: usize) {
-    for off in (0..len).step_by(64) {
-        // SAFETY: a prefetch is a hint; it reads nothing and never faults,
-        // whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(1024 + off) as *const i8) };
-    }
-}
-
 /// u8 x i8 products of 32 bytes, summed in fours into 8 i32 lanes.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -84,7 +72,8 @@ macro_rules! kernels {
             use super::super::int_dot::{q3k_scale, rows_dot_scalar};
             use super::super::q8::{Q8Row, QK};
             use super::super::scales_mins_k4;
-            use super::{prefetch_ahead, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+            use super::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+            use crate::cpu::prefetch_ahead;
 
             #[inline(always)]
             unsafe fn dot(w: __m256i, a: __m256i) -> __m256i {

@@ -615,7 +615,7 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
     unsafe fn widen_u8(v: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
     }
-    use int_dot_x86::prefetch_ahead;
+    use crate::cpu::prefetch_ahead;
     let mut acc = _mm256_setzero_ps();
     let mut offs = 0f32;
     match dtype {

@@ -529,9 +529,13 @@ struct PagedAttention {
     params: AttnParams,
 }
 
-/// One (query token, head) of the attention: the inputs of the inner loop.
+/// One query token's heads `h..h + heads` of the attention, which share one
+/// kv head (GQA): the inputs of the inner loop. Each key and value row is
+/// read once for all of them.
 struct AttnRow<'a, T> {
+    /// `heads` query rows of `head_dim`, one after another.
     q: &'a [T],
+    heads: usize,
     kc: &'a [T],
     vc: &'a [T],
     block_table: &'a [u32],
@@ -544,6 +548,20 @@ struct AttnRow<'a, T> {
     /// Offset of this kv head inside a slot.
     head_off: usize,
     params: AttnParams,
+}
+
+/// Most query heads one decode task takes together (their scores' maxima
+/// and sums live on the stack).
+const MAX_GROUP: usize = 16;
+
+/// How many query heads of a kv head's `group` one decode task takes: the
+/// most that divides `group` (so a task's heads share their kv head) and
+/// still leaves a task per thread among the `rows` (token, head) pairs.
+fn decode_group(group: usize, rows: usize, threads: usize) -> usize {
+    (1..=group.min(MAX_GROUP))
+        .rev()
+        .find(|&g| group.is_multiple_of(g) && rows / g >= threads)
+        .unwrap_or(1)
 }
 
 /// `a * b + c`, fused when the caller is compiled with FMA (`F`).
@@ -599,8 +617,9 @@ impl<T: KvElem> AttnRow<'_, T> {
         }
     }
 
-    /// Softmax-weighted sum of values into `out`; `qf`, `acc`, `scores`
-    /// are scratch (head_dim, head_dim, any).
+    /// Softmax-weighted sums of values into `out` (`heads` rows); `qf`,
+    /// `acc` (`heads * head_dim`) and `scores` are scratch. Each head's
+    /// arithmetic is the same whatever `heads` is.
     #[inline(always)]
     fn run<const F: bool>(
         &self,
@@ -609,29 +628,41 @@ impl<T: KvElem> AttnRow<'_, T> {
         acc: &mut [f32],
         scores: &mut Vec<f32>,
     ) {
-        let d = out.len();
+        let d = out.len() / self.heads;
+        let n = self.n_ctx - self.first;
         for (f, x) in qf.iter_mut().zip(self.q) {
             *f = x.to_f32() * self.params.scale;
         }
         scores.clear();
-        scores.resize(self.n_ctx - self.first, 0.0);
-        let mut max = f32::NEG_INFINITY;
+        scores.resize(self.heads * n, 0.0);
+        let mut max = [f32::NEG_INFINITY; MAX_GROUP];
         self.for_each_key(|p, off| {
-            let s = self.params.cap(T::dot::<F>(qf, &self.kc[off..off + d]));
-            max = max.max(s);
-            scores[p] = s;
-        });
-        let sum = crate::softmax::exp_shifted_sum(scores, max);
-        acc.iter_mut().for_each(|a| *a = 0.0);
-        self.for_each_key(|p, off| {
-            let w = scores[p];
-            for (a, v) in acc.iter_mut().zip(&self.vc[off..off + d]) {
-                *a = madd::<F>(w, v.to_f32(), *a);
+            let k = &self.kc[off..off + d];
+            for (g, m) in max.iter_mut().enumerate().take(self.heads) {
+                let s = self.params.cap(T::dot::<F>(&qf[g * d..(g + 1) * d], k));
+                *m = m.max(s);
+                scores[g * n + p] = s;
             }
         });
-        let inv = 1.0 / sum;
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            *o = T::from_f32(a * inv);
+        let mut sum = [0f32; MAX_GROUP];
+        for (g, (row, sm)) in scores.chunks_exact_mut(n.max(1)).zip(&mut sum).enumerate() {
+            *sm = crate::softmax::exp_shifted_sum(row, max[g]);
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        self.for_each_key(|p, off| {
+            let v = &self.vc[off..off + d];
+            for (g, ag) in acc.chunks_exact_mut(d).enumerate() {
+                let w = scores[g * n + p];
+                for (a, x) in ag.iter_mut().zip(v) {
+                    *a = madd::<F>(w, x.to_f32(), *a);
+                }
+            }
+        });
+        for ((og, ag), sm) in out.chunks_exact_mut(d).zip(acc.chunks_exact(d)).zip(sum) {
+            let inv = 1.0 / sm;
+            for (o, a) in og.iter_mut().zip(ag) {
+                *o = T::from_f32(a * inv);
+            }
         }
     }
 }
@@ -729,19 +760,28 @@ impl PagedAttention {
 
         let mut out = vec![T::from_f32(0.0); n_tok * n_heads * d];
         if d > 0 {
-            // Decodes and short chunks row by row; longer prefills in tiles.
-            out.par_chunks_mut(d).enumerate().for_each_init(
-                || (vec![0f32; d], vec![0f32; d], Vec::<f32>::new()),
+            // Decodes and short chunks by groups of query heads that share a
+            // kv head; longer prefills in tiles.
+            let heads = decode_group(group, n_tok * n_heads, rayon::current_num_threads());
+            out.par_chunks_mut(heads * d).enumerate().for_each_init(
+                || {
+                    (
+                        vec![0f32; heads * d],
+                        vec![0f32; heads * d],
+                        Vec::<f32>::new(),
+                    )
+                },
                 |(qf, acc, scores), (idx, o)| {
-                    let t = idx / n_heads;
-                    let h = idx % n_heads;
+                    let t = idx * heads / n_heads;
+                    let h = idx * heads % n_heads;
                     let seq = &meta.seqs[meta.token_seq[t] as usize];
                     if seq.query_len >= prefill::MIN_QUERY_LEN {
                         return;
                     }
                     let (first, n_ctx) = meta.key_range(t, params.window);
                     let attn_row = AttnRow {
-                        q: &q[idx * d..(idx + 1) * d],
+                        q: &q[idx * heads * d..(idx + 1) * heads * d],
+                        heads,
                         kc,
                         vc,
                         block_table: &seq.block_table,
@@ -1120,6 +1160,62 @@ mod tests {
     #[test]
     fn matches_dense_causal_attention_f16() -> Result<()> {
         check(DType::F16, 3e-3)
+    }
+    #[test]
+    fn decode_groups_divide_the_kv_group_and_leave_a_task_per_thread() {
+        // Qwen2.5-1.5B (12 heads over 2 kv heads), one decode row, 2 threads.
+        assert_eq!(decode_group(6, 12, 2), 6);
+        assert_eq!(decode_group(6, 12, 4), 3);
+        assert_eq!(decode_group(6, 12, 12), 1);
+        assert_eq!(decode_group(6, 12, 64), 1);
+        assert_eq!(decode_group(7, 28, 2), 7);
+        assert_eq!(decode_group(1, 32, 2), 1);
+        assert_eq!(decode_group(32, 64, 1), 16);
+    }
+
+    /// A decode row's output has the same bits whether its query heads run
+    /// one per task (many threads) or as one group (one thread).
+    #[test]
+    fn grouped_decode_heads_keep_their_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        let (h, kvh, d, bs, ctx) = (8usize, 2usize, 64usize, 16usize, 37usize);
+        let params = AttnParams {
+            scale: 1.0 / (d as f32).sqrt(),
+            window: None,
+            softcap: None,
+        };
+        let mut rng = Rng(0x5eed);
+        let nb = ctx.div_ceil(bs);
+        let k_cache = alloc_kv_pool(nb, bs, kvh, d, DType::F32, &dev)?;
+        let v_cache = alloc_kv_pool(nb, bs, kvh, d, DType::F32, &dev)?;
+        let kv = |rng: &mut Rng| Tensor::from_vec(rng.vec(ctx * kvh * d), (ctx, kvh, d), &dev);
+        let slots = Tensor::from_vec((0..ctx as u32).collect::<Vec<_>>(), ctx, &dev)?;
+        write_kv(&k_cache, &v_cache, &kv(&mut rng)?, &kv(&mut rng)?, &slots)?;
+        let seq = AttentionSeq {
+            query_start: 0,
+            query_len: 1,
+            context_len: ctx,
+            block_table: (0..nb as u32).collect(),
+        };
+        let meta = Arc::new(AttentionMetadata::new(vec![seq], bs, 1)?);
+        let q = Tensor::from_vec(rng.vec(h * d), (1, h, d), &dev)?;
+        let run = |threads: usize| -> Result<Vec<f32>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            pool.install(|| paged_attention(&q, &k_cache, &v_cache, &meta, params))?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        assert_eq!(decode_group(h / kvh, h, 1), 4);
+        assert_eq!(decode_group(h / kvh, h, 8), 1);
+        let (grouped, alone) = (run(1)?, run(8)?);
+        assert!(grouped
+            .iter()
+            .zip(&alone)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        Ok(())
     }
 
     /// Windows shorter than a block, spanning blocks, and longer than some

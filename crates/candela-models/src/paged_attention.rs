@@ -1161,6 +1161,7 @@ mod tests {
     fn matches_dense_causal_attention_f16() -> Result<()> {
         check(DType::F16, 3e-3)
     }
+
     #[test]
     fn decode_groups_divide_the_kv_group_and_leave_a_task_per_thread() {
         // Qwen2.5-1.5B (12 heads over 2 kv heads), one decode row, 2 threads.

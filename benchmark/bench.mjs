@@ -621,7 +621,7 @@ W['shapes-vision'] = async () => {
     ],
     run: async (x) => {
       if (x.engine === 'transformers') {
-        const spec = { task: 'multimodal', image: cold, warmupImage: join(ROOT, 'fixtures', 'vision', 'wide.png'), text, maxTokens: p.maxTokens, maxPixels: 12845056, concurrent: 0, coldOnly: true }
+        const spec = { task: 'multimodal', image: cold, warmupImage: join(ROOT, 'fixtures', 'vision', 'wide.png'), text, maxTokens: p.maxTokens, maxPixels: 12845056, coldOnly: true }
         return runCase(x, spec)
       }
       const r = await visionHttp(x, { cold, conc, text, maxTokens: p.maxTokens, kvBytes })

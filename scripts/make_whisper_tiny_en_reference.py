@@ -15,7 +15,7 @@ large to commit and the full logits too (51864 per position); the top ids
 are where a wrong computation shows, and where greedy decoding chooses.
 
 Some greedy choices are near-ties: after " round" the chosen "-" leads
-" fac" by 0.018, so arithmetic that rounds differently (bf16 prompt rows on
+" facts" by 0.018, so arithmetic that rounds differently (bf16 prompt rows on
 AMX) may pick the other, and the test compares logits with a tolerance
 rather than demanding the same tokens there.
 """

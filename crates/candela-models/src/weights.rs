@@ -1026,6 +1026,48 @@ impl<'a> WeightsAt<'a> {
         self.weights.layer_norm(&self.name(name), dim, eps)
     }
 }
+/// llama.cpp's names for the `ggml_type` ids that candle's GGUF reader does
+/// not know (it knows F32, F16, BF16, Q4_0 to Q8_1 and Q2_K to Q8_K).
+const UNREAD_GGML_TYPES: &[(u32, &str)] = &[
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (20, "IQ4_NL"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (23, "IQ4_XS"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+];
+
+/// candle's "unknown dtype for tensor N" as what a user can act on: the
+/// type's name and the formats that load.
+fn explain_tensor_type(message: String) -> String {
+    let Some(id) = message
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|n| n.trim().parse::<u32>().ok())
+    else {
+        return message;
+    };
+    let name = UNREAD_GGML_TYPES
+        .iter()
+        .find(|t| t.0 == id)
+        .map_or_else(|| format!("type {id}"), |t| format!("{} (type {id})", t.1));
+    format!(
+        "a tensor is stored as {name}, which candela does not read; GGUF files \
+         of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or Q2_K-Q6_K tensors load \
+         (Q4_K_M and Q8_0 files are the usual choices)"
+    )
+}
+
 /// Maps a Hugging Face tensor name to the names a GGUF file may store it
 /// under, most specific first.
 pub type NameMap = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
@@ -1052,7 +1094,7 @@ impl GgufWeights {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Gguf {
             path: path.to_path_buf(),
-            message: candle_message(&e),
+            message: explain_tensor_type(candle_message(&e)),
         })?;
         Ok(Self {
             path: path.to_path_buf(),

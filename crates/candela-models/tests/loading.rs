@@ -133,3 +133,54 @@ fn min_tokens_never_exceeds_the_real_count() {
         );
     }
 }
+
+/// A GGUF file of `tensors` (name, dims, ggml type id), zeroed data.
+fn gguf_bytes(tensors: &[(&str, [u64; 2], u32)]) -> Vec<u8> {
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes()); // string
+    string(&mut b, "llama");
+    for (name, dims, ty) in tensors {
+        string(&mut b, name);
+        b.extend(2u32.to_le_bytes());
+        dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+        b.extend(ty.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+    }
+    b.resize(b.len().next_multiple_of(32) + 4096, 0);
+    b
+}
+
+#[test]
+fn a_gguf_of_an_unread_type_is_named_in_the_error() {
+    let dir = std::env::temp_dir().join(format!("candela-iq4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model-IQ4_XS.gguf");
+    let refusal = |path: &Path| match load(path, &LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    };
+    for (ty, name) in [
+        (23, "IQ4_XS (type 23)"),
+        (20, "IQ4_NL (type 20)"),
+        (99, "type 99"),
+    ] {
+        std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], ty)])).unwrap();
+        let err = refusal(&path);
+        assert!(err.contains(name), "{err}");
+        assert!(err.contains("Q4_K_M"), "{err}");
+    }
+    // A type candle reads gets past the header (and fails later, on the
+    // missing tensors).
+    std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], 12)])).unwrap();
+    let err = refusal(&path);
+    assert!(!err.contains("does not read"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1026,6 +1026,7 @@ impl<'a> WeightsAt<'a> {
         self.weights.layer_norm(&self.name(name), dim, eps)
     }
 }
+
 /// llama.cpp's names for the `ggml_type` ids that candle's GGUF reader does
 /// not know (it knows F32, F16, BF16, Q4_0 to Q8_1 and Q2_K to Q8_K).
 const UNREAD_GGML_TYPES: &[(u32, &str)] = &[

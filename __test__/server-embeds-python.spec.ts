@@ -7,12 +7,10 @@
  * bomb, a legacy pickle), which must be 400s.
  *
  * Python: a venv under the temp dir with `openai` and `numpy` from PyPI
- * (python-venv.ts; ~30 MB, well under a minute), which the .npy and audio
- * tests need alone. The torch.save test also needs torch: the python named
- * by CANDELA_TORCH_PYTHON (e.g. the fixtures venv), else `torch`
- * pip-installed into the same venv once per machine (PyPI's Linux wheel is
- * the CUDA build: ~3 GB with its nvidia-* wheels, a few minutes; with
- * PIP_INDEX_URL pointing at a CPU-only index, ~200 MB).
+ * (python-venv.ts; ~30 MB, well under a minute). The torch.save archives
+ * were written once by the real torch (fixtures/torch-save, from
+ * scripts/make_torch_save_fixtures.py), so no test downloads torch (PyPI's
+ * Linux wheel is the CUDA build: 5.5 GB with its nvidia-* wheels).
  */
 
 import test from 'ava'
@@ -39,47 +37,8 @@ function rawF32(dir: string, name: string): { path: string; shape: number[] } {
   return { path, shape }
 }
 
-/**
- * Payloads made with torch (base64 strings, as the seed's snippets make them):
- * the vision embeddings of one image, and hostile files.
- */
-const TORCH_PAYLOADS = String.raw`
-import base64, io, json, os, sys, zipfile
-import numpy as np
-import torch
-
-def b64(obj, **kw):
-    buf = io.BytesIO()
-    torch.save(obj, buf, **kw)
-    buf.seek(0)
-    return base64.b64encode(buf.read()).decode("utf-8")
-
-shape = json.loads(os.environ["SHAPE"])
-image_embedding = torch.from_numpy(np.fromfile(os.environ["EMBEDS"], dtype=np.float32).reshape(shape))
-grid_thw = torch.tensor([[1, 6, 8]])
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-bomb = io.BytesIO()
-with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
-    z.writestr("archive/data.pkl", b"\0" * (64 << 20))
-print(json.dumps({
-    "embeds": b64(image_embedding),
-    "grid": b64(grid_thw),
-    # The same values in a column-major view, and in half precision.
-    "strided": b64(image_embedding.t().contiguous().t()),
-    "f16": b64(image_embedding.half()),
-    # Pickle protocol 4 (FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL), a saved dict.
-    "p4": b64({"image_embeds": image_embedding, "image_grid_thw": grid_thw}, pickle_protocol=4),
-    "ints": b64(torch.zeros(shape, dtype=torch.int32)),
-    "narrow": b64(torch.zeros(shape[0], 8)),
-    "evil": b64(Evil()),
-    "legacy": b64(image_embedding, _use_new_zipfile_serialization=False),
-    "bomb": base64.b64encode(bomb.getvalue()).decode(),
-}))
-`
+/** A torch.save archive of fixtures/torch-save, base64 as the seed's snippets send it. */
+const torchSaved = (name: string): string => readFileSync(join(fixture('torch-save'), `${name}.pt`)).toString('base64')
 
 /** Send each message with the `openai` client; each answer's text, or its error. */
 const CLIENT = String.raw`
@@ -174,10 +133,9 @@ test.serial('image_embeds from np.save in the Qwen2-VL dict form (C and Fortran 
 
 test.serial('image_embeds from torch.save, plain and Qwen2-VL dict forms, reused by uuid; hostile files are 400s', async (t) => {
   if (!py) return t.pass('no python3')
-  // Resolved here, not at load: a machine without torch fails this test only.
-  const torchPy = process.env.CANDELA_TORCH_PYTHON ?? venvPython(['openai', 'numpy', 'torch'], ['torch'])
-  const e = rawF32(vl, 'one_image.item0.embeds')
-  const torchB64 = JSON.parse(await runPython(torchPy, TORCH_PAYLOADS, { EMBEDS: e.path, SHAPE: JSON.stringify(e.shape) })) as Record<string, string>
+  const torchB64 = Object.fromEntries(
+    ['embeds', 'grid', 'strided', 'f16', 'p4', 'ints', 'narrow', 'evil', 'legacy', 'bomb'].map((n) => [n, torchSaved(n)]),
+  )
   const answers = await ask(vlServer!, 'tiny-vl', [
     // The Qwen2-VL snippet: both tensors torch.save'd, with a uuid.
     embeds({ image_embeds: torchB64.embeds, image_grid_thw: torchB64.grid }, { uuid: 'emb-1' }),

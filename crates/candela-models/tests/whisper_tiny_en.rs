@@ -62,7 +62,7 @@ fn check_against_transformers(tr: &Transcriber, tol: f32, what: &str) {
         .unwrap();
     let first = ids(&r["prompt"]).len() - 1;
     let steps = r["steps"].as_array().unwrap();
-    let mut sure = 0;
+    let (mut sure, mut worst) = (0, 0f32);
     for (i, step) in steps.iter().enumerate() {
         let row = &rows[first + i];
         let next = step["next"].as_u64().unwrap() as u32;
@@ -72,6 +72,7 @@ fn check_against_transformers(tr: &Transcriber, tol: f32, what: &str) {
             .zip(step["logits"].as_array().unwrap())
         {
             let (ours, theirs) = (row[id as usize], w.as_f64().unwrap() as f32);
+            worst = worst.max((ours - theirs).abs());
             assert!(
                 (ours - theirs).abs() <= tol,
                 "{what}: step {i}, token {id}: {ours} against transformers' {theirs}"
@@ -87,6 +88,7 @@ fn check_against_transformers(tr: &Transcriber, tol: f32, what: &str) {
             sure += 1;
         }
     }
+    eprintln!("{what}: logits within {worst} of transformers' (bound {tol})");
     let out = tr
         .transcribe(&samples, &TranscribeOptions::default())
         .unwrap();

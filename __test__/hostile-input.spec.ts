@@ -1,7 +1,7 @@
 // Hostile and ordinary-but-unexpected input (issue 18): files that are not
 // files, shutdown under load, small messages for empty or missing media.
 import { execFileSync, spawn } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer as createHttpServer } from 'node:http'
 import { createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
@@ -60,6 +60,7 @@ test.serial('file: a FIFO or a directory under the allowed path is refused at on
 
 test('file: a regular file is read whole; one over the cap is 413', async (t) => {
   const root = mkdtempSync(join(tmpdir(), 'candela-file-'))
+  t.teardown(() => rmSync(root, { recursive: true, force: true }))
   const big = Buffer.alloc(3 << 20, 7) // three read chunks
   writeFileSync(join(root, 'big.mp4'), big)
   t.deepEqual((await loadUrl(pathToFileURL(join(root, 'big.mp4')).href, 'video', { allowedLocalMediaPath: root }, 'p')).data, big)
@@ -69,6 +70,7 @@ test('file: a regular file is read whole; one over the cap is 413', async (t) =>
 
 test('file: a cancelled request stops waiting for its read', async (t) => {
   const root = mkdtempSync(join(tmpdir(), 'candela-file-'))
+  t.teardown(() => rmSync(root, { recursive: true, force: true }))
   writeFileSync(join(root, 'a.png'), PNG)
   const ac = new AbortController()
   ac.abort(new Error('gone'))

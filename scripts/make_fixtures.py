@@ -651,13 +651,16 @@ GGUF_NAME_MAP = {
 }
 
 
-def write_llama_gguf(model, path: Path, src_meta: dict, permute: bool = True) -> None:
+def write_llama_gguf(model, path: Path, src_meta: dict, permute: bool = True, encode=None,
+                     file_type=gguf.LlamaFileType.ALL_F32, name="candela llama-tiny") -> None:
+    """`encode(gguf_name, f32 array) -> (array, raw ggml type or None)` stores a matrix
+    in another type (make_iq4_fixture.py); by default every tensor is F32."""
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = cfg.hidden_size // n_head
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("candela llama-tiny")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_name(name)
+    w.add_file_type(file_type)
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -683,7 +686,13 @@ def write_llama_gguf(model, path: Path, src_meta: dict, permute: bool = True) ->
     w.add_chat_template(src_meta["tokenizer.chat_template"])
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+
+    def add(name: str, t: np.ndarray) -> None:
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        data, raw = encode(name, t) if encode else (t, None)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         for hf, gg in GGUF_NAME_MAP.items():
             t = sd[f"model.layers.{i}.{hf}.weight"]
@@ -691,10 +700,10 @@ def write_llama_gguf(model, path: Path, src_meta: dict, permute: bool = True) ->
                 t = llama_cpp_permute(t, n_head, n_head)
             elif permute and hf == "self_attn.k_proj":
                 t = llama_cpp_permute(t, n_head, n_kv)
-            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t, dtype=np.float32))
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+            add(f"blk.{i}.{gg}.weight", t)
+    add("output_norm.weight", sd["model.norm.weight"])
     if not cfg.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
+        add("output.weight", sd["lm_head.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod families;
+pub mod gguf_types;
 pub mod gpu;
 pub mod half_matmul;
 pub mod input;

@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::error::{candle_message, ModelError, Result};
+use crate::gguf_types::{explain_tensor_type, Iq4};
 use crate::half_matmul::{HalfDType, HalfMatrix};
 use crate::load_progress::LoadProgress;
 use crate::quant::{Activations, BlockMatrix};
@@ -1027,48 +1028,6 @@ impl<'a> WeightsAt<'a> {
     }
 }
 
-/// llama.cpp's names for the `ggml_type` ids that candle's GGUF reader does
-/// not know (it knows F32, F16, BF16, Q4_0 to Q8_1 and Q2_K to Q8_K).
-const UNREAD_GGML_TYPES: &[(u32, &str)] = &[
-    (16, "IQ2_XXS"),
-    (17, "IQ2_XS"),
-    (18, "IQ3_XXS"),
-    (19, "IQ1_S"),
-    (20, "IQ4_NL"),
-    (21, "IQ3_S"),
-    (22, "IQ2_S"),
-    (23, "IQ4_XS"),
-    (24, "I8"),
-    (25, "I16"),
-    (26, "I32"),
-    (27, "I64"),
-    (28, "F64"),
-    (29, "IQ1_M"),
-    (34, "TQ1_0"),
-    (35, "TQ2_0"),
-    (39, "MXFP4"),
-];
-
-/// candle's "unknown dtype for tensor N" as what a user can act on: the
-/// type's name and the formats that load.
-fn explain_tensor_type(message: String) -> String {
-    let Some(id) = message
-        .strip_prefix("unknown dtype for tensor ")
-        .and_then(|n| n.trim().parse::<u32>().ok())
-    else {
-        return message;
-    };
-    let name = UNREAD_GGML_TYPES
-        .iter()
-        .find(|t| t.0 == id)
-        .map_or_else(|| format!("type {id}"), |t| format!("{} (type {id})", t.1));
-    format!(
-        "a tensor is stored as {name}, which candela does not read; GGUF files \
-         of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or Q2_K-Q6_K tensors load \
-         (Q4_K_M and Q8_0 files are the usual choices)"
-    )
-}
-
 /// Maps a Hugging Face tensor name to the names a GGUF file may store it
 /// under, most specific first.
 pub type NameMap = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
@@ -1087,16 +1046,20 @@ pub struct GgufWeights {
     /// How Hugging Face names become this file's names (default: llama.cpp's
     /// decoder names, [`gguf_tensor_names`]).
     names: NameMap,
+    /// Tensors stored as IQ4, listed in `content` as the Q8_0 they are read
+    /// as ([`crate::gguf_types`]).
+    iq4: std::collections::HashMap<String, Iq4>,
 }
 
 impl GgufWeights {
     /// Parse the header and metadata of a GGUF file; tensors are read when asked for.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Gguf {
-            path: path.to_path_buf(),
-            message: explain_tensor_type(candle_message(&e)),
-        })?;
+        let (content, iq4) =
+            crate::gguf_types::read_content(&mut file).map_err(|e| ModelError::Gguf {
+                path: path.to_path_buf(),
+                message: explain_tensor_type(candle_message(&e)),
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -1106,6 +1069,7 @@ impl GgufWeights {
             keep_half: false,
             progress: None,
             names: Arc::new(gguf_tensor_names),
+            iq4,
         })
     }
 
@@ -1199,17 +1163,23 @@ impl GgufWeights {
             .and_then(|f| f.metadata().ok())
             .map_or(0, |m| m.len());
         for (&(name, rows), &(_, offset)) in parts.iter().zip(&spans) {
-            let bytes = rows
-                .checked_mul(k / dtype.block_size().max(1))
-                .and_then(|b| b.checked_mul(dtype.type_size()));
-            if bytes
-                .and_then(|b| offset.checked_add(b as u64))
+            let Some(bytes) = self.stored_bytes(name, rows, k, dtype) else {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!("{name}: rows of {k} values are not whole blocks"),
+                });
+            };
+            if offset
+                .checked_add(bytes as u64)
                 .is_none_or(|end| end > file_len)
             {
                 return Err(ModelError::Gguf {
                     path: self.path.clone(),
                     message: format!(
-                        "{name}: [{rows}, {k}] {dtype:?} runs past the end of the file"
+                        "{name}: [{rows}, {k}] {} runs past the end of the file",
+                        self.iq4
+                            .get(name)
+                            .map_or(format!("{dtype:?}"), |t| t.name().into())
                     ),
                 });
             }
@@ -1226,9 +1196,17 @@ impl GgufWeights {
             let mut at = 0;
             for (&(_, rows), &(name, offset)) in parts.iter().zip(&spans) {
                 let part = &mut dst[at..at + rows * row];
-                file.seek(SeekFrom::Start(offset))
-                    .and_then(|_| file.read_exact(part))
-                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+                let fail = |e: std::io::Error| candle_core::Error::Msg(format!("{name}: {e}"));
+                file.seek(SeekFrom::Start(offset)).map_err(fail)?;
+                match self.iq4.get(name) {
+                    Some(&kind) => {
+                        // Checked above: the rows are whole blocks.
+                        let mut stored = vec![0; kind.stored_bytes(rows, k).unwrap_or(0)];
+                        file.read_exact(&mut stored).map_err(fail)?;
+                        kind.to_q8_0(&stored, part);
+                    }
+                    None => file.read_exact(part).map_err(fail)?,
+                }
                 at += rows * row;
             }
             Ok(())
@@ -1253,23 +1231,91 @@ impl GgufWeights {
         self.qtensor_raw(&name)
     }
 
+    /// Bytes in the file of `rows` rows of `k` values of the tensor `name`,
+    /// listed as `dtype`; `None` where rows are not whole blocks.
+    fn stored_bytes(&self, name: &str, rows: usize, k: usize, dtype: GgmlDType) -> Option<usize> {
+        match self.iq4.get(name) {
+            Some(kind) => kind.stored_bytes(rows, k),
+            None => k
+                .is_multiple_of(dtype.block_size())
+                .then(|| {
+                    rows.checked_mul(k / dtype.block_size())?
+                        .checked_mul(dtype.type_size())
+                })
+                .flatten(),
+        }
+    }
+
     /// Read one tensor by its GGUF name.
     pub fn qtensor_raw(&self, gguf_name: &str) -> Result<Arc<QTensor>> {
         let mut file = self.file.lock().map_err(|_| ModelError::Gguf {
             path: self.path.clone(),
             message: "file handle poisoned".into(),
         })?;
-        let q = self
-            .content
-            .tensor(&mut *file, gguf_name, &self.device)
-            .map_err(|e| ModelError::Gguf {
-                path: self.path.clone(),
-                message: format!("{gguf_name}: {}", candle_message(&e)),
-            })?;
+        let fail = |message: String| ModelError::Gguf {
+            path: self.path.clone(),
+            message: format!("{gguf_name}: {message}"),
+        };
+        let q = match (
+            self.iq4.get(gguf_name),
+            self.content.tensor_infos.get(gguf_name),
+        ) {
+            (Some(&kind), Some(info)) => self.read_iq4(&mut file, kind, info, &fail)?,
+            _ => self
+                .content
+                .tensor(&mut *file, gguf_name, &self.device)
+                .map_err(|e| fail(candle_message(&e)))?,
+        };
         if let Some(p) = &self.progress {
             p.advance(q.shape().elem_count() as u64);
         }
         Ok(Arc::new(q))
+    }
+
+    /// An IQ4 tensor, transcoded to the Q8_0 it is listed as.
+    fn read_iq4(
+        &self,
+        file: &mut File,
+        kind: Iq4,
+        info: &gguf_file::TensorInfo,
+        fail: &dyn Fn(String) -> ModelError,
+    ) -> Result<QTensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let dims = info.shape.dims();
+        let k = dims.last().copied().unwrap_or(1);
+        let rows = dims[..dims.len().saturating_sub(1)]
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let bytes = rows
+            .and_then(|rows| kind.stored_bytes(rows, k))
+            .ok_or_else(|| {
+                fail(format!(
+                    "{} {dims:?}: rows of {k} values are not whole blocks",
+                    kind.name()
+                ))
+            })?;
+        let elems = rows.unwrap_or(0).saturating_mul(k);
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+        if (bytes as u64).saturating_add(start) > len {
+            return Err(fail(format!(
+                "{} {dims:?} runs past the end of the file",
+                kind.name()
+            )));
+        }
+        let mut stored = vec![0; bytes];
+        file.seek(SeekFrom::Start(start))
+            .and_then(|_| file.read_exact(&mut stored))
+            .map_err(|e| fail(e.to_string()))?;
+        let mut q8 = vec![0; Iq4::q8_0_bytes(elems)];
+        kind.to_q8_0(&stored, &mut q8);
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &q8,
+            dims.to_vec(),
+            &self.device,
+        )
+        .map_err(|e| fail(candle_message(&e)))
     }
 
     fn meta(&self, key: &str) -> Result<&gguf_file::Value> {

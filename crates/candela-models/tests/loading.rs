@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candela_core::model::{ForwardBatch, SeqSlice};
 use candela_models::{load, LoadOptions};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -168,8 +168,8 @@ fn a_gguf_of_an_unread_type_is_named_in_the_error() {
         Err(e) => e.to_string(),
     };
     for (ty, name) in [
-        (23, "IQ4_XS (type 23)"),
-        (20, "IQ4_NL (type 20)"),
+        (17, "IQ2_XS (type 17)"),
+        (21, "IQ3_S (type 21)"),
         (99, "type 99"),
     ] {
         std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], ty)])).unwrap();
@@ -177,10 +177,64 @@ fn a_gguf_of_an_unread_type_is_named_in_the_error() {
         assert!(err.contains(name), "{err}");
         assert!(err.contains("Q4_K_M"), "{err}");
     }
-    // A type candle reads gets past the header (and fails later, on the
-    // missing tensors).
-    std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], 12)])).unwrap();
-    let err = refusal(&path);
-    assert!(!err.contains("does not read"), "{err}");
+    // A type candle reads (Q4_K), and the IQ4 types read as Q8_0, get past
+    // the header (and fail later, on the missing tensors).
+    for ty in [12, 20, 23] {
+        std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], ty)])).unwrap();
+        let err = refusal(&path);
+        assert!(!err.contains("does not read"), "{ty}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// IQ4 tensors whose header does not fit their data are refused by name
+/// when read, as the types candle reads are: rows that are not whole
+/// blocks, and data past the end of the file.
+#[test]
+fn iq4_tensors_that_do_not_fit_are_errors() {
+    use candela_models::weights::GgufWeights;
+    let dir = std::env::temp_dir().join(format!("candela-iq4-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    for (dims, ty, want) in [
+        ([32, 8], 23, "not whole blocks"),
+        ([256, 1 << 20], 23, "past the end of the file"),
+        ([32, 1 << 20], 20, "past the end of the file"),
+    ] {
+        std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", dims, ty)])).unwrap();
+        let g = GgufWeights::open(&path, DType::F32, &Device::Cpu).expect("the header reads");
+        let err = g
+            .qtensor_raw("blk.0.attn_q.weight")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(want) && err.contains("IQ4_"),
+            "{dims:?} {ty}: {err}"
+        );
+        let k = dims[0] as usize;
+        let rows = dims[1] as usize;
+        let err = g
+            .read_matrix(&[("blk.0.attn_q.weight", rows)], k)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{dims:?} {ty}: {err}");
+    }
+    // Whole blocks within the file: zero data reads as zeros.
+    std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], 23)])).unwrap();
+    let g = GgufWeights::open(&path, DType::F32, &Device::Cpu).unwrap();
+    let t = g.qtensor_raw("blk.0.attn_q.weight").unwrap();
+    assert_eq!(t.shape().dims(), [8, 256]);
+    let v = t
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(v.iter().all(|x| *x == 0.0));
+    assert!(g
+        .read_matrix(&[("blk.0.attn_q.weight", 8)], 256)
+        .unwrap()
+        .is_some());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1199,12 +1199,7 @@ impl GgufWeights {
                 let fail = |e: std::io::Error| candle_core::Error::Msg(format!("{name}: {e}"));
                 file.seek(SeekFrom::Start(offset)).map_err(fail)?;
                 match self.iq4.get(name) {
-                    Some(&kind) => {
-                        // Checked above: the rows are whole blocks.
-                        let mut stored = vec![0; kind.stored_bytes(rows, k).unwrap_or(0)];
-                        file.read_exact(&mut stored).map_err(fail)?;
-                        kind.to_q8_0(&stored, part);
-                    }
+                    Some(&kind) => kind.read_q8_0(&mut *file, rows, k, part).map_err(fail)?,
                     None => file.read_exact(part).map_err(fail)?,
                 }
                 at += rows * row;
@@ -1280,7 +1275,7 @@ impl GgufWeights {
         info: &gguf_file::TensorInfo,
         fail: &dyn Fn(String) -> ModelError,
     ) -> Result<QTensor> {
-        use std::io::{Read, Seek, SeekFrom};
+        use std::io::{Seek, SeekFrom};
         let dims = info.shape.dims();
         let k = dims.last().copied().unwrap_or(1);
         let rows = dims[..dims.len().saturating_sub(1)]
@@ -1303,12 +1298,10 @@ impl GgufWeights {
                 kind.name()
             )));
         }
-        let mut stored = vec![0; bytes];
-        file.seek(SeekFrom::Start(start))
-            .and_then(|_| file.read_exact(&mut stored))
-            .map_err(|e| fail(e.to_string()))?;
         let mut q8 = vec![0; Iq4::q8_0_bytes(elems)];
-        kind.to_q8_0(&stored, &mut q8);
+        file.seek(SeekFrom::Start(start))
+            .and_then(|_| kind.read_q8_0(file, elems / k.max(1), k, &mut q8))
+            .map_err(|e| fail(e.to_string()))?;
         candle_core::quantized::ggml_file::qtensor_from_ggml(
             GgmlDType::Q8_0,
             &q8,

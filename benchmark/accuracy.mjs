@@ -3,7 +3,12 @@
 // reference: how often candela's and llama.cpp's argmax after each position
 // of real text equals transformers' (f32, the same weights dequantized).
 //
-//   node benchmark/accuracy.mjs [--models smollm2,qwen05b] [--windows 4] [--tokens 64] [--threads 2]
+//   node benchmark/accuracy.mjs [--models smollm2,qwen05b,smollm2-iq4] [--windows 4] [--tokens 64] [--threads 2]
+//
+// smollm2-iq4 is SmolLM2's Q4_1 file requantized to IQ4_XS by llama.cpp's
+// llama-quantize (from $CANDELA_BENCH_LLAMA_BIN, default /work/build-bench/bin;
+// its 576-wide rows fall back to IQ4_NL), the reference being transformers
+// on that file: a real model through candela's IQ4 reader.
 //
 // Per model, `windows` slices of the benchmark corpus, each a 32-token prompt
 // followed by `tokens` forced tokens (the corpus continues; nothing is
@@ -13,11 +18,12 @@
 // cached prefix: the decode kernels, not the prefill GEMM). Run after
 // `npm run bench -- single` has prepared the models and the venv. Prints a
 // table and writes benchmark/results/accuracy.json.
-import { mkdirSync, writeFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { BENCH_DIR, CORPUS, RESULTS_DIR, runWorker } from './lib/common.mjs'
+import { BENCH_DIR, CORPUS, MODELS_DIR, RESULTS_DIR, runWorker } from './lib/common.mjs'
 import { QWEN, ensureDefaultModelFile, venvPython } from './lib/bootstrap.mjs'
 
 const { values: opt } = parseArgs({
@@ -64,6 +70,29 @@ const MODELS = {
       { id: 'llama.cpp/qwen05b-f16', engine: 'llama.cpp', weights: QWEN.f16 },
     ],
   },
+}
+
+/** `src` requantized to `type` by llama.cpp's llama-quantize (made once, in benchmark/models). */
+function requantized(src, name, type) {
+  const out = join(MODELS_DIR, `${name}.${type.toLowerCase()}.gguf`)
+  if (!existsSync(out)) {
+    const bin = join(process.env.CANDELA_BENCH_LLAMA_BIN || '/work/build-bench/bin', 'llama-quantize')
+    mkdirSync(MODELS_DIR, { recursive: true })
+    const r = spawnSync(bin, ['--allow-requantize', src, out, type], { encoding: 'utf8' })
+    if (r.status !== 0) throw new Error(`${bin} ${type}: exit ${r.status}: ${`${r.stdout}${r.stderr}`.slice(-800)}`)
+  }
+  return out
+}
+if (opt.models.split(',').includes('smollm2-iq4')) {
+  const iq4 = requantized(smol, 'smollm2', 'IQ4_XS')
+  MODELS['smollm2-iq4'] = {
+    tokenizeWith: smol,
+    reference: { engine: 'transformers', weights: iq4, dtype: 'f32', format: 'IQ4_XS GGUF (llama-quantize from the Q4_1 file) dequantized to F32' },
+    cases: [
+      { id: 'candela/smollm2-iq4_xs', engine: 'candela', weights: iq4 },
+      { id: 'llama.cpp/smollm2-iq4_xs', engine: 'llama.cpp', weights: iq4 },
+    ],
+  }
 }
 
 const out = { windows: WINDOWS, promptTokens: PROMPT, forcedTokens: TOKENS, threads: THREADS, models: {} }

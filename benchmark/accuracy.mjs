@@ -23,7 +23,7 @@ import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { BENCH_DIR, CORPUS, MODELS_DIR, RESULTS_DIR, runWorker } from './lib/common.mjs'
+import { BENCH_DIR, CORPUS, LLAMA_BIN, MODELS_DIR, RESULTS_DIR, runWorker } from './lib/common.mjs'
 import { QWEN, ensureDefaultModelFile, venvPython } from './lib/bootstrap.mjs'
 
 const { values: opt } = parseArgs({
@@ -76,7 +76,7 @@ const MODELS = {
 function requantized(src, name, type) {
   const out = join(MODELS_DIR, `${name}.${type.toLowerCase()}.gguf`)
   if (!existsSync(out)) {
-    const bin = join(process.env.CANDELA_BENCH_LLAMA_BIN || '/work/build-bench/bin', 'llama-quantize')
+    const bin = join(LLAMA_BIN, 'llama-quantize')
     mkdirSync(MODELS_DIR, { recursive: true })
     const r = spawnSync(bin, ['--allow-requantize', src, out, type], { encoding: 'utf8' })
     if (r.status !== 0) throw new Error(`${bin} ${type}: exit ${r.status}: ${`${r.stdout}${r.stderr}`.slice(-800)}`)

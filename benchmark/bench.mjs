@@ -34,6 +34,7 @@ import { parseArgs } from 'node:util'
 import {
   BENCH_DIR,
   CORPUS,
+  LLAMA_BIN,
   RESULTS_DIR,
   ROOT,
   fmt,
@@ -98,8 +99,6 @@ const ENGINE = {
   // llama.cpp's own OpenAI-compatible server (shapes-vision: its multimodal runtime, mtmd)
   'llama-server': { label: 'llama.cpp llama-server' },
 }
-// llama.cpp's tools built from the llama-cpp-python sdist (see RESULTS.md): llama-server, llama-quantize
-const LLAMA_BIN = process.env.CANDELA_BENCH_LLAMA_BIN || '/work/build-bench/bin'
 const threadEnv = {
   RAYON_NUM_THREADS: String(THREADS),
   OMP_NUM_THREADS: String(THREADS),

@@ -10,6 +10,8 @@ export const BENCH_DIR = join(dirname(fileURLToPath(import.meta.url)), '..')
 export const ROOT = join(BENCH_DIR, '..')
 export const RESULTS_DIR = join(BENCH_DIR, 'results')
 export const MODELS_DIR = join(BENCH_DIR, 'models')
+// llama.cpp's tools built from the llama-cpp-python sdist (see RESULTS.md): llama-server, llama-quantize, llama-mtmd-cli
+export const LLAMA_BIN = process.env.CANDELA_BENCH_LLAMA_BIN || '/work/build-bench/bin'
 
 /** Peak resident set size of a process in MiB (VmHWM), or null. */
 export function peakRssMiB(pid = 'self') {

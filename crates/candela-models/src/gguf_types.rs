@@ -229,10 +229,15 @@ struct Walk<R> {
 }
 
 impl<R: Read + Seek> Walk<R> {
+    fn read(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
+        self.r.read_exact(dst)?;
+        self.at += dst.len() as u64;
+        Ok(())
+    }
+
     fn u32(&mut self) -> std::io::Result<u32> {
         let mut b = [0; 4];
-        self.r.read_exact(&mut b)?;
-        self.at += 4;
+        self.read(&mut b)?;
         Ok(u32::from_le_bytes(b))
     }
 
@@ -241,8 +246,7 @@ impl<R: Read + Seek> Walk<R> {
             return self.u32().map(u64::from);
         }
         let mut b = [0; 8];
-        self.r.read_exact(&mut b)?;
-        self.at += 8;
+        self.read(&mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -330,8 +334,7 @@ fn scan<R: Read + Seek>(file: &mut R) -> std::io::Result<(u64, Vec<Found>)> {
             return Err(bad());
         }
         let mut name = vec![0; n as usize];
-        w.r.read_exact(&mut name)?;
-        w.at += n;
+        w.read(&mut name)?;
         // As candle reads names: trailing NULs dropped.
         while name.last() == Some(&0) {
             name.pop();

@@ -1278,18 +1278,16 @@ impl GgufWeights {
         use std::io::{Seek, SeekFrom};
         let dims = info.shape.dims();
         let k = dims.last().copied().unwrap_or(1);
-        let rows = dims[..dims.len().saturating_sub(1)]
+        let (rows, bytes) = dims[..dims.len().saturating_sub(1)]
             .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d));
-        let bytes = rows
-            .and_then(|rows| kind.stored_bytes(rows, k))
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|rows| Some((rows, kind.stored_bytes(rows, k)?)))
             .ok_or_else(|| {
                 fail(format!(
                     "{} {dims:?}: rows of {k} values are not whole blocks",
                     kind.name()
                 ))
             })?;
-        let elems = rows.unwrap_or(0).saturating_mul(k);
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         let len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
         if (bytes as u64).saturating_add(start) > len {
@@ -1298,9 +1296,10 @@ impl GgufWeights {
                 kind.name()
             )));
         }
-        let mut q8 = vec![0; Iq4::q8_0_bytes(elems)];
+        // Within the file (checked above), so `rows * k` does not overflow.
+        let mut q8 = vec![0; Iq4::q8_0_bytes(rows * k)];
         file.seek(SeekFrom::Start(start))
-            .and_then(|_| kind.read_q8_0(file, elems / k.max(1), k, &mut q8))
+            .and_then(|_| kind.read_q8_0(file, rows, k, &mut q8))
             .map_err(|e| fail(e.to_string()))?;
         candle_core::quantized::ggml_file::qtensor_from_ggml(
             GgmlDType::Q8_0,

@@ -127,9 +127,11 @@ test('SIGTERM stops the server within a bounded time; a stream in flight ends wi
   try {
     const end = Date.now() + 30_000
     while (!out.includes('"serving') && Date.now() < end) await new Promise((r) => setTimeout(r, 20))
+    // n: 8 keeps the engine busy ~9 s (one sample of 1500 tokens takes ~1.6 s on llama-tiny):
+    // on a loaded machine a single sample could finish before the signal lands.
     const res = await fetch(`http://127.0.0.1:${port}/v1/completions`, {
       method: 'POST',
-      body: JSON.stringify({ prompt: 'Once', max_tokens: 1500, ignore_eos: true, stream: true }),
+      body: JSON.stringify({ prompt: 'Once', max_tokens: 1500, n: 8, ignore_eos: true, stream: true }),
     })
     t.is(res.status, 200)
     const reader = res.body!.getReader()

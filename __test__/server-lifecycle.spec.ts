@@ -146,13 +146,15 @@ test('a streaming request that waits for the engine gets keep-alive comments, th
 
 test('an error after the stream started is sent as a data: {"error"} event', async (t) => {
   // The server does not own this engine; closing it under a running stream makes the stream fail.
+  // n: 8 keeps the engine busy ~9 s (one sample of 1500 tokens takes ~1.6 s on llama-tiny), so
+  // on a loaded machine the stream cannot finish before the close lands.
   const engine = await Engine.load({ model: fixture('llama-tiny') })
   const { server, base } = await startTestServer({ engine, servedModelName: 'tiny' })
   try {
     const res = await fetch(`${base}/v1/chat/completions`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ model: 'tiny', messages: [{ role: 'user', content: 'Tell me a story' }], max_tokens: 1500, ignore_eos: true, stream: true }),
+      body: JSON.stringify({ model: 'tiny', messages: [{ role: 'user', content: 'Tell me a story' }], max_tokens: 1500, n: 8, ignore_eos: true, stream: true }),
     })
     t.is(res.status, 200)
     const reader = res.body!.getReader()
@@ -183,9 +185,10 @@ test('an error after the stream started is sent as a data: {"error"} event', asy
 test('close() ends open streams with a shutting-down error and closes the engine the server loaded', async (t) => {
   const { server, base } = await startTestServer({ load: { model: fixture('llama-tiny') } })
   const engine = server.engine!
+  // n: 8 so the stream cannot finish before the close lands (see above).
   const res = await fetch(`${base}/v1/completions`, {
     method: 'POST',
-    body: JSON.stringify({ prompt: 'Once', max_tokens: 1500, ignore_eos: true, stream: true }),
+    body: JSON.stringify({ prompt: 'Once', max_tokens: 1500, n: 8, ignore_eos: true, stream: true }),
   })
   const reader = res.body!.getReader()
   await reader.read()

@@ -432,11 +432,54 @@ mod imp {
 
     // ---- MP4 ----------------------------------------------------------------
 
+    /// A reader for the `mp4` crate that fails once it has been called a
+    /// budget of times. The crate's box loops (0.14) re-read forever a child
+    /// box that declares fewer bytes than its own header (size 0 inside
+    /// `minf`, say), so a file gets the calls a valid one of its size needs
+    /// (each reads or skips a byte or more of it, a box's seeks aside, plus a
+    /// seek and a read per sample) and then an error, never a spinning thread.
+    struct CallBudget<R> {
+        inner: R,
+        left: u64,
+    }
+
+    impl<R> CallBudget<R> {
+        fn new(inner: R, len: usize, max_frames: usize) -> Self {
+            let left = 4 * len as u64 + 4 * max_frames as u64 + 4096;
+            Self { inner, left }
+        }
+
+        fn spend(&mut self) -> std::io::Result<()> {
+            if self.left == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "its boxes loop (a box declares fewer bytes than its header)",
+                ));
+            }
+            self.left -= 1;
+            Ok(())
+        }
+    }
+
+    impl<R: std::io::Read> std::io::Read for CallBudget<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.spend()?;
+            self.inner.read(buf)
+        }
+    }
+
+    impl<R: std::io::Seek> std::io::Seek for CallBudget<R> {
+        fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+            self.spend()?;
+            self.inner.seek(pos)
+        }
+    }
+
     fn demux_mp4(bytes: &[u8], opts: &VideoDecodeOptions) -> Result<Demuxed, MediaError> {
         use mp4::{MediaType, TrackType};
         let corrupt = |e: mp4::Error| MediaError::Corrupt(format!("MP4 file is malformed: {e}"));
-        let mut reader =
-            mp4::Mp4Reader::read_header(Cursor::new(bytes), bytes.len() as u64).map_err(corrupt)?;
+        let input = CallBudget::new(Cursor::new(bytes), bytes.len(), opts.max_total_frames);
+        let mut reader = mp4::Mp4Reader::read_header(input, bytes.len() as u64).map_err(corrupt)?;
         let mut video: Vec<(u32, String)> = Vec::new();
         let mut pick = None;
         let mut ids: Vec<u32> = reader.tracks().keys().copied().collect();
@@ -969,6 +1012,32 @@ mod tests {
         p.push(Err("bad".into())).unwrap(); // 1 fails
         p.push(Ok(Some(img(2)))).unwrap(); // 2 is its own target
         assert_eq!(p.indices, vec![2]);
+    }
+
+    /// A child box of size 0 inside `minf` made the mp4 crate re-read it
+    /// forever (found by `video_fuzz`); it is a 4xx now.
+    #[cfg(feature = "video-files")]
+    #[test]
+    fn an_mp4_box_smaller_than_its_header_is_refused() {
+        fn mp4_box(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+            let mut b = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+            b.extend_from_slice(kind);
+            b.extend_from_slice(body);
+            b
+        }
+        let looping = [0, 0, 0, 0, b'z', b'z', b'z', b'z'];
+        let minf = mp4_box(b"minf", &looping);
+        let moov = mp4_box(b"moov", &mp4_box(b"trak", &mp4_box(b"mdia", &minf)));
+        let mut file = mp4_box(b"ftyp", b"isom\0\0\x02\0isom");
+        file.extend(moov);
+        let sel = |n: usize, _| Ok((0..n).collect());
+        let opts = VideoDecodeOptions {
+            decoder: VideoDecoder::BuiltIn,
+            ..Default::default()
+        };
+        let err = decode_video(&file, &opts, sel).unwrap_err();
+        assert!(matches!(err, MediaError::Corrupt(_)), "{err:?}");
+        assert!(err.to_string().contains("loop"), "{err}");
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! `ggml_type` has no `GgmlDType`. Two of them fill llama.cpp's popular
 //! files: IQ4_NL and IQ4_XS, 4-bit indices into a fixed non-linear table of
 //! 16 int8 values, scaled by an f16 per 32 values (IQ4_NL) or by an f16 per
-//! 256 values times a 6-bit sub-scale per 32 (IQ4_XS). They load transcoded
-//! to Q8_0, whose int8 values hold the table's entries exactly ([`Iq4`]),
-//! and then run on the Q8_0 kernels. IQ4_NL is exact; IQ4_XS's per-32 scale
-//! `d * (ls - 32)` is rounded to f16 (at most 2^-11 relative). The price is
-//! memory: 8.5 bits per weight where the file holds 4.5 or 4.25.
+//! 256 values times a 6-bit sub-scale per 32 (IQ4_XS). On the CPU their
+//! matrices are held as they are stored and run on IQ4 kernels
+//! ([`crate::quant::BlockType`]). Where a tensor is read as a candle
+//! `QTensor` instead (a GPU), it is transcoded to Q8_0, whose int8 values
+//! hold the table's entries exactly ([`Iq4::read_q8_0`]): IQ4_NL is exact;
+//! IQ4_XS's per-32 scale `d * (ls - 32)` is rounded to f16 (at most 2^-11
+//! relative), at 8.5 bits per weight.
 //!
 //! The header is read in two passes: [`scan`] walks it (skipping metadata
 //! values) to find such tensors' type fields, then candle's reader parses a
@@ -21,6 +23,8 @@ use std::io::{BufRead, BufReader, Cursor, Read, Seek, SeekFrom};
 
 use candle_core::quantized::gguf_file;
 use half::f16;
+
+use crate::quant::{iq4xs_scale, BlockType, IQ4_VALUES};
 
 /// llama.cpp's names for the `ggml_type` ids that candela does not read
 /// (candle knows F32, F16, BF16, Q4_0 to Q8_1 and Q2_K to Q8_K; IQ4_NL and
@@ -63,10 +67,6 @@ pub fn explain_tensor_type(message: String) -> String {
     )
 }
 
-/// llama.cpp's `kvalues_iq4nl`: the 16 values a 4-bit IQ4 index stands for.
-const IQ4_VALUES: [i8; 16] = [
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-];
 /// `ggml_type` ids.
 const IQ4_NL_ID: u32 = 20;
 const IQ4_XS_ID: u32 = 23;
@@ -74,7 +74,7 @@ const Q8_0_ID: u32 = 8;
 /// Bytes of a Q8_0 block (f16 scale + 32 int8) of 32 values.
 const Q8_0_BLOCK: usize = 34;
 
-/// The IQ4 formats, read transcoded to Q8_0.
+/// The IQ4 formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Iq4 {
     /// Blocks of 32: f16 `d`, 16 bytes of index pairs.
@@ -100,20 +100,24 @@ impl Iq4 {
         }
     }
 
+    /// The block type the CPU kernels hold it as.
+    pub fn block_type(self) -> BlockType {
+        match self {
+            Self::Nl => BlockType::Iq4Nl,
+            Self::Xs => BlockType::Iq4Xs,
+        }
+    }
+
     /// (values, bytes) of one block.
     fn block(self) -> (usize, usize) {
-        match self {
-            Self::Nl => (32, 18),
-            Self::Xs => (256, 136),
-        }
+        let t = self.block_type();
+        (t.block_size(), t.type_size())
     }
 
     /// Bytes in the file of `rows` rows of `k` values; `None` where a row is
     /// not whole blocks (or the size overflows).
     pub fn stored_bytes(self, rows: usize, k: usize) -> Option<usize> {
-        let (values, bytes) = self.block();
-        k.is_multiple_of(values).then_some(())?;
-        rows.checked_mul(k / values)?.checked_mul(bytes)
+        self.block_type().row_bytes(rows, k)
     }
 
     /// Bytes of `elems` values as Q8_0.
@@ -180,10 +184,8 @@ impl Iq4 {
                 let mut outs = dst.chunks_exact_mut(Q8_0_BLOCK);
                 for b in src.chunks_exact(136) {
                     let d = f16_at(b).to_f32();
-                    let high = u16::from_le_bytes([b[2], b[3]]);
                     for (i, qs) in b[8..].chunks_exact(16).enumerate() {
-                        let low = (b[4 + i / 2] >> (4 * (i % 2))) & 15;
-                        let ls = (low | (((high >> (2 * i)) & 3) as u8) << 4) as i32 - 32;
+                        let ls = iq4xs_scale(b, i);
                         let out = outs.next().expect("dst holds the Q8_0 blocks");
                         put(f16::from_f32(d * ls as f32), qs, out);
                     }

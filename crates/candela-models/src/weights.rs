@@ -24,7 +24,7 @@ use crate::error::{candle_message, ModelError, Result};
 use crate::gguf_types::{explain_tensor_type, Iq4};
 use crate::half_matmul::{HalfDType, HalfMatrix};
 use crate::load_progress::LoadProgress;
-use crate::quant::{Activations, BlockMatrix};
+use crate::quant::{Activations, BlockMatrix, BlockType};
 use crate::quantize::Quantization;
 
 /// A CPU matrix multiplied by our own kernels without widening it as a
@@ -109,7 +109,7 @@ impl QuantWeight {
             Activations::F32
         };
         let (decode, other) = match self {
-            Self::Blocks(b, Role::Body) => (b.decode_activations(), engine),
+            Self::Blocks(_, Role::Body) => (Activations::Int8, engine),
             Self::Blocks(_, Role::Logits) => (Activations::Int8Top, Activations::F32),
             Self::Half(_, Role::Body) => (Activations::F32, engine),
             _ => (Activations::F32, Activations::F32),
@@ -1135,13 +1135,16 @@ impl GgufWeights {
                     ),
                 });
             }
-            if dtype.is_some_and(|d| d != info.ggml_dtype) {
+            // IQ4 tensors are listed as Q8_0 (`gguf_types`): the type they
+            // are stored as is the pair.
+            let stored = (info.ggml_dtype, self.iq4.get(name).copied());
+            if dtype.is_some_and(|d| d != stored) {
                 return Ok(None);
             }
-            dtype = Some(info.ggml_dtype);
+            dtype = Some(stored);
             spans.push((name, self.content.tensor_data_offset + info.offset));
         }
-        let Some(dtype) = dtype else {
+        let Some((dtype, iq4)) = dtype else {
             return Ok(None);
         };
         let half = match dtype {
@@ -1149,8 +1152,8 @@ impl GgufWeights {
             GgmlDType::BF16 => Some(HalfDType::Bf16),
             _ => None,
         };
-        if !self.device.is_cpu() || !(BlockMatrix::holds(dtype) || half.is_some() && self.keep_half)
-        {
+        let block = iq4.map_or(BlockType::of_ggml(dtype), |t| Some(t.block_type()));
+        if !self.device.is_cpu() || !(block.is_some() || half.is_some() && self.keep_half) {
             return Ok(None);
         }
         let n = parts.iter().map(|p| p.1).sum::<usize>();
@@ -1198,19 +1201,19 @@ impl GgufWeights {
                 let part = &mut dst[at..at + rows * row];
                 let fail = |e: std::io::Error| candle_core::Error::Msg(format!("{name}: {e}"));
                 file.seek(SeekFrom::Start(offset)).map_err(fail)?;
-                match self.iq4.get(name) {
-                    Some(&kind) => kind.read_q8_0(&mut *file, rows, k, part).map_err(fail)?,
-                    None => file.read_exact(part).map_err(fail)?,
-                }
+                file.read_exact(part).map_err(fail)?;
                 at += rows * row;
             }
             Ok(())
         };
-        let weight = match half {
-            Some(h) => QuantWeight::Half(Arc::new(HalfMatrix::read(h, n, k, read)?), Role::Body),
-            None => {
-                QuantWeight::Blocks(Arc::new(BlockMatrix::read(dtype, n, k, read)?), Role::Body)
+        let weight = match (half, block) {
+            (Some(h), _) => {
+                QuantWeight::Half(Arc::new(HalfMatrix::read(h, n, k, read)?), Role::Body)
             }
+            (None, Some(b)) => {
+                QuantWeight::Blocks(Arc::new(BlockMatrix::read(b, n, k, read)?), Role::Body)
+            }
+            (None, None) => return Ok(None),
         };
         if let Some(p) = &self.progress {
             p.advance((n * k) as u64);

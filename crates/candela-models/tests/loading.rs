@@ -177,7 +177,7 @@ fn a_gguf_of_an_unread_type_is_named_in_the_error() {
         assert!(err.contains(name), "{err}");
         assert!(err.contains("Q4_K_M"), "{err}");
     }
-    // A type candle reads (Q4_K), and the IQ4 types read as Q8_0, get past
+    // A type candle reads (Q4_K), and the IQ4 types (`gguf_types`), get past
     // the header (and fail later, on the missing tensors).
     for ty in [12, 20, 23] {
         std::fs::write(&path, gguf_bytes(&[("blk.0.attn_q.weight", [256, 8], ty)])).unwrap();

@@ -12,39 +12,20 @@
 //! its AVX-VNNI and AVX512-VNNI encodings) are tested against; [`kernel`]
 //! picks one for the CPU at run time.
 
-use candle_core::quantized::GgmlDType;
-
 use super::q8::{Q8Row, QK};
-use super::{f16_at, scales_mins_k4};
-
-/// Weight formats with an integer kernel.
-pub fn supported(dtype: GgmlDType) -> bool {
-    use GgmlDType as G;
-    matches!(
-        dtype,
-        G::Q4_0
-            | G::Q4_1
-            | G::Q5_0
-            | G::Q5_1
-            | G::Q8_0
-            | G::Q2K
-            | G::Q3K
-            | G::Q4K
-            | G::Q5K
-            | G::Q6K
-    )
-}
+use super::{f16_at, scales_mins_k4, BlockType, IQ4_VALUES};
 
 /// How many activation values share one 8-bit scale for weights of
-/// `dtype`: its block (32, or a K-quant's 256-value super-block).
-pub fn act_group(dtype: GgmlDType) -> usize {
+/// `dtype`: its block (32, or a K-quant's or IQ4_XS's 256-value
+/// super-block).
+pub fn act_group(dtype: BlockType) -> usize {
     dtype.block_size()
 }
 
 /// A kernel: one weight row (whole blocks of `dtype`) dotted with each of
 /// the activation rows `a` (same length), into `out[..a.len()]`. The
 /// vector kernels unpack each weight block once for all the rows.
-pub type RowsDot = unsafe fn(GgmlDType, &[u8], &[Q8Row], &mut [f32]);
+pub type RowsDot = unsafe fn(BlockType, &[u8], &[Q8Row], &mut [f32]);
 
 /// The instruction sets an integer kernel can use, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,26 +103,26 @@ fn idot<W: Into<i32> + Copy>(w: impl Iterator<Item = W>, a: &[i8]) -> i32 {
 ///
 /// # Safety
 /// None needed; `unsafe` only to share the [`RowsDot`] type.
-pub unsafe fn rows_dot_scalar(dtype: GgmlDType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
+pub unsafe fn rows_dot_scalar(dtype: BlockType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
     for (o, a) in out.iter_mut().zip(a) {
         *o = row_dot_scalar(dtype, row, *a);
     }
 }
 
 /// One weight row dotted with one activation row, in scalar code.
-pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
+pub fn row_dot_scalar(dtype: BlockType, row: &[u8], a: Q8Row) -> f32 {
     let mut acc = 0f32;
     let mut offs = 0f32;
     let mut groups = a.qs.chunks_exact(QK).zip(a.d.iter().zip(a.dsum));
     match dtype {
-        GgmlDType::Q8_0 => {
+        BlockType::Q8_0 => {
             for (blk, (qa, (&da, _))) in row.chunks_exact(34).zip(groups) {
                 let s = idot(blk[2..34].iter().map(|&w| w as i8), qa);
                 acc += f16_at(blk, 0) * da * s as f32;
             }
         }
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-            let q4_1 = dtype == GgmlDType::Q4_1;
+        BlockType::Q4_0 | BlockType::Q4_1 => {
+            let q4_1 = dtype == BlockType::Q4_1;
             let (bsz, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
             for (blk, (qa, (&da, &dsum))) in row.chunks_exact(bsz).zip(groups) {
                 let qs = &blk[qoff..qoff + 16];
@@ -152,8 +133,8 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 offs += if q4_1 { f16_at(blk, 2) } else { -8.0 * d } * dsum;
             }
         }
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-            let q5_1 = dtype == GgmlDType::Q5_1;
+        BlockType::Q5_0 | BlockType::Q5_1 => {
+            let q5_1 = dtype == BlockType::Q5_1;
             let (bsz, hoff) = if q5_1 { (24, 4) } else { (22, 2) };
             for (blk, (qa, (&da, &dsum))) in row.chunks_exact(bsz).zip(groups) {
                 let qh =
@@ -173,8 +154,8 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 offs += if q5_1 { f16_at(blk, 2) } else { -16.0 * d } * dsum;
             }
         }
-        GgmlDType::Q4K | GgmlDType::Q5K => {
-            let q5 = dtype == GgmlDType::Q5K;
+        BlockType::Q4K | BlockType::Q5K => {
+            let q5 = dtype == BlockType::Q5K;
             let (bsz, qoff) = if q5 { (176, 48) } else { (144, 16) };
             for blk in row.chunks_exact(bsz) {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
@@ -200,7 +181,7 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 }
             }
         }
-        GgmlDType::Q2K => {
+        BlockType::Q2K => {
             for blk in row.chunks_exact(84) {
                 let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
                 for g in 0..8 {
@@ -222,7 +203,7 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 }
             }
         }
-        GgmlDType::Q3K => {
+        BlockType::Q3K => {
             for blk in row.chunks_exact(110) {
                 let d = f16_at(blk, 108);
                 let Ok(scales) = <&[u8; 12]>::try_from(&blk[96..108]) else {
@@ -248,7 +229,29 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 }
             }
         }
-        GgmlDType::Q6K => {
+        BlockType::Iq4Nl => {
+            for (blk, (qa, (&da, _))) in row.chunks_exact(18).zip(groups) {
+                acc += f16_at(blk, 0) * da * idot(iq4_values(&blk[2..18]), qa) as f32;
+            }
+        }
+        BlockType::Iq4Xs => {
+            for blk in row.chunks_exact(136) {
+                let d = f16_at(blk, 0);
+                let mut s = 0i32;
+                let mut da = 0f32;
+                for j in 0..8 {
+                    let Some((qa, (&d_a, _))) = groups.next() else {
+                        break;
+                    };
+                    // The activations share one scale per super-block.
+                    da = d_a;
+                    let qs = &blk[8 + 16 * j..8 + 16 * j + 16];
+                    s += iq4xs_scale(blk, j) * idot(iq4_values(qs), qa);
+                }
+                acc += d * da * s as f32;
+            }
+        }
+        BlockType::Q6K => {
             for blk in row.chunks_exact(210) {
                 let d = f16_at(blk, 208);
                 for half in 0..2 {
@@ -268,9 +271,26 @@ pub fn row_dot_scalar(dtype: GgmlDType, row: &[u8], a: Q8Row) -> f32 {
                 }
             }
         }
-        _ => {}
     }
     acc + offs
+}
+
+/// The 32 table values of 16 bytes of IQ4 index pairs: low nibbles are
+/// values 0..16, high ones 16..32.
+fn iq4_values(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
+    let value = |i: u8| IQ4_VALUES[i as usize];
+    qs.iter()
+        .map(move |q| value(q & 0x0F))
+        .chain(qs.iter().map(move |q| value(q >> 4)))
+}
+
+/// Sub-scale `j` (0..8) of an IQ4_XS super-block, in -32..32: 4 low bits
+/// from nibble `j` of bytes 4..8, 2 high bits from bits 2j.. of the u16 at 2.
+#[inline(always)]
+pub fn iq4xs_scale(blk: &[u8], j: usize) -> i32 {
+    let low = (blk[4 + j / 2] >> (4 * (j % 2))) & 0x0F;
+    let high = (u16::from_le_bytes([blk[2], blk[3]]) >> (2 * j)) & 3;
+    (low as i32 | (high as i32) << 4) - 32
 }
 
 /// Scale `j` (0..16) of a Q3_K block, in -32..32: 4 low bits from the
@@ -299,43 +319,81 @@ fn q6(ql: &[u8], qh: &[u8], t: usize, l: usize) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::QTensor;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Result, Tensor};
 
     use super::super::q8::Q8Rows;
+    use super::super::BlockMatrix;
     use super::*;
 
-    const TYPES: [GgmlDType; 10] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
+    const TYPES: [BlockType; 12] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+        BlockType::Q8_0,
+        BlockType::Q2K,
+        BlockType::Q3K,
+        BlockType::Q4K,
+        BlockType::Q5K,
+        BlockType::Q6K,
+        BlockType::Iq4Nl,
+        BlockType::Iq4Xs,
     ];
 
-    /// Three weight rows (mean shifted so offsets matter) and `m` activation
-    /// rows with an all-zero block and one large outlier.
-    fn case(dtype: GgmlDType, k: usize, m: usize) -> Result<(QTensor, Vec<f32>, Vec<f32>)> {
+    /// candle's type of the same name, where it has one.
+    fn ggml(dtype: BlockType) -> Option<GgmlDType> {
+        use GgmlDType as G;
+        [
+            G::Q4_0,
+            G::Q4_1,
+            G::Q5_0,
+            G::Q5_1,
+            G::Q8_0,
+            G::Q2K,
+            G::Q3K,
+            G::Q4K,
+            G::Q5K,
+            G::Q6K,
+        ]
+        .into_iter()
+        .find(|&g| BlockType::of_ggml(g) == Some(dtype))
+    }
+
+    /// Three weight rows of `k` values as `dtype` blocks and their values,
+    /// and `m` activation rows with an all-zero block and one large
+    /// outlier. candle quantizes (and dequantizes) its types, mean shifted
+    /// so offsets matter; IQ4 rows are `random_iq4`'s, their values decoded
+    /// here (checked against llama.cpp's in `k_quant_blocks_decode_as_llama_cpp`).
+    fn case(dtype: BlockType, k: usize, m: usize) -> Result<(Vec<u8>, Vec<f32>, Vec<f32>)> {
         let dev = Device::Cpu;
-        let w = (Tensor::randn(0f32, 1.0, (3, k), &dev)? + 0.3)?;
-        let q = QTensor::quantize(&w, dtype)?;
-        let wd = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let (bytes, wd) = match ggml(dtype) {
+            Some(g) => {
+                let w = (Tensor::randn(0f32, 1.0, (3, k), &dev)? + 0.3)?;
+                let q = QTensor::quantize(&w, g)?;
+                let wd = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
+                (q.data()?.to_vec(), wd)
+            }
+            None => {
+                let bm = super::super::tests::random_iq4(dtype, 3, k)?;
+                let mut wd = vec![0f32; 3 * k];
+                for (r, out) in wd.chunks_exact_mut(k).enumerate() {
+                    bm.dequantize_row(r, out)?;
+                }
+                (bm.bytes().to_vec(), wd)
+            }
+        };
         let mut x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? - 0.4)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         x[..QK].fill(0.0);
         x[k - 3] = 40.0;
-        Ok((q, wd, x))
+        Ok((bytes, wd, x))
     }
 
     /// Lengths per format: its block size and up, including (for the
     /// 32-value formats) lengths that are not multiples of 256.
-    fn lengths(dtype: GgmlDType) -> &'static [usize] {
+    fn lengths(dtype: BlockType) -> &'static [usize] {
         if dtype.block_size() == 256 {
             &[256, 768, 2560]
         } else {
@@ -350,10 +408,9 @@ mod tests {
     fn scalar_kernel_is_the_dequantized_dot_product() -> Result<()> {
         for dtype in TYPES {
             for &k in lengths(dtype) {
-                let (q, wd, x) = case(dtype, k, 1)?;
+                let (bytes, wd, x) = case(dtype, k, 1)?;
                 let acts = Q8Rows::quantize(&x, k, act_group(dtype));
                 let xd = acts.dequantized();
-                let bytes = q.data()?;
                 let row_bytes = bytes.len() / 3;
                 for r in 0..3 {
                     let w = &wd[r * k..(r + 1) * k];
@@ -394,12 +451,11 @@ mod tests {
         for dtype in TYPES {
             for &k in lengths(dtype) {
                 for m in [1usize, 2, 3, 4, 7] {
-                    let (q, wd, x) = case(dtype, k, m)?;
+                    let (mut bytes, wd, x) = case(dtype, k, m)?;
                     let acts = Q8Rows::quantize(&x, k, act_group(dtype));
                     let xd = acts.dequantized();
                     let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
-                    let mut bytes = q.data()?.to_vec();
-                    if dtype == GgmlDType::Q8_0 {
+                    if dtype == BlockType::Q8_0 {
                         bytes[2] = 0x80; // -128: ggml never writes it, other quantizers may
                     }
                     let row_bytes = bytes.len() / 3;
@@ -429,14 +485,12 @@ mod tests {
         Ok(())
     }
 
-    /// Seeded random K-quant blocks decoded by llama.cpp's gguf-py
+    /// Seeded random K-quant and IQ4 blocks decoded by llama.cpp's gguf-py
     /// (fixtures/kquants, scripts/make_kquant_reference.py): rows decode to
     /// its values, and every kernel this CPU runs dots them with 8-bit
     /// activations as the f64 dot product of those values does.
     #[test]
     fn k_quant_blocks_decode_as_llama_cpp() -> Result<()> {
-        use super::super::BlockMatrix;
-        use candle_core::quantized::ggml_file::qtensor_from_ggml;
         let dev = Device::Cpu;
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -445,18 +499,22 @@ mod tests {
         let r = candle_core::safetensors::load(path, &dev)?;
         let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
         for (name, dtype) in [
-            ("q2_k", GgmlDType::Q2K),
-            ("q3_k", GgmlDType::Q3K),
-            ("q4_k", GgmlDType::Q4K),
-            ("q5_k", GgmlDType::Q5K),
-            ("q6_k", GgmlDType::Q6K),
+            ("q2_k", BlockType::Q2K),
+            ("q3_k", BlockType::Q3K),
+            ("q4_k", BlockType::Q4K),
+            ("q5_k", BlockType::Q5K),
+            ("q6_k", BlockType::Q6K),
+            ("iq4_nl", BlockType::Iq4Nl),
+            ("iq4_xs", BlockType::Iq4Xs),
         ] {
             let blocks = r[&format!("{name}.blocks")].to_vec2::<u8>()?;
             let want = r[&format!("{name}.values")].to_vec2::<f32>()?;
             let (n, k) = (want.len(), want[0].len());
             let bytes = blocks.concat();
-            let q = qtensor_from_ggml(dtype, &bytes, vec![n, k], &dev)?;
-            let bm = BlockMatrix::from_qtensor(&q)?.expect("a block type");
+            let bm = BlockMatrix::read(dtype, n, k, |dst| {
+                dst.copy_from_slice(&bytes);
+                Ok(())
+            })?;
             let mut x: Vec<f32> = (0..2 * k)
                 .map(|i| ((i * 7919 % 257) as f32 - 128.0) / 50.0)
                 .collect();

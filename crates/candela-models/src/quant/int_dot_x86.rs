@@ -1,13 +1,14 @@
 //! x86 integer kernels. Each 32-value weight group is unpacked once into 32
 //! unsigned bytes (signed quants as |w| with w's sign moved onto the
 //! activations, or offset quants taken unsigned with the offset applied from
-//! the activations' sums) and multiplied with the 32 activation bytes of
+//! the activations' sums; IQ4 indices looked up in their table with one
+//! `vpshufb`) and multiplied with the 32 activation bytes of
 //! each of up to 4 activation rows: batched rows share the unpacking, and
 //! the rows' accumulators are independent chains. The 32-value formats
 //! scale each group's i32 sums in f32 (the scales of 8 groups read and
-//! combined as vectors); the K-quants multiply each sub-block's i16 pair
-//! sums by its integer scale into i32 over the whole super-block and scale
-//! once. Everything but the entry point is inlined into it
+//! combined as vectors); the K-quants and IQ4_XS multiply each sub-block's
+//! i16 pair sums by its integer scale into i32 over the whole super-block
+//! and scale once. Everything but the entry point is inlined into it
 //! (`inline(always)`), so the accumulators stay in registers. Three builds of
 //! the same kernels differ only in the multiplies: AVX2 `vpmaddubsw` +
 //! `vpmaddwd` (pairs saturate at i16, which no format here reaches: at most
@@ -61,18 +62,17 @@ const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
 const Q5_0: u8 = 3;
 const Q5_1: u8 = 4;
+const IQ4_NL: u8 = 5;
 
 macro_rules! kernels {
     ($name:ident, $feat:literal, $dot:ident, $scaled:ident) => {
         pub mod $name {
             use std::arch::x86_64::*;
 
-            use candle_core::quantized::GgmlDType;
-
-            use super::super::int_dot::{q3k_scale, rows_dot_scalar};
+            use super::super::int_dot::{iq4xs_scale, q3k_scale};
             use super::super::q8::{Q8Row, QK};
-            use super::super::scales_mins_k4;
-            use super::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+            use super::super::{scales_mins_k4, BlockType, IQ4_VALUES};
+            use super::{IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
             use crate::cpu::prefetch_ahead;
 
             #[inline(always)]
@@ -129,6 +129,15 @@ macro_rules! kernels {
                 _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
             }
 
+            /// 16 bytes of IQ4 index pairs as their 32 table values (i8).
+            #[inline(always)]
+            unsafe fn iq4_values(q: &[u8]) -> __m256i {
+                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                    IQ4_VALUES.as_ptr() as *const __m128i
+                ));
+                _mm256_shuffle_epi8(table, nibbles(q))
+            }
+
             /// Bit j of `qh` as 0x10 in byte j.
             #[inline(always)]
             unsafe fn high_bits(qh: u32) -> __m256i {
@@ -151,7 +160,7 @@ macro_rules! kernels {
             const fn block_bytes<const T: u8>() -> usize {
                 match T {
                     Q8_0 => 34,
-                    Q4_0 => 18,
+                    Q4_0 | IQ4_NL => 18,
                     Q4_1 => 20,
                     Q5_0 => 22,
                     _ => 24,
@@ -197,6 +206,7 @@ macro_rules! kernels {
                 let blk = std::slice::from_raw_parts(blk, block_bytes::<T>());
                 let w = match T {
                     Q8_0 => load32(&blk[2..]),
+                    IQ4_NL => iq4_values(&blk[2..]),
                     Q4_0 => nibbles(&blk[2..]),
                     Q4_1 => nibbles(&blk[4..]),
                     _ => {
@@ -205,10 +215,12 @@ macro_rules! kernels {
                         _mm256_or_si256(nibbles(&blk[h + 4..]), high_bits(qh))
                     }
                 };
-                let wu = if T == Q8_0 { _mm256_abs_epi8(w) } else { w };
+                // Signed quants: |w| times the activations with w's sign.
+                let signed = T == Q8_0 || T == IQ4_NL;
+                let wu = if signed { _mm256_abs_epi8(w) } else { w };
                 for i in 0..M {
                     let x = load_acts(a.qs[i].add(QK * b));
-                    let x = if T == Q8_0 { _mm256_sign_epi8(x, w) } else { x };
+                    let x = if signed { _mm256_sign_epi8(x, w) } else { x };
                     acc[i] = fma(acc[i], dot(wu, x), scale[i]);
                 }
             }
@@ -267,7 +279,7 @@ macro_rules! kernels {
                     let scales: [__m256; M] = std::array::from_fn(|i| {
                         _mm256_mul_ps(dw, _mm256_loadu_ps(acts.d[i].add(b)))
                     });
-                    if T != Q8_0 {
+                    if T != Q8_0 && T != IQ4_NL {
                         let off = match T {
                             Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
                             Q5_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-16.0)),
@@ -296,7 +308,7 @@ macro_rules! kernels {
                     // Q4_0 decodes as (q - 8) d, Q5_0 as (q - 16) d, Q4_1 and
                     // Q5_1 as q d + m.
                     let off = match T {
-                        Q8_0 => 0.0,
+                        Q8_0 | IQ4_NL => 0.0,
                         Q4_0 => -8.0 * d,
                         Q5_0 => -16.0 * d,
                         _ => f16(blk, 2),
@@ -596,10 +608,55 @@ macro_rules! kernels {
                 out
             }
 
+            /// IQ4_XS rows: per 32 values, 16 bytes of indices into the
+            /// IQ4 table (signed: |w| with w's sign moved onto the
+            /// activations) and a 6-bit sub-scale; as for the K-quants, the
+            /// activations share one scale per super-block, so the
+            /// sub-blocks' products times their scales add up in i32 and
+            /// convert once.
+            #[inline(always)]
+            unsafe fn iq4xs<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                let nsb = row.len() / 136;
+                assert!(a
+                    .iter()
+                    .all(|a| a.d.len() >= 8 * nsb && a.qs.len() >= 256 * nsb));
+                let ap = Acts::of(a);
+                let mut acc = [_mm256_setzero_ps(); M];
+                for (sb, blk) in row.chunks_exact(136).enumerate() {
+                    prefetch_ahead(blk, blk.len());
+                    let d = f16(blk, 0);
+                    // Two i32 chains per row (even and odd sub-blocks).
+                    let (mut s0, mut s1) =
+                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+                    for j in 0..8 {
+                        let w = iq4_values(&blk[8 + 16 * j..]);
+                        let wu = _mm256_abs_epi8(w);
+                        let s = _mm256_set1_epi16(iq4xs_scale(blk, j) as i16);
+                        for i in 0..M {
+                            let x = _mm256_sign_epi8(load_acts(ap.qs[i].add(256 * sb + QK * j)), w);
+                            if j % 2 == 0 {
+                                s0[i] = dot_scaled(s0[i], wu, x, s);
+                            } else {
+                                s1[i] = dot_scaled(s1[i], wu, x, s);
+                            }
+                        }
+                    }
+                    for i in 0..M {
+                        let s = _mm256_add_epi32(s0[i], s1[i]);
+                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
+                    }
+                }
+                let mut out = [0f32; M];
+                for i in 0..M {
+                    out[i] = hsum(acc[i]);
+                }
+                out
+            }
+
             /// One weight row with `M` activation rows.
             #[inline(always)]
             unsafe fn by<const M: usize>(
-                dtype: GgmlDType,
+                dtype: BlockType,
                 row: &[u8],
                 a: &[Q8Row],
                 out: &mut [f32],
@@ -608,17 +665,18 @@ macro_rules! kernels {
                     return;
                 };
                 let r = match dtype {
-                    GgmlDType::Q8_0 => legacy::<Q8_0, M>(row, a),
-                    GgmlDType::Q4_0 => legacy::<Q4_0, M>(row, a),
-                    GgmlDType::Q4_1 => legacy::<Q4_1, M>(row, a),
-                    GgmlDType::Q5_0 => legacy::<Q5_0, M>(row, a),
-                    GgmlDType::Q5_1 => legacy::<Q5_1, M>(row, a),
-                    GgmlDType::Q2K => q2k::<M>(row, a),
-                    GgmlDType::Q3K => q3k::<M>(row, a),
-                    GgmlDType::Q4K => q4k_q5k::<false, M>(row, a),
-                    GgmlDType::Q5K => q4k_q5k::<true, M>(row, a),
-                    GgmlDType::Q6K => q6k::<M>(row, a),
-                    d => return rows_dot_scalar(d, row, a, out),
+                    BlockType::Q8_0 => legacy::<Q8_0, M>(row, a),
+                    BlockType::Q4_0 => legacy::<Q4_0, M>(row, a),
+                    BlockType::Q4_1 => legacy::<Q4_1, M>(row, a),
+                    BlockType::Q5_0 => legacy::<Q5_0, M>(row, a),
+                    BlockType::Q5_1 => legacy::<Q5_1, M>(row, a),
+                    BlockType::Q2K => q2k::<M>(row, a),
+                    BlockType::Q3K => q3k::<M>(row, a),
+                    BlockType::Q4K => q4k_q5k::<false, M>(row, a),
+                    BlockType::Q5K => q4k_q5k::<true, M>(row, a),
+                    BlockType::Q6K => q6k::<M>(row, a),
+                    BlockType::Iq4Nl => legacy::<IQ4_NL, M>(row, a),
+                    BlockType::Iq4Xs => iq4xs::<M>(row, a),
                 };
                 out[..M].copy_from_slice(&r);
             }
@@ -629,7 +687,7 @@ macro_rules! kernels {
             /// # Safety
             /// The CPU must have the instruction sets this module is built for.
             #[target_feature(enable = $feat)]
-            pub unsafe fn rows_dot(dtype: GgmlDType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
+            pub unsafe fn rows_dot(dtype: BlockType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
                 let mut i = 0;
                 while i < a.len() {
                     let step = match a.len() - i {

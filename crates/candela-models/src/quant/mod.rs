@@ -7,8 +7,8 @@
 //!   quantized to 8 bits per weight block once (`q8`) and dotted with the
 //!   weight blocks in integer arithmetic (`int_dot`: AVX512-VNNI or
 //!   AVX-VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, or scalar, picked at run
-//!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to
-//!   Q6_K.
+//!   time), as ggml does, for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K,
+//!   IQ4_NL and IQ4_XS ([`BlockType`]).
 //! - `Bf16` (prompt and encoder rows): panels of weight rows are decoded to
 //!   bf16 and multiplied on a bf16 engine ([`crate::panel_gemm`]: AMX, or
 //!   AVX512-BF16 where it pays) where the CPU has one; elsewhere as `F32`.
@@ -36,6 +36,7 @@
 //! use wide vectors. k-quant rows are decoded by candle's block decoders.
 
 mod int_dot;
+pub use int_dot::iq4xs_scale;
 #[cfg(target_arch = "x86_64")]
 mod int_dot_x86;
 mod q8;
@@ -47,6 +48,88 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
+
+/// The block formats a [`BlockMatrix`] holds: candle's GGUF block types,
+/// and llama.cpp's IQ4 types, which candle does not know (4-bit indices
+/// into a fixed table of 16 int8 values, see [`IQ4_VALUES`]).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    /// Blocks of 32: f16 `d`, 16 bytes of index pairs (value `d * table[i]`).
+    Iq4Nl,
+    /// Super-blocks of 256: f16 `d`, 6-bit sub-scales `ls` per 32 (u16 of
+    /// high bits, 4 bytes of low ones), 128 bytes of index pairs (value
+    /// `d * (ls - 32) * table[i]`).
+    Iq4Xs,
+}
+
+/// llama.cpp's `kvalues_iq4nl`: the values an IQ4 index stands for.
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+impl BlockType {
+    /// candle's type of the same name, for the types it has.
+    pub fn of_ggml(dtype: GgmlDType) -> Option<Self> {
+        use GgmlDType as G;
+        Some(match dtype {
+            G::Q4_0 => Self::Q4_0,
+            G::Q4_1 => Self::Q4_1,
+            G::Q5_0 => Self::Q5_0,
+            G::Q5_1 => Self::Q5_1,
+            G::Q8_0 => Self::Q8_0,
+            G::Q2K => Self::Q2K,
+            G::Q3K => Self::Q3K,
+            G::Q4K => Self::Q4K,
+            G::Q5K => Self::Q5K,
+            G::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Iq4Nl => 32,
+            _ => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Iq4Nl => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q8_0 => 34,
+            Self::Q2K => 84,
+            Self::Q3K => 110,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+            Self::Iq4Xs => 136,
+        }
+    }
+
+    /// Bytes of `rows` rows of `k` values; `None` where a row is not whole
+    /// blocks (or the size overflows).
+    pub fn row_bytes(self, rows: usize, k: usize) -> Option<usize> {
+        k.is_multiple_of(self.block_size()).then_some(())?;
+        rows.checked_mul(k / self.block_size())?
+            .checked_mul(self.type_size())
+    }
+}
 
 /// Input rows up to which products with f32 activations take Q4_0 / Q4_1 /
 /// Q8_0 / Q4_K / Q6_K dot products straight off the blocks.
@@ -64,8 +147,7 @@ const TILE_ELEMS: usize = 64 << 10;
 /// How a product sees its input rows (see the module comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
-    /// Quantized to 8 bits per 32 values for the integer kernels (where the
-    /// weight type has one).
+    /// Quantized to 8 bits per weight block for the integer kernels.
     Int8,
     /// Rounded to bf16 for the bf16 matrix engine (where the CPU has one).
     Bf16,
@@ -73,14 +155,13 @@ pub enum Activations {
     F32,
     /// The logits of decode rows: `Int8` for every weight row, then the
     /// rows that may still be the largest recomputed as `F32` does for one
-    /// row (see [`BlockMatrix::matmul_f32`]). Where the type has no integer
-    /// kernel, `F32`.
+    /// row (see [`BlockMatrix::matmul_f32`]).
     Int8Top,
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
 pub struct BlockMatrix {
-    dtype: GgmlDType,
+    dtype: BlockType,
     n: usize,
     k: usize,
     row_bytes: usize,
@@ -101,11 +182,6 @@ impl std::fmt::Debug for BlockMatrix {
     }
 }
 
-/// The formats a [`BlockMatrix`] holds: those with an integer kernel.
-fn supported(dtype: GgmlDType) -> bool {
-    int_dot::supported(dtype)
-}
-
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -113,9 +189,9 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// Decode one row of legacy 32-element blocks into `out` (k floats).
 #[inline(always)]
-fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
+fn decode_legacy(dtype: BlockType, row: &[u8], out: &mut [f32]) {
     match dtype {
-        GgmlDType::Q4_0 => {
+        BlockType::Q4_0 => {
             for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(blk, 0);
                 let qs = &blk[2..18];
@@ -126,7 +202,7 @@ fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlDType::Q4_1 => {
+        BlockType::Q4_1 => {
             for (blk, o) in row.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
                 let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
                 let qs = &blk[4..20];
@@ -137,7 +213,7 @@ fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlDType::Q5_0 => {
+        BlockType::Q5_0 => {
             for (blk, o) in row.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(blk, 0);
                 let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
@@ -151,7 +227,7 @@ fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlDType::Q5_1 => {
+        BlockType::Q5_1 => {
             for (blk, o) in row.chunks_exact(24).zip(out.chunks_exact_mut(32)) {
                 let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
                 let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
@@ -165,7 +241,7 @@ fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlDType::Q8_0 => {
+        BlockType::Q8_0 => {
             for (blk, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(blk, 0);
                 for (o, &q) in o.iter_mut().zip(&blk[2..34]) {
@@ -174,6 +250,82 @@ fn decode_legacy(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
             }
         }
         _ => {}
+    }
+}
+
+/// Decode one row of IQ4_NL or IQ4_XS blocks into `out` (k floats): each
+/// value is its block's (IQ4_XS: sub-block's) scale times its table entry.
+#[inline(always)]
+fn decode_iq4(dtype: BlockType, row: &[u8], out: &mut [f32]) {
+    fn put(d: f32, qs: &[u8], o: &mut [f32]) {
+        let (lo, hi) = o.split_at_mut(16);
+        for j in 0..16 {
+            lo[j] = IQ4_VALUES[(qs[j] & 0x0F) as usize] as f32 * d;
+            hi[j] = IQ4_VALUES[(qs[j] >> 4) as usize] as f32 * d;
+        }
+    }
+    match dtype {
+        BlockType::Iq4Nl => {
+            for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                put(f16_at(blk, 0), &blk[2..18], o);
+            }
+        }
+        BlockType::Iq4Xs => {
+            for (blk, o) in row.chunks_exact(136).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(blk, 0);
+                for (j, o) in o.chunks_exact_mut(32).enumerate() {
+                    let dl = d * int_dot::iq4xs_scale(blk, j) as f32;
+                    put(dl, &blk[8 + 16 * j..8 + 16 * j + 16], o);
+                }
+            }
+        }
+        _ => unreachable!("decode_iq4: {dtype:?}"),
+    }
+}
+
+/// AVX2 [`decode_iq4`]: the table looked up 16 bytes at a time
+/// (`vpshufb`); bit-identical (one product each).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `row` holds whole blocks of
+/// `dtype` and `out` has room for them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_iq4_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let table = _mm_loadu_si128(IQ4_VALUES.as_ptr() as *const __m128i);
+    let mask = _mm_set1_epi8(0x0F);
+    // 32 values of 16 index pairs, times d, into o[..32].
+    let put = |d: f32, qs: &[u8], o: &mut [f32]| {
+        let q = _mm_loadu_si128(qs[..16].as_ptr() as *const __m128i);
+        let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, mask));
+        let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), mask));
+        let vd = _mm256_set1_ps(d);
+        let op = o[..32].as_mut_ptr();
+        for (i, v) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            _mm256_storeu_ps(op.add(8 * i), _mm256_mul_ps(f, vd));
+        }
+    };
+    match dtype {
+        BlockType::Iq4Nl => {
+            for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                put(f16_at(blk, 0), &blk[2..18], o);
+            }
+        }
+        BlockType::Iq4Xs => {
+            for (blk, o) in row.chunks_exact(136).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(blk, 0);
+                for (j, o) in o.chunks_exact_mut(32).enumerate() {
+                    let dl = d * int_dot::iq4xs_scale(blk, j) as f32;
+                    put(dl, &blk[8 + 16 * j..8 + 16 * j + 16], o);
+                }
+            }
+        }
+        _ => unreachable!("decode_iq4_avx2: {dtype:?}"),
     }
 }
 
@@ -200,7 +352,7 @@ use crate::cpu::SendPtr;
 /// `dtype` and `out` has room for them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
+unsafe fn decode_legacy_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
     // Widen the low 8 bytes of `v` to 8 f32 lanes.
     #[inline(always)]
@@ -208,8 +360,8 @@ unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
     }
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 {
+        BlockType::Q4_0 | BlockType::Q4_1 => {
+            let (bsz, qoff) = if dtype == BlockType::Q4_0 {
                 (18, 2)
             } else {
                 (20, 4)
@@ -218,7 +370,7 @@ unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
             for (blk, o) in row.chunks_exact(bsz).zip(out.chunks_exact_mut(32)) {
                 let d = f16_at(blk, 0);
                 // Q4_0 decodes as (q - 8) * d, Q4_1 as q * d + m.
-                let m = if dtype == GgmlDType::Q4_0 {
+                let m = if dtype == BlockType::Q4_0 {
                     0.0
                 } else {
                     f16_at(blk, 2)
@@ -232,7 +384,7 @@ unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 for (i, p) in parts.into_iter().enumerate() {
                     let f = u8x8(p);
                     // Same operations, in the same order, as the scalar path.
-                    let v = if dtype == GgmlDType::Q4_0 {
+                    let v = if dtype == BlockType::Q4_0 {
                         _mm256_mul_ps(_mm256_sub_ps(f, _mm256_set1_ps(8.0)), vd)
                     } else {
                         _mm256_add_ps(_mm256_mul_ps(f, vd), vm)
@@ -241,7 +393,7 @@ unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlDType::Q8_0 => {
+        BlockType::Q8_0 => {
             for (blk, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
                 let vd = _mm256_set1_ps(f16_at(blk, 0));
                 let op = o.as_mut_ptr();
@@ -266,7 +418,7 @@ unsafe fn decode_legacy_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
 /// `dtype` and `out` has room for them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_kquant_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
+unsafe fn decode_kquant_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
     // Bytes `at..at + 8` of `b` as 8 i32 lanes.
     #[inline(always)]
@@ -274,7 +426,7 @@ unsafe fn decode_kquant_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(b[at..at + 8].as_ptr() as *const __m128i))
     }
     match dtype {
-        GgmlDType::Q4K => {
+        BlockType::Q4K => {
             let nib = _mm256_set1_epi32(0x0F);
             for (blk, o) in row.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
@@ -306,7 +458,7 @@ unsafe fn decode_kquant_avx2(dtype: GgmlDType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        GgmlDType::Q6K => {
+        BlockType::Q6K => {
             let (nib, two, off) = (
                 _mm256_set1_epi32(0x0F),
                 _mm256_set1_epi32(3),
@@ -359,11 +511,11 @@ fn block_sums(x: &[f32]) -> Vec<f32> {
 /// One row of Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks dotted with `x`, without
 /// materialising the row: `sum_b d_b * sum_j q_bj x_bj + offset_b * sum_j x_bj`.
 #[inline(always)]
-fn fused_row_dot(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+fn fused_row_dot(dtype: BlockType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut offs = 0f32;
     match dtype {
-        GgmlDType::Q4_1 => {
+        BlockType::Q4_1 => {
             for ((blk, xb), xs) in row.chunks_exact(20).zip(x.chunks_exact(32)).zip(xsum) {
                 let (Ok(qs), Ok(xb)) = (
                     <&[u8; 16]>::try_from(&blk[4..20]),
@@ -379,7 +531,7 @@ fn fused_row_dot(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
                 offs += f16_at(blk, 2) * xs;
             }
         }
-        GgmlDType::Q4_0 => {
+        BlockType::Q4_0 => {
             for ((blk, xb), xs) in row.chunks_exact(18).zip(x.chunks_exact(32)).zip(xsum) {
                 let (Ok(qs), Ok(xb)) = (
                     <&[u8; 16]>::try_from(&blk[2..18]),
@@ -395,7 +547,7 @@ fn fused_row_dot(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
                 offs -= 8.0 * d * xs;
             }
         }
-        GgmlDType::Q8_0 => {
+        BlockType::Q8_0 => {
             for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
                 let (Ok(qs), Ok(xb)) = (
                     <&[u8; 32]>::try_from(&blk[2..34]),
@@ -410,8 +562,8 @@ fn fused_row_dot(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
                 }
             }
         }
-        GgmlDType::Q4K => return fused_q4k(row, x, xsum),
-        GgmlDType::Q6K => return fused_q6k(row, x),
+        BlockType::Q4K => return fused_q4k(row, x, xsum),
+        BlockType::Q6K => return fused_q6k(row, x),
         _ => {}
     }
     let mut s = 0f32;
@@ -531,10 +683,10 @@ fn fused_q6k(row: &[u8], x: &[f32]) -> f32 {
     s
 }
 
-fn has_fused(dtype: GgmlDType) -> bool {
+fn has_fused(dtype: BlockType) -> bool {
     matches!(
         dtype,
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K
+        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0 | BlockType::Q4K | BlockType::Q6K
     )
 }
 
@@ -582,7 +734,7 @@ unsafe fn rows_dot_fused_avx2(
 ) {
     if !matches!(
         mat.dtype,
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0
     ) {
         return rows_dot_fused(mat, r0, nr, x, xsum, m, dst);
     }
@@ -609,7 +761,7 @@ unsafe fn rows_dot_fused_avx2(
 /// scaled by d once (plus Q4_1's offset times the block's x sum).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+unsafe fn legacy_row_dot_avx2(dtype: BlockType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     #[inline(always)]
     unsafe fn widen_u8(v: __m128i) -> __m256 {
@@ -619,8 +771,8 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
     let mut acc = _mm256_setzero_ps();
     let mut offs = 0f32;
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-            let (bsz, qoff) = if dtype == GgmlDType::Q4_0 {
+        BlockType::Q4_0 | BlockType::Q4_1 => {
+            let (bsz, qoff) = if dtype == BlockType::Q4_0 {
                 (18, 2)
             } else {
                 (20, 4)
@@ -647,14 +799,14 @@ unsafe fn legacy_row_dot_avx2(dtype: GgmlDType, row: &[u8], x: &[f32], xsum: &[f
                 let d = f16_at(blk, 0);
                 acc = _mm256_fmadd_ps(b, _mm256_set1_ps(d), acc);
                 // Q4_0 decodes as (q - 8) d, Q4_1 as q d + m.
-                offs += if dtype == GgmlDType::Q4_0 {
+                offs += if dtype == BlockType::Q4_0 {
                     -8.0 * d * xs
                 } else {
                     f16_at(blk, 2) * xs
                 };
             }
         }
-        GgmlDType::Q8_0 => {
+        BlockType::Q8_0 => {
             for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
                 prefetch_ahead(blk, blk.len());
                 let xp = xb.as_ptr();
@@ -837,10 +989,9 @@ impl BlockMatrix {
     /// Copy a 2-D GGUF tensor's blocks; `None` for types decoded elsewhere
     /// (floats, or types without a decoder here).
     pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        let dtype = q.dtype();
-        if !Self::holds(dtype) {
+        let Some(dtype) = BlockType::of_ggml(q.dtype()) else {
             return Ok(None);
-        }
+        };
         let (n, k) = q.shape().dims2()?;
         let bytes = q.data()?;
         Self::read(dtype, n, k, |dst| {
@@ -859,25 +1010,21 @@ impl BlockMatrix {
 
     /// Whether a matrix of this type can be held here.
     pub fn holds(dtype: GgmlDType) -> bool {
-        supported(dtype)
+        BlockType::of_ggml(dtype).is_some()
     }
 
     /// A `[n, k]` matrix of `dtype` blocks (a type [`Self::holds`]) whose
     /// bytes, row after row, `read` writes into place (a file read lands
     /// in the kernels' buffer, with no copy in between).
     pub fn read(
-        dtype: GgmlDType,
+        dtype: BlockType,
         n: usize,
         k: usize,
         read: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<Self> {
-        if !supported(dtype) {
-            bail!("{dtype:?} matrices are not supported");
-        }
-        if !k.is_multiple_of(dtype.block_size()) {
+        let Some(row_bytes) = dtype.row_bytes(1, k) else {
             bail!("{dtype:?} matrix with {k} columns is not made of whole blocks");
-        }
-        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        };
         let len = row_bytes * n;
         // Zeroed by the allocator (fresh pages), written once by `read`.
         let mut data = vec![0u64; len.div_ceil(8)];
@@ -893,7 +1040,7 @@ impl BlockMatrix {
         })
     }
 
-    pub fn dtype(&self) -> GgmlDType {
+    pub fn dtype(&self) -> BlockType {
         self.dtype
     }
 
@@ -954,30 +1101,25 @@ impl BlockMatrix {
         unsafe {
             match self.dtype {
                 #[cfg(target_arch = "x86_64")]
-                d @ (GgmlDType::Q4K | GgmlDType::Q6K) if has_avx2() => {
+                d @ (BlockType::Q4K | BlockType::Q6K) if has_avx2() => {
                     decode_kquant_avx2(d, row, out)
                 }
-                GgmlDType::Q2K => decode_kquant::<BlockQ2K>(row, out),
-                GgmlDType::Q3K => decode_kquant::<BlockQ3K>(row, out),
-                GgmlDType::Q4K => decode_kquant::<BlockQ4K>(row, out),
-                GgmlDType::Q5K => decode_kquant::<BlockQ5K>(row, out),
-                GgmlDType::Q6K => decode_kquant::<BlockQ6K>(row, out),
+                BlockType::Q2K => decode_kquant::<BlockQ2K>(row, out),
+                BlockType::Q3K => decode_kquant::<BlockQ3K>(row, out),
+                BlockType::Q4K => decode_kquant::<BlockQ4K>(row, out),
+                BlockType::Q5K => decode_kquant::<BlockQ5K>(row, out),
+                BlockType::Q6K => decode_kquant::<BlockQ6K>(row, out),
                 #[cfg(target_arch = "x86_64")]
-                d @ (GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) if has_avx2() => {
+                d @ (BlockType::Iq4Nl | BlockType::Iq4Xs) if has_avx2() => {
+                    decode_iq4_avx2(d, row, out)
+                }
+                d @ (BlockType::Iq4Nl | BlockType::Iq4Xs) => decode_iq4(d, row, out),
+                #[cfg(target_arch = "x86_64")]
+                d @ (BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) if has_avx2() => {
                     decode_legacy_avx2(d, row, out)
                 }
                 d => decode_legacy(d, row, out),
             }
-        }
-    }
-
-    /// How this matrix takes decode rows: 8-bit where its format has an
-    /// integer kernel, else f32.
-    pub fn decode_activations(&self) -> Activations {
-        if int_dot::supported(self.dtype) {
-            Activations::Int8
-        } else {
-            Activations::F32
         }
     }
 
@@ -1034,7 +1176,7 @@ impl BlockMatrix {
         }
         let threads = rayon::current_num_threads();
         let dst = SendPtr(out.as_mut_ptr());
-        if acts == Activations::Int8 && int_dot::supported(self.dtype) {
+        if acts == Activations::Int8 {
             return Ok(self.int8_product(x, m));
         }
         if m <= FUSED_MAX_M && has_fused(self.dtype) {
@@ -1152,9 +1294,6 @@ impl BlockMatrix {
     /// kernels' rate instead of the f32 ones'.
     fn int8_top(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
-        if !int_dot::supported(self.dtype) {
-            return self.matmul_f32(x, m, Activations::F32);
-        }
         let mut out = self.int8_product(x, m);
         let l1 = self.row_l1();
         for (i, y) in out.chunks_exact_mut(n).enumerate() {
@@ -1192,9 +1331,7 @@ impl BlockMatrix {
     /// Makes what [`Activations::Int8Top`] needs (the rows' magnitudes) now,
     /// at load, rather than in the first decode step.
     pub fn prepare_logits(&self) {
-        if int_dot::supported(self.dtype) {
-            self.row_l1();
-        }
+        self.row_l1();
     }
 
     /// [`Self::row_l1`]'s values, made once (in parallel over the rows).
@@ -1236,8 +1373,25 @@ impl crate::panel_gemm::WeightRows for BlockMatrix {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// `n` rows of `k` values of an IQ4 type (which candle cannot quantize
+    /// to): pseudo-random bytes (every index and sub-scale is valid) under
+    /// an f16 scale that keeps the values within about ±1.6.
+    pub fn random_iq4(dtype: BlockType, n: usize, k: usize) -> Result<BlockMatrix> {
+        let sub_scale = if dtype == BlockType::Iq4Xs { 32.0 } else { 1.0 };
+        let d = f16::from_f32(0.0123 / sub_scale).to_le_bytes();
+        BlockMatrix::read(dtype, n, k, |dst| {
+            for (i, b) in dst.iter_mut().enumerate() {
+                *b = ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8;
+            }
+            for blk in dst.chunks_exact_mut(dtype.type_size()) {
+                blk[..2].copy_from_slice(&d);
+            }
+            Ok(())
+        })
+    }
 
     fn check(dtype: GgmlDType) -> Result<()> {
         let dev = Device::Cpu;
@@ -1246,21 +1400,30 @@ mod tests {
         let q = QTensor::quantize(&w, dtype)?;
         let wd = q.dequantize(&dev)?;
         let bm = BlockMatrix::from_qtensor(&q)?.expect("supported type");
+        check_matrix(&bm, &wd)
+    }
+
+    /// Every path of `bm`'s products against `wd`, its values, times the
+    /// inputs as each path sees them.
+    fn check_matrix(bm: &BlockMatrix, wd: &Tensor) -> Result<()> {
+        let dev = Device::Cpu;
+        let (dtype, (n, k)) = (bm.dtype(), bm.dims());
         for m in [1usize, 2, 3, 7, 8, 9, 16, 37] {
             let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? + 0.5)?;
             for acts in [Activations::F32, Activations::Int8, Activations::Bf16] {
                 // The integer kernels see the activations as their 8-bit
                 // blocks dequantized, the bf16 engine both operands rounded
                 // to bf16; every other path sees them as they are.
-                let int = acts == Activations::Int8 && int_dot::supported(dtype);
+                let int = acts == Activations::Int8;
                 let bf16 = acts == Activations::Bf16 && crate::panel_gemm::bf16_engine().is_some();
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
                 let (xs, ws) = if int {
                     let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                    let xq = q8::Q8Rows::quantize(&xv, k, int_dot::act_group(dtype)).dequantized();
+                    let group = int_dot::act_group(bm.dtype());
+                    let xq = q8::Q8Rows::quantize(&xv, k, group).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if bf16 {
-                    (round(&x)?, round(&wd)?)
+                    (round(&x)?, round(wd)?)
                 } else {
                     (x.clone(), wd.clone())
                 };
@@ -1275,7 +1438,27 @@ mod tests {
         let e = bm.embedding(&ids, &dev)?;
         let want = wd.index_select(&Tensor::new(&ids, &dev)?, 0)?;
         assert_eq!(e.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
-        assert!(bm.embedding(&[75], &dev).is_err());
+        assert!(bm.embedding(&[n as u32], &dev).is_err());
+        Ok(())
+    }
+
+    /// IQ4 rows (decoded as llama.cpp does: int_dot's
+    /// `k_quant_blocks_decode_as_llama_cpp`) through every path; the AVX2
+    /// decoder is the scalar one's bits.
+    #[test]
+    fn iq4_types_match_dequantized_matmul() -> Result<()> {
+        let (n, k) = (75usize, 512usize);
+        for dtype in [BlockType::Iq4Nl, BlockType::Iq4Xs] {
+            let bm = random_iq4(dtype, n, k)?;
+            let mut wd = vec![0f32; n * k];
+            for (r, out) in wd.chunks_exact_mut(k).enumerate() {
+                bm.dequantize_row(r, out)?;
+            }
+            let mut scalar = vec![0f32; n * k];
+            decode_iq4(dtype, bm.bytes(), &mut scalar);
+            assert_eq!(scalar, wd, "{dtype:?}: decoders differ");
+            check_matrix(&bm, &Tensor::from_vec(wd, (n, k), &Device::Cpu)?)?;
+        }
         Ok(())
     }
 

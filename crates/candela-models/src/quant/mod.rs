@@ -1008,12 +1008,7 @@ impl BlockMatrix {
         .map(Some)
     }
 
-    /// Whether a matrix of this type can be held here.
-    pub fn holds(dtype: GgmlDType) -> bool {
-        BlockType::of_ggml(dtype).is_some()
-    }
-
-    /// A `[n, k]` matrix of `dtype` blocks (a type [`Self::holds`]) whose
+    /// A `[n, k]` matrix of `dtype` blocks whose
     /// bytes, row after row, `read` writes into place (a file read lands
     /// in the kernels' buffer, with no copy in between).
     pub fn read(

@@ -10,13 +10,12 @@
  */
 
 import test from 'ava'
-import { copyFileSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { copyFileSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import { Engine, LoadError } from '../src/index.js'
 import type { ChatMessage } from '../src/index.js'
-import { fixture } from './helpers.js'
+import { fixture, tempDir } from './helpers.js'
 import { extra, startTestServer } from './server-helpers.js'
 import type { TestServer } from './server-helpers.js'
 
@@ -43,7 +42,7 @@ let folder: string
 let want: Record<string, number[]>
 let s: TestServer
 test.before(async () => {
-  folder = mkdtempSync(join(tmpdir(), 'gemma3-gguf-folder-'))
+  folder = tempDir('gemma3-gguf-folder-')
   for (const f of readdirSync(dir)) if (f !== 'config.json') copyFileSync(join(dir, f), join(folder, f))
   const config = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')) as { text_config: Record<string, unknown> }
   const t = config.text_config
@@ -58,7 +57,6 @@ test.before(async () => {
 })
 test.after.always(async () => {
   await s?.server.close()
-  if (folder) rmSync(folder, { recursive: true, force: true })
 })
 
 test.serial('Engine.load({ model, mmproj }) gives the folder\'s greedy tokens', async (t) => {

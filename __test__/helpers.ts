@@ -1,4 +1,5 @@
-import { readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -18,6 +19,16 @@ export interface Reference {
 /** fixtures/<name>/reference.json (outputs of Hugging Face transformers). */
 export const reference = (name: string): Reference =>
   JSON.parse(readFileSync(join(FIXTURES, name, 'reference.json'), 'utf8')) as Reference
+
+const tempDirs: string[] = []
+
+/** A fresh directory under the OS temp dir, removed when this test file's process exits. */
+export function tempDir(prefix: string): string {
+  if (tempDirs.length === 0) process.once('exit', () => tempDirs.forEach((d) => rmSync(d, { recursive: true, force: true })))
+  const dir = mkdtempSync(join(tmpdir(), prefix))
+  tempDirs.push(dir)
+  return dir
+}
 
 /** Poll `check` until it returns true or `ms` pass. */
 export async function eventually(check: () => boolean, ms = 2000): Promise<boolean> {

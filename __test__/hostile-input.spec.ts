@@ -1,11 +1,10 @@
 // Hostile and ordinary-but-unexpected input (issue 18): files that are not
 // files, shutdown under load, small messages for empty or missing media.
 import { execFileSync, spawn } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { createServer as createHttpServer } from 'node:http'
 import { createServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
@@ -14,7 +13,7 @@ import test from 'ava'
 import { MediaError } from '../dist/errors.js'
 import { Slots } from '../dist/media/slots.js'
 import { loadUrl } from '../dist/media/source.js'
-import { fixture, ROOT } from './helpers.js'
+import { fixture, ROOT, tempDir } from './helpers.js'
 
 const CLI = join(ROOT, 'dist', 'cli.js')
 const PNG = Buffer.from('89504e470d0a1a0a0000000d4948445200000001000000010806000000', 'hex')
@@ -27,7 +26,7 @@ async function refused(t: import('ava').ExecutionContext, p: Promise<unknown>, s
 }
 
 test.serial('file: a FIFO or a directory under the allowed path is refused at once, and fetches still resolve host names after', async (t) => {
-  const root = mkdtempSync(join(tmpdir(), 'candela-fifo-'))
+  const root = tempDir('candela-fifo-')
   execFileSync('mkfifo', [join(root, 'fifo.jpg')])
   mkdirSync(join(root, 'dir.jpg'))
   const opts = { allowedLocalMediaPath: root }
@@ -59,8 +58,7 @@ test.serial('file: a FIFO or a directory under the allowed path is refused at on
 })
 
 test('file: a regular file is read whole; one over the cap is 413', async (t) => {
-  const root = mkdtempSync(join(tmpdir(), 'candela-file-'))
-  t.teardown(() => rmSync(root, { recursive: true, force: true }))
+  const root = tempDir('candela-file-')
   const big = Buffer.alloc(3 << 20, 7) // three read chunks
   writeFileSync(join(root, 'big.mp4'), big)
   t.deepEqual((await loadUrl(pathToFileURL(join(root, 'big.mp4')).href, 'video', { allowedLocalMediaPath: root }, 'p')).data, big)
@@ -69,8 +67,7 @@ test('file: a regular file is read whole; one over the cap is 413', async (t) =>
 })
 
 test('file: a cancelled request stops waiting for its read', async (t) => {
-  const root = mkdtempSync(join(tmpdir(), 'candela-file-'))
-  t.teardown(() => rmSync(root, { recursive: true, force: true }))
+  const root = tempDir('candela-file-')
   writeFileSync(join(root, 'a.png'), PNG)
   const ac = new AbortController()
   ac.abort(new Error('gone'))
@@ -339,7 +336,7 @@ test.serial('huge interlaced 16-bit PNGs (whose decoder holds the whole frame): 
 })
 
 test.serial('a 12000x12000 JPEG and 16-bit PNG cost about their resized size: 200 under a 350 MiB per-item share they once exceeded, peak RSS under 320 MB (432 MB each as decoded RGB)', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'candela-huge-'))
+  const dir = tempDir('candela-huge-')
   // A baseline JPEG (what cameras and ffmpeg write), made by Debian's ffmpeg.
   execFileSync('ffmpeg', ['-v', 'error', '-y', '-f', 'lavfi', '-i', 'testsrc2=size=12000x12000', '-frames:v', '1', '-q:v', '8', join(dir, 'huge.jpg')])
   const jpg = readFileSync(join(dir, 'huge.jpg'))
@@ -363,7 +360,7 @@ test.serial('a 12000x12000 JPEG and 16-bit PNG cost about their resized size: 20
 
 /** A 6 s clip of ffmpeg's test pattern, encoded by Debian's ffmpeg with `codec` args. */
 function clip(codec: string[], ext = 'mp4'): Buffer {
-  const dir = mkdtempSync(join(tmpdir(), 'candela-clip-'))
+  const dir = tempDir('candela-clip-')
   const out = join(dir, `clip.${ext}`)
   execFileSync('ffmpeg', ['-v', 'error', '-y', '-f', 'lavfi', '-i', 'testsrc2=size=128x96:rate=10:duration=6', ...codec, '-pix_fmt', 'yuv420p', out])
   return readFileSync(out)

@@ -1,8 +1,7 @@
 // Loading and serving models by Hugging Face repo id, from a mock hub on 127.0.0.1
 // (HF_ENDPOINT / HF_HUB_CACHE as a user sets them).
 import { spawn } from 'node:child_process'
-import { mkdtempSync, readFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import test from 'ava'
@@ -10,7 +9,7 @@ import test from 'ava'
 import { Engine } from '../dist/index.js'
 import type { DownloadProgress } from '../dist/index.js'
 import { startServer } from '../dist/server/index.js'
-import { fixture, reference, ROOT } from './helpers.js'
+import { fixture, reference, ROOT, tempDir } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
 import type { MockHub } from './mock-hub.js'
 
@@ -32,7 +31,7 @@ test.after.always(async () => {
   await hub?.close()
 })
 
-const freshCache = (): string => (process.env.HF_HUB_CACHE = mkdtempSync(join(tmpdir(), 'candela-hub-load-')))
+const freshCache = (): string => (process.env.HF_HUB_CACHE = tempDir('candela-hub-load-'))
 
 test.serial('Engine.load by repo id downloads once, then loads from the cache with no request', async (t) => {
   freshCache()

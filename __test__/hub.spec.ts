@@ -1,15 +1,14 @@
 // Models from the Hugging Face hub, against a mock of its HTTP API on 127.0.0.1.
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import test from 'ava'
 
 import { HubError, UnsupportedRepoError, findModel, hubSettings, parseHubReference, pullModel } from '../src/hub/index.js'
 import type { DownloadProgress, HubOptions } from '../src/hub/index.js'
-import { eventually, fixture } from './helpers.js'
+import { eventually, fixture, tempDir } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
 import { python, runPython, venvPython } from './python-venv.js'
 import type { MockHub } from './mock-hub.js'
@@ -61,7 +60,7 @@ test.after.always(async () => {
 const sha256 = (p: string): string => createHash('sha256').update(readFileSync(p)).digest('hex')
 
 function setup(extra: Partial<HubOptions['settings']> = {}): { cacheDir: string; opts: (o?: HubOptions) => HubOptions } {
-  const cacheDir = mkdtempSync(join(tmpdir(), 'candela-hub-'))
+  const cacheDir = tempDir('candela-hub-')
   const settings = { endpoint: hub.endpoint, cacheDir, token: undefined, offline: false, ...extra }
   return { cacheDir, opts: (o = {}) => ({ ...o, settings: { ...settings, ...o.settings } }) }
 }
@@ -297,7 +296,7 @@ print(json.dumps({"repos": repos, "warnings": [str(w) for w in info.warnings], "
 test.serial('repo paths that would leave the cache are refused', async (t) => {
   const evil = await startMockHub({ 'candela-test/evil': { files: { 'x/../../../escape-Q4_K_M.gguf': Buffer.from('GGUF') } } })
   try {
-    const cacheDir = mkdtempSync(join(tmpdir(), 'candela-hub-'))
+    const cacheDir = tempDir('candela-hub-')
     const err = await t.throwsAsync(pullModel('hf:candela-test/evil', { settings: { endpoint: evil.endpoint, cacheDir, token: undefined, offline: false } }))
     t.regex(err.message, /refusing the repo path "x\/\.\.\/\.\.\/\.\.\/escape-Q4_K_M\.gguf"/)
     t.false(existsSync(join(cacheDir, 'escape-Q4_K_M.gguf')))
@@ -316,7 +315,7 @@ test.serial('a file the hub resolves differently from the listing is refused', a
 })
 
 test('settings come from the environment as huggingface_hub reads it', (t) => {
-  const home = mkdtempSync(join(tmpdir(), 'candela-hf-home-'))
+  const home = tempDir('candela-hf-home-')
   writeFileSync(join(home, 'token'), 'hf_from_file\n')
   t.deepEqual(hubSettings({ HF_HOME: home }), { endpoint: 'https://huggingface.co', token: 'hf_from_file', offline: false, cacheDir: join(home, 'hub') })
   t.deepEqual(hubSettings({ HF_HOME: home, HF_HUB_CACHE: '/c', HF_TOKEN: 'hf_env', HF_ENDPOINT: 'http://127.0.0.1:1/', HF_HUB_OFFLINE: 'yes' }), {

@@ -7,8 +7,7 @@
 
 import test from 'ava'
 import fc from 'fast-check'
-import { mkdtempSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 
@@ -16,6 +15,7 @@ import { MediaError } from '../dist/errors.js'
 import { blockedReason } from '../dist/media/address.js'
 import { loadUrl } from '../dist/media/source.js'
 import type { SourceOptions } from '../dist/media/source.js'
+import { tempDir } from './helpers.js'
 import { fakeDns, redirect, serve, startMediaServer } from './media-server.js'
 import type { MediaServer } from './media-server.js'
 
@@ -202,7 +202,7 @@ test('data: URLs: base64 only, and valid base64', async (t) => {
 })
 
 test('file: URLs stay inside the allowed directory (.., symlinks out)', async (t) => {
-  const root = mkdtempSync(join(tmpdir(), 'candela-media-'))
+  const root = tempDir('candela-media-')
   const inside = join(root, 'allowed')
   mkdirSync(inside)
   writeFileSync(join(inside, 'ok.png'), PNG)

@@ -15,11 +15,10 @@
 
 import test from 'ava'
 import type { ExecutionContext } from 'ava'
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 
-import { fixture, readF32 } from './helpers.js'
+import { fixture, readF32, tempDir } from './helpers.js'
 import { python, runPython, venvPython } from './python-venv.js'
 import { extra, startTestServer } from './server-helpers.js'
 import type { TestServer } from './server-helpers.js'
@@ -27,7 +26,7 @@ import type { TestServer } from './server-helpers.js'
 const vl = fixture('qwen2-vl-tiny')
 const au = fixture('qwen2-audio-tiny')
 const py = python === undefined ? undefined : venvPython(['openai', 'numpy'], ['openai', 'numpy'])
-const work = mkdtempSync(join(tmpdir(), 'candela-embeds-'))
+const work = tempDir('candela-embeds-')
 
 /** Write a tensor of the fixture's reference as raw f32 for Python to read. */
 function rawF32(dir: string, name: string): { path: string; shape: number[] } {

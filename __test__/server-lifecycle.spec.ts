@@ -1,9 +1,8 @@
 // The server around requests: loading (503 until ready), a failed load,
 // the API key, the body limit, SSE keep-alives while a request waits, an
 // error after a stream started, and shutting down.
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { AddressInfo } from 'node:net'
 
@@ -12,7 +11,7 @@ import OpenAI from 'openai'
 
 import { Engine } from '../dist/index.js'
 import { startServer } from '../dist/server/index.js'
-import { fixture } from './helpers.js'
+import { fixture, tempDir } from './helpers.js'
 import { extra, post, sseEvents, startTestServer } from './server-helpers.js'
 
 const chatBody = (extraFields: Record<string, unknown> = {}) => ({
@@ -45,7 +44,7 @@ test('the server listens while the model loads: 503 in OpenAI shape, then 200', 
 })
 
 test('a model that fails to load: ready rejects and /health says why', async (t) => {
-  const broken = mkdtempSync(join(tmpdir(), 'candela-broken-'))
+  const broken = tempDir('candela-broken-')
   writeFileSync(join(broken, 'config.json'), '{not json')
   const { server, base } = await startTestServer({ load: { model: broken } }, false)
   try {

@@ -3,14 +3,13 @@
 // Retry-After meanwhile), refused when they cannot fit, evicted LRU-first.
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import test from 'ava'
 
 import { parseModelFlag, serveConfig, serverOptionsOf } from '../dist/cli/serve.js'
-import { fixture, reference, ROOT } from './helpers.js'
+import { fixture, reference, ROOT, tempDir } from './helpers.js'
 import { repoFromDir, startMockHub } from './mock-hub.js'
 import type { MockHub } from './mock-hub.js'
 import { metricsText, post, sample, startTestServer, until } from './server-helpers.js'
@@ -33,7 +32,7 @@ test.before(async () => {
     [PT_REPO]: { files: { 'config.json': Buffer.from('{}'), 'pytorch_model.bin': Buffer.from('x') } },
   })
   process.env.HF_ENDPOINT = hub.endpoint
-  process.env.HF_HUB_CACHE = mkdtempSync(join(tmpdir(), 'candela-models-'))
+  process.env.HF_HUB_CACHE = tempDir('candela-models-')
 })
 test.after.always(async () => {
   await hub?.close()
@@ -217,7 +216,7 @@ test('bad launches are 4xx naming the problem; terminate frees the uid', async (
     t.true((await get(`${s.base}/v1/instances/q8`)).json.path.endsWith('tiny-Q8_0.gguf'))
     t.is((await get(`${s.base}/v1/instances/q8`)).json.model, `hf:${GGUF_REPO}:Q8_0`)
     // A launch that loads and then fails: described with the reason, chat is 503.
-    const broken = mkdtempSync(join(tmpdir(), 'candela-broken-'))
+    const broken = tempDir('candela-broken-')
     writeFileSync(join(broken, 'config.json'), '{not json')
     r = await launch({ model: broken, uid: 'broken' })
     t.is(r.status, 202)
@@ -249,7 +248,7 @@ test('a model argument that cannot be loaded is a 400 at launch, before any down
     // Local paths that are not models.
     await refused(fixture('README.md'), 'invalid_model', /README\.md is not a model: give a model folder \(config\.json, tokenizer\.json, safetensors weights\) or a \.gguf file/)
     await refused(fixture('vision'), 'invalid_model', /vision is not a model folder: it has no config\.json/)
-    const fake = join(mkdtempSync(join(tmpdir(), 'candela-fake-')), 'model.gguf')
+    const fake = join(tempDir('candela-fake-'), 'model.gguf')
     writeFileSync(fake, 'not a gguf')
     await refused(fake, 'invalid_model', /model\.gguf is not a GGUF file/)
     // Repos: missing, without a checkpoint candela loads, without the quantization asked for.

@@ -401,9 +401,8 @@ macro_rules! kernels {
                             s1[i] = dot_scaled(s1[i], hi, load_acts(x.add(QK)), c1);
                         }
                     }
+                    add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
                     for i in 0..M {
-                        let s = _mm256_add_epi32(s0[i], s1[i]);
-                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
                         let dsum = _mm256_loadu_ps(ap.dsum[i].add(8 * sb));
                         offs[i] = _mm256_fmadd_ps(mins, dsum, offs[i]);
                     }
@@ -413,6 +412,24 @@ macro_rules! kernels {
                     out[i] = hsum(_mm256_sub_ps(acc[i], offs[i]));
                 }
                 out
+            }
+
+            /// `acc[i] += f32(s0[i] + s1[i]) * d * a_i`: a super-block's i32
+            /// sums (two chains) scaled by the weight's `d` and activation
+            /// row i's scale for super-block `sb`.
+            #[inline(always)]
+            unsafe fn add_super_block<const M: usize>(
+                acc: &mut [__m256; M],
+                s0: &[__m256i; M],
+                s1: &[__m256i; M],
+                d: f32,
+                ap: &Acts<M>,
+                sb: usize,
+            ) {
+                for i in 0..M {
+                    let s = _mm256_add_epi32(s0[i], s1[i]);
+                    acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
+                }
             }
 
             /// The 2-bit fields of 32 bytes, lowest first: field j of byte
@@ -596,16 +613,9 @@ macro_rules! kernels {
                             }
                         }
                     }
-                    for i in 0..M {
-                        let s = _mm256_add_epi32(s0[i], s1[i]);
-                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
-                    }
+                    add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
                 }
-                let mut out = [0f32; M];
-                for i in 0..M {
-                    out[i] = hsum(acc[i]);
-                }
-                out
+                acc.map(|a| hsum(a))
             }
 
             /// IQ4_XS rows: per 32 values, 16 bytes of indices into the
@@ -641,16 +651,9 @@ macro_rules! kernels {
                             }
                         }
                     }
-                    for i in 0..M {
-                        let s = _mm256_add_epi32(s0[i], s1[i]);
-                        acc[i] = fma(acc[i], s, _mm256_set1_ps(d * *ap.d[i].add(8 * sb)));
-                    }
+                    add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
                 }
-                let mut out = [0f32; M];
-                for i in 0..M {
-                    out[i] = hsum(acc[i]);
-                }
-                out
+                acc.map(|a| hsum(a))
             }
 
             /// One weight row with `M` activation rows.

@@ -253,17 +253,16 @@ fn decode_legacy(dtype: BlockType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Decode one row of IQ4_NL or IQ4_XS blocks into `out` (k floats): each
-/// value is its block's (IQ4_XS: sub-block's) scale times its table entry.
+/// Walk a row of IQ4_NL or IQ4_XS blocks: `put(scale, 16 index bytes, 32
+/// outputs)` for every 32 values, the scale being the block's `d`
+/// (IQ4_XS: `d` times the sub-block's scale).
 #[inline(always)]
-fn decode_iq4(dtype: BlockType, row: &[u8], out: &mut [f32]) {
-    fn put(d: f32, qs: &[u8], o: &mut [f32]) {
-        let (lo, hi) = o.split_at_mut(16);
-        for j in 0..16 {
-            lo[j] = IQ4_VALUES[(qs[j] & 0x0F) as usize] as f32 * d;
-            hi[j] = IQ4_VALUES[(qs[j] >> 4) as usize] as f32 * d;
-        }
-    }
+fn iq4_blocks(
+    dtype: BlockType,
+    row: &[u8],
+    out: &mut [f32],
+    mut put: impl FnMut(f32, &[u8], &mut [f32]),
+) {
     match dtype {
         BlockType::Iq4Nl => {
             for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
@@ -279,8 +278,21 @@ fn decode_iq4(dtype: BlockType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
-        _ => unreachable!("decode_iq4: {dtype:?}"),
+        _ => unreachable!("iq4_blocks: {dtype:?}"),
     }
+}
+
+/// Decode one row of IQ4_NL or IQ4_XS blocks into `out` (k floats): each
+/// value is its scale times its table entry.
+#[inline(always)]
+fn decode_iq4(dtype: BlockType, row: &[u8], out: &mut [f32]) {
+    iq4_blocks(dtype, row, out, |d, qs, o| {
+        let (lo, hi) = o.split_at_mut(16);
+        for j in 0..16 {
+            lo[j] = IQ4_VALUES[(qs[j] & 0x0F) as usize] as f32 * d;
+            hi[j] = IQ4_VALUES[(qs[j] >> 4) as usize] as f32 * d;
+        }
+    })
 }
 
 /// AVX2 [`decode_iq4`]: the table looked up 16 bytes at a time
@@ -296,7 +308,7 @@ unsafe fn decode_iq4_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
     let table = _mm_loadu_si128(IQ4_VALUES.as_ptr() as *const __m128i);
     let mask = _mm_set1_epi8(0x0F);
     // 32 values of 16 index pairs, times d, into o[..32].
-    let put = |d: f32, qs: &[u8], o: &mut [f32]| {
+    let put = |d: f32, qs: &[u8], o: &mut [f32]| unsafe {
         let q = _mm_loadu_si128(qs[..16].as_ptr() as *const __m128i);
         let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, mask));
         let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), mask));
@@ -310,23 +322,7 @@ unsafe fn decode_iq4_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
             _mm256_storeu_ps(op.add(8 * i), _mm256_mul_ps(f, vd));
         }
     };
-    match dtype {
-        BlockType::Iq4Nl => {
-            for (blk, o) in row.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
-                put(f16_at(blk, 0), &blk[2..18], o);
-            }
-        }
-        BlockType::Iq4Xs => {
-            for (blk, o) in row.chunks_exact(136).zip(out.chunks_exact_mut(256)) {
-                let d = f16_at(blk, 0);
-                for (j, o) in o.chunks_exact_mut(32).enumerate() {
-                    let dl = d * int_dot::iq4xs_scale(blk, j) as f32;
-                    put(dl, &blk[8 + 16 * j..8 + 16 * j + 16], o);
-                }
-            }
-        }
-        _ => unreachable!("decode_iq4_avx2: {dtype:?}"),
-    }
+    iq4_blocks(dtype, row, out, put)
 }
 
 /// Decode a row of k-quant blocks with candle's decoders.

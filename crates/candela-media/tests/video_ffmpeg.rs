@@ -55,6 +55,8 @@ fn encode(file: &str, codec: &[&str]) -> Vec<u8> {
     ffmpeg(&args);
     let bytes = std::fs::read(&path).unwrap();
     let _ = std::fs::remove_file(&path);
+    // Empty once the last encode of this process is read (fails harmlessly before).
+    let _ = std::fs::remove_dir(path.parent().unwrap());
     bytes
 }
 

@@ -108,12 +108,6 @@ impl Iq4 {
         }
     }
 
-    /// (values, bytes) of one block.
-    fn block(self) -> (usize, usize) {
-        let t = self.block_type();
-        (t.block_size(), t.type_size())
-    }
-
     /// Bytes in the file of `rows` rows of `k` values; `None` where a row is
     /// not whole blocks (or the size overflows).
     pub fn stored_bytes(self, rows: usize, k: usize) -> Option<usize> {
@@ -156,7 +150,8 @@ impl Iq4 {
     pub fn to_q8_0(self, src: &[u8], dst: &mut [u8]) {
         use rayon::prelude::*;
         // 2^18 values a task.
-        let (values, bytes) = self.block();
+        let t = self.block_type();
+        let (values, bytes) = (t.block_size(), t.type_size());
         let per_task = (1 << 18) / values;
         src.par_chunks(per_task * bytes)
             .zip(dst.par_chunks_mut(per_task * values / 32 * Q8_0_BLOCK))

@@ -1147,15 +1147,20 @@ impl GgufWeights {
         let Some((dtype, iq4)) = dtype else {
             return Ok(None);
         };
-        let half = match dtype {
-            GgmlDType::F16 => Some(HalfDType::F16),
-            GgmlDType::BF16 => Some(HalfDType::Bf16),
-            _ => None,
-        };
-        let block = iq4.map_or(BlockType::of_ggml(dtype), |t| Some(t.block_type()));
-        if !self.device.is_cpu() || !(block.is_some() || half.is_some() && self.keep_half) {
-            return Ok(None);
+        /// How our CPU kernels hold the matrix.
+        enum Held {
+            Half(HalfDType),
+            Blocks(BlockType),
         }
+        let held = match (dtype, iq4) {
+            (_, Some(t)) => Some(Held::Blocks(t.block_type())),
+            (GgmlDType::F16, None) => self.keep_half.then_some(Held::Half(HalfDType::F16)),
+            (GgmlDType::BF16, None) => self.keep_half.then_some(Held::Half(HalfDType::Bf16)),
+            (d, None) => BlockType::of_ggml(d).map(Held::Blocks),
+        };
+        let Some(held) = held.filter(|_| self.device.is_cpu()) else {
+            return Ok(None);
+        };
         let n = parts.iter().map(|p| p.1).sum::<usize>();
         // The header's shapes must fit the file before anything is allocated
         // for them (a hostile header could claim terabytes).
@@ -1206,14 +1211,13 @@ impl GgufWeights {
             }
             Ok(())
         };
-        let weight = match (half, block) {
-            (Some(h), _) => {
+        let weight = match held {
+            Held::Half(h) => {
                 QuantWeight::Half(Arc::new(HalfMatrix::read(h, n, k, read)?), Role::Body)
             }
-            (None, Some(b)) => {
+            Held::Blocks(b) => {
                 QuantWeight::Blocks(Arc::new(BlockMatrix::read(b, n, k, read)?), Role::Body)
             }
-            (None, None) => return Ok(None),
         };
         if let Some(p) = &self.progress {
             p.advance((n * k) as u64);

@@ -53,7 +53,7 @@ use rayon::prelude::*;
 /// and llama.cpp's IQ4 types, which candle does not know (4-bit indices
 /// into a fixed table of 16 int8 values, see [`IQ4_VALUES`]).
 #[allow(non_camel_case_types)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockType {
     Q4_0,
     Q4_1,

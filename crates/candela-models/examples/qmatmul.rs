@@ -1,11 +1,13 @@
 //! Micro-benchmark of the quantized matmul kernels: GFLOP/s of `[m, k] x [n, k]^T`
 //! for the shapes of SmolLM2-135M and Qwen2.5-1.5B layers, per batch size m.
 //!
-//!   cargo run --release -p candela-models --example qmatmul [q4_1|q8_0|q2k|q3k|q4k|q6k] [f32|int8|bf16] [m,m,...]
+//!   cargo run --release -p candela-models --example qmatmul [q4_1|q8_0|q2k|q3k|q4k|q6k] [f32|int8|bf16|int16] [m,m,...]
 //!
 //! `f32` keeps f32 activations (the logits' kernels), `int8` (default)
 //! quantizes them for the integer kernels where the batch allows, `bf16`
-//! rounds them for the bf16 matrix engine (prompt rows) where the CPU has one.
+//! rounds them for the bf16 matrix engine (prompt rows) where the CPU has one,
+//! `int16` quantizes them to 15 bits for the integer prompt kernel where the
+//! CPU has AVX512-VNNI.
 
 use candela_models::quant::{Activations, BlockMatrix};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -24,6 +26,7 @@ fn main() -> candle_core::Result<()> {
     let acts = match std::env::args().nth(2).as_deref() {
         Some("f32") => Activations::F32,
         Some("bf16") => Activations::Bf16,
+        Some("int16") => Activations::Int16,
         _ => Activations::Int8,
     };
     let ms: Vec<usize> = std::env::args()

@@ -45,7 +45,8 @@ pub enum Role {
     /// token ([`DecodeRows`]) take the exact f32 kernels, or 8-bit
     /// activations where the block format has an integer kernel; the other
     /// rows (prompts, encoder inputs) take the bf16 matrix engine where the
-    /// CPU has one ([`crate::panel_gemm`]), else f32.
+    /// CPU has one ([`crate::panel_gemm`]), else 16-bit activations in
+    /// integers for block formats ([`Activations::Int16`]), else f32.
     Body,
     /// The logits: prompt rows f32; decode rows of block-quantized heads 8-bit
     /// with the candidates for the top recomputed in f32
@@ -109,6 +110,9 @@ impl QuantWeight {
             Activations::F32
         };
         let (decode, other) = match self {
+            Self::Blocks(_, Role::Body) if engine == Activations::F32 => {
+                (Activations::Int8, Activations::Int16)
+            }
             Self::Blocks(_, Role::Body) => (Activations::Int8, engine),
             Self::Blocks(_, Role::Logits) => (Activations::Int8Top, Activations::F32),
             Self::Half(_, Role::Body) => (Activations::F32, engine),
@@ -1603,13 +1607,28 @@ mod tests {
         let candle_q8 = max_diff(&candle.forward(&x)?, &yd)?;
         assert!(candle_q8 < 0.02 * scale, "candle: {candle_q8} of {scale}");
         let prompt = max_diff(&ours.forward(&x)?, &yd)?;
-        if crate::panel_gemm::bf16_engine().is_some() {
+        let bf16 = crate::panel_gemm::bf16_engine().is_some();
+        if bf16 {
             assert!(
                 prompt < 0.02 * scale && prompt > 1e-4,
                 "bf16 prompt rows: {prompt} of {scale}"
             );
         } else {
             assert!(prompt < 1e-4, "f32 prompt rows: {prompt}");
+        }
+        // More than 8 prompt rows: without a bf16 engine, 16-bit activations
+        // where the CPU has the integer prompt kernel.
+        let x12 = Tensor::randn(0f32, 1.0, (12, 256), &dev)?;
+        let want12 = wd.forward(&x12)?;
+        let scale12 = want12.abs()?.max_all()?.to_scalar::<f32>()?;
+        let prompt12 = max_diff(&ours.forward(&x12)?, &want12)?;
+        if !bf16 && crate::quant::int16_kernel(crate::quant::BlockType::Q8_0) {
+            assert!(
+                prompt12 < 1e-4 * scale12 && prompt12 > 0.0,
+                "16-bit prompt rows: {prompt12} of {scale12}"
+            );
+        } else if !bf16 {
+            assert!(prompt12 < 1e-4, "f32 prompt rows: {prompt12}");
         }
         // The logits: prompt rows f32; decode rows 8-bit but for the top
         // (`Activations::Int8Top`), which is the f32 product's.
@@ -1635,7 +1654,7 @@ mod tests {
             } else {
                 ours.forward(&row)?
             };
-            if decode || crate::panel_gemm::bf16_engine().is_some() {
+            if decode || bf16 {
                 assert_eq!(got.to_vec2::<f32>()?, alone.to_vec2::<f32>()?, "row {r}");
             } else {
                 let d = max_diff(&got, &alone)?;

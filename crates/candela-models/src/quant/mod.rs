@@ -12,6 +12,10 @@
 //! - `Bf16` (prompt and encoder rows): panels of weight rows are decoded to
 //!   bf16 and multiplied on a bf16 engine ([`crate::panel_gemm`]: AMX, or
 //!   AVX512-BF16 where it pays) where the CPU has one; elsewhere as `F32`.
+//! - `Int16` (prompt and encoder rows without a bf16 engine): the
+//!   activations are quantized to 15 bits per 32 values and multiplied with
+//!   the weights' exact integer values (`i16_gemm`: AVX512-VNNI `vpdpwssd`,
+//!   twice the products per instruction of an f32 FMA); elsewhere as `F32`.
 //! - `F32` (the logits, and fallbacks): f32 dot products straight off the
 //!   blocks for one or two rows, each weight row decoded once for up to
 //!   eight, and above panels of decoded rows through AVX-512 FMAs
@@ -29,12 +33,14 @@
 //! benchmark/profile-notes.md), where f32 logits keep "The capital of France
 //! is Paris." (the `smollm2` test). 8-bit activations in the other matrices
 //! of decode steps keep that answer; in the 37-token prompt step they do not
-//! (French again), so prompts never take the integer kernels.
+//! (French again, from the few rows with large outliers), so prompt rows
+//! never take 8-bit activations; 16-bit ones (`Int16`) keep the answer.
 //!
 //! Inner loops are compiled for the baseline target and for AVX2+FMA+F16C
 //! (picked at run time), so release builds without `-C target-cpu` still
 //! use wide vectors. k-quant rows are decoded by candle's block decoders.
 
+mod i16_gemm;
 mod int_dot;
 pub use int_dot::iq4xs_scale;
 #[cfg(target_arch = "x86_64")]
@@ -153,10 +159,21 @@ pub enum Activations {
     Bf16,
     /// Kept f32.
     F32,
+    /// Prompt and encoder rows where the CPU has no bf16 engine: above 8
+    /// rows, quantized to 15 bits per 32 values for the integer prompt
+    /// kernel ([`i16_gemm`]) where the CPU (AVX512-VNNI) and the format have
+    /// it; elsewhere as `F32`.
+    Int16,
     /// The logits of decode rows: `Int8` for every weight row, then the
     /// rows that may still be the largest recomputed as `F32` does for one
     /// row (see [`BlockMatrix::matmul_f32`]).
     Int8Top,
+}
+
+/// Whether [`Activations::Int16`] products of `dtype` take the integer
+/// prompt kernel on this CPU.
+pub fn int16_kernel(dtype: BlockType) -> bool {
+    i16_gemm::available() && i16_gemm::supports(dtype)
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
@@ -1155,10 +1172,17 @@ impl BlockMatrix {
         if acts == Activations::Int8Top {
             return self.int8_top(x, m);
         }
+        // Up to 8 rows, unpacking the panels costs more than the products
+        // (f32 off the blocks is faster): those take the F32 path.
+        if acts == Activations::Int16 && m > ROW_DECODE_MAX_M && int16_kernel(self.dtype) {
+            return Ok(self.int16_product(x, m));
+        }
         let panel_engine = match acts {
             Activations::Bf16 => crate::panel_gemm::bf16_engine(),
             // Prompt rows in f32: above the row-decoding range.
-            Activations::F32 if m > ROW_DECODE_MAX_M => crate::panel_gemm::f32_engine(),
+            Activations::F32 | Activations::Int16 if m > ROW_DECODE_MAX_M => {
+                crate::panel_gemm::f32_engine()
+            }
             _ => None,
         };
         if let Some(engine) = panel_engine {
@@ -1271,6 +1295,52 @@ impl BlockMatrix {
                     }
                 },
             );
+        out
+    }
+
+    /// [`Activations::Int16`] on a CPU and format with its kernel (`x` is
+    /// `[m, k]`, not empty): per task, a panel of weight rows is unpacked
+    /// once and multiplied with a range of the activation rows.
+    fn int16_product(&self, x: &[f32], m: usize) -> Vec<f32> {
+        use i16_gemm::NR;
+        let (n, k) = (self.n, self.k);
+        let mut out = vec![0f32; m * n];
+        let dst = SendPtr(out.as_mut_ptr());
+        let acts = i16_gemm::Q16Rows::quantize(x, k);
+        let panels = n.div_ceil(NR);
+        // Few panels (a narrow matrix on many threads): split the rows too,
+        // each part unpacking its panel again.
+        let parts = (4 * rayon::current_num_threads())
+            .div_ceil(panels)
+            .clamp(1, m.div_ceil(64));
+        let rows_per_part = m.div_ceil(parts);
+        let bytes = self.bytes();
+        (0..panels * parts).into_par_iter().for_each(|t| {
+            let (p, part) = (t / parts, t % parts);
+            let r0 = p * NR;
+            let cols = NR.min(n - r0);
+            let rows = part * rows_per_part..((part + 1) * rows_per_part).min(m);
+            if rows.is_empty() {
+                return;
+            }
+            let rb = self.row_bytes;
+            i16_gemm::with_panel(k, |panel| {
+                panel.fill(self.dtype, &bytes[r0 * rb..(r0 + cols) * rb], rb);
+                // SAFETY: the kernel is available (checked by the caller);
+                // the task owns output columns r0..r0 + cols of rows `rows`
+                // of the [m, n] output, and the panel has k.
+                unsafe {
+                    i16_gemm::multiply(
+                        panel,
+                        &acts,
+                        rows.clone(),
+                        dst.get().add(rows.start * n + r0),
+                        n,
+                        cols,
+                    )
+                };
+            });
+        });
         out
     }
 
@@ -1401,17 +1471,27 @@ pub(super) mod tests {
         let (dtype, (n, k)) = (bm.dtype(), bm.dims());
         for m in [1usize, 2, 3, 7, 8, 9, 16, 37] {
             let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? + 0.5)?;
-            for acts in [Activations::F32, Activations::Int8, Activations::Bf16] {
+            for acts in [
+                Activations::F32,
+                Activations::Int8,
+                Activations::Bf16,
+                Activations::Int16,
+            ] {
                 // The integer kernels see the activations as their 8-bit
-                // blocks dequantized, the bf16 engine both operands rounded
-                // to bf16; every other path sees them as they are.
+                // (16-bit) blocks dequantized, the bf16 engine both operands
+                // rounded to bf16; every other path sees them as they are.
                 let int = acts == Activations::Int8;
+                let int16 =
+                    acts == Activations::Int16 && m > ROW_DECODE_MAX_M && int16_kernel(dtype);
                 let bf16 = acts == Activations::Bf16 && crate::panel_gemm::bf16_engine().is_some();
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
                 let (xs, ws) = if int {
-                    let xv = x.flatten_all()?.to_vec1::<f32>()?;
                     let group = int_dot::act_group(bm.dtype());
                     let xq = q8::Q8Rows::quantize(&xv, k, group).dequantized();
+                    (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
+                } else if int16 {
+                    let xq = i16_gemm::Q16Rows::quantize(&xv, k).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if bf16 {
                     (round(&x)?, round(wd)?)

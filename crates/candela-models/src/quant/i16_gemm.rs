@@ -1,0 +1,782 @@
+//! Prompt rows of block-quantized matrices in integer arithmetic
+//! ([`super::Activations::Int16`]): activations quantized to 15 bits per 32
+//! values, weights unpacked to their exact integer values, products summed
+//! by `vpdpwssd` (AVX512-VNNI: 32 multiply-adds per instruction, twice an
+//! f32 FMA's 16). CPUs with a bf16 matrix engine (AMX; Zen 4's AVX512-BF16)
+//! keep that engine for prompt rows.
+//!
+//! Why 16 bits and not 8 (what decode rows and llama.cpp's prompts use):
+//! 8-bit prompt activations turn SmolLM2-135M's answer to "What is the
+//! capital of France?" into French (the `quant` module comment); their error
+//! comes from the few rows with large outliers (the first tokens' residual
+//! stream). At 15 bits a value is within `max|block| / 32766` of its own,
+//! finer than bf16's rounding.
+//!
+//! Layout: a [`Panel`] holds [`NR`] weight rows as i16, so that row `r`'s
+//! value is `s * w - mn` per 32-value block (`s`, `mn` per row and block;
+//! 16-value sub-scales of Q3_K and Q6_K folded into `w`), interleaved by
+//! pairs of values: one 512-bit load holds one pair of 16 rows, and
+//! `vpdpwssd` with an activation row's pair broadcast adds both products to
+//! each row's i32 lane. A register tile is 32 weight rows x [`MR`] activation
+//! rows; each block's exact i32 sums are scaled once into f32 accumulators.
+//! Every output element takes the same operations in the same order whatever
+//! the number of rows, so a prompt row gets the same bits in any product of
+//! more than 8 rows (fewer take the f32 kernels: unpacking the panels would
+//! cost more than the products); the scalar kernel is the reference the
+//! vector one is tested to equal bit for bit.
+
+use rayon::prelude::*;
+
+use super::int_dot::{iq4xs_scale, q3k_scale};
+use super::{f16_at, scales_mins_k4, BlockType, IQ4_VALUES};
+
+/// Values per block (one activation scale, one weight scale and offset).
+const BK: usize = 32;
+/// Weight rows per panel: two 512-bit vectors of i32 lanes.
+pub const NR: usize = 32;
+/// Activation rows per register tile (2 x MR i32 and 2 x MR f32
+/// accumulators of the 32 vector registers).
+const MR: usize = 6;
+/// Largest activation quant. Q6_K's folded values reach 128 x 32 = 4096,
+/// and 32 products of 4096 x 16383 stay under 2^31.
+const QMAX: f32 = 16383.0;
+
+/// Whether `dtype` unpacks to this layout (Q2_K's 16-value mins do not fit
+/// a per-block offset; it keeps the f32 path).
+pub fn supports(dtype: BlockType) -> bool {
+    !matches!(dtype, BlockType::Q2K)
+}
+
+/// Whether this CPU runs the vector kernel (the scalar one is the test
+/// reference only: the f32 panels beat it).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::cpu::has_avx512_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether `dtype`'s blocks have an offset (`mn` not all zero).
+fn has_offset(dtype: BlockType) -> bool {
+    matches!(
+        dtype,
+        BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4K | BlockType::Q5K
+    )
+}
+
+/// `m` activation rows of `k` values (`k` a multiple of [`BK`]).
+pub struct Q16Rows {
+    k: usize,
+    q: Vec<i16>,
+    /// Per block: the scale (value ~ `d * q`).
+    d: Vec<f32>,
+    /// Per block: `d * sum(q)`, for the weights' offsets.
+    dsum: Vec<f32>,
+}
+
+impl Q16Rows {
+    /// Quantize `x` (`[m, k]` row-major): per block `d = max|x| / 16383`,
+    /// `q = round(x / d)`.
+    pub fn quantize(x: &[f32], k: usize) -> Self {
+        assert!(k.is_multiple_of(BK) && x.len().is_multiple_of(k.max(1)));
+        let nb = x.len() / BK;
+        let mut q = vec![0i16; x.len()];
+        let (mut d, mut dsum) = (vec![0f32; nb], vec![0f32; nb]);
+        // Rows in parallel, about 256 KiB of input per task.
+        let per_task = ((64 << 10) / k).max(1) * k;
+        q.par_chunks_mut(per_task)
+            .zip(d.par_chunks_mut(per_task / BK))
+            .zip(dsum.par_chunks_mut(per_task / BK))
+            .zip(x.par_chunks(per_task))
+            .for_each(|(((q, d), dsum), x)| {
+                #[cfg(target_arch = "x86_64")]
+                if crate::cpu::has_avx512_vnni() {
+                    // SAFETY: the CPU has AVX-512.
+                    return unsafe { quantize_avx512(q, d, dsum, x) };
+                }
+                quantize_blocks(q, d, dsum, x)
+            });
+        Self { k, q, d, dsum }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.q.len() / self.k.max(1)
+    }
+
+    /// The values the kernels multiply (tests compare with them).
+    #[cfg(test)]
+    pub fn dequantized(&self) -> Vec<f32> {
+        self.q
+            .chunks_exact(BK)
+            .zip(&self.d)
+            .flat_map(|(qb, &d)| qb.iter().map(move |&q| q as f32 * d))
+            .collect()
+    }
+}
+
+/// `x` block by block into `q`, its scales `d` and `d * sum(q)`.
+#[inline(always)]
+fn quantize_blocks(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32]) {
+    let blocks = q.chunks_exact_mut(BK).zip(x.chunks_exact(BK));
+    for ((qb, xb), (d, dsum)) in blocks.zip(d.iter_mut().zip(dsum)) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let inv = if amax > 0.0 { QMAX / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            // Within QMAX up to rounding; the clamp keeps it there.
+            *q = (v * inv).round_ties_even().clamp(-QMAX, QMAX) as i16;
+            sum += *q as i32;
+        }
+        *d = amax / QMAX;
+        *dsum = *d * sum as f32;
+    }
+}
+
+/// [`quantize_blocks`] in AVX-512 (the same values: products rounded to
+/// nearest even, as the default MXCSR mode converts).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_avx512(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32]) {
+    use std::arch::x86_64::*;
+    let blocks = q.chunks_exact_mut(BK).zip(x.chunks_exact(BK));
+    for ((qb, xb), (d, dsum)) in blocks.zip(d.iter_mut().zip(dsum)) {
+        let x0 = _mm512_loadu_ps(xb.as_ptr());
+        let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        let inv = _mm512_set1_ps(if amax > 0.0 { QMAX / amax } else { 0.0 });
+        let lim = QMAX as i32;
+        let round = |v: __m512| {
+            let r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+            _mm512_max_epi32(
+                _mm512_min_epi32(r, _mm512_set1_epi32(lim)),
+                _mm512_set1_epi32(-lim),
+            )
+        };
+        let (q0, q1) = (round(x0), round(x1));
+        _mm256_storeu_si256(qb.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(q0));
+        _mm256_storeu_si256(qb.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi16(q1));
+        *d = amax / QMAX;
+        *dsum = *d * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
+    }
+}
+
+/// [`NR`] weight rows unpacked (see the module comment); rows past the
+/// matrix's end are zero.
+pub struct Panel {
+    k: usize,
+    /// `[k / 2][NR][2]`.
+    w: Vec<i16>,
+    /// `[k / BK][NR]` scales and offsets.
+    s: Vec<f32>,
+    mn: Vec<f32>,
+    offset: bool,
+    /// One block of each row, unpacked before interleaving (rows past the
+    /// matrix stay zero).
+    block: Vec<i16>,
+}
+
+thread_local! {
+    static PANEL: std::cell::RefCell<Panel> = std::cell::RefCell::new(Panel::new(0));
+}
+
+/// Runs `f` with this thread's panel, sized for rows of `k` values. It is
+/// kept between products: fresh pages for every task's panel cost more than
+/// unpacking it (the kernel clears them on first touch).
+pub fn with_panel<R>(k: usize, f: impl FnOnce(&mut Panel) -> R) -> R {
+    PANEL.with_borrow_mut(|panel| {
+        if panel.k != k {
+            panel.resize(k);
+        }
+        f(panel)
+    })
+}
+
+impl Panel {
+    fn new(k: usize) -> Self {
+        let mut panel = Self {
+            k: 0,
+            w: Vec::new(),
+            s: Vec::new(),
+            mn: Vec::new(),
+            offset: false,
+            block: Vec::new(),
+        };
+        panel.resize(k);
+        panel
+    }
+
+    /// For rows of `k` values; every value is written by [`Self::fill`].
+    fn resize(&mut self, k: usize) {
+        self.k = k;
+        self.w.resize(k * NR, 0);
+        self.s.resize(k / BK * NR, 0.0);
+        self.mn.resize(k / BK * NR, 0.0);
+    }
+
+    /// Unpack the rows of `dtype` blocks in `rows` (whole rows of
+    /// `row_bytes`, at most [`NR`]), one block of every row at a time so
+    /// that the panel is written in order.
+    pub fn fill(&mut self, dtype: BlockType, rows: &[u8], row_bytes: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx512_vnni() {
+            // SAFETY: the CPU has AVX-512 (F, BW with VNNI's checks).
+            return unsafe { x86::fill(self, dtype, rows, row_bytes) };
+        }
+        self.fill_with(dtype, rows, row_bytes, interleave)
+    }
+
+    /// [`Self::fill`] with an interleaving of `[NR][bs]` values into `[bs /
+    /// 2][NR][2]`.
+    #[inline(always)]
+    fn fill_with(
+        &mut self,
+        dtype: BlockType,
+        rows: &[u8],
+        row_bytes: usize,
+        interleave: impl Fn(&[i16], usize, &mut [i16]),
+    ) {
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        let used = rows.len() / row_bytes;
+        debug_assert!(used <= NR && used * row_bytes == rows.len());
+        self.offset = has_offset(dtype);
+        self.block.resize(NR * bs, 0);
+        self.block.fill(0);
+        let (sub, mut s, mut mn) = (bs / BK, [0f32; 8], [0f32; 8]);
+        for t in 0..self.k / bs {
+            for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+                let w = &mut self.block[r * bs..(r + 1) * bs];
+                unpack_block(dtype, &row[t * ts..(t + 1) * ts], w, &mut s, &mut mn);
+                for j in 0..sub {
+                    self.s[(t * sub + j) * NR + r] = s[j];
+                    self.mn[(t * sub + j) * NR + r] = mn[j];
+                }
+            }
+            interleave(&self.block, bs, &mut self.w[t * bs * NR..(t + 1) * bs * NR]);
+        }
+        for b in 0..self.k / BK {
+            self.s[b * NR + used..(b + 1) * NR].fill(0.0);
+            self.mn[b * NR + used..(b + 1) * NR].fill(0.0);
+        }
+    }
+}
+
+/// `[NR][bs]` values (a block of each row) as `[bs / 2][NR][2]`: pair p of
+/// every row side by side.
+fn interleave(block: &[i16], bs: usize, out: &mut [i16]) {
+    for (r, row) in block.chunks_exact(bs).enumerate() {
+        for (src, dst) in row.chunks_exact(2).zip(out.chunks_exact_mut(2 * NR)) {
+            dst[2 * r] = src[0];
+            dst[2 * r + 1] = src[1];
+        }
+    }
+}
+
+/// One block of `dtype` (its `block_size` values) as `s * w - mn` per 32
+/// values, `w` exact integers.
+#[inline(always)]
+fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: &mut [f32]) {
+    mn.fill(0.0);
+    let nibbles = |qs: &[u8], out: &mut [i16], sub: i16| {
+        for (j, q) in qs.iter().enumerate() {
+            out[j] = (q & 0x0F) as i16 - sub;
+            out[j + 16] = (q >> 4) as i16 - sub;
+        }
+    };
+    match dtype {
+        BlockType::Q8_0 => {
+            for (w, &q) in w.iter_mut().zip(&blk[2..34]) {
+                *w = q as i8 as i16;
+            }
+            s[0] = f16_at(blk, 0);
+        }
+        BlockType::Q4_0 | BlockType::Q4_1 => {
+            let q4_1 = dtype == BlockType::Q4_1;
+            let qoff = if q4_1 { 4 } else { 2 };
+            nibbles(&blk[qoff..qoff + 16], w, if q4_1 { 0 } else { 8 });
+            s[0] = f16_at(blk, 0);
+            if q4_1 {
+                mn[0] = -f16_at(blk, 2);
+            }
+        }
+        BlockType::Q5_0 | BlockType::Q5_1 => {
+            let q5_1 = dtype == BlockType::Q5_1;
+            let hoff = if q5_1 { 4 } else { 2 };
+            let qh = u32::from_le_bytes([blk[hoff], blk[hoff + 1], blk[hoff + 2], blk[hoff + 3]]);
+            nibbles(&blk[hoff + 4..hoff + 20], w, if q5_1 { 0 } else { 16 });
+            for (j, w) in w.iter_mut().enumerate() {
+                *w += (((qh >> j) & 1) << 4) as i16;
+            }
+            s[0] = f16_at(blk, 0);
+            if q5_1 {
+                mn[0] = -f16_at(blk, 2);
+            }
+        }
+        BlockType::Iq4Nl => {
+            iq4(&blk[2..18], w);
+            s[0] = f16_at(blk, 0);
+        }
+        BlockType::Iq4Xs => {
+            let d = f16_at(blk, 0);
+            for (j, (wb, s)) in w.chunks_exact_mut(BK).zip(s).enumerate() {
+                iq4(&blk[8 + 16 * j..24 + 16 * j], wb);
+                *s = d * iq4xs_scale(blk, j) as f32;
+            }
+        }
+        BlockType::Q4K | BlockType::Q5K => {
+            let q5 = dtype == BlockType::Q5K;
+            let qoff = if q5 { 48 } else { 16 };
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let scales: &[u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
+            let (scs, mns) = scales_mins_k4(scales);
+            for (j, wb) in w.chunks_exact_mut(BK).enumerate() {
+                // Sub-block 2c: low nibbles of qs[32c..][..32], 2c+1 the high
+                // ones; Q5_K's bit 4 is bit j of qh[l].
+                let q = &blk[qoff + 32 * (j / 2)..qoff + 32 * (j / 2) + 32];
+                let shift = 4 * (j % 2);
+                for (w, q) in wb.iter_mut().zip(q) {
+                    // In i16 lanes: x86 has no byte shifts to vectorize with.
+                    *w = (*q as i16 >> shift) & 0x0F;
+                }
+                if q5 {
+                    for (w, h) in wb.iter_mut().zip(&blk[16..48]) {
+                        *w |= ((*h as i16 >> j) & 1) << 4;
+                    }
+                }
+                s[j] = d * scs[j] as f32;
+                mn[j] = dmin * mns[j] as f32;
+            }
+        }
+        BlockType::Q3K => {
+            let d = f16_at(blk, 108);
+            let scales: &[u8; 12] = blk[96..108].try_into().expect("12 scale bytes");
+            for (g, wb) in w.chunks_exact_mut(BK).enumerate() {
+                // 2 low bits as Q2_K's, bit 2 is bit g of hmask[l] (clear
+                // means minus 4); the 16-value scales folded in.
+                let q = &blk[32 + 32 * (g / 4)..64 + 32 * (g / 4)];
+                for (l, w) in wb.iter_mut().enumerate() {
+                    let lo = ((q[l] >> (2 * (g % 4))) & 3) as i32;
+                    let v = lo - if (blk[l] >> g) & 1 == 0 { 4 } else { 0 };
+                    *w = (q3k_scale(scales, 2 * g + l / 16) * v) as i16;
+                }
+                s[g] = d;
+            }
+        }
+        BlockType::Q6K => {
+            let d = f16_at(blk, 208);
+            for (half, wh) in w.chunks_exact_mut(128).enumerate() {
+                let ql = &blk[64 * half..64 * half + 64];
+                let qh = &blk[128 + 32 * half..160 + 32 * half];
+                let sc = &blk[192 + 8 * half..200 + 8 * half];
+                for (t, wb) in wh.chunks_exact_mut(BK).enumerate() {
+                    // Low 4 bits: low (t < 2) or high nibbles of ql[32 (t % 2)..];
+                    // high 2: bits 2t.. of qh; 16-value scales folded in.
+                    let lo = &ql[32 * (t % 2)..32 * (t % 2) + 32];
+                    let shift = 4 * (t / 2);
+                    for (h, (wq, (lo, qh))) in wb
+                        .chunks_exact_mut(16)
+                        .zip(lo.chunks_exact(16).zip(qh.chunks_exact(16)))
+                        .enumerate()
+                    {
+                        let sc = (sc[2 * t + h] as i8) as i16;
+                        for (w, (lo, qh)) in wq.iter_mut().zip(lo.iter().zip(qh)) {
+                            let (lo, qh) = (*lo as i16, *qh as i16);
+                            let q = ((lo >> shift) & 0x0F) | (((qh >> (2 * t)) & 3) << 4);
+                            *w = sc * (q - 32);
+                        }
+                    }
+                }
+            }
+            s[..8].fill(d);
+        }
+        BlockType::Q2K => unreachable!("Q2_K has no i16 panel (`supports`)"),
+    }
+}
+
+/// The 32 table values of 16 bytes of IQ4 index pairs.
+fn iq4(qs: &[u8], out: &mut [i16]) {
+    for (j, q) in qs.iter().enumerate() {
+        out[j] = IQ4_VALUES[(q & 0x0F) as usize] as i16;
+        out[j + 16] = IQ4_VALUES[(q >> 4) as usize] as i16;
+    }
+}
+
+/// Activation rows `rows` of `acts` times the panel's rows, with the vector
+/// kernel: `out[(i - rows.start) * ldo + c]` for row `i` and column
+/// `c < cols`.
+///
+/// # Safety
+/// [`available`] must be true, `out` must hold `rows.len()` rows of stride
+/// `ldo` with `cols` (at most [`NR`]) writable values each, and `panel` must
+/// have `acts`' `k`.
+pub unsafe fn multiply(
+    panel: &Panel,
+    acts: &Q16Rows,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+) {
+    debug_assert!(cols <= NR && rows.end <= acts.rows() && panel.k == acts.k);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut i = rows.start;
+        while i < rows.end {
+            let mr = MR.min(rows.end - i);
+            let o = out.add((i - rows.start) * ldo);
+            match mr {
+                6 => x86::tile::<6>(panel, acts, i, o, ldo, cols),
+                5 => x86::tile::<5>(panel, acts, i, o, ldo, cols),
+                4 => x86::tile::<4>(panel, acts, i, o, ldo, cols),
+                3 => x86::tile::<3>(panel, acts, i, o, ldo, cols),
+                2 => x86::tile::<2>(panel, acts, i, o, ldo, cols),
+                _ => x86::tile::<1>(panel, acts, i, o, ldo, cols),
+            }
+            i += mr;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (panel, acts, rows, out, ldo, cols);
+        unreachable!("no vector kernel off x86 (`available`)");
+    }
+}
+
+/// The scalar reference of [`multiply`] for activation row `i`: the same
+/// f32 operations in the same order.
+#[cfg(test)]
+pub fn multiply_scalar(panel: &Panel, acts: &Q16Rows, i: usize) -> [f32; NR] {
+    let (k, nb) = (acts.k, acts.k / BK);
+    let a = &acts.q[i * k..(i + 1) * k];
+    let mut f = [0f32; NR];
+    for b in 0..nb {
+        let (da, dsum) = (acts.d[i * nb + b], acts.dsum[i * nb + b]);
+        for (r, f) in f.iter_mut().enumerate() {
+            let sum: i32 = (0..BK)
+                .map(|j| {
+                    let p = (b * BK + j) / 2;
+                    panel.w[(p * NR + r) * 2 + j % 2] as i32 * a[b * BK + j] as i32
+                })
+                .sum();
+            *f = (sum as f32).mul_add(panel.s[b * NR + r] * da, *f);
+            if panel.offset {
+                *f = (-panel.mn[b * NR + r]).mul_add(dsum, *f);
+            }
+        }
+    }
+    f
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockType, Panel, Q16Rows, BK, NR};
+
+    /// [`Panel::fill`] compiled for AVX-512, with [`interleave`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn fill(panel: &mut Panel, dtype: BlockType, rows: &[u8], row_bytes: usize) {
+        panel.fill_with(dtype, rows, row_bytes, |b, bs, o| unsafe {
+            interleave(b, bs, o)
+        })
+    }
+
+    /// [`super::interleave`] as 16 x 16 transposes of i32 pairs: each
+    /// 16-row half of the panel, 16 pairs (32 values) at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn interleave(block: &[i16], bs: usize, out: &mut [i16]) {
+        assert!(block.len() >= NR * bs && out.len() >= NR * bs && bs.is_multiple_of(BK));
+        for c in 0..bs / BK {
+            for h in 0..2 {
+                let src = |i: usize| block.as_ptr().add((16 * h + i) * bs + BK * c);
+                let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(src(i).cast()));
+                // Pairs of rows, then fours: lane L of x[4g + j] holds pair
+                // 4L + j of rows 4g..4g + 4.
+                let t: [__m512i; 16] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i & !1], r[i | 1]);
+                    if i % 2 == 0 {
+                        _mm512_unpacklo_epi32(a, b)
+                    } else {
+                        _mm512_unpackhi_epi32(a, b)
+                    }
+                });
+                let x: [__m512i; 16] = std::array::from_fn(|i| {
+                    // x[4g + j]: j = 0, 1 from t[4g], t[4g + 2]; j = 2, 3
+                    // from t[4g + 1], t[4g + 3].
+                    let (g, j) = (i / 4, i % 4);
+                    let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
+                    if j % 2 == 0 {
+                        _mm512_unpacklo_epi64(a, b)
+                    } else {
+                        _mm512_unpackhi_epi64(a, b)
+                    }
+                });
+                for j in 0..4 {
+                    // Lanes 0, 2 (0x88) or 1, 3 (0xdd) of rows 0..8, 8..16.
+                    let lo_even = _mm512_shuffle_i32x4::<0x88>(x[j], x[4 + j]);
+                    let lo_odd = _mm512_shuffle_i32x4::<0xdd>(x[j], x[4 + j]);
+                    let hi_even = _mm512_shuffle_i32x4::<0x88>(x[8 + j], x[12 + j]);
+                    let hi_odd = _mm512_shuffle_i32x4::<0xdd>(x[8 + j], x[12 + j]);
+                    // Pair 4L + j for L = 0, 2, 1, 3.
+                    let cols = [
+                        (0, _mm512_shuffle_i32x4::<0x88>(lo_even, hi_even)),
+                        (2, _mm512_shuffle_i32x4::<0xdd>(lo_even, hi_even)),
+                        (1, _mm512_shuffle_i32x4::<0x88>(lo_odd, hi_odd)),
+                        (3, _mm512_shuffle_i32x4::<0xdd>(lo_odd, hi_odd)),
+                    ];
+                    for (l, v) in cols {
+                        let p = BK / 2 * c + 4 * l + j;
+                        _mm512_storeu_si512(out.as_mut_ptr().add((p * NR + 16 * h) * 2).cast(), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Activation rows `i0..i0 + M` times the panel into `out` (row `i0`'s
+    /// output; stride `ldo`, `cols` columns).
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn tile<const M: usize>(
+        panel: &Panel,
+        acts: &Q16Rows,
+        i0: usize,
+        out: *mut f32,
+        ldo: usize,
+        cols: usize,
+    ) {
+        let (k, nb) = (acts.k, acts.k / BK);
+        let a = acts.q.as_ptr().add(i0 * k);
+        let (d, dsum) = (
+            acts.d.as_ptr().add(i0 * nb),
+            acts.dsum.as_ptr().add(i0 * nb),
+        );
+        let w = panel.w.as_ptr();
+        let mut f = [[_mm512_setzero_ps(); 2]; M];
+        for b in 0..nb {
+            let mut acc = [[_mm512_setzero_si512(); 2]; M];
+            for p in b * BK / 2..(b + 1) * BK / 2 {
+                let wp = w.add(p * NR * 2);
+                let w0 = _mm512_loadu_si512(wp.cast());
+                let w1 = _mm512_loadu_si512(wp.add(NR).cast());
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    // The pair of values 2p, 2p+1 of row i, in every lane.
+                    let pair = a.add(i * k + 2 * p).cast::<i32>().read_unaligned();
+                    let av = _mm512_set1_epi32(pair);
+                    acc[0] = _mm512_dpwssd_epi32(acc[0], av, w0);
+                    acc[1] = _mm512_dpwssd_epi32(acc[1], av, w1);
+                }
+            }
+            let s = [
+                _mm512_loadu_ps(panel.s.as_ptr().add(b * NR)),
+                _mm512_loadu_ps(panel.s.as_ptr().add(b * NR + 16)),
+            ];
+            let mn = [
+                _mm512_loadu_ps(panel.mn.as_ptr().add(b * NR)),
+                _mm512_loadu_ps(panel.mn.as_ptr().add(b * NR + 16)),
+            ];
+            for i in 0..M {
+                let da = _mm512_set1_ps(*d.add(i * nb + b));
+                let ds = _mm512_set1_ps(*dsum.add(i * nb + b));
+                for h in 0..2 {
+                    let sum = _mm512_cvtepi32_ps(acc[i][h]);
+                    f[i][h] = _mm512_fmadd_ps(sum, _mm512_mul_ps(s[h], da), f[i][h]);
+                    if panel.offset {
+                        f[i][h] = _mm512_fnmadd_ps(mn[h], ds, f[i][h]);
+                    }
+                }
+            }
+        }
+        let mask = |h: usize| -> __mmask16 {
+            let n = cols.saturating_sub(16 * h).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        for (i, f) in f.iter().enumerate() {
+            for (h, v) in f.iter().enumerate() {
+                _mm512_mask_storeu_ps(out.add(i * ldo + 16 * h), mask(h), *v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random rows of whole `dtype` blocks with f16
+    /// scales kept small and finite.
+    fn random_rows(dtype: BlockType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        let bytes = dtype.row_bytes(n, k).unwrap();
+        let mut v: Vec<u8> = (0..bytes as u64)
+            .map(|i| ((i + seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+            .collect();
+        // Every f16 field (scales, mins) of a block set to a small value.
+        let scale = half::f16::from_f32(0.01).to_le_bytes();
+        let fields: &[usize] = match dtype {
+            BlockType::Q4K | BlockType::Q5K => &[0, 2],
+            BlockType::Q3K => &[108],
+            BlockType::Q6K => &[208],
+            BlockType::Q4_1 | BlockType::Q5_1 => &[0, 2],
+            _ => &[0],
+        };
+        for blk in v.chunks_exact_mut(dtype.type_size()) {
+            for &f in fields {
+                blk[f..f + 2].copy_from_slice(&scale);
+            }
+        }
+        v
+    }
+
+    const TYPES: [BlockType; 11] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+        BlockType::Q8_0,
+        BlockType::Q3K,
+        BlockType::Q4K,
+        BlockType::Q5K,
+        BlockType::Q6K,
+        BlockType::Iq4Nl,
+        BlockType::Iq4Xs,
+    ];
+
+    /// Unpacked rows are the row decoders' values: `s * w - mn` is what
+    /// `BlockMatrix::dequantize_row` gives (to f32 rounding of the product).
+    #[test]
+    fn panels_hold_the_decoded_values() -> candle_core::Result<()> {
+        let k = 512;
+        for dtype in TYPES {
+            let n = 3;
+            let raw = random_rows(dtype, n, k, 7);
+            let rb = dtype.row_bytes(1, k).unwrap();
+            let bm = super::super::BlockMatrix::read(dtype, n, k, |dst| {
+                dst.copy_from_slice(&raw);
+                Ok(())
+            })?;
+            let (mut w, mut s, mut mn) = (vec![0i16; k], vec![0f32; k / BK], vec![0f32; k / BK]);
+            let mut want = vec![0f32; k];
+            let (bs, ts) = (dtype.block_size(), dtype.type_size());
+            for r in 0..n {
+                for (t, blk) in raw[r * rb..(r + 1) * rb].chunks_exact(ts).enumerate() {
+                    let (sb, nsub) = (t * bs / BK, bs / BK);
+                    unpack_block(
+                        dtype,
+                        blk,
+                        &mut w[t * bs..(t + 1) * bs],
+                        &mut s[sb..sb + nsub],
+                        &mut mn[sb..sb + nsub],
+                    );
+                }
+                bm.dequantize_row(r, &mut want)?;
+                for j in 0..k {
+                    let got = s[j / BK] * w[j] as f32 - mn[j / BK];
+                    let tol = 1e-6 * (1.0 + want[j].abs());
+                    assert!(
+                        (got - want[j]).abs() <= tol,
+                        "{dtype:?} row {r} value {j}: {got} vs {}",
+                        want[j]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Activations within half a step of their values, and the AVX-512
+    /// quantizer's bits the scalar one's.
+    #[test]
+    fn activations_round_to_nearest() {
+        let k = 256;
+        let mut x: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 7919 % 1013) as f32 / 500.0 - 1.0).powi(3))
+            .collect();
+        x[5] = 900.0; // an outlier block
+        x[k..k + BK].fill(0.0); // an all-zero block
+        let acts = Q16Rows::quantize(&x, k);
+        for ((xb, qb), &d) in x
+            .chunks_exact(BK)
+            .zip(acts.dequantized().chunks_exact(BK))
+            .zip(&acts.d)
+        {
+            for (v, q) in xb.iter().zip(qb) {
+                assert!((v - q).abs() <= d * 0.5001, "{v} as {q} (step {d})");
+            }
+        }
+        let nb = x.len() / BK;
+        let (mut q, mut d, mut dsum) = (vec![0i16; x.len()], vec![0f32; nb], vec![0f32; nb]);
+        quantize_blocks(&mut q, &mut d, &mut dsum, &x);
+        assert_eq!((&q, &d, &dsum), (&acts.q, &acts.d, &acts.dsum));
+    }
+
+    /// The product is the dequantized weights times the dequantized
+    /// activations (scalar reference), the vector kernel is its bits, and a
+    /// row's output does not depend on which rows share its step.
+    #[test]
+    fn vector_kernel_is_the_scalar_reference() {
+        let k = 768;
+        for dtype in TYPES {
+            let n = 29; // a partial panel
+            let raw = random_rows(dtype, n, k, 3);
+            let rb = dtype.row_bytes(1, k).unwrap();
+            let mut panel = Panel::new(k);
+            panel.fill(dtype, &raw, rb);
+            let m = 13;
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 97 == 0 { 60.0 } else { 1.0 }
+                })
+                .collect();
+            let acts = Q16Rows::quantize(&x, k);
+            let xq = acts.dequantized();
+            let mut wrow = vec![0f32; k];
+            let bm = super::super::BlockMatrix::read(dtype, n, k, |dst| {
+                dst.copy_from_slice(&raw);
+                Ok(())
+            })
+            .unwrap();
+            for i in 0..m {
+                let got = multiply_scalar(&panel, &acts, i);
+                for (c, &g) in got.iter().enumerate().take(n) {
+                    bm.dequantize_row(c, &mut wrow).unwrap();
+                    let want: f64 = wrow
+                        .iter()
+                        .zip(&xq[i * k..])
+                        .map(|(&w, &a)| w as f64 * a as f64)
+                        .sum();
+                    let mag: f64 = wrow
+                        .iter()
+                        .zip(&xq[i * k..])
+                        .map(|(&w, &a)| (w as f64 * a as f64).abs())
+                        .sum();
+                    assert!(
+                        (g as f64 - want).abs() <= 1e-5 * mag + 1e-6,
+                        "{dtype:?} row {i} col {c}: {g} vs {want}"
+                    );
+                }
+                assert!(got[n..].iter().all(|&v| v == 0.0));
+            }
+            if !available() {
+                continue;
+            }
+            // All rows at once, then each alone: the scalar reference's bits.
+            let mut out = vec![f32::NAN; m * 40];
+            // SAFETY: available; out holds m rows of stride 40 >= n columns.
+            unsafe { multiply(&panel, &acts, 0..m, out.as_mut_ptr(), 40, n) };
+            for i in 0..m {
+                let want = multiply_scalar(&panel, &acts, i);
+                assert_eq!(&out[i * 40..i * 40 + n], &want[..n], "{dtype:?} row {i}");
+                assert!(
+                    out[i * 40 + n..(i + 1) * 40].iter().all(|v| v.is_nan()),
+                    "wrote past cols"
+                );
+                let mut alone = vec![0f32; NR];
+                // SAFETY: as above, one row of NR columns.
+                unsafe { multiply(&panel, &acts, i..i + 1, alone.as_mut_ptr(), NR, NR) };
+                assert_eq!(&alone[..n], &want[..n], "{dtype:?} row {i} alone");
+            }
+        }
+    }
+}

@@ -226,17 +226,18 @@ impl Panel {
             // SAFETY: the CPU has AVX-512 (F, BW with VNNI's checks).
             return unsafe { x86::fill(self, dtype, rows, row_bytes) };
         }
-        self.fill_with(dtype, rows, row_bytes, interleave)
+        self.fill_with(dtype, rows, row_bytes, unpack_block, interleave)
     }
 
-    /// [`Self::fill`] with an interleaving of `[NR][bs]` values into `[bs /
-    /// 2][NR][2]`.
+    /// [`Self::fill`] with an unpacker (as [`unpack_block`]) and an
+    /// interleaving of `[NR][bs]` values into `[bs / 2][NR][2]`.
     #[inline(always)]
     fn fill_with(
         &mut self,
         dtype: BlockType,
         rows: &[u8],
         row_bytes: usize,
+        unpack: impl Fn(BlockType, &[u8], &mut [i16], &mut [f32], &mut [f32]),
         interleave: impl Fn(&[i16], usize, &mut [i16]),
     ) {
         let (bs, ts) = (dtype.block_size(), dtype.type_size());
@@ -249,7 +250,7 @@ impl Panel {
         for t in 0..self.k / bs {
             for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
                 let w = &mut self.block[r * bs..(r + 1) * bs];
-                unpack_block(dtype, &row[t * ts..(t + 1) * ts], w, &mut s, &mut mn);
+                unpack(dtype, &row[t * ts..(t + 1) * ts], w, &mut s, &mut mn);
                 for j in 0..sub {
                     self.s[(t * sub + j) * NR + r] = s[j];
                     self.mn[(t * sub + j) * NR + r] = mn[j];
@@ -329,9 +330,7 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
         BlockType::Q4K | BlockType::Q5K => {
             let q5 = dtype == BlockType::Q5K;
             let qoff = if q5 { 48 } else { 16 };
-            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-            let scales: &[u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
-            let (scs, mns) = scales_mins_k4(scales);
+            unpack_q4k_scales(blk, s, mn);
             for (j, wb) in w.chunks_exact_mut(BK).enumerate() {
                 // Sub-block 2c: low nibbles of qs[32c..][..32], 2c+1 the high
                 // ones; Q5_K's bit 4 is bit j of qh[l].
@@ -346,8 +345,6 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
                         *w |= ((*h as i16 >> j) & 1) << 4;
                     }
                 }
-                s[j] = d * scs[j] as f32;
-                mn[j] = dmin * mns[j] as f32;
             }
         }
         BlockType::Q3K => {
@@ -393,6 +390,18 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
             s[..8].fill(d);
         }
         BlockType::Q2K => unreachable!("Q2_K has no i16 panel (`supports`)"),
+    }
+}
+
+/// A Q4_K or Q5_K block's 8 sub-block scales and offsets.
+#[inline(always)]
+fn unpack_q4k_scales(blk: &[u8], s: &mut [f32], mn: &mut [f32]) {
+    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+    let scales: &[u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
+    let (scs, mns) = scales_mins_k4(scales);
+    for j in 0..8 {
+        s[j] = d * scs[j] as f32;
+        mn[j] = dmin * mns[j] as f32;
     }
 }
 
@@ -479,9 +488,79 @@ mod x86 {
     /// [`Panel::fill`] compiled for AVX-512, with [`interleave`].
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn fill(panel: &mut Panel, dtype: BlockType, rows: &[u8], row_bytes: usize) {
-        panel.fill_with(dtype, rows, row_bytes, |b, bs, o| unsafe {
-            interleave(b, bs, o)
-        })
+        panel.fill_with(
+            dtype,
+            rows,
+            row_bytes,
+            |dtype, blk, w, s, mn| unsafe { unpack_block(dtype, blk, w, s, mn) },
+            |b, bs, o| unsafe { interleave(b, bs, o) },
+        )
+    }
+
+    /// [`super::unpack_block`] with 512-bit vectors for the types of
+    /// llama.cpp's Q4_K_M and Q8_0 files (Q4_K, Q6_K, Q8_0); the others
+    /// take the scalar one.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn unpack_block(
+        dtype: BlockType,
+        blk: &[u8],
+        w: &mut [i16],
+        s: &mut [f32],
+        mn: &mut [f32],
+    ) {
+        let load =
+            |at: usize| _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()));
+        let store = |w: &mut [i16], v: __m512i| _mm512_storeu_si512(w[..32].as_mut_ptr().cast(), v);
+        let low4 = _mm512_set1_epi16(0x0F);
+        match dtype {
+            BlockType::Q8_0 => {
+                let q = _mm256_loadu_si256(blk[2..34].as_ptr().cast());
+                store(w, _mm512_cvtepi8_epi16(q));
+                s[0] = super::f16_at(blk, 0);
+                mn[0] = 0.0;
+            }
+            BlockType::Q4K => {
+                super::unpack_q4k_scales(blk, s, mn);
+                // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..].
+                for c in 0..4 {
+                    let v = load(16 + 32 * c);
+                    store(&mut w[64 * c..], _mm512_and_si512(v, low4));
+                    store(&mut w[64 * c + 32..], _mm512_srli_epi16::<4>(v));
+                }
+            }
+            BlockType::Q6K => {
+                let d = super::f16_at(blk, 208);
+                for half in 0..2 {
+                    let ql = [load(64 * half), load(64 * half + 32)];
+                    let qh = load(128 + 32 * half);
+                    let sc = &blk[192 + 8 * half..200 + 8 * half];
+                    for t in 0..4 {
+                        let lo = if t < 2 {
+                            _mm512_and_si512(ql[t % 2], low4)
+                        } else {
+                            _mm512_srli_epi16::<4>(ql[t % 2])
+                        };
+                        let hi = _mm512_and_si512(
+                            _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32)),
+                            _mm512_set1_epi16(3),
+                        );
+                        let q = _mm512_sub_epi16(
+                            _mm512_or_si512(lo, _mm512_slli_epi16::<4>(hi)),
+                            _mm512_set1_epi16(32),
+                        );
+                        // Values 0..16 take scale 2t, 16..32 scale 2t + 1.
+                        let scale = _mm512_inserti64x4::<1>(
+                            _mm512_set1_epi16(sc[2 * t] as i8 as i16),
+                            _mm256_set1_epi16(sc[2 * t + 1] as i8 as i16),
+                        );
+                        store(&mut w[128 * half + 32 * t..], _mm512_mullo_epi16(scale, q));
+                    }
+                }
+                s[..8].fill(d);
+                mn[..8].fill(0.0);
+            }
+            _ => super::unpack_block(dtype, blk, w, s, mn),
+        }
     }
 
     /// [`super::interleave`] as 16 x 16 transposes of i32 pairs: each
@@ -761,6 +840,13 @@ mod tests {
             if !available() {
                 continue;
             }
+            // The vector unpacking and interleaving are the scalar ones' values.
+            let mut scalar = Panel::new(k);
+            scalar.fill_with(dtype, &raw, rb, unpack_block, interleave);
+            assert!(
+                scalar.w == panel.w && scalar.s == panel.s && scalar.mn == panel.mn,
+                "{dtype:?}: vector panel differs"
+            );
             // All rows at once, then each alone: the scalar reference's bits.
             let mut out = vec![f32::NAN; m * 40];
             // SAFETY: available; out holds m rows of stride 40 >= n columns.

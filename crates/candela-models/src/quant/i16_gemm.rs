@@ -47,12 +47,17 @@ pub fn supports(dtype: BlockType) -> bool {
     !matches!(dtype, BlockType::Q2K)
 }
 
-/// Whether this CPU runs the vector kernel (the scalar one is the test
-/// reference only: the f32 panels beat it).
+/// Whether this CPU runs the vector kernels: AVX512-VNNI with AVX512-BW
+/// (the scalar ones are the tests' reference only: the f32 panels beat
+/// them).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::cpu::has_avx512_vnni()
+        use std::sync::OnceLock;
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            crate::cpu::has_avx512_vnni() && is_x86_feature_detected!("avx512bw")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -94,7 +99,7 @@ impl Q16Rows {
             .zip(x.par_chunks(per_task))
             .for_each(|(((q, d), dsum), x)| {
                 #[cfg(target_arch = "x86_64")]
-                if crate::cpu::has_avx512_vnni() {
+                if available() {
                     // SAFETY: the CPU has AVX-512.
                     return unsafe { quantize_avx512(q, d, dsum, x) };
                 }
@@ -222,8 +227,8 @@ impl Panel {
     /// that the panel is written in order.
     pub fn fill(&mut self, dtype: BlockType, rows: &[u8], row_bytes: usize) {
         #[cfg(target_arch = "x86_64")]
-        if crate::cpu::has_avx512_vnni() {
-            // SAFETY: the CPU has AVX-512 (F, BW with VNNI's checks).
+        if available() {
+            // SAFETY: the CPU has AVX-512 F and BW.
             return unsafe { x86::fill(self, dtype, rows, row_bytes) };
         }
         self.fill_with(dtype, rows, row_bytes, unpack_block, interleave)

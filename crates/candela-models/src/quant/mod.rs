@@ -1172,8 +1172,8 @@ impl BlockMatrix {
         if acts == Activations::Int8Top {
             return self.int8_top(x, m);
         }
-        // Up to 8 rows, unpacking the panels costs more than the products
-        // (f32 off the blocks is faster): those take the F32 path.
+        // Up to 8 rows, unpacking the panels can cost more than the products
+        // (f32 off the blocks: no unpacking): those take the F32 path.
         if acts == Activations::Int16 && m > ROW_DECODE_MAX_M && int16_kernel(self.dtype) {
             return Ok(self.int16_product(x, m));
         }

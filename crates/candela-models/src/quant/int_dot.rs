@@ -326,21 +326,6 @@ mod tests {
     use super::super::BlockMatrix;
     use super::*;
 
-    const TYPES: [BlockType; 12] = [
-        BlockType::Q4_0,
-        BlockType::Q4_1,
-        BlockType::Q5_0,
-        BlockType::Q5_1,
-        BlockType::Q8_0,
-        BlockType::Q2K,
-        BlockType::Q3K,
-        BlockType::Q4K,
-        BlockType::Q5K,
-        BlockType::Q6K,
-        BlockType::Iq4Nl,
-        BlockType::Iq4Xs,
-    ];
-
     /// candle's type of the same name, where it has one.
     fn ggml(dtype: BlockType) -> Option<GgmlDType> {
         use GgmlDType as G;
@@ -406,7 +391,7 @@ mod tests {
     /// rounding: it reads each format's layout right.
     #[test]
     fn scalar_kernel_is_the_dequantized_dot_product() -> Result<()> {
-        for dtype in TYPES {
+        for dtype in BlockType::ALL {
             for &k in lengths(dtype) {
                 let (bytes, wd, x) = case(dtype, k, 1)?;
                 let acts = Q8Rows::quantize(&x, k, act_group(dtype));
@@ -448,7 +433,7 @@ mod tests {
             .filter(|i| *i != Isa::Scalar && i.available())
             .collect();
         eprintln!("integer kernels checked on this CPU: {ran:?}");
-        for dtype in TYPES {
+        for dtype in BlockType::ALL {
             for &k in lengths(dtype) {
                 for m in [1usize, 2, 3, 4, 7] {
                     let (mut bytes, wd, x) = case(dtype, k, m)?;

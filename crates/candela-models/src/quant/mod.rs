@@ -85,6 +85,22 @@ pub const IQ4_VALUES: [i8; 16] = [
 ];
 
 impl BlockType {
+    /// Every block type.
+    pub const ALL: [Self; 12] = [
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+        Self::Iq4Nl,
+        Self::Iq4Xs,
+    ];
+
     /// candle's type of the same name, for the types it has.
     pub fn of_ggml(dtype: GgmlDType) -> Option<Self> {
         use GgmlDType as G;

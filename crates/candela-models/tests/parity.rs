@@ -28,6 +28,8 @@ const BF16_RTOL: f32 = 0.02;
 /// relative to the largest logit (measured 1.4e-4 to 2.3e-4 on these
 /// random-weight models, which amplify rounding).
 const I16_RTOL: f32 = 1e-3;
+const BLOCK_SIZE: usize = 4;
+const NUM_BLOCKS: usize = 64;
 
 /// The bound on prompt logits of a model whose matrices are `dtype` (a
 /// block type, or none for 16-bit ones), relative to `scale` (the largest
@@ -41,8 +43,6 @@ fn quant_prompt_tol(dtype: Option<BlockType>, scale: f32, f32_tol: f32) -> f32 {
         f32_tol
     }
 }
-const BLOCK_SIZE: usize = 4;
-const NUM_BLOCKS: usize = 64;
 
 fn fixtures_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -1348,9 +1348,8 @@ fn iq4_gguf_matches_transformers() {
              {worst:.3e} (max |logit| {scale:.3}); teacher-forced argmax {chosen:?}, free {free:?}"
         );
         // Prompt rows: f32 activations on the file's own values (measured
-        // 1.4e-6 of the largest logit on an AVX-512 Xeon without VNNI's
-        // integer prompt kernel), 16-bit ones (2.3e-4 with it), or bf16 ones
-        // on a bf16 engine. Decode rows: 8-bit activations, one scale per
+        // 1.4e-6 of the largest logit where they stay f32), 16-bit ones
+        // (2.3e-4 on AVX512-VNNI), or bf16 ones on a bf16 engine. Decode rows: 8-bit activations, one scale per
         // 256 for IQ4_XS as in ggml, which this random model amplifies
         // (measured 2.2 %; `wide_k_quant_ggufs_match_f32` allows 6 %
         // against dense).

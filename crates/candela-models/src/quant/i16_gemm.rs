@@ -27,8 +27,8 @@
 
 use rayon::prelude::*;
 
-use super::int_dot::{iq4xs_scale, q3k_scale};
-use super::{f16_at, scales_mins_k4, BlockType, IQ4_VALUES};
+use super::int_dot::{iq4_values, iq4xs_scale, q3k, q3k_scale, q5_high, q6};
+use super::{f16_at, scales_mins_k4, BlockType};
 
 /// Values per block (one activation scale, one weight scale and offset).
 const BK: usize = 32;
@@ -313,7 +313,7 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
             let qh = u32::from_le_bytes([blk[hoff], blk[hoff + 1], blk[hoff + 2], blk[hoff + 3]]);
             nibbles(&blk[hoff + 4..hoff + 20], w, if q5_1 { 0 } else { 16 });
             for (j, w) in w.iter_mut().enumerate() {
-                *w += (((qh >> j) & 1) << 4) as i16;
+                *w += q5_high(qh, j) as i16;
             }
             s[0] = f16_at(blk, 0);
             if q5_1 {
@@ -339,15 +339,10 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
                 // Sub-block 2c: low nibbles of qs[32c..][..32], 2c+1 the high
                 // ones; Q5_K's bit 4 is bit j of qh[l].
                 let q = &blk[qoff + 32 * (j / 2)..qoff + 32 * (j / 2) + 32];
-                let shift = 4 * (j % 2);
-                for (w, q) in wb.iter_mut().zip(q) {
-                    // In i16 lanes: x86 has no byte shifts to vectorize with.
-                    *w = (*q as i16 >> shift) & 0x0F;
-                }
-                if q5 {
-                    for (w, h) in wb.iter_mut().zip(&blk[16..48]) {
-                        *w |= ((*h as i16 >> j) & 1) << 4;
-                    }
+                for (l, (w, q)) in wb.iter_mut().zip(q).enumerate() {
+                    let lo = if j % 2 == 0 { q & 0x0F } else { q >> 4 };
+                    let hi = if q5 { ((blk[16 + l] >> j) & 1) << 4 } else { 0 };
+                    *w = (lo | hi) as i16;
                 }
             }
         }
@@ -355,13 +350,9 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
             let d = f16_at(blk, 108);
             let scales: &[u8; 12] = blk[96..108].try_into().expect("12 scale bytes");
             for (g, wb) in w.chunks_exact_mut(BK).enumerate() {
-                // 2 low bits as Q2_K's, bit 2 is bit g of hmask[l] (clear
-                // means minus 4); the 16-value scales folded in.
-                let q = &blk[32 + 32 * (g / 4)..64 + 32 * (g / 4)];
+                // The 16-value scales folded in.
                 for (l, w) in wb.iter_mut().enumerate() {
-                    let lo = ((q[l] >> (2 * (g % 4))) & 3) as i32;
-                    let v = lo - if (blk[l] >> g) & 1 == 0 { 4 } else { 0 };
-                    *w = (q3k_scale(scales, 2 * g + l / 16) * v) as i16;
+                    *w = (q3k_scale(scales, 2 * g + l / 16) * q3k(blk, g, l)) as i16;
                 }
                 s[g] = d;
             }
@@ -373,21 +364,10 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
                 let qh = &blk[128 + 32 * half..160 + 32 * half];
                 let sc = &blk[192 + 8 * half..200 + 8 * half];
                 for (t, wb) in wh.chunks_exact_mut(BK).enumerate() {
-                    // Low 4 bits: low (t < 2) or high nibbles of ql[32 (t % 2)..];
-                    // high 2: bits 2t.. of qh; 16-value scales folded in.
-                    let lo = &ql[32 * (t % 2)..32 * (t % 2) + 32];
-                    let shift = 4 * (t / 2);
-                    for (h, (wq, (lo, qh))) in wb
-                        .chunks_exact_mut(16)
-                        .zip(lo.chunks_exact(16).zip(qh.chunks_exact(16)))
-                        .enumerate()
-                    {
-                        let sc = (sc[2 * t + h] as i8) as i16;
-                        for (w, (lo, qh)) in wq.iter_mut().zip(lo.iter().zip(qh)) {
-                            let (lo, qh) = (*lo as i16, *qh as i16);
-                            let q = ((lo >> shift) & 0x0F) | (((qh >> (2 * t)) & 3) << 4);
-                            *w = sc * (q - 32);
-                        }
+                    // The 16-value scales folded in.
+                    for (l, w) in wb.iter_mut().enumerate() {
+                        let sc = (sc[2 * t + l / 16] as i8) as i16;
+                        *w = sc * (q6(ql, qh, t, l) as i16 - 32);
                     }
                 }
             }
@@ -411,9 +391,8 @@ fn unpack_q4k_scales(blk: &[u8], s: &mut [f32], mn: &mut [f32]) {
 
 /// The 32 table values of 16 bytes of IQ4 index pairs.
 fn iq4(qs: &[u8], out: &mut [i16]) {
-    for (j, q) in qs.iter().enumerate() {
-        out[j] = IQ4_VALUES[(q & 0x0F) as usize] as i16;
-        out[j + 16] = IQ4_VALUES[(q >> 4) as usize] as i16;
+    for (w, v) in out.iter_mut().zip(iq4_values(qs)) {
+        *w = v as i16;
     }
 }
 

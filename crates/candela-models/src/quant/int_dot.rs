@@ -91,7 +91,7 @@ pub fn kernel() -> RowsDot {
 
 /// Bit `j` of a Q5_0/Q5_1 block's high bits, as the quant's bit 4.
 #[inline(always)]
-fn q5_high(qh: u32, j: usize) -> u8 {
+pub(super) fn q5_high(qh: u32, j: usize) -> u8 {
     (((qh >> j) & 1) << 4) as u8
 }
 
@@ -213,13 +213,7 @@ pub fn row_dot_scalar(dtype: BlockType, row: &[u8], a: Q8Row) -> f32 {
                     let Some((qa, (&da, _))) = groups.next() else {
                         break;
                     };
-                    // Group g: 2 low bits as in Q2_K, bit 2 is bit g of
-                    // hmask[l] (clear means minus 4): w in -4..4.
-                    let q = &blk[32 + 32 * (g / 4)..32 + 32 * (g / 4) + 32];
-                    let w = |l: usize| {
-                        let lo = ((q[l] >> (2 * (g % 4))) & 3) as i32;
-                        lo - if (blk[l] >> g) & 1 == 0 { 4 } else { 0 }
-                    };
+                    let w = |l: usize| q3k(blk, g, l);
                     let mut s = 0i32;
                     for h in 0..2 {
                         let part: i32 = (16 * h..16 * h + 16).map(|l| w(l) * qa[l] as i32).sum();
@@ -277,7 +271,7 @@ pub fn row_dot_scalar(dtype: BlockType, row: &[u8], a: Q8Row) -> f32 {
 
 /// The 32 table values of 16 bytes of IQ4 index pairs: low nibbles are
 /// values 0..16, high ones 16..32.
-fn iq4_values(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
+pub(super) fn iq4_values(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
     let value = |i: u8| IQ4_VALUES[i as usize];
     qs.iter()
         .map(move |q| value(q & 0x0F))
@@ -307,11 +301,19 @@ pub(super) fn q3k_scale(scales: &[u8; 12], j: usize) -> i32 {
     (lo | (hi << 4)) as i32 - 32
 }
 
+/// Quant `l` (0..32) of group `g` (0..8) of a Q3_K block, in -4..4: 2 low
+/// bits as in Q2_K, bit 2 is bit g of hmask[l] (clear means minus 4).
+#[inline(always)]
+pub(super) fn q3k(blk: &[u8], g: usize, l: usize) -> i32 {
+    let lo = ((blk[32 + 32 * (g / 4) + l] >> (2 * (g % 4))) & 3) as i32;
+    lo - if (blk[l] >> g) & 1 == 0 { 4 } else { 0 }
+}
+
 /// Quant `l` (0..32) of group `t` (0..4) of one Q6_K half: 4 low bits from
 /// `ql` (low nibbles of bytes 0..32 for t = 0, of 32..64 for t = 1, high
 /// nibbles for t = 2, 3) and 2 high bits from `qh` (bits 2t..2t+2), in 0..64.
 #[inline(always)]
-fn q6(ql: &[u8], qh: &[u8], t: usize, l: usize) -> u8 {
+pub(super) fn q6(ql: &[u8], qh: &[u8], t: usize, l: usize) -> u8 {
     let lo = ql[l + 32 * (t % 2)];
     let lo = if t < 2 { lo & 0x0F } else { lo >> 4 };
     lo | (((qh[l] >> (2 * t)) & 3) << 4)

@@ -7,7 +7,7 @@
 //! quantizes them for the integer kernels where the batch allows, `bf16`
 //! rounds them for the bf16 matrix engine (prompt rows) where the CPU has one,
 //! `int16` quantizes them to 15 bits for the integer prompt kernel where the
-//! CPU has AVX512-VNNI.
+//! CPU has one (AVX512-VNNI, or AVX2 without AVX-512).
 
 use candela_models::quant::{Activations, BlockMatrix};
 use candle_core::quantized::{GgmlDType, QTensor};

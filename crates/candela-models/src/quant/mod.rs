@@ -15,7 +15,8 @@
 //! - `Int16` (prompt and encoder rows without a bf16 engine): the
 //!   activations are quantized to 15 bits per 32 values and multiplied with
 //!   the weights' exact integer values (`i16_gemm`: AVX512-VNNI `vpdpwssd`,
-//!   twice the products per instruction of an f32 FMA); elsewhere as `F32`.
+//!   twice the products per instruction of an f32 FMA, or AVX2 `vpmaddwd`
+//!   without AVX-512); elsewhere as `F32`.
 //! - `F32` (the logits, and fallbacks): f32 dot products straight off the
 //!   blocks for one or two rows, each weight row decoded once for up to
 //!   eight, and above panels of decoded rows through AVX-512 FMAs
@@ -177,8 +178,8 @@ pub enum Activations {
     F32,
     /// Prompt and encoder rows where the CPU has no bf16 engine: above 8
     /// rows, quantized to 15 bits per 32 values for the integer prompt
-    /// kernel ([`i16_gemm`]) where the CPU (AVX512-VNNI) and the format have
-    /// it; elsewhere as `F32`.
+    /// kernel ([`i16_gemm`]) where the CPU (AVX512-VNNI, or AVX2 without
+    /// AVX-512) and the format have it; elsewhere as `F32`.
     Int16,
     /// The logits of decode rows: `Int8` for every weight row, then the
     /// rows that may still be the largest recomputed as `F32` does for one
@@ -189,7 +190,7 @@ pub enum Activations {
 /// Whether [`Activations::Int16`] products of `dtype` take the integer
 /// prompt kernel on this CPU.
 pub fn int16_kernel(dtype: BlockType) -> bool {
-    i16_gemm::available() && i16_gemm::supports(dtype)
+    i16_gemm::kernel().is_some() && i16_gemm::supports(dtype)
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
@@ -1322,6 +1323,7 @@ impl BlockMatrix {
         let (n, k) = (self.n, self.k);
         let mut out = vec![0f32; m * n];
         let dst = SendPtr(out.as_mut_ptr());
+        let kernel = i16_gemm::kernel().expect("checked by int16_kernel");
         let acts = i16_gemm::Q16Rows::quantize(x, k);
         let panels = n.div_ceil(NR);
         // Few panels (a narrow matrix on many threads): split the rows too,
@@ -1347,6 +1349,7 @@ impl BlockMatrix {
                 // of the [m, n] output, and the panel has k.
                 unsafe {
                     i16_gemm::multiply(
+                        kernel,
                         panel,
                         &acts,
                         rows.clone(),

@@ -101,16 +101,11 @@ pub fn kernel() -> Option<Kernel> {
         if runs(Kernel::Avx512Vnni) {
             return Some(Kernel::Avx512Vnni);
         }
-        if runs(Kernel::Avx2) && !has_avx512f() {
+        if runs(Kernel::Avx2) && !is_x86_feature_detected!("avx512f") {
             return Some(Kernel::Avx2);
         }
     }
     None
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512f() -> bool {
-    is_x86_feature_detected!("avx512f")
 }
 
 /// Whether `dtype`'s blocks have an offset (`mn` not all zero).
@@ -132,10 +127,12 @@ pub struct Q16Rows {
 }
 
 impl Q16Rows {
-    /// Quantize `x` (`[m, k]` row-major): per block `d = max|x| / 16383`,
+    /// Quantize `x` (`[m, k]` row-major) with `kernel`'s instructions (the
+    /// values are the same with any): per block `d = max|x| / 16383`,
     /// `q = round(x / d)`.
-    pub fn quantize(x: &[f32], k: usize) -> Self {
+    pub fn quantize(kernel: Kernel, x: &[f32], k: usize) -> Self {
         assert!(k.is_multiple_of(BK) && x.len().is_multiple_of(k.max(1)));
+        assert!(Kernel::runnable().contains(&kernel));
         let nb = x.len() / BK;
         let mut q = vec![0i16; x.len()];
         let (mut d, mut dsum) = (vec![0f32; nb], vec![0f32; nb]);
@@ -146,14 +143,15 @@ impl Q16Rows {
             .zip(dsum.par_chunks_mut(per_task / BK))
             .zip(x.par_chunks(per_task))
             .for_each(|(((q, d), dsum), x)| {
+                // SAFETY: the CPU runs `kernel` (asserted above).
                 #[cfg(target_arch = "x86_64")]
-                if has_avx512f() {
-                    // SAFETY: the CPU has AVX-512.
-                    return unsafe { quantize_avx512(q, d, dsum, x) };
-                } else if crate::cpu::has_avx2() {
-                    // SAFETY: the CPU has AVX2.
-                    return unsafe { quantize_avx2(q, d, dsum, x) };
+                unsafe {
+                    match kernel {
+                        Kernel::Avx512Vnni => quantize_avx512(q, d, dsum, x),
+                        Kernel::Avx2 => quantize_avx2(q, d, dsum, x),
+                    }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
                 quantize_blocks(q, d, dsum, x)
             });
         Self { k, q, d, dsum }
@@ -161,6 +159,17 @@ impl Q16Rows {
 
     pub fn rows(&self) -> usize {
         self.q.len() / self.k.max(1)
+    }
+
+    /// Row `i`'s quants, block scales and `d * sum(q)` (the tiles read
+    /// rows `i..` from there).
+    fn row_ptrs(&self, i: usize) -> (*const i16, *const f32, *const f32) {
+        let nb = self.k / BK;
+        (
+            self.q[i * self.k..].as_ptr(),
+            self.d[i * nb..].as_ptr(),
+            self.dsum[i * nb..].as_ptr(),
+        )
     }
 
     /// The values the kernels multiply (tests compare with them).
@@ -283,15 +292,18 @@ impl Panel {
     /// Unpack the rows of `dtype` blocks in `rows` (whole rows of
     /// `row_bytes`, at most [`NR`]), one block of every row at a time so
     /// that the panel is written in order.
-    pub fn fill(&mut self, dtype: BlockType, rows: &[u8], row_bytes: usize) {
+    /// `kernel`'s instructions unpack (the values are the same with any).
+    pub fn fill(&mut self, kernel: Kernel, dtype: BlockType, rows: &[u8], row_bytes: usize) {
+        assert!(Kernel::runnable().contains(&kernel));
+        // SAFETY: the CPU runs `kernel` (asserted above).
         #[cfg(target_arch = "x86_64")]
-        if has_avx512f() && is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has AVX-512 F and BW.
-            return unsafe { x86::fill(self, dtype, rows, row_bytes) };
-        } else if crate::cpu::has_avx2() {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { x86::fill_avx2(self, dtype, rows, row_bytes) };
+        unsafe {
+            match kernel {
+                Kernel::Avx512Vnni => x86::fill(self, dtype, rows, row_bytes),
+                Kernel::Avx2 => x86::fill_avx2(self, dtype, rows, row_bytes),
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
         self.fill_with(dtype, rows, row_bytes, unpack_block, interleave)
     }
 
@@ -478,41 +490,39 @@ pub unsafe fn multiply(
 ) {
     debug_assert!(cols <= NR && rows.end <= acts.rows() && panel.k == acts.k);
     #[cfg(target_arch = "x86_64")]
-    match kernel {
-        Kernel::Avx512Vnni => {
-            let mut i = rows.start;
-            while i < rows.end {
-                let mr = MR.min(rows.end - i);
-                let o = out.add((i - rows.start) * ldo);
-                match mr {
+    {
+        let step = match kernel {
+            Kernel::Avx512Vnni => MR,
+            Kernel::Avx2 => MR_AVX2,
+        };
+        let mut i = rows.start;
+        while i < rows.end {
+            let mr = step.min(rows.end - i);
+            let o = out.add((i - rows.start) * ldo);
+            match kernel {
+                Kernel::Avx512Vnni => match mr {
                     6 => x86::tile::<6>(panel, acts, i, o, ldo, cols),
                     5 => x86::tile::<5>(panel, acts, i, o, ldo, cols),
                     4 => x86::tile::<4>(panel, acts, i, o, ldo, cols),
                     3 => x86::tile::<3>(panel, acts, i, o, ldo, cols),
                     2 => x86::tile::<2>(panel, acts, i, o, ldo, cols),
                     _ => x86::tile::<1>(panel, acts, i, o, ldo, cols),
-                }
-                i += mr;
-            }
-        }
-        Kernel::Avx2 => {
-            let mut i = rows.start;
-            while i < rows.end {
-                let mr = MR_AVX2.min(rows.end - i);
-                let o = out.add((i - rows.start) * ldo);
+                },
                 // Both halves for these rows while their activations are in L1.
-                for h in 0..cols.div_ceil(16) {
-                    match mr {
-                        6 => x86::tile_avx2::<6>(panel, acts, i, o, ldo, cols, h),
-                        5 => x86::tile_avx2::<5>(panel, acts, i, o, ldo, cols, h),
-                        4 => x86::tile_avx2::<4>(panel, acts, i, o, ldo, cols, h),
-                        3 => x86::tile_avx2::<3>(panel, acts, i, o, ldo, cols, h),
-                        2 => x86::tile_avx2::<2>(panel, acts, i, o, ldo, cols, h),
-                        _ => x86::tile_avx2::<1>(panel, acts, i, o, ldo, cols, h),
+                Kernel::Avx2 => {
+                    for h in 0..cols.div_ceil(16) {
+                        match mr {
+                            6 => x86::tile_avx2::<6>(panel, acts, i, o, ldo, cols, h),
+                            5 => x86::tile_avx2::<5>(panel, acts, i, o, ldo, cols, h),
+                            4 => x86::tile_avx2::<4>(panel, acts, i, o, ldo, cols, h),
+                            3 => x86::tile_avx2::<3>(panel, acts, i, o, ldo, cols, h),
+                            2 => x86::tile_avx2::<2>(panel, acts, i, o, ldo, cols, h),
+                            _ => x86::tile_avx2::<1>(panel, acts, i, o, ldo, cols, h),
+                        }
                     }
                 }
-                i += mr;
             }
+            i += mr;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -708,11 +718,7 @@ mod x86 {
         cols: usize,
     ) {
         let (k, nb) = (acts.k, acts.k / BK);
-        let a = acts.q.as_ptr().add(i0 * k);
-        let (d, dsum) = (
-            acts.d.as_ptr().add(i0 * nb),
-            acts.dsum.as_ptr().add(i0 * nb),
-        );
+        let (a, d, dsum) = acts.row_ptrs(i0);
         let w = panel.w.as_ptr();
         let mut f = [[_mm512_setzero_ps(); 2]; M];
         for b in 0..nb {
@@ -775,11 +781,7 @@ mod x86 {
         h: usize,
     ) {
         let (k, nb) = (acts.k, acts.k / BK);
-        let a = acts.q.as_ptr().add(i0 * k);
-        let (d, dsum) = (
-            acts.d.as_ptr().add(i0 * nb),
-            acts.dsum.as_ptr().add(i0 * nb),
-        );
+        let (a, d, dsum) = acts.row_ptrs(i0);
         // Pair p of rows 16h.. starts at (p * NR + 16h) * 2.
         let w = panel.w.as_ptr().add(32 * h);
         let mut f = [[_mm256_setzero_ps(); 2]; M];
@@ -908,7 +910,20 @@ mod tests {
         Ok(())
     }
 
-    /// Activations within half a step of their values, and the vector
+    /// [`Q16Rows::quantize`] with the scalar quantizer.
+    fn scalar_rows(x: &[f32], k: usize) -> Q16Rows {
+        let nb = x.len() / BK;
+        let mut rows = Q16Rows {
+            k,
+            q: vec![0; x.len()],
+            d: vec![0.0; nb],
+            dsum: vec![0.0; nb],
+        };
+        quantize_blocks(&mut rows.q, &mut rows.d, &mut rows.dsum, x);
+        rows
+    }
+
+    /// Activations within half a step of their values, and each vector
     /// quantizer's bits the scalar one's.
     #[test]
     fn activations_round_to_nearest() {
@@ -918,20 +933,24 @@ mod tests {
             .collect();
         x[5] = 900.0; // an outlier block
         x[k..k + BK].fill(0.0); // an all-zero block
-        let acts = Q16Rows::quantize(&x, k);
+        let want = scalar_rows(&x, k);
         for ((xb, qb), &d) in x
             .chunks_exact(BK)
-            .zip(acts.dequantized().chunks_exact(BK))
-            .zip(&acts.d)
+            .zip(want.dequantized().chunks_exact(BK))
+            .zip(&want.d)
         {
             for (v, q) in xb.iter().zip(qb) {
                 assert!((v - q).abs() <= d * 0.5001, "{v} as {q} (step {d})");
             }
         }
-        let nb = x.len() / BK;
-        let (mut q, mut d, mut dsum) = (vec![0i16; x.len()], vec![0f32; nb], vec![0f32; nb]);
-        quantize_blocks(&mut q, &mut d, &mut dsum, &x);
-        assert_eq!((&q, &d, &dsum), (&acts.q, &acts.d, &acts.dsum));
+        for &kernel in Kernel::runnable() {
+            let acts = Q16Rows::quantize(kernel, &x, k);
+            assert_eq!(
+                (&acts.q, &acts.d, &acts.dsum),
+                (&want.q, &want.d, &want.dsum),
+                "{kernel:?}"
+            );
+        }
     }
 
     /// The product is the dequantized weights times the dequantized
@@ -945,14 +964,14 @@ mod tests {
             let raw = random_rows(dtype, n, k, 3);
             let rb = dtype.row_bytes(1, k).unwrap();
             let mut panel = Panel::new(k);
-            panel.fill(dtype, &raw, rb);
+            panel.fill_with(dtype, &raw, rb, unpack_block, interleave);
             let m = 13;
             let x: Vec<f32> = (0..m * k)
                 .map(|i| {
                     ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 97 == 0 { 60.0 } else { 1.0 }
                 })
                 .collect();
-            let acts = Q16Rows::quantize(&x, k);
+            let acts = scalar_rows(&x, k);
             let xq = acts.dequantized();
             let mut wrow = vec![0f32; k];
             let bm = super::super::BlockMatrix::read(dtype, n, k, |dst| {
@@ -981,17 +1000,14 @@ mod tests {
                 }
                 assert!(got[n..].iter().all(|&v| v == 0.0));
             }
-            if Kernel::runnable().is_empty() {
-                continue;
-            }
-            // The vector unpacking and interleaving are the scalar ones' values.
-            let mut scalar = Panel::new(k);
-            scalar.fill_with(dtype, &raw, rb, unpack_block, interleave);
-            assert!(
-                scalar.w == panel.w && scalar.s == panel.s && scalar.mn == panel.mn,
-                "{dtype:?}: vector panel differs"
-            );
             for &kernel in Kernel::runnable() {
+                // The vector unpacking and interleaving are the scalar ones' values.
+                let mut vector = Panel::new(k);
+                vector.fill(kernel, dtype, &raw, rb);
+                assert!(
+                    vector.w == panel.w && vector.s == panel.s && vector.mn == panel.mn,
+                    "{kernel:?} {dtype:?}: vector panel differs"
+                );
                 // All rows at once, then each alone: the scalar reference's bits.
                 let mut out = vec![f32::NAN; m * 40];
                 // SAFETY: runnable; out holds m rows of stride 40 >= n columns.

@@ -1191,8 +1191,10 @@ impl BlockMatrix {
         }
         // Up to 8 rows, unpacking the panels can cost more than the products
         // (f32 off the blocks: no unpacking): those take the F32 path.
-        if acts == Activations::Int16 && m > ROW_DECODE_MAX_M && int16_kernel(self.dtype) {
-            return Ok(self.int16_product(x, m));
+        if acts == Activations::Int16 && m > ROW_DECODE_MAX_M && i16_gemm::supports(self.dtype) {
+            if let Some(kernel) = i16_gemm::kernel() {
+                return Ok(self.int16_product(kernel, x, m));
+            }
         }
         let panel_engine = match acts {
             Activations::Bf16 => crate::panel_gemm::bf16_engine(),
@@ -1315,16 +1317,15 @@ impl BlockMatrix {
         out
     }
 
-    /// [`Activations::Int16`] on a CPU and format with its kernel (`x` is
-    /// `[m, k]`, not empty): per task, a panel of weight rows is unpacked
+    /// [`Activations::Int16`] with `kernel`, for a format it supports (`x`
+    /// is `[m, k]`, not empty): per task, a panel of weight rows is unpacked
     /// once and multiplied with a range of the activation rows.
-    fn int16_product(&self, x: &[f32], m: usize) -> Vec<f32> {
+    fn int16_product(&self, kernel: i16_gemm::Kernel, x: &[f32], m: usize) -> Vec<f32> {
         use i16_gemm::NR;
         let (n, k) = (self.n, self.k);
         let mut out = vec![0f32; m * n];
         let dst = SendPtr(out.as_mut_ptr());
-        let kernel = i16_gemm::kernel().expect("checked by int16_kernel");
-        let acts = i16_gemm::Q16Rows::quantize(x, k);
+        let acts = i16_gemm::Q16Rows::quantize(kernel, x, k);
         let panels = n.div_ceil(NR);
         // Few panels (a narrow matrix on many threads): split the rows too,
         // each part unpacking its panel again.
@@ -1343,8 +1344,8 @@ impl BlockMatrix {
             }
             let rb = self.row_bytes;
             i16_gemm::with_panel(k, |panel| {
-                panel.fill(self.dtype, &bytes[r0 * rb..(r0 + cols) * rb], rb);
-                // SAFETY: the kernel is available (checked by the caller);
+                panel.fill(kernel, self.dtype, &bytes[r0 * rb..(r0 + cols) * rb], rb);
+                // SAFETY: the CPU runs `kernel` (`i16_gemm::kernel`);
                 // the task owns output columns r0..r0 + cols of rows `rows`
                 // of the [m, n] output, and the panel has k.
                 unsafe {
@@ -1500,8 +1501,10 @@ pub(super) mod tests {
                 // (16-bit) blocks dequantized, the bf16 engine both operands
                 // rounded to bf16; every other path sees them as they are.
                 let int = acts == Activations::Int8;
-                let int16 =
-                    acts == Activations::Int16 && m > ROW_DECODE_MAX_M && int16_kernel(dtype);
+                let int16 = (acts == Activations::Int16 && m > ROW_DECODE_MAX_M)
+                    .then(i16_gemm::kernel)
+                    .flatten()
+                    .filter(|_| i16_gemm::supports(dtype));
                 let bf16 = acts == Activations::Bf16 && crate::panel_gemm::bf16_engine().is_some();
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
                 let xv = x.flatten_all()?.to_vec1::<f32>()?;
@@ -1509,8 +1512,8 @@ pub(super) mod tests {
                     let group = int_dot::act_group(bm.dtype());
                     let xq = q8::Q8Rows::quantize(&xv, k, group).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
-                } else if int16 {
-                    let xq = i16_gemm::Q16Rows::quantize(&xv, k).dequantized();
+                } else if let Some(kernel) = int16 {
+                    let xq = i16_gemm::Q16Rows::quantize(kernel, &xv, k).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if bf16 {
                     (round(&x)?, round(wd)?)

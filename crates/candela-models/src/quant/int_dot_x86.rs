@@ -656,55 +656,91 @@ macro_rules! kernels {
                 acc.map(|a| hsum(a))
             }
 
-            /// One weight row with `M` activation rows.
+            /// Format codes past the 32-value ones, so that one const
+            /// parameter names every kernel.
+            const Q2K: u8 = 6;
+            const Q3K: u8 = 7;
+            const Q4K: u8 = 8;
+            const Q5K: u8 = 9;
+            const Q6K: u8 = 10;
+            const IQ4_XS: u8 = 11;
+
+            /// Format `T`'s kernel: one weight row with `M` activation rows.
             #[inline(always)]
-            unsafe fn by<const M: usize>(
-                dtype: BlockType,
-                row: &[u8],
+            unsafe fn by<const T: u8, const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                match T {
+                    Q2K => q2k::<M>(row, a),
+                    Q3K => q3k::<M>(row, a),
+                    Q4K => q4k_q5k::<false, M>(row, a),
+                    Q5K => q4k_q5k::<true, M>(row, a),
+                    Q6K => q6k::<M>(row, a),
+                    IQ4_XS => iq4xs::<M>(row, a),
+                    _ => legacy::<T, M>(row, a),
+                }
+            }
+
+            /// Format `T`'s weight rows, each with all the activation rows
+            /// (four per pass over the row): the row loop inlined around the
+            /// kernel.
+            #[inline(always)]
+            unsafe fn rows_of<const T: u8>(
+                rows: &[u8],
+                row_bytes: usize,
                 a: &[Q8Row],
                 out: &mut [f32],
             ) {
-                let Ok(a) = <&[Q8Row; M]>::try_from(&a[..M]) else {
-                    return;
-                };
-                let r = match dtype {
-                    BlockType::Q8_0 => legacy::<Q8_0, M>(row, a),
-                    BlockType::Q4_0 => legacy::<Q4_0, M>(row, a),
-                    BlockType::Q4_1 => legacy::<Q4_1, M>(row, a),
-                    BlockType::Q5_0 => legacy::<Q5_0, M>(row, a),
-                    BlockType::Q5_1 => legacy::<Q5_1, M>(row, a),
-                    BlockType::Q2K => q2k::<M>(row, a),
-                    BlockType::Q3K => q3k::<M>(row, a),
-                    BlockType::Q4K => q4k_q5k::<false, M>(row, a),
-                    BlockType::Q5K => q4k_q5k::<true, M>(row, a),
-                    BlockType::Q6K => q6k::<M>(row, a),
-                    BlockType::Iq4Nl => legacy::<IQ4_NL, M>(row, a),
-                    BlockType::Iq4Xs => iq4xs::<M>(row, a),
-                };
-                out[..M].copy_from_slice(&r);
+                let m = a.len();
+                for (row, out) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
+                    let mut i = 0;
+                    while i < m {
+                        let rest = &a[i..];
+                        let o = &mut out[i..];
+                        i += match rest {
+                            [a0, a1, a2, a3, ..] => {
+                                o[..4].copy_from_slice(&by::<T, 4>(row, &[*a0, *a1, *a2, *a3]));
+                                4
+                            }
+                            [a0, a1, ..] => {
+                                o[..2].copy_from_slice(&by::<T, 2>(row, &[*a0, *a1]));
+                                2
+                            }
+                            [a0, ..] => {
+                                o[0] = by::<T, 1>(row, &[*a0])[0];
+                                1
+                            }
+                            [] => unreachable!(),
+                        };
+                    }
+                }
             }
 
-            /// One weight row of `dtype` dotted with each row of `a`, four
-            /// activation rows per pass over the weights.
+            /// Weight rows of `dtype` (`row_bytes` each) dotted with each
+            /// row of `a` ([`super::super::int_dot::RowsDot`]).
             ///
             /// # Safety
             /// The CPU must have the instruction sets this module is built for.
             #[target_feature(enable = $feat)]
-            pub unsafe fn rows_dot(dtype: BlockType, row: &[u8], a: &[Q8Row], out: &mut [f32]) {
-                let mut i = 0;
-                while i < a.len() {
-                    let step = match a.len() - i {
-                        1 => 1,
-                        2 | 3 => 2,
-                        _ => 4,
-                    };
-                    let (ai, oi) = (&a[i..i + step], &mut out[i..i + step]);
-                    match step {
-                        1 => by::<1>(dtype, row, ai, oi),
-                        2 => by::<2>(dtype, row, ai, oi),
-                        _ => by::<4>(dtype, row, ai, oi),
-                    }
-                    i += step;
+            pub unsafe fn rows_dot(
+                dtype: BlockType,
+                rows: &[u8],
+                row_bytes: usize,
+                a: &[Q8Row],
+                out: &mut [f32],
+            ) {
+                assert!(out.len() >= rows.len() / row_bytes * a.len());
+                match dtype {
+                    BlockType::Q8_0 => rows_of::<Q8_0>(rows, row_bytes, a, out),
+                    BlockType::Q4_0 => rows_of::<Q4_0>(rows, row_bytes, a, out),
+                    BlockType::Q4_1 => rows_of::<Q4_1>(rows, row_bytes, a, out),
+                    BlockType::Q5_0 => rows_of::<Q5_0>(rows, row_bytes, a, out),
+                    BlockType::Q5_1 => rows_of::<Q5_1>(rows, row_bytes, a, out),
+                    BlockType::Q2K => rows_of::<Q2K>(rows, row_bytes, a, out),
+                    BlockType::Q3K => rows_of::<Q3K>(rows, row_bytes, a, out),
+                    BlockType::Q4K => rows_of::<Q4K>(rows, row_bytes, a, out),
+                    BlockType::Q5K => rows_of::<Q5K>(rows, row_bytes, a, out),
+                    BlockType::Q6K => rows_of::<Q6K>(rows, row_bytes, a, out),
+                    BlockType::Iq4Nl => rows_of::<IQ4_NL>(rows, row_bytes, a, out),
+                    BlockType::Iq4Xs => rows_of::<IQ4_XS>(rows, row_bytes, a, out),
                 }
             }
         }

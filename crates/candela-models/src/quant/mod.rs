@@ -1298,15 +1298,16 @@ impl BlockMatrix {
         (0..n.div_ceil(rows_per_task))
             .into_par_iter()
             .for_each_init(
-                || vec![0f32; m],
+                || vec![0f32; rows_per_task * m],
                 |dots, t| {
                     let r0 = t * rows_per_task;
-                    for r in r0..(r0 + rows_per_task).min(n) {
-                        let row = &bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
-                        // SAFETY: `kernel` is the one this CPU runs; `row`
-                        // holds whole blocks and each q8 row k values.
-                        unsafe { kernel(self.dtype, row, &rows, dots) };
-                        for (i, v) in dots.iter().enumerate() {
+                    let r1 = (r0 + rows_per_task).min(n);
+                    let rb = self.row_bytes;
+                    // SAFETY: `kernel` is the one this CPU runs; the rows
+                    // hold whole blocks and each q8 row k values.
+                    unsafe { kernel(self.dtype, &bytes[r0 * rb..r1 * rb], rb, &rows, dots) };
+                    for (r, d) in (r0..r1).zip(dots.chunks_exact(m)) {
+                        for (i, v) in d.iter().enumerate() {
                             // SAFETY: i < m and r < n index the [m, n]
                             // output; each task owns its rows r.
                             unsafe { *dst.get().add(i * n + r) = *v };

@@ -1,6 +1,6 @@
 //! Prompt rows of block-quantized matrices in integer arithmetic
 //! ([`super::Activations::Int16`]): activations quantized to 15 bits per 32
-//! values, weights unpacked to their exact integer values, products summed
+//! values (14 per 64 where the scale block is 64), weights unpacked to their exact integer values, products summed
 //! by `vpdpwssd` (AVX512-VNNI: 32 multiply-adds per instruction, twice an
 //! f32 FMA's 16) or by `vpmaddwd` + `vpaddd` (AVX2: [`Kernel`]). CPUs with
 //! a bf16 matrix engine (AMX; Zen 4's AVX512-BF16) keep that engine for
@@ -10,16 +10,19 @@
 //! 8-bit prompt activations turn SmolLM2-135M's answer to "What is the
 //! capital of France?" into French (the `quant` module comment); their error
 //! comes from the few rows with large outliers (the first tokens' residual
-//! stream). At 15 bits a value is within `max|block| / 32766` of its own,
-//! finer than bf16's rounding.
+//! stream). At 15 bits a value is within `max|block| / 32766` of its own
+//! (at 14, `/ 16382`), finer than bf16's rounding.
 //!
 //! Layout: a [`Panel`] holds [`NR`] weight rows as i16, so that row `r`'s
-//! value is `s * w - mn` per 32-value block (`s`, `mn` per row and block;
-//! 16-value sub-scales of Q3_K and Q6_K folded into `w`), interleaved by
+//! value is `s * w - mn` (`mn` per row and 32 values, `s` per row and scale
+//! block: 32 values, or on AVX2 64 for the 256-value formats, whose
+//! sub-block scales are then folded into `w`, as Q3_K's and Q6_K's 16-value
+//! ones always are; [`Kernel::scale_block`]), interleaved by
 //! pairs of values: one 512-bit load holds one pair of 16 rows, and
 //! `vpdpwssd` with an activation row's pair broadcast adds both products to
 //! each row's i32 lane. A register tile is 32 weight rows x [`MR`] activation
-//! rows; each block's exact i32 sums are scaled once into f32 accumulators.
+//! rows; each scale block's exact i32 sums are scaled once into f32
+//! accumulators.
 //! Every output element takes the same operations in the same order whatever
 //! the number of rows, so a prompt row gets the same bits in any product of
 //! more than 8 rows (fewer take the f32 kernels: unpacking the panels would
@@ -31,8 +34,12 @@ use rayon::prelude::*;
 use super::int_dot::{iq4_values, iq4xs_scale, q3k, q3k_scale, q5_high, q6};
 use super::{f16_at, scales_mins_k4, BlockType};
 
-/// Values per block (one activation scale, one weight scale and offset).
+/// Values per sub-block: a weight offset (and with [`BK`]-value scale
+/// blocks, a weight scale) per row, an activation `d * sum(q)` per row.
 const BK: usize = 32;
+/// Values per scale block of the 256-value formats on AVX2 (see
+/// [`Kernel::scale_block`]).
+const BK_WIDE: usize = 64;
 /// Weight rows per panel: two 512-bit vectors of i32 lanes.
 pub const NR: usize = 32;
 /// Activation rows per register tile (2 x MR i32 and 2 x MR f32
@@ -42,9 +49,16 @@ const MR: usize = 6;
 /// (touched once per block) in memory; 6 rows ran 5-20 % faster than 4 on
 /// Zen 2.
 const MR_AVX2: usize = 6;
-/// Largest activation quant. Q6_K's folded values reach 128 x 32 = 4096,
-/// and 32 products of 4096 x 16383 stay under 2^31.
-const QMAX: f32 = 16383.0;
+/// Largest activation quant for scale blocks of `sb` values: the folded
+/// weights reach 4096 (Q6_K's 128 x 32; IQ4_XS's 127 x 32 = 4064), and `sb`
+/// products of 4096 x QMAX stay under 2^31 (32 x 16383, 64 x 8191).
+fn qmax(sb: usize) -> f32 {
+    if sb == BK_WIDE {
+        8191.0
+    } else {
+        16383.0
+    }
+}
 
 /// Whether `dtype` unpacks to this layout (Q2_K's 16-value mins do not fit
 /// a per-block offset; it keeps the f32 path).
@@ -91,6 +105,22 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Values per activation scale for `dtype`'s products. Each scale block
+    /// ends in a conversion to f32 and a multiply-add per output; on AVX2,
+    /// where those compete with `vpmaddwd` for the same port, the 256-value
+    /// formats fold their sub-block scales into the integers (one f32 scale
+    /// per super-block) and scale per [`BK_WIDE`] values: a quarter more
+    /// products per second on Zen 2. Their offsets stay per [`BK`].
+    pub fn scale_block(self, dtype: BlockType) -> usize {
+        if self == Kernel::Avx2 && dtype.block_size() == 256 {
+            BK_WIDE
+        } else {
+            BK
+        }
+    }
+}
+
 /// The kernel prompt rows take on this CPU: AVX512-VNNI's, else AVX2's
 /// where there is no AVX-512 (with AVX-512F and no VNNI, as on Skylake-SP,
 /// the f32 panels' 512-bit FMAs match `vpmaddwd`'s 256-bit rate).
@@ -116,30 +146,32 @@ fn has_offset(dtype: BlockType) -> bool {
     )
 }
 
-/// `m` activation rows of `k` values (`k` a multiple of [`BK`]).
+/// `m` activation rows of `k` values (`k` a multiple of the scale block).
 pub struct Q16Rows {
     k: usize,
+    /// Values per scale block ([`Kernel::scale_block`]).
+    sb: usize,
     q: Vec<i16>,
-    /// Per block: the scale (value ~ `d * q`).
+    /// Per scale block: the scale (value ~ `d * q`).
     d: Vec<f32>,
-    /// Per block: `d * sum(q)`, for the weights' offsets.
+    /// Per [`BK`] values: `d * sum(q)`, for the weights' offsets.
     dsum: Vec<f32>,
 }
 
 impl Q16Rows {
-    /// Quantize `x` (`[m, k]` row-major) with `kernel`'s instructions (the
-    /// values are the same with any): per block `d = max|x| / 16383`,
-    /// `q = round(x / d)`.
-    pub fn quantize(kernel: Kernel, x: &[f32], k: usize) -> Self {
-        assert!(k.is_multiple_of(BK) && x.len().is_multiple_of(k.max(1)));
+    /// Quantize `x` (`[m, k]` row-major) in scale blocks of `sb` values
+    /// with `kernel`'s instructions (the values are the same with any): per
+    /// block `d = max|x| / qmax(sb)`, `q = round(x / d)`.
+    pub fn quantize(kernel: Kernel, x: &[f32], k: usize, sb: usize) -> Self {
+        assert!(sb == BK || sb == BK_WIDE);
+        assert!(k.is_multiple_of(sb) && x.len().is_multiple_of(k.max(1)));
         assert!(Kernel::runnable().contains(&kernel));
-        let nb = x.len() / BK;
         let mut q = vec![0i16; x.len()];
-        let (mut d, mut dsum) = (vec![0f32; nb], vec![0f32; nb]);
+        let (mut d, mut dsum) = (vec![0f32; x.len() / sb], vec![0f32; x.len() / BK]);
         // Rows in parallel, about 256 KiB of input per task.
         let per_task = ((64 << 10) / k).max(1) * k;
         q.par_chunks_mut(per_task)
-            .zip(d.par_chunks_mut(per_task / BK))
+            .zip(d.par_chunks_mut(per_task / sb))
             .zip(dsum.par_chunks_mut(per_task / BK))
             .zip(x.par_chunks(per_task))
             .for_each(|(((q, d), dsum), x)| {
@@ -147,14 +179,14 @@ impl Q16Rows {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match kernel {
-                        Kernel::Avx512Vnni => quantize_avx512(q, d, dsum, x),
-                        Kernel::Avx2 => quantize_avx2(q, d, dsum, x),
+                        Kernel::Avx512Vnni if sb == BK => quantize_avx512(q, d, dsum, x),
+                        _ => quantize_avx2(q, d, dsum, x, sb),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                quantize_blocks(q, d, dsum, x)
+                quantize_blocks(q, d, dsum, x, sb)
             });
-        Self { k, q, d, dsum }
+        Self { k, sb, q, d, dsum }
     }
 
     pub fn rows(&self) -> usize {
@@ -164,11 +196,10 @@ impl Q16Rows {
     /// Row `i`'s quants, block scales and `d * sum(q)` (the tiles read
     /// rows `i..` from there).
     fn row_ptrs(&self, i: usize) -> (*const i16, *const f32, *const f32) {
-        let nb = self.k / BK;
         (
             self.q[i * self.k..].as_ptr(),
-            self.d[i * nb..].as_ptr(),
-            self.dsum[i * nb..].as_ptr(),
+            self.d[i * (self.k / self.sb)..].as_ptr(),
+            self.dsum[i * (self.k / BK)..].as_ptr(),
         )
     }
 
@@ -176,40 +207,45 @@ impl Q16Rows {
     #[cfg(test)]
     pub fn dequantized(&self) -> Vec<f32> {
         self.q
-            .chunks_exact(BK)
+            .chunks_exact(self.sb)
             .zip(&self.d)
             .flat_map(|(qb, &d)| qb.iter().map(move |&q| q as f32 * d))
             .collect()
     }
 }
 
-/// `x` block by block into `q`, its scales `d` and `d * sum(q)`.
+/// `x` block by block (`sb` values) into `q`, its scales `d` and, per
+/// [`BK`] values, `d * sum(q)`.
 #[inline(always)]
-fn quantize_blocks(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32]) {
-    let blocks = q.chunks_exact_mut(BK).zip(x.chunks_exact(BK));
-    for ((qb, xb), (d, dsum)) in blocks.zip(d.iter_mut().zip(dsum)) {
+fn quantize_blocks(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32], sb: usize) {
+    let qmax = qmax(sb);
+    let blocks = q.chunks_exact_mut(sb).zip(x.chunks_exact(sb));
+    for ((qb, xb), (d, dsum)) in blocks.zip(d.iter_mut().zip(dsum.chunks_exact_mut(sb / BK))) {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let inv = if amax > 0.0 { QMAX / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in qb.iter_mut().zip(xb) {
-            // Within QMAX up to rounding; the clamp keeps it there.
-            *q = (v * inv).round_ties_even().clamp(-QMAX, QMAX) as i16;
-            sum += *q as i32;
+        let inv = if amax > 0.0 { qmax / amax } else { 0.0 };
+        *d = amax / qmax;
+        for ((qs, xs), dsum) in qb.chunks_exact_mut(BK).zip(xb.chunks_exact(BK)).zip(dsum) {
+            let mut sum = 0i32;
+            for (q, v) in qs.iter_mut().zip(xs) {
+                // Within qmax up to rounding; the clamp keeps it there.
+                *q = (v * inv).round_ties_even().clamp(-qmax, qmax) as i16;
+                sum += *q as i32;
+            }
+            *dsum = *d * sum as f32;
         }
-        *d = amax / QMAX;
-        *dsum = *d * sum as f32;
     }
 }
 
 /// [`quantize_blocks`] compiled for AVX2 (vectorized rounding).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32]) {
-    quantize_blocks(q, d, dsum, x)
+unsafe fn quantize_avx2(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32], sb: usize) {
+    quantize_blocks(q, d, dsum, x, sb)
 }
 
-/// [`quantize_blocks`] in AVX-512 (the same values: products rounded to
-/// nearest even, as the default MXCSR mode converts).
+/// [`quantize_blocks`] for [`BK`]-value scale blocks in AVX-512 (the same
+/// values: products rounded to nearest even, as the default MXCSR mode
+/// converts).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn quantize_avx512(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32]) {
@@ -219,8 +255,9 @@ unsafe fn quantize_avx512(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f
         let x0 = _mm512_loadu_ps(xb.as_ptr());
         let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-        let inv = _mm512_set1_ps(if amax > 0.0 { QMAX / amax } else { 0.0 });
-        let lim = QMAX as i32;
+        let qmax = qmax(BK);
+        let inv = _mm512_set1_ps(if amax > 0.0 { qmax / amax } else { 0.0 });
+        let lim = qmax as i32;
         let round = |v: __m512| {
             let r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
             _mm512_max_epi32(
@@ -231,7 +268,7 @@ unsafe fn quantize_avx512(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f
         let (q0, q1) = (round(x0), round(x1));
         _mm256_storeu_si256(qb.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(q0));
         _mm256_storeu_si256(qb.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi16(q1));
-        *d = amax / QMAX;
+        *d = amax / qmax;
         *dsum = *d * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
     }
 }
@@ -240,9 +277,11 @@ unsafe fn quantize_avx512(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f
 /// matrix's end are zero.
 pub struct Panel {
     k: usize,
+    /// Values per scale block ([`Kernel::scale_block`]).
+    sb: usize,
     /// `[k / 2][NR][2]`.
     w: Vec<i16>,
-    /// `[k / BK][NR]` scales and offsets.
+    /// `[k / sb][NR]` scales and `[k / BK][NR]` offsets.
     s: Vec<f32>,
     mn: Vec<f32>,
     offset: bool,
@@ -271,6 +310,7 @@ impl Panel {
     fn new(k: usize) -> Self {
         let mut panel = Self {
             k: 0,
+            sb: BK,
             w: Vec::new(),
             s: Vec::new(),
             mn: Vec::new(),
@@ -281,7 +321,8 @@ impl Panel {
         panel
     }
 
-    /// For rows of `k` values; every value is written by [`Self::fill`].
+    /// For rows of `k` values; every value used is written by
+    /// [`Self::fill`].
     fn resize(&mut self, k: usize) {
         self.k = k;
         self.w.resize(k * NR, 0);
@@ -290,54 +331,63 @@ impl Panel {
     }
 
     /// Unpack the rows of `dtype` blocks in `rows` (whole rows of
-    /// `row_bytes`, at most [`NR`]), one block of every row at a time so
-    /// that the panel is written in order.
+    /// `row_bytes`, at most [`NR`]) for `kernel`'s scale blocks, one block
+    /// of every row at a time so that the panel is written in order.
     /// `kernel`'s instructions unpack (the values are the same with any).
     pub fn fill(&mut self, kernel: Kernel, dtype: BlockType, rows: &[u8], row_bytes: usize) {
         assert!(Kernel::runnable().contains(&kernel));
+        let sb = kernel.scale_block(dtype);
         // SAFETY: the CPU runs `kernel` (asserted above).
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match kernel {
-                Kernel::Avx512Vnni => x86::fill(self, dtype, rows, row_bytes),
-                Kernel::Avx2 => x86::fill_avx2(self, dtype, rows, row_bytes),
+                Kernel::Avx512Vnni => x86::fill(self, dtype, rows, row_bytes, sb),
+                Kernel::Avx2 => x86::fill_avx2(self, dtype, rows, row_bytes, sb),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        self.fill_with(dtype, rows, row_bytes, unpack_block, interleave)
+        self.fill_with(dtype, rows, row_bytes, sb, unpack_block, interleave)
     }
 
-    /// [`Self::fill`] with an unpacker (as [`unpack_block`]) and an
-    /// interleaving of `[NR][bs]` values into `[bs / 2][NR][2]`.
+    /// [`Self::fill`] for scale blocks of `sb` values with an unpacker (as
+    /// [`unpack_block`]) and an interleaving of `[NR][bs]` values into
+    /// `[bs / 2][NR][2]`.
     #[inline(always)]
     fn fill_with(
         &mut self,
         dtype: BlockType,
         rows: &[u8],
         row_bytes: usize,
-        unpack: impl Fn(BlockType, &[u8], &mut [i16], &mut [f32], &mut [f32]),
+        sb: usize,
+        unpack: impl Fn(BlockType, &[u8], &mut [i16], &mut [f32], &mut [f32], usize),
         interleave: impl Fn(&[i16], usize, &mut [i16]),
     ) {
         let (bs, ts) = (dtype.block_size(), dtype.type_size());
         let used = rows.len() / row_bytes;
         debug_assert!(used <= NR && used * row_bytes == rows.len());
+        debug_assert!(bs.is_multiple_of(sb) && self.k.is_multiple_of(sb));
+        self.sb = sb;
         self.offset = has_offset(dtype);
         self.block.resize(NR * bs, 0);
         self.block.fill(0);
-        let (sub, mut s, mut mn) = (bs / BK, [0f32; 8], [0f32; 8]);
+        let (ssub, sub, mut s, mut mn) = (bs / sb, bs / BK, [0f32; 8], [0f32; 8]);
         for t in 0..self.k / bs {
             for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
                 let w = &mut self.block[r * bs..(r + 1) * bs];
-                unpack(dtype, &row[t * ts..(t + 1) * ts], w, &mut s, &mut mn);
+                unpack(dtype, &row[t * ts..(t + 1) * ts], w, &mut s, &mut mn, sb);
+                for j in 0..ssub {
+                    self.s[(t * ssub + j) * NR + r] = s[j];
+                }
                 for j in 0..sub {
-                    self.s[(t * sub + j) * NR + r] = s[j];
                     self.mn[(t * sub + j) * NR + r] = mn[j];
                 }
             }
             interleave(&self.block, bs, &mut self.w[t * bs * NR..(t + 1) * bs * NR]);
         }
-        for b in 0..self.k / BK {
+        for b in 0..self.k / sb {
             self.s[b * NR + used..(b + 1) * NR].fill(0.0);
+        }
+        for b in 0..self.k / BK {
             self.mn[b * NR + used..(b + 1) * NR].fill(0.0);
         }
     }
@@ -355,10 +405,21 @@ fn interleave(block: &[i16], bs: usize, out: &mut [i16]) {
     }
 }
 
-/// One block of `dtype` (its `block_size` values) as `s * w - mn` per 32
-/// values, `w` exact integers.
+/// One block of `dtype` (its `block_size` values) as `s * w - mn`, `s`
+/// per `sb` values and `mn` per [`BK`], `w` exact integers. With `sb` past
+/// [`BK`] (the 256-value formats only), the sub-block scales are folded
+/// into `w` and `s` is the super-block's `d`.
 #[inline(always)]
-fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: &mut [f32]) {
+fn unpack_block(
+    dtype: BlockType,
+    blk: &[u8],
+    w: &mut [i16],
+    s: &mut [f32],
+    mn: &mut [f32],
+    sb: usize,
+) {
+    debug_assert!(sb == BK || dtype.block_size() == 256);
+    let fold = sb > BK;
     mn.fill(0.0);
     let nibbles = |qs: &[u8], out: &mut [i16], sub: i16| {
         for (j, q) in qs.iter().enumerate() {
@@ -401,15 +462,23 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
         }
         BlockType::Iq4Xs => {
             let d = f16_at(blk, 0);
-            for (j, (wb, s)) in w.chunks_exact_mut(BK).zip(s).enumerate() {
+            for (j, wb) in w.chunks_exact_mut(BK).enumerate() {
                 iq4(&blk[8 + 16 * j..24 + 16 * j], wb);
-                *s = d * iq4xs_scale(blk, j) as f32;
+                let sc = iq4xs_scale(blk, j);
+                if fold {
+                    wb.iter_mut().for_each(|w| *w *= sc as i16);
+                } else {
+                    s[j] = d * sc as f32;
+                }
+            }
+            if fold {
+                s[..256 / sb].fill(d);
             }
         }
         BlockType::Q4K | BlockType::Q5K => {
             let q5 = dtype == BlockType::Q5K;
             let qoff = if q5 { 48 } else { 16 };
-            unpack_q4k_scales(blk, s, mn);
+            let folded = q4k_scales(blk, s, mn, sb);
             for (j, wb) in w.chunks_exact_mut(BK).enumerate() {
                 // Sub-block 2c: low nibbles of qs[32c..][..32], 2c+1 the high
                 // ones; Q5_K's bit 4 is bit j of qh[l].
@@ -417,7 +486,7 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
                 for (l, (w, q)) in wb.iter_mut().zip(q).enumerate() {
                     let lo = if j % 2 == 0 { q & 0x0F } else { q >> 4 };
                     let hi = if q5 { ((blk[16 + l] >> j) & 1) << 4 } else { 0 };
-                    *w = (lo | hi) as i16;
+                    *w = folded[j] * (lo | hi) as i16;
                 }
             }
         }
@@ -429,8 +498,8 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
                 for (l, w) in wb.iter_mut().enumerate() {
                     *w = (q3k_scale(scales, 2 * g + l / 16) * q3k(blk, g, l)) as i16;
                 }
-                s[g] = d;
             }
+            s[..256 / sb].fill(d);
         }
         BlockType::Q6K => {
             let d = f16_at(blk, 208);
@@ -446,21 +515,31 @@ fn unpack_block(dtype: BlockType, blk: &[u8], w: &mut [i16], s: &mut [f32], mn: 
                     }
                 }
             }
-            s[..8].fill(d);
+            s[..256 / sb].fill(d);
         }
         BlockType::Q2K => unreachable!("Q2_K has no i16 panel (`supports`)"),
     }
 }
 
-/// A Q4_K or Q5_K block's 8 sub-block scales and offsets.
+/// A Q4_K or Q5_K block's scales per `sb` values and offsets per [`BK`]
+/// into `s` and `mn`; returns the integer factors its sub-blocks' quants
+/// take (their scales where `sb` folds them, else 1).
 #[inline(always)]
-fn unpack_q4k_scales(blk: &[u8], s: &mut [f32], mn: &mut [f32]) {
+fn q4k_scales(blk: &[u8], s: &mut [f32], mn: &mut [f32], sb: usize) -> [i16; 8] {
     let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
     let scales: &[u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
     let (scs, mns) = scales_mins_k4(scales);
     for j in 0..8 {
-        s[j] = d * scs[j] as f32;
         mn[j] = dmin * mns[j] as f32;
+    }
+    if sb > BK {
+        s[..256 / sb].fill(d);
+        scs.map(i16::from)
+    } else {
+        for j in 0..8 {
+            s[j] = d * scs[j] as f32;
+        }
+        [1; 8]
     }
 }
 
@@ -488,7 +567,8 @@ pub unsafe fn multiply(
     ldo: usize,
     cols: usize,
 ) {
-    debug_assert!(cols <= NR && rows.end <= acts.rows() && panel.k == acts.k);
+    debug_assert!(cols <= NR && rows.end <= acts.rows());
+    assert!(panel.k == acts.k && panel.sb == acts.sb);
     #[cfg(target_arch = "x86_64")]
     {
         let step = match kernel {
@@ -536,21 +616,22 @@ pub unsafe fn multiply(
 /// f32 operations in the same order.
 #[cfg(test)]
 pub fn multiply_scalar(panel: &Panel, acts: &Q16Rows, i: usize) -> [f32; NR] {
-    let (k, nb) = (acts.k, acts.k / BK);
+    let (k, sb) = (acts.k, panel.sb);
+    let (nb, nsub) = (k / sb, k / BK);
+    assert_eq!(sb, acts.sb);
     let a = &acts.q[i * k..(i + 1) * k];
     let mut f = [0f32; NR];
     for b in 0..nb {
-        let (da, dsum) = (acts.d[i * nb + b], acts.dsum[i * nb + b]);
+        let da = acts.d[i * nb + b];
         for (r, f) in f.iter_mut().enumerate() {
-            let sum: i32 = (0..BK)
-                .map(|j| {
-                    let p = (b * BK + j) / 2;
-                    panel.w[(p * NR + r) * 2 + j % 2] as i32 * a[b * BK + j] as i32
-                })
+            let sum: i32 = (b * sb..(b + 1) * sb)
+                .map(|j| panel.w[(j / 2 * NR + r) * 2 + j % 2] as i32 * a[j] as i32)
                 .sum();
             *f = (sum as f32).mul_add(panel.s[b * NR + r] * da, *f);
             if panel.offset {
-                *f = (-panel.mn[b * NR + r]).mul_add(dsum, *f);
+                for u in b * sb / BK..(b + 1) * sb / BK {
+                    *f = (-panel.mn[u * NR + r]).mul_add(acts.dsum[i * nsub + u], *f);
+                }
             }
         }
     }
@@ -565,32 +646,133 @@ mod x86 {
 
     /// [`Panel::fill`] compiled for AVX-512, with [`interleave`].
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn fill(panel: &mut Panel, dtype: BlockType, rows: &[u8], row_bytes: usize) {
+    pub unsafe fn fill(
+        panel: &mut Panel,
+        dtype: BlockType,
+        rows: &[u8],
+        row_bytes: usize,
+        sb: usize,
+    ) {
         panel.fill_with(
             dtype,
             rows,
             row_bytes,
-            |dtype, blk, w, s, mn| unsafe { unpack_block(dtype, blk, w, s, mn) },
+            sb,
+            |dtype, blk, w, s, mn, sb| unsafe { unpack_block(dtype, blk, w, s, mn, sb) },
             |b, bs, o| unsafe { interleave(b, bs, o) },
         )
     }
 
-    /// [`Panel::fill`] compiled for AVX2 (the scalar unpacking and
-    /// interleaving, vectorized by the compiler).
+    /// [`Panel::fill`] compiled for AVX2, with [`unpack_block_avx2`] (the
+    /// scalar interleaving, vectorized by the compiler).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn fill_avx2(panel: &mut Panel, dtype: BlockType, rows: &[u8], row_bytes: usize) {
+    pub unsafe fn fill_avx2(
+        panel: &mut Panel,
+        dtype: BlockType,
+        rows: &[u8],
+        row_bytes: usize,
+        sb: usize,
+    ) {
         panel.fill_with(
             dtype,
             rows,
             row_bytes,
-            super::unpack_block,
+            sb,
+            |dtype, blk, w, s, mn, sb| unsafe { unpack_block_avx2(dtype, blk, w, s, mn, sb) },
             super::interleave,
         )
     }
 
-    /// [`super::unpack_block`] with 512-bit vectors for the types of
+    /// [`super::unpack_block`] with 256-bit vectors for the types of
     /// llama.cpp's Q4_K_M and Q8_0 files (Q4_K, Q6_K, Q8_0); the others
     /// take the scalar one.
+    #[target_feature(enable = "avx2")]
+    unsafe fn unpack_block_avx2(
+        dtype: BlockType,
+        blk: &[u8],
+        w: &mut [i16],
+        s: &mut [f32],
+        mn: &mut [f32],
+        sb: usize,
+    ) {
+        // 16 bytes at `at` as i16 lanes.
+        let load =
+            |at: usize| _mm256_cvtepu8_epi16(_mm_loadu_si128(blk[at..at + 16].as_ptr().cast()));
+        let store = |w: &mut [i16], v: __m256i| _mm256_storeu_si256(w[..16].as_mut_ptr().cast(), v);
+        let low4 = _mm256_set1_epi16(0x0F);
+        match dtype {
+            BlockType::Q8_0 => {
+                for g in 0..2 {
+                    let q = _mm_loadu_si128(blk[2 + 16 * g..18 + 16 * g].as_ptr().cast());
+                    store(&mut w[16 * g..], _mm256_cvtepi8_epi16(q));
+                }
+                s[0] = super::f16_at(blk, 0);
+                mn[0] = 0.0;
+            }
+            BlockType::Q4K => {
+                let folded = super::q4k_scales(blk, s, mn, sb);
+                // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..].
+                for c in 0..4 {
+                    let (lo, hi) = (
+                        _mm256_set1_epi16(folded[2 * c]),
+                        _mm256_set1_epi16(folded[2 * c + 1]),
+                    );
+                    for g in 0..2 {
+                        let v = load(16 + 32 * c + 16 * g);
+                        let at = 64 * c + 16 * g;
+                        store(
+                            &mut w[at..],
+                            _mm256_mullo_epi16(_mm256_and_si256(v, low4), lo),
+                        );
+                        store(
+                            &mut w[at + 32..],
+                            _mm256_mullo_epi16(_mm256_srli_epi16::<4>(v), hi),
+                        );
+                    }
+                }
+            }
+            BlockType::Q6K => {
+                let d = super::f16_at(blk, 208);
+                for half in 0..2 {
+                    let sc = &blk[192 + 8 * half..200 + 8 * half];
+                    for t in 0..4 {
+                        for g in 0..2 {
+                            // Values 16g.. of group t: `int_dot::q6`'s bits.
+                            let ql = load(64 * half + 32 * (t % 2) + 16 * g);
+                            let lo = if t < 2 {
+                                _mm256_and_si256(ql, low4)
+                            } else {
+                                _mm256_srli_epi16::<4>(ql)
+                            };
+                            let hi = _mm256_and_si256(
+                                _mm256_srl_epi16(
+                                    load(128 + 32 * half + 16 * g),
+                                    _mm_cvtsi32_si128(2 * t as i32),
+                                ),
+                                _mm256_set1_epi16(3),
+                            );
+                            let q = _mm256_sub_epi16(
+                                _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi)),
+                                _mm256_set1_epi16(32),
+                            );
+                            let scale = _mm256_set1_epi16(sc[2 * t + g] as i8 as i16);
+                            store(
+                                &mut w[128 * half + 32 * t + 16 * g..],
+                                _mm256_mullo_epi16(scale, q),
+                            );
+                        }
+                    }
+                }
+                s[..256 / sb].fill(d);
+                mn[..8].fill(0.0);
+            }
+            _ => super::unpack_block(dtype, blk, w, s, mn, sb),
+        }
+    }
+
+    /// [`super::unpack_block`] with 512-bit vectors for the types of
+    /// llama.cpp's Q4_K_M and Q8_0 files (Q4_K, Q6_K, Q8_0) in [`BK`]-value
+    /// scale blocks; the others take the scalar one.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn unpack_block(
         dtype: BlockType,
@@ -598,7 +780,11 @@ mod x86 {
         w: &mut [i16],
         s: &mut [f32],
         mn: &mut [f32],
+        sb: usize,
     ) {
+        if sb != BK {
+            return super::unpack_block(dtype, blk, w, s, mn, sb);
+        }
         let load =
             |at: usize| _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk[at..at + 32].as_ptr().cast()));
         let store = |w: &mut [i16], v: __m512i| _mm512_storeu_si512(w[..32].as_mut_ptr().cast(), v);
@@ -611,7 +797,7 @@ mod x86 {
                 mn[0] = 0.0;
             }
             BlockType::Q4K => {
-                super::unpack_q4k_scales(blk, s, mn);
+                super::q4k_scales(blk, s, mn, BK);
                 // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..].
                 for c in 0..4 {
                     let v = load(16 + 32 * c);
@@ -650,7 +836,7 @@ mod x86 {
                 s[..8].fill(d);
                 mn[..8].fill(0.0);
             }
-            _ => super::unpack_block(dtype, blk, w, s, mn),
+            _ => super::unpack_block(dtype, blk, w, s, mn, sb),
         }
     }
 
@@ -717,13 +903,14 @@ mod x86 {
         ldo: usize,
         cols: usize,
     ) {
-        let (k, nb) = (acts.k, acts.k / BK);
+        let (k, sb) = (acts.k, panel.sb);
+        let (nb, nsub) = (k / sb, k / BK);
         let (a, d, dsum) = acts.row_ptrs(i0);
         let w = panel.w.as_ptr();
         let mut f = [[_mm512_setzero_ps(); 2]; M];
         for b in 0..nb {
             let mut acc = [[_mm512_setzero_si512(); 2]; M];
-            for p in b * BK / 2..(b + 1) * BK / 2 {
+            for p in b * sb / 2..(b + 1) * sb / 2 {
                 let wp = w.add(p * NR * 2);
                 let w0 = _mm512_loadu_si512(wp.cast());
                 let w1 = _mm512_loadu_si512(wp.add(NR).cast());
@@ -739,18 +926,24 @@ mod x86 {
                 _mm512_loadu_ps(panel.s.as_ptr().add(b * NR)),
                 _mm512_loadu_ps(panel.s.as_ptr().add(b * NR + 16)),
             ];
-            let mn = [
-                _mm512_loadu_ps(panel.mn.as_ptr().add(b * NR)),
-                _mm512_loadu_ps(panel.mn.as_ptr().add(b * NR + 16)),
-            ];
             for i in 0..M {
                 let da = _mm512_set1_ps(*d.add(i * nb + b));
-                let ds = _mm512_set1_ps(*dsum.add(i * nb + b));
                 for h in 0..2 {
                     let sum = _mm512_cvtepi32_ps(acc[i][h]);
                     f[i][h] = _mm512_fmadd_ps(sum, _mm512_mul_ps(s[h], da), f[i][h]);
-                    if panel.offset {
-                        f[i][h] = _mm512_fnmadd_ps(mn[h], ds, f[i][h]);
+                }
+            }
+            if panel.offset {
+                for u in b * sb / BK..(b + 1) * sb / BK {
+                    let mn = [
+                        _mm512_loadu_ps(panel.mn.as_ptr().add(u * NR)),
+                        _mm512_loadu_ps(panel.mn.as_ptr().add(u * NR + 16)),
+                    ];
+                    for i in 0..M {
+                        let ds = _mm512_set1_ps(*dsum.add(i * nsub + u));
+                        for h in 0..2 {
+                            f[i][h] = _mm512_fnmadd_ps(mn[h], ds, f[i][h]);
+                        }
                     }
                 }
             }
@@ -780,14 +973,15 @@ mod x86 {
         cols: usize,
         h: usize,
     ) {
-        let (k, nb) = (acts.k, acts.k / BK);
+        let (k, sb) = (acts.k, panel.sb);
+        let (nb, nsub) = (k / sb, k / BK);
         let (a, d, dsum) = acts.row_ptrs(i0);
         // Pair p of rows 16h.. starts at (p * NR + 16h) * 2.
         let w = panel.w.as_ptr().add(32 * h);
         let mut f = [[_mm256_setzero_ps(); 2]; M];
         for b in 0..nb {
             let mut acc = [[_mm256_setzero_si256(); 2]; M];
-            for p in b * BK / 2..(b + 1) * BK / 2 {
+            for p in b * sb / 2..(b + 1) * sb / 2 {
                 let wp = w.add(p * NR * 2);
                 let w0 = _mm256_loadu_si256(wp.cast());
                 let w1 = _mm256_loadu_si256(wp.add(16).cast());
@@ -803,18 +997,25 @@ mod x86 {
                 _mm256_loadu_ps(panel.s.as_ptr().add(at)),
                 _mm256_loadu_ps(panel.s.as_ptr().add(at + 8)),
             ];
-            let mn = [
-                _mm256_loadu_ps(panel.mn.as_ptr().add(at)),
-                _mm256_loadu_ps(panel.mn.as_ptr().add(at + 8)),
-            ];
             for i in 0..M {
                 let da = _mm256_set1_ps(*d.add(i * nb + b));
-                let ds = _mm256_set1_ps(*dsum.add(i * nb + b));
                 for j in 0..2 {
                     let sum = _mm256_cvtepi32_ps(acc[i][j]);
                     f[i][j] = _mm256_fmadd_ps(sum, _mm256_mul_ps(s[j], da), f[i][j]);
-                    if panel.offset {
-                        f[i][j] = _mm256_fnmadd_ps(mn[j], ds, f[i][j]);
+                }
+            }
+            if panel.offset {
+                for u in b * sb / BK..(b + 1) * sb / BK {
+                    let at = u * NR + 16 * h;
+                    let mn = [
+                        _mm256_loadu_ps(panel.mn.as_ptr().add(at)),
+                        _mm256_loadu_ps(panel.mn.as_ptr().add(at + 8)),
+                    ];
+                    for i in 0..M {
+                        let ds = _mm256_set1_ps(*dsum.add(i * nsub + u));
+                        for j in 0..2 {
+                            f[i][j] = _mm256_fnmadd_ps(mn[j], ds, f[i][j]);
+                        }
                     }
                 }
             }
@@ -868,6 +1069,15 @@ mod tests {
         BlockType::ALL.into_iter().filter(|&t| supports(t))
     }
 
+    /// The scale blocks `dtype` unpacks to (one per kernel choice).
+    fn scale_blocks(dtype: BlockType) -> Vec<usize> {
+        if dtype.block_size() == 256 {
+            vec![BK, BK_WIDE]
+        } else {
+            vec![BK]
+        }
+    }
+
     /// Unpacked rows are the row decoders' values: `s * w - mn` is what
     /// `BlockMatrix::dequantize_row` gives (to f32 rounding of the product).
     #[test]
@@ -884,26 +1094,29 @@ mod tests {
             let (mut w, mut s, mut mn) = (vec![0i16; k], vec![0f32; k / BK], vec![0f32; k / BK]);
             let mut want = vec![0f32; k];
             let (bs, ts) = (dtype.block_size(), dtype.type_size());
-            for r in 0..n {
-                for (t, blk) in raw[r * rb..(r + 1) * rb].chunks_exact(ts).enumerate() {
-                    let (sb, nsub) = (t * bs / BK, bs / BK);
-                    unpack_block(
-                        dtype,
-                        blk,
-                        &mut w[t * bs..(t + 1) * bs],
-                        &mut s[sb..sb + nsub],
-                        &mut mn[sb..sb + nsub],
-                    );
-                }
-                bm.dequantize_row(r, &mut want)?;
-                for j in 0..k {
-                    let got = s[j / BK] * w[j] as f32 - mn[j / BK];
-                    let tol = 1e-6 * (1.0 + want[j].abs());
-                    assert!(
-                        (got - want[j]).abs() <= tol,
-                        "{dtype:?} row {r} value {j}: {got} vs {}",
-                        want[j]
-                    );
+            for sb in scale_blocks(dtype) {
+                for r in 0..n {
+                    for (t, blk) in raw[r * rb..(r + 1) * rb].chunks_exact(ts).enumerate() {
+                        let (b, u) = (t * bs / sb, t * bs / BK);
+                        unpack_block(
+                            dtype,
+                            blk,
+                            &mut w[t * bs..(t + 1) * bs],
+                            &mut s[b..b + bs / sb],
+                            &mut mn[u..u + bs / BK],
+                            sb,
+                        );
+                    }
+                    bm.dequantize_row(r, &mut want)?;
+                    for j in 0..k {
+                        let got = s[j / sb] * w[j] as f32 - mn[j / BK];
+                        let tol = 1e-6 * (1.0 + want[j].abs());
+                        assert!(
+                            (got - want[j]).abs() <= tol,
+                            "{dtype:?} scale block {sb} row {r} value {j}: {got} vs {}",
+                            want[j]
+                        );
+                    }
                 }
             }
         }
@@ -911,15 +1124,15 @@ mod tests {
     }
 
     /// [`Q16Rows::quantize`] with the scalar quantizer.
-    fn scalar_rows(x: &[f32], k: usize) -> Q16Rows {
-        let nb = x.len() / BK;
+    fn scalar_rows(x: &[f32], k: usize, sb: usize) -> Q16Rows {
         let mut rows = Q16Rows {
             k,
+            sb,
             q: vec![0; x.len()],
-            d: vec![0.0; nb],
-            dsum: vec![0.0; nb],
+            d: vec![0.0; x.len() / sb],
+            dsum: vec![0.0; x.len() / BK],
         };
-        quantize_blocks(&mut rows.q, &mut rows.d, &mut rows.dsum, x);
+        quantize_blocks(&mut rows.q, &mut rows.d, &mut rows.dsum, x, sb);
         rows
     }
 
@@ -932,30 +1145,35 @@ mod tests {
             .map(|i| ((i * 7919 % 1013) as f32 / 500.0 - 1.0).powi(3))
             .collect();
         x[5] = 900.0; // an outlier block
-        x[k..k + BK].fill(0.0); // an all-zero block
-        let want = scalar_rows(&x, k);
-        for ((xb, qb), &d) in x
-            .chunks_exact(BK)
-            .zip(want.dequantized().chunks_exact(BK))
-            .zip(&want.d)
-        {
-            for (v, q) in xb.iter().zip(qb) {
-                assert!((v - q).abs() <= d * 0.5001, "{v} as {q} (step {d})");
+        x[k..k + BK_WIDE].fill(0.0); // an all-zero block
+        for sb in [BK, BK_WIDE] {
+            let want = scalar_rows(&x, k, sb);
+            let xq = want.dequantized();
+            for ((xb, qb), &d) in x.chunks_exact(sb).zip(xq.chunks_exact(sb)).zip(&want.d) {
+                for (v, q) in xb.iter().zip(qb) {
+                    assert!((v - q).abs() <= d * 0.5001, "{v} as {q} (step {d})");
+                }
             }
-        }
-        for &kernel in Kernel::runnable() {
-            let acts = Q16Rows::quantize(kernel, &x, k);
-            assert_eq!(
-                (&acts.q, &acts.d, &acts.dsum),
-                (&want.q, &want.d, &want.dsum),
-                "{kernel:?}"
-            );
+            // `d * sum(q)` per BK values.
+            for (j, qs) in want.q.chunks_exact(BK).enumerate() {
+                let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+                assert_eq!(want.dsum[j], want.d[j * BK / sb] * sum as f32);
+            }
+            for &kernel in Kernel::runnable() {
+                let acts = Q16Rows::quantize(kernel, &x, k, sb);
+                assert_eq!(
+                    (&acts.q, &acts.d, &acts.dsum),
+                    (&want.q, &want.d, &want.dsum),
+                    "{kernel:?} scale block {sb}"
+                );
+            }
         }
     }
 
     /// The product is the dequantized weights times the dequantized
-    /// activations (scalar reference), the vector kernel is its bits, and a
-    /// row's output does not depend on which rows share its step.
+    /// activations (scalar reference, each scale block), the vector kernels
+    /// are its bits, and a row's output does not depend on which rows share
+    /// its step.
     #[test]
     fn vector_kernel_is_the_scalar_reference() {
         let k = 768;
@@ -963,78 +1181,113 @@ mod tests {
             let n = 29; // a partial panel
             let raw = random_rows(dtype, n, k, 3);
             let rb = dtype.row_bytes(1, k).unwrap();
-            let mut panel = Panel::new(k);
-            panel.fill_with(dtype, &raw, rb, unpack_block, interleave);
             let m = 13;
             let x: Vec<f32> = (0..m * k)
                 .map(|i| {
                     ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 97 == 0 { 60.0 } else { 1.0 }
                 })
                 .collect();
-            let acts = scalar_rows(&x, k);
-            let xq = acts.dequantized();
             let mut wrow = vec![0f32; k];
             let bm = super::super::BlockMatrix::read(dtype, n, k, |dst| {
                 dst.copy_from_slice(&raw);
                 Ok(())
             })
             .unwrap();
-            for i in 0..m {
-                let got = multiply_scalar(&panel, &acts, i);
-                for (c, &g) in got.iter().enumerate().take(n) {
-                    bm.dequantize_row(c, &mut wrow).unwrap();
-                    let want: f64 = wrow
-                        .iter()
-                        .zip(&xq[i * k..])
-                        .map(|(&w, &a)| w as f64 * a as f64)
-                        .sum();
-                    let mag: f64 = wrow
-                        .iter()
-                        .zip(&xq[i * k..])
-                        .map(|(&w, &a)| (w as f64 * a as f64).abs())
-                        .sum();
-                    assert!(
-                        (g as f64 - want).abs() <= 1e-5 * mag + 1e-6,
-                        "{dtype:?} row {i} col {c}: {g} vs {want}"
-                    );
-                }
-                assert!(got[n..].iter().all(|&v| v == 0.0));
-            }
-            for &kernel in Kernel::runnable() {
-                // The vector unpacking and interleaving are the scalar ones' values.
-                let mut vector = Panel::new(k);
-                vector.fill(kernel, dtype, &raw, rb);
-                assert!(
-                    vector.w == panel.w && vector.s == panel.s && vector.mn == panel.mn,
-                    "{kernel:?} {dtype:?}: vector panel differs"
-                );
-                // All rows at once, then each alone: the scalar reference's bits.
-                let mut out = vec![f32::NAN; m * 40];
-                // SAFETY: runnable; out holds m rows of stride 40 >= n columns.
-                unsafe { multiply(kernel, &panel, &acts, 0..m, out.as_mut_ptr(), 40, n) };
+            for sb in scale_blocks(dtype) {
+                let mut panel = Panel::new(k);
+                panel.fill_with(dtype, &raw, rb, sb, unpack_block, interleave);
+                let acts = scalar_rows(&x, k, sb);
+                let xq = acts.dequantized();
                 for i in 0..m {
-                    let want = multiply_scalar(&panel, &acts, i);
-                    assert_eq!(
-                        &out[i * 40..i * 40 + n],
-                        &want[..n],
-                        "{kernel:?} {dtype:?} row {i}"
-                    );
+                    let got = multiply_scalar(&panel, &acts, i);
+                    for (c, &g) in got.iter().enumerate().take(n) {
+                        bm.dequantize_row(c, &mut wrow).unwrap();
+                        let want: f64 = wrow
+                            .iter()
+                            .zip(&xq[i * k..])
+                            .map(|(&w, &a)| w as f64 * a as f64)
+                            .sum();
+                        let mag: f64 = wrow
+                            .iter()
+                            .zip(&xq[i * k..])
+                            .map(|(&w, &a)| (w as f64 * a as f64).abs())
+                            .sum();
+                        assert!(
+                            (g as f64 - want).abs() <= 1e-5 * mag + 1e-6,
+                            "{dtype:?} scale block {sb} row {i} col {c}: {g} vs {want}"
+                        );
+                    }
+                    assert!(got[n..].iter().all(|&v| v == 0.0));
+                }
+                for &kernel in Kernel::runnable()
+                    .iter()
+                    .filter(|k| k.scale_block(dtype) == sb)
+                {
+                    // The vector unpacking and interleaving are the scalar ones' values.
+                    let mut vector = Panel::new(k);
+                    vector.fill(kernel, dtype, &raw, rb);
+                    let nb = k / sb;
                     assert!(
-                        out[i * 40 + n..(i + 1) * 40].iter().all(|v| v.is_nan()),
-                        "{kernel:?} wrote past cols"
+                        vector.w == panel.w
+                            && vector.s[..nb * NR] == panel.s[..nb * NR]
+                            && vector.mn == panel.mn,
+                        "{kernel:?} {dtype:?}: vector panel differs"
                     );
-                    let mut alone = vec![0f32; NR];
-                    // SAFETY: as above, one row of NR columns.
-                    unsafe {
-                        multiply(kernel, &panel, &acts, i..i + 1, alone.as_mut_ptr(), NR, NR)
-                    };
-                    assert_eq!(
-                        &alone[..n],
-                        &want[..n],
-                        "{kernel:?} {dtype:?} row {i} alone"
-                    );
+                    // All rows at once, then each alone: the scalar reference's bits.
+                    let mut out = vec![f32::NAN; m * 40];
+                    // SAFETY: runnable; out holds m rows of stride 40 >= n columns.
+                    unsafe { multiply(kernel, &panel, &acts, 0..m, out.as_mut_ptr(), 40, n) };
+                    for i in 0..m {
+                        let want = multiply_scalar(&panel, &acts, i);
+                        assert_eq!(
+                            &out[i * 40..i * 40 + n],
+                            &want[..n],
+                            "{kernel:?} {dtype:?} row {i}"
+                        );
+                        assert!(
+                            out[i * 40 + n..(i + 1) * 40].iter().all(|v| v.is_nan()),
+                            "{kernel:?} wrote past cols"
+                        );
+                        let mut alone = vec![0f32; NR];
+                        // SAFETY: as above, one row of NR columns.
+                        unsafe {
+                            multiply(kernel, &panel, &acts, i..i + 1, alone.as_mut_ptr(), NR, NR)
+                        };
+                        assert_eq!(
+                            &alone[..n],
+                            &want[..n],
+                            "{kernel:?} {dtype:?} row {i} alone"
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// The largest folded weights (Q6_K: scale -128 times quant -32) times
+    /// the largest activation quants, over a whole scale block, stay exact
+    /// in i32 with every kernel.
+    #[test]
+    fn extreme_products_do_not_overflow() {
+        let k = 256;
+        let mut blk = vec![0u8; 210]; // quants 0 - 32
+        blk[192..208].fill(0x80); // scales -128
+        blk[208..210].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+        let x = vec![-1.0f32; k];
+        // Each value (-128 * -32 * 0.25 = 1024) times -1.
+        let want = -1024.0 * k as f32;
+        for &kernel in Kernel::runnable() {
+            let acts = Q16Rows::quantize(kernel, &x, k, kernel.scale_block(BlockType::Q6K));
+            let mut panel = Panel::new(k);
+            panel.fill(kernel, BlockType::Q6K, &blk, 210);
+            let mut out = [0f32; 1];
+            // SAFETY: runnable; one output row of one column.
+            unsafe { multiply(kernel, &panel, &acts, 0..1, out.as_mut_ptr(), 1, 1) };
+            assert!(
+                (out[0] - want).abs() <= 1e-5 * want.abs(),
+                "{kernel:?}: {}",
+                out[0]
+            );
         }
     }
 }

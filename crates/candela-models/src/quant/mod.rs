@@ -1326,7 +1326,7 @@ impl BlockMatrix {
         let (n, k) = (self.n, self.k);
         let mut out = vec![0f32; m * n];
         let dst = SendPtr(out.as_mut_ptr());
-        let acts = i16_gemm::Q16Rows::quantize(kernel, x, k);
+        let acts = i16_gemm::Q16Rows::quantize(kernel, x, k, kernel.scale_block(self.dtype));
         let panels = n.div_ceil(NR);
         // Few panels (a narrow matrix on many threads): split the rows too,
         // each part unpacking its panel again.
@@ -1514,7 +1514,8 @@ pub(super) mod tests {
                     let xq = q8::Q8Rows::quantize(&xv, k, group).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if let Some(kernel) = int16 {
-                    let xq = i16_gemm::Q16Rows::quantize(kernel, &xv, k).dequantized();
+                    let sb = kernel.scale_block(dtype);
+                    let xq = i16_gemm::Q16Rows::quantize(kernel, &xv, k, sb).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if bf16 {
                     (round(&x)?, round(wd)?)

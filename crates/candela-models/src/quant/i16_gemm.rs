@@ -1,10 +1,10 @@
 //! Prompt rows of block-quantized matrices in integer arithmetic
 //! ([`super::Activations::Int16`]): activations quantized to 15 bits per 32
-//! values (14 per 64 where the scale block is 64), weights unpacked to their exact integer values, products summed
-//! by `vpdpwssd` (AVX512-VNNI: 32 multiply-adds per instruction, twice an
-//! f32 FMA's 16) or by `vpmaddwd` + `vpaddd` (AVX2: [`Kernel`]). CPUs with
-//! a bf16 matrix engine (AMX; Zen 4's AVX512-BF16) keep that engine for
-//! prompt rows.
+//! values (14 per 64 where the scale block is 64), weights unpacked to their
+//! exact integer values, products summed by `vpdpwssd` (AVX512-VNNI: 32
+//! multiply-adds per instruction, twice an f32 FMA's 16) or by `vpmaddwd` +
+//! `vpaddd` (AVX2: [`Kernel`]). CPUs with a bf16 matrix engine (AMX; Zen 4's
+//! AVX512-BF16) keep that engine for prompt rows.
 //!
 //! Why 16 bits and not 8 (what decode rows and llama.cpp's prompts use):
 //! 8-bit prompt activations turn SmolLM2-135M's answer to "What is the
@@ -110,8 +110,9 @@ impl Kernel {
     /// ends in a conversion to f32 and a multiply-add per output; on AVX2,
     /// where those compete with `vpmaddwd` for the same port, the 256-value
     /// formats fold their sub-block scales into the integers (one f32 scale
-    /// per super-block) and scale per [`BK_WIDE`] values: a quarter more
-    /// products per second on Zen 2. Their offsets stay per [`BK`].
+    /// per super-block) and scale per [`BK_WIDE`] values (on Zen 2, 2-4 %
+    /// more products per second; benchmark/profile-notes.md). Their offsets
+    /// stay per [`BK`].
     pub fn scale_block(self, dtype: BlockType) -> usize {
         if self == Kernel::Avx2 && dtype.block_size() == 256 {
             BK_WIDE

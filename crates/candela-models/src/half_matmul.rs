@@ -143,8 +143,8 @@ impl HalfMatrix {
         k: usize,
         read: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<Self> {
-        // Zeroed by the allocator (fresh pages), written once by `read`.
-        let mut data = vec![0u16; n * k];
+        // Written once by `read`.
+        let mut data = crate::cpu::zeroed_weights::<u16>(n * k);
         // SAFETY: the u16 storage viewed as its bytes.
         read(unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), 2 * n * k) })?;
         if cfg!(target_endian = "big") {
@@ -165,9 +165,11 @@ impl HalfMatrix {
         {
             return None;
         }
-        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        let mut data = crate::cpu::zeroed_weights::<u16>(parts.iter().map(|p| p.data.len()).sum());
+        let mut at = 0;
         for p in parts {
-            data.extend_from_slice(&p.data);
+            data[at..at + p.data.len()].copy_from_slice(&p.data);
+            at += p.data.len();
         }
         Some(Self {
             dtype: first.dtype,

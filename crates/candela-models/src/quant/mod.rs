@@ -1051,8 +1051,8 @@ impl BlockMatrix {
             bail!("{dtype:?} matrix with {k} columns is not made of whole blocks");
         };
         let len = row_bytes * n;
-        // Zeroed by the allocator (fresh pages), written once by `read`.
-        let mut data = vec![0u64; len.div_ceil(8)];
+        // Written once by `read`.
+        let mut data = crate::cpu::zeroed_weights::<u64>(len.div_ceil(8));
         // SAFETY: the u64 storage viewed as its first `len` bytes.
         read(unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u8>(), len) })?;
         Ok(Self {
@@ -1081,7 +1081,7 @@ impl BlockMatrix {
         }
         let n: usize = parts.iter().map(|p| p.n).sum();
         let total = n * first.row_bytes;
-        let mut data = vec![0u64; total.div_ceil(8)];
+        let mut data = crate::cpu::zeroed_weights::<u64>(total.div_ceil(8));
         let mut off = 0usize;
         for p in parts {
             let b = p.bytes();

@@ -56,13 +56,20 @@ unsafe fn scaled_avx512vnni(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
     _mm256_dpwssd_epi32(acc, p, s)
 }
 
-/// The 32-value formats, as const parameters of one kernel.
+/// The formats as const parameters: of the 32-value formats' one kernel
+/// (`legacy`), and of the row loop around each format's kernel (`by`).
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
 const Q5_0: u8 = 3;
 const Q5_1: u8 = 4;
 const IQ4_NL: u8 = 5;
+const Q2K: u8 = 6;
+const Q3K: u8 = 7;
+const Q4K: u8 = 8;
+const Q5K: u8 = 9;
+const Q6K: u8 = 10;
+const IQ4_XS: u8 = 11;
 
 macro_rules! kernels {
     ($name:ident, $feat:literal, $dot:ident, $scaled:ident) => {
@@ -72,7 +79,7 @@ macro_rules! kernels {
             use super::super::int_dot::{iq4xs_scale, q3k_scale};
             use super::super::q8::{Q8Row, QK};
             use super::super::{scales_mins_k4, BlockType, IQ4_VALUES};
-            use super::{IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+            use super::{IQ4_NL, IQ4_XS, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
             use crate::cpu::prefetch_ahead;
 
             #[inline(always)]
@@ -655,15 +662,6 @@ macro_rules! kernels {
                 }
                 acc.map(|a| hsum(a))
             }
-
-            /// Format codes past the 32-value ones, so that one const
-            /// parameter names every kernel.
-            const Q2K: u8 = 6;
-            const Q3K: u8 = 7;
-            const Q4K: u8 = 8;
-            const Q5K: u8 = 9;
-            const Q6K: u8 = 10;
-            const IQ4_XS: u8 = 11;
 
             /// Format `T`'s kernel: one weight row with `M` activation rows.
             #[inline(always)]

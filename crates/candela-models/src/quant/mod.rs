@@ -13,7 +13,8 @@
 //!   bf16 and multiplied on a bf16 engine ([`crate::panel_gemm`]: AMX, or
 //!   AVX512-BF16 where it pays) where the CPU has one; elsewhere as `F32`.
 //! - `Int16` (prompt and encoder rows without a bf16 engine): the
-//!   activations are quantized to 15 bits per 32 values and multiplied with
+//!   activations are quantized to 15 bits per 32 values (on AVX2, 14 per 64
+//!   for the 256-value formats) and multiplied with
 //!   the weights' exact integer values (`i16_gemm`: AVX512-VNNI `vpdpwssd`,
 //!   twice the products per instruction of an f32 FMA, or AVX2 `vpmaddwd`
 //!   without AVX-512); elsewhere as `F32`.
@@ -177,7 +178,8 @@ pub enum Activations {
     /// Kept f32.
     F32,
     /// Prompt and encoder rows where the CPU has no bf16 engine: above 8
-    /// rows, quantized to 15 bits per 32 values for the integer prompt
+    /// rows, quantized to 15 bits per 32 values (14 per 64: see
+    /// [`i16_gemm::Kernel::scale_block`]) for the integer prompt
     /// kernel ([`i16_gemm`]) where the CPU (AVX512-VNNI, or AVX2 without
     /// AVX-512) and the format have it; elsewhere as `F32`.
     Int16,
@@ -187,10 +189,10 @@ pub enum Activations {
     Int8Top,
 }
 
-/// Whether [`Activations::Int16`] products of `dtype` take the integer
-/// prompt kernel on this CPU.
-pub fn int16_kernel(dtype: BlockType) -> bool {
-    i16_gemm::kernel().is_some() && i16_gemm::supports(dtype)
+/// The integer prompt kernel [`Activations::Int16`] products of `dtype`
+/// take on this CPU, if any.
+pub fn int16_kernel(dtype: BlockType) -> Option<i16_gemm::Kernel> {
+    i16_gemm::kernel().filter(|_| i16_gemm::supports(dtype))
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
@@ -1191,8 +1193,8 @@ impl BlockMatrix {
         }
         // Up to 8 rows, unpacking the panels can cost more than the products
         // (f32 off the blocks: no unpacking): those take the F32 path.
-        if acts == Activations::Int16 && m > ROW_DECODE_MAX_M && i16_gemm::supports(self.dtype) {
-            if let Some(kernel) = i16_gemm::kernel() {
+        if acts == Activations::Int16 && m > ROW_DECODE_MAX_M {
+            if let Some(kernel) = int16_kernel(self.dtype) {
                 return Ok(self.int16_product(kernel, x, m));
             }
         }
@@ -1503,9 +1505,8 @@ pub(super) mod tests {
                 // rounded to bf16; every other path sees them as they are.
                 let int = acts == Activations::Int8;
                 let int16 = (acts == Activations::Int16 && m > ROW_DECODE_MAX_M)
-                    .then(i16_gemm::kernel)
-                    .flatten()
-                    .filter(|_| i16_gemm::supports(dtype));
+                    .then(|| int16_kernel(dtype))
+                    .flatten();
                 let bf16 = acts == Activations::Bf16 && crate::panel_gemm::bf16_engine().is_some();
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
                 let xv = x.flatten_all()?.to_vec1::<f32>()?;

@@ -375,12 +375,12 @@ impl Engine {
                 encoder_cache: encoder_cache.clone(),
             },
         );
-        let stats = Arc::new(Mutex::new(core.stats()));
+        core.publish_stats();
+        let stats = core.published_stats();
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
-        let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("candela-engine".into())
-            .spawn(move || pool.install(|| engine_loop(core, cmd_rx, thread_stats)))
+            .spawn(move || pool.install(|| engine_loop(core, cmd_rx)))
             .map_err(|e| {
                 EngineError::InvalidConfig(format!("cannot spawn the engine thread: {e}"))
             })?;
@@ -630,11 +630,7 @@ fn handle(core: &mut EngineCore, cmd: Command) -> bool {
     false
 }
 
-fn engine_loop(
-    mut core: EngineCore,
-    rx: crossbeam_channel::Receiver<Command>,
-    stats: Arc<Mutex<EngineStats>>,
-) {
+fn engine_loop(mut core: EngineCore, rx: crossbeam_channel::Receiver<Command>) {
     let mut idle_wait = false;
     loop {
         let mut shutdown = false;
@@ -661,12 +657,12 @@ fn engine_loop(
         }
         if shutdown {
             core.abort_all();
-            *lock(&stats) = core.stats();
+            core.publish_stats();
             return;
         }
-        *lock(&stats) = core.stats();
+        core.publish_stats();
         idle_wait = !core.step();
-        *lock(&stats) = core.stats();
+        core.publish_stats();
     }
 }
 

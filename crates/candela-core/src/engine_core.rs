@@ -72,6 +72,9 @@ pub(crate) struct EngineCore {
     generation_tokens: u64,
     requests_finished: u64,
     steps: u64,
+    /// The snapshot other threads read; refreshed before a request's final
+    /// event goes out, so a client that saw its request end sees it counted.
+    published: Arc<Mutex<EngineStats>>,
 }
 
 /// Where a sequence's next token comes from this step.
@@ -113,6 +116,7 @@ impl EngineCore {
             generation_tokens: 0,
             requests_finished: 0,
             steps: 0,
+            published: Arc::default(),
         }
     }
 
@@ -151,6 +155,16 @@ impl EngineCore {
             encoder_cache_tokens: enc.tokens,
             encoder_cache_items: enc.items,
         }
+    }
+
+    /// The stats snapshot [`Self::publish_stats`] keeps current.
+    pub fn published_stats(&self) -> Arc<Mutex<EngineStats>> {
+        self.published.clone()
+    }
+
+    pub fn publish_stats(&self) {
+        let stats = self.stats();
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }
 
     /// Queue a request that the engine front end has already validated.
@@ -220,6 +234,8 @@ impl EngineCore {
                 completion.insert(seq.sample_index, seq.output().len());
             }
         }
+        self.requests_finished += 1;
+        self.publish_stats();
         for (index, done) in req.done.iter().enumerate() {
             if !done {
                 let usage = Usage {
@@ -235,7 +251,6 @@ impl EngineCore {
                 });
             }
         }
-        self.requests_finished += 1;
     }
 
     pub fn abort_all(&mut self) {
@@ -265,8 +280,9 @@ impl EngineCore {
         for &s in &req.seqs {
             self.sched.remove(s);
         }
-        let _ = req.tx.send(RequestEvent::Error { message });
         self.requests_finished += 1;
+        self.publish_stats();
+        let _ = req.tx.send(RequestEvent::Error { message });
     }
 
     fn alloc_seq_id(&mut self) -> SeqId {
@@ -789,13 +805,15 @@ impl EngineCore {
                 completion_tokens,
                 cached_tokens: req.cached_tokens,
             };
-            let _ = req.tx.send(RequestEvent::Finished {
+            let tx = req.tx.clone();
+            self.finish_sample(req_id, seq_id, index);
+            self.publish_stats();
+            let _ = tx.send(RequestEvent::Finished {
                 index,
                 reason,
                 stop_reason,
                 usage,
             });
-            self.finish_sample(req_id, seq_id, index);
         }
     }
 

@@ -348,6 +348,35 @@ fn tiny_pool_preempts_and_every_request_completes_identically() {
 }
 
 #[test]
+fn a_request_is_counted_before_its_final_event() {
+    // A client that saw its request end and then reads the stats (/metrics)
+    // must find the request's tokens there.
+    let mut c = core(100, 2048, false, MockModel::new(MAX_LEN));
+    let published = c.published_stats();
+    for (id, (max_tokens, abort)) in [(3, false), (4, false), (5, true)].into_iter().enumerate() {
+        let before = published.lock().unwrap().clone();
+        let mut rx = submit(&mut c, id as u64, prompt(id as u32, 7), greedy(max_tokens));
+        let mut out = ReqOut::default();
+        let emitted = |o: &ReqOut| o.samples.first().map_or(0, |s| s.tokens.len());
+        while out.samples.first().is_none_or(|s| s.finish.is_none()) {
+            if abort && emitted(&out) == 2 {
+                c.abort_request(id as u64);
+            } else {
+                c.step();
+            }
+            drain(&mut rx, &mut out);
+        }
+        let now = published.lock().unwrap().clone();
+        assert_eq!(now.requests_finished, before.requests_finished + 1);
+        assert_eq!(
+            now.generation_tokens - before.generation_tokens,
+            emitted(&out) as u64
+        );
+        assert_eq!(now.kv_blocks_used, 0);
+    }
+}
+
+#[test]
 fn chunked_prefill_matches_unchunked() {
     let p = prompt(5, 150);
     let params = greedy(10);

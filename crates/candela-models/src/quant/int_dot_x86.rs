@@ -283,9 +283,13 @@ macro_rules! kernels {
                     // The first 4 bytes of each block: d, and Q4_1 / Q5_1's m.
                     let raw = _mm256_i32gather_epi32::<1>(rp.add(bsz * b) as *const i32, at);
                     let dw = halves8::<false>(raw);
-                    let scales: [__m256; M] = std::array::from_fn(|i| {
-                        _mm256_mul_ps(dw, _mm256_loadu_ps(acts.d[i].add(b)))
-                    });
+                    // Each block's scale is broadcast from memory (a load)
+                    // rather than permuted out of a register (a shuffle).
+                    let mut scales = [[0f32; 8]; M];
+                    for (i, s) in scales.iter_mut().enumerate() {
+                        let v = _mm256_mul_ps(dw, _mm256_loadu_ps(acts.d[i].add(b)));
+                        _mm256_storeu_ps(s.as_mut_ptr(), v);
+                    }
                     if T != Q8_0 && T != IQ4_NL {
                         let off = match T {
                             Q4_0 => _mm256_mul_ps(dw, _mm256_set1_ps(-8.0)),
@@ -300,12 +304,21 @@ macro_rules! kernels {
                             );
                         }
                     }
-                    for j in 0..8 {
-                        let lane = _mm256_set1_epi32(j as i32);
-                        let s: [__m256; M] =
-                            std::array::from_fn(|i| _mm256_permutevar8x32_ps(scales[i], lane));
-                        let acc = if j % 2 == 0 { &mut acc0 } else { &mut acc1 };
-                        legacy_dot::<T, M>(rp.add(bsz * (b + j)), &acts, b + j, acc, &s);
+                    // Even blocks into acc0, odd into acc1, named statically
+                    // so both stay in registers.
+                    let lane_scales = |j: usize| -> [__m256; M] {
+                        std::array::from_fn(|i| _mm256_set1_ps(scales[i][j]))
+                    };
+                    for j in (0..8).step_by(2) {
+                        let (even, odd) = (lane_scales(j), lane_scales(j + 1));
+                        legacy_dot::<T, M>(rp.add(bsz * (b + j)), &acts, b + j, &mut acc0, &even);
+                        legacy_dot::<T, M>(
+                            rp.add(bsz * (b + j + 1)),
+                            &acts,
+                            b + j + 1,
+                            &mut acc1,
+                            &odd,
+                        );
                     }
                     b += 8;
                 }

@@ -154,7 +154,8 @@ function shapeCases(model) {
   const f = (x) => join(SHAPES_DIR, x)
   const have = (x) => existsSync(f(x))
   const out = []
-  for (const [q, label] of [['q4_k_m', 'Q4_K_M GGUF'], ['iq4_xs', 'IQ4_XS GGUF'], ['q8_0', 'Q8_0 GGUF'], ['f16', 'F16 GGUF']]) {
+  const ggufs = [['q4_k_m', 'Q4_K_M GGUF'], ['iq4_xs', 'IQ4_XS GGUF'], ['q3_k_m', 'Q3_K_M GGUF'], ['q2_k', 'Q2_K GGUF'], ['q8_0', 'Q8_0 GGUF'], ['f16', 'F16 GGUF']]
+  for (const [q, label] of ggufs) {
     if (!have(`${model}.${q}.gguf`)) continue
     for (const engine of ['candela', 'llama.cpp']) out.push({ id: `${engine}/${model}-${q}`, engine, model, weights: f(`${model}.${q}.gguf`), format: label })
   }
@@ -182,6 +183,8 @@ function shapePairs(cases) {
       const peers = {
         [`candela/${m}-q4_k_m`]: [`llama.cpp/${m}-q4_k_m`],
         [`candela/${m}-iq4_xs`]: [`llama.cpp/${m}-iq4_xs`],
+        [`candela/${m}-q3_k_m`]: [`llama.cpp/${m}-q3_k_m`],
+        [`candela/${m}-q2_k`]: [`llama.cpp/${m}-q2_k`],
         [`candela/${m}-q8_0`]: [`llama.cpp/${m}-q8_0`],
         [`candela/${m}-f16`]: [`llama.cpp/${m}-f16`],
         [`candela/${m}-bf16`]: [`transformers/${m}-bf16`, `transformers/${m}-f32`],

@@ -104,11 +104,6 @@ macro_rules! kernels {
                 _mm256_loadu_si256(p[..32].as_ptr() as *const __m256i)
             }
 
-            #[inline(always)]
-            unsafe fn acts(a: &[i8]) -> __m256i {
-                _mm256_loadu_si256(a[..32].as_ptr() as *const __m256i)
-            }
-
             /// 32 activation bytes at `p` (inside a row [`Acts`] points into).
             #[inline(always)]
             unsafe fn load_acts(p: *const i8) -> __m256i {
@@ -465,94 +460,152 @@ macro_rules! kernels {
                 ]
             }
 
-            /// `(a, a, a, a, b, b, b, b)`: a scale per 16-value half of a
-            /// group's eight lanes of four products.
+            /// The i16 lanes of one 32-value group `g` (0..8) of a
+            /// super-block with 16-value scales: lanes 0..8 take scale 2g,
+            /// 8..16 scale 2g + 1, picked by byte shuffles from `sc16` (the
+            /// group's half of the 16 scales as i16, in both 128-bit lanes).
             #[inline(always)]
-            unsafe fn halves(a: f32, b: f32) -> __m256 {
-                _mm256_setr_ps(a, a, a, a, b, b, b, b)
+            unsafe fn group_scales(sc16: __m256i, g: usize) -> __m256i {
+                let (l, h) = (4 * (g % 4) as i16, 4 * (g % 4) as i16 + 2);
+                _mm256_shuffle_epi8(
+                    sc16,
+                    _mm256_set_m128i(
+                        _mm_set1_epi16(((h + 1) << 8) | h),
+                        _mm_set1_epi16(((l + 1) << 8) | l),
+                    ),
+                )
+            }
+
+            /// Scales 8 half..8 half + 8 of `sc` (16 i8) as i16 in both
+            /// 128-bit lanes, for [`group_scales`].
+            #[inline(always)]
+            unsafe fn half_scales(sc: __m128i, half: usize) -> __m256i {
+                let sc = if half == 0 {
+                    sc
+                } else {
+                    _mm_unpackhi_epi64(sc, sc)
+                };
+                _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc))
+            }
+
+            /// `sum_j s_j * sum16_j` over a super-block's 16 sub-blocks, for
+            /// activation row `i` (8 i32 lanes).
+            #[inline(always)]
+            unsafe fn sub_block_sums<const M: usize>(
+                s16: __m256i,
+                ap: &Acts<M>,
+                i: usize,
+                sb: usize,
+            ) -> __m256i {
+                let sums = _mm256_loadu_si256(ap.sum16[i].add(16 * sb) as *const __m256i);
+                _mm256_madd_epi16(s16, sums)
             }
 
             /// Q2_K rows: per 32 values, 2-bit quants in 0..4 with a 4-bit
-            /// scale and min per 16; the mins go through a second product
-            /// (min bytes times the activations).
+            /// scale and min per 16. The activations share one scale per
+            /// super-block (`act_group`): products times scales add up in
+            /// i32 and the mins meet the activations' sums per 16 in i32,
+            /// each converted once per super-block.
             #[inline(always)]
             unsafe fn q2k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
-                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                let nsb = row.len() / 84;
+                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
+                    && a.sum16.len() >= 16 * nsb
+                    && a.qs.len() >= 256 * nsb));
+                let ap = Acts::of(a);
+                let m4 = _mm_set1_epi8(0x0F);
+                let (mut acc, mut offs) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
                 for (sb, blk) in row.chunks_exact(84).enumerate() {
                     prefetch_ahead(blk, blk.len());
                     let (d, dmin) = (f16(blk, 80), f16(blk, 82));
+                    let packed = _mm_loadu_si128(blk[..16].as_ptr() as *const __m128i);
+                    let sc = _mm_and_si128(packed, m4);
+                    let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), m4));
+                    let (mut s0, mut s1) =
+                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
                     for half in 0..2 {
+                        let sc16 = half_scales(sc, half);
                         let ws = crumbs(load32(&blk[16 + 32 * half..]));
                         for (j, w) in ws.into_iter().enumerate() {
                             let g = 4 * half + j;
-                            let ag = 8 * sb + g;
-                            let (s0, s1) = (blk[2 * g], blk[2 * g + 1]);
-                            let scale = halves((s0 & 0x0F) as f32 * d, (s1 & 0x0F) as f32 * d);
-                            let mins = _mm256_set_m128i(
-                                _mm_set1_epi8((s1 >> 4) as i8),
-                                _mm_set1_epi8((s0 >> 4) as i8),
-                            );
-                            let dm = _mm256_set1_ps(-dmin);
+                            let s = group_scales(sc16, g);
                             for i in 0..M {
-                                let x = acts(&a[i].qs[QK * ag..]);
-                                let da = _mm256_set1_ps(a[i].d[ag]);
-                                acc0[i] = fma(acc0[i], dot(w, x), _mm256_mul_ps(scale, da));
-                                acc1[i] = fma(acc1[i], dot(mins, x), _mm256_mul_ps(dm, da));
+                                let x = load_acts(ap.qs[i].add(QK * (8 * sb + g)));
+                                if j % 2 == 0 {
+                                    s0[i] = dot_scaled(s0[i], w, x, s);
+                                } else {
+                                    s1[i] = dot_scaled(s1[i], w, x, s);
+                                }
                             }
                         }
+                    }
+                    add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
+                    for i in 0..M {
+                        let m = _mm256_cvtepi32_ps(sub_block_sums(mins, &ap, i, sb));
+                        let dm = _mm256_set1_ps(dmin * *ap.d[i].add(8 * sb));
+                        offs[i] = _mm256_fmadd_ps(m, dm, offs[i]);
                     }
                 }
                 let mut out = [0f32; M];
                 for i in 0..M {
-                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+                    out[i] = hsum(_mm256_sub_ps(acc[i], offs[i]));
                 }
                 out
             }
 
-            /// Q3_K rows: Q2_K's 2-bit fields plus a high bit from `hmask`
-            /// (clear means minus 4) make quants in -4..4 for the sign
-            /// trick, with a signed 6-bit scale per 16 values.
+            /// Q3_K rows: Q2_K's 2-bit fields plus bit 2 from `hmask` make
+            /// `q + 4` in 0..8, multiplied unsigned; each 16 values' signed
+            /// 6-bit scale applies to its i16 lanes, and the `- 4` comes off
+            /// once per super-block as `4 * sum_j sc_j * sum16_j` (as
+            /// Q6_K's `- 32`). Products times scales add up in i32 over the
+            /// super-block (the activations share one scale there).
             #[inline(always)]
             unsafe fn q3k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
+                let nsb = row.len() / 110;
+                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
+                    && a.sum16.len() >= 16 * nsb
+                    && a.qs.len() >= 256 * nsb));
+                let ap = Acts::of(a);
                 let four = _mm256_set1_epi8(4);
-                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+                let mut acc = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(110).enumerate() {
                     prefetch_ahead(blk, blk.len());
                     let d = f16(blk, 108);
                     let Ok(scales) = <&[u8; 12]>::try_from(&blk[96..108]) else {
                         continue;
                     };
+                    let sc_bytes: [i8; 16] = std::array::from_fn(|j| q3k_scale(scales, j) as i8);
+                    let sc = _mm_loadu_si128(sc_bytes.as_ptr() as *const __m128i);
+                    let sc_all = _mm256_cvtepi8_epi16(sc);
+                    let (mut s0, mut s1) =
+                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+                    for i in 0..M {
+                        let off = _mm256_slli_epi32(sub_block_sums(sc_all, &ap, i, sb), 2);
+                        s0[i] = _mm256_sub_epi32(s0[i], off);
+                    }
                     let hm = load32(blk);
                     for half in 0..2 {
+                        let sc16 = half_scales(sc, half);
                         let lows = crumbs(load32(&blk[32 + 32 * half..]));
                         for (j, lo) in lows.into_iter().enumerate() {
                             let g = 4 * half + j;
-                            let ag = 8 * sb + g;
                             let bit = _mm256_set1_epi8(1 << g);
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
-                            let w = _mm256_sub_epi8(lo, _mm256_andnot_si256(set, four));
-                            let wu = _mm256_abs_epi8(w);
-                            let scale = halves(
-                                q3k_scale(scales, 2 * g) as f32 * d,
-                                q3k_scale(scales, 2 * g + 1) as f32 * d,
-                            );
+                            let w = _mm256_or_si256(lo, _mm256_and_si256(set, four));
+                            let s = group_scales(sc16, g);
                             for i in 0..M {
-                                let x = _mm256_sign_epi8(acts(&a[i].qs[QK * ag..]), w);
-                                let s = _mm256_mul_ps(scale, _mm256_set1_ps(a[i].d[ag]));
+                                let x = load_acts(ap.qs[i].add(QK * (8 * sb + g)));
                                 if j % 2 == 0 {
-                                    acc0[i] = fma(acc0[i], dot(wu, x), s);
+                                    s0[i] = dot_scaled(s0[i], w, x, s);
                                 } else {
-                                    acc1[i] = fma(acc1[i], dot(wu, x), s);
+                                    s1[i] = dot_scaled(s1[i], w, x, s);
                                 }
                             }
                         }
                     }
+                    add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
                 }
-                let mut out = [0f32; M];
-                for i in 0..M {
-                    out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
-                }
-                out
+                acc.map(|a| hsum(a))
             }
 
             /// Q6_K rows: per 32 values, 4 low bits and 2 high bits make
@@ -581,22 +634,14 @@ macro_rules! kernels {
                     let (mut s0, mut s1) =
                         ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
                     for i in 0..M {
-                        let sums = _mm256_loadu_si256(ap.sum16[i].add(16 * sb) as *const __m256i);
-                        s0[i] = _mm256_sub_epi32(
-                            s0[i],
-                            _mm256_slli_epi32(_mm256_madd_epi16(sc_all, sums), 5),
-                        );
+                        let off = _mm256_slli_epi32(sub_block_sums(sc_all, &ap, i, sb), 5);
+                        s0[i] = _mm256_sub_epi32(s0[i], off);
                     }
                     for half in 0..2 {
                         let ql0 = load32(&blk[64 * half..]);
                         let ql1 = load32(&blk[64 * half + 32..]);
                         let qh = load32(&blk[128 + 32 * half..]);
-                        let sc_half = if half == 0 {
-                            sc
-                        } else {
-                            _mm_unpackhi_epi64(sc, sc)
-                        };
-                        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc_half));
+                        let sc16 = half_scales(sc, half);
                         let lows = [
                             _mm256_and_si256(ql0, m4),
                             _mm256_and_si256(ql1, m4),
@@ -610,21 +655,12 @@ macro_rules! kernels {
                             _mm256_srli_epi16(qh, 6),
                         ];
                         for t in 0..4 {
-                            let g = 8 * sb + 4 * half + t;
+                            let g = 4 * half + t;
                             let high = _mm256_slli_epi16(_mm256_and_si256(highs[t], m3), 4);
                             let q = _mm256_or_si256(lows[t], high);
-                            // i16 lanes 0..8 hold values 0..16 (scale 2t), 8..16
-                            // the rest (scale 2t + 1): byte shuffles of sc16.
-                            let (l, h) = (4 * t as i16, 4 * t as i16 + 2);
-                            let s = _mm256_shuffle_epi8(
-                                sc16,
-                                _mm256_set_m128i(
-                                    _mm_set1_epi16(((h + 1) << 8) | h),
-                                    _mm_set1_epi16(((l + 1) << 8) | l),
-                                ),
-                            );
+                            let s = group_scales(sc16, g);
                             for i in 0..M {
-                                let x = load_acts(ap.qs[i].add(QK * g));
+                                let x = load_acts(ap.qs[i].add(QK * (8 * sb + g)));
                                 if t % 2 == 0 {
                                     s0[i] = dot_scaled(s0[i], q, x, s);
                                 } else {

@@ -145,6 +145,9 @@ function casesFor(model) {
   ]
 }
 
+/** The GGUF files of a real-shape model both engines read (prepare-real-shapes.py), where present. */
+const SHAPE_GGUFS = ['q4_k_m', 'iq4_xs', 'q5_k_m', 'q6_k', 'q4_0', 'q3_k_m', 'q2_k', 'q8_0', 'f16']
+
 /**
  * The cases of a real-shape model: each GGUF both engines read, the BF16
  * safetensors as candela (bf16, and quantized at load) and transformers
@@ -154,8 +157,8 @@ function shapeCases(model) {
   const f = (x) => join(SHAPES_DIR, x)
   const have = (x) => existsSync(f(x))
   const out = []
-  const ggufs = [['q4_k_m', 'Q4_K_M GGUF'], ['iq4_xs', 'IQ4_XS GGUF'], ['q3_k_m', 'Q3_K_M GGUF'], ['q2_k', 'Q2_K GGUF'], ['q8_0', 'Q8_0 GGUF'], ['f16', 'F16 GGUF']]
-  for (const [q, label] of ggufs) {
+  for (const q of SHAPE_GGUFS) {
+    const label = `${q.toUpperCase()} GGUF`
     if (!have(`${model}.${q}.gguf`)) continue
     for (const engine of ['candela', 'llama.cpp']) out.push({ id: `${engine}/${model}-${q}`, engine, model, weights: f(`${model}.${q}.gguf`), format: label })
   }
@@ -181,12 +184,7 @@ function shapePairs(cases) {
     .flatMap((c) => {
       const m = c.model
       const peers = {
-        [`candela/${m}-q4_k_m`]: [`llama.cpp/${m}-q4_k_m`],
-        [`candela/${m}-iq4_xs`]: [`llama.cpp/${m}-iq4_xs`],
-        [`candela/${m}-q3_k_m`]: [`llama.cpp/${m}-q3_k_m`],
-        [`candela/${m}-q2_k`]: [`llama.cpp/${m}-q2_k`],
-        [`candela/${m}-q8_0`]: [`llama.cpp/${m}-q8_0`],
-        [`candela/${m}-f16`]: [`llama.cpp/${m}-f16`],
+        ...Object.fromEntries(SHAPE_GGUFS.map((q) => [`candela/${m}-${q}`, [`llama.cpp/${m}-${q}`]])),
         [`candela/${m}-bf16`]: [`transformers/${m}-bf16`, `transformers/${m}-f32`],
         [`candela/${m}-st-q4_k`]: [`llama.cpp/${m}-q4_k_m`],
       }[c.id] ?? []

@@ -11,7 +11,7 @@ Writes under DIR (default $CANDELA_BENCH_MODELS or benchmark/models), only what 
   <name>.q8_0.gguf             llama.cpp's converter, --outtype q8_0
   <name>.q4_k_m.gguf           llama.cpp's llama-quantize Q4_K_M from the F16 GGUF
   <name>.iq4_xs.gguf           (1.5B only) llama-quantize IQ4_XS from the F16 GGUF
-  <name>.q3_k_m.gguf, .q2_k.gguf  (1.5B only) llama-quantize Q3_K_M and Q2_K from the F16 GGUF
+  <name>.{q5_k_m,q6_k,q4_0,q3_k_m,q2_k}.gguf  (1.5B only) llama-quantize's other popular mixes, from the F16 GGUF
   <name>.mmproj-f16.gguf       (VL only) the vision tower + merger, llama.cpp's converter --mmproj
   <name>.json                  what was written, with the seed and the tools' versions
 qwen2.5-vl-7b writes the folder only (the 8 GiB check of `--quantization q4_k`: README).
@@ -235,9 +235,9 @@ def main() -> None:
             f16.unlink()
     # IQ4_XS (IQ4_NL where a row is not whole 256-value blocks): the other
     # popular 4-bit mix, from the F16 file where it is kept.
-    # Q3_K_M and Q2_K: the low-bit K-quant mixes users pick to fit a larger
-    # model in memory (Q3_K / Q2_K rows beside Q4_K, Q5_K and Q6_K ones).
-    low = {q: out / f"{name}.{q}.gguf" for q in ("iq4_xs", "q3_k_m", "q2_k")}
+    # The other popular mixes: Q5_K_M and Q6_K (more bits), Q4_0 (the legacy
+    # format of QAT releases), Q3_K_M and Q2_K (to fit a larger model).
+    low = {q: out / f"{name}.{q}.gguf" for q in ("iq4_xs", "q5_k_m", "q6_k", "q4_0", "q3_k_m", "q2_k")}
     for q, path in low.items():
         if not path.exists() and f16.exists() and can_quantize:
             run([args.quantize, str(f16), str(path), q.upper()])

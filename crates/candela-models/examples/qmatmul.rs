@@ -1,7 +1,7 @@
 //! Micro-benchmark of the quantized matmul kernels: GFLOP/s of `[m, k] x [n, k]^T`
 //! for the shapes of SmolLM2-135M and Qwen2.5-1.5B layers, per batch size m.
 //!
-//!   cargo run --release -p candela-models --example qmatmul [q4_1|q8_0|q2k|q3k|q4k|q6k] [f32|int8|bf16|int16] [m,m,...]
+//!   cargo run --release -p candela-models --example qmatmul [q4_0|q4_1|q5_0|q8_0|q2k|q3k|q4k|q5k|q6k] [f32|int8|bf16|int16] [m,m,...]
 //!
 //! `f32` keeps f32 activations (the logits' kernels), `int8` (default)
 //! quantizes them for the integer kernels where the batch allows, `bf16`
@@ -16,10 +16,13 @@ use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {
     let dtype = match std::env::args().nth(1).as_deref() {
+        Some("q4_0") => GgmlDType::Q4_0,
+        Some("q5_0") => GgmlDType::Q5_0,
         Some("q8_0") => GgmlDType::Q8_0,
         Some("q2k") => GgmlDType::Q2K,
         Some("q3k") => GgmlDType::Q3K,
         Some("q4k") => GgmlDType::Q4K,
+        Some("q5k") => GgmlDType::Q5K,
         Some("q6k") => GgmlDType::Q6K,
         _ => GgmlDType::Q4_1,
     };

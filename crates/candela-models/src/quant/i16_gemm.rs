@@ -684,9 +684,9 @@ mod x86 {
         )
     }
 
-    /// [`super::unpack_block`] with 256-bit vectors for the types of
-    /// llama.cpp's Q4_K_M and Q8_0 files (Q4_K, Q6_K, Q8_0); the others
-    /// take the scalar one.
+    /// [`super::unpack_block`] with 256-bit vectors for the K-quants of
+    /// llama.cpp's Q3_K_M to Q6_K files and Q8_0; the others take the
+    /// scalar one.
     #[target_feature(enable = "avx2")]
     unsafe fn unpack_block_avx2(
         dtype: BlockType,
@@ -710,27 +710,68 @@ mod x86 {
                 s[0] = super::f16_at(blk, 0);
                 mn[0] = 0.0;
             }
-            BlockType::Q4K => {
+            BlockType::Q4K | BlockType::Q5K => {
+                let q5 = dtype == BlockType::Q5K;
+                let qoff = if q5 { 48 } else { 16 };
+                let (one, bit4) = (_mm256_set1_epi16(1), _mm256_set1_epi16(0x10));
                 let folded = super::q4k_scales(blk, s, mn, sb);
-                // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..].
+                // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..];
+                // Q5_K's bit 4 is bit 2c (2c + 1) of qh[l].
                 for c in 0..4 {
                     let (lo, hi) = (
                         _mm256_set1_epi16(folded[2 * c]),
                         _mm256_set1_epi16(folded[2 * c + 1]),
                     );
                     for g in 0..2 {
-                        let v = load(16 + 32 * c + 16 * g);
+                        let v = load(qoff + 32 * c + 16 * g);
+                        let (mut ql, mut qh) =
+                            (_mm256_and_si256(v, low4), _mm256_srli_epi16::<4>(v));
+                        if q5 {
+                            let h = load(16 + 16 * g);
+                            let high = |j: usize| {
+                                let b = _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32));
+                                _mm256_and_si256(
+                                    _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)),
+                                    bit4,
+                                )
+                            };
+                            ql = _mm256_or_si256(ql, high(2 * c));
+                            qh = _mm256_or_si256(qh, high(2 * c + 1));
+                        }
                         let at = 64 * c + 16 * g;
-                        store(
-                            &mut w[at..],
-                            _mm256_mullo_epi16(_mm256_and_si256(v, low4), lo),
-                        );
-                        store(
-                            &mut w[at + 32..],
-                            _mm256_mullo_epi16(_mm256_srli_epi16::<4>(v), hi),
-                        );
+                        store(&mut w[at..], _mm256_mullo_epi16(ql, lo));
+                        store(&mut w[at + 32..], _mm256_mullo_epi16(qh, hi));
                     }
                 }
+            }
+            BlockType::Q3K => {
+                let d = super::f16_at(blk, 108);
+                let scales: &[u8; 12] = blk[96..108].try_into().expect("12 scale bytes");
+                let (one, three, four) = (
+                    _mm256_set1_epi16(1),
+                    _mm256_set1_epi16(3),
+                    _mm256_set1_epi16(4),
+                );
+                for g in 0..8 {
+                    for h in 0..2 {
+                        // Values 16h.. of group g: `int_dot::q3k`'s bits.
+                        let raw = load(32 + 32 * (g / 4) + 16 * h);
+                        let lo = _mm256_and_si256(
+                            _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * (g % 4) as i32)),
+                            three,
+                        );
+                        let hb = _mm256_and_si256(
+                            _mm256_srl_epi16(load(16 * h), _mm_cvtsi32_si128(g as i32)),
+                            one,
+                        );
+                        let q =
+                            _mm256_sub_epi16(_mm256_or_si256(lo, _mm256_slli_epi16::<2>(hb)), four);
+                        let scale = _mm256_set1_epi16(super::q3k_scale(scales, 2 * g + h) as i16);
+                        store(&mut w[32 * g + 16 * h..], _mm256_mullo_epi16(scale, q));
+                    }
+                }
+                s[..256 / sb].fill(d);
+                mn[..8].fill(0.0);
             }
             BlockType::Q6K => {
                 let d = super::f16_at(blk, 208);

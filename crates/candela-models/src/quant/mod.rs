@@ -440,9 +440,9 @@ unsafe fn decode_legacy_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// AVX2 decode of Q4_K / Q6_K rows (prompt rows decode every weight once
-/// per panel; candle's scalar decoders cost Q4_K_M prompts a quarter of
-/// their rate): bit-identical to candle's `to_float` (same products and
+/// AVX2 decode of K-quant rows (prompt rows decode every weight once per
+/// panel; candle's scalar decoders cost Q4_K_M prompts a quarter of their
+/// rate): bit-identical to candle's `to_float` (same products and
 /// differences in the same order, one rounding each).
 ///
 /// # Safety
@@ -458,9 +458,11 @@ unsafe fn decode_kquant_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(b[at..at + 8].as_ptr() as *const __m128i))
     }
     match dtype {
-        BlockType::Q4K => {
-            let nib = _mm256_set1_epi32(0x0F);
-            for (blk, o) in row.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+        BlockType::Q4K | BlockType::Q5K => {
+            let q5 = dtype == BlockType::Q5K;
+            let (bsz, qoff) = if q5 { (176, 48) } else { (144, 16) };
+            let (nib, one) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(1));
+            for (blk, o) in row.chunks_exact(bsz).zip(out.chunks_exact_mut(256)) {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
                 let Ok(scales) = <&[u8; 12]>::try_from(&blk[4..16]) else {
                     continue;
@@ -469,23 +471,78 @@ unsafe fn decode_kquant_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
                 let op = o.as_mut_ptr();
                 for j in 0..4 {
                     // 64 values: the low nibbles of qs[32j..32j + 32] are
-                    // sub-block 2j, the high ones 2j + 1.
+                    // sub-block 2j, the high ones 2j + 1; Q5_K's bit 4 is
+                    // bit 2j (2j + 1) of qh[l].
                     let (s1, m1) = (sc[2 * j] as f32, mn[2 * j] as f32);
                     let (s2, m2) = (sc[2 * j + 1] as f32, mn[2 * j + 1] as f32);
                     let (d1, m1) = (_mm256_set1_ps(d * s1), _mm256_set1_ps(dmin * m1));
                     let (d2, m2) = (_mm256_set1_ps(d * s2), _mm256_set1_ps(dmin * m2));
                     for c in 0..4 {
-                        let q = u8x8(blk, 16 + 32 * j + 8 * c);
-                        let lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, nib));
-                        let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+                        let q = u8x8(blk, qoff + 32 * j + 8 * c);
+                        let (mut lo, mut hi) = (_mm256_and_si256(q, nib), _mm256_srli_epi32(q, 4));
+                        if q5 {
+                            let h = u8x8(blk, 16 + 8 * c);
+                            let bit = |b: i32| {
+                                let v = _mm256_srlv_epi32(h, _mm256_set1_epi32(b));
+                                _mm256_slli_epi32(_mm256_and_si256(v, one), 4)
+                            };
+                            lo = _mm256_or_si256(lo, bit(2 * j as i32));
+                            hi = _mm256_or_si256(hi, bit(2 * j as i32 + 1));
+                        }
                         _mm256_storeu_ps(
                             op.add(64 * j + 8 * c),
-                            _mm256_sub_ps(_mm256_mul_ps(d1, lo), m1),
+                            _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(lo)), m1),
                         );
                         _mm256_storeu_ps(
                             op.add(64 * j + 32 + 8 * c),
-                            _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2),
+                            _mm256_sub_ps(_mm256_mul_ps(d2, _mm256_cvtepi32_ps(hi)), m2),
                         );
+                    }
+                }
+            }
+        }
+        BlockType::Q2K | BlockType::Q3K => {
+            // 8 groups of 32 values: bits 2(g % 4).. of qs[32(g / 4)..][..32]
+            // (Q3_K: minus 4 where bit g of hmask[l] is clear), with a scale
+            // per 16 values (Q2_K: and a min).
+            let q3 = dtype == BlockType::Q3K;
+            let (bsz, qoff) = if q3 { (110, 32) } else { (84, 16) };
+            let (three, one) = (_mm256_set1_epi32(3), _mm256_set1_epi32(1));
+            for (blk, o) in row.chunks_exact(bsz).zip(out.chunks_exact_mut(256)) {
+                let d = f16_at(blk, if q3 { 108 } else { 80 });
+                let dmin = if q3 { 0.0 } else { f16_at(blk, 82) };
+                let q3_scales: Option<&[u8; 12]> = if q3 {
+                    blk[96..108].try_into().ok()
+                } else {
+                    None
+                };
+                let op = o.as_mut_ptr();
+                for g in 0..8 {
+                    let shift = _mm256_set1_epi32(2 * (g % 4) as i32);
+                    for c in 0..4 {
+                        let j = 2 * g + c / 2;
+                        let raw = u8x8(blk, qoff + 32 * (g / 4) + 8 * c);
+                        let q = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), three);
+                        let v = match q3_scales {
+                            Some(scales) => {
+                                let h = _mm256_srlv_epi32(
+                                    u8x8(blk, 8 * c),
+                                    _mm256_set1_epi32(g as i32),
+                                );
+                                // Minus 4 where the bit is clear.
+                                let clear = _mm256_andnot_si256(h, one);
+                                let q = _mm256_sub_epi32(q, _mm256_slli_epi32(clear, 2));
+                                let dl = _mm256_set1_ps(d * int_dot::q3k_scale(scales, j) as f32);
+                                _mm256_mul_ps(dl, _mm256_cvtepi32_ps(q))
+                            }
+                            None => {
+                                let sc = blk[j];
+                                let dl = _mm256_set1_ps(d * (sc & 0x0F) as f32);
+                                let ml = _mm256_set1_ps(dmin * (sc >> 4) as f32);
+                                _mm256_sub_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(q)), ml)
+                            }
+                        };
+                        _mm256_storeu_ps(op.add(32 * g + 8 * c), v);
                     }
                 }
             }
@@ -1128,7 +1185,13 @@ impl BlockMatrix {
         unsafe {
             match self.dtype {
                 #[cfg(target_arch = "x86_64")]
-                d @ (BlockType::Q4K | BlockType::Q6K) if has_avx2() => {
+                d @ (BlockType::Q2K
+                | BlockType::Q3K
+                | BlockType::Q4K
+                | BlockType::Q5K
+                | BlockType::Q6K)
+                    if has_avx2() =>
+                {
                     decode_kquant_avx2(d, row, out)
                 }
                 BlockType::Q2K => decode_kquant::<BlockQ2K>(row, out),

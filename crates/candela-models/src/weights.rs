@@ -1622,7 +1622,7 @@ mod tests {
         let want12 = wd.forward(&x12)?;
         let scale12 = want12.abs()?.max_all()?.to_scalar::<f32>()?;
         let prompt12 = max_diff(&ours.forward(&x12)?, &want12)?;
-        if !bf16 && crate::quant::int16_kernel(crate::quant::BlockType::Q8_0).is_some() {
+        if !bf16 && crate::quant::int16_kernel().is_some() {
             assert!(
                 prompt12 < 1e-4 * scale12 && prompt12 > 0.0,
                 "16-bit prompt rows: {prompt12} of {scale12}"

@@ -37,7 +37,7 @@ const NUM_BLOCKS: usize = 64;
 fn quant_prompt_tol(dtype: Option<BlockType>, scale: f32, f32_tol: f32) -> f32 {
     if candela_models::panel_gemm::bf16_engine().is_some() {
         BF16_RTOL * scale
-    } else if dtype.is_some_and(|d| candela_models::quant::int16_kernel(d).is_some()) {
+    } else if dtype.is_some() && candela_models::quant::int16_kernel().is_some() {
         I16_RTOL * scale
     } else {
         f32_tol

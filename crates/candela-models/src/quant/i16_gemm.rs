@@ -14,11 +14,11 @@
 //! (at 14, `/ 16382`), finer than bf16's rounding.
 //!
 //! Layout: a [`Panel`] holds [`NR`] weight rows as i16, so that row `r`'s
-//! value is `s * w - mn` (`mn` per row and 32 values, `s` per row and scale
-//! block: 32 values, or on AVX2 64 for the 256-value formats, whose
-//! sub-block scales are then folded into `w`, as Q3_K's and Q6_K's 16-value
-//! ones always are; [`Kernel::scale_block`]), interleaved by
-//! pairs of values: one 512-bit load holds one pair of 16 rows, and
+//! value is `s * w - mn` (`mn` per row and 32 values, 16 for Q2_K's mins:
+//! [`offset_block`]; `s` per row and scale block: 32 values, or on AVX2 64
+//! for the 256-value formats, whose sub-block scales are then folded into
+//! `w`, as Q2_K's, Q3_K's and Q6_K's 16-value ones always are;
+//! [`Kernel::scale_block`]), interleaved by pairs of values: one 512-bit load holds one pair of 16 rows, and
 //! `vpdpwssd` with an activation row's pair broadcast adds both products to
 //! each row's i32 lane. A register tile is 32 weight rows x [`MR`] activation
 //! rows; each scale block's exact i32 sums are scaled once into f32
@@ -35,8 +35,11 @@ use super::int_dot::{iq4_values, iq4xs_scale, q3k, q3k_scale, q5_high, q6};
 use super::{f16_at, scales_mins_k4, BlockType};
 
 /// Values per sub-block: a weight offset (and with [`BK`]-value scale
-/// blocks, a weight scale) per row, an activation `d * sum(q)` per row.
+/// blocks, a weight scale) per row, an activation `d * sum(q)` per row
+/// (Q2_K's offsets: per [`OB_Q2K`]).
 const BK: usize = 32;
+/// Values per Q2_K offset (its mins are per 16 values).
+const OB_Q2K: usize = 16;
 /// Values per scale block of the 256-value formats on AVX2 (see
 /// [`Kernel::scale_block`]).
 const BK_WIDE: usize = 64;
@@ -60,10 +63,13 @@ fn qmax(sb: usize) -> f32 {
     }
 }
 
-/// Whether `dtype` unpacks to this layout (Q2_K's 16-value mins do not fit
-/// a per-block offset; it keeps the f32 path).
-pub fn supports(dtype: BlockType) -> bool {
-    !matches!(dtype, BlockType::Q2K)
+/// Values per weight offset of `dtype` (and per activation `d * sum(q)`).
+pub fn offset_block(dtype: BlockType) -> usize {
+    if dtype == BlockType::Q2K {
+        OB_Q2K
+    } else {
+        BK
+    }
 }
 
 /// A vector kernel of the product (the scalar one is the tests' reference
@@ -143,7 +149,7 @@ pub fn kernel() -> Option<Kernel> {
 fn has_offset(dtype: BlockType) -> bool {
     matches!(
         dtype,
-        BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4K | BlockType::Q5K
+        BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q2K | BlockType::Q4K | BlockType::Q5K
     )
 }
 
@@ -155,39 +161,52 @@ pub struct Q16Rows {
     q: Vec<i16>,
     /// Per scale block: the scale (value ~ `d * q`).
     d: Vec<f32>,
-    /// Per [`BK`] values: `d * sum(q)`, for the weights' offsets.
+    /// Values per offset ([`offset_block`]).
+    ob: usize,
+    /// Per `ob` values: `d * sum(q)`, for the weights' offsets.
     dsum: Vec<f32>,
 }
 
 impl Q16Rows {
     /// Quantize `x` (`[m, k]` row-major) in scale blocks of `sb` values
     /// with `kernel`'s instructions (the values are the same with any): per
-    /// block `d = max|x| / qmax(sb)`, `q = round(x / d)`.
-    pub fn quantize(kernel: Kernel, x: &[f32], k: usize, sb: usize) -> Self {
+    /// block `d = max|x| / qmax(sb)`, `q = round(x / d)`; `d * sum(q)` per
+    /// `ob` values.
+    pub fn quantize(kernel: Kernel, x: &[f32], k: usize, sb: usize, ob: usize) -> Self {
         assert!(sb == BK || sb == BK_WIDE);
+        assert!(ob == BK || ob == OB_Q2K);
         assert!(k.is_multiple_of(sb) && x.len().is_multiple_of(k.max(1)));
         assert!(Kernel::runnable().contains(&kernel));
         let mut q = vec![0i16; x.len()];
-        let (mut d, mut dsum) = (vec![0f32; x.len() / sb], vec![0f32; x.len() / BK]);
+        let (mut d, mut dsum) = (vec![0f32; x.len() / sb], vec![0f32; x.len() / ob]);
         // Rows in parallel, about 256 KiB of input per task.
         let per_task = ((64 << 10) / k).max(1) * k;
         q.par_chunks_mut(per_task)
             .zip(d.par_chunks_mut(per_task / sb))
-            .zip(dsum.par_chunks_mut(per_task / BK))
+            .zip(dsum.par_chunks_mut(per_task / ob))
             .zip(x.par_chunks(per_task))
             .for_each(|(((q, d), dsum), x)| {
                 // SAFETY: the CPU runs `kernel` (asserted above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match kernel {
-                        Kernel::Avx512Vnni if sb == BK => quantize_avx512(q, d, dsum, x),
-                        _ => quantize_avx2(q, d, dsum, x, sb),
+                        Kernel::Avx512Vnni if sb == BK && ob == BK => {
+                            quantize_avx512(q, d, dsum, x)
+                        }
+                        _ => quantize_avx2(q, d, dsum, x, sb, ob),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                quantize_blocks(q, d, dsum, x, sb)
+                quantize_blocks(q, d, dsum, x, sb, ob)
             });
-        Self { k, sb, q, d, dsum }
+        Self {
+            k,
+            sb,
+            q,
+            d,
+            ob,
+            dsum,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -200,7 +219,7 @@ impl Q16Rows {
         (
             self.q[i * self.k..].as_ptr(),
             self.d[i * (self.k / self.sb)..].as_ptr(),
-            self.dsum[i * (self.k / BK)..].as_ptr(),
+            self.dsum[i * (self.k / self.ob)..].as_ptr(),
         )
     }
 
@@ -216,16 +235,23 @@ impl Q16Rows {
 }
 
 /// `x` block by block (`sb` values) into `q`, its scales `d` and, per
-/// [`BK`] values, `d * sum(q)`.
+/// `ob` values, `d * sum(q)`.
 #[inline(always)]
-fn quantize_blocks(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32], sb: usize) {
+fn quantize_blocks(
+    q: &mut [i16],
+    d: &mut [f32],
+    dsum: &mut [f32],
+    x: &[f32],
+    sb: usize,
+    ob: usize,
+) {
     let qmax = qmax(sb);
     let blocks = q.chunks_exact_mut(sb).zip(x.chunks_exact(sb));
-    for ((qb, xb), (d, dsum)) in blocks.zip(d.iter_mut().zip(dsum.chunks_exact_mut(sb / BK))) {
+    for ((qb, xb), (d, dsum)) in blocks.zip(d.iter_mut().zip(dsum.chunks_exact_mut(sb / ob))) {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let inv = if amax > 0.0 { qmax / amax } else { 0.0 };
         *d = amax / qmax;
-        for ((qs, xs), dsum) in qb.chunks_exact_mut(BK).zip(xb.chunks_exact(BK)).zip(dsum) {
+        for ((qs, xs), dsum) in qb.chunks_exact_mut(ob).zip(xb.chunks_exact(ob)).zip(dsum) {
             let mut sum = 0i32;
             for (q, v) in qs.iter_mut().zip(xs) {
                 // Within qmax up to rounding; the clamp keeps it there.
@@ -240,11 +266,18 @@ fn quantize_blocks(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32], sb
 /// [`quantize_blocks`] compiled for AVX2 (vectorized rounding).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(q: &mut [i16], d: &mut [f32], dsum: &mut [f32], x: &[f32], sb: usize) {
-    quantize_blocks(q, d, dsum, x, sb)
+unsafe fn quantize_avx2(
+    q: &mut [i16],
+    d: &mut [f32],
+    dsum: &mut [f32],
+    x: &[f32],
+    sb: usize,
+    ob: usize,
+) {
+    quantize_blocks(q, d, dsum, x, sb, ob)
 }
 
-/// [`quantize_blocks`] for [`BK`]-value scale blocks in AVX-512 (the same
+/// [`quantize_blocks`] for [`BK`]-value scale and offset blocks in AVX-512 (the same
 /// values: products rounded to nearest even, as the default MXCSR mode
 /// converts).
 #[cfg(target_arch = "x86_64")]
@@ -282,9 +315,11 @@ pub struct Panel {
     sb: usize,
     /// `[k / 2][NR][2]`.
     w: Vec<i16>,
-    /// `[k / sb][NR]` scales and `[k / BK][NR]` offsets.
+    /// `[k / sb][NR]` scales and `[k / ob][NR]` offsets.
     s: Vec<f32>,
     mn: Vec<f32>,
+    /// Values per offset ([`offset_block`]).
+    ob: usize,
     offset: bool,
     /// One block of each row, unpacked before interleaving (rows past the
     /// matrix stay zero).
@@ -315,6 +350,7 @@ impl Panel {
             w: Vec::new(),
             s: Vec::new(),
             mn: Vec::new(),
+            ob: BK,
             offset: false,
             block: Vec::new(),
         };
@@ -328,7 +364,7 @@ impl Panel {
         self.k = k;
         self.w.resize(k * NR, 0);
         self.s.resize(k / BK * NR, 0.0);
-        self.mn.resize(k / BK * NR, 0.0);
+        self.mn.resize(k / OB_Q2K * NR, 0.0);
     }
 
     /// Unpack the rows of `dtype` blocks in `rows` (whole rows of
@@ -368,10 +404,12 @@ impl Panel {
         debug_assert!(used <= NR && used * row_bytes == rows.len());
         debug_assert!(bs.is_multiple_of(sb) && self.k.is_multiple_of(sb));
         self.sb = sb;
+        self.ob = offset_block(dtype);
         self.offset = has_offset(dtype);
         self.block.resize(NR * bs, 0);
         self.block.fill(0);
-        let (ssub, sub, mut s, mut mn) = (bs / sb, bs / BK, [0f32; 8], [0f32; 8]);
+        let (ssub, sub) = (bs / sb, bs / self.ob);
+        let (mut s, mut mn) = ([0f32; 8], [0f32; 256 / OB_Q2K]);
         for t in 0..self.k / bs {
             for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
                 let w = &mut self.block[r * bs..(r + 1) * bs];
@@ -388,7 +426,7 @@ impl Panel {
         for b in 0..self.k / sb {
             self.s[b * NR + used..(b + 1) * NR].fill(0.0);
         }
-        for b in 0..self.k / BK {
+        for b in 0..self.k / self.ob {
             self.mn[b * NR + used..(b + 1) * NR].fill(0.0);
         }
     }
@@ -407,7 +445,7 @@ fn interleave(block: &[i16], bs: usize, out: &mut [i16]) {
 }
 
 /// One block of `dtype` (its `block_size` values) as `s * w - mn`, `s`
-/// per `sb` values and `mn` per [`BK`], `w` exact integers. With `sb` past
+/// per `sb` values and `mn` per [`offset_block`], `w` exact integers. With `sb` past
 /// [`BK`] (the 256-value formats only), the sub-block scales are folded
 /// into `w` and `s` is the super-block's `d`.
 #[inline(always)]
@@ -518,7 +556,22 @@ fn unpack_block(
             }
             s[..256 / sb].fill(d);
         }
-        BlockType::Q2K => unreachable!("Q2_K has no i16 panel (`supports`)"),
+        BlockType::Q2K => {
+            // Group g: bits 2(g % 4).. of qs[32(g / 4)..][..32]; the 4-bit
+            // scales (low nibbles) folded in, the mins (high) per 16.
+            let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+            for (g, wb) in w.chunks_exact_mut(BK).enumerate() {
+                let q = &blk[16 + 32 * (g / 4)..16 + 32 * (g / 4) + 32];
+                for (l, (w, q)) in wb.iter_mut().zip(q).enumerate() {
+                    let sc = (blk[2 * g + l / 16] & 0x0F) as i16;
+                    *w = sc * ((q >> (2 * (g % 4))) & 3) as i16;
+                }
+            }
+            for (j, mn) in mn[..16].iter_mut().enumerate() {
+                *mn = dmin * (blk[j] >> 4) as f32;
+            }
+            s[..256 / sb].fill(d);
+        }
     }
 }
 
@@ -617,9 +670,9 @@ pub unsafe fn multiply(
 /// f32 operations in the same order.
 #[cfg(test)]
 pub fn multiply_scalar(panel: &Panel, acts: &Q16Rows, i: usize) -> [f32; NR] {
-    let (k, sb) = (acts.k, panel.sb);
-    let (nb, nsub) = (k / sb, k / BK);
-    assert_eq!(sb, acts.sb);
+    let (k, sb, ob) = (acts.k, panel.sb, panel.ob);
+    let (nb, nsub) = (k / sb, k / ob);
+    assert_eq!((sb, ob), (acts.sb, acts.ob));
     let a = &acts.q[i * k..(i + 1) * k];
     let mut f = [0f32; NR];
     for b in 0..nb {
@@ -630,7 +683,7 @@ pub fn multiply_scalar(panel: &Panel, acts: &Q16Rows, i: usize) -> [f32; NR] {
                 .sum();
             *f = (sum as f32).mul_add(panel.s[b * NR + r] * da, *f);
             if panel.offset {
-                for u in b * sb / BK..(b + 1) * sb / BK {
+                for u in b * sb / ob..(b + 1) * sb / ob {
                     *f = (-panel.mn[u * NR + r]).mul_add(acts.dsum[i * nsub + u], *f);
                 }
             }
@@ -684,9 +737,8 @@ mod x86 {
         )
     }
 
-    /// [`super::unpack_block`] with 256-bit vectors for the K-quants of
-    /// llama.cpp's Q3_K_M to Q6_K files and Q8_0; the others take the
-    /// scalar one.
+    /// [`super::unpack_block`] with 256-bit vectors for the K-quants and
+    /// Q8_0; the others take the scalar one.
     #[target_feature(enable = "avx2")]
     unsafe fn unpack_block_avx2(
         dtype: BlockType,
@@ -743,6 +795,26 @@ mod x86 {
                         store(&mut w[at + 32..], _mm256_mullo_epi16(qh, hi));
                     }
                 }
+            }
+            BlockType::Q2K => {
+                let (d, dmin) = (super::f16_at(blk, 80), super::f16_at(blk, 82));
+                let three = _mm256_set1_epi16(3);
+                for g in 0..8 {
+                    for h in 0..2 {
+                        // Values 16h.. of group g, times their 4-bit scale.
+                        let raw = load(16 + 32 * (g / 4) + 16 * h);
+                        let q = _mm256_and_si256(
+                            _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * (g % 4) as i32)),
+                            three,
+                        );
+                        let scale = _mm256_set1_epi16((blk[2 * g + h] & 0x0F) as i16);
+                        store(&mut w[32 * g + 16 * h..], _mm256_mullo_epi16(scale, q));
+                    }
+                }
+                for (j, mn) in mn[..16].iter_mut().enumerate() {
+                    *mn = dmin * (blk[j] >> 4) as f32;
+                }
+                s[..256 / sb].fill(d);
             }
             BlockType::Q3K => {
                 let d = super::f16_at(blk, 108);
@@ -945,8 +1017,8 @@ mod x86 {
         ldo: usize,
         cols: usize,
     ) {
-        let (k, sb) = (acts.k, panel.sb);
-        let (nb, nsub) = (k / sb, k / BK);
+        let (k, sb, ob) = (acts.k, panel.sb, panel.ob);
+        let (nb, nsub) = (k / sb, k / ob);
         let (a, d, dsum) = acts.row_ptrs(i0);
         let w = panel.w.as_ptr();
         let mut f = [[_mm512_setzero_ps(); 2]; M];
@@ -976,7 +1048,7 @@ mod x86 {
                 }
             }
             if panel.offset {
-                for u in b * sb / BK..(b + 1) * sb / BK {
+                for u in b * sb / ob..(b + 1) * sb / ob {
                     let mn = [
                         _mm512_loadu_ps(panel.mn.as_ptr().add(u * NR)),
                         _mm512_loadu_ps(panel.mn.as_ptr().add(u * NR + 16)),
@@ -1015,8 +1087,8 @@ mod x86 {
         cols: usize,
         h: usize,
     ) {
-        let (k, sb) = (acts.k, panel.sb);
-        let (nb, nsub) = (k / sb, k / BK);
+        let (k, sb, ob) = (acts.k, panel.sb, panel.ob);
+        let (nb, nsub) = (k / sb, k / ob);
         let (a, d, dsum) = acts.row_ptrs(i0);
         // Pair p of rows 16h.. starts at (p * NR + 16h) * 2.
         let w = panel.w.as_ptr().add(32 * h);
@@ -1047,7 +1119,7 @@ mod x86 {
                 }
             }
             if panel.offset {
-                for u in b * sb / BK..(b + 1) * sb / BK {
+                for u in b * sb / ob..(b + 1) * sb / ob {
                     let at = u * NR + 16 * h;
                     let mn = [
                         _mm256_loadu_ps(panel.mn.as_ptr().add(at)),
@@ -1093,6 +1165,7 @@ mod tests {
         let scale = half::f16::from_f32(0.01).to_le_bytes();
         let fields: &[usize] = match dtype {
             BlockType::Q4K | BlockType::Q5K => &[0, 2],
+            BlockType::Q2K => &[80, 82],
             BlockType::Q3K => &[108],
             BlockType::Q6K => &[208],
             BlockType::Q4_1 | BlockType::Q5_1 => &[0, 2],
@@ -1104,11 +1177,6 @@ mod tests {
             }
         }
         v
-    }
-
-    /// The types with a panel layout.
-    fn types() -> impl Iterator<Item = BlockType> {
-        BlockType::ALL.into_iter().filter(|&t| supports(t))
     }
 
     /// The scale blocks `dtype` unpacks to (one per kernel choice).
@@ -1125,7 +1193,7 @@ mod tests {
     #[test]
     fn panels_hold_the_decoded_values() -> candle_core::Result<()> {
         let k = 512;
-        for dtype in types() {
+        for dtype in BlockType::ALL {
             let n = 3;
             let raw = random_rows(dtype, n, k, 7);
             let rb = dtype.row_bytes(1, k).unwrap();
@@ -1133,25 +1201,26 @@ mod tests {
                 dst.copy_from_slice(&raw);
                 Ok(())
             })?;
-            let (mut w, mut s, mut mn) = (vec![0i16; k], vec![0f32; k / BK], vec![0f32; k / BK]);
+            let ob = offset_block(dtype);
+            let (mut w, mut s, mut mn) = (vec![0i16; k], vec![0f32; k / BK], vec![0f32; k / ob]);
             let mut want = vec![0f32; k];
             let (bs, ts) = (dtype.block_size(), dtype.type_size());
             for sb in scale_blocks(dtype) {
                 for r in 0..n {
                     for (t, blk) in raw[r * rb..(r + 1) * rb].chunks_exact(ts).enumerate() {
-                        let (b, u) = (t * bs / sb, t * bs / BK);
+                        let (b, u) = (t * bs / sb, t * bs / ob);
                         unpack_block(
                             dtype,
                             blk,
                             &mut w[t * bs..(t + 1) * bs],
                             &mut s[b..b + bs / sb],
-                            &mut mn[u..u + bs / BK],
+                            &mut mn[u..u + bs / ob],
                             sb,
                         );
                     }
                     bm.dequantize_row(r, &mut want)?;
                     for j in 0..k {
-                        let got = s[j / sb] * w[j] as f32 - mn[j / BK];
+                        let got = s[j / sb] * w[j] as f32 - mn[j / ob];
                         let tol = 1e-6 * (1.0 + want[j].abs());
                         assert!(
                             (got - want[j]).abs() <= tol,
@@ -1166,15 +1235,16 @@ mod tests {
     }
 
     /// [`Q16Rows::quantize`] with the scalar quantizer.
-    fn scalar_rows(x: &[f32], k: usize, sb: usize) -> Q16Rows {
+    fn scalar_rows(x: &[f32], k: usize, sb: usize, ob: usize) -> Q16Rows {
         let mut rows = Q16Rows {
             k,
             sb,
             q: vec![0; x.len()],
             d: vec![0.0; x.len() / sb],
-            dsum: vec![0.0; x.len() / BK],
+            ob,
+            dsum: vec![0.0; x.len() / ob],
         };
-        quantize_blocks(&mut rows.q, &mut rows.d, &mut rows.dsum, x, sb);
+        quantize_blocks(&mut rows.q, &mut rows.d, &mut rows.dsum, x, sb, ob);
         rows
     }
 
@@ -1188,25 +1258,28 @@ mod tests {
             .collect();
         x[5] = 900.0; // an outlier block
         x[k..k + BK_WIDE].fill(0.0); // an all-zero block
-        for sb in [BK, BK_WIDE] {
-            let want = scalar_rows(&x, k, sb);
+        for (sb, ob) in [BK, BK_WIDE]
+            .into_iter()
+            .flat_map(|sb| [(sb, BK), (sb, OB_Q2K)])
+        {
+            let want = scalar_rows(&x, k, sb, ob);
             let xq = want.dequantized();
             for ((xb, qb), &d) in x.chunks_exact(sb).zip(xq.chunks_exact(sb)).zip(&want.d) {
                 for (v, q) in xb.iter().zip(qb) {
                     assert!((v - q).abs() <= d * 0.5001, "{v} as {q} (step {d})");
                 }
             }
-            // `d * sum(q)` per BK values.
-            for (j, qs) in want.q.chunks_exact(BK).enumerate() {
+            // `d * sum(q)` per ob values.
+            for (j, qs) in want.q.chunks_exact(ob).enumerate() {
                 let sum: i32 = qs.iter().map(|&q| q as i32).sum();
-                assert_eq!(want.dsum[j], want.d[j * BK / sb] * sum as f32);
+                assert_eq!(want.dsum[j], want.d[j * ob / sb] * sum as f32);
             }
             for &kernel in Kernel::runnable() {
-                let acts = Q16Rows::quantize(kernel, &x, k, sb);
+                let acts = Q16Rows::quantize(kernel, &x, k, sb, ob);
                 assert_eq!(
                     (&acts.q, &acts.d, &acts.dsum),
                     (&want.q, &want.d, &want.dsum),
-                    "{kernel:?} scale block {sb}"
+                    "{kernel:?} scale block {sb}, offsets per {ob}"
                 );
             }
         }
@@ -1219,7 +1292,7 @@ mod tests {
     #[test]
     fn vector_kernel_is_the_scalar_reference() {
         let k = 768;
-        for dtype in types() {
+        for dtype in BlockType::ALL {
             let n = 29; // a partial panel
             let raw = random_rows(dtype, n, k, 3);
             let rb = dtype.row_bytes(1, k).unwrap();
@@ -1238,7 +1311,7 @@ mod tests {
             for sb in scale_blocks(dtype) {
                 let mut panel = Panel::new(k);
                 panel.fill_with(dtype, &raw, rb, sb, unpack_block, interleave);
-                let acts = scalar_rows(&x, k, sb);
+                let acts = scalar_rows(&x, k, sb, offset_block(dtype));
                 let xq = acts.dequantized();
                 for i in 0..m {
                     let got = multiply_scalar(&panel, &acts, i);
@@ -1319,7 +1392,8 @@ mod tests {
         // Each value (-128 * -32 * 0.25 = 1024) times -1.
         let want = -1024.0 * k as f32;
         for &kernel in Kernel::runnable() {
-            let acts = Q16Rows::quantize(kernel, &x, k, kernel.scale_block(BlockType::Q6K));
+            let sb = kernel.scale_block(BlockType::Q6K);
+            let acts = Q16Rows::quantize(kernel, &x, k, sb, BK);
             let mut panel = Panel::new(k);
             panel.fill(kernel, BlockType::Q6K, &blk, 210);
             let mut out = [0f32; 1];

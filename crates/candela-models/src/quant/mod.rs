@@ -180,8 +180,8 @@ pub enum Activations {
     /// Prompt and encoder rows where the CPU has no bf16 engine: above 8
     /// rows, quantized to 15 bits per 32 values (14 per 64: see
     /// [`i16_gemm::Kernel::scale_block`]) for the integer prompt
-    /// kernel ([`i16_gemm`]) where the CPU (AVX512-VNNI, or AVX2 without
-    /// AVX-512) and the format have it; elsewhere as `F32`.
+    /// kernel ([`i16_gemm`]) where the CPU has it (AVX512-VNNI, or AVX2
+    /// without AVX-512); elsewhere as `F32`.
     Int16,
     /// The logits of decode rows: `Int8` for every weight row, then the
     /// rows that may still be the largest recomputed as `F32` does for one
@@ -189,10 +189,10 @@ pub enum Activations {
     Int8Top,
 }
 
-/// The integer prompt kernel [`Activations::Int16`] products of `dtype`
-/// take on this CPU, if any.
-pub fn int16_kernel(dtype: BlockType) -> Option<i16_gemm::Kernel> {
-    i16_gemm::kernel().filter(|_| i16_gemm::supports(dtype))
+/// The integer prompt kernel [`Activations::Int16`] products take on this
+/// CPU, if any (every block format unpacks to its panels).
+pub fn int16_kernel() -> Option<i16_gemm::Kernel> {
+    i16_gemm::kernel()
 }
 
 /// A `[n, k]` weight matrix in a GGUF block format.
@@ -1257,7 +1257,7 @@ impl BlockMatrix {
         // Up to 8 rows, unpacking the panels can cost more than the products
         // (f32 off the blocks: no unpacking): those take the F32 path.
         if acts == Activations::Int16 && m > ROW_DECODE_MAX_M {
-            if let Some(kernel) = int16_kernel(self.dtype) {
+            if let Some(kernel) = int16_kernel() {
                 return Ok(self.int16_product(kernel, x, m));
             }
         }
@@ -1391,7 +1391,11 @@ impl BlockMatrix {
         let (n, k) = (self.n, self.k);
         let mut out = vec![0f32; m * n];
         let dst = SendPtr(out.as_mut_ptr());
-        let acts = i16_gemm::Q16Rows::quantize(kernel, x, k, kernel.scale_block(self.dtype));
+        let (sb, ob) = (
+            kernel.scale_block(self.dtype),
+            i16_gemm::offset_block(self.dtype),
+        );
+        let acts = i16_gemm::Q16Rows::quantize(kernel, x, k, sb, ob);
         let panels = n.div_ceil(NR);
         // Few panels (a narrow matrix on many threads): split the rows too,
         // each part unpacking its panel again.
@@ -1568,7 +1572,7 @@ pub(super) mod tests {
                 // rounded to bf16; every other path sees them as they are.
                 let int = acts == Activations::Int8;
                 let int16 = (acts == Activations::Int16 && m > ROW_DECODE_MAX_M)
-                    .then(|| int16_kernel(dtype))
+                    .then(int16_kernel)
                     .flatten();
                 let bf16 = acts == Activations::Bf16 && crate::panel_gemm::bf16_engine().is_some();
                 let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
@@ -1578,8 +1582,8 @@ pub(super) mod tests {
                     let xq = q8::Q8Rows::quantize(&xv, k, group).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if let Some(kernel) = int16 {
-                    let sb = kernel.scale_block(dtype);
-                    let xq = i16_gemm::Q16Rows::quantize(kernel, &xv, k, sb).dequantized();
+                    let (sb, ob) = (kernel.scale_block(dtype), i16_gemm::offset_block(dtype));
+                    let xq = i16_gemm::Q16Rows::quantize(kernel, &xv, k, sb, ob).dequantized();
                     (Tensor::from_vec(xq, (m, k), &dev)?, wd.clone())
                 } else if bf16 {
                     (round(&x)?, round(wd)?)

@@ -118,7 +118,7 @@ impl Kernel {
     /// formats fold their sub-block scales into the integers (one f32 scale
     /// per super-block) and scale per [`BK_WIDE`] values (on Zen 2, 2-4 %
     /// more products per second; benchmark/profile-notes.md). Their offsets
-    /// stay per [`BK`].
+    /// stay per [`offset_block`].
     pub fn scale_block(self, dtype: BlockType) -> usize {
         if self == Kernel::Avx2 && dtype.block_size() == 256 {
             BK_WIDE

@@ -265,7 +265,7 @@ macro_rules! kernels {
                     prefetch_ahead(&row[bsz * b..], 8 * bsz);
                     // The first 4 bytes of each block: d, and Q4_1 / Q5_1's m.
                     // Eight loads, not `vpgatherdd`: on Zen 2 the gather
-                    // made Q4_0 decode 19 % slower (15.5 vs 19.0 tok/s).
+                    // made Q4_0 decode 18 % slower (15.5 vs 19.0 tok/s).
                     let head = |j: usize| (rp.add(bsz * (b + j)) as *const i32).read_unaligned();
                     let raw = _mm256_setr_epi32(
                         head(0),

@@ -233,10 +233,10 @@ def main() -> None:
             run([args.quantize, str(f16), str(q4), "Q4_K_M"])
         if not keep_f16:
             f16.unlink()
-    # IQ4_XS (IQ4_NL where a row is not whole 256-value blocks): the other
-    # popular 4-bit mix, from the F16 file where it is kept.
-    # The other popular mixes: Q5_K_M and Q6_K (more bits), Q4_0 (the legacy
-    # format of QAT releases), Q3_K_M and Q2_K (to fit a larger model).
+    # The other popular mixes, from the F16 file where it is kept: IQ4_XS
+    # (IQ4_NL where a row is not whole 256-value blocks), Q5_K_M and Q6_K
+    # (more bits), Q4_0 (the legacy format of QAT releases), Q3_K_M and Q2_K
+    # (to fit a larger model).
     low = {q: out / f"{name}.{q}.gguf" for q in ("iq4_xs", "q5_k_m", "q6_k", "q4_0", "q3_k_m", "q2_k")}
     for q, path in low.items():
         if not path.exists() and f16.exists() and can_quantize:

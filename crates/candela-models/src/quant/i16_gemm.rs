@@ -18,9 +18,9 @@
 //! [`offset_block`]; `s` per row and scale block: 32 values, or on AVX2 64
 //! for the 256-value formats, whose sub-block scales are then folded into
 //! `w`, as Q2_K's, Q3_K's and Q6_K's 16-value ones always are;
-//! [`Kernel::scale_block`]), interleaved by pairs of values: one 512-bit load holds one pair of 16 rows, and
-//! `vpdpwssd` with an activation row's pair broadcast adds both products to
-//! each row's i32 lane. A register tile is 32 weight rows x [`MR`] activation
+//! [`Kernel::scale_block`]), interleaved by pairs of values: one 512-bit
+//! load holds one pair of 16 rows, and `vpdpwssd` with an activation row's
+//! pair broadcast adds both products to each row's i32 lane. A register tile is 32 weight rows x [`MR`] activation
 //! rows; each scale block's exact i32 sums are scaled once into f32
 //! accumulators.
 //! Every output element takes the same operations in the same order whatever
@@ -765,7 +765,7 @@ mod x86 {
             BlockType::Q4K | BlockType::Q5K => {
                 let q5 = dtype == BlockType::Q5K;
                 let qoff = if q5 { 48 } else { 16 };
-                let (one, bit4) = (_mm256_set1_epi16(1), _mm256_set1_epi16(0x10));
+                let one = _mm256_set1_epi16(1);
                 let folded = super::q4k_scales(blk, s, mn, sb);
                 // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..];
                 // Q5_K's bit 4 is bit 2c (2c + 1) of qh[l].
@@ -782,10 +782,7 @@ mod x86 {
                             let h = load(16 + 16 * g);
                             let high = |j: usize| {
                                 let b = _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32));
-                                _mm256_and_si256(
-                                    _mm256_slli_epi16::<4>(_mm256_and_si256(b, one)),
-                                    bit4,
-                                )
+                                _mm256_slli_epi16::<4>(_mm256_and_si256(b, one))
                             };
                             ql = _mm256_or_si256(ql, high(2 * c));
                             qh = _mm256_or_si256(qh, high(2 * c + 1));

@@ -748,6 +748,13 @@ mod x86 {
         mn: &mut [f32],
         sb: usize,
     ) {
+        // `mask` of each i16 lane of `v` shifted down by `shift` bits.
+        let bits = |v: __m256i, shift: usize, mask: i16| {
+            _mm256_and_si256(
+                _mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32)),
+                _mm256_set1_epi16(mask),
+            )
+        };
         // 16 bytes at `at` as i16 lanes.
         let load =
             |at: usize| _mm256_cvtepu8_epi16(_mm_loadu_si128(blk[at..at + 16].as_ptr().cast()));
@@ -765,7 +772,6 @@ mod x86 {
             BlockType::Q4K | BlockType::Q5K => {
                 let q5 = dtype == BlockType::Q5K;
                 let qoff = if q5 { 48 } else { 16 };
-                let one = _mm256_set1_epi16(1);
                 let folded = super::q4k_scales(blk, s, mn, sb);
                 // Sub-blocks 2c and 2c + 1: low and high nibbles of qs[32c..];
                 // Q5_K's bit 4 is bit 2c (2c + 1) of qh[l].
@@ -780,10 +786,7 @@ mod x86 {
                             (_mm256_and_si256(v, low4), _mm256_srli_epi16::<4>(v));
                         if q5 {
                             let h = load(16 + 16 * g);
-                            let high = |j: usize| {
-                                let b = _mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32));
-                                _mm256_slli_epi16::<4>(_mm256_and_si256(b, one))
-                            };
+                            let high = |j: usize| _mm256_slli_epi16::<4>(bits(h, j, 1));
                             ql = _mm256_or_si256(ql, high(2 * c));
                             qh = _mm256_or_si256(qh, high(2 * c + 1));
                         }
@@ -795,15 +798,10 @@ mod x86 {
             }
             BlockType::Q2K => {
                 let (d, dmin) = (super::f16_at(blk, 80), super::f16_at(blk, 82));
-                let three = _mm256_set1_epi16(3);
                 for g in 0..8 {
                     for h in 0..2 {
                         // Values 16h.. of group g, times their 4-bit scale.
-                        let raw = load(16 + 32 * (g / 4) + 16 * h);
-                        let q = _mm256_and_si256(
-                            _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * (g % 4) as i32)),
-                            three,
-                        );
+                        let q = bits(load(16 + 32 * (g / 4) + 16 * h), 2 * (g % 4), 3);
                         let scale = _mm256_set1_epi16((blk[2 * g + h] & 0x0F) as i16);
                         store(&mut w[32 * g + 16 * h..], _mm256_mullo_epi16(scale, q));
                     }
@@ -816,23 +814,12 @@ mod x86 {
             BlockType::Q3K => {
                 let d = super::f16_at(blk, 108);
                 let scales: &[u8; 12] = blk[96..108].try_into().expect("12 scale bytes");
-                let (one, three, four) = (
-                    _mm256_set1_epi16(1),
-                    _mm256_set1_epi16(3),
-                    _mm256_set1_epi16(4),
-                );
+                let four = _mm256_set1_epi16(4);
                 for g in 0..8 {
                     for h in 0..2 {
                         // Values 16h.. of group g: `int_dot::q3k`'s bits.
-                        let raw = load(32 + 32 * (g / 4) + 16 * h);
-                        let lo = _mm256_and_si256(
-                            _mm256_srl_epi16(raw, _mm_cvtsi32_si128(2 * (g % 4) as i32)),
-                            three,
-                        );
-                        let hb = _mm256_and_si256(
-                            _mm256_srl_epi16(load(16 * h), _mm_cvtsi32_si128(g as i32)),
-                            one,
-                        );
+                        let lo = bits(load(32 + 32 * (g / 4) + 16 * h), 2 * (g % 4), 3);
+                        let hb = bits(load(16 * h), g, 1);
                         let q =
                             _mm256_sub_epi16(_mm256_or_si256(lo, _mm256_slli_epi16::<2>(hb)), four);
                         let scale = _mm256_set1_epi16(super::q3k_scale(scales, 2 * g + h) as i16);
@@ -855,13 +842,7 @@ mod x86 {
                             } else {
                                 _mm256_srli_epi16::<4>(ql)
                             };
-                            let hi = _mm256_and_si256(
-                                _mm256_srl_epi16(
-                                    load(128 + 32 * half + 16 * g),
-                                    _mm_cvtsi32_si128(2 * t as i32),
-                                ),
-                                _mm256_set1_epi16(3),
-                            );
+                            let hi = bits(load(128 + 32 * half + 16 * g), 2 * t, 3);
                             let q = _mm256_sub_epi16(
                                 _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi)),
                                 _mm256_set1_epi16(32),

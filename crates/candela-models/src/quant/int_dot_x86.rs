@@ -181,6 +181,15 @@ macro_rules! kernels {
             }
 
             impl<const M: usize> Acts<M> {
+                /// [`Self::of`] for `nsb` super-blocks of a format that
+                /// takes the activations' sums per 16 (checked here).
+                fn of_sums16(a: &[Q8Row; M], nsb: usize) -> Self {
+                    assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
+                        && a.sum16.len() >= 16 * nsb
+                        && a.qs.len() >= 256 * nsb));
+                    Self::of(a)
+                }
+
                 fn of(a: &[Q8Row; M]) -> Self {
                     Self {
                         qs: std::array::from_fn(|i| a[i].qs.as_ptr()),
@@ -488,6 +497,29 @@ macro_rules! kernels {
                 _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(sc))
             }
 
+            /// Unsigned quants `w` of 32-value group `ag` (of the row) times
+            /// each activation row's group, their i16 pairs times the scales
+            /// `s`, into the even (`s0`) or odd (`s1`) groups' i32 chains.
+            #[inline(always)]
+            unsafe fn group_dot<const M: usize>(
+                s0: &mut [__m256i; M],
+                s1: &mut [__m256i; M],
+                odd: bool,
+                w: __m256i,
+                s: __m256i,
+                ap: &Acts<M>,
+                ag: usize,
+            ) {
+                for i in 0..M {
+                    let x = load_acts(ap.qs[i].add(QK * ag));
+                    if odd {
+                        s1[i] = dot_scaled(s1[i], w, x, s);
+                    } else {
+                        s0[i] = dot_scaled(s0[i], w, x, s);
+                    }
+                }
+            }
+
             /// `sum_j s_j * sum16_j` over a super-block's 16 sub-blocks, for
             /// activation row `i` (8 i32 lanes).
             #[inline(always)]
@@ -509,10 +541,7 @@ macro_rules! kernels {
             #[inline(always)]
             unsafe fn q2k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let nsb = row.len() / 84;
-                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
-                    && a.sum16.len() >= 16 * nsb
-                    && a.qs.len() >= 256 * nsb));
-                let ap = Acts::of(a);
+                let ap = Acts::of_sums16(a, nsb);
                 let m4 = _mm_set1_epi8(0x0F);
                 let (mut acc, mut offs) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
                 for (sb, blk) in row.chunks_exact(84).enumerate() {
@@ -529,14 +558,7 @@ macro_rules! kernels {
                         for (j, w) in ws.into_iter().enumerate() {
                             let g = 4 * half + j;
                             let s = group_scales(sc16, g);
-                            for i in 0..M {
-                                let x = load_acts(ap.qs[i].add(QK * (8 * sb + g)));
-                                if j % 2 == 0 {
-                                    s0[i] = dot_scaled(s0[i], w, x, s);
-                                } else {
-                                    s1[i] = dot_scaled(s1[i], w, x, s);
-                                }
-                            }
+                            group_dot(&mut s0, &mut s1, j % 2 == 1, w, s, &ap, 8 * sb + g);
                         }
                     }
                     add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
@@ -562,10 +584,7 @@ macro_rules! kernels {
             #[inline(always)]
             unsafe fn q3k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let nsb = row.len() / 110;
-                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
-                    && a.sum16.len() >= 16 * nsb
-                    && a.qs.len() >= 256 * nsb));
-                let ap = Acts::of(a);
+                let ap = Acts::of_sums16(a, nsb);
                 let four = _mm256_set1_epi8(4);
                 let mut acc = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(110).enumerate() {
@@ -593,14 +612,7 @@ macro_rules! kernels {
                             let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
                             let w = _mm256_or_si256(lo, _mm256_and_si256(set, four));
                             let s = group_scales(sc16, g);
-                            for i in 0..M {
-                                let x = load_acts(ap.qs[i].add(QK * (8 * sb + g)));
-                                if j % 2 == 0 {
-                                    s0[i] = dot_scaled(s0[i], w, x, s);
-                                } else {
-                                    s1[i] = dot_scaled(s1[i], w, x, s);
-                                }
-                            }
+                            group_dot(&mut s0, &mut s1, j % 2 == 1, w, s, &ap, 8 * sb + g);
                         }
                     }
                     add_super_block(&mut acc, &s0, &s1, d, &ap, sb);
@@ -619,10 +631,7 @@ macro_rules! kernels {
             unsafe fn q6k<const M: usize>(row: &[u8], a: &[Q8Row; M]) -> [f32; M] {
                 let (m4, m3) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
                 let nsb = row.len() / 210;
-                assert!(a.iter().all(|a| a.d.len() >= 8 * nsb
-                    && a.sum16.len() >= 16 * nsb
-                    && a.qs.len() >= 256 * nsb));
-                let ap = Acts::of(a);
+                let ap = Acts::of_sums16(a, nsb);
                 let mut acc = [_mm256_setzero_ps(); M];
                 for (sb, blk) in row.chunks_exact(210).enumerate() {
                     prefetch_ahead(blk, blk.len());
@@ -659,14 +668,7 @@ macro_rules! kernels {
                             let high = _mm256_slli_epi16(_mm256_and_si256(highs[t], m3), 4);
                             let q = _mm256_or_si256(lows[t], high);
                             let s = group_scales(sc16, g);
-                            for i in 0..M {
-                                let x = load_acts(ap.qs[i].add(QK * (8 * sb + g)));
-                                if t % 2 == 0 {
-                                    s0[i] = dot_scaled(s0[i], q, x, s);
-                                } else {
-                                    s1[i] = dot_scaled(s1[i], q, x, s);
-                                }
-                            }
+                            group_dot(&mut s0, &mut s1, t % 2 == 1, q, s, &ap, 8 * sb + g);
                         }
                     }
                     add_super_block(&mut acc, &s0, &s1, d, &ap, sb);

@@ -511,11 +511,8 @@ unsafe fn decode_kquant_avx2(dtype: BlockType, row: &[u8], out: &mut [f32]) {
             for (blk, o) in row.chunks_exact(bsz).zip(out.chunks_exact_mut(256)) {
                 let d = f16_at(blk, if q3 { 108 } else { 80 });
                 let dmin = if q3 { 0.0 } else { f16_at(blk, 82) };
-                let q3_scales: Option<&[u8; 12]> = if q3 {
-                    blk[96..108].try_into().ok()
-                } else {
-                    None
-                };
+                let q3_scales: Option<&[u8; 12]> =
+                    q3.then(|| blk[96..108].try_into().expect("12 scale bytes"));
                 let op = o.as_mut_ptr();
                 for g in 0..8 {
                     let shift = _mm256_set1_epi32(2 * (g % 4) as i32);

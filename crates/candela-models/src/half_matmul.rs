@@ -11,10 +11,9 @@
 //! holding a bf16 pair, the odd element is one AND away from an f32 and the
 //! even one a shift, so the input rows are laid out once per call as the
 //! matching even / odd lanes. f16 widens with `vcvtph2ps` (F16C, AVX-512F).
-//! Larger products (prefill, encoders) take AVX-512 FMAs over panels of
-//! widened weight rows ([`crate::panel_gemm`]), or without AVX-512 widen
-//! L2-sized tiles of weight rows to f32 for the f32 GEMM, as
-//! [`crate::quant`] does for block formats.
+//! Larger products (prefill, encoders) take AVX-512 or AVX2 FMAs over
+//! panels of widened weight rows ([`crate::panel_gemm`]), or in portable
+//! code widen L2-sized tiles of weight rows to f32 for the f32 GEMM.
 //!
 //! The instruction set is picked at run time: AVX-512F (16 lanes), AVX2 +
 //! FMA + F16C (8 lanes), or portable code.
@@ -27,7 +26,7 @@ use rayon::prelude::*;
 use crate::quant::Activations;
 
 /// Input rows up to which weight rows are dotted with each input row; above,
-/// widened tiles and the f32 GEMM.
+/// the panel engines (portable code: widened tiles and the f32 GEMM).
 const DOT_MAX_M: usize = 4;
 /// f32 elements of one widened weight tile (256 KiB, about L2).
 const TILE_ELEMS: usize = 64 << 10;
@@ -222,8 +221,14 @@ impl HalfMatrix {
         if m == 0 || n == 0 || k == 0 {
             return Ok(vec![0f32; m * n]);
         }
-        if m > DOT_MAX_M && isa == Isa::Avx512 {
-            if let Some(engine) = crate::panel_gemm::f32_engine() {
+        if m > DOT_MAX_M {
+            use crate::panel_gemm::Engine;
+            let engine = match isa {
+                Isa::Avx512 => Some(Engine::Avx512F32),
+                Isa::Avx2 => Some(Engine::Avx2F32),
+                Isa::Scalar => None,
+            };
+            if let Some(engine) = engine.filter(|e| Engine::available().contains(e)) {
                 let mut out = vec![0f32; m * n];
                 crate::panel_gemm::matmul(engine, x, m, k, n, self, &mut out);
                 return Ok(out);

@@ -17,6 +17,8 @@
 //!   512-bit FMAs/s).
 //! - `Avx512F32`: 512-bit f32 FMAs on the rows as they are (exact f32, up
 //!   to summation order), where the CPU has AVX-512F.
+//! - `Avx2F32`: the same in 256-bit FMAs, where the CPU has AVX2 and FMA
+//!   but no AVX-512 (AMD Zen 2 / 3, Intel client cores).
 //!
 //! The bf16 engines are the arithmetic transformers runs a bf16 checkpoint
 //! in, and what llama.cpp's AMX path and oneDNN do for prompts; they are
@@ -26,9 +28,9 @@
 //! Each output row depends on its own input row only, not on how many rows
 //! share the call (rows pad to whole blocks with zeros or go through a
 //! kernel for fewer rows; `k` pads with zeros to the engine's depth), so a
-//! sequence's numbers do not depend on its batch. Tasks own panels of 32
-//! weight rows: the weights are read once per call, and a panel stays in
-//! L2 while every input row passes it.
+//! sequence's numbers do not depend on its batch. Tasks own groups of
+//! weight rows: the weights are decoded once per call (the FMA engines'
+//! blocking: `driver`).
 
 use half::bf16;
 
@@ -38,6 +40,7 @@ pub enum Engine {
     Amx,
     Avx512Bf16,
     Avx512F32,
+    Avx2F32,
 }
 
 impl Engine {
@@ -60,6 +63,9 @@ impl Engine {
                 if is_x86_feature_detected!("avx512f") {
                     v.push(Engine::Avx512F32);
                 }
+                if crate::cpu::has_avx2() {
+                    v.push(Engine::Avx2F32);
+                }
             }
             v
         })
@@ -67,7 +73,7 @@ impl Engine {
 
     /// Whether the engine rounds its operands to bf16.
     pub fn rounds_to_bf16(self) -> bool {
-        self != Engine::Avx512F32
+        matches!(self, Engine::Amx | Engine::Avx512Bf16)
     }
 }
 
@@ -84,11 +90,12 @@ pub fn bf16_engine() -> Option<Engine> {
     }
 }
 
-/// The f32 engine for f32 prompt rows, if this CPU has one.
+/// The f32 engine for f32 prompt rows, if this CPU has one: the widest.
 pub fn f32_engine() -> Option<Engine> {
     Engine::available()
-        .contains(&Engine::Avx512F32)
-        .then_some(Engine::Avx512F32)
+        .iter()
+        .copied()
+        .find(|e| !e.rounds_to_bf16())
 }
 
 /// Where the weight rows come from: `fill_row(r, out)` writes row `r` as
@@ -124,6 +131,8 @@ pub fn matmul(
         Engine::Avx512Bf16 => avx512::matmul_bf16(x, m, k, n, w, dst),
         #[cfg(target_arch = "x86_64")]
         Engine::Avx512F32 => avx512::matmul_f32(x, m, k, n, w, dst),
+        #[cfg(target_arch = "x86_64")]
+        Engine::Avx2F32 => avx2::matmul_f32(x, m, k, n, w, dst),
         #[allow(unreachable_patterns)]
         _ => unreachable!("no {engine:?} on this target"),
     }
@@ -172,36 +181,45 @@ unsafe fn round_avx512bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// The driver of the FMA-shaped engines (`Avx512F32`, `Avx512Bf16`,
+/// `Avx2F32`): the panel holds, per depth step `j`, `PANEL` weight rows'
+/// words (an f32, or a pair of bf16 as one 32-bit word), so one load is a
+/// vector of rows; each input row's word is broadcast from the row as it
+/// is, and the FMA adds into that row's output lanes. Results are stored as
+/// they are: lanes are output columns.
+///
+/// Blocking: a task takes a group of up to [`GROUP_ROWS`] weight rows (whole
+/// panels), decodes them once, then walks the depth in slices of [`KC`]
+/// words: per slice, every block of `MR` input rows meets every panel of the
+/// group, the panels' slices (the group's `GROUP_ROWS x KC` words, 128 KiB)
+/// staying in L2 and the row block's in L1, and the kernel adds the slice
+/// into the outputs. The input rows are read once per group and slice, not
+/// once per panel: a vision tower's 4,000 rows x 1,280 are 20 MB, more than
+/// the L3, and streaming them per 16-row panel left the FMAs waiting.
+/// A row's sums run over the slices in order whatever `m` is, so a row's
+/// numbers do not depend on its batch.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
+mod driver {
     use rayon::prelude::*;
 
-    use super::{round_to_bf16, WeightRows};
     use crate::cpu::SendPtr;
 
-    /// f32 lanes per vector: weight rows per half panel.
-    const LANES: usize = 16;
-    /// Weight rows per panel (two vectors of output columns).
-    const PANEL: usize = 2 * LANES;
-    /// Input rows per register block: 2 x 12 accumulators and two weight
-    /// vectors of the 32 zmm registers.
-    const MR: usize = 12;
+    /// Depth per slice, in words.
+    pub const KC: usize = 256;
+    /// Weight rows per task at most (fewer where that leaves threads idle).
+    pub const GROUP_ROWS: usize = 128;
 
-    /// A kernel for `R` input rows: `(panel, depth, x, out, n, nr)`.
-    type Block<W, X> = unsafe fn(&[W], usize, *const X, *mut f32, usize, usize);
+    /// A kernel for `R` input rows: `(panel slice, depth of the slice, x,
+    /// x's row stride, out, out's row stride, output columns, add)`; with
+    /// `add` the slice's products are added to `out`, else they replace it.
+    pub type Block<W, X> =
+        unsafe fn(*const W, usize, *const X, usize, *mut f32, usize, usize, bool);
 
-    /// Both engines share one shape: the panel holds, per depth step `j`,
-    /// the 32 rows' words (an f32, or a pair of bf16 as one 32-bit word) so
-    /// one load is 16 rows' worth; each input row's word is broadcast
-    /// from the row as it is, and the FMA adds into that row's 16 output
-    /// lanes. Results are stored as they are: lanes are output columns.
-    ///
-    /// `x` holds `m` rows of `depth` words; `fill(r, row)` writes weight row
-    /// `r` as `depth` words (`row` is zeroed past the matrix).
+    /// `dst[i * n + r] = x_i . w_r` for `m` rows of `depth` words in `x`;
+    /// `fill(r, row, scratch)` writes weight row `r` as `depth` words.
+    /// `blocks[R - 1]` is the kernel for `R` input rows.
     #[allow(clippy::too_many_arguments)]
-    fn run_panels<W, X>(
+    pub fn run_panels<W, X, const PANEL: usize, const MR: usize>(
         x: &[X],
         m: usize,
         depth: usize,
@@ -214,70 +232,133 @@ mod avx512 {
         X: Sync,
     {
         let out = SendPtr(dst.as_mut_ptr());
-        (0..n.div_ceil(PANEL))
-            .into_par_iter()
-            .with_min_len(4)
-            .for_each_init(
-                || {
-                    (
-                        vec![W::default(); depth * PANEL],
-                        vec![W::default(); depth * PANEL],
-                        Vec::new(),
-                    )
-                },
-                |(panel, rows, scratch), p| {
-                    let r0 = p * PANEL;
-                    let nr = PANEL.min(n - r0);
+        let threads = rayon::current_num_threads();
+        let group = n
+            .div_ceil(2 * threads)
+            .div_ceil(PANEL)
+            .clamp(1, GROUP_ROWS / PANEL)
+            * PANEL;
+        (0..n.div_ceil(group)).into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(panels, rows, scratch): &mut (Vec<W>, Vec<W>, Vec<f32>), g| {
+                let r0 = g * group;
+                let nr = group.min(n - r0);
+                let np = nr.div_ceil(PANEL);
+                panels.resize(np * depth * PANEL, W::default());
+                rows.resize(depth * PANEL, W::default());
+                for (p, panel) in panels.chunks_exact_mut(depth * PANEL).enumerate() {
                     for (l, row) in rows.chunks_exact_mut(depth).enumerate() {
-                        if l < nr {
-                            fill(r0 + l, row, scratch);
+                        if p * PANEL + l < nr {
+                            fill(r0 + p * PANEL + l, row, scratch);
                         } else {
                             row.fill(W::default());
                         }
                     }
-                    // Depth step by depth step: the 32 rows' current lines
-                    // stay in L1 while the panel is written in order.
+                    // Depth step by depth step: the panel's rows' current
+                    // lines stay in L1 while the panel is written in order.
                     for (j, col) in panel.chunks_exact_mut(PANEL).enumerate() {
                         for (l, v) in col.iter_mut().enumerate() {
                             *v = rows[l * depth + j];
                         }
                     }
+                }
+                for c0 in (0..depth).step_by(KC) {
+                    let kc = KC.min(depth - c0);
                     for i0 in (0..m).step_by(MR) {
-                        let rows = MR.min(m - i0);
-                        // SAFETY: the caller checked the engine's CPU features;
-                        // `panel` holds `depth` words of 32 rows, `x` rows
-                        // i0..i0 + rows of `depth` words; the task writes only
-                        // columns r0..r0 + nr of those rows of `dst` ([m, n]).
-                        unsafe {
-                            blocks[rows - 1](
-                                panel,
-                                depth,
-                                x.as_ptr().add(i0 * depth),
-                                out.get().add(i0 * n + r0),
-                                n,
-                                nr,
-                            )
-                        };
+                        let block = blocks[MR.min(m - i0) - 1];
+                        for p in 0..np {
+                            // SAFETY: the caller checked the engine's CPU
+                            // features; panel `p` holds `depth` words of
+                            // `PANEL` rows (slice `c0..c0 + kc`), `x` rows
+                            // i0.. of `depth` words; the task writes only
+                            // columns r0 + p * PANEL.. (at most `nr` in all)
+                            // of those rows of `dst` ([m, n]).
+                            unsafe {
+                                block(
+                                    panels.as_ptr().add((p * depth + c0) * PANEL),
+                                    kc,
+                                    x.as_ptr().add(i0 * depth + c0),
+                                    depth,
+                                    out.get().add(i0 * n + r0 + p * PANEL),
+                                    n,
+                                    PANEL.min(nr - p * PANEL),
+                                    c0 > 0,
+                                )
+                            };
+                        }
                     }
-                },
-            );
+                }
+            },
+        );
     }
+}
 
-    /// One instantiation per row count 1..=MR.
-    macro_rules! blocks {
-        ($f:ident) => {
-            [
-                $f::<1>, $f::<2>, $f::<3>, $f::<4>, $f::<5>, $f::<6>, $f::<7>, $f::<8>, $f::<9>,
-                $f::<10>, $f::<11>, $f::<12>,
-            ]
-        };
-    }
+/// One instantiation per row count 1..=12 (the first `MR` of them).
+#[cfg(target_arch = "x86_64")]
+macro_rules! blocks {
+    ($f:ident, 6) => {
+        [$f::<1>, $f::<2>, $f::<3>, $f::<4>, $f::<5>, $f::<6>]
+    };
+    ($f:ident, 12) => {
+        [
+            $f::<1>, $f::<2>, $f::<3>, $f::<4>, $f::<5>, $f::<6>, $f::<7>, $f::<8>, $f::<9>,
+            $f::<10>, $f::<11>, $f::<12>,
+        ]
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::driver::run_panels;
+    use super::{round_to_bf16, WeightRows};
+
+    /// f32 lanes per vector: weight rows per half panel.
+    const LANES: usize = 16;
+    /// Weight rows per panel (two vectors of output columns).
+    const PANEL: usize = 2 * LANES;
+    /// Input rows per register block: 2 x 12 accumulators and two weight
+    /// vectors of the 32 zmm registers.
+    const MR: usize = 12;
 
     /// Masks of the first `nr` lanes of the two output vectors.
     #[inline(always)]
     fn masks(nr: usize) -> (__mmask16, __mmask16) {
         let m = |from: usize| ((1u32 << nr.saturating_sub(from).min(LANES)) - 1) as __mmask16;
         (m(0), m(LANES))
+    }
+
+    /// The accumulators a kernel starts from: the outputs (`add`) or zeros.
+    #[inline(always)]
+    unsafe fn start<const R: usize>(
+        out: *const f32,
+        ldo: usize,
+        nr: usize,
+        add: bool,
+    ) -> [[__m512; 2]; R] {
+        let (m0, m1) = masks(nr);
+        std::array::from_fn(|i| {
+            if add {
+                [
+                    _mm512_maskz_loadu_ps(m0, out.add(i * ldo)),
+                    _mm512_maskz_loadu_ps(m1, out.add(i * ldo + LANES)),
+                ]
+            } else {
+                [_mm512_setzero_ps(); 2]
+            }
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], out: *mut f32, ldo: usize, nr: usize) {
+        let (m0, m1) = masks(nr);
+        for (i, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(i * ldo), m0, a[0]);
+            _mm512_mask_storeu_ps(out.add(i * ldo + LANES), m1, a[1]);
+        }
     }
 
     pub fn matmul_f32(
@@ -289,38 +370,35 @@ mod avx512 {
         dst: &mut [f32],
     ) {
         let fill = |r: usize, row: &mut [f32], _: &mut Vec<f32>| w.fill_row(r, row);
-        run_panels(x, m, k, n, dst, fill, &blocks!(block_f32));
+        run_panels::<_, _, PANEL, MR>(x, m, k, n, dst, fill, &blocks!(block_f32, 12));
     }
 
     /// # Safety
-    /// AVX-512F; `panel` has `k * PANEL` values, `x` `R` rows of `k`, `out`
-    /// `R` rows (`n` apart) of at least `nr` values.
+    /// AVX-512F; `panel` has `kc * PANEL` values, `x` `R` rows (`ldx`
+    /// apart) of `kc`, `out` `R` rows (`ldo` apart) of at least `nr` values.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block_f32<const R: usize>(
-        panel: &[f32],
-        k: usize,
+        panel: *const f32,
+        kc: usize,
         x: *const f32,
+        ldx: usize,
         out: *mut f32,
-        n: usize,
+        ldo: usize,
         nr: usize,
+        add: bool,
     ) {
-        debug_assert!(panel.len() >= k * PANEL && R <= MR);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let wp = panel.as_ptr();
-        for j in 0..k {
-            let w0 = _mm512_loadu_ps(wp.add(j * PANEL));
-            let w1 = _mm512_loadu_ps(wp.add(j * PANEL + LANES));
+        let mut acc = start::<R>(out, ldo, nr, add);
+        for j in 0..kc {
+            let w0 = _mm512_loadu_ps(panel.add(j * PANEL));
+            let w1 = _mm512_loadu_ps(panel.add(j * PANEL + LANES));
             for (i, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*x.add(i * k + j));
+                let xv = _mm512_set1_ps(*x.add(i * ldx + j));
                 a[0] = _mm512_fmadd_ps(w0, xv, a[0]);
                 a[1] = _mm512_fmadd_ps(w1, xv, a[1]);
             }
         }
-        let (m0, m1) = masks(nr);
-        for (i, a) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(i * n), m0, a[0]);
-            _mm512_mask_storeu_ps(out.add(i * n + LANES), m1, a[1]);
-        }
+        store(&acc, out, ldo, nr);
     }
 
     /// bf16 pairs `(2j, 2j + 1)` as one 32-bit word (x86 is little-endian:
@@ -354,39 +432,118 @@ mod avx512 {
             w.fill_row(r, scratch);
             pairs(scratch, row);
         };
-        run_panels(&xb, m, kp, n, dst, fill, &blocks!(block_bf16));
+        run_panels::<_, _, PANEL, MR>(&xb, m, kp, n, dst, fill, &blocks!(block_bf16, 12));
     }
 
     /// # Safety
-    /// AVX512-F and AVX512-BF16; `panel` has `kp * PANEL` words, `x` `R`
-    /// rows of `kp` words, `out` `R` rows (`n` apart) of at least `nr` values.
+    /// AVX512-F and AVX512-BF16; `panel` has `kc * PANEL` words, `x` `R`
+    /// rows (`ldx` apart) of `kc` words, `out` `R` rows (`ldo` apart) of at
+    /// least `nr` values.
     #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block_bf16<const R: usize>(
-        panel: &[u32],
-        kp: usize,
+        panel: *const u32,
+        kc: usize,
         x: *const u32,
+        ldx: usize,
         out: *mut f32,
-        n: usize,
+        ldo: usize,
         nr: usize,
+        add: bool,
     ) {
-        debug_assert!(panel.len() >= kp * PANEL && R <= MR);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let wp = panel.as_ptr();
-        for j in 0..kp {
-            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(j * PANEL).cast()));
+        let mut acc = start::<R>(out, ldo, nr, add);
+        for j in 0..kc {
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(j * PANEL).cast()));
             let w1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(wp.add(j * PANEL + LANES).cast()));
+                std::mem::transmute(_mm512_loadu_si512(panel.add(j * PANEL + LANES).cast()));
             for (i, a) in acc.iter_mut().enumerate() {
                 let xv: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*x.add(i * kp + j) as i32));
+                    std::mem::transmute(_mm512_set1_epi32(*x.add(i * ldx + j) as i32));
                 a[0] = _mm512_dpbf16_ps(a[0], w0, xv);
                 a[1] = _mm512_dpbf16_ps(a[1], w1, xv);
             }
         }
-        let (m0, m1) = masks(nr);
+        store(&acc, out, ldo, nr);
+    }
+}
+
+/// `Avx2F32`: the same products as `Avx512F32` in 256-bit FMAs, for CPUs
+/// with AVX2 and no AVX-512 (AMD Zen 2 / 3, Intel client cores).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::driver::run_panels;
+    use super::WeightRows;
+
+    /// f32 lanes per vector: weight rows per half panel.
+    const LANES: usize = 8;
+    /// Weight rows per panel (two vectors of output columns).
+    const PANEL: usize = 2 * LANES;
+    /// Input rows per register block: 2 x 6 accumulators, two weight
+    /// vectors and a broadcast of the 16 ymm registers.
+    const MR: usize = 6;
+
+    /// Lane masks of the first `nr` output columns in the two vectors.
+    #[inline(always)]
+    unsafe fn masks(nr: usize) -> [__m256i; 2] {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        [0, LANES].map(|from| {
+            let left = nr.saturating_sub(from).min(LANES) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane)
+        })
+    }
+
+    pub fn matmul_f32(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        w: &impl WeightRows,
+        dst: &mut [f32],
+    ) {
+        let fill = |r: usize, row: &mut [f32], _: &mut Vec<f32>| w.fill_row(r, row);
+        run_panels::<_, _, PANEL, MR>(x, m, k, n, dst, fill, &blocks!(block_f32, 6));
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `panel` has `kc * PANEL` values, `x` `R` rows (`ldx`
+    /// apart) of `kc`, `out` `R` rows (`ldo` apart) of at least `nr` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_f32<const R: usize>(
+        panel: *const f32,
+        kc: usize,
+        x: *const f32,
+        ldx: usize,
+        out: *mut f32,
+        ldo: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        let mask = masks(nr);
+        let mut acc: [[__m256; 2]; R] = std::array::from_fn(|i| {
+            std::array::from_fn(|h| {
+                if add {
+                    _mm256_maskload_ps(out.add(i * ldo + h * LANES), mask[h])
+                } else {
+                    _mm256_setzero_ps()
+                }
+            })
+        });
+        for j in 0..kc {
+            let w0 = _mm256_loadu_ps(panel.add(j * PANEL));
+            let w1 = _mm256_loadu_ps(panel.add(j * PANEL + LANES));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(i * ldx + j));
+                a[0] = _mm256_fmadd_ps(w0, xv, a[0]);
+                a[1] = _mm256_fmadd_ps(w1, xv, a[1]);
+            }
+        }
         for (i, a) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(i * n), m0, a[0]);
-            _mm512_mask_storeu_ps(out.add(i * n + LANES), m1, a[1]);
+            for (h, &v) in a.iter().enumerate() {
+                _mm256_maskstore_ps(out.add(i * ldo + h * LANES), mask[h], v);
+            }
         }
     }
 }
@@ -654,7 +811,8 @@ mod tests {
 
     #[test]
     fn every_engine_matches_the_f64_product_of_its_operands() {
-        // Odd shapes: partial row blocks, panels, tile columns and depth.
+        // Odd shapes: partial row blocks, panels, tile columns and depth;
+        // several depth slices and row groups.
         for &engine in engines() {
             for (m, k, n) in [
                 (1, 32, 16),
@@ -662,6 +820,7 @@ mod tests {
                 (64, 896, 70),
                 (5, 3420, 33),
                 (13, 7, 3),
+                (23, 700, 300),
             ] {
                 let x = values(m * k, (m * k) as u64);
                 let w = round(&values(n * k, (n * 7 + k) as u64));
@@ -681,7 +840,8 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_and_batched() {
-        let (m, k, n) = (41, 200, 50);
+        // Several depth slices and row groups.
+        let (m, k, n) = (41, 600, 300);
         let x = values(m * k, 3);
         let w = round(&values(n * k, 4));
         for &engine in engines() {

@@ -20,9 +20,9 @@
 //!   without AVX-512); elsewhere as `F32`.
 //! - `F32` (the logits, and fallbacks): f32 dot products straight off the
 //!   blocks for one or two rows, each weight row decoded once for up to
-//!   eight, and above panels of decoded rows through AVX-512 FMAs
-//!   ([`crate::panel_gemm`]) or, without AVX-512, L2-sized tiles through the
-//!   f32 GEMM of the `gemm` crate (the one candle uses).
+//!   eight, and above panels of decoded rows through AVX-512 or AVX2 FMAs
+//!   ([`crate::panel_gemm`]) or, in portable code, L2-sized tiles through
+//!   the f32 GEMM of the `gemm` crate (the one candle uses).
 //!
 //! - `Int8Top` (the logits of decode rows): `Int8` products for the whole
 //!   vocabulary, then every row that may be the largest (its 8-bit value

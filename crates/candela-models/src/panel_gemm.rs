@@ -231,6 +231,10 @@ mod driver {
         W: Copy + Default + Send,
         X: Sync,
     {
+        if depth == 0 {
+            dst.fill(0.0);
+            return;
+        }
         let out = SendPtr(dst.as_mut_ptr());
         let threads = rayon::current_num_threads();
         let group = n
@@ -293,7 +297,7 @@ mod driver {
     }
 }
 
-/// One instantiation per row count 1..=12 (the first `MR` of them).
+/// One instantiation per row count 1..=MR (6 or 12).
 #[cfg(target_arch = "x86_64")]
 macro_rules! blocks {
     ($f:ident, 6) => {
@@ -821,6 +825,7 @@ mod tests {
                 (5, 3420, 33),
                 (13, 7, 3),
                 (23, 700, 300),
+                (9, 0, 5),
             ] {
                 let x = values(m * k, (m * k) as u64);
                 let w = round(&values(n * k, (n * 7 + k) as u64));

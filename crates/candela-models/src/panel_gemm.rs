@@ -202,6 +202,7 @@ unsafe fn round_avx512bf16(src: &[f32], dst: &mut [u16]) {
 mod driver {
     use rayon::prelude::*;
 
+    use super::WeightRows;
     use crate::cpu::SendPtr;
 
     /// Depth per slice, in words.
@@ -214,6 +215,21 @@ mod driver {
     /// `add` the slice's products are added to `out`, else they replace it.
     pub type Block<W, X> =
         unsafe fn(*const W, usize, *const X, usize, *mut f32, usize, usize, bool);
+
+    /// [`run_panels`] for the f32 engines: f32 rows against the weight rows
+    /// as [`WeightRows`] fills them.
+    pub fn run_f32<const PANEL: usize, const MR: usize>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        w: &impl WeightRows,
+        dst: &mut [f32],
+        blocks: &[Block<f32, f32>; MR],
+    ) {
+        let fill = |r: usize, row: &mut [f32], _: &mut Vec<f32>| w.fill_row(r, row);
+        run_panels::<_, _, PANEL, MR>(x, m, k, n, dst, fill, blocks);
+    }
 
     /// `dst[i * n + r] = x_i . w_r` for `m` rows of `depth` words in `x`;
     /// `fill(r, row, scratch)` writes weight row `r` as `depth` words.
@@ -317,7 +333,7 @@ mod avx512 {
 
     use rayon::prelude::*;
 
-    use super::driver::run_panels;
+    use super::driver::{run_f32, run_panels};
     use super::{round_to_bf16, WeightRows};
 
     /// f32 lanes per vector: weight rows per half panel.
@@ -373,8 +389,7 @@ mod avx512 {
         w: &impl WeightRows,
         dst: &mut [f32],
     ) {
-        let fill = |r: usize, row: &mut [f32], _: &mut Vec<f32>| w.fill_row(r, row);
-        run_panels::<_, _, PANEL, MR>(x, m, k, n, dst, fill, &blocks!(block_f32, 12));
+        run_f32::<PANEL, MR>(x, m, k, n, w, dst, &blocks!(block_f32, 12));
     }
 
     /// # Safety
@@ -477,7 +492,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::driver::run_panels;
+    use super::driver::run_f32;
     use super::WeightRows;
 
     /// f32 lanes per vector: weight rows per half panel.
@@ -506,8 +521,7 @@ mod avx2 {
         w: &impl WeightRows,
         dst: &mut [f32],
     ) {
-        let fill = |r: usize, row: &mut [f32], _: &mut Vec<f32>| w.fill_row(r, row);
-        run_panels::<_, _, PANEL, MR>(x, m, k, n, dst, fill, &blocks!(block_f32, 6));
+        run_f32::<PANEL, MR>(x, m, k, n, w, dst, &blocks!(block_f32, 6));
     }
 
     /// # Safety
